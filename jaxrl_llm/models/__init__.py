@@ -1,0 +1,71 @@
+"""Transformer family (Llama, Mistral, Qwen2, Qwen3), HF/GGUF import and HF export, as pure functions."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxrl_llm.models.config import (
+    SUPPORTED_ARCHITECTURES,
+    ModelConfig,
+    RopeScaling,
+    UnsupportedModelError,
+    config_from_hf,
+    config_to_hf,
+    resolve_dtype,
+)
+from jaxrl_llm.models.hf_io import load_hf_folder, save_pretrained
+from jaxrl_llm.models.params import abstract_params, init_params, param_shardings, param_specs
+from jaxrl_llm.models.safetensors_io import CheckpointError
+from jaxrl_llm.models.transformer import (
+    forward,
+    hidden_states,
+    lm_logits,
+    positions_from_mask,
+    score_sequences,
+    score_tokens,
+)
+from jaxrl_llm.parallel.rules import ShardingRules
+
+
+def load_pretrained(path: str, dtype: Any = jnp.float32, mesh: Mesh | None = None,
+                    rules: ShardingRules | None = None) -> tuple[ModelConfig, dict]:
+    """(cfg, params) from an HF folder (config.json + safetensors, sharded index allowed) or a .gguf file.
+
+    With `mesh`, each tensor is placed straight into its sharded layout, one tensor at a time.
+    """
+    resolve_dtype(dtype)
+    if str(path).endswith(".gguf"):
+        from jaxrl_llm.models.gguf_io import load_gguf
+
+        return load_gguf(path, dtype=dtype, mesh=mesh, rules=rules)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such model folder or .gguf file")
+    return load_hf_folder(path, dtype=dtype, mesh=mesh, rules=rules)
+
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "CheckpointError",
+    "ModelConfig",
+    "RopeScaling",
+    "ShardingRules",
+    "UnsupportedModelError",
+    "abstract_params",
+    "config_from_hf",
+    "config_to_hf",
+    "forward",
+    "hidden_states",
+    "init_params",
+    "lm_logits",
+    "load_pretrained",
+    "param_shardings",
+    "param_specs",
+    "positions_from_mask",
+    "save_pretrained",
+    "score_sequences",
+    "score_tokens",
+]

@@ -1,0 +1,267 @@
+"""Static model configuration: a frozen, hashable dataclass built from (and written back to) HF config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+# HF `architectures[0]` -> our family name. The family decides the defaults of the HF config keys.
+CAUSAL_LM_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+SEQ_CLS_ARCHITECTURES = {
+    "LlamaForSequenceClassification": "llama",
+    "MistralForSequenceClassification": "mistral",
+    "Qwen2ForSequenceClassification": "qwen2",
+    "Qwen3ForSequenceClassification": "qwen3",
+}
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_ARCHITECTURES = tuple(CAUSAL_LM_ARCHITECTURES) + tuple(SEQ_CLS_ARCHITECTURES)
+
+DTYPES = {
+    "float32": jnp.float32,
+    "fp32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "bf16": jnp.bfloat16,
+    "float16": jnp.float16,
+    "fp16": jnp.float16,
+}
+ATTENTION_IMPLS = ("xla", "fused")
+
+
+class UnsupportedModelError(ValueError):
+    """A config.json or GGUF file describes a model this library cannot build."""
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    """'bf16' | 'bfloat16' | jnp.bfloat16 | np.dtype -> a jnp dtype; anything else is a clear error."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        return jnp.dtype(DTYPES[dtype])
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}") from e
+    if dt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"unsupported parameter dtype {dt}; expected float32, bfloat16 or float16")
+    return dt
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """HF `rope_scaling`: rope_type in {'llama3', 'linear', 'dynamic'}."""
+
+    rope_type: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def to_hf(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            d.update(
+                low_freq_factor=self.low_freq_factor,
+                high_freq_factor=self.high_freq_factor,
+                original_max_position_embeddings=self.original_max_position_embeddings,
+            )
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything static about a decoder-only transformer. Hashable: safe as a jit static argument.
+
+    `compute_dtype` and `attention_impl` are run-time choices (not architecture); change them with
+    `dataclasses.replace(cfg, compute_dtype="bfloat16")`.
+    """
+
+    family: str  # llama | mistral | qwen2 | qwen3
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    sliding_window: int | None = None
+    num_labels: int = 0  # > 0: a scalar/classification head `score` (reward model, value model)
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    compute_dtype: str = "float32"
+    attention_impl: str = "xla"  # xla: plain einsum softmax; fused: jax.nn.dot_product_attention
+    remat: bool = False  # rematerialise each layer in the backward pass
+
+    def __post_init__(self):
+        if self.family not in MODEL_TYPES:
+            raise UnsupportedModelError(f"unknown model family {self.family!r}; supported: {sorted(MODEL_TYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise UnsupportedModelError(
+                f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        resolve_dtype(self.compute_dtype)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return resolve_dtype(self.compute_dtype)
+
+    def num_params(self) -> int:
+        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
+        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
+        layer = attn + 3 * d * f + 2 * d + (2 * h if self.qk_norm else 0)
+        head = 0 if self.tie_word_embeddings else d * self.vocab_size
+        return self.num_layers * layer + self.vocab_size * d + d + head
+
+
+def _first(d: dict, *keys, default=None):
+    for k in keys:
+        if k in d and d[k] is not None:
+            return d[k]
+    return default
+
+
+def _rope_scaling_from_hf(rs: dict | None, where: str) -> RopeScaling | None:
+    if not rs:
+        return None
+    rope_type = rs.get("rope_type", rs.get("type"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type not in ("llama3", "linear", "dynamic"):
+        raise UnsupportedModelError(
+            f"{where}: rope_scaling type {rope_type!r} is not supported (supported: llama3, linear, dynamic)"
+        )
+    return RopeScaling(
+        rope_type=rope_type,
+        factor=float(rs.get("factor", 1.0)),
+        low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+    )
+
+
+def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
+    """Build a ModelConfig from an HF config dict. `where` names the source in error messages."""
+    archs = d.get("architectures") or []
+    arch = archs[0] if archs else None
+    if arch is not None and arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{where}: architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    family = CAUSAL_LM_ARCHITECTURES.get(arch) or SEQ_CLS_ARCHITECTURES.get(arch) or MODEL_TYPES.get(
+        d.get("model_type", "")
+    )
+    if family is None:
+        raise UnsupportedModelError(
+            f"{where}: model_type {d.get('model_type')!r} is not supported; "
+            f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"{where}: hidden_act {act!r} is not supported (only silu/SwiGLU)")
+    required = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+    missing = [k for k in required if k not in d]
+    if missing:
+        raise UnsupportedModelError(f"{where}: missing required keys {missing}")
+    num_heads = int(d["num_attention_heads"])
+    head_dim = _first(d, "head_dim", default=int(d["hidden_size"]) // num_heads)
+    # transformers >= 5 writes `rope_parameters` (theta inside); 4.x wrote `rope_theta` + `rope_scaling`.
+    rope = d.get("rope_parameters") or {}
+    rope_theta = _first(rope, "rope_theta", default=_first(d, "rope_theta", default=10000.0))
+    rope_scaling = rope if rope.get("rope_type", "default") != "default" else d.get("rope_scaling")
+    eos = d.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
+    attention_bias = bool(d.get("attention_bias", False))
+    sliding = None
+    if family == "mistral":
+        sliding = d.get("sliding_window")
+    elif family in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
+        raise UnsupportedModelError(f"{where}: use_sliding_window=true is not supported for {family}")
+    num_labels = 0
+    if arch in SEQ_CLS_ARCHITECTURES:
+        num_labels = int(d.get("num_labels", len(d.get("id2label", {})) or 2))
+    return ModelConfig(
+        family=family,
+        vocab_size=int(d["vocab_size"]),
+        hidden_size=int(d["hidden_size"]),
+        intermediate_size=int(d["intermediate_size"]),
+        num_layers=int(d["num_hidden_layers"]),
+        num_heads=num_heads,
+        num_kv_heads=int(_first(d, "num_key_value_heads", default=num_heads)),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(_first(d, "rms_norm_eps", default=1e-6)),
+        rope_theta=float(rope_theta),
+        rope_scaling=_rope_scaling_from_hf(rope_scaling, where),
+        max_position_embeddings=int(_first(d, "max_position_embeddings", default=2048)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        qkv_bias=family == "qwen2" or attention_bias,
+        o_bias=attention_bias and family in ("llama", "qwen3"),
+        mlp_bias=bool(d.get("mlp_bias", False)) and family == "llama",
+        qk_norm=family == "qwen3",
+        sliding_window=int(sliding) if sliding else None,
+        num_labels=num_labels,
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+        pad_token_id=d.get("pad_token_id"),
+    )
+
+
+_HF_ARCH = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+
+
+def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+    """The HF config.json dict that transformers loads into the same architecture."""
+    arch = _HF_ARCH[cfg.family] + ("ForSequenceClassification" if cfg.num_labels else "ForCausalLM")
+    d: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": cfg.family,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": cfg.rope_scaling.to_hf() if cfg.rope_scaling else None,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "torch_dtype": torch_dtype,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": (list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1
+                         else (cfg.eos_token_ids[0] if cfg.eos_token_ids else None)),
+        "pad_token_id": cfg.pad_token_id,
+    }
+    if cfg.family in ("llama", "qwen3"):
+        d["attention_bias"] = cfg.o_bias
+    if cfg.family == "llama":
+        d["mlp_bias"] = cfg.mlp_bias
+    if cfg.family == "mistral":
+        d["sliding_window"] = cfg.sliding_window
+    if cfg.family in ("qwen2", "qwen3"):
+        d["use_sliding_window"] = False
+        d["sliding_window"] = None
+    if cfg.num_labels:
+        d["num_labels"] = cfg.num_labels
+        d["id2label"] = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        d["label2id"] = {f"LABEL_{i}": i for i in range(cfg.num_labels)}
+    return d

@@ -1,0 +1,336 @@
+"""HF checkpoint names <-> our parameter layout, sharded loading and streaming export.
+
+Loading reads one HF tensor at a time on the host, converts it to our layout and places it straight into
+its sharded position on the mesh (stacked layers are filled slice by slice on device), so a 70B
+checkpoint is never materialised whole in host memory. Exporting does the reverse, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from functools import partial
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from jaxrl_llm.models.config import ModelConfig, config_from_hf, config_to_hf, resolve_dtype
+from jaxrl_llm.models.params import param_specs, unflatten
+from jaxrl_llm.models.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from jaxrl_llm.parallel.mesh import single_device_mesh
+from jaxrl_llm.parallel.rules import ShardingRules
+
+log = logging.getLogger(__name__)
+
+
+class TensorSource(Protocol):
+    """HF-named tensors in HF layout, read one at a time."""
+
+    def keys(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def get(self, name: str) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class HFName:
+    """Where one of our parameters lives in an HF checkpoint and how its layout differs.
+
+    HF linear weights are [out, in]; ours are [in..., out...] with heads split out. `n_in` is how many of
+    our leading (per-layer) dims form HF's `in` dim; n_in=0 means the same elements in the same order
+    (embeddings, norms; per-head biases are flattened on the HF side).
+    """
+
+    template: str  # with {i} for the layer index
+    n_in: int
+    flat: bool = False  # HF stores it flattened ([N*H] for our [N, H] biases)
+
+
+_HF_LAYER = "model.layers.{i}."
+HF_NAMES: dict[str, HFName] = {
+    "embed": HFName("model.embed_tokens.weight", 0),
+    "final_norm": HFName("model.norm.weight", 0),
+    "lm_head": HFName("lm_head.weight", 1),
+    "score": HFName("score.weight", 1),
+    "layers/attn_norm": HFName(_HF_LAYER + "input_layernorm.weight", 0),
+    "layers/mlp_norm": HFName(_HF_LAYER + "post_attention_layernorm.weight", 0),
+    "layers/wq": HFName(_HF_LAYER + "self_attn.q_proj.weight", 1),
+    "layers/wk": HFName(_HF_LAYER + "self_attn.k_proj.weight", 1),
+    "layers/wv": HFName(_HF_LAYER + "self_attn.v_proj.weight", 1),
+    "layers/wo": HFName(_HF_LAYER + "self_attn.o_proj.weight", 2),
+    "layers/bq": HFName(_HF_LAYER + "self_attn.q_proj.bias", 0, flat=True),
+    "layers/bk": HFName(_HF_LAYER + "self_attn.k_proj.bias", 0, flat=True),
+    "layers/bv": HFName(_HF_LAYER + "self_attn.v_proj.bias", 0, flat=True),
+    "layers/bo": HFName(_HF_LAYER + "self_attn.o_proj.bias", 0),
+    "layers/q_norm": HFName(_HF_LAYER + "self_attn.q_norm.weight", 0),
+    "layers/k_norm": HFName(_HF_LAYER + "self_attn.k_norm.weight", 0),
+    "layers/w_gate": HFName(_HF_LAYER + "mlp.gate_proj.weight", 1),
+    "layers/w_up": HFName(_HF_LAYER + "mlp.up_proj.weight", 1),
+    "layers/w_down": HFName(_HF_LAYER + "mlp.down_proj.weight", 1),
+    "layers/b_gate": HFName(_HF_LAYER + "mlp.gate_proj.bias", 0),
+    "layers/b_up": HFName(_HF_LAYER + "mlp.up_proj.bias", 0),
+    "layers/b_down": HFName(_HF_LAYER + "mlp.down_proj.bias", 0),
+}
+
+
+def hf_shape(ours_shape: tuple[int, ...], n_in: int, flat: bool = False) -> tuple[int, ...]:
+    if n_in == 0:
+        return (math.prod(ours_shape),) if flat else tuple(ours_shape)
+    return (math.prod(ours_shape[n_in:]), math.prod(ours_shape[:n_in]))
+
+
+def hf_to_ours(x: np.ndarray, ours_shape: tuple[int, ...], n_in: int) -> np.ndarray:
+    return (x if n_in == 0 else x.T).reshape(ours_shape)
+
+
+def ours_to_hf(x: np.ndarray, n_in: int, flat: bool = False) -> np.ndarray:
+    if n_in == 0:
+        return x.reshape(-1) if flat else x
+    return x.reshape(math.prod(x.shape[:n_in]), -1).T
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+class HFFolderSource:
+    """Tensors of an HF folder: model.safetensors or a sharded index (model.safetensors.index.json)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        index = os.path.join(folder, "model.safetensors.index.json")
+        single = os.path.join(folder, "model.safetensors")
+        self._files: dict[str, SafetensorsFile] = {}
+        self._where: dict[str, str] = {}
+        if os.path.exists(index):
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            for name, fname in weight_map.items():
+                self._where[name] = fname
+        elif os.path.exists(single):
+            self._files["model.safetensors"] = SafetensorsFile(single)
+            for name in self._files["model.safetensors"].keys():
+                self._where[name] = "model.safetensors"
+        else:
+            found = sorted(os.listdir(folder))
+            if any(f.endswith(".bin") or f.endswith(".pt") for f in found):
+                raise CheckpointError(
+                    f"{folder}: only pickle checkpoints (*.bin/*.pt) found; they are never loaded (unsafe). "
+                    "Convert them to safetensors first")
+            raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (found {found})")
+
+    def _file(self, name: str) -> SafetensorsFile:
+        fname = self._where[name]
+        if fname not in self._files:
+            self._files[fname] = SafetensorsFile(os.path.join(self.folder, fname))
+            if name not in self._files[fname].keys():
+                raise CheckpointError(f"{self.folder}/{fname}: index lists tensor {name!r}, the file lacks it")
+        return self._files[fname]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._file(name).get(name)
+
+
+def _hf_tensor(src: TensorSource, keys: set[str], name: str, want: tuple[int, ...]) -> np.ndarray:
+    if name not in keys:
+        raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+    got = tuple(src.shape(name))
+    if got != tuple(want):
+        raise CheckpointError(f"tensor {name!r} has shape {list(got)} in the checkpoint, the config needs {list(want)}")
+    return src.get(name)
+
+
+@partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _set_layer(stacked, layer, i, sharding):
+    return jax.lax.with_sharding_constraint(stacked.at[i].set(layer), sharding)
+
+
+def _host_to_device(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Each device takes only its slice of the host array (multi-host: only addressable slices are read)."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.ascontiguousarray(host[idx]))
+
+
+def load_params_from_source(
+    cfg: ModelConfig,
+    src: TensorSource,
+    dtype: Any = jnp.float32,
+    mesh: Mesh | None = None,
+    rules: ShardingRules | None = None,
+    missing_ok: tuple[str, ...] = (),
+) -> dict:
+    """Read every parameter of `cfg` from `src` into sharded device arrays of `dtype`."""
+    dt = resolve_dtype(dtype)
+    np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
+    rules = rules or ShardingRules()
+    mesh = mesh or single_device_mesh()
+    keys = set(src.keys())
+    out: dict[str, jax.Array] = {}
+    for path, spec in param_specs(cfg).items():
+        hn = HF_NAMES[path]
+        sharding = rules.sharding(mesh, spec.axes, spec.shape)
+        if path in missing_ok and hn.template not in keys:
+            continue
+        if not path.startswith("layers/"):
+            host = hf_to_ours(_hf_tensor(src, keys, hn.template, hf_shape(spec.shape, hn.n_in, hn.flat)),
+                              spec.shape, hn.n_in).astype(np_dt)
+            out[path] = _host_to_device(host, sharding)
+            continue
+        layer_shape = spec.shape[1:]
+        layer_spec = rules.spec(spec.axes[1:], layer_shape, dict(mesh.shape))
+        layer_sharding = NamedSharding(mesh, layer_spec)
+        stacked = jax.jit(partial(jnp.zeros, spec.shape, dt), out_shardings=sharding)()
+        for i in range(cfg.num_layers):
+            name = hn.template.format(i=i)
+            host = hf_to_ours(_hf_tensor(src, keys, name, hf_shape(layer_shape, hn.n_in, hn.flat)),
+                              layer_shape, hn.n_in).astype(np_dt)
+            stacked = _set_layer(stacked, _host_to_device(host, layer_sharding), i, sharding)
+        out[path] = stacked
+    return unflatten(out)
+
+
+def read_hf_config(folder: str) -> dict:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{folder}: no such model folder")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{folder}: missing config.json")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+
+
+def load_hf_folder(folder: str, dtype: Any = jnp.float32, mesh: Mesh | None = None,
+                   rules: ShardingRules | None = None) -> tuple[ModelConfig, dict]:
+    cfg = config_from_hf(read_hf_config(folder), where=os.path.join(folder, "config.json"))
+    src = HFFolderSource(folder)
+    # Tied checkpoints may or may not carry lm_head.weight; we never need it then (param_specs omits it).
+    return cfg, load_params_from_source(cfg, src, dtype, mesh, rules)
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"max_shard_size={size!r}: expected bytes or a string like '5GB'")
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[m.group(2)]
+    return int(float(m.group(1)) * mult)
+
+
+def _hf_entries(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, str, int | None, tuple[int, ...]]]:
+    """(hf_name, our_path, layer index or None, hf shape) in a stable order."""
+    for path, spec in param_specs(cfg).items():
+        hn = HF_NAMES[path]
+        if path.startswith("layers/"):
+            for i in range(cfg.num_layers):
+                yield hn.template.format(i=i), path, i, hf_shape(spec.shape[1:], hn.n_in, hn.flat)
+        else:
+            yield hn.template, path, None, hf_shape(spec.shape, hn.n_in, hn.flat)
+
+
+def _fetch(arr: jax.Array, i: int | None) -> np.ndarray:
+    """One tensor (or one layer slice) to the host; nothing else is gathered."""
+    x = arr if i is None else arr[i]
+    return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any = None,
+                    max_shard_size: int | str = "5GB", dtype: Any = None) -> str:
+    """Write an HF folder (config.json, safetensors or sharded safetensors + index, tokenizer files).
+
+    Written to a temporary folder beside `out_dir` and moved into place only when complete, so a failure
+    leaves no half-written export (and an existing `out_dir` untouched).
+    """
+    from jaxrl_llm.models.params import flatten
+
+    flat = flatten(params)
+    specs = param_specs(cfg)
+    missing = sorted(set(specs) - set(flat))
+    if missing:
+        raise ValueError(f"params lack {missing} required by the config")
+    for path, spec in specs.items():
+        if tuple(flat[path].shape) != spec.shape:
+            raise ValueError(f"param {path!r} has shape {tuple(flat[path].shape)}, config needs {spec.shape}")
+    leaf_dt = np.dtype(ml_dtypes.bfloat16) if flat["embed"].dtype == jnp.bfloat16 else np.dtype(flat["embed"].dtype)
+    out_dt = leaf_dt if dtype is None else (
+        np.dtype(ml_dtypes.bfloat16) if resolve_dtype(dtype) == jnp.bfloat16 else np.dtype(resolve_dtype(dtype)))
+    torch_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(out_dt.name, "float32")
+    limit = _parse_size(max_shard_size)
+
+    entries = list(_hf_entries(cfg, params))
+    shards: list[list[tuple[str, str, int | None, tuple[int, ...]]]] = [[]]
+    used = 0
+    for e in entries:
+        nbytes = math.prod(e[3]) * out_dt.itemsize
+        if shards[-1] and used + nbytes > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append(e)
+        used += nbytes
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        total = 0
+        weight_map: dict[str, str] = {}
+        for k, shard in enumerate(shards):
+            fname = ("model.safetensors" if len(shards) == 1
+                     else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+            lookup = {e[0]: e for e in shard}
+
+            def produce(name, lookup=lookup):
+                _, path, i, _ = lookup[name]
+                return ours_to_hf(_fetch(flat[path], i), HF_NAMES[path].n_in, HF_NAMES[path].flat).astype(out_dt)
+
+            total += write_safetensors(os.path.join(tmp, fname), [(e[0], e[3], out_dt) for e in shard],
+                                       produce, metadata={"format": "pt"})
+            weight_map.update({e[0]: fname for e in shard})
+        if len(shards) > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_to_hf(cfg, torch_dtype), f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+            os.rename(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s (%d tensors, %d shard(s), %.1f MB)", out_dir, len(entries), len(shards), total / 1e6)
+    return out_dir
+
+
+__all__ = ["HF_NAMES", "HFFolderSource", "load_hf_folder", "load_params_from_source",
+           "save_pretrained"]

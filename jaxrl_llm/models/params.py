@@ -1,0 +1,128 @@
+"""Parameter layout: one spec per parameter gives its shape, logical axes, initialiser and sharding.
+
+`params` is a plain nested dict of arrays. Transformer layers are stacked on a leading `layers` axis so
+the forward pass is one `lax.scan` (compile time independent of depth):
+
+    embed        [V, D]            (vocab, embed)
+    layers/
+      attn_norm  [L, D]            mlp_norm [L, D]
+      wq [L, D, N, H]  wk/wv [L, D, K, H]  wo [L, N, H, D]
+      bq [L, N, H]  bk/bv [L, K, H]  bo [L, D]            (qkv_bias / o_bias)
+      q_norm/k_norm [L, H]                                 (qk_norm, Qwen3)
+      w_gate/w_up [L, D, F]  w_down [L, F, D]  b_gate/b_up [L, F]  b_down [L, D]   (mlp_bias)
+    final_norm   [D]
+    lm_head      [D, V]            (absent when embeddings are tied)
+    score        [D, C]            (num_labels > 0: reward/value/classification head)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from jaxrl_llm.models.config import ModelConfig, resolve_dtype
+from jaxrl_llm.parallel.rules import ShardingRules
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    init: str  # "normal" | "ones" | "zeros"
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """Flat {'layers/wq': ParamSpec, ...} for this config: the single source of the parameter layout."""
+    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    N, K, H, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    s: dict[str, ParamSpec] = {
+        "embed": ParamSpec((V, D), ("vocab", "embed"), "normal"),
+        "layers/attn_norm": ParamSpec((L, D), ("layers", None), "ones"),
+        "layers/wq": ParamSpec((L, D, N, H), ("layers", "embed", "heads", "head_dim"), "normal"),
+        "layers/wk": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "layers/wv": ParamSpec((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+        "layers/wo": ParamSpec((L, N, H, D), ("layers", "heads", "head_dim", "embed"), "normal"),
+        "layers/mlp_norm": ParamSpec((L, D), ("layers", None), "ones"),
+        "layers/w_gate": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
+        "layers/w_up": ParamSpec((L, D, F), ("layers", "embed", "mlp"), "normal"),
+        "layers/w_down": ParamSpec((L, F, D), ("layers", "mlp", "embed"), "normal"),
+        "final_norm": ParamSpec((D,), (None,), "ones"),
+    }
+    if cfg.qkv_bias:
+        s["layers/bq"] = ParamSpec((L, N, H), ("layers", "heads", "head_dim"), "zeros")
+        s["layers/bk"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+        s["layers/bv"] = ParamSpec((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.o_bias:
+        s["layers/bo"] = ParamSpec((L, D), ("layers", None), "zeros")
+    if cfg.qk_norm:
+        s["layers/q_norm"] = ParamSpec((L, H), ("layers", None), "ones")
+        s["layers/k_norm"] = ParamSpec((L, H), ("layers", None), "ones")
+    if cfg.mlp_bias:
+        s["layers/b_gate"] = ParamSpec((L, F), ("layers", "mlp"), "zeros")
+        s["layers/b_up"] = ParamSpec((L, F), ("layers", "mlp"), "zeros")
+        s["layers/b_down"] = ParamSpec((L, D), ("layers", None), "zeros")
+    if not cfg.tie_word_embeddings:
+        s["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
+    if cfg.num_labels:
+        s["score"] = ParamSpec((D, cfg.num_labels), ("embed", "labels"), "normal")
+    return s
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, path + "/"))
+        else:
+            out[path] = v
+    return out
+
+
+def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = None) -> dict:
+    """NamedSharding per parameter (same nesting as params), from the rules table."""
+    rules = rules or ShardingRules()
+    return unflatten({k: rules.sharding(mesh, s.axes, s.shape) for k, s in param_specs(cfg).items()})
+
+
+def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
+    dt = resolve_dtype(dtype)
+    return unflatten({k: jax.ShapeDtypeStruct(s.shape, dt) for k, s in param_specs(cfg).items()})
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, mesh: Mesh | None = None,
+                rules: ShardingRules | None = None, std: float = 0.02) -> dict:
+    """Random parameters (normal(0, std) matrices, unit norms, zero biases), created directly sharded."""
+    dt = resolve_dtype(dtype)
+    specs = param_specs(cfg)
+
+    def make(key):
+        keys = jax.random.split(key, len(specs))
+        out = {}
+        for k_i, (name, s) in zip(keys, sorted(specs.items()), strict=True):
+            if s.init == "ones":
+                out[name] = jnp.ones(s.shape, dt)
+            elif s.init == "zeros":
+                out[name] = jnp.zeros(s.shape, dt)
+            else:
+                out[name] = (std * jax.random.normal(k_i, s.shape, jnp.float32)).astype(dt)
+        return unflatten(out)
+
+    fn: Callable = jax.jit(make) if mesh is None else jax.jit(
+        make, out_shardings=param_shardings(cfg, mesh, rules))
+    return fn(rng)

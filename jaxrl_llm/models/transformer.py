@@ -1,0 +1,225 @@
+"""The decoder-only transformer (Llama / Mistral / Qwen2 / Qwen3) as pure functions of (cfg, params).
+
+Shape suffixes: B batch, T query length, S key length, D model width, N query heads, K kv heads,
+G = N // K (query heads per kv head), H head dim, F MLP width, V vocab, C score-head outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.parallel.rules import ShardingRules, constrain
+
+_F32 = jnp.float32
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """HF semantics: normalise in fp32, cast back to the input dtype, then scale."""
+    xf = x.astype(_F32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig, seq_len: jax.Array | None = None) -> jax.Array:
+    """Inverse frequencies [H/2] in fp32, with Llama 3 / linear / dynamic-NTK scaling."""
+    H = cfg.head_dim
+    exps = jnp.arange(0, H, 2, dtype=_F32) / H
+    inv = 1.0 / (cfg.rope_theta**exps)
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    if rs.rope_type == "linear":
+        return inv / rs.factor
+    if rs.rope_type == "llama3":
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+            rs.high_freq_factor - rs.low_freq_factor)
+        mid = (1 - smooth) * inv / rs.factor + smooth * inv
+        out = jnp.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(is_mid, mid, out)
+    if rs.rope_type == "dynamic":
+        # Dynamic NTK: grow the base once the sequence exceeds the trained context.
+        max_pos = cfg.max_position_embeddings
+        if seq_len is None:
+            return inv
+        L = jnp.maximum(seq_len.astype(_F32), float(max_pos))
+        base = cfg.rope_theta * ((rs.factor * L / max_pos) - (rs.factor - 1)) ** (H / (H - 2))
+        scaled = 1.0 / (base**exps)
+        return jnp.where(seq_len > max_pos, scaled, inv)
+    raise ValueError(f"rope type {rs.rope_type!r}")
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (HF layout: the two halves of the head dim are the pair)."""
+    freqs_BTh = positions_BT.astype(_F32)[..., None] * inv_freq
+    cos = jnp.cos(freqs_BTh)[:, :, None, :]
+    sin = jnp.sin(freqs_BTh)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(_F32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
+    """0, 1, 2, ... over the valid tokens of each row; pads get 0 (left and right padding both work)."""
+    m = attention_mask_BT.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+def attention_mask_BTS(
+    cfg: ModelConfig,
+    attention_mask_BT: jax.Array,
+    segment_ids_BT: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean [B, T, T]: causal, key valid, same segment, inside the sliding window.
+
+    Every query may always see itself, so rows of padding never produce NaN (their outputs are unused).
+    """
+    T = attention_mask_BT.shape[1]
+    q = jnp.arange(T)[:, None]
+    k = jnp.arange(T)[None, :]
+    allowed = (k <= q)[None]
+    allowed = allowed & attention_mask_BT.astype(bool)[:, None, :]
+    if segment_ids_BT is not None:
+        allowed = allowed & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    if cfg.sliding_window is not None:
+        allowed = allowed & ((q - k) < cfg.sliding_window)[None]
+    return allowed | jnp.eye(T, dtype=bool)[None]
+
+
+def attention(cfg: ModelConfig, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+              mask_BTS: jax.Array) -> jax.Array:
+    """Scaled dot-product attention with grouped kv heads; softmax in fp32. Returns [B, T, N, H]."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    scale = 1.0 / math.sqrt(H)
+    if cfg.attention_impl == "fused":
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale)
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=_F32) * scale
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(_F32).min)
+    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
+    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
+    return o_BTKGH.reshape(B, T, N, H)
+
+
+def _layer(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
+           inv_freq: jax.Array, rules: ShardingRules | None) -> jax.Array:
+    dt = x_BTD.dtype
+    w = {k: v.astype(dt) for k, v in p.items()}
+    h = rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
+    k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
+    v = jnp.einsum("btd,dkh->btkh", h, w["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    if cfg.qk_norm:
+        q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
+    q = constrain(apply_rope(q, positions_BT, inv_freq), ("batch", "length", "heads", "head_dim"), rules)
+    k = constrain(apply_rope(k, positions_BT, inv_freq), ("batch", "length", "kv_heads", "head_dim"), rules)
+    v = constrain(v, ("batch", "length", "kv_heads", "head_dim"), rules)
+    o = attention(cfg, q, k, v, mask_BTS)
+    o = jnp.einsum("btnh,nhd->btd", o, w["wo"])
+    if cfg.o_bias:
+        o = o + w["bo"]
+    x_BTD = constrain(x_BTD + o, ("batch", "length", "embed"), rules)
+
+    h = rms_norm(x_BTD, w["mlp_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, w["w_gate"])
+    up = jnp.einsum("btd,df->btf", h, w["w_up"])
+    if cfg.mlp_bias:
+        gate, up = gate + w["b_gate"], up + w["b_up"]
+    act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"), rules)
+    down = jnp.einsum("btf,fd->btd", act, w["w_down"])
+    if cfg.mlp_bias:
+        down = down + w["b_down"]
+    return constrain(x_BTD + down, ("batch", "length", "embed"), rules)
+
+
+def hidden_states(
+    cfg: ModelConfig,
+    params: dict,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    rules: ShardingRules | None = None,
+) -> jax.Array:
+    """Final-norm hidden states [B, T, D] in the compute dtype.
+
+    positions default to `positions_from_mask(attention_mask)`; with packing, pass per-example positions
+    and `segment_ids` (attention never crosses segments).
+    """
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if positions is None:
+        positions = positions_from_mask(attention_mask)
+    dt = cfg.dtype
+    x = jnp.take(params["embed"], input_ids, axis=0).astype(dt)
+    x = constrain(x, ("batch", "length", "embed"), rules)
+    mask = attention_mask_BTS(cfg, attention_mask, segment_ids)
+    inv_freq = rope_inv_freq(cfg, jnp.max(positions) + 1)
+
+    def body(x, p):
+        return _layer(cfg, p, x, positions, mask, inv_freq, rules), None
+
+    if cfg.remat:
+        body = jax.checkpoint(body, prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, params["layers"])
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def lm_logits(cfg: ModelConfig, params: dict, h_BTD: jax.Array, rules: ShardingRules | None = None
+              ) -> jax.Array:
+    """Vocabulary logits [B, T, V] in fp32 (fp32 accumulation of the compute-dtype matmul)."""
+    if cfg.tie_word_embeddings:
+        logits = jnp.einsum("btd,vd->btv", h_BTD, params["embed"].astype(h_BTD.dtype),
+                            preferred_element_type=_F32)
+    else:
+        logits = jnp.einsum("btd,dv->btv", h_BTD, params["lm_head"].astype(h_BTD.dtype),
+                            preferred_element_type=_F32)
+    return constrain(logits, ("batch", "length", "vocab"), rules)
+
+
+def forward(
+    cfg: ModelConfig,
+    params: dict,
+    input_ids: jax.Array,
+    attention_mask: jax.Array | None = None,
+    *,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    rules: ShardingRules | None = None,
+) -> jax.Array:
+    """Causal-LM logits [B, T, V], float32. Pure and jit-able (cfg and rules static)."""
+    h = hidden_states(cfg, params, input_ids, attention_mask, positions=positions,
+                      segment_ids=segment_ids, rules=rules)
+    return lm_logits(cfg, params, h, rules)
+
+
+def score_tokens(cfg: ModelConfig, params: dict, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 **kw) -> jax.Array:
+    """Score-head outputs at every position [B, T, C], float32 (per-token values for a PPO critic)."""
+    if "score" not in params:
+        raise ValueError("these params have no score head (build the config with num_labels > 0)")
+    h = hidden_states(cfg, params, input_ids, attention_mask, **kw)
+    return jnp.einsum("btd,dc->btc", h, params["score"].astype(h.dtype), preferred_element_type=_F32)
+
+
+def score_sequences(cfg: ModelConfig, params: dict, input_ids: jax.Array,
+                    attention_mask: jax.Array | None = None, **kw) -> jax.Array:
+    """Score-head outputs at the last valid token of each row [B, C] (HF *ForSequenceClassification)."""
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    scores_BTC = score_tokens(cfg, params, input_ids, attention_mask, **kw)
+    T = input_ids.shape[1]
+    last_B = jnp.argmax(jnp.arange(T)[None] * attention_mask.astype(jnp.int32), axis=-1)
+    return jnp.take_along_axis(scores_BTC, last_B[:, None, None], axis=1)[:, 0]
