@@ -22,6 +22,7 @@ from jaxrl_llm.models.params import abstract_params, init_params, param_sharding
 from jaxrl_llm.models.safetensors_io import CheckpointError
 from jaxrl_llm.models.transformer import (
     forward,
+    forward_with_cache,
     hidden_states,
     lm_logits,
     positions_from_mask,
@@ -58,6 +59,7 @@ __all__ = [
     "config_from_hf",
     "config_to_hf",
     "forward",
+    "forward_with_cache",
     "hidden_states",
     "init_params",
     "lm_logits",

@@ -110,7 +110,11 @@ def attention(cfg: ModelConfig, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: ja
 
 
 def _layer(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
-           inv_freq: jax.Array, rules: ShardingRules | None) -> jax.Array:
+           inv_freq: jax.Array, rules: ShardingRules | None,
+           kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None,
+           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One pre-norm block. With `kv` (this layer's cache, k/v [B, S, K, H]), the new keys/values are written
+    at `cache_index` along S and attention runs over the whole cache (`mask_BTS` says which keys count)."""
     dt = x_BTD.dtype
     w = {k: v.astype(dt) for k, v in p.items()}
     h = rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
@@ -125,6 +129,12 @@ def _layer(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array,
     q = constrain(apply_rope(q, positions_BT, inv_freq), ("batch", "length", "heads", "head_dim"), rules)
     k = constrain(apply_rope(k, positions_BT, inv_freq), ("batch", "length", "kv_heads", "head_dim"), rules)
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"), rules)
+    if kv is not None:
+        k_cache, v_cache = kv
+        k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
+        v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
+        kv = (k, v)
+        k, v = k.astype(dt), v.astype(dt)
     o = attention(cfg, q, k, v, mask_BTS)
     o = jnp.einsum("btnh,nhd->btd", o, w["wo"])
     if cfg.o_bias:
@@ -140,7 +150,7 @@ def _layer(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array,
     down = jnp.einsum("btf,fd->btd", act, w["w_down"])
     if cfg.mlp_bias:
         down = down + w["b_down"]
-    return constrain(x_BTD + down, ("batch", "length", "embed"), rules)
+    return constrain(x_BTD + down, ("batch", "length", "embed"), rules), kv
 
 
 def hidden_states(
@@ -169,12 +179,43 @@ def hidden_states(
     inv_freq = rope_inv_freq(cfg, jnp.max(positions) + 1)
 
     def body(x, p):
-        return _layer(cfg, p, x, positions, mask, inv_freq, rules), None
+        return _layer(cfg, p, x, positions, mask, inv_freq, rules)[0], None
 
     if cfg.remat:
         body = jax.checkpoint(body, prevent_cse=False)
     x, _ = jax.lax.scan(body, x, params["layers"])
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
+def forward_with_cache(
+    cfg: ModelConfig,
+    params: dict,
+    input_ids_BT: jax.Array,
+    positions_BT: jax.Array,
+    mask_BTS: jax.Array,
+    cache: dict,
+    cache_index: jax.Array,
+    *,
+    rules: ShardingRules | None = None,
+) -> tuple[jax.Array, dict]:
+    """Run T new tokens against a KV cache: prefill (T = prompt length) and decode (T = 1) alike.
+
+    cache: {"k": [L, B, S, K, H], "v": [L, B, S, K, H]}; the new keys/values land at positions
+    [cache_index, cache_index + T) of S. mask_BTS: which cache slots each new token may attend to (the
+    caller combines causality, padding and any sliding window). Returns (logits [B, T, V] fp32, cache).
+    """
+    x = jnp.take(params["embed"], input_ids_BT, axis=0).astype(cfg.dtype)
+    x = constrain(x, ("batch", "length", "embed"), rules)
+    inv_freq = rope_inv_freq(cfg, jnp.max(positions_BT) + 1)
+
+    def body(x, layer):
+        p, k, v = layer
+        x, (k, v) = _layer(cfg, p, x, positions_BT, mask_BTS, inv_freq, rules, (k, v), cache_index)
+        return x, (k, v)
+
+    x, (k, v) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
+    h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return lm_logits(cfg, params, h, rules), {"k": k, "v": v}
 
 
 def lm_logits(cfg: ModelConfig, params: dict, h_BTD: jax.Array, rules: ShardingRules | None = None
