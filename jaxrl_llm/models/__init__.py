@@ -18,7 +18,7 @@ from jaxrl_llm.models.config import (
     resolve_dtype,
 )
 from jaxrl_llm.models.hf_io import load_hf_folder, save_pretrained
-from jaxrl_llm.models.params import abstract_params, init_params, param_shardings, param_specs
+from jaxrl_llm.models.params import abstract_params, init_params, num_params, param_shardings, param_specs
 from jaxrl_llm.models.safetensors_io import CheckpointError
 from jaxrl_llm.models.transformer import (
     forward,
@@ -64,6 +64,7 @@ __all__ = [
     "init_params",
     "lm_logits",
     "load_pretrained",
+    "num_params",
     "param_shardings",
     "param_specs",
     "positions_from_mask",

@@ -123,12 +123,6 @@ class ModelConfig:
     def dtype(self) -> jnp.dtype:
         return resolve_dtype(self.compute_dtype)
 
-    def num_params(self) -> int:
-        d, f, h = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
-        layer = attn + 3 * d * f + 2 * d + (2 * h if self.qk_norm else 0)
-        head = 0 if self.tie_word_embeddings else d * self.vocab_size
-        return self.num_layers * layer + self.vocab_size * d + d + head
 
 
 def _first(d: dict, *keys, default=None):

@@ -11,13 +11,14 @@ the forward pass is one `lax.scan` (compile time independent of depth):
       q_norm/k_norm [L, H]                                 (qk_norm, Qwen3)
       w_gate/w_up [L, D, F]  w_down [L, F, D]  b_gate/b_up [L, F]  b_down [L, D]   (mlp_bias)
     final_norm   [D]
-    lm_head      [D, V]            (absent when embeddings are tied)
+    lm_head      [D, V]            (absent when embeddings are tied, and in score-head models)
     score        [D, C]            (num_labels > 0: reward/value/classification head)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 
 import jax
@@ -65,11 +66,16 @@ def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
         s["layers/b_gate"] = ParamSpec((L, F), ("layers", "mlp"), "zeros")
         s["layers/b_up"] = ParamSpec((L, F), ("layers", "mlp"), "zeros")
         s["layers/b_down"] = ParamSpec((L, D), ("layers", None), "zeros")
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings and not cfg.num_labels:
         s["lm_head"] = ParamSpec((D, V), ("embed", "vocab"), "normal")
     if cfg.num_labels:
         s["score"] = ParamSpec((D, cfg.num_labels), ("embed", "labels"), "normal")
     return s
+
+
+def num_params(cfg: ModelConfig, include_embeddings: bool = True) -> int:
+    """Parameter count from the spec table (tied embeddings counted once)."""
+    return sum(math.prod(s.shape) for k, s in param_specs(cfg).items() if include_embeddings or k != "embed")
 
 
 def unflatten(flat: dict[str, object]) -> dict:

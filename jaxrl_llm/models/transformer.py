@@ -221,6 +221,8 @@ def forward_with_cache(
 def lm_logits(cfg: ModelConfig, params: dict, h_BTD: jax.Array, rules: ShardingRules | None = None
               ) -> jax.Array:
     """Vocabulary logits [B, T, V] in fp32 (fp32 accumulation of the compute-dtype matmul)."""
+    if cfg.num_labels:
+        raise ValueError("this is a score-head model (num_labels > 0): use score_tokens / score_sequences")
     if cfg.tie_word_embeddings:
         logits = jnp.einsum("btd,vd->btv", h_BTD, params["embed"].astype(h_BTD.dtype),
                             preferred_element_type=_F32)

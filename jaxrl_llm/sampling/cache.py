@@ -1,0 +1,69 @@
+"""The KV cache: one pytree per batch, sharded by the same logical-axis rules as the model.
+
+    cache = {"k": [L, B, S, K, H], "v": [L, B, S, K, H]}     axes (layers, batch, length, kv_heads, head_dim)
+
+Slot layout (left padding): prompts are right-aligned in slots [0, P), so every row's first new token lands
+in slot P and decode step i writes slot P + i for all rows at once. Row b's prompt occupies
+[start_b, P) with start_b = P - len_b; its token at slot s has position s - start_b.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.parallel.rules import ShardingRules, constrain
+
+CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int, int]:
+    return (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+
+
+def cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
+    """Bytes of k + v in the compute dtype."""
+    L, B, S, K, H = cache_shape(cfg, batch, length)
+    return 2 * L * B * S * K * H * jnp.dtype(cfg.dtype).itemsize
+
+
+def cache_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules, batch: int, length: int
+                    ) -> dict[str, NamedSharding]:
+    s = rules.sharding(mesh, CACHE_AXES, cache_shape(cfg, batch, length))
+    return {"k": s, "v": s}
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, rules: ShardingRules | None = None) -> dict:
+    """Zeros in the compute dtype, constrained to the rules' layout (call inside jit under `jax.set_mesh`)."""
+    shape = cache_shape(cfg, batch, length)
+    return {n: constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES, rules) for n in ("k", "v")}
+
+
+def _window(cfg: ModelConfig, q_slot: jax.Array, k_slot: jax.Array) -> jax.Array:
+    if cfg.sliding_window is None:
+        return jnp.ones(jnp.broadcast_shapes(q_slot.shape, k_slot.shape), bool)
+    return (q_slot - k_slot) < cfg.sliding_window
+
+
+def prefill_mask_BTS(cfg: ModelConfig, start_B: jax.Array, T: int, S: int) -> jax.Array:
+    """[B, T, S] bool for the prompt slots [0, T): causal, key inside the row's prompt, inside the window.
+
+    A query always sees itself, so the all-padding queries of short rows never produce NaN (unused)."""
+    q_T1 = jnp.arange(T)[:, None]
+    k_1S = jnp.arange(S)[None, :]
+    allowed_BTS = ((k_1S <= q_T1) & _window(cfg, q_T1, k_1S))[None] & (k_1S >= start_B[:, None])[:, None, :]
+    return allowed_BTS | (k_1S == q_T1)[None]
+
+
+def decode_mask_B1S(cfg: ModelConfig, start_B: jax.Array, slot: jax.Array, S: int) -> jax.Array:
+    """[B, 1, S] bool for one new token at `slot`: every written slot of the row, inside the window."""
+    k_S = jnp.arange(S)
+    allowed_BS = (k_S[None] >= start_B[:, None]) & (k_S <= slot)[None] & _window(cfg, slot, k_S)[None]
+    return allowed_BS[:, None, :]
+
+
+def prompt_positions_BT(start_B: jax.Array, T: int) -> jax.Array:
+    """Position of each prompt slot: slot - start (padding slots get 0)."""
+    return jnp.maximum(jnp.arange(T)[None] - start_B[:, None], 0).astype(jnp.int32)

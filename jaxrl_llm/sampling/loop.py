@@ -1,0 +1,140 @@
+"""The jitted sampler: one prefill call per batch, then the whole decode loop in one `lax.while_loop`.
+
+Static (a change recompiles): cfg, rules, the batch/prompt/new-token buckets, the stop-id width.
+Dynamic (arrays; a change never recompiles): prompts, temperature/top-k/top-p per row, stop ids per row,
+max_new_tokens per row, the RNG key.
+
+Compile counter: `_TRACES` is incremented in the Python bodies of the jitted functions, i.e. only while
+JAX traces them (once per new static signature), never inside the computation, so the jitted functions stay
+pure. `compile_count()` reads it (tests and metrics).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.transformer import forward_with_cache
+from jaxrl_llm.parallel.rules import ShardingRules, constrain
+from jaxrl_llm.sampling.cache import decode_mask_B1S, init_cache, prefill_mask_BTS, prompt_positions_BT
+from jaxrl_llm.sampling.strategies import RowSampler
+
+_TRACES: collections.Counter[str] = collections.Counter()
+PAD_TOKEN = -1  # in returned token buffers, after a row has finished
+
+
+def compile_count() -> int:
+    """How many times the sampler's jitted functions have been traced in this process (each trace compiles)."""
+    return sum(_TRACES.values())
+
+
+def compile_counts() -> dict[str, int]:
+    return dict(_TRACES)
+
+
+@partial(jax.jit, static_argnames=("cfg", "cache_len", "rules"))
+def prefill(cfg: ModelConfig, params: dict, ids_BT: jax.Array, start_B: jax.Array, *, cache_len: int,
+            rules: ShardingRules | None = None) -> tuple[dict, jax.Array]:
+    """Left-padded prompts [B, P] (row b valid from slot start_b) -> (cache [L,B,S,K,H], last logits [B, V])."""
+    _TRACES["prefill"] += 1
+    B, P = ids_BT.shape
+    cache = init_cache(cfg, B, cache_len, rules)
+    mask_BTS = prefill_mask_BTS(cfg, start_B, P, cache_len)
+    logits_BTV, cache = forward_with_cache(cfg, params, ids_BT, prompt_positions_BT(start_B, P), mask_BTS,
+                                           cache, jnp.int32(0), rules=rules)
+    return cache, logits_BTV[:, -1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """The while-loop carry. `step` = tokens produced so far; row b is done after a stop id or its limit.
+
+    tokens_BN / logprobs_BN hold token i of each row at column i (PAD_TOKEN / 0 after the row finished).
+    """
+
+    step: jax.Array  # int32 []
+    cache: dict
+    last_token_B: jax.Array  # int32, the token to feed next
+    done_B: jax.Array  # bool
+    stopped_B: jax.Array  # bool: finished on a stop id
+    num_tokens_B: jax.Array  # int32
+    tokens_BN: jax.Array  # int32
+    logprobs_BN: jax.Array  # fp32
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeInputs:
+    """Per-row request arrays (a pytree; all dynamic)."""
+
+    start_B: jax.Array  # int32: first prompt slot (P - prompt length)
+    sampler: RowSampler
+    raw_logprobs_B: jax.Array  # bool: return temperature-1 unfiltered log-probs instead
+    stop_ids_BK: jax.Array  # int32, padded with -1
+    max_new_B: jax.Array  # int32 >= 1 (0 for batch-padding rows)
+    row_ids_B: jax.Array  # int32: index of the prompt in the whole request (its RNG stream)
+    rng: jax.Array  # one PRNG key for the request
+
+
+jax.tree_util.register_dataclass(DecodeInputs)
+
+
+def _record(state: DecodeState, logits_BV: jax.Array, inp: DecodeInputs) -> DecodeState:
+    """Sample token `state.step` of every unfinished row and update the finish flags."""
+    row_keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(inp.rng, inp.row_ids_B)
+    keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, state.step)
+    res = inp.sampler.get_next_tokens(logits_BV, keys_B)
+    active_B = ~state.done_B
+    lp_B = jnp.where(inp.raw_logprobs_B, res.raw_logprobs_B, res.logprobs_B)
+    tok_B = jnp.where(active_B, res.tokens_B, PAD_TOKEN)
+    tokens_BN = jax.lax.dynamic_update_index_in_dim(state.tokens_BN, tok_B, state.step, axis=1)
+    logprobs_BN = jax.lax.dynamic_update_index_in_dim(state.logprobs_BN, jnp.where(active_B, lp_B, 0.0),
+                                                      state.step, axis=1)
+    hit_B = active_B & jnp.any(tok_B[:, None] == inp.stop_ids_BK, axis=-1)
+    num_B = state.num_tokens_B + active_B.astype(jnp.int32)
+    return dataclasses.replace(
+        state, step=state.step + 1, last_token_B=jnp.where(active_B, res.tokens_B, 0),
+        done_B=state.done_B | hit_B | (num_B >= inp.max_new_B), stopped_B=state.stopped_B | hit_B,
+        num_tokens_B=num_B, tokens_BN=tokens_BN, logprobs_BN=logprobs_BN)
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_bucket", "rules"), donate_argnames=("cache",))
+def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, inp: DecodeInputs, *,
+           max_new_bucket: int, rules: ShardingRules | None = None
+           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Sample up to `max_new_bucket` tokens per row after `prefill`, stopping as soon as every row is done.
+
+    Returns (tokens [B, N] int32, logprobs [B, N] fp32, num_tokens [B] int32, stopped [B] bool).
+    """
+    _TRACES["decode"] += 1
+    B = logits_BV.shape[0]
+    S = cache["k"].shape[2]
+    P = S - max_new_bucket  # first generated slot
+    lengths_B = P - inp.start_B
+    state = DecodeState(
+        step=jnp.int32(0), cache=cache, last_token_B=jnp.zeros((B,), jnp.int32),
+        done_B=inp.max_new_B <= 0, stopped_B=jnp.zeros((B,), bool), num_tokens_B=jnp.zeros((B,), jnp.int32),
+        tokens_BN=jnp.full((B, max_new_bucket), PAD_TOKEN, jnp.int32),
+        logprobs_BN=jnp.zeros((B, max_new_bucket), jnp.float32))
+    state = _record(state, logits_BV, inp)
+
+    def cond(s: DecodeState) -> jax.Array:
+        return (s.step < max_new_bucket) & ~jnp.all(s.done_B)
+
+    def body(s: DecodeState) -> DecodeState:
+        slot = P + s.step - 1  # where the previous token goes
+        pos_B1 = (lengths_B + s.step - 1)[:, None]
+        mask_B1S = decode_mask_B1S(cfg, inp.start_B, slot, S)
+        logits_B1V, new_cache = forward_with_cache(cfg, params, s.last_token_B[:, None], pos_B1, mask_B1S,
+                                                   s.cache, slot, rules=rules)
+        new_cache = {n: constrain(c, ("layers", "batch", "length", "kv_heads", "head_dim"), rules)
+                     for n, c in new_cache.items()}
+        return _record(dataclasses.replace(s, cache=new_cache), logits_B1V[:, 0], inp)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state.tokens_BN, state.logprobs_BN, state.num_tokens_B, state.stopped_B

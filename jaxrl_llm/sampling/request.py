@@ -1,0 +1,104 @@
+"""What a caller asks for: `SamplingParams`, input validation, and the shape buckets that bound compilation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """Per-request sampling settings. All of them are per-row arrays inside jit: changing one never recompiles
+    (except `max_new_tokens` crossing a power-of-two bucket, or more than 8 stop ids).
+
+    temperature: 0 = greedy. top_k: 0 = off. top_p: 1 = off (must lie in (0, 1]).
+    stop_token_ids: generation of a row ends at the first of these (the stop token is returned).
+    return_raw_logprobs: log-probs of the raw model distribution (temperature 1, no top-k/top-p) instead of
+    the processed distribution actually sampled from.
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    return_raw_logprobs: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not isinstance(self.max_new_tokens, int | np.integer) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
+        if not isinstance(self.top_k, int | np.integer) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p={self.top_p!r}: must lie in (0, 1] (1 = off)")
+
+
+def as_param_list(sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
+                  ) -> list[SamplingParams]:
+    """One SamplingParams per prompt (a single one is shared by all)."""
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * n
+    out = list(sampling_params)
+    if len(out) != n or not all(isinstance(p, SamplingParams) for p in out):
+        raise ValueError(f"sampling_params: expected one SamplingParams or a list of {n} (one per prompt)")
+    return out
+
+
+def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[np.ndarray]:
+    """int32 arrays, or a ValueError that names the prompt index (and the offending id)."""
+    if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence):
+        raise ValueError(f"prompts: expected a list of token-id lists, got {type(prompts).__name__}")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: nothing to generate")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str | bytes):
+            raise ValueError(f"prompt {i} is a string; tokenize it first (or use sampling.generate_text)")
+        arr = np.asarray(p)
+        if arr.ndim != 1:
+            raise ValueError(f"prompt {i}: expected a flat list of token ids, got shape {arr.shape}")
+        if arr.size == 0:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"prompt {i}: token ids must be integers, got dtype {arr.dtype}")
+        bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+        if bad.size:
+            raise ValueError(f"prompt {i}: token id {int(arr[bad[0]])} at position {int(bad[0])} is outside the "
+                             f"vocabulary [0, {vocab_size})")
+        out.append(arr.astype(np.int32))
+    return out
+
+
+def validate_stop_ids(params: list[SamplingParams], vocab_size: int) -> None:
+    for i, p in enumerate(params):
+        bad = [t for t in p.stop_token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"sampling params of prompt {i}: stop token id {bad[0]} is outside the vocabulary "
+                             f"[0, {vocab_size})")
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def bucket_length(n: int, minimum: int = 16) -> int:
+    """Powers of two up to 1024, then multiples of 1024: a handful of shapes for any length."""
+    n = max(n, minimum)
+    return 1 << (n - 1).bit_length() if n <= 1024 else round_up(n, 1024)
+
+
+def bucket_batch(n: int, multiple: int = 1) -> int:
+    """A power of two >= n, rounded up to a multiple of the mesh's batch shards."""
+    return round_up(1 << (n - 1).bit_length(), multiple)
+
+
+def bucket_stop_width(n: int) -> int:
+    return max(8, round_up(n, 8))

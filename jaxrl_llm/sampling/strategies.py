@@ -1,0 +1,115 @@
+"""Sampling strategies over logits [B, V]: small pure functions with per-row parameters.
+
+Every per-request value (temperature, top-k, top-p) is a per-row array, never a compile-time constant, so a
+new temperature or nucleus size reuses the compiled program. The processing order is HF's:
+temperature -> top-k -> top-p. A row with temperature 0 is greedy: its processed distribution is a point
+mass on the argmax (log-prob 0 for the chosen token).
+
+Shape suffixes: B rows, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+NEG_INF = -jnp.inf
+
+
+def scale_by_temperature(logits_BV: jax.Array, temperature_B: jax.Array) -> jax.Array:
+    """logits / T per row; rows with T == 0 (greedy) are left unscaled (their argmax is all that counts)."""
+    t_B = jnp.where(temperature_B > 0, temperature_B, 1.0).astype(_F32)
+    return logits_BV.astype(_F32) / t_B[:, None]
+
+
+def top_k_threshold(sorted_desc_BV: jax.Array, top_k_B: jax.Array) -> jax.Array:
+    """The k-th largest logit per row [B] (ties with it are kept, as in HF); -inf where top_k == 0 (off)."""
+    V = sorted_desc_BV.shape[-1]
+    k_B = jnp.clip(top_k_B, 1, V).astype(jnp.int32)
+    kth_B = jnp.take_along_axis(sorted_desc_BV, (k_B - 1)[:, None], axis=-1)[:, 0]
+    return jnp.where(top_k_B > 0, kth_B, NEG_INF)
+
+
+def top_p_threshold(sorted_desc_BV: jax.Array, top_p_B: jax.Array) -> jax.Array:
+    """The smallest logit of the nucleus per row [B]: the shortest prefix of the sorted distribution whose
+    probability reaches top_p (always at least one token). -inf where top_p >= 1 (off)."""
+    probs_BV = jax.nn.softmax(sorted_desc_BV, axis=-1)
+    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # probability mass strictly before each token
+    keep_BV = before_BV < top_p_B[:, None].astype(_F32)
+    keep_BV = keep_BV.at[:, 0].set(True)
+    last_B = jnp.sum(keep_BV, axis=-1) - 1
+    thr_B = jnp.take_along_axis(sorted_desc_BV, last_B[:, None], axis=-1)[:, 0]
+    return jnp.where(top_p_B < 1.0, thr_B, NEG_INF)
+
+
+def filter_top_k_top_p(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+    """Top-k then top-p (on the top-k-renormalised distribution); removed tokens get -inf. One sort."""
+    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+    thr_k_B = top_k_threshold(sorted_BV, top_k_B)
+    sorted_k_BV = jnp.where(sorted_BV >= thr_k_B[:, None], sorted_BV, NEG_INF)
+    thr_B = jnp.maximum(thr_k_B, top_p_threshold(sorted_k_BV, top_p_B))
+    return jnp.where(logits_BV >= thr_B[:, None], logits_BV, NEG_INF)
+
+
+def point_mass(logits_BV: jax.Array) -> jax.Array:
+    """Log-weights of a point mass on each row's argmax: 0 there, -inf elsewhere."""
+    V = logits_BV.shape[-1]
+    return jnp.where(jnp.arange(V)[None] == jnp.argmax(logits_BV, axis=-1)[:, None], 0.0, NEG_INF)
+
+
+def process_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
+                   top_p_B: jax.Array) -> jax.Array:
+    """The processed logits [B, V] fp32 whose softmax is the distribution actually sampled from.
+
+    The sort for top-k/top-p runs only when some row asks for it (a `lax.cond`, not a recompile).
+    """
+    x_BV = scale_by_temperature(logits_BV, temperature_B)
+    needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
+    x_BV = jax.lax.cond(needs_filter, filter_top_k_top_p, lambda x, k, p: x, x_BV, top_k_B, top_p_B)
+    return jnp.where((temperature_B > 0)[:, None], x_BV, point_mass(logits_BV))
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    tokens_B: jax.Array  # int32
+    logprobs_B: jax.Array  # fp32, under the processed distribution
+    raw_logprobs_B: jax.Array  # fp32, temperature 1, no filtering
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RowSampler:
+    """Per-row sampling parameters (a pytree of arrays: changing a value never recompiles).
+
+    temperature_B: 0 = greedy; top_k_B: 0 = off; top_p_B: 1 = off.
+    """
+
+    temperature_B: jax.Array
+    top_k_B: jax.Array
+    top_p_B: jax.Array
+
+    def get_next_tokens(self, logits_BV: jax.Array, keys_B: jax.Array) -> SampleResult:
+        """Sample one token per row with its own key; also return both kinds of log-prob."""
+        processed_BV = process_logits(logits_BV, self.temperature_B, self.top_k_B, self.top_p_B)
+        greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+
+        def gumbel_max(x_BV):
+            g_BV = jax.vmap(lambda k: jax.random.gumbel(k, x_BV.shape[-1:], _F32))(keys_B)
+            return jnp.argmax(x_BV + g_BV, axis=-1).astype(jnp.int32)
+
+        sampled_B = jax.lax.cond(jnp.any(self.temperature_B > 0), gumbel_max, lambda x: greedy_B, processed_BV)
+        tokens_B = jnp.where(self.temperature_B > 0, sampled_B, greedy_B)
+        return SampleResult(
+            tokens_B=tokens_B,
+            logprobs_B=token_logprobs(processed_BV, tokens_B),
+            raw_logprobs_B=token_logprobs(logits_BV, tokens_B),
+        )
+
+
+def token_logprobs(logits_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:
+    """log softmax(logits)[token] per row, fp32."""
+    x_BV = logits_BV.astype(_F32)
+    return jnp.take_along_axis(x_BV, tokens_B[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(x_BV, axis=-1)
