@@ -20,6 +20,7 @@ from jaxrl_llm.models.config import (
 from jaxrl_llm.models.hf_io import load_hf_folder, save_pretrained
 from jaxrl_llm.models.params import abstract_params, init_params, num_params, param_shardings, param_specs
 from jaxrl_llm.models.safetensors_io import CheckpointError
+from jaxrl_llm.models.sharded import sharded_forward
 from jaxrl_llm.models.transformer import (
     forward,
     forward_with_cache,
@@ -71,4 +72,5 @@ __all__ = [
     "save_pretrained",
     "score_sequences",
     "score_tokens",
+    "sharded_forward",
 ]

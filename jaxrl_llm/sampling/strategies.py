@@ -72,6 +72,7 @@ def process_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.
     return jnp.where((temperature_B > 0)[:, None], x_BV, point_mass(logits_BV))
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class SampleResult:
     tokens_B: jax.Array  # int32

@@ -1,0 +1,209 @@
+"""`generate`: token-id prompts in, completions and their log-probs out, on the trainer's own parameters.
+
+Host side only: validation, bucketing, chunking, placing the small per-row arrays on the mesh, and turning
+the device buffers into Python lists once per chunk. All per-token work is in `loop.py` (one prefill call
+and one decode call per chunk; no host round trip per token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.params import param_shardings
+from jaxrl_llm.parallel.rules import ShardingRules
+from jaxrl_llm.sampling import loop
+from jaxrl_llm.sampling.request import (
+    SamplingParams,
+    as_param_list,
+    bucket_batch,
+    bucket_length,
+    bucket_stop_width,
+    round_up,
+    validate_prompts,
+    validate_stop_ids,
+)
+from jaxrl_llm.sampling.strategies import RowSampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    """Completions in prompt order. tokens[i] excludes the prompt and includes the stop token when one was hit;
+    logprobs[i][j] is the log-prob of tokens[i][j]; finish_reasons[i] is 'stop' or 'length'."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reasons: list[str]
+    stats: dict[str, Any]
+
+
+def _as_key(rng: jax.Array | int | None) -> jax.Array:
+    if rng is None:
+        return jax.random.key(0)
+    if isinstance(rng, int | np.integer):
+        return jax.random.key(int(rng))
+    return rng
+
+
+def _prompt_limits(cfg: ModelConfig, sps: list[SamplingParams], max_prompt_len: int | None) -> np.ndarray:
+    if max_prompt_len is not None:
+        if max_prompt_len < 1:
+            raise ValueError(f"max_prompt_len={max_prompt_len}: must be >= 1")
+        return np.full(len(sps), max_prompt_len)
+    limits = np.array([cfg.max_position_embeddings - p.max_new_tokens for p in sps])
+    if limits.min() < 1:
+        i = int(limits.argmin())
+        raise ValueError(f"prompt {i}: max_new_tokens={sps[i].max_new_tokens} leaves no room for a prompt within "
+                         f"max_position_embeddings={cfg.max_position_embeddings}")
+    return limits
+
+
+def _fit_prompts(arrs: list[np.ndarray], limits: np.ndarray, truncate: bool) -> tuple[list[np.ndarray], int]:
+    """Left-truncate prompts longer than their limit (when allowed), else raise naming the first one."""
+    too_long = [i for i, a in enumerate(arrs) if len(a) > limits[i]]
+    if not too_long:
+        return arrs, 0
+    if not truncate:
+        i = too_long[0]
+        raise ValueError(f"prompt {i} has {len(arrs[i])} tokens, more than the {int(limits[i])} that fit (max_prompt_len "
+                         f"or max_position_embeddings - max_new_tokens); {len(too_long)} prompt(s) are too long. "
+                         "Pass truncate_prompts=True to keep their last tokens")
+    log.warning("truncated %d prompt(s) on the left to fit max_prompt_len (longest was %d tokens)",
+                len(too_long), max(len(arrs[i]) for i in too_long))
+    out = list(arrs)
+    for i in too_long:
+        out[i] = arrs[i][len(arrs[i]) - int(limits[i]):]
+    return out, len(too_long)
+
+
+def _batch_shards(mesh: Mesh | None, rules: ShardingRules | None) -> int:
+    if mesh is None or rules is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") if a in mesh.shape)
+
+
+def _chunk_arrays(idx: list[int], arrs: list[np.ndarray], sps: list[SamplingParams], B: int
+                  ) -> tuple[np.ndarray, loop.DecodeInputs, int]:
+    """Host arrays for one chunk of prompts (rows beyond len(idx) are inert padding: max_new 0)."""
+    P = bucket_length(max(len(arrs[i]) for i in idx))
+    W = bucket_stop_width(max(len(sps[i].stop_token_ids) for i in idx))
+    ids_BP = np.zeros((B, P), np.int32)
+    start_B = np.full(B, P - 1, np.int32)
+    temp_B, top_p_B = np.zeros(B, np.float32), np.ones(B, np.float32)
+    top_k_B, max_new_B, row_ids_B = np.zeros(B, np.int32), np.zeros(B, np.int32), np.zeros(B, np.int32)
+    raw_B = np.zeros(B, bool)
+    stop_BK = np.full((B, W), -1, np.int32)
+    for r, i in enumerate(idx):
+        a, sp = arrs[i], sps[i]
+        ids_BP[r, P - len(a):] = a
+        start_B[r] = P - len(a)
+        temp_B[r], top_p_B[r], top_k_B[r] = sp.temperature, sp.top_p, sp.top_k
+        max_new_B[r], row_ids_B[r], raw_B[r] = sp.max_new_tokens, i, sp.return_raw_logprobs
+        stop_BK[r, :len(sp.stop_token_ids)] = sp.stop_token_ids
+    inp = loop.DecodeInputs(
+        start_B=start_B, sampler=RowSampler(temperature_B=temp_B, top_k_B=top_k_B, top_p_B=top_p_B),
+        raw_logprobs_B=raw_B, stop_ids_BK=stop_BK, max_new_B=max_new_B, row_ids_B=row_ids_B, rng=None)
+    return ids_BP, inp, P
+
+
+def generate(
+    cfg: ModelConfig,
+    params: dict,
+    prompts: Sequence[Sequence[int]],
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    rng: jax.Array | int | None = None,
+    *,
+    mesh: Mesh | None = None,
+    rules: ShardingRules | None = None,
+    sampling_rules: ShardingRules | None = None,
+    max_batch_size: int | None = None,
+    max_prompt_len: int | None = None,
+    truncate_prompts: bool = False,
+) -> GenerateOutput:
+    """Sample completions of token-id prompts with the model's own (trainer's) parameter arrays.
+
+    sampling_params: one SamplingParams for all prompts, or one per prompt. rng: a PRNG key (or an int seed);
+    prompt i samples from the stream fold_in(rng, i), so results do not depend on batching or chunking.
+    mesh/rules: the trainer's mesh and rules table; params are used where they are, with no copy.
+    sampling_rules: a different table for sampling (e.g. tensor-parallel decode); params are then resharded
+    once per call with `jax.device_put` and the cost is reported as stats['reshard_seconds'].
+    max_batch_size: prompts are processed in chunks of at most this many rows (sorted by length).
+    max_prompt_len: longest prompt allowed (default: max_position_embeddings - max_new_tokens); longer prompts
+    raise, or are left-truncated with truncate_prompts=True (counted in stats['truncated_prompts']).
+    """
+    arrs = validate_prompts(prompts, cfg.vocab_size)
+    sps = as_param_list(sampling_params, len(arrs))
+    validate_stop_ids(sps, cfg.vocab_size)
+    if max_batch_size is not None and max_batch_size < 1:
+        raise ValueError(f"max_batch_size={max_batch_size}: must be >= 1")
+    arrs, n_truncated = _fit_prompts(arrs, _prompt_limits(cfg, sps, max_prompt_len), truncate_prompts)
+    key = _as_key(rng)
+    traces_before = loop.compile_count()
+    stats: dict[str, Any] = {"truncated_prompts": n_truncated, "reshard_seconds": 0.0, "prefill_seconds": 0.0,
+                             "decode_seconds": 0.0, "chunks": 0, "shapes": []}
+
+    model_rules = None
+    if mesh is not None:
+        rules = rules or ShardingRules()
+        model_rules = sampling_rules or rules
+        if sampling_rules is not None:
+            t0 = time.perf_counter()
+            params = jax.block_until_ready(jax.device_put(params, param_shardings(cfg, mesh, sampling_rules)))
+            stats["reshard_seconds"] = time.perf_counter() - t0
+    shards = _batch_shards(mesh, model_rules)
+
+    n = len(arrs)
+    chunk = n if max_batch_size is None else max_batch_size
+    order = list(range(n)) if chunk >= n else sorted(range(n), key=lambda i: len(arrs[i]))
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logprobs: list[list[float]] = [[] for _ in range(n)]
+    reasons = [""] * n
+    ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    with ctx:
+        for c0 in range(0, n, chunk):
+            idx = order[c0:c0 + chunk]
+            B = bucket_batch(len(idx), shards)
+            if max_batch_size is not None:
+                B = min(B, round_up(max_batch_size, shards))
+            N = bucket_length(max(sps[i].max_new_tokens for i in idx))
+            ids_BP, inp, P = _chunk_arrays(idx, arrs, sps, B)
+            inp = dataclasses.replace(inp, rng=key)
+            if mesh is not None:
+                put = lambda x: jax.device_put(x, model_rules.sharding(mesh, ("batch",) + (None,) * (x.ndim - 1),
+                                                                       x.shape))
+                ids_BP = put(ids_BP)
+                inp = dataclasses.replace(jax.tree.map(put, dataclasses.replace(inp, rng=None)), rng=key)
+            t0 = time.perf_counter()
+            cache, logits_BV = loop.prefill(cfg, params, ids_BP, inp.start_B, cache_len=P + N, rules=model_rules)
+            jax.block_until_ready(logits_BV)
+            t1 = time.perf_counter()
+            out = loop.decode(cfg, params, cache, logits_BV, inp, max_new_bucket=N, rules=model_rules)
+            tok_BN, lp_BN, num_B, stopped_B = jax.device_get(out)
+            t2 = time.perf_counter()
+            stats["prefill_seconds"] += t1 - t0
+            stats["decode_seconds"] += t2 - t1
+            stats["chunks"] += 1
+            stats["shapes"].append((B, P, N))
+            for r, i in enumerate(idx):
+                k = int(num_B[r])
+                tokens[i] = tok_BN[r, :k].tolist()
+                logprobs[i] = lp_BN[r, :k].tolist()
+                reasons[i] = "stop" if stopped_B[r] else "length"
+    n_gen = sum(len(t) for t in tokens)
+    stats["compiles"] = loop.compile_count() - traces_before
+    stats["generated_tokens"] = n_gen
+    elapsed = stats["prefill_seconds"] + stats["decode_seconds"]
+    stats["tokens_per_second"] = n_gen / elapsed if elapsed > 0 else 0.0
+    return GenerateOutput(tokens=tokens, logprobs=logprobs, finish_reasons=reasons, stats=stats)

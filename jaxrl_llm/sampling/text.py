@@ -1,0 +1,75 @@
+"""Text in, text out: chat template -> token ids -> `generate` -> decoded strings."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.sampling.generate import GenerateOutput, generate
+from jaxrl_llm.sampling.request import SamplingParams
+
+Conversation = list[dict[str, str]]
+
+
+@dataclasses.dataclass
+class TextOutput:
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    output: GenerateOutput
+
+
+def encode_inputs(tokenizer: Any, inputs: Sequence[str | Conversation], chat_template: bool = True
+                  ) -> list[list[int]]:
+    """Token ids per input. With the chat template, a string is one user turn and the generation prompt is
+    appended; without it, strings are tokenized as they are (with the tokenizer's special tokens)."""
+    if isinstance(inputs, str) or not isinstance(inputs, Sequence) or len(inputs) == 0:
+        raise ValueError("inputs: expected a non-empty list of strings or conversations")
+    out = []
+    for i, x in enumerate(inputs):
+        if chat_template:
+            conv = [{"role": "user", "content": x}] if isinstance(x, str) else list(x)
+            text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
+        elif isinstance(x, str):
+            out.append(list(tokenizer(x)["input_ids"]))
+        else:
+            raise ValueError(f"input {i} is a conversation; pass chat_template=True to format it")
+    return out
+
+
+def default_stop_ids(cfg: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
+    """The model's eos ids and the tokenizer's eos id."""
+    ids = list(cfg.eos_token_ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos not in ids:
+        ids.append(int(eos))
+    return tuple(ids)
+
+
+def generate_text(
+    cfg: ModelConfig,
+    params: dict,
+    tokenizer: Any,
+    inputs: Sequence[str | Conversation],
+    sampling_params: SamplingParams | None = None,
+    rng: jax.Array | int | None = None,
+    *,
+    chat_template: bool = True,
+    skip_special_tokens: bool = True,
+    **generate_kwargs: Any,
+) -> TextOutput:
+    """Strings or chat conversations in, decoded completions out (an HF tokenizer or anything with its API).
+
+    When `sampling_params` names no stop ids, generation stops at the model's and the tokenizer's eos ids.
+    """
+    sp = sampling_params or SamplingParams()
+    if not sp.stop_token_ids:
+        sp = dataclasses.replace(sp, stop_token_ids=default_stop_ids(cfg, tokenizer))
+    prompt_ids = encode_inputs(tokenizer, inputs, chat_template)
+    out = generate(cfg, params, prompt_ids, sp, rng, **generate_kwargs)
+    texts = [tokenizer.decode(t, skip_special_tokens=skip_special_tokens) for t in out.tokens]
+    return TextOutput(texts=texts, prompt_ids=prompt_ids, output=out)

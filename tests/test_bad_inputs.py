@@ -1,0 +1,137 @@
+"""Bad model input gives a clear error that names the bad thing; nothing half-written on export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from hf_models import build_hf_model, tiny_hf_config
+
+from jaxrl_llm import models
+from jaxrl_llm.models.safetensors_io import SafetensorsFile, write_safetensors
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    d = tmp_path_factory.mktemp("good")
+    build_hf_model(tiny_hf_config("llama")).save_pretrained(d)
+    return d
+
+
+def _copy(good, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(good, d)
+    return d
+
+
+def test_missing_folder_and_missing_config(good, tmp_path):
+    with pytest.raises(models.CheckpointError, match="no such model folder"):
+        models.load_pretrained(str(tmp_path / "nope"))
+    d = _copy(good, tmp_path)
+    os.remove(d / "config.json")
+    with pytest.raises(models.CheckpointError, match="missing config.json"):
+        models.load_pretrained(str(d))
+
+
+def test_unsupported_architecture_is_named_with_the_supported_list(good, tmp_path):
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(models.UnsupportedModelError, match="GPT2LMHeadModel") as e:
+        models.load_pretrained(str(d))
+    assert "LlamaForCausalLM" in str(e.value) and "Qwen3ForCausalLM" in str(e.value)
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(good, tmp_path):
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] = 64
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(models.CheckpointError) as e:
+        models.load_pretrained(str(d))
+    msg = str(e.value)
+    assert "mlp.gate_proj.weight" in msg and "[80, 48]" in msg and "[64, 48]" in msg
+
+
+def test_missing_tensor_is_named(good, tmp_path):
+    d = _copy(good, tmp_path)
+    src = SafetensorsFile(str(good / "model.safetensors"))
+    drop = "model.layers.1.self_attn.v_proj.weight"
+    keep = [k for k in src.keys() if k != drop]
+    write_safetensors(str(d / "model.safetensors"), [(k, src.shape(k), src.dtype(k)) for k in keep], src.get)
+    with pytest.raises(models.CheckpointError, match=f"missing tensor '{drop}'"):
+        models.load_pretrained(str(d))
+
+
+def test_truncated_and_corrupted_safetensors(good, tmp_path):
+    d = _copy(good, tmp_path)
+    path = d / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(models.CheckpointError, match="truncated") as e:
+        models.load_pretrained(str(d))
+    assert "model.safetensors" in str(e.value)
+    path.write_bytes(data[:4])
+    with pytest.raises(models.CheckpointError, match="truncated"):
+        models.load_pretrained(str(d))
+    bad = bytearray(data)
+    bad[8:20] = b"\xff" * 12  # garbage inside the JSON header
+    path.write_bytes(bytes(bad))
+    with pytest.raises(models.CheckpointError, match="corrupted"):
+        models.load_pretrained(str(d))
+
+
+def test_sharded_index_pointing_at_missing_file(good, tmp_path):
+    d = _copy(good, tmp_path)
+    os.remove(d / "model.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(models.CheckpointError, match="model-00001-of-00002.safetensors"):
+        models.load_pretrained(str(d))
+
+
+def test_pickle_checkpoints_are_refused(good, tmp_path):
+    d = _copy(good, tmp_path)
+    os.remove(d / "model.safetensors")
+    (d / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(models.CheckpointError, match="never loaded"):
+        models.load_pretrained(str(d))
+
+
+def test_unknown_dtype_string(good):
+    with pytest.raises(ValueError, match="unknown dtype 'float8'"):
+        models.load_pretrained(str(good), dtype="float8")
+    with pytest.raises(ValueError, match="compute_dtype|unknown dtype"):
+        models.ModelConfig(family="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                           num_heads=2, num_kv_heads=1, head_dim=4, compute_dtype="half-ish")
+
+
+def test_unsupported_rope_and_activation(good, tmp_path):
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(models.UnsupportedModelError, match="yarn"):
+        models.load_pretrained(str(d))
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    cfg["hidden_act"] = "gelu"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(models.UnsupportedModelError, match="gelu"):
+        models.load_pretrained(str(d))
+
+
+def test_export_with_wrong_params_writes_nothing(good, tmp_path):
+    cfg, params = models.load_pretrained(str(good))
+    del params["layers"]["w_up"]
+    with pytest.raises(ValueError, match="w_up"):
+        models.save_pretrained(cfg, params, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+    cfg, params = models.load_pretrained(str(good))
+    params["final_norm"] = np.zeros(7, np.float32)
+    with pytest.raises(ValueError, match="final_norm"):
+        models.save_pretrained(cfg, params, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []

@@ -1,0 +1,103 @@
+"""One mesh: parameters load straight into their sharded layout and sharded logits equal 1-device logits."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from hf_models import build_hf_model, mixed_padding_batch, tiny_hf_config
+from jax.sharding import PartitionSpec as P
+
+from jaxrl_llm import models, parallel
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    # vocab 96, width 48, MLP 80, 4 heads / 2 kv heads: divisible by every mesh axis used below.
+    hf = build_hf_model(tiny_hf_config("qwen2", heads=4, kv_heads=2, vocab=96, tie=False))
+    d = tmp_path_factory.mktemp("qwen2")
+    hf.save_pretrained(d)
+    return str(d)
+
+
+def test_eight_fake_devices():
+    assert jax.device_count() == 8, "conftest sets --xla_force_host_platform_device_count=8"
+
+
+MESHES = [dict(data=1, fsdp=8, tensor=1), dict(data=1, fsdp=4, tensor=2), dict(data=2, fsdp=2, tensor=2)]
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=lambda m: "x".join(f"{k}{v}" for k, v in m.items()))
+def test_sharded_logits_equal_single_device(folder, shape):
+    cfg, p1 = models.load_pretrained(folder)
+    ids, mask = mixed_padding_batch(cfg.vocab_size, lengths=(9, 5, 12, 7, 3, 12, 8, 10), T=12)
+    ref = np.asarray(models.forward(cfg, p1, ids, mask))
+
+    mesh = parallel.make_mesh(**shape)
+    _, params = models.load_pretrained(folder, mesh=mesh)
+    rules = parallel.ShardingRules()
+    expected = models.param_shardings(cfg, mesh, rules)
+    for (path, x), (_, sh) in zip(jax.tree_util.tree_flatten_with_path(params)[0],
+                                  jax.tree_util.tree_flatten_with_path(expected)[0], strict=True):
+        assert x.sharding.is_equivalent_to(sh, x.ndim), (path, x.sharding, sh)
+    logits = models.sharded_forward(cfg, mesh, rules)(params, ids, mask)
+    assert logits.addressable_shards[0].data.shape[0] < ids.shape[0]  # the batch stays sharded
+    out = np.asarray(logits)
+    valid = mask.astype(bool)
+    assert np.abs(out - ref)[valid].max() <= 1e-5
+
+
+def test_rules_table_gives_the_documented_specs(folder):
+    """Written out by hand for mesh (fsdp=4, tensor=2): what each parameter's sharding must be."""
+    mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
+    _, params = models.load_pretrained(folder, mesh=mesh)
+    want = {
+        "embed": P("tensor", "fsdp"),
+        "lm_head": P("fsdp", "tensor"),
+        "final_norm": P(),
+        ("layers", "wq"): P(None, "fsdp", "tensor"),
+        ("layers", "wk"): P(None, "fsdp", "tensor"),
+        ("layers", "wo"): P(None, "tensor", None, "fsdp"),
+        ("layers", "bq"): P(None, "tensor"),
+        ("layers", "w_gate"): P(None, "fsdp", "tensor"),
+        ("layers", "w_down"): P(None, "tensor", "fsdp"),
+        ("layers", "attn_norm"): P(),
+    }
+    for key, spec in want.items():
+        x = params[key[0]][key[1]] if isinstance(key, tuple) else params[key]
+        assert x.sharding.spec == spec, (key, x.sharding.spec, spec)
+        # Each device really holds only its slice.
+        n_shards = int(np.prod([mesh.shape[a] for a in spec if a is not None]))
+        assert x.addressable_shards[0].data.size * n_shards == x.size
+
+
+def test_indivisible_dimensions_fall_back_to_replication():
+    rules = parallel.ShardingRules()
+    # 3 kv heads cannot be split over tensor=2: that dim is replicated; embed 576 still splits over fsdp.
+    spec = rules.spec(("layers", "embed", "kv_heads", "head_dim"), (30, 576, 3, 64), {"data": 1, "fsdp": 4, "tensor": 2})
+    assert spec == P(None, "fsdp")
+    # A mesh axis is used once per array: batch takes (data, fsdp), so embed is not sharded again.
+    assert rules.spec(("batch", "length", "embed"), (8, 4, 16), {"data": 2, "fsdp": 2, "tensor": 2}) == P(
+        ("data", "fsdp"))
+
+
+def test_mesh_shapes_and_errors():
+    assert parallel.resolve_mesh_shape(1, -1, 2, 8) == (1, 4, 2)
+    assert parallel.resolve_mesh_shape(2, 2, -1, 8) == (2, 2, 2)
+    with pytest.raises(parallel.MeshError, match="not divisible"):
+        parallel.resolve_mesh_shape(1, -1, 3, 8)
+    with pytest.raises(parallel.MeshError, match="only one axis"):
+        parallel.resolve_mesh_shape(-1, -1, 1, 8)
+    with pytest.raises(parallel.MeshError, match="8 devices"):
+        parallel.resolve_mesh_shape(1, 2, 2, 8)
+    with pytest.raises(parallel.MeshError, match="mesh.tensor=0"):
+        parallel.resolve_mesh_shape(1, -1, 0, 8)
+
+
+def test_init_params_sharded(folder):
+    cfg, _ = models.load_pretrained(folder)
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    params = models.init_params(cfg, jax.random.key(0), mesh=mesh)
+    assert params["layers"]["w_up"].sharding.spec == P(None, "fsdp", "tensor")
+    ref = models.init_params(cfg, jax.random.key(0))
+    np.testing.assert_array_equal(np.asarray(params["layers"]["w_up"]), np.asarray(ref["layers"]["w_up"]))
