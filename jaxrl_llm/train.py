@@ -41,9 +41,9 @@ def resolve_path(path: str) -> str:
 
 
 def load_tokenizer(path: str):
-    from jaxrl_llm.models.gguf_io import load_tokenizer as _load
-
-    return _load(resolve_path(path))
+    if not path:
+        raise ConfigError("tokenizer is empty and model.path is empty: name a tokenizer folder, .gguf or 'smollm2'")
+    return models.load_tokenizer(resolve_path(path))
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
@@ -181,7 +181,7 @@ def main(argv) -> None:
     try:
         run(FLAGS.config, workdir)
     except (ConfigError, DataError, models.CheckpointError, models.UnsupportedModelError,
-            parallel.MeshError, FloatingPointError) as e:
+            parallel.MeshError, FloatingPointError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 

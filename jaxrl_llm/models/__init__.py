@@ -33,6 +33,13 @@ from jaxrl_llm.models.transformer import (
 from jaxrl_llm.parallel.rules import ShardingRules
 
 
+def load_tokenizer(path: str) -> Any:
+    """A transformers tokenizer from a .gguf file (built from its metadata) or an HF tokenizer folder."""
+    from jaxrl_llm.models.gguf_io import load_tokenizer as _load
+
+    return _load(path)
+
+
 def load_pretrained(path: str, dtype: Any = jnp.float32, mesh: Mesh | None = None,
                     rules: ShardingRules | None = None) -> tuple[ModelConfig, dict]:
     """(cfg, params) from an HF folder (config.json + safetensors, sharded index allowed) or a .gguf file.
@@ -65,6 +72,7 @@ __all__ = [
     "init_params",
     "lm_logits",
     "load_pretrained",
+    "load_tokenizer",
     "num_params",
     "param_shardings",
     "param_specs",

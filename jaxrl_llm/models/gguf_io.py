@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +25,10 @@ from jaxrl_llm.models.config import ModelConfig, UnsupportedModelError, config_f
 from jaxrl_llm.models.hf_io import load_params_from_source
 from jaxrl_llm.models.safetensors_io import CheckpointError
 from jaxrl_llm.parallel.rules import ShardingRules
+
+if TYPE_CHECKING:
+    from gguf import GGUFReader
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,7 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def open_gguf(path: str) -> Any:
+def open_gguf(path: str) -> GGUFReader:
     """A memory-mapped `gguf.GGUFReader`; a missing, truncated or non-GGUF file is a CheckpointError naming it."""
     from gguf import GGUFReader
 
@@ -91,10 +95,11 @@ def open_gguf(path: str) -> Any:
     try:
         return GGUFReader(path)
     except Exception as e:  # the reader raises ValueError/KeyError/struct errors on malformed files
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: not a readable GGUF file: truncated, corrupted or not GGUF "
+                              f"({type(e).__name__}: {e})") from e
 
 
-def _meta(reader: Any, key: str, path: str, default: Any = _REQUIRED) -> Any:
+def _meta(reader: GGUFReader, key: str, path: str, default: Any = _REQUIRED) -> Any:
     field = reader.fields.get(key)
     if field is None:
         if default is _REQUIRED:
@@ -106,7 +111,7 @@ def _meta(reader: Any, key: str, path: str, default: Any = _REQUIRED) -> Any:
         raise CheckpointError(f"{path}: cannot read GGUF metadata {key!r} ({e})") from e
 
 
-def _architecture(reader: Any, path: str) -> str:
+def _architecture(reader: GGUFReader, path: str) -> str:
     arch = _meta(reader, "general.architecture", path)
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
@@ -128,7 +133,7 @@ def _dequantize(tensor: Any, path: str) -> np.ndarray:
 class GGUFSource:
     """The tensors of a .gguf file as a `hf_io.TensorSource`: HF names, HF layout, dequantized lazily in `get`."""
 
-    def __init__(self, path: str, reader: Any = None):
+    def __init__(self, path: str, reader: GGUFReader | None = None):
         self.path = path
         self.reader = reader if reader is not None else open_gguf(path)
         self.arch = _architecture(self.reader, path)
@@ -175,7 +180,7 @@ def _f32(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def _llama3_rope_scaling(reader: Any, path: str, theta: float, head_dim: int) -> dict | None:
+def _llama3_rope_scaling(reader: GGUFReader, path: str, theta: float, head_dim: int) -> dict | None:
     """Llama 3 rope scaling, which llama.cpp stores only as per-frequency factors (`rope_freqs.weight`).
 
     The factors fix `factor` (their maximum); the other parameters are matched against Llama 3.x's
@@ -188,8 +193,6 @@ def _llama3_rope_scaling(reader: Any, path: str, theta: float, head_dim: int) ->
     factor = float(got.max())
     if np.allclose(got, 1.0):
         return None
-    d = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 8192}
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * np.pi / inv
     smooth = np.clip((8192 / wavelen - 1.0) / 3.0, 0.0, 1.0)
@@ -198,10 +201,11 @@ def _llama3_rope_scaling(reader: Any, path: str, theta: float, head_dim: int) ->
         raise UnsupportedModelError(
             f"{path}: rope_freqs.weight does not match Llama 3 rope scaling (factor {factor}, low_freq_factor 1, "
             "high_freq_factor 4, original context 8192); other rope frequency factors are not supported")
-    return d
+    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
 
 
-def gguf_config(reader: Any, path: str) -> ModelConfig:
+def gguf_config(reader: GGUFReader, path: str) -> ModelConfig:
     """ModelConfig from GGUF metadata (llama.cpp key names) via an HF-style config dict."""
     arch = _architecture(reader, path)
 
@@ -266,7 +270,6 @@ def load_gguf(path: str, dtype: Any = jnp.float32, mesh: Mesh | None = None,
 
 # --------------------------------------------------------------------------------------------- tokenizer
 
-_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -295,13 +298,13 @@ def _pre_tokenizer(kind: str) -> Any:
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-def load_gguf_tokenizer(path: str) -> Any:
+def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
     """A `transformers.PreTrainedTokenizerFast` built from the GGUF metadata (byte-level BPE, `gpt2` model).
 
     Pre-tokenization follows `tokenizer.ggml.pre` the way llama.cpp does; control tokens are special;
     bos/eos/unk/pad, the add_bos/add_eos flags and the chat template come from the file.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
     path = os.fspath(path)
@@ -319,33 +322,43 @@ def load_gguf_tokenizer(path: str) -> Any:
     pre_kind, ignore_merges = _PRE_TOKENIZERS[pre]
     tokens = _meta(reader, "tokenizer.ggml.tokens", path)
     types = _meta(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise CheckpointError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
     merges = [tuple(mg.split(" ", 1)) for mg in _meta(reader, "tokenizer.ggml.merges", path, [])]
 
     vocab = {tok: i for i, tok in reversed(list(enumerate(tokens)))}  # first id wins on duplicates
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=ignore_merges))
     tk.pre_tokenizer = _pre_tokenizer(pre_kind)
     tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                           for t, ty in zip(tokens, types) if ty in _TOKEN_SPECIAL])
-    tk.add_tokens([AddedToken(t, normalized=False, special=False) for t, ty in zip(tokens, types) if ty == 4])
+    typed = list(zip(tokens, types, strict=True))
+    tk.add_special_tokens([AddedToken(t, normalized=False, special=True) for t, ty in typed if ty in _TOKEN_SPECIAL])
+    tk.add_tokens([AddedToken(t, normalized=False, special=False) for t, ty in typed if ty == 4])
 
     def token(key: str) -> str | None:
         i = _meta(reader, f"tokenizer.ggml.{key}_token_id", path, None)
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
+    bos, eos = token("bos"), token("eos")
+    add_bos = bool(_meta(reader, "tokenizer.ggml.add_bos_token", path, pre_kind == "llama3")) and bos is not None
+    add_eos = bool(_meta(reader, "tokenizer.ggml.add_eos_token", path, False)) and eos is not None
+    # Set here as well as through the flags below: transformers 4.x's PreTrainedTokenizerFast ignores those.
+    single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
+    pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
+    specials = [(t, vocab[t]) for t, on in ((bos, add_bos), (eos, add_eos)) if on]
+    tk.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
     return PreTrainedTokenizerFast(
         tokenizer_object=tk,
-        bos_token=token("bos"),
-        eos_token=token("eos"),
+        bos_token=bos,
+        eos_token=eos,
         unk_token=token("unknown"),
         pad_token=token("padding"),
-        add_bos_token=bool(_meta(reader, "tokenizer.ggml.add_bos_token", path, pre_kind == "llama3")),
-        add_eos_token=bool(_meta(reader, "tokenizer.ggml.add_eos_token", path, False)),
+        add_bos_token=add_bos,
+        add_eos_token=add_eos,
         chat_template=_meta(reader, "tokenizer.chat_template", path, None),
     )
 
 
-def load_tokenizer(path_or_folder: str) -> Any:
+def load_tokenizer(path_or_folder: str) -> PreTrainedTokenizerBase:
     """The tokenizer of a .gguf file (built from its metadata) or of an HF tokenizer folder (no remote code)."""
     path_or_folder = os.fspath(path_or_folder)
     if path_or_folder.endswith(".gguf"):
