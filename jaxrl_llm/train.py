@@ -1,8 +1,13 @@
-"""Entry point: python -m jaxrl_llm.train --config configs/<recipe>.py --workdir DIR [--config.a.b=value ...]"""
+"""Entry point: python -m jaxrl_llm.train --config configs/<recipe>.py --workdir DIR [--config.a.b=value ...]
+
+Started again with the same workdir, a run resumes from its latest checkpoint: parameters, optimizer state,
+step and data position, so the resumed run logs exactly the losses an uninterrupted one would.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -17,14 +22,14 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxrl_llm import models, parallel
-from jaxrl_llm.algorithms.sft import make_sft_step
-from jaxrl_llm.data import DataError, load_rows, tokenize_conversation
-from jaxrl_llm.data.chat import to_messages
-from jaxrl_llm.metrics import MetricsWriter
+from jaxrl_llm.algorithms import REGISTRY, batch_indices
+from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.data import DataError
+from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
 
 log = logging.getLogger("jaxrl_llm.train")
-ALGORITHMS = ("sft",)
+MODEL_CONFIG_FILE = "model_config.json"  # the run's ModelConfig, for export and evaluation
 
 
 class ConfigError(ValueError):
@@ -46,7 +51,7 @@ def load_tokenizer(path: str):
     return models.load_tokenizer(resolve_path(path))
 
 
-def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules):
+def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules, num_labels: int = 0):
     mc = config.model
     if mc.path:
         cfg, params = models.load_pretrained(resolve_path(mc.path), dtype=mc.dtype, mesh=mesh, rules=rules)
@@ -63,56 +68,14 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules)
     return cfg, params
 
 
-def sft_examples(config, tokenizer) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
-    dc = config.data
-    rows = load_rows(dc.source, dc.num_examples)
-    out, stats = [], {"rows": len(rows), "truncated": 0, "dropped": 0}
-    for i, row in enumerate(rows):
-        ids, mask = tokenize_conversation(tokenizer, to_messages(row, i), chat_template=dc.chat_template or None,
-                                          last_assistant_only=dc.last_assistant_only, index=i)
-        if len(ids) > dc.max_len:
-            if dc.overlong == "drop":
-                stats["dropped"] += 1
-                continue
-            stats["truncated"] += 1
-            ids, mask = ids[: dc.max_len], mask[: dc.max_len]
-        if mask[1:].sum() == 0:
-            stats["dropped"] += 1
-            continue
-        out.append((ids, mask))
-    if stats["truncated"] or stats["dropped"]:
-        log.warning("data: %d of %d rows truncated to %d tokens, %d dropped", stats["truncated"], len(rows),
-                    dc.max_len, stats["dropped"])
-    if not out:
-        raise DataError(f"data.source={dc.source!r}: no usable rows after tokenization")
-    return out, stats
-
-
-def batches(examples, batch_size: int, max_len: int, pad_id: int, seed: int, start_step: int = 0):
-    """Deterministic epochs of shuffled examples, right-padded to max_len; yields (step, batch)."""
-    n = len(examples)
-    step = start_step
-    while True:
-        epoch, offset = divmod(step * batch_size, n)
-        order = np.random.default_rng([seed, epoch]).permutation(n)
-        idx = [order[(offset + j) % n] for j in range(batch_size)]
-        ids = np.full((batch_size, max_len), pad_id, np.int32)
-        attn = np.zeros((batch_size, max_len), np.int32)
-        loss = np.zeros((batch_size, max_len), np.int32)
-        for r, k in enumerate(idx):
-            t, m = examples[k]
-            ids[r, : len(t)], attn[r, : len(t)], loss[r, : len(t)] = t, 1, m
-        yield step, {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
-        step += 1
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
-    if config.algorithm not in ALGORITHMS:
-        raise ConfigError(f"algorithm={config.algorithm!r}; implemented: {ALGORITHMS}")
+    """User errors before any heavy work, each naming the config key."""
+    if config.algorithm not in REGISTRY:
+        raise ConfigError(f"algorithm={config.algorithm!r}; implemented: {sorted(REGISTRY)}")
     if config.max_steps < 1:
         raise ConfigError(f"max_steps={config.max_steps}: must be >= 1")
     tc = config.train
-    if tc.batch_size % tc.microbatches:
+    if tc.batch_size < 1 or tc.microbatches < 1 or tc.batch_size % tc.microbatches:
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by train.microbatches={tc.microbatches}")
     if config.data.overlong not in ("truncate", "drop"):
         raise ConfigError(f"data.overlong={config.data.overlong!r}; expected truncate | drop")
@@ -120,47 +83,97 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("model.path is empty and model.init is not set: name a model folder/.gguf or a tiny init")
     if config.model.path and config.model.path != "smollm2" and not os.path.exists(config.model.path):
         raise ConfigError(f"model.path={config.model.path!r}: no such file or folder")
+    for key in ("dtype", "compute_dtype"):
+        try:
+            models.resolve_dtype(config.model[key])
+        except ValueError as e:
+            raise ConfigError(f"model.{key}: {e}") from e
     parallel.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
 
 
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """On resume, drop rows logged after the restored step (they are logged again), atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(rows)
+    os.replace(tmp, path)
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train per the recipe; returns the last logged metrics."""
+    """Train per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
     validate(config)
+    algo = REGISTRY[config.algorithm]
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()
     tokenizer = load_tokenizer(config.tokenizer or config.model.path)
-    cfg, params = build_model(config, len(tokenizer), mesh, rules)
-    examples, data_stats = sft_examples(config, tokenizer)
+    examples, data_stats = algo.prepare(config, tokenizer)
+    cfg, params = build_model(config, len(tokenizer), mesh, rules, algo.num_labels)
     optimizer, schedule = make_optimizer(max_steps=config.max_steps, **config.optimizer)
-    step_fn = make_sft_step(cfg, optimizer, config.train.microbatches, rules)
+    step_fn = algo.make_step(cfg, optimizer, config, rules)
 
+    B = config.train.batch_size
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    probe = algo.collate([examples[i] for i in batch_indices(len(examples), B, config.seed, 0)], config, pad)
+    batch_sh = {k: rules.sharding(mesh, algo.batch_axes[k], v.shape) for k, v in probe.items()}
     p_sh = models.param_shardings(cfg, mesh, rules)
-    batch_sh = rules.sharding(mesh, ("batch", "length"), (config.train.batch_size, config.data.max_len))
     with jax.set_mesh(mesh):
         opt_state = jax.jit(optimizer.init)(params)
+        ref_params = jax.tree.map(jnp.copy, params) if algo.needs_reference(config) else None
         state = {"params": params, "opt_state": opt_state, "step": jnp.int32(0)}
-        train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(None, batch_sh),
+        train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(None, batch_sh, None),
                              out_shardings=({"params": p_sh, "opt_state": None, "step": None}, None))
-    writer = MetricsWriter(workdir, config.max_steps, enabled=jax.process_index() == 0)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
+            json.dump({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
+                       "attention_impl": cfg.attention_impl, "param_dtype": config.model.dtype}, f, indent=2)
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps, config.checkpoint.keep)
+    start = 0
+    if ckpt.latest_step() is not None:
+        items, meta, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
+        state = {**items, "step": jnp.int32(start)}
+        if meta.get("seed") != config.seed or meta.get("batch_size") != B:
+            raise ConfigError(f"workdir {workdir!r} holds a run with seed={meta.get('seed')}, "
+                              f"train.batch_size={meta.get('batch_size')}; use a fresh workdir to change them")
+        log.info("resumed from %s at step %d", ckpt.directory, start)
+        if is_main:
+            _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+
+    writer = MetricsWriter(workdir, config.max_steps, enabled=is_main)
     last: dict[str, Any] = {}
     t_last = time.time()
-    for step, batch in batches(examples, config.train.batch_size, config.data.max_len, pad, config.seed):
-        if step >= config.max_steps:
-            break
-        with jax.set_mesh(mesh):
-            state, m = train_step(state, jax.device_put(batch, batch_sh))
-        m = jax.device_get(m)
-        if not np.isfinite(m["loss"]):
-            raise FloatingPointError(f"step {step + 1}: loss is {m['loss']} (not finite); stopping")
-        if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
-            now = time.time()
-            last = {**m, "lr": float(schedule(step)),
-                    "tokens_per_s": float(batch["attention_mask"].sum()) / max(now - t_last, 1e-9),
-                    "step_time_s": now - t_last}
-            writer.write(step + 1, last)
-        t_last = time.time()
-    if config.export_hf and jax.process_index() == 0:
+    try:
+        for step in range(start, config.max_steps):
+            batch = algo.collate([examples[i] for i in batch_indices(len(examples), B, config.seed, step)],
+                                 config, pad)
+            with jax.set_mesh(mesh):
+                state, m = train_step(state, jax.device_put(batch, batch_sh), ref_params)
+            m = jax.device_get(m)
+            if not np.isfinite(m["loss"]):
+                raise FloatingPointError(
+                    f"step {step + 1}: loss is {m['loss']} (not finite); stopping. The last good checkpoint "
+                    f"(step {ckpt.latest_step()}) is kept")
+            done = step + 1
+            if done % config.log_every == 0 or done == config.max_steps:
+                now = time.time()
+                n_tok = float(batch["attention_mask"].sum()) if "attention_mask" in batch else float("nan")
+                last = {**m, "lr": float(schedule(step)), "tokens_per_s": n_tok / max(now - t_last, 1e-9),
+                        "step_time_s": now - t_last}
+                writer.write(done, last)
+            meta = {"step": done, "seed": config.seed, "batch_size": B, "data_position": done * B}
+            ckpt.maybe_save(done, {"params": state["params"], "opt_state": state["opt_state"]}, meta,
+                            force=done == config.max_steps and config.checkpoint.every_steps > 0)
+            t_last = time.time()
+    finally:
+        ckpt.close()
+    if config.export_hf and is_main:
         out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
         log.info("exported the trained model to %s", out)
     return {**last, **{f"data_{k}": v for k, v in data_stats.items()}}
@@ -168,20 +181,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py) with get_config().", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run folder: metrics.jsonl, checkpoints/, hf/.")
+flags.DEFINE_string("workdir", None, "Run folder: metrics.jsonl, checkpoints/, hf/ (default runs/<recipe>).")
+
+USER_ERRORS = (ConfigError, DataError, models.CheckpointError, models.UnsupportedModelError, parallel.MeshError,
+               FloatingPointError, FileNotFoundError)
 
 
 def main(argv) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
     if FLAGS.config is None:
         sys.exit("error: --config is required (e.g. --config configs/sft_tiny.py)")
     recipe = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
-    workdir = FLAGS.workdir or os.path.join("runs", recipe)
     try:
-        run(FLAGS.config, workdir)
-    except (ConfigError, DataError, models.CheckpointError, models.UnsupportedModelError,
-            parallel.MeshError, FloatingPointError, FileNotFoundError) as e:
+        run(FLAGS.config, FLAGS.workdir or os.path.join("runs", recipe))
+    except USER_ERRORS as e:
         sys.exit(f"error: {e}")
 
 

@@ -3,22 +3,33 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from jaxrl_llm.algorithms.base import Algorithm
 from jaxrl_llm.algorithms.losses import next_token_nll_sum
+from jaxrl_llm.data.chat import DataError, to_messages, tokenize_conversation
+from jaxrl_llm.data.sources import load_rows
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import forward
 from jaxrl_llm.parallel.rules import ShardingRules
 
+log = logging.getLogger(__name__)
+
 
 def microbatch_grads(loss_sum_fn: Callable, params: Any, batch: dict[str, jax.Array], num_micro: int
                      ) -> tuple[Any, jax.Array, jax.Array]:
-    """Sum of gradients and of (loss sum, count) over `num_micro` equal microbatches (lax.scan)."""
+    """Sum of gradients and of (loss sum, count) over `num_micro` equal microbatches (lax.scan).
+
+    `loss_sum_fn(params, microbatch) -> (loss_sum, count)`; dividing the returned sums by the returned
+    count gives exactly the full-batch mean, whatever the split.
+    """
     def split(x):
         return x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
 
@@ -35,23 +46,77 @@ def microbatch_grads(loss_sum_fn: Callable, params: Any, batch: dict[str, jax.Ar
     return g, l, n
 
 
+def apply_mean_grads(optimizer: optax.GradientTransformation, state: dict, g_sum: Any, count: jax.Array
+                     ) -> tuple[dict, jax.Array]:
+    """Divide summed grads by the global count, update; returns (new state, grad norm)."""
+    params = state["params"]
+    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), g_sum, params)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
+           "step": state["step"] + 1}
+    return new, optax.global_norm(grads)
+
+
 def make_sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, num_micro: int = 1,
                   rules: ShardingRules | None = None) -> Callable:
-    """step(state, batch) -> (state, metrics); batch: input_ids, attention_mask, loss_mask [B, T]."""
+    """step(state, batch, ref_params=None) -> (state, metrics); batch: input_ids, attention_mask, loss_mask."""
 
     def loss_sum(params, mb):
         logits = forward(cfg, params, mb["input_ids"], mb["attention_mask"], rules=rules)
         return next_token_nll_sum(logits, mb["input_ids"], mb["loss_mask"])
 
-    def step(state, batch):
-        params = state["params"]
-        g_sum, l_sum, n = microbatch_grads(loss_sum, params, batch, num_micro)
+    def step(state, batch, ref_params=None):
+        del ref_params
+        g_sum, l_sum, n = microbatch_grads(loss_sum, state["params"], batch, num_micro)
         n = jnp.maximum(n, 1.0)
-        grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), g_sum, params)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        params = optax.apply_updates(params, updates)
-        metrics = {"loss": l_sum / n, "tokens": n, "grad_norm": optax.global_norm(grads)}
-        return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, metrics
+        state, gnorm = apply_mean_grads(optimizer, state, g_sum, n)
+        return state, {"loss": l_sum / n, "tokens": n, "grad_norm": gnorm}
 
     return step
 
+
+def prepare(config: Any, tokenizer: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+    """Rows -> (ids, loss_mask) per example; over-long ones truncated or dropped (counted and logged)."""
+    dc = config.data
+    rows = load_rows(dc.source, dc.num_examples)
+    out, stats = [], {"rows": len(rows), "truncated": 0, "dropped": 0}
+    for i, row in enumerate(rows):
+        ids, mask = tokenize_conversation(tokenizer, to_messages(row, i), chat_template=dc.chat_template or None,
+                                          last_assistant_only=dc.last_assistant_only, index=i)
+        if len(ids) > dc.max_len:
+            if dc.overlong == "drop":
+                stats["dropped"] += 1
+                continue
+            stats["truncated"] += 1
+            ids, mask = ids[: dc.max_len], mask[: dc.max_len]
+        if mask[1:].sum() == 0:
+            stats["dropped"] += 1
+            continue
+        out.append((ids, mask))
+    if stats["truncated"] or stats["dropped"]:
+        log.warning("data: %d of %d rows truncated to %d tokens, %d dropped", stats["truncated"], len(rows),
+                    dc.max_len, stats["dropped"])
+    if not out:
+        raise DataError(f"data.source={dc.source!r}: no usable rows after tokenization")
+    return out, stats
+
+
+def collate(examples: list[tuple[np.ndarray, np.ndarray]], config: Any, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-padded to data.max_len (one compiled shape)."""
+    B, T = len(examples), config.data.max_len
+    ids = np.full((B, T), pad_id, np.int32)
+    attn = np.zeros((B, T), np.int32)
+    loss = np.zeros((B, T), np.int32)
+    for r, (t, m) in enumerate(examples):
+        ids[r, : len(t)], attn[r, : len(t)], loss[r, : len(t)] = t, 1, m
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+ALGORITHM = Algorithm(
+    name="sft",
+    prepare=prepare,
+    collate=collate,
+    batch_axes={"input_ids": ("batch", "length"), "attention_mask": ("batch", "length"),
+                "loss_mask": ("batch", "length")},
+    make_step=lambda cfg, optimizer, config, rules: make_sft_step(cfg, optimizer, config.train.microbatches, rules),
+)

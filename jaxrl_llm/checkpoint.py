@@ -1,0 +1,63 @@
+"""Orbax checkpoints of the whole train state: save every N steps (async), keep the last K, resume exactly.
+
+A save is written to a temporary folder and renamed when complete (Orbax's atomicity), so a process killed
+mid-save leaves the previous checkpoint restorable. Restoring takes the target shardings from the state the
+run has built, so a checkpoint restores onto a different mesh shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True):
+        self.every_steps = every_steps
+        self.directory = os.path.abspath(directory)
+        opts = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
+                                            enable_async_checkpointing=async_save)
+        self._mngr = ocp.CheckpointManager(self.directory, options=opts)
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._mngr.all_steps())
+
+    def maybe_save(self, step: int, items: dict[str, Any], meta: dict[str, Any], force: bool = False) -> bool:
+        """Save the pytrees in `items` (e.g. params, opt_state) and the JSON `meta` when `step` is a multiple
+        of every_steps (or `force`); returns whether it saved."""
+        if not force and (self.every_steps <= 0 or step % self.every_steps):
+            return False
+        if step in self._mngr.all_steps():
+            return False
+        args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+        self._mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args))
+        return True
+
+    def restore(self, targets: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict[str, Any], int]:
+        """(items laid out like `targets` — shapes, dtypes, shardings —, meta, step). `targets` may name a
+        subset of the saved items (e.g. only params, for export)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+        if step not in self._mngr.all_steps():
+            raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step}; have {self.all_steps()}")
+        args = {k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, v))
+                for k, v in targets.items()}
+        out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
+        return {k: out[k] for k in targets}, dict(out["meta"]), step
+
+    def wait(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()

