@@ -65,6 +65,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules,
         params = models.init_params(cfg, jax.random.key(config.seed), dtype=mc.dtype, mesh=mesh, rules=rules)
     cfg = dataclasses.replace(cfg, compute_dtype=mc.compute_dtype, attention_impl=mc.attention_impl,
                               remat=mc.remat)
+    if num_labels and cfg.num_labels != num_labels:
+        cfg, params = models.with_score_head(cfg, params, num_labels, jax.random.key(config.seed + 1), mesh, rules)
     return cfg, params
 
 

@@ -18,7 +18,14 @@ from jaxrl_llm.models.config import (
     resolve_dtype,
 )
 from jaxrl_llm.models.hf_io import load_hf_folder, save_pretrained
-from jaxrl_llm.models.params import abstract_params, init_params, num_params, param_shardings, param_specs
+from jaxrl_llm.models.params import (
+    abstract_params,
+    init_params,
+    num_params,
+    param_shardings,
+    param_specs,
+    with_score_head,
+)
 from jaxrl_llm.models.safetensors_io import CheckpointError
 from jaxrl_llm.models.sharded import sharded_forward
 from jaxrl_llm.models.transformer import (
@@ -81,4 +88,5 @@ __all__ = [
     "score_sequences",
     "score_tokens",
     "sharded_forward",
+    "with_score_head",
 ]

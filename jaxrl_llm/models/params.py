@@ -132,3 +132,23 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, mesh: Mesh 
     fn: Callable = jax.jit(make) if mesh is None else jax.jit(
         make, out_shardings=param_shardings(cfg, mesh, rules))
     return fn(rng)
+
+
+def with_score_head(cfg: ModelConfig, params: dict, num_labels: int, rng: jax.Array, mesh: Mesh | None = None,
+                    rules: ShardingRules | None = None) -> tuple[ModelConfig, dict]:
+    """Turn a causal LM into a score-head model (reward model / critic): drop the LM head, add a fresh
+    `score` [D, num_labels] ~ normal(0, 1/sqrt(D)) (as HF initialises *ForSequenceClassification heads)."""
+    new_cfg = dataclasses.replace(cfg, num_labels=num_labels)
+    spec = param_specs(new_cfg)["score"]
+    dt = params["embed"].dtype
+
+    def make(key):
+        return (jax.random.normal(key, spec.shape, jnp.float32) / math.sqrt(cfg.hidden_size)).astype(dt)
+
+    if mesh is None:
+        score = jax.jit(make)(rng)
+    else:
+        score = jax.jit(make, out_shardings=(rules or ShardingRules()).sharding(mesh, spec.axes, spec.shape))(rng)
+    out = {k: v for k, v in params.items() if k != "lm_head"}
+    out["score"] = score
+    return new_cfg, out
