@@ -189,6 +189,45 @@ USER_ERRORS = (ConfigError, DataError, models.CheckpointError, models.Unsupporte
                FloatingPointError, FileNotFoundError)
 
 
+def unknown_override(config_file: str, args: list[str]) -> str | None:
+    """A one-line message for the first `--config.a.b=v` whose key the recipe does not have, or None."""
+    import difflib
+    import runpy
+
+    try:
+        base = runpy.run_path(config_file)["get_config"]()
+    except Exception:  # noqa: BLE001 (the recipe itself is broken; let the flags error speak)
+        return None
+    for arg in args:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        node, seen = base, []
+        for part in path:
+            keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict | dict) else []
+            if part not in keys:
+                where = ".".join(["config", *seen])
+                close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
+                return f"unknown config key {'.'.join(seen + [part])!r}: {hint}valid keys under {where}: {sorted(keys)}"
+            node, seen = node[part], seen + [part]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with user errors (unknown key, bad value) as one line instead of a traceback."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+    except (AttributeError, KeyError) as e:
+        cfg_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+        if cfg_file is None and "--config" in argv:
+            cfg_file = argv[argv.index("--config") + 1]
+        msg = unknown_override(cfg_file, argv) if cfg_file else None
+        sys.exit(f"error: {msg or e}")
+
+
 def main(argv) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -203,4 +242,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -55,6 +55,16 @@ def test_bad_config_is_a_one_line_error(tmp_path):
     r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.train.microbatches=3",
              timeout=120)
     assert r.returncode != 0 and "train.microbatches=3" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.optimizer.learnin_rate=1",
+             timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "unknown config key 'optimizer.learnin_rate'" in last and "'lr'" in last
+    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.modle.path=x", timeout=120)
+    assert r.returncode != 0 and "did you mean model?" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.max_steps=abc", timeout=120)
+    assert r.returncode != 0 and "--config.max_steps=abc" in r.stderr and "int" in r.stderr
+    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.mesh.tensor=3", timeout=120)
+    assert r.returncode != 0 and "mesh" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
 
 
 def test_microbatch_accumulation_equals_full_batch():
