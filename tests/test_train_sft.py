@@ -15,7 +15,7 @@ import pytest
 
 from jaxrl_llm import models
 from jaxrl_llm.algorithms.losses import next_token_nll_sum
-from jaxrl_llm.algorithms.sft import microbatch_grads
+from jaxrl_llm.algorithms.sft import collate, microbatch_grads, pack, sft_loss_sum
 from jaxrl_llm.data.chat import DataError, to_messages, tokenize_conversation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,3 +140,41 @@ def test_loss_sum_count_pieces():
     assert float(n) == 1.0 and np.isclose(float(s), -np.log(0.25))
     s, n = next_token_nll_sum(logits, ids, jnp.asarray([[1, 1, 1]]))
     assert float(n) == 2.0 and np.isclose(float(s), -np.log(0.25) - np.log(0.1))
+
+
+def test_packed_and_unpacked_batches_give_the_same_loss_and_grads():
+    cfg = models.ModelConfig(family="qwen2", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True)
+    params = models.init_params(cfg, jax.random.key(1), std=0.2)
+    rng = np.random.default_rng(3)
+    examples = []
+    for n in (7, 12, 5, 9, 16, 3):
+        ids = rng.integers(1, 50, n).astype(np.int32)
+        mask = (np.arange(n) >= n // 3).astype(np.int32)  # a "prompt" then a "response"
+        mask[0] = 1  # even a first token marked for loss must not become a cross-example target
+        examples.append((ids, mask))
+
+    class C:
+        class data:
+            max_len = 24
+
+    rows = pack(examples, 24)
+    assert len(rows) < len(examples) and sum(len(r) for r in rows) == len(examples)
+    assert all(sum(len(e[0]) for e in r) <= 24 for r in rows)
+    packed, unpacked = collate(rows, C, 0), collate(examples, C, 0)
+    assert packed["segment_ids"].max() > 1
+    # positions restart for each example inside a packed row
+    r0 = packed["segment_ids"][0]
+    assert all(packed["positions"][0][r0 == s][0] == 0 for s in set(r0[r0 > 0]))
+
+    def grads(batch):
+        fn = lambda p: sft_loss_sum(cfg, p, batch)  # noqa: E731
+        (l, n), g = jax.value_and_grad(fn, has_aux=True)(params)
+        return float(l), float(n), g
+
+    lp, np_, gp = grads(packed)
+    lu, nu, gu = grads(unpacked)
+    assert np_ == nu == sum(int(m[1:].sum()) for _, m in examples)
+    np.testing.assert_allclose(lp, lu, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gu), strict=True):
+        np.testing.assert_allclose(np.asarray(a) / np_, np.asarray(b) / nu, atol=1e-6)  # mean-loss grads

@@ -57,13 +57,20 @@ def apply_mean_grads(optimizer: optax.GradientTransformation, state: dict, g_sum
     return new, optax.global_norm(grads)
 
 
+def sft_loss_sum(cfg: ModelConfig, params: Any, mb: dict[str, jax.Array], rules: ShardingRules | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+    """(NLL sum, target count) of one (micro)batch as `collate` makes it (packed or not)."""
+    logits = forward(cfg, params, mb["input_ids"], mb["attention_mask"], positions=mb["positions"],
+                     segment_ids=mb["segment_ids"], rules=rules)
+    return next_token_nll_sum(logits, mb["input_ids"], mb["loss_mask"])
+
+
 def make_sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, num_micro: int = 1,
                   rules: ShardingRules | None = None) -> Callable:
-    """step(state, batch, ref_params=None) -> (state, metrics); batch: input_ids, attention_mask, loss_mask."""
+    """step(state, batch, ref_params=None) -> (state, metrics); batch as `collate` makes it."""
 
     def loss_sum(params, mb):
-        logits = forward(cfg, params, mb["input_ids"], mb["attention_mask"], rules=rules)
-        return next_token_nll_sum(logits, mb["input_ids"], mb["loss_mask"])
+        return sft_loss_sum(cfg, params, mb, rules)
 
     def step(state, batch, ref_params=None):
         del ref_params
@@ -98,25 +105,58 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[tuple[np.ndarray, np.ndar
                     dc.max_len, stats["dropped"])
     if not out:
         raise DataError(f"data.source={dc.source!r}: no usable rows after tokenization")
+    if dc.packing:
+        packed = pack(out, dc.max_len)
+        stats["packed_rows"] = len(packed)
+        log.info("data: packed %d examples into %d rows of %d tokens", len(out), len(packed), dc.max_len)
+        return packed, stats
     return out, stats
 
 
-def collate(examples: list[tuple[np.ndarray, np.ndarray]], config: Any, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded to data.max_len (one compiled shape)."""
+Example = tuple[np.ndarray, np.ndarray]
+
+
+def pack(examples: list[Example], max_len: int) -> list[list[Example]]:
+    """First-fit packing (in the given order) of examples into rows of at most max_len tokens."""
+    rows: list[list[Example]] = []
+    free: list[int] = []
+    for ex in examples:
+        n = len(ex[0])
+        for r, room in enumerate(free):
+            if n <= room:
+                rows[r].append(ex)
+                free[r] -= n
+                break
+        else:
+            rows.append([ex])
+            free.append(max_len - n)
+    return rows
+
+
+def collate(examples: list[Example | list[Example]], config: Any, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows right-padded to data.max_len (one compiled shape). A row is one example or a packed list of them:
+    segment_ids number the examples of a row (0 = padding), positions restart at 0 for each, and the
+    first token of every example is never a loss target, so attention and loss never cross examples."""
     B, T = len(examples), config.data.max_len
-    ids = np.full((B, T), pad_id, np.int32)
-    attn = np.zeros((B, T), np.int32)
-    loss = np.zeros((B, T), np.int32)
-    for r, (t, m) in enumerate(examples):
-        ids[r, : len(t)], attn[r, : len(t)], loss[r, : len(t)] = t, 1, m
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+    out = {k: np.zeros((B, T), np.int32) for k in ("attention_mask", "loss_mask", "segment_ids", "positions")}
+    out["input_ids"] = np.full((B, T), pad_id, np.int32)
+    for r, row in enumerate(examples):
+        t0 = 0
+        for seg, (ids, mask) in enumerate([row] if isinstance(row, tuple) else row, start=1):
+            sl = slice(t0, t0 + len(ids))
+            out["input_ids"][r, sl], out["attention_mask"][r, sl], out["segment_ids"][r, sl] = ids, 1, seg
+            out["loss_mask"][r, sl] = mask
+            out["loss_mask"][r, t0] = 0
+            out["positions"][r, sl] = np.arange(len(ids))
+            t0 += len(ids)
+    return out
 
 
 ALGORITHM = Algorithm(
     name="sft",
     prepare=prepare,
     collate=collate,
-    batch_axes={"input_ids": ("batch", "length"), "attention_mask": ("batch", "length"),
-                "loss_mask": ("batch", "length")},
+    batch_axes={k: ("batch", "length") for k in
+                ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")},
     make_step=lambda cfg, optimizer, config, rules: make_sft_step(cfg, optimizer, config.train.microbatches, rules),
 )
