@@ -9,6 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.max_steps = 12
     c.log_every = 1
+    c.val_every = 4
     c.export_hf = True
     c.tokenizer = ""  # from the model file
     c.model = ml_collections.ConfigDict(dict(
@@ -16,11 +17,12 @@ def get_config() -> ml_collections.ConfigDict:
         attention_impl="xla", remat=True))
     c.data = ml_collections.ConfigDict(dict(
         source="gsm8k", num_examples=512, max_len=256, overlong="drop", chat_template="",
-        last_assistant_only=False, packing=False))
+        last_assistant_only=False, packing=False, val_fraction=0.02))
     c.train = ml_collections.ConfigDict(dict(batch_size=4, microbatches=1))
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=2e-5, warmup_steps=2, schedule="cosine", weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
         final_lr_fraction=0.1))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=4, keep=2, best_metric="val_loss", best_mode="min"))
+    c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, wandb_project=""))
     return c

@@ -9,6 +9,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.max_steps = 20
     c.log_every = 1
+    c.val_every = 0  # validation loss every N steps on data.val_fraction of the examples (0: off)
     c.export_hf = True
     c.tokenizer = "smollm2"  # a .gguf file, an HF tokenizer folder, or 'smollm2'; '' = from model.path
     c.model = ml_collections.ConfigDict(dict(
@@ -18,11 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="float32", compute_dtype="float32", attention_impl="xla", remat=False))
     c.data = ml_collections.ConfigDict(dict(
         source="gsm8k", num_examples=256, max_len=160, overlong="truncate", chat_template="",
-        last_assistant_only=False, packing=False))
+        last_assistant_only=False, packing=False, val_fraction=0.0))
     c.train = ml_collections.ConfigDict(dict(batch_size=8, microbatches=1))
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=2, schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
         final_lr_fraction=0.1))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2, best_metric="", best_mode="min"))
+    c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, wandb_project=""))
     return c

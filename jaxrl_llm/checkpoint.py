@@ -13,16 +13,25 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as cm
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True,
+                 best_metric: str = "", best_mode: str = "min"):
+        """Keep the last `keep` checkpoints, plus the best one by `best_metric` (saved with `metrics=`)."""
         self.every_steps = every_steps
         self.directory = os.path.abspath(directory)
-        opts = ocp.CheckpointManagerOptions(max_to_keep=max(1, keep), create=True,
-                                            enable_async_checkpointing=async_save)
+        if best_mode not in ("min", "max"):
+            raise ValueError(f"checkpoint.best_mode={best_mode!r}; expected min | max")
+        policies = [cm.LatestN(n=max(1, keep))]
+        if best_metric:
+            policies.append(cm.BestN(get_metric_fn=lambda m: float(m[best_metric]), reverse=best_mode == "min", n=1,
+                                     keep_checkpoints_without_metrics=False))
+        opts = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
+                                            preservation_policy=cm.AnyPreservationPolicy(policies))
         self._mngr = ocp.CheckpointManager(self.directory, options=opts)
 
     def latest_step(self) -> int | None:
@@ -31,15 +40,16 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._mngr.all_steps())
 
-    def maybe_save(self, step: int, items: dict[str, Any], meta: dict[str, Any], force: bool = False) -> bool:
+    def maybe_save(self, step: int, items: dict[str, Any], meta: dict[str, Any], force: bool = False,
+                   metrics: dict[str, float] | None = None) -> bool:
         """Save the pytrees in `items` (e.g. params, opt_state) and the JSON `meta` when `step` is a multiple
-        of every_steps (or `force`); returns whether it saved."""
+        of every_steps (or `force`); `metrics` rank it for the best-checkpoint policy. Returns whether it saved."""
         if not force and (self.every_steps <= 0 or step % self.every_steps):
             return False
         if step in self._mngr.all_steps():
             return False
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
-        self._mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args))
+        self._mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), metrics=metrics)
         return True
 
     def restore(self, targets: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict[str, Any], int]:

@@ -1,4 +1,5 @@
-"""Run metrics: metrics.jsonl (one object per logged step, always with "step") and a console line."""
+"""Run metrics: metrics.jsonl (one object per logged step, always with "step"), TensorBoard event files,
+Weights & Biases when installed and enabled, and a console line with progress and ETA."""
 
 from __future__ import annotations
 
@@ -10,15 +11,35 @@ import sys
 import time
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 
 class MetricsWriter:
-    def __init__(self, workdir: str, max_steps: int, enabled: bool = True):
+    """Writes from the main process only (`enabled`); every sink gets the same flat dict of scalars."""
+
+    def __init__(self, workdir: str, max_steps: int, *, enabled: bool = True, start_step: int = 0,
+                 tensorboard: bool = True, wandb_project: str = "", run_config: dict | None = None):
         self.enabled = enabled
         self.max_steps = max_steps
+        self.start_step = start_step
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._t0 = time.time()
-        if enabled:
-            os.makedirs(workdir, exist_ok=True)
+        self._tb = None
+        self._wandb = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"), flush_secs=10)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                log.warning("metrics.wandb_project=%r but wandb is not installed; skipping W&B", wandb_project)
+            else:
+                self._wandb = wandb.init(project=wandb_project, dir=workdir, config=run_config, resume="allow")
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -27,11 +48,29 @@ class MetricsWriter:
         row.update({k: _plain(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
         elapsed = time.time() - self._t0
-        eta = elapsed / max(step, 1) * max(self.max_steps - step, 0)
+        done = max(step - self.start_step, 1)
+        eta = elapsed / done * max(self.max_steps - step, 0)
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "step")
-        print(f"[step {step}/{self.max_steps}] {shown} | elapsed {elapsed:.0f}s eta {eta:.0f}s", file=sys.stderr,
-              flush=True)
+        print(f"[step {step}/{self.max_steps} {_bar(step, self.max_steps)}] {shown} | elapsed {elapsed:.0f}s "
+              f"eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _bar(step: int, total: int, width: int = 20) -> str:
+    filled = int(width * step / max(total, 1))
+    return "#" * filled + "." * (width - filled)
 
 
 def _plain(v: Any) -> Any:

@@ -105,6 +105,31 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out round(fraction * n) examples (a seeded choice, the same on every restart)."""
+    if fraction <= 0:
+        return examples, []
+    if not 0 < fraction < 1:
+        raise ConfigError(f"data.val_fraction={fraction}: must be in [0, 1)")
+    n_val = max(1, round(fraction * len(examples)))
+    if n_val >= len(examples):
+        raise ConfigError(f"data.val_fraction={fraction} leaves no training examples out of {len(examples)}")
+    order = np.random.default_rng([seed, 0x5EED]).permutation(len(examples))
+    val = set(order[:n_val].tolist())
+    return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
+
+
+def validation_batches(algo, examples: list, config, pad: int):
+    """All validation examples in order, in full batches; the last is filled by repeats weighted 0."""
+    B = config.train.batch_size
+    for start in range(0, len(examples), B):
+        chunk = examples[start: start + B]
+        weight = np.zeros(B, np.float32)
+        weight[: len(chunk)] = 1.0
+        chunk = chunk + [examples[0]] * (B - len(chunk))
+        yield {**algo.collate(chunk, config, pad), "example_weight": weight}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
     validate(config)
@@ -113,6 +138,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     rules = parallel.ShardingRules()
     tokenizer = load_tokenizer(config.tokenizer or config.model.path)
     examples, data_stats = algo.prepare(config, tokenizer)
+    examples, val_examples = split_validation(examples, config.data.get("val_fraction", 0.0), config.seed)
+    val_every = config.get("val_every", 0)
+    if val_every and (not val_examples or algo.make_eval is None):
+        raise ConfigError(f"val_every={val_every} needs data.val_fraction > 0 and an algorithm with validation")
     cfg, params = build_model(config, len(tokenizer), mesh, rules, algo.num_labels)
     optimizer, schedule = make_optimizer(max_steps=config.max_steps, **config.optimizer)
     step_fn = algo.make_step(cfg, optimizer, config, rules)
@@ -128,6 +157,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         state = {"params": params, "opt_state": opt_state, "step": jnp.int32(0)}
         train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(None, batch_sh, None),
                              out_shardings=({"params": p_sh, "opt_state": None, "step": None}, None))
+        eval_step = None
+        if val_every:
+            eval_sh = {**batch_sh, "example_weight": rules.sharding(mesh, ("batch",), (B,))}
+            eval_step = jax.jit(algo.make_eval(cfg, config, rules), in_shardings=(p_sh, eval_sh, None))
+
+    def validate_now(params) -> dict[str, float]:
+        sums: dict[str, float] = {}
+        count = 0.0
+        for vb in validation_batches(algo, val_examples, config, pad):
+            with jax.set_mesh(mesh):
+                s, n = jax.device_get(eval_step(params, jax.device_put(vb, eval_sh), ref_params))
+            sums = {k: sums.get(k, 0.0) + float(v) for k, v in s.items()}
+            count += float(n)
+        return {f"val_{k}": v / max(count, 1.0) for k, v in sums.items()}
 
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -136,7 +179,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             json.dump({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
                        "attention_impl": cfg.attention_impl, "param_dtype": config.model.dtype}, f, indent=2)
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint.every_steps, config.checkpoint.keep)
+    cc = config.checkpoint
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
+                        best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", "min"))
     start = 0
     if ckpt.latest_step() is not None:
         items, meta, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
@@ -148,7 +193,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if is_main:
             _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
 
-    writer = MetricsWriter(workdir, config.max_steps, enabled=is_main)
+    mc = config.get("metrics", ml_collections.ConfigDict())
+    writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
+                           tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
+                           run_config=config.to_dict())
     last: dict[str, Any] = {}
     t_last = time.time()
     try:
@@ -163,18 +211,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     f"step {step + 1}: loss is {m['loss']} (not finite); stopping. The last good checkpoint "
                     f"(step {ckpt.latest_step()}) is kept")
             done = step + 1
-            if done % config.log_every == 0 or done == config.max_steps:
-                now = time.time()
+            t_train = time.time() - t_last
+            val = validate_now(state["params"]) if val_every and (done % val_every == 0 or
+                                                                   done == config.max_steps) else {}
+            if val or done % config.log_every == 0 or done == config.max_steps:
                 n_tok = float(batch["attention_mask"].sum()) if "attention_mask" in batch else float("nan")
-                last = {**m, "lr": float(schedule(step)), "tokens_per_s": n_tok / max(now - t_last, 1e-9),
-                        "step_time_s": now - t_last}
+                last = {**m, **val, "lr": float(schedule(step)), "tokens_per_s": n_tok / max(t_train, 1e-9),
+                        "step_time_s": t_train}
                 writer.write(done, last)
-            meta = {"step": done, "seed": config.seed, "batch_size": B, "data_position": done * B}
+            meta = {"step": done, "seed": config.seed, "batch_size": B, "data_position": done * B, **val}
             ckpt.maybe_save(done, {"params": state["params"], "opt_state": state["opt_state"]}, meta,
-                            force=done == config.max_steps and config.checkpoint.every_steps > 0)
+                            force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),
+                            metrics=val or None)
             t_last = time.time()
     finally:
         ckpt.close()
+        writer.close()
     if config.export_hf and is_main:
         out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
         log.info("exported the trained model to %s", out)

@@ -117,3 +117,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert bad_step >= 2
     kept = sorted(int(x) for x in os.listdir(wd / "checkpoints"))
     assert kept[-1] == bad_step - 1  # the last good step is on disk; the non-finite state was never saved
+
+
+def test_keeps_the_last_k_and_the_best_by_metric(tmp_path):
+    import jax.numpy as jnp
+
+    from jaxrl_llm.checkpoint import Checkpointer
+
+    ck = Checkpointer(str(tmp_path / "ck"), every_steps=1, keep=1, best_metric="val_loss", best_mode="min")
+    for step, val in zip(range(1, 6), [3.0, 1.0, 2.0, 4.0, 5.0], strict=True):
+        ck.maybe_save(step, {"params": {"w": jnp.full((2,), float(step))}}, {"step": step},
+                      metrics={"val_loss": val})
+    ck.wait()
+    assert ck.all_steps() == [2, 5]  # the best (lowest val_loss) and the latest
+    items, meta, step = ck.restore({"params": {"w": jnp.zeros((2,))}}, step=2)
+    assert step == 2 and meta["step"] == 2 and float(items["params"]["w"][0]) == 2.0
+    ck.close()

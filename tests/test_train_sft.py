@@ -33,10 +33,14 @@ def _cli(*args, timeout=600):
 @needs_smollm2
 def test_sft_tiny_recipe_through_the_cli(tmp_path):
     r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.max_steps=12",
-             "--config.data.num_examples=64", "--config.train.batch_size=4", "--config.data.max_len=128")
+             "--config.data.num_examples=72", "--config.train.batch_size=4", "--config.data.max_len=128",
+             "--config.val_every=6", "--config.data.val_fraction=0.1")
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 13))
+    assert [row["step"] for row in rows if "val_loss" in row] == [6, 12]
+    assert rows[11]["val_loss"] < rows[5]["val_loss"]
+    assert _tensorboard_tags(tmp_path / "tensorboard") >= {"loss", "val_loss", "lr", "grad_norm"}
     losses = [row["loss"] for row in rows]
     assert all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5, losses
@@ -45,6 +49,24 @@ def test_sft_tiny_recipe_through_the_cli(tmp_path):
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     assert model.config.num_hidden_layers == 2 and len(tok) == model.config.vocab_size
+
+
+def _tensorboard_tags(folder) -> set[str]:
+    """Scalar tags in TFRecord event files, parsed independently of any TensorBoard reader."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for name in os.listdir(folder):
+        data = (folder / name).read_bytes()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+            tags.update(v.tag for v in ev.summary.value)
+            i += 12 + n + 4
+    return tags
 
 
 def test_bad_config_is_a_one_line_error(tmp_path):

@@ -20,6 +20,9 @@ class Algorithm:
     make_step(cfg, optimizer, config, rules) -> step(state, batch, ref_params) -> (state, metrics)
     needs_reference(config) -> bool   whether a frozen reference copy of the initial params is kept
     num_labels: 0 for LM heads; > 0 builds/loads a score head of that width
+    make_eval(cfg, config, rules) -> eval(params, batch, ref_params) -> (sums: dict, count)   validation:
+        the batch carries "example_weight" [B] (0 for filler rows of the last batch); the reported
+        metric is val_<name> = sum over batches of sums[name] / sum of counts
     """
 
     name: str
@@ -29,6 +32,7 @@ class Algorithm:
     make_step: Callable[..., Callable]
     needs_reference: Callable[[Any], bool] = lambda config: False
     num_labels: int = 0
+    make_eval: Callable[..., Callable] | None = None
 
 
 def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:

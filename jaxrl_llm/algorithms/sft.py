@@ -82,6 +82,18 @@ def make_sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, num
     return step
 
 
+def make_sft_eval(cfg: ModelConfig, config: Any, rules: ShardingRules | None = None) -> Callable:
+    """eval(params, batch, ref_params=None) -> ({"loss": NLL sum}, target count), filler rows weighted 0."""
+
+    def evaluate(params, batch, ref_params=None):
+        del ref_params
+        mb = {**batch, "loss_mask": batch["loss_mask"] * batch["example_weight"][:, None].astype(jnp.int32)}
+        l_sum, n = sft_loss_sum(cfg, params, mb, rules)
+        return {"loss": l_sum}, n
+
+    return evaluate
+
+
 def prepare(config: Any, tokenizer: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
     """Rows -> (ids, loss_mask) per example; over-long ones truncated or dropped (counted and logged)."""
     dc = config.data
@@ -159,4 +171,5 @@ ALGORITHM = Algorithm(
     batch_axes={k: ("batch", "length") for k in
                 ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")},
     make_step=lambda cfg, optimizer, config, rules: make_sft_step(cfg, optimizer, config.train.microbatches, rules),
+    make_eval=make_sft_eval,
 )
