@@ -74,7 +74,8 @@ def test_rules_table_gives_the_documented_specs(folder):
 def test_indivisible_dimensions_fall_back_to_replication():
     rules = parallel.ShardingRules()
     # 3 kv heads cannot be split over tensor=2: that dim is replicated; embed 576 still splits over fsdp.
-    spec = rules.spec(("layers", "embed", "kv_heads", "head_dim"), (30, 576, 3, 64), {"data": 1, "fsdp": 4, "tensor": 2})
+    mesh_shape = {"data": 1, "fsdp": 4, "tensor": 2}
+    spec = rules.spec(("layers", "embed", "kv_heads", "head_dim"), (30, 576, 3, 64), mesh_shape)
     assert spec == P(None, "fsdp")
     # A mesh axis is used once per array: batch takes (data, fsdp), so embed is not sharded again.
     assert rules.spec(("batch", "length", "embed"), (8, 4, 16), {"data": 2, "fsdp": 2, "tensor": 2}) == P(
