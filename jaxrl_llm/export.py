@@ -15,10 +15,13 @@ from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.metrics import quiet_libraries
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A training run's workdir (holds checkpoints/ and model_config.json).")
-flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
-flags.DEFINE_string("out", None, "Output HF folder.")
-flags.DEFINE_string("dtype", None, "Export dtype (float32 | bfloat16); default: the run's parameter dtype.")
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("workdir", None, "A training run's workdir (holds checkpoints/ and model_config.json).")
+    flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
+    flags.DEFINE_string("out", None, "Output HF folder.")
+    flags.DEFINE_string("dtype", None, "Export dtype (float32 | bfloat16); default: the run's parameter dtype.")
 
 
 def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: str | None = None) -> str:
@@ -57,4 +60,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

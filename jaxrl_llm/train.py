@@ -74,6 +74,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """User errors before any heavy work, each naming the config key."""
     if config.algorithm not in REGISTRY:
         raise ConfigError(f"algorithm={config.algorithm!r}; implemented: {sorted(REGISTRY)}")
+    try:
+        REGISTRY[config.algorithm].validate(config)
+    except (ValueError, AttributeError, KeyError) as e:
+        raise ConfigError(str(e)) from e
     if config.max_steps < 1:
         raise ConfigError(f"max_steps={config.max_steps}: must be >= 1")
     tc = config.train
@@ -143,6 +147,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if val_every and (not val_examples or algo.make_eval is None):
         raise ConfigError(f"val_every={val_every} needs data.val_fraction > 0 and an algorithm with validation")
     cfg, params = build_model(config, len(tokenizer), mesh, rules, algo.num_labels)
+    if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
+        cfg = dataclasses.replace(cfg, pad_token_id=tokenizer.pad_token_id)
     optimizer, schedule = make_optimizer(max_steps=config.max_steps, **config.optimizer)
     step_fn = algo.make_step(cfg, optimizer, config, rules)
 
@@ -234,8 +240,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py) with get_config().", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run folder: metrics.jsonl, checkpoints/, hf/ (default runs/<recipe>).")
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a program (importing `run` defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py) with get_config().",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run folder: metrics.jsonl, checkpoints/, hf/ (default runs/<recipe>).")
 
 USER_ERRORS = (ConfigError, DataError, models.CheckpointError, models.UnsupportedModelError, parallel.MeshError,
                FloatingPointError, FileNotFoundError)
@@ -294,4 +305,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)

@@ -1,8 +1,8 @@
 """Training algorithms; pure loss functions live in `losses`. REGISTRY maps `config.algorithm` to one."""
 
-from jaxrl_llm.algorithms import sft
+from jaxrl_llm.algorithms import dpo, rm, sft
 from jaxrl_llm.algorithms.base import Algorithm, batch_indices
 
-REGISTRY: dict[str, Algorithm] = {"sft": sft.ALGORITHM}
+REGISTRY: dict[str, Algorithm] = {"sft": sft.ALGORITHM, "dpo": dpo.ALGORITHM, "rm": rm.ALGORITHM}
 
 __all__ = ["REGISTRY", "Algorithm", "batch_indices"]

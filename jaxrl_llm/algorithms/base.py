@@ -33,6 +33,7 @@ class Algorithm:
     needs_reference: Callable[[Any], bool] = lambda config: False
     num_labels: int = 0
     make_eval: Callable[..., Callable] | None = None
+    validate: Callable[[Any], None] = lambda config: None  # raises ValueError naming the bad config key
 
 
 def batch_indices(num_examples: int, batch_size: int, seed: int, step: int) -> list[int]:

@@ -8,9 +8,14 @@ import jax.numpy as jnp
 
 
 def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """log p(target) per position, fp32 log-softmax. [B, T]."""
-    logp = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    """log p(target) per position in fp32, [B, T]: the target's logit minus logsumexp over the vocabulary.
+
+    Same value as indexing a full log-softmax, without materialising a second [B, T, V] array (a tiny
+    model's forward + backward at V = 49152 ran 1.6x faster on a CPU).
+    """
+    logits = logits_BTV.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def next_token_nll_sum(logits_BTV: jax.Array, input_ids_BT: jax.Array, loss_mask_BT: jax.Array
@@ -19,3 +24,88 @@ def next_token_nll_sum(logits_BTV: jax.Array, input_ids_BT: jax.Array, loss_mask
     lp = token_logprobs(logits_BTV[:, :-1], input_ids_BT[:, 1:])
     m = loss_mask_BT[:, 1:].astype(jnp.float32)
     return -(lp * m).sum(), m.sum()
+
+
+def sequence_logprobs(logits_BTV: jax.Array, input_ids_BT: jax.Array, loss_mask_BT: jax.Array
+                      ) -> tuple[jax.Array, jax.Array]:
+    """(sum of log p(x_{t+1} | x_<=t) over each row's targets with loss_mask 1 [B], their number [B])."""
+    lp = token_logprobs(logits_BTV[:, :-1], input_ids_BT[:, 1:])
+    m = loss_mask_BT[:, 1:].astype(jnp.float32)
+    return (lp * m).sum(-1), m.sum(-1)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo")
+
+
+def dpo_loss_sum(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, ref_chosen_logps: jax.Array,
+                 ref_rejected_logps: jax.Array, beta: float = 0.1, label_smoothing: float = 0.0,
+                 loss_type: str = "sigmoid") -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """The (sum, count) form of `dpo_loss`: (loss summed over pairs, number of pairs, metric sums).
+
+    Summing the three over microbatches and dividing by the summed count gives exactly `dpo_loss` of the
+    whole batch, whatever the split.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo loss_type={loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    if loss_type == "ipo" and label_smoothing:
+        raise ValueError("label_smoothing applies to loss_type='sigmoid' only (conservative DPO), not to 'ipo'")
+    f32 = jnp.float32
+    chosen_ratio_P = policy_chosen_logps.astype(f32) - ref_chosen_logps.astype(f32)
+    rejected_ratio_P = policy_rejected_logps.astype(f32) - ref_rejected_logps.astype(f32)
+    h_P = chosen_ratio_P - rejected_ratio_P  # log-ratio difference
+    if loss_type == "sigmoid":
+        loss_P = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h_P)
+                  - label_smoothing * jax.nn.log_sigmoid(-beta * h_P))
+    else:
+        loss_P = (h_P - 1.0 / (2.0 * beta)) ** 2
+    chosen_reward_P = jax.lax.stop_gradient(beta * chosen_ratio_P)
+    rejected_reward_P = jax.lax.stop_gradient(beta * rejected_ratio_P)
+    metric_sums = {
+        "accuracy": (chosen_reward_P > rejected_reward_P).astype(f32).sum(),  # ties count as wrong
+        "rewards_chosen": chosen_reward_P.sum(),
+        "rewards_rejected": rejected_reward_P.sum(),
+        "margin": (chosen_reward_P - rejected_reward_P).sum(),
+    }
+    return loss_P.sum(), jnp.asarray(h_P.shape[0], f32), metric_sums
+
+
+def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, ref_chosen_logps: jax.Array,
+             ref_rejected_logps: jax.Array, beta: float = 0.1, label_smoothing: float = 0.0,
+             loss_type: str = "sigmoid") -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Direct preference optimisation loss, the mean over pairs; inputs [P] are sequence log-probs (summed
+    over response tokens, or length-averaged) of the chosen and rejected responses under policy and reference.
+
+    With h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected), the log-ratio difference:
+      sigmoid (DPO, Rafailov et al. 2023, eq. 7):  -log σ(β h)
+        with label_smoothing ε (conservative DPO, Mitchell 2023):  -(1 - ε) log σ(β h) - ε log σ(-β h)
+      ipo (Azar et al. 2023, eq. 17, as TRL and OpenRLHF write it):  (h - 1 / (2β))^2
+        on the log-probs as given; TRL length-averages them for IPO, which here is `dpo.average_log_probs`.
+    metrics (means over pairs): accuracy (chosen reward > rejected reward; a tie counts as wrong),
+    rewards_chosen and rewards_rejected (β (policy - ref)), margin (their difference).
+    """
+    s, n, sums = dpo_loss_sum(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                              beta, label_smoothing, loss_type)
+    return s / n, {k: v / n for k, v in sums.items()}
+
+
+def bradley_terry_loss_sum(chosen_scores_P: jax.Array, rejected_scores_P: jax.Array
+                           ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """The (sum, count) form of `bradley_terry_loss`: (loss summed over pairs, number of pairs, metric sums)."""
+    c = chosen_scores_P.astype(jnp.float32)
+    r = rejected_scores_P.astype(jnp.float32)
+    loss_P = -jax.nn.log_sigmoid(c - r)
+    c, r = jax.lax.stop_gradient(c), jax.lax.stop_gradient(r)
+    metric_sums = {"accuracy": (c > r).astype(jnp.float32).sum(), "rewards_chosen": c.sum(),
+                   "rewards_rejected": r.sum(), "margin": (c - r).sum()}
+    return loss_P.sum(), jnp.asarray(c.shape[0], jnp.float32), metric_sums
+
+
+def bradley_terry_loss(chosen_scores_P: jax.Array, rejected_scores_P: jax.Array
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Reward-model loss: mean over pairs of -log σ(r_chosen - r_rejected) (Bradley–Terry, β = 1).
+
+    metrics (means over pairs): accuracy (r_chosen > r_rejected; a tie counts as wrong), rewards_chosen,
+    rewards_rejected, margin.
+    """
+    s, n, sums = bradley_terry_loss_sum(chosen_scores_P, rejected_scores_P)
+    return s / n, {k: v / n for k, v in sums.items()}

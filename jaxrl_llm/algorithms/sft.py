@@ -23,26 +23,35 @@ from jaxrl_llm.parallel.rules import ShardingRules
 log = logging.getLogger(__name__)
 
 
-def microbatch_grads(loss_sum_fn: Callable, params: Any, batch: dict[str, jax.Array], num_micro: int
-                     ) -> tuple[Any, jax.Array, jax.Array]:
-    """Sum of gradients and of (loss sum, count) over `num_micro` equal microbatches (lax.scan).
+def microbatch_sums(loss_fn: Callable, params: Any, batch: dict[str, jax.Array], num_micro: int
+                    ) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Microbatch accumulation with metrics: loss_fn(params, mb) -> (loss_sum, (count, metric_sums)).
 
-    `loss_sum_fn(params, microbatch) -> (loss_sum, count)`; dividing the returned sums by the returned
-    count gives exactly the full-batch mean, whatever the split.
+    Returns (grad sum, loss sum, count, metric sums) over `num_micro` equal microbatches (lax.scan); each
+    sum divided by the count is exactly the full-batch mean, whatever the split.
     """
-    def split(x):
-        return x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:])
-
-    micro = jax.tree.map(split, batch)
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    micro = jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
+    _, (_, sums_shape) = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.float32(0), jnp.float32(0),
+             jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape))
 
     def body(carry, mb):
-        g_acc, l_acc, n_acc = carry
-        (l, n), g = jax.value_and_grad(loss_sum_fn, has_aux=True)(params, mb)
-        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-        return (g_acc, l_acc + l, n_acc + n), None
+        (l, (n, sums)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+        new = (g, l, n, sums)
+        return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry, new), None
 
-    (g, l, n), _ = jax.lax.scan(body, (zeros, jnp.float32(0), jnp.float32(0)), micro)
+    (g, l, n, sums), _ = jax.lax.scan(body, zeros, micro)
+    return g, l, n, sums
+
+
+def microbatch_grads(loss_sum_fn: Callable, params: Any, batch: dict[str, jax.Array], num_micro: int
+                     ) -> tuple[Any, jax.Array, jax.Array]:
+    """`microbatch_sums` for a loss_sum_fn(params, mb) -> (loss_sum, count) without extra metrics."""
+    def with_sums(p, mb):
+        loss, count = loss_sum_fn(p, mb)
+        return loss, (count, {})
+
+    g, l, n, _ = microbatch_sums(with_sums, params, batch, num_micro)
     return g, l, n
 
 

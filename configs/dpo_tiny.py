@@ -1,0 +1,32 @@
+"""DPO of a tiny random Llama-family model on GSM8K answer pairs (seconds on a CPU; used by the tests)."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.algorithm = "dpo"
+    c.seed = 0
+    c.max_steps = 12
+    c.log_every = 1
+    c.export_hf = True
+    c.tokenizer = "smollm2"  # a .gguf file, an HF tokenizer folder, or 'smollm2'; '' = from model.path
+    c.model = ml_collections.ConfigDict(dict(
+        path="",  # HF folder, .gguf file or 'smollm2'; empty: build `init`
+        init=dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                  num_kv_heads=2, head_dim=16, tie_word_embeddings=True, rms_norm_eps=1e-5),
+        dtype="float32", compute_dtype="float32", attention_impl="xla", remat=False))
+    # A handful of pairs seen for many epochs: a smoke test that the whole path learns, not a benchmark.
+    c.data = ml_collections.ConfigDict(dict(  # rows: prompt, chosen, rejected (strings or message lists)
+        source="gsm8k_pairs", num_examples=16, max_len=256, overlong="drop", chat_template=""))
+    c.dpo = ml_collections.ConfigDict(dict(
+        beta=0.1, loss_type="sigmoid", label_smoothing=0.0,  # sigmoid | ipo; smoothing: conservative DPO
+        average_log_probs=False,  # True: length-averaged sequence log-probs (NeMo preference_average_log_probs)
+        preference_weight=1.0, sft_weight=0.0, sft_average_log_probs=False))
+    c.train = ml_collections.ConfigDict(dict(batch_size=4, microbatches=1))  # batch_size counts pairs
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=3e-3, warmup_steps=2, schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
+        final_lr_fraction=0.1))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
+    return c

@@ -1,0 +1,98 @@
+"""Direct preference optimisation: policy vs frozen reference on (prompt, chosen, rejected) pairs.
+
+One jitted step: for each microbatch of pairs, one policy forward and one reference forward (under
+stop_gradient, same mesh) over the chosen and rejected sequences side by side, sequence log-probs over the
+response tokens, `losses.dpo_loss_sum` plus an optional SFT term on the chosen response; gradients and
+metrics are summed over microbatches and divided by the global number of pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxrl_llm.algorithms.base import Algorithm
+from jaxrl_llm.algorithms.losses import DPO_LOSS_TYPES, dpo_loss_sum, sequence_logprobs
+from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
+from jaxrl_llm.data import preference
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.transformer import forward
+from jaxrl_llm.parallel.rules import ShardingRules
+
+
+def validate_config(dpo: Any) -> None:
+    """The `dpo` block's user errors, each naming the key."""
+    if dpo.loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo.loss_type={dpo.loss_type!r}; expected one of {DPO_LOSS_TYPES}")
+    if dpo.beta <= 0:
+        raise ValueError(f"dpo.beta={dpo.beta}: must be > 0")
+    if not 0.0 <= dpo.label_smoothing < 0.5:
+        raise ValueError(f"dpo.label_smoothing={dpo.label_smoothing}: must be in [0, 0.5)")
+    if dpo.loss_type == "ipo" and dpo.label_smoothing:
+        raise ValueError("dpo.label_smoothing applies to dpo.loss_type='sigmoid' only")
+
+
+def make_dpo_loss(cfg: ModelConfig, dpo: Any, rules: ShardingRules | None = None) -> Callable:
+    """loss_fn(params, ref_params, mb) -> (loss_sum, (pairs, metric_sums)); mb arrays [P, 2, T] (0 chosen,
+    1 rejected), as `data.preference.collate` makes them.
+
+    Sequence log-probs are sums over the response tokens, or means when `dpo.average_log_probs`. The loss is
+    preference_weight * dpo_loss + sft_weight * mean over pairs of the chosen response's NLL (summed over
+    its tokens, or averaged when `dpo.sft_average_log_probs`), as NeMo RL's DPOLossFn.
+    """
+    validate_config(dpo)
+    beta, smoothing, loss_type = float(dpo.beta), float(dpo.label_smoothing), str(dpo.loss_type)
+    average, sft_average = bool(dpo.average_log_probs), bool(dpo.sft_average_log_probs)
+    pref_w, sft_w = float(dpo.preference_weight), float(dpo.sft_weight)
+
+    def seq_logps(params, ids, attn, mask):
+        return sequence_logprobs(forward(cfg, params, ids, attn, rules=rules), ids, mask)
+
+    def loss_fn(params, ref_params, mb):
+        P, _, T = mb["input_ids"].shape
+        ids, attn, mask = (mb[k].reshape(2 * P, T) for k in ("input_ids", "attention_mask", "loss_mask"))
+        lp_sum, n_tok = seq_logps(params, ids, attn, mask)  # [2P]: c0, r0, c1, r1, ...
+        ref_sum, _ = seq_logps(jax.lax.stop_gradient(ref_params), ids, attn, mask)
+        n_tok = jnp.maximum(n_tok, 1.0)
+        lp_P2 = (lp_sum / n_tok if average else lp_sum).reshape(P, 2)
+        ref_P2 = jax.lax.stop_gradient(ref_sum / n_tok if average else ref_sum).reshape(P, 2)
+        pref_sum, pairs, sums = dpo_loss_sum(lp_P2[:, 0], lp_P2[:, 1], ref_P2[:, 0], ref_P2[:, 1], beta,
+                                             smoothing, loss_type)
+        chosen_lp, chosen_tok = lp_sum.reshape(P, 2)[:, 0], n_tok.reshape(P, 2)[:, 0]
+        sft_sum = -(chosen_lp / chosen_tok if sft_average else chosen_lp).sum()
+        total = pref_w * pref_sum + (sft_w * sft_sum if sft_w else 0.0)
+        sums = {**sums, "preference_loss": pref_sum, "sft_loss": sft_sum, "logps_chosen": lp_P2[:, 0].sum(),
+                "logps_rejected": lp_P2[:, 1].sum()}
+        return total, (pairs, jax.lax.stop_gradient(sums))
+
+    return loss_fn
+
+
+def make_dpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, config: Any,
+                  rules: ShardingRules | None = None) -> Callable:
+    """step(state, batch, ref_params) -> (state, metrics); batch from `data.preference.collate`."""
+    loss_fn = make_dpo_loss(cfg, config.dpo, rules)
+    num_micro = config.train.microbatches
+
+    def step(state, batch, ref_params):
+        g, l, n, sums = microbatch_sums(lambda p, mb: loss_fn(p, ref_params, mb), state["params"], batch,
+                                        num_micro)
+        state, gnorm = apply_mean_grads(optimizer, state, g, n)
+        return state, {"loss": l / n, **{k: v / n for k, v in sums.items()}, "pairs": n, "grad_norm": gnorm}
+
+    return step
+
+
+ALGORITHM = Algorithm(
+    name="dpo",
+    prepare=preference.prepare,
+    collate=preference.collate,
+    batch_axes=preference.BATCH_AXES,
+    make_step=make_dpo_step,
+    needs_reference=lambda config: True,
+    validate=lambda config: validate_config(config.dpo),
+)

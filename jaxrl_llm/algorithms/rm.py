@@ -1,0 +1,56 @@
+"""Reward-model training: a scalar score head (num_labels = 1) read at the last valid token, Bradley–Terry
+loss -log σ(r_chosen - r_rejected) on preference pairs, as NeMo RL's PreferenceLossFn. The trained model
+exports as an HF `*ForSequenceClassification` folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+from jaxrl_llm.algorithms.base import Algorithm
+from jaxrl_llm.algorithms.losses import bradley_terry_loss_sum
+from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
+from jaxrl_llm.data import preference
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.transformer import score_sequences
+from jaxrl_llm.parallel.rules import ShardingRules
+
+
+def make_rm_loss(cfg: ModelConfig, rules: ShardingRules | None = None) -> Callable:
+    """loss_fn(params, mb) -> (loss_sum, (pairs, metric_sums)); mb arrays [P, 2, T] (0 chosen, 1 rejected)."""
+
+    def loss_fn(params, mb):
+        P, _, T = mb["input_ids"].shape
+        ids, attn = mb["input_ids"].reshape(2 * P, T), mb["attention_mask"].reshape(2 * P, T)
+        scores_P2 = score_sequences(cfg, params, ids, attn, rules=rules)[:, 0].reshape(P, 2)
+        loss_sum, pairs, sums = bradley_terry_loss_sum(scores_P2[:, 0], scores_P2[:, 1])
+        return loss_sum, (pairs, sums)
+
+    return loss_fn
+
+
+def make_rm_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, config: Any,
+                 rules: ShardingRules | None = None) -> Callable:
+    """step(state, batch, ref_params=None) -> (state, metrics); batch from `data.preference.collate`."""
+    loss_fn = make_rm_loss(cfg, rules)
+    num_micro = config.train.microbatches
+
+    def step(state, batch, ref_params=None):
+        del ref_params
+        g, l, n, sums = microbatch_sums(loss_fn, state["params"], batch, num_micro)
+        state, gnorm = apply_mean_grads(optimizer, state, g, n)
+        return state, {"loss": l / n, **{k: v / n for k, v in sums.items()}, "pairs": n, "grad_norm": gnorm}
+
+    return step
+
+
+ALGORITHM = Algorithm(
+    name="rm",
+    prepare=preference.prepare,
+    collate=preference.collate,
+    batch_axes=preference.BATCH_AXES,
+    make_step=make_rm_step,
+    num_labels=1,
+)

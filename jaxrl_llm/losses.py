@@ -1,0 +1,23 @@
+"""Pure loss functions and advantage estimators (the public `jaxrl_llm.losses` of DESIGN.md)."""
+
+from jaxrl_llm.algorithms.losses import (
+    DPO_LOSS_TYPES,
+    bradley_terry_loss,
+    bradley_terry_loss_sum,
+    dpo_loss,
+    dpo_loss_sum,
+    next_token_nll_sum,
+    sequence_logprobs,
+    token_logprobs,
+)
+
+__all__ = [
+    "DPO_LOSS_TYPES",
+    "bradley_terry_loss",
+    "bradley_terry_loss_sum",
+    "dpo_loss",
+    "dpo_loss_sum",
+    "next_token_nll_sum",
+    "sequence_logprobs",
+    "token_logprobs",
+]
