@@ -113,7 +113,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", type=parse_ints, default=[128, 512], help="comma-separated (default 128,512)")
     p.add_argument("--repeats", type=int, default=3, help="timed forwards per cell and framework; the median "
                    "is reported (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed forwards per cell after compile (default 1)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed forwards per cell and framework after compile "
+                   "(default 1, at least 1)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="compute dtype (weights are stored in it too, for both frameworks; default float32)")
     p.add_argument("--torch-dtype", choices=("same", "float32", "bfloat16"), default="same",
@@ -128,8 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", default=None, help="also write environment and results as JSON")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        p.error("--repeats must be >= 1 and --warmup >= 0")
+    if args.repeats < 1 or args.warmup < 1:
+        p.error("--repeats and --warmup must be >= 1")
     if args.torch_dtype == "same":
         args.torch_dtype = args.dtype
     return args
@@ -156,7 +157,7 @@ def gguf_path() -> str | None:
         return None
     try:
         path = fn()
-    except Exception as e:  # noqa: BLE001 - any failure to locate the file means "skip"
+    except Exception as e:  # any failure to locate the file means "skip"
         print(f"note: --gguf skipped: smollm2_gguf_path() failed ({type(e).__name__}: {e}); using random weights")
         return None
     if not path or not os.path.exists(str(path)):
@@ -209,41 +210,25 @@ def load_torch(folder: str, args: argparse.Namespace, device: str):
 # ---------------------------------------------------------------------------------------------- timing
 
 
-def _median_seconds(fn, repeats: int, warmup: int) -> tuple[float, list[float], Any]:
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, out
-
-
-def time_jax(cfg, params, B: int, T: int, args) -> dict:
-    rng = np.random.default_rng(args.seed + 1000 * B + T)
-    ids = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(B, T)), jnp.int32)
-    mask = jnp.ones((B, T), jnp.int32)
+def jax_runner(cfg, params, ids_np: np.ndarray) -> tuple[Any, float]:
+    """(a no-argument forward that blocks until the logits are ready, compile seconds). One executable per shape."""
+    ids = jnp.asarray(ids_np, jnp.int32)
+    mask = jnp.ones(ids.shape, jnp.int32)  # full batch, no padding
 
     def fwd(params, ids, mask):
         return models.forward(cfg, params, ids, mask)
 
     t0 = time.perf_counter()
-    compiled = jax.jit(fwd).lower(params, ids, mask).compile()  # one executable per shape
+    compiled = jax.jit(fwd).lower(params, ids, mask).compile()
     compile_s = time.perf_counter() - t0
-
-    def run():
-        return jax.block_until_ready(compiled(params, ids, mask))
-
-    med, times, out = _median_seconds(run, args.repeats, max(args.warmup, 1))
-    return dict(seconds=med, times=times, compile_s=compile_s, ids=np.asarray(ids), out=out)
+    return (lambda: jax.block_until_ready(compiled(params, ids, mask))), compile_s
 
 
-def time_torch(model, ids: np.ndarray, args, device: str) -> dict:
+def torch_runner(model, ids_np: np.ndarray, device: str):
+    """A no-argument HF forward (inference mode, no KV cache, all-ones mask) that returns finished logits."""
     import torch
 
-    ids_t = torch.as_tensor(ids, dtype=torch.long, device=device)
+    ids_t = torch.tensor(ids_np, dtype=torch.long, device=device)
     mask_t = torch.ones_like(ids_t)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -253,11 +238,35 @@ def time_torch(model, ids: np.ndarray, args, device: str) -> dict:
         sync()
         return out
 
-    med, times, out = _median_seconds(run, args.repeats, args.warmup)
-    return dict(seconds=med, times=times, out=out)
+    return run
+
+
+def time_interleaved(runners: dict[str, Any], repeats: int, warmup: int) -> tuple[dict[str, list[float]], dict]:
+    """Warm every runner up, then time them in turns (the order alternates each repeat), so a change in machine
+    load during the cell hits all of them alike. Returns ({name: [seconds per repeat]}, {name: last output})."""
+    outs = {}
+    for name, fn in runners.items():
+        for _ in range(warmup):
+            outs[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    names = list(runners)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            t0 = time.perf_counter()
+            outs[name] = runners[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times, outs
 
 
 # --------------------------------------------------------------------------------------------- reports
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (os.cpu_count(), narrowed by `taskset` / cgroup affinity)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def cpu_name() -> str:
@@ -271,7 +280,7 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(args, torch_device: str | None, weights: str, cfg, params) -> dict:
+def environment(args, torch_device: str | None, weights: str, cfg, params, load_before) -> dict:
     dev = jax.devices()[0]
     env: dict[str, Any] = {
         "python": platform.python_version(),
@@ -279,8 +288,9 @@ def environment(args, torch_device: str | None, weights: str, cfg, params) -> di
         "jaxlib": importlib.import_module("jaxlib").__version__,
         "jax_backend": jax.default_backend(),
         "jax_device": f"{dev.device_kind} x{jax.device_count()}",
-        "cpu": f"{cpu_name()} ({os.cpu_count()} logical cores)",
+        "cpu": f"{cpu_name()} ({os.cpu_count()} logical cores, {usable_cores()} usable by this process)",
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "loadavg_before": " ".join(f"{x:.2f}" for x in load_before),
         "weights": weights,
         "dtype": args.dtype,
         "attention_impl": cfg.attention_impl,
@@ -299,7 +309,7 @@ def environment(args, torch_device: str | None, weights: str, cfg, params) -> di
             "torch_attention": "sdpa",
         })
     if jax.default_backend() == "cpu":
-        env["xla_threads"] = f"all {os.cpu_count()} cores (XLA:CPU's Eigen thread pool; not configurable per call)"
+        env["xla_threads"] = f"{usable_cores()} (XLA:CPU's thread pool spans every usable core)"
     return env
 
 
@@ -332,6 +342,7 @@ def _pct(x: float | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    load_before = os.getloadavg()  # 1/5/15-min load of the machine before this benchmark adds its own
     on_gpu = jax.default_backend() == "gpu"
     torch_device = None
     if not args.no_torch:
@@ -339,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch_device = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
         if torch_device == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
+            torch.set_num_threads(usable_cores())  # = os.cpu_count() unless pinned with taskset
         else:
             torch.backends.cuda.matmul.allow_tf32 = True  # match XLA's default fp32 matmul precision on GPU
             torch.backends.cudnn.allow_tf32 = True
@@ -360,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_torch(folder, args, torch_device) if torch_device else None
         setup_s = time.perf_counter() - t0
 
-    env = environment(args, torch_device, weights, cfg, params)
+    env = environment(args, torch_device, weights, cfg, params, load_before)
     print("## forward-pass throughput: SmolLM2-135M, jaxrl_llm vs HF transformers\n")
     for k, v in env.items():
         print(f"- {k}: {v}")
@@ -370,30 +381,39 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for T in args.lengths:
         for B in args.batches:
-            j = time_jax(cfg, params, B, T, args)
-            r: dict[str, Any] = dict(batch=B, length=T, tokens=B * T, jax_s=j["seconds"], jax_times=j["times"],
-                                     jax_tok_s=B * T / j["seconds"], jax_compile_s=j["compile_s"])
+            ids = np.random.default_rng(args.seed + 1000 * B + T).integers(0, cfg.vocab_size, size=(B, T))
+            runners: dict[str, Any] = {}
+            runners["jax"], compile_s = jax_runner(cfg, params, ids)
             if model is not None:
-                t = time_torch(model, j["ids"], args, torch_device)
-                r.update(torch_s=t["seconds"], torch_times=t["times"], torch_tok_s=B * T / t["seconds"])
+                runners["torch"] = torch_runner(model, ids, torch_device)
+            times, outs = time_interleaved(runners, args.repeats, args.warmup)
+            jax_s = statistics.median(times["jax"])
+            r: dict[str, Any] = dict(batch=B, length=T, tokens=B * T, jax_s=jax_s, jax_tok_s=B * T / jax_s,
+                                     jax_compile_s=compile_s, jax_times=times["jax"])
+            if model is not None:
+                torch_s = statistics.median(times["torch"])
+                r.update(torch_s=torch_s, torch_tok_s=B * T / torch_s, torch_times=times["torch"])
                 r["ratio"] = r["jax_tok_s"] / r["torch_tok_s"]
                 if not rows:  # same weights, same tokens: the logits must agree (sanity check, first cell)
-                    ref = t["out"].float().cpu().numpy()
-                    r["max_abs_logit_diff"] = float(np.max(np.abs(np.asarray(j["out"], np.float32) - ref)))
-                del t
+                    ref = outs["torch"].float().cpu().numpy()
+                    r["max_abs_logit_diff"] = float(np.max(np.abs(np.asarray(outs["jax"], np.float32) - ref)))
+            del runners, outs
             fpt = forward_flops_per_token(cfg, T)
             r["flops_per_token"] = fpt
             if with_mfu and peak:
                 r["jax_mfu"] = fpt * r["jax_tok_s"] / peak
                 if model is not None:
                     r["torch_mfu"] = fpt * r["torch_tok_s"] / peak
-            del j
             rows.append(r)
             msg = f"  B={B:<3d} T={T:<5d} jax {r['jax_tok_s']:>9,.0f} tok/s (compile {r['jax_compile_s']:.1f} s)"
             if model is not None:
                 msg += f"  torch {r['torch_tok_s']:>9,.0f} tok/s  ratio {r['ratio']:.2f}x"
             print(msg, file=sys.stderr, flush=True)
 
+    env["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    if jax.default_backend() == "cpu" and load_before[0] > 0.5:
+        print(f"warning: the machine was busy before the run (1-min load {load_before[0]:.2f} on "
+              f"{os.cpu_count()} cores): CPU timings are noisy, and torch's OpenMP threads suffer most")
     print(markdown_table(rows, model is not None, with_mfu and bool(peak)))
     if "max_abs_logit_diff" in rows[0]:
         print(f"\nsanity: max |logit_jax - logit_torch| on the first cell = {rows[0]['max_abs_logit_diff']:.2e}")

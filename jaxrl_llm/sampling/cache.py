@@ -1,6 +1,7 @@
 """The KV cache: one pytree per batch, sharded by the same logical-axis rules as the model.
 
-    cache = {"k": [L, B, S, K, H], "v": [L, B, S, K, H]}     axes (layers, batch, length, kv_heads, head_dim)
+    cache = {"k": array, "v": array}, axes CACHE_AXES: (layers, batch, length, kv_heads, head_dim), i.e.
+    [L, B, S, K, H], the layout `models.forward_with_cache` reads and writes.
 
 Slot layout (left padding): prompts are right-aligned in slots [0, P), so every row's first new token lands
 in slot P and decode step i writes slot P + i for all rows at once. Row b's prompt occupies
@@ -9,6 +10,8 @@ in slot P and decode step i writes slot P + i for all rows at once. Row b's prom
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
@@ -16,17 +19,26 @@ from jax.sharding import Mesh, NamedSharding
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
-CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+try:  # the model owns its cache layout once `models.transformer` names it (see the proposed kv-major layout)
+    from jaxrl_llm.models.transformer import CACHE_AXES  # type: ignore[attr-defined]
+except ImportError:
+    CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
-def cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, int, int, int, int]:
-    return (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+def cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, ...]:
+    sizes = {"layers": cfg.num_layers, "batch": batch, "length": length, "kv_heads": cfg.num_kv_heads,
+             "head_dim": cfg.head_dim}
+    return tuple(sizes[a] for a in CACHE_AXES)
+
+
+def cache_length(cache: dict) -> int:
+    """S, the number of slots."""
+    return cache["k"].shape[CACHE_AXES.index("length")]
 
 
 def cache_bytes(cfg: ModelConfig, batch: int, length: int) -> int:
     """Bytes of k + v in the compute dtype."""
-    L, B, S, K, H = cache_shape(cfg, batch, length)
-    return 2 * L * B * S * K * H * jnp.dtype(cfg.dtype).itemsize
+    return 2 * math.prod(cache_shape(cfg, batch, length)) * jnp.dtype(cfg.dtype).itemsize
 
 
 def cache_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules, batch: int, length: int
@@ -43,7 +55,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, rules: ShardingRules |
 
 def _window(cfg: ModelConfig, q_slot: jax.Array, k_slot: jax.Array) -> jax.Array:
     if cfg.sliding_window is None:
-        return jnp.ones(jnp.broadcast_shapes(q_slot.shape, k_slot.shape), bool)
+        return jnp.ones(jnp.broadcast_shapes(jnp.shape(q_slot), jnp.shape(k_slot)), bool)
     return (q_slot - k_slot) < cfg.sliding_window
 
 

@@ -41,7 +41,12 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class GenerateOutput:
     """Completions in prompt order. tokens[i] excludes the prompt and includes the stop token when one was hit;
-    logprobs[i][j] is the log-prob of tokens[i][j]; finish_reasons[i] is 'stop' or 'length'."""
+    logprobs[i][j] is the log-prob of tokens[i][j]; finish_reasons[i] is 'stop' or 'length'.
+
+    stats: compiles (sampler traces during this call), prefill_seconds, decode_seconds, decode_steps (loop
+    iterations run, summed over chunks), generated_tokens, tokens_per_second, chunks, shapes (the
+    (batch, prompt, new-token) bucket of each chunk), truncated_prompts, reshard_seconds.
+    """
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
@@ -77,8 +82,9 @@ def _fit_prompts(arrs: list[np.ndarray], limits: np.ndarray, truncate: bool) -> 
         return arrs, 0
     if not truncate:
         i = too_long[0]
-        raise ValueError(f"prompt {i} has {len(arrs[i])} tokens, more than the {int(limits[i])} that fit (max_prompt_len "
-                         f"or max_position_embeddings - max_new_tokens); {len(too_long)} prompt(s) are too long. "
+        raise ValueError(f"prompt {i} has {len(arrs[i])} tokens, more than the {int(limits[i])} that fit "
+                         "(max_prompt_len or max_position_embeddings - max_new_tokens); "
+                         f"{len(too_long)} prompt(s) are too long. "
                          "Pass truncate_prompts=True to keep their last tokens")
     log.warning("truncated %d prompt(s) on the left to fit max_prompt_len (longest was %d tokens)",
                 len(too_long), max(len(arrs[i]) for i in too_long))
@@ -152,7 +158,7 @@ def generate(
     key = _as_key(rng)
     traces_before = loop.compile_count()
     stats: dict[str, Any] = {"truncated_prompts": n_truncated, "reshard_seconds": 0.0, "prefill_seconds": 0.0,
-                             "decode_seconds": 0.0, "chunks": 0, "shapes": []}
+                             "decode_seconds": 0.0, "chunks": 0, "decode_steps": 0, "shapes": []}
 
     model_rules = None
     if mesh is not None:
@@ -174,7 +180,7 @@ def generate(
     with ctx:
         for c0 in range(0, n, chunk):
             idx = order[c0:c0 + chunk]
-            B = bucket_batch(len(idx), shards)
+            B = bucket_batch(min(n, chunk), shards)  # the last, smaller chunk reuses the same shape
             if max_batch_size is not None:
                 B = min(B, round_up(max_batch_size, shards))
             N = bucket_length(max(sps[i].max_new_tokens for i in idx))
@@ -189,12 +195,14 @@ def generate(
             cache, logits_BV = loop.prefill(cfg, params, ids_BP, inp.start_B, cache_len=P + N, rules=model_rules)
             jax.block_until_ready(logits_BV)
             t1 = time.perf_counter()
-            out = loop.decode(cfg, params, cache, logits_BV, inp, max_new_bucket=N, rules=model_rules)
-            tok_BN, lp_BN, num_B, stopped_B = jax.device_get(out)
+            *out, cache = loop.decode(cfg, params, cache, logits_BV, inp, max_new_bucket=N, rules=model_rules)
+            del cache
+            tok_BN, lp_BN, num_B, stopped_B, steps = jax.device_get(out)
             t2 = time.perf_counter()
             stats["prefill_seconds"] += t1 - t0
             stats["decode_seconds"] += t2 - t1
             stats["chunks"] += 1
+            stats["decode_steps"] += int(steps)
             stats["shapes"].append((B, P, N))
             for r, i in enumerate(idx):
                 k = int(num_B[r])

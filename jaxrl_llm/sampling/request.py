@@ -54,6 +54,8 @@ def as_param_list(sampling_params: SamplingParams | Sequence[SamplingParams] | N
 
 def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[np.ndarray]:
     """int32 arrays, or a ValueError that names the prompt index (and the offending id)."""
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+        prompts = list(prompts)
     if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts: expected a list of token-id lists, got {type(prompts).__name__}")
     if len(prompts) == 0:
