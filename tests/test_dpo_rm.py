@@ -20,8 +20,8 @@ import pytest
 from jaxrl_llm import models
 from jaxrl_llm.algorithms import REGISTRY
 from jaxrl_llm.algorithms.dpo import make_dpo_loss
-from jaxrl_llm.algorithms.sft import microbatch_sums
 from jaxrl_llm.algorithms.losses import bradley_terry_loss, dpo_loss, dpo_loss_sum
+from jaxrl_llm.algorithms.sft import microbatch_sums
 from jaxrl_llm.data import DataError
 from jaxrl_llm.data import preference as pref
 
