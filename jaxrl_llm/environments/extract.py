@@ -1,0 +1,213 @@
+"""Final-answer extraction from a completion, and light normalisation of the extracted string.
+
+    extract_answer(text, "boxed")        # last complete \\boxed{...} / \\fbox{...} / \\boxed 5
+    extract_answer(text, "hash")         # GSM8K style: the rest of the line after the last '####'
+    extract_answer(text, "answer_tag")   # last <answer>...</answer>
+    extract_answer(text, "answer_is")    # last "The (final) answer is X"
+    extract_answer(text, "last_line")    # last non-empty line
+    extract_answer(text, "auto")         # boxed, then answer_tag, then hash, then answer_is
+    extract_answer(text, r"Result: (\\d+)")  # any other string: a regex, group 1 of its last match
+
+Every extractor returns the stripped answer of the last non-empty match, or None when there is none: an empty
+`\\boxed{}` (often the prompt's instruction repeated) or `<answer></answer>` is passed over.
+`normalize_answer` only undoes what is safe to undo (thousands separators, a sentence's final period, a
+currency sign, enclosing $...$); units and words are left for math-verify, which knows more about them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_HASH = re.compile(r"####[ \t]*([^\n]*)")
+_ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
+_ANSWER_IS = re.compile(r"(?:final answer|answer) is\s*:?\s*(.+?)\s*(?:\.(?=\s|$)|\n|$)", re.IGNORECASE)
+
+
+def _balanced_group(text: str, start: int) -> tuple[str, int] | None:
+    """text[start] == '{': (content, index after the closing brace), or None if it never closes.
+    Escaped braces (\\{ and \\}) do not count."""
+    depth = 0
+    i = start
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1:i], i + 1
+        i += 1
+    return None
+
+
+def _box_argument(text: str, end: int) -> str | None:
+    """The argument of a box command ending at `end`: a balanced {group} or, as in `\\boxed 5`, the token after
+    whitespace. None if there is none (or the command is a longer name like \\boxedfoo)."""
+    if end < len(text) and text[end] == "{":
+        group = _balanced_group(text, end)
+        return None if group is None else group[0]
+    if end >= len(text) or not text[end].isspace():
+        return None
+    rest = text[end:].lstrip()
+    if rest.startswith("{"):
+        group = _balanced_group(rest, 0)
+        return None if group is None else group[0]
+    token = re.match(r"[^\s$]+", rest)
+    return token.group(0) if token else None
+
+
+def _last_nonempty(values: Iterable[str | None]) -> str | None:
+    out = None
+    for v in values:
+        if v is not None and v.strip():
+            out = v.strip()
+    return out
+
+
+def extract_boxed(text: str) -> str | None:
+    """The content of the last complete \\boxed{...} or \\fbox{...} (nested braces allowed; `\\boxed 5` too).
+    An unclosed (truncated) or empty box is skipped in favour of the one before it."""
+    starts = sorted((m.start(), m.end()) for cmd in _BOX_COMMANDS for m in re.finditer(re.escape(cmd), text))
+    for _, end in reversed(starts):
+        arg = _box_argument(text, end)
+        if arg is not None and arg.strip():
+            return arg.strip()
+    return None
+
+
+def extract_hash(text: str) -> str | None:
+    """GSM8K's final answer: the rest of the line after the last '####'."""
+    return _last_nonempty(m.group(1) for m in _HASH.finditer(text))
+
+
+def extract_answer_tag(text: str) -> str | None:
+    """The content of the last <answer>...</answer> (an unclosed tag before it is ignored)."""
+    return _last_nonempty(m.group(1) for m in _ANSWER_TAG.finditer(text))
+
+
+def extract_answer_is(text: str) -> str | None:
+    """X of the last "The answer is X" / "the final answer is: X", up to the end of its sentence or line."""
+    return _last_nonempty(m.group(1) for m in _ANSWER_IS.finditer(text))
+
+
+def extract_last_line(text: str) -> str | None:
+    """The last non-empty line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else None
+
+
+def extract_regex(text: str, pattern: str | re.Pattern[str]) -> str | None:
+    """Group 1 (the whole match if the pattern has no group) of the last match of `pattern`."""
+    rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+    return _last_nonempty(m.group(1) if rx.groups else m.group(0) for m in rx.finditer(text))
+
+
+def extract_auto(text: str) -> str | None:
+    """The first format found, in the order boxed, answer_tag, hash, answer_is."""
+    for fn in (extract_boxed, extract_answer_tag, extract_hash, extract_answer_is):
+        value = fn(text)
+        if value is not None:
+            return value
+    return None
+
+
+EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    "boxed": extract_boxed,
+    "hash": extract_hash,
+    "answer_tag": extract_answer_tag,
+    "answer_is": extract_answer_is,
+    "last_line": extract_last_line,
+    "auto": extract_auto,
+}
+
+
+def check_answer_format(answer_format: str) -> None:
+    """ValueError unless `answer_format` names an extractor or is a regex with a capture group."""
+    if not isinstance(answer_format, str):
+        raise ValueError(f"answer_format must be a string, got {type(answer_format).__name__}")
+    if answer_format in EXTRACTORS:
+        return
+    try:
+        groups = re.compile(answer_format).groups
+    except re.error as e:
+        raise ValueError(f"answer_format {answer_format!r} is neither one of {sorted(EXTRACTORS)} nor a valid "
+                         f"regex ({e})") from e
+    if groups < 1:
+        raise ValueError(f"answer_format {answer_format!r} is neither one of {sorted(EXTRACTORS)} nor a regex with "
+                         "a capture group (group 1 is the answer)")
+
+
+def extract_answer(text: str, answer_format: str = "auto") -> str | None:
+    """The answer in `text` per `answer_format` (a name in EXTRACTORS, or a regex whose group 1 is the answer)."""
+    fn = EXTRACTORS.get(answer_format)
+    if fn is not None:
+        return fn(text)
+    check_answer_format(answer_format)
+    return extract_regex(text, answer_format)
+
+
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_GROUPED = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_THOUSANDS_SEPARATORS = ("{,}", "\\,", "\\!", "\\ ", "\u202f", "\u2009")
+
+
+def _unwrap(s: str) -> str:
+    """Strip whitespace and enclosing $...$, \\(...\\), \\[...\\] (repeatedly)."""
+    while True:
+        s = s.strip()
+        if len(s) >= 2 and s[0] == "$" and s[-1] == "$" and s.count("$") in (2, 4):
+            s = s.strip("$")
+        elif s.startswith(("\\(", "\\[")) and s.endswith(("\\)", "\\]")):
+            s = s[2:-2]
+        else:
+            return s
+
+
+def normalize_number(s: str) -> str | None:
+    """The plain decimal form of a string that is one number, or None if it is anything else.
+
+    Undoes only formatting: whitespace, enclosing $...$, a currency sign ($ or \\$) before the number, a sentence's
+    final period ("42."), well-formed thousands separators ("1,000", "1{,}000", "1\\,000"), a leading '+'.
+    "1,00" or "1,2,3" (not thousands groups), "5 cm", "10%", "1/2" are not plain numbers: None.
+    """
+    s = _unwrap(s)
+    sign = ""
+    if s.startswith(("+", "-")):
+        sign, s = ("-" if s[0] == "-" else ""), s[1:].lstrip()
+    for currency in ("\\$", "$"):
+        if s.startswith(currency):
+            s = s[len(currency):].lstrip()
+            break
+    if s.endswith(".") and not s.endswith(".."):
+        s = s[:-1]
+    for sep in _THOUSANDS_SEPARATORS:
+        if sep in s:
+            candidate = s.replace(sep, ",")
+            if _GROUPED.fullmatch(candidate):
+                s = candidate
+    if _GROUPED.fullmatch(s):
+        s = s.replace(",", "")
+    if not _NUMBER.fullmatch(s):
+        return None
+    if s.endswith("."):
+        s = s[:-1]
+    if s.startswith("."):
+        s = "0" + s
+    return sign + s if s.strip("0.") else s  # no "-0"
+
+
+def normalize_answer(s: str) -> str:
+    """The plain number if `s` is one (see normalize_number), else `s` stripped, without enclosing $...$ and
+    without a sentence's final period after a word or closing bracket. Never drops units or words."""
+    number = normalize_number(s)
+    if number is not None:
+        return number
+    s = _unwrap(s)
+    if len(s) > 1 and s.endswith(".") and not s.endswith("..") and (s[-2].isalnum() or s[-2] in ")]}"):
+        s = s[:-1].rstrip()
+    return s

@@ -1,0 +1,113 @@
+"""Math answers checked with math-verify: reward 1 when the completion's final answer equals metadata["answer"].
+
+    env = MathEnvironment(answer_format="boxed", timeout_s=5.0, num_workers=2)
+    result = env.score(prompts, completions, [{"answer": "72"}, ...])
+    result.rewards      # [N] float32 in {0, 1}
+    result.info[i]      # {"extracted": "72" | None, "correct": bool[, "error": reason]}
+    result.counts       # {"timeouts", "errors", "no_answer"}
+
+As in NeMo RL's `hf_math_verify`, the gold answer is wrapped as `\\boxed{gold}` and both sides go through
+math-verify's parse() (gold first, then `verify(gold, pred)`). Unlike it, the prediction is the answer that
+`answer_format` extracts (see extract.py), not whatever math-verify finds anywhere in the text: a completion
+without an answer in the requested format scores 0 and counts as "no_answer". Extraction and verification run
+in the worker pool; a sample whose check times out or fails scores 0 (counted as "timeouts" / "errors").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import Any
+
+import numpy as np
+
+from jaxrl_llm.environments.base import EnvResult, check_batch
+from jaxrl_llm.environments.extract import check_answer_format, extract_answer, normalize_answer
+from jaxrl_llm.environments.pool import ScoringPool, outcome_counts
+
+
+def _wrap(answer: str) -> str:
+    return answer if "\\boxed" in answer else f"\\boxed{{{answer}}}"
+
+
+def _plain(s: str) -> str:
+    return " ".join(s.split()).lower()
+
+
+def answers_match(gold: str, pred: str, timeout_s: int | None = None) -> bool:
+    """Whether `pred` equals `gold`: the same normalised string, or equal for math-verify.
+
+    timeout_s: math-verify's own (signal-based) limit per parse/compare; works only on a main thread. None
+    disables it: the caller enforces a limit (the worker pool does).
+    """
+    from math_verify import parse, verify
+
+    if timeout_s is None:
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout is disabled" warning
+    gold_n, pred_n = normalize_answer(str(gold)), normalize_answer(pred)
+    if gold_n and _plain(gold_n) == _plain(pred_n):
+        return True
+    gold_p = parse(_wrap(gold_n), parsing_timeout=timeout_s)
+    pred_p = parse(_wrap(pred_n), parsing_timeout=timeout_s)
+    if not gold_p or not pred_p:
+        return False
+    return bool(verify(gold_p, pred_p, timeout_seconds=timeout_s))
+
+
+def score_math(completion: str, gold: str, answer_format: str, timeout_s: int | None) -> tuple[float, str | None]:
+    """(reward, extracted answer) of one completion; the function the pool runs."""
+    extracted = extract_answer(completion, answer_format)
+    if extracted is None:
+        return 0.0, None
+    return (1.0 if answers_match(gold, extracted, timeout_s) else 0.0), extracted
+
+
+class MathEnvironment:
+    """Verifiable math reward (see the module doc). metadata[i]["answer"]: the gold answer (str or number).
+
+    answer_format: "boxed" | "hash" | "answer_tag" | "answer_is" | "last_line" | "auto" | a regex (group 1).
+    timeout_s: per-sample limit. num_workers: scoring processes (0: in this process; then only math-verify's
+    own signal-based timeouts apply, rounded up to whole seconds, and only on the main thread).
+    """
+
+    def __init__(self, answer_format: str = "boxed", timeout_s: float = 5.0, num_workers: int = 2,
+                 name: str = "math"):
+        check_answer_format(answer_format)
+        self.name = name
+        self.answer_format = answer_format
+        self.timeout_s = float(timeout_s)
+        self._pool = ScoringPool(num_workers, self.timeout_s, preload=("math_verify",))
+
+    def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
+        check_batch(prompts, completions, metadata)
+        golds = []
+        for i, m in enumerate(metadata):
+            if not isinstance(m, dict) or m.get("answer") is None:
+                raise ValueError(f"{self.name}: metadata[{i}] has no 'answer' (the gold answer to check against)")
+            golds.append(str(m["answer"]))
+        in_process = self._pool.num_workers == 0 and threading.current_thread() is threading.main_thread()
+        mv_timeout = max(1, math.ceil(self.timeout_s)) if in_process else None
+        outcomes = self._pool.map(score_math, [(c, g, self.answer_format, mv_timeout)
+                                               for c, g in zip(completions, golds, strict=True)])
+        rewards_N = np.zeros(len(outcomes), np.float32)
+        info: list[dict[str, Any]] = []
+        no_answer = 0
+        for i, o in enumerate(outcomes):
+            if o.status == "ok":
+                rewards_N[i], extracted = o.value
+                no_answer += extracted is None
+                info.append({"extracted": extracted, "correct": bool(rewards_N[i] > 0)})
+            else:
+                info.append({"extracted": None, "correct": False, "error": o.error})
+        return EnvResult(rewards=rewards_N, info=info, counts={**outcome_counts(outcomes), "no_answer": no_answer})
+
+    def close(self) -> None:
+        """Stops the scoring workers."""
+        self._pool.close()
+
+    def __enter__(self) -> MathEnvironment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,333 @@
+"""A process pool that scores samples with a per-sample timeout, so that no completion can stall or crash training.
+
+    with ScoringPool(num_workers=2, timeout_s=5.0, preload=("math_verify",)) as pool:
+        outcomes = pool.map(score_fn, [(completion, gold), ...])   # one Outcome per sample, in order
+    # Outcome.status: "ok" (value = fn's return), "timeout" (ran past timeout_s: its worker was killed and
+    # is replaced), "error" (fn raised, its result could not be sent, or its worker died, e.g. os._exit).
+
+Workers are fresh interpreters (`subprocess` + two pipes; never fork: the parent runs JAX threads), started
+lazily on the first map and reused across calls; a worker lost to a timeout or a crash is replaced at once
+(during the call if tasks wait, otherwise at its end, booting while the caller goes on). A worker imports the
+`preload` modules before it reports ready, and the per-sample clock starts only when a ready worker has loaded
+the task (and so imported the scoring function's module): start-up (about 0.3 s plus the preloaded imports,
+e.g. ~1 s for math_verify, ~4 s for reasoning_gym; in parallel over workers) never counts against a sample.
+`fn` and its arguments must be picklable (a module-level function; the worker imports its module with the
+parent's sys.path); a value the worker cannot load is that sample's error.
+
+num_workers=0 runs `fn` in this process with the same error handling, but a running call cannot be
+interrupted there: a call that returns after `timeout_s` is *reported* as a timeout (its value is dropped, so
+rewards match the pooled mode), yet it still takes as long as it takes. Use workers for untrusted inputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import pickle
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+_BOOT = "from jaxrl_llm.environments._worker import main; main()"
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """status: "ok" | "timeout" | "error"; value: fn's return value when ok; error: a one-line reason otherwise;
+    seconds: wall time of the call as seen by the pool."""
+
+    status: str
+    value: Any = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+@dataclasses.dataclass
+class _Worker:
+    proc: subprocess.Popen
+    to_worker: Connection
+    from_worker: Connection
+    state: str  # "starting" | "idle" | "busy"
+    deadline: float
+    started_at: float
+    task: int | None = None
+    sent_at: float = 0.0
+    timeout_s: float = 0.0
+    tasks_done: int = 0
+
+
+def _child_env() -> dict[str, str]:
+    """The parent's environment with its sys.path as PYTHONPATH, so the worker finds the same modules
+    (the scoring function's module included, e.g. a test file's directory that pytest put on sys.path)."""
+    env = dict(os.environ)
+    paths = [p or os.getcwd() for p in sys.path]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    return env
+
+
+def _stop(worker: _Worker, kill: bool) -> None:
+    """Ends a worker: politely (None, then a short wait) or at once (SIGKILL); always reaps it."""
+    if not kill and worker.proc.poll() is None:
+        try:
+            worker.to_worker.send_bytes(pickle.dumps(None))
+        except OSError:
+            pass
+    for conn in (worker.to_worker, worker.from_worker):
+        conn.close()
+    if not kill:
+        try:
+            worker.proc.wait(timeout=1.0)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+    worker.proc.kill()
+    worker.proc.wait()
+
+
+def _stop_all(workers: list[_Worker | None]) -> None:
+    """Asks idle workers to exit and kills the others, then reaps them all (waiting 1 s at most in all)."""
+    live = [w for w in workers if w is not None]
+    workers[:] = [None] * len(workers)
+    for w in live:
+        if w.state == "idle" and w.proc.poll() is None:
+            try:
+                w.to_worker.send_bytes(pickle.dumps(None))
+            except OSError:
+                pass
+        else:
+            w.proc.kill()
+        w.to_worker.close()
+        w.from_worker.close()
+    deadline = time.monotonic() + 1.0
+    for w in live:
+        try:
+            w.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            w.proc.kill()
+            w.proc.wait()
+
+
+class ScoringPool:
+    """Runs `fn(*args)` for each args tuple in worker processes with a per-sample timeout (see the module doc).
+
+    num_workers: processes (0: run in this process). timeout_s: default per-sample limit (map may override).
+    preload: modules each worker imports before it is ready. startup_timeout_s: a worker that is not ready by
+    then raises RuntimeError (a broken installation, not a bad sample). max_tasks_per_worker: recycle a worker
+    after this many tasks (None: never), to bound memory that a scorer's caches may grow.
+    """
+
+    def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, *, preload: Sequence[str] = (),
+                 startup_timeout_s: float = 120.0, max_tasks_per_worker: int | None = None):
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
+            raise ValueError(f"max_tasks_per_worker must be >= 1 or None, got {max_tasks_per_worker!r}")
+        self.num_workers = num_workers
+        self.timeout_s = float(timeout_s)
+        self.preload = tuple(preload)
+        self.startup_timeout_s = float(startup_timeout_s)
+        self.max_tasks_per_worker = max_tasks_per_worker
+        self._workers: list[_Worker | None] = [None] * num_workers
+        self._lock = threading.Lock()
+        self._closed = False
+        # Workers started, replaced (killed at a timeout, or found dead) and the start-up seconds (launch to
+        # ready, preloads included) of the last one to become ready.
+        self.stats: dict[str, float] = {"started": 0, "replaced": 0, "last_startup_s": 0.0}
+        self._finalizer = weakref.finalize(self, _stop_all, self._workers)
+
+    def __enter__(self) -> ScoringPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stops the workers (idempotent). A later map() raises."""
+        with self._lock:
+            self._closed = True
+            self._finalizer()
+
+    def map(self, fn: Callable[..., Any], args_list: Sequence[tuple[Any, ...]],
+            timeout_s: float | None = None) -> list[Outcome]:
+        """One Outcome per args tuple, in order. Raises only for misuse (a closed pool, an unpicklable fn) or
+        when a worker cannot start at all."""
+        timeout_s = self.timeout_s if timeout_s is None else float(timeout_s)
+        args_list = [tuple(a) for a in args_list]
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("ScoringPool.map after close()")
+            if not args_list:
+                return []
+            if self.num_workers == 0:
+                return [_call_in_process(fn, args, timeout_s) for args in args_list]
+            try:
+                pickle.dumps(fn)
+            except Exception as e:
+                raise ValueError(f"scoring function {fn!r} cannot be sent to a worker process (define it at module "
+                                 f"level): {e}") from e
+            try:
+                return self._map(fn, args_list, timeout_s)
+            except BaseException:
+                # Workers still busy hold tasks of this call: their state is unknown, so end them.
+                for i, w in enumerate(self._workers):
+                    if w is not None and w.state != "idle":
+                        _stop(w, kill=True)
+                        self._workers[i] = None
+                raise
+
+    # --- the event loop -------------------------------------------------------------------------------------
+
+    def _start(self, slot: int) -> None:
+        read_fd, to_worker_fd = os.pipe()
+        from_worker_fd, write_fd = os.pipe()
+        try:
+            proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(read_fd), str(write_fd)],
+                                    pass_fds=(read_fd, write_fd), stdin=subprocess.DEVNULL, env=_child_env())
+        finally:
+            os.close(read_fd)
+            os.close(write_fd)
+        now = time.monotonic()
+        w = _Worker(proc=proc, to_worker=Connection(to_worker_fd, readable=False),
+                    from_worker=Connection(from_worker_fd, writable=False), state="starting",
+                    deadline=now + self.startup_timeout_s, started_at=now)
+        self._workers[slot] = w
+        self.stats["started"] += 1
+        try:
+            w.to_worker.send(("init", self.preload))
+        except OSError:
+            pass  # it died at once; its EOF is seen by the loop
+
+    def _retire(self, slot: int, kill: bool) -> None:
+        w = self._workers[slot]
+        if w is not None:
+            self._workers[slot] = None
+            if kill:
+                self.stats["replaced"] += 1
+            _stop(w, kill=kill)
+
+    def _map(self, fn: Callable[..., Any], args_list: list[tuple[Any, ...]], timeout_s: float) -> list[Outcome]:
+        n = len(args_list)
+        results: list[Outcome | None] = [None] * n
+        pending = collections.deque(range(n))
+        remaining = n
+        while remaining:
+            now = time.monotonic()
+            # Hand tasks to idle workers; (re)start workers while tasks wait for one.
+            for slot, w in enumerate(self._workers):
+                if not pending:
+                    break
+                if w is None:
+                    if sum(x is not None for x in self._workers) < min(self.num_workers, remaining):
+                        self._start(slot)
+                    continue
+                if w.state != "idle":
+                    continue
+                i = pending.popleft()
+                try:
+                    payload = pickle.dumps((i, fn, args_list[i]))
+                except Exception as e:
+                    results[i] = Outcome("error", error=f"arguments cannot be sent to a worker: {e}")
+                    remaining -= 1
+                    continue
+                try:
+                    w.to_worker.send_bytes(payload)
+                except OSError:  # it died while idle: requeue the task, replace the worker
+                    pending.appendleft(i)
+                    self._retire(slot, kill=True)
+                    continue
+                # Until the worker says "started", the limit is the start-up one: loading the task may import
+                # the scoring function's module for the first time, which is not the sample's cost.
+                w.state, w.task, w.sent_at, w.deadline = "busy", i, now, now + self.startup_timeout_s
+                w.timeout_s = timeout_s
+            if not remaining:
+                break
+            active = [w for w in self._workers if w is not None and w.state != "idle"]
+            if not active:
+                continue
+            wait_s = max(0.0, min(w.deadline for w in active) - time.monotonic())
+            ready = set(wait([w.from_worker for w in active], timeout=wait_s))
+            for slot, w in enumerate(self._workers):
+                if w is None or w.state == "idle":
+                    continue
+                if w.from_worker in ready:
+                    remaining -= self._receive(slot, w, results)
+                elif time.monotonic() >= w.deadline:
+                    if w.state == "starting":
+                        self._retire(slot, kill=True)
+                        raise RuntimeError(f"scoring worker did not start within {self.startup_timeout_s:.0f} s "
+                                           f"(preload={list(self.preload)})")
+                    results[w.task] = Outcome("timeout", error=f"no result within {w.timeout_s:g} s",
+                                              seconds=time.monotonic() - w.sent_at)
+                    remaining -= 1
+                    self._retire(slot, kill=True)
+        # Replace workers lost in this call now, so that they boot while the caller does other work.
+        for slot, w in enumerate(self._workers):
+            if w is None:
+                self._start(slot)
+        return [r for r in results if r is not None]
+
+    def _receive(self, slot: int, w: _Worker, results: list[Outcome | None]) -> int:
+        """Handles one message (or EOF) from worker `slot`; returns how many samples it finished (0 or 1)."""
+        try:
+            msg = pickle.loads(w.from_worker.recv_bytes())
+        except (EOFError, OSError):
+            msg = None
+        except Exception as e:
+            msg = ("error", w.task, f"result could not be loaded: {type(e).__name__}: {e}")
+        if w.state == "starting":
+            if msg is not None and msg[0] == "ready":
+                w.state = "idle"
+                self.stats["last_startup_s"] = time.monotonic() - w.started_at
+                return 0
+            code = w.proc.poll()
+            self._retire(slot, kill=True)
+            reason = msg[1] if msg is not None and msg[0] == "init_error" else f"it exited with code {code}"
+            raise RuntimeError(f"scoring worker failed to start (preload={list(self.preload)}): {reason}")
+        if msg is not None and msg[0] == "started":
+            w.sent_at = time.monotonic()
+            w.deadline = w.sent_at + w.timeout_s
+            return 0
+        elapsed = time.monotonic() - w.sent_at
+        task = w.task
+        if msg is None:  # the worker died mid-task (os._exit, a segfault, the OOM killer)
+            self._retire(slot, kill=True)
+            code = w.proc.returncode
+            results[task] = Outcome("error", error=f"worker died (exit code {code})", seconds=elapsed)
+            return 1
+        status = msg[0]
+        if status == "ok":
+            results[task] = Outcome("ok", value=msg[2], seconds=elapsed)
+        else:
+            results[task] = Outcome("error", error=str(msg[2]), seconds=elapsed)
+        w.state, w.task = "idle", None
+        w.tasks_done += 1
+        if self.max_tasks_per_worker is not None and w.tasks_done >= self.max_tasks_per_worker:
+            self._retire(slot, kill=False)
+        return 1
+
+
+def _call_in_process(fn: Callable[..., Any], args: tuple[Any, ...], timeout_s: float) -> Outcome:
+    t0 = time.monotonic()
+    try:
+        value = fn(*args)
+    except Exception as e:
+        return Outcome("error", error=f"{type(e).__name__}: {e}", seconds=time.monotonic() - t0)
+    elapsed = time.monotonic() - t0
+    if elapsed > timeout_s:
+        return Outcome("timeout", error=f"took {elapsed:.3g} s > {timeout_s:g} s (in-process: not interrupted)",
+                       seconds=elapsed)
+    return Outcome("ok", value=value, seconds=elapsed)
+
+
+def outcome_counts(outcomes: Sequence[Outcome]) -> dict[str, int]:
+    """{"timeouts": ..., "errors": ...} over a batch of outcomes (both keys always present)."""
+    return {"timeouts": sum(o.status == "timeout" for o in outcomes),
+            "errors": sum(o.status == "error" for o in outcomes)}

@@ -1,0 +1,193 @@
+"""Procedural reasoning tasks from reasoning-gym, scored by each dataset's own `score_answer`.
+
+    tasks = reasoning_gym_tasks("basic_arithmetic", size=100, seed=0)
+    env = ReasoningGymEnvironment(answer_format="answer_tag", timeout_s=10.0)
+    result = env.score(prompts, completions, [t.metadata for t in tasks])   # rewards in [0, 1]
+
+A task's metadata holds "rg_dataset" (the dataset name) and "rg_entry" (the generated entry, encoded by
+`encode_entry` so that it survives JSON exactly: tuples, sets and non-string dict keys are tagged, which some
+scorers need, e.g. arc_agi compares tuple grids). Plain JSON entries (as reasoning-gym writes them) are accepted
+too. reasoning_gym is imported lazily (about 4 s): by the scoring workers at start-up and by
+reasoning_gym_tasks, never by `import jaxrl_llm.environments`.
+
+Scorers are built once per dataset and worker (the first use of a dataset may take a second, e.g. arc_agi, and
+counts against that sample's timeout). Datasets whose entries have no single gold answer (e.g. boxnet,
+rubiks_cube: "answer" is None) are scored by their own checker all the same. An unknown "rg_dataset" is that
+sample's error (counted in "errors"; the trainer process never imports reasoning_gym to check names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from jaxrl_llm.environments.base import EnvResult, Task, check_batch
+from jaxrl_llm.environments.extract import check_answer_format, extract_answer
+from jaxrl_llm.environments.pool import ScoringPool, outcome_counts
+
+RG_INSTRUCTION = "Give your final answer inside <answer></answer> tags, e.g. <answer>42</answer>."
+_TAGS = ("__tuple__", "__set__", "__frozenset__", "__items__")
+
+
+def encode_entry(x: Any, where: str = "entry") -> Any:
+    """A JSON-able form of a reasoning-gym entry that `decode_entry` turns back into an equal object.
+    Tuples, sets and dicts with non-string keys become {"__tuple__"|"__set__"|"__frozenset__"|"__items__": [...]};
+    numpy arrays and scalars become lists and Python numbers. Anything else: TypeError naming its path."""
+    if isinstance(x, str | bool | int | float) or x is None:
+        return x
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return encode_entry(x.tolist(), where)
+    if isinstance(x, list):
+        return [encode_entry(v, f"{where}[{i}]") for i, v in enumerate(x)]
+    if isinstance(x, tuple):
+        return {"__tuple__": [encode_entry(v, f"{where}[{i}]") for i, v in enumerate(x)]}
+    if isinstance(x, set | frozenset):
+        items = [encode_entry(v, f"{where}{{}}") for v in x]
+        try:
+            items.sort()
+        except TypeError:
+            items.sort(key=repr)
+        return {"__frozenset__" if isinstance(x, frozenset) else "__set__": items}
+    if isinstance(x, dict):
+        if all(isinstance(k, str) for k in x) and not (len(x) == 1 and next(iter(x)) in _TAGS):
+            return {k: encode_entry(v, f"{where}[{k!r}]") for k, v in x.items()}
+        return {"__items__": [[encode_entry(k, f"{where} key"), encode_entry(v, f"{where}[{k!r}]")]
+                              for k, v in x.items()]}
+    raise TypeError(f"{where}: a {type(x).__name__} cannot be stored as JSON")
+
+
+def decode_entry(x: Any) -> Any:
+    """The inverse of encode_entry (plain JSON values pass through)."""
+    if isinstance(x, list):
+        return [decode_entry(v) for v in x]
+    if not isinstance(x, dict):
+        return x
+    if len(x) == 1:
+        (key, value), = x.items()
+        if key == "__tuple__":
+            return tuple(decode_entry(v) for v in value)
+        if key == "__set__":
+            return {decode_entry(v) for v in value}
+        if key == "__frozenset__":
+            return frozenset(decode_entry(v) for v in value)
+        if key == "__items__":
+            return {decode_entry(k): decode_entry(v) for k, v in value}
+    return {k: decode_entry(v) for k, v in x.items()}
+
+
+def _reasoning_gym():
+    import reasoning_gym
+    from reasoning_gym.factory import DATASETS
+
+    return reasoning_gym, DATASETS
+
+
+def reasoning_gym_datasets() -> list[str]:
+    """The dataset names the installed reasoning-gym registers."""
+    return sorted(_reasoning_gym()[1])
+
+
+def _check_dataset(name: str) -> None:
+    names = reasoning_gym_datasets()
+    if name not in names:
+        raise ValueError(f"unknown reasoning-gym dataset {name!r}; valid: {names}")
+
+
+@functools.cache
+def _scorer(dataset: str) -> Callable[[str | None, dict[str, Any]], float]:
+    rg, _ = _reasoning_gym()
+    return rg.get_score_answer_fn(dataset)
+
+
+def score_reasoning_gym(completion: str, dataset: str, entry: Any, answer_format: str) -> tuple[float, str | None]:
+    """(reward in [0, 1], extracted answer) of one completion; the function the pool runs."""
+    answer = extract_answer(completion, answer_format)
+    if answer is None:
+        return 0.0, None
+    reward = float(_scorer(dataset)(answer, decode_entry(entry)))
+    return (min(max(reward, 0.0), 1.0) if math.isfinite(reward) else 0.0), answer
+
+
+def reasoning_gym_tasks(dataset: str, size: int, seed: int, system_prompt: str | None = None, *,
+                        answer_instruction: str | None = RG_INSTRUCTION, **dataset_kwargs: Any) -> list[Task]:
+    """`size` tasks of a reasoning-gym dataset (deterministic in seed and kwargs). The user message is the
+    question, a blank line and `answer_instruction` (None/"": the bare question); a system message comes first
+    when `system_prompt` is given. metadata: {"rg_dataset", "rg_entry" (encode_entry), "answer" (the entry's
+    gold answer, may be None), "env": "reasoning_gym"}. dataset_kwargs: fields of the dataset's config."""
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"reasoning_gym_tasks: size must be an int >= 1, got {size!r}")
+    _check_dataset(dataset)
+    rg, registry = _reasoning_gym()
+    config_cls = registry[dataset][1]
+    fields = sorted(f.name for f in dataclasses.fields(config_cls))
+    unknown = sorted(set(dataset_kwargs) - set(fields))
+    if unknown:
+        raise ValueError(f"reasoning-gym dataset {dataset!r}: unknown option(s) {unknown}; valid: "
+                         f"{[f for f in fields if f not in ('size', 'seed')]}")
+    try:
+        data = rg.create_dataset(dataset, size=size, seed=seed, **dataset_kwargs)
+    except AssertionError as e:  # reasoning-gym configs validate with assert
+        raise ValueError(f"reasoning-gym dataset {dataset!r}: invalid options {dataset_kwargs}: {e}") from e
+    tasks = []
+    for i in range(size):
+        entry = data[i]
+        user = f"{entry['question']}\n\n{answer_instruction}" if answer_instruction else entry["question"]
+        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
+            [{"role": "user", "content": user}]
+        meta = {"rg_dataset": dataset, "rg_entry": encode_entry(entry, f"{dataset}[{i}]"),
+                "answer": encode_entry(entry.get("answer")), "env": "reasoning_gym"}
+        tasks.append(Task(messages=tuple(messages), metadata=meta))
+    return tasks
+
+
+class ReasoningGymEnvironment:
+    """Scores completions with reasoning-gym's checker of each task's dataset (see the module doc).
+
+    answer_format: how to find the answer in the completion (default the <answer> tag reasoning-gym prompts
+    ask for; see extract.py, e.g. "last_line" as a lenient fallback). timeout_s: per-sample limit.
+    num_workers: scoring processes (0: in this process, timeouts reported but not enforced).
+    """
+
+    def __init__(self, answer_format: str = "answer_tag", timeout_s: float = 10.0, num_workers: int = 2,
+                 name: str = "reasoning_gym"):
+        check_answer_format(answer_format)
+        self.name = name
+        self.answer_format = answer_format
+        self._pool = ScoringPool(num_workers, timeout_s, preload=("reasoning_gym",))
+
+    def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
+        check_batch(prompts, completions, metadata)
+        for i, m in enumerate(metadata):
+            missing = [k for k in ("rg_dataset", "rg_entry") if not isinstance(m, dict) or k not in m]
+            if missing:
+                raise ValueError(f"{self.name}: metadata[{i}] lacks {missing} (make tasks with reasoning_gym_tasks)")
+        outcomes = self._pool.map(score_reasoning_gym, [(c, m["rg_dataset"], m["rg_entry"], self.answer_format)
+                                                        for c, m in zip(completions, metadata, strict=True)])
+        rewards_N = np.zeros(len(outcomes), np.float32)
+        info: list[dict[str, Any]] = []
+        no_answer = 0
+        for i, o in enumerate(outcomes):
+            if o.status == "ok":
+                rewards_N[i], extracted = o.value
+                no_answer += extracted is None
+                info.append({"extracted": extracted})
+            else:
+                info.append({"extracted": None, "error": o.error})
+        return EnvResult(rewards=rewards_N, info=info, counts={**outcome_counts(outcomes), "no_answer": no_answer})
+
+    def close(self) -> None:
+        """Stops the scoring workers."""
+        self._pool.close()
+
+    def __enter__(self) -> ReasoningGymEnvironment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
