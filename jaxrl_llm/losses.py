@@ -10,14 +10,26 @@ from jaxrl_llm.algorithms.losses import (
     sequence_logprobs,
     token_logprobs,
 )
+from jaxrl_llm.algorithms.pg_losses import (
+    KL_TYPES,
+    grpo_advantages,
+    kl_penalty,
+    policy_gradient_loss,
+    policy_gradient_loss_sum,
+)
 
 __all__ = [
     "DPO_LOSS_TYPES",
+    "KL_TYPES",
     "bradley_terry_loss",
     "bradley_terry_loss_sum",
     "dpo_loss",
     "dpo_loss_sum",
+    "grpo_advantages",
+    "kl_penalty",
     "next_token_nll_sum",
+    "policy_gradient_loss",
+    "policy_gradient_loss_sum",
     "sequence_logprobs",
     "token_logprobs",
 ]
