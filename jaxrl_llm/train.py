@@ -23,6 +23,7 @@ from ml_collections import config_flags
 
 from jaxrl_llm import models, parallel
 from jaxrl_llm.algorithms import REGISTRY, batch_indices
+from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.data import DataError
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
@@ -30,6 +31,10 @@ from jaxrl_llm.optim import make_optimizer
 
 log = logging.getLogger("jaxrl_llm.train")
 MODEL_CONFIG_FILE = "model_config.json"  # the run's ModelConfig, for export and evaluation
+
+
+# Algorithms that generate their own data (rollouts) run their own loop; the value validates their config.
+ONLINE = {"grpo": validate_grpo}
 
 
 class ConfigError(ValueError):
@@ -62,7 +67,8 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules,
             cfg = models.ModelConfig(**init)
         except TypeError as e:
             raise ConfigError(f"model.init: {e}") from e
-        params = models.init_params(cfg, jax.random.key(config.seed), dtype=mc.dtype, mesh=mesh, rules=rules)
+        params = models.init_params(cfg, jax.random.key(config.seed), dtype=mc.dtype, mesh=mesh, rules=rules,
+                                    std=mc.get("init_std", 0.02))
     cfg = dataclasses.replace(cfg, compute_dtype=mc.compute_dtype, attention_impl=mc.attention_impl,
                               remat=mc.remat)
     if num_labels and cfg.num_labels != num_labels:
@@ -72,16 +78,20 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules,
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """User errors before any heavy work, each naming the config key."""
-    if config.algorithm not in REGISTRY:
-        raise ConfigError(f"algorithm={config.algorithm!r}; implemented: {sorted(REGISTRY)}")
+    if config.algorithm not in REGISTRY and config.algorithm not in ONLINE:
+        raise ConfigError(f"algorithm={config.algorithm!r}; implemented: {sorted([*REGISTRY, *ONLINE])}")
     try:
-        REGISTRY[config.algorithm].validate(config)
+        if config.algorithm in ONLINE:
+            ONLINE[config.algorithm](config)
+        else:
+            REGISTRY[config.algorithm].validate(config)
     except (ValueError, AttributeError, KeyError) as e:
         raise ConfigError(str(e)) from e
     if config.max_steps < 1:
         raise ConfigError(f"max_steps={config.max_steps}: must be >= 1")
     tc = config.train
-    if tc.batch_size < 1 or tc.microbatches < 1 or tc.batch_size % tc.microbatches:
+    if config.algorithm not in ONLINE and (tc.batch_size < 1 or tc.microbatches < 1
+                                           or tc.batch_size % tc.microbatches):
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by train.microbatches={tc.microbatches}")
     if config.data.overlong not in ("truncate", "drop"):
         raise ConfigError(f"data.overlong={config.data.overlong!r}; expected truncate | drop")
@@ -137,6 +147,10 @@ def validation_batches(algo, examples: list, config, pad: int):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
     validate(config)
+    if config.algorithm in ONLINE:
+        from jaxrl_llm.rl_train import run_grpo
+
+        return run_grpo(config, workdir)
     algo = REGISTRY[config.algorithm]
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()

@@ -105,20 +105,12 @@ def test_advantages_small_groups():
     close(advantages([1.0, 0.0, 3.0], 1, leave_one_out=False), [0.0, 0.0, 0.0])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pg_losses.grpo_advantages: float32 sum-of-squares variance (E[r^2]-E[r]^2) leaves ~1e-4 of spurious std in "
-    "groups of equal rewards, above the 1e-6 'no spread' threshold, so the 1-ulp error of r - mean is divided by it: "
-    "all-equal groups get |A| ~2e-4 instead of 0 (spec: zero-std groups are left unnormalised, A = r - b = 0)"))
 @pytest.mark.parametrize("G,value,leave_one_out", [(8, 0.3, False), (16, 0.7, True), (16, 0.9, False)])
 def test_advantages_all_equal_large_groups_are_zero(G, value, leave_one_out):
     got = np.asarray(grpo_advantages(jnp.full((G,), value, jnp.float32), G, leave_one_out=leave_one_out))
     close(got, np.zeros(G))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pg_losses.grpo_advantages: the float32 sum-of-squares variance loses precision when rewards have an offset "
-    "(reward-model scores ~ N(20, 1)): error ~1.2e-4 (LOO) / 3e-5 (mean) vs the exact formula; a centred two-pass "
-    "variance (LOO: SS_i = SS - (r_i - mean)^2 * G/(G-1)) stays ~4e-6, within float32's ulp(20)/std"))
 @pytest.mark.parametrize("leave_one_out", [True, False])
 def test_advantages_offset_rewards_precision(leave_one_out):
     rewards = (np.random.default_rng(0).normal(0.0, 1.0, 16) + 20.0).astype(np.float32)

@@ -28,17 +28,26 @@ def microbatch_sums(loss_fn: Callable, params: Any, batch: dict[str, jax.Array],
     """Microbatch accumulation with metrics: loss_fn(params, mb) -> (loss_sum, (count, metric_sums)).
 
     Returns (grad sum, loss sum, count, metric sums) over `num_micro` equal microbatches (lax.scan); each
-    sum divided by the count is exactly the full-batch mean, whatever the split.
+    sum divided by the count is exactly the full-batch mean, whatever the split. Metrics named `*_min` /
+    `*_max` are reduced with min / max instead of summed.
     """
     micro = jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
     _, (_, sums_shape) = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))
-    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.float32(0), jnp.float32(0),
-             jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape))
+    big = jnp.finfo(jnp.float32).max
+    init = {k: jnp.full(s.shape, big if k.endswith("_min") else -big if k.endswith("_max") else 0.0, jnp.float32)
+            for k, s in sums_shape.items()}
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.float32(0), jnp.float32(0), init)
+
+    def reduce(k, a, b):
+        b = b.astype(jnp.float32)
+        return jnp.minimum(a, b) if k.endswith("_min") else jnp.maximum(a, b) if k.endswith("_max") else a + b
 
     def body(carry, mb):
         (l, (n, sums)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
-        new = (g, l, n, sums)
-        return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry, new), None
+        g_acc, l_acc, n_acc, s_acc = carry
+        g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+        s_acc = {k: reduce(k, s_acc[k], sums[k]) for k in s_acc}
+        return (g_acc, l_acc + l.astype(jnp.float32), n_acc + n.astype(jnp.float32), s_acc), None
 
     (g, l, n, sums), _ = jax.lax.scan(body, zeros, micro)
     return g, l, n, sums

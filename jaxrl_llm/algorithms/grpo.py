@@ -1,0 +1,214 @@
+"""GRPO and its variants (DAPO, GSPO, REINFORCE): the device-side pieces and the host-side reward processing.
+
+The step itself (prompts -> our sampler on the trainer's arrays -> environment -> advantages -> reference
+log-probs -> optimizer updates) is driven by `jaxrl_llm.rl_train`; this module holds what it composes:
+
+- `validate_config`: every `grpo`/`rollout` key checked before any heavy work;
+- `build_batch`: prompts + completions -> fixed-shape training arrays (one compiled shape per recipe);
+- `make_logprobs_fn`: jitted per-token log-probs of a batch (reference, or recomputed old log-probs);
+- `make_train_step`: one optimizer update on a minibatch (microbatch accumulation, global normalisation);
+- `shape_overlong`, `dynamic_sampling_keep`: DAPO's reward shaping and group filter (numpy, host).
+
+Sequence layout: row i is [prompt_i, completion_i, pad...] (no left padding, positions from 0). Per-token
+arrays are aligned with their targets: column t holds a value for token t (column 0 is never a target).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxrl_llm.algorithms.losses import token_logprobs
+from jaxrl_llm.algorithms.pg_losses import KL_TYPES, grpo_advantages, policy_gradient_loss_sum
+from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.transformer import forward
+from jaxrl_llm.parallel.rules import ShardingRules
+from jaxrl_llm.sampling.strategies import filter_top_k_top_p
+
+BATCH_AXES = {
+    "input_ids": ("batch", "length"), "attention_mask": ("batch", "length"), "loss_mask": ("batch", "length"),
+    "advantages": ("batch",), "old_logprobs": ("batch", "length"), "ref_logprobs": ("batch", "length"),
+    "sampler_logprobs": ("batch", "length"),
+}
+
+__all__ = ["BATCH_AXES", "build_batch", "dynamic_sampling_keep", "grpo_advantages", "make_logprobs_fn",
+           "make_train_step", "shape_overlong", "validate_config"]
+
+
+def validate_config(config: Any) -> None:
+    """User errors in the grpo/rollout/train blocks, each naming the key (raises ValueError)."""
+    g, ro = config.grpo, config.rollout
+    if ro.num_prompts < 1:
+        raise ValueError(f"rollout.num_prompts={ro.num_prompts}: must be >= 1")
+    if ro.group_size < 2:
+        raise ValueError(f"rollout.group_size={ro.group_size}: GRPO needs >= 2 generations per prompt")
+    if ro.max_new_tokens < 1:
+        raise ValueError(f"rollout.max_new_tokens={ro.max_new_tokens}: must be >= 1")
+    if ro.temperature <= 0:
+        raise ValueError(f"rollout.temperature={ro.temperature}: GRPO samples, so it must be > 0")
+    if not 0 < ro.top_p <= 1:
+        raise ValueError(f"rollout.top_p={ro.top_p}: must be in (0, 1]")
+    if ro.top_k < 0:
+        raise ValueError(f"rollout.top_k={ro.top_k}: must be >= 0 (0 = off)")
+    R = ro.num_prompts * ro.group_size
+    B = config.train.batch_size or R
+    if R % B:
+        raise ValueError(f"train.batch_size={B} (rollouts per optimizer update) must divide rollout.num_prompts x "
+                         f"rollout.group_size = {R}")
+    if B % config.train.microbatches:
+        raise ValueError(f"train.batch_size={B} is not divisible by train.microbatches={config.train.microbatches}")
+    if g.epochs < 1:
+        raise ValueError(f"grpo.epochs={g.epochs}: must be >= 1")
+    if g.kl_type not in KL_TYPES:
+        raise ValueError(f"grpo.kl_type={g.kl_type!r}; expected one of {KL_TYPES}")
+    if g.kl_coef < 0:
+        raise ValueError(f"grpo.kl_coef={g.kl_coef}: must be >= 0")
+    if g.clip_low < 0 or g.clip_high < 0 or g.clip_low >= 1:
+        raise ValueError(f"grpo.clip_low={g.clip_low}, grpo.clip_high={g.clip_high}: need 0 <= clip_low < 1 and "
+                         "clip_high >= 0")
+    if g.dual_clip and g.dual_clip <= 1:
+        raise ValueError(f"grpo.dual_clip={g.dual_clip}: must be > 1 (0 = off)")
+    if g.sequence_level_ratio and g.token_level:
+        raise ValueError("grpo.sequence_level_ratio (GSPO) needs grpo.token_level=False")
+    if g.tis_cap < 0:
+        raise ValueError(f"grpo.tis_cap={g.tis_cap}: must be >= 0 (0 = no truncation)")
+    if g.tis_cap and not g.importance_correction:
+        raise ValueError("grpo.tis_cap needs grpo.importance_correction=True")
+    if g.overlong_buffer < 0 or g.overlong_buffer >= ro.max_new_tokens and g.overlong_buffer:
+        raise ValueError(f"grpo.overlong_buffer={g.overlong_buffer}: must be in [0, rollout.max_new_tokens)")
+    if g.dynamic_sampling and g.dynamic_sampling_max_rounds < 1:
+        raise ValueError(f"grpo.dynamic_sampling_max_rounds={g.dynamic_sampling_max_rounds}: must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------- host side
+
+
+def shape_overlong(rewards_R: np.ndarray, lengths_R: np.ndarray, max_new_tokens: int, buffer: int,
+                   penalty: float) -> np.ndarray:
+    """DAPO's soft overlong punishment: r + min(-(len - L_exp) / buffer * penalty, 0), L_exp = max - buffer.
+
+    Completions no longer than L_exp keep their reward; the penalty grows linearly to `penalty` at the
+    maximum length. buffer 0 turns shaping off.
+    """
+    if buffer <= 0:
+        return np.asarray(rewards_R, np.float32)
+    expected = max_new_tokens - buffer
+    over = (np.asarray(lengths_R, np.float32) - expected) / buffer * penalty
+    return (np.asarray(rewards_R, np.float32) + np.minimum(-over, 0.0)).astype(np.float32)
+
+
+def dynamic_sampling_keep(rewards_R: np.ndarray, group_size: int) -> np.ndarray:
+    """DAPO dynamic sampling: which groups [N] to keep, those whose rewards are not all equal (std > 0)."""
+    r_NG = np.asarray(rewards_R, np.float64).reshape(-1, group_size)
+    return r_NG.std(axis=1) > 1e-6
+
+
+def build_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                sampler_logprobs: Sequence[Sequence[float]], length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Rows [prompt, completion, pad] of `length` tokens; loss_mask 1 on completion tokens; sampler log-probs
+    aligned with their tokens. Raises if a row does not fit (the caller sizes `length` to prompt + new tokens)."""
+    R = len(prompts)
+    ids = np.full((R, length), pad_id, np.int32)
+    attn = np.zeros((R, length), np.int32)
+    loss = np.zeros((R, length), np.int32)
+    lp = np.zeros((R, length), np.float32)
+    for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+        n_p, n_c = len(p), len(c)
+        if n_p + n_c > length:
+            raise ValueError(f"rollout {i}: prompt {n_p} + completion {n_c} tokens exceed the batch length {length}")
+        ids[i, :n_p], ids[i, n_p:n_p + n_c] = p, c
+        attn[i, :n_p + n_c] = 1
+        loss[i, n_p:n_p + n_c] = 1
+        lp[i, n_p:n_p + n_c] = sampler_logprobs[i]
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "sampler_logprobs": lp}
+
+
+# --------------------------------------------------------------------------------------------- device side
+
+
+def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: jax.Array, temperature: float,
+                     top_k: int, top_p: float, rules: ShardingRules | None, with_entropy: bool = False):
+    """(log-probs of the tokens under the sampled-from distribution [B, T] (column 0 zero), the same without
+    top-k/top-p filtering, entropy per position or None); temperature applied as the sampler does."""
+    logits = forward(cfg, params, ids_BT, attn_BT, rules=rules)[:, :-1].astype(jnp.float32) / temperature
+    targets = ids_BT[:, 1:]
+    lp_raw = token_logprobs(logits, targets)
+    lp = lp_raw
+    if top_k > 0 or top_p < 1.0:  # the sampler's filter, row by row; removed tokens get -inf
+        B, T1, V = logits.shape
+        rows = logits.reshape(B * T1, V)
+        filt = filter_top_k_top_p(rows, jnp.full((B * T1,), top_k, jnp.int32), jnp.full((B * T1,), top_p))
+        lp = token_logprobs(filt.reshape(B, T1, V), targets)
+    ent = None
+    if with_entropy:
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        ent = -(jnp.exp(logp) * logp).sum(-1)
+        ent = jnp.pad(ent, ((0, 0), (1, 0)))
+    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
+    return pad(lp), pad(lp_raw), ent
+
+
+def make_logprobs_fn(cfg: ModelConfig, temperature: float, num_micro: int, rules: ShardingRules | None = None,
+                     top_k: int = 0, top_p: float = 1.0) -> Callable:
+    """fn(params, input_ids [R, T], attention_mask [R, T]) -> log-probs [R, T] (target-aligned, column 0 zero),
+    computed `num_micro` rows-chunks at a time (lax.map) to bound activation memory. top_k/top_p: the sampler's
+    filter (0 / 1.0 for the reference model, whose log-probs keep only the temperature)."""
+
+    def fn(params, ids_RT, attn_RT):
+        R, T = ids_RT.shape
+        chunks = (ids_RT.reshape(num_micro, R // num_micro, T), attn_RT.reshape(num_micro, R // num_micro, T))
+        out = jax.lax.map(lambda c: _policy_logprobs(cfg, params, c[0], c[1], temperature, top_k, top_p,
+                                                      rules)[0], chunks)
+        return out.reshape(R, T)
+
+    return fn
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, config: Any,
+                    rules: ShardingRules | None = None) -> Callable:
+    """step(state, minibatch, on_policy) -> (state, metrics): one optimizer update on a minibatch of rollouts.
+
+    minibatch: BATCH_AXES arrays. on_policy (a traced bool): the params still equal the sampling params (the
+    first update of a step), so the old policy is the current one and old log-probs are taken as
+    stop_gradient(current): the ratio is exactly 1 and the gradient is the exact on-policy gradient.
+    The loss is summed over microbatches and divided by the minibatch's global count (tokens or sequences).
+    """
+    g, ro = config.grpo, config.rollout
+    kw = dict(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip or None, kl_coef=g.kl_coef,
+              kl_type=g.kl_type, token_level=g.token_level, sequence_level_ratio=g.sequence_level_ratio,
+              tis_cap=g.tis_cap or None, reinforce=g.reinforce)
+    use_is = bool(g.importance_correction)
+
+    def loss_fn(params, mb, on_policy):
+        lp, lp_raw, ent = _policy_logprobs(cfg, params, mb["input_ids"], mb["attention_mask"], ro.temperature,
+                                           ro.top_k, ro.top_p, rules, with_entropy=True)
+        mask = mb["loss_mask"].astype(jnp.float32)
+        old = jnp.where(on_policy, jax.lax.stop_gradient(lp), mb["old_logprobs"])
+        filtered = ro.top_k > 0 or ro.top_p < 1.0
+        s, n, sums = policy_gradient_loss_sum(
+            lp, old, mb["ref_logprobs"] if g.kl_coef else None, mb["advantages"], mask,
+            sampler_logprobs=mb["sampler_logprobs"] if use_is else None,
+            kl_logprobs=lp_raw if filtered else None, **kw)
+        if g.token_level:
+            sums["entropy"] = jax.lax.stop_gradient((ent * mask).sum())
+        else:
+            valid = (mask.sum(-1) > 0).astype(jnp.float32)
+            sums["entropy"] = jax.lax.stop_gradient(
+                ((ent * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0) * valid).sum())
+        return s, (n, sums)
+
+    def step(state, mb, on_policy):
+        grads, loss, count, sums = microbatch_sums(lambda p, m: loss_fn(p, m, on_policy), state["params"], mb,
+                                                   config.train.microbatches)
+        count = jnp.maximum(count, 1.0)
+        state, gnorm = apply_mean_grads(optimizer, state, grads, count)
+        metrics = {k: (v if k in ("ratio_min", "ratio_max") else v / count) for k, v in sums.items()}
+        return state, {"loss": loss / count, "grad_norm": gnorm, "count": count, **metrics}
+
+    return step

@@ -1,0 +1,375 @@
+"""The GRPO training loop (`python -m jaxrl_llm.train` with algorithm='grpo').
+
+One step, all on the config's mesh with the trainer's own arrays (no inference engine, no weight copy):
+  1. host: the step's prompts (a pure function of seed and step) -> chat template -> token ids, x group_size
+  2. device: `sampling.generate` with the current params -> completions and the sampler's log-probs
+  3. host: environment rewards (worker processes with timeouts), DAPO shaping / dynamic sampling / filtering
+  4. host+device: group advantages; reference log-probs (frozen copy, same mesh) when kl_coef > 0; old
+     log-probs recomputed only when configured (otherwise the sampler's, which are the trainer's)
+  5. device: for each epoch and minibatch, one optimizer update (microbatch accumulation, donated state)
+  6. host: metrics (reward, accuracy, KL, clip fraction, entropy, lengths, tokens/s, time per phase), checkpoint
+A run restarted with the same workdir resumes from its latest checkpoint and logs the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxrl_llm import models, parallel, sampling
+from jaxrl_llm.algorithms import grpo
+from jaxrl_llm.algorithms.base import batch_indices
+from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.data.chat import DataError
+from jaxrl_llm.metrics import MetricsWriter
+from jaxrl_llm.optim import make_optimizer
+
+log = logging.getLogger("jaxrl_llm.rl_train")
+
+
+def prompt_ids(tokenizer: Any, tasks: list, chat_template: str | None, max_prompt_len: int, overlong: str
+               ) -> tuple[list[list[int]], list[int], dict[str, int]]:
+    """Token ids of each task's templated prompt (generation prompt appended), and the indices of the tasks
+    kept: prompts longer than max_prompt_len are dropped or left-truncated per `data.overlong` (counted)."""
+    out, keep, stats = [], [], {"prompts": len(tasks), "truncated": 0, "dropped": 0}
+    for i, t in enumerate(tasks):
+        ids = tokenizer.apply_chat_template(list(t.messages), tokenize=True, add_generation_prompt=True,
+                                            chat_template=chat_template)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
+            ids = ids["input_ids"]
+        ids = [int(x) for x in ids]
+        if len(ids) > max_prompt_len:
+            if overlong == "drop":
+                stats["dropped"] += 1
+                continue
+            stats["truncated"] += 1
+            ids = ids[len(ids) - max_prompt_len:]
+        out.append(ids)
+        keep.append(i)
+    if stats["truncated"] or stats["dropped"]:
+        log.warning("data: %d of %d prompts longer than data.max_prompt_len=%d: %d truncated, %d dropped",
+                    stats["truncated"] + stats["dropped"], len(tasks), max_prompt_len, stats["truncated"],
+                    stats["dropped"])
+    if not out:
+        raise DataError(f"no prompt fits data.max_prompt_len={max_prompt_len}")
+    return out, keep, stats
+
+
+@dataclasses.dataclass
+class Rollouts:
+    """R = prompts x group_size samples, grouped consecutively."""
+
+    task_idx: list[int]
+    prompts: list[list[int]]
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finish: list[str]
+    rewards: np.ndarray
+    accuracy: np.ndarray
+    counts: dict[str, int]
+
+    def take_groups(self, groups: np.ndarray, G: int) -> Rollouts:
+        rows = [g * G + j for g in groups for j in range(G)]
+        pick = lambda xs: [xs[i] for i in rows]
+        return Rollouts(pick(self.task_idx), pick(self.prompts), pick(self.tokens), pick(self.logprobs),
+                        pick(self.finish), self.rewards[rows], self.accuracy[rows], dict(self.counts))
+
+    @staticmethod
+    def concat(parts: list[Rollouts]) -> Rollouts:
+        counts: dict[str, int] = {}
+        for p in parts:
+            for k, v in p.counts.items():
+                counts[k] = counts.get(k, 0) + v
+        cat = lambda name: [x for p in parts for x in getattr(p, name)]
+        return Rollouts(cat("task_idx"), cat("prompts"), cat("tokens"), cat("logprobs"), cat("finish"),
+                        np.concatenate([p.rewards for p in parts]), np.concatenate([p.accuracy for p in parts]),
+                        counts)
+
+
+class GRPORunner:
+    """Holds the compiled functions and frozen pieces of a GRPO run; `step` does one RL step."""
+
+    def __init__(self, config: ml_collections.ConfigDict, cfg: models.ModelConfig, mesh, rules, tokenizer,
+                 tasks: list, env, optimizer):
+        self.config, self.cfg, self.mesh, self.rules, self.tok, self.env = config, cfg, mesh, rules, tokenizer, env
+        ro, tc = config.rollout, config.train
+        self.G, self.P = ro.group_size, ro.num_prompts
+        self.R = self.P * self.G
+        self.mb_size = tc.batch_size or self.R
+        self.T = config.data.max_prompt_len + ro.max_new_tokens
+        self.tasks = tasks
+        self.prompt_ids, self.kept, self.prompt_stats = prompt_ids(
+            tokenizer, tasks, config.data.chat_template or None, config.data.max_prompt_len, config.data.overlong)
+        stops = tuple(dict.fromkeys([*ro.stop_token_ids, *([tokenizer.eos_token_id]
+                                                           if tokenizer.eos_token_id is not None else [])]))
+        if not stops:
+            raise DataError("the tokenizer has no eos token and rollout.stop_token_ids is empty")
+        self.sp = sampling.SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                                          top_p=ro.top_p, top_k=ro.top_k, stop_token_ids=stops)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.batch_sh = {k: rules.sharding(mesh, grpo.BATCH_AXES[k],
+                                           (self.mb_size,) + ((self.T,) if len(grpo.BATCH_AXES[k]) == 2 else ()))
+                         for k in grpo.BATCH_AXES}
+        full_sh = rules.sharding(mesh, ("batch", "length"), (self.R, self.T))
+        p_sh = models.param_shardings(cfg, mesh, rules)
+        n_micro_lp = max(1, self.R // max(1, self.mb_size // tc.microbatches))
+        with jax.set_mesh(mesh):
+            self.train_step = jax.jit(grpo.make_train_step(cfg, optimizer, config, rules), donate_argnums=0,
+                                      in_shardings=(None, self.batch_sh, None),
+                                      out_shardings=({"params": p_sh, "opt_state": None, "step": None}, None))
+            self.ref_logprobs = jax.jit(grpo.make_logprobs_fn(cfg, ro.temperature, n_micro_lp, rules),
+                                        in_shardings=(p_sh, full_sh, full_sh))
+            self.policy_logprobs = jax.jit(grpo.make_logprobs_fn(cfg, ro.temperature, n_micro_lp, rules,
+                                                                 ro.top_k, ro.top_p),
+                                           in_shardings=(p_sh, full_sh, full_sh))
+        self.full_sh = full_sh
+
+    # -- rollouts -------------------------------------------------------------------------------------------
+
+    def _prompts_for(self, step: int, round_: int) -> list[int]:
+        """Indices into the kept prompts for generation round `round_` of `step` (pure of seed, step, round)."""
+        g = self.config.grpo
+        rounds = g.dynamic_sampling_max_rounds if g.dynamic_sampling else 1
+        return batch_indices(len(self.kept), self.P, self.config.seed, step * rounds + round_)
+
+    def generate_round(self, params, step: int, round_: int) -> tuple[Rollouts, dict[str, float]]:
+        idx = self._prompts_for(step, round_)
+        prompts = [self.prompt_ids[i] for i in idx for _ in range(self.G)]
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), step), round_)
+        ro = self.config.rollout
+        t0 = time.perf_counter()
+        out = sampling.generate(self.cfg, params, prompts, self.sp, key, mesh=self.mesh, rules=self.rules,
+                                max_batch_size=ro.max_batch_size or None)
+        t1 = time.perf_counter()
+        texts_p = [self.tok.decode(p, skip_special_tokens=False) for p in prompts]
+        texts_c = [self.tok.decode(c, skip_special_tokens=True) for c in out.tokens]
+        meta = [self.tasks[self.kept[i]].metadata for i in idx for _ in range(self.G)]
+        res = self.env.score(texts_p, texts_c, meta)
+        t2 = time.perf_counter()
+        rewards = np.asarray(res.rewards, np.float32)
+        acc = np.array([float(inf.get("correct", r >= 1.0)) for inf, r in zip(res.info, rewards, strict=True)],
+                       np.float32)
+        task_idx = [self.kept[i] for i in idx for _ in range(self.G)]
+        times = {"time_generate_s": t1 - t0, "time_score_s": t2 - t1,
+                 "generated_tokens": float(out.stats["generated_tokens"]),
+                 "sampler_compiles": float(out.stats["compiles"])}
+        return Rollouts(task_idx, prompts, out.tokens, out.logprobs, out.finish_reasons, rewards, acc,
+                        dict(res.counts)), times
+
+    def collect(self, params, step: int) -> tuple[Rollouts, dict[str, float]]:
+        """One step's rollouts; with dynamic sampling, rounds of generation until num_prompts groups with
+        reward spread are found (at most grpo.dynamic_sampling_max_rounds; then the batch is completed with
+        spread-less groups, which carry zero advantage, and the shortfall is logged)."""
+        g = self.config.grpo
+        roll, info = self.generate_round(params, step, 0)
+        info["reward_mean_all"] = float(roll.rewards.mean())
+        if not g.dynamic_sampling:
+            return roll, info
+        kept, spare, rounds = [], [], 0
+        while True:
+            keep = grpo.dynamic_sampling_keep(roll.rewards, self.G)
+            kept.append(roll.take_groups(np.flatnonzero(keep), self.G))
+            spare.append(roll.take_groups(np.flatnonzero(~keep), self.G))
+            rounds += 1
+            have = sum(len(k.tokens) for k in kept) // self.G
+            if have >= self.P or rounds >= g.dynamic_sampling_max_rounds:
+                break
+            roll, more = self.generate_round(params, step, rounds)
+            for k in ("time_generate_s", "time_score_s", "generated_tokens", "sampler_compiles"):
+                info[k] += more[k]
+        good = Rollouts.concat(kept)
+        short = max(0, self.P - have)
+        if short:
+            log.warning("step %d: dynamic sampling found %d of %d groups with reward spread in %d rounds; %d "
+                        "spread-less groups fill the batch", step + 1, have, self.P, rounds, short)
+            good = Rollouts.concat([good, Rollouts.concat(spare).take_groups(np.arange(short), self.G)])
+        info.update(dynamic_sampling_rounds=float(rounds), dynamic_sampling_discarded_groups=float(
+            sum(len(s.tokens) for s in spare) // self.G), dynamic_sampling_short_groups=float(short))
+        return good.take_groups(np.arange(self.P), self.G), info
+
+    # -- one RL step ----------------------------------------------------------------------------------------
+
+    def step(self, state: dict, ref_params, step: int) -> tuple[dict, dict[str, float]]:
+        g, ro = self.config.grpo, self.config.rollout
+        t_start = time.perf_counter()
+        roll, info = self.collect(state["params"], step)
+        lengths = np.array([len(t) for t in roll.tokens], np.float32)
+        truncated = np.array([f == "length" for f in roll.finish])
+        rewards = grpo.shape_overlong(roll.rewards, lengths, ro.max_new_tokens, g.overlong_buffer,
+                                      g.overlong_penalty)
+        adv = np.asarray(grpo.grpo_advantages(rewards, self.G, g.leave_one_out, g.normalize_std), np.float32)
+        batch = grpo.build_batch(roll.prompts, roll.tokens, roll.logprobs, self.T, self.pad)
+        sample_mask = ~truncated if g.overlong_filtering else np.ones(self.R, bool)
+        batch["loss_mask"] = batch["loss_mask"] * sample_mask[:, None].astype(np.int32)
+        batch["advantages"] = adv
+        t0 = time.perf_counter()
+        full = {k: jax.device_put(batch[k], self.full_sh) for k in ("input_ids", "attention_mask")}
+        metrics: dict[str, float] = {}
+        with jax.set_mesh(self.mesh):
+            if g.kl_coef:
+                batch["ref_logprobs"] = np.asarray(jax.device_get(
+                    self.ref_logprobs(ref_params, full["input_ids"], full["attention_mask"])))
+            else:
+                batch["ref_logprobs"] = np.zeros_like(batch["sampler_logprobs"])
+            t1 = time.perf_counter()
+            if g.recompute_old_logprobs:
+                batch["old_logprobs"] = np.asarray(jax.device_get(
+                    self.policy_logprobs(state["params"], full["input_ids"], full["attention_mask"])))
+                m = batch["loss_mask"] > 0
+                err = np.abs(batch["old_logprobs"] - batch["sampler_logprobs"])[m]
+                metrics.update(logprob_error_max=float(err.max()) if err.size else 0.0,
+                               logprob_error_mean=float(err.mean()) if err.size else 0.0)
+            else:
+                batch["old_logprobs"] = batch["sampler_logprobs"]
+            t2 = time.perf_counter()
+            train_m = []
+            n_mb = self.R // self.mb_size
+            order_rng = np.random.default_rng([self.config.seed, step, 0x6A])
+            for epoch in range(g.epochs):
+                order = np.arange(self.R) if epoch == 0 else order_rng.permutation(self.R)
+                for j in range(n_mb):
+                    rows = order[j * self.mb_size:(j + 1) * self.mb_size]
+                    mb = {k: jax.device_put(batch[k][rows], self.batch_sh[k]) for k in grpo.BATCH_AXES}
+                    state, m_ = self.train_step(state, mb, jnp.bool_(epoch == 0 and j == 0))
+                    train_m.append(jax.device_get(m_))
+            t3 = time.perf_counter()
+        for k in train_m[0]:
+            vals = np.array([float(m_[k]) for m_ in train_m])
+            metrics[k] = float(vals.min() if k.endswith("_min") else vals.max() if k.endswith("_max")
+                               else vals.mean())
+        gen_time = info.pop("time_generate_s")
+        metrics.update(
+            reward_mean=float(roll.rewards.mean()), reward_std=float(roll.rewards.std()),
+            shaped_reward_mean=float(rewards.mean()), accuracy=float(roll.accuracy.mean()),
+            gen_length_mean=float(lengths.mean()), gen_length_max=float(lengths.max()),
+            truncation_rate=float(truncated.mean()), groups_all_equal=float(
+                (~grpo.dynamic_sampling_keep(roll.rewards, self.G)).mean()),
+            gen_tokens_per_s=info["generated_tokens"] / max(gen_time, 1e-9), time_generate_s=gen_time,
+            time_reference_s=t1 - t0, time_old_logprobs_s=t2 - t1, time_train_s=t3 - t2,
+            time_step_s=time.perf_counter() - t_start, optimizer_updates=float(len(train_m)),
+            **{k: v for k, v in info.items() if k != "generated_tokens"},
+            **{f"env_{k}": float(v) for k, v in roll.counts.items()})
+        return state, metrics
+
+
+def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """GRPO per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
+    from jaxrl_llm import environments
+    from jaxrl_llm.data.tasks import load_tasks
+    from jaxrl_llm.train import MODEL_CONFIG_FILE, ConfigError, _truncate_metrics, build_model, load_tokenizer
+
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = parallel.ShardingRules()
+    tokenizer = load_tokenizer(config.tokenizer or config.model.path)
+    dc = config.data
+    tasks = load_tasks(dc.source, dc.num_examples, config.seed, system_prompt=dc.system_prompt or None,
+                       instruction=dc.instruction, **dict(dc.get("options", {})))
+    env_spec = config.env.to_dict() if hasattr(config.env, "to_dict") else dict(config.env)
+    try:
+        env = environments.make_environment(env_spec)
+    except ValueError as e:
+        raise ConfigError(f"env: {e}") from e
+    cfg, params = build_model(config, len(tokenizer), mesh, rules)
+    if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
+        cfg = dataclasses.replace(cfg, pad_token_id=tokenizer.pad_token_id)
+    updates_per_step = config.grpo.epochs * (config.rollout.num_prompts * config.rollout.group_size
+                                             // (config.train.batch_size or config.rollout.num_prompts
+                                                 * config.rollout.group_size))
+    opt_kw = dict(config.optimizer)
+    opt_kw["warmup_steps"] = opt_kw.get("warmup_steps", 0) * updates_per_step  # warmup counts RL steps
+    optimizer, schedule = make_optimizer(max_steps=config.max_steps * updates_per_step, **opt_kw)
+    runner = GRPORunner(config, cfg, mesh, rules, tokenizer, tasks, env, optimizer)
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(optimizer.init)(params)
+        ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef else None
+    state = {"params": params, "opt_state": opt_state, "step": jnp.int32(0)}
+
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        import json
+
+        with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
+            json.dump({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
+                       "attention_impl": cfg.attention_impl, "param_dtype": config.model.dtype}, f, indent=2)
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    cc = config.checkpoint
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
+                        best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", "max"))
+    start = 0
+    if ckpt.latest_step() is not None:
+        items, meta, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
+        state = {**items, "step": jnp.int32(start * updates_per_step)}
+        if meta.get("seed") != config.seed:
+            raise ConfigError(f"workdir {workdir!r} holds a run with seed={meta.get('seed')}; use a fresh workdir")
+        log.info("resumed from %s at step %d", ckpt.directory, start)
+        if is_main:
+            _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+    mc = config.get("metrics", ml_collections.ConfigDict())
+    writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
+                           tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
+                           run_config=config.to_dict())
+    evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules)
+    last: dict[str, Any] = {}
+    try:
+        for step in range(start, config.max_steps):
+            state, m = runner.step(state, ref_params, step)
+            if not np.isfinite(m["loss"]):
+                raise FloatingPointError(f"step {step + 1}: loss is {m['loss']} (not finite); stopping. The last "
+                                         f"good checkpoint (step {ckpt.latest_step()}) is kept")
+            done = step + 1
+            val = evaluator(state["params"], done) if evaluator else {}
+            last = {**m, **val, "lr": float(schedule(step * updates_per_step))}
+            if val or done % config.log_every == 0 or done == config.max_steps:
+                writer.write(done, last)
+            meta = {"step": done, "seed": config.seed, "data_position": done, **val}
+            ckpt.maybe_save(done, {"params": state["params"], "opt_state": state["opt_state"]}, meta,
+                            force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),
+                            metrics=val or None)
+    finally:
+        ckpt.close()
+        writer.close()
+        close = getattr(env, "close", None)
+        if close:
+            close()
+    if config.export_hf and is_main:
+        out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
+        log.info("exported the trained model to %s", out)
+    return {**last, **{f"data_{k}": v for k, v in runner.prompt_stats.items()}}
+
+
+def _make_evaluator(config, cfg, tokenizer, mesh, rules):
+    """val_every > 0: evaluate_tasks on config.eval's tasks every val_every steps (and at the last step);
+    metrics come back as val_<name>."""
+    every = config.get("val_every", 0)
+    if not every:
+        return None
+    from jaxrl_llm import environments
+    from jaxrl_llm.data.tasks import load_tasks
+    from jaxrl_llm.evaluation import evaluate_tasks
+
+    ec = config.eval
+    tasks = load_tasks(ec.source, ec.num_examples, ec.seed, system_prompt=config.data.system_prompt or None,
+                       instruction=config.data.instruction, **dict(ec.get("options", {})))
+    env = environments.make_environment(config.env.to_dict())
+    stops = tuple(dict.fromkeys([*config.rollout.stop_token_ids, tokenizer.eos_token_id]))
+    sp = sampling.SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=ec.temperature,
+                                 top_p=1.0, top_k=0, stop_token_ids=stops)
+
+    def evaluate(params, done: int) -> dict[str, float]:
+        if done % every and done != config.max_steps:
+            return {}
+        res = evaluate_tasks(cfg, params, tokenizer, tasks, env, n_samples=ec.n_samples, k_values=(1,),
+                             sampling_params=sp, rng=jax.random.key(ec.seed), mesh=mesh,
+                             max_batch_size=config.rollout.max_batch_size or None)
+        return {f"val_{k}": float(v) for k, v in res.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+    return evaluate
