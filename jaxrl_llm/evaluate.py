@@ -1,0 +1,197 @@
+"""Entry point: python -m jaxrl_llm.evaluate --config configs/eval_<x>.py [--config.a.b=value ...] [--out FILE]
+
+pass@k of a model on a benchmark. config.model.path is an HF folder, a .gguf file, 'smollm2', or a training
+workdir (config.model.step picks its checkpoint, -1 = latest); empty with config.model.init builds a tiny random
+model (tests, demos). Prints a table and writes the results JSON atomically to --out (default
+<workdir>/eval_results.json for a workdir, else runs/eval_<name>/eval_results.json).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from jaxrl_llm import models, parallel, train
+from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.data.tasks import load_tasks
+from jaxrl_llm.environments import make_environment
+from jaxrl_llm.evaluation import evaluate_tasks, scalar_metrics
+from jaxrl_llm.metrics import quiet_libraries
+from jaxrl_llm.sampling.request import SamplingParams
+
+log = logging.getLogger("jaxrl_llm.evaluate")
+ConfigError = train.ConfigError
+RESULTS_FILE = "eval_results.json"
+
+
+def is_workdir(path: str) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, train.MODEL_CONFIG_FILE))
+
+
+def restore_workdir(workdir: str, step: int | None, mesh, rules) -> tuple[models.ModelConfig, dict, int]:
+    """(cfg, params, step) of checkpoint `step` (latest when None) of a training run, laid out on `mesh`."""
+    path = os.path.join(workdir, train.MODEL_CONFIG_FILE)
+    with open(path) as f:
+        saved = json.load(f)
+    cfg = models.config_from_hf(saved["hf_config"], where=path)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          models.abstract_params(cfg, saved.get("param_dtype", "float32")),
+                          models.param_shardings(cfg, mesh, rules))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1)
+    try:
+        items, _, step = ckpt.restore({"params": target}, step)
+    finally:
+        ckpt.close()
+    return cfg, items["params"], step
+
+
+def validate(config: ml_collections.ConfigDict) -> SamplingParams:
+    """User errors before any heavy work, each naming the config key; returns the sampling parameters."""
+    mc = config.model
+    if not mc.path and not mc.init:
+        raise ConfigError("model.path is empty and model.init is not set: name a model folder/.gguf/workdir, "
+                          "'smollm2' or a tiny init")
+    if mc.path and mc.path != "smollm2" and not os.path.exists(mc.path):
+        raise ConfigError(f"model.path={mc.path!r}: no such file or folder")
+    if mc.step != -1 and not is_workdir(mc.path):
+        raise ConfigError(f"model.step={mc.step}: only a training workdir (with {train.MODEL_CONFIG_FILE}) has steps")
+    for key in ("dtype", "compute_dtype"):
+        try:
+            models.resolve_dtype(mc[key])
+        except ValueError as e:
+            raise ConfigError(f"model.{key}: {e}") from e
+    ec = config.eval
+    if ec.n_samples < 1:
+        raise ConfigError(f"eval.n_samples={ec.n_samples}: must be >= 1")
+    bad = [k for k in ec.k_values if not 1 <= k <= ec.n_samples]
+    if bad:
+        raise ConfigError(f"eval.k_values={tuple(ec.k_values)}: each k must lie in [1, eval.n_samples={ec.n_samples}]")
+    for key in ("max_batch_size", "max_prompt_len"):
+        if ec[key] < 0:
+            raise ConfigError(f"eval.{key}={ec[key]}: must be >= 0 (0 = no limit / the default)")
+    try:
+        sp = SamplingParams(**config.sampling.to_dict())
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"sampling: {e}") from e
+    if config.data.num == 0 or config.data.num < -1:
+        raise ConfigError(f"data.num={config.data.num}: must be >= 1, or -1 for all")
+    parallel.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    return sp
+
+
+def make_env(spec: ml_collections.ConfigDict):
+    try:
+        return make_environment(spec.to_dict())
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"env: {e}") from e
+
+
+def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "eval") -> dict[str, Any]:
+    """Evaluate per the recipe; writes the results JSON (on process 0) and returns the result dict."""
+    sp = validate(config)
+    mc, dc, ec = config.model, config.data, config.eval
+    mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    rules = parallel.ShardingRules()
+    workdir = mc.path if is_workdir(mc.path) else ""
+    tok_path = config.tokenizer or (os.path.join(workdir, "tokenizer") if workdir else mc.path)
+    tokenizer = train.load_tokenizer(tok_path)
+    tasks = load_tasks(dc.source, dc.num, dc.seed, system_prompt=dc.system_prompt or None,
+                       instruction=dc.instruction, shuffle=dc.shuffle, **dc.options.to_dict())
+    env = make_env(config.env)
+    model_info: dict[str, Any] = {"path": mc.path or "init", "tokenizer": tok_path}
+    if workdir:
+        cfg, params, step = restore_workdir(workdir, None if mc.step == -1 else mc.step, mesh, rules)
+        cfg = dataclasses.replace(cfg, compute_dtype=mc.compute_dtype, attention_impl=mc.attention_impl)
+        model_info["step"] = step
+        log.info("evaluating step %d of %s", step, workdir)
+    else:
+        cfg, params = train.build_model(config, len(tokenizer), mesh, rules)
+    log.info("%d tasks from %s, %d sample(s) each", len(tasks), dc.source, ec.n_samples)
+
+    try:
+        result = evaluate_tasks(
+            cfg, params, tokenizer, tasks, env, n_samples=ec.n_samples, k_values=tuple(ec.k_values),
+            sampling_params=sp, rng=jax.random.key(config.seed), mesh=mesh, rules=rules,
+            max_batch_size=ec.max_batch_size or None, max_prompt_len=ec.max_prompt_len or None,
+            truncate_prompts=ec.truncate_prompts, correct_threshold=ec.correct_threshold,
+            keep_completions=ec.keep_completions)
+    finally:
+        if hasattr(env, "close"):
+            env.close()
+    if out is None:
+        out = os.path.join(workdir or os.path.join("runs", f"eval_{name}"), RESULTS_FILE)
+    if jax.process_index() == 0:
+        print(format_table(name, result))
+        doc = {"name": name, "model": model_info, "source": dc.source, "metrics": scalar_metrics(result),
+               "env_counts": result["env_counts"], "config": config.to_dict(), "problems": result["problems"]}
+        write_json_atomic(out, doc)
+        log.info("wrote %s", out)
+    return result
+
+
+def format_table(name: str, result: dict[str, Any]) -> str:
+    keys = sorted(k for k in result if k.startswith("pass@")) + [
+        "reward_mean", "num_problems", "n_samples", "mean_length", "truncation_rate", "timeouts", "errors",
+        "truncated_prompts", "generate_seconds", "tokens_per_second"]
+    width = max(len(k) for k in keys)
+    lines = [f"eval {name}", "-" * (width + 14)]
+    for k in keys:
+        v = result[k]
+        lines.append(f"{k:<{width}}  {v:>12.4f}" if isinstance(v, float) else f"{k:<{width}}  {v:>12}")
+    return "\n".join(lines)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def write_json_atomic(path: str, doc: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1, default=_json_default)
+    os.replace(tmp, path)
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Command-line flags, defined only when run as a program (importing `run` defines none)."""
+    config_flags.DEFINE_config_file("config", None, "Eval recipe file (configs/eval_*.py) with get_config().",
+                                    lock_config=True)
+    flags.DEFINE_string("out", None, "Results JSON (default <workdir>/eval_results.json for a training workdir, "
+                                     "else runs/eval_<name>/eval_results.json).")
+
+
+def main(argv) -> None:
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    if FLAGS.config is None:
+        sys.exit("error: --config is required (e.g. --config configs/eval_gsm8k.py)")
+    recipe = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
+    name = FLAGS.config.get("name") or recipe.removeprefix("eval_")
+    try:
+        run(FLAGS.config, FLAGS.out, name)
+    except train.USER_ERRORS as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main, flags_parser=train.parse_flags)

@@ -1,0 +1,163 @@
+"""Evaluation as a library: pass@k of a model's sampled completions on a list of tasks, scored by an environment.
+
+    result = evaluate_tasks(cfg, params, tokenizer, tasks, env, n_samples=4, k_values=(1, 4),
+                            sampling_params=SamplingParams(max_new_tokens=512, temperature=0.7), rng=0)
+    result["pass@1"], result["pass@4"], result["problems"][i]["num_correct"]
+
+A pure function of its inputs (no files, no globals), so GRPO validation calls it every `val_every` steps with
+the trainer's own parameter arrays and mesh. The `python -m jaxrl_llm.evaluate` CLI wraps it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxrl_llm.environments.base import Environment, Task
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.parallel.rules import ShardingRules
+from jaxrl_llm.sampling.generate import generate
+from jaxrl_llm.sampling.request import SamplingParams
+from jaxrl_llm.sampling.text import default_stop_ids, encode_inputs
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021),
+    as the product 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms the (huge) binomials."""
+    if not (isinstance(n, int | np.integer) and isinstance(c, int | np.integer) and isinstance(k, int | np.integer)):
+        raise TypeError(f"pass_at_k(n={n!r}, c={c!r}, k={k!r}): expected integers")
+    if n < 1 or not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need n >= 1 and 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def _last_user_text(task: Task) -> str:
+    users = [m["content"] for m in task.messages if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def _validate(tasks: Sequence[Task], n_samples: int, k_values: Sequence[int]) -> list[int]:
+    if not tasks:
+        raise ValueError("tasks is empty: nothing to evaluate")
+    for i, t in enumerate(tasks):
+        if not isinstance(t, Task):
+            raise ValueError(f"tasks[{i}]: expected a Task, got {type(t).__name__}")
+    if not isinstance(n_samples, int | np.integer) or n_samples < 1:
+        raise ValueError(f"n_samples={n_samples!r}: must be an integer >= 1")
+    ks = sorted({1, *(int(k) for k in k_values)})
+    bad = [k for k in ks if not 1 <= k <= n_samples]
+    if bad:
+        raise ValueError(f"k_values={list(k_values)}: each k must lie in [1, n_samples={n_samples}]; bad: {bad}")
+    return ks
+
+
+def evaluate_tasks(
+    cfg: ModelConfig,
+    params: dict,
+    tokenizer: Any,
+    tasks: Sequence[Task],
+    env: Environment,
+    *,
+    n_samples: int = 1,
+    k_values: Sequence[int] = (1,),
+    sampling_params: SamplingParams | None = None,
+    rng: jax.Array | int | None = None,
+    mesh: Mesh | None = None,
+    rules: ShardingRules | None = None,
+    max_batch_size: int | None = None,
+    max_prompt_len: int | None = None,
+    truncate_prompts: bool = False,
+    correct_threshold: float = 1.0,
+    keep_completions: bool = True,
+) -> dict[str, Any]:
+    """Sample `n_samples` completions per task (chat template with the generation prompt), score them with
+    `env` and aggregate.
+
+    A sample is correct when its reward >= correct_threshold. pass@k (for 1 and every k in k_values, each
+    <= n_samples) is the unbiased estimator averaged over problems. When `sampling_params` names no stop
+    ids, generation stops at the model's and the tokenizer's eos ids. Sample j of problem i is row
+    i * n_samples + j of one `generate` call, so results do not depend on max_batch_size.
+
+    Returns the scalar metrics: "pass@<k>", "num_problems", "n_samples", "reward_mean", "mean_length"
+    (completion tokens), "truncation_rate" (fraction stopped by max_new_tokens), "timeouts", "errors" (scorer
+    events), "truncated_prompts", "generate_seconds", "score_seconds", "tokens_per_second"; plus "env_counts"
+    (all of the environment's counts) and "problems": one record per task (index, question, answer,
+    num_correct, rewards, lengths, finish_reasons, info, and completions when keep_completions).
+    """
+    ks = _validate(tasks, n_samples, k_values)
+    sp = sampling_params or SamplingParams()
+    if not sp.stop_token_ids:
+        sp = dataclasses.replace(sp, stop_token_ids=default_stop_ids(cfg, tokenizer))
+    n = int(n_samples)
+    convs = [list(t.messages) for t in tasks]
+    prompt_ids = encode_inputs(tokenizer, convs, chat_template=True)
+    prompt_texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    rows = [i for i in range(len(tasks)) for _ in range(n)]
+
+    t0 = time.perf_counter()
+    out = generate(cfg, params, [prompt_ids[i] for i in rows], sp, rng, mesh=mesh, rules=rules,
+                   max_batch_size=max_batch_size, max_prompt_len=max_prompt_len, truncate_prompts=truncate_prompts)
+    t1 = time.perf_counter()
+    completions = [tokenizer.decode(toks, skip_special_tokens=True) for toks in out.tokens]
+    scored = env.score([prompt_texts[i] for i in rows], completions, [dict(tasks[i].metadata) for i in rows])
+    t2 = time.perf_counter()
+    rewards_N = np.asarray(scored.rewards, np.float64)
+    if rewards_N.shape != (len(rows),):
+        raise ValueError(f"environment {getattr(env, 'name', env)!r} returned rewards of shape {rewards_N.shape}; "
+                         f"expected ({len(rows)},)")
+
+    rewards_PS = rewards_N.reshape(len(tasks), n)
+    correct_PS = rewards_PS >= correct_threshold
+    lengths_N = np.array([len(t) for t in out.tokens])
+    truncated_N = np.array([r == "length" for r in out.finish_reasons])
+    num_correct_P = correct_PS.sum(axis=1)
+    counts = {k: int(v) for k, v in (scored.counts or {}).items()}
+    elapsed = t1 - t0
+
+    result: dict[str, Any] = {f"pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in num_correct_P]))
+                              for k in ks}
+    result.update({
+        "num_problems": len(tasks),
+        "n_samples": n,
+        "reward_mean": float(rewards_N.mean()),
+        "mean_length": float(lengths_N.mean()),
+        "truncation_rate": float(truncated_N.mean()),
+        "timeouts": counts.get("timeouts", 0),
+        "errors": counts.get("errors", 0),
+        "truncated_prompts": int(out.stats.get("truncated_prompts", 0)),
+        "generate_seconds": elapsed,
+        "score_seconds": t2 - t1,
+        "tokens_per_second": float(lengths_N.sum()) / elapsed if elapsed > 0 else 0.0,
+        "env_counts": counts,
+    })
+    info = list(scored.info) if scored.info else [{} for _ in rows]
+    problems = []
+    for i, task in enumerate(tasks):
+        sl = slice(i * n, (i + 1) * n)
+        rec = {"index": i, "question": _last_user_text(task), "answer": task.metadata.get("answer"),
+               "num_correct": int(num_correct_P[i]), "rewards": rewards_PS[i].tolist(),
+               "lengths": lengths_N[sl].tolist(), "finish_reasons": out.finish_reasons[sl], "info": info[sl]}
+        if "id" in task.metadata:
+            rec["id"] = task.metadata["id"]
+        if keep_completions:
+            rec["completions"] = completions[sl]
+        problems.append(rec)
+    result["problems"] = problems
+    return result
+
+
+def scalar_metrics(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric entries of an evaluate_tasks result (for metric loggers), optionally prefixed."""
+    return {f"{prefix}{k}": float(v) for k, v in result.items()
+            if isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(float(v))}
