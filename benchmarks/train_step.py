@@ -1,146 +1,297 @@
-"""Training throughput (tokens/s) of one SFT optimizer step: jaxrl_llm vs TRL's SFTTrainer, same CPU, one run.
+"""Training throughput (tokens/s) of one optimizer step, jaxrl_llm vs TRL, same CPU, one run: SFT and DPO.
 
-Both train SmolLM2-135M (random weights from its config, written once with `save_pretrained` and loaded by
-both) on the same batch shape [B, T] with every token in the loss, AdamW, grad clipping 1.0, fp32. TRL runs
-its own `SFTTrainer.train()` loop on a pre-tokenized dataset; step times come from a callback (begin/end of
-each optimizer step), the first `--warmup` steps dropped. jaxrl_llm runs the jitted step that
-`python -m jaxrl_llm.train` uses (`algorithms.sft.make_sft_step`, donated state), compile time reported
-apart. On a GPU the table adds MFU (6 * params * tokens / step time / peak).
+Both frameworks train SmolLM2-135M (random weights from its config, or the real GGUF weights with `--gguf`,
+written once as an HF folder that both load; `--tiny` swaps in a 2-layer model of the same vocabulary for a
+smoke test) in fp32 with AdamW (b2 0.999, no weight decay), grad clipping 1.0, a constant learning rate, and
+gradient checkpointing / remat only with `--remat` (then in both). TRL runs its own `train()` loop
+(`SFTTrainer`, `DPOTrainer`, see `_trl_common.py`); jaxrl_llm runs the jitted step that
+`python -m jaxrl_llm.train` uses, with donated state, its first call (compile + one step) reported apart.
+The first `--warmup` steps of each are not timed; the median of `--steps` timed steps is reported.
 
-    python benchmarks/train_step.py                       # B=4, T=256
-    python benchmarks/train_step.py --batch 8 --length 128 --steps 5 --json /tmp/train.json
+- sft: `--batch` rows of `--length` random token ids, every token in the loss (`algorithms.sft.make_sft_step`
+  vs `SFTTrainer`). tokens/step = batch x length.
+- dpo: the first `--pairs` GSM8K preference pairs (`data.preference.gsm8k_pairs`, SmolLM2 chat template)
+  whose longer side fits in `--max-len` tokens, one batch of them every step (`algorithms.dpo.make_dpo_step`
+  vs `DPOTrainer` with a reference model, `precompute_ref_log_probs=False`, same beta and loss type). Both get
+  the same token ids (TRL through a word-level stub tokenizer, checked) right-padded to the longest sequence
+  of the batch, as TRL's collator pads. tokens/step = the non-pad tokens of all chosen and rejected
+  sequences (prompt included in each), the same count for both; a step is a policy forward + backward and a
+  reference forward over them.
+
+    python benchmarks/train_step.py                                # sft and dpo, SmolLM2-135M (minutes a step)
+    python benchmarks/train_step.py --algo dpo --pairs 4 --max-len 320 --steps 3 --json /tmp/dpo.json
+    python benchmarks/train_step.py --tiny                         # smoke test: about a minute when idle
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import platform
 import statistics
 import sys
 import tempfile
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from forward import SMOLLM2_135M  # noqa: E402  (same model definition as the forward benchmark)
+from _trl_common import Pair, time_trl_dpo, time_trl_sft  # noqa: E402
+from forward import SMOLLM2_135M, gguf_path  # noqa: E402  (same model definition as the forward benchmark)
 
-from jaxrl_llm import models  # noqa: E402
+from jaxrl_llm import models, parallel  # noqa: E402
+from jaxrl_llm.algorithms import sft  # noqa: E402
+from jaxrl_llm.algorithms.dpo import make_dpo_step  # noqa: E402
 from jaxrl_llm.algorithms.sft import make_sft_step  # noqa: E402
+from jaxrl_llm.data import preference  # noqa: E402
 from jaxrl_llm.optim import make_optimizer  # noqa: E402
 
+TINY = {**SMOLLM2_135M, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+# Size options: (default, default with --tiny (a smoke test of about a minute on an idle 2-core CPU), help).
+SIZES = {"batch": (4, 2, "sft: rows per step"), "length": (256, 64, "sft: tokens a row"),
+         "pairs": (4, 2, "dpo: preference pairs per step"), "max_len": (320, 160, "dpo: longest prompt + completion"),
+         "steps": (4, 2, "timed steps (after warm-up)")}
+OPT = {"lr": 1e-5, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "grad_clip": 1.0}
 
-def build_weights(folder: str) -> None:
+
+# ---------------------------------------------------------------------------------------------- weights
+def build_weights(folder: str, tiny: bool, gguf: bool) -> str:
+    """Write the model both frameworks load to `folder`; returns a description of the weights."""
+    if gguf:
+        path = gguf_path()
+        if path is not None:
+            cfg, params = models.load_pretrained(path, dtype=jnp.float32)
+            models.save_pretrained(cfg, params, folder)
+            return f"SmolLM2 GGUF {os.path.basename(path)} (dequantised, exported to an HF folder)"
     import torch
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**SMOLLM2_135M)
+    cfg = transformers.LlamaConfig(**(TINY if tiny else SMOLLM2_135M))
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    return "random (HF init, seed 0), " + ("tiny 2-layer test model" if tiny else "SmolLM2-135M config")
 
 
-def time_jax(folder: str, ids: np.ndarray, steps: int, warmup: int) -> dict:
-    cfg, params = models.load_pretrained(folder)
-    opt, _ = make_optimizer(1e-5, steps + warmup, schedule="constant", grad_clip=1.0, b2=0.999, weight_decay=0.0)
-    step = jax.jit(make_sft_step(cfg, opt), donate_argnums=0)
-    state = {"params": params, "opt_state": jax.jit(opt.init)(params), "step": jnp.int32(0)}
-    ones = np.ones_like(ids)
-    batch = {"input_ids": ids, "attention_mask": ones, "loss_mask": ones, "segment_ids": ones,
-             "positions": np.broadcast_to(np.arange(ids.shape[1], dtype=np.int32), ids.shape).copy()}
-    t0 = time.perf_counter()
-    state, m = step(state, batch)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for i in range(steps + warmup - 1):
-        t0 = time.perf_counter()
-        state, m = step(state, batch)
-        jax.block_until_ready(m)
-        if i >= warmup - 1:
-            times.append(time.perf_counter() - t0)
-    return {"step_s": statistics.median(times), "times": times, "compile_s": compile_s,
-            "loss": float(m["loss"]), "params": models.num_params(cfg)}
+# ---------------------------------------------------------------------------------------------- jaxrl_llm
+class JaxRun:
+    """Model, optimizer and state placed as `jaxrl_llm.train.run` places them (mesh over the local devices,
+    sharded params, jit with the same in/out shardings), so the step compiles once, as in training."""
+
+    def __init__(self, folder: str, steps: int, remat: bool):
+        self.mesh, self.rules = parallel.make_mesh(1, -1, 1), parallel.ShardingRules()
+        cfg, params = models.load_pretrained(folder, mesh=self.mesh, rules=self.rules)
+        self.cfg = dataclasses.replace(cfg, remat=remat)
+        self.opt, _ = make_optimizer(OPT["lr"], steps, schedule="constant", grad_clip=OPT["grad_clip"],
+                                     b1=OPT["b1"], b2=OPT["b2"], eps=OPT["eps"], weight_decay=OPT["weight_decay"])
+        with jax.set_mesh(self.mesh):
+            self.state = {"params": params, "opt_state": jax.jit(self.opt.init)(params), "step": jnp.int32(0)}
+            self.ref_params = jax.tree.map(jnp.copy, params)  # own buffers: the state is donated
+
+    def run(self, step_fn, batch: dict[str, np.ndarray], batch_axes: dict, ref_params, steps: int, warmup: int
+            ) -> dict[str, Any]:
+        """The first call (compile + one step) is timed apart and counts as the first warm-up step."""
+        batch_sh = {k: self.rules.sharding(self.mesh, batch_axes[k], v.shape) for k, v in batch.items()}
+        p_sh = models.param_shardings(self.cfg, self.mesh, self.rules)
+        with jax.set_mesh(self.mesh):
+            step = jax.jit(step_fn, donate_argnums=0, in_shardings=(None, batch_sh, None),
+                           out_shardings=({"params": p_sh, "opt_state": None, "step": None}, None))
+            batch = jax.device_put(batch, batch_sh)
+            state, losses, times = self.state, [], []
+            t0 = time.perf_counter()
+            state, m = step(state, batch, ref_params)
+            jax.block_until_ready(m)
+            compile_s = time.perf_counter() - t0
+            losses.append(float(m["loss"]))
+            for i in range(steps + warmup - 1):
+                t0 = time.perf_counter()
+                state, m = step(state, batch, ref_params)
+                jax.block_until_ready(m)
+                if i >= warmup - 1:
+                    times.append(time.perf_counter() - t0)
+                losses.append(float(m["loss"]))
+        return {"step_s": statistics.median(times), "times": times, "compile_s": compile_s, "losses": losses,
+                "params": models.num_params(self.cfg)}
 
 
-def time_trl(folder: str, ids: np.ndarray, steps: int, warmup: int) -> dict:
-    import datasets
+def time_jax_sft(folder: str, ids_BT: np.ndarray, steps: int, warmup: int, remat: bool) -> dict[str, Any]:
+    r = JaxRun(folder, steps + warmup, remat)
+    ones = np.ones_like(ids_BT)
+    batch = {"input_ids": ids_BT, "attention_mask": ones, "loss_mask": ones, "segment_ids": ones,
+             "positions": np.broadcast_to(np.arange(ids_BT.shape[1], dtype=np.int32), ids_BT.shape).copy()}
+    return r.run(make_sft_step(r.cfg, r.opt, 1, r.rules), batch, sft.ALGORITHM.batch_axes, None, steps, warmup)
+
+
+def dpo_config(beta: float, loss_type: str) -> ml_collections.ConfigDict:
+    """The `dpo` and `train` blocks of a run config (as configs/dpo_smollm2.py, one microbatch). TRL's IPO
+    length-averages the log-ratios, which is our `average_log_probs`."""
+    return ml_collections.ConfigDict(dict(
+        dpo=dict(beta=beta, loss_type=loss_type, label_smoothing=0.0, average_log_probs=loss_type == "ipo",
+                 preference_weight=1.0, sft_weight=0.0, sft_average_log_probs=False),
+        train=dict(microbatches=1)))
+
+
+def time_jax_dpo(folder: str, batch: dict[str, np.ndarray], steps: int, warmup: int, remat: bool, beta: float,
+                 loss_type: str) -> dict[str, Any]:
+    r = JaxRun(folder, steps + warmup, remat)
+    step_fn = make_dpo_step(r.cfg, r.opt, dpo_config(beta, loss_type), r.rules)
+    return r.run(step_fn, batch, preference.BATCH_AXES, r.ref_params, steps, warmup)
+
+
+# ---------------------------------------------------------------------------------------------- DPO data
+def split_pair(pair: preference.PreferencePair) -> Pair | None:
+    """(prompt, chosen completion, rejected completion) ids: the completion is the loss-masked span of each
+    side, the prompt what precedes it (the same on both sides). None when that layout does not hold."""
+    out = []
+    for ids, mask in ((pair.chosen_ids, pair.chosen_mask), (pair.rejected_ids, pair.rejected_mask)):
+        on = np.flatnonzero(mask)
+        if not len(on) or not mask[on[0]: on[-1] + 1].all():
+            return None
+        out.append((ids[: on[0]], ids[on[0]: on[-1] + 1]))
+    (prompt, chosen), (prompt_r, rejected) = out
+    return (prompt, chosen, rejected) if np.array_equal(prompt, prompt_r) else None
+
+
+def dpo_pairs(num_pairs: int, max_len: int) -> tuple[list[Pair], int, int]:
+    """The first `num_pairs` GSM8K pairs that fit in `max_len` tokens; (pairs, common last token, pad id)."""
+    from jaxrl_llm.models.gguf_io import smollm2_gguf_path
+
+    tok = models.load_tokenizer(smollm2_gguf_path())
+    pairs: list[Pair] = []
+    for i, row in enumerate(preference.gsm8k_pairs()):
+        split = split_pair(preference.tokenize_pair(tok, *preference.to_preference(row, i), index=i))
+        if split is not None and len(split[0]) + max(len(split[1]), len(split[2])) <= max_len:
+            pairs.append(split)
+            if len(pairs) == num_pairs:
+                break
+    if len(pairs) < num_pairs:
+        raise SystemExit(f"only {len(pairs)} GSM8K pairs fit in --max-len {max_len}; asked for --pairs {num_pairs}")
+    last = {int(c[-1]) for _, c, _ in pairs} | {int(r[-1]) for _, _, r in pairs}
+    if len(last) != 1:
+        raise SystemExit(f"the completions end in different tokens {sorted(last)}; TRL would append an EOS")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return pairs, last.pop(), int(pad)
+
+
+def dpo_batch(pairs: list[Pair], pad_id: int) -> dict[str, np.ndarray]:
+    """[P, 2, T] (0 chosen, 1 rejected) right-padded to the longest sequence, as TRL's collator pads."""
+    T = max(len(p) + max(len(c), len(r)) for p, c, r in pairs)
+    ids = np.full((len(pairs), 2, T), pad_id, np.int32)
+    attn, loss = np.zeros_like(ids), np.zeros_like(ids)
+    for i, (p, c, r) in enumerate(pairs):
+        for side, comp in enumerate((c, r)):
+            n = len(p) + len(comp)
+            ids[i, side, :n] = np.concatenate([p, comp])
+            attn[i, side, :n] = 1
+            loss[i, side, len(p): n] = 1
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+# ---------------------------------------------------------------------------------------------- report
+def environment(weights: str, load_before: float) -> dict[str, Any]:
+    import importlib.metadata as md
+
     import torch
-    import transformers
-    from trl import SFTConfig, SFTTrainer
 
-    torch.set_num_threads(os.cpu_count())
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    ds = datasets.Dataset.from_dict({"input_ids": [list(map(int, r)) for r in ids] * (steps + warmup)})
-    marks: list[tuple[float, float]] = []
-
-    class Timer(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            marks.append((self.t0, time.perf_counter()))
-
-    with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, per_device_train_batch_size=ids.shape[0], max_steps=steps + warmup,
-                         learning_rate=1e-5, lr_scheduler_type="constant", max_grad_norm=1.0, weight_decay=0.0,
-                         max_length=ids.shape[1], packing=False, report_to=[], save_strategy="no",
-                         logging_steps=10_000, use_cpu=True, dataloader_num_workers=0, seed=0,
-                         completion_only_loss=False, dataset_num_proc=1)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=ds,
-                             processing_class=_dummy_tokenizer(folder, model.config.vocab_size),
-                             callbacks=[Timer()])
-        trainer.train()
-    times = [b - a for a, b in marks[warmup:]]
-    return {"step_s": statistics.median(times), "times": times}
+    versions = {}
+    for name in ("jax", "torch", "transformers", "trl"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = None
+    return {**versions, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+            "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "cpu": platform.processor(),
+            "load_average_before": load_before, "weights": weights, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
 
 
-def _dummy_tokenizer(folder: str, vocab: int):
-    """TRL wants a processing class; the dataset is pre-tokenized, so a word-level stub with pad/eos suffices."""
-    import transformers
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
+def report(title: str, ours: dict, trl: dict | None, tokens: int, flops_per_token: float, peak: float) -> None:
+    print(f"\n{title}, median of {len(ours['times'])} steps (jax compile + first step {ours['compile_s']:.1f}s)\n")
+    head = "| trainer | s/step | tokens/s |" + (" MFU |" if peak else "")
+    print(head + "\n|" + "---|" * (head.count("|") - 1))
+    for name, r in (("jaxrl_llm", ours), ("TRL", trl)):
+        if r:
+            mfu = f" {flops_per_token * tokens / r['step_s'] / peak:.1%} |" if peak else ""
+            print(f"| {name} | {r['step_s']:.3f} | {tokens / r['step_s']:,.0f} |{mfu}")
+    if trl:
+        print(f"\njax/TRL tokens/s: {trl['step_s'] / ours['step_s']:.2f}x (> 1: jaxrl_llm faster)")
+        if trl["losses"]:
+            print(f"loss, first and last step: jaxrl_llm {ours['losses'][0]:.4f} -> {ours['losses'][-1]:.4f}, "
+                  f"TRL {trl['losses'][0]:.4f} -> {trl['losses'][-1]:.4f}")
 
-    tok = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t2")
 
-
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--length", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=4, help="timed steps (after warm-up)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--algo", choices=("sft", "dpo", "both"), default="both")
+    ap.add_argument("--tiny", action="store_true", help="2-layer, width-64 model (SmolLM2 vocab): smoke test")
+    ap.add_argument("--gguf", action="store_true", help="real SmolLM2 weights from the GGUF")
+    ap.add_argument("--remat", action="store_true", help="jaxrl_llm remat and TRL gradient checkpointing")
+    for name, (full, tiny, what) in SIZES.items():
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                        help=f"{what} (default {full}; {tiny} with --tiny)")
+    ap.add_argument("--beta", type=float, default=0.1, help="dpo beta")
+    ap.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1; jax's includes compile)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--json", default="")
     ap.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (GPU)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
+    for name, (full, tiny, _) in SIZES.items():
+        if getattr(a, name) is None:
+            setattr(a, name, tiny if a.tiny else full)
+    if a.warmup < 1 or a.steps < 1:
+        ap.error("--warmup and --steps must be >= 1")
+    if a.tiny and a.gguf:
+        ap.error("--tiny and --gguf exclude each other")
+    return a
 
-    print(f"jax {jax.__version__} ({jax.default_backend()}, {jax.devices()[0].device_kind}), cpus {os.cpu_count()}, "
-          f"load average {os.getloadavg()[0]:.2f}")
-    ids = np.random.default_rng(0).integers(3, SMOLLM2_135M["vocab_size"], (a.batch, a.length)).astype(np.int32)
-    tokens = a.batch * a.length
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        print(f"warning: load average {load_before:.2f} before the start; CPU timings are only comparable on an "
+              "idle machine")
+    import torch
+
+    torch.set_num_threads(os.cpu_count())  # as TRL's side sets it; recorded with the environment
+    out: dict[str, Any] = {"args": vars(a)}
     with tempfile.TemporaryDirectory() as folder:
-        build_weights(folder)
-        ours = time_jax(folder, ids, a.steps, a.warmup)
-        trl = None if a.no_trl else time_trl(folder, ids, a.steps, a.warmup)
-    rows = [("jaxrl_llm sft step", ours["step_s"])]
-    if trl:
-        rows.append(("TRL SFTTrainer step", trl["step_s"]))
-    print(f"\nSFT, SmolLM2-135M ({ours['params'] / 1e6:.1f}M params), fp32, batch {a.batch} x length {a.length}, "
-          f"median of {a.steps} steps (jax compile {ours['compile_s']:.1f}s)\n")
-    head = "| trainer | s/step | tokens/s |" + (" MFU |" if a.peak_flops else "")
-    print(head + "\n|" + "---|" * (head.count("|") - 1))
-    for name, s in rows:
-        mfu = f" {6 * ours['params'] * tokens / s / a.peak_flops:.1%} |" if a.peak_flops else ""
-        print(f"| {name} | {s:.3f} | {tokens / s:,.0f} |{mfu}")
-    if trl:
-        print(f"\njaxrl_llm / TRL speed-up: {trl['step_s'] / ours['step_s']:.2f}x")
+        weights = build_weights(folder, a.tiny, a.gguf)
+        out["environment"] = env = environment(weights, load_before)
+        print(", ".join(f"{k} {v}" for k, v in env.items()))
+        fp32 = f"fp32{', remat' if a.remat else ''}"
+        if a.algo in ("sft", "both"):
+            vocab = (TINY if a.tiny else SMOLLM2_135M)["vocab_size"]
+            ids = np.random.default_rng(0).integers(3, vocab, (a.batch, a.length)).astype(np.int32)
+            ours = time_jax_sft(folder, ids, a.steps, a.warmup, a.remat)
+            trl = None if a.no_trl else time_trl_sft(folder, ids, a.steps, a.warmup, OPT, a.remat)
+            tokens = a.batch * a.length
+            out["sft"] = {"jaxrl_llm": ours, "trl": trl, "tokens_per_step": tokens}
+            report(f"SFT ({ours['params'] / 1e6:.1f}M params), {fp32}, batch {a.batch} x length {a.length}",
+                   ours, trl, tokens, 6 * ours["params"], a.peak_flops)
+        if a.algo in ("dpo", "both"):
+            pairs, eos_id, pad_id = dpo_pairs(a.pairs, a.max_len)
+            batch = dpo_batch(pairs, pad_id)
+            ours = time_jax_dpo(folder, batch, a.steps, a.warmup, a.remat, a.beta, a.dpo_loss)
+            trl = None if a.no_trl else time_trl_dpo(folder, pairs, eos_id, pad_id, a.max_len, a.steps, a.warmup,
+                                                     OPT, a.remat, a.beta, a.dpo_loss)
+            tokens, T = int(batch["attention_mask"].sum()), batch["input_ids"].shape[-1]
+            out["dpo"] = {"jaxrl_llm": ours, "trl": trl, "tokens_per_step": tokens, "padded_length": T,
+                          "loss_tokens_per_step": int(batch["loss_mask"].sum())}
+            # policy forward + backward (6N per token) and reference forward (2N)
+            report(f"DPO {a.dpo_loss} beta {a.beta} ({ours['params'] / 1e6:.1f}M params), {fp32}, {a.pairs} "
+                   f"GSM8K pairs padded to {T} ({tokens} real tokens of chosen + rejected per step, "
+                   f"{out['dpo']['loss_tokens_per_step']} of them completion)", ours, trl, tokens,
+                   8 * ours["params"], a.peak_flops)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "jaxrl_llm": ours, "trl": trl}, f, indent=2)
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,140 @@
+"""TRL side of benchmarks/train_step.py: SFTTrainer and DPOTrainer runs on given token ids, timed per step.
+
+Both trainers get fp32 (bf16 off: TRL's configs default it on), gradient checkpointing only when asked
+(TRL defaults it on; jaxrl_llm's `remat` is set the same way by the caller), AdamW (TRL's default, the fused
+torch kernel) with the caller's settings and a constant learning rate, and run their own `train()` loop. A
+callback takes the time from the beginning to the end of each optimizer step (forward, backward, clipping,
+update; the next batch is fetched and collated before the step begins, logging happens after it ends) and
+records the loss TRL logs for each step.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+Pair = tuple[np.ndarray, np.ndarray, np.ndarray]  # prompt ids, chosen completion ids, rejected completion ids
+
+
+def word(i: int) -> str:
+    """Token id -> its word for the stub tokenizer. Fixed width: transformers cuts special tokens (pad, EOS) out
+    of any word that contains them, so no word may contain another ("t2" is inside "t28", "t00002" is not)."""
+    return f"t{int(i):05d}"
+
+
+def text(ids: Sequence[int]) -> str:
+    return " ".join(word(i) for i in ids)
+
+
+def stub_tokenizer(vocab: int, eos_id: int, pad_id: int):
+    """A word-level tokenizer that maps `text(ids)` back to exactly `ids` (no special tokens added): TRL wants
+    a processing class, and this one makes TRL's tokenization reproduce our token ids. (Trainer copies its pad
+    and EOS ids into the model's config, which only generation reads.)"""
+    import transformers
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    tok = Tokenizer(WordLevel({word(i): i for i in range(vocab)}, unk_token=word(0)))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=word(pad_id), eos_token=word(eos_id))
+
+
+def _step_timer(marks: list[tuple[float, float]], losses: list[float]):
+    import transformers
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            marks.append((self.t0, time.perf_counter()))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    return StepTimer()
+
+
+def _common_args(opt: dict[str, float], steps: int, remat: bool) -> dict[str, Any]:
+    return dict(max_steps=steps, learning_rate=opt["lr"], lr_scheduler_type="constant", warmup_steps=0,
+                max_grad_norm=opt["grad_clip"], weight_decay=opt["weight_decay"], adam_beta1=opt["b1"],
+                adam_beta2=opt["b2"], adam_epsilon=opt["eps"], bf16=False, fp16=False,
+                gradient_checkpointing=remat, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                dataloader_num_workers=0, seed=0, dataset_num_proc=None)
+
+
+def _load(folder: str):
+    import torch
+    import transformers
+
+    torch.set_num_threads(os.cpu_count())
+    return transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def _result(marks, losses, warmup: int) -> dict[str, Any]:
+    times = [b - a for a, b in marks[warmup:]]
+    return {"step_s": statistics.median(times), "times": times, "losses": losses}
+
+
+def time_trl_sft(folder: str, ids_BT: np.ndarray, steps: int, warmup: int, opt: dict[str, float],
+                 remat: bool) -> dict[str, Any]:
+    """SFTTrainer on the rows of `ids_BT` (every token in the loss), batch = all rows, one batch per step."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    model = _load(folder)
+    ds = datasets.Dataset.from_dict({"input_ids": [list(map(int, r)) for r in ids_BT] * (steps + warmup)})
+    marks: list[tuple[float, float]] = []
+    losses: list[float] = []
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, per_device_train_batch_size=ids_BT.shape[0], max_length=ids_BT.shape[1],
+                         packing=False, completion_only_loss=False, **_common_args(opt, steps + warmup, remat))
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds,
+                             processing_class=stub_tokenizer(model.config.vocab_size, 2, 0),
+                             callbacks=[_step_timer(marks, losses)])
+        trainer.train()
+    return _result(marks, losses, warmup)
+
+
+def time_trl_dpo(folder: str, pairs: Sequence[Pair], eos_id: int, pad_id: int, max_len: int, steps: int,
+                 warmup: int, opt: dict[str, float], remat: bool, beta: float, loss_type: str) -> dict[str, Any]:
+    """DPOTrainer on exactly `pairs` as one batch, every step (its own tokenization, collator, reference model
+    loaded by TRL from `folder`, `precompute_ref_log_probs=False`).
+
+    The pairs go in as text of `word`s, which TRL tokenizes back to the same ids; every completion must end in
+    `eos_id`, so TRL appends no EOS. The tokenized data set is checked against `pairs` before training.
+    """
+    import datasets
+    from trl import DPOConfig, DPOTrainer
+
+    rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
+    for i, (p, c, r) in enumerate(pairs):
+        if c[-1] != eos_id or r[-1] != eos_id:
+            raise ValueError(f"pair {i}: completions must end in token {eos_id} (TRL would append it)")
+        rows["prompt"].append(text(p) + " ")  # TRL concatenates the prompt and completion strings
+        rows["chosen"].append(text(c))
+        rows["rejected"].append(text(r))
+    model = _load(folder)
+    marks: list[tuple[float, float]] = []
+    losses: list[float] = []
+    with tempfile.TemporaryDirectory() as out:
+        args = DPOConfig(output_dir=out, per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1,
+                         max_length=max_len, beta=beta, loss_type=[loss_type], precompute_ref_log_probs=False,
+                         **_common_args(opt, steps + warmup, remat))
+        trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=datasets.Dataset.from_dict(rows),
+                             processing_class=stub_tokenizer(model.config.vocab_size, eos_id, pad_id),
+                             callbacks=[_step_timer(marks, losses)])
+        seen = sorted((tuple(x["prompt_ids"]), tuple(x["chosen_ids"]), tuple(x["rejected_ids"]))
+                      for x in trainer.train_dataset)
+        if seen != sorted(tuple(tuple(map(int, a)) for a in pair) for pair in pairs):
+            raise RuntimeError("TRL tokenized the pairs to different ids than ours; the comparison would be unfair")
+        trainer.train()
+    return _result(marks, losses, warmup)
