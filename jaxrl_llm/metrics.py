@@ -18,8 +18,11 @@ class MetricsWriter:
     """Writes from the main process only (`enabled`); every sink gets the same flat dict of scalars."""
 
     def __init__(self, workdir: str, max_steps: int, *, enabled: bool = True, start_step: int = 0,
-                 tensorboard: bool = True, wandb_project: str = "", run_config: dict | None = None):
+                 tensorboard: bool = True, wandb_project: str = "", run_config: dict | None = None,
+                 console_keys: tuple[str, ...] | None = None):
+        """console_keys: the metrics shown on the console line (all when None; every sink still gets all)."""
         self.enabled = enabled
+        self.console_keys = console_keys
         self.max_steps = max_steps
         self.start_step = start_step
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -57,7 +60,9 @@ class MetricsWriter:
         elapsed = time.time() - self._t0
         done = max(step - self.start_step, 1)
         eta = elapsed / done * max(self.max_steps - step, 0)
-        shown = " ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k != "step")
+        keys = [k for k in row if k != "step"] if self.console_keys is None else \
+            [k for k in self.console_keys if k in row] + [k for k in row if k.startswith("val_")]
+        shown = " ".join(f"{k}={_fmt(row[k])}" for k in dict.fromkeys(keys))
         print(f"[step {step}/{self.max_steps} {_bar(step, self.max_steps)}] {shown} | elapsed {elapsed:.0f}s "
               f"eta {eta:.0f}s", file=sys.stderr, flush=True)
 

@@ -33,6 +33,8 @@ from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.optim import make_optimizer
 
 log = logging.getLogger("jaxrl_llm.rl_train")
+CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean",
+                "truncation_rate", "gen_tokens_per_s", "time_generate_s", "time_train_s", "time_step_s")
 
 
 def prompt_ids(tokenizer: Any, tasks: list, chat_template: str | None, max_prompt_len: int, overlong: str
@@ -92,6 +94,30 @@ class Rollouts:
         return Rollouts(cat("task_idx"), cat("prompts"), cat("tokens"), cat("logprobs"), cat("finish"),
                         np.concatenate([p.rewards for p in parts]), np.concatenate([p.accuracy for p in parts]),
                         counts)
+
+
+def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, length: int, pad_id: int
+                  ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Host side of a step: rewards -> DAPO overlong shaping -> group advantages; the training arrays, with
+    truncated samples masked out under grpo.overlong_filtering (they still count in their group's baseline).
+    Returns (batch, reward/length metrics)."""
+    g, ro = config.grpo, config.rollout
+    G = ro.group_size
+    lengths = np.array([len(t) for t in roll.tokens], np.float32)
+    truncated = np.array([f == "length" for f in roll.finish])
+    shaped = grpo.shape_overlong(roll.rewards, lengths, ro.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
+    batch = grpo.build_batch(roll.prompts, roll.tokens, roll.logprobs, length, pad_id)
+    batch["advantages"] = np.asarray(grpo.grpo_advantages(shaped, G, g.leave_one_out, g.normalize_std), np.float32)
+    if g.overlong_filtering:
+        batch["loss_mask"] = batch["loss_mask"] * (~truncated)[:, None].astype(np.int32)
+    metrics = dict(
+        reward_mean=float(roll.rewards.mean()), reward_std=float(roll.rewards.std()),
+        shaped_reward_mean=float(shaped.mean()), accuracy=float(roll.accuracy.mean()),
+        gen_length_mean=float(lengths.mean()), gen_length_max=float(lengths.max()),
+        truncation_rate=float(truncated.mean()), masked_samples=float(g.overlong_filtering * truncated.sum()),
+        groups_all_equal=float((~grpo.dynamic_sampling_keep(roll.rewards, G)).mean()),
+        advantage_abs_mean=float(np.abs(batch["advantages"]).mean()))
+    return batch, metrics
 
 
 class GRPORunner:
@@ -198,18 +224,10 @@ class GRPORunner:
     # -- one RL step ----------------------------------------------------------------------------------------
 
     def step(self, state: dict, ref_params, step: int) -> tuple[dict, dict[str, float]]:
-        g, ro = self.config.grpo, self.config.rollout
+        g = self.config.grpo
         t_start = time.perf_counter()
         roll, info = self.collect(state["params"], step)
-        lengths = np.array([len(t) for t in roll.tokens], np.float32)
-        truncated = np.array([f == "length" for f in roll.finish])
-        rewards = grpo.shape_overlong(roll.rewards, lengths, ro.max_new_tokens, g.overlong_buffer,
-                                      g.overlong_penalty)
-        adv = np.asarray(grpo.grpo_advantages(rewards, self.G, g.leave_one_out, g.normalize_std), np.float32)
-        batch = grpo.build_batch(roll.prompts, roll.tokens, roll.logprobs, self.T, self.pad)
-        sample_mask = ~truncated if g.overlong_filtering else np.ones(self.R, bool)
-        batch["loss_mask"] = batch["loss_mask"] * sample_mask[:, None].astype(np.int32)
-        batch["advantages"] = adv
+        batch, host = prepare_batch(roll, self.config, self.T, self.pad)
         t0 = time.perf_counter()
         full = {k: jax.device_put(batch[k], self.full_sh) for k in ("input_ids", "attention_mask")}
         metrics: dict[str, float] = {}
@@ -247,14 +265,11 @@ class GRPORunner:
                                else vals.mean())
         gen_time = info.pop("time_generate_s")
         metrics.update(
-            reward_mean=float(roll.rewards.mean()), reward_std=float(roll.rewards.std()),
-            shaped_reward_mean=float(rewards.mean()), accuracy=float(roll.accuracy.mean()),
-            gen_length_mean=float(lengths.mean()), gen_length_max=float(lengths.max()),
-            truncation_rate=float(truncated.mean()), groups_all_equal=float(
-                (~grpo.dynamic_sampling_keep(roll.rewards, self.G)).mean()),
-            gen_tokens_per_s=info["generated_tokens"] / max(gen_time, 1e-9), time_generate_s=gen_time,
+            **host, gen_tokens_per_s=info["generated_tokens"] / max(gen_time, 1e-9), time_generate_s=gen_time,
             time_reference_s=t1 - t0, time_old_logprobs_s=t2 - t1, time_train_s=t3 - t2,
             time_step_s=time.perf_counter() - t_start, optimizer_updates=float(len(train_m)),
+            first_update_ratio_min=float(train_m[0]["ratio_min"]),
+            first_update_ratio_max=float(train_m[0]["ratio_max"]),
             **{k: v for k, v in info.items() if k != "generated_tokens"},
             **{f"env_{k}": float(v) for k, v in roll.counts.items()})
         return state, metrics
@@ -316,7 +331,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     mc = config.get("metrics", ml_collections.ConfigDict())
     writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
                            tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
-                           run_config=config.to_dict())
+                           run_config=config.to_dict(), console_keys=CONSOLE_KEYS)
     evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules)
     last: dict[str, Any] = {}
     try:

@@ -31,6 +31,7 @@ from jaxrl_llm.models.transformer import forward
 from jaxrl_llm.parallel.rules import ShardingRules
 from jaxrl_llm.sampling.strategies import filter_top_k_top_p
 
+LOGP_FLOOR = -1e4
 BATCH_AXES = {
     "input_ids": ("batch", "length"), "attention_mask": ("batch", "length"), "loss_mask": ("batch", "length"),
     "advantages": ("batch",), "old_logprobs": ("batch", "length"), "ref_logprobs": ("batch", "length"),
@@ -145,6 +146,9 @@ def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: 
         rows = logits.reshape(B * T1, V)
         filt = filter_top_k_top_p(rows, jnp.full((B * T1,), top_k, jnp.int32), jnp.full((B * T1,), top_p))
         lp = token_logprobs(filt.reshape(B, T1, V), targets)
+        # Tokens outside the nucleus (padding, or a borderline token round-off put on the other side) get a finite
+        # floor instead of -inf, so masked sums stay finite; their gradient is zero either way.
+        lp = jnp.where(jnp.isfinite(lp), lp, LOGP_FLOOR)
     ent = None
     if with_entropy:
         logp = jax.nn.log_softmax(logits, axis=-1)
