@@ -15,6 +15,8 @@ from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
 _F32 = jnp.float32
+# Logical axes of the KV cache arrays {"k", "v"} that `forward_with_cache` reads and writes.
+CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -109,14 +111,33 @@ def attention(cfg: ModelConfig, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: ja
     return o_BTKGH.reshape(B, T, N, H)
 
 
-def _layer(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
-           inv_freq: jax.Array, rules: ShardingRules | None,
-           kv: tuple[jax.Array, jax.Array] | None = None, cache_index: jax.Array | None = None,
-           ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
-    """One pre-norm block. With `kv` (this layer's cache, k/v [B, S, K, H]), the new keys/values are written
-    at `cache_index` along S and attention runs over the whole cache (`mask_BTS` says which keys count)."""
-    dt = x_BTD.dtype
-    w = {k: v.astype(dt) for k, v in p.items()}
+def attention_kv_major(cfg: ModelConfig, q_BTNH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array,
+                       mask_BTS: jax.Array) -> jax.Array:
+    """`attention` against a KV cache stored kv-head-major ([B, K, S, H]). Returns [B, T, N, H].
+
+    The cache is read as it lies: (B, K) lead every operand and the cache is the left operand of the score
+    product (contracting its last axis) and the right operand of the value product (contracting its first
+    non-batch axis), the layouts XLA's CPU dots take without copying; only the small query and score arrays
+    are transposed."""
+    B, T, N, H = q_BTNH.shape
+    K, S = k_BKSH.shape[1], k_BKSH.shape[2]
+    G = N // K
+    scale = 1.0 / math.sqrt(H)
+    if cfg.attention_impl == "fused":
+        k_BSKH, v_BSKH = k_BKSH.transpose(0, 2, 1, 3), v_BKSH.transpose(0, 2, 1, 3)
+        return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale)
+    q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)  # Q = (G, T)
+    s_BKSQ = jnp.einsum("bksh,bkqh->bksq", k_BKSH, q_BKQH, preferred_element_type=_F32) * scale
+    s_BKGTS = s_BKSQ.reshape(B, K, S, G, T).transpose(0, 1, 3, 4, 2)
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(_F32).min)
+    p_BKQS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BKSH.dtype).reshape(B, K, G * T, S)
+    o_BKQH = jnp.einsum("bkqs,bksh->bkqh", p_BKQS, v_BKSH)
+    return o_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def _qkv(cfg: ModelConfig, w: dict, x_BTD: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array,
+         rules: ShardingRules | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pre-norm, projections, biases, QK-norm and RoPE: q [B, T, N, H], k/v [B, T, K, H]."""
     h = rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
     k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
@@ -129,14 +150,16 @@ def _layer(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array,
     q = constrain(apply_rope(q, positions_BT, inv_freq), ("batch", "length", "heads", "head_dim"), rules)
     k = constrain(apply_rope(k, positions_BT, inv_freq), ("batch", "length", "kv_heads", "head_dim"), rules)
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"), rules)
-    if kv is not None:
-        k_cache, v_cache = kv
-        k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), cache_index, axis=1)
-        v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), cache_index, axis=1)
-        kv = (k, v)
-        k, v = k.astype(dt), v.astype(dt)
-    o = attention(cfg, q, k, v, mask_BTS)
-    o = jnp.einsum("btnh,nhd->btd", o, w["wo"])
+    return q, k, v
+
+
+def _out_and_mlp(cfg: ModelConfig, w: dict, x_BTD: jax.Array, o_BTNH: jax.Array,
+                 rules: ShardingRules | None) -> jax.Array:
+    """Output projection + residual, then the pre-norm SwiGLU MLP + residual."""
+    # One flat contraction over (n, h): with two contracting axes XLA:CPU may reorder them to (h, n) and then
+    # transpose the weight (a copy) on every call.
+    B, T, N, H = o_BTNH.shape
+    o = jnp.einsum("btf,fd->btd", o_BTNH.reshape(B, T, N * H), w["wo"].reshape(N * H, -1))
     if cfg.o_bias:
         o = o + w["bo"]
     x_BTD = constrain(x_BTD + o, ("batch", "length", "embed"), rules)
@@ -150,7 +173,15 @@ def _layer(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array,
     down = jnp.einsum("btf,fd->btd", act, w["w_down"])
     if cfg.mlp_bias:
         down = down + w["b_down"]
-    return constrain(x_BTD + down, ("batch", "length", "embed"), rules), kv
+    return constrain(x_BTD + down, ("batch", "length", "embed"), rules)
+
+
+def _layer(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
+           inv_freq: jax.Array, rules: ShardingRules | None) -> jax.Array:
+    """One pre-norm block over a whole sequence (no cache)."""
+    w = {k: v.astype(x_BTD.dtype) for k, v in p.items()}
+    q, k, v = _qkv(cfg, w, x_BTD, positions_BT, inv_freq, rules)
+    return _out_and_mlp(cfg, w, x_BTD, attention(cfg, q, k, v, mask_BTS), rules)
 
 
 def hidden_states(
@@ -179,7 +210,7 @@ def hidden_states(
     inv_freq = rope_inv_freq(cfg, jnp.max(positions) + 1)
 
     def body(x, p):
-        return _layer(cfg, p, x, positions, mask, inv_freq, rules)[0], None
+        return _layer(cfg, p, x, positions, mask, inv_freq, rules), None
 
     if cfg.remat:
         body = jax.checkpoint(body, prevent_cse=False)
@@ -200,22 +231,42 @@ def forward_with_cache(
 ) -> tuple[jax.Array, dict]:
     """Run T new tokens against a KV cache: prefill (T = prompt length) and decode (T = 1) alike.
 
-    cache: {"k": [L, B, S, K, H], "v": [L, B, S, K, H]}; the new keys/values land at positions
-    [cache_index, cache_index + T) of S. mask_BTS: which cache slots each new token may attend to (the
-    caller combines causality, padding and any sliding window). Returns (logits [B, T, V] fp32, cache).
+    cache: {"k": [L, B, K, S, H], "v": [L, B, K, S, H]} (axes CACHE_AXES); the new keys/values land at
+    positions [cache_index, cache_index + T) of S. mask_BTS: which cache slots each new token may attend to
+    (the caller combines causality, padding and any sliding window). Returns (logits [B, T, V] fp32, cache).
+
+    The cache rides in the layer scan's carry and only the T new slots are written (in place when the caller
+    donates it or carries it in a loop); the S axis sits after the kv heads so attention reads it without a
+    transpose.
     """
     x = jnp.take(params["embed"], input_ids_BT, axis=0).astype(cfg.dtype)
     x = constrain(x, ("batch", "length", "embed"), rules)
     inv_freq = rope_inv_freq(cfg, jnp.max(positions_BT) + 1)
+    dt = cfg.dtype
 
-    def body(x, layer):
-        p, k, v = layer
-        x, (k, v) = _layer(cfg, p, x, positions_BT, mask_BTS, inv_freq, rules, (k, v), cache_index)
-        return x, (k, v)
+    def attend(p, x, k_cache, v_cache, write):
+        """One layer. `write(cache, new_BKTH)` stores the new keys/values: (cache, this layer's [B, K, S, H])."""
+        w = {n: a.astype(dt) for n, a in p.items()}
+        q, k, v = _qkv(cfg, w, x, positions_BT, inv_freq, rules)
+        k_cache, k_BKSH = write(k_cache, k.transpose(0, 2, 1, 3))
+        v_cache, v_BKSH = write(v_cache, v.transpose(0, 2, 1, 3))
+        o = attention_kv_major(cfg, q, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS)
+        return _out_and_mlp(cfg, w, x, o, rules), k_cache, v_cache
 
-    x, (k, v) = jax.lax.scan(body, x, (params["layers"], cache["k"], cache["v"]))
+    def body(carry, p):
+        x, k_all, v_all, i = carry
+
+        def write(c_LBKSH, new_BKTH):
+            c = jax.lax.dynamic_update_slice(c_LBKSH, new_BKTH[None].astype(c_LBKSH.dtype), (i, 0, 0, cache_index, 0))
+            c = constrain(c, CACHE_AXES, rules)
+            return c, c[i]
+
+        x, k_all, v_all = attend(p, x, k_all, v_all, write)
+        return (x, k_all, v_all, i + 1), None
+
+    (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, cache["k"], cache["v"], jnp.int32(0)), params["layers"])
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    return lm_logits(cfg, params, h, rules), {"k": k, "v": v}
+    return lm_logits(cfg, params, h, rules), {"k": k_all, "v": v_all}
 
 
 def lm_logits(cfg: ModelConfig, params: dict, h_BTD: jax.Array, rules: ShardingRules | None = None

@@ -1,7 +1,7 @@
 """The KV cache: one pytree per batch, sharded by the same logical-axis rules as the model.
 
-    cache = {"k": array, "v": array}, axes CACHE_AXES: (layers, batch, length, kv_heads, head_dim), i.e.
-    [L, B, S, K, H], the layout `models.forward_with_cache` reads and writes.
+    cache = {"k": array, "v": array}, axes CACHE_AXES: (layers, batch, kv_heads, length, head_dim), i.e.
+    [L, B, K, S, H], the layout `models.forward_with_cache` reads and writes (the model owns it).
 
 Slot layout (left padding): prompts are right-aligned in slots [0, P), so every row's first new token lands
 in slot P and decode step i writes slot P + i for all rows at once. Row b's prompt occupies
@@ -17,12 +17,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.transformer import CACHE_AXES
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
-
-try:  # the model owns its cache layout once `models.transformer` names it (see the proposed kv-major layout)
-    from jaxrl_llm.models.transformer import CACHE_AXES  # type: ignore[attr-defined]
-except ImportError:
-    CACHE_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
 
 
 def cache_shape(cfg: ModelConfig, batch: int, length: int) -> tuple[int, ...]:

@@ -47,7 +47,7 @@ def compile_counts() -> dict[str, int]:
 @partial(jax.jit, static_argnames=("cfg", "cache_len", "rules"))
 def prefill(cfg: ModelConfig, params: dict, ids_BT: jax.Array, start_B: jax.Array, *, cache_len: int,
             rules: ShardingRules | None = None) -> tuple[dict, jax.Array]:
-    """Left-padded prompts [B, P] (row b valid from slot start_b) -> (cache [L,B,S,K,H], last logits [B, V])."""
+    """Left-padded prompts [B, P] (row b valid from slot start_b) -> (cache [L,B,K,S,H], last logits [B, V])."""
     _TRACES["prefill"] += 1
     B, P = ids_BT.shape
     cache = init_cache(cfg, B, cache_len, rules)
