@@ -52,18 +52,18 @@ def build_model(name: str, folder: str, gguf: bool):
     return hf, cfg, params
 
 
-def jax_runner(cfg, params, prompts, new_tokens: int):
+def jax_runner(cfg, params, prompts, new_tokens: int, unroll_layers: bool | None = None):
     """A zero-argument callable running one timed-able generate call, and the first (compiling) call's seconds."""
     from jaxrl_llm import sampling
 
     sp = sampling.SamplingParams(max_new_tokens=new_tokens, temperature=0.0)
     t0 = time.perf_counter()
-    out = sampling.generate(cfg, params, prompts, sp, 0)
+    out = sampling.generate(cfg, params, prompts, sp, 0, unroll_layers=unroll_layers)
     first_s = time.perf_counter() - t0
     assert all(len(t) == new_tokens for t in out.tokens)
 
     def run() -> dict:
-        out = sampling.generate(cfg, params, prompts, sp, 0)
+        out = sampling.generate(cfg, params, prompts, sp, 0, unroll_layers=unroll_layers)
         assert out.stats["compiles"] == 0
         return out.stats
 
@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for both (1 or all cores)")
     ap.add_argument("--gguf", action="store_true", help="SmolLM2: the real GGUF weights instead of random ones")
     ap.add_argument("--no-hf", action="store_true", help="JAX only (e.g. on a GPU machine)")
+    ap.add_argument("--unroll-layers", choices=("auto", "on", "off"), default="auto",
+                    help="generate(unroll_layers=...): auto = per-layer decode on CPU, layer scan elsewhere")
     args = ap.parse_args(argv)
     if args.threads == 1:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
@@ -172,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         rng = np.random.default_rng(0)
         for B in (int(b) for b in args.batch_sizes.split(",")):
             prompts = rng.integers(3, cfg.vocab_size, size=(B, args.prompt_len)).tolist()
-            jax_run, first_s = jax_runner(cfg, params, prompts, args.new_tokens)
+            unroll = {"auto": None, "on": True, "off": False}[args.unroll_layers]
+            jax_run, first_s = jax_runner(cfg, params, prompts, args.new_tokens, unroll)
             runs = {"jax": jax_run}
             if not (args.no_hf or on_gpu):
                 runs["hf"] = hf_runner(hf, prompts, args.new_tokens)

@@ -1,5 +1,5 @@
-"""`models.forward_with_cache` with the kv-head-major cache layout, checked against `models.forward` and plain
-numpy formulas."""
+"""`models.forward_with_cache`: stacked (scan) and per-layer (unrolled) forms, the kv-head-major cache layout,
+and the unrolled decode loop, all checked against `models.forward` and plain numpy formulas."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import models, sampling
-from jaxrl_llm.models.transformer import CACHE_AXES
+from jaxrl_llm.models.transformer import CACHE_AXES, unstack_layers
 
 # GQA (4 query heads over 2 kv heads) with q/k/v biases, so a mixed-up head or axis order shows.
 CFG = models.ModelConfig(family="qwen2", vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=3,
@@ -57,15 +57,17 @@ def positions(q_slots: np.ndarray) -> np.ndarray:
     return np.maximum(q_slots[None] - start[:, None], 0).astype(np.int32)
 
 
-def empty_cache() -> dict:
-    return sampling.init_cache(CFG, len(LENGTHS), S)
+def empty_cache(per_layer: bool) -> dict:
+    cache = sampling.init_cache(CFG, len(LENGTHS), S)
+    return sampling.cache.unstack_cache(cache) if per_layer else cache
 
 
-def run(params, ids_BT, slot0: int, cache: dict):
+def run(params, ids_BT, slot0: int, cache: dict, per_layer: bool):
     T = ids_BT.shape[1]
     q = np.arange(slot0, slot0 + T)
+    p = {**params, "layers": unstack_layers(params["layers"])} if per_layer else params
     f = jax.jit(models.forward_with_cache, static_argnames=("cfg",))
-    return f(CFG, params, jnp.asarray(ids_BT), jnp.asarray(positions(q)), jnp.asarray(cache_mask(q)), cache,
+    return f(CFG, p, jnp.asarray(ids_BT), jnp.asarray(positions(q)), jnp.asarray(cache_mask(q)), cache,
              jnp.int32(slot0))
 
 
@@ -81,14 +83,17 @@ def np_rope(x_TKH, pos_T):
     return np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], axis=-1)
 
 
-def test_prefill_logits_equal_forward_and_cache_layout(params):
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_prefill_logits_equal_forward_and_cache_layout(params, per_layer):
     ids = sequences(0)
-    logits_BTV, cache = run(params, ids, 0, empty_cache())
+    logits_BTV, cache = run(params, ids, 0, empty_cache(per_layer), per_layer)
     want_BTV = models.forward(CFG, params, jnp.asarray(ids), jnp.asarray(valid_mask(P)))
     m = valid_mask(P).astype(bool)
     np.testing.assert_allclose(np.asarray(logits_BTV)[m], np.asarray(want_BTV)[m], atol=2e-5, rtol=0)
 
-    k_LBKSH, v_LBKSH = np.asarray(cache["k"]), np.asarray(cache["v"])
+    assert isinstance(cache["k"], list) == per_layer
+    k_LBKSH = np.asarray(jnp.stack(cache["k"]) if per_layer else cache["k"])
+    v_LBKSH = np.asarray(jnp.stack(cache["v"]) if per_layer else cache["v"])
     assert CACHE_AXES == ("layers", "batch", "kv_heads", "length", "head_dim")
     assert k_LBKSH.shape == (CFG.num_layers, len(LENGTHS), CFG.num_kv_heads, S, CFG.head_dim)
     # Layer 0 keys/values from the embeddings by hand: k = rope(norm(x) @ wk + bk), v = norm(x) @ wv + bv.
@@ -103,11 +108,38 @@ def test_prefill_logits_equal_forward_and_cache_layout(params):
     assert not np.any(k_LBKSH[:, :, :, P:]) and not np.any(v_LBKSH[:, :, :, P:])  # unwritten slots untouched
 
 
-def test_decode_steps_equal_forward(params):
+def test_decode_steps_per_layer_equal_scan_and_forward(params):
     n_new = S - P
     ids = sequences(n_new, seed=1)
     want_BTV = np.asarray(models.forward(CFG, params, jnp.asarray(ids), jnp.asarray(valid_mask(S))))
-    _, cache = run(params, ids[:, :P], 0, empty_cache())
-    for i in range(n_new):
-        logits_B1V, cache = run(params, ids[:, P + i:P + i + 1], P + i, cache)
-        np.testing.assert_allclose(np.asarray(logits_B1V)[:, 0], want_BTV[:, P + i], atol=2e-5, rtol=0)
+    caches = {}
+    for per_layer in (False, True):
+        _, cache = run(params, ids[:, :P], 0, empty_cache(per_layer), per_layer)
+        for i in range(n_new):
+            logits_B1V, cache = run(params, ids[:, P + i:P + i + 1], P + i, cache, per_layer)
+            np.testing.assert_allclose(np.asarray(logits_B1V)[:, 0], want_BTV[:, P + i], atol=2e-5, rtol=0)
+        assert isinstance(cache["k"], list) == per_layer
+        caches[per_layer] = {n: np.asarray(jnp.stack(c) if per_layer else c) for n, c in cache.items()}
+    for n in ("k", "v"):
+        np.testing.assert_allclose(caches[True][n], caches[False][n], atol=1e-6)
+
+
+def test_mixed_stacked_and_per_layer_raise(params):
+    ids = sequences(0)
+    with pytest.raises(ValueError, match=r"params\['layers'\].*all stacked or all per-layer"):
+        run(params, ids, 0, empty_cache(per_layer=True), per_layer=False)
+    short = {n: c[:-1] for n, c in empty_cache(per_layer=True).items()}
+    with pytest.raises(ValueError, match="3 layers of params, 2/2 of cache"):
+        run(params, ids, 0, short, per_layer=True)
+
+
+def test_unrolled_generate_equals_scanned(params):
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1, CFG.vocab_size, size=n).tolist() for n in (4, 9, 2)]
+    sps = [sampling.SamplingParams(max_new_tokens=7, **kw) for kw in (
+        dict(temperature=1.0), dict(temperature=0.0), dict(temperature=0.8, top_k=10, top_p=0.9))]
+    out = {u: sampling.generate(CFG, params, prompts, sps, 5, unroll_layers=u) for u in (False, True)}
+    assert out[True].tokens == out[False].tokens
+    assert [len(t) for t in out[True].tokens] == [7, 7, 7]
+    for a, b in zip(out[True].logprobs, out[False].logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)

@@ -218,6 +218,12 @@ def hidden_states(
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
 
 
+def unstack_layers(layers: dict) -> list[dict]:
+    """Stacked layer parameters (leaves [L, ...]) -> a list of L per-layer dicts (copies: slices)."""
+    n = len(jax.tree.leaves(layers)[0])
+    return [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]
+
+
 def forward_with_cache(
     cfg: ModelConfig,
     params: dict,
@@ -235,9 +241,14 @@ def forward_with_cache(
     positions [cache_index, cache_index + T) of S. mask_BTS: which cache slots each new token may attend to
     (the caller combines causality, padding and any sliding window). Returns (logits [B, T, V] fp32, cache).
 
-    The cache rides in the layer scan's carry and only the T new slots are written (in place when the caller
-    donates it or carries it in a loop); the S axis sits after the kv heads so attention reads it without a
-    transpose.
+    Only the T new slots of the cache are written (in place when the caller donates it or carries it in a
+    loop); the S axis sits after the kv heads so attention reads it without a transpose.
+
+    Stacked or per layer: with params["layers"] stacked (leaves [L, ...]) and a stacked cache the layers run
+    in a `lax.scan`. params["layers"] may instead be a list of L per-layer dicts (`unstack_layers`), and
+    cache["k"] / cache["v"] lists of L arrays [B, K, S, H]; the layers then run in a Python loop and the
+    cache comes back in the form it came in. On XLA:CPU every slice of a stacked array is a copy, so a decode
+    loop that reads per-layer arrays avoids copying all weights and the whole cache every step.
     """
     x = jnp.take(params["embed"], input_ids_BT, axis=0).astype(cfg.dtype)
     x = constrain(x, ("batch", "length", "embed"), rules)
@@ -253,20 +264,44 @@ def forward_with_cache(
         o = attention_kv_major(cfg, q, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS)
         return _out_and_mlp(cfg, w, x, o, rules), k_cache, v_cache
 
-    def body(carry, p):
-        x, k_all, v_all, i = carry
+    layers, k_all, v_all = params["layers"], cache["k"], cache["v"]
+    per_layer = [isinstance(t, list | tuple) for t in (layers, k_all, v_all)]
+    if any(per_layer) and not all(per_layer):
+        raise ValueError("forward_with_cache: params['layers'], cache['k'] and cache['v'] must be all stacked or "
+                         "all per-layer lists")
+    if all(per_layer):
+        if not len(layers) == len(k_all) == len(v_all) == cfg.num_layers:
+            raise ValueError(f"forward_with_cache: {len(layers)} layers of params, {len(k_all)}/{len(v_all)} of "
+                             f"cache k/v; the config has {cfg.num_layers}")
 
-        def write(c_LBKSH, new_BKTH):
-            c = jax.lax.dynamic_update_slice(c_LBKSH, new_BKTH[None].astype(c_LBKSH.dtype), (i, 0, 0, cache_index, 0))
-            c = constrain(c, CACHE_AXES, rules)
-            return c, c[i]
+        def write(c_BKSH, new_BKTH):
+            c = jax.lax.dynamic_update_slice(c_BKSH, new_BKTH.astype(c_BKSH.dtype), (0, 0, cache_index, 0))
+            c = constrain(c, CACHE_AXES[1:], rules)
+            return c, c
 
-        x, k_all, v_all = attend(p, x, k_all, v_all, write)
-        return (x, k_all, v_all, i + 1), None
+        ks, vs = [], []
+        for p, k_BKSH, v_BKSH in zip(layers, k_all, v_all, strict=True):
+            x, k_BKSH, v_BKSH = attend(p, x, k_BKSH, v_BKSH, write)
+            ks.append(k_BKSH)
+            vs.append(v_BKSH)
+        new_cache = {"k": ks, "v": vs}
+    else:
+        def body(carry, p):
+            x, k_all, v_all, i = carry
 
-    (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, cache["k"], cache["v"], jnp.int32(0)), params["layers"])
+            def write(c_LBKSH, new_BKTH):
+                c = jax.lax.dynamic_update_slice(c_LBKSH, new_BKTH[None].astype(c_LBKSH.dtype),
+                                                 (i, 0, 0, cache_index, 0))
+                c = constrain(c, CACHE_AXES, rules)
+                return c, c[i]
+
+            x, k_all, v_all = attend(p, x, k_all, v_all, write)
+            return (x, k_all, v_all, i + 1), None
+
+        (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, k_all, v_all, jnp.int32(0)), layers)
+        new_cache = {"k": k_all, "v": v_all}
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    return lm_logits(cfg, params, h, rules), {"k": k_all, "v": v_all}
+    return lm_logits(cfg, params, h, rules), new_cache
 
 
 def lm_logits(cfg: ModelConfig, params: dict, h_BTD: jax.Array, rules: ShardingRules | None = None

@@ -1,7 +1,8 @@
 """The KV cache: one pytree per batch, sharded by the same logical-axis rules as the model.
 
     cache = {"k": array, "v": array}, axes CACHE_AXES: (layers, batch, kv_heads, length, head_dim), i.e.
-    [L, B, K, S, H], the layout `models.forward_with_cache` reads and writes (the model owns it).
+    [L, B, K, S, H], the layout `models.forward_with_cache` reads and writes (the model owns it). Inside the
+    decode loop it may be held per layer instead (`unstack_cache`): lists of L arrays [B, K, S, H].
 
 Slot layout (left padding): prompts are right-aligned in slots [0, P), so every row's first new token lands
 in slot P and decode step i writes slot P + i for all rows at once. Row b's prompt occupies
@@ -47,6 +48,16 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, rules: ShardingRules |
     """Zeros in the compute dtype, constrained to the rules' layout (call inside jit under `jax.set_mesh`)."""
     shape = cache_shape(cfg, batch, length)
     return {n: constrain(jnp.zeros(shape, cfg.dtype), CACHE_AXES, rules) for n in ("k", "v")}
+
+
+def unstack_cache(cache: dict, rules: ShardingRules | None = None) -> dict:
+    """{"k": [L, B, K, S, H], ...} -> {"k": L arrays [B, K, S, H], ...} (copies)."""
+    return {n: [constrain(a, CACHE_AXES[1:], rules) for a in c] for n, c in cache.items()}
+
+
+def stack_cache(cache: dict, rules: ShardingRules | None = None) -> dict:
+    """Inverse of `unstack_cache`."""
+    return {n: constrain(jnp.stack(c), CACHE_AXES, rules) for n, c in cache.items()}
 
 
 def _window(cfg: ModelConfig, q_slot: jax.Array, k_slot: jax.Array) -> jax.Array:

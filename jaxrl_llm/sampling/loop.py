@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.transformer import forward_with_cache, lm_logits
+from jaxrl_llm.models.transformer import forward_with_cache, lm_logits, unstack_layers
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 from jaxrl_llm.sampling.cache import (
     CACHE_AXES,
@@ -28,6 +28,8 @@ from jaxrl_llm.sampling.cache import (
     init_cache,
     prefill_mask_BTS,
     prompt_positions_BT,
+    stack_cache,
+    unstack_cache,
 )
 from jaxrl_llm.sampling.strategies import RowSampler
 
@@ -117,20 +119,25 @@ def _record(state: DecodeState, logits_BV: jax.Array, inp: DecodeInputs) -> Deco
         num_tokens_B=num_B, tokens_BN=tokens_BN, logprobs_BN=logprobs_BN)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_bucket", "rules"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("cfg", "max_new_bucket", "rules", "unroll"), donate_argnames=("cache",))
 def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, inp: DecodeInputs, *,
-           max_new_bucket: int, rules: ShardingRules | None = None
+           max_new_bucket: int, rules: ShardingRules | None = None, unroll: bool = False
            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, dict]:
     """Sample up to `max_new_bucket` tokens per row after `prefill`, stopping as soon as every row is done.
 
     Returns (tokens [B, N] int32, logprobs [B, N] fp32, num_tokens [B] int32, stopped [B] bool, steps [] int32,
     cache). The cache is donated and returned so that the loop updates it in place (callers may drop it).
+    unroll: run the layers as a Python loop over per-layer weight and cache arrays, sliced out of the stacked
+    ones once before the loop (see `generate(unroll_layers=...)`); otherwise a layer scan inside each step.
     """
     _TRACES["decode"] += 1
     B = logits_BV.shape[0]
     S = cache_length(cache)
     P = S - max_new_bucket  # first generated slot
     lengths_B = P - inp.start_B
+    if unroll:  # sliced once here instead of inside every step (slices are copies on XLA:CPU)
+        params = {**params, "layers": unstack_layers(params["layers"])}
+        cache = unstack_cache(cache, rules)
     state = DecodeState(
         step=jnp.int32(0), cache=cache, last_token_B=jnp.zeros((B,), jnp.int32),
         done_B=inp.max_new_B <= 0, stopped_B=jnp.zeros((B,), bool), num_tokens_B=jnp.zeros((B,), jnp.int32),
@@ -147,8 +154,8 @@ def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, in
         mask_B1S = decode_mask_B1S(cfg, inp.start_B, slot, S)
         logits_B1V, new_cache = forward_with_cache(cfg, params, s.last_token_B[:, None], pos_B1, mask_B1S,
                                                    s.cache, slot, rules=rules)
-        new_cache = {n: constrain(c, CACHE_AXES, rules) for n, c in new_cache.items()}
         return _record(dataclasses.replace(s, cache=new_cache), logits_B1V[:, 0], inp)
 
     state = jax.lax.while_loop(cond, body, state)
-    return state.tokens_BN, state.logprobs_BN, state.num_tokens_B, state.stopped_B, state.step, state.cache
+    cache = stack_cache(state.cache, rules) if unroll else state.cache
+    return state.tokens_BN, state.logprobs_BN, state.num_tokens_B, state.stopped_B, state.step, cache
