@@ -1,11 +1,13 @@
-"""TRL side of benchmarks/train_step.py: SFTTrainer and DPOTrainer runs on given token ids, timed per step.
+"""TRL side of benchmarks/train_step.py and grpo_step.py: SFTTrainer, DPOTrainer and GRPOTrainer runs on given
+token ids, timed per step.
 
 Both trainers get fp32 (bf16 off: TRL's configs default it on), gradient checkpointing only when asked
 (TRL defaults it on; jaxrl_llm's `remat` is set the same way by the caller), AdamW (TRL's default, the fused
 torch kernel) with the caller's settings and a constant learning rate, and run their own `train()` loop. A
 callback takes the time from the beginning to the end of each optimizer step (forward, backward, clipping,
 update; the next batch is fetched and collated before the step begins, logging happens after it ends) and
-records the loss TRL logs for each step.
+records the loss TRL logs for each step. For GRPO the step also covers generation and scoring (TRL generates inside
+`training_step`); the trainer's generate / reward / reference-model methods are wrapped to time each phase.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -138,3 +140,109 @@ def time_trl_dpo(folder: str, pairs: Sequence[Pair], eos_id: int, pad_id: int, m
             raise RuntimeError("TRL tokenized the pairs to different ids than ours; the comparison would be unfair")
         trainer.train()
     return _result(marks, losses, warmup)
+
+
+def _phase_timer(trainer: Any, phases: dict[str, float]) -> None:
+    """Wrap the GRPOTrainer instance's methods so each call adds its seconds to `phases` (and the generated
+    tokens and rewards to their counters): generate (`_generate_single_turn`: left padding, HF `generate`, the
+    cut after EOS), score (`_calculate_rewards`), reference (reference-model log-probs) and rollout
+    (`_generate_and_score_completions`: all of the above plus tokenization, padding and advantages)."""
+
+    def wrap(name: str, fn: Callable, when: Callable[..., bool] = lambda *a: True, after=None) -> Callable:
+        def timed(*args, **kw):
+            if not when(*args):
+                return fn(*args, **kw)
+            t0 = time.perf_counter()
+            out = fn(*args, **kw)
+            phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
+            if after is not None:
+                after(out)
+            return out
+
+        return timed
+
+    def count_tokens(out):
+        phases["generated_tokens"] = phases.get("generated_tokens", 0.0) + sum(len(c) for c in out[0])
+
+    def rewards(out):
+        phases["reward_sum"] = phases.get("reward_sum", 0.0) + float(out.sum())
+        phases["rewards"] = phases.get("rewards", 0.0) + out.numel()
+
+    trainer._generate_single_turn = wrap("generate", trainer._generate_single_turn, after=count_tokens)
+    trainer._calculate_rewards = wrap("score", trainer._calculate_rewards, after=rewards)
+    trainer._get_per_token_logps_and_entropies = wrap(
+        "reference", trainer._get_per_token_logps_and_entropies,
+        when=lambda model, *a: trainer.ref_model is not None and model is trainer.ref_model)
+    trainer._generate_and_score_completions = wrap("rollout", trainer._generate_and_score_completions)
+
+
+def time_trl_grpo(folder: str, prompts: Sequence[Sequence[int]],
+                  reward_fn: Callable[[list[int], list[list[int]]], Sequence[float]], group_size: int,
+                  max_new_tokens: int, stop_ids: Sequence[int], pad_id: int, steps: int, warmup: int,
+                  opt: dict[str, float], beta: float, temperature: float) -> dict[str, Any]:
+    """GRPOTrainer, one generation of all `prompts` x `group_size` and one optimizer update per step.
+
+    The prompts go in as text of `word`s (not conversational), which the stub tokenizer turns back into exactly
+    these ids (checked). reward_fn(prompt rows, completion ids) -> one reward per completion, `rows` indexing
+    `prompts`. Generation stops at `stop_ids` (the stub's EOS and the model's generation-config EOS); empty: at
+    max_new_tokens only (the stub's EOS is an id outside the vocabulary, which can never be sampled).
+    Sampling as configured: temperature, top-p 1, top-k off, no repetition penalty; loss "dapo" (token-level
+    sum over the batch's completion tokens, as jaxrl_llm's token_level), group-std scaled advantages, clip 0.2,
+    `beta` > 0 loads a reference model (TRL builds it from `folder`), 0 does not.
+    Returns the median step, per-step times and per-phase seconds, generated tokens and rewards.
+    """
+    import datasets
+    from trl import GRPOConfig, GRPOTrainer
+
+    model = _load(folder)
+    vocab = model.config.vocab_size
+    stop_ids = [int(t) for t in stop_ids]
+    model.generation_config.eos_token_id = stop_ids or None
+    eos = stop_ids[0] if stop_ids else vocab  # `vocab` is one more stub word, never sampled
+    tok = stub_tokenizer(vocab + 1, eos, pad_id)
+    rows = {"prompt": [text(p) for p in prompts], "row": list(range(len(prompts)))}
+    seen = tok(text=rows["prompt"])["input_ids"]
+    if [list(s) for s in seen] != [list(map(int, p)) for p in prompts]:
+        raise RuntimeError("the stub tokenizer gave TRL different prompt ids than ours; the comparison would be unfair")
+
+    def grpo_reward(prompts, completions, completion_ids, row, **kw):
+        return [float(r) for r in reward_fn(list(row), [list(map(int, c)) for c in completion_ids])]
+
+    phases: dict[str, float] = {}
+    records: list[dict[str, float]] = []
+    losses: list[float] = []
+
+    import transformers
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            phases.clear()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            records.append({"step_s": time.perf_counter() - self.t0, **phases})
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    common = _common_args(opt, steps + warmup, False)
+    common.pop("dataset_num_proc")
+    R = len(prompts) * group_size
+    with tempfile.TemporaryDirectory() as out:
+        args = GRPOConfig(output_dir=out, per_device_train_batch_size=R, gradient_accumulation_steps=1,
+                          num_generations=group_size, max_completion_length=max_new_tokens, temperature=temperature,
+                          top_p=1.0, top_k=0, repetition_penalty=1.0, beta=beta, epsilon=0.2, num_iterations=1,
+                          loss_type="dapo", scale_rewards="group", use_vllm=False, log_completions=False, **common)
+        trainer = GRPOTrainer(model=model, reward_funcs=[grpo_reward], args=args,
+                              train_dataset=datasets.Dataset.from_dict(rows), processing_class=tok,
+                              callbacks=[StepTimer()])
+        _phase_timer(trainer, phases)
+        trainer.train()
+    timed = records[warmup:]
+    med = lambda k: statistics.median(r.get(k, 0.0) for r in timed)
+    phase_s = {k: med(k) for k in ("generate", "score", "reference", "rollout")}
+    phase_s["train"] = statistics.median(r["step_s"] - r.get("rollout", 0.0) for r in timed)
+    return {"step_s": med("step_s"), "times": [r["step_s"] for r in timed], "phases": phase_s,
+            "generated_tokens": med("generated_tokens"), "records": records, "losses": losses,
+            "reward_mean": [r.get("reward_sum", 0.0) / max(r.get("rewards", 0.0), 1.0) for r in records]}
