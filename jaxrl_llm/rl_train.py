@@ -305,7 +305,10 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with jax.set_mesh(mesh):
         opt_state = jax.jit(optimizer.init)(params)
         ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef else None
-    state = {"params": params, "opt_state": opt_state, "step": jnp.int32(0)}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # The step counter placed as the jitted step returns it, so the step compiles once, not again at step 2.
+    counter = lambda n: jax.device_put(jnp.int32(n), replicated)
+    state = {"params": params, "opt_state": opt_state, "step": counter(0)}
 
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -322,7 +325,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     start = 0
     if ckpt.latest_step() is not None:
         items, meta, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
-        state = {**items, "step": jnp.int32(start * updates_per_step)}
+        state = {**items, "step": counter(start * updates_per_step)}
         if meta.get("seed") != config.seed:
             raise ConfigError(f"workdir {workdir!r} holds a run with seed={meta.get('seed')}; use a fresh workdir")
         log.info("resumed from %s at step %d", ckpt.directory, start)
@@ -369,7 +372,7 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
         return None
     from jaxrl_llm import environments
     from jaxrl_llm.data.tasks import load_tasks
-    from jaxrl_llm.evaluation import evaluate_tasks
+    from jaxrl_llm.evaluation import evaluate_tasks, scalar_metrics
 
     ec = config.eval
     tasks = load_tasks(ec.source, ec.num_examples, ec.seed, system_prompt=config.data.system_prompt or None,
@@ -378,13 +381,16 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
     stops = tuple(dict.fromkeys([*config.rollout.stop_token_ids, tokenizer.eos_token_id]))
     sp = sampling.SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=ec.temperature,
                                  top_p=1.0, top_k=0, stop_token_ids=stops)
+    k_values = tuple(k for k in (1, ec.n_samples) if k <= ec.n_samples)
 
     def evaluate(params, done: int) -> dict[str, float]:
         if done % every and done != config.max_steps:
             return {}
-        res = evaluate_tasks(cfg, params, tokenizer, tasks, env, n_samples=ec.n_samples, k_values=(1,),
-                             sampling_params=sp, rng=jax.random.key(ec.seed), mesh=mesh,
-                             max_batch_size=config.rollout.max_batch_size or None)
-        return {f"val_{k}": float(v) for k, v in res.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        res = evaluate_tasks(cfg, params, tokenizer, tasks, env, n_samples=ec.n_samples, k_values=k_values,
+                             sampling_params=sp, rng=jax.random.key(ec.seed), mesh=mesh, rules=rules,
+                             max_batch_size=config.rollout.max_batch_size or None,
+                             max_prompt_len=config.data.max_prompt_len, truncate_prompts=True,
+                             keep_completions=False)
+        return scalar_metrics(res, prefix="val_")
 
     return evaluate

@@ -214,16 +214,19 @@ def test_grpo_tiny_reward_rises_and_first_update_is_on_policy(tmp_path):
 
 def test_grpo_dapo_gspo_options_end_to_end(tmp_path):
     """DAPO (dynamic sampling, overlong shaping, clip-higher, no KL) and GSPO (sequence-level ratio
-    and loss) with importance correction, two epochs: runs, logs its diagnostics, stays finite."""
+    and loss) with importance correction, two epochs, and validation (pass@k on held-out tasks) at step 2:
+    runs, logs its diagnostics, stays finite."""
     p = _run_cli(tmp_path / "run", "--config.max_steps=2", "--config.grpo.dynamic_sampling=True",
                  "--config.grpo.dynamic_sampling_max_rounds=2", "--config.grpo.overlong_buffer=4",
                  "--config.grpo.clip_high=0.28",
                  "--config.grpo.kl_coef=0.0", "--config.grpo.sequence_level_ratio=True",
                  "--config.grpo.token_level=False", "--config.grpo.importance_correction=True",
-                 "--config.grpo.tis_cap=2.0", "--config.grpo.epochs=2")
+                 "--config.grpo.tis_cap=2.0", "--config.grpo.epochs=2", "--config.val_every=2",
+                 "--config.eval.num_examples=4")
     assert p.returncode == 0, p.stderr[-3000:]
     rows = _rows(tmp_path / "run")
     assert len(rows) == 2
+    assert "val_pass@1" in rows[1] and "val_pass@2" in rows[1] and "val_pass@1" not in rows[0]
     for r in rows:
         assert np.isfinite(r["loss"]) and r["optimizer_updates"] == 4
         assert 1 <= r["dynamic_sampling_rounds"] <= 2
