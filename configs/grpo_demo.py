@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.grpo = ml_collections.ConfigDict(dict(
         leave_one_out=True, normalize_std=True, clip_low=0.2, clip_high=0.2, dual_clip=0.0,
         kl_coef=0.0,  # no reference forward (as DAPO and DeepScaleR); > 0 adds the KL penalty (k3 by default)
-        kl_type="k3", token_level=True, sequence_level_ratio=False, reinforce=False,
+        kl_type="k3", ref_offload=False, token_level=True, sequence_level_ratio=False, reinforce=False,
         importance_correction=False, tis_cap=0.0, recompute_old_logprobs=False, epochs=1,
         dynamic_sampling=False, dynamic_sampling_max_rounds=4, overlong_filtering=False,
         overlong_buffer=0, overlong_penalty=1.0))

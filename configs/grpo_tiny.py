@@ -36,7 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.grpo = ml_collections.ConfigDict(dict(
         leave_one_out=True, normalize_std=True,  # group baseline and std normalisation (NeMo RL defaults)
         clip_low=0.2, clip_high=0.2, dual_clip=0.0,  # dual_clip 0 = off (else c > 1)
-        kl_coef=0.01, kl_type="k3", token_level=True, sequence_level_ratio=False, reinforce=False,
+        kl_coef=0.01, kl_type="k3", ref_offload=False,  # ref_offload: the reference lives in host memory
+        token_level=True, sequence_level_ratio=False, reinforce=False,
         importance_correction=False, tis_cap=0.0, recompute_old_logprobs=False, epochs=1,
         dynamic_sampling=False, dynamic_sampling_max_rounds=4, overlong_filtering=False,
         overlong_buffer=0, overlong_penalty=1.0))  # DAPO overlong shaping: buffer 0 = off

@@ -4,7 +4,8 @@ One step, all on the config's mesh with the trainer's own arrays (no inference e
   1. host: the step's prompts (a pure function of seed and step) -> chat template -> token ids, x group_size
   2. device: `sampling.generate` with the current params -> completions and the sampler's log-probs
   3. host: environment rewards (worker processes with timeouts), DAPO shaping / dynamic sampling / filtering
-  4. host+device: group advantages; reference log-probs (frozen copy, same mesh) when kl_coef > 0; old
+  4. host+device: group advantages; reference log-probs (frozen copy, same mesh; in host memory between steps
+     with grpo.ref_offload) when kl_coef > 0; old
      log-probs recomputed only when configured (otherwise the sampler's, which are the trainer's)
   5. device: for each epoch and minibatch, one optimizer update (microbatch accumulation, donated state)
   6. host: metrics (reward, accuracy, KL, clip fraction, entropy, lengths, tokens/s, time per phase), checkpoint
@@ -96,6 +97,23 @@ class Rollouts:
                         counts)
 
 
+def offload_to_host(params: Any) -> Any:
+    """The frozen reference in host memory (numpy) between steps, leaving device memory to the policy, the
+    optimizer state and the KV cache; `reference_logprobs` moves it to the mesh for its forward only."""
+    return jax.device_get(params)
+
+
+def reference_logprobs(fn, ref_params: Any, shardings: Any, ids_RT: jax.Array, attn_RT: jax.Array) -> np.ndarray:
+    """Reference log-probs [R, T] with `fn` (a jitted make_logprobs_fn); host (offloaded) parameters are placed
+    on the mesh for this call and freed after it."""
+    on_host = any(isinstance(x, np.ndarray) for x in jax.tree.leaves(ref_params))
+    params = jax.device_put(ref_params, shardings) if on_host else ref_params
+    out = np.asarray(jax.device_get(fn(params, ids_RT, attn_RT)))
+    if on_host:
+        jax.tree.map(lambda x: x.delete(), params)
+    return out
+
+
 def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, length: int, pad_id: int
                   ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Host side of a step: rewards -> DAPO overlong shaping -> group advantages; the training arrays, with
@@ -145,7 +163,7 @@ class GRPORunner:
                                            (self.mb_size,) + ((self.T,) if len(grpo.BATCH_AXES[k]) == 2 else ()))
                          for k in grpo.BATCH_AXES}
         full_sh = rules.sharding(mesh, ("batch", "length"), (self.R, self.T))
-        p_sh = models.param_shardings(cfg, mesh, rules)
+        p_sh = self.p_sh = models.param_shardings(cfg, mesh, rules)
         n_micro_lp = max(1, self.R // max(1, self.mb_size // tc.microbatches))
         with jax.set_mesh(mesh):
             self.train_step = jax.jit(grpo.make_train_step(cfg, optimizer, config, rules), donate_argnums=0,
@@ -233,8 +251,8 @@ class GRPORunner:
         metrics: dict[str, float] = {}
         with jax.set_mesh(self.mesh):
             if g.kl_coef:
-                batch["ref_logprobs"] = np.asarray(jax.device_get(
-                    self.ref_logprobs(ref_params, full["input_ids"], full["attention_mask"])))
+                batch["ref_logprobs"] = reference_logprobs(self.ref_logprobs, ref_params, self.p_sh,
+                                                           full["input_ids"], full["attention_mask"])
             else:
                 batch["ref_logprobs"] = np.zeros_like(batch["sampler_logprobs"])
             t1 = time.perf_counter()
@@ -305,6 +323,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with jax.set_mesh(mesh):
         opt_state = jax.jit(optimizer.init)(params)
         ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef else None
+    if ref_params is not None and config.grpo.get("ref_offload", False):
+        ref_params = offload_to_host(ref_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # The step counter placed as the jitted step returns it, so the step compiles once, not again at step 2.
     counter = lambda n: jax.device_put(jnp.int32(n), replicated)

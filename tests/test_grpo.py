@@ -241,3 +241,29 @@ def test_grpo_bad_config_is_one_line(tmp_path):
     p = _run_cli(tmp_path / "run", "--config.grpo.kl_type=k9", timeout=300)
     assert p.returncode != 0
     assert "grpo.kl_type" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_reference_offloaded_to_host_gives_the_same_logprobs():
+    """grpo.ref_offload: the reference is numpy between steps and placed on the mesh only for its forward."""
+    import jax
+
+    from jaxrl_llm import models, parallel
+    from jaxrl_llm.rl_train import offload_to_host, reference_logprobs
+
+    cfg = models.ModelConfig(family="llama", vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=64)
+    mesh = parallel.make_mesh(1, -1, 1)
+    rules = parallel.ShardingRules()
+    params = models.init_params(cfg, jax.random.key(0), mesh=mesh, rules=rules)
+    shardings = models.param_shardings(cfg, mesh, rules)
+    host = offload_to_host(params)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
+    ids = np.random.default_rng(0).integers(0, 128, (8, 12)).astype(np.int32)
+    attn = np.ones_like(ids)
+    with jax.set_mesh(mesh):
+        fn = jax.jit(grpo.make_logprobs_fn(cfg, 1.0, 2, rules))
+        on_device = reference_logprobs(fn, params, shardings, ids, attn)
+        offloaded = reference_logprobs(fn, host, shardings, ids, attn)
+    np.testing.assert_array_equal(on_device, offloaded)
+    assert np.abs(on_device[:, 1:]).min() > 0  # real log-probs, not the zero column or padding
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))  # still on the host afterwards
