@@ -1,5 +1,5 @@
 """`models.forward_with_cache`: stacked (scan) and per-layer (unrolled) forms, the kv-head-major cache layout,
-and the unrolled decode loop, all checked against `models.forward` and plain numpy formulas."""
+`last_only`, and the unrolled decode loop, all checked against `models.forward` and plain numpy formulas."""
 
 from __future__ import annotations
 
@@ -62,13 +62,13 @@ def empty_cache(per_layer: bool) -> dict:
     return sampling.cache.unstack_cache(cache) if per_layer else cache
 
 
-def run(params, ids_BT, slot0: int, cache: dict, per_layer: bool):
+def run(params, ids_BT, slot0: int, cache: dict, per_layer: bool, last_only: bool = False):
     T = ids_BT.shape[1]
     q = np.arange(slot0, slot0 + T)
     p = {**params, "layers": unstack_layers(params["layers"])} if per_layer else params
-    f = jax.jit(models.forward_with_cache, static_argnames=("cfg",))
+    f = jax.jit(models.forward_with_cache, static_argnames=("cfg", "last_only"))
     return f(CFG, p, jnp.asarray(ids_BT), jnp.asarray(positions(q)), jnp.asarray(cache_mask(q)), cache,
-             jnp.int32(slot0))
+             jnp.int32(slot0), last_only=last_only)
 
 
 def np_rms_norm(x, w):
@@ -122,6 +122,18 @@ def test_decode_steps_per_layer_equal_scan_and_forward(params):
         caches[per_layer] = {n: np.asarray(jnp.stack(c) if per_layer else c) for n, c in cache.items()}
     for n in ("k", "v"):
         np.testing.assert_allclose(caches[True][n], caches[False][n], atol=1e-6)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_last_only_is_the_last_position(params, per_layer):
+    ids = sequences(0, seed=2)
+    full_BTV, cache_full = run(params, ids, 0, empty_cache(per_layer), per_layer)
+    last_B1V, cache_last = run(params, ids, 0, empty_cache(per_layer), per_layer, last_only=True)
+    assert last_B1V.shape == (len(LENGTHS), 1, CFG.vocab_size)
+    np.testing.assert_allclose(np.asarray(last_B1V), np.asarray(full_BTV)[:, -1:], atol=1e-6, rtol=0)
+    for n in ("k", "v"):
+        np.testing.assert_array_equal(np.asarray(jnp.stack(cache_last[n]) if per_layer else cache_last[n]),
+                                      np.asarray(jnp.stack(cache_full[n]) if per_layer else cache_full[n]))
 
 
 def test_mixed_stacked_and_per_layer_raise(params):

@@ -234,12 +234,15 @@ def forward_with_cache(
     cache_index: jax.Array,
     *,
     rules: ShardingRules | None = None,
+    last_only: bool = False,
 ) -> tuple[jax.Array, dict]:
     """Run T new tokens against a KV cache: prefill (T = prompt length) and decode (T = 1) alike.
 
     cache: {"k": [L, B, K, S, H], "v": [L, B, K, S, H]} (axes CACHE_AXES); the new keys/values land at
     positions [cache_index, cache_index + T) of S. mask_BTS: which cache slots each new token may attend to
-    (the caller combines causality, padding and any sliding window). Returns (logits [B, T, V] fp32, cache).
+    (the caller combines causality, padding and any sliding window). Returns (logits [B, T, V] fp32, cache);
+    with `last_only`, logits [B, 1, V] of position T - 1 only (left-padded rows all end there), skipping the
+    vocabulary projection of the other positions.
 
     Only the T new slots of the cache are written (in place when the caller donates it or carries it in a
     loop); the S axis sits after the kv heads so attention reads it without a transpose.
@@ -300,6 +303,8 @@ def forward_with_cache(
 
         (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, k_all, v_all, jnp.int32(0)), layers)
         new_cache = {"k": k_all, "v": v_all}
+    if last_only:
+        x = x[:, -1:]
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     return lm_logits(cfg, params, h, rules), new_cache
 
