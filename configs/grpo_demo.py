@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.algorithm = "grpo"
     c.seed = 0
-    c.max_steps = 16
+    c.max_steps = 12
     c.log_every = 1
     c.export_hf = True  # runs/demo/hf: an HF folder of the trained policy
     c.val_every = 0  # > 0: evaluate on `eval` every val_every steps (metrics val_*)
@@ -27,7 +27,7 @@ def get_config() -> ml_collections.ConfigDict:
         source="rg:chain_sum", num_examples=2048,  # procedural: 2048 seeded problems
         options=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
         system_prompt="", instruction="Reply with only the final number.",
-        chat_template="", max_prompt_len=64, overlong="drop"))
+        chat_template="", max_prompt_len=56, overlong="drop"))  # the prompts are 56 tokens
     c.env = ml_collections.ConfigDict(dict(name="reasoning_gym", answer_format=r"(-?\d+)", num_workers=1))
     c.rollout = ml_collections.ConfigDict(dict(
         num_prompts=8, group_size=4, max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0,
@@ -39,7 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
         importance_correction=False, tis_cap=0.0, recompute_old_logprobs=False, epochs=1,
         dynamic_sampling=False, dynamic_sampling_max_rounds=4, overlong_filtering=False,
         overlong_buffer=0, overlong_penalty=1.0))
-    c.train = ml_collections.ConfigDict(dict(batch_size=0, microbatches=4))  # 0: all rollouts in one update
+    c.train = ml_collections.ConfigDict(dict(batch_size=0, microbatches=2))  # 0: all rollouts in one update
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=2e-5, warmup_steps=0, schedule="constant", weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, grad_clip=1.0,
         final_lr_fraction=1.0))

@@ -216,7 +216,8 @@ def test_grpo_dapo_gspo_options_end_to_end(tmp_path):
     """DAPO (dynamic sampling, overlong shaping, clip-higher, no KL) and GSPO (sequence-level ratio
     and loss) with importance correction, two epochs, and validation (pass@k on held-out tasks) at step 2:
     runs, logs its diagnostics, stays finite."""
-    p = _run_cli(tmp_path / "run", "--config.max_steps=2", "--config.grpo.dynamic_sampling=True",
+    p = _run_cli(tmp_path / "run", "--config.max_steps=2", "--config.rollout.num_prompts=4",
+                 "--config.train.batch_size=8", "--config.grpo.dynamic_sampling=True",
                  "--config.grpo.dynamic_sampling_max_rounds=2", "--config.grpo.overlong_buffer=4",
                  "--config.grpo.clip_high=0.28",
                  "--config.grpo.kl_coef=0.0", "--config.grpo.sequence_level_ratio=True",
@@ -228,7 +229,7 @@ def test_grpo_dapo_gspo_options_end_to_end(tmp_path):
     assert len(rows) == 2
     assert "val_pass@1" in rows[1] and "val_pass@2" in rows[1] and "val_pass@1" not in rows[0]
     for r in rows:
-        assert np.isfinite(r["loss"]) and r["optimizer_updates"] == 4
+        assert np.isfinite(r["loss"]) and r["optimizer_updates"] == 4  # 2 epochs x 2 minibatches of 8
         assert 1 <= r["dynamic_sampling_rounds"] <= 2
         assert r["first_update_ratio_min"] == 1.0 and r["first_update_ratio_max"] == 1.0
         assert r["kl_loss"] == 0.0
