@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxrl_llm import models, parallel, train
+from jaxrl_llm import distributed, models, parallel, train
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.data.tasks import load_tasks
 from jaxrl_llm.environments import make_environment
@@ -98,6 +98,7 @@ def make_env(spec: ml_collections.ConfigDict):
 
 def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "eval") -> dict[str, Any]:
     """Evaluate per the recipe; writes the results JSON (on process 0) and returns the result dict."""
+    distributed.initialize()
     sp = validate(config)
     mc, dc, ec = config.model, config.data, config.eval
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -176,6 +177,7 @@ def define_flags() -> None:
                                     lock_config=True)
     flags.DEFINE_string("out", None, "Results JSON (default <workdir>/eval_results.json for a training workdir, "
                                      "else runs/eval_<name>/eval_results.json).")
+    distributed.define_flags()
 
 
 def main(argv) -> None:
@@ -187,6 +189,7 @@ def main(argv) -> None:
     recipe = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
     name = FLAGS.config.get("name") or recipe.removeprefix("eval_")
     try:
+        distributed.initialize_from_flags()
         run(FLAGS.config, FLAGS.out, name)
     except train.USER_ERRORS as e:
         sys.exit(f"error: {e}")

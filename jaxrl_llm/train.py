@@ -21,7 +21,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxrl_llm import models, parallel
+from jaxrl_llm import distributed, models, parallel
 from jaxrl_llm.algorithms import REGISTRY, batch_indices
 from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
 from jaxrl_llm.checkpoint import Checkpointer
@@ -133,22 +133,61 @@ def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, 
     return [e for i, e in enumerate(examples) if i not in val], [examples[i] for i in sorted(val)]
 
 
-def validation_batches(algo, examples: list, config, pad: int):
-    """All validation examples in order, in full batches; the last is filled by repeats weighted 0."""
+def validation_batches(algo, examples: list, config, pad: int, rows: list[int] | None = None):
+    """All validation examples in order, in full batches; the last is filled by repeats weighted 0.
+    `rows`: collate only these rows of each batch (this process's part; default all)."""
     B = config.train.batch_size
+    rows = list(range(B)) if rows is None else rows
     for start in range(0, len(examples), B):
         chunk = examples[start: start + B]
         weight = np.zeros(B, np.float32)
         weight[: len(chunk)] = 1.0
         chunk = chunk + [examples[0]] * (B - len(chunk))
-        yield {**algo.collate(chunk, config, pad), "example_weight": weight}
+        yield {**algo.collate([chunk[r] for r in rows], config, pad), "example_weight": weight[rows]}
+
+
+def opt_state_shardings(optimizer, params, p_sh, mesh):
+    """Optimizer-state shardings: moments laid out like their parameters, everything else replicated (left to
+    the compiler, AdamW's moments come out replicated: 2x the parameters on every device)."""
+    import optax
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return optax.tree_map_params(optimizer, lambda _, s: s, jax.eval_shape(optimizer.init, params), p_sh,
+                                 transform_non_params=lambda _: replicated)
+
+
+def export_hf(cfg, params, out_dir: str, tokenizer) -> str | None:
+    """HF export of the trained params; with several processes every process must call it (each tensor is
+    gathered in turn) and process 0 writes. Returns the folder on process 0, else None."""
+    if jax.process_count() == 1:
+        return models.save_pretrained(cfg, params, out_dir, tokenizer=tokenizer)
+    from jax.experimental import multihost_utils
+
+    # Interim: tensors are gathered one at a time, but process 0 keeps the whole host copy until it writes
+    # (streaming tensor by tensor into the file needs a collective fetch inside save_pretrained).
+    main = jax.process_index() == 0
+
+    def gather(a: jax.Array) -> np.ndarray | None:
+        full = np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return full if main else None
+
+    host = jax.tree.map(gather, params)
+    return models.save_pretrained(cfg, host, out_dir, tokenizer=tokenizer) if main else None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Train per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
+    """Train per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics.
+
+    In a multi-process job (see jaxrl_llm.distributed) every process runs this with the same arguments; each
+    builds only its rows of every global batch; process 0 writes metrics, model config and the HF export."""
+    distributed.initialize()
     validate(config)
     if config.algorithm in ONLINE:
         from jaxrl_llm.rl_train import run_grpo
+
+        if jax.process_count() > 1:
+            raise ConfigError(f"algorithm={config.algorithm!r} runs in a single process for now "
+                              f"({jax.process_count()} processes configured)")
 
         return run_grpo(config, workdir)
     algo = REGISTRY[config.algorithm]
@@ -168,15 +207,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     B = config.train.batch_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    probe = algo.collate([examples[i] for i in batch_indices(len(examples), B, config.seed, 0)], config, pad)
-    batch_sh = {k: rules.sharding(mesh, algo.batch_axes[k], v.shape) for k, v in probe.items()}
+    probe = algo.collate([examples[batch_indices(len(examples), B, config.seed, 0)[0]]], config, pad)
+    batch_sh = {k: rules.sharding(mesh, algo.batch_axes[k], (B, *v.shape[1:])) for k, v in probe.items()}
+    rows = distributed.batch_rows(batch_sh, B, {k: v.shape[1:] for k, v in probe.items()})  # this process's
     p_sh = models.param_shardings(cfg, mesh, rules)
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(optimizer.init)(params)
+        opt_sh = opt_state_shardings(optimizer, params, p_sh, mesh)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
         ref_params = jax.tree.map(jnp.copy, params) if algo.needs_reference(config) else None
         state = {"params": params, "opt_state": opt_state, "step": jnp.int32(0)}
         train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(None, batch_sh, None),
-                             out_shardings=({"params": p_sh, "opt_state": None, "step": None}, None))
+                             out_shardings=({"params": p_sh, "opt_state": opt_sh, "step": None}, None))
         eval_step = None
         if val_every:
             eval_sh = {**batch_sh, "example_weight": rules.sharding(mesh, ("batch",), (B,))}
@@ -185,9 +226,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     def validate_now(params) -> dict[str, float]:
         sums: dict[str, float] = {}
         count = 0.0
-        for vb in validation_batches(algo, val_examples, config, pad):
+        for vb in validation_batches(algo, val_examples, config, pad, rows):
             with jax.set_mesh(mesh):
-                s, n = jax.device_get(eval_step(params, jax.device_put(vb, eval_sh), ref_params))
+                s, n = jax.device_get(eval_step(params, distributed.put_local_batch(vb, rows, eval_sh, B),
+                                                ref_params))
             sums = {k: sums.get(k, 0.0) + float(v) for k, v in s.items()}
             count += float(n)
         return {f"val_{k}": v / max(count, 1.0) for k, v in sums.items()}
@@ -221,10 +263,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     t_last = time.time()
     try:
         for step in range(start, config.max_steps):
-            batch = algo.collate([examples[i] for i in batch_indices(len(examples), B, config.seed, step)],
-                                 config, pad)
+            idx = batch_indices(len(examples), B, config.seed, step)
+            batch = algo.collate([examples[idx[r]] for r in rows], config, pad)
             with jax.set_mesh(mesh):
-                state, m = train_step(state, jax.device_put(batch, batch_sh), ref_params)
+                global_batch = distributed.put_local_batch(batch, rows, batch_sh, B)
+                state, m = train_step(state, global_batch, ref_params)
             m = jax.device_get(m)
             if not np.isfinite(m["loss"]):
                 raise FloatingPointError(
@@ -235,7 +278,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             val = validate_now(state["params"]) if val_every and (done % val_every == 0 or
                                                                    done == config.max_steps) else {}
             if val or done % config.log_every == 0 or done == config.max_steps:
-                n_tok = float(batch["attention_mask"].sum()) if "attention_mask" in batch else float("nan")
+                n_tok = float("nan") if "attention_mask" not in batch else \
+                    float(batch["attention_mask"].sum()) if len(rows) == B else \
+                    float(jax.jit(jnp.sum)(global_batch["attention_mask"]))
                 last = {**m, **val, "lr": float(schedule(step)), "tokens_per_s": n_tok / max(t_train, 1e-9),
                         "step_time_s": t_train}
                 writer.write(done, last)
@@ -247,9 +292,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     finally:
         ckpt.close()
         writer.close()
-    if config.export_hf and is_main:
-        out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
-        log.info("exported the trained model to %s", out)
+    if config.export_hf:
+        out = export_hf(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer)
+        if out:
+            log.info("exported the trained model to %s", out)
     return {**last, **{f"data_{k}": v for k, v in data_stats.items()}}
 
 
@@ -261,9 +307,10 @@ def define_flags() -> None:
     config_flags.DEFINE_config_file("config", None, "Recipe file (configs/*.py) with get_config().",
                                     lock_config=True)
     flags.DEFINE_string("workdir", None, "Run folder: metrics.jsonl, checkpoints/, hf/ (default runs/<recipe>).")
+    distributed.define_flags()
 
 USER_ERRORS = (ConfigError, DataError, models.CheckpointError, models.UnsupportedModelError, parallel.MeshError,
-               FloatingPointError, FileNotFoundError)
+               FloatingPointError, FileNotFoundError, distributed.DistributedError)
 
 
 def unknown_override(config_file: str, args: list[str]) -> str | None:
@@ -313,6 +360,7 @@ def main(argv) -> None:
         sys.exit("error: --config is required (e.g. --config configs/sft_tiny.py)")
     recipe = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
     try:
+        distributed.initialize_from_flags()
         run(FLAGS.config, FLAGS.workdir or os.path.join("runs", recipe))
     except USER_ERRORS as e:
         sys.exit(f"error: {e}")

@@ -1,0 +1,384 @@
+"""Multi-host jobs on JAX's multi-controller runtime: start-up (`initialize`) and process-local batches.
+
+One process per host owns all of that host's accelerators; every process runs the same program on the same
+global mesh. Start-up settings, first found wins:
+  1. arguments / command-line flags (--coordinator_address, --num_processes, --process_id, --init_timeout_s);
+  2. environment: JAXRL_COORDINATOR (host:port of process 0), JAXRL_NUM_PROCESSES, JAXRL_PROCESS_ID,
+     JAXRL_INIT_TIMEOUT_S (default 300), JAXRL_LOCAL_DEVICE_IDS ("0,1,..."; default: all local devices);
+  3. JAX's own cluster detection (SLURM under srun, Cloud TPU pod metadata, Open MPI under mpirun);
+  4. none of these: a single process, and `initialize` does nothing. JAXRL_DISTRIBUTED=off skips 2-3.
+
+Bounded start-up: before JAX's own handshake (which aborts the process with an opaque message when a peer is
+missing), the processes meet on a small TCP rendezvous at the coordinator's port + 1 (JAXRL_RENDEZVOUS_PORT
+overrides it): process 0 waits up to the timeout for the others and otherwise fails with a one-line
+`DistributedError` naming the coordinator, the expected count and the ids that never connected; the others
+fail with one line when process 0 cannot be reached or reports the failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 300.0
+ENV_COORDINATOR = "JAXRL_COORDINATOR"
+ENV_NUM_PROCESSES = "JAXRL_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAXRL_PROCESS_ID"
+ENV_TIMEOUT = "JAXRL_INIT_TIMEOUT_S"
+ENV_LOCAL_DEVICE_IDS = "JAXRL_LOCAL_DEVICE_IDS"
+ENV_RENDEZVOUS_PORT = "JAXRL_RENDEZVOUS_PORT"
+ENV_MODE = "JAXRL_DISTRIBUTED"
+_REPLY_GRACE_S = 10.0  # a non-zero process waits this much longer than process 0 for its verdict
+
+
+class DistributedError(RuntimeError):
+    """Multi-process start-up failed or is misconfigured; the message is one line naming the setting/peer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedInfo:
+    process_id: int
+    num_processes: int
+    coordinator: str | None  # None for a single process
+    source: str  # "single" | "explicit" | the detected cluster ("slurm", "ompi", "gce_tpu", ...)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: float | None = None,
+               local_device_ids: Sequence[int] | None = None) -> DistributedInfo:
+    """Join (or start) the multi-process job, or do nothing for a single process. Idempotent.
+
+    Must run before anything initialises a JAX backend (jax.devices(), a computation) when more than one
+    process is configured. Raises DistributedError (one line) on bad settings or a missing peer, within
+    `timeout_s` (plus a few seconds) of being called.
+    """
+    if jax.distributed.is_initialized():
+        return current()
+    env = os.environ
+    coordinator_address = coordinator_address or env.get(ENV_COORDINATOR) or None
+    num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES, minimum=1)
+    process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID, minimum=0)
+    if timeout_s is None:
+        timeout_s = _env_float(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S
+    if timeout_s <= 0:
+        raise DistributedError(f"{ENV_TIMEOUT} / init_timeout_s={timeout_s}: must be > 0 seconds")
+    if local_device_ids is None and env.get(ENV_LOCAL_DEVICE_IDS):
+        local_device_ids = _parse_ids(env[ENV_LOCAL_DEVICE_IDS], ENV_LOCAL_DEVICE_IDS)
+
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    source = "explicit"
+    if num_processes == 1 and not coordinator_address:
+        return DistributedInfo(0, 1, None, "single")
+    cluster = None
+    if env.get(ENV_MODE, "auto").lower() not in ("off", "0", "false", "none"):
+        cluster = detect_cluster()
+    if not explicit and cluster is None:
+        return DistributedInfo(0, 1, None, "single")
+    if cluster is not None and None in (coordinator_address, num_processes, process_id):
+        source = cluster.name
+        coordinator_address, num_processes, process_id, detected_ids = _from_cluster(
+            cluster, coordinator_address, num_processes, process_id, timeout_s)
+        if local_device_ids is None and detected_ids is not None and _one_process_per_host() is False:
+            local_device_ids = detected_ids  # several processes per host: one device each (JAX's default)
+    missing = [name for name, v in ((f"coordinator ({ENV_COORDINATOR})", coordinator_address),
+                                    (f"num_processes ({ENV_NUM_PROCESSES})", num_processes),
+                                    (f"process_id ({ENV_PROCESS_ID})", process_id)) if v is None]
+    if missing:
+        raise DistributedError(f"multi-process start-up needs {', '.join(missing)} (no cluster was detected to "
+                               "supply them)")
+    assert coordinator_address is not None and num_processes is not None and process_id is not None
+    if not 0 <= process_id < num_processes:
+        raise DistributedError(f"process_id={process_id} ({ENV_PROCESS_ID}) must lie in [0, num_processes="
+                               f"{num_processes})")
+    host, port = split_address(coordinator_address)
+    if num_processes > 1:
+        rdv_port = _env_int(ENV_RENDEZVOUS_PORT, minimum=1) or port + 1
+        rendezvous(host, rdv_port, num_processes, process_id, timeout_s, coordinator_address)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, local_device_ids=local_device_ids,
+                                   cluster_detection_method="deactivate",
+                                   initialization_timeout=max(1, int(timeout_s + 0.999)))
+    except RuntimeError as e:
+        raise DistributedError(f"jax.distributed.initialize (coordinator {coordinator_address}, process "
+                               f"{process_id} of {num_processes}): {str(e).splitlines()[0]}") from e
+    log.info("process %d of %d joined the job (coordinator %s, %s)", process_id, num_processes,
+             coordinator_address, source)
+    return DistributedInfo(process_id, num_processes, coordinator_address, source)
+
+
+def define_flags() -> None:
+    """--coordinator_address, --num_processes, --process_id, --init_timeout_s (programs call this once)."""
+    from absl import flags
+
+    flags.DEFINE_string("coordinator_address", None, f"host:port of process 0 (or {ENV_COORDINATOR}).")
+    flags.DEFINE_integer("num_processes", None, f"Processes in the job (or {ENV_NUM_PROCESSES}).")
+    flags.DEFINE_integer("process_id", None, f"This process's id in [0, num_processes) (or {ENV_PROCESS_ID}).")
+    flags.DEFINE_float("init_timeout_s", None, f"Start-up timeout in seconds (or {ENV_TIMEOUT}; default "
+                                               f"{DEFAULT_TIMEOUT_S:g}).")
+
+
+def initialize_from_flags() -> DistributedInfo:
+    """`initialize` with the values of the flags from `define_flags` (unset flags fall back to the environment)."""
+    from absl import flags
+
+    F = flags.FLAGS
+    return initialize(coordinator_address=F.coordinator_address, num_processes=F.num_processes,
+                      process_id=F.process_id, timeout_s=F.init_timeout_s)
+
+
+def current() -> DistributedInfo:
+    """The job as JAX sees it (after `initialize`, or a single process)."""
+    if not jax.distributed.is_initialized():
+        return DistributedInfo(0, 1, None, "single")
+    from jax._src import distributed as _jd
+
+    st = _jd.global_state
+    return DistributedInfo(st.process_id, st.num_processes, st.coordinator_address, "initialized")
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); errors name the address."""
+    m = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d+)", address.strip())
+    if not m or not 0 < int(m.group(2)) < 65536:
+        raise DistributedError(f"coordinator address {address!r} ({ENV_COORDINATOR}): expected host:port")
+    return m.group(1), int(m.group(2))
+
+
+# ----------------------------------------------------------------------------------------------- detection
+
+
+def detect_cluster() -> Any | None:
+    """The JAX cluster environment this process runs in (SLURM step, Open MPI, Cloud TPU, ...) or None."""
+    try:
+        from jax._src import clusters
+    except ImportError:  # pragma: no cover (private module moved)
+        return None
+    for env in clusters.ClusterEnv._cluster_types:
+        if env.opt_in_only_method:
+            continue
+        try:
+            if env.is_env_present():
+                return env
+        except Exception:  # noqa: BLE001 (a detector probing metadata servers must not break start-up)
+            continue
+    return None
+
+
+def _from_cluster(cluster: Any, coordinator: str | None, n: int | None, pid: int | None, timeout_s: float):
+    from jax._src import clusters
+
+    try:
+        return clusters.ClusterEnv.auto_detect_unset_distributed_params(
+            coordinator, n, pid, None, cluster.name, int(timeout_s))
+    except Exception as e:  # noqa: BLE001 (name the detector in one line)
+        raise DistributedError(f"cluster detection ({cluster.name}) failed: {e}") from e
+
+
+def _one_process_per_host() -> bool | None:
+    """From the launcher's per-node task counts: True / False, or None when unknown."""
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if spec:  # e.g. "1(x4)" or "2,1"
+        counts = [int(m) for m in re.findall(r"(\d+)(?:\(x\d+\))?", spec)]
+        return bool(counts) and max(counts) == 1
+    local = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
+    if local:
+        return int(local) == 1
+    return None
+
+
+# ----------------------------------------------------------------------------------------------- rendezvous
+
+
+def rendezvous(host: str, port: int, num_processes: int, process_id: int, timeout_s: float,
+               coordinator: str) -> None:
+    """All `num_processes` processes meet (TCP on host:port) or each fails with a one-line DistributedError
+    within `timeout_s` (process 0) or `timeout_s` + a short grace (the others)."""
+    deadline = time.monotonic() + timeout_s
+    if process_id == 0:
+        _serve(port, num_processes, deadline, timeout_s, coordinator)
+    else:
+        _join(host, port, num_processes, process_id, deadline, timeout_s, coordinator)
+
+
+def _serve(port: int, n: int, deadline: float, timeout_s: float, coordinator: str) -> None:
+    try:
+        srv = socket.create_server(("", port))
+    except OSError as e:
+        raise DistributedError(f"process 0 cannot listen on the rendezvous port {port} (coordinator {coordinator} "
+                               f"port + 1; set {ENV_RENDEZVOUS_PORT}): {e}") from e
+    peers: dict[int, socket.socket] = {}
+    problems: list[str] = []
+    try:
+        srv.settimeout(0.2)
+        while len(peers) < n - 1 and time.monotonic() < deadline:
+            try:
+                conn, _ = srv.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(max(0.5, deadline - time.monotonic()))
+            try:
+                words = _readline(conn).split()
+            except OSError:
+                conn.close()
+                continue
+            if len(words) != 3 or words[0] != "jaxrl" or not (words[1].isdigit() and words[2].isdigit()):
+                conn.close()  # not one of ours (a port scanner, a stale job): ignore
+                continue
+            pid, their_n = int(words[1]), int(words[2])
+            if their_n != n or not 0 < pid < n or pid in peers:
+                why = (f"process {pid} says num_processes={their_n}, process 0 has {n}" if their_n != n else
+                       f"process id {pid} is out of range [1, {n})" if not 0 < pid < n else
+                       f"process id {pid} connected twice")
+                problems.append(why)
+                _send(conn, f"fail coordinator {coordinator}: {why}")
+                conn.close()
+                continue
+            peers[pid] = conn
+        missing = sorted(set(range(1, n)) - set(peers))
+        if problems or missing:
+            head = (f"coordinator {coordinator}: {n - len(missing)} of {n} processes started within "
+                    f"{timeout_s:g}s; {len(missing)} missing (process ids {_ids(missing)})") if missing else \
+                f"coordinator {coordinator}: bad peers"
+            msg = "; ".join([head, *problems])
+            for conn in peers.values():
+                _send(conn, f"fail {msg}")
+            raise DistributedError(msg)
+        for conn in peers.values():
+            _send(conn, "ok")
+    finally:
+        for conn in peers.values():
+            conn.close()
+        srv.close()
+
+
+def _join(host: str, port: int, n: int, pid: int, deadline: float, timeout_s: float, coordinator: str) -> None:
+    conn = None
+    while conn is None:
+        try:
+            conn = socket.create_connection((host, port), timeout=max(0.2, min(2.0, deadline - time.monotonic())))
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise DistributedError(
+                    f"process {pid} of {n}: could not reach the coordinator {coordinator} (process 0, rendezvous "
+                    f"port {port}) within {timeout_s:g}s; 1 of {n} processes (id 0) missing or unreachable"
+                ) from None
+            time.sleep(0.2)
+    try:
+        conn.settimeout(max(0.5, deadline - time.monotonic()) + _REPLY_GRACE_S)
+        _send(conn, f"jaxrl {pid} {n}")
+        reply = _readline(conn)
+    except OSError as e:
+        raise DistributedError(f"process {pid} of {n}: no answer from the coordinator {coordinator} within "
+                               f"{timeout_s:g}s: {e}") from None
+    finally:
+        conn.close()
+    if reply == "ok":
+        return
+    if reply.startswith("fail "):
+        raise DistributedError(f"process {pid}: {reply[5:]}")
+    raise DistributedError(f"process {pid} of {n}: the coordinator {coordinator} closed the rendezvous "
+                           "without an answer (process 0 exited?)")
+
+
+def _send(conn: socket.socket, line: str) -> None:
+    try:
+        conn.sendall((line + "\n").encode())
+    except OSError:
+        pass
+
+
+def _readline(conn: socket.socket, limit: int = 4096) -> str:
+    buf = b""
+    while not buf.endswith(b"\n") and len(buf) < limit:
+        chunk = conn.recv(limit)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace").strip()
+
+
+def _ids(ids: list[int], show: int = 16) -> str:
+    return ", ".join(map(str, ids[:show])) + (f", ... ({len(ids) - show} more)" if len(ids) > show else "")
+
+
+# ----------------------------------------------------------------------------------------------- batches
+
+
+def process_rows(sharding: jax.sharding.Sharding, global_shape: Sequence[int]) -> list[int]:
+    """The rows (dim 0) of a global array of `global_shape` that this process's devices hold, in the order
+    `jax.make_array_from_process_local_data` expects them (all rows when dim 0 is not split across processes)."""
+    index_map = sharding.addressable_devices_indices_map(tuple(global_shape))
+    n = int(global_shape[0])
+    spans = sorted({idx[0].indices(n)[:2] for idx in index_map.values()})
+    size = spans[0][1] - spans[0][0]
+    rows = [r for lo, _ in spans for r in range(lo, lo + size)]
+    return rows if len(rows) < n else list(range(n))
+
+
+def batch_rows(shardings: Mapping[str, jax.sharding.Sharding], global_size: int,
+               trailing: Mapping[str, Sequence[int]]) -> list[int]:
+    """The global-batch rows this process must build: the union (in order) over the batch's arrays."""
+    rows: set[int] = set()
+    for k, sh in shardings.items():
+        rows.update(process_rows(sh, (global_size, *trailing[k])))
+    return sorted(rows)
+
+
+def put_local_batch(local: Mapping[str, np.ndarray], rows: Sequence[int],
+                    shardings: Mapping[str, jax.sharding.Sharding], global_size: int) -> dict[str, jax.Array]:
+    """Global arrays of `global_size` rows from this process's rows (`local[k][i]` is global row `rows[i]`).
+
+    A single process holding every row gives exactly `jax.device_put(local, shardings)`.
+    """
+    pos = {r: i for i, r in enumerate(rows)}
+    out = {}
+    for k, arr in local.items():
+        if arr.shape[0] != len(rows):
+            raise ValueError(f"batch[{k!r}] has {arr.shape[0]} rows; this process built {len(rows)}")
+        shape = (global_size, *arr.shape[1:])
+        need = process_rows(shardings[k], shape)
+        part = arr if need == list(rows) else arr[np.asarray([pos[r] for r in need], np.int64)]
+        out[k] = jax.make_array_from_process_local_data(shardings[k], part, shape)
+    return out
+
+
+def _env_int(name: str, minimum: int) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        raise DistributedError(f"{name}={raw!r}: expected an integer") from None
+    if v < minimum:
+        raise DistributedError(f"{name}={v}: must be >= {minimum}")
+    return v
+
+
+def _env_float(name: str) -> float | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        raise DistributedError(f"{name}={raw!r}: expected a number of seconds") from None
+
+
+def _parse_ids(raw: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in raw.split(",") if x.strip()]
+    except ValueError:
+        raise DistributedError(f"{name}={raw!r}: expected comma-separated device ids, e.g. 0,1,2,3") from None
