@@ -10,9 +10,9 @@ global mesh. Start-up settings, first found wins:
 
 Bounded start-up: before JAX's own handshake (which aborts the process with an opaque message when a peer is
 missing), the processes meet on a small TCP rendezvous at the coordinator's port + 1 (JAXRL_RENDEZVOUS_PORT
-overrides it): process 0 waits up to the timeout for the others and otherwise fails with a one-line
-`DistributedError` naming the coordinator, the expected count and the ids that never connected; the others
-fail with one line when process 0 cannot be reached or reports the failure.
+overrides it; JAXRL_RENDEZVOUS=off skips it): process 0 waits up to the timeout for the others and otherwise
+fails with a one-line `DistributedError` naming the coordinator, the expected count and the ids that never
+connected; the others fail with one line when process 0 cannot be reached or reports the failure.
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ ENV_TIMEOUT = "JAXRL_INIT_TIMEOUT_S"
 ENV_LOCAL_DEVICE_IDS = "JAXRL_LOCAL_DEVICE_IDS"
 ENV_RENDEZVOUS_PORT = "JAXRL_RENDEZVOUS_PORT"
 ENV_MODE = "JAXRL_DISTRIBUTED"
+ENV_RENDEZVOUS = "JAXRL_RENDEZVOUS"
+_OFF = ("off", "0", "false", "no", "none")
 _REPLY_GRACE_S = 10.0  # a non-zero process waits this much longer than process 0 for its verdict
 
 
@@ -81,7 +83,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if num_processes == 1 and not coordinator_address:
         return DistributedInfo(0, 1, None, "single")
     cluster = None
-    if env.get(ENV_MODE, "auto").lower() not in ("off", "0", "false", "none"):
+    if env.get(ENV_MODE, "auto").strip().lower() not in _OFF:
         cluster = detect_cluster()
     if not explicit and cluster is None:
         return DistributedInfo(0, 1, None, "single")
@@ -102,7 +104,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise DistributedError(f"process_id={process_id} ({ENV_PROCESS_ID}) must lie in [0, num_processes="
                                f"{num_processes})")
     host, port = split_address(coordinator_address)
-    if num_processes > 1:
+    if num_processes > 1 and env.get(ENV_RENDEZVOUS, "on").strip().lower() not in _OFF:
         rdv_port = _env_int(ENV_RENDEZVOUS_PORT, minimum=1) or port + 1
         rendezvous(host, rdv_port, num_processes, process_id, timeout_s, coordinator_address)
     try:

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# N processes of one command on this machine as one multi-process JAX job (what the tests use).
+#
+#   launch/local_multiprocess.sh N -- python -m jaxrl_llm.train --config configs/sft_tiny.py --workdir runs/mp
+#
+# Each process gets JAXRL_COORDINATOR=127.0.0.1:<free port>, JAXRL_NUM_PROCESSES=N, JAXRL_PROCESS_ID=i and,
+# on the CPU (JAX_PLATFORMS defaults to cpu here), XLA_FLAGS=--xla_force_host_platform_device_count=<D/N>
+# where D = JAXRL_LOCAL_DEVICES (default 8): N processes x D/N devices form one mesh of D devices.
+# Cross-process CPU collectives use gloo (JAX's default jax_cpu_collectives_implementation).
+# Output lines are prefixed "[i] ". If any process fails, the others are stopped (TERM, then KILL after
+# JAXRL_KILL_GRACE_S, default 5 s; each process runs in its own session, so its children are stopped too) and the exit status is that of the first failure; 0 when all succeed.
+# JAXRL_INIT_TIMEOUT_S (start-up timeout, default 300 s) and other variables pass through.
+set -u -o pipefail
+
+usage() { echo "usage: $0 N -- command [args...]" >&2; exit 2; }
+[[ $# -ge 3 && "$1" =~ ^[1-9][0-9]*$ && "$2" == "--" ]] || usage
+N=$1
+shift 2
+TOTAL=${JAXRL_LOCAL_DEVICES:-8}
+if (( TOTAL % N )); then
+  echo "error: JAXRL_LOCAL_DEVICES=$TOTAL devices cannot be split evenly between $N processes" >&2
+  exit 2
+fi
+PER=$(( TOTAL / N ))
+PY=${PYTHON:-python3}
+
+# A free port P whose neighbour P+1 (the start-up rendezvous) is free too.
+PORT=$("$PY" - <<'EOF'
+import socket
+for _ in range(100):
+    with socket.socket() as a:
+        a.bind(("127.0.0.1", 0))
+        p = a.getsockname()[1]
+        if p >= 65535:
+            continue
+        with socket.socket() as b:
+            try:
+                b.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+        print(p)
+        break
+EOF
+)
+[[ -n "$PORT" ]] || { echo "error: no free port pair on 127.0.0.1" >&2; exit 2; }
+
+# Drop any device-count flag from the caller's XLA_FLAGS; ours sets the per-process count.
+BASE_XLA=$(printf '%s' "${XLA_FLAGS:-}" | sed -E 's/--xla_force_host_platform_device_count=[0-9]+//g')
+
+pids=()
+stop_all() {
+  local sig=$1 p
+  for p in "${pids[@]}"; do kill "-$sig" -- "-$p" 2>/dev/null; done
+}
+alive() {
+  local p
+  for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done
+  return 1
+}
+cleanup() {
+  stop_all TERM
+  local t=0 grace=$(( ${JAXRL_KILL_GRACE_S:-5} * 10 ))
+  while alive && (( t < grace )); do sleep 0.1; t=$(( t + 1 )); done
+  stop_all KILL
+}
+trap 'cleanup; exit 130' INT TERM
+
+for (( i = 0; i < N; i++ )); do
+  JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} \
+  XLA_FLAGS="$BASE_XLA --xla_force_host_platform_device_count=$PER" \
+  JAXRL_COORDINATOR=127.0.0.1:$PORT JAXRL_NUM_PROCESSES=$N JAXRL_PROCESS_ID=$i \
+  PYTHONUNBUFFERED=1 \
+    setsid "$@" > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
+  pids+=($!)
+done
+
+status=0
+live=("${pids[@]}")
+while (( ${#live[@]} > 0 )); do
+  finished=""
+  wait -n -p finished "${live[@]}"
+  rc=$?
+  [[ -z "${finished:-}" ]] && break  # nothing left to wait for
+  rest=()
+  for p in "${live[@]}"; do [[ "$p" != "$finished" ]] && rest+=("$p"); done
+  live=("${rest[@]+"${rest[@]}"}")
+  if (( rc != 0 && status == 0 )); then
+    status=$rc
+    for (( i = 0; i < N; i++ )); do
+      [[ "${pids[$i]}" == "$finished" ]] && who=$i
+    done
+    echo "local_multiprocess: process ${who:-?} exited with status $rc; stopping the others" >&2
+    (( ${#live[@]} > 0 )) && cleanup
+    break
+  fi
+done
+wait  # let the output prefixers finish
+exit "$status"
