@@ -103,8 +103,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if not 0 <= process_id < num_processes:
         raise DistributedError(f"process_id={process_id} ({ENV_PROCESS_ID}) must lie in [0, num_processes="
                                f"{num_processes})")
+    if num_processes == 1:  # e.g. a one-task SLURM step: nothing to join
+        return DistributedInfo(0, 1, None, "single")
+    if _backend_started():
+        raise DistributedError(f"{num_processes} processes configured (coordinator {coordinator_address}), but a "
+                               "JAX backend is already running in this process: start-up must come before "
+                               "jax.devices() or any computation")
     host, port = split_address(coordinator_address)
-    if num_processes > 1 and env.get(ENV_RENDEZVOUS, "on").strip().lower() not in _OFF:
+    if env.get(ENV_RENDEZVOUS, "on").strip().lower() not in _OFF:
         rdv_port = _env_int(ENV_RENDEZVOUS_PORT, minimum=1) or port + 1
         rendezvous(host, rdv_port, num_processes, process_id, timeout_s, coordinator_address)
     try:
@@ -186,6 +192,15 @@ def _from_cluster(cluster: Any, coordinator: str | None, n: int | None, pid: int
             coordinator, n, pid, None, cluster.name, int(timeout_s))
     except Exception as e:  # noqa: BLE001 (name the detector in one line)
         raise DistributedError(f"cluster detection ({cluster.name}) failed: {e}") from e
+
+
+def _backend_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):  # pragma: no cover (private API moved: let JAX itself complain)
+        return False
 
 
 def _one_process_per_host() -> bool | None:

