@@ -28,7 +28,6 @@ import numpy as np
 from jaxrl_llm import models, parallel, sampling
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
-from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.data.chat import DataError
 from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.optim import make_optimizer
@@ -297,7 +296,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """GRPO per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
     from jaxrl_llm import environments
     from jaxrl_llm.data.tasks import load_tasks
-    from jaxrl_llm.train import MODEL_CONFIG_FILE, ConfigError, _truncate_metrics, build_model, load_tokenizer
+    from jaxrl_llm.train import ConfigError, _truncate_metrics, build_model, load_tokenizer, prepare_workdir
 
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()
@@ -331,17 +330,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state = {"params": params, "opt_state": opt_state, "step": counter(0)}
 
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        import json
-
-        with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
-            json.dump({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
-                       "attention_impl": cfg.attention_impl, "param_dtype": config.model.dtype}, f, indent=2)
-        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     cc = config.checkpoint
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
-                        best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", "max"))
+    ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="max")
     start = 0
     if ckpt.latest_step() is not None:
         items, meta, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})

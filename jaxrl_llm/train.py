@@ -175,6 +175,21 @@ def export_hf(cfg, params, out_dir: str, tokenizer) -> str | None:
     return models.save_pretrained(cfg, host, out_dir, tokenizer=tokenizer) if main else None
 
 
+def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collections.ConfigDict, tokenizer,
+                    default_best_mode: str) -> Checkpointer:
+    """The run folder every algorithm shares: model_config.json and tokenizer/ (process 0, for export and
+    evaluation) and the checkpointer over checkpoints/."""
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
+            json.dump({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
+                       "attention_impl": cfg.attention_impl, "param_dtype": config.model.dtype}, f, indent=2)
+        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    cc = config.checkpoint
+    return Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
+                        best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", default_best_mode))
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics.
 
@@ -235,15 +250,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         return {f"val_{k}": v / max(count, 1.0) for k, v in sums.items()}
 
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    if is_main:
-        with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
-            json.dump({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
-                       "attention_impl": cfg.attention_impl, "param_dtype": config.model.dtype}, f, indent=2)
-        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
     cc = config.checkpoint
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
-                        best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", "min"))
+    ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min")
     start = 0
     if ckpt.latest_step() is not None:
         items, meta, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
