@@ -47,5 +47,6 @@ def get_config() -> ml_collections.ConfigDict:
                                             temperature=1.0,
                                             options=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, wandb_project=""))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=8, keep=2, best_metric="", best_mode="max"))
     return c

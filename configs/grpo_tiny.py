@@ -48,5 +48,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = ml_collections.ConfigDict(dict(source="rg:chain_sum", num_examples=8, seed=1, n_samples=2,
                                             temperature=1.0, options=dict(min_terms=2, max_terms=2)))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, wandb_project=""))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2, best_metric="", best_mode="max"))
     return c

@@ -18,6 +18,7 @@ connected; the others fail with one line when process 0 cannot be reached or rep
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -399,3 +400,75 @@ def _parse_ids(raw: str, name: str) -> list[int]:
         return [int(x) for x in raw.split(",") if x.strip()]
     except ValueError:
         raise DistributedError(f"{name}={raw!r}: expected comma-separated device ids, e.g. 0,1,2,3") from None
+
+
+# ------------------------------------------------------------------------------ host copies and gathers
+
+
+def put_global(x: np.ndarray | Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A global array from a host value that every process holds in full (e.g. the step's prompts or a GRPO
+    batch built identically everywhere): each process places only the slices its devices own. With one
+    process this is `jax.device_put`."""
+    x = np.asarray(x)
+    if sharding.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The full value of a (possibly multi-process) array on every process: fetched directly when this process
+    holds all of it (fully addressable or replicated), else gathered from all processes (a collective: every
+    process must call it)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _json_default(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    raise TypeError(f"{type(v).__name__} is not JSON-serialisable")
+
+
+def allgather_json(obj: Any) -> list[Any]:
+    """[obj of process 0, obj of process 1, ...] on every process, for small JSON-able values (per-sample
+    rewards and scorer info, event counts). A collective: every process must call it. One process: [obj]."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj, default=_json_default).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(rows[p, :int(sizes[p])].tobytes().decode()) for p in range(len(sizes))]
+
+
+def process_span(n: int) -> tuple[int, int]:
+    """This process's contiguous share [lo, hi) of n items split as evenly as possible over the processes
+    (process p takes the p-th block; the first n % P blocks are one longer)."""
+    p, P = jax.process_index(), jax.process_count()
+    base, extra = divmod(n, P)
+    lo = p * base + min(p, extra)
+    return lo, lo + base + (p < extra)
+
+
+def offload(tree: Any, memory_kind: str = "pinned_host") -> Any:
+    """`tree` moved to host memory with the same shardings (each process keeps only its own shards, so this
+    works across processes and DMA-copies back on accelerators): device memory is freed for the policy,
+    optimizer state and KV cache. `onload` brings it back."""
+    return jax.tree.map(lambda a: jax.device_put(a, a.sharding.with_memory_kind(memory_kind)), tree)
+
+
+def onload(tree: Any) -> Any:
+    """Arrays offloaded with `offload` placed back in their devices' default memory."""
+    def back(a: jax.Array) -> jax.Array:
+        kind = next(iter(a.sharding.device_set)).default_memory().kind
+        return jax.device_put(a, a.sharding.with_memory_kind(kind))
+
+    return jax.tree.map(back, tree)

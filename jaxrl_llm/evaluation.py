@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrl_llm.environments.base import Environment, Task
+from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.parallel.rules import ShardingRules
 from jaxrl_llm.sampling.generate import generate
@@ -110,7 +111,8 @@ def evaluate_tasks(
                    max_batch_size=max_batch_size, max_prompt_len=max_prompt_len, truncate_prompts=truncate_prompts)
     t1 = time.perf_counter()
     completions = [tokenizer.decode(toks, skip_special_tokens=True) for toks in out.tokens]
-    scored = env.score([prompt_texts[i] for i in rows], completions, [dict(tasks[i].metadata) for i in rows])
+    scored = score_across_processes(env, [prompt_texts[i] for i in rows], completions,
+                                    [dict(tasks[i].metadata) for i in rows])
     t2 = time.perf_counter()
     rewards_N = np.asarray(scored.rewards, np.float64)
     if rewards_N.shape != (len(rows),):

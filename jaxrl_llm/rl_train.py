@@ -10,6 +10,13 @@ One step, all on the config's mesh with the trainer's own arrays (no inference e
   5. device: for each epoch and minibatch, one optimizer update (microbatch accumulation, donated state)
   6. host: metrics (reward, accuracy, KL, clip fraction, entropy, lengths, tokens/s, time per phase), checkpoint
 A run restarted with the same workdir resumes from its latest checkpoint and logs the same numbers.
+
+Several processes (jaxrl_llm.distributed): every process runs the same loop on one global mesh. The step's
+prompts are a pure function of (seed, step), so each process builds the same list; the sampler places each
+process's rows and returns every completion to every process; each process scores its contiguous share of the
+completions in its own worker pool and the rewards are gathered; the training arrays are placed from the
+identical host batch (each process its own rows). Process 0 writes metrics; all take part in checkpoints and
+the HF export.
 """
 
 from __future__ import annotations
@@ -25,10 +32,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxrl_llm import models, parallel, sampling
+from jaxrl_llm import distributed, models, parallel, sampling
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
 from jaxrl_llm.data.chat import DataError
+from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.optim import make_optimizer
 
@@ -97,17 +105,22 @@ class Rollouts:
 
 
 def offload_to_host(params: Any) -> Any:
-    """The frozen reference in host memory (numpy) between steps, leaving device memory to the policy, the
-    optimizer state and the KV cache; `reference_logprobs` moves it to the mesh for its forward only."""
-    return jax.device_get(params)
+    """The frozen reference in host memory between steps (pinned host memory with the same shardings: each
+    process keeps its own shards), leaving device memory to the policy, the optimizer state and the KV cache;
+    `reference_logprobs` brings it to the devices for its forward only."""
+    return distributed.offload(params)
 
 
-def reference_logprobs(fn, ref_params: Any, shardings: Any, ids_RT: jax.Array, attn_RT: jax.Array) -> np.ndarray:
-    """Reference log-probs [R, T] with `fn` (a jitted make_logprobs_fn); host (offloaded) parameters are placed
-    on the mesh for this call and freed after it."""
-    on_host = any(isinstance(x, np.ndarray) for x in jax.tree.leaves(ref_params))
-    params = jax.device_put(ref_params, shardings) if on_host else ref_params
-    out = np.asarray(jax.device_get(fn(params, ids_RT, attn_RT)))
+def _on_host(tree: Any) -> bool:
+    return any(x.sharding.memory_kind not in (None, "device") for x in jax.tree.leaves(tree))
+
+
+def reference_logprobs(fn, ref_params: Any, ids_RT: jax.Array, attn_RT: jax.Array) -> np.ndarray:
+    """Reference log-probs [R, T] (every row, on every process) with `fn` (a jitted make_logprobs_fn); offloaded
+    parameters are copied to device memory for this call and freed after it."""
+    on_host = _on_host(ref_params)
+    params = distributed.onload(ref_params) if on_host else ref_params
+    out = distributed.to_host(fn(params, ids_RT, attn_RT))
     if on_host:
         jax.tree.map(lambda x: x.delete(), params)
     return out
@@ -141,7 +154,7 @@ class GRPORunner:
     """Holds the compiled functions and frozen pieces of a GRPO run; `step` does one RL step."""
 
     def __init__(self, config: ml_collections.ConfigDict, cfg: models.ModelConfig, mesh, rules, tokenizer,
-                 tasks: list, env, optimizer):
+                 tasks: list, env, optimizer, opt_sh: Any = None):
         self.config, self.cfg, self.mesh, self.rules, self.tok, self.env = config, cfg, mesh, rules, tokenizer, env
         ro, tc = config.rollout, config.train
         self.G, self.P = ro.group_size, ro.num_prompts
@@ -167,7 +180,7 @@ class GRPORunner:
         with jax.set_mesh(mesh):
             self.train_step = jax.jit(grpo.make_train_step(cfg, optimizer, config, rules), donate_argnums=0,
                                       in_shardings=(None, self.batch_sh, None),
-                                      out_shardings=({"params": p_sh, "opt_state": None, "step": None}, None))
+                                      out_shardings=({"params": p_sh, "opt_state": opt_sh, "step": None}, None))
             self.ref_logprobs = jax.jit(grpo.make_logprobs_fn(cfg, ro.temperature, n_micro_lp, rules),
                                         in_shardings=(p_sh, full_sh, full_sh))
             self.policy_logprobs = jax.jit(grpo.make_logprobs_fn(cfg, ro.temperature, n_micro_lp, rules,
@@ -195,7 +208,7 @@ class GRPORunner:
         texts_p = [self.tok.decode(p, skip_special_tokens=False) for p in prompts]
         texts_c = [self.tok.decode(c, skip_special_tokens=True) for c in out.tokens]
         meta = [self.tasks[self.kept[i]].metadata for i in idx for _ in range(self.G)]
-        res = self.env.score(texts_p, texts_c, meta)
+        res = score_across_processes(self.env, texts_p, texts_c, meta)  # each process scores its share
         t2 = time.perf_counter()
         rewards = np.asarray(res.rewards, np.float32)
         acc = np.array([float(inf.get("correct", r >= 1.0)) for inf, r in zip(res.info, rewards, strict=True)],
@@ -246,18 +259,19 @@ class GRPORunner:
         roll, info = self.collect(state["params"], step)
         batch, host = prepare_batch(roll, self.config, self.T, self.pad)
         t0 = time.perf_counter()
-        full = {k: jax.device_put(batch[k], self.full_sh) for k in ("input_ids", "attention_mask")}
+        # Every process holds the whole batch (gathered rollouts); each places the rows its devices own.
+        full = {k: distributed.put_global(batch[k], self.full_sh) for k in ("input_ids", "attention_mask")}
         metrics: dict[str, float] = {}
         with jax.set_mesh(self.mesh):
             if g.kl_coef:
-                batch["ref_logprobs"] = reference_logprobs(self.ref_logprobs, ref_params, self.p_sh,
-                                                           full["input_ids"], full["attention_mask"])
+                batch["ref_logprobs"] = reference_logprobs(self.ref_logprobs, ref_params, full["input_ids"],
+                                                           full["attention_mask"])
             else:
                 batch["ref_logprobs"] = np.zeros_like(batch["sampler_logprobs"])
             t1 = time.perf_counter()
             if g.recompute_old_logprobs:
-                batch["old_logprobs"] = np.asarray(jax.device_get(
-                    self.policy_logprobs(state["params"], full["input_ids"], full["attention_mask"])))
+                batch["old_logprobs"] = distributed.to_host(
+                    self.policy_logprobs(state["params"], full["input_ids"], full["attention_mask"]))
                 m = batch["loss_mask"] > 0
                 err = np.abs(batch["old_logprobs"] - batch["sampler_logprobs"])[m]
                 metrics.update(logprob_error_max=float(err.max()) if err.size else 0.0,
@@ -272,9 +286,9 @@ class GRPORunner:
                 order = np.arange(self.R) if epoch == 0 else order_rng.permutation(self.R)
                 for j in range(n_mb):
                     rows = order[j * self.mb_size:(j + 1) * self.mb_size]
-                    mb = {k: jax.device_put(batch[k][rows], self.batch_sh[k]) for k in grpo.BATCH_AXES}
+                    mb = {k: distributed.put_global(batch[k][rows], self.batch_sh[k]) for k in grpo.BATCH_AXES}
                     state, m_ = self.train_step(state, mb, jnp.bool_(epoch == 0 and j == 0))
-                    train_m.append(jax.device_get(m_))
+                    train_m.append(jax.tree.map(distributed.to_host, m_))
             t3 = time.perf_counter()
         for k in train_m[0]:
             vals = np.array([float(m_[k]) for m_ in train_m])
@@ -296,7 +310,15 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """GRPO per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
     from jaxrl_llm import environments
     from jaxrl_llm.data.tasks import load_tasks
-    from jaxrl_llm.train import ConfigError, _truncate_metrics, build_model, load_tokenizer, prepare_workdir
+    from jaxrl_llm.train import (
+        ConfigError,
+        _truncate_metrics,
+        build_model,
+        export_hf,
+        load_tokenizer,
+        opt_state_shardings,
+        prepare_workdir,
+    )
 
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()
@@ -318,15 +340,16 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     opt_kw = dict(config.optimizer)
     opt_kw["warmup_steps"] = opt_kw.get("warmup_steps", 0) * updates_per_step  # warmup counts RL steps
     optimizer, schedule = make_optimizer(max_steps=config.max_steps * updates_per_step, **opt_kw)
-    runner = GRPORunner(config, cfg, mesh, rules, tokenizer, tasks, env, optimizer)
+    opt_sh = opt_state_shardings(optimizer, params, models.param_shardings(cfg, mesh, rules), mesh)
+    runner = GRPORunner(config, cfg, mesh, rules, tokenizer, tasks, env, optimizer, opt_sh)
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(optimizer.init)(params)
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
         ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef else None
     if ref_params is not None and config.grpo.get("ref_offload", False):
         ref_params = offload_to_host(ref_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     # The step counter placed as the jitted step returns it, so the step compiles once, not again at step 2.
-    counter = lambda n: jax.device_put(jnp.int32(n), replicated)
+    counter = lambda n: distributed.put_global(np.int32(n), replicated)
     state = {"params": params, "opt_state": opt_state, "step": counter(0)}
 
     is_main = jax.process_index() == 0
@@ -368,9 +391,10 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         close = getattr(env, "close", None)
         if close:
             close()
-    if config.export_hf and is_main:
-        out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
-        log.info("exported the trained model to %s", out)
+    if config.export_hf:  # every process takes part in the gather; process 0 writes
+        out = export_hf(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer)
+        if out:
+            log.info("exported the trained model to %s", out)
     return {**last, **{f"data_{k}": v for k, v in runner.prompt_stats.items()}}
 
 

@@ -200,10 +200,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if config.algorithm in ONLINE:
         from jaxrl_llm.rl_train import run_grpo
 
-        if jax.process_count() > 1:
-            raise ConfigError(f"algorithm={config.algorithm!r} runs in a single process for now "
-                              f"({jax.process_count()} processes configured)")
-
         return run_grpo(config, workdir)
     algo = REGISTRY[config.algorithm]
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)

@@ -245,7 +245,8 @@ def test_grpo_bad_config_is_one_line(tmp_path):
 
 
 def test_reference_offloaded_to_host_gives_the_same_logprobs():
-    """grpo.ref_offload: the reference is numpy between steps and placed on the mesh only for its forward."""
+    """grpo.ref_offload: the reference lives in pinned host memory between steps (same shardings) and is copied to
+    device memory only for its forward."""
     import jax
 
     from jaxrl_llm import models, parallel
@@ -256,15 +257,17 @@ def test_reference_offloaded_to_host_gives_the_same_logprobs():
     mesh = parallel.make_mesh(1, -1, 1)
     rules = parallel.ShardingRules()
     params = models.init_params(cfg, jax.random.key(0), mesh=mesh, rules=rules)
-    shardings = models.param_shardings(cfg, mesh, rules)
     host = offload_to_host(params)
-    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))
+    kinds = lambda tree: {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
+    assert kinds(host) == {"pinned_host"} and kinds(params) == {"device"}
+    specs = lambda tree: [x.sharding.spec for x in jax.tree.leaves(tree)]
+    assert specs(host) == specs(params)  # each device's shard stays with its owner
     ids = np.random.default_rng(0).integers(0, 128, (8, 12)).astype(np.int32)
     attn = np.ones_like(ids)
     with jax.set_mesh(mesh):
         fn = jax.jit(grpo.make_logprobs_fn(cfg, 1.0, 2, rules))
-        on_device = reference_logprobs(fn, params, shardings, ids, attn)
-        offloaded = reference_logprobs(fn, host, shardings, ids, attn)
+        on_device = reference_logprobs(fn, params, ids, attn)
+        offloaded = reference_logprobs(fn, host, ids, attn)
     np.testing.assert_array_equal(on_device, offloaded)
     assert np.abs(on_device[:, 1:]).min() > 0  # real log-probs, not the zero column or padding
-    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host))  # still on the host afterwards
+    assert kinds(host) == {"pinned_host"} and not any(x.is_deleted() for x in jax.tree.leaves(host))

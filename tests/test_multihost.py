@@ -188,11 +188,11 @@ TINY = {"data.num_examples": 32, "data.max_len": 96, "train.batch_size": 8, "opt
 COMPARED = ("loss", "grad_norm", "tokens", "lr")
 
 
-def _config(**over):
+def _config(recipe: str = "sft_tiny", base: dict | None = None, **over):
     import runpy
 
-    c = runpy.run_path(os.path.join(ROOT, "configs", "sft_tiny.py"))["get_config"]()
-    for k, v in {**TINY, **over}.items():
+    c = runpy.run_path(os.path.join(ROOT, "configs", f"{recipe}.py"))["get_config"]()
+    for k, v in {**(TINY if base is None else base), **over}.items():
         node = c
         *path, last = k.split(".")
         for p in path:
@@ -285,3 +285,63 @@ def test_job_whose_second_process_never_starts_fails_within_the_timeout(tmp_path
         in errors[0]
     assert "process 0 exited with status 1; stopping the others" in r.stderr
     assert secs < 120  # start-up (imports) + 4 s, not the 600 s process 1 would sleep
+
+
+@pytest.mark.slow
+def test_two_processes_place_gather_offload_and_split_scoring():
+    r = _launch(2, "python", os.path.join(ROOT, "tests", "multihost_collectives.py"), timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = {}
+    for line in r.stdout.splitlines():
+        if " RESULT " in line:
+            res = json.loads(line.split(" RESULT ", 1)[1])
+            out[res["process"]] = res
+    assert sorted(out) == [0, 1], r.stdout[-2000:]
+    x = np.arange(48, dtype=np.float32).reshape(16, 3).tolist()
+    assert out[0]["seen"] == ["0", "1", "2", "3"] and out[1]["seen"] == ["4", "5", "6"]  # each scored its share
+    for p in (0, 1):
+        o = out[p]
+        assert o["rewards"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # ... and both got every reward, in order
+        assert [i["scored_by"] for i in o["info"]] == [0, 0, 0, 0, 1, 1, 1]
+        assert [i["tag"] for i in o["info"]] == [f"t{i}" for i in range(7)]
+        assert o["counts"] == {"calls": 2, "rows_p0": 4, "rows_p1": 3}
+        assert not o["addressable"] and o["local_rows"] == ([0, 2, 4, 6] if p == 0 else [8, 10, 12, 14])
+        assert o["gathered"] == x and o["roundtrip"] == x
+        assert (o["offload_kind"], o["onload_kind"]) == ("pinned_host", "device")
+        assert o["objects"] == [{"p": 0, "x": [0]}, {"p": 1, "x": [1, 1]}]
+
+
+# GRPO tiny at a smaller learning rate: at lr 1e-2, Adam's first update is close to sign(g) and flips for gradient
+# entries near 0 under a different all-reduce order, so later steps drift apart by more than 1e-5 relative.
+GRPO_TINY = {"max_steps": 2, "optimizer.lr": 1e-3, "metrics.tensorboard": False, "grpo.ref_offload": True,
+             "export_hf": True}
+GRPO_COMPARED = ("loss", "actor_loss", "kl", "grad_norm", "clip_fraction", "entropy", "reward_mean", "accuracy",
+                 "gen_length_mean", "advantage_abs_mean", "ratio_mean")
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_grpo_two_processes_log_what_one_process_logs(tmp_path):
+    """GRPO over 2 processes x 4 devices (sampler on the global mesh, completions gathered, scoring split, the
+    reference offloaded to pinned host memory, export gathered) logs what 1 process x 8 devices logs."""
+    from safetensors.numpy import load_file
+
+    from jaxrl_llm import train
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train.run(_config("grpo_tiny", GRPO_TINY), one)
+    r = _launch(2, "python", "-m", "jaxrl_llm.train", "--config", "configs/grpo_tiny.py",
+                *[f"--config.{k}={v}" for k, v in GRPO_TINY.items()], "--workdir", two)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "[0] [step 2/2" in r.stderr and "[1] [step" not in r.stderr  # process 0 alone logs the steps
+    ref, got = _metrics(one), _metrics(two)
+    assert sorted(got) == [1, 2]
+    for s in (1, 2):
+        for k in GRPO_COMPARED:
+            assert abs(ref[s][k] - got[s][k]) <= 1e-5 * max(1.0, abs(ref[s][k])), (s, k, ref[s][k], got[s][k])
+    assert ref[2]["loss"] != ref[1]["loss"]  # a real second step on updated weights
+    mine, theirs = load_file(os.path.join(two, "hf", "model.safetensors")), \
+        load_file(os.path.join(one, "hf", "model.safetensors"))
+    assert sorted(mine) == sorted(theirs)
+    for name in mine:
+        np.testing.assert_allclose(mine[name], theirs[name], atol=1e-5, rtol=0, err_msg=name)

@@ -30,12 +30,13 @@ from jaxrl_llm.environments.procedural import (
     reasoning_gym_datasets,
     reasoning_gym_tasks,
 )
+from jaxrl_llm.environments.split import score_across_processes
 
 __all__ = [
     "CombinedEnvironment", "EnvResult", "Environment", "FormatEnvironment", "MathEnvironment", "Outcome",
     "ReasoningGymEnvironment", "ScoringPool", "Task", "answers_match", "check_batch", "decode_entry",
     "encode_entry", "extract_answer", "make_environment", "normalize_answer", "normalize_number",
-    "reasoning_gym_datasets", "reasoning_gym_tasks",
+    "reasoning_gym_datasets", "reasoning_gym_tasks", "score_across_processes",
 ]
 
 ENVIRONMENTS: dict[str, type] = {

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxrl_llm.distributed import put_global, to_host
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.params import param_shardings
 from jaxrl_llm.parallel.rules import ShardingRules
@@ -143,7 +144,9 @@ def generate(
 
     sampling_params: one SamplingParams for all prompts, or one per prompt. rng: a PRNG key (or an int seed);
     prompt i samples from the stream fold_in(rng, i), so results do not depend on batching or chunking.
-    mesh/rules: the trainer's mesh and rules table; params are used where they are, with no copy.
+    mesh/rules: the trainer's mesh and rules table; params are used where they are, with no copy. In a
+    multi-process job every process calls this with the same prompts: each places the rows its devices own and
+    every process gets every completion back.
     sampling_rules: a different table for sampling (e.g. tensor-parallel decode); params are then resharded
     once per call with `jax.device_put` and the cost is reported as stats['reshard_seconds'].
     max_batch_size: prompts are processed in chunks of at most this many rows (sorted by length).
@@ -196,8 +199,8 @@ def generate(
             ids_BP, inp, P = _chunk_arrays(idx, arrs, sps, B)
             inp = dataclasses.replace(inp, rng=key)
             if mesh is not None:
-                put = lambda x: jax.device_put(x, model_rules.sharding(mesh, ("batch",) + (None,) * (x.ndim - 1),
-                                                                       x.shape))
+                put = lambda x: put_global(x, model_rules.sharding(mesh, ("batch",) + (None,) * (x.ndim - 1),
+                                                                   x.shape))
                 ids_BP = put(ids_BP)
                 inp = dataclasses.replace(jax.tree.map(put, dataclasses.replace(inp, rng=None)), rng=key)
             t0 = time.perf_counter()
@@ -207,7 +210,7 @@ def generate(
             *out, cache = loop.decode(cfg, params, cache, logits_BV, inp, max_new_bucket=N, rules=model_rules,
                                       unroll=bool(unroll_layers))
             del cache
-            tok_BN, lp_BN, num_B, stopped_B, steps = jax.device_get(out)
+            tok_BN, lp_BN, num_B, stopped_B, steps = (to_host(x) for x in out)  # gathered across processes
             t2 = time.perf_counter()
             stats["prefill_seconds"] += t1 - t0
             stats["decode_seconds"] += t2 - t1
