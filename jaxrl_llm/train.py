@@ -158,21 +158,8 @@ def opt_state_shardings(optimizer, params, p_sh, mesh):
 
 def export_hf(cfg, params, out_dir: str, tokenizer) -> str | None:
     """HF export of the trained params; with several processes every process must call it (each tensor is
-    gathered in turn) and process 0 writes. Returns the folder on process 0, else None."""
-    if jax.process_count() == 1:
-        return models.save_pretrained(cfg, params, out_dir, tokenizer=tokenizer)
-    from jax.experimental import multihost_utils
-
-    # Interim: tensors are gathered one at a time, but process 0 keeps the whole host copy until it writes
-    # (streaming tensor by tensor into the file needs a collective fetch inside save_pretrained).
-    main = jax.process_index() == 0
-
-    def gather(a: jax.Array) -> np.ndarray | None:
-        full = np.asarray(multihost_utils.process_allgather(a, tiled=True))
-        return full if main else None
-
-    host = jax.tree.map(gather, params)
-    return models.save_pretrained(cfg, host, out_dir, tokenizer=tokenizer) if main else None
+    gathered in turn and written by process 0 before the next). Returns the folder on process 0, else None."""
+    return models.save_pretrained(cfg, params, out_dir, tokenizer=tokenizer)
 
 
 def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collections.ConfigDict, tokenizer,

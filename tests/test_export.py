@@ -13,6 +13,7 @@ from hf_models import build_hf_model, hf_logits, mixed_padding_batch, tiny_hf_co
 
 from jaxrl_llm import models, parallel
 from jaxrl_llm.models import hf_io
+from jaxrl_llm.models.params import flatten
 
 
 def _tiny_tokenizer(vocab: int) -> transformers.PreTrainedTokenizerFast:
@@ -125,3 +126,40 @@ def test_failed_export_leaves_nothing_half_written(source, tmp_path, monkeypatch
     with pytest.raises(OSError):
         models.save_pretrained(cfg, params, str(tmp_path / "fresh"))
     assert sorted(os.listdir(tmp_path)) == ["exp"]
+
+
+def test_export_streams_one_tensor_at_a_time_and_other_processes_only_gather(source, tmp_path, monkeypatch):
+    """Each tensor is fetched (a gather across processes) only after the previous one was written, so the host
+    never holds more than the tensor being written; a non-zero process takes part in the same gathers in the
+    same order and writes nothing."""
+    import weakref
+
+    import jax
+
+    _, folder = source
+    mesh = parallel.make_mesh(data=1, fsdp=4, tensor=2)
+    cfg, params = models.load_pretrained(folder, mesh=mesh)
+    real_fetch = hf_io._fetch
+    fetched: list[tuple[str, int | None]] = []
+    alive: list[weakref.ref] = []
+    most_alive = [0]
+    names = {id(v): k for k, v in flatten(params).items()}
+
+    def fetch(arr, i):
+        most_alive[0] = max(most_alive[0], sum(r() is not None for r in alive))
+        fetched.append((names[id(arr)], i))
+        out = real_fetch(arr, i)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(hf_io, "_fetch", fetch)
+    assert models.save_pretrained(cfg, params, str(tmp_path / "main")) == str(tmp_path / "main")
+    writer_order = list(fetched)
+    assert len(writer_order) == len(set(writer_order)) > 2 * cfg.num_layers  # each tensor (layer slice) once
+    assert most_alive[0] <= 1  # at most the previously written tensor, not yet released, when the next comes
+
+    fetched.clear()
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert models.save_pretrained(cfg, params, str(tmp_path / "other")) is None
+    assert fetched == writer_order and not (tmp_path / "other").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".other")]

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import numpy as np
 
-from jaxrl_llm.distributed import allgather_json, process_span
 from jaxrl_llm.environments.base import Environment, EnvResult, check_batch
 
 
@@ -17,6 +15,10 @@ def score_across_processes(env: Environment, prompts: list[str], completions: li
                            metadata: list[dict[str, Any]]) -> EnvResult:
     """`env.score` of the whole batch with the work split over the processes (a collective: every process must
     call it with the same batch). One process: `env.score` itself."""
+    import jax  # here, so that importing the environments stays light
+
+    from jaxrl_llm.distributed import allgather_json, process_span
+
     if jax.process_count() == 1:
         return env.score(prompts, completions, metadata)
     check_batch(prompts, completions, metadata)

@@ -253,17 +253,23 @@ def _hf_entries(cfg: ModelConfig, params: dict) -> Iterator[tuple[str, str, int 
 
 
 def _fetch(arr: jax.Array, i: int | None) -> np.ndarray:
-    """One tensor (or one layer slice) to the host; nothing else is gathered."""
+    """One tensor (or one layer slice) to the host, gathered from every process in a multi-process job (a
+    collective); nothing else is fetched."""
+    from jaxrl_llm.distributed import to_host
+
     x = arr if i is None else arr[i]
-    return np.asarray(jax.device_get(x))
+    return to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
 
 
 def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any = None,
-                    max_shard_size: int | str = "5GB", dtype: Any = None) -> str:
+                    max_shard_size: int | str = "5GB", dtype: Any = None) -> str | None:
     """Write an HF folder (config.json, safetensors or sharded safetensors + index, tokenizer files).
 
     Written to a temporary folder beside `out_dir` and moved into place only when complete, so a failure
-    leaves no half-written export (and an existing `out_dir` untouched).
+    leaves no half-written export (and an existing `out_dir` untouched). Tensors stream one at a time from the
+    devices into the file. In a multi-process job every process must call this: each tensor is gathered in
+    turn (all processes take part), process 0 writes it before the next is fetched, so no host holds more
+    than one tensor; returns `out_dir` on process 0 and None elsewhere.
     """
     from jaxrl_llm.models.params import flatten
 
@@ -292,6 +298,10 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
         shards[-1].append(e)
         used += nbytes
 
+    if jax.process_index() != 0:
+        for _, path, i, _ in entries:  # the writer's gathers, in its order
+            _fetch(flat[path], i)
+        return None
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
