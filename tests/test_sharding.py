@@ -102,3 +102,56 @@ def test_init_params_sharded(folder):
     assert params["layers"]["w_up"].sharding.spec == P(None, "fsdp", "tensor")
     ref = models.init_params(cfg, jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(params["layers"]["w_up"]), np.asarray(ref["layers"]["w_up"]))
+
+
+class _Watched(np.ndarray):
+    """A checkpoint tensor that records how much of it is read at a time (slices taken, whole-array conversions)."""
+
+    reads: list[tuple[str, str, int, int]] = []
+
+    def __array_finalize__(self, obj):
+        self.tensor_name = getattr(obj, "tensor_name", None)
+        self.full_size = getattr(obj, "full_size", None)
+
+    def __getitem__(self, idx):
+        out = super().__getitem__(idx)
+        if isinstance(out, np.ndarray):
+            _Watched.reads.append((self.tensor_name, "slice", out.size, self.full_size))
+        return out
+
+    def astype(self, *args, **kwargs):
+        _Watched.reads.append((self.tensor_name, "astype", self.size, self.full_size))
+        return super().astype(*args, **kwargs)
+
+
+def test_loading_reads_only_each_devices_slice_of_a_tensor(folder):
+    """make_array_from_callback asks each (addressable) device for its slice; the loader must read and convert
+    just that slice of the memory-mapped tensor, so a process of a multi-host job never reads a whole sharded
+    tensor (in one process with 8 devices: 8 slices, never the whole)."""
+    from jaxrl_llm.models import hf_io
+
+    src = hf_io.HFFolderSource(folder)
+    get = src.get
+
+    def watched(name):
+        x = get(name).view(_Watched)
+        x.tensor_name, x.full_size = name, x.size
+        return x
+
+    src.get = watched
+    cfg, _ = models.load_pretrained(folder)
+    _Watched.reads = []
+    mesh = parallel.make_mesh(data=1, fsdp=8, tensor=1)
+    params = hf_io.load_params_from_source(cfg, src, mesh=mesh)
+    by_name: dict[str, list[tuple[str, int, int]]] = {}
+    for name, kind, size, full in _Watched.reads:
+        by_name.setdefault(name, []).append((kind, size, full))
+    sharded = {n for n, r in by_name.items() if any(size < full for _, size, full in r)}
+    assert "model.embed_tokens.weight" in sharded and "model.layers.0.mlp.up_proj.weight" in sharded
+    assert len(sharded) >= 7 * cfg.num_layers  # q/k/v/o and the three MLP matrices of every layer
+    for n in sharded:
+        assert all(kind == "slice" and size * 8 == full for kind, size, full in by_name[n]), (n, by_name[n])
+        assert len(by_name[n]) == 8
+    _, ref = models.load_pretrained(folder)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -163,9 +163,10 @@ def _set_layer(stacked, layer, i, sharding):
     return jax.lax.with_sharding_constraint(stacked.at[i].set(layer), sharding)
 
 
-def _host_to_device(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
-    """Each device takes only its slice of the host array (multi-host: only addressable slices are read)."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.ascontiguousarray(host[idx]))
+def _host_to_device(host: np.ndarray, sharding: NamedSharding, dtype: np.dtype) -> jax.Array:
+    """Each device takes only its slice of `host` (a view of the memory-mapped file), converted to `dtype` slice
+    by slice: a process reads and converts only what its own devices hold, never the whole tensor."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: np.array(host[idx], dtype=dtype, order="C"))
 
 
 def load_params_from_source(
@@ -190,8 +191,8 @@ def load_params_from_source(
             continue
         if not path.startswith("layers/"):
             host = hf_to_ours(_hf_tensor(src, keys, hn.template, hf_shape(spec.shape, hn.n_in, hn.flat)),
-                              spec.shape, hn.n_in).astype(np_dt)
-            out[path] = _host_to_device(host, sharding)
+                              spec.shape, hn.n_in)
+            out[path] = _host_to_device(host, sharding, np_dt)
             continue
         layer_shape = spec.shape[1:]
         layer_spec = rules.spec(spec.axes[1:], layer_shape, dict(mesh.shape))
@@ -200,8 +201,8 @@ def load_params_from_source(
         for i in range(cfg.num_layers):
             name = hn.template.format(i=i)
             host = hf_to_ours(_hf_tensor(src, keys, name, hf_shape(layer_shape, hn.n_in, hn.flat)),
-                              layer_shape, hn.n_in).astype(np_dt)
-            stacked = _set_layer(stacked, _host_to_device(host, layer_sharding), i, sharding)
+                              layer_shape, hn.n_in)
+            stacked = _set_layer(stacked, _host_to_device(host, layer_sharding, np_dt), i, sharding)
         out[path] = stacked
     return unflatten(out)
 
