@@ -126,7 +126,7 @@ def reference_logprobs(fn, ref_params: Any, ids_RT: jax.Array, attn_RT: jax.Arra
     return out
 
 
-def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, length: int, pad_id: int
+def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, pad_id: int
                   ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Host side of a step: rewards -> DAPO overlong shaping -> group advantages; the training arrays, with
     truncated samples masked out under grpo.overlong_filtering (they still count in their group's baseline).
@@ -136,7 +136,8 @@ def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, length: int
     lengths = np.array([len(t) for t in roll.tokens], np.float32)
     truncated = np.array([f == "length" for f in roll.finish])
     shaped = grpo.shape_overlong(roll.rewards, lengths, ro.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
-    batch = grpo.build_batch(roll.prompts, roll.tokens, roll.logprobs, length, pad_id)
+    batch = grpo.build_batch(roll.prompts, roll.tokens, roll.logprobs, config.data.max_prompt_len,
+                             ro.max_new_tokens, pad_id)
     batch["advantages"] = np.asarray(grpo.grpo_advantages(shaped, G, g.leave_one_out, g.normalize_std), np.float32)
     if g.overlong_filtering:
         batch["loss_mask"] = batch["loss_mask"] * (~truncated)[:, None].astype(np.int32)
@@ -181,10 +182,12 @@ class GRPORunner:
             self.train_step = jax.jit(grpo.make_train_step(cfg, optimizer, config, rules), donate_argnums=0,
                                       in_shardings=(None, self.batch_sh, None),
                                       out_shardings=({"params": p_sh, "opt_state": opt_sh, "step": None}, None))
-            self.ref_logprobs = jax.jit(grpo.make_logprobs_fn(cfg, ro.temperature, n_micro_lp, rules),
+            P = config.data.max_prompt_len  # completions start there in every row
+            self.ref_logprobs = jax.jit(grpo.make_logprobs_fn(cfg, ro.temperature, n_micro_lp, rules,
+                                                              first_target=P),
                                         in_shardings=(p_sh, full_sh, full_sh))
             self.policy_logprobs = jax.jit(grpo.make_logprobs_fn(cfg, ro.temperature, n_micro_lp, rules,
-                                                                 ro.top_k, ro.top_p),
+                                                                 ro.top_k, ro.top_p, first_target=P),
                                            in_shardings=(p_sh, full_sh, full_sh))
         self.full_sh = full_sh
 
@@ -257,7 +260,7 @@ class GRPORunner:
         g = self.config.grpo
         t_start = time.perf_counter()
         roll, info = self.collect(state["params"], step)
-        batch, host = prepare_batch(roll, self.config, self.T, self.pad)
+        batch, host = prepare_batch(roll, self.config, self.pad)
         t0 = time.perf_counter()
         # Every process holds the whole batch (gathered rollouts); each places the rows its devices own.
         full = {k: distributed.put_global(batch[k], self.full_sh) for k in ("input_ids", "attention_mask")}

@@ -63,13 +63,16 @@ def test_dynamic_sampling_keeps_groups_with_spread():
 
 
 def test_build_batch_layout():
-    b = grpo.build_batch([[1, 2, 3], [4]], [[9, 8], [7, 6, 5]], [[-0.1, -0.2], [-0.3, -0.4, -0.5]], 6, pad_id=0)
-    np.testing.assert_array_equal(b["input_ids"], [[1, 2, 3, 9, 8, 0], [4, 7, 6, 5, 0, 0]])
-    np.testing.assert_array_equal(b["attention_mask"], [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
-    np.testing.assert_array_equal(b["loss_mask"], [[0, 0, 0, 1, 1, 0], [0, 1, 1, 1, 0, 0]])
-    np.testing.assert_allclose(b["sampler_logprobs"][1], [0, -0.3, -0.4, -0.5, 0, 0], atol=1e-7)
-    with pytest.raises(ValueError, match="rollout 0"):
-        grpo.build_batch([[1, 2, 3]], [[4, 5, 6, 7]], [[0.0] * 4], 6, pad_id=0)
+    # prompts left-padded to 3 columns, completions from column 3, 3 new-token columns
+    b = grpo.build_batch([[1, 2, 3], [4]], [[9, 8], [7, 6, 5]], [[-0.1, -0.2], [-0.3, -0.4, -0.5]], 3, 3, pad_id=0)
+    np.testing.assert_array_equal(b["input_ids"], [[1, 2, 3, 9, 8, 0], [0, 0, 4, 7, 6, 5]])
+    np.testing.assert_array_equal(b["attention_mask"], [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(b["loss_mask"], [[0, 0, 0, 1, 1, 0], [0, 0, 0, 1, 1, 1]])
+    np.testing.assert_allclose(b["sampler_logprobs"][1], [0, 0, 0, -0.3, -0.4, -0.5], atol=1e-7)
+    with pytest.raises(ValueError, match="rollout 0: prompt of 3 tokens"):
+        grpo.build_batch([[1, 2, 3]], [[4, 5]], [[0.0] * 2], 2, 4, pad_id=0)
+    with pytest.raises(ValueError, match="completion of 4 tokens"):
+        grpo.build_batch([[1, 2, 3]], [[4, 5, 6, 7]], [[0.0] * 4], 3, 3, pad_id=0)
 
 
 def test_prepare_batch_overlong_filtering_and_shaping():
@@ -78,7 +81,7 @@ def test_prepare_batch_overlong_filtering_and_shaping():
     c = _config(**{"rollout.group_size": 2, "rollout.num_prompts": 2, "rollout.max_new_tokens": 8,
                    "grpo.overlong_filtering": True, "grpo.overlong_buffer": 4, "grpo.overlong_penalty": 1.0,
                    "grpo.leave_one_out": False, "grpo.normalize_std": False})
-    batch, m = prepare_batch(roll, c, length=12, pad_id=0)
+    batch, m = prepare_batch(roll, c, pad_id=0)
     # truncated samples contribute no loss tokens; the others keep all their completion tokens
     np.testing.assert_array_equal(batch["loss_mask"].sum(1), [4, 0, 6, 0])
     shaped = [1.0 + min(-(4 - 4) / 4, 0), 0.0 - (8 - 4) / 4, 1.0 - (6 - 4) / 4, 1.0 - (8 - 4) / 4]
@@ -150,7 +153,8 @@ def test_bad_grpo_config_names_the_key(key, value, needle):
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (0, 0.8), (20, 1.0)])
 def test_sampler_logprobs_equal_trainer_logprobs(top_k, top_p):
     """GRPO's old log-probs are the sampler's: they must equal the training-side recomputation (same temperature
-    and top-k/top-p processing) on the [prompt, completion, pad] rows the loss sees, within 1e-5 in fp32."""
+    and top-k/top-p processing) on the [pad, prompt | completion, pad] rows the loss sees, within 1e-5 in fp32;
+    scoring only the completion columns gives exactly what scoring every column gives there."""
     import jax
 
     from jaxrl_llm import models, sampling
@@ -163,12 +167,16 @@ def test_sampler_logprobs_equal_trainer_logprobs(top_k, top_p):
     prompts = [rng.integers(3, 256, n).tolist() for n in (5, 9, 3, 12)]
     sp = sampling.SamplingParams(max_new_tokens=10, temperature=0.7, top_k=top_k, top_p=top_p, stop_token_ids=(2,))
     out = sampling.generate(cfg, params, prompts, sp, jax.random.key(1))
-    batch = grpo.build_batch(prompts, out.tokens, out.logprobs, 24, pad_id=0)
-    fn = jax.jit(grpo.make_logprobs_fn(cfg, 0.7, 2, top_k=top_k, top_p=top_p))
+    batch = grpo.build_batch(prompts, out.tokens, out.logprobs, 14, 10, pad_id=0)
+    fn = jax.jit(grpo.make_logprobs_fn(cfg, 0.7, 2, top_k=top_k, top_p=top_p, first_target=14))
     lp = np.asarray(fn(params, batch["input_ids"], batch["attention_mask"]))
     m = batch["loss_mask"] > 0
     assert m.sum() >= 30
     np.testing.assert_allclose(lp[m], batch["sampler_logprobs"][m], atol=1e-5, rtol=0)
+    assert not lp[:, :14].any()  # prompt columns are never scored
+    every = np.asarray(jax.jit(grpo.make_logprobs_fn(cfg, 0.7, 2, top_k=top_k, top_p=top_p))(
+        params, batch["input_ids"], batch["attention_mask"]))
+    np.testing.assert_allclose(lp[:, 14:], every[:, 14:], atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------- whole loop
@@ -194,7 +202,7 @@ def test_grpo_tiny_reward_rises_and_first_update_is_on_policy(tmp_path):
     This recipe's policy is deliberately peaked (init_std 0.5: logits in the hundreds), where fp32 round-off in
     log-softmax reaches ~1e-4; the 1e-5 parity at ordinary scale is `test_sampler_logprobs_equal_trainer_logprobs`.
     """
-    p = _run_cli(tmp_path / "run", "--config.grpo.recompute_old_logprobs=True", "--config.checkpoint.every_steps=4")
+    p = _run_cli(tmp_path / "run", "--config.grpo.recompute_old_logprobs=True", "--config.checkpoint.every_steps=2")
     assert p.returncode == 0, p.stderr[-3000:]
     rows = _rows(tmp_path / "run")
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -210,20 +218,20 @@ def test_grpo_tiny_reward_rises_and_first_update_is_on_policy(tmp_path):
         assert r["first_update_ratio_min"] == 1.0 and r["first_update_ratio_max"] == 1.0
         assert r["optimizer_updates"] == 2
     assert os.path.isdir(tmp_path / "run" / "tensorboard")
-    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[:2] == ["4", "8"]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints"))[:2] == ["6", "8"]
 
-    # Resume: the same command on a copy of the workdir that lost its step-8 checkpoint continues from step 4
+    # Resume: the same command on a copy of the workdir that lost its step-8 checkpoint continues from step 6
     # and logs exactly the numbers of the uninterrupted run (prompts, sampling keys and optimizer state restored).
     shutil.copytree(tmp_path / "run", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "8")
     p = _run_cli(tmp_path / "resumed", "--config.grpo.recompute_old_logprobs=True",
-                 "--config.checkpoint.every_steps=4")
+                 "--config.checkpoint.every_steps=2")
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "[step 5/8" in p.stderr and "[step 4/8" not in p.stderr
+    assert "[step 7/8" in p.stderr and "[step 6/8" not in p.stderr
     again = _rows(tmp_path / "resumed")
     assert [r["step"] for r in again] == list(range(1, 9))
     varies = ("time_", "gen_tokens_per_s", "sampler_compiles")  # wall-clock figures and compiles in this process
-    for r, ref in zip(again[4:], rows[4:], strict=True):
+    for r, ref in zip(again[6:], rows[6:], strict=True):
         assert {k: v for k, v in r.items() if not k.startswith(varies)} == \
             {k: v for k, v in ref.items() if not k.startswith(varies)}
 

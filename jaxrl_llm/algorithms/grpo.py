@@ -9,8 +9,12 @@ log-probs -> optimizer updates) is driven by `jaxrl_llm.rl_train`; this module h
 - `make_train_step`: one optimizer update on a minibatch (microbatch accumulation, global normalisation);
 - `shape_overlong`, `dynamic_sampling_keep`: DAPO's reward shaping and group filter (numpy, host).
 
-Sequence layout: row i is [prompt_i, completion_i, pad...] (no left padding, positions from 0). Per-token
-arrays are aligned with their targets: column t holds a value for token t (column 0 is never a target).
+Sequence layout: row i is [pad..., prompt_i | completion_i, pad...]: prompts left-padded to the recipe's
+data.max_prompt_len P, so every completion starts at column P (positions count from the first real token, as in
+the sampler). Per-token arrays [R, T] are aligned with their targets: column t holds a value for token t. Only the
+completion columns [P, T) are ever targets, so the log-prob functions project just those positions onto the
+vocabulary (as TRL's logits_to_keep does): the prompt positions run through the transformer but never through
+the vocabulary-sized head and log-softmax, which dominate small models at large vocabularies.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from jaxrl_llm.algorithms.losses import token_logprobs
 from jaxrl_llm.algorithms.pg_losses import KL_TYPES, grpo_advantages, policy_gradient_loss_sum
 from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.transformer import forward
+from jaxrl_llm.models.transformer import hidden_states, lm_logits
 from jaxrl_llm.parallel.rules import ShardingRules
 from jaxrl_llm.sampling.strategies import filter_top_k_top_p
 
@@ -111,22 +115,26 @@ def dynamic_sampling_keep(rewards_R: np.ndarray, group_size: int) -> np.ndarray:
 
 
 def build_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                sampler_logprobs: Sequence[Sequence[float]], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Rows [prompt, completion, pad] of `length` tokens; loss_mask 1 on completion tokens; sampler log-probs
-    aligned with their tokens. Raises if a row does not fit (the caller sizes `length` to prompt + new tokens)."""
-    R = len(prompts)
+                sampler_logprobs: Sequence[Sequence[float]], prompt_len: int, new_tokens: int, pad_id: int
+                ) -> dict[str, np.ndarray]:
+    """Rows [pad, prompt | completion, pad] of prompt_len + new_tokens tokens, every completion starting at column
+    prompt_len; loss_mask 1 on completion tokens; sampler log-probs aligned with their tokens. Raises naming the
+    rollout when a prompt or a completion does not fit."""
+    R, P = len(prompts), prompt_len
+    length = P + new_tokens
     ids = np.full((R, length), pad_id, np.int32)
     attn = np.zeros((R, length), np.int32)
     loss = np.zeros((R, length), np.int32)
     lp = np.zeros((R, length), np.float32)
     for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         n_p, n_c = len(p), len(c)
-        if n_p + n_c > length:
-            raise ValueError(f"rollout {i}: prompt {n_p} + completion {n_c} tokens exceed the batch length {length}")
-        ids[i, :n_p], ids[i, n_p:n_p + n_c] = p, c
-        attn[i, :n_p + n_c] = 1
-        loss[i, n_p:n_p + n_c] = 1
-        lp[i, n_p:n_p + n_c] = sampler_logprobs[i]
+        if n_p > P or n_c > new_tokens:
+            raise ValueError(f"rollout {i}: prompt of {n_p} tokens (room {P}) or completion of {n_c} tokens "
+                             f"(room {new_tokens}) does not fit the batch")
+        ids[i, P - n_p:P], ids[i, P:P + n_c] = p, c
+        attn[i, P - n_p:P + n_c] = 1
+        loss[i, P:P + n_c] = 1
+        lp[i, P:P + n_c] = sampler_logprobs[i]
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "sampler_logprobs": lp}
 
 
@@ -134,11 +142,14 @@ def build_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence
 
 
 def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: jax.Array, temperature: float,
-                     top_k: int, top_p: float, rules: ShardingRules | None, with_entropy: bool = False):
-    """(log-probs of the tokens under the sampled-from distribution [B, T] (column 0 zero), the same without
-    top-k/top-p filtering, entropy per position or None); temperature applied as the sampler does."""
-    logits = forward(cfg, params, ids_BT, attn_BT, rules=rules)[:, :-1].astype(jnp.float32) / temperature
-    targets = ids_BT[:, 1:]
+                     top_k: int, top_p: float, rules: ShardingRules | None, with_entropy: bool = False,
+                     first_target: int = 1):
+    """(log-probs of the tokens under the sampled-from distribution [B, T], the same without top-k/top-p
+    filtering, entropy per position or None); temperature applied as the sampler does. Only targets from column
+    `first_target` on are scored (the vocabulary projection runs on those positions alone); earlier columns are 0."""
+    h = hidden_states(cfg, params, ids_BT, attn_BT, rules=rules)[:, first_target - 1:-1]
+    logits = lm_logits(cfg, params, h, rules).astype(jnp.float32) / temperature
+    targets = ids_BT[:, first_target:]
     lp_raw = token_logprobs(logits, targets)
     lp = lp_raw
     if top_k > 0 or top_p < 1.0:  # the sampler's filter, row by row; removed tokens get -inf
@@ -153,22 +164,23 @@ def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: 
     if with_entropy:
         logp = jax.nn.log_softmax(logits, axis=-1)
         ent = -(jnp.exp(logp) * logp).sum(-1)
-        ent = jnp.pad(ent, ((0, 0), (1, 0)))
-    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
+        ent = jnp.pad(ent, ((0, 0), (first_target, 0)))
+    pad = lambda x: jnp.pad(x, ((0, 0), (first_target, 0)))
     return pad(lp), pad(lp_raw), ent
 
 
 def make_logprobs_fn(cfg: ModelConfig, temperature: float, num_micro: int, rules: ShardingRules | None = None,
-                     top_k: int = 0, top_p: float = 1.0) -> Callable:
-    """fn(params, input_ids [R, T], attention_mask [R, T]) -> log-probs [R, T] (target-aligned, column 0 zero),
-    computed `num_micro` rows-chunks at a time (lax.map) to bound activation memory. top_k/top_p: the sampler's
-    filter (0 / 1.0 for the reference model, whose log-probs keep only the temperature)."""
+                     top_k: int = 0, top_p: float = 1.0, first_target: int = 1) -> Callable:
+    """fn(params, input_ids [R, T], attention_mask [R, T]) -> log-probs [R, T] (target-aligned; columns before
+    `first_target`, the completion start of `build_batch` rows, are zero), computed `num_micro` rows-chunks at a
+    time (lax.map) to bound activation memory. top_k/top_p: the sampler's filter (0 / 1.0 for the reference
+    model, whose log-probs keep only the temperature)."""
 
     def fn(params, ids_RT, attn_RT):
         R, T = ids_RT.shape
         chunks = (ids_RT.reshape(num_micro, R // num_micro, T), attn_RT.reshape(num_micro, R // num_micro, T))
         out = jax.lax.map(lambda c: _policy_logprobs(cfg, params, c[0], c[1], temperature, top_k, top_p,
-                                                      rules)[0], chunks)
+                                                      rules, first_target=first_target)[0], chunks)
         return out.reshape(R, T)
 
     return fn
@@ -191,7 +203,8 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, c
 
     def loss_fn(params, mb, on_policy):
         lp, lp_raw, ent = _policy_logprobs(cfg, params, mb["input_ids"], mb["attention_mask"], ro.temperature,
-                                           ro.top_k, ro.top_p, rules, with_entropy=True)
+                                           ro.top_k, ro.top_p, rules, with_entropy=True,
+                                           first_target=config.data.max_prompt_len)
         mask = mb["loss_mask"].astype(jnp.float32)
         old = jnp.where(on_policy, jax.lax.stop_gradient(lp), mb["old_logprobs"])
         filtered = ro.top_k > 0 or ro.top_p < 1.0
