@@ -251,17 +251,13 @@ CHAT = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_ours(smollm2):
-    return models.load_pretrained(smollm2)
+def smollm2_ours(smollm2, smollm2_models):
+    return smollm2_models[1]  # loaded once per session (conftest)
 
 
 @pytest.fixture(scope="module")
-def smollm2_hf(smollm2):
-    import torch
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2), dtype=torch.float32).eval()
+def smollm2_hf(smollm2, smollm2_models):
+    return smollm2_models[2]
 
 
 @pytest.mark.slow

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import numpy as np
 import pytest
 
-from jaxrl_llm import models, sampling
+from jaxrl_llm import sampling
 
 pytestmark = [
     pytest.mark.slow,
@@ -29,18 +28,11 @@ NEW = 24
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    import torch
-    import transformers
-
+def smollm2(smollm2_models):
     from jaxrl_llm.models import gguf_io
 
-    path = gguf_io.smollm2_gguf_path()
-    cfg, params = models.load_pretrained(path)
-    tok = gguf_io.load_gguf_tokenizer(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
-    return cfg, params, tok, hf
+    path, (cfg, params), hf = smollm2_models  # loaded once per session (conftest)
+    return cfg, params, gguf_io.load_gguf_tokenizer(path), hf
 
 
 def test_smollm2_greedy_chat_matches_transformers(smollm2):
