@@ -5,6 +5,7 @@
     tasks = load_tasks("champ")                          # CHAMP competition math (270 problems)
     tasks = load_tasks("rg:basic_arithmetic", num=100, seed=1, max_terms=4)  # reasoning-gym, procedural
     tasks = load_tasks("my_problems.jsonl")              # {"prompt"|"messages", "answer"[, "metadata"]}
+    tasks = load_tasks("gsm8k+rg:chain_sum", num=64)     # mixed: at most 64 of each part, interleaved
 
 Builtin math sources are scored by the "math" environment (metadata "answer" is the gold answer, "env" is
 "math"); "rg:" tasks by the "reasoning_gym" environment. The user message is the question, a newline and the
@@ -15,6 +16,11 @@ files keep their prompts as written unless an instruction is given.
 and logs a line (so `num=50` means "at most 50" on every benchmark). Procedural sources generate exactly `num`.
 Everything is deterministic: fixed datasets keep their file order (`shuffle=True` takes a seeded permutation
 first); procedural tasks depend only on (dataset, num, seed, kwargs).
+
+Sources joined by "+" are mixed: each part is loaded as if alone with the same num, seed, system_prompt,
+instruction and shuffle (reasoning-gym options go to the "rg:" parts only), then the tasks of all parts are put
+in one `seed`-determined order, so that consecutive tasks (a batch) mix the kinds. Each task keeps its own
+metadata "env", so a "routed" environment (environments/route.py) scores every task with its own environment.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 RG_PREFIX = "rg:"
+MIX_SEP = "+"
 _LOCAL_EXTS = (".json", ".jsonl")
 
 
@@ -219,18 +226,39 @@ def _local_tasks(path: str, num: int, seed: int, shuffle: bool, system_prompt: s
     return _select(tasks, num, seed, shuffle, path)
 
 
+def _mixed_tasks(source: str, num: int, seed: int, shuffle: bool, system_prompt: str | None,
+                 instruction: str | None, **kwargs: Any) -> list[Task]:
+    parts = [p.strip() for p in source.split(MIX_SEP)]
+    if not all(parts):
+        raise DataError(f"task source {source!r}: empty part in a mixed source; join sources with {MIX_SEP!r}, "
+                        f"e.g. 'gsm8k{MIX_SEP}rg:chain_sum'")
+    if kwargs and not any(p.startswith(RG_PREFIX) for p in parts):
+        raise DataError(f"{source}: options {sorted(kwargs)} apply only to reasoning-gym ('rg:') sources")
+    tasks: list[Task] = []
+    for part in parts:
+        tasks += load_tasks(part, num, seed, system_prompt=system_prompt, instruction=instruction, shuffle=shuffle,
+                            **(kwargs if part.startswith(RG_PREFIX) else {}))
+    order = np.random.default_rng([seed, 0x313C]).permutation(len(tasks))
+    return [tasks[i] for i in order]
+
+
 def load_tasks(source: str, num: int = -1, seed: int = 0, *, system_prompt: str | None = None,
                instruction: str | None = None, shuffle: bool = False, **kwargs: Any) -> list[Task]:
     """Tasks from a builtin benchmark ("gsm8k", "aime2025", "champ"), a reasoning-gym dataset ("rg:<name>",
-    `kwargs` go to its config) or a local .jsonl/.json file.
+    `kwargs` go to its config) or a local .jsonl/.json file; or several of these joined by "+"
+    ("gsm8k+rg:chain_sum"): each part loaded with the same arguments (`kwargs` to the "rg:" parts only), all
+    tasks then in one `seed`-determined interleaved order, each keeping its own metadata "env".
 
     num: at most this many tasks (-1: all); for "rg:" sources exactly this many are generated with `seed`.
+    For a mixed source it applies to each part (at most `num` per part).
     system_prompt: a system message put first (replacing a file row's own system message).
     instruction: appended on a new line to the (last) user message; None: MATH_INSTRUCTION for the builtin
     math benchmarks, reasoning-gym's <answer>-tag instruction (after a blank line) for "rg:" sources, nothing
     for local files (their prompts are used as written). "": the bare question everywhere.
     shuffle: fixed datasets only; take a `seed`-determined permutation before cutting to `num`.
     """
+    if MIX_SEP in source and not os.path.exists(source):  # a local file may have "+" in its name
+        return _mixed_tasks(source, num, seed, shuffle, system_prompt, instruction, **kwargs)
     if source.startswith(RG_PREFIX):
         return _rg_tasks(source, num, seed, system_prompt, instruction, **kwargs)
     if kwargs:

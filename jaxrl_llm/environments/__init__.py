@@ -1,8 +1,11 @@
-"""Verifiable-reward environments for GRPO/PPO: math (math-verify), reasoning-gym tasks, format, weighted sums.
+"""Verifiable-reward environments for GRPO/PPO: math (math-verify), reasoning-gym tasks, format, weighted sums,
+routing by task.
 
     env = make_environment({"name": "math", "answer_format": "boxed", "timeout_s": 5.0, "num_workers": 2})
     env = make_environment({"name": "combined", "components": [
         {"name": "math", "weight": 1.0}, {"name": "format", "weight": 0.1, "pattern": r"<answer>.*?</answer>"}]})
+    env = make_environment({"name": "routed", "key": "env", "default": None, "routes": {  # by metadata["env"]
+        "math": {"name": "math"}, "reasoning_gym": {"name": "reasoning_gym"}}})
     result = env.score(prompts, completions, metadata)   # EnvResult(rewards [N], info, counts)
     env.close()                                          # stops scoring workers (also done at exit)
 
@@ -30,12 +33,13 @@ from jaxrl_llm.environments.procedural import (
     reasoning_gym_datasets,
     reasoning_gym_tasks,
 )
+from jaxrl_llm.environments.route import RoutedEnvironment
 from jaxrl_llm.environments.split import score_across_processes
 
 __all__ = [
     "CombinedEnvironment", "EnvResult", "Environment", "FormatEnvironment", "MathEnvironment", "Outcome",
-    "ReasoningGymEnvironment", "ScoringPool", "Task", "answers_match", "check_batch", "decode_entry",
-    "encode_entry", "extract_answer", "make_environment", "normalize_answer", "normalize_number",
+    "ReasoningGymEnvironment", "RoutedEnvironment", "ScoringPool", "Task", "answers_match", "check_batch",
+    "decode_entry", "encode_entry", "extract_answer", "make_environment", "normalize_answer", "normalize_number",
     "reasoning_gym_datasets", "reasoning_gym_tasks", "score_across_processes",
 ]
 
@@ -45,6 +49,7 @@ ENVIRONMENTS: dict[str, type] = {
     "format": FormatEnvironment,
 }
 _COMBINED_KEYS = ("components", "label", "name")
+_ROUTED_KEYS = ("default", "key", "label", "name", "routes")
 
 
 def _plain(spec: Any) -> Any:
@@ -62,7 +67,7 @@ def _kind(spec: Any, where: str) -> str:
     if not isinstance(spec, Mapping):
         raise ValueError(f"{where}: an environment spec must be a mapping with a 'name', got {type(spec).__name__}")
     kind = spec.get("name")
-    valid = sorted([*ENVIRONMENTS, "combined"])
+    valid = sorted([*ENVIRONMENTS, "combined", "routed"])
     if kind is None:
         raise ValueError(f"{where}: missing key 'name' (one of {valid})")
     if kind not in valid:
@@ -99,6 +104,23 @@ def _make(spec: Mapping[str, Any], where: str) -> Environment:
                 raise ValueError(f"{cwhere}: 'weight' must be a number, got {weight!r}")
             parts.append((_make({k: v for k, v in comp.items() if k != "weight"}, cwhere), float(weight)))
         return CombinedEnvironment(parts, name=spec.get("label", "combined"))
+    if kind == "routed":
+        _check_keys(spec, list(_ROUTED_KEYS), where)
+        routes = spec.get("routes")
+        if not isinstance(routes, Mapping) or not routes:
+            raise ValueError(f"{where}: 'routes' must be a non-empty mapping of route name -> environment spec")
+        key = spec.get("key", "env")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{where}: 'key' must be a non-empty string (the metadata field naming the route), "
+                             f"got {key!r}")
+        default = spec.get("default")
+        if default is not None and default not in routes:
+            raise ValueError(f"{where}: 'default' {default!r} is not one of the routes {sorted(routes)}")
+        for route in routes:
+            if not isinstance(route, str) or not route:
+                raise ValueError(f"{where}: route names must be non-empty strings, got {route!r}")
+        envs = {route: _make(rspec, f"{where}.routes[{route!r}]") for route, rspec in routes.items()}
+        return RoutedEnvironment(envs, key=key, default=default, name=spec.get("label", "routed"))
     cls = ENVIRONMENTS[kind]
     _check_keys(spec, _valid_keys(cls), where)
     kwargs = {k: v for k, v in spec.items() if k not in ("name", "label")}
@@ -109,7 +131,9 @@ def _make(spec: Mapping[str, Any], where: str) -> Environment:
 
 def make_environment(spec: Mapping[str, Any]) -> Environment:
     """An environment from a plain mapping (or an ml_collections ConfigDict): {"name": "math" | "reasoning_gym" |
-    "format" | "combined", ...constructor keywords, "label": optional reported name}; "combined" takes
-    "components": a list of such specs, each with an optional "weight" (default 1.0).
+    "format" | "combined" | "routed", ...constructor keywords, "label": optional reported name}; "combined" takes
+    "components": a list of such specs, each with an optional "weight" (default 1.0); "routed" takes "routes": a
+    mapping of route name (a value of metadata[key]) -> such a spec, "key" (default "env") and "default" (the
+    route of samples without `key`; default None: they are an error).
     Unknown names or keys: ValueError naming them and listing the valid ones."""
     return _make(_plain(spec), "environment spec")
