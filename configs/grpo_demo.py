@@ -9,6 +9,8 @@ and state the number. Sized to finish within 15 minutes on a 2-core CPU; evaluat
 
 import ml_collections
 
+from jaxrl_llm.algorithms.grpo import grpo_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -32,13 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(
         num_prompts=8, group_size=4, max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0,
         stop_token_ids=(), max_batch_size=0))
-    c.grpo = ml_collections.ConfigDict(dict(
-        leave_one_out=True, normalize_std=True, clip_low=0.2, clip_high=0.2, dual_clip=0.0,
-        kl_coef=0.0,  # no reference forward (as DAPO and DeepScaleR); > 0 adds the KL penalty (k3 by default)
-        kl_type="k3", ref_offload=False, token_level=True, sequence_level_ratio=False, reinforce=False,
-        importance_correction=False, tis_cap=0.0, recompute_old_logprobs=False, epochs=1,
-        dynamic_sampling=False, dynamic_sampling_max_rounds=4, overlong_filtering=False,
-        overlong_buffer=0, overlong_penalty=1.0))
+    # kl_coef 0: no reference forward (as DAPO and DeepScaleR); > 0 adds the KL penalty (k3 by default). Every
+    # other key keeps its default: see grpo_config in jaxrl_llm/algorithms/grpo.py.
+    c.grpo = grpo_config(kl_coef=0.0)
     c.train = ml_collections.ConfigDict(dict(batch_size=0, microbatches=2))  # 0: all rollouts in one update
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=2e-5, warmup_steps=0, schedule="constant", weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, grad_clip=1.0,

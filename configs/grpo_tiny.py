@@ -14,6 +14,8 @@ is weak (one "k" token among 8 earns the reward), so other seeds learn more slow
 import ml_collections
 from ml_collections import config_dict
 
+from jaxrl_llm.algorithms.grpo import grpo_config
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -39,14 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(
         num_prompts=8, group_size=4, max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0,
         stop_token_ids=(), max_batch_size=0))  # stop ids beyond the tokenizer's eos; 0 = one sampler batch
-    c.grpo = ml_collections.ConfigDict(dict(
-        leave_one_out=True, normalize_std=True,  # group baseline and std normalisation (NeMo RL defaults)
-        clip_low=0.2, clip_high=0.2, dual_clip=0.0,  # dual_clip 0 = off (else c > 1)
-        kl_coef=0.01, kl_type="k3", ref_offload=False,  # ref_offload: the reference lives in host memory
-        token_level=True, sequence_level_ratio=False, reinforce=False,
-        importance_correction=False, tis_cap=0.0, recompute_old_logprobs=False, epochs=1,
-        dynamic_sampling=False, dynamic_sampling_max_rounds=4, overlong_filtering=False,
-        overlong_buffer=0, overlong_penalty=1.0))  # DAPO overlong shaping: buffer 0 = off
+    c.grpo = grpo_config(kl_coef=0.01)  # every key with its default: jaxrl_llm/algorithms/grpo.py grpo_config
     c.train = ml_collections.ConfigDict(dict(batch_size=16, microbatches=2))  # rollouts per optimizer update
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-4, grad_clip=1.0,

@@ -33,8 +33,10 @@ import ml_collections
 import numpy as np
 
 from jaxrl_llm import distributed, models, parallel, sampling
+from jaxrl_llm.algorithms import advantages as adv_lib
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
+from jaxrl_llm.algorithms.pg_losses import kl_penalty
 from jaxrl_llm.data.chat import DataError
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.metrics import MetricsWriter
@@ -75,7 +77,8 @@ def prompt_ids(tokenizer: Any, tasks: list, chat_template: str | None, max_promp
 
 @dataclasses.dataclass
 class Rollouts:
-    """R = prompts x group_size samples, grouped consecutively."""
+    """R = prompts x group_size samples, grouped consecutively. components: the reward components of a combined
+    environment ({name: rewards [R]}, from its "reward/<name>" info), empty otherwise."""
 
     task_idx: list[int]
     prompts: list[list[int]]
@@ -85,12 +88,14 @@ class Rollouts:
     rewards: np.ndarray
     accuracy: np.ndarray
     counts: dict[str, int]
+    components: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def take_groups(self, groups: np.ndarray, G: int) -> Rollouts:
         rows = [g * G + j for g in groups for j in range(G)]
         pick = lambda xs: [xs[i] for i in rows]
         return Rollouts(pick(self.task_idx), pick(self.prompts), pick(self.tokens), pick(self.logprobs),
-                        pick(self.finish), self.rewards[rows], self.accuracy[rows], dict(self.counts))
+                        pick(self.finish), self.rewards[rows], self.accuracy[rows], dict(self.counts),
+                        {k: v[rows] for k, v in self.components.items()})
 
     @staticmethod
     def concat(parts: list[Rollouts]) -> Rollouts:
@@ -99,9 +104,22 @@ class Rollouts:
             for k, v in p.counts.items():
                 counts[k] = counts.get(k, 0) + v
         cat = lambda name: [x for p in parts for x in getattr(p, name)]
+        names = parts[0].components.keys()
         return Rollouts(cat("task_idx"), cat("prompts"), cat("tokens"), cat("logprobs"), cat("finish"),
                         np.concatenate([p.rewards for p in parts]), np.concatenate([p.accuracy for p in parts]),
-                        counts)
+                        counts, {k: np.concatenate([p.components[k] for p in parts]) for k in names})
+
+
+def reward_components(info: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """{name: rewards [R]} from the "reward/<name>" entries of per-sample info (sorted by name); {} if none."""
+    names = sorted({k[len("reward/"):] for inf in info for k in inf if k.startswith("reward/")})
+    out = {}
+    for n in names:
+        missing = [i for i, inf in enumerate(info) if f"reward/{n}" not in inf]
+        if missing:
+            raise ValueError(f"reward component {n!r} is missing from sample {missing[0]}'s info")
+        out[n] = np.array([float(inf[f"reward/{n}"]) for inf in info], np.float32)
+    return out
 
 
 def offload_to_host(params: Any) -> Any:
@@ -126,29 +144,88 @@ def reference_logprobs(fn, ref_params: Any, ids_RT: jax.Array, attn_RT: jax.Arra
     return out
 
 
+def shaped_rewards(roll: Rollouts, config: ml_collections.ConfigDict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The rewards the advantages see, and the components likewise scaled: reward_scaling, then
+    stop_properly_penalty on truncated samples or DAPO's overlong shaping."""
+    g, ro = config.grpo, config.rollout
+    rewards, comps = roll.rewards, dict(roll.components)
+    rs = g.reward_scaling
+    if rs.enabled:
+        scale = lambda r: np.asarray(adv_lib.scale_rewards(r, rs.source_min, rs.source_max, rs.target_min,
+                                                           rs.target_max), np.float32)
+        rewards, comps = scale(rewards), {k: scale(v) for k, v in comps.items()}
+    truncated = np.array([f == "length" for f in roll.finish])
+    if g.stop_properly_penalty is not None:
+        return np.asarray(adv_lib.stop_properly_penalty(rewards, truncated, g.stop_properly_penalty), np.float32), comps
+    lengths = np.array([len(t) for t in roll.tokens], np.float32)
+    return grpo.shape_overlong(rewards, lengths, ro.max_new_tokens, g.overlong_buffer, g.overlong_penalty), comps
+
+
+def compute_advantages(config: ml_collections.ConfigDict, rewards: np.ndarray, components: dict[str, np.ndarray],
+                       loss_mask: np.ndarray, kl_RT: np.ndarray | None = None) -> np.ndarray:
+    """Advantages [R, T] by grpo.adv_estimator, clamped by grpo.advantage_clip_low/high. kl_RT: the per-token KL
+    of the old policy to the reference (reinforce_plus_plus with kl_in_reward)."""
+    g = config.grpo
+    G = config.rollout.group_size
+    if g.adv_estimator == "reinforce_plus_plus":
+        adv = np.asarray(adv_lib.reinforce_pp_advantages(
+            rewards, G, loss_mask, minus_baseline=g.minus_baseline, kl_RT=kl_RT if g.kl_in_reward else None,
+            kl_coef=g.kl_coef), np.float32)
+    else:
+        if g.adv_estimator == "gdpo":
+            if len(components) < 2 or (g.reward_weights and len(g.reward_weights) != len(components)):
+                raise ValueError(f"grpo.adv_estimator='gdpo': the environment gave reward components "
+                                 f"{sorted(components)}; GDPO needs at least 2, and grpo.reward_weights (in that "
+                                 f"order) needs one weight per component (got {list(g.reward_weights)})")
+            a = adv_lib.gdpo_advantages([components[k] for k in sorted(components)], G, g.reward_weights or None,
+                                        leave_one_out=g.leave_one_out, normalize_std=g.normalize_std)
+        else:
+            a = grpo.grpo_advantages(rewards, G, g.leave_one_out, g.normalize_std)
+        adv = np.broadcast_to(np.asarray(a, np.float32)[:, None], loss_mask.shape).copy()
+    if g.advantage_clip_low is not None or g.advantage_clip_high is not None:
+        adv = np.clip(adv, g.advantage_clip_low, g.advantage_clip_high)
+    return adv
+
+
 def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, pad_id: int
                   ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Host side of a step: rewards -> DAPO overlong shaping -> group advantages; the training arrays, with
+    """Host side of a step: rewards -> scaling and shaping -> advantages; the training arrays, with
     truncated samples masked out under grpo.overlong_filtering (they still count in their group's baseline).
     Returns (batch, reward/length metrics)."""
     g, ro = config.grpo, config.rollout
     G = ro.group_size
     lengths = np.array([len(t) for t in roll.tokens], np.float32)
     truncated = np.array([f == "length" for f in roll.finish])
-    shaped = grpo.shape_overlong(roll.rewards, lengths, ro.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
+    shaped, comps = shaped_rewards(roll, config)
     batch = grpo.build_batch(roll.prompts, roll.tokens, roll.logprobs, config.data.max_prompt_len,
                              ro.max_new_tokens, pad_id)
-    batch["advantages"] = np.asarray(grpo.grpo_advantages(shaped, G, g.leave_one_out, g.normalize_std), np.float32)
     if g.overlong_filtering:
         batch["loss_mask"] = batch["loss_mask"] * (~truncated)[:, None].astype(np.int32)
+    batch["advantages"] = compute_advantages(config, shaped, comps, batch["loss_mask"])
+    batch["positive"] = (shaped > 0).astype(np.int32)
+    batch["shaped_rewards"] = shaped  # host only (not a training array)
+    batch["components"] = comps
+    valid = batch["loss_mask"] > 0
     metrics = dict(
         reward_mean=float(roll.rewards.mean()), reward_std=float(roll.rewards.std()),
         shaped_reward_mean=float(shaped.mean()), accuracy=float(roll.accuracy.mean()),
         gen_length_mean=float(lengths.mean()), gen_length_max=float(lengths.max()),
         truncation_rate=float(truncated.mean()), masked_samples=float(g.overlong_filtering * truncated.sum()),
         groups_all_equal=float((~grpo.dynamic_sampling_keep(roll.rewards, G)).mean()),
-        advantage_abs_mean=float(np.abs(batch["advantages"]).mean()))
+        advantage_abs_mean=float(np.abs(batch["advantages"][valid]).mean()) if valid.any() else 0.0,
+        **{f"reward/{k}": float(v.mean()) for k, v in roll.components.items()})
     return batch, metrics
+
+
+def mask_logprob_errors(batch: dict[str, np.ndarray], threshold: float) -> int:
+    """Masks out (loss_mask row 0) the samples whose mean over their tokens of exp|sampler - old log-prob|
+    exceeds `threshold`; returns how many were masked."""
+    m = batch["loss_mask"] > 0
+    err = np.exp(np.abs(batch["sampler_logprobs"] - batch["old_logprobs"])) * m
+    mean = err.sum(1) / np.maximum(m.sum(1), 1)
+    bad = (mean > threshold) & m.any(1)
+    batch["loss_mask"] = batch["loss_mask"] * (~bad)[:, None].astype(batch["loss_mask"].dtype)
+    return int(bad.sum())
 
 
 class GRPORunner:
@@ -197,7 +274,8 @@ class GRPORunner:
         """Indices into the kept prompts for generation round `round_` of `step` (pure of seed, step, round)."""
         g = self.config.grpo
         rounds = g.dynamic_sampling_max_rounds if g.dynamic_sampling else 1
-        return batch_indices(len(self.kept), self.P, self.config.seed, step * rounds + round_)
+        per_round = int(np.ceil(self.P * g.batch_multiplier)) if g.dynamic_sampling else self.P
+        return batch_indices(len(self.kept), per_round, self.config.seed, step * rounds + round_)
 
     def generate_round(self, params, step: int, round_: int) -> tuple[Rollouts, dict[str, float]]:
         idx = self._prompts_for(step, round_)
@@ -221,7 +299,7 @@ class GRPORunner:
                  "generated_tokens": float(out.stats["generated_tokens"]),
                  "sampler_compiles": float(out.stats["compiles"])}
         return Rollouts(task_idx, prompts, out.tokens, out.logprobs, out.finish_reasons, rewards, acc,
-                        dict(res.counts)), times
+                        dict(res.counts), reward_components(res.info)), times
 
     def collect(self, params, step: int) -> tuple[Rollouts, dict[str, float]]:
         """One step's rollouts; with dynamic sampling, rounds of generation until num_prompts groups with
@@ -279,8 +357,14 @@ class GRPORunner:
                 err = np.abs(batch["old_logprobs"] - batch["sampler_logprobs"])[m]
                 metrics.update(logprob_error_max=float(err.max()) if err.size else 0.0,
                                logprob_error_mean=float(err.mean()) if err.size else 0.0)
+                if g.logprob_error_threshold is not None:
+                    metrics["logprob_error_masked"] = float(mask_logprob_errors(batch, g.logprob_error_threshold))
             else:
                 batch["old_logprobs"] = batch["sampler_logprobs"]
+            if g.adv_estimator == "reinforce_plus_plus":  # whitened over the final mask, with KL in the reward
+                kl = kl_penalty(batch["ref_logprobs"] - batch["old_logprobs"], g.kl_type) if g.kl_in_reward else None
+                batch["advantages"] = compute_advantages(self.config, batch["shaped_rewards"], batch["components"],
+                                                         batch["loss_mask"], None if kl is None else np.asarray(kl))
             t2 = time.perf_counter()
             train_m = []
             n_mb = self.R // self.mb_size

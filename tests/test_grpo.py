@@ -88,7 +88,8 @@ def test_prepare_batch_overlong_filtering_and_shaping():
     # advantages: shaped reward minus its group mean (truncated samples still count in the baseline)
     expected = [shaped[0] - (shaped[0] + shaped[1]) / 2, shaped[1] - (shaped[0] + shaped[1]) / 2,
                 shaped[2] - (shaped[2] + shaped[3]) / 2, shaped[3] - (shaped[2] + shaped[3]) / 2]
-    np.testing.assert_allclose(batch["advantages"], expected, atol=1e-6)
+    assert batch["advantages"].shape == batch["loss_mask"].shape  # [R, T]: one row's advantage on every column
+    np.testing.assert_allclose(batch["advantages"], np.repeat(np.array(expected)[:, None], batch["loss_mask"].shape[1], 1), atol=1e-6)
     assert m["truncation_rate"] == 0.5 and m["masked_samples"] == 2
     assert m["reward_mean"] == pytest.approx(0.75) and m["shaped_reward_mean"] == pytest.approx(np.mean(shaped))
 
@@ -148,6 +149,37 @@ def test_bad_grpo_config_names_the_key(key, value, needle):
 
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         validate(_config(**{key: value}))
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"grpo.adv_estimator": "ppo"}, "grpo.adv_estimator"),
+    ({"grpo.adv_estimator": "gdpo"}, "env.name='combined'"),
+    ({"grpo.kl_in_reward": True}, "grpo.kl_in_reward"),
+    ({"grpo.advantage_clip_low": 1.0, "grpo.advantage_clip_high": -1.0}, "grpo.advantage_clip_low"),
+    ({"grpo.reward_scaling.enabled": True, "grpo.reward_scaling.source_max": 0.0}, "grpo.reward_scaling"),
+    ({"grpo.stop_properly_penalty": 0.0, "grpo.overlong_buffer": 2}, "grpo.stop_properly_penalty"),
+    ({"grpo.cispo": True, "grpo.dual_clip": 3.0}, "grpo.cispo"),
+    ({"grpo.tis_type": "clamp"}, "grpo.tis_type"),
+    ({"grpo.importance_correction": True, "grpo.tis_cap": 2.0, "grpo.tis_type": "icepop"}, "grpo.tis_min"),
+    ({"grpo.importance_correction": True, "grpo.tis_cap": 2.0, "grpo.tis_min": 3.0}, "grpo.tis_min"),
+    ({"grpo.on_policy_kl": True}, "grpo.on_policy_kl"),
+    ({"grpo.positive_nll_weight": -1.0}, "grpo.positive_nll_weight"),
+    ({"grpo.logprob_error_threshold": 2.0}, "grpo.recompute_old_logprobs"),
+    ({"grpo.recompute_old_logprobs": True, "grpo.logprob_error_threshold": 0.5}, "grpo.logprob_error_threshold"),
+    ({"grpo.batch_multiplier": 2.0}, "grpo.batch_multiplier"),
+])
+def test_bad_grpo_variant_config_names_the_key(over, needle):
+    from jaxrl_llm.train import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        validate(_config(**over))
+
+
+def test_grpo_config_defaults_and_unknown_key():
+    c = grpo.grpo_config(kl_coef=0.0, tis_min=0.5)
+    assert c.kl_coef == 0.0 and c.tis_min == 0.5 and c.stop_properly_penalty is None and c.adv_estimator == "grpo"
+    with pytest.raises(KeyError, match="kl_coeff"):
+        grpo.grpo_config(kl_coeff=0.1)
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 1.0), (0, 0.8), (20, 1.0)])
@@ -236,20 +268,22 @@ def test_grpo_tiny_reward_rises_and_first_update_is_on_policy(tmp_path):
             {k: v for k, v in ref.items() if not k.startswith(varies)}
 
 
-def test_grpo_dapo_gspo_options_end_to_end(tmp_path):
-    """DAPO (dynamic sampling, overlong shaping, clip-higher, no KL) and GSPO (sequence-level ratio
-    and loss) with importance correction, two epochs, and validation (pass@k on held-out tasks) at step 2:
-    runs, logs its diagnostics, stays finite."""
-    p = _run_cli(tmp_path / "run", "--config.max_steps=2", "--config.rollout.num_prompts=4",
-                 "--config.train.batch_size=8", "--config.grpo.dynamic_sampling=True",
-                 "--config.grpo.dynamic_sampling_max_rounds=2", "--config.grpo.overlong_buffer=4",
-                 "--config.grpo.clip_high=0.28",
-                 "--config.grpo.kl_coef=0.0", "--config.grpo.sequence_level_ratio=True",
-                 "--config.grpo.token_level=False", "--config.grpo.importance_correction=True",
-                 "--config.grpo.tis_cap=2.0", "--config.grpo.epochs=2", "--config.val_every=2",
-                 "--config.eval.num_examples=4")
-    assert p.returncode == 0, p.stderr[-3000:]
-    rows = _rows(tmp_path / "run")
+def test_grpo_dapo_gspo_gdpo_options_end_to_end(tmp_path):
+    """DAPO (dynamic sampling, overlong shaping, clip-higher, no KL), GSPO (sequence-level ratio and loss) with
+    importance correction, GDPO advantages over a combined environment's two reward components, two epochs, and
+    validation (pass@k on held-out tasks) at step 2: runs, logs its diagnostics, stays finite."""
+    from jaxrl_llm import train
+
+    c = _config(**{"max_steps": 2, "metrics.tensorboard": False, "rollout.num_prompts": 4, "train.batch_size": 8,
+                   "grpo.dynamic_sampling": True, "grpo.dynamic_sampling_max_rounds": 2, "grpo.overlong_buffer": 4,
+                   "grpo.clip_high": 0.28, "grpo.kl_coef": 0.0, "grpo.sequence_level_ratio": True,
+                   "grpo.token_level": False, "grpo.importance_correction": True, "grpo.tis_cap": 2.0,
+                   "grpo.epochs": 2, "val_every": 2, "eval.num_examples": 4, "grpo.adv_estimator": "gdpo",
+                   "grpo.reward_weights": (1.0, 0.5)})
+    c.env = {"name": "combined", "components": [{"name": "format", "pattern": "k", "label": "has_k"},
+                                                {"name": "format", "pattern": "e", "label": "has_e"}]}
+    train.run(c, str(tmp_path))
+    rows = _rows(tmp_path)
     assert len(rows) == 2
     assert "val_pass@1" in rows[1] and "val_pass@2" in rows[1] and "val_pass@1" not in rows[0]
     for r in rows:
@@ -257,9 +291,40 @@ def test_grpo_dapo_gspo_options_end_to_end(tmp_path):
         assert 1 <= r["dynamic_sampling_rounds"] <= 2
         assert r["first_update_ratio_min"] == 1.0 and r["first_update_ratio_max"] == 1.0
         assert r["kl_loss"] == 0.0
+        # the combined reward is the sum of the components (weights 1 in the environment)
+        assert r["reward_mean"] == pytest.approx(r["reward/has_k"] + r["reward/has_e"], abs=1e-6)
         # the random policy never stops within 8 tokens, so shaping charges each completion the full penalty of 1
         assert r["truncation_rate"] == 1.0
         assert r["shaped_reward_mean"] == pytest.approx(r["reward_mean"] - 1.0, abs=1e-5)
+
+
+def test_grpo_reinforce_pp_cispo_and_other_variants_end_to_end(tmp_path):
+    """REINFORCE++ with the KL in the reward, CISPO, ICE-POP importance weights, the on-policy KL approximation,
+    VAPO's positive-example NLL, log-prob-error masking, reward scaling, the stop-properly penalty, advantage
+    clipping, and dynamic sampling with a batch multiplier, through `train.run`: each is wired and visible."""
+    from jaxrl_llm import train
+
+    c = _config(**{"max_steps": 2, "metrics.tensorboard": False, "grpo.adv_estimator": "reinforce_plus_plus",
+                   "grpo.kl_in_reward": True, "grpo.kl_coef": 0.05, "grpo.cispo": True,
+                   "grpo.importance_correction": True, "grpo.tis_cap": 2.0, "grpo.tis_type": "icepop",
+                   "grpo.tis_min": 0.5, "grpo.on_policy_kl": True, "grpo.positive_nll_weight": 0.1,
+                   "grpo.recompute_old_logprobs": True, "grpo.logprob_error_threshold": 1.5,
+                   "grpo.reward_scaling.enabled": True, "grpo.reward_scaling.target_min": -1.0,
+                   "grpo.stop_properly_penalty": 0.5, "grpo.advantage_clip_low": -1.5,
+                   "grpo.advantage_clip_high": 1.5, "grpo.dynamic_sampling": True, "grpo.batch_multiplier": 1.5,
+                   "grpo.dynamic_sampling_max_rounds": 2})
+    train.run(c, str(tmp_path))
+    rows = _rows(tmp_path)
+    assert len(rows) == 2
+    for r in rows:
+        assert np.isfinite(r["loss"]) and r["first_update_ratio_min"] == 1.0 == r["first_update_ratio_max"]
+        assert r["kl_loss"] == 0.0 and r["kl"] > 0  # the KL went into the advantages, not the loss
+        assert r["positive_nll_loss"] > 0 and r["logprob_error_masked"] == 0.0  # sampler == trainer (no masking)
+        assert r["advantage_abs_mean"] <= 1.5
+        # every completion is truncated (8 tokens, no stop): [0, 1] -> [-1, 1], then x 0.5
+        assert r["truncation_rate"] == 1.0
+        assert r["shaped_reward_mean"] == pytest.approx(0.5 * (2 * r["reward_mean"] - 1), abs=1e-6)
+        assert 1 <= r["dynamic_sampling_rounds"] <= 2
 
 
 def test_grpo_bad_config_is_one_line(tmp_path):

@@ -24,11 +24,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+from ml_collections import config_dict
 
+from jaxrl_llm.algorithms.advantages import ADV_ESTIMATORS
 from jaxrl_llm.algorithms.losses import token_logprobs
-from jaxrl_llm.algorithms.pg_losses import KL_TYPES, grpo_advantages, policy_gradient_loss_sum
+from jaxrl_llm.algorithms.pg_losses import KL_TYPES, TIS_TYPES, grpo_advantages, policy_gradient_loss_sum
 from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import hidden_states, lm_logits
@@ -38,12 +41,55 @@ from jaxrl_llm.sampling.strategies import filter_top_k_top_p
 LOGP_FLOOR = -1e4
 BATCH_AXES = {
     "input_ids": ("batch", "length"), "attention_mask": ("batch", "length"), "loss_mask": ("batch", "length"),
-    "advantages": ("batch",), "old_logprobs": ("batch", "length"), "ref_logprobs": ("batch", "length"),
-    "sampler_logprobs": ("batch", "length"),
+    "advantages": ("batch", "length"), "old_logprobs": ("batch", "length"), "ref_logprobs": ("batch", "length"),
+    "sampler_logprobs": ("batch", "length"), "positive": ("batch",),
 }
 
-__all__ = ["BATCH_AXES", "build_batch", "dynamic_sampling_keep", "grpo_advantages", "make_logprobs_fn",
+__all__ = ["BATCH_AXES", "build_batch", "dynamic_sampling_keep", "grpo_advantages", "grpo_config", "make_logprobs_fn",
            "make_train_step", "shape_overlong", "validate_config"]
+
+
+def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
+    """Every `grpo` key of a recipe with its default (NeMo RL's, where it has one); recipes pass what they change:
+    `c.grpo = grpo_config(kl_coef=0.0)`. Keys that default to None are off until set.
+
+    Advantages: adv_estimator grpo | reinforce_plus_plus | gdpo. grpo: group baseline, leave_one_out and
+    normalize_std. reinforce_plus_plus: minus_baseline (group mean) and, with kl_in_reward, the per-token KL
+    penalty kl_coef x k(ref - old) moved from the loss into the advantage; whitened over the batch's tokens.
+    gdpo: one GRPO advantage per reward component of a combined environment ("reward/<name>", in name order,
+    weighted by reward_weights; default all 1), summed and whitened. advantage_clip_low/high clamp the result.
+    Rewards before that: reward_scaling (clamp to [source_min, source_max], map onto [target_min, target_max];
+    also each component), then DAPO's overlong shaping (overlong_buffer > 0, overlong_penalty), or instead
+    stop_properly_penalty (the reward of a truncated sample times this coefficient; ProRL v2).
+    Loss: clip_low/clip_high (clip-higher), dual_clip (c > 1; 0 = off), cispo, reinforce (no ratio),
+    token_level or per-sequence means, sequence_level_ratio (GSPO), kl_coef/kl_type (k1 | k2 | k3),
+    on_policy_kl (KL terms weighted towards the sampler; needs importance_correction), importance_correction with
+    tis_cap (0 = no truncation), tis_type tis | icepop | seq-mask-tis and tis_min, positive_nll_weight (VAPO's
+    NLL on samples with reward > 0).
+    Samples: overlong_filtering (truncated samples masked out of the loss), logprob_error_threshold (needs
+    recompute_old_logprobs: samples whose mean exp|sampler - trainer log-prob| exceeds it are masked out),
+    dynamic_sampling (keep groups with reward spread; up to dynamic_sampling_max_rounds generation rounds of
+    batch_multiplier x num_prompts prompts). epochs: passes over the rollouts per step. ref_offload: the
+    reference model lives in host memory between steps.
+    """
+    c = ml_collections.ConfigDict(dict(
+        adv_estimator="grpo", leave_one_out=True, normalize_std=True, minus_baseline=True, reward_weights=(),
+        advantage_clip_low=config_dict.placeholder(float), advantage_clip_high=config_dict.placeholder(float),
+        reward_scaling=dict(enabled=False, source_min=0.0, source_max=1.0, target_min=0.0, target_max=1.0),
+        clip_low=0.2, clip_high=0.2, dual_clip=0.0, cispo=False, reinforce=False,
+        kl_coef=0.01, kl_type="k3", kl_in_reward=False, on_policy_kl=False, ref_offload=False,
+        token_level=True, sequence_level_ratio=False,
+        importance_correction=False, tis_cap=0.0, tis_type="tis", tis_min=config_dict.placeholder(float),
+        recompute_old_logprobs=False, logprob_error_threshold=config_dict.placeholder(float),
+        positive_nll_weight=0.0, epochs=1,
+        dynamic_sampling=False, dynamic_sampling_max_rounds=4, batch_multiplier=1.0,
+        overlong_filtering=False, overlong_buffer=0, overlong_penalty=1.0,
+        stop_properly_penalty=config_dict.placeholder(float)))
+    for k, v in overrides.items():
+        if k not in c:
+            raise KeyError(f"grpo_config: unknown key {k!r}; valid: {sorted(c.keys())}")
+        c[k] = v
+    return c
 
 
 def validate_config(config: Any) -> None:
@@ -89,6 +135,50 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"grpo.overlong_buffer={g.overlong_buffer}: must be in [0, rollout.max_new_tokens)")
     if g.dynamic_sampling and g.dynamic_sampling_max_rounds < 1:
         raise ValueError(f"grpo.dynamic_sampling_max_rounds={g.dynamic_sampling_max_rounds}: must be >= 1")
+    _validate_variants(g, config)
+
+
+def _validate_variants(g: Any, config: Any) -> None:
+    """The advantage-estimator, reward and loss-variant keys of `grpo_config`."""
+    if g.adv_estimator not in ADV_ESTIMATORS:
+        raise ValueError(f"grpo.adv_estimator={g.adv_estimator!r}; expected one of {ADV_ESTIMATORS}")
+    if g.adv_estimator == "gdpo" and config.env.name != "combined":
+        raise ValueError(f"grpo.adv_estimator='gdpo' needs several reward components: env.name='combined' (got "
+                         f"env.name={config.env.name!r})")
+    if g.kl_in_reward and (g.adv_estimator != "reinforce_plus_plus" or not g.kl_coef):
+        raise ValueError("grpo.kl_in_reward needs grpo.adv_estimator='reinforce_plus_plus' and grpo.kl_coef > 0")
+    lo, hi = g.advantage_clip_low, g.advantage_clip_high
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"grpo.advantage_clip_low={lo} > grpo.advantage_clip_high={hi}")
+    rs = g.reward_scaling
+    if rs.enabled and not rs.source_max > rs.source_min:
+        raise ValueError(f"grpo.reward_scaling.source_max={rs.source_max} must exceed source_min={rs.source_min}")
+    if g.stop_properly_penalty is not None and g.overlong_buffer:
+        raise ValueError("grpo.stop_properly_penalty and grpo.overlong_buffer both shape truncated samples' "
+                         "rewards: set one of them")
+    if g.cispo and (not g.token_level or g.dual_clip or g.reinforce or g.sequence_level_ratio):
+        raise ValueError("grpo.cispo needs grpo.token_level=True and excludes grpo.dual_clip, grpo.reinforce and "
+                         "grpo.sequence_level_ratio")
+    if g.tis_type not in TIS_TYPES:
+        raise ValueError(f"grpo.tis_type={g.tis_type!r}; expected one of {TIS_TYPES}")
+    if g.tis_cap and g.tis_type != "tis" and g.tis_min is None:
+        raise ValueError(f"grpo.tis_type={g.tis_type!r} needs grpo.tis_min (the lowest importance weight kept)")
+    if g.tis_min is not None and not 0 <= g.tis_min <= (g.tis_cap or float("inf")):
+        raise ValueError(f"grpo.tis_min={g.tis_min}: must be in [0, grpo.tis_cap={g.tis_cap}]")
+    if g.on_policy_kl and not (g.importance_correction and g.kl_coef):
+        raise ValueError("grpo.on_policy_kl weights the KL terms with the sampler's log-probs: it needs "
+                         "grpo.importance_correction=True and grpo.kl_coef > 0")
+    if g.positive_nll_weight < 0:
+        raise ValueError(f"grpo.positive_nll_weight={g.positive_nll_weight}: must be >= 0")
+    if g.logprob_error_threshold is not None and not g.recompute_old_logprobs:
+        raise ValueError("grpo.logprob_error_threshold compares the sampler's and the trainer's log-probs: it needs "
+                         "grpo.recompute_old_logprobs=True")
+    if g.logprob_error_threshold is not None and g.logprob_error_threshold < 1:
+        raise ValueError(f"grpo.logprob_error_threshold={g.logprob_error_threshold}: a mean of exp|difference|, "
+                         "so it must be >= 1")
+    if g.batch_multiplier < 1 or (g.batch_multiplier > 1 and not g.dynamic_sampling):
+        raise ValueError(f"grpo.batch_multiplier={g.batch_multiplier}: must be >= 1, and > 1 only with "
+                         "grpo.dynamic_sampling")
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -196,12 +286,14 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, c
     The loss is summed over microbatches and divided by the minibatch's global count (tokens or sequences).
     """
     g, ro = config.grpo, config.rollout
-    kw = dict(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip or None, kl_coef=g.kl_coef,
-              kl_type=g.kl_type, token_level=g.token_level, sequence_level_ratio=g.sequence_level_ratio,
-              tis_cap=g.tis_cap or None, reinforce=g.reinforce)
+    kw = dict(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip or None,
+              kl_coef=0.0 if g.kl_in_reward else g.kl_coef, kl_type=g.kl_type, token_level=g.token_level,
+              sequence_level_ratio=g.sequence_level_ratio, tis_cap=g.tis_cap or None, reinforce=g.reinforce,
+              cispo=g.cispo, tis_type=g.tis_type, tis_min=g.tis_min, on_policy_kl=g.on_policy_kl,
+              positive_nll_weight=g.positive_nll_weight)
     use_is = bool(g.importance_correction)
 
-    def loss_fn(params, mb, on_policy):
+    def loss_fn(params, mb, on_policy, nll_scale):
         lp, lp_raw, ent = _policy_logprobs(cfg, params, mb["input_ids"], mb["attention_mask"], ro.temperature,
                                            ro.top_k, ro.top_p, rules, with_entropy=True,
                                            first_target=config.data.max_prompt_len)
@@ -211,7 +303,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, c
         s, n, sums = policy_gradient_loss_sum(
             lp, old, mb["ref_logprobs"] if g.kl_coef else None, mb["advantages"], mask,
             sampler_logprobs=mb["sampler_logprobs"] if use_is else None,
-            kl_logprobs=lp_raw if filtered else None, **kw)
+            kl_logprobs=lp_raw if filtered else None, positive_rows=mb["positive"], nll_scale=nll_scale, **kw)
         if g.token_level:
             sums["entropy"] = jax.lax.stop_gradient((ent * mask).sum())
         else:
@@ -221,8 +313,13 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, c
         return s, (n, sums)
 
     def step(state, mb, on_policy):
-        grads, loss, count, sums = microbatch_sums(lambda p, m: loss_fn(p, m, on_policy), state["params"], mb,
-                                                   config.train.microbatches)
+        # The positive-example NLL is a mean over this minibatch's positive tokens: scale its sum so that dividing
+        # by the minibatch's count (tokens, or sequences) gives that mean.
+        m = mb["loss_mask"].astype(jnp.float32)
+        n_all = m.sum() if g.token_level else (m.sum(-1) > 0).sum().astype(jnp.float32)
+        nll_scale = n_all / jnp.maximum((m * mb["positive"].astype(jnp.float32)[:, None]).sum(), 1.0)
+        grads, loss, count, sums = microbatch_sums(lambda p, x: loss_fn(p, x, on_policy, nll_scale),
+                                                   state["params"], mb, config.train.microbatches)
         count = jnp.maximum(count, 1.0)
         state, gnorm = apply_mean_grads(optimizer, state, grads, count)
         metrics = {k: (v if k in ("ratio_min", "ratio_max") else v / count) for k, v in sums.items()}

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 _F32 = jnp.float32
 KL_TYPES = ("k1", "k2", "k3")
+TIS_TYPES = ("tis", "icepop", "seq-mask-tis")
 KL_INPUT_CLAMP = 20.0  # |log r| and each token's KL term are clamped like NeMo RL's defaults
 KL_OUTPUT_CLAMP = 10.0
 
@@ -69,19 +70,9 @@ def _masked_seq_mean(x_RT: jax.Array, m_RT: jax.Array) -> jax.Array:
     return (x_RT * m_RT).sum(-1) / jnp.maximum(m_RT.sum(-1), 1.0)
 
 
-def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_low: float = 0.2,
-                             clip_high: float = 0.2, dual_clip: float | None = None, kl_coef: float = 0.0,
-                             kl_type: str = "k3", token_level: bool = True, sequence_level_ratio: bool = False,
-                             sampler_logprobs=None, tis_cap: float | None = None, reinforce: bool = False,
-                             kl_logprobs=None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """The (sum, count, metrics) form of `policy_gradient_loss`: loss summed over tokens (token_level) or over
-    per-sequence token means (sequence level), the matching count (valid tokens or valid sequences) and
-    metric sums normalised the same way, plus `ratio_min`/`ratio_max` (reduce those with min/max).
-
-    Summing over microbatches and dividing by the summed count is the full batch's `policy_gradient_loss`.
-    kl_logprobs: the current policy's log-probs for the KL term when they differ from `logprobs` (the sampler's
-    top-k/top-p filter applies to the ratio, not to the KL: NeMo RL's convention); default `logprobs`.
-    """
+def _check_options(*, kl_type, dual_clip, token_level, sequence_level_ratio, sampler_logprobs, tis_cap, reinforce,
+                   cispo, tis_type, tis_min, on_policy_kl, positive_nll_weight, positive_rows) -> None:
+    """ValueError for an impossible combination of loss options, naming the options."""
     if kl_type not in KL_TYPES:
         raise ValueError(f"kl_type={kl_type!r}; expected one of {KL_TYPES}")
     if dual_clip is not None and dual_clip <= 1.0:
@@ -90,6 +81,58 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
         raise ValueError("sequence_level_ratio (GSPO) needs token_level=False (a per-sequence mean loss)")
     if tis_cap is not None and (sampler_logprobs is None or tis_cap <= 0):
         raise ValueError(f"tis_cap={tis_cap} needs sampler_logprobs and must be > 0")
+    if tis_type not in TIS_TYPES:
+        raise ValueError(f"tis_type={tis_type!r}; expected one of {TIS_TYPES}")
+    if tis_min is not None and (tis_min < 0 or (tis_cap is not None and tis_min > tis_cap)):
+        raise ValueError(f"tis_min={tis_min}: must be in [0, tis_cap={tis_cap}]")
+    if tis_cap is not None and tis_type != "tis" and tis_min is None:
+        raise ValueError(f"tis_type={tis_type!r} needs tis_min (the lower bound of the kept weights)")
+    if cispo and (not token_level or dual_clip is not None or reinforce or sequence_level_ratio):
+        raise ValueError("cispo needs token_level=True and excludes dual_clip, reinforce and sequence_level_ratio")
+    if on_policy_kl and sampler_logprobs is None:
+        raise ValueError("on_policy_kl needs sampler_logprobs")
+    if positive_nll_weight < 0:
+        raise ValueError(f"positive_nll_weight={positive_nll_weight}: must be >= 0")
+    if positive_nll_weight and positive_rows is None:
+        raise ValueError("positive_nll_weight > 0 needs positive_rows (the samples with reward > 0)")
+
+
+def _truncate_is_weight(w: jax.Array, log_w_RT: jax.Array, m_RT: jax.Array, tis_type: str,
+                        tis_min: float | None, tis_cap: float) -> jax.Array:
+    """Truncated importance weights: "tis" clips w to [tis_min or 0, tis_cap]; "icepop" zeroes weights outside
+    [tis_min, tis_cap]; "seq-mask-tis" zeroes every weight of a sequence whose geometric-mean weight
+    exp(mean_t log w) lies outside [tis_min, tis_cap] and keeps the others raw. w: [R, T] or [R, 1] (GSPO)."""
+    if tis_type == "tis":
+        return jnp.clip(w, 0.0 if tis_min is None else tis_min, tis_cap)
+    if tis_type == "icepop":
+        return jnp.where((w >= tis_min) & (w <= tis_cap), w, 0.0)
+    seq_w = jnp.exp(_masked_seq_mean(log_w_RT, m_RT))[:, None]
+    return jnp.where((seq_w >= tis_min) & (seq_w <= tis_cap), w, 0.0)
+
+
+def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, mask, *, clip_low: float = 0.2,
+                             clip_high: float = 0.2, dual_clip: float | None = None, kl_coef: float = 0.0,
+                             kl_type: str = "k3", token_level: bool = True, sequence_level_ratio: bool = False,
+                             sampler_logprobs=None, tis_cap: float | None = None, reinforce: bool = False,
+                             kl_logprobs=None, cispo: bool = False, tis_type: str = "tis",
+                             tis_min: float | None = None, on_policy_kl: bool = False,
+                             positive_nll_weight: float = 0.0, positive_rows=None, nll_scale=None
+                             ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """The (sum, count, metrics) form of `policy_gradient_loss`: loss summed over tokens (token_level) or over
+    per-sequence token means (sequence level), the matching count (valid tokens or valid sequences) and
+    metric sums normalised the same way, plus `ratio_min`/`ratio_max` (reduce those with min/max).
+
+    Summing over microbatches and dividing by the summed count is the full batch's `policy_gradient_loss`.
+    kl_logprobs: the current policy's log-probs for the KL term when they differ from `logprobs` (the sampler's
+    top-k/top-p filter applies to the ratio, not to the KL: NeMo RL's convention); default `logprobs`.
+    nll_scale: the factor on the positive-example NLL sum, so that after dividing by the global count the term is
+    positive_nll_weight x the mean NLL over positive tokens: global count / global positive-token count; default
+    this batch's count / its positive-token count.
+    """
+    _check_options(kl_type=kl_type, dual_clip=dual_clip, token_level=token_level,
+                   sequence_level_ratio=sequence_level_ratio, sampler_logprobs=sampler_logprobs, tis_cap=tis_cap,
+                   reinforce=reinforce, cispo=cispo, tis_type=tis_type, tis_min=tis_min, on_policy_kl=on_policy_kl,
+                   positive_nll_weight=positive_nll_weight, positive_rows=positive_rows)
     lp = logprobs.astype(_F32)
     m = mask.astype(_F32)
     old = jax.lax.stop_gradient(old_logprobs.astype(_F32))
@@ -100,6 +143,11 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
         ratio = jnp.exp(lp - jax.lax.stop_gradient(lp))  # value 1, for the metrics only
         per_tok = -adv * lp
         clipped = jnp.zeros_like(lp)
+    elif cispo:  # CISPO: the clipped ratio as a fixed weight on -A log p; clipped tokens keep their gradient
+        ratio = jnp.exp(lp - old)
+        ratio_c = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+        per_tok = -adv * jax.lax.stop_gradient(ratio_c) * lp
+        clipped = (ratio_c != ratio).astype(_F32)
     else:
         if sequence_level_ratio:  # GSPO: exp of the mean per-token log-ratio over each sequence
             ratio = jnp.broadcast_to(jnp.exp(_masked_seq_mean(lp - old, m))[:, None], lp.shape)
@@ -120,7 +168,7 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
         w = jnp.exp(((old - gen) * m).sum(-1))[:, None] if sequence_level_ratio else jnp.exp(old - gen)
         w = jnp.where(jnp.isfinite(w), w, 0.0)
         if tis_cap is not None:
-            w = jnp.clip(w, 0.0, tis_cap)
+            w = _truncate_is_weight(w, old - gen, m, tis_type, tis_min, tis_cap)
         weight = jnp.broadcast_to(w, lp.shape)
 
     kl_tok = jnp.zeros_like(lp)
@@ -130,8 +178,12 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
     if kl_coef:
         ref = jax.lax.stop_gradient(ref_logprobs.astype(_F32))
         # exp(lp - sg(lp)) == 1 in value; it carries the score-function term of the KL gradient (NeMo RL).
-        kl_tok = jnp.clip(kl_coef * jnp.exp(lpk - jax.lax.stop_gradient(lpk)) * kl_penalty(ref - lpk, kl_type),
-                          -KL_OUTPUT_CLAMP, KL_OUTPUT_CLAMP)
+        if on_policy_kl:  # importance weight towards the sampler: an estimate of KL under the current policy
+            v = jnp.exp(lpk - jax.lax.stop_gradient(sampler_logprobs.astype(_F32)))
+            v = jnp.where(jnp.isfinite(v), v, 0.0)
+        else:
+            v = jnp.exp(lpk - jax.lax.stop_gradient(lpk))
+        kl_tok = jnp.clip(kl_coef * v * kl_penalty(ref - lpk, kl_type), -KL_OUTPUT_CLAMP, KL_OUTPUT_CLAMP)
 
     actor_tok = weight * per_tok
     kl_raw = (jax.lax.stop_gradient(kl_penalty(ref_logprobs.astype(_F32) - lpk, kl_type))
@@ -150,9 +202,16 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
         valid = (m.sum(-1) > 0).astype(_F32)
         agg = {k: (_masked_seq_mean(v, m) * valid).sum() for k, v in per_token.items()}
         count = valid.sum()
-    loss_sum = agg["actor_loss"] + agg["kl_loss"]
+    nll_term = jnp.zeros((), _F32)
+    if positive_nll_weight:
+        pos_m = m * jnp.asarray(positive_rows, _F32).reshape(-1, 1)
+        n_pos = pos_m.sum()
+        scale = count / jnp.maximum(n_pos, 1.0) if nll_scale is None else jnp.asarray(nll_scale, _F32)
+        nll_term = positive_nll_weight * scale * (-(lp * pos_m)).sum()
+    loss_sum = agg["actor_loss"] + agg["kl_loss"] + nll_term
     big = jnp.finfo(_F32).max
     metrics = {k: sg(v) for k, v in agg.items()}
+    metrics["positive_nll_loss"] = sg(nll_term)
     metrics["ratio_min"] = sg(jnp.where(m > 0, ratio, big).min())
     metrics["ratio_max"] = sg(jnp.where(m > 0, ratio, -big).max())
     return loss_sum, count, metrics
@@ -162,7 +221,10 @@ def policy_gradient_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask,
                          clip_high: float = 0.2, dual_clip: float | None = None, kl_coef: float = 0.0,
                          kl_type: str = "k3", token_level: bool = True, sequence_level_ratio: bool = False,
                          sampler_logprobs=None, tis_cap: float | None = None, normalizer=None,
-                         reinforce: bool = False, kl_logprobs=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                         reinforce: bool = False, kl_logprobs=None, cispo: bool = False, tis_type: str = "tis",
+                         tis_min: float | None = None, on_policy_kl: bool = False,
+                         positive_nll_weight: float = 0.0, positive_rows=None
+                         ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Clipped policy-gradient loss (PPO/GRPO surrogate) plus a KL penalty; [R, T] inputs, advantages [R] or
     [R, T]. Returns (loss, metrics).
 
@@ -172,17 +234,35 @@ def policy_gradient_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask,
     (if kl_coef): kl_coef * k(log ref - logp) with kl_type k1 | k2 | k3. With sampler_logprobs, each
     token's loss is weighted by w = exp(old_logp - sampler_logp) (the correction between the sampler and the
     trainer; per sequence, exp of the summed difference, under GSPO), truncated to [0, tis_cap] when tis_cap
-    is given (TIS). Aggregation: token_level divides the sum over valid tokens by their count; otherwise
-    each sequence's token mean is averaged over valid sequences. normalizer: the global count (tokens or
-    sequences) over all microbatches of the step; None uses this batch's own count.
+    is given (TIS; tis_type "icepop" zeroes the weights outside [tis_min, tis_cap] instead, "seq-mask-tis" zeroes
+    whole sequences whose geometric-mean weight lies outside it). Aggregation: token_level divides the sum over
+    valid tokens by their count; otherwise each sequence's token mean is averaged over valid sequences.
+    normalizer: the global count (tokens or sequences) over all microbatches of the step; None uses this
+    batch's own count.
+    cispo: l = -A sg(r_c) logp (CISPO: tokens outside the clip range keep a bounded-weight gradient).
+    on_policy_kl: each token's KL term is weighted by exp(logp - sampler_logp) instead of 1 (NeMo RL's on-policy
+    KL approximation: the samples came from the sampler, not from the current policy).
+    positive_nll_weight: adds that weight x the mean of -logp over the tokens of `positive_rows` ([R], the
+    samples with reward > 0; VAPO's positive-example NLL).
     metrics: actor_loss, kl_loss, kl (the unscaled estimator), clip_fraction, ratio_mean/min/max,
-    is_weight_mean, approx_entropy (sample estimate of the policy's entropy), advantage_mean.
+    is_weight_mean, approx_entropy (sample estimate of the policy's entropy), advantage_mean, positive_nll_loss.
     """
-    s, n, sums = policy_gradient_loss_sum(
-        logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high,
-        dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type, token_level=token_level,
-        sequence_level_ratio=sequence_level_ratio, sampler_logprobs=sampler_logprobs, tis_cap=tis_cap,
-        reinforce=reinforce, kl_logprobs=kl_logprobs)
-    norm = jnp.maximum(n if normalizer is None else jnp.asarray(normalizer, _F32), 1e-8)
+    kw = dict(clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, kl_coef=kl_coef, kl_type=kl_type,
+              token_level=token_level, sequence_level_ratio=sequence_level_ratio, sampler_logprobs=sampler_logprobs,
+              tis_cap=tis_cap, reinforce=reinforce, kl_logprobs=kl_logprobs, cispo=cispo, tis_type=tis_type,
+              tis_min=tis_min, on_policy_kl=on_policy_kl, positive_nll_weight=positive_nll_weight,
+              positive_rows=positive_rows)
+    m = jnp.asarray(mask, _F32)
+    if normalizer is not None:
+        norm = jnp.maximum(jnp.asarray(normalizer, _F32), 1e-8)
+    elif token_level:
+        norm = jnp.maximum(m.sum(), 1e-8)
+    else:
+        norm = jnp.maximum((m.sum(-1) > 0).sum().astype(_F32), 1e-8)
+    nll_scale = None
+    if positive_nll_weight > 0 and positive_rows is not None:  # a mean over positive tokens, whatever the normaliser
+        nll_scale = norm / jnp.maximum((m * jnp.asarray(positive_rows, _F32).reshape(-1, 1)).sum(), 1.0)
+    s, _, sums = policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, mask,
+                                          nll_scale=nll_scale, **kw)
     metrics = {k: (v if k in ("ratio_min", "ratio_max") else v / norm) for k, v in sums.items()}
     return s / norm, metrics
