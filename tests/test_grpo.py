@@ -89,7 +89,8 @@ def test_prepare_batch_overlong_filtering_and_shaping():
     expected = [shaped[0] - (shaped[0] + shaped[1]) / 2, shaped[1] - (shaped[0] + shaped[1]) / 2,
                 shaped[2] - (shaped[2] + shaped[3]) / 2, shaped[3] - (shaped[2] + shaped[3]) / 2]
     assert batch["advantages"].shape == batch["loss_mask"].shape  # [R, T]: one row's advantage on every column
-    np.testing.assert_allclose(batch["advantages"], np.repeat(np.array(expected)[:, None], batch["loss_mask"].shape[1], 1), atol=1e-6)
+    T = batch["loss_mask"].shape[1]
+    np.testing.assert_allclose(batch["advantages"], np.repeat(np.array(expected)[:, None], T, 1), atol=1e-6)
     assert m["truncation_rate"] == 0.5 and m["masked_samples"] == 2
     assert m["reward_mean"] == pytest.approx(0.75) and m["shaped_reward_mean"] == pytest.approx(np.mean(shaped))
 
