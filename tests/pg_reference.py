@@ -56,16 +56,33 @@ def ref_k(logr: float, kl_type: str) -> float:
     return {"k1": -x, "k2": 0.5 * x * x, "k3": math.exp(x) - 1.0 - x}[kl_type]
 
 
+def _exp(x: float) -> float:
+    """math.exp that overflows to inf (like float arithmetic) instead of raising."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return math.inf
+
+
 def ref_loss(lp, old, ref, adv, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=None, kl_coef=0.0, kl_type="k3",
              token_level=True, sequence_level_ratio=False, sampler_logprobs=None, tis_cap=None, normalizer=None,
-             reinforce=False, sums=False):
-    """The loss written out token by token. Returns (loss, metrics) or, with sums=True, (sum, count, metric sums)."""
+             reinforce=False, sums=False, kl_logprobs=None, cispo=False, tis_type="tis", tis_min=None,
+             on_policy_kl=False, positive_nll_weight=0.0, positive_rows=None, nll_scale=None):
+    """The loss written out token by token. Returns (loss, metrics) or, with sums=True, (sum, count, metric sums).
+
+    cispo: l = -A * r_c * log p (r_c a constant: CISPO); tis_type/tis_min: how the sampler importance weight is
+    truncated when tis_cap is set ("tis" clip to [tis_min or 0, tis_cap], "icepop" zero outside [tis_min, tis_cap],
+    "seq-mask-tis" zero whole sequences whose geometric-mean weight is outside, else raw); on_policy_kl: each KL
+    term times exp(log p_kl - log p_sampler); positive_nll_weight/positive_rows/nll_scale: VAPO's NLL on the
+    positive rows, added as weight * scale * (sum of -log p over their valid tokens), scale = nll_scale or
+    count / N_pos in the sums form and normaliser / N_pos in the normalised form."""
     lp, old, mask = (np.asarray(x, np.float64) for x in (lp, old, mask))
     R, T = lp.shape
     adv = np.asarray(adv, np.float64)
     A = np.repeat(adv[:, None], T, 1) if adv.ndim == 1 else adv
     gen = None if sampler_logprobs is None else np.asarray(sampler_logprobs, np.float64)
     refa = None if ref is None else np.asarray(ref, np.float64)
+    kla = lp if kl_logprobs is None else np.asarray(kl_logprobs, np.float64)
     names = ["actor_loss", "kl_loss", "kl", "clip_fraction", "ratio_mean", "is_weight_mean", "approx_entropy",
              "advantage_mean"]
     tok = {k: np.zeros((R, T)) for k in names}
@@ -76,13 +93,22 @@ def ref_loss(lp, old, ref, adv, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=
             d = sum(lp[i, t] - old[i, t] for t in valid_t) / len(valid_t) if valid_t else 0.0
             seq_ratio = math.exp(d)
             if gen is not None:
-                seq_w = math.exp(sum(old[i, t] - gen[i, t] for t in valid_t))
+                seq_w = _exp(sum(old[i, t] - gen[i, t] for t in valid_t))
+        seq_masked = False  # seq-mask-tis: the sequence's geometric-mean weight left [tis_min, tis_cap]
+        if gen is not None and tis_cap is not None and tis_type == "seq-mask-tis" and valid_t:
+            s_geo = _exp(sum(old[i, t] - gen[i, t] for t in valid_t) / len(valid_t))
+            seq_masked = not (tis_min <= s_geo <= tis_cap)
         for t in range(T):
             a = A[i, t]
             clipped = False
             if reinforce:
                 r = 1.0
                 ell = -a * lp[i, t]
+            elif cispo:
+                r = math.exp(lp[i, t] - old[i, t])
+                rc = min(max(r, 1.0 - clip_low), 1.0 + clip_high)
+                ell = -a * rc * lp[i, t]  # r_c is a constant weight on log p
+                clipped = rc != r
             else:
                 r = seq_ratio if sequence_level_ratio else math.exp(lp[i, t] - old[i, t])
                 rc = min(max(r, 1.0 - clip_low), 1.0 + clip_high)
@@ -94,13 +120,25 @@ def ref_loss(lp, old, ref, adv, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=
                     clipped = True
             w = 1.0
             if gen is not None:
-                w = seq_w if sequence_level_ratio else math.exp(old[i, t] - gen[i, t])
+                w = seq_w if sequence_level_ratio else _exp(old[i, t] - gen[i, t])
                 if not math.isfinite(w):
                     w = 0.0
                 if tis_cap is not None:
-                    w = min(max(w, 0.0), tis_cap)
-            k = ref_k(refa[i, t] - lp[i, t], kl_type) if refa is not None else 0.0
-            kl_term = min(max(kl_coef * k, -10.0), 10.0) if kl_coef else 0.0
+                    if tis_type == "tis":
+                        w = min(max(w, 0.0 if tis_min is None else tis_min), tis_cap)
+                    elif tis_type == "icepop":
+                        w = w if tis_min <= w <= tis_cap else 0.0
+                    elif tis_type == "seq-mask-tis":
+                        w = 0.0 if seq_masked else w
+                    else:
+                        raise ValueError(tis_type)
+            k = ref_k(refa[i, t] - kla[i, t], kl_type) if refa is not None else 0.0
+            v = 1.0
+            if on_policy_kl:
+                v = _exp(kla[i, t] - gen[i, t])
+                if not math.isfinite(v):
+                    v = 0.0
+            kl_term = min(max(kl_coef * v * k, -10.0), 10.0) if kl_coef else 0.0
             ent = -lp[i, t] * (math.exp(lp[i, t] - gen[i, t]) if gen is not None else 1.0)
             ratios[i, t] = r
             for name, v in zip(names, [w * ell, kl_term, k, float(clipped), r, w, ent, a], strict=True):
@@ -118,10 +156,20 @@ def ref_loss(lp, old, ref, adv, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=
             agg[name] = sum(sum(tok[name][i, t] for t in range(T) if mask[i, t] > 0) / mask[i].sum() for i in rows)
     valid = mask > 0
     rmin, rmax = ratios[valid].min(), ratios[valid].max()
-    total = agg["actor_loss"] + agg["kl_loss"]
+    # positive-example NLL: -log p summed over the valid tokens of the positive rows
+    pos = [False] * R if positive_rows is None else [float(x) > 0 for x in np.asarray(positive_rows).reshape(-1)]
+    nll_sum = sum(-lp[i, t] for i in range(R) for t in range(T) if pos[i] and mask[i, t] > 0)
+    n_pos = sum(1 for i in range(R) for t in range(T) if pos[i] and mask[i, t] > 0)
+    n = count if (sums or normalizer is None) else float(normalizer)
+    if sums:
+        scale = nll_scale if nll_scale is not None else count / max(n_pos, 1)
+    else:
+        assert nll_scale is None, "policy_gradient_loss derives nll_scale from its normaliser"
+        scale = n / max(n_pos, 1)
+    agg["positive_nll_loss"] = positive_nll_weight * scale * nll_sum
+    total = agg["actor_loss"] + agg["kl_loss"] + agg["positive_nll_loss"]
     if sums:
         return total, count, dict(agg, ratio_min=rmin, ratio_max=rmax)
-    n = count if normalizer is None else float(normalizer)
     metrics = {k: v / n for k, v in agg.items()}
     metrics.update(ratio_min=rmin, ratio_max=rmax)
     return total / n, metrics
@@ -147,14 +195,24 @@ def padded(lp, old, ref, adv, mask, sampler):
             _pad(sampler, -1.0))
 
 
-def pgl(lp, old, ref, adv, mask, sampler_logprobs=None, kl_logprobs=None, **kw):
+def pad_kw(kw):
+    """Pads the optional per-row / per-token keyword inputs (positive rows pad as negative, i.e. 0)."""
+    kw = dict(kw)
+    if kw.get("positive_rows") is not None:
+        kw["positive_rows"] = _pad(kw["positive_rows"], 0.0)
+    if kw.get("kl_logprobs") is not None:
+        kw["kl_logprobs"] = _pad(kw["kl_logprobs"], -1.0)
+    return kw
+
+
+def pgl(lp, old, ref, adv, mask, sampler_logprobs=None, **kw):
     *args, sampler = padded(lp, old, ref, adv, mask, sampler_logprobs)
-    return policy_gradient_loss(*args, sampler_logprobs=sampler, kl_logprobs=_pad(kl_logprobs, -1.0), **kw)
+    return policy_gradient_loss(*args, sampler_logprobs=sampler, **pad_kw(kw))
 
 
 def pgl_sum(lp, old, ref, adv, mask, sampler_logprobs=None, **kw):
     *args, sampler = padded(lp, old, ref, adv, mask, sampler_logprobs)
-    return policy_gradient_loss_sum(*args, sampler_logprobs=sampler, **kw)
+    return policy_gradient_loss_sum(*args, sampler_logprobs=sampler, **pad_kw(kw))
 
 
 def f32(x):
@@ -170,6 +228,8 @@ def run_both(lp, old, ref, adv, mask, sampler=None, **kw):
     lp, old, adv, mask = f64(lp), f64(old), f64(adv), f64(mask)
     ref = None if ref is None else f64(ref)
     sampler = None if sampler is None else f64(sampler)
+    if kw.get("kl_logprobs") is not None:
+        kw["kl_logprobs"] = f64(kw["kl_logprobs"])
     got_loss, got_m = pgl(lp, old, ref, adv, mask, sampler_logprobs=sampler, **kw)
     exp_loss, exp_m = ref_loss(lp, old, ref, adv, mask, sampler_logprobs=sampler, **kw)
     return float(got_loss), {k: float(v) for k, v in got_m.items()}, exp_loss, exp_m
