@@ -60,7 +60,8 @@ def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
     weighted by reward_weights; default all 1), summed and whitened. advantage_clip_low/high clamp the result.
     Rewards before that: reward_scaling (clamp to [source_min, source_max], map onto [target_min, target_max];
     also each component), then DAPO's overlong shaping (overlong_buffer > 0, overlong_penalty), or instead
-    stop_properly_penalty (the reward of a truncated sample times this coefficient; ProRL v2).
+    stop_properly_penalty (the reward of a truncated sample times this coefficient; ProRL v2). Shaping changes the
+    total reward only, not the components that gdpo uses.
     Loss: clip_low/clip_high (clip-higher), dual_clip (c > 1; 0 = off), cispo, reinforce (no ratio),
     token_level or per-sequence means, sequence_level_ratio (GSPO), kl_coef/kl_type (k1 | k2 | k3),
     on_policy_kl (KL terms weighted towards the sampler; needs importance_correction), importance_correction with
