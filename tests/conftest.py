@@ -11,6 +11,13 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`), every test that uses the session-wide SmolLM2 models runs in
+    one worker, so they are loaded once, not once per worker."""
+    for item in items:
+        if "smollm2_models" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
+
 
 @pytest.fixture(scope="session")
 def smollm2_models():
