@@ -33,7 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.env = ml_collections.ConfigDict(dict(name="reasoning_gym", answer_format=r"(-?\d+)", num_workers=1))
     c.rollout = ml_collections.ConfigDict(dict(
         num_prompts=8, group_size=4, max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0,
-        stop_token_ids=(), max_batch_size=0))
+        stop_token_ids=(), max_batch_size=0,
+        # multi-turn (env with step(), e.g. number_guess): up to max_turns generations per episode; max_total_tokens
+        # bounds all tokens after the prompt (0: max_new_tokens x max_turns + 32 per observation)
+        max_turns=1, max_total_tokens=0))
     # kl_coef 0: no reference forward (as DAPO and DeepScaleR); > 0 adds the KL penalty (k3 by default). Every
     # other key keeps its default: see grpo_config in jaxrl_llm/algorithms/grpo.py.
     c.grpo = grpo_config(kl_coef=0.0)

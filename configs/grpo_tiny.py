@@ -40,7 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.env = ml_collections.ConfigDict(dict(name="format", pattern="k"))
     c.rollout = ml_collections.ConfigDict(dict(
         num_prompts=8, group_size=4, max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0,
-        stop_token_ids=(), max_batch_size=0))  # stop ids beyond the tokenizer's eos; 0 = one sampler batch
+        stop_token_ids=(), max_batch_size=0,  # stop ids beyond the tokenizer's eos; 0 = one sampler batch
+        # multi-turn (env with step(), e.g. number_guess): up to max_turns generations per episode; max_total_tokens
+        # bounds all tokens after the prompt (0: max_new_tokens x max_turns + 32 per observation)
+        max_turns=1, max_total_tokens=0))
     c.grpo = grpo_config(kl_coef=0.01)  # every key with its default: jaxrl_llm/algorithms/grpo.py grpo_config
     c.train = ml_collections.ConfigDict(dict(batch_size=16, microbatches=2))  # rollouts per optimizer update
     c.optimizer = ml_collections.ConfigDict(dict(

@@ -2,7 +2,8 @@
 
 One step, all on the config's mesh with the trainer's own arrays (no inference engine, no weight copy):
   1. host: the step's prompts (a pure function of seed and step) -> chat template -> token ids, x group_size
-  2. device: `sampling.generate` with the current params -> completions and the sampler's log-probs
+  2. device: `sampling.generate` with the current params -> completions and the sampler's log-probs (with
+     rollout.max_turns > 1, `multiturn.multi_turn_rollout` alternates generation and environment turns)
   3. host: environment rewards (worker processes with timeouts), DAPO shaping / dynamic sampling / filtering
   4. host+device: group advantages; reference log-probs (frozen copy, same mesh; in host memory between steps
      with grpo.ref_offload) when kl_coef > 0; old
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxrl_llm import distributed, models, parallel, sampling
+from jaxrl_llm import distributed, models, multiturn, parallel, sampling
 from jaxrl_llm.algorithms import advantages as adv_lib
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
@@ -43,7 +44,7 @@ from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.optim import make_optimizer
 
 log = logging.getLogger("jaxrl_llm.rl_train")
-CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean",
+CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean", "turns_mean",
                 "truncation_rate", "gen_tokens_per_s", "time_generate_s", "time_train_s", "time_step_s")
 
 
@@ -78,7 +79,8 @@ def prompt_ids(tokenizer: Any, tasks: list, chat_template: str | None, max_promp
 @dataclasses.dataclass
 class Rollouts:
     """R = prompts x group_size samples, grouped consecutively. components: the reward components of a combined
-    environment ({name: rewards [R]}, from its "reward/<name>" info), empty otherwise."""
+    environment ({name: rewards [R]}, from its "reward/<name>" info), empty otherwise. Multi-turn rollouts also
+    carry loss_masks (per token of `tokens`: 1 generated, 0 observation) and turns (generations per episode)."""
 
     task_idx: list[int]
     prompts: list[list[int]]
@@ -89,13 +91,15 @@ class Rollouts:
     accuracy: np.ndarray
     counts: dict[str, int]
     components: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    loss_masks: list[list[int]] | None = None
+    turns: list[int] | None = None
 
     def take_groups(self, groups: np.ndarray, G: int) -> Rollouts:
         rows = [g * G + j for g in groups for j in range(G)]
-        pick = lambda xs: [xs[i] for i in rows]
+        pick = lambda xs: None if xs is None else [xs[i] for i in rows]
         return Rollouts(pick(self.task_idx), pick(self.prompts), pick(self.tokens), pick(self.logprobs),
                         pick(self.finish), self.rewards[rows], self.accuracy[rows], dict(self.counts),
-                        {k: v[rows] for k, v in self.components.items()})
+                        {k: v[rows] for k, v in self.components.items()}, pick(self.loss_masks), pick(self.turns))
 
     @staticmethod
     def concat(parts: list[Rollouts]) -> Rollouts:
@@ -104,10 +108,12 @@ class Rollouts:
             for k, v in p.counts.items():
                 counts[k] = counts.get(k, 0) + v
         cat = lambda name: [x for p in parts for x in getattr(p, name)]
+        opt = lambda name: None if getattr(parts[0], name) is None else cat(name)
         names = parts[0].components.keys()
         return Rollouts(cat("task_idx"), cat("prompts"), cat("tokens"), cat("logprobs"), cat("finish"),
                         np.concatenate([p.rewards for p in parts]), np.concatenate([p.accuracy for p in parts]),
-                        counts, {k: np.concatenate([p.components[k] for p in parts]) for k in names})
+                        counts, {k: np.concatenate([p.components[k] for p in parts]) for k in names},
+                        opt("loss_masks"), opt("turns"))
 
 
 def reward_components(info: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -120,6 +126,11 @@ def reward_components(info: list[dict[str, Any]]) -> dict[str, np.ndarray]:
             raise ValueError(f"reward component {n!r} is missing from sample {missing[0]}'s info")
         out[n] = np.array([float(inf[f"reward/{n}"]) for inf in info], np.float32)
     return out
+
+
+def _accuracy(info: list[dict[str, Any]], rewards: np.ndarray) -> np.ndarray:
+    """Per sample: info "correct" when the environment gives it, else reward >= 1."""
+    return np.array([float(inf.get("correct", r >= 1.0)) for inf, r in zip(info, rewards, strict=True)], np.float32)
 
 
 def offload_to_host(params: Any) -> Any:
@@ -157,8 +168,9 @@ def shaped_rewards(roll: Rollouts, config: ml_collections.ConfigDict) -> tuple[n
     truncated = np.array([f == "length" for f in roll.finish])
     if g.stop_properly_penalty is not None:
         return np.asarray(adv_lib.stop_properly_penalty(rewards, truncated, g.stop_properly_penalty), np.float32), comps
-    lengths = np.array([len(t) for t in roll.tokens], np.float32)
-    return grpo.shape_overlong(rewards, lengths, ro.max_new_tokens, g.overlong_buffer, g.overlong_penalty), comps
+    lengths = np.array([len(t) for t in roll.tokens], np.float32)  # all tokens after the prompt, against the budget
+    return grpo.shape_overlong(rewards, lengths, multiturn.total_token_budget(ro), g.overlong_buffer,
+                               g.overlong_penalty), comps
 
 
 def compute_advantages(config: ml_collections.ConfigDict, rewards: np.ndarray, components: dict[str, np.ndarray],
@@ -194,11 +206,12 @@ def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, pad_id: int
     Returns (batch, reward/length metrics)."""
     g, ro = config.grpo, config.rollout
     G = ro.group_size
-    lengths = np.array([len(t) for t in roll.tokens], np.float32)
+    lengths = np.array([len(t) for t in roll.tokens] if roll.loss_masks is None  # multi-turn: generated tokens only
+                       else [sum(m) for m in roll.loss_masks], np.float32)
     truncated = np.array([f == "length" for f in roll.finish])
     shaped, comps = shaped_rewards(roll, config)
     batch = grpo.build_batch(roll.prompts, roll.tokens, roll.logprobs, config.data.max_prompt_len,
-                             ro.max_new_tokens, pad_id)
+                             multiturn.total_token_budget(ro), pad_id, loss_masks=roll.loss_masks)
     if g.overlong_filtering:
         batch["loss_mask"] = batch["loss_mask"] * (~truncated)[:, None].astype(np.int32)
     batch["advantages"] = compute_advantages(config, shaped, comps, batch["loss_mask"])
@@ -214,6 +227,9 @@ def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, pad_id: int
         groups_all_equal=float((~grpo.dynamic_sampling_keep(roll.rewards, G)).mean()),
         advantage_abs_mean=float(np.abs(batch["advantages"][valid]).mean()) if valid.any() else 0.0,
         **{f"reward/{k}": float(v.mean()) for k, v in roll.components.items()})
+    if roll.turns is not None:
+        metrics.update(turns_mean=float(np.mean(roll.turns)),
+                       episode_length_mean=float(np.mean([len(t) for t in roll.tokens])))
     return batch, metrics
 
 
@@ -238,7 +254,9 @@ class GRPORunner:
         self.G, self.P = ro.group_size, ro.num_prompts
         self.R = self.P * self.G
         self.mb_size = tc.batch_size or self.R
-        self.T = config.data.max_prompt_len + ro.max_new_tokens
+        self.max_turns = ro.get("max_turns", 1)
+        self.budget = multiturn.total_token_budget(ro)  # tokens after the prompt: max_new_tokens for one turn
+        self.T = config.data.max_prompt_len + self.budget
         self.tasks = tasks
         self.prompt_ids, self.kept, self.prompt_stats = prompt_ids(
             tokenizer, tasks, config.data.chat_template or None, config.data.max_prompt_len, config.data.overlong)
@@ -282,6 +300,8 @@ class GRPORunner:
         prompts = [self.prompt_ids[i] for i in idx for _ in range(self.G)]
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), step), round_)
         ro = self.config.rollout
+        if self.max_turns > 1:
+            return self._multi_turn_round(params, idx, prompts, key)
         t0 = time.perf_counter()
         out = sampling.generate(self.cfg, params, prompts, self.sp, key, mesh=self.mesh, rules=self.rules,
                                 max_batch_size=ro.max_batch_size or None)
@@ -292,14 +312,32 @@ class GRPORunner:
         res = score_across_processes(self.env, texts_p, texts_c, meta)  # each process scores its share
         t2 = time.perf_counter()
         rewards = np.asarray(res.rewards, np.float32)
-        acc = np.array([float(inf.get("correct", r >= 1.0)) for inf, r in zip(res.info, rewards, strict=True)],
-                       np.float32)
         task_idx = [self.kept[i] for i in idx for _ in range(self.G)]
         times = {"time_generate_s": t1 - t0, "time_score_s": t2 - t1,
                  "generated_tokens": float(out.stats["generated_tokens"]),
                  "sampler_compiles": float(out.stats["compiles"])}
-        return Rollouts(task_idx, prompts, out.tokens, out.logprobs, out.finish_reasons, rewards, acc,
-                        dict(res.counts), reward_components(res.info)), times
+        return Rollouts(task_idx, prompts, out.tokens, out.logprobs, out.finish_reasons, rewards,
+                        _accuracy(res.info, rewards), dict(res.counts), reward_components(res.info)), times
+
+    def _multi_turn_round(self, params, idx: list[int], prompts: list[list[int]], key: jax.Array
+                          ) -> tuple[Rollouts, dict[str, float]]:
+        """generate_round for rollout.max_turns > 1 (jaxrl_llm.multiturn): every process plays the same episodes
+        (the sampler returns every completion everywhere; the environment steps run on every process)."""
+        ro = self.config.rollout
+        gen = multiturn.SamplerGenerate(self.cfg, params, self.sp, key, mesh=self.mesh, rules=self.rules,
+                                        max_batch_size=ro.max_batch_size or None)
+        tasks = [self.tasks[self.kept[i]] for i in idx for _ in range(self.G)]
+        t0 = time.perf_counter()
+        out = multiturn.multi_turn_rollout(
+            gen, self.tok, self.env, prompts, [list(t.messages) for t in tasks], [t.metadata for t in tasks],
+            max_turns=self.max_turns, max_new_tokens=ro.max_new_tokens, max_total_tokens=self.budget,
+            chat_template=self.config.data.chat_template or None)
+        elapsed = time.perf_counter() - t0
+        times = {"time_generate_s": gen.seconds, "time_score_s": elapsed - gen.seconds,
+                 "generated_tokens": float(gen.generated_tokens), "sampler_compiles": float(gen.compiles)}
+        return Rollouts([self.kept[i] for i in idx for _ in range(self.G)], prompts, out.tokens, out.logprobs,
+                        out.finish_reasons, out.rewards, _accuracy(out.info, out.rewards), out.counts,
+                        reward_components(out.info), out.loss_masks, out.turns), times
 
     def collect(self, params, step: int) -> tuple[Rollouts, dict[str, float]]:
         """One step's rollouts; with dynamic sampling, rounds of generation until num_prompts groups with

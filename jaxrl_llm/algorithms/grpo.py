@@ -136,7 +136,28 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"grpo.overlong_buffer={g.overlong_buffer}: must be in [0, rollout.max_new_tokens)")
     if g.dynamic_sampling and g.dynamic_sampling_max_rounds < 1:
         raise ValueError(f"grpo.dynamic_sampling_max_rounds={g.dynamic_sampling_max_rounds}: must be >= 1")
+    _validate_turns(config)
     _validate_variants(g, config)
+
+
+def _validate_turns(config: Any) -> None:
+    """rollout.max_turns and rollout.max_total_tokens (multi-turn rollouts; absent keys mean one turn)."""
+    from jaxrl_llm.environments.multiturn import multi_turn_names
+
+    ro = config.rollout
+    turns, budget = ro.get("max_turns", 1), ro.get("max_total_tokens", 0)
+    if isinstance(turns, bool) or not isinstance(turns, int) or turns < 1:
+        raise ValueError(f"rollout.max_turns={turns!r}: must be an integer >= 1 (1 = single-turn)")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"rollout.max_total_tokens={budget!r}: must be an integer >= 0 (0 = the default budget)")
+    if turns == 1 and budget not in (0, ro.max_new_tokens):
+        raise ValueError(f"rollout.max_total_tokens={budget} applies to multi-turn rollouts (rollout.max_turns > 1); "
+                         f"a single turn generates at most rollout.max_new_tokens={ro.max_new_tokens}: leave it 0")
+    if budget and budget < ro.max_new_tokens:
+        raise ValueError(f"rollout.max_total_tokens={budget} must be >= rollout.max_new_tokens={ro.max_new_tokens}")
+    if turns > 1 and config.env.name not in multi_turn_names():
+        raise ValueError(f"rollout.max_turns={turns} needs a multi-turn environment (one with step()): env.name="
+                         f"{config.env.name!r} scores single completions; multi-turn: {list(multi_turn_names())}")
 
 
 def _validate_variants(g: Any, config: Any) -> None:
@@ -206,25 +227,37 @@ def dynamic_sampling_keep(rewards_R: np.ndarray, group_size: int) -> np.ndarray:
 
 
 def build_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                sampler_logprobs: Sequence[Sequence[float]], prompt_len: int, new_tokens: int, pad_id: int
-                ) -> dict[str, np.ndarray]:
+                sampler_logprobs: Sequence[Sequence[float]], prompt_len: int, new_tokens: int, pad_id: int,
+                loss_masks: Sequence[Sequence[int]] | None = None) -> dict[str, np.ndarray]:
     """Rows [pad, prompt | completion, pad] of prompt_len + new_tokens tokens, every completion starting at column
-    prompt_len; loss_mask 1 on completion tokens; sampler log-probs aligned with their tokens. Raises naming the
-    rollout when a prompt or a completion does not fit."""
+    prompt_len; loss_mask 1 on completion tokens (or, with `loss_masks`, each completion's own 0/1 mask: a
+    multi-turn episode's generated tokens, not its observation tokens); sampler log-probs aligned with their tokens.
+    Raises naming the rollout when a prompt or a completion does not fit, or a mask does not match its completion."""
     R, P = len(prompts), prompt_len
     length = P + new_tokens
     ids = np.full((R, length), pad_id, np.int32)
     attn = np.zeros((R, length), np.int32)
     loss = np.zeros((R, length), np.int32)
     lp = np.zeros((R, length), np.float32)
+    if loss_masks is not None and len(loss_masks) != R:
+        raise ValueError(f"build_batch: {len(loss_masks)} loss masks for {R} rollouts")
     for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
         n_p, n_c = len(p), len(c)
         if n_p > P or n_c > new_tokens:
             raise ValueError(f"rollout {i}: prompt of {n_p} tokens (room {P}) or completion of {n_c} tokens "
                              f"(room {new_tokens}) does not fit the batch")
+        if len(sampler_logprobs[i]) != n_c:
+            raise ValueError(f"rollout {i}: {len(sampler_logprobs[i])} sampler log-probs for {n_c} completion tokens")
         ids[i, P - n_p:P], ids[i, P:P + n_c] = p, c
         attn[i, P - n_p:P + n_c] = 1
-        loss[i, P:P + n_c] = 1
+        if loss_masks is None:
+            loss[i, P:P + n_c] = 1
+        else:
+            m = np.asarray(loss_masks[i])
+            if m.shape != (n_c,) or not np.isin(m, (0, 1)).all():
+                raise ValueError(f"rollout {i}: its loss mask must hold one 0/1 value per completion token ({n_c}), "
+                                 f"got shape {m.shape}")
+            loss[i, P:P + n_c] = m
         lp[i, P:P + n_c] = sampler_logprobs[i]
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "sampler_logprobs": lp}
 

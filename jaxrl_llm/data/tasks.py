@@ -6,11 +6,14 @@
     tasks = load_tasks("rg:basic_arithmetic", num=100, seed=1, max_terms=4)  # reasoning-gym, procedural
     tasks = load_tasks("my_problems.jsonl")              # {"prompt"|"messages", "answer"[, "metadata"]}
     tasks = load_tasks("gsm8k+rg:chain_sum", num=64)     # mixed: at most 64 of each part, interleaved
+    tasks = load_tasks("guess", num=64, seed=0)          # multi-turn number guessing, procedural
 
 Builtin math sources are scored by the "math" environment (metadata "answer" is the gold answer, "env" is
-"math"); "rg:" tasks by the "reasoning_gym" environment. The user message is the question, a newline and the
-instruction (for math sources by default MATH_INSTRUCTION; pass instruction="" for the bare question). Local
-files keep their prompts as written unless an instruction is given.
+"math"); "rg:" tasks by the "reasoning_gym" environment; "guess" tasks (find a secret integer in [1, 100], told
+"too low" / "too high" after each wrong guess; metadata "secret", "lo", "hi") by the multi-turn "number_guess"
+environment. The user message is the question, a newline and the instruction (for math sources by default
+MATH_INSTRUCTION, for "guess" GUESS_INSTRUCTION; pass instruction="" for the bare question). Local files keep
+their prompts as written unless an instruction is given.
 
 `num` is an upper bound for the fixed datasets: asking for more problems than a dataset has takes all of them
 and logs a line (so `num=50` means "at most 50" on every benchmark). Procedural sources generate exactly `num`.
@@ -42,6 +45,9 @@ from jaxrl_llm.environments.procedural import reasoning_gym_tasks
 log = logging.getLogger(__name__)
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+GUESS_SOURCE = "guess"
+GUESS_RANGE = (1, 100)
+GUESS_INSTRUCTION = "Reply with only the number."
 RG_PREFIX = "rg:"
 MIX_SEP = "+"
 _LOCAL_EXTS = (".json", ".jsonl")
@@ -161,6 +167,23 @@ def _rg_tasks(source: str, num: int, seed: int, system_prompt: str | None, instr
         raise DataError(f"{source}: {e}") from e
 
 
+def _guess_tasks(num: int, seed: int, system_prompt: str | None, instruction: str | None) -> list[Task]:
+    """`num` number-guessing tasks: secrets drawn uniformly from GUESS_RANGE with `seed` (metadata "secret", "lo",
+    "hi", "answer"), scored turn by turn by the "number_guess" environment."""
+    if num < 1:
+        raise DataError(f"{GUESS_SOURCE}: a procedural source needs num >= 1 (the number of tasks to generate), "
+                        f"got {num}")
+    lo, hi = GUESS_RANGE
+    question = (f"I am thinking of a whole number between {lo} and {hi}. Guess it; after each wrong guess I will "
+                "tell you whether it is too low or too high.")
+    user = _with_instruction(question, GUESS_INSTRUCTION if instruction is None else instruction)
+    secrets = np.random.default_rng([seed, 0x6E55]).integers(lo, hi + 1, num)
+    return [Task(messages=_messages(system_prompt, user),
+                 metadata={"env": "number_guess", "secret": int(s), "lo": lo, "hi": hi, "answer": str(int(s)),
+                           "source": GUESS_SOURCE, "index": i})
+            for i, s in enumerate(secrets)]
+
+
 def _file_rows(path: str) -> list[Any]:
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
@@ -245,16 +268,17 @@ def _mixed_tasks(source: str, num: int, seed: int, shuffle: bool, system_prompt:
 def load_tasks(source: str, num: int = -1, seed: int = 0, *, system_prompt: str | None = None,
                instruction: str | None = None, shuffle: bool = False, **kwargs: Any) -> list[Task]:
     """Tasks from a builtin benchmark ("gsm8k", "aime2025", "champ"), a reasoning-gym dataset ("rg:<name>",
-    `kwargs` go to its config) or a local .jsonl/.json file; or several of these joined by "+"
-    ("gsm8k+rg:chain_sum"): each part loaded with the same arguments (`kwargs` to the "rg:" parts only), all
-    tasks then in one `seed`-determined interleaved order, each keeping its own metadata "env".
+    `kwargs` go to its config), number guessing ("guess", multi-turn) or a local .jsonl/.json file; or several of
+    these joined by "+" ("gsm8k+rg:chain_sum"): each part loaded with the same arguments (`kwargs` to the "rg:"
+    parts only), all tasks then in one `seed`-determined interleaved order, each keeping its own metadata "env".
 
-    num: at most this many tasks (-1: all); for "rg:" sources exactly this many are generated with `seed`.
+    num: at most this many tasks (-1: all); for "rg:" and "guess" exactly this many are generated with `seed`.
     For a mixed source it applies to each part (at most `num` per part).
     system_prompt: a system message put first (replacing a file row's own system message).
     instruction: appended on a new line to the (last) user message; None: MATH_INSTRUCTION for the builtin
-    math benchmarks, reasoning-gym's <answer>-tag instruction (after a blank line) for "rg:" sources, nothing
-    for local files (their prompts are used as written). "": the bare question everywhere.
+    math benchmarks, reasoning-gym's <answer>-tag instruction (after a blank line) for "rg:" sources,
+    GUESS_INSTRUCTION for "guess", nothing for local files (their prompts are used as written). "": the bare
+    question everywhere.
     shuffle: fixed datasets only; take a `seed`-determined permutation before cutting to `num`.
     """
     if MIX_SEP in source and not os.path.exists(source):  # a local file may have "+" in its name
@@ -263,9 +287,11 @@ def load_tasks(source: str, num: int = -1, seed: int = 0, *, system_prompt: str 
         return _rg_tasks(source, num, seed, system_prompt, instruction, **kwargs)
     if kwargs:
         raise DataError(f"{source}: options {sorted(kwargs)} apply only to reasoning-gym ('rg:') sources")
+    if source == GUESS_SOURCE:
+        return _guess_tasks(num, seed, system_prompt, instruction)
     if source in builtin_task_sources():
         return _builtin_tasks(source, num, seed, shuffle, system_prompt, instruction)
     if os.path.splitext(source)[1].lower() in _LOCAL_EXTS:
         return _local_tasks(source, num, seed, shuffle, system_prompt, instruction)
     raise DataError(f"task source {source!r}: not a builtin {sorted(builtin_task_sources())}, an 'rg:<dataset>' "
-                    f"reasoning-gym name, nor a {'/'.join(_LOCAL_EXTS)} file")
+                    f"reasoning-gym name, {GUESS_SOURCE!r}, nor a {'/'.join(_LOCAL_EXTS)} file")

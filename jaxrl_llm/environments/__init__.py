@@ -1,11 +1,12 @@
 """Verifiable-reward environments for GRPO/PPO: math (math-verify), reasoning-gym tasks, format, weighted sums,
-routing by task.
+routing by task, and multi-turn games (number_guess: `step` answers each turn, see multiturn.py).
 
     env = make_environment({"name": "math", "answer_format": "boxed", "timeout_s": 5.0, "num_workers": 2})
     env = make_environment({"name": "combined", "components": [
         {"name": "math", "weight": 1.0}, {"name": "format", "weight": 0.1, "pattern": r"<answer>.*?</answer>"}]})
     env = make_environment({"name": "routed", "key": "env", "default": None, "routes": {  # by metadata["env"]
         "math": {"name": "math"}, "reasoning_gym": {"name": "reasoning_gym"}}})
+    env = make_environment({"name": "number_guess", "lo": 1, "hi": 100, "turn_discount": 1.0, "invalid_penalty": 0.0})
     result = env.score(prompts, completions, metadata)   # EnvResult(rewards [N], info, counts)
     env.close()                                          # stops scoring workers (also done at exit)
 
@@ -25,6 +26,13 @@ from jaxrl_llm.environments.combine import CombinedEnvironment
 from jaxrl_llm.environments.extract import extract_answer, normalize_answer, normalize_number
 from jaxrl_llm.environments.format import FormatEnvironment
 from jaxrl_llm.environments.math import MathEnvironment, answers_match
+from jaxrl_llm.environments.multiturn import (
+    MultiTurnEnvironment,
+    NumberGuessEnvironment,
+    TurnResult,
+    is_multi_turn,
+    multi_turn_names,
+)
 from jaxrl_llm.environments.pool import Outcome, ScoringPool
 from jaxrl_llm.environments.procedural import (
     ReasoningGymEnvironment,
@@ -37,16 +45,18 @@ from jaxrl_llm.environments.route import RoutedEnvironment
 from jaxrl_llm.environments.split import score_across_processes
 
 __all__ = [
-    "CombinedEnvironment", "EnvResult", "Environment", "FormatEnvironment", "MathEnvironment", "Outcome",
-    "ReasoningGymEnvironment", "RoutedEnvironment", "ScoringPool", "Task", "answers_match", "check_batch",
-    "decode_entry", "encode_entry", "extract_answer", "make_environment", "normalize_answer", "normalize_number",
-    "reasoning_gym_datasets", "reasoning_gym_tasks", "score_across_processes",
+    "CombinedEnvironment", "EnvResult", "Environment", "FormatEnvironment", "MathEnvironment", "MultiTurnEnvironment",
+    "NumberGuessEnvironment", "Outcome", "ReasoningGymEnvironment", "RoutedEnvironment", "ScoringPool", "Task",
+    "TurnResult", "answers_match", "check_batch", "decode_entry", "encode_entry", "extract_answer", "is_multi_turn",
+    "make_environment", "multi_turn_names", "normalize_answer", "normalize_number", "reasoning_gym_datasets",
+    "reasoning_gym_tasks", "score_across_processes",
 ]
 
 ENVIRONMENTS: dict[str, type] = {
     "math": MathEnvironment,
     "reasoning_gym": ReasoningGymEnvironment,
     "format": FormatEnvironment,
+    "number_guess": NumberGuessEnvironment,
 }
 _COMBINED_KEYS = ("components", "label", "name")
 _ROUTED_KEYS = ("default", "key", "label", "name", "routes")
@@ -131,9 +141,10 @@ def _make(spec: Mapping[str, Any], where: str) -> Environment:
 
 def make_environment(spec: Mapping[str, Any]) -> Environment:
     """An environment from a plain mapping (or an ml_collections ConfigDict): {"name": "math" | "reasoning_gym" |
-    "format" | "combined" | "routed", ...constructor keywords, "label": optional reported name}; "combined" takes
-    "components": a list of such specs, each with an optional "weight" (default 1.0); "routed" takes "routes": a
-    mapping of route name (a value of metadata[key]) -> such a spec, "key" (default "env") and "default" (the
-    route of samples without `key`; default None: they are an error).
+    "format" | "number_guess" | "combined" | "routed", ...constructor keywords, "label": optional reported name};
+    "combined" takes "components": a list of such specs, each with an optional "weight" (default 1.0); "routed"
+    takes "routes": a mapping of route name (a value of metadata[key]) -> such a spec, "key" (default "env") and
+    "default" (the route of samples without `key`; default None: they are an error). "number_guess" also has
+    `step` (multi-turn episodes, rollout.max_turns > 1).
     Unknown names or keys: ValueError naming them and listing the valid ones."""
     return _make(_plain(spec), "environment spec")
