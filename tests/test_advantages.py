@@ -6,10 +6,10 @@ out below as plain loops (NeMo RL's semantics)."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
+from recipes import recipe
 
 from jaxrl_llm.algorithms import advantages as adv_lib
 from jaxrl_llm.rl_train import (
@@ -21,22 +21,11 @@ from jaxrl_llm.rl_train import (
     shaped_rewards,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL = 2e-5
 
 
 def _config(**over):
-    import runpy
-
-    c = runpy.run_path(os.path.join(ROOT, "configs", "grpo_tiny.py"))["get_config"]()
-    c.unlock()
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return recipe("grpo_tiny", over)
 
 
 def _rollouts(rewards, lengths, finish, prompt_len=3, components=None):

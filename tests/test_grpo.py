@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from recipes import recipe
 
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.rl_train import GRPORunner, Rollouts, prepare_batch
@@ -19,17 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(**over):
-    import runpy
-
-    c = runpy.run_path(os.path.join(ROOT, "configs", "grpo_tiny.py"))["get_config"]()
-    c.unlock()
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return recipe("grpo_tiny", over)
 
 
 def _rollouts(rewards, lengths, finish, prompt_len=3):

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
+from recipes import recipe
 
 from jaxrl_llm import distributed, parallel
 from jaxrl_llm.distributed import DistributedError
@@ -188,17 +189,8 @@ TINY = {"data.num_examples": 32, "data.max_len": 96, "train.batch_size": 8, "opt
 COMPARED = ("loss", "grad_norm", "tokens", "lr")
 
 
-def _config(recipe: str = "sft_tiny", base: dict | None = None, **over):
-    import runpy
-
-    c = runpy.run_path(os.path.join(ROOT, "configs", f"{recipe}.py"))["get_config"]()
-    for k, v in {**(TINY if base is None else base), **over}.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+def _config(name: str = "sft_tiny", base: dict | None = None, **over):
+    return recipe(name, {**(TINY if base is None else base), **over}, unlock=False)
 
 
 def _cli_args(**over) -> list[str]:

