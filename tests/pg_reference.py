@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -252,3 +253,44 @@ def random_batch(seed, R=4, T=6, spread=0.3):
     mask = (rng.uniform(size=(R, T)) < 0.75).astype(np.float64)
     mask[:, 0] = 1.0
     return lp, old, ref, sampler, adv, mask
+
+
+def loss_grad(lp, old, ref, adv, mask, sampler_logprobs=None, **kw):
+    """d loss / d logprobs on the padded batch; the padding (masked) must get exactly zero gradient."""
+    *args, sampler = padded(lp, old, ref, adv, mask, sampler_logprobs)
+    kw = pad_kw(kw)
+    g = np.asarray(jax.grad(lambda x: policy_gradient_loss(x, *args[1:], sampler_logprobs=sampler, **kw)[0])(args[0]),
+                   np.float64)
+    R, T = np.shape(lp)
+    assert np.all(g[R:] == 0) and np.all(g[:, T:] == 0), "masked padding got a gradient"
+    return g[:R, :T]
+
+
+def central_differences(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
+    """d f / d x[i, t] by central differences of the float64 scalar function f."""
+    out = np.zeros_like(x)
+    for idx in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[idx] = h
+        out[idx] = (f(x + e) - f(x - e)) / (2 * h)
+    return out
+
+
+def hand_ratio_batch():
+    # one row, per-token advantages and ratios covering each side of the clip
+    ratios = np.array([1.5, 0.5, 0.5, 1.5, 1.1, 0.9])
+    A = np.array([[1.0, 1.0, -1.0, -1.0, 2.0, -0.5]])
+    old = np.array([[-1.0, -2.0, -0.5, -1.5, -0.7, -3.0]])
+    lp = old + np.log(ratios)[None]
+    mask = np.ones((1, 6))
+    return lp, old, A, mask, ratios
+
+
+def ragged_batch():
+    lp = np.array([[-1.0, -0.5, -2.0, -0.2], [-0.3, -0.9, -1.1, -0.4], [-2.0, -0.1, -0.6, -1.3],
+                   [-0.7, -0.8, -0.9, -1.0]])
+    old = lp + np.array([[0.1, -0.3, 0.05, 0.4], [0.0, 0.2, -0.1, 0.0], [-0.25, 0.02, 0.3, 0.1],
+                         [0.0, 0.0, 0.0, 0.0]])
+    adv = np.array([1.0, -0.5, 2.0, 3.0])
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0.0]])  # row 3 has no valid token
+    return lp, old, adv, mask

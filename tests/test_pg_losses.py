@@ -1,25 +1,27 @@
 """The clipped policy-gradient loss (GRPO / DAPO / GSPO / REINFORCE) against an independent float64 reference
 written from NeMo RL's behaviour (reference/nemo_rl.md §1.0, §1.4.3): values, metrics, clamps, aggregation,
-importance correction (TIS, icepop, seq-mask-tis), CISPO, the on-policy KL approximation, the positive-example NLL,
-gradients, microbatch additivity and bad input."""
+importance correction (TIS), gradients, microbatch additivity and bad input; random batches of every option.
+The newer variants' hand values and gradients (CISPO, ICE-POP, seq-mask-TIS, on-policy KL, positive NLL) are in
+test_pg_variants.py."""
 
 from __future__ import annotations
 
 import math
 
-import jax
 import numpy as np
 import pytest
 from pg_reference import (
     ATOL,
+    central_differences,
     check_all,
     close,
     f32,
     f64,
-    pad_kw,
-    padded,
+    hand_ratio_batch,
+    loss_grad,
     pgl,
     pgl_sum,
+    ragged_batch,
     random_batch,
     ref_k,
     ref_loss,
@@ -32,18 +34,9 @@ from jaxrl_llm.losses import policy_gradient_loss, policy_gradient_loss_sum
 # Loss values
 # ----------------------------------------------------------------------------------------------------------------
 
-def _hand_ratio_batch():
-    # one row, per-token advantages and ratios covering each side of the clip
-    ratios = np.array([1.5, 0.5, 0.5, 1.5, 1.1, 0.9])
-    A = np.array([[1.0, 1.0, -1.0, -1.0, 2.0, -0.5]])
-    old = np.array([[-1.0, -2.0, -0.5, -1.5, -0.7, -3.0]])
-    lp = old + np.log(ratios)[None]
-    mask = np.ones((1, 6))
-    return lp, old, A, mask, ratios
-
 
 def test_ratio_clipping_both_sides_hand_values():
-    lp, old, A, mask, ratios = _hand_ratio_batch()
+    lp, old, A, mask, ratios = hand_ratio_batch()
     loss, m = pgl(f32(lp), f32(old), None, f32(A), f32(mask), clip_low=0.2, clip_high=0.28)
     per_tok = [
         -1.0 * 1.28,   # A>0, r=1.5 > 1+0.28: clipped at 1.28
@@ -121,16 +114,6 @@ def test_kl_clamps():
     close(loss, -10.0)
 
 
-def _ragged_batch():
-    lp = np.array([[-1.0, -0.5, -2.0, -0.2], [-0.3, -0.9, -1.1, -0.4], [-2.0, -0.1, -0.6, -1.3],
-                   [-0.7, -0.8, -0.9, -1.0]])
-    old = lp + np.array([[0.1, -0.3, 0.05, 0.4], [0.0, 0.2, -0.1, 0.0], [-0.25, 0.02, 0.3, 0.1],
-                         [0.0, 0.0, 0.0, 0.0]])
-    adv = np.array([1.0, -0.5, 2.0, 3.0])
-    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0.0]])  # row 3 has no valid token
-    return lp, old, adv, mask
-
-
 def _per_tok_ppo(lp, old, adv, cl=0.2, ch=0.2):
     r = np.exp(lp - old)
     A = adv[:, None]
@@ -138,7 +121,7 @@ def _per_tok_ppo(lp, old, adv, cl=0.2, ch=0.2):
 
 
 def test_token_level_vs_sequence_level_aggregation():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     ell = _per_tok_ppo(lp, old, adv)
     tok_expected = (ell * mask).sum() / mask.sum()  # sum over 7 valid tokens / 7
     seq_means = [(ell[i] * mask[i]).sum() / mask[i].sum() for i in range(3)]  # row 3 excluded
@@ -157,7 +140,7 @@ def test_token_level_vs_sequence_level_aggregation():
 
 
 def test_masked_tokens_do_not_count():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     loss, m = pgl(f32(lp), f32(old), None, f32(adv), f32(mask))
     lp2, old2 = lp.copy(), old.copy()
     lp2[mask == 0] = -7.0   # wildly different values on masked positions
@@ -170,7 +153,7 @@ def test_masked_tokens_do_not_count():
 
 @pytest.mark.parametrize("token_level", [True, False])
 def test_normalizer_overrides_batch_count(token_level):
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     ref = lp - 0.2
     kw = dict(token_level=token_level, kl_coef=0.1)
     s, n, sums = pgl_sum(f32(lp), f32(old), f32(ref), f32(adv), f32(mask), **kw)
@@ -185,7 +168,7 @@ def test_normalizer_overrides_batch_count(token_level):
 
 
 def test_gspo_sequence_level_ratio():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     got, m = pgl(f32(lp), f32(old), None, f32(adv), f32(mask), token_level=False,
                                   sequence_level_ratio=True)
     # hand formula: s_i = exp(mean over valid tokens of (lp - old)); the per-sequence loss is
@@ -203,7 +186,7 @@ def test_gspo_sequence_level_ratio():
 
 
 def test_importance_correction_and_tis():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     sampler = old - np.array([[0.5, -0.4, 0.0, 0.0], [0.1, 0.9, -1.0, 0.2], [1.2, 0.0, 0.0, 0.0], [0, 0, 0, 0.0]])
     ell = _per_tok_ppo(f64(lp), f64(old), adv)
     w = np.exp(f64(old) - f64(sampler))
@@ -224,7 +207,7 @@ def test_importance_correction_and_tis():
 
 
 def test_importance_weight_is_not_applied_to_kl():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     ref = lp + 0.3
     sampler = old - 0.7  # w = exp(0.7) everywhere
     kw = dict(kl_coef=0.2, kl_type="k2")
@@ -235,7 +218,7 @@ def test_importance_weight_is_not_applied_to_kl():
 
 
 def test_gspo_importance_weight_is_per_sequence():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     d = np.array([[0.1, -0.3, 5.0, 5.0], [0.2, 0.2, -0.1, 0.0], [0.4, 9.0, 9.0, 9.0], [0, 0, 0, 0.0]])
     sampler = old - d  # old - sampler = d; masked entries must not count
     got, _ = pgl(f32(lp), f32(old), None, f32(adv), f32(mask), sampler_logprobs=f32(sampler),
@@ -250,7 +233,7 @@ def test_gspo_importance_weight_is_per_sequence():
 
 
 def test_reinforce_loss():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     got, m = pgl(f32(lp), f32(old + 1.0), None, f32(adv), f32(mask), reinforce=True)
     close(got, (-adv[:, None] * f64(lp) * mask).sum() / mask.sum())
     close(m["clip_fraction"], 0.0)
@@ -259,7 +242,7 @@ def test_reinforce_loss():
 
 
 def test_per_row_and_per_token_advantages_agree():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     adv_RT = np.repeat(adv[:, None], 4, 1)
     a, ma = pgl(f32(lp), f32(old), None, f32(adv), f32(mask))
     b, mb = pgl(f32(lp), f32(old), None, f32(adv_RT), f32(mask))
@@ -275,7 +258,7 @@ def test_per_row_and_per_token_advantages_agree():
 
 def test_kl_uses_kl_logprobs_and_ratio_uses_logprobs():
     # the ratio sees the sampler-filtered log-probs, the KL an unfiltered copy (NeMo RL's convention)
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     kl_lp = lp - np.linspace(0.1, 0.6, 16).reshape(4, 4)
     ref = lp + 0.25
     got, m = pgl(lp, old, ref, adv, mask, kl_logprobs=kl_lp, kl_coef=0.1, kl_type="k3")
@@ -287,7 +270,7 @@ def test_kl_uses_kl_logprobs_and_ratio_uses_logprobs():
 
 
 def test_entropy_metric():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     _, m = pgl(f32(lp), f32(old), None, f32(adv), f32(mask))
     close(m["approx_entropy"], (-f64(lp) * mask).sum() / mask.sum())
 
@@ -295,205 +278,6 @@ def test_entropy_metric():
 # ----------------------------------------------------------------------------------------------------------------
 # CISPO, TIS variants (icepop, seq-mask-tis, tis_min), on-policy KL, positive-example NLL
 # ----------------------------------------------------------------------------------------------------------------
-
-def test_cispo_hand_values():
-    lp, old, A, mask, ratios = _hand_ratio_batch()
-    loss, m = pgl(f32(lp), f32(old), None, f32(A), f32(mask), clip_low=0.2, clip_high=0.28, cispo=True)
-    rc = np.array([1.28, 0.8, 0.8, 1.28, 1.1, 0.9])  # r clipped to [0.8, 1.28]
-    per_tok = -A[0] * rc * f64(lp)[0]  # -A * sg(r_c) * log p
-    close(loss, per_tok.mean())
-    close(m["actor_loss"], per_tok.mean())
-    close(m["clip_fraction"], 4 / 6)  # every token with r outside [0.8, 1.28], whatever the advantage's sign
-    close(m["ratio_mean"], ratios.mean())
-    close(m["ratio_min"], 0.5)
-    close(m["ratio_max"], 1.5)
-    check_all(loss, m, *ref_loss(f64(lp), f64(old), None, A, mask, clip_low=0.2, clip_high=0.28, cispo=True))
-    # the PPO surrogate on the same batch is a different number
-    ppo, _ = pgl(f32(lp), f32(old), None, f32(A), f32(mask), clip_low=0.2, clip_high=0.28)
-    assert abs(float(ppo) - float(loss)) > 1e-2
-    # sum form, with sampler importance weights (TIS) on top
-    sampler = old - np.array([[0.3, -0.2, 0.9, 0.0, -1.0, 0.1]])
-    kw = dict(clip_low=0.2, clip_high=0.28, cispo=True, tis_cap=2.0)
-    s_, n_, sums = pgl_sum(f32(lp), f32(old), None, f32(A), f32(mask), sampler_logprobs=f32(sampler), **kw)
-    w = np.minimum(np.exp(f64(old) - f64(sampler))[0], 2.0)
-    close(s_, (w * per_tok).sum())
-    close(n_, 6.0)
-    close(sums["clip_fraction"], 4.0)
-    check_all(*run_both(lp, old, None, A, mask, sampler=sampler, **kw))
-
-
-def _tis_batch():
-    """old == lp (ratio 1, so each token's PPO loss is -A) and known sampler weights w = exp(old - sampler)."""
-    lp = np.array([[-1.0, -0.5, -2.0, -0.2], [-0.3, -0.9, -1.1, -0.4], [-2.0, -0.1, -0.6, -1.3]])
-    old = lp.copy()
-    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 0, 0.0]])
-    w = np.array([[3.0, 0.6, 1.0, math.exp(5.0)],  # geo-mean 1.8**(1/3) = 1.216 (e^5 is masked: must not count)
-                  [4.0, 1.5, 1.0, 1.0],             # geo-mean sqrt(6) = 2.449
-                  [0.2, 0.7, 1.0, 1.0]])            # geo-mean sqrt(0.14) = 0.374
-    sampler = old - np.log(w)
-    A = np.array([[1.0, 2.0, -3.0, 0.0], [-1.0, 0.5, 0.0, 0.0], [2.0, -3.0, 0.0, 0.0]])
-    return lp, old, A, mask, sampler
-
-
-@pytest.mark.parametrize("kw,w_exp", [
-    (dict(), [[3, 0.6, 1], [4, 1.5], [0.2, 0.7]]),  # no cap: raw weights
-    (dict(tis_type="icepop", tis_min=0.9), [[3, 0.6, 1], [4, 1.5], [0.2, 0.7]]),  # no cap: type/min ignored
-    (dict(tis_cap=2.0), [[2, 0.6, 1], [2, 1.5], [0.2, 0.7]]),  # TIS: truncate to [0, 2]
-    (dict(tis_cap=2.0, tis_min=0.5), [[2, 0.6, 1], [2, 1.5], [0.5, 0.7]]),  # TIS with a floor
-    (dict(tis_cap=2.0, tis_min=0.5, tis_type="icepop"), [[0, 0.6, 1], [0, 1.5], [0, 0.7]]),  # zero outside
-    (dict(tis_cap=2.0, tis_min=0.5, tis_type="seq-mask-tis"), [[3, 0.6, 1], [0, 0], [0, 0]]),  # whole rows, raw
-    (dict(tis_cap=2.5, tis_min=0.3, tis_type="seq-mask-tis"), [[3, 0.6, 1], [4, 1.5], [0.2, 0.7]]),
-    (dict(tis_cap=2.5, tis_min=0.38, tis_type="seq-mask-tis"), [[3, 0.6, 1], [4, 1.5], [0, 0]]),
-])
-def test_tis_types_hand_values(kw, w_exp):
-    lp, old, A, mask, sampler = _tis_batch()
-    W = np.zeros((3, 4))
-    for i, row in enumerate(w_exp):
-        W[i, :len(row)] = row
-    for token_level in (True, False):
-        loss, m = pgl(f32(lp), f32(old), None, f32(A), f32(mask), sampler_logprobs=f32(sampler),
-                      token_level=token_level, **kw)
-        if token_level:  # masked-out rows still count in the normaliser (7 tokens)
-            close(loss, (W * -A * mask).sum() / 7, what="loss")
-            close(m["is_weight_mean"], (W * mask).sum() / 7, what="is_weight_mean")
-        else:
-            close(loss, sum((W[i] * -A[i] * mask[i]).sum() / mask[i].sum() for i in range(3)) / 3, what="loss")
-        check_all(loss, m, *ref_loss(f64(lp), f64(old), None, A, mask, sampler_logprobs=f64(sampler),
-                                     token_level=token_level, **kw))
-
-
-@pytest.mark.parametrize("kw,w_exp", [
-    (dict(tis_cap=1.5, tis_min=0.5), [1.5, 1.5, 0.5]),                         # per-sequence products clipped
-    (dict(tis_cap=1.5, tis_min=0.5, tis_type="icepop"), [0.0, 0.0, 0.0]),      # products 1.8, 6, 0.14: all out
-    (dict(tis_cap=2.0, tis_min=0.5, tis_type="icepop"), [1.8, 0.0, 0.0]),
-    (dict(tis_cap=1.5, tis_min=0.5, tis_type="seq-mask-tis"), [1.8, 0.0, 0.0]),  # geo-mean 1.216 inside: raw 1.8
-])
-def test_tis_types_gspo_per_sequence(kw, w_exp):
-    lp, old, A, mask, sampler = _tis_batch()
-    loss, m = pgl(f32(lp), f32(old), None, f32(A), f32(mask), sampler_logprobs=f32(sampler), token_level=False,
-                  sequence_level_ratio=True, **kw)
-    # sequence ratio 1: each sequence's loss is w_i * mean over its tokens of -A
-    close(loss, sum(w_exp[i] * (-A[i] * mask[i]).sum() / mask[i].sum() for i in range(3)) / 3)
-    close(m["is_weight_mean"], sum(w_exp) / 3)
-    check_all(loss, m, *ref_loss(f64(lp), f64(old), None, A, mask, sampler_logprobs=f64(sampler), token_level=False,
-                                 sequence_level_ratio=True, **kw))
-
-
-def _kl_batch():
-    lp = np.array([[-1.0, -2.0, -0.3, -4.0], [-0.5, -1.5, -2.5, -0.1]])
-    ref = np.array([[-1.4, -1.0, -0.3, -3.0], [-0.9, -1.0, -2.0, -0.6]])
-    mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1.0]])
-    delta = np.array([[0.3, -0.5, 0.2, 9.0], [-0.1, 0.7, 0.0, -0.4]])  # log p - log p_sampler
-    return lp, ref, mask, lp - delta
-
-
-@pytest.mark.parametrize("kl_type", ["k1", "k3"])
-def test_on_policy_kl_hand_values(kl_type):
-    lp, ref, mask, sampler = _kl_batch()
-    beta = 0.05
-    kw = dict(kl_coef=beta, kl_type=kl_type)
-    zeros = f32([0.0, 0.0])
-    loss, m = pgl(f32(lp), f32(lp), f32(ref), zeros, f32(mask), sampler_logprobs=f32(sampler), on_policy_kl=True,
-                  **kw)
-    k = np.array([[ref_k(ref[i, t] - lp[i, t], kl_type) for t in range(4)] for i in range(2)])
-    v = np.exp(f64(lp) - f64(sampler))
-    close(loss, (beta * v * k * mask).sum() / 7)
-    close(m["kl_loss"], (beta * v * k * mask).sum() / 7)
-    close(m["kl"], (k * mask).sum() / 7)  # the unscaled estimator carries no sampler weight
-    check_all(loss, m, *ref_loss(f64(lp), f64(lp), f64(ref), [0.0, 0.0], mask, sampler_logprobs=f64(sampler),
-                                 on_policy_kl=True, **kw))
-    off, m_off = pgl(f32(lp), f32(lp), f32(ref), zeros, f32(mask), sampler_logprobs=f32(sampler), **kw)
-    close(off, beta * (k * mask).sum() / 7)
-    close(m_off["kl"], m["kl"])
-
-
-def test_on_policy_kl_clamp_nonfinite_and_kl_logprobs():
-    # the output clamp applies after the sampler weight: 0.25 * k2(-8) = 8 < 10, times e^0.5 -> 13.2 -> 10
-    lp, ref, one = np.array([[-0.5, -1.0]]), np.array([[-8.5, -1.0]]), np.ones((1, 2))
-    sampler = np.array([[-1.0, -np.inf]])  # second token: v = exp(inf) is not finite -> 0 (its KL is 0 anyway)
-    kw = dict(kl_coef=0.25, kl_type="k2", sampler_logprobs=f32(sampler))
-    loss, m = pgl(f32(lp), f32(lp), f32(ref), f32([0.0]), f32(one), on_policy_kl=True, **kw)
-    close(loss, 10.0 / 2)
-    loss_off, _ = pgl(f32(lp), f32(lp), f32(ref), f32([0.0]), f32(one), **kw)
-    close(loss_off, 8.0 / 2)
-    # a non-finite weight on a token with a nonzero KL term
-    ref2 = np.array([[-0.5, -2.0]])
-    loss, m = pgl(f32(lp), f32(lp), f32(ref2), f32([0.0]), f32(one), on_policy_kl=True, **{**kw, "kl_coef": 0.1})
-    assert np.isfinite(float(loss))
-    close(loss, 0.0)
-    close(m["kl"], ref_k(-1.0, "k2") / 2)
-    # with kl_logprobs the weight is exp(kl_logprobs - sampler)
-    lp, ref, mask, sampler = _kl_batch()
-    kl_lp = lp - np.linspace(0.05, 0.4, 8).reshape(2, 4)
-    kw = dict(kl_coef=0.1, kl_type="k3", on_policy_kl=True)
-    loss, m = pgl(f32(lp), f32(lp), f32(ref), f32([0.0, 0.0]), f32(mask), sampler_logprobs=f32(sampler),
-                  kl_logprobs=f32(kl_lp), **kw)
-    x = f64(ref) - f64(kl_lp)
-    close(loss, (0.1 * np.exp(f64(kl_lp) - f64(sampler)) * (np.exp(x) - 1 - x) * mask).sum() / 7)
-    check_all(*run_both(lp, lp, ref, [0.0, 0.0], mask, sampler=sampler, kl_logprobs=kl_lp, **kw))
-
-
-def test_positive_nll_hand_values():
-    lp, old, adv, mask = _ragged_batch()  # valid tokens: row 0 two, row 1 four, row 2 one, row 3 none
-    pos = np.array([1.0, 0.0, 1.0, 1.0])  # row 3 is positive but has no valid token
-    nll = -(f64(lp)[0, 0] + f64(lp)[0, 1] + f64(lp)[2, 0])
-    n_pos = 3
-    lam = 0.7
-    for token_level, count in ((True, 7.0), (False, 3.0)):
-        base, m0 = pgl(f32(lp), f32(old), None, f32(adv), f32(mask), token_level=token_level)
-        close(m0["positive_nll_loss"], 0.0)  # always present
-        loss, m = pgl(f32(lp), f32(old), None, f32(adv), f32(mask), token_level=token_level,
-                      positive_nll_weight=lam, positive_rows=pos)
-        close(loss, float(base) + lam * nll / n_pos)
-        close(m["positive_nll_loss"], lam * nll / n_pos)
-        close(m["actor_loss"], m0["actor_loss"])
-        # a normaliser rescales the PG terms but not the NLL mean
-        loss20, m20 = pgl(f32(lp), f32(old), None, f32(adv), f32(mask), token_level=token_level,
-                          positive_nll_weight=lam, positive_rows=pos, normalizer=20.0)
-        close(loss20, float(base) * count / 20.0 + lam * nll / n_pos)
-        close(m20["positive_nll_loss"], lam * nll / n_pos)
-        # bool rows give the same
-        rows_bool = jax.numpy.asarray(np.array([True, False, True, True]))
-        loss_b, _ = policy_gradient_loss(*padded(lp, old, None, adv, mask, None)[:5], token_level=token_level,
-                                         positive_nll_weight=lam, positive_rows=rows_bool)
-        close(loss_b, loss)
-        # sum form: + lam * count / N_pos * nll by default, + lam * nll_scale * nll when given
-        s0, n0, _ = pgl_sum(f32(lp), f32(old), None, f32(adv), f32(mask), token_level=token_level)
-        s, n, sums = pgl_sum(f32(lp), f32(old), None, f32(adv), f32(mask), token_level=token_level,
-                             positive_nll_weight=lam, positive_rows=pos)
-        close(n, count)
-        close(s, float(s0) + lam * count / n_pos * nll)
-        close(sums["positive_nll_loss"], lam * count / n_pos * nll)
-        s, _, sums = pgl_sum(f32(lp), f32(old), None, f32(adv), f32(mask), token_level=token_level,
-                             positive_nll_weight=lam, positive_rows=pos, nll_scale=2.5)
-        close(s, float(s0) + lam * 2.5 * nll)
-        close(sums["positive_nll_loss"], lam * 2.5 * nll)
-    # no positive row: no NLL term (and no division by zero)
-    loss, m = pgl(f32(lp), f32(old), None, f32(adv), f32(mask), positive_nll_weight=lam, positive_rows=np.zeros(4))
-    close(loss, pgl(f32(lp), f32(old), None, f32(adv), f32(mask))[0])
-    close(m["positive_nll_loss"], 0.0)
-    check_all(*run_both(lp, old, None, adv, mask, positive_nll_weight=lam, positive_rows=pos, token_level=False))
-
-
-def test_positive_nll_microbatches_with_global_scale():
-    lp, old, ref, sampler, adv, mask = random_batch(7, spread=0.3)
-    pos = (adv > 0).astype(np.float64)
-    pos[0] = 1.0
-    args = [f32(x) for x in (lp, old, ref, adv, mask)]
-    for token_level in (True, False):
-        cfg = dict(token_level=token_level, kl_coef=0.05, positive_nll_weight=0.4)
-        full, full_m = pgl(*args, positive_rows=pos, **cfg)
-        exp_full, _ = ref_loss(f64(lp), f64(old), f64(ref), f64(adv), mask, positive_rows=pos, **cfg)
-        close(full, exp_full)
-        n_tot = mask.sum() if token_level else float((mask.sum(1) > 0).sum())
-        n_pos = mask[pos > 0].sum()
-        tot_s, tot_nll = 0.0, 0.0
-        for sl in (slice(0, 1), slice(1, 4)):
-            s, _, m = pgl_sum(*(a[sl] for a in args), positive_rows=pos[sl], nll_scale=n_tot / n_pos, **cfg)
-            tot_s, tot_nll = tot_s + float(s), tot_nll + float(m["positive_nll_loss"])
-        close(tot_s / n_tot, full)
-        close(tot_nll / n_tot, full_m["positive_nll_loss"])
-
 
 CONFIGS = [
     dict(),
@@ -533,33 +317,23 @@ def test_random_batches_match_reference(cfg, seed):
 # Gradients w.r.t. the current log-probs
 # ----------------------------------------------------------------------------------------------------------------
 
-def _grad(lp, old, ref, adv, mask, sampler_logprobs=None, **kw):
-    """d loss / d logprobs on the padded batch; the padding (masked) must get exactly zero gradient."""
-    *args, sampler = padded(lp, old, ref, adv, mask, sampler_logprobs)
-    kw = pad_kw(kw)
-    g = np.asarray(jax.grad(lambda x: policy_gradient_loss(x, *args[1:], sampler_logprobs=sampler, **kw)[0])(args[0]),
-                   np.float64)
-    R, T = np.shape(lp)
-    assert np.all(g[R:] == 0) and np.all(g[:, T:] == 0), "masked padding got a gradient"
-    return g[:R, :T]
-
 
 def test_grad_unclipped_region():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     old = lp + 0.05 * np.sign(np.arange(16).reshape(4, 4) % 3 - 1)  # ratios within [0.95, 1.05]
-    g = _grad(lp, f32(old), None, f32(adv), f32(mask))
+    g = loss_grad(lp, f32(old), None, f32(adv), f32(mask))
     r = np.exp(f64(lp) - f64(old))
     close(g, -adv[:, None] * r * mask / mask.sum())
 
 
 def test_grad_clipped_tokens_are_zero():
-    lp, old, A, mask, ratios = _hand_ratio_batch()
-    g = _grad(lp, f32(old), None, f32(A), f32(mask), clip_low=0.2, clip_high=0.28)
+    lp, old, A, mask, ratios = hand_ratio_batch()
+    g = loss_grad(lp, f32(old), None, f32(A), f32(mask), clip_low=0.2, clip_high=0.28)
     clipped = np.array([True, False, True, False, False, False])
     expected = np.where(clipped, 0.0, -A[0] * ratios / 6)
     close(g[0], expected)
     # a dual-clipped token has no gradient either
-    g = _grad(lp, f32(old), None, f32(A), f32(mask), dual_clip=1.2, clip_low=0.2, clip_high=0.28)
+    g = loss_grad(lp, f32(old), None, f32(A), f32(mask), dual_clip=1.2, clip_low=0.2, clip_high=0.28)
     # token 3 (A=-1, r=1.5): unclipped loss 1.5 > c=1.2 -> capped (constant); token 5 (A=-.5, r=.9): 0.45 < 0.6
     expected = np.where(clipped | (np.arange(6) == 3), 0.0, -A[0] * ratios / 6)
     close(g[0], expected)
@@ -571,7 +345,7 @@ def test_grad_kl_term(kl_type):
     ref = np.array([[-1.4, -1.0, -0.3, -3.0], [-0.9, -1.0, -2.0, -0.6]])
     mask = np.array([[1, 1, 1, 0], [1, 1, 1, 1.0]])
     beta = 0.07
-    g = _grad(lp, f32(lp), f32(ref), f32([0.0, 0.0]), f32(mask), kl_coef=beta, kl_type=kl_type)
+    g = loss_grad(lp, f32(lp), f32(ref), f32([0.0, 0.0]), f32(mask), kl_coef=beta, kl_type=kl_type)
     # loss term beta * v * k(ref - lp) with v = exp(lp - sg(lp)) (value 1): d/dlp = beta * (k + dk/dlp)
     x = f64(ref) - f64(lp)
     k = {"k1": -x, "k2": 0.5 * x**2, "k3": np.exp(x) - 1 - x}[kl_type]
@@ -581,15 +355,15 @@ def test_grad_kl_term(kl_type):
 
 def test_grad_kl_output_clamp_blocks_gradient():
     lp, ref = np.array([[-0.5, -0.5]]), np.array([[-15.5, -1.0]])
-    g = _grad(lp, f32(lp), f32(ref), f32([0.0]), f32(np.ones((1, 2))), kl_coef=0.2, kl_type="k2")
+    g = loss_grad(lp, f32(lp), f32(ref), f32([0.0]), f32(np.ones((1, 2))), kl_coef=0.2, kl_type="k2")
     x = -0.5
     close(g[0], [0.0, 0.2 * (0.5 * x**2 - x) / 2])
 
 
 def test_grad_gspo():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     old = lp - 0.03 * (np.arange(16).reshape(4, 4) % 3)  # sequence ratios inside [0.8, 1.2]
-    g = _grad(lp, f32(old), None, f32(adv), f32(mask), token_level=False, sequence_level_ratio=True)
+    g = loss_grad(lp, f32(old), None, f32(adv), f32(mask), token_level=False, sequence_level_ratio=True)
     expected = np.zeros((4, 4))
     for i in range(3):
         v = mask[i] > 0
@@ -599,24 +373,14 @@ def test_grad_gspo():
 
 
 def test_grad_with_importance_weights_and_reinforce():
-    lp, old, adv, mask = _ragged_batch()
+    lp, old, adv, mask = ragged_batch()
     old = lp + 0.02
     sampler = old - 0.4
-    g = _grad(lp, f32(old), None, f32(adv), f32(mask), sampler_logprobs=f32(sampler))
+    g = loss_grad(lp, f32(old), None, f32(adv), f32(mask), sampler_logprobs=f32(sampler))
     w, r = np.exp(f64(old) - f64(sampler)), np.exp(f64(lp) - f64(old))
     close(g, -adv[:, None] * w * r * mask / mask.sum())
-    g = _grad(lp, f32(old), None, f32(adv), f32(mask), reinforce=True)
+    g = loss_grad(lp, f32(old), None, f32(adv), f32(mask), reinforce=True)
     close(g, -adv[:, None] * mask / mask.sum())
-
-
-def _central_differences(f, x: np.ndarray, h: float = 1e-6) -> np.ndarray:
-    """d f / d x[i, t] by central differences of the float64 scalar function f."""
-    out = np.zeros_like(x)
-    for idx in np.ndindex(x.shape):
-        e = np.zeros_like(x)
-        e[idx] = h
-        out[idx] = (f(x + e) - f(x - e)) / (2 * h)
-    return out
 
 
 def test_grad_finite_difference_of_reference():
@@ -625,9 +389,9 @@ def test_grad_finite_difference_of_reference():
     lp = f64(lp)
     kw = dict(clip_low=0.2, clip_high=0.28, dual_clip=2.5, kl_coef=0.1, kl_type="k3", sampler_logprobs=sampler,
               tis_cap=1.5, token_level=False)
-    g = _grad(lp, f32(old), f32(ref), f32(adv), f32(mask), **{**kw, "sampler_logprobs": f32(sampler)})
+    g = loss_grad(lp, f32(old), f32(ref), f32(adv), f32(mask), **{**kw, "sampler_logprobs": f32(sampler)})
     kw64 = {**kw, "sampler_logprobs": f64(sampler)}
-    fd = _central_differences(lambda x: ref_loss(x, f64(old), f64(ref), f64(adv), mask, **kw64)[0], lp)
+    fd = central_differences(lambda x: ref_loss(x, f64(old), f64(ref), f64(adv), mask, **kw64)[0], lp)
     # add the score-function term beta * k per valid token, sequence-mean aggregated
     x = f64(ref) - lp
     k3 = np.exp(x) - 1 - x
@@ -635,71 +399,6 @@ def test_grad_finite_difference_of_reference():
     fd += 0.1 * k3 * mask / np.maximum(mask.sum(1, keepdims=True), 1) / n_seq
     close(g, fd, rtol=1e-4, atol=1e-5)
 
-
-@pytest.mark.parametrize("token_level", [True, False])
-def test_grad_finite_difference_on_policy_kl_icepop_nll(token_level):
-    """With on_policy_kl the KL weight exp(lp - sampler) makes the score-function term part of the loss's value,
-    so the whole gradient (PPO + icepop weights + on-policy KL + positive NLL) is the reference's derivative."""
-    lp, old, ref, sampler, adv, mask = random_batch(4, spread=0.4)
-    lp = f64(lp)
-    pos = (adv > 0).astype(np.float64)
-    pos[1] = 1.0
-    kw = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_type="k3", tis_type="icepop", tis_cap=1.5,
-              tis_min=0.6, on_policy_kl=True, positive_nll_weight=0.5, positive_rows=pos, token_level=token_level)
-    g = _grad(lp, f32(old), f32(ref), f32(adv), f32(mask), sampler_logprobs=f32(sampler), **kw)
-    fd = _central_differences(
-        lambda x: ref_loss(x, f64(old), f64(ref), f64(adv), mask, sampler_logprobs=f64(sampler), **kw)[0], lp)
-    close(g, fd, rtol=1e-4, atol=1e-5)
-
-
-def test_grad_cispo():
-    # CISPO: d/dlp = -A * w * sg(r_c) / count on every valid token, clipped ones included (PPO gives them 0)
-    lp, old, A, mask, ratios = _hand_ratio_batch()
-    g = _grad(lp, f32(old), None, f32(A), f32(mask), clip_low=0.2, clip_high=0.28, cispo=True)
-    rc = np.clip(ratios, 0.8, 1.28)
-    close(g[0], -A[0] * rc / 6)
-    assert np.all(g[0] != 0)
-    sampler = old - np.array([[0.3, -0.2, 0.9, 0.0, -1.0, 0.1]])
-    g = _grad(lp, f32(old), None, f32(A), f32(mask), sampler_logprobs=f32(sampler), clip_low=0.2, clip_high=0.28,
-              cispo=True, tis_cap=2.0)
-    w = np.minimum(np.exp(f64(old) - f64(sampler))[0], 2.0)
-    close(g[0], -A[0] * w * rc / 6)
-    # ragged batch: masked tokens get nothing, valid ones -A r_c / 7
-    lp, old, adv, mask = _ragged_batch()
-    g = _grad(lp, f32(old), None, f32(adv), f32(mask), cispo=True)
-    r = np.exp(f64(lp) - f64(old))
-    close(g, -adv[:, None] * np.clip(r, 0.8, 1.2) * mask / 7)
-
-
-@pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
-def test_grad_on_policy_kl(kl_type):
-    lp, ref, mask, sampler = _kl_batch()
-    beta = 0.07
-    g = _grad(lp, f32(lp), f32(ref), f32([0.0, 0.0]), f32(mask), sampler_logprobs=f32(sampler), kl_coef=beta,
-              kl_type=kl_type, on_policy_kl=True)
-    # loss term beta * v * k(ref - lp), v = exp(lp - sg(sampler)): d/dlp = beta * v * (k + dk/dlp)
-    x = f64(ref) - f64(lp)
-    v = np.exp(f64(lp) - f64(sampler))
-    k = {"k1": -x, "k2": 0.5 * x**2, "k3": np.exp(x) - 1 - x}[kl_type]
-    dk = {"k1": np.ones_like(x), "k2": -x, "k3": 1 - np.exp(x)}[kl_type]
-    close(g, beta * v * (k + dk) * mask / mask.sum())
-
-
-def test_grad_positive_nll():
-    lp, old, adv, mask = _ragged_batch()
-    old = lp + 0.02  # every ratio inside the clip range
-    pos = np.array([1.0, 0.0, 1.0, 0.0])
-    lam = 0.6
-    g = _grad(lp, f32(old), None, f32(adv), f32(mask), token_level=False, positive_nll_weight=lam, positive_rows=pos)
-    r = np.exp(f64(lp) - f64(old))
-    actor = -adv[:, None] * r * mask / np.maximum(mask.sum(1, keepdims=True), 1) / 3
-    nll = -lam * pos[:, None] * mask / 3  # 3 valid tokens in the positive rows
-    close(g, actor + nll)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Microbatch additivity
-# ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cfg", [dict(token_level=True, kl_coef=0.1, dual_clip=3.0, tis_cap=2.0),
                                  dict(token_level=False, kl_coef=0.05, kl_type="k2"),
