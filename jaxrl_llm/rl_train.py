@@ -117,13 +117,17 @@ class Rollouts:
 
 
 def reward_components(info: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """{name: rewards [R]} from the "reward/<name>" entries of per-sample info (sorted by name); {} if none."""
+    """{name: rewards [R]} from the "reward/<name>" entries of per-sample info (sorted by name); {} if none.
+    A component that only some samples carry (e.g. a routed environment with a combined route) is left out, with
+    a warning naming it: it is neither a per-sample metric nor a GDPO component of the whole batch."""
     names = sorted({k[len("reward/"):] for inf in info for k in inf if k.startswith("reward/")})
     out = {}
     for n in names:
         missing = [i for i, inf in enumerate(info) if f"reward/{n}" not in inf]
         if missing:
-            raise ValueError(f"reward component {n!r} is missing from sample {missing[0]}'s info")
+            log.warning("reward component %r is missing from %d of %d samples (the first: sample %d); left out",
+                        n, len(missing), len(info), missing[0])
+            continue
         out[n] = np.array([float(inf[f"reward/{n}"]) for inf in info], np.float32)
     return out
 
