@@ -252,17 +252,13 @@ def policy_gradient_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask,
               tis_cap=tis_cap, reinforce=reinforce, kl_logprobs=kl_logprobs, cispo=cispo, tis_type=tis_type,
               tis_min=tis_min, on_policy_kl=on_policy_kl, positive_nll_weight=positive_nll_weight,
               positive_rows=positive_rows)
-    m = jnp.asarray(mask, _F32)
-    if normalizer is not None:
-        norm = jnp.maximum(jnp.asarray(normalizer, _F32), 1e-8)
-    elif token_level:
-        norm = jnp.maximum(m.sum(), 1e-8)
-    else:
-        norm = jnp.maximum((m.sum(-1) > 0).sum().astype(_F32), 1e-8)
-    nll_scale = None
-    if positive_nll_weight > 0 and positive_rows is not None:  # a mean over positive tokens, whatever the normaliser
-        nll_scale = norm / jnp.maximum((m * jnp.asarray(positive_rows, _F32).reshape(-1, 1)).sum(), 1.0)
-    s, _, sums = policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, mask,
+    norm = None if normalizer is None else jnp.maximum(jnp.asarray(normalizer, _F32), 1e-8)
+    nll_scale = None  # the sum form's default (this batch's count / positive tokens) fits its own count
+    if norm is not None and positive_nll_weight > 0 and positive_rows is not None:
+        pos_tokens = (jnp.asarray(mask, _F32) * jnp.asarray(positive_rows, _F32).reshape(-1, 1)).sum()
+        nll_scale = norm / jnp.maximum(pos_tokens, 1.0)  # a mean over positive tokens, whatever the normaliser
+    s, n, sums = policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, mask,
                                           nll_scale=nll_scale, **kw)
+    norm = jnp.maximum(n, 1e-8) if norm is None else norm
     metrics = {k: (v if k in ("ratio_min", "ratio_max") else v / norm) for k, v in sums.items()}
     return s / norm, metrics
