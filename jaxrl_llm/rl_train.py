@@ -403,10 +403,14 @@ class GRPORunner:
                     metrics["logprob_error_masked"] = float(mask_logprob_errors(batch, g.logprob_error_threshold))
             else:
                 batch["old_logprobs"] = batch["sampler_logprobs"]
-            if g.adv_estimator == "reinforce_plus_plus":  # whitened over the final mask, with KL in the reward
+            # REINFORCE++ depends on the KL (in the reward) and on the final mask (whitening): redo it when either
+            # became known only now; prepare_batch's advantages stand otherwise.
+            if g.adv_estimator == "reinforce_plus_plus" and (g.kl_in_reward or g.logprob_error_threshold is not None):
                 kl = kl_penalty(batch["ref_logprobs"] - batch["old_logprobs"], g.kl_type) if g.kl_in_reward else None
                 batch["advantages"] = compute_advantages(self.config, batch["shaped_rewards"], batch["components"],
                                                          batch["loss_mask"], None if kl is None else np.asarray(kl))
+                valid = batch["loss_mask"] > 0
+                host["advantage_abs_mean"] = float(np.abs(batch["advantages"][valid]).mean()) if valid.any() else 0.0
             t2 = time.perf_counter()
             train_m = []
             n_mb = self.R // self.mb_size
