@@ -88,7 +88,8 @@ def grpo_config(a: argparse.Namespace, folder: str, max_prompt_len: int = 4096) 
     c.grpo.update(leave_one_out=False, normalize_std=True, clip_low=0.2, clip_high=0.2, dual_clip=0.0,
                   kl_coef=a.kl, kl_type="k3", token_level=True, sequence_level_ratio=False, reinforce=False,
                   importance_correction=False, tis_cap=0.0, recompute_old_logprobs=False, epochs=1,
-                  dynamic_sampling=False, overlong_filtering=False, overlong_buffer=0)
+                  dynamic_sampling=False, overlong_filtering=False, overlong_buffer=0,
+                  shared_prompt=not a.no_shared_prompt)
     c.train.update(batch_size=0, microbatches=1)  # all rollouts in one update, one forward (as TRL's batch)
     c.optimizer.update(lr=OPT["lr"], warmup_steps=0, schedule="constant", weight_decay=OPT["weight_decay"],
                        b1=OPT["b1"], b2=OPT["b2"], eps=OPT["eps"], grad_clip=OPT["grad_clip"])
@@ -200,6 +201,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kl", type=float, default=0.0, help="KL coefficient (ours kl_coef, TRL beta); 0: no reference")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1; jax's includes compiles)")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--no-shared-prompt", action="store_true",
+                    help="jaxrl_llm runs every rollout row's own prompt copy (grpo.shared_prompt=False), as TRL does")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     for name, (full, tiny, _) in SIZES.items():

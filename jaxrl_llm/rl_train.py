@@ -248,6 +248,21 @@ def mask_logprob_errors(batch: dict[str, np.ndarray], threshold: float) -> int:
     return int(bad.sum())
 
 
+def shuffled_rows(rng: np.random.Generator, rows: int, group: int) -> np.ndarray:
+    """A random order of `rows` rows that keeps each group of `group` consecutive rows together and in order."""
+    return (rng.permutation(rows // group)[:, None] * group + np.arange(group)).reshape(-1)
+
+
+def check_shared_prompts(batch: dict[str, np.ndarray], group: int, prompt_len: int) -> None:
+    """The rows of each group must carry the same prompt columns for the log-prob and loss passes to share them."""
+    for k in ("input_ids", "attention_mask"):
+        a = batch[k][:, :prompt_len].reshape(-1, group, prompt_len)
+        bad = np.flatnonzero((a != a[:, :1]).any(axis=(1, 2)))
+        if bad.size:
+            raise RuntimeError(f"grpo.shared_prompt: the rows of group {int(bad[0])} do not share their prompt "
+                               f"({k}); set grpo.shared_prompt=False")
+
+
 class GRPORunner:
     """Holds the compiled functions and frozen pieces of a GRPO run; `step` does one RL step."""
 
@@ -282,12 +297,17 @@ class GRPORunner:
                                       in_shardings=(None, self.batch_sh, None),
                                       out_shardings=({"params": p_sh, "opt_state": opt_sh, "step": None}, None))
             P = config.data.max_prompt_len  # completions start there in every row
+            self.group = grpo.shared_prompt_group(config)  # rows per shared prompt in log-prob/loss passes
             self.ref_logprobs = jax.jit(grpo.make_logprobs_fn(cfg, ro.temperature, n_micro_lp, rules,
-                                                              first_target=P),
+                                                              first_target=P, group=self.group),
                                         in_shardings=(p_sh, full_sh, full_sh))
             self.policy_logprobs = jax.jit(grpo.make_logprobs_fn(cfg, ro.temperature, n_micro_lp, rules,
-                                                                 ro.top_k, ro.top_p, first_target=P),
+                                                                 ro.top_k, ro.top_p, first_target=P,
+                                                                 group=self.group),
                                            in_shardings=(p_sh, full_sh, full_sh))
+        if config.grpo.get("shared_prompt", False) and self.group == 1:
+            log.info("grpo.shared_prompt: a microbatch of %d rows does not hold whole groups of %d; every row runs "
+                     "its own prompt", self.mb_size // tc.microbatches, self.G)
         self.full_sh = full_sh
 
     # -- rollouts -------------------------------------------------------------------------------------------
@@ -381,6 +401,8 @@ class GRPORunner:
         t_start = time.perf_counter()
         roll, info = self.collect(state["params"], step)
         batch, host = prepare_batch(roll, self.config, self.pad)
+        if self.group > 1:
+            check_shared_prompts(batch, self.group, self.config.data.max_prompt_len)
         t0 = time.perf_counter()
         # Every process holds the whole batch (gathered rollouts); each places the rows its devices own.
         full = {k: distributed.put_global(batch[k], self.full_sh) for k in ("input_ids", "attention_mask")}
@@ -416,7 +438,7 @@ class GRPORunner:
             n_mb = self.R // self.mb_size
             order_rng = np.random.default_rng([self.config.seed, step, 0x6A])
             for epoch in range(g.epochs):
-                order = np.arange(self.R) if epoch == 0 else order_rng.permutation(self.R)
+                order = np.arange(self.R) if epoch == 0 else shuffled_rows(order_rng, self.R, self.group)
                 for j in range(n_mb):
                     rows = order[j * self.mb_size:(j + 1) * self.mb_size]
                     mb = {k: distributed.put_global(batch[k][rows], self.batch_sh[k]) for k in grpo.BATCH_AXES}

@@ -34,6 +34,7 @@ from jaxrl_llm.algorithms.losses import token_logprobs
 from jaxrl_llm.algorithms.pg_losses import KL_TYPES, TIS_TYPES, grpo_advantages, policy_gradient_loss_sum
 from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
 from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.shared_prefix import shared_prefix_hidden_states
 from jaxrl_llm.models.transformer import hidden_states, lm_logits
 from jaxrl_llm.parallel.rules import ShardingRules
 from jaxrl_llm.sampling.strategies import filter_top_k_top_p
@@ -46,7 +47,7 @@ BATCH_AXES = {
 }
 
 __all__ = ["BATCH_AXES", "build_batch", "dynamic_sampling_keep", "grpo_advantages", "grpo_config", "make_logprobs_fn",
-           "make_train_step", "shape_overlong", "validate_config"]
+           "make_train_step", "shape_overlong", "shared_prompt_group", "validate_config"]
 
 
 def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -70,8 +71,11 @@ def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
     Samples: overlong_filtering (truncated samples masked out of the loss), logprob_error_threshold (needs
     recompute_old_logprobs: samples whose mean exp|sampler - trainer log-prob| exceeds it are masked out),
     dynamic_sampling (keep groups with reward spread; up to dynamic_sampling_max_rounds generation rounds of
-    batch_multiplier x num_prompts prompts). epochs: passes over the rollouts per step. ref_offload: the
-    reference model lives in host memory between steps.
+    batch_multiplier x num_prompts prompts). epochs: passes over the rollouts per step (later epochs shuffle whole
+    groups when the prompt is shared). ref_offload: the reference model lives in host memory between steps.
+    shared_prompt: the log-prob and loss passes run each group's prompt through the transformer once for its
+    group_size completions (`jaxrl_llm.models.shared_prefix`; the same values, fewer tokens), when every
+    microbatch holds whole groups; off: every rollout row runs its own copy.
     """
     c = ml_collections.ConfigDict(dict(
         adv_estimator="grpo", leave_one_out=True, normalize_std=True, minus_baseline=True, reward_weights=(),
@@ -82,7 +86,7 @@ def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
         token_level=True, sequence_level_ratio=False,
         importance_correction=False, tis_cap=0.0, tis_type="tis", tis_min=config_dict.placeholder(float),
         recompute_old_logprobs=False, logprob_error_threshold=config_dict.placeholder(float),
-        positive_nll_weight=0.0, epochs=1,
+        positive_nll_weight=0.0, epochs=1, shared_prompt=True,
         dynamic_sampling=False, dynamic_sampling_max_rounds=4, batch_multiplier=1.0,
         overlong_filtering=False, overlong_buffer=0, overlong_penalty=1.0,
         stop_properly_penalty=config_dict.placeholder(float)))
@@ -203,6 +207,15 @@ def _validate_variants(g: Any, config: Any) -> None:
                          "grpo.dynamic_sampling")
 
 
+def shared_prompt_group(config: Any) -> int:
+    """Rows per shared prompt in the log-prob and loss passes: rollout.group_size when grpo.shared_prompt is on and
+    every microbatch (train.batch_size / train.microbatches rows) holds whole groups, else 1 (each row runs its own
+    prompt). The rows of a group are consecutive and share their prompt columns (`build_batch`)."""
+    G = config.rollout.group_size
+    rows = (config.train.batch_size or config.rollout.num_prompts * G) // config.train.microbatches
+    return G if config.grpo.get("shared_prompt", False) and rows % G == 0 else 1
+
+
 # ----------------------------------------------------------------------------------------------- host side
 
 
@@ -265,13 +278,34 @@ def build_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence
 # --------------------------------------------------------------------------------------------- device side
 
 
+def _target_hidden(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: jax.Array,
+                   rules: ShardingRules | None, first_target: int, group: int) -> jax.Array:
+    """Hidden states [B, T - first_target, D] of the positions that predict columns first_target .. T - 1.
+
+    group > 1: rows come in groups of `group` consecutive rows that share their first `first_target` columns (one
+    prompt, several completions: `build_batch` rows of one GRPO group); the prompt then runs through the
+    transformer once per group (`shared_prefix_hidden_states`), the same function with fewer tokens."""
+    if group <= 1:
+        return hidden_states(cfg, params, ids_BT, attn_BT, rules=rules)[:, first_target - 1:-1]
+    B, T = ids_BT.shape
+    N, P = B // group, first_target
+    ids, attn = ids_BT.reshape(N, group, T), attn_BT.reshape(N, group, T)
+    h_prompt, h_cont = shared_prefix_hidden_states(cfg, params, ids[:, 0, :P], attn[:, 0, :P], ids[:, :, P:],
+                                                   attn[:, :, P:], rules=rules)
+    # Column P (each completion's first token) is predicted by the shared last prompt position; column P + j by
+    # the completion's own position j - 1.
+    first = jnp.broadcast_to(h_prompt[:, None, P - 1:P], (N, group, 1, h_prompt.shape[-1]))
+    return jnp.concatenate([first, h_cont[:, :, :-1]], axis=2).reshape(B, T - P, h_prompt.shape[-1])
+
+
 def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: jax.Array, temperature: float,
                      top_k: int, top_p: float, rules: ShardingRules | None, with_entropy: bool = False,
-                     first_target: int = 1):
+                     first_target: int = 1, group: int = 1):
     """(log-probs of the tokens under the sampled-from distribution [B, T], the same without top-k/top-p
     filtering, entropy per position or None); temperature applied as the sampler does. Only targets from column
-    `first_target` on are scored (the vocabulary projection runs on those positions alone); earlier columns are 0."""
-    h = hidden_states(cfg, params, ids_BT, attn_BT, rules=rules)[:, first_target - 1:-1]
+    `first_target` on are scored (the vocabulary projection runs on those positions alone); earlier columns are 0.
+    group > 1: rows share their prompt in groups of that many (`_target_hidden`)."""
+    h = _target_hidden(cfg, params, ids_BT, attn_BT, rules, first_target, group)
     logits = lm_logits(cfg, params, h, rules).astype(jnp.float32) / temperature
     targets = ids_BT[:, first_target:]
     lp_raw = token_logprobs(logits, targets)
@@ -294,17 +328,18 @@ def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: 
 
 
 def make_logprobs_fn(cfg: ModelConfig, temperature: float, num_micro: int, rules: ShardingRules | None = None,
-                     top_k: int = 0, top_p: float = 1.0, first_target: int = 1) -> Callable:
+                     top_k: int = 0, top_p: float = 1.0, first_target: int = 1, group: int = 1) -> Callable:
     """fn(params, input_ids [R, T], attention_mask [R, T]) -> log-probs [R, T] (target-aligned; columns before
     `first_target`, the completion start of `build_batch` rows, are zero), computed `num_micro` rows-chunks at a
     time (lax.map) to bound activation memory. top_k/top_p: the sampler's filter (0 / 1.0 for the reference
-    model, whose log-probs keep only the temperature)."""
+    model, whose log-probs keep only the temperature). group > 1: consecutive rows share their prompt in groups of
+    that many, and each chunk holds whole groups (`shared_prompt_group`)."""
 
     def fn(params, ids_RT, attn_RT):
         R, T = ids_RT.shape
         chunks = (ids_RT.reshape(num_micro, R // num_micro, T), attn_RT.reshape(num_micro, R // num_micro, T))
         out = jax.lax.map(lambda c: _policy_logprobs(cfg, params, c[0], c[1], temperature, top_k, top_p,
-                                                      rules, first_target=first_target)[0], chunks)
+                                                      rules, first_target=first_target, group=group)[0], chunks)
         return out.reshape(R, T)
 
     return fn
@@ -326,11 +361,12 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, c
               cispo=g.cispo, tis_type=g.tis_type, tis_min=g.tis_min, on_policy_kl=g.on_policy_kl,
               positive_nll_weight=g.positive_nll_weight)
     use_is = bool(g.importance_correction)
+    group = shared_prompt_group(config)
 
     def loss_fn(params, mb, on_policy, nll_scale):
         lp, lp_raw, ent = _policy_logprobs(cfg, params, mb["input_ids"], mb["attention_mask"], ro.temperature,
                                            ro.top_k, ro.top_p, rules, with_entropy=True,
-                                           first_target=config.data.max_prompt_len)
+                                           first_target=config.data.max_prompt_len, group=group)
         mask = mb["loss_mask"].astype(jnp.float32)
         old = jnp.where(on_policy, jax.lax.stop_gradient(lp), mb["old_logprobs"])
         filtered = ro.top_k > 0 or ro.top_p < 1.0
