@@ -164,6 +164,28 @@ def test_chunks_equal_one_batch(llama):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
 
+def test_repeated_prompts_are_prefilled_once(llama):
+    """GRPO groups and pass@k repeat prompts: each distinct prompt of a chunk is prefilled once and its cache copied
+    to its rows; completions, log-probs and finish reasons equal prefilling every row, with per-row settings."""
+    _, cfg, params = llama
+    a, b, c = make_prompts((5, 11, 3), seed=6)
+    prompts = [a, b, a, c, b, a, a, b, c]
+    sps = [sampling.SamplingParams(max_new_tokens=NEW - i % 3, temperature=[1.0, 0.0, 0.7][i % 3],
+                                   top_k=[0, 0, 5][i % 3], stop_token_ids=(STOP,)) for i in range(len(prompts))]
+    shared = sampling.generate(cfg, params, prompts, sps, jax.random.key(3))
+    every = sampling.generate(cfg, params, prompts, sps, jax.random.key(3), share_prefill=False)
+    assert shared.stats["prefill_rows"] == 4 and every.stats["prefill_rows"] == 16  # 3 distinct -> bucket 4
+    assert shared.tokens == every.tokens and shared.finish_reasons == every.finish_reasons
+    for x, y in zip(shared.logprobs, every.logprobs, strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    assert shared.tokens[0] != shared.tokens[2]  # repeated prompts still draw from their own streams
+    # chunks of 4 rows, sorted by prompt length: c c a a | a a b b | b -> 2 + 2 + 1 distinct prompts prefilled
+    chunked = sampling.generate(cfg, params, prompts, sps, jax.random.key(3), max_batch_size=4)
+    assert chunked.tokens == every.tokens and chunked.stats["prefill_rows"] == 2 + 2 + 1
+    distinct = sampling.generate(cfg, params, [a, b, c], sps[:3], jax.random.key(3))
+    assert distinct.stats["prefill_rows"] == 4  # nothing to share: the usual batch
+
+
 # -------------------------------------------------------------------------------- stop ids and limits
 
 

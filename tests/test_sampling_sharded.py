@@ -47,6 +47,15 @@ def check_sharded_equals_single_device() -> None:
             np.testing.assert_allclose(a, b, atol=1e-5)
         assert out.stats["shapes"] == [(8, 16, 16)]
         assert (out.stats["reshard_seconds"] > 0) == ("sampling_rules" in kw)
+    # A repeated prompt (a GRPO group) is prefilled once on the mesh and its cache copied to its rows.
+    dup = [prompts[1]] * 8 + [prompts[2]] * 8
+    dsp = sampling.SamplingParams(max_new_tokens=6, temperature=1.0, stop_token_ids=(5,))
+    ref_dup = sampling.generate(CFG, params, dup, dsp, key, share_prefill=False)
+    out = sampling.generate(CFG, sharded, dup, dsp, key, mesh=mesh, rules=rules)
+    assert out.stats["prefill_rows"] < 16 and ref_dup.stats["prefill_rows"] == 16
+    assert out.tokens == ref_dup.tokens
+    for a, b in zip(out.logprobs, ref_dup.logprobs, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
     # The trainer's arrays were used where they are (no copy, layout untouched).
     assert jax.tree.map(lambda x: x.sharding, sharded) == before
 

@@ -48,19 +48,24 @@ def compile_counts() -> dict[str, int]:
 
 @partial(jax.jit, static_argnames=("cfg", "cache_len", "rules"))
 def prefill(cfg: ModelConfig, params: dict, ids_BT: jax.Array, start_B: jax.Array, *, cache_len: int,
-            rules: ShardingRules | None = None) -> tuple[dict, jax.Array]:
+            rules: ShardingRules | None = None, rows_R: jax.Array | None = None) -> tuple[dict, jax.Array]:
     """Left-padded prompts [B, P] (row b valid from slot start_b) -> (cache, logits [B, V] of slot P - 1).
 
     Every row's last prompt token sits in slot P - 1 (left padding), so only that slot is projected onto the
-    vocabulary (`last_only`)."""
+    vocabulary (`last_only`). rows_R: the B prompts are the distinct ones of a batch of R rows, and row r is prompt
+    rows_R[r]: the cache and logits come back with R rows (each prompt prefilled once, then copied)."""
     _TRACES["prefill"] += 1
     B, P = ids_BT.shape
     cache = init_cache(cfg, B, cache_len, rules)
     mask_BTS = prefill_mask_BTS(cfg, start_B, P, cache_len)
     logits_B1V, cache = forward_with_cache(cfg, params, ids_BT, prompt_positions_BT(start_B, P), mask_BTS, cache,
                                            jnp.int32(0), rules=rules, last_only=True)
+    logits_BV = logits_B1V[:, 0]
+    if rows_R is not None:
+        cache = {n: jnp.take(c, rows_R, axis=CACHE_AXES.index("batch")) for n, c in cache.items()}
+        logits_BV = jnp.take(logits_BV, rows_R, axis=0)
     cache = {n: constrain(c, CACHE_AXES, rules) for n, c in cache.items()}
-    return cache, logits_B1V[:, 0]
+    return cache, logits_BV
 
 
 @jax.tree_util.register_dataclass
