@@ -179,8 +179,13 @@ def _phase_timer(trainer: Any, phases: dict[str, float]) -> None:
 def time_trl_grpo(folder: str, prompts: Sequence[Sequence[int]],
                   reward_fn: Callable[[list[int], list[list[int]]], Sequence[float]], group_size: int,
                   max_new_tokens: int, stop_ids: Sequence[int], pad_id: int, steps: int, warmup: int,
-                  opt: dict[str, float], beta: float, temperature: float) -> dict[str, Any]:
+                  opt: dict[str, float], beta: float, temperature: float, trl_defaults: bool = False
+                  ) -> dict[str, Any]:
     """GRPOTrainer, one generation of all `prompts` x `group_size` and one optimizer update per step.
+
+    fp32 without gradient checkpointing (like jaxrl_llm's run), or with `trl_defaults` GRPOConfig's own precision
+    and checkpointing defaults (what a user who does not set them gets; recorded as "bf16" and
+    "gradient_checkpointing" in the result).
 
     The prompts go in as text of `word`s (not conversational), which the stub tokenizer turns back into exactly
     these ids (checked). reward_fn(prompt rows, completion ids) -> one reward per completion, `rows` indexing
@@ -228,6 +233,9 @@ def time_trl_grpo(folder: str, prompts: Sequence[Sequence[int]],
 
     common = _common_args(opt, steps + warmup, False)
     common.pop("dataset_num_proc")
+    if trl_defaults:
+        for k in ("bf16", "fp16", "gradient_checkpointing"):
+            common.pop(k)
     R = len(prompts) * group_size
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(output_dir=out, per_device_train_batch_size=R, gradient_accumulation_steps=1,
@@ -238,11 +246,12 @@ def time_trl_grpo(folder: str, prompts: Sequence[Sequence[int]],
                               train_dataset=datasets.Dataset.from_dict(rows), processing_class=tok,
                               callbacks=[StepTimer()])
         _phase_timer(trainer, phases)
+        resolved = {"bf16": bool(trainer.args.bf16), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}
         trainer.train()
     timed = records[warmup:]
     med = lambda k: statistics.median(r.get(k, 0.0) for r in timed)
     phase_s = {k: med(k) for k in ("generate", "score", "reference", "rollout")}
     phase_s["train"] = statistics.median(r["step_s"] - r.get("rollout", 0.0) for r in timed)
-    return {"step_s": med("step_s"), "times": [r["step_s"] for r in timed], "phases": phase_s,
+    return {"step_s": med("step_s"), "times": [r["step_s"] for r in timed], "phases": phase_s, **resolved,
             "generated_tokens": med("generated_tokens"), "records": records, "losses": losses,
             "reward_mean": [r.get("reward_sum", 0.0) / max(r.get("rewards", 0.0), 1.0) for r in records]}

@@ -166,7 +166,10 @@ def report(a: argparse.Namespace, ours: dict, trl: dict | None, prompt_len: int)
     R = a.prompts * a.group
     print(f"\nOne GRPO step: {a.prompts} prompts x {a.group} generations, {a.new_tokens} new tokens "
           f"(stop: {a.stop}), longest prompt {prompt_len} tokens, kl {a.kl}; median of {len(ours['times'])} steps "
-          f"(jaxrl_llm first step, with compiles: {ours['first_step_s']:.1f}s)\n")
+          f"(jaxrl_llm first step, with compiles: {ours['first_step_s']:.1f}s); jaxrl_llm fp32, shared prompt "
+          f"{'off' if a.no_shared_prompt else 'on'}"
+          + (f"; TRL bf16 {trl['bf16']}, gradient checkpointing {trl['gradient_checkpointing']}" if trl else "")
+          + "\n")
     print("| phase | jaxrl_llm s | TRL s | TRL/jaxrl_llm |\n|---|---|---|---|")
     tp = None
     if trl:
@@ -201,6 +204,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kl", type=float, default=0.0, help="KL coefficient (ours kl_coef, TRL beta); 0: no reference")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1; jax's includes compiles)")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--trl-defaults", action="store_true",
+                    help="TRL with GRPOConfig's own bf16 and gradient-checkpointing defaults instead of fp32 without "
+                         "checkpointing (jaxrl_llm stays fp32 without remat)")
     ap.add_argument("--no-shared-prompt", action="store_true",
                     help="jaxrl_llm runs every rollout row's own prompt copy (grpo.shared_prompt=False), as TRL does")
     ap.add_argument("--json", default="")
@@ -243,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
             if not a.no_trl:
                 pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
                 trl = time_trl_grpo(folder, ours_run.runner.prompt_ids, ours_run.reward, a.group, a.new_tokens,
-                                    ours_run.stop_ids, pad, a.steps, a.warmup, OPT, a.kl, 1.0)
+                                    ours_run.stop_ids, pad, a.steps, a.warmup, OPT, a.kl, 1.0, a.trl_defaults)
         finally:
             ours_run.close()
     ours.pop("records")
