@@ -304,8 +304,11 @@ def test_two_processes_place_gather_offload_and_split_scoring():
 
 
 # GRPO tiny at a smaller learning rate: at lr 1e-2, Adam's first update is close to sign(g) and flips for gradient
-# entries near 0 under a different all-reduce order, so later steps drift apart by more than 1e-5 relative.
-GRPO_TINY = {"max_steps": 2, "optimizer.lr": 1e-3, "metrics.tensorboard": False, "grpo.ref_offload": True,
+# entries near 0 under a different all-reduce order, so later steps drift apart. At 1e-3 this peaked policy's KL grows
+# 15x in one update and step 2 drifted by up to 7e-5 relative; at 3e-4, by 3e-6. The gradient norm (a sum over all
+# 3.2M parameters' squared gradients, summed across devices in another order by gloo) differs by up to 2e-5 relative
+# already at step 1, so the metrics are compared to 1e-4 relative; a missing or doubled all-reduce is off by 2x.
+GRPO_TINY = {"max_steps": 2, "optimizer.lr": 3e-4, "metrics.tensorboard": False, "grpo.ref_offload": True,
              "export_hf": True}
 GRPO_COMPARED = ("loss", "actor_loss", "kl", "grad_norm", "clip_fraction", "entropy", "reward_mean", "accuracy",
                  "gen_length_mean", "advantage_abs_mean", "ratio_mean")
@@ -330,7 +333,7 @@ def test_grpo_two_processes_log_what_one_process_logs(tmp_path):
     assert sorted(got) == [1, 2]
     for s in (1, 2):
         for k in GRPO_COMPARED:
-            assert abs(ref[s][k] - got[s][k]) <= 1e-5 * max(1.0, abs(ref[s][k])), (s, k, ref[s][k], got[s][k])
+            assert abs(ref[s][k] - got[s][k]) <= 1e-4 * max(1.0, abs(ref[s][k])), (s, k, ref[s][k], got[s][k])
     assert ref[2]["loss"] != ref[1]["loss"]  # a real second step on updated weights
     mine, theirs = load_file(os.path.join(two, "hf", "model.safetensors")), \
         load_file(os.path.join(one, "hf", "model.safetensors"))
