@@ -246,7 +246,7 @@ def time_trl_grpo(folder: str, prompts: Sequence[Sequence[int]],
                               train_dataset=datasets.Dataset.from_dict(rows), processing_class=tok,
                               callbacks=[StepTimer()])
         _phase_timer(trainer, phases)
-        resolved = {"bf16": bool(trainer.args.bf16), "gradient_checkpointing": bool(trainer.args.gradient_checkpointing)}
+        resolved = {k: bool(getattr(trainer.args, k)) for k in ("bf16", "gradient_checkpointing")}
         trainer.train()
     timed = records[warmup:]
     med = lambda k: statistics.median(r.get(k, 0.0) for r in timed)
