@@ -25,7 +25,7 @@ from jaxrl_llm import distributed, models, parallel
 from jaxrl_llm.algorithms import REGISTRY, batch_indices
 from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
 from jaxrl_llm.checkpoint import Checkpointer
-from jaxrl_llm.data import DataError
+from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
 
@@ -144,6 +144,14 @@ def validation_batches(algo, examples: list, config, pad: int, rows: list[int] |
         weight[: len(chunk)] = 1.0
         chunk = chunk + [examples[0]] * (B - len(chunk))
         yield {**algo.collate([chunk[r] for r in rows], config, pad), "example_weight": weight[rows]}
+
+
+def batch_tokens(batch: dict[str, Any]) -> Any:
+    """The tokens a batch stands for (for tokens/s): its attention mask's sum; for preference pairs each side's
+    tokens, a shared prefix counted on both sides (`preference.pair_tokens`). Numpy or jax arrays."""
+    if "prefix_mask" in batch:
+        return preference.pair_tokens(batch)
+    return batch["attention_mask"].sum()
 
 
 def opt_state_shardings(optimizer, params, p_sh, mesh):
@@ -269,9 +277,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             val = validate_now(state["params"]) if val_every and (done % val_every == 0 or
                                                                    done == config.max_steps) else {}
             if val or done % config.log_every == 0 or done == config.max_steps:
-                n_tok = float("nan") if "attention_mask" not in batch else \
-                    float(batch["attention_mask"].sum()) if len(rows) == B else \
-                    float(jax.jit(jnp.sum)(global_batch["attention_mask"]))
+                n_tok = float(batch_tokens(batch)) if len(rows) == B else float(jax.jit(batch_tokens)(global_batch))
                 last = {**m, **val, "lr": float(schedule(step)), "tokens_per_s": n_tok / max(t_train, 1e-9),
                         "step_time_s": t_train}
                 writer.write(done, last)

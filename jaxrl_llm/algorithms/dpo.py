@@ -1,9 +1,10 @@
 """Direct preference optimisation: policy vs frozen reference on (prompt, chosen, rejected) pairs.
 
 One jitted step: for each microbatch of pairs, one policy forward and one reference forward (under
-stop_gradient, same mesh) over the chosen and rejected sequences side by side, sequence log-probs over the
-response tokens, `losses.dpo_loss_sum` plus an optional SFT term on the chosen response; gradients and
-metrics are summed over microbatches and divided by the global number of pairs.
+stop_gradient, same mesh) over the chosen and rejected sequences (side by side, or their shared prefix once
+and both suffixes: `algorithms.pairs`), sequence log-probs over the response tokens, `losses.dpo_loss_sum`
+plus an optional SFT term on the chosen response; gradients and metrics are summed over microbatches and
+divided by the global number of pairs.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxrl_llm.algorithms.base import Algorithm
-from jaxrl_llm.algorithms.losses import DPO_LOSS_TYPES, dpo_loss_sum, sequence_logprobs
+from jaxrl_llm.algorithms.losses import DPO_LOSS_TYPES, dpo_loss_sum
+from jaxrl_llm.algorithms.pairs import pair_logprobs
 from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
 from jaxrl_llm.data import preference
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.transformer import forward
 from jaxrl_llm.parallel.rules import ShardingRules
 
 
@@ -37,8 +38,8 @@ def validate_config(dpo: Any) -> None:
 
 
 def make_dpo_loss(cfg: ModelConfig, dpo: Any, rules: ShardingRules | None = None) -> Callable:
-    """loss_fn(params, ref_params, mb) -> (loss_sum, (pairs, metric_sums)); mb arrays [P, 2, T] (0 chosen,
-    1 rejected), as `data.preference.collate` makes them.
+    """loss_fn(params, ref_params, mb) -> (loss_sum, (pairs, metric_sums)); mb as `data.preference.collate`
+    makes it: [P, 2, T] arrays (0 chosen, 1 rejected) or the shared-prefix layout.
 
     Sequence log-probs are sums over the response tokens, or means when `dpo.average_log_probs`. The loss is
     preference_weight * dpo_loss + sft_weight * mean over pairs of the chosen response's NLL (summed over
@@ -49,20 +50,15 @@ def make_dpo_loss(cfg: ModelConfig, dpo: Any, rules: ShardingRules | None = None
     average, sft_average = bool(dpo.average_log_probs), bool(dpo.sft_average_log_probs)
     pref_w, sft_w = float(dpo.preference_weight), float(dpo.sft_weight)
 
-    def seq_logps(params, ids, attn, mask):
-        return sequence_logprobs(forward(cfg, params, ids, attn, rules=rules), ids, mask)
-
     def loss_fn(params, ref_params, mb):
-        P, _, T = mb["input_ids"].shape
-        ids, attn, mask = (mb[k].reshape(2 * P, T) for k in ("input_ids", "attention_mask", "loss_mask"))
-        lp_sum, n_tok = seq_logps(params, ids, attn, mask)  # [2P]: c0, r0, c1, r1, ...
-        ref_sum, _ = seq_logps(jax.lax.stop_gradient(ref_params), ids, attn, mask)
+        lp_sum, n_tok = pair_logprobs(cfg, params, mb, rules)  # [P, 2]: chosen, rejected
+        ref_sum, _ = pair_logprobs(cfg, jax.lax.stop_gradient(ref_params), mb, rules)
         n_tok = jnp.maximum(n_tok, 1.0)
-        lp_P2 = (lp_sum / n_tok if average else lp_sum).reshape(P, 2)
-        ref_P2 = jax.lax.stop_gradient(ref_sum / n_tok if average else ref_sum).reshape(P, 2)
+        lp_P2 = lp_sum / n_tok if average else lp_sum
+        ref_P2 = jax.lax.stop_gradient(ref_sum / n_tok if average else ref_sum)
         pref_sum, pairs, sums = dpo_loss_sum(lp_P2[:, 0], lp_P2[:, 1], ref_P2[:, 0], ref_P2[:, 1], beta,
                                              smoothing, loss_type)
-        chosen_lp, chosen_tok = lp_sum.reshape(P, 2)[:, 0], n_tok.reshape(P, 2)[:, 0]
+        chosen_lp, chosen_tok = lp_sum[:, 0], n_tok[:, 0]
         sft_sum = -(chosen_lp / chosen_tok if sft_average else chosen_lp).sum()
         total = pref_w * pref_sum + (sft_w * sft_sum if sft_w else 0.0)
         sums = {**sums, "preference_loss": pref_sum, "sft_loss": sft_sum, "logps_chosen": lp_P2[:, 0].sum(),

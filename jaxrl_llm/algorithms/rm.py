@@ -11,20 +11,19 @@ import optax
 
 from jaxrl_llm.algorithms.base import Algorithm
 from jaxrl_llm.algorithms.losses import bradley_terry_loss_sum
+from jaxrl_llm.algorithms.pairs import pair_scores
 from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
 from jaxrl_llm.data import preference
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.transformer import score_sequences
 from jaxrl_llm.parallel.rules import ShardingRules
 
 
 def make_rm_loss(cfg: ModelConfig, rules: ShardingRules | None = None) -> Callable:
-    """loss_fn(params, mb) -> (loss_sum, (pairs, metric_sums)); mb arrays [P, 2, T] (0 chosen, 1 rejected)."""
+    """loss_fn(params, mb) -> (loss_sum, (pairs, metric_sums)); mb as `data.preference.collate` makes it ([P, 2, T]
+    arrays, 0 chosen, 1 rejected, or the shared-prefix layout)."""
 
     def loss_fn(params, mb):
-        P, _, T = mb["input_ids"].shape
-        ids, attn = mb["input_ids"].reshape(2 * P, T), mb["attention_mask"].reshape(2 * P, T)
-        scores_P2 = score_sequences(cfg, params, ids, attn, rules=rules)[:, 0].reshape(P, 2)
+        scores_P2 = pair_scores(cfg, params, mb, rules)
         loss_sum, pairs, sums = bradley_terry_loss_sum(scores_P2[:, 0], scores_P2[:, 1])
         return loss_sum, (pairs, sums)
 

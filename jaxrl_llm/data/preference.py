@@ -34,6 +34,20 @@ class PreferencePair(NamedTuple):
     rejected_mask: np.ndarray
 
 
+class SharedPair(NamedTuple):
+    """One tokenized pair as the tokens both sides start with (`shared_prefix_len`: the prompt, and any opening of
+    the responses they have in common) and what follows on each side, with loss masks. `widths` (prefix columns,
+    suffix columns) is the same for every pair of a data set: the one compiled batch shape (`share_prefixes`)."""
+
+    prefix_ids: np.ndarray
+    prefix_mask: np.ndarray
+    chosen_ids: np.ndarray
+    chosen_mask: np.ndarray
+    rejected_ids: np.ndarray
+    rejected_mask: np.ndarray
+    widths: tuple[int, int]
+
+
 # ---------------------------------------------------------------------------------------------- row formats
 def _messages(value: Any, index: int, field: str, default_role: str) -> Messages:
     if isinstance(value, str):
@@ -173,11 +187,51 @@ def load_preference_rows(source: str, num_examples: int = -1) -> list[dict[str, 
     return rows[:num_examples] if num_examples > 0 else rows
 
 
+# ---------------------------------------------------------------------------------------------- shared prefixes
+def shared_prefix_len(pair: PreferencePair) -> int:
+    """How many leading tokens the two sides share, ids and loss mask alike, leaving each side at least one
+    token of its own (the one its score is read at and the last shared token predicts)."""
+    n = min(len(pair.chosen_ids), len(pair.rejected_ids)) - 1
+    same = (pair.chosen_ids[:n] == pair.rejected_ids[:n]) & (pair.chosen_mask[:n] == pair.rejected_mask[:n])
+    return n if same.all() else int(np.argmin(same))
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def share_prefixes(pairs: list[PreferencePair], max_len: int, multiple: int = 8) -> list[SharedPair] | None:
+    """The pairs as shared prefix + two suffixes, or None when that layout would not run fewer tokens.
+
+    A batch then holds one prefix row of P columns per pair (left-padded) and two suffix rows of C columns
+    (right-padded), P and C the longest prefix and suffix of the data set rounded up to `multiple`: P + 2C
+    tokens per pair through the model instead of the 2 x max_len of two separate rows. None (separate rows)
+    when some pair shares no token at all, or when P + 2C >= 2 x max_len."""
+    lens = [shared_prefix_len(p) for p in pairs]
+    if min(lens) < 1:
+        log.info("data.shared_prefix: pair %d shares no leading token between its sides; using separate rows",
+                 int(np.argmin(lens)))
+        return None
+    P = _round_up(max(lens), multiple)
+    C = _round_up(max(max(len(p.chosen_ids), len(p.rejected_ids)) - n for p, n in zip(pairs, lens, strict=True)),
+                  multiple)
+    if P + 2 * C >= 2 * max_len:
+        log.info("data.shared_prefix: a shared prefix of %d and suffixes of %d columns are no shorter than two rows "
+                 "of %d; using separate rows", P, C, max_len)
+        return None
+    log.info("data.shared_prefix: %d tokens per pair (prefix %d + 2 x suffix %d) instead of 2 x %d", P + 2 * C, P,
+             C, max_len)
+    return [SharedPair(p.chosen_ids[:n], p.chosen_mask[:n], p.chosen_ids[n:], p.chosen_mask[n:], p.rejected_ids[n:],
+                       p.rejected_mask[n:], (P, C)) for p, n in zip(pairs, lens, strict=True)]
+
+
 # ---------------------------------------------------------------------------------------------- prepare/collate
-def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair], dict[str, int]]:
+def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[SharedPair], dict[str, int]]:
     """Rows -> tokenized pairs. A pair longer than data.max_len on either side is cut to it
     (data.overlong='truncate') or dropped ('drop'). A cut pair is dropped too when a side has no response
-    token left or when chosen and rejected became identical (their difference was cut off)."""
+    token left or when chosen and rejected became identical (their difference was cut off).
+    With data.shared_prefix (default on) the pairs come as `SharedPair`s when that runs fewer tokens
+    (`share_prefixes`): the tokens both sides start with then run through the model once per pair."""
     dc = config.data
     rows = load_preference_rows(dc.source, dc.num_examples)
     out: list[PreferencePair] = []
@@ -202,11 +256,16 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair], dict[str
         raise DataError(f"data.source={dc.source!r}: no usable preference pairs after tokenization "
                         f"(data.max_len={dc.max_len})")
     stats["pairs"] = len(out)
-    return out, stats
+    shared = share_prefixes(out, dc.max_len) if dc.get("shared_prefix", True) else None
+    stats["shared_prefix"] = int(shared is not None)
+    return shared or out, stats
 
 
-def collate(examples: list[PreferencePair], config: Any, pad_id: int) -> dict[str, np.ndarray]:
-    """[P, 2, T] arrays (index 0 chosen, 1 rejected), right-padded to data.max_len (one compiled shape)."""
+def collate(examples: list[PreferencePair] | list[SharedPair], config: Any, pad_id: int) -> dict[str, np.ndarray]:
+    """[P, 2, T] arrays (index 0 chosen, 1 rejected), right-padded to data.max_len (one compiled shape); for
+    `SharedPair`s, `collate_shared`."""
+    if isinstance(examples[0], SharedPair):
+        return collate_shared(examples, pad_id)
     P, T = len(examples), config.data.max_len
     ids = np.full((P, 2, T), pad_id, np.int32)
     attn = np.zeros((P, 2, T), np.int32)
@@ -217,5 +276,33 @@ def collate(examples: list[PreferencePair], config: Any, pad_id: int) -> dict[st
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
+def collate_shared(examples: list[SharedPair], pad_id: int) -> dict[str, np.ndarray]:
+    """Shared-prefix batches: prefix_ids / prefix_mask / prefix_loss [P, W_prefix] (left-padded, so every
+    prefix ends in the last column) and suffix_ids / suffix_mask / suffix_loss [P, 2, W_suffix] (0 chosen,
+    1 rejected; right-padded). Side s of pair p is prefix p followed by suffix (p, s)."""
+    (W, C), P = examples[0].widths, len(examples)
+    out = {"prefix_ids": np.full((P, W), pad_id, np.int32), "suffix_ids": np.full((P, 2, C), pad_id, np.int32)}
+    out.update({k: np.zeros((P, W), np.int32) for k in ("prefix_mask", "prefix_loss")})
+    out.update({k: np.zeros((P, 2, C), np.int32) for k in ("suffix_mask", "suffix_loss")})
+    for p, ex in enumerate(examples):
+        n = len(ex.prefix_ids)
+        out["prefix_ids"][p, W - n:], out["prefix_mask"][p, W - n:], out["prefix_loss"][p, W - n:] = \
+            ex.prefix_ids, 1, ex.prefix_mask
+        for side, (t, m) in enumerate(((ex.chosen_ids, ex.chosen_mask), (ex.rejected_ids, ex.rejected_mask))):
+            out["suffix_ids"][p, side, :len(t)], out["suffix_mask"][p, side, :len(t)] = t, 1
+            out["suffix_loss"][p, side, :len(t)] = m
+    return out
+
+
+def pair_tokens(batch: dict[str, Any]) -> Any:
+    """The tokens a batch of pairs stands for, the same in both layouts: every token of both sides, a shared
+    prefix counted once per side (TRL's num_tokens). Numpy or jax arrays."""
+    if "prefix_mask" in batch:
+        return 2 * batch["prefix_mask"].sum() + batch["suffix_mask"].sum()
+    return batch["attention_mask"].sum()
+
+
 BATCH_AXES = {"input_ids": ("batch", None, "length"), "attention_mask": ("batch", None, "length"),
-              "loss_mask": ("batch", None, "length")}
+              "loss_mask": ("batch", None, "length"),
+              **{f"prefix_{k}": ("batch", "length") for k in ("ids", "mask", "loss")},
+              **{f"suffix_{k}": ("batch", None, "length") for k in ("ids", "mask", "loss")}}

@@ -1,0 +1,66 @@
+"""What DPO and reward models read off a batch of preference pairs: each side's sequence log-prob and token count,
+or its score at the last token, in either batch layout of `data.preference`.
+
+Separate rows ([P, 2, T] `input_ids` ...): each side runs through the model on its own. Shared prefix
+(`prefix_*` [P, W], `suffix_*` [P, 2, C]): the tokens both sides start with run once per pair
+(`models.shared_prefix`), each suffix attends to its prefix and to itself, and the values are those of the
+separate rows. Shape suffixes: P pairs, W prefix columns (left-padded), C suffix columns (right-padded).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxrl_llm.algorithms.losses import sequence_logprobs, token_logprobs
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.shared_prefix import shared_prefix_hidden_states
+from jaxrl_llm.models.transformer import forward, lm_logits, score_sequences
+from jaxrl_llm.parallel.rules import ShardingRules
+
+_F32 = jnp.float32
+
+
+def _shared_hidden(cfg: ModelConfig, params: dict, mb: dict, rules: ShardingRules | None
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Final-norm hidden states: prefixes [P, W, D], suffixes [P, 2, C, D]."""
+    return shared_prefix_hidden_states(cfg, params, mb["prefix_ids"], mb["prefix_mask"], mb["suffix_ids"],
+                                       mb["suffix_mask"], rules=rules)
+
+
+def pair_logprobs(cfg: ModelConfig, params: dict, mb: dict, rules: ShardingRules | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+    """(log p of each side's loss-masked tokens summed [P, 2], their number [P, 2]), fp32; index 0 chosen.
+
+    In the shared layout a prefix token's log-prob is computed once and counts on both sides; a suffix's first
+    token is predicted by the prefix's last column (every prefix ends there)."""
+    if "prefix_ids" not in mb:
+        P, _, T = mb["input_ids"].shape
+        ids, attn, mask = (mb[k].reshape(2 * P, T) for k in ("input_ids", "attention_mask", "loss_mask"))
+        lp, n = sequence_logprobs(forward(cfg, params, ids, attn, rules=rules), ids, mask)
+        return lp.reshape(P, 2), n.reshape(P, 2)
+    h_PWD, h_P2CD = _shared_hidden(cfg, params, mb, rules)
+    P, _, C, D = h_P2CD.shape
+    # Prefix column j is a target when j and j - 1 are tokens (the first token of a sequence never is).
+    pre_m = (mb["prefix_loss"][:, 1:] * mb["prefix_mask"][:, :-1]).astype(_F32)
+    pre_lp = token_logprobs(lm_logits(cfg, params, h_PWD[:, :-1], rules), mb["prefix_ids"][:, 1:])
+    last = jnp.broadcast_to(h_PWD[:, None, -1:], (P, 2, 1, D))
+    h_src = jnp.concatenate([last, h_P2CD[:, :, :-1]], axis=2).reshape(P, 2 * C, D)
+    suf_lp = token_logprobs(lm_logits(cfg, params, h_src, rules), mb["suffix_ids"].reshape(P, 2 * C))
+    suf_m = mb["suffix_loss"].astype(_F32)
+    lp = (pre_lp * pre_m).sum(-1)[:, None] + (suf_lp.reshape(P, 2, C) * suf_m).sum(-1)
+    return lp, pre_m.sum(-1)[:, None] + suf_m.sum(-1)
+
+
+def pair_scores(cfg: ModelConfig, params: dict, mb: dict, rules: ShardingRules | None = None) -> jax.Array:
+    """Score-head output at the last token of each side [P, 2], fp32 (num_labels = 1)."""
+    if "prefix_ids" not in mb:
+        P, _, T = mb["input_ids"].shape
+        ids, attn = mb["input_ids"].reshape(2 * P, T), mb["attention_mask"].reshape(2 * P, T)
+        return score_sequences(cfg, params, ids, attn, rules=rules)[:, 0].reshape(P, 2)
+    if "score" not in params:
+        raise ValueError("these params have no score head (build the config with num_labels > 0)")
+    _, h_P2CD = _shared_hidden(cfg, params, mb, rules)
+    last_P2 = mb["suffix_mask"].astype(jnp.int32).sum(-1) - 1  # every suffix has a token of its own
+    h_P2D = jnp.take_along_axis(h_P2CD, last_P2[:, :, None, None], axis=2)[:, :, 0]
+    return jnp.einsum("psd,dc->psc", h_P2D, params["score"].astype(h_P2D.dtype), preferred_element_type=_F32)[..., 0]
