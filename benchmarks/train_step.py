@@ -16,11 +16,15 @@ The first `--warmup` steps of each are not timed; the median of `--steps` timed 
   the same token ids (TRL through a word-level stub tokenizer, checked) right-padded to the longest sequence
   of the batch, as TRL's collator pads. tokens/step = the non-pad tokens of all chosen and rejected
   sequences (prompt included in each), the same count for both; a step is a policy forward + backward and a
-  reference forward over them.
+  reference forward over them. jaxrl_llm runs each pair's shared prefix once (`--shared-prefix full`, its
+  default `data.shared_prefix`: the prompt and, in these pairs, the worked solution both sides share),
+  `prompt` (only the prompt shared: what pairs whose responses differ from their first token get) or `off`
+  (two separate rows per pair, as TRL). Tokens run through the model are printed for each.
 
     python benchmarks/train_step.py                                # sft and dpo, SmolLM2-135M (minutes a step)
     python benchmarks/train_step.py --algo dpo --pairs 4 --max-len 320 --steps 3 --json /tmp/dpo.json
     python benchmarks/train_step.py --tiny                         # smoke test: about a minute when idle
+    python benchmarks/train_step.py --algo dpo --gguf --shared-prefix prompt --no-trl
 """
 
 from __future__ import annotations
@@ -193,6 +197,29 @@ def dpo_batch(pairs: list[Pair], pad_id: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
+def dpo_shared_batch(pairs: list[Pair], pad_id: int, prompt_only: bool) -> dict[str, np.ndarray]:
+    """The same pairs in the shared-prefix layout (`data.preference.collate_shared`), padded to the longest prefix
+    and suffix of the batch; the prefix is what both sides start with, or the prompt alone with `prompt_only`."""
+    shared = []
+    for p, c, r in pairs:
+        sides = [(np.concatenate([p, x]), np.r_[np.zeros(len(p), np.int32), np.ones(len(x), np.int32)]) for x in (c, r)]
+        pair = preference.PreferencePair(*sides[0], *sides[1])
+        n = len(p) if prompt_only else preference.shared_prefix_len(pair)
+        shared.append((pair, n))
+    W = max(n for _, n in shared)
+    C = max(max(len(x.chosen_ids), len(x.rejected_ids)) - n for x, n in shared)
+    return preference.collate_shared([preference.SharedPair(
+        x.chosen_ids[:n], x.chosen_mask[:n], x.chosen_ids[n:], x.chosen_mask[n:], x.rejected_ids[n:],
+        x.rejected_mask[n:], (W, C)) for x, n in shared], pad_id)
+
+
+def model_tokens(batch: dict[str, np.ndarray]) -> int:
+    """Tokens (pads included) one forward runs through the transformer for this batch."""
+    if "prefix_ids" in batch:
+        return batch["prefix_ids"].size + batch["suffix_ids"].size
+    return batch["input_ids"].size
+
+
 # ---------------------------------------------------------------------------------------------- report
 def environment(weights: str, load_before: float) -> dict[str, Any]:
     import importlib.metadata as md
@@ -236,6 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"{what} (default {full}; {tiny} with --tiny)")
     ap.add_argument("--beta", type=float, default=0.1, help="dpo beta")
     ap.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid")
+    ap.add_argument("--shared-prefix", choices=("full", "prompt", "off"), default="full",
+                    help="dpo: jaxrl_llm runs the prefix both sides share once (default), the prompt only, or not")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1; jax's includes compile)")
     ap.add_argument("--no-trl", action="store_true")
     ap.add_argument("--json", default="")
@@ -278,12 +307,18 @@ def main(argv: list[str] | None = None) -> None:
         if a.algo in ("dpo", "both"):
             pairs, eos_id, pad_id = dpo_pairs(a.pairs, a.max_len)
             batch = dpo_batch(pairs, pad_id)
-            ours = time_jax_dpo(folder, batch, a.steps, a.warmup, a.remat, a.beta, a.dpo_loss)
+            ours_batch = batch if a.shared_prefix == "off" else dpo_shared_batch(pairs, pad_id,
+                                                                                 a.shared_prefix == "prompt")
+            assert preference.pair_tokens(ours_batch) == preference.pair_tokens(batch)
+            ours = time_jax_dpo(folder, ours_batch, a.steps, a.warmup, a.remat, a.beta, a.dpo_loss)
             trl = None if a.no_trl else time_trl_dpo(folder, pairs, eos_id, pad_id, a.max_len, a.steps, a.warmup,
                                                      OPT, a.remat, a.beta, a.dpo_loss)
             tokens, T = int(batch["attention_mask"].sum()), batch["input_ids"].shape[-1]
             out["dpo"] = {"jaxrl_llm": ours, "trl": trl, "tokens_per_step": tokens, "padded_length": T,
-                          "loss_tokens_per_step": int(batch["loss_mask"].sum())}
+                          "loss_tokens_per_step": int(batch["loss_mask"].sum()), "shared_prefix": a.shared_prefix,
+                          "model_tokens": {"jaxrl_llm": model_tokens(ours_batch), "trl": model_tokens(batch)}}
+            print(f"\nDPO tokens run through the model per forward (pads included): jaxrl_llm "
+                  f"{model_tokens(ours_batch)} (--shared-prefix {a.shared_prefix}), TRL {model_tokens(batch)}")
             # policy forward + backward (6N per token) and reference forward (2N)
             report(f"DPO {a.dpo_loss} beta {a.beta} ({ours['params'] / 1e6:.1f}M params), {fp32}, {a.pairs} "
                    f"GSM8K pairs padded to {T} ({tokens} real tokens of chosen + rejected per step, "
