@@ -426,12 +426,16 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _json_default(v: Any) -> Any:
+def json_default(v: Any, *, strict: bool = True) -> Any:
+    """json's `default` for numpy scalars and arrays. Anything else: a TypeError when `strict` (a scorer's
+    non-JSON info fails loudly rather than being gathered as a string), else its str()."""
     if isinstance(v, np.generic):
         return v.item()
     if isinstance(v, np.ndarray):
         return v.tolist()
-    raise TypeError(f"{type(v).__name__} is not JSON-serialisable")
+    if strict:
+        raise TypeError(f"{type(v).__name__} is not JSON-serialisable")
+    return str(v)
 
 
 def allgather_json(obj: Any) -> list[Any]:
@@ -441,7 +445,7 @@ def allgather_json(obj: Any) -> list[Any]:
         return [obj]
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(json.dumps(obj, default=_json_default).encode(), np.uint8)
+    data = np.frombuffer(json.dumps(obj, default=json_default).encode(), np.uint8)
     sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[:data.size] = data

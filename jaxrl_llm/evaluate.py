@@ -9,6 +9,7 @@ model (tests, demos). Prints a table and writes the results JSON atomically to -
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -17,7 +18,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -152,19 +152,11 @@ def format_table(name: str, result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
-
-
 def write_json_atomic(path: str, doc: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, default=_json_default)
+        json.dump(doc, f, indent=1, default=functools.partial(distributed.json_default, strict=False))
     os.replace(tmp, path)
 
 

@@ -469,7 +469,6 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ConfigError,
         _truncate_metrics,
         build_model,
-        export_hf,
         load_tokenizer,
         opt_state_shardings,
         prepare_workdir,
@@ -547,7 +546,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if close:
             close()
     if config.export_hf:  # every process takes part in the gather; process 0 writes
-        out = export_hf(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer)
+        out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
         if out:
             log.info("exported the trained model to %s", out)
     return {**last, **{f"data_{k}": v for k, v in runner.prompt_stats.items()}}

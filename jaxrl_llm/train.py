@@ -164,12 +164,6 @@ def opt_state_shardings(optimizer, params, p_sh, mesh):
                                  transform_non_params=lambda _: replicated)
 
 
-def export_hf(cfg, params, out_dir: str, tokenizer) -> str | None:
-    """HF export of the trained params; with several processes every process must call it (each tensor is
-    gathered in turn and written by process 0 before the next). Returns the folder on process 0, else None."""
-    return models.save_pretrained(cfg, params, out_dir, tokenizer=tokenizer)
-
-
 def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collections.ConfigDict, tokenizer,
                     default_best_mode: str) -> Checkpointer:
     """The run folder every algorithm shares: model_config.json and tokenizer/ (process 0, for export and
@@ -289,8 +283,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     finally:
         ckpt.close()
         writer.close()
-    if config.export_hf:
-        out = export_hf(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer)
+    if config.export_hf:  # every process takes part in the gather; process 0 writes
+        out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
         if out:
             log.info("exported the trained model to %s", out)
     return {**last, **{f"data_{k}": v for k, v in data_stats.items()}}
