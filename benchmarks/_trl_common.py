@@ -94,11 +94,14 @@ def time_trl_sft(folder: str, ids_BT: np.ndarray, steps: int, warmup: int, opt: 
 
     model = _load(folder)
     ds = datasets.Dataset.from_dict({"input_ids": [list(map(int, r)) for r in ids_BT] * (steps + warmup)})
+    # In order, so that every batch is exactly the rows of ids_BT (as jaxrl_llm's), not a shuffled mix of repeats.
+    order = {"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in SFTConfig.__dataclass_fields__ \
+        else {}
     marks: list[tuple[float, float]] = []
     losses: list[float] = []
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, per_device_train_batch_size=ids_BT.shape[0], max_length=ids_BT.shape[1],
-                         packing=False, completion_only_loss=False, **_common_args(opt, steps + warmup, remat))
+                         packing=False, completion_only_loss=False, **order, **_common_args(opt, steps + warmup, remat))
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds,
                              processing_class=stub_tokenizer(model.config.vocab_size, 2, 0),
                              callbacks=[_step_timer(marks, losses)])
