@@ -199,7 +199,8 @@ def dpo_batch(pairs: list[Pair], pad_id: int) -> dict[str, np.ndarray]:
 
 def dpo_shared_batch(pairs: list[Pair], pad_id: int, prompt_only: bool) -> dict[str, np.ndarray]:
     """The same pairs in the shared-prefix layout (`data.preference.collate_shared`), padded to the longest prefix
-    and suffix of the batch; the prefix is what both sides start with, or the prompt alone with `prompt_only`."""
+    and suffix of the batch, as the plain batch is padded to its longest row (training pads to the data set's
+    longest, rounded up to 8); the prefix is what both sides start with, or the prompt alone with `prompt_only`."""
     shared = []
     for p, c, r in pairs:
         sides = [(np.concatenate([p, x]), np.r_[np.zeros(len(p), np.int32), np.ones(len(x), np.int32)]) for x in (c, r)]

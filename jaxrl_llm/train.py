@@ -151,7 +151,7 @@ def batch_tokens(batch: dict[str, Any]) -> Any:
     tokens, a shared prefix counted on both sides (`preference.pair_tokens`). Numpy or jax arrays."""
     if "prefix_mask" in batch:
         return preference.pair_tokens(batch)
-    return batch["attention_mask"].sum()
+    return batch["attention_mask"].sum() if "attention_mask" in batch else float("nan")
 
 
 def opt_state_shardings(optimizer, params, p_sh, mesh):

@@ -67,6 +67,7 @@ def test_shared_prefix_len_counts_equal_ids_and_masks_and_leaves_each_side_a_tok
     q.rejected_mask[2] = 1  # same ids, a different loss mask from column 2 on
     assert pref.shared_prefix_len(q) == 2
     assert pref.shared_prefix_len(_pair([], [], [3, 4], [5, 4])) == 0
+    assert pref.shared_prefix_len(pref.PreferencePair(*[np.zeros(0, np.int32)] * 2, *[np.ones(3, np.int32)] * 2)) == 0
 
 
 def test_collate_shared_holds_each_side_and_its_mask(caplog):

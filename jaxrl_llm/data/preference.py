@@ -191,7 +191,7 @@ def load_preference_rows(source: str, num_examples: int = -1) -> list[dict[str, 
 def shared_prefix_len(pair: PreferencePair) -> int:
     """How many leading tokens the two sides share, ids and loss mask alike, leaving each side at least one
     token of its own (the one its score is read at and the last shared token predicts)."""
-    n = min(len(pair.chosen_ids), len(pair.rejected_ids)) - 1
+    n = max(min(len(pair.chosen_ids), len(pair.rejected_ids)) - 1, 0)
     same = (pair.chosen_ids[:n] == pair.rejected_ids[:n]) & (pair.chosen_mask[:n] == pair.rejected_mask[:n])
     return n if same.all() else int(np.argmin(same))
 
