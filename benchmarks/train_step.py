@@ -201,17 +201,12 @@ def dpo_shared_batch(pairs: list[Pair], pad_id: int, prompt_only: bool) -> dict[
     """The same pairs in the shared-prefix layout (`data.preference.collate_shared`), padded to the longest prefix
     and suffix of the batch, as the plain batch is padded to its longest row (training pads to the data set's
     longest, rounded up to 8); the prefix is what both sides start with, or the prompt alone with `prompt_only`."""
-    shared = []
+    full = []
     for p, c, r in pairs:
         sides = [(np.concatenate([p, x]), np.r_[np.zeros(len(p), np.int32), np.ones(len(x), np.int32)]) for x in (c, r)]
-        pair = preference.PreferencePair(*sides[0], *sides[1])
-        n = len(p) if prompt_only else preference.shared_prefix_len(pair)
-        shared.append((pair, n))
-    W = max(n for _, n in shared)
-    C = max(max(len(x.chosen_ids), len(x.rejected_ids)) - n for x, n in shared)
-    return preference.collate_shared([preference.SharedPair(
-        x.chosen_ids[:n], x.chosen_mask[:n], x.chosen_ids[n:], x.chosen_mask[n:], x.rejected_ids[n:],
-        x.rejected_mask[n:], (W, C)) for x, n in shared], pad_id)
+        full.append(preference.PreferencePair(*sides[0], *sides[1]))
+    lens = [len(p) for p, _, _ in pairs] if prompt_only else [preference.shared_prefix_len(x) for x in full]
+    return preference.collate_shared(preference.split_pairs(full, lens, multiple=1), pad_id)
 
 
 def model_tokens(batch: dict[str, np.ndarray]) -> int:

@@ -149,9 +149,9 @@ def validation_batches(algo, examples: list, config, pad: int, rows: list[int] |
 def batch_tokens(batch: dict[str, Any]) -> Any:
     """The tokens a batch stands for (for tokens/s): its attention mask's sum; for preference pairs each side's
     tokens, a shared prefix counted on both sides (`preference.pair_tokens`). Numpy or jax arrays."""
-    if "prefix_mask" in batch:
+    if "prefix_mask" in batch or "attention_mask" in batch:
         return preference.pair_tokens(batch)
-    return batch["attention_mask"].sum() if "attention_mask" in batch else float("nan")
+    return float("nan")
 
 
 def opt_state_shardings(optimizer, params, p_sh, mesh):

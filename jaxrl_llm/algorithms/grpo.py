@@ -34,7 +34,7 @@ from jaxrl_llm.algorithms.losses import token_logprobs
 from jaxrl_llm.algorithms.pg_losses import KL_TYPES, TIS_TYPES, grpo_advantages, policy_gradient_loss_sum
 from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.shared_prefix import shared_prefix_hidden_states
+from jaxrl_llm.models.shared_prefix import continuation_predictors, shared_prefix_hidden_states
 from jaxrl_llm.models.transformer import hidden_states, lm_logits
 from jaxrl_llm.parallel.rules import ShardingRules
 from jaxrl_llm.sampling.strategies import filter_top_k_top_p
@@ -292,10 +292,7 @@ def _target_hidden(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: ja
     ids, attn = ids_BT.reshape(N, group, T), attn_BT.reshape(N, group, T)
     h_prompt, h_cont = shared_prefix_hidden_states(cfg, params, ids[:, 0, :P], attn[:, 0, :P], ids[:, :, P:],
                                                    attn[:, :, P:], rules=rules)
-    # Column P (each completion's first token) is predicted by the shared last prompt position; column P + j by
-    # the completion's own position j - 1.
-    first = jnp.broadcast_to(h_prompt[:, None, P - 1:P], (N, group, 1, h_prompt.shape[-1]))
-    return jnp.concatenate([first, h_cont[:, :, :-1]], axis=2).reshape(B, T - P, h_prompt.shape[-1])
+    return continuation_predictors(h_prompt, h_cont).reshape(B, T - P, h_prompt.shape[-1])
 
 
 def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: jax.Array, temperature: float,

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from jaxrl_llm.algorithms.losses import sequence_logprobs, token_logprobs
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.shared_prefix import shared_prefix_hidden_states
+from jaxrl_llm.models.shared_prefix import continuation_predictors, shared_prefix_hidden_states
 from jaxrl_llm.models.transformer import forward, lm_logits, score_sequences
 from jaxrl_llm.parallel.rules import ShardingRules
 
@@ -44,8 +44,7 @@ def pair_logprobs(cfg: ModelConfig, params: dict, mb: dict, rules: ShardingRules
     # Prefix column j is a target when j and j - 1 are tokens (the first token of a sequence never is).
     pre_m = (mb["prefix_loss"][:, 1:] * mb["prefix_mask"][:, :-1]).astype(_F32)
     pre_lp = token_logprobs(lm_logits(cfg, params, h_PWD[:, :-1], rules), mb["prefix_ids"][:, 1:])
-    last = jnp.broadcast_to(h_PWD[:, None, -1:], (P, 2, 1, D))
-    h_src = jnp.concatenate([last, h_P2CD[:, :, :-1]], axis=2).reshape(P, 2 * C, D)
+    h_src = continuation_predictors(h_PWD, h_P2CD).reshape(P, 2 * C, D)
     suf_lp = token_logprobs(lm_logits(cfg, params, h_src, rules), mb["suffix_ids"].reshape(P, 2 * C))
     suf_m = mb["suffix_loss"].astype(_F32)
     lp = (pre_lp * pre_m).sum(-1)[:, None] + (suf_lp.reshape(P, 2, C) * suf_m).sum(-1)

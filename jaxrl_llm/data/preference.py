@@ -200,6 +200,16 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def split_pairs(pairs: list[PreferencePair], lens: list[int], multiple: int = 8) -> list[SharedPair]:
+    """Each pair as its first lens[i] tokens (the shared prefix) and the rest of each side, all with the widths
+    (longest prefix, longest suffix) rounded up to `multiple`."""
+    W = _round_up(max(lens), multiple)
+    C = _round_up(max(max(len(p.chosen_ids), len(p.rejected_ids)) - n for p, n in zip(pairs, lens, strict=True)),
+                  multiple)
+    return [SharedPair(p.chosen_ids[:n], p.chosen_mask[:n], p.chosen_ids[n:], p.chosen_mask[n:], p.rejected_ids[n:],
+                       p.rejected_mask[n:], (W, C)) for p, n in zip(pairs, lens, strict=True)]
+
+
 def share_prefixes(pairs: list[PreferencePair], max_len: int, multiple: int = 8) -> list[SharedPair] | None:
     """The pairs as shared prefix + two suffixes, or None when that layout would not run fewer tokens.
 
@@ -212,17 +222,15 @@ def share_prefixes(pairs: list[PreferencePair], max_len: int, multiple: int = 8)
         log.info("data.shared_prefix: pair %d shares no leading token between its sides; using separate rows",
                  int(np.argmin(lens)))
         return None
-    P = _round_up(max(lens), multiple)
-    C = _round_up(max(max(len(p.chosen_ids), len(p.rejected_ids)) - n for p, n in zip(pairs, lens, strict=True)),
-                  multiple)
+    shared = split_pairs(pairs, lens, multiple)
+    P, C = shared[0].widths
     if P + 2 * C >= 2 * max_len:
         log.info("data.shared_prefix: a shared prefix of %d and suffixes of %d columns are no shorter than two rows "
                  "of %d; using separate rows", P, C, max_len)
         return None
     log.info("data.shared_prefix: %d tokens per pair (prefix %d + 2 x suffix %d) instead of 2 x %d", P + 2 * C, P,
              C, max_len)
-    return [SharedPair(p.chosen_ids[:n], p.chosen_mask[:n], p.chosen_ids[n:], p.chosen_mask[n:], p.rejected_ids[n:],
-                       p.rejected_mask[n:], (P, C)) for p, n in zip(pairs, lens, strict=True)]
+    return shared
 
 
 # ---------------------------------------------------------------------------------------------- prepare/collate
@@ -296,7 +304,8 @@ def collate_shared(examples: list[SharedPair], pad_id: int) -> dict[str, np.ndar
 
 def pair_tokens(batch: dict[str, Any]) -> Any:
     """The tokens a batch of pairs stands for, the same in both layouts: every token of both sides, a shared
-    prefix counted once per side (TRL's num_tokens). Numpy or jax arrays."""
+    prefix counted once per side (TRL's num_tokens); any other batch: its attention mask's sum. Numpy or jax
+    arrays."""
     if "prefix_mask" in batch:
         return 2 * batch["prefix_mask"].sum() + batch["suffix_mask"].sum()
     return batch["attention_mask"].sum()

@@ -29,7 +29,7 @@ from jaxrl_llm.models.transformer import (
 )
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
-__all__ = ["shared_prefix_hidden_states"]
+__all__ = ["continuation_predictors", "shared_prefix_hidden_states"]
 
 
 def _continuation_mask(cfg: ModelConfig, prompt_mask_NP: jax.Array, cont_mask_NGC: jax.Array,
@@ -101,3 +101,12 @@ def shared_prefix_hidden_states(
     x, _ = jax.lax.scan(body, x, params["layers"])
     h = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     return h[:, :P], h[:, P:].reshape(N, G, C, h.shape[-1])
+
+
+def continuation_predictors(h_prompt_NPD: jax.Array, h_cont_NGCD: jax.Array) -> jax.Array:
+    """[N, G, C, D]: the hidden state that predicts each continuation token. Token 0 of every continuation is
+    predicted by the prompt's last column (left-padded prompts all end there), token j by the continuation's own
+    position j - 1."""
+    N, G, _, D = h_cont_NGCD.shape
+    first = jnp.broadcast_to(h_prompt_NPD[:, None, -1:], (N, G, 1, D))
+    return jnp.concatenate([first, h_cont_NGCD[:, :, :-1]], axis=2)
