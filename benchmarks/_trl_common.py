@@ -86,22 +86,25 @@ def _result(marks, losses, warmup: int) -> dict[str, Any]:
     return {"step_s": statistics.median(times), "times": times, "losses": losses}
 
 
-def time_trl_sft(folder: str, ids_BT: np.ndarray, steps: int, warmup: int, opt: dict[str, float],
-                 remat: bool) -> dict[str, Any]:
-    """SFTTrainer on the rows of `ids_BT` (every token in the loss), batch = all rows, one batch per step."""
+def time_trl_sft(folder: str, rows: Sequence[tuple[np.ndarray, np.ndarray]], steps: int, warmup: int,
+                 opt: dict[str, float], remat: bool) -> dict[str, Any]:
+    """SFTTrainer on `rows` (token ids, loss mask: 1 = the token is a target), batch = all rows, one batch per
+    step; pre-tokenized with a `completion_mask` column (`completion_only_loss`), padded to the longest row."""
     import datasets
     from trl import SFTConfig, SFTTrainer
 
     model = _load(folder)
-    ds = datasets.Dataset.from_dict({"input_ids": [list(map(int, r)) for r in ids_BT] * (steps + warmup)})
-    # In order, so that every batch is exactly the rows of ids_BT (as jaxrl_llm's), not a shuffled mix of repeats.
+    ds = datasets.Dataset.from_dict({"input_ids": [list(map(int, ids)) for ids, _ in rows] * (steps + warmup),
+                                     "completion_mask": [list(map(int, m)) for _, m in rows] * (steps + warmup)})
+    # In order, so that every batch is exactly `rows` (as jaxrl_llm's), not a shuffled mix of repeats.
     order = {"train_sampling_strategy": "sequential"} if "train_sampling_strategy" in SFTConfig.__dataclass_fields__ \
         else {}
     marks: list[tuple[float, float]] = []
     losses: list[float] = []
     with tempfile.TemporaryDirectory() as out:
-        args = SFTConfig(output_dir=out, per_device_train_batch_size=ids_BT.shape[0], max_length=ids_BT.shape[1],
-                         packing=False, completion_only_loss=False, **order, **_common_args(opt, steps + warmup, remat))
+        args = SFTConfig(output_dir=out, per_device_train_batch_size=len(rows),
+                         max_length=max(len(ids) for ids, _ in rows), packing=False, completion_only_loss=True,
+                         **order, **_common_args(opt, steps + warmup, remat))
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds,
                              processing_class=stub_tokenizer(model.config.vocab_size, 2, 0),
                              callbacks=[_step_timer(marks, losses)])

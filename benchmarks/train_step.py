@@ -8,8 +8,12 @@ gradient checkpointing / remat only with `--remat` (then in both). TRL runs its 
 `python -m jaxrl_llm.train` uses, with donated state, its first call (compile + one step) reported apart.
 The first `--warmup` steps of each are not timed; the median of `--steps` timed steps is reported.
 
-- sft: `--batch` rows of `--length` random token ids, every token in the loss (`algorithms.sft.make_sft_step`
-  vs `SFTTrainer`). tokens/step = batch x length.
+- sft: `--batch` rows (`algorithms.sft.make_sft_step` on `sft.collate`'s batch vs `SFTTrainer` on the same
+  token ids and loss mask, `completion_only_loss`): `--sft-data random` (default), `--length` random ids with
+  every token in the loss; `gsm8k`, the first GSM8K conversations of at most `--length` tokens with the SmolLM2
+  chat template and the loss on the assistant's answer only. TRL pads to the batch's longest row and projects
+  every position onto the vocabulary; jaxrl_llm pads to the rung of the longest (`data.bucket_lengths`; off with
+  `--no-bucket`) and projects only the loss targets' predictors. tokens/step = the rows' real tokens.
 - dpo: the first `--pairs` GSM8K preference pairs (`data.preference.gsm8k_pairs`, SmolLM2 chat template)
   whose longer side fits in `--max-len` tokens, one batch of them every step (`algorithms.dpo.make_dpo_step`
   vs `DPOTrainer` with a reference model, `precompute_ref_log_probs=False`, same beta and loss type). Both get
@@ -124,12 +128,36 @@ class JaxRun:
                 "params": models.num_params(self.cfg)}
 
 
-def time_jax_sft(folder: str, ids_BT: np.ndarray, steps: int, warmup: int, remat: bool) -> dict[str, Any]:
+def sft_config(length: int, bucket: bool) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(data=dict(max_len=length, bucket_lengths=bucket)))
+
+
+def time_jax_sft(folder: str, batch: dict[str, np.ndarray], steps: int, warmup: int, remat: bool
+                 ) -> dict[str, Any]:
     r = JaxRun(folder, steps + warmup, remat)
-    ones = np.ones_like(ids_BT)
-    batch = {"input_ids": ids_BT, "attention_mask": ones, "loss_mask": ones, "segment_ids": ones,
-             "positions": np.broadcast_to(np.arange(ids_BT.shape[1], dtype=np.int32), ids_BT.shape).copy()}
     return r.run(make_sft_step(r.cfg, r.opt, 1, r.rules), batch, sft.ALGORITHM.batch_axes, None, steps, warmup)
+
+
+def sft_rows(source: str, batch: int, length: int, vocab: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`batch` SFT rows (token ids, loss mask). random: `length` random ids, every token in the loss. gsm8k: the
+    first GSM8K conversations (question -> worked answer, the SmolLM2 chat template, loss on the assistant turn
+    only, as `python -m jaxrl_llm.train` builds them) of at most `length` tokens."""
+    if source == "random":
+        ids = np.random.default_rng(0).integers(3, vocab, (batch, length)).astype(np.int32)
+        return [(r, np.ones_like(r)) for r in ids]
+    from jaxrl_llm.data.chat import to_messages, tokenize_conversation
+    from jaxrl_llm.data.sources import load_rows
+    from jaxrl_llm.models.gguf_io import smollm2_gguf_path
+
+    tok = models.load_tokenizer(smollm2_gguf_path())
+    rows = []
+    for i, row in enumerate(load_rows("gsm8k")):
+        ids, mask = tokenize_conversation(tok, to_messages(row, i), index=i)
+        if len(ids) <= length:
+            rows.append((np.asarray(ids, np.int32), np.asarray(mask, np.int32)))
+            if len(rows) == batch:
+                return rows
+    raise SystemExit(f"only {len(rows)} GSM8K conversations fit in --length {length}; asked for --batch {batch}")
 
 
 def dpo_config(beta: float, loss_type: str) -> ml_collections.ConfigDict:
@@ -257,6 +285,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, (full, tiny, what) in SIZES.items():
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                         help=f"{what} (default {full}; {tiny} with --tiny)")
+    ap.add_argument("--sft-data", choices=("random", "gsm8k"), default="random",
+                    help="sft rows: random ids, all in the loss; gsm8k: chat conversations, loss on the answers")
+    ap.add_argument("--no-bucket", action="store_true",
+                    help="sft: pad to --length (data.bucket_lengths=False) instead of the batch's rung")
     ap.add_argument("--beta", type=float, default=0.1, help="dpo beta")
     ap.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid")
     ap.add_argument("--shared-prefix", choices=("full", "prompt", "off"), default="full",
@@ -292,14 +324,21 @@ def main(argv: list[str] | None = None) -> None:
         print(", ".join(f"{k} {v}" for k, v in env.items()))
         fp32 = f"fp32{', remat' if a.remat else ''}"
         if a.algo in ("sft", "both"):
-            vocab = (TINY if a.tiny else SMOLLM2_135M)["vocab_size"]
-            ids = np.random.default_rng(0).integers(3, vocab, (a.batch, a.length)).astype(np.int32)
-            ours = time_jax_sft(folder, ids, a.steps, a.warmup, a.remat)
-            trl = None if a.no_trl else time_trl_sft(folder, ids, a.steps, a.warmup, OPT, a.remat)
-            tokens = a.batch * a.length
-            out["sft"] = {"jaxrl_llm": ours, "trl": trl, "tokens_per_step": tokens}
-            report(f"SFT ({ours['params'] / 1e6:.1f}M params), {fp32}, batch {a.batch} x length {a.length}",
-                   ours, trl, tokens, 6 * ours["params"], a.peak_flops)
+            rows = sft_rows(a.sft_data, a.batch, a.length, (TINY if a.tiny else SMOLLM2_135M)["vocab_size"])
+            batch = sft.collate(rows, sft_config(a.length, not a.no_bucket), 0)
+            ours = time_jax_sft(folder, batch, a.steps, a.warmup, a.remat)
+            trl = None if a.no_trl else time_trl_sft(folder, rows, a.steps, a.warmup, OPT, a.remat)
+            tokens, longest = sum(len(ids) for ids, _ in rows), max(len(ids) for ids, _ in rows)
+            targets = int(batch["target_weight"].sum())
+            out["sft"] = {"jaxrl_llm": ours, "trl": trl, "tokens_per_step": tokens, "loss_targets": targets,
+                          "model_tokens": {"jaxrl_llm": batch["input_ids"].size, "trl": len(rows) * longest},
+                          "projected_positions": {"jaxrl_llm": batch["target_index"].size,
+                                                  "trl": len(rows) * longest}}
+            print(f"\nSFT per step: {tokens} real tokens, {targets} loss targets; through the model jaxrl_llm "
+                  f"{batch['input_ids'].shape} (vocabulary projection at {batch['target_index'].size} positions), "
+                  f"TRL ({len(rows)}, {longest}) (projection at every position)")
+            report(f"SFT ({ours['params'] / 1e6:.1f}M params), {fp32}, {a.sft_data} rows: batch {a.batch}, "
+                   f"{tokens} tokens", ours, trl, tokens, 6 * ours["params"], a.peak_flops)
         if a.algo in ("dpo", "both"):
             pairs, eos_id, pad_id = dpo_pairs(a.pairs, a.max_len)
             batch = dpo_batch(pairs, pad_id)

@@ -143,7 +143,8 @@ def validation_batches(algo, examples: list, config, pad: int, rows: list[int] |
         weight = np.zeros(B, np.float32)
         weight[: len(chunk)] = 1.0
         chunk = chunk + [examples[0]] * (B - len(chunk))
-        yield {**algo.collate([chunk[r] for r in rows], config, pad), "example_weight": weight[rows]}
+        yield {**algo.collate([chunk[r] for r in rows], config, pad, algo.widths(chunk, config)),
+               "example_weight": weight[rows]}
 
 
 def batch_tokens(batch: dict[str, Any]) -> Any:
@@ -207,29 +208,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     B = config.train.batch_size
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def batch_shardings(local: dict[str, np.ndarray], extra: dict[str, tuple[str, ...]] | None = None) -> dict:
+        """Shardings of a global batch whose arrays have these trailing shapes (widths vary by batch)."""
+        axes = {**algo.batch_axes, **(extra or {})}
+        return {k: rules.sharding(mesh, axes[k], (B, *v.shape[1:])) for k, v in local.items()}
+
     probe = algo.collate([examples[batch_indices(len(examples), B, config.seed, 0)[0]]], config, pad)
-    batch_sh = {k: rules.sharding(mesh, algo.batch_axes[k], (B, *v.shape[1:])) for k, v in probe.items()}
-    rows = distributed.batch_rows(batch_sh, B, {k: v.shape[1:] for k, v in probe.items()})  # this process's
+    rows = distributed.batch_rows(batch_shardings(probe), B, {k: v.shape[1:] for k, v in probe.items()})  # ours
     p_sh = models.param_shardings(cfg, mesh, rules)
     with jax.set_mesh(mesh):
         opt_sh = opt_state_shardings(optimizer, params, p_sh, mesh)
         opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
         ref_params = jax.tree.map(jnp.copy, params) if algo.needs_reference(config) else None
         state = {"params": params, "opt_state": opt_state, "step": jnp.int32(0)}
-        train_step = jax.jit(step_fn, donate_argnums=0, in_shardings=(None, batch_sh, None),
+        # The batch comes placed by put_local_batch (its sharding per its widths); one compile per width rung.
+        train_step = jax.jit(step_fn, donate_argnums=0,
                              out_shardings=({"params": p_sh, "opt_state": opt_sh, "step": None}, None))
         eval_step = None
         if val_every:
-            eval_sh = {**batch_sh, "example_weight": rules.sharding(mesh, ("batch",), (B,))}
-            eval_step = jax.jit(algo.make_eval(cfg, config, rules), in_shardings=(p_sh, eval_sh, None))
+            eval_step = jax.jit(algo.make_eval(cfg, config, rules), in_shardings=(p_sh, None, None))
 
     def validate_now(params) -> dict[str, float]:
         sums: dict[str, float] = {}
         count = 0.0
         for vb in validation_batches(algo, val_examples, config, pad, rows):
             with jax.set_mesh(mesh):
-                s, n = jax.device_get(eval_step(params, distributed.put_local_batch(vb, rows, eval_sh, B),
-                                                ref_params))
+                vb_sh = batch_shardings(vb, {"example_weight": ("batch",)})
+                s, n = jax.device_get(eval_step(params, distributed.put_local_batch(vb, rows, vb_sh, B), ref_params))
             sums = {k: sums.get(k, 0.0) + float(v) for k, v in s.items()}
             count += float(n)
         return {f"val_{k}": v / max(count, 1.0) for k, v in sums.items()}
@@ -257,9 +263,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     try:
         for step in range(start, config.max_steps):
             idx = batch_indices(len(examples), B, config.seed, step)
-            batch = algo.collate([examples[idx[r]] for r in rows], config, pad)
+            batch = algo.collate([examples[idx[r]] for r in rows], config, pad,
+                                 algo.widths([examples[i] for i in idx], config))
             with jax.set_mesh(mesh):
-                global_batch = distributed.put_local_batch(batch, rows, batch_sh, B)
+                global_batch = distributed.put_local_batch(batch, rows, batch_shardings(batch), B)
                 state, m = train_step(state, global_batch, ref_params)
             m = jax.device_get(m)
             if not np.isfinite(m["loss"]):

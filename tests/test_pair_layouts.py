@@ -186,3 +186,29 @@ def test_dpo_tiny_logs_the_same_losses_with_and_without_shared_prefixes(tmp_path
     for a, b in zip(logs[True], logs[False], strict=True):
         for k in ("loss", "accuracy", "margin", "rewards_chosen", "logps_chosen", "logps_rejected", "grad_norm"):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=f"step {a['step']} {k}")
+
+
+def test_pair_batches_pad_to_the_rung_of_their_longest_side_with_the_same_log_probs():
+    """data.bucket_lengths: a batch of pairs is as wide as the rung of its longest side (plain rows) or of its
+    longest prefix and suffix (shared layout), every process deriving the widths from the whole global batch;
+    the log-probs equal those of the batch padded to data.max_len / the data set's widths."""
+    cfg = _cfg()
+    params = models.init_params(cfg, jax.random.key(4), std=0.2)
+    pairs = _pairs(seed=6)
+    C = ml_collections.ConfigDict(dict(data=dict(max_len=100, bucket_lengths=True)))
+    longest = max(len(t) for p in pairs for t in (p.chosen_ids, p.rejected_ids))
+    assert longest <= 32 and pref.batch_widths(pairs, C) == {"length": 32}
+    shared = pref.split_pairs(pairs, [pref.shared_prefix_len(p) for p in pairs])
+    shared = [s._replace(widths=(64, 48)) for s in shared]  # as if longer pairs elsewhere in the data set
+    assert pref.batch_widths(shared, C) == {"prefix": 32, "suffix": 32}
+    logprobs = jax.jit(lambda p, b: pair_logprobs(cfg, p, b)[0])
+    want = np.asarray(logprobs(params, _plain(pairs, 100)))
+    for batch, width in ((pref.collate(pairs, C, PAD), 32), (pref.collate(shared, C, PAD), 32)):
+        assert max(v.shape[-1] for v in batch.values()) == width
+        np.testing.assert_allclose(np.asarray(logprobs(params, batch)), want, rtol=1e-5, atol=1e-5)
+    C.data.bucket_lengths = False
+    assert pref.batch_widths(pairs, C) == {"length": 100} and pref.batch_widths(shared, C) == {"prefix": 64,
+                                                                                                "suffix": 48}
+    # a process building only its own rows pads them to the global batch's widths
+    part = pref.collate(shared[:2], C, PAD, widths=pref.batch_widths(shared, C))
+    assert part["prefix_ids"].shape == (2, 64) and part["suffix_ids"].shape == (2, 2, 48)

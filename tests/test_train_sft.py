@@ -10,12 +10,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from jaxrl_llm import models
 from jaxrl_llm.algorithms.losses import next_token_nll_sum
-from jaxrl_llm.algorithms.sft import collate, microbatch_grads, pack, sft_loss_sum
+from jaxrl_llm.algorithms.sft import batch_widths, collate, microbatch_grads, pack, sft_loss_sum
 from jaxrl_llm.data.chat import DataError, to_messages, tokenize_conversation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -176,10 +177,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_grads():
         mask[0] = 1  # even a first token marked for loss must not become a cross-example target
         examples.append((ids, mask))
 
-    class C:
-        class data:
-            max_len = 24
-
+    C = ml_collections.ConfigDict(dict(data=dict(max_len=24, bucket_lengths=True)))
     rows = pack(examples, 24)
     assert len(rows) < len(examples) and sum(len(r) for r in rows) == len(examples)
     assert all(sum(len(e[0]) for e in r) <= 24 for r in rows)
@@ -200,3 +198,62 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_grads():
     np.testing.assert_allclose(lp, lu, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(gp), jax.tree.leaves(gu), strict=True):
         np.testing.assert_allclose(np.asarray(a) / np_, np.asarray(b) / nu, atol=1e-6)  # mean-loss grads
+
+
+def _tiny_examples(lengths, seed=5, vocab=50):
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        mask = (np.arange(n) >= n // 2).astype(np.int32)  # first half "prompt", second half "response"
+        out.append((rng.integers(1, vocab, n).astype(np.int32), mask))
+    return out
+
+
+def test_batches_pad_to_the_rung_of_their_longest_row_and_list_only_loss_targets():
+    examples = _tiny_examples([7, 19, 12])
+    C = ml_collections.ConfigDict(dict(data=dict(max_len=200, bucket_lengths=True)))
+    # longest row 19 tokens -> rung 32; most targets in a row: 19 - 9 = 10 response tokens -> rung 32
+    assert batch_widths(examples, C) == {"length": 32, "targets": 32}
+    assert batch_widths(_tiny_examples([150]), C) == {"length": 192, "targets": 96}  # 150 -> 192, 75 -> 96
+    assert batch_widths(_tiny_examples([199]), C) == {"length": 200, "targets": 128}  # capped at max_len
+    b = collate(examples, C, 0)
+    assert b["input_ids"].shape == (3, 32) and b["target_index"].shape == (3, 32)
+    for r, (ids, mask) in enumerate(examples):
+        t = np.flatnonzero(mask[1:])  # position t predicts token t + 1, counted when its mask is 1
+        n = len(t)
+        np.testing.assert_array_equal(b["target_index"][r, :n], t)
+        np.testing.assert_array_equal(b["target_weight"][r], [1] * n + [0] * (32 - n))
+        np.testing.assert_array_equal(b["input_ids"][r, b["target_index"][r, :n] + 1], ids[1:][mask[1:] == 1])
+    C.data.bucket_lengths = False  # one compiled shape: data.max_len for both
+    assert batch_widths(examples, C) == {"length": 200, "targets": 200}
+    # a process's rows padded to the widths of the whole global batch (all processes build the same shapes)
+    part = collate(examples[:1], C, 0, widths=batch_widths(examples, C))
+    assert part["input_ids"].shape == (1, 200)
+    with pytest.raises(ValueError, match="row 0 holds 19 tokens; the batch width is 16"):
+        collate(examples[1:2], C, 0, widths={"length": 16, "targets": 16})
+
+
+def test_loss_over_listed_targets_equals_the_full_logits_formula_at_any_width():
+    """The vocabulary projection of the target positions only, at bucketed widths, against the NLL of the full
+    [B, T, V] logits of `models.forward` written out here (log-softmax, pick, mask, sum), at data.max_len."""
+    cfg = models.ModelConfig(family="llama", vocab_size=50, hidden_size=32, intermediate_size=48, num_layers=2,
+                             num_heads=4, num_kv_heads=2, head_dim=8)
+    params = models.init_params(cfg, jax.random.key(2), std=0.2)
+    examples = _tiny_examples([30, 70, 50, 12], seed=7)
+    C = ml_collections.ConfigDict(dict(data=dict(max_len=128, bucket_lengths=True)))
+    small, full = collate(examples, C, 0), collate(examples, C, 0, widths={"length": 128, "targets": 128})
+    assert small["input_ids"].shape[1] == 96 and small["target_index"].shape[1] == 48  # 70 tokens, 35 targets
+
+    def reference(p):
+        logits = models.forward(cfg, p, jnp.asarray(full["input_ids"]), jnp.asarray(full["attention_mask"]))
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(logp, jnp.asarray(full["input_ids"])[:, 1:, None], axis=-1)[..., 0]
+        return -(picked * jnp.asarray(full["loss_mask"][:, 1:], jnp.float32)).sum()
+
+    want, g_want = jax.value_and_grad(reference)(params)
+    for batch in (small, full):
+        (got, n), g = jax.value_and_grad(lambda p, b=batch: sft_loss_sum(cfg, p, b), has_aux=True)(params)
+        assert float(n) == sum(int(m[1:].sum()) for _, m in examples)
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_want), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)

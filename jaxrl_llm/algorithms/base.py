@@ -15,7 +15,10 @@ class Algorithm:
     """The pieces `jaxrl_llm.train` composes.
 
     prepare(config, tokenizer) -> (examples: list, stats: dict)   host-side tokenization, once per run
-    collate(examples: list, config, pad_id) -> dict[str, np.ndarray]   one global batch, fixed shapes
+    widths(examples: list, config) -> dict[str, int]   the padded widths of a global batch (from all its
+        examples, so that every process pads its rows alike; a handful of rungs, see data.buckets)
+    collate(examples: list, config, pad_id, widths=None) -> dict[str, np.ndarray]   (this process's rows of)
+        one global batch, padded to `widths` (default: those of the given examples)
     batch_axes: dict[str, tuple[str, ...]]   logical axes of each collated array (for its sharding)
     make_step(cfg, optimizer, config, rules) -> step(state, batch, ref_params) -> (state, metrics)
     needs_reference(config) -> bool   whether a frozen reference copy of the initial params is kept
@@ -27,6 +30,7 @@ class Algorithm:
 
     name: str
     prepare: Callable[..., tuple[list, dict[str, int]]]
+    widths: Callable[[list, Any], dict[str, int]]
     collate: Callable[..., dict[str, np.ndarray]]
     batch_axes: dict[str, tuple[str, ...]]
     make_step: Callable[..., Callable]

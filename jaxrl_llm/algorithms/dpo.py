@@ -86,6 +86,7 @@ def make_dpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, con
 ALGORITHM = Algorithm(
     name="dpo",
     prepare=preference.prepare,
+    widths=preference.batch_widths,
     collate=preference.collate,
     batch_axes=preference.BATCH_AXES,
     make_step=make_dpo_step,

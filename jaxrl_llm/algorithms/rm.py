@@ -48,6 +48,7 @@ def make_rm_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, conf
 ALGORITHM = Algorithm(
     name="rm",
     prepare=preference.prepare,
+    widths=preference.batch_widths,
     collate=preference.collate,
     batch_axes=preference.BATCH_AXES,
     make_step=make_rm_step,

@@ -13,12 +13,13 @@ import numpy as np
 import optax
 
 from jaxrl_llm.algorithms.base import Algorithm
-from jaxrl_llm.algorithms.losses import next_token_nll_sum
+from jaxrl_llm.algorithms.losses import token_logprobs
+from jaxrl_llm.data.buckets import bucket_width
 from jaxrl_llm.data.chat import DataError, to_messages, tokenize_conversation
 from jaxrl_llm.data.sources import load_rows
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.transformer import forward
-from jaxrl_llm.parallel.rules import ShardingRules
+from jaxrl_llm.models.transformer import hidden_states, lm_logits
+from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +78,18 @@ def apply_mean_grads(optimizer: optax.GradientTransformation, state: dict, g_sum
 
 def sft_loss_sum(cfg: ModelConfig, params: Any, mb: dict[str, jax.Array], rules: ShardingRules | None = None
                  ) -> tuple[jax.Array, jax.Array]:
-    """(NLL sum, target count) of one (micro)batch as `collate` makes it (packed or not)."""
-    logits = forward(cfg, params, mb["input_ids"], mb["attention_mask"], positions=mb["positions"],
-                     segment_ids=mb["segment_ids"], rules=rules)
-    return next_token_nll_sum(logits, mb["input_ids"], mb["loss_mask"])
+    """(NLL sum, target count) of one (micro)batch as `collate` makes it (packed or not).
+
+    Only the positions that predict a loss token are projected onto the vocabulary: `target_index` [B, K] lists
+    them per row (`target_weight` 1 for real entries, 0 for padding), so prompt tokens, padding and the K <= T
+    bound leave out of the [B, K, V] logits what the loss would multiply by zero."""
+    h_BTD = hidden_states(cfg, params, mb["input_ids"], mb["attention_mask"], positions=mb["positions"],
+                          segment_ids=mb["segment_ids"], rules=rules)
+    idx_BK = mb["target_index"]
+    h_BKD = constrain(jnp.take_along_axis(h_BTD, idx_BK[..., None], axis=1), ("batch", "length", "embed"), rules)
+    lp_BK = token_logprobs(lm_logits(cfg, params, h_BKD, rules), jnp.take_along_axis(mb["input_ids"], idx_BK + 1, 1))
+    w_BK = mb["target_weight"].astype(jnp.float32)
+    return -(lp_BK * w_BK).sum(), w_BK.sum()
 
 
 def make_sft_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, num_micro: int = 1,
@@ -105,7 +114,7 @@ def make_sft_eval(cfg: ModelConfig, config: Any, rules: ShardingRules | None = N
 
     def evaluate(params, batch, ref_params=None):
         del ref_params
-        mb = {**batch, "loss_mask": batch["loss_mask"] * batch["example_weight"][:, None].astype(jnp.int32)}
+        mb = {**batch, "target_weight": batch["target_weight"] * batch["example_weight"][:, None].astype(jnp.int32)}
         l_sum, n = sft_loss_sum(cfg, params, mb, rules)
         return {"loss": l_sum}, n
 
@@ -163,22 +172,51 @@ def pack(examples: list[Example], max_len: int) -> list[list[Example]]:
     return rows
 
 
-def collate(examples: list[Example | list[Example]], config: Any, pad_id: int) -> dict[str, np.ndarray]:
-    """Rows right-padded to data.max_len (one compiled shape). A row is one example or a packed list of them:
-    segment_ids number the examples of a row (0 = padding), positions restart at 0 for each, and the
-    first token of every example is never a loss target, so attention and loss never cross examples."""
-    B, T = len(examples), config.data.max_len
+def _rows(examples: list[Example | list[Example]]) -> list[list[Example]]:
+    return [[row] if isinstance(row, tuple) else row for row in examples]
+
+
+def batch_widths(examples: list[Example | list[Example]], config: Any) -> dict[str, int]:
+    """The padded widths of one global batch (every process computes them from the whole batch, so all build
+    the same shapes): "length", columns per row, and "targets", loss targets per row. With data.bucket_lengths
+    (default on) each is the `bucket_width` rung of the batch's longest row; off: data.max_len for both (one
+    compiled shape)."""
+    T = config.data.max_len
+    if not config.data.get("bucket_lengths", True):
+        return {"length": T, "targets": T}
+    rows = _rows(examples)
+    longest = max(sum(len(ids) for ids, _ in row) for row in rows)
+    most_targets = max(sum(int(mask[1:].sum()) for _, mask in row) for row in rows)
+    return {"length": bucket_width(longest, T), "targets": bucket_width(max(most_targets, 1), T)}
+
+
+def collate(examples: list[Example | list[Example]], config: Any, pad_id: int,
+            widths: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Rows right-padded to widths["length"] columns (default: `batch_widths` of these examples). A row is one
+    example or a packed list of them: segment_ids number the examples of a row (0 = padding), positions restart
+    at 0 for each, and the first token of every example is never a loss target, so attention and loss never
+    cross examples. target_index [B, widths["targets"]]: the positions t whose next token t + 1 is in the loss,
+    in order (target_weight 1), then zeros (weight 0)."""
+    w = widths or batch_widths(examples, config)
+    B, T, K = len(examples), w["length"], w["targets"]
     out = {k: np.zeros((B, T), np.int32) for k in ("attention_mask", "loss_mask", "segment_ids", "positions")}
     out["input_ids"] = np.full((B, T), pad_id, np.int32)
-    for r, row in enumerate(examples):
+    out["target_index"], out["target_weight"] = np.zeros((B, K), np.int32), np.zeros((B, K), np.int32)
+    for r, row in enumerate(_rows(examples)):
         t0 = 0
-        for seg, (ids, mask) in enumerate([row] if isinstance(row, tuple) else row, start=1):
+        for seg, (ids, mask) in enumerate(row, start=1):
+            if t0 + len(ids) > T:
+                raise ValueError(f"collate: row {r} holds {t0 + len(ids)} tokens; the batch width is {T}")
             sl = slice(t0, t0 + len(ids))
             out["input_ids"][r, sl], out["attention_mask"][r, sl], out["segment_ids"][r, sl] = ids, 1, seg
             out["loss_mask"][r, sl] = mask
             out["loss_mask"][r, t0] = 0
             out["positions"][r, sl] = np.arange(len(ids))
             t0 += len(ids)
+        pos = np.flatnonzero(out["loss_mask"][r, 1:])
+        if len(pos) > K:
+            raise ValueError(f"collate: row {r} has {len(pos)} loss targets; the batch allows {K}")
+        out["target_index"][r, :len(pos)], out["target_weight"][r, :len(pos)] = pos, 1
     return out
 
 
@@ -186,8 +224,10 @@ ALGORITHM = Algorithm(
     name="sft",
     prepare=prepare,
     collate=collate,
-    batch_axes={k: ("batch", "length") for k in
-                ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")},
+    batch_axes={**{k: ("batch", "length") for k in
+                   ("input_ids", "attention_mask", "loss_mask", "segment_ids", "positions")},
+                "target_index": ("batch", None), "target_weight": ("batch", None)},
+    widths=batch_widths,
     make_step=lambda cfg, optimizer, config, rules: make_sft_step(cfg, optimizer, config.train.microbatches, rules),
     make_eval=make_sft_eval,
 )

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxrl_llm.data.buckets import bucket_width
 from jaxrl_llm.data.chat import DataError, tokenize_conversation
 from jaxrl_llm.data.sources import _package_file, load_rows
 
@@ -37,7 +38,8 @@ class PreferencePair(NamedTuple):
 class SharedPair(NamedTuple):
     """One tokenized pair as the tokens both sides start with (`shared_prefix_len`: the prompt, and any opening of
     the responses they have in common) and what follows on each side, with loss masks. `widths` (prefix columns,
-    suffix columns) is the same for every pair of a data set: the one compiled batch shape (`share_prefixes`)."""
+    suffix columns) is the same for every pair of a data set (`share_prefixes`): the widest batch; `batch_widths`
+    pads each batch to the rungs of its own longest prefix and suffix under it."""
 
     prefix_ids: np.ndarray
     prefix_mask: np.ndarray
@@ -269,12 +271,32 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
     return shared or out, stats
 
 
-def collate(examples: list[PreferencePair] | list[SharedPair], config: Any, pad_id: int) -> dict[str, np.ndarray]:
-    """[P, 2, T] arrays (index 0 chosen, 1 rejected), right-padded to data.max_len (one compiled shape); for
-    `SharedPair`s, `collate_shared`."""
+def batch_widths(examples: list[PreferencePair] | list[SharedPair], config: Any) -> dict[str, int]:
+    """The padded widths of one global batch of pairs: "length" (columns of a side) for `PreferencePair`s,
+    "prefix" and "suffix" for `SharedPair`s. With data.bucket_lengths (default on) each is the `bucket_width`
+    rung of the batch's longest, capped at the data set's width (data.max_len, or the `SharedPair` widths);
+    off: those caps (one compiled shape)."""
+    bucket = config is not None and config.data.get("bucket_lengths", True)
+    if isinstance(examples[0], SharedPair):  # config None: the data set's widths
+        W, C = examples[0].widths
+        if not bucket:
+            return {"prefix": W, "suffix": C}
+        return {"prefix": bucket_width(max(len(ex.prefix_ids) for ex in examples), W),
+                "suffix": bucket_width(max(len(t) for ex in examples for t in (ex.chosen_ids, ex.rejected_ids)), C)}
+    T = config.data.max_len
+    if not bucket:
+        return {"length": T}
+    return {"length": bucket_width(max(len(t) for ex in examples for t in (ex.chosen_ids, ex.rejected_ids)), T)}
+
+
+def collate(examples: list[PreferencePair] | list[SharedPair], config: Any, pad_id: int,
+            widths: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """[P, 2, T] arrays (index 0 chosen, 1 rejected), right-padded to widths["length"] (default: `batch_widths`
+    of these examples); for `SharedPair`s, `collate_shared`."""
+    widths = widths or batch_widths(examples, config)
     if isinstance(examples[0], SharedPair):
-        return collate_shared(examples, pad_id)
-    P, T = len(examples), config.data.max_len
+        return collate_shared(examples, pad_id, (widths["prefix"], widths["suffix"]))
+    P, T = len(examples), widths["length"]
     ids = np.full((P, 2, T), pad_id, np.int32)
     attn = np.zeros((P, 2, T), np.int32)
     loss = np.zeros((P, 2, T), np.int32)
@@ -284,11 +306,13 @@ def collate(examples: list[PreferencePair] | list[SharedPair], config: Any, pad_
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
 
 
-def collate_shared(examples: list[SharedPair], pad_id: int) -> dict[str, np.ndarray]:
+def collate_shared(examples: list[SharedPair], pad_id: int, widths: tuple[int, int] | None = None
+                   ) -> dict[str, np.ndarray]:
     """Shared-prefix batches: prefix_ids / prefix_mask / prefix_loss [P, W_prefix] (left-padded, so every
     prefix ends in the last column) and suffix_ids / suffix_mask / suffix_loss [P, 2, W_suffix] (0 chosen,
-    1 rejected; right-padded). Side s of pair p is prefix p followed by suffix (p, s)."""
-    (W, C), P = examples[0].widths, len(examples)
+    1 rejected; right-padded). Side s of pair p is prefix p followed by suffix (p, s). widths: (W_prefix,
+    W_suffix), by default the data set's (`SharedPair.widths`)."""
+    (W, C), P = widths or examples[0].widths, len(examples)
     out = {"prefix_ids": np.full((P, W), pad_id, np.int32), "suffix_ids": np.full((P, 2, C), pad_id, np.int32)}
     out.update({k: np.zeros((P, W), np.int32) for k in ("prefix_mask", "prefix_loss")})
     out.update({k: np.zeros((P, 2, C), np.int32) for k in ("suffix_mask", "suffix_loss")})
