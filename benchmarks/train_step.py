@@ -12,8 +12,9 @@ The first `--warmup` steps of each are not timed; the median of `--steps` timed 
   token ids and loss mask, `completion_only_loss`): `--sft-data random` (default), `--length` random ids with
   every token in the loss; `gsm8k`, the first GSM8K conversations of at most `--length` tokens with the SmolLM2
   chat template and the loss on the assistant's answer only. TRL pads to the batch's longest row and projects
-  every position onto the vocabulary; jaxrl_llm pads to the rung of the longest (`data.bucket_lengths`; off with
-  `--no-bucket`) and projects only the loss targets' predictors. tokens/step = the rows' real tokens.
+  every position onto the vocabulary; jaxrl_llm pads to the rung over the longest (`--length-buckets`, as
+  `data.length_buckets`, 0: to `--length`) and projects only the loss targets' predictors. tokens/step = the
+  rows' real tokens.
 - dpo: the first `--pairs` GSM8K preference pairs (`data.preference.gsm8k_pairs`, SmolLM2 chat template)
   whose longer side fits in `--max-len` tokens, one batch of them every step (`algorithms.dpo.make_dpo_step`
   vs `DPOTrainer` with a reference model, `precompute_ref_log_probs=False`, same beta and loss type). Both get
@@ -128,8 +129,8 @@ class JaxRun:
                 "params": models.num_params(self.cfg)}
 
 
-def sft_config(length: int, bucket: bool) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(data=dict(max_len=length, bucket_lengths=bucket)))
+def sft_config(length: int, length_buckets: int) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(data=dict(max_len=length, length_buckets=length_buckets)))
 
 
 def time_jax_sft(folder: str, batch: dict[str, np.ndarray], steps: int, warmup: int, remat: bool
@@ -287,8 +288,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"{what} (default {full}; {tiny} with --tiny)")
     ap.add_argument("--sft-data", choices=("random", "gsm8k"), default="random",
                     help="sft rows: random ids, all in the loss; gsm8k: chat conversations, loss on the answers")
-    ap.add_argument("--no-bucket", action="store_true",
-                    help="sft: pad to --length (data.bucket_lengths=False) instead of the batch's rung")
+    ap.add_argument("--length-buckets", type=int, default=4,
+                    help="sft: data.length_buckets, rungs per doubling of the padded width (0: pad to --length)")
     ap.add_argument("--beta", type=float, default=0.1, help="dpo beta")
     ap.add_argument("--dpo-loss", choices=("sigmoid", "ipo"), default="sigmoid")
     ap.add_argument("--shared-prefix", choices=("full", "prompt", "off"), default="full",
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         fp32 = f"fp32{', remat' if a.remat else ''}"
         if a.algo in ("sft", "both"):
             rows = sft_rows(a.sft_data, a.batch, a.length, (TINY if a.tiny else SMOLLM2_135M)["vocab_size"])
-            batch = sft.collate(rows, sft_config(a.length, not a.no_bucket), 0)
+            batch = sft.collate(rows, sft_config(a.length, a.length_buckets), 0)
             ours = time_jax_sft(folder, batch, a.steps, a.warmup, a.remat)
             trl = None if a.no_trl else time_trl_sft(folder, rows, a.steps, a.warmup, OPT, a.remat)
             tokens, longest = sum(len(ids) for ids, _ in rows), max(len(ids) for ids, _ in rows)

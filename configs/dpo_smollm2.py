@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(  # rows: prompt, chosen, rejected (strings or message lists)
         source="gsm8k_pairs", num_examples=512, max_len=320, overlong="drop", chat_template="",
         shared_prefix=True,  # the tokens both sides start with run once per pair (data.preference)
-        bucket_lengths=True))  # each batch padded to the rung of its longest pair (data.buckets)
+        length_buckets=4))  # each batch padded to a rung (4 per doubling) over its longest pair
     c.dpo = ml_collections.ConfigDict(dict(
         beta=0.1, loss_type="sigmoid", label_smoothing=0.0,  # sigmoid | ipo; smoothing: conservative DPO
         average_log_probs=False,  # True: length-averaged sequence log-probs (NeMo preference_average_log_probs)

@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(  # rows: prompt, chosen, rejected (strings or message lists)
         source="gsm8k_pairs", num_examples=16, max_len=256, overlong="drop", chat_template="",
         shared_prefix=True,  # the tokens both sides start with run once per pair (data.preference)
-        bucket_lengths=True))  # each batch padded to the rung of its longest pair (data.buckets)
+        length_buckets=4))  # each batch padded to a rung (4 per doubling) over its longest pair
     c.train = ml_collections.ConfigDict(dict(batch_size=8, microbatches=1))  # batch_size counts pairs
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=2, schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,

@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="gsm8k", num_examples=512, max_len=256, overlong="drop", chat_template="",
         last_assistant_only=False, packing=False, val_fraction=0.02,
-        bucket_lengths=True))  # each batch padded to the rung of its longest row (data.buckets), not max_len
+        length_buckets=4))  # each batch padded to a rung (4 per doubling) over its longest row, not max_len
     c.train = ml_collections.ConfigDict(dict(batch_size=4, microbatches=1))
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=2e-5, warmup_steps=2, schedule="cosine", weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,

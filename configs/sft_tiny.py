@@ -20,7 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="gsm8k", num_examples=256, max_len=160, overlong="truncate", chat_template="",
         last_assistant_only=False, packing=False, val_fraction=0.0,
-        bucket_lengths=True))  # each batch padded to the rung of its longest row (data.buckets), not max_len
+        length_buckets=4))  # each batch padded to a rung (4 per doubling) over its longest row, not max_len
     c.train = ml_collections.ConfigDict(dict(batch_size=8, microbatches=1))
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=2, schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,

@@ -26,6 +26,7 @@ from jaxrl_llm.algorithms import REGISTRY, batch_indices
 from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.data import DataError, preference
+from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
 
@@ -93,6 +94,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.algorithm not in ONLINE and (tc.batch_size < 1 or tc.microbatches < 1
                                            or tc.batch_size % tc.microbatches):
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by train.microbatches={tc.microbatches}")
+    if config.data.get("length_buckets", 4) not in RUNGS:
+        raise ConfigError(f"data.length_buckets={config.data.length_buckets!r}: expected one of {RUNGS} (rungs per "
+                          "doubling of a batch's padded width; 0 pads every batch to data.max_len)")
     if config.data.overlong not in ("truncate", "drop"):
         raise ConfigError(f"data.overlong={config.data.overlong!r}; expected truncate | drop")
     if not config.model.path and not config.model.init:

@@ -189,13 +189,13 @@ def test_dpo_tiny_logs_the_same_losses_with_and_without_shared_prefixes(tmp_path
 
 
 def test_pair_batches_pad_to_the_rung_of_their_longest_side_with_the_same_log_probs():
-    """data.bucket_lengths: a batch of pairs is as wide as the rung of its longest side (plain rows) or of its
+    """data.length_buckets: a batch of pairs is as wide as the rung of its longest side (plain rows) or of its
     longest prefix and suffix (shared layout), every process deriving the widths from the whole global batch;
     the log-probs equal those of the batch padded to data.max_len / the data set's widths."""
     cfg = _cfg()
     params = models.init_params(cfg, jax.random.key(4), std=0.2)
     pairs = _pairs(seed=6)
-    C = ml_collections.ConfigDict(dict(data=dict(max_len=100, bucket_lengths=True)))
+    C = ml_collections.ConfigDict(dict(data=dict(max_len=100, length_buckets=4)))
     longest = max(len(t) for p in pairs for t in (p.chosen_ids, p.rejected_ids))
     assert longest <= 32 and pref.batch_widths(pairs, C) == {"length": 32}
     shared = pref.split_pairs(pairs, [pref.shared_prefix_len(p) for p in pairs])
@@ -206,7 +206,7 @@ def test_pair_batches_pad_to_the_rung_of_their_longest_side_with_the_same_log_pr
     for batch, width in ((pref.collate(pairs, C, PAD), 32), (pref.collate(shared, C, PAD), 32)):
         assert max(v.shape[-1] for v in batch.values()) == width
         np.testing.assert_allclose(np.asarray(logprobs(params, batch)), want, rtol=1e-5, atol=1e-5)
-    C.data.bucket_lengths = False
+    C.data.length_buckets = 0
     assert pref.batch_widths(pairs, C) == {"length": 100} and pref.batch_widths(shared, C) == {"prefix": 64,
                                                                                                 "suffix": 48}
     # a process building only its own rows pads them to the global batch's widths

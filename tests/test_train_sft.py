@@ -177,7 +177,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_grads():
         mask[0] = 1  # even a first token marked for loss must not become a cross-example target
         examples.append((ids, mask))
 
-    C = ml_collections.ConfigDict(dict(data=dict(max_len=24, bucket_lengths=True)))
+    C = ml_collections.ConfigDict(dict(data=dict(max_len=24, length_buckets=4)))
     rows = pack(examples, 24)
     assert len(rows) < len(examples) and sum(len(r) for r in rows) == len(examples)
     assert all(sum(len(e[0]) for e in r) <= 24 for r in rows)
@@ -211,11 +211,14 @@ def _tiny_examples(lengths, seed=5, vocab=50):
 
 def test_batches_pad_to_the_rung_of_their_longest_row_and_list_only_loss_targets():
     examples = _tiny_examples([7, 19, 12])
-    C = ml_collections.ConfigDict(dict(data=dict(max_len=200, bucket_lengths=True)))
+    C = ml_collections.ConfigDict(dict(data=dict(max_len=200, length_buckets=4)))
     # longest row 19 tokens -> rung 32; most targets in a row: 19 - 9 = 10 response tokens -> rung 32
     assert batch_widths(examples, C) == {"length": 32, "targets": 32}
-    assert batch_widths(_tiny_examples([150]), C) == {"length": 192, "targets": 96}  # 150 -> 192, 75 -> 96
-    assert batch_widths(_tiny_examples([199]), C) == {"length": 200, "targets": 128}  # capped at max_len
+    assert batch_widths(_tiny_examples([150]), C) == {"length": 160, "targets": 80}  # 150 -> 160, 75 -> 80
+    assert batch_widths(_tiny_examples([199]), C) == {"length": 200, "targets": 112}  # 224 capped at max_len
+    C.data.length_buckets = 2  # 2 rungs per doubling: ..., 96, 128, 192, 256, ...
+    assert batch_widths(_tiny_examples([150]), C) == {"length": 192, "targets": 96}
+    C.data.length_buckets = 4
     b = collate(examples, C, 0)
     assert b["input_ids"].shape == (3, 32) and b["target_index"].shape == (3, 32)
     for r, (ids, mask) in enumerate(examples):
@@ -224,7 +227,7 @@ def test_batches_pad_to_the_rung_of_their_longest_row_and_list_only_loss_targets
         np.testing.assert_array_equal(b["target_index"][r, :n], t)
         np.testing.assert_array_equal(b["target_weight"][r], [1] * n + [0] * (32 - n))
         np.testing.assert_array_equal(b["input_ids"][r, b["target_index"][r, :n] + 1], ids[1:][mask[1:] == 1])
-    C.data.bucket_lengths = False  # one compiled shape: data.max_len for both
+    C.data.length_buckets = 0  # one compiled shape: data.max_len for both
     assert batch_widths(examples, C) == {"length": 200, "targets": 200}
     # a process's rows padded to the widths of the whole global batch (all processes build the same shapes)
     part = collate(examples[:1], C, 0, widths=batch_widths(examples, C))
@@ -240,9 +243,9 @@ def test_loss_over_listed_targets_equals_the_full_logits_formula_at_any_width():
                              num_heads=4, num_kv_heads=2, head_dim=8)
     params = models.init_params(cfg, jax.random.key(2), std=0.2)
     examples = _tiny_examples([30, 70, 50, 12], seed=7)
-    C = ml_collections.ConfigDict(dict(data=dict(max_len=128, bucket_lengths=True)))
+    C = ml_collections.ConfigDict(dict(data=dict(max_len=128, length_buckets=4)))
     small, full = collate(examples, C, 0), collate(examples, C, 0, widths={"length": 128, "targets": 128})
-    assert small["input_ids"].shape[1] == 96 and small["target_index"].shape[1] == 48  # 70 tokens, 35 targets
+    assert small["input_ids"].shape[1] == 80 and small["target_index"].shape[1] == 40  # 70 tokens, 35 targets
 
     def reference(p):
         logits = models.forward(cfg, p, jnp.asarray(full["input_ids"]), jnp.asarray(full["attention_mask"]))
@@ -257,3 +260,14 @@ def test_loss_over_listed_targets_equals_the_full_logits_formula_at_any_width():
         np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
         for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_want), strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+
+
+@pytest.mark.parametrize("name", ["sft_tiny", "dpo_tiny", "rm_tiny"])
+def test_length_buckets_outside_the_ladder_is_a_config_error(name):
+    from recipes import recipe
+
+    from jaxrl_llm import train
+
+    train.validate(recipe(name))
+    with pytest.raises(train.ConfigError, match=r"data.length_buckets=3: expected one of \(0, 1, 2, 4, 8\)"):
+        train.validate(recipe(name, {"data.length_buckets": 3}))

@@ -178,16 +178,14 @@ def _rows(examples: list[Example | list[Example]]) -> list[list[Example]]:
 
 def batch_widths(examples: list[Example | list[Example]], config: Any) -> dict[str, int]:
     """The padded widths of one global batch (every process computes them from the whole batch, so all build
-    the same shapes): "length", columns per row, and "targets", loss targets per row. With data.bucket_lengths
-    (default on) each is the `bucket_width` rung of the batch's longest row; off: data.max_len for both (one
-    compiled shape)."""
-    T = config.data.max_len
-    if not config.data.get("bucket_lengths", True):
-        return {"length": T, "targets": T}
+    the same shapes): "length", columns per row, and "targets", loss targets per row, each the `bucket_width`
+    rung of the batch's longest row on the ladder of data.length_buckets rungs per doubling (default 4; 0:
+    data.max_len for both, one compiled shape)."""
+    T, rungs = config.data.max_len, config.data.get("length_buckets", 4)
     rows = _rows(examples)
     longest = max(sum(len(ids) for ids, _ in row) for row in rows)
     most_targets = max(sum(int(mask[1:].sum()) for _, mask in row) for row in rows)
-    return {"length": bucket_width(longest, T), "targets": bucket_width(max(most_targets, 1), T)}
+    return {"length": bucket_width(longest, T, rungs), "targets": bucket_width(max(most_targets, 1), T, rungs)}
 
 
 def collate(examples: list[Example | list[Example]], config: Any, pad_id: int,

@@ -273,20 +273,17 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
 
 def batch_widths(examples: list[PreferencePair] | list[SharedPair], config: Any) -> dict[str, int]:
     """The padded widths of one global batch of pairs: "length" (columns of a side) for `PreferencePair`s,
-    "prefix" and "suffix" for `SharedPair`s. With data.bucket_lengths (default on) each is the `bucket_width`
-    rung of the batch's longest, capped at the data set's width (data.max_len, or the `SharedPair` widths);
-    off: those caps (one compiled shape)."""
-    bucket = config is not None and config.data.get("bucket_lengths", True)
-    if isinstance(examples[0], SharedPair):  # config None: the data set's widths
+    "prefix" and "suffix" for `SharedPair`s: the `bucket_width` rungs (data.length_buckets per doubling, default
+    4) of the batch's longest, capped at the data set's width (data.max_len, or the `SharedPair` widths);
+    length_buckets 0 (or no config, for `SharedPair`s): those caps, one compiled shape."""
+    rungs = config.data.get("length_buckets", 4) if config is not None else 0
+    if isinstance(examples[0], SharedPair):
         W, C = examples[0].widths
-        if not bucket:
-            return {"prefix": W, "suffix": C}
-        return {"prefix": bucket_width(max(len(ex.prefix_ids) for ex in examples), W),
-                "suffix": bucket_width(max(len(t) for ex in examples for t in (ex.chosen_ids, ex.rejected_ids)), C)}
-    T = config.data.max_len
-    if not bucket:
-        return {"length": T}
-    return {"length": bucket_width(max(len(t) for ex in examples for t in (ex.chosen_ids, ex.rejected_ids)), T)}
+        return {"prefix": bucket_width(max(len(ex.prefix_ids) for ex in examples), W, rungs),
+                "suffix": bucket_width(max(len(t) for ex in examples for t in (ex.chosen_ids, ex.rejected_ids)), C,
+                                       rungs)}
+    return {"length": bucket_width(max(len(t) for ex in examples for t in (ex.chosen_ids, ex.rejected_ids)),
+                                   config.data.max_len, rungs)}
 
 
 def collate(examples: list[PreferencePair] | list[SharedPair], config: Any, pad_id: int,
