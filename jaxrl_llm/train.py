@@ -94,7 +94,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.algorithm not in ONLINE and (tc.batch_size < 1 or tc.microbatches < 1
                                            or tc.batch_size % tc.microbatches):
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by train.microbatches={tc.microbatches}")
-    if config.data.get("length_buckets", 4) not in RUNGS:
+    rungs = config.data.get("length_buckets", 4)
+    if isinstance(rungs, bool) or rungs not in RUNGS:
         raise ConfigError(f"data.length_buckets={config.data.length_buckets!r}: expected one of {RUNGS} (rungs per "
                           "doubling of a batch's padded width; 0 pads every batch to data.max_len)")
     if config.data.overlong not in ("truncate", "drop"):

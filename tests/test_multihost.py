@@ -184,7 +184,7 @@ def _launch(n: int, *cmd: str, timeout: float = 540, **env: str) -> subprocess.C
                           timeout=timeout)
 
 
-TINY = {"data.num_examples": 32, "data.max_len": 96, "train.batch_size": 8, "optimizer.schedule": "constant",
+TINY = {"data.num_examples": 32, "data.max_len": 330, "train.batch_size": 8, "optimizer.schedule": "constant",
         "metrics.tensorboard": False, "checkpoint.every_steps": 3, "checkpoint.keep": 3}
 COMPARED = ("loss", "grad_norm", "tokens", "lr")
 
@@ -226,6 +226,16 @@ def test_two_processes_log_what_one_process_logs_and_resume_in_one(one_process_r
 
     from jaxrl_llm import train
     from jaxrl_llm.export import export_checkpoint
+
+    # The batches of these steps differ in width (data.length_buckets: 320, then the 330 cap), so each process must
+    # pad its own rows to the widths of the whole global batch for the two to build one global array.
+    config = _config(max_steps=3)
+    algo = train.REGISTRY["sft"]
+    examples, _ = algo.prepare(config, train.load_tokenizer(config.tokenizer))
+    B = config.train.batch_size
+    widths = [algo.widths([examples[i] for i in train.batch_indices(len(examples), B, config.seed, step)], config)
+              for step in range(3)]
+    assert len({tuple(w.values()) for w in widths}) > 1, widths
 
     wd = str(tmp_path / "two")
     r = _launch(2, *_cli_args(max_steps=3, export_hf=True), "--workdir", wd)

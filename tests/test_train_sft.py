@@ -212,20 +212,23 @@ def _tiny_examples(lengths, seed=5, vocab=50):
 def test_batches_pad_to_the_rung_of_their_longest_row_and_list_only_loss_targets():
     examples = _tiny_examples([7, 19, 12])
     C = ml_collections.ConfigDict(dict(data=dict(max_len=200, length_buckets=4)))
-    # longest row 19 tokens -> rung 32; most targets in a row: 19 - 9 = 10 response tokens -> rung 32
-    assert batch_widths(examples, C) == {"length": 32, "targets": 32}
-    assert batch_widths(_tiny_examples([150]), C) == {"length": 160, "targets": 80}  # 150 -> 160, 75 -> 80
-    assert batch_widths(_tiny_examples([199]), C) == {"length": 200, "targets": 112}  # 224 capped at max_len
+    # longest row 19 tokens -> rung 32; most targets in a row: 19 - 9 = 10 -> half of 32 (a quarter, 8, is short)
+    assert batch_widths(examples, C) == {"length": 32, "targets": 16}
+    assert batch_widths(_tiny_examples([150]), C) == {"length": 160, "targets": 80}  # 150 -> 160, 75 -> 160 / 2
+    assert batch_widths(_tiny_examples([199]), C) == {"length": 200, "targets": 100}  # 224 capped; 100 targets
+    assert batch_widths(_tiny_examples([60, 180]), C) == {"length": 192, "targets": 96}  # 90 targets
+    assert batch_widths([(np.arange(1, 40), np.r_[np.zeros(30), np.ones(9)].astype(int))], C) == {
+        "length": 40, "targets": 10}  # 9 targets: a quarter of 40
     C.data.length_buckets = 2  # 2 rungs per doubling: ..., 96, 128, 192, 256, ...
     assert batch_widths(_tiny_examples([150]), C) == {"length": 192, "targets": 96}
     C.data.length_buckets = 4
     b = collate(examples, C, 0)
-    assert b["input_ids"].shape == (3, 32) and b["target_index"].shape == (3, 32)
+    assert b["input_ids"].shape == (3, 32) and b["target_index"].shape == (3, 16)
     for r, (ids, mask) in enumerate(examples):
         t = np.flatnonzero(mask[1:])  # position t predicts token t + 1, counted when its mask is 1
         n = len(t)
         np.testing.assert_array_equal(b["target_index"][r, :n], t)
-        np.testing.assert_array_equal(b["target_weight"][r], [1] * n + [0] * (32 - n))
+        np.testing.assert_array_equal(b["target_weight"][r], [1] * n + [0] * (16 - n))
         np.testing.assert_array_equal(b["input_ids"][r, b["target_index"][r, :n] + 1], ids[1:][mask[1:] == 1])
     C.data.length_buckets = 0  # one compiled shape: data.max_len for both
     assert batch_widths(examples, C) == {"length": 200, "targets": 200}

@@ -86,7 +86,7 @@ def sft_loss_sum(cfg: ModelConfig, params: Any, mb: dict[str, jax.Array], rules:
     h_BTD = hidden_states(cfg, params, mb["input_ids"], mb["attention_mask"], positions=mb["positions"],
                           segment_ids=mb["segment_ids"], rules=rules)
     idx_BK = mb["target_index"]
-    h_BKD = constrain(jnp.take_along_axis(h_BTD, idx_BK[..., None], axis=1), ("batch", "length", "embed"), rules)
+    h_BKD = constrain(jnp.take_along_axis(h_BTD, idx_BK[..., None], axis=1), ("batch", None, "embed"), rules)
     lp_BK = token_logprobs(lm_logits(cfg, params, h_BKD, rules), jnp.take_along_axis(mb["input_ids"], idx_BK + 1, 1))
     w_BK = mb["target_weight"].astype(jnp.float32)
     return -(lp_BK * w_BK).sum(), w_BK.sum()
@@ -178,14 +178,17 @@ def _rows(examples: list[Example | list[Example]]) -> list[list[Example]]:
 
 def batch_widths(examples: list[Example | list[Example]], config: Any) -> dict[str, int]:
     """The padded widths of one global batch (every process computes them from the whole batch, so all build
-    the same shapes): "length", columns per row, and "targets", loss targets per row, each the `bucket_width`
-    rung of the batch's longest row on the ladder of data.length_buckets rungs per doubling (default 4; 0:
-    data.max_len for both, one compiled shape)."""
-    T, rungs = config.data.max_len, config.data.get("length_buckets", 4)
-    rows = _rows(examples)
-    longest = max(sum(len(ids) for ids, _ in row) for row in rows)
+    the same shapes): "length", columns per row, the `bucket_width` rung over the batch's longest row on the
+    ladder of data.length_buckets rungs per doubling (default 4), and "targets", loss targets per row: a quarter,
+    half or all of "length", whichever first holds the most any row has. So a batch shape is one of three per
+    length rung (the train step compiles once per shape it meets); length_buckets 0: data.max_len for both, one
+    shape."""
+    rows, rungs = _rows(examples), config.data.get("length_buckets", 4)
+    T = bucket_width(max(sum(len(ids) for ids, _ in row) for row in rows), config.data.max_len, rungs)
+    if rungs == 0:
+        return {"length": T, "targets": T}
     most_targets = max(sum(int(mask[1:].sum()) for _, mask in row) for row in rows)
-    return {"length": bucket_width(longest, T, rungs), "targets": bucket_width(max(most_targets, 1), T, rungs)}
+    return {"length": T, "targets": next(k for k in (-(-T // 4), -(-T // 2), T) if k >= most_targets)}
 
 
 def collate(examples: list[Example | list[Example]], config: Any, pad_id: int,

@@ -3,10 +3,10 @@
 An unpacked batch padded to `data.max_len` wastes the columns its longest row does not use (a batch of
 150-token chat rows padded to 2048 does 13x the work). Padding each batch instead to the smallest width of a
 short ladder that holds its longest row keeps the work close to the rows' own length, while the train step
-compiles once per rung it meets. `data.length_buckets` = rungs per doubling of the length: with 4 (default) the
-ladder is 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, ..., 256, 320, 384, 448, 512, ... (at most 25% padding
-over the longest row, 4 shapes per doubling), with 2 it is 32, 48, 64, 96, 128, ... (at most 50%, 2 per
-doubling), with 1 powers of two; max_len is always the top rung. 0: every batch padded to max_len (one shape).
+compiles once per shape it meets. `data.length_buckets` = rungs per doubling of the length: with 4 (default) the
+ladder is 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, ..., 256, 320, 384, 448, 512, ... (above 32 tokens at most
+25% padding over the longest row, 4 rungs per doubling), with 2 it is 32, 48, 64, 96, 128, ... (at most 50%, 2
+per doubling), with 1 powers of two; max_len is always the top rung. 0: every batch padded to max_len.
 """
 
 from __future__ import annotations

@@ -215,10 +215,12 @@ def split_pairs(pairs: list[PreferencePair], lens: list[int], multiple: int = 8)
 def share_prefixes(pairs: list[PreferencePair], max_len: int, multiple: int = 8) -> list[SharedPair] | None:
     """The pairs as shared prefix + two suffixes, or None when that layout would not run fewer tokens.
 
-    A batch then holds one prefix row of P columns per pair (left-padded) and two suffix rows of C columns
-    (right-padded), P and C the longest prefix and suffix of the data set rounded up to `multiple`: P + 2C
-    tokens per pair through the model instead of the 2 x max_len of two separate rows. None (separate rows)
-    when some pair shares no token at all, or when P + 2C >= 2 x max_len."""
+    A batch then holds one prefix row of at most P columns per pair (left-padded) and two suffix rows of at most
+    C columns (right-padded), P and C the longest prefix and suffix of the data set rounded up to `multiple`.
+    The choice compares the widest case of each layout without bucketing: P + 2C tokens per pair against the
+    2 x max_len of two separate rows. With data.length_buckets both layouts are padded per batch (to the rungs
+    over that batch's longest prefix and suffix, or its longest side), so the realised saving depends on the
+    batch. None (separate rows) when some pair shares no token at all, or when P + 2C >= 2 x max_len."""
     lens = [shared_prefix_len(p) for p in pairs]
     if min(lens) < 1:
         log.info("data.shared_prefix: pair %d shares no leading token between its sides; using separate rows",
@@ -230,8 +232,8 @@ def share_prefixes(pairs: list[PreferencePair], max_len: int, multiple: int = 8)
         log.info("data.shared_prefix: a shared prefix of %d and suffixes of %d columns are no shorter than two rows "
                  "of %d; using separate rows", P, C, max_len)
         return None
-    log.info("data.shared_prefix: %d tokens per pair (prefix %d + 2 x suffix %d) instead of 2 x %d", P + 2 * C, P,
-             C, max_len)
+    log.info("data.shared_prefix: at most %d tokens per pair (prefix %d + 2 x suffix %d) instead of 2 x %d (max_len)",
+             P + 2 * C, P, C, max_len)
     return shared
 
 
