@@ -212,11 +212,13 @@ def _tiny_examples(lengths, seed=5, vocab=50):
 def test_batches_pad_to_the_rung_of_their_longest_row_and_list_only_loss_targets():
     examples = _tiny_examples([7, 19, 12])
     C = ml_collections.ConfigDict(dict(data=dict(max_len=200, length_buckets=4)))
-    # longest row 19 tokens -> rung 32; most targets in a row: 19 - 9 = 10 -> half of 32 (a quarter, 8, is short)
+    # longest row 19 tokens -> rung 32; most targets in a row: 19 - 9 = 10 -> 2/4 of 32 (1/4, 8, is short)
     assert batch_widths(examples, C) == {"length": 32, "targets": 16}
     assert batch_widths(_tiny_examples([150]), C) == {"length": 160, "targets": 80}  # 150 -> 160, 75 -> 160 / 2
     assert batch_widths(_tiny_examples([199]), C) == {"length": 200, "targets": 100}  # 224 capped; 100 targets
     assert batch_widths(_tiny_examples([60, 180]), C) == {"length": 192, "targets": 96}  # 90 targets
+    assert batch_widths([(np.arange(1, 101), np.r_[np.zeros(30), np.ones(70)].astype(int))], C) == {
+        "length": 112, "targets": 84}  # 70 targets: 3/4 of 112
     assert batch_widths([(np.arange(1, 40), np.r_[np.zeros(30), np.ones(9)].astype(int))], C) == {
         "length": 40, "targets": 10}  # 9 targets: a quarter of 40
     C.data.length_buckets = 2  # 2 rungs per doubling: ..., 96, 128, 192, 256, ...

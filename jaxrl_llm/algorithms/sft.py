@@ -179,8 +179,8 @@ def _rows(examples: list[Example | list[Example]]) -> list[list[Example]]:
 def batch_widths(examples: list[Example | list[Example]], config: Any) -> dict[str, int]:
     """The padded widths of one global batch (every process computes them from the whole batch, so all build
     the same shapes): "length", columns per row, the `bucket_width` rung over the batch's longest row on the
-    ladder of data.length_buckets rungs per doubling (default 4), and "targets", loss targets per row: a quarter,
-    half or all of "length", whichever first holds the most any row has. So a batch shape is one of three per
+    ladder of data.length_buckets rungs per doubling (default 4), and "targets", loss targets per row: 1/4, 2/4,
+    3/4 or all of "length", whichever first holds the most any row has. So a batch shape is one of four per
     length rung (the train step compiles once per shape it meets); length_buckets 0: data.max_len for both, one
     shape."""
     rows, rungs = _rows(examples), config.data.get("length_buckets", 4)
@@ -188,7 +188,7 @@ def batch_widths(examples: list[Example | list[Example]], config: Any) -> dict[s
     if rungs == 0:
         return {"length": T, "targets": T}
     most_targets = max(sum(int(mask[1:].sum()) for _, mask in row) for row in rows)
-    return {"length": T, "targets": next(k for k in (-(-T // 4), -(-T // 2), T) if k >= most_targets)}
+    return {"length": T, "targets": next(k for k in (-(-T * q // 4) for q in (1, 2, 3, 4)) if k >= most_targets)}
 
 
 def collate(examples: list[Example | list[Example]], config: Any, pad_id: int,
