@@ -227,7 +227,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
         ref_params = jax.tree.map(jnp.copy, params) if algo.needs_reference(config) else None
         state = {"params": params, "opt_state": opt_state, "step": jnp.int32(0)}
-        # The batch comes placed by put_local_batch (its sharding per its widths); one compile per width rung.
+        # The batch comes placed by put_local_batch (its sharding per its widths); one compile per batch shape.
         train_step = jax.jit(step_fn, donate_argnums=0,
                              out_shardings=({"params": p_sh, "opt_state": opt_sh, "step": None}, None))
         eval_step = None
