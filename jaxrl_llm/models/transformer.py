@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.decode_layout import INPUT_AXES, SUFFIX, project
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
 _F32 = jnp.float32
@@ -135,13 +136,21 @@ def attention_kv_major(cfg: ModelConfig, q_BTNH: jax.Array, k_BKSH: jax.Array, v
     return o_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
+def _proj(spec: str, x: jax.Array, w: dict, name: str) -> jax.Array:
+    """Projection `name` of a layer: an einsum on the stored weight, or, when the layer holds the output-major
+    copy (`decode_layout`), the thin-product form on that."""
+    if name + SUFFIX in w:
+        return project(x, w[name + SUFFIX], INPUT_AXES[name])
+    return jnp.einsum(spec, x, w[name])
+
+
 def _qkv(cfg: ModelConfig, w: dict, x_BTD: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array,
          rules: ShardingRules | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pre-norm, projections, biases, QK-norm and RoPE: q [B, T, N, H], k/v [B, T, K, H]."""
     h = rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("btd,dnh->btnh", h, w["wq"])
-    k = jnp.einsum("btd,dkh->btkh", h, w["wk"])
-    v = jnp.einsum("btd,dkh->btkh", h, w["wv"])
+    q = _proj("btd,dnh->btnh", h, w, "wq")
+    k = _proj("btd,dkh->btkh", h, w, "wk")
+    v = _proj("btd,dkh->btkh", h, w, "wv")
     if cfg.qkv_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     if cfg.qk_norm:
@@ -159,18 +168,21 @@ def _out_and_mlp(cfg: ModelConfig, w: dict, x_BTD: jax.Array, o_BTNH: jax.Array,
     # One flat contraction over (n, h): with two contracting axes XLA:CPU may reorder them to (h, n) and then
     # transpose the weight (a copy) on every call.
     B, T, N, H = o_BTNH.shape
-    o = jnp.einsum("btf,fd->btd", o_BTNH.reshape(B, T, N * H), w["wo"].reshape(N * H, -1))
+    if "wo" + SUFFIX in w:
+        o = project(o_BTNH, w["wo" + SUFFIX], INPUT_AXES["wo"])
+    else:
+        o = jnp.einsum("btf,fd->btd", o_BTNH.reshape(B, T, N * H), w["wo"].reshape(N * H, -1))
     if cfg.o_bias:
         o = o + w["bo"]
     x_BTD = constrain(x_BTD + o, ("batch", "length", "embed"), rules)
 
     h = rms_norm(x_BTD, w["mlp_norm"], cfg.rms_norm_eps)
-    gate = jnp.einsum("btd,df->btf", h, w["w_gate"])
-    up = jnp.einsum("btd,df->btf", h, w["w_up"])
+    gate = _proj("btd,df->btf", h, w, "w_gate")
+    up = _proj("btd,df->btf", h, w, "w_up")
     if cfg.mlp_bias:
         gate, up = gate + w["b_gate"], up + w["b_up"]
     act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"), rules)
-    down = jnp.einsum("btf,fd->btd", act, w["w_down"])
+    down = _proj("btf,fd->btd", act, w, "w_down")
     if cfg.mlp_bias:
         down = down + w["b_down"]
     return constrain(x_BTD + down, ("batch", "length", "embed"), rules)
@@ -314,7 +326,9 @@ def lm_logits(cfg: ModelConfig, params: dict, h_BTD: jax.Array, rules: ShardingR
     """Vocabulary logits [B, T, V] in fp32 (fp32 accumulation of the compute-dtype matmul)."""
     if cfg.num_labels:
         raise ValueError("this is a score-head model (num_labels > 0): use score_tokens / score_sequences")
-    if cfg.tie_word_embeddings:
+    if "lm_head_t" in params:  # `decode_layout.decode_params`
+        logits = project(h_BTD, params["lm_head_t"].astype(h_BTD.dtype), 1, preferred_element_type=_F32)
+    elif cfg.tie_word_embeddings:
         logits = jnp.einsum("btd,vd->btv", h_BTD, params["embed"].astype(h_BTD.dtype),
                             preferred_element_type=_F32)
     else:

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.transformer import forward_with_cache, unstack_layers
+from jaxrl_llm.models.decode_layout import decode_params
+from jaxrl_llm.models.transformer import forward_with_cache
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 from jaxrl_llm.sampling.cache import (
     CACHE_AXES,
@@ -119,24 +120,33 @@ def _record(state: DecodeState, logits_BV: jax.Array, inp: DecodeInputs) -> Deco
         num_tokens_B=num_B, tokens_BN=tokens_BN, logprobs_BN=logprobs_BN)
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_bucket", "rules", "unroll"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("cfg", "rules"))
+def prepare_decode_params(cfg: ModelConfig, params: dict, rules: ShardingRules | None = None) -> dict:
+    """`decode_layout.decode_params` as its own computation, so that the per-layer output-major weights are
+    materialised arrays when `decode` reads them (memory: a second copy of the layer weights)."""
+    _TRACES["decode_params"] += 1
+    return decode_params(cfg, params, rules)
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_bucket", "rules"), donate_argnames=("cache",))
 def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, inp: DecodeInputs, *,
-           max_new_bucket: int, rules: ShardingRules | None = None, unroll: bool = False
+           max_new_bucket: int, rules: ShardingRules | None = None
            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, dict]:
     """Sample up to `max_new_bucket` tokens per row after `prefill`, stopping as soon as every row is done.
 
     Returns (tokens [B, N] int32, logprobs [B, N] fp32, num_tokens [B] int32, stopped [B] bool, steps [] int32,
     cache). The cache is donated and returned so that the loop updates it in place (callers may drop it).
-    unroll: run the layers as a Python loop over per-layer weight and cache arrays, sliced out of the stacked
-    ones once before the loop (see `generate(unroll_layers=...)`); otherwise a layer scan inside each step.
+    params: the model's (stacked layers: a layer scan inside each step), or with `layers` a list of per-layer
+    dicts, such as `prepare_decode_params(cfg, params, rules)` gives (per-layer output-major weights): the layers
+    then run as a Python loop over per-layer weight and cache arrays (see `generate(unroll_layers=...)`).
     """
     _TRACES["decode"] += 1
     B = logits_BV.shape[0]
     S = cache_length(cache)
     P = S - max_new_bucket  # first generated slot
     lengths_B = P - inp.start_B
-    if unroll:  # sliced once here instead of inside every step (slices are copies on XLA:CPU)
-        params = {**params, "layers": unstack_layers(params["layers"])}
+    unroll = isinstance(params["layers"], list | tuple)
+    if unroll:  # the cache sliced once here instead of inside every step (slices are copies on XLA:CPU)
         cache = unstack_cache(cache, rules)
     state = DecodeState(
         step=jnp.int32(0), cache=cache, last_token_B=jnp.zeros((B,), jnp.int32),

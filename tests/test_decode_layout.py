@@ -1,0 +1,98 @@
+"""`models.decode_layout`: the output-major decode weights and the thin-product form, checked against the
+plain einsums, the stacked forward pass, and the compiled HLO (the layout that makes it fast survives XLA)."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrl_llm import models
+from jaxrl_llm.models.decode_layout import INPUT_AXES, decode_params, is_decode_params, project
+from jaxrl_llm.sampling.cache import init_cache, unstack_cache
+
+# Every optional per-layer leaf (biases on q/k/v/o and the MLP, QK-norm) and an untied head.
+CFG = models.ModelConfig(family="llama", vocab_size=64, hidden_size=24, intermediate_size=40, num_layers=2,
+                         num_heads=6, num_kv_heads=2, head_dim=4, qkv_bias=True, o_bias=True, mlp_bias=True,
+                         qk_norm=True, max_position_embeddings=64, rope_theta=10000.0, rms_norm_eps=1e-6)
+
+
+def random_params(cfg: models.ModelConfig, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda a: jnp.asarray(1.0 + 0.3 * rng.standard_normal(a.shape), jnp.float32),
+                        models.abstract_params(cfg))
+
+
+@pytest.mark.parametrize("spec,w_shape,n_in", [
+    ("btd,dnh->btnh", (24, 6, 4), 1),   # wq: one input axis, two output axes
+    ("btnh,nhd->btd", (6, 4, 24), 2),   # wo: two input axes
+    ("btd,df->btf", (24, 40), 1),       # MLP
+])
+def test_project_equals_the_einsum(spec, w_shape, n_in):
+    rng = np.random.default_rng(1)
+    x_shape = (3, 2) + w_shape[:n_in]
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    w = rng.standard_normal(w_shape).astype(np.float32)
+    w_t = np.transpose(w, tuple(range(n_in, w.ndim)) + tuple(range(n_in)))
+    got = np.asarray(jax.jit(project, static_argnums=2)(jnp.asarray(x), jnp.asarray(w_t), n_in))
+    np.testing.assert_allclose(got, np.einsum(spec, x.astype(np.float64), w), rtol=1e-5, atol=1e-5)
+
+
+def test_decode_params_layout():
+    params = random_params(CFG)
+    dp = decode_params(CFG, params)
+    assert is_decode_params(dp) and not is_decode_params(params)
+    assert isinstance(dp["layers"], list) and len(dp["layers"]) == CFG.num_layers
+    np.testing.assert_array_equal(dp["lm_head_t"], np.asarray(params["lm_head"]).T)
+    assert "lm_head" not in dp
+    for name in ("embed", "final_norm"):
+        np.testing.assert_array_equal(dp[name], params[name])
+    for i, layer in enumerate(dp["layers"]):
+        want = set(params["layers"]) - set(INPUT_AXES) | {n + "_t" for n in INPUT_AXES}
+        assert set(layer) == want
+        stacked = jax.tree.map(lambda a, i=i: np.asarray(a[i]), params["layers"])
+        np.testing.assert_array_equal(layer["wq_t"], stacked["wq"].transpose(1, 2, 0))  # [N, H, D]
+        np.testing.assert_array_equal(layer["wk_t"], stacked["wk"].transpose(1, 2, 0))
+        np.testing.assert_array_equal(layer["wo_t"], stacked["wo"].transpose(2, 0, 1))  # [D, N, H]
+        np.testing.assert_array_equal(layer["w_down_t"], stacked["w_down"].T)
+        for name in ("bq", "bo", "b_gate", "q_norm", "attn_norm"):
+            np.testing.assert_array_equal(layer[name], stacked[name])
+
+    tied = models.ModelConfig(**{**CFG.__dict__, "tie_word_embeddings": True})
+    tp = random_params(tied)
+    assert decode_params(tied, tp)["lm_head_t"] is tp["embed"]  # the embedding itself, no copy
+    with pytest.raises(ValueError, match="score-head"):
+        decode_params(models.ModelConfig(**{**CFG.__dict__, "num_labels": 1}), tp)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_cached_forward_on_decode_params_equals_forward(tie):
+    """Prefill then decode, token by token, on the output-major per-layer weights = the full forward."""
+    cfg = models.ModelConfig(**{**CFG.__dict__, "tie_word_embeddings": tie})
+    params = random_params(cfg, seed=2)
+    B, T, S = 3, 7, 8
+    ids = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
+    want = np.asarray(models.forward(cfg, params, jnp.asarray(ids)))
+    dp = jax.jit(decode_params, static_argnums=0)(cfg, params)
+    kv = unstack_cache(init_cache(cfg, B, S))
+    step = jax.jit(models.forward_with_cache, static_argnames=("cfg",))
+    for t in range(T):
+        mask = jnp.broadcast_to(jnp.arange(S)[None, None] <= t, (B, 1, S))
+        logits, kv = step(cfg, dp, jnp.asarray(ids[:, t:t + 1]), jnp.full((B, 1), t, jnp.int32), mask, kv,
+                          jnp.int32(t))
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], want[:, t], rtol=1e-4, atol=1e-4)
+
+
+def test_thin_products_stay_output_major_after_xla():
+    """The point of the layout: the compiled dot must produce [out, rows] (8 rows here). Without the
+    optimization barrier XLA folds the transpose back into the dot and emits the slow [rows, out] form."""
+    x = jnp.ones((8, 1, 576), jnp.float32)
+    w_t = jnp.ones((1536, 576), jnp.float32)
+    hlo = jax.jit(lambda x, w: project(x, w, 1) * 2.0).lower(x, w_t).compile().as_text()
+    dots = re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} dot\(", hlo)
+    assert dots and all(d.split(",")[0] == "1536" for d in dots), dots
+    plain = jax.jit(lambda x, w: jnp.einsum("btd,fd->btf", x, w) * 2.0).lower(x, w_t).compile().as_text()
+    assert re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} dot\(", plain)[0].startswith("8,")  # the form we avoid
