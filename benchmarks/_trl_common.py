@@ -2,7 +2,8 @@
 token ids, timed per step.
 
 Both trainers get fp32 (bf16 off: TRL's configs default it on), gradient checkpointing only when asked
-(TRL defaults it on; jaxrl_llm's `remat` is set the same way by the caller), AdamW (TRL's default, the fused
+(TRL defaults it on; jaxrl_llm's `remat` is set the same way by the caller), unless `trl_defaults` leaves those
+two to TRL's own defaults (what a user who sets neither gets), AdamW (TRL's default, the fused
 torch kernel) with the caller's settings and a constant learning rate, and run their own `train()` loop. A
 callback takes the time from the beginning to the end of each optimizer step (forward, backward, clipping,
 update; the next batch is fetched and collated before the step begins, logging happens after it ends) and
@@ -65,12 +66,24 @@ def _step_timer(marks: list[tuple[float, float]], losses: list[float]):
     return StepTimer()
 
 
-def _common_args(opt: dict[str, float], steps: int, remat: bool) -> dict[str, Any]:
-    return dict(max_steps=steps, learning_rate=opt["lr"], lr_scheduler_type="constant", warmup_steps=0,
+def _common_args(opt: dict[str, float], steps: int, remat: bool, trl_defaults: bool = False) -> dict[str, Any]:
+    """Trainer arguments shared by the SFT/DPO/GRPO runs. trl_defaults: leave precision and gradient
+    checkpointing to TRL's own config defaults (bf16 autocast and checkpointing on, in TRL 1.x)."""
+    args = dict(max_steps=steps, learning_rate=opt["lr"], lr_scheduler_type="constant", warmup_steps=0,
                 max_grad_norm=opt["grad_clip"], weight_decay=opt["weight_decay"], adam_beta1=opt["b1"],
                 adam_beta2=opt["b2"], adam_epsilon=opt["eps"], bf16=False, fp16=False,
                 gradient_checkpointing=remat, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
                 dataloader_num_workers=0, seed=0, dataset_num_proc=None)
+    if trl_defaults:
+        for k in ("bf16", "fp16", "gradient_checkpointing"):
+            args.pop(k)
+    return args
+
+
+def precision_of(args: Any) -> str:
+    """What the TRL run computed in, from its resolved config."""
+    return ("bf16" if args.bf16 else "fp16" if args.fp16 else "fp32") + (
+        ", gradient checkpointing" if args.gradient_checkpointing else "")
 
 
 def _load(folder: str):
@@ -87,7 +100,7 @@ def _result(marks, losses, warmup: int) -> dict[str, Any]:
 
 
 def time_trl_sft(folder: str, rows: Sequence[tuple[np.ndarray, np.ndarray]], steps: int, warmup: int,
-                 opt: dict[str, float], remat: bool) -> dict[str, Any]:
+                 opt: dict[str, float], remat: bool, trl_defaults: bool = False) -> dict[str, Any]:
     """SFTTrainer on `rows` (token ids, loss mask: 1 = the token is a target), batch = all rows, one batch per
     step; pre-tokenized with a `completion_mask` column (`completion_only_loss`), padded to the longest row."""
     import datasets
@@ -104,16 +117,17 @@ def time_trl_sft(folder: str, rows: Sequence[tuple[np.ndarray, np.ndarray]], ste
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, per_device_train_batch_size=len(rows),
                          max_length=max(len(ids) for ids, _ in rows), packing=False, completion_only_loss=True,
-                         **order, **_common_args(opt, steps + warmup, remat))
+                         **order, **_common_args(opt, steps + warmup, remat, trl_defaults))
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds,
                              processing_class=stub_tokenizer(model.config.vocab_size, 2, 0),
                              callbacks=[_step_timer(marks, losses)])
         trainer.train()
-    return _result(marks, losses, warmup)
+    return {**_result(marks, losses, warmup), "precision": precision_of(args)}
 
 
 def time_trl_dpo(folder: str, pairs: Sequence[Pair], eos_id: int, pad_id: int, max_len: int, steps: int,
-                 warmup: int, opt: dict[str, float], remat: bool, beta: float, loss_type: str) -> dict[str, Any]:
+                 warmup: int, opt: dict[str, float], remat: bool, beta: float, loss_type: str,
+                 trl_defaults: bool = False) -> dict[str, Any]:
     """DPOTrainer on exactly `pairs` as one batch, every step (its own tokenization, collator, reference model
     loaded by TRL from `folder`, `precompute_ref_log_probs=False`).
 
@@ -136,7 +150,7 @@ def time_trl_dpo(folder: str, pairs: Sequence[Pair], eos_id: int, pad_id: int, m
     with tempfile.TemporaryDirectory() as out:
         args = DPOConfig(output_dir=out, per_device_train_batch_size=len(pairs), gradient_accumulation_steps=1,
                          max_length=max_len, beta=beta, loss_type=[loss_type], precompute_ref_log_probs=False,
-                         **_common_args(opt, steps + warmup, remat))
+                         **_common_args(opt, steps + warmup, remat, trl_defaults))
         trainer = DPOTrainer(model=model, ref_model=None, args=args, train_dataset=datasets.Dataset.from_dict(rows),
                              processing_class=stub_tokenizer(model.config.vocab_size, eos_id, pad_id),
                              callbacks=[_step_timer(marks, losses)])
@@ -145,7 +159,7 @@ def time_trl_dpo(folder: str, pairs: Sequence[Pair], eos_id: int, pad_id: int, m
         if seen != sorted(tuple(tuple(map(int, a)) for a in pair) for pair in pairs):
             raise RuntimeError("TRL tokenized the pairs to different ids than ours; the comparison would be unfair")
         trainer.train()
-    return _result(marks, losses, warmup)
+    return {**_result(marks, losses, warmup), "precision": precision_of(args)}
 
 
 def _phase_timer(trainer: Any, phases: dict[str, float]) -> None:
@@ -237,11 +251,8 @@ def time_trl_grpo(folder: str, prompts: Sequence[Sequence[int]],
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    common = _common_args(opt, steps + warmup, False)
+    common = _common_args(opt, steps + warmup, False, trl_defaults)
     common.pop("dataset_num_proc")
-    if trl_defaults:
-        for k in ("bf16", "fp16", "gradient_checkpointing"):
-            common.pop(k)
     R = len(prompts) * group_size
     with tempfile.TemporaryDirectory() as out:
         args = GRPOConfig(output_dir=out, per_device_train_batch_size=R, gradient_accumulation_steps=1,

@@ -269,7 +269,8 @@ def report(title: str, ours: dict, trl: dict | None, tokens: int, flops_per_toke
     for name, r in (("jaxrl_llm", ours), ("TRL", trl)):
         if r:
             mfu = f" {flops_per_token * tokens / r['step_s'] / peak:.1%} |" if peak else ""
-            print(f"| {name} | {r['step_s']:.3f} | {tokens / r['step_s']:,.0f} |{mfu}")
+            label = f"TRL ({r['precision']})" if name == "TRL" and "precision" in r else name
+            print(f"| {label} | {r['step_s']:.3f} | {tokens / r['step_s']:,.0f} |{mfu}")
     if trl:
         print(f"\njax/TRL tokens/s: {trl['step_s'] / ours['step_s']:.2f}x (> 1: jaxrl_llm faster)")
         if trl["losses"]:
@@ -296,6 +297,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="dpo: jaxrl_llm runs the prefix both sides share once (default), the prompt only, or not")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1; jax's includes compile)")
     ap.add_argument("--no-trl", action="store_true")
+    ap.add_argument("--trl-defaults", action="store_true",
+                    help="TRL with its configs' own bf16 and gradient-checkpointing defaults instead of fp32 without "
+                         "checkpointing (jaxrl_llm keeps fp32 and --remat as given)")
     ap.add_argument("--json", default="")
     ap.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (GPU)")
     a = ap.parse_args(argv)
@@ -328,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = sft_rows(a.sft_data, a.batch, a.length, (TINY if a.tiny else SMOLLM2_135M)["vocab_size"])
             batch = sft.collate(rows, sft_config(a.length, a.length_buckets), 0)
             ours = time_jax_sft(folder, batch, a.steps, a.warmup, a.remat)
-            trl = None if a.no_trl else time_trl_sft(folder, rows, a.steps, a.warmup, OPT, a.remat)
+            trl = None if a.no_trl else time_trl_sft(folder, rows, a.steps, a.warmup, OPT, a.remat, a.trl_defaults)
             tokens, longest = sum(len(ids) for ids, _ in rows), max(len(ids) for ids, _ in rows)
             targets = int(batch["target_weight"].sum())
             out["sft"] = {"jaxrl_llm": ours, "trl": trl, "tokens_per_step": tokens, "loss_targets": targets,
@@ -348,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             assert preference.pair_tokens(ours_batch) == preference.pair_tokens(batch)
             ours = time_jax_dpo(folder, ours_batch, a.steps, a.warmup, a.remat, a.beta, a.dpo_loss)
             trl = None if a.no_trl else time_trl_dpo(folder, pairs, eos_id, pad_id, a.max_len, a.steps, a.warmup,
-                                                     OPT, a.remat, a.beta, a.dpo_loss)
+                                                     OPT, a.remat, a.beta, a.dpo_loss, a.trl_defaults)
             tokens, T = int(batch["attention_mask"].sum()), batch["input_ids"].shape[-1]
             out["dpo"] = {"jaxrl_llm": ours, "trl": trl, "tokens_per_step": tokens, "padded_length": T,
                           "loss_tokens_per_step": int(batch["loss_mask"].sum()), "shared_prefix": a.shared_prefix,
