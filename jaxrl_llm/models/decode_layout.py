@@ -66,6 +66,7 @@ def decode_params(cfg: ModelConfig, params: dict, rules: ShardingRules | None = 
 
 
 def is_decode_params(params: dict) -> bool:
+    """Whether `params` came from `decode_params` (its vocabulary head is output-major)."""
     return "lm_head_t" in params
 
 

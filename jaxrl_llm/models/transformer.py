@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.decode_layout import INPUT_AXES, SUFFIX, project
+from jaxrl_llm.models.decode_layout import INPUT_AXES, SUFFIX, is_decode_params, project
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
 _F32 = jnp.float32
@@ -326,7 +326,7 @@ def lm_logits(cfg: ModelConfig, params: dict, h_BTD: jax.Array, rules: ShardingR
     """Vocabulary logits [B, T, V] in fp32 (fp32 accumulation of the compute-dtype matmul)."""
     if cfg.num_labels:
         raise ValueError("this is a score-head model (num_labels > 0): use score_tokens / score_sequences")
-    if "lm_head_t" in params:  # `decode_layout.decode_params`
+    if is_decode_params(params):
         logits = project(h_BTD, params["lm_head_t"].astype(h_BTD.dtype), 1, preferred_element_type=_F32)
     elif cfg.tie_word_embeddings:
         logits = jnp.einsum("btd,vd->btv", h_BTD, params["embed"].astype(h_BTD.dtype),

@@ -208,7 +208,7 @@ def generate(
     if unroll_layers is None:
         platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
         unroll_layers = platform == "cpu"
-    decode_weights = params
+    decode_weights: dict | None = None  # the params decode reads; built at the first chunk
 
     n = len(arrs)
     chunk = n if max_batch_size is None else max_batch_size
@@ -240,10 +240,12 @@ def generate(
             stats["prefill_rows"] += len(pre_ids)
             jax.block_until_ready(logits_BV)
             t1 = time.perf_counter()
-            if unroll_layers and decode_weights is params:  # once per call, for all chunks
-                decode_weights = jax.block_until_ready(loop.prepare_decode_params(cfg, params, model_rules))
-                stats["decode_layout_seconds"] = time.perf_counter() - t1
-                t1 = time.perf_counter()
+            if decode_weights is None:  # once per call, for all chunks
+                decode_weights = params
+                if unroll_layers:
+                    decode_weights = jax.block_until_ready(loop.prepare_decode_params(cfg, params, model_rules))
+                    stats["decode_layout_seconds"] = time.perf_counter() - t1
+                    t1 = time.perf_counter()
             *out, cache = loop.decode(cfg, decode_weights, cache, logits_BV, inp, max_new_bucket=N,
                                       rules=model_rules)
             del cache
