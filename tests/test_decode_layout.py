@@ -96,3 +96,20 @@ def test_thin_products_stay_output_major_after_xla():
     assert dots and all(d.split(",")[0] == "1536" for d in dots), dots
     plain = jax.jit(lambda x, w: jnp.einsum("btd,fd->btf", x, w) * 2.0).lower(x, w_t).compile().as_text()
     assert re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} dot\(", plain)[0].startswith("8,")  # the form we avoid
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_prepare_decode_params_equals_decode_params_and_keeps_the_callers_arrays(tie):
+    """The jitted preparation the sampler uses gives what `decode_params` gives, and passes the embedding
+    (and a tied head) through as the caller's own arrays: no per-call copy of the [V, D] table."""
+    from jaxrl_llm.sampling.loop import prepare_decode_params
+
+    cfg = models.ModelConfig(**{**CFG.__dict__, "tie_word_embeddings": tie})
+    params = random_params(cfg, seed=4)
+    got, want = prepare_decode_params(cfg, params), decode_params(cfg, params)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert got["embed"] is params["embed"] and got["final_norm"] is params["final_norm"]
+    if tie:
+        assert got["lm_head_t"] is params["embed"]

@@ -38,31 +38,39 @@ def _to_output_major(w: jax.Array, n_in: int) -> tuple[jax.Array, tuple[int, ...
     return jnp.transpose(w, perm), perm
 
 
-def decode_params(cfg: ModelConfig, params: dict, rules: ShardingRules | None = None) -> dict:
-    """Model params -> the decode loop's params: `layers` as L per-layer dicts with output-major projections,
-    plus `lm_head_t`. Pure; jit it (with `rules` static) so that the result is materialised."""
-    if cfg.num_labels:
-        raise ValueError("decode_params: a score-head model (num_labels > 0) has no vocabulary head to decode with")
+def output_major_layers(cfg: ModelConfig, layers: dict, rules: ShardingRules | None = None) -> list[dict]:
+    """Stacked layers (leaves [L, ...]) -> L per-layer dicts, each projection `name` as `name + "_t"`."""
     specs = param_specs(cfg)
-    stacked = params["layers"]
-    layers = []
+    out = []
     for i in range(cfg.num_layers):
         layer = {}
-        for name, a in stacked.items():
+        for name, a in layers.items():
             axes = specs[f"layers/{name}"].axes[1:]
             if name in INPUT_AXES:
                 w, perm = _to_output_major(a[i], INPUT_AXES[name])
                 layer[name + SUFFIX] = constrain(w, tuple(axes[j] for j in perm), rules)
             else:
                 layer[name] = constrain(a[i], axes, rules)
-        layers.append(layer)
-    out = {k: v for k, v in params.items() if k not in ("layers", "lm_head")}
-    out["layers"] = layers
-    if cfg.tie_word_embeddings:
-        out["lm_head_t"] = params["embed"]
-    else:
-        out["lm_head_t"] = constrain(params["lm_head"].T, ("vocab", "embed"), rules)
+        out.append(layer)
     return out
+
+
+def output_major_head(cfg: ModelConfig, params: dict, rules: ShardingRules | None = None) -> jax.Array:
+    """The vocabulary head as [V, D]: the tied embedding itself, or the transposed `lm_head`."""
+    if cfg.tie_word_embeddings:
+        return params["embed"]
+    return constrain(params["lm_head"].T, ("vocab", "embed"), rules)
+
+
+def decode_params(cfg: ModelConfig, params: dict, rules: ShardingRules | None = None) -> dict:
+    """Model params -> the decode loop's params: `layers` as L per-layer dicts with output-major projections,
+    plus `lm_head_t`. Pure. The new arrays must be materialised before the decode computation reads them:
+    `sampling.loop.prepare_decode_params` computes them in a jitted call of their own."""
+    if cfg.num_labels:
+        raise ValueError("decode_params: a score-head model (num_labels > 0) has no vocabulary head to decode with")
+    out = {k: v for k, v in params.items() if k not in ("layers", "lm_head")}
+    return {**out, "layers": output_major_layers(cfg, params["layers"], rules),
+            "lm_head_t": output_major_head(cfg, params, rules)}
 
 
 def is_decode_params(params: dict) -> bool:

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.decode_layout import decode_params
+from jaxrl_llm.models.decode_layout import decode_params, output_major_head, output_major_layers
 from jaxrl_llm.models.transformer import forward_with_cache
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 from jaxrl_llm.sampling.cache import (
@@ -121,11 +121,23 @@ def _record(state: DecodeState, logits_BV: jax.Array, inp: DecodeInputs) -> Deco
 
 
 @partial(jax.jit, static_argnames=("cfg", "rules"))
-def prepare_decode_params(cfg: ModelConfig, params: dict, rules: ShardingRules | None = None) -> dict:
-    """`decode_layout.decode_params` as its own computation, so that the per-layer output-major weights are
-    materialised arrays when `decode` reads them (memory: a second copy of the layer weights)."""
+def _output_major(cfg: ModelConfig, layers: dict, lm_head: jax.Array | None, rules: ShardingRules | None
+                  ) -> tuple[list[dict], jax.Array | None]:
     _TRACES["decode_params"] += 1
-    return decode_params(cfg, params, rules)
+    head = None if lm_head is None else output_major_head(cfg, {"lm_head": lm_head}, rules)
+    return output_major_layers(cfg, layers, rules), head
+
+
+def prepare_decode_params(cfg: ModelConfig, params: dict, rules: ShardingRules | None = None) -> dict:
+    """`decode_layout.decode_params`, with the arrays it creates (per-layer output-major weights, an untied
+    head's transpose) computed in a jitted call of their own, so that they are materialised when `decode`
+    reads them (memory: a second copy of the layer weights). The leaves it keeps (embedding, final norm, a
+    tied head) are the caller's arrays, not copies."""
+    if cfg.num_labels:
+        return decode_params(cfg, params, rules)  # raises: no vocabulary head
+    layers, head = _output_major(cfg, params["layers"], params.get("lm_head"), rules)
+    out = {k: v for k, v in params.items() if k not in ("layers", "lm_head")}
+    return {**out, "layers": layers, "lm_head_t": params["embed"] if head is None else head}
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new_bucket", "rules"), donate_argnames=("cache",))
