@@ -155,3 +155,22 @@ def test_unrolled_generate_equals_scanned(params):
     assert [len(t) for t in out[True].tokens] == [7, 7, 7]
     for a, b in zip(out[True].logprobs, out[False].logprobs, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_empty_cache_prefill_reads_only_the_new_slots(params, per_layer):
+    """empty_cache: attention reads the T new keys/values only. Slots >= P hold NaN here: masked out, they still
+    poison the value product when read (0 * NaN), so the flag is what keeps the logits finite."""
+    ids = sequences(0)
+    q = np.arange(P)
+    cache = jax.tree.map(lambda c: c.at[..., P:, :].set(jnp.nan), empty_cache(per_layer))
+    p = {**params, "layers": unstack_layers(params["layers"])} if per_layer else params
+    f = jax.jit(models.forward_with_cache, static_argnames=("cfg", "empty_cache"))
+    args = (CFG, p, jnp.asarray(ids), jnp.asarray(positions(q)), jnp.asarray(cache_mask(q)), cache, jnp.int32(0))
+    logits_BTV, new_cache = f(*args, empty_cache=True)
+    want_BTV = models.forward(CFG, params, jnp.asarray(ids), jnp.asarray(valid_mask(P)))
+    m = valid_mask(P).astype(bool)
+    np.testing.assert_allclose(np.asarray(logits_BTV)[m], np.asarray(want_BTV)[m], atol=2e-5, rtol=0)
+    k = np.asarray(jnp.stack(new_cache["k"]) if per_layer else new_cache["k"])
+    assert np.isfinite(k[..., :P, :]).all() and np.isnan(k[..., P:, :]).all()  # new slots written, rest kept
+    assert np.isnan(np.asarray(f(*args, empty_cache=False)[0])[m]).any()  # reading every slot sees the NaN

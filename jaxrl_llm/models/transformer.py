@@ -247,6 +247,7 @@ def forward_with_cache(
     *,
     rules: ShardingRules | None = None,
     last_only: bool = False,
+    empty_cache: bool = False,
 ) -> tuple[jax.Array, dict]:
     """Run T new tokens against a KV cache: prefill (T = prompt length) and decode (T = 1) alike.
 
@@ -254,7 +255,8 @@ def forward_with_cache(
     positions [cache_index, cache_index + T) of S. mask_BTS: which cache slots each new token may attend to
     (the caller combines causality, padding and any sliding window). Returns (logits [B, T, V] fp32, cache);
     with `last_only`, logits [B, 1, V] of position T - 1 only (left-padded rows all end there), skipping the
-    vocabulary projection of the other positions.
+    vocabulary projection of the other positions. With `empty_cache` (a prefill into a fresh cache at
+    cache_index 0) attention reads only the T new keys and values (mask_BTS[:, :, :T]) instead of all S slots.
 
     Only the T new slots of the cache are written (in place when the caller donates it or carries it in a
     loop); the S axis sits after the kv heads so attention reads it without a transpose.
@@ -274,9 +276,13 @@ def forward_with_cache(
         """One layer. `write(cache, new_BKTH)` stores the new keys/values: (cache, this layer's [B, K, S, H])."""
         w = {n: a.astype(dt) for n, a in p.items()}
         q, k, v = _qkv(cfg, w, x, positions_BT, inv_freq, rules)
-        k_cache, k_BKSH = write(k_cache, k.transpose(0, 2, 1, 3))
-        v_cache, v_BKSH = write(v_cache, v.transpose(0, 2, 1, 3))
-        o = attention_kv_major(cfg, q, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS)
+        k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        k_cache, k_BKSH = write(k_cache, k_BKTH)
+        v_cache, v_BKSH = write(v_cache, v_BKTH)
+        if empty_cache:  # nothing but the new tokens to attend to
+            o = attention_kv_major(cfg, q, k_BKTH, v_BKTH, mask_BTS[:, :, :q.shape[1]])
+        else:
+            o = attention_kv_major(cfg, q, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS)
         return _out_and_mlp(cfg, w, x, o, rules), k_cache, v_cache
 
     layers, k_all, v_all = params["layers"], cache["k"], cache["v"]
