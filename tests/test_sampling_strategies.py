@@ -91,3 +91,25 @@ def test_rows_keep_their_own_parameters():
     np.testing.assert_allclose(probs_BV[1], hf_processed_probs(1.0, 3, 1.0), atol=1e-6)
     np.testing.assert_allclose(probs_BV[2], hf_processed_probs(1.0, 0, 0.5), atol=1e-6)
     np.testing.assert_allclose(probs_BV[3], hf_processed_probs(0.5, 0, 1.0), atol=1e-6)
+
+
+def test_mixed_batch_and_need_raw():
+    """Greedy rows next to sampled rows: greedy rows get the argmax with log-prob 0 (a point mass), sampled rows
+    their processed log-prob; with need_raw=False the raw log-softmax is skipped and comes back as 0."""
+    n = 6
+    logits_BV = jax.random.normal(jax.random.key(3), (n, V)) * 2
+    temp_B = jnp.array([0.0, 1.0, 0.0, 0.7, 1.3, 0.0], jnp.float32)
+    s = sampling.RowSampler(temperature_B=temp_B, top_k_B=jnp.array([0, 0, 3, 4, 0, 0], jnp.int32),
+                            top_p_B=jnp.array([1.0, 0.9, 1.0, 1.0, 0.8, 0.5], jnp.float32))
+    keys_B = jax.random.split(jax.random.key(9), n)
+    for need_raw in (True, False):
+        res = jax.jit(lambda lg, k, r: s.get_next_tokens(lg, k, need_raw=r))(logits_BV, keys_B, need_raw)
+        tok = np.asarray(res.tokens_B)
+        greedy = np.asarray(temp_B) == 0
+        np.testing.assert_array_equal(tok[greedy], np.asarray(jnp.argmax(logits_BV, -1))[greedy])
+        processed_BV = sampling.process_logits(logits_BV, s.temperature_B, s.top_k_B, s.top_p_B)
+        want = np.asarray(jax.nn.log_softmax(processed_BV))[np.arange(n), tok]
+        np.testing.assert_allclose(np.asarray(res.logprobs_B), want, atol=1e-5)
+        assert (np.asarray(res.logprobs_B)[greedy] == 0).all()
+        raw = np.asarray(jax.nn.log_softmax(logits_BV))[np.arange(n), tok]
+        np.testing.assert_allclose(np.asarray(res.raw_logprobs_B), raw if need_raw else 0 * raw, atol=1e-5)

@@ -53,14 +53,15 @@ def prefill(cfg: ModelConfig, params: dict, ids_BT: jax.Array, start_B: jax.Arra
     """Left-padded prompts [B, P] (row b valid from slot start_b) -> (cache, logits [B, V] of slot P - 1).
 
     Every row's last prompt token sits in slot P - 1 (left padding), so only that slot is projected onto the
-    vocabulary (`last_only`). rows_R: the B prompts are the distinct ones of a batch of R rows, and row r is prompt
+    vocabulary (`last_only`), and attention reads only the P prompt slots, not the empty cache (`empty_cache`).
+    rows_R: the B prompts are the distinct ones of a batch of R rows, and row r is prompt
     rows_R[r]: the cache and logits come back with R rows (each prompt prefilled once, then copied)."""
     _TRACES["prefill"] += 1
     B, P = ids_BT.shape
     cache = init_cache(cfg, B, cache_len, rules)
     mask_BTS = prefill_mask_BTS(cfg, start_B, P, cache_len)
     logits_B1V, cache = forward_with_cache(cfg, params, ids_BT, prompt_positions_BT(start_B, P), mask_BTS, cache,
-                                           jnp.int32(0), rules=rules, last_only=True)
+                                           jnp.int32(0), rules=rules, last_only=True, empty_cache=True)
     logits_BV = logits_B1V[:, 0]
     if rows_R is not None:
         cache = {n: jnp.take(c, rows_R, axis=CACHE_AXES.index("batch")) for n, c in cache.items()}
@@ -105,7 +106,7 @@ def _record(state: DecodeState, logits_BV: jax.Array, inp: DecodeInputs) -> Deco
     """Sample token `state.step` of every unfinished row and update the finish flags."""
     row_keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(inp.rng, inp.row_ids_B)
     keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, state.step)
-    res = inp.sampler.get_next_tokens(logits_BV, keys_B)
+    res = inp.sampler.get_next_tokens(logits_BV, keys_B, need_raw=jnp.any(inp.raw_logprobs_B & ~state.done_B))
     active_B = ~state.done_B
     lp_B = jnp.where(inp.raw_logprobs_B, res.raw_logprobs_B, res.logprobs_B)
     tok_B = jnp.where(active_B, res.tokens_B, PAD_TOKEN)

@@ -60,15 +60,21 @@ def point_mass(logits_BV: jax.Array) -> jax.Array:
     return jnp.where(jnp.arange(V)[None] == jnp.argmax(logits_BV, axis=-1)[:, None], 0.0, NEG_INF)
 
 
+def _scale_and_filter(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
+                      top_p_B: jax.Array) -> jax.Array:
+    """Temperature, then top-k/top-p; the sort runs only when some row asks for it (a `lax.cond`)."""
+    x_BV = scale_by_temperature(logits_BV, temperature_B)
+    needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
+    return jax.lax.cond(needs_filter, filter_top_k_top_p, lambda x, k, p: x, x_BV, top_k_B, top_p_B)
+
+
 def process_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
                    top_p_B: jax.Array) -> jax.Array:
     """The processed logits [B, V] fp32 whose softmax is the distribution actually sampled from.
 
     The sort for top-k/top-p runs only when some row asks for it (a `lax.cond`, not a recompile).
     """
-    x_BV = scale_by_temperature(logits_BV, temperature_B)
-    needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
-    x_BV = jax.lax.cond(needs_filter, filter_top_k_top_p, lambda x, k, p: x, x_BV, top_k_B, top_p_B)
+    x_BV = _scale_and_filter(logits_BV, temperature_B, top_k_B, top_p_B)
     return jnp.where((temperature_B > 0)[:, None], x_BV, point_mass(logits_BV))
 
 
@@ -92,22 +98,27 @@ class RowSampler:
     top_k_B: jax.Array
     top_p_B: jax.Array
 
-    def get_next_tokens(self, logits_BV: jax.Array, keys_B: jax.Array) -> SampleResult:
-        """Sample one token per row with its own key; also return both kinds of log-prob."""
-        processed_BV = process_logits(logits_BV, self.temperature_B, self.top_k_B, self.top_p_B)
+    def get_next_tokens(self, logits_BV: jax.Array, keys_B: jax.Array, need_raw: jax.Array | bool = True
+                        ) -> SampleResult:
+        """Sample one token per row with its own key; also return both kinds of log-prob.
+
+        A greedy row's processed distribution is a point mass (`process_logits`): its log-prob is 0 without
+        computing one. When no row samples (an all-greedy batch) the processing, the Gumbel noise and the
+        processed log-probs are skipped (a `lax.cond`), and so is the raw log-softmax when `need_raw` is false
+        (raw_logprobs_B is then 0: the caller asked for none)."""
+        sampled_B = self.temperature_B > 0
         greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
 
-        def gumbel_max(x_BV):
+        def sample(logits_BV):
+            x_BV = _scale_and_filter(logits_BV, self.temperature_B, self.top_k_B, self.top_p_B)
             g_BV = jax.vmap(lambda k: jax.random.gumbel(k, x_BV.shape[-1:], _F32))(keys_B)
-            return jnp.argmax(x_BV + g_BV, axis=-1).astype(jnp.int32)
+            tokens_B = jnp.where(sampled_B, jnp.argmax(x_BV + g_BV, axis=-1).astype(jnp.int32), greedy_B)
+            return tokens_B, jnp.where(sampled_B, token_logprobs(x_BV, tokens_B), 0.0)
 
-        sampled_B = jax.lax.cond(jnp.any(self.temperature_B > 0), gumbel_max, lambda x: greedy_B, processed_BV)
-        tokens_B = jnp.where(self.temperature_B > 0, sampled_B, greedy_B)
-        return SampleResult(
-            tokens_B=tokens_B,
-            logprobs_B=token_logprobs(processed_BV, tokens_B),
-            raw_logprobs_B=token_logprobs(logits_BV, tokens_B),
-        )
+        tokens_B, logprobs_B = jax.lax.cond(jnp.any(sampled_B), sample,
+                                            lambda _: (greedy_B, jnp.zeros(greedy_B.shape, _F32)), logits_BV)
+        raw_B = jax.lax.cond(need_raw, token_logprobs, lambda x, t: jnp.zeros(t.shape, _F32), logits_BV, tokens_B)
+        return SampleResult(tokens_B=tokens_B, logprobs_B=logprobs_B, raw_logprobs_B=raw_B)
 
 
 def token_logprobs(logits_BV: jax.Array, tokens_B: jax.Array) -> jax.Array:
