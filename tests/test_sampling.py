@@ -164,6 +164,33 @@ def test_chunks_equal_one_batch(llama):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
 
+def test_phase_timings_are_disjoint(llama, monkeypatch):
+    """stats: prefill, decode-layout and decode seconds time disjoint parts of the call (the decode layout is not
+    also counted as prefill), so their sum stays within the call's wall time and tokens_per_second is right."""
+    import time
+
+    from jaxrl_llm.sampling import loop
+
+    _, cfg, params = llama
+    real = loop.prepare_decode_params
+
+    def slow_layout(*a, **k):
+        time.sleep(0.3)
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "prepare_decode_params", slow_layout)
+    sp = sampling.SamplingParams(max_new_tokens=NEW, temperature=0.0)
+    sampling.generate(cfg, params, make_prompts(), sp, 0, unroll_layers=True)  # compile first
+    t0 = time.perf_counter()
+    out = sampling.generate(cfg, params, make_prompts(), sp, 0, unroll_layers=True)
+    wall = time.perf_counter() - t0
+    s = out.stats
+    assert s["decode_layout_seconds"] >= 0.3 and s["prefill_seconds"] < 0.3
+    assert s["prefill_seconds"] + s["decode_layout_seconds"] + s["decode_seconds"] <= wall
+    elapsed = s["prefill_seconds"] + s["decode_layout_seconds"] + s["decode_seconds"]
+    assert s["tokens_per_second"] == pytest.approx(s["generated_tokens"] / elapsed)
+
+
 def test_repeated_prompts_are_prefilled_once(llama):
     """GRPO groups and pass@k repeat prompts: each distinct prompt of a chunk is prefilled once and its cache copied
     to its rows; completions, log-probs and finish reasons equal prefilling every row, with per-row settings."""

@@ -240,6 +240,7 @@ def generate(
             stats["prefill_rows"] += len(pre_ids)
             jax.block_until_ready(logits_BV)
             t1 = time.perf_counter()
+            stats["prefill_seconds"] += t1 - t0
             if decode_weights is None:  # once per call, for all chunks
                 decode_weights = params
                 if unroll_layers:
@@ -251,7 +252,6 @@ def generate(
             del cache
             tok_BN, lp_BN, num_B, stopped_B, steps = (to_host(x) for x in out)  # gathered across processes
             t2 = time.perf_counter()
-            stats["prefill_seconds"] += t1 - t0
             stats["decode_seconds"] += t2 - t1
             stats["chunks"] += 1
             stats["decode_steps"] += int(steps)
