@@ -113,3 +113,21 @@ def test_mixed_batch_and_need_raw():
         assert (np.asarray(res.logprobs_B)[greedy] == 0).all()
         raw = np.asarray(jax.nn.log_softmax(logits_BV))[np.arange(n), tok]
         np.testing.assert_allclose(np.asarray(res.raw_logprobs_B), raw if need_raw else 0 * raw, atol=1e-5)
+
+
+def test_argmax_rows_equals_jnp_argmax():
+    """The two-reduction argmax picks what jnp.argmax picks: the first of tied maxima, the first NaN of a row
+    with NaNs, index 0 of an all -inf row; also on a transposed (column-major) input as the decode loop has."""
+    from jaxrl_llm.sampling.strategies import argmax_rows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 257)).astype(np.float32)
+    x[1, [7, 30, 200]] = 9.0  # ties: the first wins
+    x[2, [11, 40]] = np.nan
+    x[3] = -np.inf
+    x[4, 0] = np.inf
+    x[5, -1] = 50.0
+    for arr in (jnp.asarray(x), jnp.asarray(np.ascontiguousarray(x.T)).T):
+        got = np.asarray(jax.jit(argmax_rows)(arr))
+        np.testing.assert_array_equal(got, np.asarray(jnp.argmax(arr, axis=-1)))
+    assert got.tolist()[:4] == [int(np.argmax(x[0])), 7, 11, 0] and got[4] == 0 and got[5] == 256

@@ -54,10 +54,19 @@ def filter_top_k_top_p(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Ar
     return jnp.where(logits_BV >= thr_B[:, None], logits_BV, NEG_INF)
 
 
+def argmax_rows(x_BV: jax.Array) -> jax.Array:
+    """jnp.argmax(x, axis=-1) as int32 (the first maximum; the first NaN if a row has one), as two plain
+    reductions (a max, then the smallest index that attains it) instead of one over (value, index) pairs:
+    XLA:CPU vectorises these, and over a batch of 32 vocabulary rows they take about a third of the time."""
+    V = x_BV.shape[-1]
+    hit_BV = (x_BV == jnp.max(x_BV, axis=-1, keepdims=True)) | jnp.isnan(x_BV)
+    return jnp.min(jnp.where(hit_BV, jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, 1), V), axis=-1)
+
+
 def point_mass(logits_BV: jax.Array) -> jax.Array:
     """Log-weights of a point mass on each row's argmax: 0 there, -inf elsewhere."""
     V = logits_BV.shape[-1]
-    return jnp.where(jnp.arange(V)[None] == jnp.argmax(logits_BV, axis=-1)[:, None], 0.0, NEG_INF)
+    return jnp.where(jnp.arange(V)[None] == argmax_rows(logits_BV)[:, None], 0.0, NEG_INF)
 
 
 def _scale_and_filter(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
@@ -107,12 +116,12 @@ class RowSampler:
         processed log-probs are skipped (a `lax.cond`), and so is the raw log-softmax when `need_raw` is false
         (raw_logprobs_B is then 0: the caller asked for none)."""
         sampled_B = self.temperature_B > 0
-        greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        greedy_B = argmax_rows(logits_BV)
 
         def sample(logits_BV):
             x_BV = _scale_and_filter(logits_BV, self.temperature_B, self.top_k_B, self.top_p_B)
             g_BV = jax.vmap(lambda k: jax.random.gumbel(k, x_BV.shape[-1:], _F32))(keys_B)
-            tokens_B = jnp.where(sampled_B, jnp.argmax(x_BV + g_BV, axis=-1).astype(jnp.int32), greedy_B)
+            tokens_B = jnp.where(sampled_B, argmax_rows(x_BV + g_BV), greedy_B)
             return tokens_B, jnp.where(sampled_B, token_logprobs(x_BV, tokens_B), 0.0)
 
         tokens_B, logprobs_B = jax.lax.cond(jnp.any(sampled_B), sample,
