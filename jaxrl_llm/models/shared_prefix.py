@@ -25,7 +25,7 @@ from jaxrl_llm.models.transformer import (
     attention_mask_BTS,
     positions_from_mask,
     rms_norm,
-    rope_inv_freq,
+    rope_tables,
 )
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
@@ -79,11 +79,11 @@ def shared_prefix_hidden_states(
     x = constrain(x, ("batch", "length", "embed"), rules)
     mask_prompt = attention_mask_BTS(cfg, prompt_mask_NP)
     mask_cont = _continuation_mask(cfg, prompt_mask_NP, cont_mask_NGC, prompt_pos, cont_pos)
-    inv_freq = rope_inv_freq(cfg, jnp.max(positions) + 1)
+    rope = rope_tables(cfg, positions)
 
     def body(x, p):
         w = {k: v.astype(x.dtype) for k, v in p.items()}
-        q, k, v = _qkv(cfg, w, x, positions, inv_freq, rules)
+        q, k, v = _qkv(cfg, w, x, rope, rules)
         nh, hd = q.shape[2], q.shape[3]
         o_prompt = attention(cfg, q[:, :P], k[:, :P], v[:, :P], mask_prompt)
         # Each continuation's keys: the group's prompt keys (repeated G times; small) then its own.

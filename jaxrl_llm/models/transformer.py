@@ -59,11 +59,19 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: jax.Array | None = None) -> jax.Arr
     raise ValueError(f"rope type {rs.rope_type!r}")
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE (HF layout: the two halves of the head dim are the pair)."""
+def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, H/2] fp32 of the rotary angles at these positions, computed once per forward and shared
+    by every layer's q and k (a layer scan reads them as loop constants). In an unrolled layer loop XLA fuses the
+    cosine and sine into every layer's rotation and evaluates them again per head and layer; the sampler's decode
+    loop therefore computes the tables of all its steps before the loop (`forward_with_cache(rope=...)`)."""
+    inv_freq = rope_inv_freq(cfg, jnp.max(positions_BT) + 1)
     freqs_BTh = positions_BT.astype(_F32)[..., None] * inv_freq
-    cos = jnp.cos(freqs_BTh)[:, :, None, :]
-    sin = jnp.sin(freqs_BTh)[:, :, None, :]
+    return jnp.cos(freqs_BTh), jnp.sin(freqs_BTh)
+
+
+def apply_rope(x_BTNH: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotate-half RoPE (HF layout: the two halves of the head dim are the pair); rope = `rope_tables(...)`."""
+    cos, sin = rope[0][:, :, None, :], rope[1][:, :, None, :]
     x1, x2 = jnp.split(x_BTNH.astype(_F32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x_BTNH.dtype)
@@ -144,7 +152,7 @@ def _proj(spec: str, x: jax.Array, w: dict, name: str) -> jax.Array:
     return jnp.einsum(spec, x, w[name])
 
 
-def _qkv(cfg: ModelConfig, w: dict, x_BTD: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array,
+def _qkv(cfg: ModelConfig, w: dict, x_BTD: jax.Array, rope: tuple[jax.Array, jax.Array],
          rules: ShardingRules | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pre-norm, projections, biases, QK-norm and RoPE: q [B, T, N, H], k/v [B, T, K, H]."""
     h = rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
@@ -156,8 +164,8 @@ def _qkv(cfg: ModelConfig, w: dict, x_BTD: jax.Array, positions_BT: jax.Array, i
     if cfg.qk_norm:
         q = rms_norm(q, w["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, w["k_norm"], cfg.rms_norm_eps)
-    q = constrain(apply_rope(q, positions_BT, inv_freq), ("batch", "length", "heads", "head_dim"), rules)
-    k = constrain(apply_rope(k, positions_BT, inv_freq), ("batch", "length", "kv_heads", "head_dim"), rules)
+    q = constrain(apply_rope(q, rope), ("batch", "length", "heads", "head_dim"), rules)
+    k = constrain(apply_rope(k, rope), ("batch", "length", "kv_heads", "head_dim"), rules)
     v = constrain(v, ("batch", "length", "kv_heads", "head_dim"), rules)
     return q, k, v
 
@@ -188,11 +196,11 @@ def _out_and_mlp(cfg: ModelConfig, w: dict, x_BTD: jax.Array, o_BTNH: jax.Array,
     return constrain(x_BTD + down, ("batch", "length", "embed"), rules)
 
 
-def _layer(cfg: ModelConfig, p: dict, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
-           inv_freq: jax.Array, rules: ShardingRules | None) -> jax.Array:
+def _layer(cfg: ModelConfig, p: dict, x_BTD: jax.Array, rope: tuple[jax.Array, jax.Array], mask_BTS: jax.Array,
+           rules: ShardingRules | None) -> jax.Array:
     """One pre-norm block over a whole sequence (no cache)."""
     w = {k: v.astype(x_BTD.dtype) for k, v in p.items()}
-    q, k, v = _qkv(cfg, w, x_BTD, positions_BT, inv_freq, rules)
+    q, k, v = _qkv(cfg, w, x_BTD, rope, rules)
     return _out_and_mlp(cfg, w, x_BTD, attention(cfg, q, k, v, mask_BTS), rules)
 
 
@@ -219,10 +227,10 @@ def hidden_states(
     x = jnp.take(params["embed"], input_ids, axis=0).astype(dt)
     x = constrain(x, ("batch", "length", "embed"), rules)
     mask = attention_mask_BTS(cfg, attention_mask, segment_ids)
-    inv_freq = rope_inv_freq(cfg, jnp.max(positions) + 1)
+    rope = rope_tables(cfg, positions)
 
     def body(x, p):
-        return _layer(cfg, p, x, positions, mask, inv_freq, rules), None
+        return _layer(cfg, p, x, rope, mask, rules), None
 
     if cfg.remat:
         body = jax.checkpoint(body, prevent_cse=False)
@@ -248,6 +256,7 @@ def forward_with_cache(
     rules: ShardingRules | None = None,
     last_only: bool = False,
     empty_cache: bool = False,
+    rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict]:
     """Run T new tokens against a KV cache: prefill (T = prompt length) and decode (T = 1) alike.
 
@@ -257,6 +266,7 @@ def forward_with_cache(
     with `last_only`, logits [B, 1, V] of position T - 1 only (left-padded rows all end there), skipping the
     vocabulary projection of the other positions. With `empty_cache` (a prefill into a fresh cache at
     cache_index 0) attention reads only the T new keys and values (mask_BTS[:, :, :T]) instead of all S slots.
+    rope: `rope_tables(cfg, positions_BT)`, when the caller has computed them already (default: computed here).
 
     Only the T new slots of the cache are written (in place when the caller donates it or carries it in a
     loop); the S axis sits after the kv heads so attention reads it without a transpose.
@@ -269,13 +279,13 @@ def forward_with_cache(
     """
     x = jnp.take(params["embed"], input_ids_BT, axis=0).astype(cfg.dtype)
     x = constrain(x, ("batch", "length", "embed"), rules)
-    inv_freq = rope_inv_freq(cfg, jnp.max(positions_BT) + 1)
+    rope = rope_tables(cfg, positions_BT) if rope is None else rope
     dt = cfg.dtype
 
     def attend(p, x, k_cache, v_cache, write):
         """One layer. `write(cache, new_BKTH)` stores the new keys/values: (cache, this layer's [B, K, S, H])."""
         w = {n: a.astype(dt) for n, a in p.items()}
-        q, k, v = _qkv(cfg, w, x, positions_BT, inv_freq, rules)
+        q, k, v = _qkv(cfg, w, x, rope, rules)
         k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         k_cache, k_BKSH = write(k_cache, k_BKTH)
         v_cache, v_BKSH = write(v_cache, v_BKTH)

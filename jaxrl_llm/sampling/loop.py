@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.decode_layout import decode_params, output_major_head, output_major_layers
-from jaxrl_llm.models.transformer import forward_with_cache
+from jaxrl_llm.models.transformer import forward_with_cache, rope_tables
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 from jaxrl_llm.sampling.cache import (
     CACHE_AXES,
@@ -167,6 +167,10 @@ def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, in
         tokens_BN=jnp.full((B, max_new_bucket), PAD_TOKEN, jnp.int32),
         logprobs_BN=jnp.zeros((B, max_new_bucket), jnp.float32))
     state = _record(state, logits_BV, inp)
+    # The rotary tables of every step, computed once: inside the step XLA would evaluate the cosines and sines
+    # again in each layer's fused rotation (see `rope_tables`).
+    pos_NB1 = (lengths_B[None] + jnp.arange(max_new_bucket)[:, None] - 1)[..., None]
+    cos_NB1h, sin_NB1h = jax.vmap(lambda p: rope_tables(cfg, p))(pos_NB1)
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < max_new_bucket) & ~jnp.all(s.done_B)
@@ -175,8 +179,9 @@ def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, in
         slot = P + s.step - 1  # where the previous token goes
         pos_B1 = (lengths_B + s.step - 1)[:, None]
         mask_B1S = decode_mask_B1S(cfg, inp.start_B, slot, S)
+        rope = tuple(jax.lax.dynamic_index_in_dim(t, s.step, keepdims=False) for t in (cos_NB1h, sin_NB1h))
         logits_B1V, new_cache = forward_with_cache(cfg, params, s.last_token_B[:, None], pos_B1, mask_B1S,
-                                                   s.cache, slot, rules=rules)
+                                                   s.cache, slot, rules=rules, rope=rope)
         return _record(dataclasses.replace(s, cache=new_cache), logits_B1V[:, 0], inp)
 
     state = jax.lax.while_loop(cond, body, state)
