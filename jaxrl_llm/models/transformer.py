@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.decode_layout import INPUT_AXES, SUFFIX, is_decode_params, project
+from jaxrl_llm.models.swiglu import swiglu
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
 _F32 = jnp.float32
@@ -185,6 +186,9 @@ def _out_and_mlp(cfg: ModelConfig, w: dict, x_BTD: jax.Array, o_BTNH: jax.Array,
     x_BTD = constrain(x_BTD + o, ("batch", "length", "embed"), rules)
 
     h = rms_norm(x_BTD, w["mlp_norm"], cfg.rms_norm_eps)
+    if not cfg.mlp_bias and "w_gate" in w:  # the training form: a hand-written backward (see models/swiglu.py)
+        return constrain(x_BTD + swiglu(h, w["w_gate"], w["w_up"], w["w_down"], rules), ("batch", "length", "embed"),
+                         rules)
     gate = _proj("btd,df->btf", h, w, "w_gate")
     up = _proj("btd,df->btf", h, w, "w_up")
     if cfg.mlp_bias:
