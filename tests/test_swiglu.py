@@ -67,8 +67,8 @@ def test_model_gradients_match_the_plain_mlp(seed, monkeypatch):
     from jaxrl_llm import models
     from jaxrl_llm.models.config import ModelConfig
 
-    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4, num_kv_heads=2,
-                      head_dim=4, max_position_embeddings=64)
+    cfg = ModelConfig(family="llama", vocab_size=64, hidden_size=16, intermediate_size=24, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=4, max_position_embeddings=64)
     params = models.init_params(cfg, jax.random.key(seed))
     ids = jnp.asarray(np.random.default_rng(seed).integers(0, 64, (2, 7)), jnp.int32)
 
