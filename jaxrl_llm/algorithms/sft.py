@@ -32,6 +32,10 @@ def microbatch_sums(loss_fn: Callable, params: Any, batch: dict[str, jax.Array],
     sum divided by the count is exactly the full-batch mean, whatever the split. Metrics named `*_min` /
     `*_max` are reduced with min / max instead of summed.
     """
+    if num_micro == 1:  # no accumulation: no zero-filled accumulators to add the one microbatch's sums into
+        (l, (n, sums)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+        return g, l.astype(jnp.float32), n.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in sums.items()}
     micro = jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
     _, (_, sums_shape) = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))
     big = jnp.finfo(jnp.float32).max
