@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.decode_layout import INPUT_AXES, SUFFIX, is_decode_params, project
+from jaxrl_llm.models.sdpa import gqa_attention
 from jaxrl_llm.models.swiglu import swiglu
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
@@ -113,11 +114,8 @@ def attention(cfg: ModelConfig, q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: ja
     scale = 1.0 / math.sqrt(H)
     if cfg.attention_impl == "fused":
         return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None], scale=scale)
-    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    s_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=_F32) * scale
-    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(_F32).min)
-    p_BKGTS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BSKH.dtype)
-    o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", p_BKGTS, v_BSKH)
+    # The backward pass recomputes the probabilities instead of storing them (models/sdpa.py).
+    o_BTKGH = gqa_attention(q_BTNH.reshape(B, T, K, N // K, H), k_BSKH, v_BSKH, mask_BTS)
     return o_BTKGH.reshape(B, T, N, H)
 
 
