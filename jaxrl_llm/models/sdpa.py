@@ -9,9 +9,9 @@ pass (one extra q kᵀ product, as flash attention does):
     p = softmax(q kᵀ / √H, masked),  dv = pᵀ do,  dp = do vᵀ,  ds = p ⊙ (dp − rowsum(dp ⊙ p)) / √H,
     dq = ds k,  dk = dsᵀ q
 
-Masked scores get no gradient (as through the masking `where`; a query with every key masked attends uniformly). The scores, softmax and its derivative are fp32. On the
-2-core CPU, an SFT step of SmolLM2-135M at 4 x 256 tokens took 4.36-4.40 s against 5.23-5.33 s with the stored
-probabilities (the two compiled in one process, alternating).
+Masked scores get no gradient (as through the masking `where`; a query with every key masked attends uniformly).
+The scores, softmax and its derivative are fp32. On the 2-core CPU, an SFT step of SmolLM2-135M at 4 x 256 tokens
+took 4.36-4.40 s against 5.23-5.33 s with the stored probabilities (the two compiled in one process, alternating).
 
 Shape suffixes: B batch, T query length, S key length, K kv heads, G query heads per kv head, H head dim.
 """
