@@ -76,6 +76,18 @@ def test_greedy_matches_hf_generate(family, llama):
         assert lps == [0.0] * len(toks)  # greedy: a point mass
 
 
+@pytest.mark.parametrize("rope_scaling", [{"rope_type": "linear", "factor": 2.0},
+                                          {"rope_type": "dynamic", "factor": 2.0}])
+def test_greedy_matches_hf_generate_with_rope_scaling(rope_scaling):
+    """The decode loop's rotary tables (gathered from one table of every cache slot, or computed per step for
+    dynamic NTK, which grows the base once a step's longest position passes max_position_embeddings = 16 here)."""
+    hf, cfg, params = load_tiny("llama", max_position_embeddings=16, rope_scaling=rope_scaling)
+    prompts = make_prompts((5, 11, 3, 8), seed=4)
+    out = sampling.generate(cfg, params, prompts, sampling.SamplingParams(max_new_tokens=NEW, temperature=0.0),
+                            jax.random.key(0), max_prompt_len=16)
+    assert out.tokens == hf_greedy(hf, prompts, NEW, None)
+
+
 # ------------------------------------------------------------------------------ log-probs vs forward
 
 

@@ -131,3 +131,5 @@ def test_argmax_rows_equals_jnp_argmax():
         got = np.asarray(jax.jit(argmax_rows)(arr))
         np.testing.assert_array_equal(got, np.asarray(jnp.argmax(arr, axis=-1)))
     assert got.tolist()[:4] == [int(np.argmax(x[0])), 7, 11, 0] and got[4] == 0 and got[5] == 256
+    x3 = jnp.asarray(x.reshape(2, 3, 257))  # any leading shape: the last axis is the vocabulary
+    np.testing.assert_array_equal(argmax_rows(x3), jnp.argmax(x3, axis=-1))

@@ -32,20 +32,25 @@ def microbatch_sums(loss_fn: Callable, params: Any, batch: dict[str, jax.Array],
     sum divided by the count is exactly the full-batch mean, whatever the split. Metrics named `*_min` /
     `*_max` are reduced with min / max instead of summed.
     """
-    if num_micro == 1:  # no accumulation: no zero-filled accumulators to add the one microbatch's sums into
-        (l, (n, sums)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
-        g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
-        return g, l.astype(jnp.float32), n.astype(jnp.float32), {k: v.astype(jnp.float32) for k, v in sums.items()}
-    micro = jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
-    _, (_, sums_shape) = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))
     big = jnp.finfo(jnp.float32).max
-    init = {k: jnp.full(s.shape, big if k.endswith("_min") else -big if k.endswith("_max") else 0.0, jnp.float32)
-            for k, s in sums_shape.items()}
-    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.float32(0), jnp.float32(0), init)
+
+    def initial(sums_shape):
+        return {k: jnp.full(s.shape, big if k.endswith("_min") else -big if k.endswith("_max") else 0.0, jnp.float32)
+                for k, s in sums_shape.items()}
 
     def reduce(k, a, b):
         b = b.astype(jnp.float32)
         return jnp.minimum(a, b) if k.endswith("_min") else jnp.maximum(a, b) if k.endswith("_max") else a + b
+
+    if num_micro == 1:  # no accumulation: no zero-filled accumulators to add the one microbatch's sums into
+        (l, (n, sums)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+        init = initial(sums)
+        return g, l.astype(jnp.float32), n.astype(jnp.float32), {k: reduce(k, init[k], sums[k]) for k in init}
+    micro = jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
+    _, (_, sums_shape) = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))
+    init = initial(sums_shape)
+    zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params), jnp.float32(0), jnp.float32(0), init)
 
     def body(carry, mb):
         (l, (n, sums)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)

@@ -167,10 +167,11 @@ def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, in
         tokens_BN=jnp.full((B, max_new_bucket), PAD_TOKEN, jnp.int32),
         logprobs_BN=jnp.zeros((B, max_new_bucket), jnp.float32))
     state = _record(state, logits_BV, inp)
-    # The rotary tables of every step, computed once: inside the step XLA would evaluate the cosines and sines
-    # again in each layer's fused rotation (see `rope_tables`).
-    pos_NB1 = (lengths_B[None] + jnp.arange(max_new_bucket)[:, None] - 1)[..., None]
-    cos_NB1h, sin_NB1h = jax.vmap(lambda p: rope_tables(cfg, p))(pos_NB1)
+    # Rotary cos/sin of every cache slot's position, computed once ([1, S, H/2]; each step gathers its rows'):
+    # inside the step XLA would evaluate the cosines and sines again in each layer's fused rotation (see
+    # `rope_tables`). Dynamic NTK scaling depends on each step's longest position: computed per step instead.
+    per_step_rope = cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "dynamic"
+    cos_1Sh, sin_1Sh = rope_tables(cfg, jnp.arange(S)[None])
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < max_new_bucket) & ~jnp.all(s.done_B)
@@ -179,7 +180,7 @@ def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, in
         slot = P + s.step - 1  # where the previous token goes
         pos_B1 = (lengths_B + s.step - 1)[:, None]
         mask_B1S = decode_mask_B1S(cfg, inp.start_B, slot, S)
-        rope = tuple(jax.lax.dynamic_index_in_dim(t, s.step, keepdims=False) for t in (cos_NB1h, sin_NB1h))
+        rope = None if per_step_rope else (cos_1Sh[0][pos_B1], sin_1Sh[0][pos_B1])
         logits_B1V, new_cache = forward_with_cache(cfg, params, s.last_token_B[:, None], pos_B1, mask_B1S,
                                                    s.cache, slot, rules=rules, rope=rope)
         return _record(dataclasses.replace(s, cache=new_cache), logits_B1V[:, 0], inp)
