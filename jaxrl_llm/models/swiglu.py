@@ -34,9 +34,7 @@ def _gate_up(h_BTD, w_gate_DF, w_up_DF, rules):
 def swiglu(h_BTD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array, w_down_FD: jax.Array,
            rules: ShardingRules | None = None) -> jax.Array:
     """down(silu(h @ W_gate) * (h @ W_up)) [B, T, D], in the dtype of h (weights already cast to it)."""
-    gate, up = _gate_up(h_BTD, w_gate_DF, w_up_DF, rules)
-    act = constrain(jax.nn.silu(gate) * up, _ACT_AXES, rules)
-    return jnp.einsum("btf,fd->btd", act, w_down_FD)
+    return _fwd(h_BTD, w_gate_DF, w_up_DF, w_down_FD, rules)[0]
 
 
 def _fwd(h_BTD, w_gate_DF, w_up_DF, w_down_FD, rules):

@@ -65,7 +65,8 @@ def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, j
     """(cos, sin) [B, T, H/2] fp32 of the rotary angles at these positions, computed once per forward and shared
     by every layer's q and k (a layer scan reads them as loop constants). In an unrolled layer loop XLA fuses the
     cosine and sine into every layer's rotation and evaluates them again per head and layer; the sampler's decode
-    loop therefore computes the tables of all its steps before the loop (`forward_with_cache(rope=...)`)."""
+    loop therefore builds one table of the cache's positions before the loop and passes each step's rows to
+    `forward_with_cache(rope=...)`."""
     inv_freq = rope_inv_freq(cfg, jnp.max(positions_BT) + 1)
     freqs_BTh = positions_BT.astype(_F32)[..., None] * inv_freq
     return jnp.cos(freqs_BTh), jnp.sin(freqs_BTh)

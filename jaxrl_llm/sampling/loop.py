@@ -171,7 +171,7 @@ def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, in
     # inside the step XLA would evaluate the cosines and sines again in each layer's fused rotation (see
     # `rope_tables`). Dynamic NTK scaling depends on each step's longest position: computed per step instead.
     per_step_rope = cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "dynamic"
-    cos_1Sh, sin_1Sh = rope_tables(cfg, jnp.arange(S)[None])
+    tables_1Sh = None if per_step_rope else rope_tables(cfg, jnp.arange(S)[None])
 
     def cond(s: DecodeState) -> jax.Array:
         return (s.step < max_new_bucket) & ~jnp.all(s.done_B)
@@ -180,7 +180,7 @@ def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, in
         slot = P + s.step - 1  # where the previous token goes
         pos_B1 = (lengths_B + s.step - 1)[:, None]
         mask_B1S = decode_mask_B1S(cfg, inp.start_B, slot, S)
-        rope = None if per_step_rope else (cos_1Sh[0][pos_B1], sin_1Sh[0][pos_B1])
+        rope = None if tables_1Sh is None else tuple(t[0][pos_B1] for t in tables_1Sh)
         logits_B1V, new_cache = forward_with_cache(cfg, params, s.last_token_B[:, None], pos_B1, mask_B1S,
                                                    s.cache, slot, rules=rules, rope=rope)
         return _record(dataclasses.replace(s, cache=new_cache), logits_B1V[:, 0], inp)

@@ -57,7 +57,7 @@ def filter_top_k_top_p(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Ar
 def argmax_rows(x_BV: jax.Array) -> jax.Array:
     """jnp.argmax(x, axis=-1) as int32 (the first maximum; the first NaN if a row has one), as two plain
     reductions (a max, then the smallest index that attains it) instead of one over (value, index) pairs:
-    XLA:CPU vectorises these, and over a batch of 32 vocabulary rows they take about a third of the time."""
+    XLA:CPU vectorises these (over [32, 49152] in isolation: 0.94 against 3.3-3.6 ms)."""
     V = x_BV.shape[-1]
     hit_BV = (x_BV == jnp.max(x_BV, axis=-1, keepdims=True)) | jnp.isnan(x_BV)
     return jnp.min(jnp.where(hit_BV, jax.lax.broadcasted_iota(jnp.int32, x_BV.shape, x_BV.ndim - 1), V), axis=-1)
