@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import models
-from jaxrl_llm.models.decode_layout import INPUT_AXES, decode_params, is_decode_params, project
+from jaxrl_llm.models.decode_layout import FUSED, INPUT_AXES, decode_params, is_decode_params, project
 from jaxrl_llm.sampling.cache import init_cache, unstack_cache
 
 # Every optional per-layer leaf (biases on q/k/v/o and the MLP, QK-norm) and an untied head.
@@ -51,11 +51,17 @@ def test_decode_params_layout():
     for name in ("embed", "final_norm"):
         np.testing.assert_array_equal(dp[name], params[name])
     for i, layer in enumerate(dp["layers"]):
-        want = set(params["layers"]) - set(INPUT_AXES) | {n + "_t" for n in INPUT_AXES}
+        want = set(params["layers"]) - set(INPUT_AXES) | {"wo_t", "w_down_t"} | set(FUSED)
         assert set(layer) == want
         stacked = jax.tree.map(lambda a, i=i: np.asarray(a[i]), params["layers"])
-        np.testing.assert_array_equal(layer["wq_t"], stacked["wq"].transpose(1, 2, 0))  # [N, H, D]
-        np.testing.assert_array_equal(layer["wk_t"], stacked["wk"].transpose(1, 2, 0))
+        N, K = CFG.num_heads, CFG.num_kv_heads
+        assert layer["wqkv_t"].shape == (N + 2 * K, CFG.head_dim, CFG.hidden_size)
+        np.testing.assert_array_equal(layer["wqkv_t"][:N], stacked["wq"].transpose(1, 2, 0))  # [N, H, D]
+        np.testing.assert_array_equal(layer["wqkv_t"][N:N + K], stacked["wk"].transpose(1, 2, 0))
+        np.testing.assert_array_equal(layer["wqkv_t"][N + K:], stacked["wv"].transpose(1, 2, 0))
+        F = CFG.intermediate_size
+        np.testing.assert_array_equal(layer["w_gate_up_t"][:F], stacked["w_gate"].T)  # [F, D]
+        np.testing.assert_array_equal(layer["w_gate_up_t"][F:], stacked["w_up"].T)
         np.testing.assert_array_equal(layer["wo_t"], stacked["wo"].transpose(2, 0, 1))  # [D, N, H]
         np.testing.assert_array_equal(layer["w_down_t"], stacked["w_down"].T)
         for name in ("bq", "bo", "b_gate", "q_norm", "attn_norm"):
@@ -113,3 +119,36 @@ def test_prepare_decode_params_equals_decode_params_and_keeps_the_callers_arrays
     assert got["embed"] is params["embed"] and got["final_norm"] is params["final_norm"]
     if tie:
         assert got["lm_head_t"] is params["embed"]
+
+
+@pytest.mark.parametrize("fsdp,tensor,fused", [(8, 1, True), (4, 2, False)])
+def test_products_fused_only_when_their_output_axes_stay_whole(fsdp, tensor, fused):
+    """q/k/v and gate/up are concatenated only when no device holds a slice of the heads or the MLP width
+    (a tensor-parallel split would not survive concatenation); either way the cached forward is the model's."""
+    from jaxrl_llm import parallel
+    from jaxrl_llm.sampling.loop import prepare_decode_params
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py asks for 8 fake CPU devices)")
+    cfg = models.ModelConfig(**{**CFG.__dict__, "num_heads": 4, "intermediate_size": 32})
+    params = random_params(cfg, seed=5)
+    mesh = parallel.make_mesh(data=1, fsdp=fsdp, tensor=tensor, devices=jax.devices()[:8])
+    rules = parallel.ShardingRules()
+    sharded = jax.device_put(params, models.param_shardings(cfg, mesh, rules))
+    with jax.set_mesh(mesh):
+        dp = prepare_decode_params(cfg, sharded, rules)
+    names = set(dp["layers"][0])
+    assert (set(FUSED) <= names) == fused
+    assert ({"wq_t", "wk_t", "wv_t", "w_gate_t", "w_up_t"} <= names) == (not fused)
+
+    B, T, S = 8, 5, 8
+    ids = np.random.default_rng(6).integers(0, cfg.vocab_size, size=(B, T)).astype(np.int32)
+    want = np.asarray(models.forward(cfg, params, jnp.asarray(ids)))
+    kv = unstack_cache(init_cache(cfg, B, S))
+    step = jax.jit(models.forward_with_cache, static_argnames=("cfg", "rules"))
+    with jax.set_mesh(mesh):
+        for t in range(T):
+            mask = jnp.broadcast_to(jnp.arange(S)[None, None] <= t, (B, 1, S))
+            logits, kv = step(cfg, dp, jnp.asarray(ids[:, t:t + 1]), jnp.full((B, 1), t, jnp.int32), mask, kv,
+                              jnp.int32(t), rules=rules)
+            np.testing.assert_allclose(np.asarray(logits)[:, 0], want[:, t], rtol=1e-4, atol=1e-4)

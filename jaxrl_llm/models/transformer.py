@@ -156,9 +156,14 @@ def _qkv(cfg: ModelConfig, w: dict, x_BTD: jax.Array, rope: tuple[jax.Array, jax
          rules: ShardingRules | None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Pre-norm, projections, biases, QK-norm and RoPE: q [B, T, N, H], k/v [B, T, K, H]."""
     h = rms_norm(x_BTD, w["attn_norm"], cfg.rms_norm_eps)
-    q = _proj("btd,dnh->btnh", h, w, "wq")
-    k = _proj("btd,dkh->btkh", h, w, "wk")
-    v = _proj("btd,dkh->btkh", h, w, "wv")
+    if "wqkv_t" in w:  # the decode layout's fused q/k/v heads
+        N, K = cfg.num_heads, cfg.num_kv_heads
+        qkv = project(h, w["wqkv_t"], 1)
+        q, k, v = qkv[:, :, :N], qkv[:, :, N:N + K], qkv[:, :, N + K:]
+    else:
+        q = _proj("btd,dnh->btnh", h, w, "wq")
+        k = _proj("btd,dkh->btkh", h, w, "wk")
+        v = _proj("btd,dkh->btkh", h, w, "wv")
     if cfg.qkv_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     if cfg.qk_norm:
@@ -188,8 +193,11 @@ def _out_and_mlp(cfg: ModelConfig, w: dict, x_BTD: jax.Array, o_BTNH: jax.Array,
     if not cfg.mlp_bias and "w_gate" in w:  # the training form: a hand-written backward (see models/swiglu.py)
         return constrain(x_BTD + swiglu(h, w["w_gate"], w["w_up"], w["w_down"], rules), ("batch", "length", "embed"),
                          rules)
-    gate = _proj("btd,df->btf", h, w, "w_gate")
-    up = _proj("btd,df->btf", h, w, "w_up")
+    if "w_gate_up_t" in w:  # the decode layout's fused gate and up rows
+        gate, up = jnp.split(project(h, w["w_gate_up_t"], 1), 2, axis=-1)
+    else:
+        gate = _proj("btd,df->btf", h, w, "w_gate")
+        up = _proj("btd,df->btf", h, w, "w_up")
     if cfg.mlp_bias:
         gate, up = gate + w["b_gate"], up + w["b_up"]
     act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"), rules)
