@@ -92,8 +92,10 @@ def test_prefill_logits_equal_forward_and_cache_layout(params, per_layer):
     np.testing.assert_allclose(np.asarray(logits_BTV)[m], np.asarray(want_BTV)[m], atol=2e-5, rtol=0)
 
     assert isinstance(cache["k"], list) == per_layer
-    k_LBKSH = np.asarray(jnp.stack(cache["k"]) if per_layer else cache["k"])
-    v_LBKSH = np.asarray(jnp.stack(cache["v"]) if per_layer else cache["v"])
+    if per_layer:  # keys per layer lie transposed, [B, K, H, S]
+        assert cache["k"][0].shape == (len(LENGTHS), CFG.num_kv_heads, CFG.head_dim, S)
+        cache = sampling.cache.stack_cache(cache)
+    k_LBKSH, v_LBKSH = np.asarray(cache["k"]), np.asarray(cache["v"])
     assert CACHE_AXES == ("layers", "batch", "kv_heads", "length", "head_dim")
     assert k_LBKSH.shape == (CFG.num_layers, len(LENGTHS), CFG.num_kv_heads, S, CFG.head_dim)
     # Layer 0 keys/values from the embeddings by hand: k = rope(norm(x) @ wk + bk), v = norm(x) @ wv + bv.
@@ -119,7 +121,8 @@ def test_decode_steps_per_layer_equal_scan_and_forward(params):
             logits_B1V, cache = run(params, ids[:, P + i:P + i + 1], P + i, cache, per_layer)
             np.testing.assert_allclose(np.asarray(logits_B1V)[:, 0], want_BTV[:, P + i], atol=2e-5, rtol=0)
         assert isinstance(cache["k"], list) == per_layer
-        caches[per_layer] = {n: np.asarray(jnp.stack(c) if per_layer else c) for n, c in cache.items()}
+        cache = sampling.cache.stack_cache(cache) if per_layer else cache
+        caches[per_layer] = {n: np.asarray(c) for n, c in cache.items()}
     for n in ("k", "v"):
         np.testing.assert_allclose(caches[True][n], caches[False][n], atol=1e-6)
 
@@ -163,7 +166,8 @@ def test_empty_cache_prefill_reads_only_the_new_slots(params, per_layer):
     poison the value product when read (0 * NaN), so the flag is what keeps the logits finite."""
     ids = sequences(0)
     q = np.arange(P)
-    cache = jax.tree.map(lambda c: c.at[..., P:, :].set(jnp.nan), empty_cache(per_layer))
+    cache = jax.tree.map(lambda c: c.at[..., P:, :].set(jnp.nan), sampling.init_cache(CFG, len(LENGTHS), S))
+    cache = sampling.cache.unstack_cache(cache) if per_layer else cache
     p = {**params, "layers": unstack_layers(params["layers"])} if per_layer else params
     f = jax.jit(models.forward_with_cache, static_argnames=("cfg", "empty_cache"))
     args = (CFG, p, jnp.asarray(ids), jnp.asarray(positions(q)), jnp.asarray(cache_mask(q)), cache, jnp.int32(0))
@@ -171,6 +175,6 @@ def test_empty_cache_prefill_reads_only_the_new_slots(params, per_layer):
     want_BTV = models.forward(CFG, params, jnp.asarray(ids), jnp.asarray(valid_mask(P)))
     m = valid_mask(P).astype(bool)
     np.testing.assert_allclose(np.asarray(logits_BTV)[m], np.asarray(want_BTV)[m], atol=2e-5, rtol=0)
-    k = np.asarray(jnp.stack(new_cache["k"]) if per_layer else new_cache["k"])
+    k = np.asarray(sampling.cache.stack_cache(new_cache)["k"] if per_layer else new_cache["k"])
     assert np.isfinite(k[..., :P, :]).all() and np.isnan(k[..., P:, :]).all()  # new slots written, rest kept
     assert np.isnan(np.asarray(f(*args, empty_cache=False)[0])[m]).any()  # reading every slot sees the NaN

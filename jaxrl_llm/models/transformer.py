@@ -20,6 +20,10 @@ from jaxrl_llm.parallel.rules import ShardingRules, constrain
 _F32 = jnp.float32
 # Logical axes of the KV cache arrays {"k", "v"} that `forward_with_cache` reads and writes.
 CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
+# The per-layer keys of the unrolled decode loop (`forward_with_cache` with per-layer lists) lie transposed,
+# [B, K, H, S], so that both attention products of a decode step are plain matrix products (see
+# `attention_kt`); the per-layer values keep [B, K, S, H].
+KEYS_T_AXES = ("batch", "kv_heads", "head_dim", "length")
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -139,6 +143,28 @@ def attention_kv_major(cfg: ModelConfig, q_BTNH: jax.Array, k_BKSH: jax.Array, v
     s_BKSQ = jnp.einsum("bksh,bkqh->bksq", k_BKSH, q_BKQH, preferred_element_type=_F32) * scale
     s_BKGTS = s_BKSQ.reshape(B, K, S, G, T).transpose(0, 1, 3, 4, 2)
     s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKGTS, jnp.finfo(_F32).min)
+    p_BKQS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BKSH.dtype).reshape(B, K, G * T, S)
+    o_BKQH = jnp.einsum("bkqs,bksh->bkqh", p_BKQS, v_BKSH)
+    return o_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def attention_kt(cfg: ModelConfig, q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
+                 mask_BTS: jax.Array) -> jax.Array:
+    """`attention_kv_major` with the keys stored transposed ([B, K, H, S]). Returns [B, T, N, H].
+
+    Per (row, kv head) the scores are then q [G·T, H] @ k [H, S] and the output p [G·T, S] @ v [S, H]: both
+    contract the left operand's last axis with the right operand's first, and the scores come out with S last,
+    where the softmax reduces. With the keys [S, H] XLA:CPU forms the scores transposed and copies them. On the
+    2-core AVX-512 CPU of benchmarks/README.md a SmolLM2-135M decode step's attention took 73 instead of 98 µs a
+    layer at batch 8 and 843 instead of 923 at batch 32 (a 128-slot cache)."""
+    B, T, N, H = q_BTNH.shape
+    K, S = k_BKHS.shape[1], k_BKHS.shape[3]
+    G = N // K
+    if cfg.attention_impl == "fused":
+        return attention_kv_major(cfg, q_BTNH, k_BKHS.transpose(0, 1, 3, 2), v_BKSH, mask_BTS)
+    q_BKQH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, H)  # Q = (G, T)
+    s_BKQS = jnp.einsum("bkqh,bkhs->bkqs", q_BKQH, k_BKHS, preferred_element_type=_F32) * (1.0 / math.sqrt(H))
+    s_BKGTS = jnp.where(mask_BTS[:, None, None], s_BKQS.reshape(B, K, G, T, S), jnp.finfo(_F32).min)
     p_BKQS = jax.nn.softmax(s_BKGTS, axis=-1).astype(v_BKSH.dtype).reshape(B, K, G * T, S)
     o_BKQH = jnp.einsum("bkqs,bksh->bkqh", p_BKQS, v_BKSH)
     return o_BKQH.reshape(B, K, G, T, H).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
@@ -284,7 +310,8 @@ def forward_with_cache(
 
     Stacked or per layer: with params["layers"] stacked (leaves [L, ...]) and a stacked cache the layers run
     in a `lax.scan`. params["layers"] may instead be a list of L per-layer dicts (`unstack_layers`), and
-    cache["k"] / cache["v"] lists of L arrays [B, K, S, H]; the layers then run in a Python loop and the
+    cache["k"] lists of L arrays [B, K, H, S] (keys transposed, `attention_kt`) and cache["v"] of L arrays
+    [B, K, S, H], as `sampling.cache.unstack_cache` gives; the layers then run in a Python loop and the
     cache comes back in the form it came in. On XLA:CPU every slice of a stacked array is a copy, so a decode
     loop that reads per-layer arrays avoids copying all weights and the whole cache every step.
     """
@@ -293,17 +320,20 @@ def forward_with_cache(
     rope = rope_tables(cfg, positions_BT) if rope is None else rope
     dt = cfg.dtype
 
-    def attend(p, x, k_cache, v_cache, write):
-        """One layer. `write(cache, new_BKTH)` stores the new keys/values: (cache, this layer's [B, K, S, H])."""
+    def attend(p, x, k_cache, v_cache, write_k, write_v, keys_t):
+        """One layer. `write_*(cache, new_BKTH)` stores the new keys/values: (cache, this layer's keys or
+        values); with `keys_t` this layer's keys are [B, K, H, S], otherwise [B, K, S, H]."""
         w = {n: a.astype(dt) for n, a in p.items()}
         q, k, v = _qkv(cfg, w, x, rope, rules)
         k_BKTH, v_BKTH = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        k_cache, k_BKSH = write(k_cache, k_BKTH)
-        v_cache, v_BKSH = write(v_cache, v_BKTH)
+        k_cache, k_layer = write_k(k_cache, k_BKTH)
+        v_cache, v_BKSH = write_v(v_cache, v_BKTH)
         if empty_cache:  # nothing but the new tokens to attend to
             o = attention_kv_major(cfg, q, k_BKTH, v_BKTH, mask_BTS[:, :, :q.shape[1]])
+        elif keys_t:
+            o = attention_kt(cfg, q, k_layer.astype(dt), v_BKSH.astype(dt), mask_BTS)
         else:
-            o = attention_kv_major(cfg, q, k_BKSH.astype(dt), v_BKSH.astype(dt), mask_BTS)
+            o = attention_kv_major(cfg, q, k_layer.astype(dt), v_BKSH.astype(dt), mask_BTS)
         return _out_and_mlp(cfg, w, x, o, rules), k_cache, v_cache
 
     layers, k_all, v_all = params["layers"], cache["k"], cache["v"]
@@ -316,15 +346,21 @@ def forward_with_cache(
             raise ValueError(f"forward_with_cache: {len(layers)} layers of params, {len(k_all)}/{len(v_all)} of "
                              f"cache k/v; the config has {cfg.num_layers}")
 
-        def write(c_BKSH, new_BKTH):
+        def write_v(c_BKSH, new_BKTH):
             c = jax.lax.dynamic_update_slice(c_BKSH, new_BKTH.astype(c_BKSH.dtype), (0, 0, cache_index, 0))
             c = constrain(c, CACHE_AXES[1:], rules)
             return c, c
 
+        def write_k(c_BKHS, new_BKTH):
+            new_BKHT = new_BKTH.transpose(0, 1, 3, 2).astype(c_BKHS.dtype)
+            c = jax.lax.dynamic_update_slice(c_BKHS, new_BKHT, (0, 0, 0, cache_index))
+            c = constrain(c, KEYS_T_AXES, rules)
+            return c, c
+
         ks, vs = [], []
-        for p, k_BKSH, v_BKSH in zip(layers, k_all, v_all, strict=True):
-            x, k_BKSH, v_BKSH = attend(p, x, k_BKSH, v_BKSH, write)
-            ks.append(k_BKSH)
+        for p, k_BKHS, v_BKSH in zip(layers, k_all, v_all, strict=True):
+            x, k_BKHS, v_BKSH = attend(p, x, k_BKHS, v_BKSH, write_k, write_v, True)
+            ks.append(k_BKHS)
             vs.append(v_BKSH)
         new_cache = {"k": ks, "v": vs}
     else:
@@ -337,7 +373,7 @@ def forward_with_cache(
                 c = constrain(c, CACHE_AXES, rules)
                 return c, c[i]
 
-            x, k_all, v_all = attend(p, x, k_all, v_all, write)
+            x, k_all, v_all = attend(p, x, k_all, v_all, write, write, False)
             return (x, k_all, v_all, i + 1), None
 
         (x, k_all, v_all, _), _ = jax.lax.scan(body, (x, k_all, v_all, jnp.int32(0)), layers)

@@ -2,7 +2,8 @@
 
     cache = {"k": array, "v": array}, axes CACHE_AXES: (layers, batch, kv_heads, length, head_dim), i.e.
     [L, B, K, S, H], the layout `models.forward_with_cache` reads and writes (the model owns it). Inside the
-    decode loop it may be held per layer instead (`unstack_cache`): lists of L arrays [B, K, S, H].
+    decode loop it may be held per layer instead (`unstack_cache`): lists of L arrays, keys [B, K, H, S]
+    (transposed: see `transformer.attention_kt`) and values [B, K, S, H].
 
 Slot layout (left padding): prompts are right-aligned in slots [0, P), so every row's first new token lands
 in slot P and decode step i writes slot P + i for all rows at once. Row b's prompt occupies
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.transformer import CACHE_AXES
+from jaxrl_llm.models.transformer import CACHE_AXES, KEYS_T_AXES
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
 
@@ -51,13 +52,16 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, rules: ShardingRules |
 
 
 def unstack_cache(cache: dict, rules: ShardingRules | None = None) -> dict:
-    """{"k": [L, B, K, S, H], ...} -> {"k": L arrays [B, K, S, H], ...} (copies)."""
-    return {n: [constrain(a, CACHE_AXES[1:], rules) for a in c] for n, c in cache.items()}
+    """{"k": [L, B, K, S, H], "v": [L, B, K, S, H]} -> {"k": L arrays [B, K, H, S] (transposed), "v": L arrays
+    [B, K, S, H]} (copies)."""
+    return {"k": [constrain(a.transpose(0, 1, 3, 2), KEYS_T_AXES, rules) for a in cache["k"]],
+            "v": [constrain(a, CACHE_AXES[1:], rules) for a in cache["v"]]}
 
 
 def stack_cache(cache: dict, rules: ShardingRules | None = None) -> dict:
     """Inverse of `unstack_cache`."""
-    return {n: constrain(jnp.stack(c), CACHE_AXES, rules) for n, c in cache.items()}
+    return {"k": constrain(jnp.stack([a.transpose(0, 1, 3, 2) for a in cache["k"]]), CACHE_AXES, rules),
+            "v": constrain(jnp.stack(cache["v"]), CACHE_AXES, rules)}
 
 
 def _window(cfg: ModelConfig, q_slot: jax.Array, k_slot: jax.Array) -> jax.Array:
