@@ -26,12 +26,19 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         if best_mode not in ("min", "max"):
             raise ValueError(f"checkpoint.best_mode={best_mode!r}; expected min | max")
-        policies = [cm.LatestN(n=max(1, keep))]
+        if keep < 1:
+            raise ValueError(f"checkpoint.keep={keep}; expected at least 1")
+        policies = [cm.LatestN(n=keep)]
+        best: dict[str, Any] = {}
         if best_metric:
-            policies.append(cm.BestN(get_metric_fn=lambda m: float(m[best_metric]), reverse=best_mode == "min", n=1,
+            metric = lambda m: float(m[best_metric])  # noqa: E731
+            policies.append(cm.BestN(get_metric_fn=metric, reverse=best_mode == "min", n=1,
                                      keep_checkpoints_without_metrics=False))
+            # best_fn makes Orbax write each step's metrics beside it, so that a resumed run (a new manager on
+            # the same folder) still knows which old checkpoint is the best and keeps it.
+            best = dict(best_fn=metric, best_mode=best_mode)
         opts = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
-                                            preservation_policy=cm.AnyPreservationPolicy(policies))
+                                            preservation_policy=cm.AnyPreservationPolicy(policies), **best)
         self._mngr = ocp.CheckpointManager(self.directory, options=opts)
 
     def latest_step(self) -> int | None:

@@ -133,3 +133,31 @@ def test_keeps_the_last_k_and_the_best_by_metric(tmp_path):
     items, meta, step = ck.restore({"params": {"w": jnp.zeros((2,))}}, step=2)
     assert step == 2 and meta["step"] == 2 and float(items["params"]["w"][0]) == 2.0
     ck.close()
+
+
+@pytest.mark.parametrize("mode,vals,best", [("min", [None, 1.0, None, 3.0, None, 4.0, None], 2),
+                                            ("max", [None, 1.0, None, 3.0, None, 2.0, None], 4)])
+def test_the_best_checkpoint_survives_a_resume(tmp_path, mode, vals, best):
+    """A resumed run opens a new manager on the same folder: it must still know the old steps' metrics (steps
+    without validation have none), so its first saves do not delete the best checkpoint."""
+    import jax.numpy as jnp
+
+    from jaxrl_llm.checkpoint import Checkpointer
+
+    def save(ck, step, val):
+        ck.maybe_save(step, {"params": {"w": jnp.full((2,), float(step))}}, {"step": step},
+                      metrics=None if val is None else {"val_loss": val})
+
+    d = str(tmp_path / "ck")
+    ck = Checkpointer(d, every_steps=1, keep=1, best_metric="val_loss", best_mode=mode)
+    for step in range(1, 5):
+        save(ck, step, vals[step - 1])
+    ck.close()
+    ck = Checkpointer(d, every_steps=1, keep=1, best_metric="val_loss", best_mode=mode)  # the resumed run
+    for step in range(5, 8):
+        save(ck, step, vals[step - 1])
+    ck.wait()
+    assert ck.all_steps() == [best, 7]
+    ck.close()
+    with pytest.raises(ValueError, match="checkpoint.keep=0"):
+        Checkpointer(d, every_steps=1, keep=0)
