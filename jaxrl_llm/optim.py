@@ -3,6 +3,8 @@ no weight decay on norms and biases."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import optax
 
@@ -25,12 +27,17 @@ def learning_rate_schedule(lr: float, max_steps: int, warmup_steps: int = 0, sch
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), decay], [warmup_steps])
 
 
+# The bias leaves of models/params.py. They are matched by name: the q/k/v biases are [L, heads, head_dim], as
+# many axes as a stacked matrix.
+_BIAS = re.compile(r"b[qkvo]|b_\w+")
+
+
 def decay_mask(params: dict) -> dict:
     """True for matrices (weight decay), False for norms, biases and other vectors."""
     def leaf(path, x):
         name = str(path[-1].key) if hasattr(path[-1], "key") else str(path[-1])
         stacked = len(path) > 1 and getattr(path[0], "key", None) == "layers"
-        return (x.ndim - int(stacked)) >= 2 and "norm" not in name
+        return (x.ndim - int(stacked)) >= 2 and "norm" not in name and not _BIAS.fullmatch(name)
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
