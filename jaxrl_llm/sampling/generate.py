@@ -170,7 +170,8 @@ def generate(
     every process gets every completion back.
     sampling_rules: a different table for sampling (e.g. tensor-parallel decode); params are then resharded
     once per call with `jax.device_put` and the cost is reported as stats['reshard_seconds'].
-    max_batch_size: prompts are processed in chunks of at most this many rows (sorted by length).
+    max_batch_size: prompts are processed in chunks of at most this many rows (sorted by length); an integer
+    >= 1, or None for one chunk.
     max_prompt_len: longest prompt allowed (default: max_position_embeddings - max_new_tokens); longer prompts
     raise, or are left-truncated with truncate_prompts=True (counted in stats['truncated_prompts']).
     unroll_layers: decode with per-layer weight and cache arrays and a Python loop over the layers instead of
@@ -187,8 +188,10 @@ def generate(
     arrs = validate_prompts(prompts, cfg.vocab_size)
     sps = as_param_list(sampling_params, len(arrs))
     validate_stop_ids(sps, cfg.vocab_size)
-    if max_batch_size is not None and max_batch_size < 1:
-        raise ValueError(f"max_batch_size={max_batch_size}: must be >= 1")
+    if max_batch_size is not None:
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int | np.integer) or max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size!r}: must be an integer >= 1 (or None: one chunk)")
+        max_batch_size = int(max_batch_size)
     arrs, n_truncated = _fit_prompts(arrs, _prompt_limits(cfg, sps, max_prompt_len), truncate_prompts)
     key = _as_key(rng)
     traces_before = loop.compile_count()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+import jax
 import numpy as np
 
 
@@ -15,7 +16,8 @@ class SamplingParams:
     (except `max_new_tokens` crossing a power-of-two bucket, or more than 8 stop ids).
 
     temperature: 0 = greedy. top_k: 0 = off. top_p: 1 = off (must lie in (0, 1]).
-    stop_token_ids: generation of a row ends at the first of these (the stop token is returned).
+    stop_token_ids: generation of a row ends at the first of these (the stop token is returned). A single id is
+    taken as a one-id tuple; None is the same as () (no stop ids; `generate_text` then uses the eos ids).
     return_raw_logprobs: log-probs of the raw model distribution (temperature 1, no top-k/top-p) instead of
     the processed distribution actually sampled from.
     """
@@ -28,7 +30,7 @@ class SamplingParams:
     return_raw_logprobs: bool = False
 
     def __post_init__(self):
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "stop_token_ids", _as_stop_ids(self.stop_token_ids))
         if not isinstance(self.max_new_tokens, int | np.integer) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -37,6 +39,25 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
         if not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p={self.top_p!r}: must lie in (0, 1] (1 = off)")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
+
+
+def _as_stop_ids(ids) -> tuple[int, ...]:
+    """A tuple of ints from a tuple/list of ints, a single int, or None (no stop ids)."""
+    if ids is None:
+        return ()
+    if _is_int(ids):
+        return (int(ids),)
+    if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
+        raise ValueError(f"stop_token_ids={ids!r}: expected token ids (a tuple of ints, a single int, or None)")
+    ids = tuple(ids)
+    bad = [t for t in ids if not _is_int(t)]
+    if bad:
+        raise ValueError(f"stop_token_ids={ids!r}: {bad[0]!r} is not an integer token id")
+    return tuple(int(t) for t in ids)
 
 
 def as_param_list(sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
@@ -53,13 +74,24 @@ def as_param_list(sampling_params: SamplingParams | Sequence[SamplingParams] | N
 
 
 def validate_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[np.ndarray]:
-    """int32 arrays, or a ValueError that names the prompt index (and the offending id)."""
-    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+    """int32 arrays, or a ValueError that names the prompt index (and the offending id).
+
+    prompts: a list of token-id lists, or a 2-D numpy or jax array (one row per prompt)."""
+    if isinstance(prompts, np.ndarray | jax.Array):
+        prompts = np.asarray(prompts)
+        if prompts.ndim == 1:
+            raise ValueError(f"prompts: expected a list of token-id lists, got a 1-D array of shape {prompts.shape}; "
+                             "wrap a single prompt in a list: [ids]")
+        if prompts.ndim != 2:
+            raise ValueError(f"prompts: expected a list of token-id lists or a 2-D array, got shape {prompts.shape}")
         prompts = list(prompts)
     if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence):
         raise ValueError(f"prompts: expected a list of token-id lists, got {type(prompts).__name__}")
     if len(prompts) == 0:
         raise ValueError("prompts is empty: nothing to generate")
+    if all(_is_int(p) for p in prompts):
+        raise ValueError(f"prompts: expected a list of token-id lists, got a flat list of {len(prompts)} ints; "
+                         "wrap a single prompt in a list: [[id, id, ...]]")
     out = []
     for i, p in enumerate(prompts):
         if isinstance(p, str | bytes):

@@ -10,7 +10,7 @@ import jax
 
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.sampling.generate import GenerateOutput, generate
-from jaxrl_llm.sampling.request import SamplingParams
+from jaxrl_llm.sampling.request import SamplingParams, as_param_list
 
 Conversation = list[dict[str, str]]
 
@@ -55,7 +55,7 @@ def generate_text(
     params: dict,
     tokenizer: Any,
     inputs: Sequence[str | Conversation],
-    sampling_params: SamplingParams | None = None,
+    sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     rng: jax.Array | int | None = None,
     *,
     chat_template: bool = True,
@@ -64,12 +64,16 @@ def generate_text(
 ) -> TextOutput:
     """Strings or chat conversations in, decoded completions out (an HF tokenizer or anything with its API).
 
-    When `sampling_params` names no stop ids, generation stops at the model's and the tokenizer's eos ids.
+    sampling_params: one SamplingParams for all inputs, or one per input (as in `generate`). Where a
+    SamplingParams names no stop ids, generation stops at the model's and the tokenizer's eos ids.
     """
-    sp = sampling_params or SamplingParams()
-    if not sp.stop_token_ids:
-        sp = dataclasses.replace(sp, stop_token_ids=default_stop_ids(cfg, tokenizer))
     prompt_ids = encode_inputs(tokenizer, inputs, chat_template)
+    stops = default_stop_ids(cfg, tokenizer)
+    with_stops = lambda p: p if p.stop_token_ids else dataclasses.replace(p, stop_token_ids=stops)
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        sp = with_stops(sampling_params or SamplingParams())
+    else:
+        sp = [with_stops(p) for p in as_param_list(sampling_params, len(prompt_ids))]
     out = generate(cfg, params, prompt_ids, sp, rng, **generate_kwargs)
     texts = [tokenizer.decode(t, skip_special_tokens=skip_special_tokens) for t in out.tokens]
     return TextOutput(texts=texts, prompt_ids=prompt_ids, output=out)
