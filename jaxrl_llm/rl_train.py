@@ -469,6 +469,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ConfigError,
         _truncate_metrics,
         build_model,
+        check_best_metric,
         load_tokenizer,
         opt_state_shardings,
         prepare_workdir,
@@ -516,8 +517,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if meta.get("seed") != config.seed:
             raise ConfigError(f"workdir {workdir!r} holds a run with seed={meta.get('seed')}; use a fresh workdir")
         log.info("resumed from %s at step %d", ckpt.directory, start)
-        if is_main:
-            _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+    if is_main:
+        _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     mc = config.get("metrics", ml_collections.ConfigDict())
     writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
                            tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
@@ -535,6 +536,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             last = {**m, **val, "lr": float(schedule(step * updates_per_step))}
             if val or done % config.log_every == 0 or done == config.max_steps:
                 writer.write(done, last)
+            check_best_metric(config, val)
             meta = {"step": done, "seed": config.seed, "data_position": done, **val}
             ckpt.maybe_save(done, {"params": state["params"], "opt_state": state["opt_state"]}, meta,
                             force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),

@@ -110,11 +110,71 @@ def validate(config: ml_collections.ConfigDict) -> None:
         except ValueError as e:
             raise ConfigError(f"model.{key}: {e}") from e
     parallel.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    validate_schedule(config)
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_schedule(config: ml_collections.ConfigDict) -> None:
+    """The keys every algorithm shares: logging, validation, checkpoints and the optimizer."""
+    if not _int(config.log_every) or config.log_every < 1:
+        raise ConfigError(f"log_every={config.log_every!r}: must be an integer >= 1 (log every this many steps)")
+    val_every = config.get("val_every", 0)
+    if not _int(val_every) or val_every < 0:
+        raise ConfigError(f"val_every={val_every!r}: must be an integer >= 0 (0: no validation)")
+    cc = config.checkpoint
+    if not _int(cc.every_steps) or cc.every_steps < 0:
+        raise ConfigError(f"checkpoint.every_steps={cc.every_steps!r}: must be an integer >= 0 (0: no checkpoints)")
+    if not _int(cc.keep) or cc.keep < 1:
+        raise ConfigError(f"checkpoint.keep={cc.keep!r}: must be an integer >= 1 (how many recent checkpoints)")
+    if cc.get("best_mode", "min") not in ("min", "max"):
+        raise ConfigError(f"checkpoint.best_mode={cc.best_mode!r}; expected min | max")
+    best = cc.get("best_metric", "")
+    if best and (not val_every or not best.startswith("val_")):
+        raise ConfigError(f"checkpoint.best_metric={best!r} ranks checkpoints by a validation metric: it needs "
+                          "val_every > 0 and a val_* name (e.g. val_loss)")
+    oc = config.optimizer
+    if not oc.lr > 0:
+        raise ConfigError(f"optimizer.lr={oc.lr!r}: must be > 0")
+    if oc.get("schedule", "cosine") not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"optimizer.schedule={oc.schedule!r}; expected cosine | linear | constant")
+    warmup = oc.get("warmup_steps", 0)
+    if not _int(warmup) or not 0 <= warmup <= config.max_steps:
+        raise ConfigError(f"optimizer.warmup_steps={warmup!r}: must be an integer in [0, max_steps={config.max_steps}]")
+    for key, lo, hi in (("weight_decay", 0.0, None), ("grad_clip", 0.0, None), ("final_lr_fraction", 0.0, 1.0)):
+        v = oc.get(key, 0.0)
+        if v < lo or (hi is not None and v > hi):
+            raise ConfigError(f"optimizer.{key}={v!r}: must be in [{lo}, {'inf' if hi is None else hi}]")
+    for key in ("b1", "b2"):
+        if key in oc and not 0.0 <= oc[key] < 1.0:
+            raise ConfigError(f"optimizer.{key}={oc[key]!r}: must be in [0, 1)")
+    if "eps" in oc and not oc.eps > 0:
+        raise ConfigError(f"optimizer.eps={oc.eps!r}: must be > 0")
+
+
+def check_best_metric(config: ml_collections.ConfigDict, val: dict[str, float]) -> None:
+    """The first validation's metrics must hold checkpoint.best_metric (checked before any checkpoint is saved)."""
+    best = config.checkpoint.get("best_metric", "")
+    if best and val and best not in val:
+        raise ConfigError(f"checkpoint.best_metric={best!r} is not among the validation metrics {sorted(val)}")
 
 
 def _truncate_metrics(path: str, last_step: int) -> None:
-    """On resume, drop rows logged after the restored step (they are logged again), atomically."""
+    """On resume, drop rows logged after the restored step (they are logged again), atomically. A run that
+    starts from step 0 in a folder whose metrics.jsonl has rows (an earlier run without checkpoints) moves that
+    file aside to metrics.jsonl.<k>.old instead of appending to it or deleting it."""
     if not os.path.exists(path):
+        return
+    if last_step == 0:
+        if os.path.getsize(path):
+            k = 1
+            while os.path.exists(f"{path}.{k}.old"):
+                k += 1
+            os.replace(path, f"{path}.{k}.old")
+            log.warning("%s held an earlier run's rows (no checkpoint to resume from): moved to %s.%d.old",
+                        path, path, k)
         return
     with open(path) as f:
         rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
@@ -173,8 +233,10 @@ def opt_state_shardings(optimizer, params, p_sh, mesh):
 def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collections.ConfigDict, tokenizer,
                     default_best_mode: str) -> Checkpointer:
     """The run folder every algorithm shares: model_config.json and tokenizer/ (process 0, for export and
-    evaluation) and the checkpointer over checkpoints/."""
+    evaluation; with data.chat_template's override as its template) and the checkpointer over checkpoints/."""
     os.makedirs(workdir, exist_ok=True)
+    if config.data.get("chat_template"):  # the run's template goes with its tokenizer (and the HF export)
+        tokenizer.chat_template = config.data.chat_template
     if jax.process_index() == 0:
         with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
             json.dump({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
@@ -256,8 +318,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             raise ConfigError(f"workdir {workdir!r} holds a run with seed={meta.get('seed')}, "
                               f"train.batch_size={meta.get('batch_size')}; use a fresh workdir to change them")
         log.info("resumed from %s at step %d", ckpt.directory, start)
-        if is_main:
-            _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+    if is_main:
+        _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
 
     mc = config.get("metrics", ml_collections.ConfigDict())
     writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
@@ -287,6 +349,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 last = {**m, **val, "lr": float(schedule(step)), "tokens_per_s": n_tok / max(t_train, 1e-9),
                         "step_time_s": t_train}
                 writer.write(done, last)
+            check_best_metric(config, val)
             meta = {"step": done, "seed": config.seed, "batch_size": B, "data_position": done * B, **val}
             ckpt.maybe_save(done, {"params": state["params"], "opt_state": state["opt_state"]}, meta,
                             force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),

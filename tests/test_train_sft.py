@@ -276,3 +276,20 @@ def test_length_buckets_outside_the_ladder_is_a_config_error(name):
     train.validate(recipe(name))
     with pytest.raises(train.ConfigError, match=r"data.length_buckets=3: expected one of \(0, 1, 2, 4, 8\)"):
         train.validate(recipe(name, {"data.length_buckets": 3}))
+
+
+def test_prompt_completion_rows_as_message_lists(tokenizer):
+    """TRL's conversational prompt-completion form: prompt and completion as message lists, mixed with strings;
+    the loss covers the completion's assistant turn only."""
+    conv = {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+            "completion": [{"role": "assistant", "content": "4"}]}
+    msgs = to_messages(conv, 0)
+    assert msgs == [*conv["prompt"], *conv["completion"]]
+    ids, mask = tokenize_conversation(tokenizer, msgs)
+    assert tokenizer.decode(ids[mask == 1]) == "4<|im_end|>\n"
+    assert to_messages({"prompt": "2+2?", "completion": conv["completion"]}, 0)[0] == {"role": "user",
+                                                                                        "content": "2+2?"}
+    with pytest.raises(DataError, match=r"row 3: completion\[0\] needs 'role' and 'content'"):
+        to_messages({"prompt": "p", "completion": [{"text": "c"}]}, 3)
+    with pytest.raises(DataError, match="row 5: field 'prompt' must be a string or a non-empty list"):
+        to_messages({"prompt": 7, "completion": "c"}, 5)

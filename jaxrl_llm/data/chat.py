@@ -11,8 +11,22 @@ class DataError(ValueError):
     """A data row or file is malformed; the message names the row and the field."""
 
 
+def as_messages(value: Any, index: int, field: str, default_role: str) -> list[dict[str, str]]:
+    """A row's field as messages: a string is one message of `default_role`; a list must hold {role, content}."""
+    if isinstance(value, str):
+        return [{"role": default_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise DataError(f"row {index}: field {field!r} must be a string or a non-empty list of "
+                        f"{{role, content}} messages; got {type(value).__name__}")
+    for j, m in enumerate(value):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"row {index}: {field}[{j}] needs 'role' and 'content'")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
 def to_messages(row: dict[str, Any], index: int) -> list[dict[str, str]]:
-    """An SFT row as OpenAI-style messages: `messages`, or `prompt` + `completion` strings."""
+    """An SFT row as OpenAI-style messages: `messages`, or `prompt` + `completion`, each a string (a user and an
+    assistant message) or a list of messages (TRL's conversational prompt-completion form)."""
     if "messages" in row and row["messages"] is not None:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -22,7 +36,8 @@ def to_messages(row: dict[str, Any], index: int) -> list[dict[str, str]]:
                 raise DataError(f"row {index}: messages[{j}] needs 'role' and 'content'")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
     if "prompt" in row and "completion" in row:
-        return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
+        return (as_messages(row["prompt"], index, "prompt", "user")
+                + as_messages(row["completion"], index, "completion", "assistant"))
     raise DataError(f"row {index}: missing field 'messages' (or 'prompt' and 'completion'); has {sorted(row)}")
 
 

