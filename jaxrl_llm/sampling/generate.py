@@ -88,8 +88,8 @@ def _fit_prompts(arrs: list[np.ndarray], limits: np.ndarray, truncate: bool) -> 
                          "(max_prompt_len or max_position_embeddings - max_new_tokens); "
                          f"{len(too_long)} prompt(s) are too long. "
                          "Pass truncate_prompts=True to keep their last tokens")
-    log.warning("truncated %d prompt(s) on the left to fit max_prompt_len (longest was %d tokens)",
-                len(too_long), max(len(arrs[i]) for i in too_long))
+    log.warning("truncated %d prompt(s) on the left to fit max_prompt_len (default: max_position_embeddings - "
+                "max_new_tokens); the longest was %d tokens", len(too_long), max(len(arrs[i]) for i in too_long))
     out = list(arrs)
     for i in too_long:
         out[i] = arrs[i][len(arrs[i]) - int(limits[i]):]
