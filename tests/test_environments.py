@@ -95,7 +95,7 @@ def test_other_formats_and_no_answer():
     with pytest.raises(ValueError, match="boxd"):
         extract_answer("x", "boxd")  # not a format name and no capture group
     with pytest.raises(ValueError, match="valid regex"):
-        MathEnvironment(answer_format="(unclosed", num_workers=0)
+        MathEnvironment(answer_format="(unclosed", num_workers=0, sandbox=False)
 
 
 @pytest.mark.parametrize("raw, number", [
@@ -176,7 +176,7 @@ def test_pool_rejects_unpicklable_function_and_use_after_close():
 
 
 def test_in_process_pool_reports_errors_and_overruns():
-    p = ScoringPool(num_workers=0, timeout_s=0.1)
+    p = ScoringPool(num_workers=0, timeout_s=0.1, sandbox=False)
     out = p.map(raise_value_error, [(1,)]) + p.map(sleep_briefly, [(3,)]) + p.map(double, [(4,)])
     assert [o.status for o in out] == ["error", "timeout", "ok"]
     assert out[1].value is None and out[2].value == 8
@@ -227,7 +227,7 @@ def test_math_environment_pathological_answer_times_out(math_env):
 
 def test_math_environment_in_process_uses_math_verify_timeouts():
     # no workers: math-verify's own (signal) timeout stops the comparison; the overrun is reported as a timeout
-    env = MathEnvironment(answer_format="boxed", timeout_s=1.0, num_workers=0)
+    env = MathEnvironment(answer_format="boxed", timeout_s=1.0, num_workers=0, sandbox=False)
     t0 = time.monotonic()
     res = env.score([""] * 2, [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{3}"], [{"answer": "1"}, {"answer": "3"}])
     assert time.monotonic() - t0 < 2.0 + SLACK_S
@@ -236,7 +236,7 @@ def test_math_environment_in_process_uses_math_verify_timeouts():
 
 
 def test_math_environment_bad_input():
-    env = MathEnvironment(num_workers=0)
+    env = MathEnvironment(num_workers=0, sandbox=False)
     with pytest.raises(ValueError, match="lengths"):
         env.score(["a"], ["b", "c"], [{"answer": "1"}])
     with pytest.raises(ValueError, match=r"metadata\[1\] has no 'answer'"):
@@ -263,7 +263,7 @@ def test_reasoning_gym_tasks_scored(dataset):
     assert all(m["env"] == "reasoning_gym" and m["rg_dataset"] == dataset for m in meta)
     golds = [m["answer"] for m in meta]
     wrongs = [str(int(g) + 1) for g in golds]
-    env = ReasoningGymEnvironment(num_workers=0)
+    env = ReasoningGymEnvironment(num_workers=0, sandbox=False)
     completions = [f"Thinking...\n<answer>{g}</answer>" for g in golds] + \
         [f"<answer>{w}</answer>" for w in wrongs] + ["The result is " + golds[0]]
     res = env.score([""] * 9, completions, meta + meta + meta[:1])
@@ -293,7 +293,8 @@ def test_rg_entry_survives_json_exactly():
         encode_entry({"bad": object()})
     # rearc compares tuple grids: the gold answer must still score 1 after a JSON round trip
     meta = json.loads(json.dumps(reasoning_gym_tasks("rearc", size=1, seed=1)[0].metadata))
-    res = ReasoningGymEnvironment(num_workers=0).score([""], [f"<answer>{meta['answer']}</answer>"], [meta])
+    env = ReasoningGymEnvironment(num_workers=0, sandbox=False)
+    res = env.score([""], [f"<answer>{meta['answer']}</answer>"], [meta])
     np.testing.assert_array_equal(res.rewards, [1])
 
 
@@ -317,7 +318,7 @@ def test_format_environment():
 
 
 def test_combined_weights_info_and_counts():
-    math_env = MathEnvironment(answer_format="answer_tag", num_workers=0)
+    math_env = MathEnvironment(answer_format="answer_tag", num_workers=0, sandbox=False)
     env = CombinedEnvironment([(math_env, 2.0), (FormatEnvironment(reward=1.0), 0.25)])
     texts = ["<answer>4</answer>", "<answer>5</answer>", "4"]
     res = env.score([""] * 3, texts, [{"answer": "4"}] * 3)
@@ -335,10 +336,11 @@ def test_combined_weights_info_and_counts():
 def test_make_environment():
     from ml_collections import ConfigDict
 
-    env = make_environment({"name": "math", "answer_format": "hash", "timeout_s": 2.0, "num_workers": 0})
+    env = make_environment({"name": "math", "answer_format": "hash", "timeout_s": 2.0, "num_workers": 0,
+                            "sandbox": False})
     assert isinstance(env, MathEnvironment) and env.answer_format == "hash" and env.timeout_s == 2.0
     spec = ConfigDict({"name": "combined", "components": [
-        {"name": "math", "weight": 1.0, "num_workers": 0, "answer_format": "answer_tag"},
+        {"name": "math", "weight": 1.0, "num_workers": 0, "sandbox": False, "answer_format": "answer_tag"},
         {"name": "format", "weight": 0.5, "label": "tags"}]})
     env = make_environment(spec)
     assert isinstance(env, CombinedEnvironment)

@@ -67,7 +67,7 @@ def test_routes_each_sub_batch_in_one_call_and_restores_order():
 
 
 def test_real_environments_routed_by_metadata():
-    env = RoutedEnvironment({"math": MathEnvironment(answer_format="answer_tag", num_workers=0),
+    env = RoutedEnvironment({"math": MathEnvironment(answer_format="answer_tag", num_workers=0, sandbox=False),
                              "format": FormatEnvironment(pattern=r"^<b>", reward=0.5)})
     texts = ["<answer>4</answer>", "<b>x", "<answer>5</answer>", "no"]
     meta = [{"env": "math", "answer": "4"}, {"env": "format"}, {"env": "math", "answer": "4"}, {"env": "format"}]
@@ -146,7 +146,7 @@ def test_make_environment_routed():
     from ml_collections import ConfigDict
 
     spec = ConfigDict({"name": "routed", "key": "kind", "default": "fmt", "label": "by_kind", "routes": {
-        "math": {"name": "math", "answer_format": "boxed", "num_workers": 0},
+        "math": {"name": "math", "answer_format": "boxed", "num_workers": 0, "sandbox": False},
         "fmt": {"name": "combined", "components": [{"name": "format", "weight": 0.5}]}}})
     env = make_environment(spec)
     assert isinstance(env, RoutedEnvironment) and env.name == "by_kind"
@@ -229,8 +229,8 @@ def test_mixed_tasks_scored_by_routed_environment():
     gold = [answer(m, m["answer"]) for m in meta]
     wrong = [answer(m, int(m["answer"]) + 1) for m in meta]
     env = make_environment({"name": "routed", "routes": {
-        "math": {"name": "math", "answer_format": "boxed", "num_workers": 0},
-        "reasoning_gym": {"name": "reasoning_gym", "num_workers": 0}}})
+        "math": {"name": "math", "answer_format": "boxed", "num_workers": 0, "sandbox": False},
+        "reasoning_gym": {"name": "reasoning_gym", "num_workers": 0, "sandbox": False}}})
     with env:
         res = env.score([""] * 16, gold + wrong, meta + meta)
     np.testing.assert_array_equal(res.rewards, [1.0] * 8 + [0.0] * 8)

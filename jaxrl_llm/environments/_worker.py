@@ -2,7 +2,8 @@
 `python -c "from jaxrl_llm.environments._worker import main; main()" READ_FD WRITE_FD`.
 
 Protocol over two pipes (multiprocessing.connection framing, pickled messages):
-  parent -> worker: ("init", preload_modules), then (task_id, fn, args) per task, None to exit.
+  parent -> worker: ("init", preload_modules, confine), then (task_id, fn, args) per task, None to exit.
+                    confine: None, or the keyword arguments of `sandbox.confine`, applied after the imports.
   worker -> parent: ("ready", pid) | ("init_error", message), then per task ("started", task_id) once the
                     task is loaded, and ("ok", task_id, value) | ("error", task_id, message).
 The worker runs one task at a time on its main thread (so signal-based timeouts inside scorers work). It exits
@@ -53,9 +54,13 @@ def main() -> None:
     outbox = Connection(write_fd, readable=False)
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     try:
-        _, preload = inbox.recv()
+        _, preload, confine = inbox.recv()
         for name in preload:
             importlib.import_module(name)
+        if confine is not None:
+            from jaxrl_llm.environments.sandbox import confine as confine_process
+
+            confine_process(**confine)
     except EOFError:
         return
     except BaseException as e:  # reported to the parent, which raises

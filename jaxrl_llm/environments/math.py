@@ -68,16 +68,18 @@ class MathEnvironment:
 
     answer_format: "boxed" | "hash" | "answer_tag" | "answer_is" | "last_line" | "auto" | a regex (group 1).
     timeout_s: per-sample limit. num_workers: scoring processes (0: in this process; then only math-verify's
-    own signal-based timeouts apply, rounded up to whole seconds, and only on the main thread).
+    own signal-based timeouts apply, rounded up to whole seconds, and only on the main thread). sandbox: confine
+    the scoring processes (math-verify evaluates answers with sympy's parse_expr; see environments/pool.py);
+    num_workers=0 needs sandbox=False.
     """
 
     def __init__(self, answer_format: str = "boxed", timeout_s: float = 5.0, num_workers: int = 2,
-                 name: str = "math"):
+                 name: str = "math", sandbox: bool = True):
         check_answer_format(answer_format)
         self.name = name
         self.answer_format = answer_format
         self.timeout_s = float(timeout_s)
-        self._pool = ScoringPool(num_workers, self.timeout_s, preload=("math_verify",))
+        self._pool = ScoringPool(num_workers, self.timeout_s, preload=("math_verify",), sandbox=sandbox)
 
     def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
         check_batch(prompts, completions, metadata)

@@ -14,15 +14,25 @@ e.g. ~1 s for math_verify, ~4 s for reasoning_gym; in parallel over workers) nev
 `fn` and its arguments must be picklable (a module-level function; the worker imports its module with the
 parent's sys.path); a value the worker cannot load is that sample's error.
 
+Sandbox (default on): each worker confines itself after its imports (`sandbox.confine`: a seccomp filter
+against running programs, new processes, sockets, file writes and signals to other processes, and an
+address-space cap of `memory_limit_mb`), because scorers evaluate model-written text (sympy's `parse_expr`,
+`eval` in some reasoning-gym checkers). A platform where that is impossible fails at the first map, naming
+the reason. What a worker sends back is loaded with an unpickler that refuses every class and function, so a
+confined worker cannot reach the trainer through its results either: `fn` must return plain data (numbers,
+strings, bytes, None, and tuples, lists, dicts and sets of them).
+
 num_workers=0 runs `fn` in this process with the same error handling, but a running call cannot be
 interrupted there: a call that returns after `timeout_s` is *reported* as a timeout (its value is dropped, so
-rewards match the pooled mode), yet it still takes as long as it takes. Use workers for untrusted inputs.
+rewards match the pooled mode), yet it still takes as long as it takes. Nothing confines it either, so it needs
+`sandbox=False`, an explicit statement that the completions are trusted.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import os
 import pickle
 import subprocess
@@ -35,6 +45,19 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 _BOOT = "from jaxrl_llm.environments._worker import main; main()"
+
+
+class _PlainData(pickle.Unpickler):
+    """Loads tuples, lists, dicts, sets, strings, bytes, numbers, booleans and None; refuses any class or function
+    (the only way a pickle can call code), so a message from a worker cannot run anything here."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"a worker sent {module}.{name}: only plain data (numbers, strings, "
+                                     "containers) may come back from a scoring worker")
+
+
+def load_plain(data: bytes) -> Any:
+    return _PlainData(io.BytesIO(data)).load()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,13 +142,23 @@ class ScoringPool:
     num_workers: processes (0: run in this process). timeout_s: default per-sample limit (map may override).
     preload: modules each worker imports before it is ready. startup_timeout_s: a worker that is not ready by
     then raises RuntimeError (a broken installation, not a bad sample). max_tasks_per_worker: recycle a worker
-    after this many tasks (None: never), to bound memory that a scorer's caches may grow.
+    after this many tasks (None: never), to bound memory that a scorer's caches may grow. sandbox: confine each
+    worker (see the module doc; num_workers=0 needs sandbox=False). memory_limit_mb: a sandboxed worker's
+    address-space cap (None: none).
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, *, preload: Sequence[str] = (),
-                 startup_timeout_s: float = 120.0, max_tasks_per_worker: int | None = None):
+                 startup_timeout_s: float = 120.0, max_tasks_per_worker: int | None = None, sandbox: bool = True,
+                 memory_limit_mb: int | None = 4096):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
+        if num_workers == 0 and sandbox:
+            raise ValueError("num_workers=0 scores in this process, where nothing confines what a scorer does with "
+                             "model-written text (sympy and some reasoning-gym checkers evaluate it): use "
+                             "num_workers >= 1, or sandbox=False if the completions are trusted")
+        if memory_limit_mb is not None and (isinstance(memory_limit_mb, bool) or not isinstance(memory_limit_mb, int)
+                                            or memory_limit_mb < 256):
+            raise ValueError(f"memory_limit_mb must be an int >= 256 or None, got {memory_limit_mb!r}")
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
         if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
@@ -135,6 +168,8 @@ class ScoringPool:
         self.preload = tuple(preload)
         self.startup_timeout_s = float(startup_timeout_s)
         self.max_tasks_per_worker = max_tasks_per_worker
+        self.sandbox = bool(sandbox)
+        self.memory_limit_mb = memory_limit_mb
         self._workers: list[_Worker | None] = [None] * num_workers
         self._lock = threading.Lock()
         self._closed = False
@@ -201,7 +236,8 @@ class ScoringPool:
         self._workers[slot] = w
         self.stats["started"] += 1
         try:
-            w.to_worker.send(("init", self.preload))
+            confine = {"memory_limit_mb": self.memory_limit_mb} if self.sandbox else None
+            w.to_worker.send(("init", self.preload, confine))
         except OSError:
             pass  # it died at once; its EOF is seen by the loop
 
@@ -277,7 +313,7 @@ class ScoringPool:
     def _receive(self, slot: int, w: _Worker, results: list[Outcome | None]) -> int:
         """Handles one message (or EOF) from worker `slot`; returns how many samples it finished (0 or 1)."""
         try:
-            msg = pickle.loads(w.from_worker.recv_bytes())
+            msg = load_plain(w.from_worker.recv_bytes())
         except (EOFError, OSError):
             msg = None
         except Exception as e:

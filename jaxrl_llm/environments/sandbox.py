@@ -1,0 +1,152 @@
+"""Confinement of a scoring worker process: what model-written text may make it do.
+
+Scorers run model output through parsers that evaluate it: math-verify hands expressions to sympy's
+`parse_expr` (an `eval`), and several reasoning-gym checkers call `eval` or `parse_expr` on the answer. A
+completion can therefore run Python in the scoring worker. `confine()` is called by each worker of a sandboxed
+`ScoringPool` after its imports and before its first task; from then on, for the rest of the process:
+
+- a seccomp filter (Linux, x86-64 and aarch64; `prctl(PR_SET_NO_NEW_PRIVS)` first, so it cannot be undone)
+  refuses, with EPERM: starting programs (execve), new processes (fork, vfork, clone without CLONE_THREAD;
+  clone3 answers ENOSYS, so threads fall back to clone), sockets, opening files for writing or creating them,
+  deleting, renaming, linking or changing files and folders, signals to any other process, ptrace and the
+  process_vm_* calls, io_uring (its operations bypass the filter), open_by_handle_at, mount, chroot, namespace,
+  module, reboot, clock and hostname calls. Other syscalls are allowed: reading files the user may read, and
+  writing to descriptors already open (the pipes to the trainer, stdout and stderr).
+- the address space is capped (`RLIMIT_AS`, `memory_limit_mb`), so a runaway expression fails with
+  MemoryError instead of exhausting the machine; the pool's per-sample timeout bounds its time.
+
+This is a deny list, not an allow list: it closes the ways out that matter (running programs, the network,
+the file system, other processes) while the interpreter keeps working. The worker still runs as the trainer's
+user and can read what that user can read; what it reads can only leave through its reward.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import resource
+import struct
+
+# prctl / seccomp constants (linux/prctl.h, linux/seccomp.h, linux/audit.h, linux/filter.h).
+_PR_SET_NO_NEW_PRIVS = 38
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_RET_ALLOW = 0x7FFF0000
+_RET_KILL_PROCESS = 0x80000000
+_RET_ERRNO = 0x00050000
+_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
+_JEQ = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_JGE = 0x35  # BPF_JMP | BPF_JGE | BPF_K
+_JSET = 0x45  # BPF_JMP | BPF_JSET | BPF_K
+_RET = 0x06  # BPF_RET | BPF_K
+_NR, _ARCH = 0, 4  # offsets in struct seccomp_data; args[i] (64-bit, little-endian) at 16 + 8 i
+
+
+def _arg(i: int) -> int:
+    return 16 + 8 * i
+
+
+CLONE_THREAD = 0x00010000
+# O_WRONLY | O_RDWR | O_CREAT | O_TRUNC | O_APPEND (the same values on x86-64 and aarch64).
+_WRITE_FLAGS = 0o1 | 0o2 | 0o100 | 0o1000 | 0o2000
+
+# Per architecture: audit arch id, syscalls refused outright, and the numbers of the calls checked by argument.
+_ARCHES = {
+    "x86_64": dict(
+        audit=0xC000003E,
+        deny=dict(execve=59, execveat=322, fork=57, vfork=58, socket=41, socketpair=53, connect=42, creat=85,
+                  openat2=437, unlink=87, unlinkat=263, rename=82, renameat=264, renameat2=316, mkdir=83,
+                  mkdirat=258, rmdir=84, link=86, linkat=265, symlink=88, symlinkat=266, chmod=90, fchmod=91,
+                  fchmodat=268, chown=92, fchown=93, lchown=94, fchownat=260, truncate=76, mknod=133, mknodat=259,
+                  utime=132, utimes=235, futimesat=261, utimensat=280, setxattr=188, lsetxattr=189,
+                  fsetxattr=190, removexattr=197, lremovexattr=198, fremovexattr=199, tkill=200, ptrace=101,
+                  process_vm_readv=310, process_vm_writev=311, io_uring_setup=425, io_uring_enter=426,
+                  io_uring_register=427, name_to_handle_at=303, open_by_handle_at=304, mount=165, umount2=166,
+                  pivot_root=155, chroot=161, setns=308, unshare=272, init_module=175, finit_module=313,
+                  delete_module=176, kexec_load=246, reboot=169, acct=163, swapon=167, swapoff=168,
+                  settimeofday=164, clock_settime=227, sethostname=170, setdomainname=171, iopl=172, ioperm=173,
+                  bpf=321, perf_event_open=298),
+        clone=56, clone3=435, open=2, openat=257, kill=62, tgkill=234),
+    "aarch64": dict(
+        audit=0xC00000B7,
+        deny=dict(execve=221, execveat=281, socket=198, socketpair=199, connect=203, openat2=437, unlinkat=35,
+                  renameat=38, renameat2=276, mkdirat=34, linkat=37, symlinkat=36, fchmod=52, fchmodat=53,
+                  fchown=55, fchownat=54, truncate=45, mknodat=33, utimensat=88, setxattr=5, lsetxattr=6,
+                  fsetxattr=7, removexattr=14, lremovexattr=15, fremovexattr=16, tkill=130, ptrace=117,
+                  process_vm_readv=270, process_vm_writev=271, io_uring_setup=425, io_uring_enter=426,
+                  io_uring_register=427, name_to_handle_at=264, open_by_handle_at=265, mount=40, umount2=39,
+                  pivot_root=41, chroot=51, setns=268, unshare=97, init_module=105, finit_module=273,
+                  delete_module=106, kexec_load=104, reboot=142, acct=89, swapon=224, swapoff=225,
+                  settimeofday=170, clock_settime=112, sethostname=161, setdomainname=162, bpf=280,
+                  perf_event_open=241),
+        clone=220, clone3=435, open=None, openat=56, kill=129, tgkill=131),
+}
+
+
+class SandboxError(RuntimeError):
+    """The process could not be confined (an unsupported platform or kernel)."""
+
+
+def _ins(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
+    return struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF)
+
+
+def _filter(machine: str, pid: int) -> list[bytes]:
+    a = _ARCHES[machine]
+    eperm = _RET_ERRNO | errno.EPERM
+    prog = [_ins(_LD_W_ABS, _ARCH), _ins(_JEQ, a["audit"], 1, 0), _ins(_RET, _RET_KILL_PROCESS),
+            _ins(_LD_W_ABS, _NR)]
+    if machine == "x86_64":  # the x32 ABI's numbers (bit 30 set) would slip past the checks below
+        prog += [_ins(_JGE, 0x40000000, 0, 1), _ins(_RET, eperm)]
+    for nr in a["deny"].values():
+        prog += [_ins(_JEQ, nr, 0, 1), _ins(_RET, eperm)]
+    prog += [_ins(_JEQ, a["clone3"], 0, 1), _ins(_RET, _RET_ERRNO | errno.ENOSYS)]
+
+    def checked(nr: int | None, block: list[bytes]) -> list[bytes]:
+        """`block` (which always returns) runs for syscall `nr`; other calls jump over it."""
+        return [] if nr is None else [_ins(_JEQ, nr, 0, len(block)), *block]
+
+    def flags_block(arg: int) -> list[bytes]:  # refuse when any write/create flag is set
+        return [_ins(_LD_W_ABS, _arg(arg)), _ins(_JSET, _WRITE_FLAGS, 0, 1), _ins(_RET, eperm), _ins(_RET, _RET_ALLOW)]
+
+    own_pid = [_ins(_LD_W_ABS, _arg(0)), _ins(_JEQ, pid, 0, 1), _ins(_RET, _RET_ALLOW), _ins(_RET, eperm)]
+    prog += checked(a["clone"], [_ins(_LD_W_ABS, _arg(0)), _ins(_JSET, CLONE_THREAD, 0, 1), _ins(_RET, _RET_ALLOW),
+                                 _ins(_RET, eperm)])
+    prog += checked(a["open"], flags_block(1))
+    prog += checked(a["openat"], flags_block(2))
+    prog += checked(a["kill"], own_pid)
+    prog += checked(a["tgkill"], own_pid)
+    return [*prog, _ins(_RET, _RET_ALLOW)]
+
+
+def confine(memory_limit_mb: int | None = 4096) -> None:
+    """Confine this process for the rest of its life (see the module doc). Raises SandboxError where that is
+    not possible; never partially: the address-space cap is set only after the filter is in place."""
+    machine = platform.machine().lower()
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    if os.uname().sysname != "Linux" or machine not in _ARCHES:
+        raise SandboxError(f"the scoring sandbox needs Linux on x86-64 or aarch64; this is {os.uname().sysname} "
+                           f"{platform.machine()}")
+    prog = b"".join(_filter(machine, os.getpid()))
+    n = len(prog) // 8
+    buf = ctypes.create_string_buffer(prog, len(prog))
+
+    class _Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = _Fprog(n, ctypes.cast(buf, ctypes.c_void_p))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        raise SandboxError(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(ctypes.get_errno())}")
+    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
+        raise SandboxError(f"installing the seccomp filter failed: {os.strerror(ctypes.get_errno())} (a kernel "
+                           "without CONFIG_SECCOMP_FILTER, or a container that forbids it)")
+    if memory_limit_mb is not None:
+        limit = int(memory_limit_mb) * 2**20
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
