@@ -366,7 +366,17 @@ class GRPORunner:
     def collect(self, params, step: int) -> tuple[Rollouts, dict[str, float]]:
         """One step's rollouts; with dynamic sampling, rounds of generation until num_prompts groups with
         reward spread are found (at most grpo.dynamic_sampling_max_rounds; then the batch is completed with
-        spread-less groups, which carry zero advantage, and the shortfall is logged)."""
+        spread-less groups, which carry zero advantage, and the shortfall is logged).
+
+        Dynamic-sampling metrics, in groups of group_size samples (generated = num_prompts + discarded + excess):
+        dynamic_sampling_rounds: generation rounds run; dynamic_sampling_short_groups: spread-less groups that
+        filled the batch (0 unless the rounds ran out); dynamic_sampling_discarded_groups: spread-less groups
+        generated and not trained on (those that filled the batch are not discarded);
+        dynamic_sampling_excess_groups: groups with spread beyond num_prompts, left out (NeMo RL's
+        dynamic_sampling_num_discarded_valid_samples, in groups). The returned counts (the env_* metrics) are the
+        environment's over every sample scored this step, in every round, discarded ones included: an environment
+        reports one count per round, not per sample, so they cannot follow the groups. Each round's counts are
+        carried by exactly one part (its kept groups), so filling the batch from the spare parts adds none."""
         g = self.config.grpo
         roll, info = self.generate_round(params, step, 0)
         info["reward_mean_all"] = float(roll.rewards.mean())
@@ -375,8 +385,8 @@ class GRPORunner:
         kept, spare, rounds = [], [], 0
         while True:
             keep = grpo.dynamic_sampling_keep(roll.rewards, self.G)
-            kept.append(roll.take_groups(np.flatnonzero(keep), self.G))
-            spare.append(roll.take_groups(np.flatnonzero(~keep), self.G))
+            kept.append(roll.take_groups(np.flatnonzero(keep), self.G))  # carries the round's counts
+            spare.append(dataclasses.replace(roll.take_groups(np.flatnonzero(~keep), self.G), counts={}))
             rounds += 1
             have = sum(len(k.tokens) for k in kept) // self.G
             if have >= self.P or rounds >= g.dynamic_sampling_max_rounds:
@@ -390,8 +400,10 @@ class GRPORunner:
             log.warning("step %d: dynamic sampling found %d of %d groups with reward spread in %d rounds; %d "
                         "spread-less groups fill the batch", step + 1, have, self.P, rounds, short)
             good = Rollouts.concat([good, Rollouts.concat(spare).take_groups(np.arange(short), self.G)])
-        info.update(dynamic_sampling_rounds=float(rounds), dynamic_sampling_discarded_groups=float(
-            sum(len(s.tokens) for s in spare) // self.G), dynamic_sampling_short_groups=float(short))
+        spreadless = sum(len(s.tokens) for s in spare) // self.G
+        info.update(dynamic_sampling_rounds=float(rounds), dynamic_sampling_short_groups=float(short),
+                    dynamic_sampling_discarded_groups=float(spreadless - short),
+                    dynamic_sampling_excess_groups=float(max(0, have - self.P)))
         return good.take_groups(np.arange(self.P), self.G), info
 
     # -- one RL step ----------------------------------------------------------------------------------------
@@ -457,7 +469,7 @@ class GRPORunner:
             first_update_ratio_min=float(train_m[0]["ratio_min"]),
             first_update_ratio_max=float(train_m[0]["ratio_max"]),
             **{k: v for k, v in info.items() if k != "generated_tokens"},
-            **{f"env_{k}": float(v) for k, v in roll.counts.items()})
+            **{f"env_{k}": float(v) for k, v in roll.counts.items()})  # every sample scored this step (collect)
         return state, metrics
 
 

@@ -112,8 +112,14 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"rollout.top_p={ro.top_p}: must be in (0, 1]")
     if ro.top_k < 0:
         raise ValueError(f"rollout.top_k={ro.top_k}: must be >= 0 (0 = off)")
+    tc = config.train
+    if not _is_int(tc.batch_size) or tc.batch_size < 0:
+        raise ValueError(f"train.batch_size={tc.batch_size!r}: must be an integer >= 0 (rollouts per optimizer update; "
+                         "0 = all of a step's rollouts)")
+    if not _is_int(tc.microbatches) or tc.microbatches < 1:
+        raise ValueError(f"train.microbatches={tc.microbatches!r}: must be an integer >= 1")
     R = ro.num_prompts * ro.group_size
-    B = config.train.batch_size or R
+    B = tc.batch_size or R
     if R % B:
         raise ValueError(f"train.batch_size={B} (rollouts per optimizer update) must divide rollout.num_prompts x "
                          f"rollout.group_size = {R}")
@@ -136,12 +142,43 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"grpo.tis_cap={g.tis_cap}: must be >= 0 (0 = no truncation)")
     if g.tis_cap and not g.importance_correction:
         raise ValueError("grpo.tis_cap needs grpo.importance_correction=True")
-    if g.overlong_buffer < 0 or g.overlong_buffer >= ro.max_new_tokens and g.overlong_buffer:
-        raise ValueError(f"grpo.overlong_buffer={g.overlong_buffer}: must be in [0, rollout.max_new_tokens)")
     if g.dynamic_sampling and g.dynamic_sampling_max_rounds < 1:
         raise ValueError(f"grpo.dynamic_sampling_max_rounds={g.dynamic_sampling_max_rounds}: must be >= 1")
     _validate_turns(config)
+    _validate_overlong_buffer(config)
     _validate_variants(g, config)
+    _validate_eval(config)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _validate_overlong_buffer(config: Any) -> None:
+    """grpo.overlong_buffer against the length the shaping measures (`rl_train.shaped_rewards`): every token after
+    the prompt against `multiturn.total_token_budget` -- rollout.max_new_tokens for one turn; for multi-turn
+    rollouts rollout.max_total_tokens, or max_new_tokens x max_turns plus the observations' allowance when 0.
+    Checked after `_validate_turns`, which vets the keys that budget reads."""
+    from jaxrl_llm.multiturn import total_token_budget
+
+    buf = config.grpo.overlong_buffer
+    limit = total_token_budget(config.rollout)
+    if buf < 0 or (buf and buf >= limit):
+        what = ("rollout.max_new_tokens" if config.rollout.get("max_turns", 1) == 1 else
+                "the multi-turn token budget: rollout.max_total_tokens, or when 0 rollout.max_new_tokens x "
+                "rollout.max_turns + the observations' allowance")
+        raise ValueError(f"grpo.overlong_buffer={buf}: must be in [0, {limit}) ({what}, the length overlong "
+                         "shaping measures completions against)")
+
+
+def _validate_eval(config: Any) -> None:
+    """The eval block, when val_every > 0 uses it: eval.n_samples completions per task (pass@1 and pass@n)."""
+    if not config.get("val_every", 0) or "eval" not in config:
+        return
+    n = config.eval.get("n_samples", 1)
+    if not _is_int(n) or n < 1:
+        raise ValueError(f"eval.n_samples={n!r}: must be an integer >= 1 (completions per validation task; "
+                         "val_every > 0 runs validation)")
 
 
 def _validate_turns(config: Any) -> None:
@@ -187,6 +224,10 @@ def _validate_variants(g: Any, config: Any) -> None:
                          "grpo.sequence_level_ratio")
     if g.tis_type not in TIS_TYPES:
         raise ValueError(f"grpo.tis_type={g.tis_type!r}; expected one of {TIS_TYPES}")
+    if not g.tis_cap and (g.tis_type != "tis" or g.tis_min is not None):
+        key = f"grpo.tis_type={g.tis_type!r}" if g.tis_type != "tis" else f"grpo.tis_min={g.tis_min}"
+        raise ValueError(f"{key} needs grpo.tis_cap > 0 (and grpo.importance_correction=True): with tis_cap=0 no "
+                         "importance weight is truncated, so it would have no effect")
     if g.tis_cap and g.tis_type != "tis" and g.tis_min is None:
         raise ValueError(f"grpo.tis_type={g.tis_type!r} needs grpo.tis_min (the lowest importance weight kept)")
     if g.tis_min is not None and not 0 <= g.tis_min <= (g.tis_cap or float("inf")):

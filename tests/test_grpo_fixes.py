@@ -1,0 +1,125 @@
+"""GRPO fixes: dynamic sampling's environment counts and group metrics when it falls short, config validation of
+train.batch_size/microbatches, eval.n_samples and the truncated-importance-sampling keys, and the multi-turn bound
+of grpo.overlong_buffer (host-side and validation only: no model, no sampler)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from recipes import recipe
+
+from jaxrl_llm import multiturn
+from jaxrl_llm.rl_train import GRPORunner, Rollouts
+
+
+def _runner(P, G, max_rounds, rounds_rewards, counts_per_round):
+    """A GRPORunner whose round r returns rounds_rewards[r] and reports counts_per_round(n samples scored)."""
+    r = object.__new__(GRPORunner)
+    r.config = recipe("grpo_tiny", {"rollout.num_prompts": P, "rollout.group_size": G, "grpo.dynamic_sampling": True,
+                                    "grpo.dynamic_sampling_max_rounds": max_rounds})
+    r.G, r.P = G, P
+
+    def generate_round(params, step, round_):
+        rw = np.asarray(rounds_rewards[round_], np.float32)
+        n = len(rw)
+        roll = Rollouts(list(range(100 * round_, 100 * round_ + n)), [[1]] * n, [[2]] * n, [[0.0]] * n,
+                        ["stop"] * n, rw, rw.copy(), counts_per_round(n))
+        return roll, {"time_generate_s": 0.0, "time_score_s": 0.0, "generated_tokens": 0.0, "sampler_compiles": 0.0}
+
+    r.generate_round = generate_round
+    return r
+
+
+def test_dynamic_sampling_short_counts_each_scored_sample_once():
+    # 2 prompts x 2 per round, 2 rounds, no group with spread: the 2 rounds' 4 spread-less groups, 2 fill the batch
+    r = _runner(2, 2, 2, [[0, 0, 1, 1], [1, 1, 0, 0]], lambda n: {"format_miss": n, "timeouts": 1})
+    roll, info = r.collect(None, step=0)
+    assert len(roll.tokens) == 4
+    assert roll.counts == {"format_miss": 8, "timeouts": 2}  # 8 samples scored in 2 rounds, not doubled
+    assert info["dynamic_sampling_short_groups"] == 2
+    assert info["dynamic_sampling_discarded_groups"] == 2  # 4 spread-less, 2 of them used to fill the batch
+    assert info["dynamic_sampling_excess_groups"] == 0
+
+
+def test_dynamic_sampling_partly_short_metrics_add_up():
+    # round 0: groups (spread, equal, equal); round 1: (equal, equal, equal); 2 prompts wanted
+    r = _runner(2, 2, 2, [[1, 0, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]], lambda n: {"scored": n})
+    roll, info = r.collect(None, step=0)
+    assert roll.task_idx[:2] == [0, 1] and len(roll.tokens) == 4
+    assert roll.counts == {"scored": 12}
+    assert info["dynamic_sampling_short_groups"] == 1
+    assert info["dynamic_sampling_discarded_groups"] == 4  # 5 spread-less, 1 filled the batch
+    generated = 2 * 3
+    assert 2 + info["dynamic_sampling_discarded_groups"] + info["dynamic_sampling_excess_groups"] == generated
+
+
+def test_dynamic_sampling_excess_groups_with_spread():
+    # round 0 already has 3 groups with spread for 2 prompts: one is left out (excess), none discarded
+    r = _runner(2, 2, 3, [[1, 0, 0, 1, 1, 0]], lambda n: {"scored": n})
+    roll, info = r.collect(None, step=0)
+    assert roll.counts == {"scored": 6}
+    assert info["dynamic_sampling_rounds"] == 1 and info["dynamic_sampling_short_groups"] == 0
+    assert info["dynamic_sampling_discarded_groups"] == 0 and info["dynamic_sampling_excess_groups"] == 1
+
+
+def _validate(over):
+    from jaxrl_llm.train import validate
+
+    validate(recipe("grpo_tiny", over))
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"train.microbatches": 0}, "train.microbatches=0"),
+    ({"train.microbatches": -1}, "train.microbatches=-1"),
+    ({"train.batch_size": -16}, "train.batch_size=-16"),
+    ({"val_every": 2, "eval.n_samples": 0}, "eval.n_samples=0"),
+    ({"grpo.tis_type": "icepop", "grpo.tis_min": 0.5, "grpo.importance_correction": True}, "grpo.tis_type='icepop'"),
+    ({"grpo.tis_type": "seq-mask-tis"}, "grpo.tis_cap"),
+    ({"grpo.tis_min": 0.5, "grpo.importance_correction": True}, "grpo.tis_min=0.5"),
+])
+def test_bad_config_is_one_config_error_naming_the_key(over, needle):
+    from jaxrl_llm.train import ConfigError
+
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+        _validate(over)
+
+
+@pytest.mark.parametrize("over", [
+    {"train.batch_size": 0},  # 0: all rollouts in one update
+    {"val_every": 0, "eval.n_samples": 0},  # no validation: eval is unused
+    {"grpo.importance_correction": True, "grpo.tis_cap": 2.0, "grpo.tis_type": "icepop", "grpo.tis_min": 0.5},
+    {"grpo.importance_correction": True, "grpo.tis_cap": 2.0, "grpo.tis_min": 0.5},
+])
+def test_good_config_still_accepted(over):
+    _validate(over)
+
+
+def _multi_turn(**over):
+    base = {"env": {"name": "number_guess"}, "data.source": "guess", "data.options": {}, "rollout.max_turns": 4,
+            "rollout.max_new_tokens": 8, "rollout.max_total_tokens": 64}
+    return {**base, **over}
+
+
+def test_multi_turn_overlong_buffer_bounded_by_the_shaping_budget():
+    from jaxrl_llm.train import ConfigError
+
+    c = recipe("grpo_tiny", _multi_turn())
+    assert multiturn.total_token_budget(c.rollout) == 64
+    _validate(_multi_turn(**{"grpo.overlong_buffer": 32}))  # > max_new_tokens, < the 64-token budget shaping uses
+    _validate(_multi_turn(**{"grpo.overlong_buffer": 63}))
+    with pytest.raises(ConfigError, match=r"grpo\.overlong_buffer=64: must be in \[0, 64\)"):
+        _validate(_multi_turn(**{"grpo.overlong_buffer": 64}))
+    # max_total_tokens=0: the default budget, 8 x 4 + the observations' allowance
+    default = multiturn.total_token_budget(recipe("grpo_tiny", _multi_turn(**{"rollout.max_total_tokens": 0})).rollout)
+    assert default > 32
+    _validate(_multi_turn(**{"rollout.max_total_tokens": 0, "grpo.overlong_buffer": 32}))
+    with pytest.raises(ConfigError, match=r"grpo\.overlong_buffer"):
+        _validate(_multi_turn(**{"rollout.max_total_tokens": 0, "grpo.overlong_buffer": default}))
+
+
+def test_single_turn_overlong_buffer_still_bounded_by_max_new_tokens():
+    from jaxrl_llm.train import ConfigError
+
+    _validate({"grpo.overlong_buffer": 7})
+    with pytest.raises(ConfigError, match=r"grpo\.overlong_buffer=8: must be in \[0, 8\)"):
+        _validate({"grpo.overlong_buffer": 8})
