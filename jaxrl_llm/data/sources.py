@@ -38,10 +38,37 @@ def builtin_sources() -> dict[str, Callable[[], list[dict[str, Any]]]]:
     return {"gsm8k": _gsm8k_sft}
 
 
-def load_rows(source: str, num_examples: int = -1) -> list[dict[str, Any]]:
-    """`source`: a builtin name (see builtin_sources) or a local .json/.jsonl/.parquet/.csv file."""
+def _read_csv(path: str) -> list[dict[str, Any]]:
+    """Every cell as the text it holds ("007", "None", "NA" stay text; no type guessing) and an empty cell as
+    missing (None), whatever the other cells of its column look like."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, dtype=object, keep_default_na=False, na_values=[""])
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise DataError(f"data.source={path!r}: not a readable CSV file ({e})") from e
+    return [{k: None if v is None or (isinstance(v, float) and v != v) else v for k, v in r.items()}
+            for r in df.to_dict("records")]
+
+
+def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
+    """`source`: a builtin name (see builtin_sources), a local .json/.jsonl/.parquet/.csv file, or a
+    `datasets.Dataset` (from a notebook). CSV cells are read as text, an empty cell as missing."""
     builtins = builtin_sources()
-    if source in builtins:
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str):
+        import datasets
+
+        if isinstance(source, datasets.DatasetDict):
+            raise DataError(f"data.source is a DatasetDict with splits {sorted(source)}: pass one split, e.g. "
+                            f"ds[{next(iter(source), 'train')!r}]")
+        if not isinstance(source, datasets.Dataset):
+            raise DataError(f"data.source: expected a builtin name, a file path or a datasets.Dataset, "
+                            f"got {type(source).__name__}")
+        rows = [dict(r) for r in source]
+        source = f"<datasets.Dataset of {len(rows)} rows>"
+    elif source in builtins:
         rows = builtins[source]()
     else:
         ext = os.path.splitext(source)[1].lower()
@@ -50,10 +77,13 @@ def load_rows(source: str, num_examples: int = -1) -> list[dict[str, Any]]:
                             f"nor a file with extension {sorted(_FORMATS)}")
         if not os.path.exists(source):
             raise DataError(f"data.source={source!r}: file not found")
-        import datasets
+        if ext == ".csv":  # pandas would guess types: "007" -> 7, "None"/"NA" -> missing, digits -> int
+            rows = _read_csv(source)
+        else:
+            import datasets
 
-        ds = datasets.load_dataset(_FORMATS[ext], data_files=source, split="train")
-        rows = [dict(r) for r in ds]
+            ds = datasets.load_dataset(_FORMATS[ext], data_files=source, split="train")
+            rows = [dict(r) for r in ds]
     if num_examples > 0:
         rows = rows[:num_examples]
     if not rows:
