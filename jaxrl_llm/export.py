@@ -13,6 +13,7 @@ from absl import app, flags
 from jaxrl_llm import models, parallel
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.metrics import quiet_libraries
+from jaxrl_llm.models.hf_io import _check_replaceable
 
 FLAGS = flags.FLAGS
 
@@ -20,7 +21,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A training run's workdir (holds checkpoints/ and model_config.json).")
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
-    flags.DEFINE_string("out", None, "Output HF folder.")
+    flags.DEFINE_string("out", None, "Output HF folder: new, empty or an earlier export (which it replaces).")
     flags.DEFINE_string("dtype", None, "Export dtype (float32 | bfloat16); default: the run's parameter dtype.")
 
 
@@ -29,6 +30,11 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: st
     path = os.path.join(workdir, "model_config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{workdir}: not a training workdir (no model_config.json)")
+    real_out, real_wd = os.path.realpath(out), os.path.realpath(workdir)
+    if real_out == real_wd or real_wd.startswith(real_out.rstrip(os.sep) + os.sep):
+        raise FileExistsError(f"--out {out} is (or holds) the workdir {workdir}: the export would replace it; "
+                              "name a folder of its own (e.g. WORKDIR/hf_export)")
+    _check_replaceable(os.path.abspath(out))  # before the restore; save_pretrained checks again before replacing
     with open(path) as f:
         saved = json.load(f)
     cfg = models.config_from_hf(saved["hf_config"], where=path)
@@ -55,7 +61,7 @@ def main(argv) -> None:
         sys.exit("error: --workdir and --out are required")
     try:
         export_checkpoint(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.dtype)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -95,10 +95,11 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-    qk_norm: bool = False
+    # None: what the family implies (see _family_defaults); resolved to a bool on construction.
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
+    mlp_bias: bool | None = None
+    qk_norm: bool | None = None
     sliding_window: int | None = None
     num_labels: int = 0  # > 0: a scalar/classification head `score` (reward model, value model)
     bos_token_id: int | None = None
@@ -118,11 +119,57 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         resolve_dtype(self.compute_dtype)
+        for name, value in _family_defaults(self).items():
+            object.__setattr__(self, name, value)
 
     @property
     def dtype(self) -> jnp.dtype:
         return resolve_dtype(self.compute_dtype)
 
+
+# What an HF config.json of each family can say about the optional parts of the model (transformers 4.x/5.x):
+#   llama:   attention_bias (q, k, v and o biases together), mlp_bias; no QK-norm, no sliding window
+#   mistral: no biases, no QK-norm; sliding_window
+#   qwen2:   q/k/v biases always, never an o bias; no MLP bias, no QK-norm (sliding windows: unsupported here)
+#   qwen3:   q/k norm always; attention_bias (q, k, v and o biases together); no MLP bias
+def _family_defaults(cfg: ModelConfig) -> dict[str, bool]:
+    """The flags left at None, filled in with what cfg.family implies (given the flags that were set)."""
+    fam = cfg.family
+    out: dict[str, bool] = {}
+    if cfg.qkv_bias is None:
+        out["qkv_bias"] = (fam == "qwen2" or (fam in ("llama", "qwen3") and bool(cfg.o_bias)))
+    if cfg.o_bias is None:
+        out["o_bias"] = fam in ("llama", "qwen3") and bool(out.get("qkv_bias", cfg.qkv_bias))
+    if cfg.mlp_bias is None:
+        out["mlp_bias"] = False
+    if cfg.qk_norm is None:
+        out["qk_norm"] = fam == "qwen3"
+    return {k: bool(v) for k, v in out.items()}
+
+
+def hf_inexpressible(cfg: ModelConfig) -> list[str]:
+    """Why no HF config.json of cfg.family describes this model (empty: config_to_hf describes it exactly)."""
+    fam, name = cfg.family, _HF_ARCH[cfg.family]
+    bad = []
+    if fam in ("llama", "qwen3") and cfg.qkv_bias != cfg.o_bias:
+        bad.append(f"qkv_bias={cfg.qkv_bias} with o_bias={cfg.o_bias}: {name}'s attention_bias sets the q/k/v and "
+                   "o biases together")
+    if fam == "mistral":
+        bad += [f"{k}=True: {name} has no such parameters" for k in ("qkv_bias", "o_bias") if getattr(cfg, k)]
+    if fam == "qwen2":
+        if not cfg.qkv_bias:
+            bad.append(f"qkv_bias=False: {name} always has q/k/v biases")
+        if cfg.o_bias:
+            bad.append(f"o_bias=True: {name} never has an o_proj bias")
+    if cfg.mlp_bias and fam != "llama":
+        bad.append(f"mlp_bias=True: {name} has no MLP biases (only llama's mlp_bias)")
+    if fam == "qwen3" and not cfg.qk_norm:
+        bad.append(f"qk_norm=False: {name} always has q/k norms")
+    if fam != "qwen3" and cfg.qk_norm:
+        bad.append(f"qk_norm=True: {name} has no q/k norms (family qwen3 has)")
+    if fam != "mistral" and cfg.sliding_window:
+        bad.append(f"sliding_window={cfg.sliding_window}: only family mistral exports a sliding window")
+    return bad
 
 
 def _first(d: dict, *keys, default=None):
@@ -205,7 +252,7 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
         rope_scaling=_rope_scaling_from_hf(rope_scaling, where),
         max_position_embeddings=int(_first(d, "max_position_embeddings", default=2048)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2" or attention_bias,
+        qkv_bias=family == "qwen2" or (attention_bias and family in ("llama", "qwen3")),  # as transformers reads it
         o_bias=attention_bias and family in ("llama", "qwen3"),
         mlp_bias=bool(d.get("mlp_bias", False)) and family == "llama",
         qk_norm=family == "qwen3",
@@ -221,7 +268,15 @@ _HF_ARCH = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "
 
 
 def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, Any]:
-    """The HF config.json dict that transformers loads into the same architecture."""
+    """The HF config.json dict that transformers loads into the same architecture.
+
+    Raises UnsupportedModelError (a ValueError) for a config no HF config of its family describes (see
+    hf_inexpressible; train writes model_config.json up front, so a run fails before training): written anyway,
+    transformers (and load_pretrained) would build a different model from it."""
+    bad = hf_inexpressible(cfg)
+    if bad:
+        raise UnsupportedModelError(f"ModelConfig(family={cfg.family!r}) cannot be written as an HF "
+                                    f"{_HF_ARCH[cfg.family]} config: {'; '.join(bad)}")
     arch = _HF_ARCH[cfg.family] + ("ForSequenceClassification" if cfg.num_labels else "ForCausalLM")
     d: dict[str, Any] = {
         "architectures": [arch],

@@ -135,8 +135,8 @@ class HFFolderSource:
         fname = self._where[name]
         if fname not in self._files:
             self._files[fname] = SafetensorsFile(os.path.join(self.folder, fname))
-            if name not in self._files[fname].keys():
-                raise CheckpointError(f"{self.folder}/{fname}: index lists tensor {name!r}, the file lacks it")
+        if name not in self._files[fname].keys():  # every tensor: a shard is opened for its first tensor only
+            raise CheckpointError(f"{self.folder}/{fname}: index lists tensor {name!r}, the file lacks it")
         return self._files[fname]
 
     def keys(self) -> list[str]:
@@ -262,15 +262,57 @@ def _fetch(arr: jax.Array, i: int | None) -> np.ndarray:
     return to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
 
 
+# What an HF export folder holds besides its tokenizer's own files: an existing `out_dir` is replaced only when
+# everything in it is one of these (or a name the new export writes too); anything else is refused, never deleted.
+_EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+                 "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                 "added_tokens.json", "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt"}
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_RUN_FILES = ("checkpoints", "metrics.jsonl", "model_config.json", "tensorboard")  # a training workdir's
+
+
+def _check_replaceable(out_dir: str, new_names: set[str] = frozenset()) -> None:
+    """Refuse (FileExistsError) to replace an existing `out_dir` that is not an earlier HF export: a file, a
+    training workdir, a folder without config.json, or one holding anything an export does not write (its
+    tokenizer's files are `new_names`, what the new export holds)."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir}: exists and is not a folder; not replaced by the HF export")
+    found = sorted(os.listdir(out_dir))
+    if not found:
+        return
+    why = ""
+    run = [f for f in _RUN_FILES if f in found]
+    if run:
+        why = f"it holds {run}: a training workdir (or another run's files)"
+    elif "config.json" not in found:
+        why = f"it has no config.json (found {found[:8]}{' ...' if len(found) > 8 else ''})"
+    elif new_names:
+        def exported(f: str) -> bool:
+            if f in new_names:
+                return True
+            return bool(f in _EXPORT_FILES or _SHARD_FILE.fullmatch(f)) and os.path.isfile(os.path.join(out_dir, f))
+
+        other = [f for f in found if not exported(f)]
+        if other:
+            why = f"it holds {other[:8]}{' ...' if len(other) > 8 else ''}, which an HF export does not write"
+    if why:
+        raise FileExistsError(f"{out_dir}: exists and is not an earlier HF export ({why}); nothing was changed. "
+                              "Export to a new or empty folder, or remove that one yourself")
+
+
 def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any = None,
                     max_shard_size: int | str = "5GB", dtype: Any = None) -> str | None:
     """Write an HF folder (config.json, safetensors or sharded safetensors + index, tokenizer files).
 
     Written to a temporary folder beside `out_dir` and moved into place only when complete, so a failure
-    leaves no half-written export (and an existing `out_dir` untouched). Tensors stream one at a time from the
-    devices into the file. In a multi-process job every process must call this: each tensor is gathered in
-    turn (all processes take part), process 0 writes it before the next is fetched, so no host holds more
-    than one tensor; returns `out_dir` on process 0 and None elsewhere.
+    leaves no half-written export (and an existing `out_dir` untouched). An existing `out_dir` is replaced
+    only when it is an earlier export (config.json, safetensors, tokenizer files); any other non-empty folder
+    (a training workdir, one holding other files) raises FileExistsError and is left as it was. Tensors
+    stream one at a time from the devices into the file. In a multi-process job every process must call
+    this: each tensor is gathered in turn (all processes take part), process 0 writes it before the next is
+    fetched, so no host holds more than one tensor; returns `out_dir` on process 0 and None elsewhere.
     """
     from jaxrl_llm.models.params import flatten
 
@@ -286,6 +328,7 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
     out_dt = leaf_dt if dtype is None else (
         np.dtype(ml_dtypes.bfloat16) if resolve_dtype(dtype) == jnp.bfloat16 else np.dtype(resolve_dtype(dtype)))
     torch_dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(out_dt.name, "float32")
+    hf_config = config_to_hf(cfg, torch_dtype)  # raises for a config no HF config of its family describes
     limit = _parse_size(max_shard_size)
 
     entries = list(_hf_entries(cfg, params))
@@ -304,6 +347,7 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
             _fetch(flat[path], i)
         return None
     out_dir = os.path.abspath(out_dir)
+    _check_replaceable(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -326,10 +370,11 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config_to_hf(cfg, torch_dtype), f, indent=2)
+            json.dump(hf_config, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(out_dir):
+        _check_replaceable(out_dir, set(os.listdir(tmp)))
+        if os.path.lexists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "x"))
             os.rename(tmp, out_dir)
