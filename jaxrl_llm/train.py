@@ -376,7 +376,7 @@ def define_flags() -> None:
     distributed.define_flags()
 
 USER_ERRORS = (ConfigError, DataError, models.CheckpointError, models.UnsupportedModelError, parallel.MeshError,
-               FloatingPointError, FileNotFoundError, distributed.DistributedError)
+               FloatingPointError, FileNotFoundError, FileExistsError, distributed.DistributedError)
 
 
 def unknown_override(config_file: str, args: list[str]) -> str | None:

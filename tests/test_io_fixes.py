@@ -180,6 +180,9 @@ def test_load_rows_takes_a_datasets_dataset_and_names_other_types():
         load_rows(datasets.DatasetDict({"train": ds}))
     with pytest.raises(DataError, match="got int"):
         load_rows(3)
+    rows = pref.load_preference_rows(ds, num_examples=1)  # the preference path takes it too
+    assert rows == [{"prompt": "a", "chosen": "c", "rejected": "e"}]
+    assert pref.to_preference(rows[0], 0)[1] == [{"role": "assistant", "content": "c"}]
 
 
 # ------------------------------------------------------------------------------- 4. index vs shard

@@ -66,3 +66,9 @@ def test_rerun_without_checkpoints_keeps_the_old_metrics_aside_and_saves_the_tem
         if saved is None:
             saved = (tmp_path / folder / "chat_template.jinja").read_text()
         assert saved == template, folder
+
+
+def test_an_export_that_would_replace_user_files_is_a_user_error():
+    """The end-of-run export refuses a WORKDIR/hf holding files that are not an earlier export (FileExistsError);
+    the CLI reports it in one line like the other user errors, not as a traceback."""
+    assert issubclass(FileExistsError, train.USER_ERRORS)

@@ -165,8 +165,11 @@ def preference_sources() -> dict[str, Callable[[], list[dict[str, Any]]]]:
     return {"gsm8k_pairs": gsm8k_pairs, "champ_pairs": champ_pairs}
 
 
-def load_preference_rows(source: str, num_examples: int = -1) -> list[dict[str, Any]]:
-    """`source`: a builtin pair source (see preference_sources) or a local .json/.jsonl/.parquet/.csv file."""
+def load_preference_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
+    """`source`: a builtin pair source (see preference_sources), a local .json/.jsonl/.parquet/.csv file, or
+    rows in memory (a `datasets.Dataset`, as `data.sources.load_rows` takes them)."""
+    if not isinstance(source, str):
+        return load_rows(source, num_examples)
     builtins = preference_sources()
     if source not in builtins:
         if not os.path.splitext(source)[1]:
