@@ -259,7 +259,9 @@ def environment(weights: str, load_before: float) -> dict[str, Any]:
             versions[name] = None
     return {**versions, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
             "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "cpu": platform.processor(),
-            "load_average_before": load_before, "weights": weights, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
+            "load_average_before": load_before, "weights": weights, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+            # Host allocator settings apply to both trainers (one process); see benchmarks/README.md.
+            "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""), "LD_PRELOAD": os.environ.get("LD_PRELOAD", "")}
 
 
 def report(title: str, ours: dict, trl: dict | None, tokens: int, flops_per_token: float, peak: float) -> None:
