@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_sampling import word_tokenizer
 
 from jaxrl_llm import models, sampling
 from jaxrl_llm.sampling import text
@@ -24,22 +25,6 @@ def params():
     return jax.tree_util.tree_map_with_path(
         lambda path, a: jnp.asarray((1.0 if "norm" in jax.tree_util.keystr(path) else 0.0)
                                     + 0.3 * rng.standard_normal(a.shape), jnp.float32), models.abstract_params(CFG))
-
-
-def word_tokenizer():
-    """The 97-word tokenizer of test_sampling (eos "</s>" = id 2), with a chat template."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    words = ["<pad>", "<s>", "</s>", "user", "assistant", "system"] + [f"w{i}" for i in range(6, 97)]
-    tk = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
-    tk.pre_tokenizer = WhitespaceSplit()
-    template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
-                "{% if add_generation_prompt %}assistant {% endif %}")
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   chat_template=template)
 
 
 # ------------------------------------------------------------------------------------------ stop ids
