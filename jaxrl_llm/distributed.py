@@ -73,7 +73,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     num_processes = num_processes if num_processes is not None else _env_int(ENV_NUM_PROCESSES, minimum=1)
     process_id = process_id if process_id is not None else _env_int(ENV_PROCESS_ID, minimum=0)
     if timeout_s is None:
-        timeout_s = _env_float(ENV_TIMEOUT) or DEFAULT_TIMEOUT_S
+        timeout_s = _env_float(ENV_TIMEOUT)
+        timeout_s = DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s
     if timeout_s <= 0:
         raise DistributedError(f"{ENV_TIMEOUT} / init_timeout_s={timeout_s}: must be > 0 seconds")
     if local_device_ids is None and env.get(ENV_LOCAL_DEVICE_IDS):
@@ -106,13 +107,18 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                f"{num_processes})")
     if num_processes == 1:  # e.g. a one-task SLURM step: nothing to join
         return DistributedInfo(0, 1, None, "single")
+    host, port = split_address(coordinator_address)
+    use_rendezvous = env.get(ENV_RENDEZVOUS, "on").strip().lower() not in _OFF
+    rdv_port = (_env_int(ENV_RENDEZVOUS_PORT, minimum=1) or port + 1) if use_rendezvous else 0
+    if rdv_port > 65535:
+        raise DistributedError(f"rendezvous port {rdv_port} (coordinator {coordinator_address} port + 1, or "
+                               f"{ENV_RENDEZVOUS_PORT}) is not a TCP port: use a coordinator port below 65535 or "
+                               f"set {ENV_RENDEZVOUS_PORT}")
     if _backend_started():
         raise DistributedError(f"{num_processes} processes configured (coordinator {coordinator_address}), but a "
                                "JAX backend is already running in this process: start-up must come before "
                                "jax.devices() or any computation")
-    host, port = split_address(coordinator_address)
-    if env.get(ENV_RENDEZVOUS, "on").strip().lower() not in _OFF:
-        rdv_port = _env_int(ENV_RENDEZVOUS_PORT, minimum=1) or port + 1
+    if use_rendezvous:
         rendezvous(host, rdv_port, num_processes, process_id, timeout_s, coordinator_address)
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,

@@ -27,6 +27,7 @@ from jaxrl_llm.data.tasks import load_tasks
 from jaxrl_llm.environments import make_environment
 from jaxrl_llm.evaluation import evaluate_tasks, scalar_metrics
 from jaxrl_llm.metrics import quiet_libraries
+from jaxrl_llm.sampling.generate import PromptLengthError
 from jaxrl_llm.sampling.request import SamplingParams
 
 log = logging.getLogger("jaxrl_llm.evaluate")
@@ -100,6 +101,7 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
     """Evaluate per the recipe; writes the results JSON (on process 0) and returns the result dict."""
     distributed.initialize()
     sp = validate(config)
+    check_out(out)
     mc, dc, ec = config.model, config.data, config.eval
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()
@@ -126,6 +128,10 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
             max_batch_size=ec.max_batch_size or None, max_prompt_len=ec.max_prompt_len or None,
             truncate_prompts=ec.truncate_prompts, correct_threshold=ec.correct_threshold,
             keep_completions=ec.keep_completions)
+    except PromptLengthError as e:
+        raise ConfigError(f"{e} (settings: eval.max_prompt_len={ec.max_prompt_len}, eval.truncate_prompts="
+                          f"{ec.truncate_prompts}, sampling.max_new_tokens={sp.max_new_tokens}; "
+                          "--config.eval.truncate_prompts=True keeps each prompt's last tokens)") from e
     finally:
         if hasattr(env, "close"):
             env.close()
@@ -155,9 +161,20 @@ def format_table(name: str, result: dict[str, Any]) -> str:
 def write_json_atomic(path: str, doc: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1, default=functools.partial(distributed.json_default, strict=False))
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, default=functools.partial(distributed.json_default, strict=False))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def check_out(out: str | None) -> None:
+    """--out must name a file (its folder is created): checked before any work, so results are never lost to it."""
+    if out is not None and os.path.isdir(out):
+        raise ConfigError(f"--out {out!r} is a folder; name the results file, e.g. {os.path.join(out, RESULTS_FILE)}")
 
 
 FLAGS = flags.FLAGS

@@ -50,7 +50,7 @@ class MetricsWriter:
         row = {"step": int(step)}
         row.update({k: _plain(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
         if self._tb is not None:
             for k, v in scalars.items():
@@ -79,8 +79,10 @@ def _bar(step: int, total: int, width: int = 20) -> str:
 
 
 def _plain(v: Any) -> Any:
-    """Device/numpy scalars to plain Python numbers for JSON."""
-    return v.item() if hasattr(v, "item") else v
+    """Device/numpy scalars to plain Python numbers for JSON; NaN and infinities (which JSON cannot hold) to
+    None, so metrics.jsonl stays strict JSON."""
+    v = v.item() if hasattr(v, "item") else v
+    return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _fmt(v: Any) -> str:

@@ -54,7 +54,12 @@ def resolve_path(path: str) -> str:
 def load_tokenizer(path: str):
     if not path:
         raise ConfigError("tokenizer is empty and model.path is empty: name a tokenizer folder, .gguf or 'smollm2'")
-    return models.load_tokenizer(resolve_path(path))
+    try:
+        return models.load_tokenizer(resolve_path(path))
+    except (OSError, ValueError) as e:
+        if isinstance(e, models.CheckpointError | ConfigError):
+            raise
+        raise ConfigError(f"tokenizer {path!r} could not be loaded: {str(e).splitlines()[0] if str(e) else e!r}") from e
 
 
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules, num_labels: int = 0):

@@ -122,6 +122,10 @@ def test_single_process_is_a_no_op(clean_env):
     ({"JAXRL_COORDINATOR": "h:1", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "2"}, "process_id=2"),
     ({"JAXRL_COORDINATOR": "h:1", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "0",
       "JAXRL_INIT_TIMEOUT_S": "soon"}, "JAXRL_INIT_TIMEOUT_S='soon'"),
+    ({"JAXRL_COORDINATOR": "h:1", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "0",
+      "JAXRL_INIT_TIMEOUT_S": "0"}, "init_timeout_s=0.0: must be > 0"),  # 0 is not "unset"
+    ({"JAXRL_COORDINATOR": "h:65535", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "0"},
+     "rendezvous port 65536"),
     # this test process already runs a JAX backend: joining a job now is refused before any waiting
     ({"JAXRL_COORDINATOR": "h:1", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "0"}, "already running"),
 ])

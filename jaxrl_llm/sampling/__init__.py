@@ -6,7 +6,7 @@
 """
 
 from jaxrl_llm.sampling.cache import CACHE_AXES, cache_bytes, cache_shardings, init_cache
-from jaxrl_llm.sampling.generate import GenerateOutput, generate
+from jaxrl_llm.sampling.generate import GenerateOutput, PromptLengthError, generate
 from jaxrl_llm.sampling.loop import compile_count, compile_counts
 from jaxrl_llm.sampling.request import SamplingParams
 from jaxrl_llm.sampling.strategies import (
@@ -21,6 +21,7 @@ from jaxrl_llm.sampling.text import TextOutput, generate_text
 __all__ = [
     "CACHE_AXES",
     "GenerateOutput",
+    "PromptLengthError",
     "RowSampler",
     "SamplingParams",
     "TextOutput",

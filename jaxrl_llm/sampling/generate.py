@@ -64,6 +64,11 @@ def _as_key(rng: jax.Array | int | None) -> jax.Array:
     return rng
 
 
+class PromptLengthError(ValueError):
+    """A prompt does not fit (max_prompt_len, or max_position_embeddings less max_new_tokens): a caller may name
+    its own settings in the message it shows."""
+
+
 def _prompt_limits(cfg: ModelConfig, sps: list[SamplingParams], max_prompt_len: int | None) -> np.ndarray:
     if max_prompt_len is not None:
         if max_prompt_len < 1:
@@ -72,8 +77,8 @@ def _prompt_limits(cfg: ModelConfig, sps: list[SamplingParams], max_prompt_len: 
     limits = np.array([cfg.max_position_embeddings - p.max_new_tokens for p in sps])
     if limits.min() < 1:
         i = int(limits.argmin())
-        raise ValueError(f"prompt {i}: max_new_tokens={sps[i].max_new_tokens} leaves no room for a prompt within "
-                         f"max_position_embeddings={cfg.max_position_embeddings}")
+        raise PromptLengthError(f"prompt {i}: max_new_tokens={sps[i].max_new_tokens} leaves no room for a prompt "
+                                f"within max_position_embeddings={cfg.max_position_embeddings}")
     return limits
 
 
@@ -84,7 +89,7 @@ def _fit_prompts(arrs: list[np.ndarray], limits: np.ndarray, truncate: bool) -> 
         return arrs, 0
     if not truncate:
         i = too_long[0]
-        raise ValueError(f"prompt {i} has {len(arrs[i])} tokens, more than the {int(limits[i])} that fit "
+        raise PromptLengthError(f"prompt {i} has {len(arrs[i])} tokens, more than the {int(limits[i])} that fit "
                          "(max_prompt_len or max_position_embeddings - max_new_tokens); "
                          f"{len(too_long)} prompt(s) are too long. "
                          "Pass truncate_prompts=True to keep their last tokens")
