@@ -30,6 +30,7 @@ the current mesh (a tensor-parallel split of the heads or the MLP width would no
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
@@ -42,10 +43,10 @@ from jaxrl_llm.parallel.rules import ShardingRules, constrain
 INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 SUFFIX = "_t"
 # Fused output-major weights: key -> (the projections concatenated along the output axis, in order).
-FUSED = {"wqkv_t": ("wq", "wk", "wv"), "w_gate_up_t": ("w_gate", "w_up")}
+FUSED = MappingProxyType({"wqkv_t": ("wq", "wk", "wv"), "w_gate_up_t": ("w_gate", "w_up")})
 # key -> (the logical axes that must not be split for it to be fused, its own logical axes).
-_FUSED_AXES = {"wqkv_t": (("heads", "kv_heads"), (None, "head_dim", "embed")),
-               "w_gate_up_t": (("mlp",), (None, "embed"))}
+_FUSED_AXES = MappingProxyType({"wqkv_t": (("heads", "kv_heads"), (None, "head_dim", "embed")),
+                                "w_gate_up_t": (("mlp",), (None, "embed"))})
 
 
 def _unsplit(rules: ShardingRules | None, logical: tuple[str, ...]) -> bool:
