@@ -61,6 +61,20 @@ def probe(kind: str, path: str) -> str:
         t.start()
         t.join()
         return str(out[0])
+    if kind == "hijack_thread":  # run a command from a thread started before the filter (the parent watcher)
+        import time
+
+        real_sleep = time.sleep
+
+        def evil(seconds):
+            time.sleep = real_sleep
+            os.system(f"echo owned > {path}")
+            real_sleep(seconds)
+
+        time.sleep = evil
+        real_sleep(2.5)  # the watcher calls time.sleep every second
+        time.sleep = real_sleep
+        return "exists" if os.path.exists(path) else "absent"
     if kind == "memory":
         return _outcome(lambda: bytearray(6 * 2**30))
     raise ValueError(kind)
@@ -99,6 +113,7 @@ def pools():
     ("unlink", "PermissionError", "done"),
     ("mkdir", "PermissionError", "done"),
     ("system", "absent", "exists"),
+    ("hijack_thread", "absent", "exists"),
     ("subprocess", "PermissionError", "done"),
     ("fork", "PermissionError", "done"),
     ("socket", "PermissionError", "done"),
@@ -118,7 +133,7 @@ def test_confined_worker(pools, tmp_path, kind, confined, free):
         (out,) = pool.map(probe, [(kind, str(target))])
         assert out.status == "ok", out.error
         assert out.value == want, (kind, pool.sandbox)
-        if kind in ("write", "append", "mkdir", "system") and pool.sandbox:
+        if kind in ("write", "append", "mkdir", "system", "hijack_thread") and pool.sandbox:
             assert not target.exists()
         if kind == "unlink" and pool.sandbox:
             assert target.read_text() == "keep me"

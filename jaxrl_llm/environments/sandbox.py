@@ -5,9 +5,10 @@ Scorers run model output through parsers that evaluate it: math-verify hands exp
 completion can therefore run Python in the scoring worker. `confine()` is called by each worker of a sandboxed
 `ScoringPool` after its imports and before its first task; from then on, for the rest of the process:
 
-- a seccomp filter (Linux, x86-64 and aarch64; `prctl(PR_SET_NO_NEW_PRIVS)` first, so it cannot be undone)
-  refuses, with EPERM: starting programs (execve), new processes (fork, vfork, clone without CLONE_THREAD;
-  clone3 answers ENOSYS, so threads fall back to clone), sockets, opening files for writing or creating them,
+- a seccomp filter on every thread of the process (Linux, x86-64 and aarch64; `prctl(PR_SET_NO_NEW_PRIVS)`
+  first, so it cannot be undone) refuses, with EPERM: starting programs (execve), new processes (fork, vfork,
+  clone without CLONE_THREAD; clone3 answers ENOSYS, so threads fall back to clone), sockets, opening files for
+  writing or creating them,
   deleting, renaming, linking or changing files and folders, signals to any other process, ptrace and the
   process_vm_* calls, io_uring (its operations bypass the filter), open_by_handle_at, mount, chroot, namespace,
   module, reboot, clock and hostname calls. Other syscalls are allowed: reading files the user may read, and
@@ -31,8 +32,8 @@ import struct
 
 # prctl / seccomp constants (linux/prctl.h, linux/seccomp.h, linux/audit.h, linux/filter.h).
 _PR_SET_NO_NEW_PRIVS = 38
-_PR_SET_SECCOMP = 22
-_SECCOMP_MODE_FILTER = 2
+_SECCOMP_SET_MODE_FILTER = 1
+_SECCOMP_FILTER_FLAG_TSYNC = 1
 _RET_ALLOW = 0x7FFF0000
 _RET_KILL_PROCESS = 0x80000000
 _RET_ERRNO = 0x00050000
@@ -55,7 +56,7 @@ _WRITE_FLAGS = 0o1 | 0o2 | 0o100 | 0o1000 | 0o2000
 # Per architecture: audit arch id, syscalls refused outright, and the numbers of the calls checked by argument.
 _ARCHES = {
     "x86_64": dict(
-        audit=0xC000003E,
+        audit=0xC000003E, seccomp=317,
         deny=dict(execve=59, execveat=322, fork=57, vfork=58, socket=41, socketpair=53, connect=42, creat=85,
                   openat2=437, unlink=87, unlinkat=263, rename=82, renameat=264, renameat2=316, mkdir=83,
                   mkdirat=258, rmdir=84, link=86, linkat=265, symlink=88, symlinkat=266, chmod=90, fchmod=91,
@@ -70,7 +71,7 @@ _ARCHES = {
                   bpf=321, perf_event_open=298),
         clone=56, clone3=435, open=2, openat=257, kill=62, tgkill=234),
     "aarch64": dict(
-        audit=0xC00000B7,
+        audit=0xC00000B7, seccomp=277,
         deny=dict(execve=221, execveat=281, socket=198, socketpair=199, connect=203, openat2=437, unlinkat=35,
                   renameat=38, renameat2=276, mkdirat=34, linkat=37, symlinkat=36, fchmod=52, fchmodat=53,
                   fchown=55, fchownat=54, truncate=45, mknodat=33, utimensat=88, setxattr=5, lsetxattr=6,
@@ -141,9 +142,16 @@ def confine(memory_limit_mb: int | None = 4096) -> None:
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise SandboxError(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(ctypes.get_errno())}")
-    if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(fprog), 0, 0) != 0:
-        raise SandboxError(f"installing the seccomp filter failed: {os.strerror(ctypes.get_errno())} (a kernel "
-                           "without CONFIG_SECCOMP_FILTER, or a container that forbids it)")
+    # seccomp(2) with TSYNC, not prctl: the filter must cover every thread of the process, including those
+    # started before it (the worker's parent watcher, a library's pool), which Python code can reach (a thread
+    # calls module functions that the evaluated text may have replaced).
+    libc.syscall.restype = ctypes.c_long
+    rc = libc.syscall(ctypes.c_long(_ARCHES[machine]["seccomp"]), ctypes.c_ulong(_SECCOMP_SET_MODE_FILTER),
+                      ctypes.c_ulong(_SECCOMP_FILTER_FLAG_TSYNC), ctypes.c_void_p(ctypes.addressof(fprog)))
+    if rc != 0:
+        why = os.strerror(ctypes.get_errno()) if rc < 0 else f"thread {rc} could not take the filter"
+        raise SandboxError(f"installing the seccomp filter failed: {why} (a kernel without "
+                           "CONFIG_SECCOMP_FILTER, or a container that forbids it)")
     if memory_limit_mb is not None:
         limit = int(memory_limit_mb) * 2**20
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
