@@ -8,10 +8,10 @@ completion can therefore run Python in the scoring worker. `confine()` is called
 - a seccomp filter on every thread of the process (Linux, x86-64 and aarch64; `prctl(PR_SET_NO_NEW_PRIVS)`
   first, so it cannot be undone) refuses, with EPERM: starting programs (execve), new processes (fork, vfork,
   clone without CLONE_THREAD; clone3 answers ENOSYS, so threads fall back to clone), sockets, opening files for
-  writing or creating them,
-  deleting, renaming, linking or changing files and folders, signals to any other process, ptrace and the
-  process_vm_* calls, io_uring (its operations bypass the filter), open_by_handle_at, mount, chroot, namespace,
-  module, reboot, clock and hostname calls. Other syscalls are allowed: reading files the user may read, and
+  writing or creating them, deleting, renaming, linking or changing files and folders, signals to any other
+  process, ptrace and the process_vm_* calls, pidfd signals and descriptor grabs, io_uring (its operations
+  bypass the filter), open_by_handle_at, mount (old and new API), chroot, namespace, module, reboot, syslog,
+  page migration, clock and hostname calls. Other syscalls are allowed: reading files the user may read, and
   writing to descriptors already open (the pipes to the trainer, stdout and stderr).
 - the address space is capped (`RLIMIT_AS`, `memory_limit_mb`), so a runaway expression fails with
   MemoryError instead of exhausting the machine; the pool's per-sample timeout bounds its time.
@@ -68,7 +68,7 @@ _ARCHES = {
                   pivot_root=155, chroot=161, setns=308, unshare=272, init_module=175, finit_module=313,
                   delete_module=176, kexec_load=246, reboot=169, acct=163, swapon=167, swapoff=168,
                   settimeofday=164, clock_settime=227, sethostname=170, setdomainname=171, iopl=172, ioperm=173,
-                  bpf=321, perf_event_open=298),
+                  bpf=321, perf_event_open=298, syslog=103, migrate_pages=256, move_pages=279),
         clone=56, clone3=435, open=2, openat=257, kill=62, tgkill=234),
     "aarch64": dict(
         audit=0xC00000B7, seccomp=277,
@@ -81,9 +81,15 @@ _ARCHES = {
                   pivot_root=41, chroot=51, setns=268, unshare=97, init_module=105, finit_module=273,
                   delete_module=106, kexec_load=104, reboot=142, acct=89, swapon=224, swapoff=225,
                   settimeofday=170, clock_settime=112, sethostname=161, setdomainname=162, bpf=280,
-                  perf_event_open=241),
+                  perf_event_open=241, syslog=116, migrate_pages=238, move_pages=239),
         clone=220, clone3=435, open=None, openat=56, kill=129, tgkill=131),
 }
+
+
+# Numbers shared by both architectures (the unified table from 403 on): the new mount API, and reaching other
+# processes through pidfds.
+_COMMON_DENY = dict(pidfd_send_signal=424, open_tree=428, move_mount=429, fsopen=430, fsconfig=431, fsmount=432,
+                    fspick=433, pidfd_getfd=438, process_madvise=440, mount_setattr=442)
 
 
 class SandboxError(RuntimeError):
@@ -101,7 +107,7 @@ def _filter(machine: str, pid: int) -> list[bytes]:
             _ins(_LD_W_ABS, _NR)]
     if machine == "x86_64":  # the x32 ABI's numbers (bit 30 set) would slip past the checks below
         prog += [_ins(_JGE, 0x40000000, 0, 1), _ins(_RET, eperm)]
-    for nr in a["deny"].values():
+    for nr in (*a["deny"].values(), *_COMMON_DENY.values()):
         prog += [_ins(_JEQ, nr, 0, 1), _ins(_RET, eperm)]
     prog += [_ins(_JEQ, a["clone3"], 0, 1), _ins(_RET, _RET_ERRNO | errno.ENOSYS)]
 
