@@ -183,3 +183,41 @@ def test_reasoning_gym_answer_cannot_run_commands(tmp_path):
         env.close()
     assert not marker.exists()
     assert res.rewards[0] < 1.0  # (countdown gives a small credit to any well-formed but wrong answer)
+
+
+def forge_next_result(value):
+    """Code in a worker writing a reply for the sample that comes after it, on the worker's own reply pipe."""
+    import gc
+    from multiprocessing.connection import Connection
+
+    for conn in [o for o in gc.get_objects() if isinstance(o, Connection) and o.writable]:
+        conn.send(("started", "guess"))
+        conn.send(("ok", "guess", value))
+    return 0
+
+
+def write_garbage():
+    import gc
+    from multiprocessing.connection import Connection
+
+    for conn in [o for o in gc.get_objects() if isinstance(o, Connection) and o.writable]:
+        conn.send_bytes(b"not a pickle")
+    return 0
+
+
+def square(x):
+    return x * x
+
+
+@pytest.mark.parametrize("sandbox", [True, False])
+def test_a_sample_cannot_set_another_samples_result(sandbox):
+    """Replies carry a per-task ticket: a reply forged by a sample's code (which can reach the reply pipe) does
+    not become the next sample's result: the forging sample's result is void, its worker replaced, and the next
+    sample scored properly."""
+    with ScoringPool(num_workers=1, timeout_s=20.0, sandbox=sandbox) as pool:
+        out = pool.map(forge_next_result, [(999,)]) + pool.map(square, [(7,)])
+        assert [o.status for o in out] == ["error", "ok"] and out[1].value == 49
+        assert "out of turn" in out[0].error and pool.stats["out_of_turn"] == 1
+        out = pool.map(write_garbage, [()]) + pool.map(square, [(5,)])
+        assert [o.status for o in out] == ["error", "ok"] and out[1].value == 25
+        assert pool.stats["out_of_turn"] == 2

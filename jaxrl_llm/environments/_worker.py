@@ -2,10 +2,11 @@
 `python -c "from jaxrl_llm.environments._worker import main; main()" READ_FD WRITE_FD`.
 
 Protocol over two pipes (multiprocessing.connection framing, pickled messages):
-  parent -> worker: ("init", preload_modules, confine), then (task_id, fn, args) per task, None to exit.
-                    confine: None, or the keyword arguments of `sandbox.confine`, applied after the imports.
-  worker -> parent: ("ready", pid) | ("init_error", message), then per task ("started", task_id) once the
-                    task is loaded, and ("ok", task_id, value) | ("error", task_id, message).
+  parent -> worker: ("init", preload_modules, confine), then (ticket, pickled (fn, args)) per task, None to
+                    exit. confine: None, or the keyword arguments of `sandbox.confine`, applied after the imports.
+                    ticket: a random string, new for every task.
+  worker -> parent: ("ready", pid) | ("init_error", message), then per task ("started", ticket) once the
+                    task is loaded, and ("ok", ticket, value) | ("error", ticket, message).
 The worker runs one task at a time on its main thread (so signal-based timeouts inside scorers work). It exits
 when the parent closes the pipe or dies; the parent kills it when a task runs past its deadline.
 """
@@ -41,10 +42,17 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def _send(conn: Connection, msg: tuple[Any, ...]) -> None:
+    """Send a result, checked here to be plain data (what the parent accepts; anything else it treats as written
+    out of turn): a scorer returning, say, a numpy scalar gets its own clear error instead."""
+    from jaxrl_llm.environments.pool import load_plain
+
     try:
-        conn.send(msg)
-    except (pickle.PicklingError, TypeError, AttributeError) as e:  # an unpicklable result
+        data = pickle.dumps(msg)
+        load_plain(data)
+    except Exception as e:  # an unpicklable result, or one that is not plain data
         conn.send(("error", msg[1], f"result could not be sent back: {_describe(e)}"))
+        return
+    conn.send_bytes(data)
 
 
 def main() -> None:
@@ -72,16 +80,17 @@ def main() -> None:
             data = inbox.recv_bytes()
         except (EOFError, OSError):
             return
-        try:
-            msg = pickle.loads(data)
-        except BaseException as e:  # e.g. the scoring function's module cannot be imported here
-            outbox.send(("error", None, f"task could not be loaded in the worker: {_describe(e)}"))
-            continue
+        msg = pickle.loads(data)
         if msg is None:  # exit now: interpreter finalisation (sympy & co.) only costs the parent's close() time
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
-        task_id, fn, args = msg
+        task_id, task = msg
+        try:
+            fn, args = pickle.loads(task)
+        except BaseException as e:  # e.g. the scoring function's module cannot be imported here
+            outbox.send(("error", task_id, f"task could not be loaded in the worker: {_describe(e)}"))
+            continue
         outbox.send(("started", task_id))  # the sample's clock starts now, after its function's module is loaded
         try:
             value = fn(*args)

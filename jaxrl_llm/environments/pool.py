@@ -20,7 +20,11 @@ address-space cap of `memory_limit_mb`), because scorers evaluate model-written 
 `eval` in some reasoning-gym checkers). A platform where that is impossible fails at the first map, naming
 the reason. What a worker sends back is loaded with an unpickler that refuses every class and function, so a
 confined worker cannot reach the trainer through its results either: `fn` must return plain data (numbers,
-strings, bytes, None, and tuples, lists, dicts and sets of them).
+strings, bytes, None, and tuples, lists, dicts and sets of them). Every reply carries a random ticket of its
+task, so a reply forged by a sample's code voids that sample and replaces the worker. What the sandbox does not
+give: code evaluated in a worker can set its own sample's reward, and can change that worker's later behaviour
+(replace its functions); `max_tasks_per_worker=1` gives every sample a fresh worker, at the cost of a start-up
+per sample.
 
 num_workers=0 runs `fn` in this process with the same error handling, but a running call cannot be
 interrupted there: a call that returns after `timeout_s` is *reported* as a timeout (its value is dropped, so
@@ -35,6 +39,7 @@ import dataclasses
 import io
 import os
 import pickle
+import secrets
 import subprocess
 import sys
 import threading
@@ -80,6 +85,8 @@ class _Worker:
     deadline: float
     started_at: float
     task: int | None = None
+    ticket: str = ""  # random per dispatched task; every reply about the task must carry it
+    running: bool = False  # the current task has started (its own code may be running)
     sent_at: float = 0.0
     timeout_s: float = 0.0
     tasks_done: int = 0
@@ -173,9 +180,9 @@ class ScoringPool:
         self._workers: list[_Worker | None] = [None] * num_workers
         self._lock = threading.Lock()
         self._closed = False
-        # Workers started, replaced (killed at a timeout, or found dead) and the start-up seconds (launch to
-        # ready, preloads included) of the last one to become ready.
-        self.stats: dict[str, float] = {"started": 0, "replaced": 0, "last_startup_s": 0.0}
+        # Workers started, replaced (killed at a timeout, or found dead), the start-up seconds (launch to
+        # ready, preloads included) of the last one to become ready, and workers killed for a reply out of turn.
+        self.stats: dict[str, float] = {"started": 0, "replaced": 0, "last_startup_s": 0.0, "out_of_turn": 0}
         self._finalizer = weakref.finalize(self, _stop_all, self._workers)
 
     def __enter__(self) -> ScoringPool:
@@ -267,8 +274,9 @@ class ScoringPool:
                 if w.state != "idle":
                     continue
                 i = pending.popleft()
+                ticket = secrets.token_hex(16)
                 try:
-                    payload = pickle.dumps((i, fn, args_list[i]))
+                    payload = pickle.dumps((ticket, pickle.dumps((fn, args_list[i]))))
                 except Exception as e:
                     results[i] = Outcome("error", error=f"arguments cannot be sent to a worker: {e}")
                     remaining -= 1
@@ -282,6 +290,7 @@ class ScoringPool:
                 # Until the worker says "started", the limit is the start-up one: loading the task may import
                 # the scoring function's module for the first time, which is not the sample's cost.
                 w.state, w.task, w.sent_at, w.deadline = "busy", i, now, now + self.startup_timeout_s
+                w.ticket, w.running = ticket, False
                 w.timeout_s = timeout_s
             if not remaining:
                 break
@@ -294,7 +303,7 @@ class ScoringPool:
                 if w is None or w.state == "idle":
                     continue
                 if w.from_worker in ready:
-                    remaining -= self._receive(slot, w, results)
+                    remaining -= self._receive(slot, w, results, pending)
                 elif time.monotonic() >= w.deadline:
                     if w.state == "starting":
                         self._retire(slot, kill=True)
@@ -310,14 +319,21 @@ class ScoringPool:
                 self._start(slot)
         return [r for r in results if r is not None]
 
-    def _receive(self, slot: int, w: _Worker, results: list[Outcome | None]) -> int:
-        """Handles one message (or EOF) from worker `slot`; returns how many samples it finished (0 or 1)."""
+    def _receive(self, slot: int, w: _Worker, results: list[Outcome | None], pending: collections.deque) -> int:
+        """Handles one message (or EOF) from worker `slot`; returns how many samples it finished (0 or 1).
+
+        A reply that does not carry the ticket of the worker's current task was written by code running in the
+        worker (a scorer evaluating model text can reach the reply pipe), for instance a result queued ahead for
+        the next sample. The worker is killed; the current task's result is void (an error) if its own code was
+        running, otherwise it goes back to the queue."""
         try:
             msg = load_plain(w.from_worker.recv_bytes())
         except (EOFError, OSError):
             msg = None
-        except Exception as e:
-            msg = ("error", w.task, f"result could not be loaded: {type(e).__name__}: {e}")
+        except Exception:  # the worker checks its replies (see _worker._send): this one it did not write
+            msg = ("unreadable",)
+        if msg is not None and (not isinstance(msg, tuple) or not msg):
+            msg = ("unreadable",)
         if w.state == "starting":
             if msg is not None and msg[0] == "ready":
                 w.state = "idle"
@@ -327,7 +343,17 @@ class ScoringPool:
             self._retire(slot, kill=True)
             reason = msg[1] if msg is not None and msg[0] == "init_error" else f"it exited with code {code}"
             raise RuntimeError(f"scoring worker failed to start (preload={list(self.preload)}): {reason}")
+        if msg is not None and (len(msg) < 3 and msg[0] != "started" or len(msg) < 2 or msg[1] != w.ticket):
+            self._retire(slot, kill=True)
+            self.stats["out_of_turn"] += 1
+            if w.running:  # written while this task's own code ran: its result is void
+                results[w.task] = Outcome("error", error="the scorer wrote to the worker's reply pipe out of turn",
+                                          seconds=time.monotonic() - w.sent_at)
+                return 1
+            pending.appendleft(w.task)  # left over from an earlier task: score this one on a fresh worker
+            return 0
         if msg is not None and msg[0] == "started":
+            w.running = True
             w.sent_at = time.monotonic()
             w.deadline = w.sent_at + w.timeout_s
             return 0
