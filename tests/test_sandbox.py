@@ -185,22 +185,24 @@ def test_reasoning_gym_answer_cannot_run_commands(tmp_path):
     assert res.rewards[0] < 1.0  # (countdown gives a small credit to any well-formed but wrong answer)
 
 
-def forge_next_result(value):
-    """Code in a worker writing a reply for the sample that comes after it, on the worker's own reply pipe."""
+def _reply_pipes():
+    """What code evaluated in a worker can find: the worker's own reply pipe."""
     import gc
     from multiprocessing.connection import Connection
 
-    for conn in [o for o in gc.get_objects() if isinstance(o, Connection) and o.writable]:
+    return [o for o in gc.get_objects() if isinstance(o, Connection) and o.writable]
+
+
+def forge_next_result(value):
+    """Code in a worker writing a reply for the sample that comes after it, on the worker's own reply pipe."""
+    for conn in _reply_pipes():
         conn.send(("started", "guess"))
         conn.send(("ok", "guess", value))
     return 0
 
 
 def write_garbage():
-    import gc
-    from multiprocessing.connection import Connection
-
-    for conn in [o for o in gc.get_objects() if isinstance(o, Connection) and o.writable]:
+    for conn in _reply_pipes():
         conn.send_bytes(b"not a pickle")
     return 0
 

@@ -24,6 +24,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from jaxrl_llm.environments.pool import load_plain
+
 _PARENT_POLL_S = 1.0
 
 
@@ -44,8 +46,6 @@ def _watch_parent(parent_pid: int) -> None:
 def _send(conn: Connection, msg: tuple[Any, ...]) -> None:
     """Send a result, checked here to be plain data (what the parent accepts; anything else it treats as written
     out of turn): a scorer returning, say, a numpy scalar gets its own clear error instead."""
-    from jaxrl_llm.environments.pool import load_plain
-
     try:
         data = pickle.dumps(msg)
         load_plain(data)

@@ -62,7 +62,16 @@ class _PlainData(pickle.Unpickler):
 
 
 def load_plain(data: bytes) -> Any:
+    """Unpickle plain data only (see _PlainData): how every reply from a worker is read."""
     return _PlainData(io.BytesIO(data)).load()
+
+
+_REPLY_LEN = {"started": 2, "ok": 3, "error": 3}
+
+
+def _in_turn(msg: tuple, ticket: str) -> bool:
+    """Whether a reply is one of the current task's: a known kind, of its length, carrying the task's ticket."""
+    return _REPLY_LEN.get(msg[0]) == len(msg) and msg[1] == ticket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +352,7 @@ class ScoringPool:
             self._retire(slot, kill=True)
             reason = msg[1] if msg is not None and msg[0] == "init_error" else f"it exited with code {code}"
             raise RuntimeError(f"scoring worker failed to start (preload={list(self.preload)}): {reason}")
-        if msg is not None and (len(msg) < 3 and msg[0] != "started" or len(msg) < 2 or msg[1] != w.ticket):
+        if msg is not None and not _in_turn(msg, w.ticket):
             self._retire(slot, kill=True)
             self.stats["out_of_turn"] += 1
             if w.running:  # written while this task's own code ran: its result is void

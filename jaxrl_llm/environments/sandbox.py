@@ -18,7 +18,8 @@ completion can therefore run Python in the scoring worker. `confine()` is called
 
 This is a deny list, not an allow list: it closes the ways out that matter (running programs, the network,
 the file system, other processes) while the interpreter keeps working. The worker still runs as the trainer's
-user and can read what that user can read; what it reads can only leave through its reward.
+user and can read what that user can read; what it reads can leave only through its reply (its reward) and its
+stdout/stderr, which go to the trainer's log.
 """
 
 from __future__ import annotations
