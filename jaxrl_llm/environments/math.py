@@ -63,6 +63,15 @@ def score_math(completion: str, gold: str, answer_format: str, timeout_s: int | 
     return (1.0 if answers_match(gold, extracted, timeout_s) else 0.0), extracted
 
 
+# Warm-up calls for each scoring worker (fixed, trusted inputs): math-verify builds its parsers, and its ANTLR
+# parser its prediction tables, on first use. An isolated sample's process starts from the worker's state, so
+# constructs seen here are not rebuilt for every sample (measured: 68 -> 38 ms a sample on a mixed set).
+_WARMUP = tuple((answers_match, (gold, pred, None)) for gold, pred in (
+    ("\\frac{1}{2}", "0.5"), ("x^2+1", "1+x**2"), ("\\sqrt{2}", "2^{1/2}"), ("-3.5", "-7/2"),
+    ("2\\pi", "\\pi \\cdot 2"), ("(1, 2]", "(1,2]"), ("\\{1, 2\\}", "\\{2,1\\}"), ("\\text{yes}", "yes"),
+    ("10^{3}", "1000"), ("\\dfrac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}{2}"), ("3x+y", "y+3x"), ("45^\\circ", "45")))
+
+
 class MathEnvironment:
     """Verifiable math reward (see the module doc). metadata[i]["answer"]: the gold answer (str or number).
 
@@ -70,16 +79,18 @@ class MathEnvironment:
     timeout_s: per-sample limit. num_workers: scoring processes (0: in this process; then only math-verify's
     own signal-based timeouts apply, rounded up to whole seconds, and only on the main thread). sandbox: confine
     the scoring processes (math-verify evaluates answers with sympy's parse_expr; see environments/pool.py);
-    num_workers=0 needs sandbox=False.
+    num_workers=0 needs sandbox=False. isolate: score each sample in a process of its own (pool.py), so that no
+    sample's evaluated text can change how another is scored.
     """
 
     def __init__(self, answer_format: str = "boxed", timeout_s: float = 5.0, num_workers: int = 2,
-                 name: str = "math", sandbox: bool = True):
+                 name: str = "math", sandbox: bool = True, isolate: bool = True):
         check_answer_format(answer_format)
         self.name = name
         self.answer_format = answer_format
         self.timeout_s = float(timeout_s)
-        self._pool = ScoringPool(num_workers, self.timeout_s, preload=("math_verify",), sandbox=sandbox)
+        self._pool = ScoringPool(num_workers, self.timeout_s, preload=("math_verify",), sandbox=sandbox,
+                                 isolate=isolate, warmup=_WARMUP)
 
     def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
         check_batch(prompts, completions, metadata)

@@ -21,10 +21,15 @@ address-space cap of `memory_limit_mb`), because scorers evaluate model-written 
 the reason. What a worker sends back is loaded with an unpickler that refuses every class and function, so a
 confined worker cannot reach the trainer through its results either: `fn` must return plain data (numbers,
 strings, bytes, None, and tuples, lists, dicts and sets of them). Every reply carries a random ticket of its
-task, so a reply forged by a sample's code voids that sample and replaces the worker. What the sandbox does not
-give: code evaluated in a worker can set its own sample's reward, and can change that worker's later behaviour
-(replace its functions); `max_tasks_per_worker=1` gives every sample a fresh worker, at the cost of a start-up
-per sample.
+task, so a reply forged by a sample's code voids that sample and replaces the worker.
+
+Isolation (default on): a worker runs no sample's code itself; it forks a child per sample, which confines itself
+further (no fork, no signals but to itself), runs the sample and exits (`_worker.py`). A child starts from the
+worker's imported state in a few milliseconds, and whatever a sample's code changes (a scorer's functions, a
+cache, the pipes) dies with it, so no sample can affect another's result. What remains: code evaluated for a
+sample can set that sample's own reward. isolate=False runs the samples in the worker itself (faster by the
+fork, a few ms a sample; then a sample's code can change how the worker scores later samples, and
+`max_tasks_per_worker=1` is the isolation, at a whole start-up per sample).
 
 num_workers=0 runs `fn` in this process with the same error handling, but a running call cannot be
 interrupted there: a call that returns after `timeout_s` is *reported* as a timeout (its value is dropped, so
@@ -69,9 +74,10 @@ def load_plain(data: bytes) -> Any:
 _REPLY_LEN = {"started": 2, "ok": 3, "error": 3}
 
 
-def _in_turn(msg: tuple, ticket: str) -> bool:
-    """Whether a reply is one of the current task's: a known kind, of its length, carrying the task's ticket."""
-    return _REPLY_LEN.get(msg[0]) == len(msg) and msg[1] == ticket
+def _in_turn(msg: tuple, ticket: str, running: bool) -> bool:
+    """Whether a reply is one of the current task's: a known kind, of its length, carrying the task's ticket,
+    and "started" only once (a second one would push the task's deadline back)."""
+    return _REPLY_LEN.get(msg[0]) == len(msg) and msg[1] == ticket and not (running and msg[0] == "started")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,12 +166,16 @@ class ScoringPool:
     then raises RuntimeError (a broken installation, not a bad sample). max_tasks_per_worker: recycle a worker
     after this many tasks (None: never), to bound memory that a scorer's caches may grow. sandbox: confine each
     worker (see the module doc; num_workers=0 needs sandbox=False). memory_limit_mb: a sandboxed worker's
-    address-space cap (None: none).
+    address-space cap (None: none). isolate: run each sample in a process forked for it (see the module doc;
+    not applicable to num_workers=0). warmup: (fn, args) calls each worker makes once, after its preloads and
+    confinement, on fixed trusted inputs, so that what a scorer builds on its first call (math-verify's parsers:
+    ~0.2 s) is built once per worker and not in every sample's process; a failing warm-up fails the start.
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, *, preload: Sequence[str] = (),
                  startup_timeout_s: float = 120.0, max_tasks_per_worker: int | None = None, sandbox: bool = True,
-                 memory_limit_mb: int | None = 4096):
+                 memory_limit_mb: int | None = 4096, isolate: bool = True,
+                 warmup: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]] = ()):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if num_workers == 0 and sandbox:
@@ -186,6 +196,8 @@ class ScoringPool:
         self.max_tasks_per_worker = max_tasks_per_worker
         self.sandbox = bool(sandbox)
         self.memory_limit_mb = memory_limit_mb
+        self.isolate = bool(isolate)
+        self.warmup = tuple((fn, tuple(args)) for fn, args in warmup)
         self._workers: list[_Worker | None] = [None] * num_workers
         self._lock = threading.Lock()
         self._closed = False
@@ -253,7 +265,7 @@ class ScoringPool:
         self.stats["started"] += 1
         try:
             confine = {"memory_limit_mb": self.memory_limit_mb} if self.sandbox else None
-            w.to_worker.send(("init", self.preload, confine))
+            w.to_worker.send(("init", self.preload, confine, self.isolate, self.warmup))
         except OSError:
             pass  # it died at once; its EOF is seen by the loop
 
@@ -352,7 +364,7 @@ class ScoringPool:
             self._retire(slot, kill=True)
             reason = msg[1] if msg is not None and msg[0] == "init_error" else f"it exited with code {code}"
             raise RuntimeError(f"scoring worker failed to start (preload={list(self.preload)}): {reason}")
-        if msg is not None and not _in_turn(msg, w.ticket):
+        if msg is not None and not _in_turn(msg, w.ticket, w.running):
             self._retire(slot, kill=True)
             self.stats["out_of_turn"] += 1
             if w.running:  # written while this task's own code ran: its result is void

@@ -154,15 +154,17 @@ class ReasoningGymEnvironment:
     ask for; see extract.py, e.g. "last_line" as a lenient fallback). timeout_s: per-sample limit.
     num_workers: scoring processes (0: in this process, timeouts reported but not enforced). sandbox: confine the
     scoring processes (several checkers `eval` the answer; see environments/pool.py); num_workers=0 needs
-    sandbox=False.
+    sandbox=False. isolate: score each sample in a process of its own (pool.py), so that no sample's evaluated
+    text can change how another is scored.
     """
 
     def __init__(self, answer_format: str = "answer_tag", timeout_s: float = 10.0, num_workers: int = 2,
-                 name: str = "reasoning_gym", sandbox: bool = True):
+                 name: str = "reasoning_gym", sandbox: bool = True, isolate: bool = True):
         check_answer_format(answer_format)
         self.name = name
         self.answer_format = answer_format
-        self._pool = ScoringPool(num_workers, timeout_s, preload=("reasoning_gym",), sandbox=sandbox)
+        self._pool = ScoringPool(num_workers, timeout_s, preload=("reasoning_gym",), sandbox=sandbox,
+                                 isolate=isolate)
 
     def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
         check_batch(prompts, completions, metadata)

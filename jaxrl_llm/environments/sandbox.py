@@ -101,14 +101,15 @@ def _ins(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF)
 
 
-def _filter(machine: str, pid: int) -> list[bytes]:
+def _filter(machine: str, pid: int, allow_fork: bool = False) -> list[bytes]:
     a = _ARCHES[machine]
     eperm = _RET_ERRNO | errno.EPERM
+    deny = {k: v for k, v in a["deny"].items() if not (allow_fork and k in ("fork", "vfork"))}
     prog = [_ins(_LD_W_ABS, _ARCH), _ins(_JEQ, a["audit"], 1, 0), _ins(_RET, _RET_KILL_PROCESS),
             _ins(_LD_W_ABS, _NR)]
     if machine == "x86_64":  # the x32 ABI's numbers (bit 30 set) would slip past the checks below
         prog += [_ins(_JGE, 0x40000000, 0, 1), _ins(_RET, eperm)]
-    for nr in (*a["deny"].values(), *_COMMON_DENY.values()):
+    for nr in (*deny.values(), *_COMMON_DENY.values()):
         prog += [_ins(_JEQ, nr, 0, 1), _ins(_RET, eperm)]
     prog += [_ins(_JEQ, a["clone3"], 0, 1), _ins(_RET, _RET_ERRNO | errno.ENOSYS)]
 
@@ -120,24 +121,29 @@ def _filter(machine: str, pid: int) -> list[bytes]:
         return [_ins(_LD_W_ABS, _arg(arg)), _ins(_JSET, _WRITE_FLAGS, 0, 1), _ins(_RET, eperm), _ins(_RET, _RET_ALLOW)]
 
     own_pid = [_ins(_LD_W_ABS, _arg(0)), _ins(_JEQ, pid, 0, 1), _ins(_RET, _RET_ALLOW), _ins(_RET, eperm)]
-    prog += checked(a["clone"], [_ins(_LD_W_ABS, _arg(0)), _ins(_JSET, CLONE_THREAD, 0, 1), _ins(_RET, _RET_ALLOW),
-                                 _ins(_RET, eperm)])
+    if not allow_fork:
+        prog += checked(a["clone"], [_ins(_LD_W_ABS, _arg(0)), _ins(_JSET, CLONE_THREAD, 0, 1),
+                                     _ins(_RET, _RET_ALLOW), _ins(_RET, eperm)])
     prog += checked(a["open"], flags_block(1))
     prog += checked(a["openat"], flags_block(2))
-    prog += checked(a["kill"], own_pid)
+    if not allow_fork:  # a forking process must be able to kill its children (pids not known here)
+        prog += checked(a["kill"], own_pid)
     prog += checked(a["tgkill"], own_pid)
     return [*prog, _ins(_RET, _RET_ALLOW)]
 
 
-def confine(memory_limit_mb: int | None = 4096) -> None:
+def confine(memory_limit_mb: int | None = 4096, *, allow_fork: bool = False) -> None:
     """Confine this process for the rest of its life (see the module doc). Raises SandboxError where that is
-    not possible; never partially: the address-space cap is set only after the filter is in place."""
+    not possible; never partially: the address-space cap is set only after the filter is in place.
+
+    allow_fork: leave fork and kill open, for a process that runs no model-written code itself but forks a child
+    per sample, which confines itself again without them (filters stack: the child gets the stricter)."""
     machine = platform.machine().lower()
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
     if os.uname().sysname != "Linux" or machine not in _ARCHES:
         raise SandboxError(f"the scoring sandbox needs Linux on x86-64 or aarch64; this is {os.uname().sysname} "
                            f"{platform.machine()}")
-    prog = b"".join(_filter(machine, os.getpid()))
+    prog = b"".join(_filter(machine, os.getpid(), allow_fork))
     n = len(prog) // 8
     buf = ctypes.create_string_buffer(prog, len(prog))
 
@@ -164,4 +170,18 @@ def confine(memory_limit_mb: int | None = 4096) -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
         if hard != resource.RLIM_INFINITY:
             limit = min(limit, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+        # The hard limit too: a soft limit alone could be raised again by the code it is meant to bound.
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent (the thread that forked it) ends (Linux only)."""
+    if os.uname().sysname != "Linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    if libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0:
+        raise SandboxError(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
