@@ -33,6 +33,7 @@ same order.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -92,17 +93,18 @@ def render(tokenizer: Any, messages: Sequence[dict[str, str]], add_generation_pr
                                          chat_template=chat_template)
 
 
-def observation_delta(tokenizer: Any, conversation: Sequence[dict[str, str]], generated_text: str, observation: str,
-                      chat_template: str | None = None) -> str:
+def observation_delta(tokenizer: Any, conversation: Sequence[dict[str, str]], generated_ids: Sequence[int],
+                      observation: str, chat_template: str | None = None) -> str:
     """The text to append to a row ending with the assistant's generated tokens so that it holds the conversation
     plus the user message `observation` and the next generation prompt.
 
     conversation: the chat so far, ending with the assistant message (its content: the generated text without
-    special tokens). generated_text: the generated tokens decoded with their special tokens (e.g. ending with
-    "<|im_end|>" when the model stopped). The template renders the conversation with (A) and without (H, plus the
-    generation prompt) the assistant message, and with the observation and the next generation prompt (B); the
-    delta is the assistant turn's closing text (A after H and the content) minus the part generated_text already
-    ends with, then B after A. ValueError when the template does not render earlier turns unchanged."""
+    special tokens). generated_ids: the generated tokens (e.g. ending with "<|im_end|>" when the model stopped).
+    The template renders the conversation with (A) and without (H, plus the generation prompt) the assistant
+    message, and with the observation and the next generation prompt (B); the delta is the assistant turn's
+    closing text (A after H and the content) minus the part the generated ids already end with, then B after A.
+    That part is matched on token ids: a reply cut by the token limit right after a "<" has not begun
+    "<|im_end|>". ValueError when the template does not render earlier turns unchanged."""
     if not conversation or conversation[-1].get("role") != "assistant":
         raise ValueError("observation_delta: the conversation must end with the assistant message")
     content = conversation[-1]["content"]
@@ -122,7 +124,15 @@ def observation_delta(tokenizer: Any, conversation: Sequence[dict[str, str]], ge
         raise ValueError("the chat template renders the conversation plus the environment's message differently "
                          "from the conversation alone (it is not a prefix); multi-turn rollouts need a template that "
                          "keeps earlier turns unchanged (data.chat_template)")
-    done = next((k for k in range(len(close), 0, -1) if generated_text.endswith(close[:k])), 0)
+    close_ids = [int(t) for t in tokenizer.encode(close, add_special_tokens=False)]
+    generated_ids = [int(t) for t in generated_ids]
+    done = 0
+    for m in range(min(len(close_ids), len(generated_ids)), 0, -1):
+        if generated_ids[-m:] == close_ids[:m]:
+            skipped = tokenizer.decode(close_ids[:m], skip_special_tokens=False)
+            if close.startswith(skipped):
+                done = len(skipped)
+                break
     return close[done:] + nxt[len(with_reply):]
 
 
@@ -151,6 +161,9 @@ def multi_turn_rollout(generate_fn: GenerateFn, tokenizer: Any, env: MultiTurnEn
     if not is_multi_turn(env):
         raise ValueError(f"environment {getattr(env, 'name', type(env).__name__)!r} has no step() method: it scores "
                          "single completions only, so it cannot play episodes of several turns")
+    if len(inspect.signature(env.step).parameters) < 3:
+        raise ValueError(f"environment {getattr(env, 'name', type(env).__name__)!r}: step() must take "
+                         "(conversations, metadata, turns); turns[i] is the 1-based turn of conversation i")
     if max_turns < 1 or max_new_tokens < 1 or max_total_tokens < max_new_tokens:
         raise ValueError(f"multi_turn_rollout: need max_turns >= 1, max_new_tokens >= 1 and max_total_tokens >= "
                          f"max_new_tokens, got {max_turns}, {max_new_tokens}, {max_total_tokens}")
@@ -176,7 +189,7 @@ def multi_turn_rollout(generate_fn: GenerateFn, tokenizer: Any, env: MultiTurnEn
             lps[i] += [float(x) for x in gen.logprobs[j]]
             turns[i] += 1
             convs[i].append({"role": "assistant", "content": tokenizer.decode(toks, skip_special_tokens=True)})
-        res = env.step([convs[i] for i in active], [metadata[i] for i in active])
+        res = env.step([convs[i] for i in active], [metadata[i] for i in active], [turns[i] for i in active])
         check_turn_result(res, len(active), env.name)
         for k, v in res.counts.items():
             counts[k] = counts.get(k, 0) + int(v)
@@ -187,8 +200,7 @@ def multi_turn_rollout(generate_fn: GenerateFn, tokenizer: Any, env: MultiTurnEn
             end = "done" if res.done[j] else "max_turns" if turn == max_turns - 1 else None
             if end is None:
                 try:
-                    raw = tokenizer.decode(gen.tokens[j], skip_special_tokens=False)
-                    text = observation_delta(tokenizer, convs[i], raw, res.observations[j], chat_template)
+                    text = observation_delta(tokenizer, convs[i], gen.tokens[j], res.observations[j], chat_template)
                 except ValueError as e:
                     raise ValueError(f"sample {i}, turn {turn + 1}: {e}") from e
                 delta = [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]

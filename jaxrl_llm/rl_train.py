@@ -499,6 +499,14 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     except ValueError as e:
         raise ConfigError(f"env: {e}") from e
     cfg, params = build_model(config, len(tokenizer), mesh, rules)
+    budget = multiturn.total_token_budget(config.rollout)
+    if dc.max_prompt_len + budget > cfg.max_position_embeddings:
+        what = ("rollout.max_new_tokens" if config.rollout.get("max_turns", 1) == 1 else
+                "the multi-turn budget (rollout.max_total_tokens, or when 0 max_new_tokens x max_turns + the "
+                "observations' allowance)")
+        raise ConfigError(f"data.max_prompt_len={dc.max_prompt_len} + {what}={budget} is more than the model's "
+                          f"max_position_embeddings={cfg.max_position_embeddings}: a row could outgrow the model's "
+                          "context mid-run; lower them")
     if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
         cfg = dataclasses.replace(cfg, pad_token_id=tokenizer.pad_token_id)
     updates_per_step = config.grpo.epochs * (config.rollout.num_prompts * config.rollout.group_size

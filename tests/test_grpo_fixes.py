@@ -123,3 +123,19 @@ def test_single_turn_overlong_buffer_still_bounded_by_max_new_tokens():
     _validate({"grpo.overlong_buffer": 7})
     with pytest.raises(ConfigError, match=r"grpo\.overlong_buffer=8: must be in \[0, 8\)"):
         _validate({"grpo.overlong_buffer": 8})
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({}, r"data\.max_prompt_len=96 \+ rollout\.max_new_tokens=8 is more than the model's "
+         r"max_position_embeddings=100"),
+    (_multi_turn(), r"data\.max_prompt_len=96 \+ the multi-turn budget .*=64 is more than"),
+])
+def test_rows_that_could_outgrow_the_models_context_are_refused_at_the_start(tmp_path, over, needle):
+    """The sampler refuses a prompt that leaves no room for its generation; a multi-turn row grows every turn, so
+    without this check a run would stop at the first episode that gets long, possibly hours in."""
+    from jaxrl_llm.rl_train import run_grpo
+    from jaxrl_llm.train import ConfigError
+
+    c = recipe("grpo_tiny", {**over, "model.init.max_position_embeddings": 100})
+    with pytest.raises(ConfigError, match=needle):
+        run_grpo(c, str(tmp_path))

@@ -71,9 +71,9 @@ class RecordingEnv:
     def __init__(self, env):
         self.env, self.name, self.seen = env, env.name, []
 
-    def step(self, conversations, metadata):
+    def step(self, conversations, metadata, turns):
         self.seen.append([m["secret"] for m in metadata])
-        return self.env.step(conversations, metadata)
+        return self.env.step(conversations, metadata, turns)
 
 
 # ------------------------------------------------------------------------------------------ environment, tasks
@@ -102,6 +102,11 @@ def test_number_guess_step_rewards_observations_and_counts():
         env.step([[u]], [meta])
     with pytest.raises(ValueError, match=r"metadata\[1\] needs an integer 'secret'"):
         env.step([conv("1"), conv("1")], [meta, {"answer": "3"}])
+    # A task whose prompt holds a few-shot exchange: the rollout's turn count, not the assistant messages, decides.
+    few_shot = [u, {"role": "assistant", "content": "50"}, u, {"role": "assistant", "content": "42"}]
+    assert env.step([few_shot], [meta]).rewards.tolist() == [0.5]  # no turns: counted from the conversation
+    res = env.step([few_shot], [meta], [1])
+    assert res.rewards.tolist() == [1.0] and res.info[0]["turn"] == 1
 
 
 @pytest.mark.parametrize("spec,needle", [
@@ -133,18 +138,56 @@ def test_guess_tasks_are_seeded_and_carry_their_secret():
 @needs_smollm2
 def test_observation_delta_closes_the_turn_whether_or_not_the_stop_token_was_generated(tok):
     conv = [{"role": "user", "content": "Guess."}, {"role": "assistant", "content": "50"}]
-    stopped = observation_delta(tok, conv, "50<|im_end|>", "Too high. Guess again.")
-    cut = observation_delta(tok, conv, "50", "Too high. Guess again.")
+    ids = tok.encode("50", add_special_tokens=False)
+    stopped = observation_delta(tok, conv, [*ids, tok.convert_tokens_to_ids("<|im_end|>")], "Too high. Guess again.")
+    cut = observation_delta(tok, conv, ids, "Too high. Guess again.")
     assert stopped == "\n" + USER_TOO_HIGH
     assert cut == "<|im_end|>\n" + USER_TOO_HIGH
     full = render(tok, [*conv, {"role": "user", "content": "Too high. Guess again."}], True)
     head = render(tok, conv[:1], True)
     assert head + "50<|im_end|>" + stopped == full == head + "50" + cut
     with pytest.raises(ValueError, match="keeps earlier turns unchanged"):  # renders the last message only
-        observation_delta(tok, conv, "50", "Too high.", chat_template="{{ messages[-1]['content'] }}")
+        observation_delta(tok, conv, ids, "Too high.", chat_template="{{ messages[-1]['content'] }}")
+
+
+@needs_smollm2
+@pytest.mark.parametrize("reply", ["it is 1 <", "x<", "so <|im"])
+def test_a_reply_cut_after_the_start_of_the_closing_text_is_still_closed(tok, reply):
+    """Only the closing's own tokens count as closing it: a cut reply that happens to end with "<" (or spells
+    out part of "<|im_end|>" as text) gets the whole "<|im_end|>" token, and the row stays the rendered chat."""
+    ids = tok.encode(reply, add_special_tokens=False)
+    conv = [{"role": "user", "content": "Guess."}, {"role": "assistant", "content": tok.decode(ids)}]
+    delta = observation_delta(tok, conv, ids, "Too high. Guess again.")
+    assert delta == "<|im_end|>\n" + USER_TOO_HIGH
+    full = render(tok, [*conv, {"role": "user", "content": "Too high. Guess again."}], True)
+    assert tok.decode(tok.encode(render(tok, conv[:1], True), add_special_tokens=False) + ids
+                      + tok.encode(delta, add_special_tokens=False)) == full
 
 
 # ------------------------------------------------------------------------------------------ the rollout loop
+
+
+@needs_smollm2
+def test_a_few_shot_prompt_does_not_count_as_turns(tok):
+    """A task whose messages hold an example exchange: its first generated answer is turn 1 (full reward)."""
+    (task,) = _guess_tasks([42])
+    shot = [{"role": "user", "content": "Guess a number between 1 and 10."}, {"role": "assistant", "content": "5"}]
+    messages = [*shot, *task.messages]
+    ids = [tok.encode(render(tok, messages, True), add_special_tokens=False)]
+    env = NumberGuessEnvironment(turn_discount=0.5)
+    out = multi_turn_rollout(ScriptedGenerate(tok, [["42"]]), tok, env, ids, [messages], [task.metadata],
+                             max_turns=2, max_new_tokens=8, max_total_tokens=64)
+    assert out.rewards.tolist() == [1.0] and out.info[0]["turn"] == 1 and out.turns == [1]
+
+    class TwoArgs:
+        name = "old"
+
+        def step(self, conversations, metadata):
+            raise AssertionError("not reached")
+
+    with pytest.raises(ValueError, match="'old': step\\(\\) must take \\(conversations, metadata, turns\\)"):
+        multi_turn_rollout(ScriptedGenerate(tok, [["42"]]), tok, TwoArgs(), ids, [messages], [task.metadata],
+                           max_turns=2, max_new_tokens=8, max_total_tokens=64)
 
 
 @needs_smollm2
@@ -218,8 +261,7 @@ def test_budget_limits_each_turn_and_truncates_an_observation_that_does_not_fit(
     ids, _, _ = prompt_ids(tok, tasks, None, 256, "drop")
     reply = tok.encode("60", add_special_tokens=False) + [tok.eos_token_id]
     conv = [*tasks[1].messages, {"role": "assistant", "content": "60"}]
-    delta = tok.encode(observation_delta(tok, conv, "60<|im_end|>", "Too high. Guess again."),
-                       add_special_tokens=False)
+    delta = tok.encode(observation_delta(tok, conv, reply, "Too high. Guess again."), add_special_tokens=False)
     budget = len(reply) + len(delta) + 3  # room for 3 tokens at turn 2; "Please reply ..." does not fit after "hmm"
     gen = ScriptedGenerate(tok, [["hmm", "60"], ["many words but no number at all"]])
     out = multi_turn_rollout(gen, tok, NumberGuessEnvironment(), ids, [list(t.messages) for t in tasks],

@@ -2,7 +2,8 @@
 or ends the episode, the policy answers again (`jaxrl_llm.multiturn.multi_turn_rollout` drives the loop).
 
     env = NumberGuessEnvironment()
-    res = env.step(conversations, metadata)   # each conversation ends with the assistant message just generated
+    res = env.step(conversations, metadata, turns)   # each conversation ends with the assistant message just
+                                                     # generated; turns[i]: which answer of its episode it is (1..)
     res.rewards [N], res.done [N], res.observations[i] (the next user message, None when done), res.info, res.counts
 
 `step` sees only the samples still playing. Like `Environment.score`, it never raises for a bad completion
@@ -52,7 +53,10 @@ class MultiTurnEnvironment(Protocol):
 
     name: str
 
-    def step(self, conversations: list[list[dict[str, str]]], metadata: list[dict[str, Any]]) -> TurnResult:
+    def step(self, conversations: list[list[dict[str, str]]], metadata: list[dict[str, Any]],
+             turns: list[int] | None = None) -> TurnResult:
+        """turns[i]: the 1-based turn of conversation i's last message (its episode's count of generated replies;
+        the task's own messages, few-shot examples included, do not count). The rollout always passes it."""
         ...
 
 
@@ -132,17 +136,20 @@ class NumberGuessEnvironment:
         counts["too_low" if low else "too_high"] += 1
         return 0.0, False, f"Too {'low' if low else 'high'}. Guess again.", info
 
-    def step(self, conversations: list[list[dict[str, str]]], metadata: list[dict[str, Any]]) -> TurnResult:
-        if len(conversations) != len(metadata):
-            raise ValueError(f"{self.name}: step() got {len(conversations)} conversations and {len(metadata)} "
-                             "metadata entries")
+    def step(self, conversations: list[list[dict[str, str]]], metadata: list[dict[str, Any]],
+             turns: list[int] | None = None) -> TurnResult:
+        """turns: see MultiTurnEnvironment.step; None counts the conversation's assistant messages (right when the
+        task's prompt has none)."""
+        if len(conversations) != len(metadata) or (turns is not None and len(turns) != len(conversations)):
+            raise ValueError(f"{self.name}: step() got {len(conversations)} conversations, {len(metadata)} "
+                             f"metadata entries and {'no' if turns is None else len(turns)} turns")
         counts = {"correct": 0, "too_low": 0, "too_high": 0, "no_number": 0}
         rewards, done, obs, info = [], [], [], []
         for i, (conv, meta) in enumerate(zip(conversations, metadata, strict=True)):
             if not conv or conv[-1].get("role") != "assistant" or not isinstance(conv[-1].get("content"), str):
                 raise ValueError(f"{self.name}: conversation {i} must end with the assistant message to answer")
             secret, lo, hi = self._task(i, meta)
-            turn = sum(m.get("role") == "assistant" for m in conv)
+            turn = sum(m.get("role") == "assistant" for m in conv) if turns is None else int(turns[i])
             r, d, o, inf = self._judge(conv[-1]["content"], secret, lo, hi, turn, counts)
             rewards.append(r)
             done.append(d)
