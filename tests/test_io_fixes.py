@@ -198,3 +198,42 @@ def test_index_naming_a_tensor_its_opened_shard_lacks_is_a_checkpoint_error(tmp_
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     with pytest.raises(models.CheckpointError, match="model.safetensors: index lists tensor 'lm_head.weight'"):
         models.load_pretrained(str(tmp_path))
+
+
+_BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
+
+
+@pytest.mark.parametrize("family,extra", [
+    ("llama", {"num_key_value_heads": 2, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0}}),
+    ("llama", {"num_key_value_heads": 2, "max_position_embeddings": 512, "original_max_position_embeddings": 128,
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 256}}),
+    ("llama", {"rope_parameters": {"type": "linear", "factor": 2.0, "rope_theta": 500.0}}),
+    ("llama", {"rope_parameters": {"type": "dynamic", "factor": 3.0, "rope_theta": 10000.0}}),
+    ("mistral", {"num_key_value_heads": 2}),  # no sliding_window, no max_position_embeddings
+    ("mistral", {"num_key_value_heads": 2, "sliding_window": None}),
+    ("qwen2", {"num_key_value_heads": 2}),
+    ("qwen3", {"num_key_value_heads": 2}),  # no head_dim: transformers' 128, not hidden / heads
+    ("qwen3", {"num_attention_heads": 64}),  # no num_key_value_heads: transformers' 32
+])
+def test_keys_a_config_leaves_out_are_read_as_transformers_reads_them(family, extra):
+    """A hand-written or converted config.json that omits keys must give the model transformers builds from it."""
+    import transformers
+
+    d = {**_BASE, "model_type": family, **extra}
+    ref = transformers.AutoConfig.for_model(**d)
+    ref.standardize_rope_params()
+    got = models.config_from_hf(d)
+    assert got.max_position_embeddings == ref.max_position_embeddings
+    assert got.num_kv_heads == ref.num_key_value_heads
+    assert got.head_dim == getattr(ref, "head_dim", None) or ref.hidden_size // ref.num_attention_heads
+    assert got.sliding_window == getattr(ref, "sliding_window", None)
+    rp = ref.rope_parameters
+    assert got.rope_theta == rp["rope_theta"]
+    if rp["rope_type"] == "default":
+        assert got.rope_scaling is None
+    else:
+        assert got.rope_scaling.rope_type == rp["rope_type"] and got.rope_scaling.factor == rp["factor"]
+        if rp["rope_type"] == "llama3":
+            assert got.rope_scaling.original_max_position_embeddings == rp["original_max_position_embeddings"]

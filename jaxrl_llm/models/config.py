@@ -179,7 +179,19 @@ def _first(d: dict, *keys, default=None):
     return default
 
 
-def _rope_scaling_from_hf(rs: dict | None, where: str) -> RopeScaling | None:
+# What transformers' config classes assume for keys a config.json leaves out, where it differs by family (read
+# from their constructors): the same file must mean the same model here.
+_FAMILY_DEFAULTS = {
+    "llama": dict(max_position_embeddings=2048, num_key_value_heads=None, head_dim=None),
+    "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8, head_dim=None, sliding_window=4096),
+    "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=None),
+    "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128),
+}
+
+
+def _rope_scaling_from_hf(rs: dict | None, where: str, d: dict, max_pos: int) -> RopeScaling | None:
+    """llama3's pretraining context as transformers reads it: a top-level original_max_position_embeddings first,
+    then the scaling dict's, then max_position_embeddings."""
     if not rs:
         return None
     rope_type = rs.get("rope_type", rs.get("type"))
@@ -194,7 +206,8 @@ def _rope_scaling_from_hf(rs: dict | None, where: str) -> RopeScaling | None:
         factor=float(rs.get("factor", 1.0)),
         low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
         high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(rs.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=int(_first(d, "original_max_position_embeddings", default=_first(
+            rs, "original_max_position_embeddings", default=max_pos))),
     )
 
 
@@ -222,17 +235,20 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
     if missing:
         raise UnsupportedModelError(f"{where}: missing required keys {missing}")
     num_heads = int(d["num_attention_heads"])
-    head_dim = _first(d, "head_dim", default=int(d["hidden_size"]) // num_heads)
-    # transformers >= 5 writes `rope_parameters` (theta inside); 4.x wrote `rope_theta` + `rope_scaling`.
+    fam = _FAMILY_DEFAULTS[family]
+    head_dim = _first(d, "head_dim", default=fam["head_dim"] or int(d["hidden_size"]) // num_heads)
+    max_pos = int(_first(d, "max_position_embeddings", default=fam["max_position_embeddings"]))
+    # transformers >= 5 writes `rope_parameters` (theta inside); 4.x wrote `rope_theta` + `rope_scaling`; either may
+    # name the type with the older key "type".
     rope = d.get("rope_parameters") or {}
     rope_theta = _first(rope, "rope_theta", default=_first(d, "rope_theta", default=10000.0))
-    rope_scaling = rope if rope.get("rope_type", "default") != "default" else d.get("rope_scaling")
+    rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else d.get("rope_scaling")
     eos = d.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
     attention_bias = bool(d.get("attention_bias", False))
     sliding = None
-    if family == "mistral":
-        sliding = d.get("sliding_window")
+    if family == "mistral":  # an absent key is transformers' default window; an explicit null is none
+        sliding = d.get("sliding_window", fam["sliding_window"])
     elif family in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
         raise UnsupportedModelError(f"{where}: use_sliding_window=true is not supported for {family}")
     num_labels = 0
@@ -245,12 +261,12 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
         intermediate_size=int(d["intermediate_size"]),
         num_layers=int(d["num_hidden_layers"]),
         num_heads=num_heads,
-        num_kv_heads=int(_first(d, "num_key_value_heads", default=num_heads)),
+        num_kv_heads=int(_first(d, "num_key_value_heads", default=fam["num_key_value_heads"] or num_heads)),
         head_dim=int(head_dim),
         rms_norm_eps=float(_first(d, "rms_norm_eps", default=1e-6)),
         rope_theta=float(rope_theta),
-        rope_scaling=_rope_scaling_from_hf(rope_scaling, where),
-        max_position_embeddings=int(_first(d, "max_position_embeddings", default=2048)),
+        rope_scaling=_rope_scaling_from_hf(rope_scaling, where, d, max_pos),
+        max_position_embeddings=max_pos,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         qkv_bias=family == "qwen2" or (attention_bias and family in ("llama", "qwen3")),  # as transformers reads it
         o_bias=attention_bias and family in ("llama", "qwen3"),

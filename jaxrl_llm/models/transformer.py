@@ -70,7 +70,9 @@ def rope_tables(cfg: ModelConfig, positions_BT: jax.Array) -> tuple[jax.Array, j
     by every layer's q and k (a layer scan reads them as loop constants). In an unrolled layer loop XLA fuses the
     cosine and sine into every layer's rotation and evaluates them again per head and layer; the sampler's decode
     loop therefore builds one table of the cache's positions before the loop and passes each step's rows to
-    `forward_with_cache(rope=...)`."""
+    `forward_with_cache(rope=...)`. Dynamic NTK takes its length from the longest position of the whole batch, as
+    transformers does: past max_position_embeddings a row's result then depends on its batch (and a cached
+    decode on when each key was cached), which keeps logits equal to transformers' on the same batch."""
     inv_freq = rope_inv_freq(cfg, jnp.max(positions_BT) + 1)
     freqs_BTh = positions_BT.astype(_F32)[..., None] * inv_freq
     return jnp.cos(freqs_BTh), jnp.sin(freqs_BTh)

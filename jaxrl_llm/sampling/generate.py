@@ -169,7 +169,9 @@ def generate(
     """Sample completions of token-id prompts with the model's own (trainer's) parameter arrays.
 
     sampling_params: one SamplingParams for all prompts, or one per prompt. rng: a PRNG key (or an int seed);
-    prompt i samples from the stream fold_in(rng, i), so results do not depend on batching or chunking.
+    prompt i samples from the stream fold_in(rng, i), so results do not depend on batching or chunking (one
+    exception, as in transformers: dynamic-NTK RoPE past max_position_embeddings takes its base from the batch's
+    longest position; GRPO keeps rows within max_position_embeddings, where it does not apply).
     mesh/rules: the trainer's mesh and rules table; params are used where they are, with no copy. In a
     multi-process job every process calls this with the same prompts: each places the rows its devices own and
     every process gets every completion back.
