@@ -164,6 +164,9 @@ def main() -> None:
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     try:
         _, preload, confine, isolate, warmup = inbox.recv()
+        if isolate and not hasattr(os, "fork"):
+            raise RuntimeError("isolate=True runs each sample in a forked process, and this platform has no fork; "
+                               "pass isolate=False")
         for name in preload:
             importlib.import_module(name)
         if confine is not None:
