@@ -1,12 +1,18 @@
 """Optimizer from config: AdamW, warmup then cosine/linear/constant decay, grad-norm clipping,
-no weight decay on norms and biases."""
+no weight decay on norms and biases. Its state is fp32 whatever the parameters' dtype (bf16(0.999) is 1.0: a
+bf16 second moment would never decay), and so are the updates it returns; `apply_updates` adds them to
+low-precision parameters with stochastic rounding."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
+
+_F32 = jnp.float32
 
 
 def learning_rate_schedule(lr: float, max_steps: int, warmup_steps: int = 0, schedule: str = "cosine",
@@ -41,6 +47,50 @@ def decay_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(leaf, params)
 
 
+def _f32(tree: Any) -> Any:
+    return jax.tree.map(lambda x: x.astype(_F32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def fp32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` run on fp32 views of the gradients and parameters: fp32 state and fp32 updates."""
+    def init(params):
+        return inner.init(_f32(params))
+
+    def update(updates, state, params=None):
+        return inner.update(_f32(updates), state, None if params is None else _f32(params))
+
+    return optax.GradientTransformation(init, update)
+
+
+def _stochastic_round_bf16(x_f32: jax.Array, key: jax.Array) -> jax.Array:
+    """x rounded to bf16 up or down with probabilities in proportion to its distance from each (unbiased, so
+    updates far below a bf16 step still move the weights on average); non-finite values round to nearest."""
+    bits = jax.lax.bitcast_convert_type(x_f32, jnp.uint32)
+    noise = jax.random.bits(key, x_f32.shape, jnp.uint32) & jnp.uint32(0xFFFF)
+    up = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), _F32)
+    return jnp.where(jnp.isfinite(x_f32), up, x_f32).astype(jnp.bfloat16)
+
+
+def apply_updates(params: Any, updates: Any, step: jax.Array) -> Any:
+    """params + updates, computed in fp32. fp32 parameters take the sum; bf16 parameters take it stochastically
+    rounded (round-to-nearest would drop every update under half a bf16 step: at lr 2e-5, nearly all of a
+    SmolLM2's weights would never move), from a key that depends only on `step` and the leaf, so a resumed run
+    rounds as the uninterrupted one; other dtypes round to nearest."""
+    key = jax.random.fold_in(jax.random.key(0x5EED), step)
+    leaves, treedef = jax.tree.flatten(params)
+    ups = treedef.flatten_up_to(updates)
+    out = []
+    for i, (p, u) in enumerate(zip(leaves, ups, strict=True)):
+        total = p.astype(_F32) + u.astype(_F32)
+        if p.dtype == _F32:
+            out.append(total)
+        elif p.dtype == jnp.bfloat16:
+            out.append(_stochastic_round_bf16(total, jax.random.fold_in(key, i)))
+        else:
+            out.append(total.astype(p.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
 def make_optimizer(lr: float, max_steps: int, *, warmup_steps: int = 0, schedule: str = "cosine",
                    weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                    grad_clip: float = 1.0, final_lr_fraction: float = 0.0
@@ -50,4 +100,4 @@ def make_optimizer(lr: float, max_steps: int, *, warmup_steps: int = 0, schedule
     if grad_clip and grad_clip > 0:
         parts.append(optax.clip_by_global_norm(grad_clip))
     parts.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=decay_mask))
-    return optax.chain(*parts), sched
+    return fp32_state(optax.chain(*parts)), sched

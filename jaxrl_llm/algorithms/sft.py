@@ -19,6 +19,7 @@ from jaxrl_llm.data.chat import DataError, to_messages, tokenize_conversation
 from jaxrl_llm.data.sources import load_rows
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import hidden_states, lm_logits
+from jaxrl_llm.optim import apply_updates
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
 log = logging.getLogger(__name__)
@@ -76,11 +77,13 @@ def microbatch_grads(loss_sum_fn: Callable, params: Any, batch: dict[str, jax.Ar
 
 def apply_mean_grads(optimizer: optax.GradientTransformation, state: dict, g_sum: Any, count: jax.Array
                      ) -> tuple[dict, jax.Array]:
-    """Divide summed grads by the global count, update; returns (new state, grad norm)."""
+    """Divide summed grads by the global count, update; returns (new state, grad norm). Gradients stay fp32 (the
+    optimizer of `optim.make_optimizer` keeps fp32 state); `optim.apply_updates` adds the update to the
+    parameters in fp32 and rounds bf16 parameters stochastically."""
     params = state["params"]
-    grads = jax.tree.map(lambda g, p: (g / count).astype(p.dtype), g_sum, params)
+    grads = jax.tree.map(lambda g: (g / count).astype(jnp.float32), g_sum)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-    new = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
+    new = {**state, "params": apply_updates(params, updates, state["step"]), "opt_state": opt_state,
            "step": state["step"] + 1}
     return new, optax.global_norm(grads)
 
