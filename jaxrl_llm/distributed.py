@@ -109,11 +109,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return DistributedInfo(0, 1, None, "single")
     host, port = split_address(coordinator_address)
     use_rendezvous = env.get(ENV_RENDEZVOUS, "on").strip().lower() not in _OFF
-    rdv_port = (_env_int(ENV_RENDEZVOUS_PORT, minimum=1) or port + 1) if use_rendezvous else 0
+    rdv_port = rendezvous_port(port, _env_int(ENV_RENDEZVOUS_PORT, minimum=1)) if use_rendezvous else 0
     if rdv_port > 65535:
-        raise DistributedError(f"rendezvous port {rdv_port} (coordinator {coordinator_address} port + 1, or "
-                               f"{ENV_RENDEZVOUS_PORT}) is not a TCP port: use a coordinator port below 65535 or "
-                               f"set {ENV_RENDEZVOUS_PORT}")
+        raise DistributedError(f"rendezvous port {rdv_port} ({ENV_RENDEZVOUS_PORT}) is not a TCP port")
     if _backend_started():
         raise DistributedError(f"{num_processes} processes configured (coordinator {coordinator_address}), but a "
                                "JAX backend is already running in this process: start-up must come before "
@@ -444,6 +442,14 @@ def json_default(v: Any, *, strict: bool = True) -> Any:
     return str(v)
 
 
+def rendezvous_port(coordinator_port: int, explicit: int | None = None) -> int:
+    """The start-up check's port: `explicit`, else the coordinator's + 1, or - 1 for the top port (JAX's SLURM
+    detection picks 61440 + job id % 4096, which reaches 65535)."""
+    if explicit:
+        return explicit
+    return coordinator_port + 1 if coordinator_port < 65535 else coordinator_port - 1
+
+
 def allgather_json(obj: Any) -> list[Any]:
     """[obj of process 0, obj of process 1, ...] on every process, for small JSON-able values (per-sample
     rewards and scorer info, event counts). A collective: every process must call it. One process: [obj]."""
@@ -451,8 +457,17 @@ def allgather_json(obj: Any) -> list[Any]:
         return [obj]
     from jax.experimental import multihost_utils
 
-    data = np.frombuffer(json.dumps(obj, default=json_default).encode(), np.uint8)
-    sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+    try:
+        data = np.frombuffer(json.dumps(obj, default=json_default).encode(), np.uint8)
+        failure = None
+    except (TypeError, ValueError) as e:  # still take part in the gathers below, or the others wait forever
+        data, failure = np.zeros(0, np.uint8), f"{type(e).__name__}: {e}"
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([-1 if failure else data.size], np.int64)
+                                                         )).reshape(-1)
+    if (sizes < 0).any():
+        bad = [int(p) for p in np.flatnonzero(sizes < 0)]
+        raise TypeError(f"allgather_json: process(es) {bad} could not serialise their value as JSON"
+                        + (f" ({failure})" if failure else ""))
     padded = np.zeros(int(sizes.max()), np.uint8)
     padded[:data.size] = data
     rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)

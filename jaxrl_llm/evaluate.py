@@ -201,7 +201,7 @@ def main(argv) -> None:
         distributed.initialize_from_flags()
         run(FLAGS.config, FLAGS.out, name)
     except train.USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+        train.exit_with_error(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from absl import app, flags
 from jaxrl_llm import models, parallel
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.metrics import quiet_libraries
-from jaxrl_llm.models.hf_io import _check_replaceable
+from jaxrl_llm.models.hf_io import check_replaceable
 
 FLAGS = flags.FLAGS
 
@@ -34,7 +34,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: st
     if real_out == real_wd or real_wd.startswith(real_out.rstrip(os.sep) + os.sep):
         raise FileExistsError(f"--out {out} is (or holds) the workdir {workdir}: the export would replace it; "
                               "name a folder of its own (e.g. WORKDIR/hf_export)")
-    _check_replaceable(os.path.abspath(out))  # before the restore; save_pretrained checks again before replacing
+    check_replaceable(os.path.abspath(out))  # before the restore; save_pretrained checks again before replacing
     with open(path) as f:
         saved = json.load(f)
     cfg = models.config_from_hf(saved["hf_config"], where=path)

@@ -244,6 +244,10 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
     """The run folder every algorithm shares: model_config.json and tokenizer/ (process 0, for export and
     evaluation; with data.chat_template's override as its template) and the checkpointer over checkpoints/."""
     os.makedirs(workdir, exist_ok=True)
+    if config.get("export_hf", False):  # the end-of-run export would refuse it: say so before training
+        from jaxrl_llm.models.hf_io import check_replaceable
+
+        check_replaceable(os.path.abspath(os.path.join(workdir, "hf")))
     cc = config.checkpoint
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
                         best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", default_best_mode))
@@ -448,7 +452,18 @@ def main(argv) -> None:
         distributed.initialize_from_flags()
         run(FLAGS.config, FLAGS.workdir or os.path.join("runs", recipe))
     except USER_ERRORS as e:
-        sys.exit(f"error: {e}")
+        exit_with_error(f"error: {e}")
+
+
+def exit_with_error(message: str) -> None:
+    """Print `message` and exit with status 1. In a multi-process job, at once (os._exit): a normal exit waits in
+    jax.distributed's shutdown barrier for processes that are stuck in a collective this one left, so the job
+    would hang for minutes and then abort, instead of the launcher stopping the others right away."""
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    sys.exit(message)
 
 
 if __name__ == "__main__":

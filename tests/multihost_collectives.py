@@ -43,10 +43,16 @@ x = np.arange(48, dtype=np.float32).reshape(16, 3)
 g = distributed.put_global(x, rows)
 off = distributed.offload({"g": g})
 on = distributed.onload(off)
+try:  # process 1's value cannot be written as JSON: both processes must learn it, neither may wait forever
+    distributed.allgather_json({"tags": {"x"}} if me == 1 else {"tags": []})
+    unserialisable = "no error"
+except TypeError as e:
+    unserialisable = str(e)
 print("RESULT " + json.dumps({
     "process": me, "seen": env.seen, "rewards": res.rewards.tolist(), "info": res.info, "counts": res.counts,
     "addressable": g.is_fully_addressable, "local_rows": sorted({int(s.index[0].start) for s in g.addressable_shards}),
     "gathered": distributed.to_host(g).tolist(), "offload_kind": off["g"].sharding.memory_kind,
     "onload_kind": on["g"].sharding.memory_kind, "roundtrip": distributed.to_host(on["g"]).tolist(),
     "objects": distributed.allgather_json({"p": me, "x": [me] * (me + 1)}),
+    "unserialisable": unserialisable,
 }), flush=True)

@@ -124,8 +124,8 @@ def test_single_process_is_a_no_op(clean_env):
       "JAXRL_INIT_TIMEOUT_S": "soon"}, "JAXRL_INIT_TIMEOUT_S='soon'"),
     ({"JAXRL_COORDINATOR": "h:1", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "0",
       "JAXRL_INIT_TIMEOUT_S": "0"}, "init_timeout_s=0.0: must be > 0"),  # 0 is not "unset"
-    ({"JAXRL_COORDINATOR": "h:65535", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "0"},
-     "rendezvous port 65536"),
+    ({"JAXRL_COORDINATOR": "h:1", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "0",
+      "JAXRL_RENDEZVOUS_PORT": "70000"}, "rendezvous port 70000"),
     # this test process already runs a JAX backend: joining a job now is refused before any waiting
     ({"JAXRL_COORDINATOR": "h:1", "JAXRL_NUM_PROCESSES": "2", "JAXRL_PROCESS_ID": "0"}, "already running"),
 ])
@@ -136,6 +136,34 @@ def test_bad_settings_are_one_line_errors(clean_env, env, needle):
     with pytest.raises(DistributedError) as e:
         distributed.initialize()
     assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_rendezvous_port_stays_a_tcp_port():
+    assert distributed.rendezvous_port(61440) == 61441
+    assert distributed.rendezvous_port(65535) == 65534  # JAX's SLURM detection: 61440 + job id % 4096
+    assert distributed.rendezvous_port(65535, 7000) == 7000
+
+
+def test_a_failing_process_of_a_job_exits_at_once(monkeypatch, capsys):
+    """sys.exit would wait in jax.distributed's shutdown barrier for processes stuck in a collective this one
+    left (minutes, then an abort); the error goes out and the process ends with status 1 right away."""
+    from jaxrl_llm import train
+
+    class Exited(Exception):
+        pass
+
+    def fake_exit(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(os, "_exit", fake_exit)
+    with pytest.raises(Exited) as e:
+        train.exit_with_error("error: data.source='x.jsonl': file not found")
+    assert e.value.args == (1,) and "file not found" in capsys.readouterr().err
+    monkeypatch.setattr(jax, "process_count", lambda: 1)
+    with pytest.raises(SystemExit, match="file not found"):
+        train.exit_with_error("error: data.source='x.jsonl': file not found")
 
 
 @pytest.mark.parametrize("spec, one", [("1(x4)", True), ("1", True), ("2(x2)", False), ("1,2", False)])
@@ -315,6 +343,7 @@ def test_two_processes_place_gather_offload_and_split_scoring():
         assert o["gathered"] == x and o["roundtrip"] == x
         assert (o["offload_kind"], o["onload_kind"]) == ("pinned_host", "device")
         assert o["objects"] == [{"p": 0, "x": [0]}, {"p": 1, "x": [1, 1]}]
+        assert "process(es) [1] could not serialise" in o["unserialisable"], o["unserialisable"]
 
 
 # GRPO tiny at a smaller learning rate: at lr 1e-2, Adam's first update is close to sign(g) and flips for gradient

