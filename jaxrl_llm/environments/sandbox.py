@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 import platform
 import resource
@@ -101,6 +102,14 @@ def _ins(code: int, k: int, jt: int = 0, jf: int = 0) -> bytes:
     return struct.pack("HBBI", code, jt, jf, k & 0xFFFFFFFF)
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    """This process's C library with `prctl` typed (loaded once; a forked child inherits the handle)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    return libc
+
+
 def _filter(machine: str, pid: int, allow_fork: bool = False) -> list[bytes]:
     a = _ARCHES[machine]
     eperm = _RET_ERRNO | errno.EPERM
@@ -151,8 +160,7 @@ def confine(memory_limit_mb: int | None = 4096, *, allow_fork: bool = False) -> 
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     fprog = _Fprog(n, ctypes.cast(buf, ctypes.c_void_p))
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    libc = _libc()
     if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
         raise SandboxError(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(ctypes.get_errno())}")
     # seccomp(2) with TSYNC, not prctl: the filter must cover every thread of the process, including those
@@ -181,7 +189,6 @@ def die_with_parent() -> None:
     """Have the kernel SIGKILL this process when its parent (the thread that forked it) ends (Linux only)."""
     if os.uname().sysname != "Linux":
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    libc = _libc()
     if libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0) != 0:
         raise SandboxError(f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(ctypes.get_errno())}")
