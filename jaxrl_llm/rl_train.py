@@ -309,6 +309,11 @@ class GRPORunner:
             log.info("grpo.shared_prompt: a microbatch of %d rows does not hold whole groups of %d; every row runs "
                      "its own prompt", self.mb_size // tc.microbatches, self.G)
         self.full_sh = full_sh
+        warning = parallel.batch_split_warning(rules, mesh, {
+            "train.batch_size (rollout.num_prompts x group_size when 0)": self.mb_size,
+            "a microbatch (that / train.microbatches)": self.mb_size // tc.microbatches})
+        if warning:
+            log.warning(warning)
 
     # -- rollouts -------------------------------------------------------------------------------------------
 

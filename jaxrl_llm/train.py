@@ -297,6 +297,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step_fn = algo.make_step(cfg, optimizer, config, rules)
 
     B = config.train.batch_size
+    warning = parallel.batch_split_warning(rules, mesh, {"train.batch_size": B, "a microbatch (train.batch_size / "
+                                                         "train.microbatches)": B // config.train.microbatches})
+    if warning:
+        log.warning(warning)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def batch_shardings(local: dict[str, np.ndarray], extra: dict[str, tuple[str, ...]] | None = None) -> dict:

@@ -80,9 +80,12 @@ def test_resume_after_sigkill_is_exact(reference, tmp_path):
 
 def test_restore_onto_a_different_mesh(reference, tmp_path):
     wd = tmp_path / "mesh"
-    # Steps 1-3 on 8 devices (fsdp=4, tensor=2), then steps 4-6 on 1 device.
-    _train(wd, "--config.max_steps=3", "--config.checkpoint.every_steps=3", "--config.mesh.fsdp=4",
-           "--config.mesh.tensor=2", devices=8)
+    # Steps 1-3 on 8 devices (fsdp=4, tensor=2) in 2 microbatches, then steps 4-6 on 1 device in one.
+    r = _train(wd, "--config.max_steps=3", "--config.checkpoint.every_steps=3", "--config.mesh.fsdp=4",
+               "--config.mesh.tensor=2", "--config.train.microbatches=2", devices=8)
+    # A microbatch of 2 rows cannot split over fsdp=4: the run says its rows are replicated there.
+    assert "a microbatch (train.batch_size / train.microbatches)=2 rows do not split" in r.stderr
+    assert "fsdp=4: the rows are replicated along fsdp" in r.stderr
     _train(wd, "--config.max_steps=6", "--config.checkpoint.every_steps=3")
     got, ref = _losses(wd), _losses(reference)
     assert sorted(got) == sorted(ref)

@@ -139,3 +139,22 @@ def test_rows_that_could_outgrow_the_models_context_are_refused_at_the_start(tmp
     c = recipe("grpo_tiny", {**over, "model.init.max_position_embeddings": 100})
     with pytest.raises(ConfigError, match=needle):
         run_grpo(c, str(tmp_path))
+
+
+def test_a_microbatch_that_does_not_split_over_the_mesh_is_reported(tmp_path, caplog, monkeypatch):
+    """On 8 devices (fsdp=8), microbatches of 16 / 4 = 4 rows are replicated along fsdp: said once at the start."""
+    from jaxrl_llm import rl_train
+
+    class Started(Exception):
+        pass
+
+    def first_step(self, *a, **k):
+        raise Started
+
+    monkeypatch.setattr(rl_train.GRPORunner, "step", first_step)
+    with caplog.at_level("WARNING", logger="jaxrl_llm.rl_train"), pytest.raises(Started):
+        rl_train.run_grpo(recipe("grpo_tiny", {"train.microbatches": 4}), str(tmp_path))
+    warned = [r.getMessage() for r in caplog.records if "do not split" in r.getMessage()]
+    assert warned == ["a microbatch (that / train.microbatches)=4 rows do not split over the mesh's batch axes "
+                      "fsdp=8: the rows are replicated along fsdp (those devices all compute the same rows); "
+                      "use a multiple of 8"]

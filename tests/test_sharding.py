@@ -82,6 +82,21 @@ def test_indivisible_dimensions_fall_back_to_replication():
         ("data", "fsdp"))
 
 
+def test_batch_split_warning_names_the_rows_and_the_lost_axes():
+    rules = parallel.ShardingRules()
+    mesh = parallel.make_mesh(data=2, fsdp=2, tensor=2)
+    assert parallel.batch_split_warning(rules, mesh, {"train.batch_size": 8, "a microbatch": 4}) is None
+    # 6 rows split over data=2 but not over data x fsdp = 4: fsdp is lost (replicated), data kept.
+    w = parallel.batch_split_warning(rules, mesh, {"train.batch_size": 8, "a microbatch": 6})
+    assert w is not None and w.startswith("a microbatch=6 rows") and "replicated along fsdp (" in w
+    assert "multiple of 4" in w
+    w = parallel.batch_split_warning(rules, mesh, {"train.batch_size": 3})
+    assert "replicated along data, fsdp (" in w
+    # Mesh axes of size 1 are never reported; the tensor axis is not a batch axis.
+    one = parallel.make_mesh(data=1, fsdp=1, tensor=8)
+    assert parallel.batch_split_warning(rules, one, {"train.batch_size": 3}) is None
+
+
 def test_mesh_shapes_and_errors():
     assert parallel.resolve_mesh_shape(1, -1, 2, 8) == (1, 4, 2)
     assert parallel.resolve_mesh_shape(2, 2, -1, 8) == (2, 2, 2)

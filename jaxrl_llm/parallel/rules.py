@@ -87,6 +87,28 @@ class ShardingRules:
         return NamedSharding(mesh, self.spec(logical_axes, shape, dict(mesh.shape)))
 
 
+def batch_split_warning(rules: ShardingRules, mesh: jax.sharding.Mesh, rows: dict[str, int]) -> str | None:
+    """A warning when a batch does not split over the mesh axes its `batch` rule names, else None.
+
+    `rules.spec` drops every such axis whose size does not divide the rows, so the rows are replicated along
+    it: each of those devices computes the same rows and data parallelism is lost there, silently.
+    `rows` maps a name a user knows (a config key, "a microbatch") to its number of rows.
+    """
+    shape = dict(mesh.shape)
+    wanted = [ax for ax in rules.mesh_axes("batch") if shape.get(ax, 1) > 1]
+    for name, n in rows.items():
+        spec = rules.spec(("batch",), (n,), shape)
+        got = spec[0] if len(spec) else None
+        got = (got,) if isinstance(got, str) else tuple(got or ())
+        lost = [ax for ax in wanted if ax not in got]
+        if lost:
+            size = math.prod(shape[ax] for ax in wanted)
+            return (f"{name}={n} rows do not split over the mesh's batch axes "
+                    f"{', '.join(f'{ax}={shape[ax]}' for ax in wanted)}: the rows are replicated along "
+                    f"{', '.join(lost)} (those devices all compute the same rows); use a multiple of {size}")
+    return None
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: ShardingRules | None) -> jax.Array:
     """with_sharding_constraint by logical names under the current mesh (`jax.set_mesh`); no-op without one."""
     if rules is None:
