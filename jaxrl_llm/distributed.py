@@ -18,6 +18,7 @@ connected; the others fail with one line when process 0 cannot be reached or rep
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -472,6 +473,57 @@ def allgather_json(obj: Any) -> list[Any]:
     padded[:data.size] = data
     rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
     return [json.loads(rows[p, :int(sizes[p])].tobytes().decode()) for p in range(len(sizes))]
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Adds `obj` to hash `h`: arrays by dtype, shape and bytes; containers item by item, tagged by type, so
+    different structures never collide by concatenation. Other objects by type name only (a repr may hold a
+    per-process address)."""
+    if isinstance(obj, np.ndarray | np.generic):
+        a = np.ascontiguousarray(obj)
+        h.update(f"a{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    elif isinstance(obj, str | bytes | int | float | bool) or obj is None:
+        h.update(f"{type(obj).__name__}:{len(repr(obj))}:{obj!r}".encode())
+    elif isinstance(obj, Mapping):
+        h.update(f"m{len(obj)}".encode())
+        for k in sorted(obj, key=str):
+            _feed(h, str(k))
+            _feed(h, obj[k])
+    elif isinstance(obj, list | tuple):
+        h.update(f"l{len(obj)}".encode())
+        for x in obj:
+            _feed(h, x)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        _feed(h, {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
+    else:
+        h.update(f"o{type(obj).__qualname__}".encode())
+
+
+def digest(obj: Any) -> str:
+    """A content hash of nested lists/tuples/dicts/dataclasses of arrays, strings and numbers: equal on every
+    process exactly when each one's copy holds the same values in the same order."""
+    h = hashlib.blake2b(digest_size=16)
+    _feed(h, obj)
+    return h.hexdigest()
+
+
+def check_same_everywhere(what: str, obj: Any, size: int) -> None:
+    """Raises ValueError when `obj` differs between the processes of a job (a collective: every process must
+    call it; nothing to check with one process). Each process builds its batches from its own copy of the data,
+    so copies that differ (another file version on one host, a host-local path) would train on rows that no
+    one process holds, silently. `size`: the number of items, reported per process."""
+    if jax.process_count() == 1:
+        return
+    mine = [digest(obj), int(size)]
+    everyone = allgather_json(mine)
+    if len({d for d, _ in everyone}) > 1:
+        groups: dict[str, list[int]] = {}
+        for p, (d, _) in enumerate(everyone):
+            groups.setdefault(d, []).append(p)
+        parts = "; ".join(f"process(es) {ps}: {everyone[ps[0]][1]} items, digest {d[:12]}" for d, ps in groups.items())
+        raise ValueError(f"{what} differs between the processes of this job ({parts}): every process must load the "
+                         "same data (the same file contents at the same path on every host)")
 
 
 def process_span(n: int) -> tuple[int, int]:

@@ -522,6 +522,12 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     optimizer, schedule = make_optimizer(max_steps=config.max_steps * updates_per_step, **opt_kw)
     opt_sh = opt_state_shardings(optimizer, params, models.param_shardings(cfg, mesh, rules), mesh)
     runner = GRPORunner(config, cfg, mesh, rules, tokenizer, tasks, env, optimizer, opt_sh)
+    try:  # each process picks a step's prompts from its own copy of the tasks
+        distributed.check_same_everywhere(f"data.source={dc.source!r} (prompts as tokenized, and their metadata)",
+                                          (runner.prompt_ids, [tasks[i].metadata for i in runner.kept]),
+                                          len(runner.kept))
+    except ValueError as e:
+        raise DataError(str(e)) from None
     with jax.set_mesh(mesh):
         opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
         ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef else None

@@ -287,6 +287,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.tokenizer or config.model.path)
     examples, data_stats = algo.prepare(config, tokenizer)
     examples, val_examples = split_validation(examples, config.data.get("val_fraction", 0.0), config.seed)
+    try:
+        distributed.check_same_everywhere(f"data.source={config.data.source!r} (as tokenized)",
+                                          (examples, val_examples), len(examples) + len(val_examples))
+    except ValueError as e:
+        raise DataError(str(e)) from None
     val_every = config.get("val_every", 0)
     if val_every and (not val_examples or algo.make_eval is None):
         raise ConfigError(f"val_every={val_every} needs data.val_fraction > 0 and an algorithm with validation")

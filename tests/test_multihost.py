@@ -138,6 +138,21 @@ def test_bad_settings_are_one_line_errors(clean_env, env, needle):
     assert needle in str(e.value) and "\n" not in str(e.value)
 
 
+def test_digest_sees_values_order_and_structure():
+    ids = [np.arange(5, dtype=np.int32), np.arange(3, dtype=np.int32)]
+    base = distributed.digest((ids, [{"answer": "4", "n": 1}]))
+    assert base == distributed.digest(([x.copy() for x in ids], [{"n": 1, "answer": "4"}]))  # key order is no content
+    changed = [ids[0].copy(), ids[1].copy()]
+    changed[1][2] = 7
+    assert distributed.digest((changed, [{"answer": "4", "n": 1}])) != base  # one token
+    assert distributed.digest((ids[::-1], [{"answer": "4", "n": 1}])) != base  # order
+    assert distributed.digest((ids, [{"answer": 4, "n": 1}])) != base  # "4" vs 4
+    assert distributed.digest(([np.arange(8, dtype=np.int32)], [])) != distributed.digest(
+        ([np.arange(5, dtype=np.int32), np.arange(5, 8, dtype=np.int32)], []))  # same bytes, other split
+    assert distributed.digest([np.arange(3, dtype=np.int64)]) != distributed.digest([np.arange(3, dtype=np.int32)])
+    distributed.check_same_everywhere("data", ids, 2)  # one process: nothing to compare, no collective
+
+
 def test_rendezvous_port_stays_a_tcp_port():
     assert distributed.rendezvous_port(61440) == 61441
     assert distributed.rendezvous_port(65535) == 65534  # JAX's SLURM detection: 61440 + job id % 4096
@@ -383,3 +398,23 @@ def test_grpo_two_processes_log_what_one_process_logs(tmp_path):
     assert sorted(mine) == sorted(theirs)
     for name in mine:
         np.testing.assert_allclose(mine[name], theirs[name], atol=1e-5, rtol=0, err_msg=name)
+
+
+@pytest.mark.slow
+@needs_smollm2
+@pytest.mark.parametrize("recipe_name", ["sft_tiny", "grpo_tiny"])
+def test_processes_that_load_different_data_stop_before_training(tmp_path, recipe_name):
+    """Each process builds its rows from its own copy of the data: copies that differ (here process 1 reads one
+    example more) are an error on every process, naming what differs and how, before any step."""
+    over = {**(TINY if recipe_name == "sft_tiny" else GRPO_TINY), "export_hf": False}
+    over.pop("data.num_examples", None)
+    args = " ".join(["python", "-m", "jaxrl_llm.train", "--config", f"configs/{recipe_name}.py",
+                     *[f"--config.{k}={v}" for k, v in over.items()], "--workdir", str(tmp_path / "w"),
+                     '--config.data.num_examples="$((16 + JAXRL_PROCESS_ID))"'])
+    r = _launch(2, "sh", "-c", args, timeout=300)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if "error: data.source=" in line]
+    assert {e.split(" ", 1)[0] for e in errors} == {"[0]", "[1]"}, r.stderr[-3000:]  # both processes say it
+    assert "differs between the processes of this job (process(es) [0]: 16 items" in errors[0]
+    assert "process(es) [1]: 17 items" in errors[0]
+    assert not os.path.exists(tmp_path / "w" / "metrics.jsonl") or not open(tmp_path / "w" / "metrics.jsonl").read()
