@@ -402,19 +402,24 @@ def test_grpo_two_processes_log_what_one_process_logs(tmp_path):
 
 @pytest.mark.slow
 @needs_smollm2
-@pytest.mark.parametrize("recipe_name", ["sft_tiny", "grpo_tiny"])
+@pytest.mark.parametrize("recipe_name", ["sft_tiny", "grpo_tiny", "eval_tiny"])
 def test_processes_that_load_different_data_stop_before_training(tmp_path, recipe_name):
     """Each process builds its rows from its own copy of the data: copies that differ (here process 1 reads one
     example more) are an error on every process, naming what differs and how, before any step."""
-    over = {**(TINY if recipe_name == "sft_tiny" else GRPO_TINY), "export_hf": False}
-    over.pop("data.num_examples", None)
-    args = " ".join(["python", "-m", "jaxrl_llm.train", "--config", f"configs/{recipe_name}.py",
-                     *[f"--config.{k}={v}" for k, v in over.items()], "--workdir", str(tmp_path / "w"),
-                     '--config.data.num_examples="$((16 + JAXRL_PROCESS_ID))"'])
+    if recipe_name == "eval_tiny":
+        cmd = ["python", "-m", "jaxrl_llm.evaluate", "--config", "configs/eval_tiny.py", "--out",
+               str(tmp_path / "w" / "results.json"), '--config.data.num="$((16 + JAXRL_PROCESS_ID))"']
+    else:
+        over = {**(TINY if recipe_name == "sft_tiny" else GRPO_TINY), "export_hf": False}
+        over.pop("data.num_examples", None)
+        cmd = ["python", "-m", "jaxrl_llm.train", "--config", f"configs/{recipe_name}.py",
+               *[f"--config.{k}={v}" for k, v in over.items()], "--workdir", str(tmp_path / "w"),
+               '--config.data.num_examples="$((16 + JAXRL_PROCESS_ID))"']
+    args = " ".join(cmd)
     r = _launch(2, "sh", "-c", args, timeout=300)
     assert r.returncode != 0
     errors = [line for line in r.stderr.splitlines() if "error: data.source=" in line]
     assert {e.split(" ", 1)[0] for e in errors} == {"[0]", "[1]"}, r.stderr[-3000:]  # both processes say it
     assert "differs between the processes of this job (process(es) [0]: 16 items" in errors[0]
     assert "process(es) [1]: 17 items" in errors[0]
-    assert not os.path.exists(tmp_path / "w" / "metrics.jsonl") or not open(tmp_path / "w" / "metrics.jsonl").read()
+    assert not any(os.path.exists(tmp_path / "w" / f) for f in ("metrics.jsonl", "results.json"))
