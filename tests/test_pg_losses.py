@@ -151,6 +151,39 @@ def test_masked_tokens_do_not_count():
     close(m2["ratio_min"], m["ratio_min"])
 
 
+@pytest.mark.parametrize("variant", [dict(), dict(dual_clip=3.0), dict(cispo=True), dict(token_level=False),
+                                     dict(token_level=False, sequence_level_ratio=True), dict(on_policy_kl=True),
+                                     dict(tis_cap=2.0)], ids=str)
+def test_floor_logprobs_keep_loss_and_gradient_finite(variant):
+    """Tokens outside the top-k/top-p set have the -1e4 log-prob floor (grpo.LOGP_FLOOR) in the recomputed old
+    log-probs; a later update that brings one back in gave exp(~1e4) = inf: NaN loss at masked positions (inf x 0)
+    and NaN gradients (the branch jnp.maximum did not take). Masked positions must not count at all, and a valid
+    token's ratio is bounded."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrl_llm.algorithms import grpo
+
+    floor = grpo.LOGP_FLOOR
+    lp = jnp.array([[-1.0, -3.0, -2.0], [-0.5, -2.0, -1.0]])
+    old = jnp.array([[-1.1, floor, -2.2], [-0.4, floor, floor]])
+    mask = jnp.array([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])  # row 0: a valid token at the floor; row 1: padding
+    kw = dict(kl_coef=0.1, ref_logprobs=lp - 0.3, sampler_logprobs=jnp.where(mask > 0, lp - 0.05, 0.0), **variant)
+    if variant.get("on_policy_kl") is None and variant.get("tis_cap") is None:
+        kw.pop("sampler_logprobs")
+    for adv in (jnp.array([-1.0, -1.0]), jnp.array([1.0, 1.0])):
+        f = lambda x, adv=adv: policy_gradient_loss(x, old, kw["ref_logprobs"], adv, mask,
+                                                    **{k: v for k, v in kw.items() if k != "ref_logprobs"})
+        (loss, metrics), g = jax.value_and_grad(f, has_aux=True)(lp)
+        assert np.isfinite(float(loss)) and np.isfinite(np.asarray(g)).all(), (adv, loss, g)
+        assert all(np.isfinite(float(v)) for v in metrics.values()), metrics
+        assert float(g[1, 1]) == 0.0 and float(g[1, 2]) == 0.0  # padding: no gradient
+        # Row 1's padding changes nothing: the same loss as with ordinary values there.
+        old_plain = old.at[1, 1:].set(-1.0)
+        close(loss, policy_gradient_loss(
+            lp, old_plain, kw["ref_logprobs"], adv, mask, **{k: v for k, v in kw.items() if k != "ref_logprobs"})[0])
+
+
 @pytest.mark.parametrize("token_level", [True, False])
 def test_normalizer_overrides_batch_count(token_level):
     lp, old, adv, mask = ragged_batch()

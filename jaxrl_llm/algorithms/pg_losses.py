@@ -16,6 +16,10 @@ KL_TYPES = ("k1", "k2", "k3")
 TIS_TYPES = ("tis", "icepop", "seq-mask-tis")
 KL_INPUT_CLAMP = 20.0  # |log r| and each token's KL term are clamped like NeMo RL's defaults
 KL_OUTPUT_CLAMP = 10.0
+# |log ratio| bound before exp. Log-probs of tokens outside the top-k/top-p set are a -1e4 floor (grpo.LOGP_FLOOR):
+# once an update brings such a token back, exp(lp - old) would be inf, and inf x mask 0, or the gradient of the
+# branch jnp.maximum did not take, NaN. e^20 (~5e8) is far beyond any clip range, so no real ratio is changed.
+LOG_RATIO_CLAMP = 20.0
 
 
 def grpo_advantages(rewards, group_size: int, leave_one_out: bool = True, normalize_std: bool = True,
@@ -68,6 +72,13 @@ def kl_penalty(logr_RT: jax.Array, kl_type: str) -> jax.Array:
 
 def _masked_seq_mean(x_RT: jax.Array, m_RT: jax.Array) -> jax.Array:
     return (x_RT * m_RT).sum(-1) / jnp.maximum(m_RT.sum(-1), 1.0)
+
+
+def _exp_or_zero(x: jax.Array) -> jax.Array:
+    """exp(x) where it is finite, else 0 (NeMo RL zeroes non-finite weights), with a finite gradient everywhere:
+    the inner where keeps exp's argument finite in the branch that is not taken."""
+    ok = jnp.isfinite(jnp.exp(jax.lax.stop_gradient(x)))
+    return jnp.where(ok, jnp.exp(jnp.where(ok, x, 0.0)), 0.0)
 
 
 def _check_options(*, kl_type, dual_clip, token_level, sequence_level_ratio, sampler_logprobs, tis_cap, reinforce,
@@ -138,21 +149,24 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
     old = jax.lax.stop_gradient(old_logprobs.astype(_F32))
     adv = jnp.asarray(advantages, _F32)
     adv = jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, lp.shape)
+    # Log-ratios: 0 at masked positions (padding, observations), bounded elsewhere (LOG_RATIO_CLAMP).
+    bounded = lambda x: jnp.clip(jnp.where(m > 0, x, 0.0), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    log_ratio = bounded(lp - old)
 
     if reinforce:  # plain policy gradient: -A * log p, no ratio (REINFORCE / RLOO)
         ratio = jnp.exp(lp - jax.lax.stop_gradient(lp))  # value 1, for the metrics only
         per_tok = -adv * lp
         clipped = jnp.zeros_like(lp)
     elif cispo:  # CISPO: the clipped ratio as a fixed weight on -A log p; clipped tokens keep their gradient
-        ratio = jnp.exp(lp - old)
+        ratio = jnp.exp(log_ratio)
         ratio_c = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
         per_tok = -adv * jax.lax.stop_gradient(ratio_c) * lp
         clipped = (ratio_c != ratio).astype(_F32)
     else:
         if sequence_level_ratio:  # GSPO: exp of the mean per-token log-ratio over each sequence
-            ratio = jnp.broadcast_to(jnp.exp(_masked_seq_mean(lp - old, m))[:, None], lp.shape)
+            ratio = jnp.broadcast_to(jnp.exp(_masked_seq_mean(log_ratio, m))[:, None], lp.shape)
         else:
-            ratio = jnp.exp(lp - old)
+            ratio = jnp.exp(log_ratio)
         ratio_c = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
         unclipped_loss, clipped_loss = -adv * ratio, -adv * ratio_c
         per_tok = jnp.maximum(unclipped_loss, clipped_loss)
@@ -165,10 +179,10 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
     weight = jnp.ones_like(lp)
     if sampler_logprobs is not None:  # importance weight between the trainer's old policy and the sampler's
         gen = jax.lax.stop_gradient(sampler_logprobs.astype(_F32))
-        w = jnp.exp(((old - gen) * m).sum(-1))[:, None] if sequence_level_ratio else jnp.exp(old - gen)
-        w = jnp.where(jnp.isfinite(w), w, 0.0)
+        log_w = jnp.where(m > 0, old - gen, 0.0)
+        w = _exp_or_zero((log_w * m).sum(-1))[:, None] if sequence_level_ratio else _exp_or_zero(log_w)
         if tis_cap is not None:
-            w = _truncate_is_weight(w, old - gen, m, tis_type, tis_min, tis_cap)
+            w = _truncate_is_weight(w, log_w, m, tis_type, tis_min, tis_cap)
         weight = jnp.broadcast_to(w, lp.shape)
 
     kl_tok = jnp.zeros_like(lp)
@@ -179,8 +193,7 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
         ref = jax.lax.stop_gradient(ref_logprobs.astype(_F32))
         # exp(lp - sg(lp)) == 1 in value; it carries the score-function term of the KL gradient (NeMo RL).
         if on_policy_kl:  # importance weight towards the sampler: an estimate of KL under the current policy
-            v = jnp.exp(lpk - jax.lax.stop_gradient(sampler_logprobs.astype(_F32)))
-            v = jnp.where(jnp.isfinite(v), v, 0.0)
+            v = _exp_or_zero(jnp.where(m > 0, lpk - jax.lax.stop_gradient(sampler_logprobs.astype(_F32)), 0.0))
         else:
             v = jnp.exp(lpk - jax.lax.stop_gradient(lpk))
         kl_tok = jnp.clip(kl_coef * v * kl_penalty(ref - lpk, kl_type), -KL_OUTPUT_CLAMP, KL_OUTPUT_CLAMP)
@@ -189,18 +202,18 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
     kl_raw = (jax.lax.stop_gradient(kl_penalty(ref_logprobs.astype(_F32) - lpk, kl_type))
               if ref_logprobs is not None else jnp.zeros_like(lp))
     # Sample-based entropy estimate E[-log p] (importance-weighted towards the sampler when its log-probs exist).
-    ent_w = jax.lax.stop_gradient(jnp.exp(lp - sampler_logprobs.astype(_F32))) if sampler_logprobs is not None \
-        else 1.0
+    ent_w = jax.lax.stop_gradient(_exp_or_zero(jnp.where(m > 0, lp - sampler_logprobs.astype(_F32), 0.0))) \
+        if sampler_logprobs is not None else 1.0
     sg = jax.lax.stop_gradient
     per_token = {"actor_loss": actor_tok, "kl_loss": kl_tok, "kl": kl_raw, "clip_fraction": clipped,
                  "ratio_mean": sg(ratio), "is_weight_mean": weight, "approx_entropy": sg(-ent_w * lp),
                  "advantage_mean": adv}
     if token_level:
-        agg = {k: (v * m).sum() for k, v in per_token.items()}
+        agg = {k: jnp.where(m > 0, v * m, 0.0).sum() for k, v in per_token.items()}
         count = m.sum()
     else:
         valid = (m.sum(-1) > 0).astype(_F32)
-        agg = {k: (_masked_seq_mean(v, m) * valid).sum() for k, v in per_token.items()}
+        agg = {k: (_masked_seq_mean(jnp.where(m > 0, v, 0.0), m) * valid).sum() for k, v in per_token.items()}
         count = valid.sum()
     nll_term = jnp.zeros((), _F32)
     if positive_nll_weight:
