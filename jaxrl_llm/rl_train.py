@@ -159,16 +159,21 @@ def reference_logprobs(fn, ref_params: Any, ids_RT: jax.Array, attn_RT: jax.Arra
     return out
 
 
+def scaled_rewards(rewards: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
+    """grpo.reward_scaling applied to rewards (unchanged when it is off): clamped and mapped affinely."""
+    rs = config.grpo.reward_scaling
+    if not rs.enabled:
+        return rewards
+    return np.asarray(adv_lib.scale_rewards(rewards, rs.source_min, rs.source_max, rs.target_min, rs.target_max),
+                      np.float32)
+
+
 def shaped_rewards(roll: Rollouts, config: ml_collections.ConfigDict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """The rewards the advantages see, and the components likewise scaled: reward_scaling, then
     stop_properly_penalty on truncated samples or DAPO's overlong shaping."""
     g, ro = config.grpo, config.rollout
-    rewards, comps = roll.rewards, dict(roll.components)
-    rs = g.reward_scaling
-    if rs.enabled:
-        scale = lambda r: np.asarray(adv_lib.scale_rewards(r, rs.source_min, rs.source_max, rs.target_min,
-                                                           rs.target_max), np.float32)
-        rewards, comps = scale(rewards), {k: scale(v) for k, v in comps.items()}
+    rewards = scaled_rewards(roll.rewards, config)
+    comps = {k: scaled_rewards(v, config) for k, v in roll.components.items()}
     truncated = np.array([f == "length" for f in roll.finish])
     if g.stop_properly_penalty is not None:
         return np.asarray(adv_lib.stop_properly_penalty(rewards, truncated, g.stop_properly_penalty), np.float32), comps
@@ -389,7 +394,9 @@ class GRPORunner:
             return roll, info
         kept, spare, rounds = [], [], 0
         while True:
-            keep = grpo.dynamic_sampling_keep(roll.rewards, self.G)
+            # On the scaled, unshaped rewards (NeMo RL): rewards that differ only where the scaling clamps them
+            # give the group no spread to learn from.
+            keep = grpo.dynamic_sampling_keep(scaled_rewards(roll.rewards, self.config), self.G)
             kept.append(roll.take_groups(np.flatnonzero(keep), self.G))  # carries the round's counts
             spare.append(dataclasses.replace(roll.take_groups(np.flatnonzero(~keep), self.G), counts={}))
             rounds += 1

@@ -270,6 +270,7 @@ def test_grpo_dapo_gspo_gdpo_options_end_to_end(tmp_path):
                    "grpo.dynamic_sampling": True, "grpo.dynamic_sampling_max_rounds": 2, "grpo.overlong_buffer": 4,
                    "grpo.clip_high": 0.28, "grpo.kl_coef": 0.0, "grpo.sequence_level_ratio": True,
                    "grpo.token_level": False, "grpo.importance_correction": True, "grpo.tis_cap": 2.0,
+                   "grpo.recompute_old_logprobs": True,
                    "grpo.epochs": 2, "val_every": 2, "eval.num_examples": 4, "grpo.adv_estimator": "gdpo",
                    "grpo.reward_weights": (1.0, 0.5)})
     c.env = {"name": "combined", "components": [{"name": "format", "pattern": "k", "label": "has_k"},

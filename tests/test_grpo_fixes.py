@@ -53,6 +53,21 @@ def test_dynamic_sampling_partly_short_metrics_add_up():
     assert 2 + info["dynamic_sampling_discarded_groups"] + info["dynamic_sampling_excess_groups"] == generated
 
 
+def test_dynamic_sampling_filters_on_the_scaled_rewards():
+    """NeMo RL tests the spread of the scaled (clamped), unshaped rewards: a group of 1.0 and 1.5 under reward
+    scaling from [0, 1] has none (both clamp to 1) and must be replaced, not trained on with zero advantage."""
+    r = _runner(2, 2, 4, [[1.0, 1.5, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]], lambda n: {"scored": n})
+    r.config.grpo.reward_scaling.enabled = True
+    r.config.grpo.reward_scaling.target_min = -1.0
+    roll, info = r.collect(None, step=0)
+    assert roll.task_idx == [2, 3, 100, 101]  # round 0's second group, then round 1's first
+    assert info["dynamic_sampling_rounds"] == 2 and info["dynamic_sampling_discarded_groups"] == 2
+    # Without scaling, 1.0 and 1.5 are a spread: round 0 fills the batch.
+    r.config.grpo.reward_scaling.enabled = False
+    roll, info = r.collect(None, step=0)
+    assert roll.task_idx == [0, 1, 2, 3] and info["dynamic_sampling_rounds"] == 1
+
+
 def test_dynamic_sampling_excess_groups_with_spread():
     # round 0 already has 3 groups with spread for 2 prompts: one is left out (excess), none discarded
     r = _runner(2, 2, 3, [[1, 0, 0, 1, 1, 0]], lambda n: {"scored": n})
@@ -73,9 +88,12 @@ def _validate(over):
     ({"train.microbatches": -1}, "train.microbatches=-1"),
     ({"train.batch_size": -16}, "train.batch_size=-16"),
     ({"val_every": 2, "eval.n_samples": 0}, "eval.n_samples=0"),
-    ({"grpo.tis_type": "icepop", "grpo.tis_min": 0.5, "grpo.importance_correction": True}, "grpo.tis_type='icepop'"),
+    ({"grpo.tis_type": "icepop", "grpo.tis_min": 0.5, "grpo.importance_correction": True,
+      "grpo.recompute_old_logprobs": True}, "grpo.tis_type='icepop'"),
     ({"grpo.tis_type": "seq-mask-tis"}, "grpo.tis_cap"),
-    ({"grpo.tis_min": 0.5, "grpo.importance_correction": True}, "grpo.tis_min=0.5"),
+    ({"grpo.tis_min": 0.5, "grpo.importance_correction": True, "grpo.recompute_old_logprobs": True},
+     "grpo.tis_min=0.5"),
+    ({"grpo.importance_correction": True}, "it needs grpo.recompute_old_logprobs=True (without it"),
 ])
 def test_bad_config_is_one_config_error_naming_the_key(over, needle):
     from jaxrl_llm.train import ConfigError
@@ -87,8 +105,9 @@ def test_bad_config_is_one_config_error_naming_the_key(over, needle):
 @pytest.mark.parametrize("over", [
     {"train.batch_size": 0},  # 0: all rollouts in one update
     {"val_every": 0, "eval.n_samples": 0},  # no validation: eval is unused
-    {"grpo.importance_correction": True, "grpo.tis_cap": 2.0, "grpo.tis_type": "icepop", "grpo.tis_min": 0.5},
-    {"grpo.importance_correction": True, "grpo.tis_cap": 2.0, "grpo.tis_min": 0.5},
+    {"grpo.importance_correction": True, "grpo.tis_cap": 2.0, "grpo.tis_type": "icepop", "grpo.tis_min": 0.5,
+     "grpo.recompute_old_logprobs": True},
+    {"grpo.importance_correction": True, "grpo.tis_cap": 2.0, "grpo.tis_min": 0.5, "grpo.recompute_old_logprobs": True},
 ])
 def test_good_config_still_accepted(over):
     _validate(over)

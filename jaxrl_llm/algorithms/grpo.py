@@ -65,9 +65,9 @@ def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
     total reward only, not the components that gdpo uses.
     Loss: clip_low/clip_high (clip-higher), dual_clip (c > 1; 0 = off), cispo, reinforce (no ratio),
     token_level or per-sequence means, sequence_level_ratio (GSPO), kl_coef/kl_type (k1 | k2 | k3),
-    on_policy_kl (KL terms weighted towards the sampler; needs importance_correction), importance_correction with
-    tis_cap (0 = no truncation), tis_type tis | icepop | seq-mask-tis and tis_min, positive_nll_weight (VAPO's
-    NLL on samples with reward > 0).
+    on_policy_kl (KL terms weighted towards the sampler; needs importance_correction), importance_correction (needs
+    recompute_old_logprobs) with tis_cap (0 = no truncation), tis_type tis | icepop | seq-mask-tis and tis_min,
+    positive_nll_weight (VAPO's NLL on samples with reward > 0).
     Samples: overlong_filtering (truncated samples masked out of the loss), logprob_error_threshold (needs
     recompute_old_logprobs: samples whose mean exp|sampler - trainer log-prob| exceeds it are masked out),
     dynamic_sampling (keep groups with reward spread; up to dynamic_sampling_max_rounds generation rounds of
@@ -237,6 +237,10 @@ def _validate_variants(g: Any, config: Any) -> None:
                          "grpo.importance_correction=True and grpo.kl_coef > 0")
     if g.positive_nll_weight < 0:
         raise ValueError(f"grpo.positive_nll_weight={g.positive_nll_weight}: must be >= 0")
+    if g.importance_correction and not g.recompute_old_logprobs:
+        raise ValueError("grpo.importance_correction weights each token by exp(old - sampler log-prob), the old "
+                         "log-probs being the trainer's: it needs grpo.recompute_old_logprobs=True (without it the "
+                         "old log-probs are the sampler's own, and every update after a step's first gets weight 1)")
     if g.logprob_error_threshold is not None and not g.recompute_old_logprobs:
         raise ValueError("grpo.logprob_error_threshold compares the sampler's and the trainer's log-probs: it needs "
                          "grpo.recompute_old_logprobs=True")
