@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -11,72 +12,123 @@ class DataError(ValueError):
     """A data row or file is malformed; the message names the row and the field."""
 
 
-def as_messages(value: Any, index: int, field: str, default_role: str) -> list[dict[str, str]]:
+def check_message(m: Any, index: int, where: str) -> dict[str, Any]:
+    """One message of a row, validated: `role` a string, `content` a string (or None beside `tool_calls`). Its
+    other fields (tool_calls, reasoning_content, name, ...) go to the chat template too; fields that are None are
+    left out (a datasets table gives every message every column of the file, None where a message lacks it)."""
+    if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        raise DataError(f"row {index}: {where} needs 'role' and 'content'")
+    if not isinstance(m["role"], str):
+        raise DataError(f"row {index}: {where}.role must be a string; got {type(m['role']).__name__}")
+    content = m["content"]
+    if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
+        raise DataError(f"row {index}: {where}.content must be a string (or null beside tool_calls); got "
+                        f"{type(content).__name__}")
+    return {k: v for k, v in m.items() if v is not None or k == "content"}
+
+
+def as_messages(value: Any, index: int, field: str, default_role: str) -> list[dict[str, Any]]:
     """A row's field as messages: a string is one message of `default_role`; a list must hold {role, content}."""
     if isinstance(value, str):
         return [{"role": default_role, "content": value}]
     if not isinstance(value, list) or not value:
         raise DataError(f"row {index}: field {field!r} must be a string or a non-empty list of "
                         f"{{role, content}} messages; got {type(value).__name__}")
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"row {index}: {field}[{j}] needs 'role' and 'content'")
-    return [{"role": m["role"], "content": m["content"]} for m in value]
+    return [check_message(m, index, f"{field}[{j}]") for j, m in enumerate(value)]
 
 
-def to_messages(row: dict[str, Any], index: int) -> list[dict[str, str]]:
-    """An SFT row as OpenAI-style messages: `messages`, or `prompt` + `completion`, each a string (a user and an
-    assistant message) or a list of messages (TRL's conversational prompt-completion form)."""
-    if "messages" in row and row["messages"] is not None:
+def present_fields(row: dict[str, Any]) -> list[str]:
+    """The row's fields that hold a value (a datasets table fills the columns a row lacks with None)."""
+    return sorted(k for k, v in row.items() if v is not None)
+
+
+def to_conversation(row: dict[str, Any], index: int) -> tuple[list[dict[str, Any]], int]:
+    """An SFT row as (OpenAI-style messages, how many of its first assistant turns are context): `messages`
+    (context 0), or `prompt` + `completion`, each a string (a user and an assistant message) or a list of
+    messages (TRL's conversational prompt-completion form, where the prompt's own assistant turns are context)."""
+    if row.get("messages") is not None:
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"row {index}: field 'messages' must be a non-empty list of {{role, content}}")
-        for j, m in enumerate(msgs):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise DataError(f"row {index}: messages[{j}] needs 'role' and 'content'")
-        return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    if "prompt" in row and "completion" in row:
-        return (as_messages(row["prompt"], index, "prompt", "user")
-                + as_messages(row["completion"], index, "completion", "assistant"))
-    raise DataError(f"row {index}: missing field 'messages' (or 'prompt' and 'completion'); has {sorted(row)}")
+        return [check_message(m, index, f"messages[{j}]") for j, m in enumerate(msgs)], 0
+    if row.get("prompt") is not None and row.get("completion") is not None:
+        prompt = as_messages(row["prompt"], index, "prompt", "user")
+        return prompt + as_messages(row["completion"], index, "completion", "assistant"), \
+            sum(m["role"] == "assistant" for m in prompt)
+    raise DataError(f"row {index}: missing field 'messages' (or 'prompt' and 'completion'); has "
+                    f"{present_fields(row)}")
 
 
-def _render(tokenizer, messages, chat_template, add_generation_prompt=False) -> str:
+def to_messages(row: dict[str, Any], index: int) -> list[dict[str, Any]]:
+    """`to_conversation`'s messages alone."""
+    return to_conversation(row, index)[0]
+
+
+def row_tools(row: dict[str, Any], index: int) -> list[dict[str, Any]] | None:
+    """A row's `tools` (function schemas the chat template lists for the model): a list of objects, or a JSON
+    string of one; None when the row has none."""
+    tools = row.get("tools")
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise DataError(f"row {index}: field 'tools' is a string but not JSON ({e})") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"row {index}: field 'tools' must be a list of objects (function schemas)")
+    return tools or None
+
+
+def _render(tokenizer, messages, chat_template, add_generation_prompt=False, tools=None) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=chat_template)
+                                         chat_template=chat_template, tools=tools)
+
+
+_NOT_PREFIX = ("the chat template does not render conversation prefixes as prefixes (some templates drop earlier "
+               "turns' reasoning, or close the conversation with an end-of-text token); set data.chat_template "
+               "to one that does")
 
 
 def tokenize_conversation(
     tokenizer: Any,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     *,
     chat_template: str | None = None,
     last_assistant_only: bool = False,
     index: int = 0,
+    context_turns: int = 0,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids [T] int32, loss_mask [T] int32): the templated conversation; mask 1 on assistant tokens only.
 
     The conversation is rendered prefix by prefix; each assistant turn's tokens run from the end of the
     generation prompt (`<|im_start|>assistant\\n` for ChatML) to the end of its turn, end marker included.
     The template must render prefixes as string prefixes (true of ChatML, Llama 3, Qwen templates).
+    Assistant turns that are context get no loss: the first `context_turns` (a prompt's own assistant turns) and
+    one that opens the conversation (nothing prompts it; the template may put a system message before it).
     """
     pieces: list[tuple[str, int]] = []
     done = ""
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    if not assistant_turns:
-        raise DataError(f"row {index}: no assistant message to learn from")
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            before = _render(tokenizer, messages[:i], chat_template, add_generation_prompt=True) if i else ""
+    learned = [i for i in assistant_turns[context_turns:] if i > 0]
+    if last_assistant_only:
+        learned = learned[-1:]
+    if not learned:
+        raise DataError(f"row {index}: no assistant message to learn from" + (
+            " (the assistant turns are all context: the prompt's own, or one that opens the conversation)"
+            if assistant_turns else ""))
+    for i in range(len(messages)):
+        if i in learned:
+            before = _render(tokenizer, messages[:i], chat_template, add_generation_prompt=True, tools=tools)
             if not before.startswith(done):
-                raise DataError(f"row {index}: the chat template does not render conversation prefixes as prefixes")
+                raise DataError(f"row {index}: {_NOT_PREFIX}")
             pieces.append((before[len(done):], 0))
             done = before
-        full = _render(tokenizer, messages[: i + 1], chat_template)
+        full = _render(tokenizer, messages[: i + 1], chat_template, tools=tools)
         if not full.startswith(done):
-            raise DataError(f"row {index}: the chat template does not render conversation prefixes as prefixes")
-        learn = m["role"] == "assistant" and (not last_assistant_only or i == assistant_turns[-1])
-        pieces.append((full[len(done):], int(learn)))
+            raise DataError(f"row {index}: {_NOT_PREFIX}")
+        pieces.append((full[len(done):], int(i in learned)))
         done = full
     ids: list[int] = []
     mask: list[int] = []

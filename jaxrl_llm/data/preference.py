@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxrl_llm.data.buckets import bucket_width
-from jaxrl_llm.data.chat import DataError, as_messages, tokenize_conversation
+from jaxrl_llm.data.chat import DataError, as_messages, present_fields, tokenize_conversation
 from jaxrl_llm.data.sources import _package_file, load_rows
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def to_preference(row: dict[str, Any], index: int) -> tuple[Messages, Messages, 
     else:
         for field in ("prompt", "chosen", "rejected"):
             if row.get(field) is None:
-                raise DataError(f"row {index}: missing field {field!r}; has {sorted(row)}")
+                raise DataError(f"row {index}: missing field {field!r}; has {present_fields(row)}")
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     out = [as_messages(prompt, index, "prompt", "user")]
     for field, value in (("chosen", chosen), ("rejected", rejected)):
@@ -84,28 +84,14 @@ def to_preference(row: dict[str, Any], index: int) -> tuple[Messages, Messages, 
 
 
 # ---------------------------------------------------------------------------------------------- tokenization
-def _response_only(mask: np.ndarray, prompt_turns: int, index: int) -> np.ndarray:
-    """Zero the loss mask of the first `prompt_turns` assistant turns (those that belong to the prompt)."""
-    if not prompt_turns:
-        return mask
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
-    starts, ends = edges[0::2], edges[1::2]
-    if len(starts) <= prompt_turns:
-        raise DataError(f"row {index}: the chat template does not separate assistant turns; cannot tell the "
-                        "response from the prompt")
-    out = mask.copy()
-    out[: ends[prompt_turns - 1]] = 0
-    return out
-
-
 def tokenize_pair(tokenizer: Any, prompt: Messages, chosen: Messages, rejected: Messages, *,
                   chat_template: str | None = None, index: int = 0) -> PreferencePair:
     """Prompt + chosen and prompt + rejected through the chat template; masks on response assistant tokens."""
     prompt_turns = sum(m["role"] == "assistant" for m in prompt)
     parts = []
     for response in (chosen, rejected):
-        ids, mask = tokenize_conversation(tokenizer, prompt + response, chat_template=chat_template, index=index)
-        parts += [ids, _response_only(mask, prompt_turns, index)]
+        parts += tokenize_conversation(tokenizer, prompt + response, chat_template=chat_template, index=index,
+                                       context_turns=prompt_turns)
     return PreferencePair(*parts)
 
 

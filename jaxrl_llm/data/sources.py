@@ -38,6 +38,21 @@ def builtin_sources() -> dict[str, Callable[[], list[dict[str, Any]]]]:
     return {"gsm8k": _gsm8k_sft}
 
 
+def read_jsonl(path: str) -> list[Any]:
+    """The rows of a .jsonl file as written (no schema: a row's missing fields stay missing); blank lines skipped;
+    a line that is not JSON is a DataError naming the file and the line."""
+    rows = []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from e
+    return rows
+
+
 def _read_csv(path: str) -> list[dict[str, Any]]:
     """Every cell as the text it holds ("007", "None", "NA" stay text; no type guessing) and an empty cell as
     missing (None), whatever the other cells of its column look like."""
@@ -82,7 +97,13 @@ def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
         else:
             import datasets
 
-            ds = datasets.load_dataset(_FORMATS[ext], data_files=source, split="train")
+            if ext == ".jsonl" and not read_jsonl(source):  # names a bad line; datasets would not
+                raise DataError(f"data.source={source!r}: no rows")
+            try:
+                ds = datasets.load_dataset(_FORMATS[ext], data_files=source, split="train")
+            except Exception as e:  # noqa: BLE001 (datasets/pyarrow raise many kinds; all mean "cannot read this")
+                raise DataError(f"data.source={source!r}: cannot read it as {_FORMATS[ext]} "
+                                f"({type(e).__name__}: {str(e)[:300] or 'empty file?'})") from None
             rows = [dict(r) for r in ds]
     if num_examples > 0:
         rows = rows[:num_examples]

