@@ -15,6 +15,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
+from jaxrl_llm.models.safetensors_io import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -69,7 +71,14 @@ class Checkpointer:
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step}; have {self.all_steps()}")
         args = {k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, v))
                 for k, v in targets.items()}
-        out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
+        except Exception as e:  # noqa: BLE001 (Orbax/tensorstore raise many kinds for a damaged folder)
+            earlier = [s for s in self.all_steps() if s < step]
+            hint = (f"; move that folder aside to use step {max(earlier)}" if earlier else "")
+            detail = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+            raise CheckpointError(f"{self.directory}/{step}: cannot restore {sorted(targets)} ({detail}): the "
+                                  f"checkpoint is damaged or holds other shapes{hint}") from None
         return {k: out[k] for k in targets}, dict(out["meta"]), step
 
     def wait(self) -> None:

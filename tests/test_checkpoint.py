@@ -164,3 +164,37 @@ def test_the_best_checkpoint_survives_a_resume(tmp_path, mode, vals, best):
     ck.close()
     with pytest.raises(ValueError, match="checkpoint.keep=0"):
         Checkpointer(d, every_steps=1, keep=0)
+
+
+@pytest.mark.parametrize("damage", ["missing_item", "missing_manifest", "truncated_data"])
+def test_a_damaged_checkpoint_is_one_error_naming_its_folder_and_the_step_before(tmp_path, damage):
+    import glob
+    import shutil
+
+    import jax.numpy as jnp
+
+    from jaxrl_llm.checkpoint import Checkpointer
+    from jaxrl_llm.models import CheckpointError
+
+    d = str(tmp_path / "ck")
+    ck = Checkpointer(d, every_steps=2, keep=3, async_save=False)
+    target = {"params": {"w": jnp.zeros((65536,))}, "opt_state": {"m": jnp.zeros((65536,))}}
+    for step in (2, 4):
+        ck.maybe_save(step, {"params": {"w": jnp.full((65536,), float(step))}, "opt_state": {"m": jnp.ones((65536,))}},
+                      {"step": step})
+    ck.close()
+    four = os.path.join(d, "4")
+    if damage == "missing_item":
+        shutil.rmtree(os.path.join(four, "opt_state"))
+    elif damage == "missing_manifest":
+        for f in glob.glob(os.path.join(four, "params", "**", "manifest.ocdbt"), recursive=True):
+            os.remove(f)
+    else:
+        for f in glob.glob(os.path.join(four, "params", "**", "d", "*"), recursive=True):
+            os.truncate(f, 10)
+    ck = Checkpointer(d, every_steps=2, keep=3, async_save=False)
+    with pytest.raises(CheckpointError, match=rf"{four}: cannot restore \['opt_state', 'params'\] .*use step 2$"):
+        ck.restore(target)
+    items, _, step = ck.restore(target, step=2)  # the step before is intact
+    assert step == 2 and float(items["params"]["w"][0]) == 2.0
+    ck.close()
