@@ -81,6 +81,10 @@ class Checkpointer:
                                   f"checkpoint is damaged or holds other shapes{hint}") from None
         return {k: out[k] for k in targets}, dict(out["meta"]), step
 
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON meta of checkpoint `step` (latest when None) alone, without its arrays."""
+        return self.restore({}, step)[1]
+
     def wait(self) -> None:
         self._mngr.wait_until_finished()
 

@@ -508,14 +508,14 @@ def digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def check_same_everywhere(what: str, obj: Any, size: int) -> None:
-    """Raises ValueError when `obj` differs between the processes of a job (a collective: every process must
-    call it; nothing to check with one process). Each process builds its batches from its own copy of the data,
-    so copies that differ (another file version on one host, a host-local path) would train on rows that no
+def check_same_everywhere(what: str, data_digest: str, size: int) -> None:
+    """Raises ValueError when the processes of a job hold data of different `digest`s (a collective: every process
+    must call it; nothing to check with one process). Each process builds its batches from its own copy of the
+    data, so copies that differ (another file version on one host, a host-local path) would train on rows that no
     one process holds, silently. `size`: the number of items, reported per process."""
     if jax.process_count() == 1:
         return
-    mine = [digest(obj), int(size)]
+    mine = [data_digest, int(size)]
     everyone = allgather_json(mine)
     if len({d for d, _ in everyone}) > 1:
         groups: dict[str, list[int]] = {}

@@ -494,6 +494,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         _truncate_metrics,
         build_model,
         check_best_metric,
+        check_resume,
         load_tokenizer,
         opt_state_shardings,
         prepare_workdir,
@@ -529,12 +530,16 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     optimizer, schedule = make_optimizer(max_steps=config.max_steps * updates_per_step, **opt_kw)
     opt_sh = opt_state_shardings(optimizer, params, models.param_shardings(cfg, mesh, rules), mesh)
     runner = GRPORunner(config, cfg, mesh, rules, tokenizer, tasks, env, optimizer, opt_sh)
+    data_digest = distributed.digest((runner.prompt_ids, [tasks[i].metadata for i in runner.kept]))
     try:  # each process picks a step's prompts from its own copy of the tasks
         distributed.check_same_everywhere(f"data.source={dc.source!r} (prompts as tokenized, and their metadata)",
-                                          (runner.prompt_ids, [tasks[i].metadata for i in runner.kept]),
-                                          len(runner.kept))
+                                          data_digest, len(runner.kept))
     except ValueError as e:
         raise DataError(str(e)) from None
+    ro = config.rollout
+    run_meta = {"algorithm": config.algorithm, "seed": config.seed, "num_prompts": ro.num_prompts,
+                "group_size": ro.group_size, "batch_size": config.train.batch_size, "epochs": config.grpo.epochs,
+                "data_digest": data_digest}
     with jax.set_mesh(mesh):
         opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
         ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef else None
@@ -550,10 +555,9 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="max")
     start = 0
     if ckpt.latest_step() is not None:
+        check_resume(workdir, ckpt.read_meta(), run_meta)
         items, meta, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
         state = {**items, "step": counter(start * updates_per_step)}
-        if meta.get("seed") != config.seed:
-            raise ConfigError(f"workdir {workdir!r} holds a run with seed={meta.get('seed')}; use a fresh workdir")
         log.info("resumed from %s at step %d", ckpt.directory, start)
     if is_main:
         _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
@@ -575,7 +579,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if val or done % config.log_every == 0 or done == config.max_steps:
                 writer.write(done, last)
             check_best_metric(config, val)
-            meta = {"step": done, "seed": config.seed, "data_position": done, **val}
+            meta = {"step": done, **run_meta, "data_position": done, **val}
             ckpt.maybe_save(done, {"params": state["params"], "opt_state": state["opt_state"]}, meta,
                             force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),
                             metrics=val or None)

@@ -82,6 +82,23 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules,
     return cfg, params
 
 
+# What a resumed run must share with the run that wrote the checkpoint, as meta names them: the data position and
+# the learning-rate schedule depend on them, and a changed data set would be trained on from the wrong place.
+_RESUME_NAMES = {"batch_size": "train.batch_size", "data_digest": "the data (data.source as tokenized)",
+                 "num_prompts": "rollout.num_prompts", "group_size": "rollout.group_size", "epochs": "grpo.epochs"}
+
+
+def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """ConfigError naming every setting in `now` that differs from the checkpoint's meta `saved` (settings that
+    an older checkpoint did not record are not compared)."""
+    changed = [f"{_RESUME_NAMES.get(k, k)}: {saved[k]!r} there, {v!r} now" for k, v in now.items()
+               if k in saved and saved[k] != v]
+    if changed:
+        raise ConfigError(f"workdir {workdir!r} holds a run with other settings ({'; '.join(changed)}); resume it "
+                          "with its own settings, or start a fresh workdir (model.path can start from this run's "
+                          "export)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """User errors before any heavy work, each naming the config key."""
     if config.algorithm not in REGISTRY and config.algorithm not in ONLINE:
@@ -287,9 +304,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.tokenizer or config.model.path)
     examples, data_stats = algo.prepare(config, tokenizer)
     examples, val_examples = split_validation(examples, config.data.get("val_fraction", 0.0), config.seed)
+    data_digest = distributed.digest((examples, val_examples))
     try:
-        distributed.check_same_everywhere(f"data.source={config.data.source!r} (as tokenized)",
-                                          (examples, val_examples), len(examples) + len(val_examples))
+        distributed.check_same_everywhere(f"data.source={config.data.source!r} (as tokenized)", data_digest,
+                                          len(examples) + len(val_examples))
     except ValueError as e:
         raise DataError(str(e)) from None
     val_every = config.get("val_every", 0)
@@ -343,12 +361,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cc = config.checkpoint
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min")
     start = 0
+    run_meta = {"algorithm": config.algorithm, "seed": config.seed, "batch_size": B, "data_digest": data_digest}
     if ckpt.latest_step() is not None:
+        check_resume(workdir, ckpt.read_meta(), run_meta)
         items, meta, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
         state = {**items, "step": jnp.int32(start)}
-        if meta.get("seed") != config.seed or meta.get("batch_size") != B:
-            raise ConfigError(f"workdir {workdir!r} holds a run with seed={meta.get('seed')}, "
-                              f"train.batch_size={meta.get('batch_size')}; use a fresh workdir to change them")
         log.info("resumed from %s at step %d", ckpt.directory, start)
     if is_main:
         _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
@@ -382,7 +399,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                         "step_time_s": t_train}
                 writer.write(done, last)
             check_best_metric(config, val)
-            meta = {"step": done, "seed": config.seed, "batch_size": B, "data_position": done * B, **val}
+            meta = {"step": done, **run_meta, "data_position": done * B, **val}
             ckpt.maybe_save(done, {"params": state["params"], "opt_state": state["opt_state"]}, meta,
                             force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),
                             metrics=val or None)

