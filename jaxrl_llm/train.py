@@ -193,17 +193,33 @@ def _truncate_metrics(path: str, last_step: int) -> None:
     file aside to metrics.jsonl.<k>.old instead of appending to it or deleting it."""
     if not os.path.exists(path):
         return
+    def set_aside() -> str:
+        k = 1
+        while os.path.exists(f"{path}.{k}.old"):
+            k += 1
+        os.replace(path, f"{path}.{k}.old")
+        return f"{path}.{k}.old"
+
     if last_step == 0:
         if os.path.getsize(path):
-            k = 1
-            while os.path.exists(f"{path}.{k}.old"):
-                k += 1
-            os.replace(path, f"{path}.{k}.old")
-            log.warning("%s held an earlier run's rows (no checkpoint to resume from): moved to %s.%d.old",
-                        path, path, k)
+            log.warning("%s held an earlier run's rows (no checkpoint to resume from): moved to %s", path,
+                        set_aside())
         return
+    rows, bad = [], []
     with open(path) as f:
-        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                step = json.loads(line)["step"]
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill, or not ours
+                bad.append(n)
+                continue
+            if step <= last_step:
+                rows.append(line if line.endswith("\n") else line + "\n")
+    if bad:
+        log.warning("%s: line(s) %s are not metrics rows (cut short when the run was killed?): left out; the file "
+                    "as it was is kept as %s", path, bad[:10], set_aside())
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(rows)

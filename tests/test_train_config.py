@@ -97,3 +97,19 @@ def test_an_export_folder_the_run_could_not_replace_is_refused_before_training(t
     with pytest.raises(FileExistsError, match="notes.txt"):
         train.run(c, str(tmp_path))
     assert not (tmp_path / "metrics.jsonl").exists() and (tmp_path / "hf" / "notes.txt").read_text() == "mine"
+
+
+def test_resume_leaves_out_a_metrics_line_cut_by_a_kill_and_keeps_the_file(tmp_path, caplog):
+    """A kill mid-write leaves a partial last line; resuming parsed every line and died on it (JSONDecodeError)."""
+    path = tmp_path / "metrics.jsonl"
+    text = '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo'
+    path.write_text(text)
+    with caplog.at_level("WARNING", logger="jaxrl_llm.train"):
+        train._truncate_metrics(str(path), 2)
+    assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
+    assert (tmp_path / "metrics.jsonl.1.old").read_text() == text  # nothing lost
+    assert "line(s) [4] are not metrics rows" in caplog.text
+    # a file of whole rows: rows after the restored step dropped (logged again), nothing set aside
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    train._truncate_metrics(str(path), 1)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n' and not (tmp_path / "metrics.jsonl.2.old").exists()
