@@ -3,7 +3,8 @@
 pass@k of a model on a benchmark. config.model.path is an HF folder, a .gguf file, 'smollm2', or a training
 workdir (config.model.step picks its checkpoint, -1 = latest); empty with config.model.init builds a tiny random
 model (tests, demos). Prints a table and writes the results JSON atomically to --out (default
-<workdir>/eval_results.json for a workdir, else runs/eval_<name>/eval_results.json).
+<workdir>/eval/<name>_step<N>.json for a workdir, else runs/eval_<name>/eval_results.json; name: config.name or
+the recipe's file name without "eval_"); a file already there is kept as <file>.<k>.old.
 """
 
 from __future__ import annotations
@@ -140,8 +141,11 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
         if hasattr(env, "close"):
             env.close()
     if out is None:
-        out = os.path.join(workdir or os.path.join("runs", f"eval_{name}"), RESULTS_FILE)
+        out = (os.path.join(workdir, "eval", f"{name}_step{model_info['step']}.json") if workdir else
+               os.path.join("runs", f"eval_{name}", RESULTS_FILE))
     if jax.process_index() == 0:
+        if os.path.exists(out):
+            log.warning("%s held earlier results: moved to %s", out, train.set_aside(out))
         print(format_table(name, result))
         doc = {"name": name, "model": model_info, "source": dc.source, "metrics": scalar_metrics(result),
                "env_counts": result["env_counts"], "config": config.to_dict(), "problems": result["problems"]}
@@ -188,8 +192,9 @@ def define_flags() -> None:
     """Command-line flags, defined only when run as a program (importing `run` defines none)."""
     config_flags.DEFINE_config_file("config", None, "Eval recipe file (configs/eval_*.py) with get_config().",
                                     lock_config=True)
-    flags.DEFINE_string("out", None, "Results JSON (default <workdir>/eval_results.json for a training workdir, "
-                                     "else runs/eval_<name>/eval_results.json).")
+    flags.DEFINE_string("out", None, "Results JSON (default <workdir>/eval/<name>_step<N>.json for a training "
+                                     "workdir, else runs/eval_<name>/eval_results.json); a file already there is "
+                                     "kept as <file>.<k>.old.")
     distributed.define_flags()
 
 

@@ -187,23 +187,25 @@ def check_best_metric(config: ml_collections.ConfigDict, val: dict[str, float]) 
         raise ConfigError(f"checkpoint.best_metric={best!r} is not among the validation metrics {sorted(val)}")
 
 
+def set_aside(path: str) -> str:
+    """Renames an existing file to <path>.<k>.old (the first k free) and returns the new name."""
+    k = 1
+    while os.path.exists(f"{path}.{k}.old"):
+        k += 1
+    os.replace(path, f"{path}.{k}.old")
+    return f"{path}.{k}.old"
+
+
 def _truncate_metrics(path: str, last_step: int) -> None:
     """On resume, drop rows logged after the restored step (they are logged again), atomically. A run that
     starts from step 0 in a folder whose metrics.jsonl has rows (an earlier run without checkpoints) moves that
     file aside to metrics.jsonl.<k>.old instead of appending to it or deleting it."""
     if not os.path.exists(path):
         return
-    def set_aside() -> str:
-        k = 1
-        while os.path.exists(f"{path}.{k}.old"):
-            k += 1
-        os.replace(path, f"{path}.{k}.old")
-        return f"{path}.{k}.old"
-
     if last_step == 0:
         if os.path.getsize(path):
             log.warning("%s held an earlier run's rows (no checkpoint to resume from): moved to %s", path,
-                        set_aside())
+                        set_aside(path))
         return
     rows, bad = [], []
     with open(path) as f:
@@ -219,7 +221,7 @@ def _truncate_metrics(path: str, last_step: int) -> None:
                 rows.append(line if line.endswith("\n") else line + "\n")
     if bad:
         log.warning("%s: line(s) %s are not metrics rows (cut short when the run was killed?): left out; the file "
-                    "as it was is kept as %s", path, bad[:10], set_aside())
+                    "as it was is kept as %s", path, bad[:10], set_aside(path))
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(rows)

@@ -318,7 +318,7 @@ def test_cli_end_to_end_on_a_training_workdir(tmp_path, tokenizer):
     r = _cli("--config", "configs/eval_tiny.py", f"--config.model.path={workdir}", "--config.model.step=1",
              "--config.tokenizer=", f"--config.data.source={source}", "--config.data.num=-1")
     assert r.returncode == 0, r.stderr[-3000:]
-    doc = json.loads((workdir / "eval_results.json").read_text())  # the default output of a workdir
+    doc = json.loads((workdir / "eval" / "tiny_step1.json").read_text())  # the default output of a workdir
     m = doc["metrics"]
     assert doc["model"]["step"] == 1 and m["num_problems"] == 3 and m["n_samples"] == 2
     assert [p["answer"] for p in doc["problems"]] == golds
@@ -327,7 +327,15 @@ def test_cli_end_to_end_on_a_training_workdir(tmp_path, tokenizer):
     assert [p["num_correct"] for p in doc["problems"]] == [2, 0, 2]
     assert m["pass@1"] == pytest.approx(2 / 3) and m["pass@2"] == pytest.approx(2 / 3)
     assert m["mean_length"] == 7 and m["truncation_rate"] == 0.0
-    assert "pass@2" in r.stdout and not list(workdir.glob("*.tmp*"))
+    assert "pass@2" in r.stdout and not list(workdir.glob("eval/*.tmp*"))
+    # Step 2 writes its own file; the same step again keeps the earlier results beside the new ones.
+    for step in (2, 2):
+        r = _cli("--config", "configs/eval_tiny.py", f"--config.model.path={workdir}", f"--config.model.step={step}",
+                 "--config.tokenizer=", f"--config.data.source={source}", "--config.data.num=-1")
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir(workdir / "eval")) == ["tiny_step1.json", "tiny_step2.json",
+                                                    "tiny_step2.json.1.old"]
+    assert json.loads((workdir / "eval" / "tiny_step2.json").read_text())["model"]["step"] == 2
 
 
 def test_cli_bad_config_key_is_a_one_line_error():
