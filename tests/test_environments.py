@@ -119,6 +119,10 @@ def test_normalize_answer_keeps_units_and_lists():
     ("0.5", r"\frac{1}{2}", True), (r"\frac{1}{2}", "0.5", True), ("1000", "1,000", True), ("1000", "$1,000", True),
     ("18", "\\$18.00", True), ("72", "72.", True), (r"\sqrt{2}", r"2^{1/2}", True), ("3", "x = 3", True),
     ("100", "1,00", False), ("2", "3", False), ("1000", "1,001", False), (r"\frac{1}{3}", "0.33", False),
+    # a plain-number gold against a number with a unit math-verify does not know (it scored these 0)
+    ("18", "18 cookies", True), ("18", r"18 \text{ eggs}", True), ("18", "$18 per hour", True),
+    ("1000", "1,000 people", True), ("3.5", "3.50 km.", True), ("18", "19 cookies", False),
+    ("2", "2 x", False), ("3", "3 pi", False), ("18", "18 dollars and 5 cents", False),
 ])
 def test_answers_match_math_verify(gold, pred, same):
     assert answers_match(gold, pred, timeout_s=5) is same

@@ -11,7 +11,9 @@
 Every extractor returns the stripped answer of the last non-empty match, or None when there is none: an empty
 `\\boxed{}` (often the prompt's instruction repeated) or `<answer></answer>` is passed over.
 `normalize_answer` only undoes what is safe to undo (thousands separators, a sentence's final period, a
-currency sign, enclosing $...$); units and words are left for math-verify, which knows more about them.
+currency sign, enclosing $...$); units and words are left for math-verify, which knows more about them, except
+that against a gold that is a plain number, a number followed only by words ("18 cookies") is that number
+(`number_before_words`).
 """
 
 from __future__ import annotations
@@ -199,6 +201,27 @@ def normalize_number(s: str) -> str | None:
     if s.startswith("."):
         s = "0" + s
     return sign + s if s.strip("0.") else s  # no "-0"
+
+
+# A number followed only by words: "18 dollars", "18 \\text{ cookies}", "$18 per hour". Words of two letters or
+# more, so "2 x" (a product) is not read as 2; math words are never units.
+_NUMBER_THEN_WORDS = re.compile(r"(.*?\d\.?)\s*(?:\\(?:text|mbox|mathrm)\s*\{\s*([A-Za-z][A-Za-z \-']*?)\s*\}"
+                                r"|([A-Za-z][A-Za-z \-']*?))\s*\.?", re.DOTALL)
+_MATH_WORDS = {"pi", "sqrt", "mod", "log", "ln", "exp", "sin", "cos", "tan", "sec", "csc", "cot", "inf",
+               "infinity", "infty", "i", "e", "and", "or", "to", "times", "cdot", "div", "frac", "over", "dx", "dy"}
+
+
+def number_before_words(s: str) -> str | None:
+    """The plain number of an answer that is one number followed only by words (a unit: "18 dollars",
+    "18 \\text{ cookies}"), else None. For comparing with a gold that is a plain number; math-verify knows some
+    units only, and scored "18 cookies" against 18 as wrong."""
+    m = _NUMBER_THEN_WORDS.fullmatch(_unwrap(s))
+    if not m:
+        return None
+    words = (m.group(2) or m.group(3) or "").lower().replace("-", " ").split()
+    if not words or any(len(w) < 2 or w in _MATH_WORDS for w in words):
+        return None
+    return normalize_number(m.group(1))
 
 
 def normalize_answer(s: str) -> str:

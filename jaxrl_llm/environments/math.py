@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 
 from jaxrl_llm.environments.base import EnvResult, check_batch
-from jaxrl_llm.environments.extract import check_answer_format, extract_answer, normalize_answer
+from jaxrl_llm.environments.extract import (
+    check_answer_format,
+    extract_answer,
+    normalize_answer,
+    normalize_number,
+    number_before_words,
+)
 from jaxrl_llm.environments.pool import ScoringPool, outcome_counts
 
 
@@ -48,6 +54,10 @@ def answers_match(gold: str, pred: str, timeout_s: int | None = None) -> bool:
     gold_n, pred_n = normalize_answer(str(gold)), normalize_answer(pred)
     if gold_n and _plain(gold_n) == _plain(pred_n):
         return True
+    if normalize_number(gold_n) is not None:  # a plain-number gold: "18 cookies" is 18 (a unit math-verify lacks)
+        pred_n = number_before_words(pred_n) or pred_n
+        if _plain(gold_n) == _plain(pred_n):
+            return True
     gold_p = parse(_wrap(gold_n), parsing_timeout=timeout_s)
     pred_p = parse(_wrap(pred_n), parsing_timeout=timeout_s)
     if not gold_p or not pred_p:
