@@ -163,3 +163,33 @@ def test_loss_mask_is_unchanged_for_plain_conversations(tokenizer):
     assert _learned(tokenizer, ids, mask) == "b<|im_end|>\nd<|im_end|>\n"
     assert np.array_equal(ids, tokenizer(tokenizer.apply_chat_template(msgs, tokenize=False),
                                          add_special_tokens=False)["input_ids"])
+
+
+# Not prefix-stable (the whole conversation ends with an end-of-text token, as Phi-3's template does), but the
+# assistant's tokens are marked with {% generation %} blocks, as in TRL's training templates.
+MARKED_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}<|im_end|>{% endgeneration %}\n"
+    "{% else %}{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}")
+
+
+def test_templates_with_generation_blocks_mark_the_assistant_tokens(tokenizer):
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    plain = MARKED_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    with pytest.raises(DataError, match=r"row 0: the chat template does not render .* \{% generation %\} blocks"):
+        tokenize_conversation(tokenizer, msgs, chat_template=plain)
+    ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=MARKED_TEMPLATE)
+    full = tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=MARKED_TEMPLATE)
+    assert tokenizer.decode(ids) == full and full.endswith("<|endoftext|>")
+    spans = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+    assert [tokenizer.decode(ids[a:b]) for a, b in zip(spans[0::2], spans[1::2], strict=True)] == [
+        "4<|im_end|>", "6<|im_end|>"]
+    _, last = tokenize_conversation(tokenizer, msgs, chat_template=MARKED_TEMPLATE, last_assistant_only=True)
+    assert _learned(tokenizer, ids, last) == "6<|im_end|>"
+    _, ctx = tokenize_conversation(tokenizer, msgs, chat_template=MARKED_TEMPLATE, context_turns=1)
+    assert _learned(tokenizer, ids, ctx) == "6<|im_end|>"
+    only_last = MARKED_TEMPLATE.replace("m.role == 'assistant'", "m.role == 'assistant' and loop.last")
+    with pytest.raises(DataError, match="row 0: .* mark 1 spans for 2 assistant turns"):
+        tokenize_conversation(tokenizer, msgs, chat_template=only_last)

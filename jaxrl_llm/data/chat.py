@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import numpy as np
@@ -87,7 +88,38 @@ def _render(tokenizer, messages, chat_template, add_generation_prompt=False, too
 
 _NOT_PREFIX = ("the chat template does not render conversation prefixes as prefixes (some templates drop earlier "
                "turns' reasoning, or close the conversation with an end-of-text token); set data.chat_template "
-               "to one that does")
+               "to one that does, or to one that marks the assistant's tokens with {% generation %} blocks")
+
+
+_GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+
+
+def _has_generation_blocks(tokenizer: Any, chat_template: str | None) -> bool:
+    """Whether the template in use marks the assistant's tokens with {% generation %} ... {% endgeneration %}."""
+    template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # named templates: the default one is used
+        template = template.get("default")
+    return isinstance(template, str) and bool(_GENERATION_BLOCK.search(template))
+
+
+def _marked_tokens(tokenizer, messages, chat_template, tools, assistant_turns, learned, index):
+    """The conversation rendered and tokenized once; the mask from the template's {% generation %} blocks (one per
+    assistant turn, in order), kept for the learned turns. For templates that do not render prefixes as prefixes
+    (those that rewrite earlier turns, or close the conversation with an end-of-text token)."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
+                                        chat_template=chat_template, tools=tools)
+    ids = np.asarray(out["input_ids"], np.int32)
+    marked = np.asarray(out["assistant_masks"], np.int32)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], marked, [0]])))
+    spans = list(zip(edges[0::2], edges[1::2], strict=True))
+    if len(spans) != len(assistant_turns):
+        raise DataError(f"row {index}: the chat template's {{% generation %}} blocks mark {len(spans)} spans for "
+                        f"{len(assistant_turns)} assistant turns; cannot tell which tokens are whose")
+    mask = np.zeros_like(ids)
+    for turn, (a, b) in zip(assistant_turns, spans, strict=True):
+        if turn in learned:
+            mask[a:b] = 1
+    return ids, mask
 
 
 def tokenize_conversation(
@@ -107,9 +139,9 @@ def tokenize_conversation(
     The template must render prefixes as string prefixes (true of ChatML, Llama 3, Qwen templates).
     Assistant turns that are context get no loss: the first `context_turns` (a prompt's own assistant turns) and
     one that opens the conversation (nothing prompts it; the template may put a system message before it).
+    A template with {% generation %} blocks (TRL's training templates) is rendered once instead, and the blocks
+    mark the assistant tokens: it need not render prefixes as prefixes.
     """
-    pieces: list[tuple[str, int]] = []
-    done = ""
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     learned = [i for i in assistant_turns[context_turns:] if i > 0]
     if last_assistant_only:
@@ -118,6 +150,10 @@ def tokenize_conversation(
         raise DataError(f"row {index}: no assistant message to learn from" + (
             " (the assistant turns are all context: the prompt's own, or one that opens the conversation)"
             if assistant_turns else ""))
+    if _has_generation_blocks(tokenizer, chat_template):
+        return _marked_tokens(tokenizer, messages, chat_template, tools, assistant_turns, learned, index)
+    pieces: list[tuple[str, int]] = []
+    done = ""
     for i in range(len(messages)):
         if i in learned:
             before = _render(tokenizer, messages[:i], chat_template, add_generation_prompt=True, tools=tools)
