@@ -193,3 +193,38 @@ def test_templates_with_generation_blocks_mark_the_assistant_tokens(tokenizer):
     only_last = MARKED_TEMPLATE.replace("m.role == 'assistant'", "m.role == 'assistant' and loop.last")
     with pytest.raises(DataError, match="row 0: .* mark 1 spans for 2 assistant turns"):
         tokenize_conversation(tokenizer, msgs, chat_template=only_last)
+
+
+PLAIN_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n\n{% endfor %}"
+                  "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def test_templates_that_end_turns_with_no_special_token_get_eos(tokenizer, tmp_path, caplog):
+    """A plain-text template (a base model's) ends a reply with text: without an EOS in the loss the model never
+    learns to stop. Templates whose turns end with a special token (ChatML's <|im_end|>) are left as they are."""
+    from recipes import recipe
+
+    from jaxrl_llm.algorithms import sft
+    from jaxrl_llm.data.chat import turn_end_token
+
+    eos = tokenizer.eos_token_id
+    assert turn_end_token(tokenizer, None) is None  # SmolLM2's ChatML closes turns with <|im_end|>
+    assert turn_end_token(tokenizer, MARKED_TEMPLATE) is None  # its blocks say what is learned
+    assert turn_end_token(tokenizer, PLAIN_TEMPLATE, enabled=False) is None
+    with caplog.at_level("WARNING", logger="jaxrl_llm.data.chat"):
+        assert turn_end_token(tokenizer, PLAIN_TEMPLATE) == eos
+    assert "ends assistant turns with no special token" in caplog.text
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
+    ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=PLAIN_TEMPLATE, eos_id=eos)
+    spans = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+    learned = [tokenizer.decode(ids[a:b]) for a, b in zip(spans[0::2], spans[1::2], strict=True)]
+    assert learned == ["b\n\n" + tokenizer.eos_token, "d\n\n" + tokenizer.eos_token]
+    # through SFT's data preparation, on by default
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"messages": msgs}) + "\n")
+    for add_eos, n_eos in ((True, 2), (False, 0)):
+        c = recipe("sft_tiny", {"data.source": str(path), "data.chat_template": PLAIN_TEMPLATE,
+                                "data.add_eos": add_eos, "data.num_examples": -1})
+        (ex_ids, ex_mask), = sft.prepare(c, tokenizer)[0]
+        assert int((ex_ids[ex_mask == 1] == eos).sum()) == n_eos

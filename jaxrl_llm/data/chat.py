@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -122,6 +125,30 @@ def _marked_tokens(tokenizer, messages, chat_template, tools, assistant_turns, l
     return ids, mask
 
 
+def turn_end_token(tokenizer: Any, chat_template: str | None = None, *, enabled: bool = True) -> int | None:
+    """The EOS id to close each learned assistant turn with when the template ends a turn with no special token
+    (a plain-text template, e.g. for a base model: the model would never learn to stop), logged; else None.
+    Templates with {% generation %} blocks mark the turn end themselves. `enabled`: data.add_eos."""
+    if not enabled or _has_generation_blocks(tokenizer, chat_template):
+        return None
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    before = _render(tokenizer, probe[:1], chat_template, add_generation_prompt=True)
+    full = _render(tokenizer, probe, chat_template)
+    if not full.startswith(before):
+        return None  # every row says so (tokenize_conversation)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if any(t in special for t in tokenizer(full[len(before):], add_special_tokens=False)["input_ids"]):
+        return None
+    if tokenizer.eos_token_id is None:
+        log.warning("data: the chat template ends assistant turns with no special token and the tokenizer has no "
+                    "EOS token: the model will not learn to stop")
+        return None
+    log.warning("data: the chat template ends assistant turns with no special token; each learned turn is closed "
+                "with EOS %r (id %d) so the model learns to stop (data.add_eos=False: not)", tokenizer.eos_token,
+                tokenizer.eos_token_id)
+    return int(tokenizer.eos_token_id)
+
+
 def tokenize_conversation(
     tokenizer: Any,
     messages: list[dict[str, Any]],
@@ -131,6 +158,7 @@ def tokenize_conversation(
     index: int = 0,
     context_turns: int = 0,
     tools: list[dict[str, Any]] | None = None,
+    eos_id: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(ids [T] int32, loss_mask [T] int32): the templated conversation; mask 1 on assistant tokens only.
 
@@ -141,6 +169,8 @@ def tokenize_conversation(
     one that opens the conversation (nothing prompts it; the template may put a system message before it).
     A template with {% generation %} blocks (TRL's training templates) is rendered once instead, and the blocks
     mark the assistant tokens: it need not render prefixes as prefixes.
+    eos_id: appended (with loss) after each learned turn (`turn_end_token`: templates that end turns with no
+    special token).
     """
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     learned = [i for i in assistant_turns[context_turns:] if i > 0]
@@ -172,6 +202,8 @@ def tokenize_conversation(
         if not text:
             continue
         toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if learn and eos_id is not None:
+            toks = [*toks, eos_id]
         ids.extend(toks)
         mask.extend([learn] * len(toks))
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxrl_llm.data.buckets import bucket_width
-from jaxrl_llm.data.chat import DataError, as_messages, present_fields, tokenize_conversation
+from jaxrl_llm.data.chat import DataError, as_messages, present_fields, tokenize_conversation, turn_end_token
 from jaxrl_llm.data.sources import _package_file, load_rows
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,13 @@ def to_preference(row: dict[str, Any], index: int) -> tuple[Messages, Messages, 
 
 # ---------------------------------------------------------------------------------------------- tokenization
 def tokenize_pair(tokenizer: Any, prompt: Messages, chosen: Messages, rejected: Messages, *,
-                  chat_template: str | None = None, index: int = 0) -> PreferencePair:
+                  chat_template: str | None = None, index: int = 0, eos_id: int | None = None) -> PreferencePair:
     """Prompt + chosen and prompt + rejected through the chat template; masks on response assistant tokens."""
     prompt_turns = sum(m["role"] == "assistant" for m in prompt)
     parts = []
     for response in (chosen, rejected):
         parts += tokenize_conversation(tokenizer, prompt + response, chat_template=chat_template, index=index,
-                                       context_turns=prompt_turns)
+                                       context_turns=prompt_turns, eos_id=eos_id)
     return PreferencePair(*parts)
 
 
@@ -225,8 +225,10 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
     rows = load_preference_rows(dc.source, dc.num_examples)
     out: list[PreferencePair] = []
     stats = {"rows": len(rows), "truncated": 0, "dropped": 0}
+    eos_id = turn_end_token(tokenizer, dc.chat_template or None, enabled=dc.get("add_eos", True))
     for i, row in enumerate(rows):
-        pair = tokenize_pair(tokenizer, *to_preference(row, i), chat_template=dc.chat_template or None, index=i)
+        pair = tokenize_pair(tokenizer, *to_preference(row, i), chat_template=dc.chat_template or None, index=i,
+                             eos_id=eos_id)
         if max(len(pair.chosen_ids), len(pair.rejected_ids)) > dc.max_len:
             if dc.overlong == "drop":
                 stats["dropped"] += 1
