@@ -171,6 +171,10 @@ def tokenize_conversation(
     mark the assistant tokens: it need not render prefixes as prefixes.
     eos_id: appended (with loss) after each learned turn (`turn_end_token`: templates that end turns with no
     special token).
+    Each piece is tokenized on its own, as NeMo RL tokenizes each message: the prompt's tokens are exactly those
+    the sampler gets for it (apply_chat_template(..., add_generation_prompt=True)), and the reply starts a new
+    token. For a SentencePiece tokenizer this differs from tokenizing the whole render (each piece gets its own
+    "▁" prefix); for byte-level BPE (Llama 3, Qwen, SmolLM2) the two agree at ChatML and Llama 3 turn boundaries.
     """
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     learned = [i for i in assistant_turns[context_turns:] if i > 0]
