@@ -155,7 +155,8 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
 
 
 def format_table(name: str, result: dict[str, Any]) -> str:
-    keys = sorted(k for k in result if k.startswith("pass@")) + [
+    at_k = lambda prefix: sorted((k for k in result if k.startswith(prefix)), key=lambda k: int(k.split("@")[1]))
+    keys = at_k("pass@") + at_k("maj@") + [
         "reward_mean", "num_problems", "n_samples", "mean_length", "truncation_rate", "timeouts", "errors",
         "truncated_prompts", "generate_seconds", "tokens_per_second"]
     width = max(len(k) for k in keys)

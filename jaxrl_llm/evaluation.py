@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrl_llm.environments.base import Environment, Task
+from jaxrl_llm.environments.extract import normalize_answer
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.parallel.rules import ShardingRules
@@ -41,6 +42,20 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     if n - c < k:
         return 1.0
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def majority_correct(extracted: Sequence[str | None], correct: Sequence[bool]) -> bool:
+    """Whether the majority answer of some samples is correct: answers grouped by their normalised text
+    (`normalize_answer`: "18", "18." and "$18" are one answer), samples without an answer left out, a tie won by
+    the answer seen first; False when no sample has an answer."""
+    votes: dict[str, list[int]] = {}
+    for j, a in enumerate(extracted):
+        if a is not None:
+            votes.setdefault(normalize_answer(str(a)), []).append(j)
+    if not votes:
+        return False
+    winner = max(votes.values(), key=lambda js: (len(js), -js[0]))
+    return bool(correct[winner[0]])
 
 
 def _last_user_text(task: Task) -> str:
@@ -90,7 +105,10 @@ def evaluate_tasks(
     ids, generation stops at the model's and the tokenizer's eos ids. Sample j of problem i is row
     i * n_samples + j of one `generate` call, so results do not depend on max_batch_size.
 
-    Returns the scalar metrics: "pass@<k>", "num_problems", "n_samples", "reward_mean", "mean_length"
+    maj@k (for every k > 1 in k_values, when the environment reports each sample's "extracted" answer): the
+    fraction of problems whose majority answer among their first k samples is correct (`majority_correct`).
+
+    Returns the scalar metrics: "pass@<k>", "maj@<k>", "num_problems", "n_samples", "reward_mean", "mean_length"
     (completion tokens), "truncation_rate" (fraction stopped by max_new_tokens), "timeouts", "errors" (scorer
     events), "truncated_prompts", "generate_seconds", "score_seconds", "tokens_per_second"; plus "env_counts"
     (all of the environment's counts) and "problems": one record per task (index, question, answer,
@@ -129,6 +147,12 @@ def evaluate_tasks(
 
     result: dict[str, Any] = {f"pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in num_correct_P]))
                               for k in ks}
+    info = list(scored.info) if scored.info else [{} for _ in rows]
+    if any(isinstance(x, dict) and "extracted" in x for x in info):  # the environment extracts answers: maj@k
+        answers = [x.get("extracted") if isinstance(x, dict) else None for x in info]
+        for k in (k for k in ks if k > 1):
+            result[f"maj@{k}"] = float(np.mean([majority_correct(answers[i * n:i * n + k], correct_PS[i, :k])
+                                                for i in range(len(tasks))]))
     result.update({
         "num_problems": len(tasks),
         "n_samples": n,
@@ -143,7 +167,6 @@ def evaluate_tasks(
         "tokens_per_second": float(lengths_N.sum()) / elapsed if elapsed > 0 else 0.0,
         "env_counts": counts,
     })
-    info = list(scored.info) if scored.info else [{} for _ in rows]
     problems = []
     for i, task in enumerate(tasks):
         sl = slice(i * n, (i + 1) * n)

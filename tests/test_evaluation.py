@@ -54,6 +54,17 @@ def test_pass_at_k_matches_enumerating_k_subsets():
                 assert pass_at_k(n, c, k) == pytest.approx(frac, abs=1e-12), (n, c, k)
 
 
+def test_majority_vote_groups_normalised_answers_and_breaks_ties_by_order():
+    from jaxrl_llm.evaluation import majority_correct
+
+    # "18", "18." and "$18" are one answer (3 votes) against "20" (2 votes); samples without an answer do not vote
+    assert majority_correct(["20", "18", "18.", None, "$18", "20"], [False, True, True, False, True, False])
+    assert not majority_correct(["20", "18", "20", None], [False, True, False, False])
+    assert majority_correct(["7", "8", "8", "7"], [True, False, False, True])  # a tie: "7" came first
+    assert not majority_correct(["8", "7", "7", "8"], [False, True, True, False])
+    assert not majority_correct([None, None], [False, False])
+
+
 def test_pass_at_k_edge_cases_and_bad_arguments():
     assert pass_at_k(10, 0, 1) == 0.0 and pass_at_k(10, 0, 10) == 0.0
     assert pass_at_k(10, 10, 1) == 1.0 and pass_at_k(5, 5, 5) == 1.0
@@ -259,6 +270,15 @@ def _check_evaluate_tasks(cfg, params, tokenizer, tasks, golds, env):
     assert len(set(counts[:3])) > 1 and counts[3] == 0, counts  # the draws are not all alike
     for k in (1, 2, 6):
         assert res[f"pass@{k}"] == pytest.approx(np.mean([_closed_form(n, c, k) for c in counts]), abs=1e-12)
+    # maj@k: the most frequent of the first k answers (a tie goes to the one seen first), right or not
+    for k in (2, 6):
+        hits = []
+        for rec, gold in zip(res["problems"], golds, strict=True):
+            firsts = [c[len(r"\boxed{"):-1] for c in rec["completions"][:k]]
+            best = max(sorted(set(firsts), key=firsts.index), key=firsts.count)
+            hits.append(best == gold)
+        assert res[f"maj@{k}"] == pytest.approx(np.mean(hits), abs=1e-12)
+    assert "maj@1" not in res
     assert res["reward_mean"] == pytest.approx(np.mean(all_rewards))
     assert res["mean_length"] == pytest.approx(np.mean(all_lengths)) and set(all_lengths) == {7}  # 6 + eos
     assert res["truncation_rate"] == 0.0 and res["timeouts"] == 0 and res["errors"] == 0
