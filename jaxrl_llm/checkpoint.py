@@ -74,11 +74,14 @@ class Checkpointer:
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
         except Exception as e:  # noqa: BLE001 (Orbax/tensorstore raise many kinds for a damaged folder)
+            detail = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+            if "requested shape" in detail.lower():  # intact, written for another model
+                raise CheckpointError(f"{self.directory}/{step}: cannot restore {sorted(targets)} ({detail}): it "
+                                      "holds arrays of other shapes than this model's") from None
             earlier = [s for s in self.all_steps() if s < step]
             hint = (f"; move that folder aside to use step {max(earlier)}" if earlier else "")
-            detail = " ".join(f"{type(e).__name__}: {e}".split())[:400]
             raise CheckpointError(f"{self.directory}/{step}: cannot restore {sorted(targets)} ({detail}): the "
-                                  f"checkpoint is damaged or holds other shapes{hint}") from None
+                                  f"checkpoint is damaged{hint}") from None
         return {k: out[k] for k in targets}, dict(out["meta"]), step
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:

@@ -500,6 +500,10 @@ def _feed(h: Any, obj: Any) -> None:
         h.update(f"o{type(obj).__qualname__}".encode())
 
 
+RG_HASH_HINT = ("; reasoning-gym ('rg:') generators draw some tasks in an order set by Python's hash randomisation: "
+                "give every process the same PYTHONHASHSEED")
+
+
 def digest(obj: Any) -> str:
     """A content hash of nested lists/tuples/dicts/dataclasses of arrays, strings and numbers: equal on every
     process exactly when each one's copy holds the same values in the same order."""
@@ -508,14 +512,15 @@ def digest(obj: Any) -> str:
     return h.hexdigest()
 
 
-def check_same_everywhere(what: str, data_digest: str, size: int) -> None:
-    """Raises ValueError when the processes of a job hold data of different `digest`s (a collective: every process
-    must call it; nothing to check with one process). Each process builds its batches from its own copy of the
-    data, so copies that differ (another file version on one host, a host-local path) would train on rows that no
-    one process holds, silently. `size`: the number of items, reported per process."""
+def check_same_everywhere(what: str, obj: Any, size: int, hint: str = "") -> None:
+    """Raises ValueError when the processes of a job hold different `obj`s, compared by `digest` (a collective:
+    every process must call it; nothing to check, and nothing hashed, with one process). Each process builds its
+    batches from its own copy of the data, so copies that differ (another file version on one host, a host-local
+    path) would train on rows that no one process holds, silently. `size`: the number of items, reported per
+    process; `hint`: added to the error."""
     if jax.process_count() == 1:
         return
-    mine = [data_digest, int(size)]
+    mine = [digest(obj), int(size)]
     everyone = allgather_json(mine)
     if len({d for d, _ in everyone}) > 1:
         groups: dict[str, list[int]] = {}
@@ -523,7 +528,7 @@ def check_same_everywhere(what: str, data_digest: str, size: int) -> None:
             groups.setdefault(d, []).append(p)
         parts = "; ".join(f"process(es) {ps}: {everyone[ps[0]][1]} items, digest {d[:12]}" for d, ps in groups.items())
         raise ValueError(f"{what} differs between the processes of this job ({parts}): every process must load the "
-                         "same data (the same file contents at the same path on every host)")
+                         "same data (the same file contents at the same path on every host)" + hint)
 
 
 def process_span(n: int) -> tuple[int, int]:

@@ -112,7 +112,9 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
     tasks = load_tasks(dc.source, dc.num, dc.seed, system_prompt=dc.system_prompt or None,
                        instruction=dc.instruction, shuffle=dc.shuffle, **dc.options.to_dict())
     try:  # each process takes its rows from its own copy of the tasks
-        distributed.check_same_everywhere(f"data.source={dc.source!r}", distributed.digest(tasks), len(tasks))
+        distributed.check_same_everywhere(f"data.source={dc.source!r} (prompts)",
+                                          [t.messages for t in tasks], len(tasks),
+                                          distributed.RG_HASH_HINT if "rg:" in str(dc.source) else "")
     except ValueError as e:
         raise train.DataError(str(e)) from None
     env = make_env(config.env)

@@ -83,8 +83,10 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules,
 
 
 # What a resumed run must share with the run that wrote the checkpoint, as meta names them: the data position and
-# the learning-rate schedule depend on them, and a changed data set would be trained on from the wrong place.
-_RESUME_NAMES = {"batch_size": "train.batch_size", "data_digest": "the data (data.source as tokenized)",
+# the learning-rate schedule depend on them. The data is compared by its number of rows, not its tokens: a
+# template may render today's date (Llama 3.2), and reasoning-gym tasks vary with Python's hash seed.
+_RESUME_NAMES = {"batch_size": "train.batch_size",
+                 "data_rows": "the number of data rows (data.source after tokenization, truncation and drops)",
                  "num_prompts": "rollout.num_prompts", "group_size": "rollout.group_size", "epochs": "grpo.epochs"}
 
 
@@ -274,6 +276,11 @@ def opt_state_shardings(optimizer, params, p_sh, mesh):
                                  transform_non_params=lambda _: replicated)
 
 
+# model_config.json's hf_config keys that set parameter shapes: a resumed run must have the same.
+_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_labels")
+
+
 def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collections.ConfigDict, tokenizer,
                     default_best_mode: str) -> Checkpointer:
     """The run folder every algorithm shares: model_config.json and tokenizer/ (process 0, for export and
@@ -289,7 +296,15 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
     saved = os.path.join(workdir, MODEL_CONFIG_FILE)
     if ckpt.latest_step() is not None and os.path.exists(saved):
         with open(saved) as f:
-            before = json.load(f).get("param_dtype")
+            saved_doc = json.load(f)
+        before = saved_doc.get("param_dtype")
+        old_hf, new_hf = saved_doc.get("hf_config", {}), models.config_to_hf(cfg)
+        changed = [f"{k}: {old_hf[k]!r} there, {new_hf.get(k)!r} now" for k in _SHAPE_KEYS
+                   if k in old_hf and old_hf[k] != new_hf.get(k)]
+        if changed:
+            ckpt.close()
+            raise ConfigError(f"workdir {workdir!r} holds checkpoints of another model ({'; '.join(changed)}): its "
+                              "parameters do not fit this one; use a fresh workdir, or the run's own model settings")
         if before is not None and models.resolve_dtype(before) != models.resolve_dtype(config.model.dtype):
             ckpt.close()
             raise ConfigError(f"workdir {workdir!r} holds checkpoints of a run with model.dtype={before}, not "
@@ -322,10 +337,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.tokenizer or config.model.path)
     examples, data_stats = algo.prepare(config, tokenizer)
     examples, val_examples = split_validation(examples, config.data.get("val_fraction", 0.0), config.seed)
-    data_digest = distributed.digest((examples, val_examples))
     try:
-        distributed.check_same_everywhere(f"data.source={config.data.source!r} (as tokenized)", data_digest,
-                                          len(examples) + len(val_examples))
+        distributed.check_same_everywhere(f"data.source={config.data.source!r} (as tokenized)",
+                                          (examples, val_examples), len(examples) + len(val_examples))
     except ValueError as e:
         raise DataError(str(e)) from None
     val_every = config.get("val_every", 0)
@@ -379,7 +393,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cc = config.checkpoint
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min")
     start = 0
-    run_meta = {"algorithm": config.algorithm, "seed": config.seed, "batch_size": B, "data_digest": data_digest}
+    run_meta = {"algorithm": config.algorithm, "seed": config.seed, "batch_size": B,
+                "data_rows": len(examples) + len(val_examples)}
     if ckpt.latest_step() is not None:
         check_resume(workdir, ckpt.read_meta(), run_meta)
         items, meta, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})

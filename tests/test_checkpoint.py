@@ -193,8 +193,12 @@ def test_a_damaged_checkpoint_is_one_error_naming_its_folder_and_the_step_before
         for f in glob.glob(os.path.join(four, "params", "**", "d", "*"), recursive=True):
             os.truncate(f, 10)
     ck = Checkpointer(d, every_steps=2, keep=3, async_save=False)
-    with pytest.raises(CheckpointError, match=rf"{four}: cannot restore \['opt_state', 'params'\] .*use step 2$"):
+    with pytest.raises(CheckpointError, match=rf"{four}: cannot restore \['opt_state', 'params'\] .*damaged; move "
+                                              "that folder aside to use step 2$"):
         ck.restore(target)
     items, _, step = ck.restore(target, step=2)  # the step before is intact
     assert step == 2 and float(items["params"]["w"][0]) == 2.0
+    # an intact checkpoint of another model: no advice to move a healthy folder aside
+    with pytest.raises(CheckpointError, match=r"/2: cannot restore .* other shapes than this model's$"):
+        ck.restore({"params": {"w": jnp.zeros((1024,))}}, step=2)
     ck.close()

@@ -66,6 +66,10 @@ def test_an_assistant_turn_that_opens_the_conversation_is_context(tokenizer):
     assert _learned(tokenizer, ids, mask) == "Hello there<|im_end|>\n"
     with pytest.raises(DataError, match="row 3: no assistant message to learn from .*all context"):
         tokenize_conversation(tokenizer, msgs[:1], index=3)
+    # the same after a system message: still nothing prompts the greeting
+    sys_msgs = [{"role": "system", "content": "Be kind."}, *msgs]
+    ids, mask = tokenize_conversation(tokenizer, sys_msgs)
+    assert _learned(tokenizer, ids, mask) == "Hello there<|im_end|>\n"
 
 
 def test_tool_calls_reasoning_and_tools_reach_the_template(tokenizer):

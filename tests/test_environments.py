@@ -122,7 +122,12 @@ def test_normalize_answer_keeps_units_and_lists():
     # a plain-number gold against a number with a unit math-verify does not know (it scored these 0)
     ("18", "18 cookies", True), ("18", r"18 \text{ eggs}", True), ("18", "$18 per hour", True),
     ("1000", "1,000 people", True), ("3.5", "3.50 km.", True), ("18", "19 cookies", False),
-    ("2", "2 x", False), ("3", "3 pi", False), ("18", "18 dollars and 5 cents", False),
+    ("2", "2 x", False), ("3", "3 pi", False), ("18", "18 dollars and 5 cents", False), ("5", "5 ft", True),
+    # words that make the number another number or a formula are not units
+    ("2", "2xy", False), ("6", "6 xy", False), ("2", "2 cubed", False), ("2", "2 thirds", False),
+    ("1", "1 million", False), ("1", "1 dozen", False), ("1", "1 half", False), ("3", "3 thousand", False),
+    ("3", "3 at most", False), ("5", "5 squared", False), ("5", "5 billion dollars", False),
+    ("4", "4 factorial", False), ("10", "10 km squared", False), ("2", "2 arcsin", False),
 ])
 def test_answers_match_math_verify(gold, pred, same):
     assert answers_match(gold, pred, timeout_s=5) is same

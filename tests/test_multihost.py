@@ -408,7 +408,8 @@ def test_processes_that_load_different_data_stop_before_training(tmp_path, recip
     example more) are an error on every process, naming what differs and how, before any step."""
     if recipe_name == "eval_tiny":
         cmd = ["python", "-m", "jaxrl_llm.evaluate", "--config", "configs/eval_tiny.py", "--out",
-               str(tmp_path / "w" / "results.json"), '--config.data.num="$((16 + JAXRL_PROCESS_ID))"']
+               str(tmp_path / "w" / "results.json"), '--config.data.num="$((16 + JAXRL_PROCESS_ID))"',
+               "--config.data.source=rg:chain_sum"]
     else:
         over = {**(TINY if recipe_name == "sft_tiny" else GRPO_TINY), "export_hf": False}
         over.pop("data.num_examples", None)
@@ -422,4 +423,5 @@ def test_processes_that_load_different_data_stop_before_training(tmp_path, recip
     assert {e.split(" ", 1)[0] for e in errors} == {"[0]", "[1]"}, r.stderr[-3000:]  # both processes say it
     assert "differs between the processes of this job (process(es) [0]: 16 items" in errors[0]
     assert "process(es) [1]: 17 items" in errors[0]
+    assert ("give every process the same PYTHONHASHSEED" in errors[0]) == (recipe_name != "sft_tiny")  # rg: sources
     assert not any(os.path.exists(tmp_path / "w" / f) for f in ("metrics.jsonl", "results.json"))

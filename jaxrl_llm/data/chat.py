@@ -166,7 +166,7 @@ def tokenize_conversation(
     generation prompt (`<|im_start|>assistant\\n` for ChatML) to the end of its turn, end marker included.
     The template must render prefixes as string prefixes (true of ChatML, Llama 3, Qwen templates).
     Assistant turns that are context get no loss: the first `context_turns` (a prompt's own assistant turns) and
-    one that opens the conversation (nothing prompts it; the template may put a system message before it).
+    those that open the conversation (no user or tool message before them, only a system message or none).
     A template with {% generation %} blocks (TRL's training templates) is rendered once instead, and the blocks
     mark the assistant tokens: it need not render prefixes as prefixes.
     eos_id: appended (with loss) after each learned turn (`turn_end_token`: templates that end turns with no
@@ -177,7 +177,8 @@ def tokenize_conversation(
     "▁" prefix); for byte-level BPE (Llama 3, Qwen, SmolLM2) the two agree at ChatML and Llama 3 turn boundaries.
     """
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    learned = [i for i in assistant_turns[context_turns:] if i > 0]
+    prompted = [any(m["role"] not in ("system", "assistant") for m in messages[:i]) for i in range(len(messages))]
+    learned = [i for i in assistant_turns[context_turns:] if prompted[i]]
     if last_assistant_only:
         learned = learned[-1:]
     if not learned:

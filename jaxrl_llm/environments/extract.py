@@ -203,13 +203,23 @@ def normalize_number(s: str) -> str | None:
     return sign + s if s.strip("0.") else s  # no "-0"
 
 
-# A number followed only by words: "18 dollars", "18 \\text{ cookies}", "$18 per hour". Words of two letters or
-# more, so "2 x" (a product) is not read as 2; math words are never units.
-_NUMBER_THEN_WORDS = re.compile(r"(.*?\d\.?)\s*(?:\\(?:text|mbox|mathrm)\s*\{\s*([A-Za-z][A-Za-z \-']*?)\s*\}"
-                                r"|([A-Za-z][A-Za-z \-']*?))\s*\.?", re.DOTALL)
-_MATH_WORDS = {"pi", "sqrt", "mod", "log", "ln", "exp", "sin", "cos", "tan", "sec", "csc", "cot", "inf",
-               "infinity", "infty", "i", "e", "and", "or", "to", "times", "cdot", "div", "frac", "over", "dx", "dy"}
-
+# A number, a space, then only words: "18 dollars", "18 \\text{ cookies}", "$18 per hour". After a space ("2xy" is
+# a product), and none that make the number another number or a formula: magnitudes
+# ("3 thousand"), fractions ("2 thirds"), powers and operators ("5 squared", "4 factorial"), comparisons ("3 at
+# most"), functions and constants.
+_NUMBER_THEN_WORDS = re.compile(r"(.*?\d\.?)(?:\s*\\(?:text|mbox|mathrm)\s*\{\s*([A-Za-z][A-Za-z \-']*?)\s*\}"
+                                r"|\s+([A-Za-z][A-Za-z \-']*?))\s*\.?", re.DOTALL)
+_NOT_UNITS = set("""
+    hundred hundreds thousand thousands million millions billion billions trillion trillions dozen dozens score
+    k m b bn mn lakh crore half halves third thirds quarter quarters fourth fourths fifth fifths sixth sixths
+    seventh sevenths eighth eighths ninth ninths tenth tenths hundredth hundredths thousandth thousandths
+    squared cubed square cube root roots power powers factorial choose over times plus minus divided by
+    multiplied and or to of at most least more less than under above below about approximately around nearly
+    almost exactly only not no than fewer greater smaller pi sqrt mod log ln exp sin cos tan sec csc cot arcsin
+    arccos arctan sinh cosh tanh inf infinity infty i e cdot div frac dx dy percent percentage
+""".split())
+# Words of one or two letters are variables ("6 xy") unless they are one of these unit abbreviations.
+_SHORT_UNITS = set("cm mm km nm kg mg ml cl dl ft in yd mi oz lb hr ms ns am pm kb mb gb tb mw kw".split())
 
 def number_before_words(s: str) -> str | None:
     """The plain number of an answer that is one number followed only by words (a unit: "18 dollars",
@@ -219,7 +229,7 @@ def number_before_words(s: str) -> str | None:
     if not m:
         return None
     words = (m.group(2) or m.group(3) or "").lower().replace("-", " ").split()
-    if not words or any(len(w) < 2 or w in _MATH_WORDS for w in words):
+    if not words or any(w in _NOT_UNITS or (len(w) < 3 and w not in _SHORT_UNITS) for w in words):
         return None
     return normalize_number(m.group(1))
 
