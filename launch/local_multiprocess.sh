@@ -9,7 +9,8 @@
 # Cross-process CPU collectives use gloo (JAX's default jax_cpu_collectives_implementation).
 # Output lines are prefixed "[i] ". If any process fails, the others are stopped (TERM, then KILL after
 # JAXRL_KILL_GRACE_S, default 5 s; each process runs in its own session, so its children are stopped too) and the exit status is that of the first failure; 0 when all succeed.
-# JAXRL_INIT_TIMEOUT_S (start-up timeout, default 300 s) and other variables pass through.
+# JAXRL_INIT_TIMEOUT_S (start-up timeout, default 300 s) and other variables pass through. PYTHONHASHSEED is
+# the same for every process (default 0): some reasoning-gym generators draw tasks in hash order.
 set -u -o pipefail
 
 usage() { echo "usage: $0 N -- command [args...]" >&2; exit 2; }
@@ -69,7 +70,7 @@ for (( i = 0; i < N; i++ )); do
   JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} \
   XLA_FLAGS="$BASE_XLA --xla_force_host_platform_device_count=$PER" \
   JAXRL_COORDINATOR=127.0.0.1:$PORT JAXRL_NUM_PROCESSES=$N JAXRL_PROCESS_ID=$i \
-  PYTHONUNBUFFERED=1 \
+  PYTHONUNBUFFERED=1 PYTHONHASHSEED=${PYTHONHASHSEED:-0} \
     setsid "$@" > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
   pids+=($!)
 done

@@ -48,4 +48,5 @@ fi
 # 3. The same command on every worker. No JAXRL_COORDINATOR/NUM_PROCESSES/PROCESS_ID: jaxrl_llm.distributed
 #    lets JAX detect them from the TPU metadata (coordinator = worker 0, port 8476; rendezvous on 8477).
 ARGS=$(printf '%q ' "$@")
-on_all "cd ~/$REMOTE_DIR && JAXRL_INIT_TIMEOUT_S=${JAXRL_INIT_TIMEOUT_S:-600} python3 -m $ENTRY $ARGS"
+on_all "cd ~/$REMOTE_DIR && JAXRL_INIT_TIMEOUT_S=${JAXRL_INIT_TIMEOUT_S:-600} PYTHONHASHSEED=${PYTHONHASHSEED:-0} \
+  python3 -m $ENTRY $ARGS"  # one hash seed everywhere: some reasoning-gym generators draw tasks in hash order

@@ -425,3 +425,12 @@ def test_processes_that_load_different_data_stop_before_training(tmp_path, recip
     assert "process(es) [1]: 17 items" in errors[0]
     assert ("give every process the same PYTHONHASHSEED" in errors[0]) == (recipe_name != "sft_tiny")  # rg: sources
     assert not any(os.path.exists(tmp_path / "w" / f) for f in ("metrics.jsonl", "results.json"))
+
+
+def test_launcher_gives_every_process_one_hash_seed():
+    """Some reasoning-gym generators draw tasks in hash order: processes with their own random hash seeds would
+    build different prompts (and stop at the data check)."""
+    r = _launch(2, "python", "-c", "print('HASH', hash('jaxrl_llm'))", timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    hashes = {line.split("HASH")[1].strip() for line in r.stdout.splitlines() if "HASH" in line}
+    assert len(hashes) == 1 and r.stdout.count("HASH") == 2, r.stdout
