@@ -494,10 +494,10 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         _truncate_metrics,
         build_model,
         check_best_metric,
-        check_resume,
         load_tokenizer,
         opt_state_shardings,
         prepare_workdir,
+        restore_run,
     )
 
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -553,12 +553,9 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     cc = config.checkpoint
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="max")
-    start = 0
-    if ckpt.latest_step() is not None:
-        check_resume(workdir, ckpt.read_meta(), run_meta)
-        items, meta, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
+    items, start = restore_run(ckpt, workdir, run_meta, state)
+    if items is not None:
         state = {**items, "step": counter(start * updates_per_step)}
-        log.info("resumed from %s at step %d", ckpt.directory, start)
     if is_main:
         _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
     mc = config.get("metrics", ml_collections.ConfigDict())

@@ -101,6 +101,23 @@ def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any]) -> No
                           "export)")
 
 
+def restore_run(ckpt: Checkpointer, workdir: str, run_meta: dict[str, Any], state: dict[str, Any]
+                ) -> tuple[dict[str, Any] | None, int]:
+    """(params and opt_state of the latest checkpoint, its step), or (None, 0) with none; the checkpoint's meta
+    checked against `run_meta` first (`check_resume`). On an error the checkpointer is closed (its background
+    threads would otherwise fail at exit)."""
+    if ckpt.latest_step() is None:
+        return None, 0
+    try:
+        check_resume(workdir, ckpt.read_meta(), run_meta)
+        items, _, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
+    except BaseException:
+        ckpt.close()
+        raise
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+    return items, start
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """User errors before any heavy work, each naming the config key."""
     if config.algorithm not in REGISTRY and config.algorithm not in ONLINE:
@@ -392,14 +409,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     is_main = jax.process_index() == 0
     cc = config.checkpoint
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min")
-    start = 0
     run_meta = {"algorithm": config.algorithm, "seed": config.seed, "batch_size": B,
                 "data_rows": len(examples) + len(val_examples)}
-    if ckpt.latest_step() is not None:
-        check_resume(workdir, ckpt.read_meta(), run_meta)
-        items, meta, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
+    items, start = restore_run(ckpt, workdir, run_meta, state)
+    if items is not None:
         state = {**items, "step": jnp.int32(start)}
-        log.info("resumed from %s at step %d", ckpt.directory, start)
     if is_main:
         _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
 
@@ -526,5 +540,9 @@ def exit_with_error(message: str) -> None:
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main, flags_parser=parse_flags)
+    # Run the imported module, not this __main__ copy: rl_train and evaluate import jaxrl_llm.train, and the
+    # ConfigError they raise must be the class main() catches (a second class would print a traceback).
+    from jaxrl_llm import train as _train
+
+    _train.define_flags()
+    app.run(_train.main, flags_parser=_train.parse_flags)

@@ -320,10 +320,16 @@ def test_grpo_reinforce_pp_cispo_and_other_variants_end_to_end(tmp_path):
         assert 1 <= r["dynamic_sampling_rounds"] <= 2
 
 
-def test_grpo_bad_config_is_one_line(tmp_path):
-    p = _run_cli(tmp_path / "run", "--config.grpo.kl_type=k9", timeout=300)
+@pytest.mark.parametrize("override,needle", [
+    ("--config.grpo.kl_type=k9", "grpo.kl_type"),
+    # raised in rl_train, which imports jaxrl_llm.train: the class the CLI catches must be that one
+    ("--config.rollout.max_new_tokens=100000", "rollout.max_new_tokens=100000"),
+])
+def test_grpo_bad_config_is_one_line(tmp_path, override, needle):
+    p = _run_cli(tmp_path / "run", override, timeout=300)
     assert p.returncode != 0
-    assert "grpo.kl_type" in p.stderr and "Traceback" not in p.stderr
+    assert needle in p.stderr and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith("error: "), p.stderr[-3000:]
 
 
 def test_reference_offloaded_to_host_gives_the_same_logprobs():
