@@ -118,8 +118,11 @@ def test_missing_field_errors_list_only_the_fields_a_row_has():
     ("empty.jsonl", "", "no rows"),
     ("blank.jsonl", "\n\n", "no rows"),
     ("bad.jsonl", '{"prompt": "a"}\n{bad\n', "line 2 is not valid JSON"),
-    ("empty.json", "[]", "cannot read it as json"),
-    ("bad.json", "{", "cannot read it as json"),
+    ("empty.json", "[]", "no rows"),
+    ("bad.json", "{", "not valid JSON"),
+    ("scalar.json", "7", "expected a list of rows"),
+    ("ragged.json", '{"prompt": ["a", "b"], "completion": ["c"]}', "columns of different lengths"),
+    ("strings.jsonl", '"a"\n', "row 0 is a str, not an object"),
 ])
 def test_unreadable_json_files_are_data_errors_naming_the_file(tmp_path, name, text, needle):
     path = tmp_path / name
@@ -127,6 +130,25 @@ def test_unreadable_json_files_are_data_errors_naming_the_file(tmp_path, name, t
     with pytest.raises(DataError, match=needle) as e:
         load_rows(str(path))
     assert name in str(e.value)
+
+
+def test_json_rows_are_read_as_written(tmp_path):
+    """A table would cast the column to one type (int 7 among strings made every row an int, and the error named
+    row 0); the rows of a file are what it holds, columns missing from a row stay missing."""
+    rows = [{"prompt": str(i), "completion": "x"} for i in range(5)] + [{"prompt": "5", "completion": 7}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_rows(str(tmp_path / "r.jsonl"))
+    assert got == rows
+    with pytest.raises(DataError, match=r"row 5: field 'completion' must be a string .* got int"):
+        for i, r in enumerate(got):
+            to_messages(r, i)
+    (tmp_path / "cols.json").write_text(json.dumps({"prompt": ["a", "b"], "completion": ["c", "d"]}))
+    assert load_rows(str(tmp_path / "cols.json")) == [{"prompt": "a", "completion": "c"},
+                                                      {"prompt": "b", "completion": "d"}]
+    (tmp_path / "lines.json").write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert load_rows(str(tmp_path / "lines.json")) == [{"prompt": "a"}, {"prompt": "b"}]
+    (tmp_path / "list.json").write_text(json.dumps([{"prompt": "a", "extra": 1}, {"prompt": "b"}]))
+    assert load_rows(str(tmp_path / "list.json")) == [{"prompt": "a", "extra": 1}, {"prompt": "b"}]
 
 
 def _task_rows():

@@ -53,6 +53,26 @@ def read_jsonl(path: str) -> list[Any]:
     return rows
 
 
+def _read_json_rows(path: str) -> list[Any]:
+    """A .json file's rows: a list of objects, an object of equal-length columns, or JSON Lines."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("{") and "\n" in text.strip():  # JSON Lines in a .json file
+            return read_jsonl(path)
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
+        lengths = {len(v) for v in data.values()}
+        if len(lengths) != 1:
+            raise DataError(f"{path}: an object of columns of different lengths {sorted(lengths)}")
+        return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a list of rows (or an object of columns), got {type(data).__name__}")
+    return data
+
+
 def _read_csv(path: str) -> list[dict[str, Any]]:
     """Every cell as the text it holds ("007", "None", "NA" stay text; no type guessing) and an empty cell as
     missing (None), whatever the other cells of its column look like."""
@@ -94,17 +114,20 @@ def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
             raise DataError(f"data.source={source!r}: file not found")
         if ext == ".csv":  # pandas would guess types: "007" -> 7, "None"/"NA" -> missing, digits -> int
             rows = _read_csv(source)
+        elif ext in (".json", ".jsonl"):  # read as written: a table would cast a column to one type
+            rows = _read_json_rows(source) if ext == ".json" else read_jsonl(source)
         else:
             import datasets
 
-            if ext == ".jsonl" and not read_jsonl(source):  # names a bad line; datasets would not
-                raise DataError(f"data.source={source!r}: no rows")
             try:
                 ds = datasets.load_dataset(_FORMATS[ext], data_files=source, split="train")
             except Exception as e:  # noqa: BLE001 (datasets/pyarrow raise many kinds; all mean "cannot read this")
                 raise DataError(f"data.source={source!r}: cannot read it as {_FORMATS[ext]} "
                                 f"({type(e).__name__}: {str(e)[:300] or 'empty file?'})") from None
             rows = [dict(r) for r in ds]
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise DataError(f"data.source={source!r}: row {i} is a {type(row).__name__}, not an object")
     if num_examples > 0:
         rows = rows[:num_examples]
     if not rows:
