@@ -22,7 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
         source="rg:chain_sum", num=200, seed=1, shuffle=False, system_prompt="",
         instruction="Reply with only the final number.",
         options=ml_collections.ConfigDict(dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1))))
-    c.env = ml_collections.ConfigDict(dict(name="reasoning_gym", answer_format=r"(-?\d+)", num_workers=1))
+    # sandbox: scoring workers confined (seccomp, memory cap); isolate: a process forked per sample
+    c.env = ml_collections.ConfigDict(dict(name="reasoning_gym", answer_format=r"(-?\d+)", num_workers=1,
+                                           timeout_s=10.0, sandbox=True, isolate=True))
     c.eval = ml_collections.ConfigDict(dict(
         n_samples=1, k_values=(1,), max_batch_size=64, max_prompt_len=0, truncate_prompts=False,
         correct_threshold=1.0, keep_completions=True))

@@ -30,7 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
         options=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
         system_prompt="", instruction="Reply with only the final number.",
         chat_template="", max_prompt_len=56, overlong="drop"))  # the prompts are 56 tokens
-    c.env = ml_collections.ConfigDict(dict(name="reasoning_gym", answer_format=r"(-?\d+)", num_workers=1))
+    # sandbox: scoring workers confined (seccomp, memory cap); isolate: a process forked per sample
+    c.env = ml_collections.ConfigDict(dict(name="reasoning_gym", answer_format=r"(-?\d+)", num_workers=1,
+                                           timeout_s=10.0, sandbox=True, isolate=True))
     c.rollout = ml_collections.ConfigDict(dict(
         num_prompts=8, group_size=4, max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0,
         stop_token_ids=(), max_batch_size=0,

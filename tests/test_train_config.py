@@ -8,7 +8,7 @@ import importlib.util
 import json
 
 import pytest
-from recipes import recipe
+from recipes import ROOT, recipe
 
 from jaxrl_llm import train
 
@@ -113,3 +113,28 @@ def test_resume_leaves_out_a_metrics_line_cut_by_a_kill_and_keeps_the_file(tmp_p
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
     train._truncate_metrics(str(path), 1)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n' and not (tmp_path / "metrics.jsonl.2.old").exists()
+
+
+def test_every_training_recipe_validates_and_builds_its_environment():
+    """The recipes a README command names (and their env blocks, whose keys a user overrides on the command line:
+    sandbox, isolate, num_workers) must load as they ship."""
+    import glob
+    import os
+    import runpy
+
+    from jaxrl_llm.environments import make_environment
+
+    names = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+    training = [n for n in names if not n.startswith("eval_")]
+    assert {"sft_tiny", "grpo_tiny", "grpo_guess_tiny", "grpo_demo"} <= set(training)
+    for name in training:
+        config = runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["get_config"]()
+        train.validate(config)
+        if "env" in config:
+            env = make_environment(config.env.to_dict())
+            if hasattr(env, "close"):
+                env.close()
+    demo = runpy.run_path(os.path.join(ROOT, "configs", "grpo_demo.py"))["get_config"]()
+    assert demo.env.sandbox is True and demo.env.isolate is True
+    guess = runpy.run_path(os.path.join(ROOT, "configs", "grpo_guess_tiny.py"))["get_config"]()
+    assert guess.env.name == "number_guess" and guess.rollout.max_turns == 4 and guess.data.source == "guess"
