@@ -38,7 +38,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _trl_common import Pair, time_trl_dpo, time_trl_sft  # noqa: E402
-from forward import SMOLLM2_135M, gguf_path  # noqa: E402  (same model definition as the forward benchmark)
+from forward import SMOLLM2_135M, cpu_name, gguf_path  # noqa: E402  (same model definition as the forward benchmark)
 
 from jaxrl_llm import models, parallel  # noqa: E402
 from jaxrl_llm.algorithms import sft  # noqa: E402
@@ -258,7 +257,7 @@ def environment(weights: str, load_before: float) -> dict[str, Any]:
         except md.PackageNotFoundError:
             versions[name] = None
     return {**versions, "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
-            "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "cpu": platform.processor(),
+            "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "cpu": cpu_name(),
             "load_average_before": load_before, "weights": weights, "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
             # Host allocator settings apply to both trainers (one process); see benchmarks/README.md.
             "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""), "LD_PRELOAD": os.environ.get("LD_PRELOAD", "")}

@@ -67,11 +67,7 @@ def validate(config: ml_collections.ConfigDict) -> SamplingParams:
         raise ConfigError(f"model.path={mc.path!r}: no such file or folder")
     if mc.step != -1 and not is_workdir(mc.path):
         raise ConfigError(f"model.step={mc.step}: only a training workdir (with {train.MODEL_CONFIG_FILE}) has steps")
-    for key in ("dtype", "compute_dtype"):
-        try:
-            models.resolve_dtype(mc[key])
-        except ValueError as e:
-            raise ConfigError(f"model.{key}: {e}") from e
+    train.check_model_settings(mc)
     ec = config.eval
     if ec.n_samples < 1:
         raise ConfigError(f"eval.n_samples={ec.n_samples}: must be >= 1")

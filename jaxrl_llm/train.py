@@ -118,6 +118,21 @@ def restore_run(ckpt: Checkpointer, workdir: str, run_meta: dict[str, Any], stat
     return items, start
 
 
+def check_model_settings(mc: ml_collections.ConfigDict) -> None:
+    """model.dtype, model.compute_dtype and model.attention_impl, each a ConfigError naming the key (training and
+    evaluation)."""
+    from jaxrl_llm.models.config import ATTENTION_IMPLS
+
+    for key in ("dtype", "compute_dtype"):
+        try:
+            models.resolve_dtype(mc[key])
+        except ValueError as e:
+            raise ConfigError(f"model.{key}: {e}") from e
+    if mc.get("attention_impl", "xla") not in ATTENTION_IMPLS:
+        raise ConfigError(f"model.attention_impl={mc.attention_impl!r}; expected one of {ATTENTION_IMPLS} "
+                          "(fused: jax.nn.dot_product_attention, cuDNN on a GPU)")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """User errors before any heavy work, each naming the config key."""
     if config.algorithm not in REGISTRY and config.algorithm not in ONLINE:
@@ -145,11 +160,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("model.path is empty and model.init is not set: name a model folder/.gguf or a tiny init")
     if config.model.path and config.model.path != "smollm2" and not os.path.exists(config.model.path):
         raise ConfigError(f"model.path={config.model.path!r}: no such file or folder")
-    for key in ("dtype", "compute_dtype"):
-        try:
-            models.resolve_dtype(config.model[key])
-        except ValueError as e:
-            raise ConfigError(f"model.{key}: {e}") from e
+    check_model_settings(config.model)
     if models.resolve_dtype(config.model.dtype) == jnp.float16:
         raise ConfigError("model.dtype=float16: fp16 parameters cannot take AdamW's small updates (most round away "
                           "and the rest overflow its range); train with model.dtype=float32 (or bfloat16) and "

@@ -372,6 +372,7 @@ def test_cli_bad_config_key_is_a_one_line_error():
     ({"eval.n_samples": 0}, "eval.n_samples=0"),
     ({"sampling.top_p": 0.0}, "top_p"),
     ({"data.num": 0}, "data.num=0"),
+    ({"model.attention_impl": "cudnn"}, "model.attention_impl='cudnn'"),
 ])
 def test_bad_recipe_values_name_the_key(override, key):
     import runpy

@@ -138,3 +138,8 @@ def test_every_training_recipe_validates_and_builds_its_environment():
     assert demo.env.sandbox is True and demo.env.isolate is True
     guess = runpy.run_path(os.path.join(ROOT, "configs", "grpo_guess_tiny.py"))["get_config"]()
     assert guess.env.name == "number_guess" and guess.rollout.max_turns == 4 and guess.data.source == "guess"
+
+
+def test_unknown_attention_impl_is_a_config_error():
+    with pytest.raises(train.ConfigError, match=r"model.attention_impl='cudnn'; expected one of \('xla', 'fused'\)"):
+        train.validate(recipe("sft_tiny", {"model.attention_impl": "cudnn"}))

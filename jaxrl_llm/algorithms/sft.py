@@ -155,7 +155,8 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[tuple[np.ndarray, np.ndar
             continue
         out.append((ids, mask))
     if stats["truncated"] or stats["dropped"]:
-        log.warning("data: %d of %d rows truncated to %d tokens, %d dropped", stats["truncated"], len(rows),
+        log.warning("data: of %d rows, %d cut to data.max_len=%d tokens and %d dropped (longer than that with "
+                    "data.overlong=drop, or no assistant token left to learn)", len(rows), stats["truncated"],
                     dc.max_len, stats["dropped"])
     if not out:
         raise DataError(f"data.source={dc.source!r}: no usable rows after tokenization")

@@ -241,8 +241,9 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
             continue
         out.append(pair)
     if stats["truncated"] or stats["dropped"]:
-        log.warning("data: %d of %d pairs truncated to %d tokens, %d dropped", stats["truncated"], len(rows),
-                    dc.max_len, stats["dropped"])
+        log.warning("data: of %d pairs, %d cut to data.max_len=%d tokens and %d dropped (longer than that with "
+                    "data.overlong=drop, or a side without response tokens, or both sides alike, after the cut)",
+                    len(rows), stats["truncated"], dc.max_len, stats["dropped"])
     if not out:
         raise DataError(f"data.source={dc.source!r}: no usable preference pairs after tokenization "
                         f"(data.max_len={dc.max_len})")
