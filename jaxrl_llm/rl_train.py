@@ -34,7 +34,6 @@ import ml_collections
 import numpy as np
 
 from jaxrl_llm import distributed, models, multiturn, parallel, sampling
-from jaxrl_llm.algorithms import advantages as adv_lib
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
 from jaxrl_llm.algorithms.pg_losses import kl_penalty
@@ -42,6 +41,17 @@ from jaxrl_llm.data.chat import DataError
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.optim import make_optimizer
+from jaxrl_llm.rl_batch import (
+    Rollouts,
+    _accuracy,
+    check_shared_prompts,
+    compute_advantages,
+    mask_logprob_errors,
+    prepare_batch,
+    reward_components,
+    scaled_rewards,
+    shuffled_rows,
+)
 
 log = logging.getLogger("jaxrl_llm.rl_train")
 CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean", "turns_mean",
@@ -76,67 +86,6 @@ def prompt_ids(tokenizer: Any, tasks: list, chat_template: str | None, max_promp
     return out, keep, stats
 
 
-@dataclasses.dataclass
-class Rollouts:
-    """R = prompts x group_size samples, grouped consecutively. components: the reward components of a combined
-    environment ({name: rewards [R]}, from its "reward/<name>" info), empty otherwise. Multi-turn rollouts also
-    carry loss_masks (per token of `tokens`: 1 generated, 0 observation) and turns (generations per episode)."""
-
-    task_idx: list[int]
-    prompts: list[list[int]]
-    tokens: list[list[int]]
-    logprobs: list[list[float]]
-    finish: list[str]
-    rewards: np.ndarray
-    accuracy: np.ndarray
-    counts: dict[str, int]
-    components: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    loss_masks: list[list[int]] | None = None
-    turns: list[int] | None = None
-
-    def take_groups(self, groups: np.ndarray, G: int) -> Rollouts:
-        rows = [g * G + j for g in groups for j in range(G)]
-        pick = lambda xs: None if xs is None else [xs[i] for i in rows]
-        return Rollouts(pick(self.task_idx), pick(self.prompts), pick(self.tokens), pick(self.logprobs),
-                        pick(self.finish), self.rewards[rows], self.accuracy[rows], dict(self.counts),
-                        {k: v[rows] for k, v in self.components.items()}, pick(self.loss_masks), pick(self.turns))
-
-    @staticmethod
-    def concat(parts: list[Rollouts]) -> Rollouts:
-        counts: dict[str, int] = {}
-        for p in parts:
-            for k, v in p.counts.items():
-                counts[k] = counts.get(k, 0) + v
-        cat = lambda name: [x for p in parts for x in getattr(p, name)]
-        opt = lambda name: None if getattr(parts[0], name) is None else cat(name)
-        names = parts[0].components.keys()
-        return Rollouts(cat("task_idx"), cat("prompts"), cat("tokens"), cat("logprobs"), cat("finish"),
-                        np.concatenate([p.rewards for p in parts]), np.concatenate([p.accuracy for p in parts]),
-                        counts, {k: np.concatenate([p.components[k] for p in parts]) for k in names},
-                        opt("loss_masks"), opt("turns"))
-
-
-def reward_components(info: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    """{name: rewards [R]} from the "reward/<name>" entries of per-sample info (sorted by name); {} if none.
-    A component that only some samples carry (e.g. a routed environment with a combined route) is left out, with
-    a warning naming it: it is neither a per-sample metric nor a GDPO component of the whole batch."""
-    names = sorted({k[len("reward/"):] for inf in info for k in inf if k.startswith("reward/")})
-    out = {}
-    for n in names:
-        missing = [i for i, inf in enumerate(info) if f"reward/{n}" not in inf]
-        if missing:
-            log.warning("reward component %r is missing from %d of %d samples (the first: sample %d); left out",
-                        n, len(missing), len(info), missing[0])
-            continue
-        out[n] = np.array([float(inf[f"reward/{n}"]) for inf in info], np.float32)
-    return out
-
-
-def _accuracy(info: list[dict[str, Any]], rewards: np.ndarray) -> np.ndarray:
-    """Per sample: info "correct" when the environment gives it, else reward >= 1."""
-    return np.array([float(inf.get("correct", r >= 1.0)) for inf, r in zip(info, rewards, strict=True)], np.float32)
-
-
 def offload_to_host(params: Any) -> Any:
     """The frozen reference in host memory between steps (pinned host memory with the same shardings: each
     process keeps its own shards), leaving device memory to the policy, the optimizer state and the KV cache;
@@ -157,115 +106,6 @@ def reference_logprobs(fn, ref_params: Any, ids_RT: jax.Array, attn_RT: jax.Arra
     if on_host:
         jax.tree.map(lambda x: x.delete(), params)
     return out
-
-
-def scaled_rewards(rewards: np.ndarray, config: ml_collections.ConfigDict) -> np.ndarray:
-    """grpo.reward_scaling applied to rewards (unchanged when it is off): clamped and mapped affinely."""
-    rs = config.grpo.reward_scaling
-    if not rs.enabled:
-        return rewards
-    return np.asarray(adv_lib.scale_rewards(rewards, rs.source_min, rs.source_max, rs.target_min, rs.target_max),
-                      np.float32)
-
-
-def shaped_rewards(roll: Rollouts, config: ml_collections.ConfigDict) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """The rewards the advantages see, and the components likewise scaled: reward_scaling, then
-    stop_properly_penalty on truncated samples or DAPO's overlong shaping."""
-    g, ro = config.grpo, config.rollout
-    rewards = scaled_rewards(roll.rewards, config)
-    comps = {k: scaled_rewards(v, config) for k, v in roll.components.items()}
-    truncated = np.array([f == "length" for f in roll.finish])
-    if g.stop_properly_penalty is not None:
-        return np.asarray(adv_lib.stop_properly_penalty(rewards, truncated, g.stop_properly_penalty), np.float32), comps
-    lengths = np.array([len(t) for t in roll.tokens], np.float32)  # all tokens after the prompt, against the budget
-    return grpo.shape_overlong(rewards, lengths, multiturn.total_token_budget(ro), g.overlong_buffer,
-                               g.overlong_penalty), comps
-
-
-def compute_advantages(config: ml_collections.ConfigDict, rewards: np.ndarray, components: dict[str, np.ndarray],
-                       loss_mask: np.ndarray, kl_RT: np.ndarray | None = None) -> np.ndarray:
-    """Advantages [R, T] by grpo.adv_estimator, clamped by grpo.advantage_clip_low/high. kl_RT: the per-token KL
-    of the old policy to the reference (reinforce_plus_plus with kl_in_reward)."""
-    g = config.grpo
-    G = config.rollout.group_size
-    if g.adv_estimator == "reinforce_plus_plus":
-        adv = np.asarray(adv_lib.reinforce_pp_advantages(
-            rewards, G, loss_mask, minus_baseline=g.minus_baseline, kl_RT=kl_RT if g.kl_in_reward else None,
-            kl_coef=g.kl_coef), np.float32)
-    else:
-        if g.adv_estimator == "gdpo":
-            if len(components) < 2 or (g.reward_weights and len(g.reward_weights) != len(components)):
-                raise ValueError(f"grpo.adv_estimator='gdpo': the environment gave reward components "
-                                 f"{sorted(components)}; GDPO needs at least 2, and grpo.reward_weights (in that "
-                                 f"order) needs one weight per component (got {list(g.reward_weights)})")
-            a = adv_lib.gdpo_advantages([components[k] for k in sorted(components)], G, g.reward_weights or None,
-                                        leave_one_out=g.leave_one_out, normalize_std=g.normalize_std)
-        else:
-            a = grpo.grpo_advantages(rewards, G, g.leave_one_out, g.normalize_std)
-        adv = np.broadcast_to(np.asarray(a, np.float32)[:, None], loss_mask.shape).copy()
-    if g.advantage_clip_low is not None or g.advantage_clip_high is not None:
-        adv = np.clip(adv, g.advantage_clip_low, g.advantage_clip_high)
-    return adv
-
-
-def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, pad_id: int
-                  ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Host side of a step: rewards -> scaling and shaping -> advantages; the training arrays, with
-    truncated samples masked out under grpo.overlong_filtering (they still count in their group's baseline).
-    Returns (batch, reward/length metrics)."""
-    g, ro = config.grpo, config.rollout
-    G = ro.group_size
-    lengths = np.array([len(t) for t in roll.tokens] if roll.loss_masks is None  # multi-turn: generated tokens only
-                       else [sum(m) for m in roll.loss_masks], np.float32)
-    truncated = np.array([f == "length" for f in roll.finish])
-    shaped, comps = shaped_rewards(roll, config)
-    batch = grpo.build_batch(roll.prompts, roll.tokens, roll.logprobs, config.data.max_prompt_len,
-                             multiturn.total_token_budget(ro), pad_id, loss_masks=roll.loss_masks)
-    if g.overlong_filtering:
-        batch["loss_mask"] = batch["loss_mask"] * (~truncated)[:, None].astype(np.int32)
-    batch["advantages"] = compute_advantages(config, shaped, comps, batch["loss_mask"])
-    batch["positive"] = (shaped > 0).astype(np.int32)
-    batch["shaped_rewards"] = shaped  # host only (not a training array)
-    batch["components"] = comps
-    valid = batch["loss_mask"] > 0
-    metrics = dict(
-        reward_mean=float(roll.rewards.mean()), reward_std=float(roll.rewards.std()),
-        shaped_reward_mean=float(shaped.mean()), accuracy=float(roll.accuracy.mean()),
-        gen_length_mean=float(lengths.mean()), gen_length_max=float(lengths.max()),
-        truncation_rate=float(truncated.mean()), masked_samples=float(g.overlong_filtering * truncated.sum()),
-        groups_all_equal=float((~grpo.dynamic_sampling_keep(roll.rewards, G)).mean()),
-        advantage_abs_mean=float(np.abs(batch["advantages"][valid]).mean()) if valid.any() else 0.0,
-        **{f"reward/{k}": float(v.mean()) for k, v in roll.components.items()})
-    if roll.turns is not None:
-        metrics.update(turns_mean=float(np.mean(roll.turns)),
-                       episode_length_mean=float(np.mean([len(t) for t in roll.tokens])))
-    return batch, metrics
-
-
-def mask_logprob_errors(batch: dict[str, np.ndarray], threshold: float) -> int:
-    """Masks out (loss_mask row 0) the samples whose mean over their tokens of exp|sampler - old log-prob|
-    exceeds `threshold`; returns how many were masked."""
-    m = batch["loss_mask"] > 0
-    err = np.exp(np.abs(batch["sampler_logprobs"] - batch["old_logprobs"])) * m
-    mean = err.sum(1) / np.maximum(m.sum(1), 1)
-    bad = (mean > threshold) & m.any(1)
-    batch["loss_mask"] = batch["loss_mask"] * (~bad)[:, None].astype(batch["loss_mask"].dtype)
-    return int(bad.sum())
-
-
-def shuffled_rows(rng: np.random.Generator, rows: int, group: int) -> np.ndarray:
-    """A random order of `rows` rows that keeps each group of `group` consecutive rows together and in order."""
-    return (rng.permutation(rows // group)[:, None] * group + np.arange(group)).reshape(-1)
-
-
-def check_shared_prompts(batch: dict[str, np.ndarray], group: int, prompt_len: int) -> None:
-    """The rows of each group must carry the same prompt columns for the log-prob and loss passes to share them."""
-    for k in ("input_ids", "attention_mask"):
-        a = batch[k][:, :prompt_len].reshape(-1, group, prompt_len)
-        bad = np.flatnonzero((a != a[:, :1]).any(axis=(1, 2)))
-        if bad.size:
-            raise RuntimeError(f"grpo.shared_prompt: the rows of group {int(bad[0])} do not share their prompt "
-                               f"({k}); set grpo.shared_prompt=False")
 
 
 class GRPORunner:

@@ -13,7 +13,7 @@ import pytest
 from recipes import recipe
 
 from jaxrl_llm.algorithms import advantages as adv_lib
-from jaxrl_llm.rl_train import (
+from jaxrl_llm.rl_batch import (
     Rollouts,
     compute_advantages,
     mask_logprob_errors,

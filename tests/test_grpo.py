@@ -14,7 +14,8 @@ import pytest
 from recipes import recipe
 
 from jaxrl_llm.algorithms import grpo
-from jaxrl_llm.rl_train import GRPORunner, Rollouts, prepare_batch
+from jaxrl_llm.rl_batch import Rollouts, prepare_batch
+from jaxrl_llm.rl_train import GRPORunner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

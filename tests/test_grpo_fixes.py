@@ -9,7 +9,8 @@ import pytest
 from recipes import recipe
 
 from jaxrl_llm import multiturn
-from jaxrl_llm.rl_train import GRPORunner, Rollouts
+from jaxrl_llm.rl_batch import Rollouts
+from jaxrl_llm.rl_train import GRPORunner
 
 
 def _runner(P, G, max_rounds, rounds_rewards, counts_per_round):

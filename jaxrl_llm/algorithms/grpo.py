@@ -155,7 +155,7 @@ def _is_int(x: Any) -> bool:
 
 
 def _validate_overlong_buffer(config: Any) -> None:
-    """grpo.overlong_buffer against the length the shaping measures (`rl_train.shaped_rewards`): every token after
+    """grpo.overlong_buffer against the length the shaping measures (`rl_batch.shaped_rewards`): every token after
     the prompt against `multiturn.total_token_budget` -- rollout.max_new_tokens for one turn; for multi-turn
     rollouts rollout.max_total_tokens, or max_new_tokens x max_turns plus the observations' allowance when 0.
     Checked after `_validate_turns`, which vets the keys that budget reads."""
