@@ -95,6 +95,7 @@ def quiet_libraries() -> None:
     """Orbax and JAX log every checkpoint phase at INFO through absl; keep the console for our own lines."""
     from absl import logging as absl_logging
 
-    absl_logging.set_verbosity(absl_logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # under app.run this sets the root logger's level
     for name in ("absl", "orbax", "jax"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("jaxrl_llm").setLevel(logging.INFO)  # ours ("resumed from ...", "wrote ...") still show

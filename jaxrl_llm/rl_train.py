@@ -351,6 +351,13 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         env = environments.make_environment(env_spec)
     except ValueError as e:
         raise ConfigError(f"env: {e}") from e
+    try:  # before any model work: an environment that cannot score these tasks fails at the first step otherwise
+        environments.check_metadata(env, [t.metadata for t in tasks])
+    except ValueError as e:
+        if hasattr(env, "close"):
+            env.close()
+        raise ConfigError(f"env.name={env_spec.get('name')!r} cannot score the tasks of data.source={dc.source!r}: "
+                          f"{e}") from None
     cfg, params = build_model(config, len(tokenizer), mesh, rules)
     budget = multiturn.total_token_budget(config.rollout)
     if dc.max_prompt_len + budget > cfg.max_position_embeddings:

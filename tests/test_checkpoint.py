@@ -72,7 +72,8 @@ def test_resume_after_sigkill_is_exact(reference, tmp_path):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert max(_losses(wd)) < 6, "killed too late to test anything"
-    _train(wd, "--config.max_steps=6", "--config.checkpoint.every_steps=2")
+    r = _train(wd, "--config.max_steps=6", "--config.checkpoint.every_steps=2")
+    assert "resumed from" in r.stderr and " at step " in r.stderr  # our INFO lines reach the console
     assert _losses(wd) == _losses(reference)  # identical floats at every step
     lines = (wd / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]

@@ -398,3 +398,27 @@ def test_recipes_load_and_validate():
         assert sp.max_new_tokens == config.sampling.max_new_tokens
     aime = runpy.run_path(os.path.join(ROOT, "configs", "eval_aime2025.py"))["get_config"]()
     assert aime.eval.n_samples == 4 and tuple(aime.eval.k_values) == (1, 4) and aime.sampling.temperature == 0.7
+
+
+def test_evaluate_checks_the_environment_against_the_tasks_and_says_multi_turn_is_first_answer_only(
+        tmp_path, caplog):
+    import runpy
+
+    import ml_collections
+
+    from jaxrl_llm import evaluate
+
+    def config(source, env):
+        c = runpy.run_path(os.path.join(ROOT, "configs", "eval_tiny.py"))["get_config"]()
+        c.unlock()
+        c.data.source, c.data.num, c.eval.n_samples, c.eval.k_values = source, 2, 1, (1,)
+        c.env = ml_collections.ConfigDict(env)
+        return c
+
+    with pytest.raises(evaluate.ConfigError, match=r"env.name='number_guess' cannot score the tasks of "
+                                                   r"data.source='gsm8k': number_guess: metadata\[0\] needs"):
+        evaluate.run(config("gsm8k", {"name": "number_guess"}), str(tmp_path / "a.json"))
+    assert not (tmp_path / "a.json").exists()
+    with caplog.at_level("WARNING", logger="jaxrl_llm.evaluate"):
+        evaluate.run(config("guess", {"name": "number_guess"}), str(tmp_path / "b.json"))
+    assert "scores each sample's first answer only" in caplog.text and (tmp_path / "b.json").exists()

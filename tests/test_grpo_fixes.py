@@ -178,3 +178,46 @@ def test_a_microbatch_that_does_not_split_over_the_mesh_is_reported(tmp_path, ca
     assert warned == ["a microbatch (that / train.microbatches)=4 rows do not split over the mesh's batch axes "
                       "fsdp=8: the rows are replicated along fsdp (those devices all compute the same rows); "
                       "use a multiple of 8"]
+
+
+def test_an_unknown_environment_of_a_multi_turn_recipe_is_named_as_unknown():
+    from jaxrl_llm.train import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="env: unknown environment name 'bogus'"):
+        validate(recipe("grpo_guess_tiny", {"env.name": "bogus"}))
+
+
+def test_an_environment_that_cannot_score_the_tasks_stops_before_the_model(tmp_path, monkeypatch):
+    """number_guess on reasoning-gym tasks (no secret): one ConfigError before any model work, not a traceback
+    after the first generation."""
+    from jaxrl_llm import rl_train
+    from jaxrl_llm.train import ConfigError
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(rl_train, "build_model", no_model, raising=False)
+    monkeypatch.setattr("jaxrl_llm.train.build_model", no_model)
+    c = recipe("grpo_guess_tiny", {"data.source": "rg:chain_sum", "data.num_examples": 4,
+                                   "data.options": {"min_terms": 2, "max_terms": 2}})
+    with pytest.raises(ConfigError, match=r"env.name='number_guess' cannot score the tasks of "
+                                          r"data.source='rg:chain_sum': number_guess: metadata\[0\] needs"):
+        rl_train.run_grpo(c, str(tmp_path))
+
+
+def test_check_metadata_of_combined_and_routed_environments():
+    from jaxrl_llm.environments import check_metadata, make_environment
+
+    routed = make_environment({"name": "routed", "routes": {"math": {"name": "math", "num_workers": 0,
+                                                                      "sandbox": False},
+                                                             "guess": {"name": "number_guess"}}})
+    check_metadata(routed, [{"env": "math", "answer": "3"}, {"env": "guess", "secret": 4}])
+    with pytest.raises(ValueError, match=r"number_guess: metadata\[0\] needs an integer 'secret'"):
+        check_metadata(routed, [{"env": "math", "answer": "3"}, {"env": "guess", "answer": "4"}])
+    with pytest.raises(ValueError, match=r"metadata\[1\]\['env'\] is 'code', not a configured route"):
+        check_metadata(routed, [{"env": "math", "answer": "3"}, {"env": "code"}])
+    combined = make_environment({"name": "combined", "components": [
+        {"name": "format", "pattern": "x"}, {"name": "math", "num_workers": 0, "sandbox": False}]})
+    with pytest.raises(ValueError, match=r"math: metadata\[1\] has no 'answer'"):
+        check_metadata(combined, [{"answer": "1"}, {"question": "?"}])
+    check_metadata(make_environment({"name": "format", "pattern": "x"}), [{}])  # nothing to check

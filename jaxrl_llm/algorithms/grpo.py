@@ -196,6 +196,10 @@ def _validate_turns(config: Any) -> None:
                          f"a single turn generates at most rollout.max_new_tokens={ro.max_new_tokens}: leave it 0")
     if budget and budget < ro.max_new_tokens:
         raise ValueError(f"rollout.max_total_tokens={budget} must be >= rollout.max_new_tokens={ro.max_new_tokens}")
+    if turns > 1:  # an unknown name is that error, not "not multi-turn"
+        from jaxrl_llm.environments import environment_kind
+
+        environment_kind(config.env.to_dict() if hasattr(config.env, "to_dict") else dict(config.env), "env")
     if turns > 1 and config.env.name not in multi_turn_names():
         raise ValueError(f"rollout.max_turns={turns} needs a multi-turn environment (one with step()): env.name="
                          f"{config.env.name!r} scores single completions; multi-turn: {list(multi_turn_names())}")

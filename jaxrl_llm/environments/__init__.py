@@ -21,7 +21,7 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from jaxrl_llm.environments.base import Environment, EnvResult, Task, check_batch
+from jaxrl_llm.environments.base import Environment, EnvResult, Task, check_batch, check_metadata
 from jaxrl_llm.environments.combine import CombinedEnvironment
 from jaxrl_llm.environments.extract import extract_answer, normalize_answer, normalize_number
 from jaxrl_llm.environments.format import FormatEnvironment
@@ -47,9 +47,9 @@ from jaxrl_llm.environments.split import score_across_processes
 __all__ = [
     "CombinedEnvironment", "EnvResult", "Environment", "FormatEnvironment", "MathEnvironment", "MultiTurnEnvironment",
     "NumberGuessEnvironment", "Outcome", "ReasoningGymEnvironment", "RoutedEnvironment", "ScoringPool", "Task",
-    "TurnResult", "answers_match", "check_batch", "decode_entry", "encode_entry", "extract_answer", "is_multi_turn",
-    "make_environment", "multi_turn_names", "normalize_answer", "normalize_number", "reasoning_gym_datasets",
-    "reasoning_gym_tasks", "score_across_processes",
+    "TurnResult", "answers_match", "check_batch", "check_metadata", "decode_entry", "encode_entry",
+    "environment_kind", "extract_answer", "is_multi_turn", "make_environment", "multi_turn_names", "normalize_answer",
+    "normalize_number", "reasoning_gym_datasets", "reasoning_gym_tasks", "score_across_processes",
 ]
 
 ENVIRONMENTS: dict[str, type] = {
@@ -73,7 +73,8 @@ def _plain(spec: Any) -> Any:
     return spec
 
 
-def _kind(spec: Any, where: str) -> str:
+def environment_kind(spec: Any, where: str) -> str:
+    """The spec's environment name; ValueError naming `where` when it is missing or unknown."""
     if not isinstance(spec, Mapping):
         raise ValueError(f"{where}: an environment spec must be a mapping with a 'name', got {type(spec).__name__}")
     kind = spec.get("name")
@@ -97,7 +98,7 @@ def _check_keys(spec: Mapping[str, Any], valid: list[str], where: str) -> None:
 
 
 def _make(spec: Mapping[str, Any], where: str) -> Environment:
-    kind = _kind(spec, where)
+    kind = environment_kind(spec, where)
     where = f"{where} ({kind})"
     if kind == "combined":
         _check_keys(spec, list(_COMBINED_KEYS), where)

@@ -36,6 +36,14 @@ class EnvResult:
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
+def check_metadata(env: Any, metadata: list[dict[str, Any]]) -> None:
+    """ValueError when `env` cannot score tasks with this metadata (e.g. the math environment on tasks without a
+    gold answer), from its optional `check_metadata`: run on a data set's tasks before any sampling."""
+    check = getattr(env, "check_metadata", None)
+    if callable(check):
+        check(list(metadata))
+
+
 class Environment(Protocol):
     """Scores completions. Never raises for a bad completion or a failing scorer: that sample gets reward 0
     and a count in EnvResult.counts; raises only for misuse (mismatched lengths, bad configuration)."""

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrl_llm.environments.base import Environment, EnvResult, check_batch
+from jaxrl_llm.environments.base import Environment, EnvResult, check_batch, check_metadata
 
 _TOTALS = ("timeouts", "errors")
 
@@ -32,6 +32,11 @@ class CombinedEnvironment:
             raise ValueError(f"combined: component names must differ, got {names} (pass name=... to tell them apart)")
         self.name = name
         self.components = [(env, float(w)) for env, w in components]
+
+    def check_metadata(self, metadata: list[dict[str, Any]]) -> None:
+        """Every component's check (each scores every sample)."""
+        for env, _ in self.components:
+            check_metadata(env, metadata)
 
     def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
         check_batch(prompts, completions, metadata)

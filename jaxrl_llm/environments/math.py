@@ -102,13 +102,16 @@ class MathEnvironment:
         self._pool = ScoringPool(num_workers, self.timeout_s, preload=("math_verify",), sandbox=sandbox,
                                  isolate=isolate, warmup=_WARMUP)
 
-    def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
-        check_batch(prompts, completions, metadata)
-        golds = []
+    def check_metadata(self, metadata: list[dict[str, Any]]) -> None:
+        """ValueError naming the first task whose metadata this environment cannot score (no gold 'answer')."""
         for i, m in enumerate(metadata):
             if not isinstance(m, dict) or m.get("answer") is None:
                 raise ValueError(f"{self.name}: metadata[{i}] has no 'answer' (the gold answer to check against)")
-            golds.append(str(m["answer"]))
+
+    def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
+        check_batch(prompts, completions, metadata)
+        self.check_metadata(metadata)
+        golds = [str(m["answer"]) for m in metadata]
         in_process = self._pool.num_workers == 0 and threading.current_thread() is threading.main_thread()
         mv_timeout = max(1, math.ceil(self.timeout_s)) if in_process else None
         outcomes = self._pool.map(score_math, [(c, g, self.answer_format, mv_timeout)

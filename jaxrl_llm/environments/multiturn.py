@@ -112,6 +112,11 @@ class NumberGuessEnvironment:
         self.lo, self.hi = lo, hi
         self.turn_discount = float(turn_discount)
 
+    def check_metadata(self, metadata: list[dict[str, Any]]) -> None:
+        """ValueError naming the first task without a secret to guess."""
+        for i, m in enumerate(metadata):
+            self._task(i, m)
+
     def _task(self, i: int, meta: Any) -> tuple[int, int, int]:
         if not isinstance(meta, dict):
             raise ValueError(f"{self.name}: metadata[{i}] must be a mapping with an integer 'secret', got "

@@ -166,12 +166,16 @@ class ReasoningGymEnvironment:
         self._pool = ScoringPool(num_workers, timeout_s, preload=("reasoning_gym",), sandbox=sandbox,
                                  isolate=isolate)
 
-    def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
-        check_batch(prompts, completions, metadata)
+    def check_metadata(self, metadata: list[dict[str, Any]]) -> None:
+        """ValueError naming the first task that is not a reasoning-gym entry."""
         for i, m in enumerate(metadata):
             missing = [k for k in ("rg_dataset", "rg_entry") if not isinstance(m, dict) or k not in m]
             if missing:
                 raise ValueError(f"{self.name}: metadata[{i}] lacks {missing} (make tasks with reasoning_gym_tasks)")
+
+    def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
+        check_batch(prompts, completions, metadata)
+        self.check_metadata(metadata)
         outcomes = self._pool.map(score_reasoning_gym, [(c, m["rg_dataset"], m["rg_entry"], self.answer_format)
                                                         for c, m in zip(completions, metadata, strict=True)])
         rewards_N = np.zeros(len(outcomes), np.float32)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxrl_llm.environments.base import Environment, EnvResult, check_batch
+from jaxrl_llm.environments.base import Environment, EnvResult, check_batch, check_metadata
 
 _TOTALS = ("timeouts", "errors")
 
@@ -68,6 +68,15 @@ class RoutedEnvironment:
             raise ValueError(f"{self.name}: metadata[{i}][{self.key!r}] is {value!r}, not a configured route; "
                              f"valid routes: {valid}")
         return value
+
+    def check_metadata(self, metadata: list[dict[str, Any]]) -> None:
+        """Every sample names a route, and each route's environment can score its own samples."""
+        rows: dict[str, list[int]] = {route: [] for route in self.routes}
+        for i, meta in enumerate(metadata):
+            rows[self.route_of(i, meta)].append(i)
+        for route, env in self.routes.items():
+            if rows[route]:
+                check_metadata(env, [metadata[i] for i in rows[route]])
 
     def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
         check_batch(prompts, completions, metadata)
