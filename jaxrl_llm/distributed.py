@@ -500,8 +500,12 @@ def _feed(h: Any, obj: Any) -> None:
         h.update(f"o{type(obj).__qualname__}".encode())
 
 
-RG_HASH_HINT = ("; reasoning-gym ('rg:') generators draw some tasks in an order set by Python's hash randomisation: "
-                "give every process the same PYTHONHASHSEED")
+def hash_seed_hint(source: Any) -> str:
+    """For `check_same_everywhere`'s error: reasoning-gym sources vary with Python's hash seed."""
+    if "rg:" not in str(source):
+        return ""
+    return ("; reasoning-gym ('rg:') generators draw some tasks in an order set by Python's hash randomisation: "
+            "give every process the same PYTHONHASHSEED")
 
 
 def digest(obj: Any) -> str:

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from jaxrl_llm import distributed, models, parallel, train
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.data.tasks import load_tasks
-from jaxrl_llm.environments import check_metadata, is_multi_turn, make_environment
+from jaxrl_llm.environments import is_multi_turn, make_environment
 from jaxrl_llm.evaluation import evaluate_tasks, scalar_metrics
 from jaxrl_llm.metrics import quiet_libraries
 from jaxrl_llm.sampling.generate import PromptLengthError
@@ -110,17 +110,11 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
     try:  # each process takes its rows from its own copy of the tasks
         distributed.check_same_everywhere(f"data.source={dc.source!r} (prompts)",
                                           [t.messages for t in tasks], len(tasks),
-                                          distributed.RG_HASH_HINT if "rg:" in str(dc.source) else "")
+                                          distributed.hash_seed_hint(dc.source))
     except ValueError as e:
         raise train.DataError(str(e)) from None
     env = make_env(config.env)
-    try:  # before any model work
-        check_metadata(env, [t.metadata for t in tasks])
-    except ValueError as e:
-        if hasattr(env, "close"):
-            env.close()
-        raise ConfigError(f"env.name={config.env.name!r} cannot score the tasks of data.source={dc.source!r}: "
-                          f"{e}") from None
+    train.check_env_scores_tasks(env, config.env.name, dc.source, tasks)
     if is_multi_turn(env):
         log.warning("env.name=%r plays episodes of several turns; evaluation scores each sample's first answer "
                     "only (its score(); multi-turn episodes are played in GRPO training)", config.env.name)

@@ -73,7 +73,7 @@ def reward_components(info: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return out
 
 
-def _accuracy(info: list[dict[str, Any]], rewards: np.ndarray) -> np.ndarray:
+def sample_accuracy(info: list[dict[str, Any]], rewards: np.ndarray) -> np.ndarray:
     """Per sample: info "correct" when the environment gives it, else reward >= 1."""
     return np.array([float(inf.get("correct", r >= 1.0)) for inf, r in zip(info, rewards, strict=True)], np.float32)
 

@@ -43,12 +43,12 @@ from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.optim import make_optimizer
 from jaxrl_llm.rl_batch import (
     Rollouts,
-    _accuracy,
     check_shared_prompts,
     compute_advantages,
     mask_logprob_errors,
     prepare_batch,
     reward_components,
+    sample_accuracy,
     scaled_rewards,
     shuffled_rows,
 )
@@ -191,7 +191,7 @@ class GRPORunner:
                  "generated_tokens": float(out.stats["generated_tokens"]),
                  "sampler_compiles": float(out.stats["compiles"])}
         return Rollouts(task_idx, prompts, out.tokens, out.logprobs, out.finish_reasons, rewards,
-                        _accuracy(res.info, rewards), dict(res.counts), reward_components(res.info)), times
+                        sample_accuracy(res.info, rewards), dict(res.counts), reward_components(res.info)), times
 
     def _multi_turn_round(self, params, idx: list[int], prompts: list[list[int]], key: jax.Array
                           ) -> tuple[Rollouts, dict[str, float]]:
@@ -210,7 +210,7 @@ class GRPORunner:
         times = {"time_generate_s": gen.seconds, "time_score_s": elapsed - gen.seconds,
                  "generated_tokens": float(gen.generated_tokens), "sampler_compiles": float(gen.compiles)}
         return Rollouts([self.kept[i] for i in idx for _ in range(self.G)], prompts, out.tokens, out.logprobs,
-                        out.finish_reasons, out.rewards, _accuracy(out.info, out.rewards), out.counts,
+                        out.finish_reasons, out.rewards, sample_accuracy(out.info, out.rewards), out.counts,
                         reward_components(out.info), out.loss_masks, out.turns), times
 
     def collect(self, params, step: int) -> tuple[Rollouts, dict[str, float]]:
@@ -334,6 +334,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         _truncate_metrics,
         build_model,
         check_best_metric,
+        check_env_scores_tasks,
         load_tokenizer,
         opt_state_shardings,
         prepare_workdir,
@@ -351,13 +352,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         env = environments.make_environment(env_spec)
     except ValueError as e:
         raise ConfigError(f"env: {e}") from e
-    try:  # before any model work: an environment that cannot score these tasks fails at the first step otherwise
-        environments.check_metadata(env, [t.metadata for t in tasks])
-    except ValueError as e:
-        if hasattr(env, "close"):
-            env.close()
-        raise ConfigError(f"env.name={env_spec.get('name')!r} cannot score the tasks of data.source={dc.source!r}: "
-                          f"{e}") from None
+    check_env_scores_tasks(env, env_spec.get("name"), dc.source, tasks)
     cfg, params = build_model(config, len(tokenizer), mesh, rules)
     budget = multiturn.total_token_budget(config.rollout)
     if dc.max_prompt_len + budget > cfg.max_position_embeddings:
@@ -380,7 +375,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     try:  # each process picks a step's prompts from its own copy of the tasks
         distributed.check_same_everywhere(
             f"data.source={dc.source!r} (prompts as tokenized)", runner.prompt_ids,
-            len(runner.kept), distributed.RG_HASH_HINT if "rg:" in str(dc.source) else "")
+            len(runner.kept), distributed.hash_seed_hint(dc.source))
     except ValueError as e:
         raise DataError(str(e)) from None
     ro = config.rollout

@@ -118,6 +118,19 @@ def restore_run(ckpt: Checkpointer, workdir: str, run_meta: dict[str, Any], stat
     return items, start
 
 
+def check_env_scores_tasks(env: Any, env_name: str, source: Any, tasks: list) -> None:
+    """ConfigError (the environment closed) when `env` cannot score these tasks (`environments.check_metadata`):
+    said before any model work, not at the first scoring after generation."""
+    from jaxrl_llm.environments import check_metadata
+
+    try:
+        check_metadata(env, [t.metadata for t in tasks])
+    except ValueError as e:
+        if hasattr(env, "close"):
+            env.close()
+        raise ConfigError(f"env.name={env_name!r} cannot score the tasks of data.source={source!r}: {e}") from None
+
+
 def check_model_settings(mc: ml_collections.ConfigDict) -> None:
     """model.dtype, model.compute_dtype and model.attention_impl, each a ConfigError naming the key (training and
     evaluation)."""
