@@ -52,6 +52,25 @@ SMOLLM2_135M = dict(
     eos_token_id=2,
     hidden_act="silu",
 )
+# A Llama-3.2-1B-shaped model (its config.json: 1.24B parameters, 128k vocabulary, 8 kv heads of 64), random
+# weights: on a GPU, where SmolLM2's 135M parameters leave a decode step mostly kernel launches, a size at
+# which memory bandwidth and matrix units are the limit.
+LLAMA_1B = dict(
+    vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=64,
+    tie_word_embeddings=True,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    max_position_embeddings=8192,
+    bos_token_id=1,
+    eos_token_id=2,
+    hidden_act="silu",
+)
 
 # Dense peak FLOP/s per device kind (no sparsity). bf16/fp16: tensor cores; float32: TF32 tensor cores, which
 # is what XLA (default matmul precision) and torch (with allow_tf32) use on Ampere/Hopper for fp32 matmuls.

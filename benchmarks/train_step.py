@@ -51,7 +51,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _trl_common import Pair, time_trl_dpo, time_trl_sft  # noqa: E402
-from forward import SMOLLM2_135M, cpu_name, gguf_path  # noqa: E402  (same model definition as the forward benchmark)
+from forward import LLAMA_1B, SMOLLM2_135M, cpu_name, forward_flops_per_token, gguf_path, peak_flops  # noqa: E402  (same model definition as the forward benchmark)
 
 from jaxrl_llm import models, parallel  # noqa: E402
 from jaxrl_llm.algorithms import sft  # noqa: E402
@@ -70,7 +70,7 @@ OPT = {"lr": 1e-5, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "gr
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def build_weights(folder: str, tiny: bool, gguf: bool) -> str:
+def build_weights(folder: str, tiny: bool, gguf: bool, shape: dict | None = None) -> str:
     """Write the model both frameworks load to `folder`; returns a description of the weights."""
     if gguf:
         path = gguf_path()
@@ -82,9 +82,10 @@ def build_weights(folder: str, tiny: bool, gguf: bool) -> str:
     import transformers
 
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(**(TINY if tiny else SMOLLM2_135M))
+    cfg = transformers.LlamaConfig(**(TINY if tiny else shape or SMOLLM2_135M))
     transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
-    return "random (HF init, seed 0), " + ("tiny 2-layer test model" if tiny else "SmolLM2-135M config")
+    return "random (HF init, seed 0), " + ("tiny 2-layer test model" if tiny else
+                                           "Llama-3.2-1B config" if shape is LLAMA_1B else "SmolLM2-135M config")
 
 
 # ---------------------------------------------------------------------------------------------- jaxrl_llm
@@ -92,10 +93,10 @@ class JaxRun:
     """Model, optimizer and state placed as `jaxrl_llm.train.run` places them (mesh over the local devices,
     sharded params, jit with the same in/out shardings), so the step compiles once, as in training."""
 
-    def __init__(self, folder: str, steps: int, remat: bool):
+    def __init__(self, folder: str, steps: int, remat: bool, compute_dtype: str = "float32"):
         self.mesh, self.rules = parallel.make_mesh(1, -1, 1), parallel.ShardingRules()
-        cfg, params = models.load_pretrained(folder, mesh=self.mesh, rules=self.rules)
-        self.cfg = dataclasses.replace(cfg, remat=remat)
+        cfg, params = models.load_pretrained(folder, mesh=self.mesh, rules=self.rules)  # fp32 master weights
+        self.cfg = dataclasses.replace(cfg, remat=remat, compute_dtype=compute_dtype)
         self.opt, _ = make_optimizer(OPT["lr"], steps, schedule="constant", grad_clip=OPT["grad_clip"],
                                      b1=OPT["b1"], b2=OPT["b2"], eps=OPT["eps"], weight_decay=OPT["weight_decay"])
         with jax.set_mesh(self.mesh):
@@ -125,16 +126,16 @@ class JaxRun:
                     times.append(time.perf_counter() - t0)
                 losses.append(float(m["loss"]))
         return {"step_s": statistics.median(times), "times": times, "compile_s": compile_s, "losses": losses,
-                "params": models.num_params(self.cfg)}
+                "params": models.num_params(self.cfg), "cfg": self.cfg}
 
 
 def sft_config(length: int, length_buckets: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(data=dict(max_len=length, length_buckets=length_buckets)))
 
 
-def time_jax_sft(folder: str, batch: dict[str, np.ndarray], steps: int, warmup: int, remat: bool
-                 ) -> dict[str, Any]:
-    r = JaxRun(folder, steps + warmup, remat)
+def time_jax_sft(folder: str, batch: dict[str, np.ndarray], steps: int, warmup: int, remat: bool,
+                 compute_dtype: str = "float32") -> dict[str, Any]:
+    r = JaxRun(folder, steps + warmup, remat, compute_dtype)
     return r.run(make_sft_step(r.cfg, r.opt, 1, r.rules), batch, sft.ALGORITHM.batch_axes, None, steps, warmup)
 
 
@@ -170,8 +171,8 @@ def dpo_config(beta: float, loss_type: str) -> ml_collections.ConfigDict:
 
 
 def time_jax_dpo(folder: str, batch: dict[str, np.ndarray], steps: int, warmup: int, remat: bool, beta: float,
-                 loss_type: str) -> dict[str, Any]:
-    r = JaxRun(folder, steps + warmup, remat)
+                 loss_type: str, compute_dtype: str = "float32") -> dict[str, Any]:
+    r = JaxRun(folder, steps + warmup, remat, compute_dtype)
     step_fn = make_dpo_step(r.cfg, r.opt, dpo_config(beta, loss_type), r.rules)
     return r.run(step_fn, batch, preference.BATCH_AXES, r.ref_params, steps, warmup)
 
@@ -244,6 +245,13 @@ def model_tokens(batch: dict[str, np.ndarray]) -> int:
     return batch["input_ids"].size
 
 
+def real_tokens(batch: dict[str, np.ndarray]) -> int:
+    """Non-pad tokens one forward runs through the transformer for this batch."""
+    if "prefix_mask" in batch:
+        return int(batch["prefix_mask"].sum() + batch["suffix_mask"].sum())
+    return int(batch["attention_mask"].sum())
+
+
 # ---------------------------------------------------------------------------------------------- report
 def environment(weights: str, load_before: float) -> dict[str, Any]:
     import importlib.metadata as md
@@ -263,13 +271,14 @@ def environment(weights: str, load_before: float) -> dict[str, Any]:
             "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", ""), "LD_PRELOAD": os.environ.get("LD_PRELOAD", "")}
 
 
-def report(title: str, ours: dict, trl: dict | None, tokens: int, flops_per_token: float, peak: float) -> None:
+def report(title: str, ours: dict, trl: dict | None, tokens: int, flops: dict[str, float], peak: float) -> None:
+    """flops: each trainer's model FLOPs a step (of the tokens it runs through the model), for MFU."""
     print(f"\n{title}, median of {len(ours['times'])} steps (jax compile + first step {ours['compile_s']:.1f}s)\n")
     head = "| trainer | s/step | tokens/s |" + (" MFU |" if peak else "")
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     for name, r in (("jaxrl_llm", ours), ("TRL", trl)):
         if r:
-            mfu = f" {flops_per_token * tokens / r['step_s'] / peak:.1%} |" if peak else ""
+            mfu = f" {flops[name] / r['step_s'] / peak:.1%} |" if peak else ""
             label = f"TRL ({r['precision']})" if name == "TRL" and "precision" in r else name
             print(f"| {label} | {r['step_s']:.3f} | {tokens / r['step_s']:,.0f} |{mfu}")
     if trl:
@@ -283,6 +292,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--algo", choices=("sft", "dpo", "both"), default="both")
     ap.add_argument("--tiny", action="store_true", help="2-layer, width-64 model (SmolLM2 vocab): smoke test")
+    ap.add_argument("--model", choices=("smollm2", "llama1b"), default="smollm2",
+                    help="the model's shape (random weights; llama1b: Llama-3.2-1B's, a GPU size)")
     ap.add_argument("--gguf", action="store_true", help="real SmolLM2 weights from the GGUF")
     ap.add_argument("--remat", action="store_true", help="jaxrl_llm remat and TRL gradient checkpointing")
     for name, (full, tiny, what) in SIZES.items():
@@ -302,7 +313,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="TRL with its configs' own bf16 and gradient-checkpointing defaults instead of fp32 without "
                          "checkpointing (jaxrl_llm keeps fp32 and --remat as given)")
     ap.add_argument("--json", default="")
-    ap.add_argument("--peak-flops", type=float, default=0.0, help="device peak FLOP/s for MFU (GPU)")
+    ap.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="jaxrl_llm's model.compute_dtype (master weights and optimizer state stay fp32)")
+    ap.add_argument("--peak-flops", type=float, default=0.0,
+                    help="device peak FLOP/s for MFU (default: looked up by device kind on a GPU)")
     a = ap.parse_args(argv)
     for name, (full, tiny, _) in SIZES.items():
         if getattr(a, name) is None:
@@ -311,6 +325,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--warmup and --steps must be >= 1")
     if a.tiny and a.gguf:
         ap.error("--tiny and --gguf exclude each other")
+    if a.gguf and a.model != "smollm2":
+        ap.error("--gguf holds SmolLM2's weights: only with --model smollm2")
     return a
 
 
@@ -325,14 +341,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(os.cpu_count())  # as TRL's side sets it; recorded with the environment
     out: dict[str, Any] = {"args": vars(a)}
     with tempfile.TemporaryDirectory() as folder:
-        weights = build_weights(folder, a.tiny, a.gguf)
+        shape = LLAMA_1B if a.model == "llama1b" else SMOLLM2_135M
+        weights = build_weights(folder, a.tiny, a.gguf, shape)
         out["environment"] = env = environment(weights, load_before)
         print(", ".join(f"{k} {v}" for k, v in env.items()))
-        fp32 = f"fp32{', remat' if a.remat else ''}"
+        fp32 = f"{'fp32' if a.compute_dtype == 'float32' else 'bf16 compute'}{', remat' if a.remat else ''}"
+        peak = a.peak_flops or (peak_flops(jax.devices()[0].device_kind, a.compute_dtype) or 0.0
+                                if jax.default_backend() == "gpu" else 0.0)
         if a.algo in ("sft", "both"):
-            rows = sft_rows(a.sft_data, a.batch, a.length, (TINY if a.tiny else SMOLLM2_135M)["vocab_size"])
+            rows = sft_rows(a.sft_data, a.batch, a.length, (TINY if a.tiny else shape)["vocab_size"])
             batch = sft.collate(rows, sft_config(a.length, a.length_buckets), 0)
-            ours = time_jax_sft(folder, batch, a.steps, a.warmup, a.remat)
+            ours = time_jax_sft(folder, batch, a.steps, a.warmup, a.remat, a.compute_dtype)
+            cfg = ours.pop("cfg")
             trl = None if a.no_trl else time_trl_sft(folder, rows, a.steps, a.warmup, OPT, a.remat, a.trl_defaults)
             tokens, longest = sum(len(ids) for ids, _ in rows), max(len(ids) for ids, _ in rows)
             targets = int(batch["target_weight"].sum())
@@ -344,14 +364,18 @@ def main(argv: list[str] | None = None) -> None:
                   f"{batch['input_ids'].shape} (vocabulary projection at {batch['target_index'].size} positions), "
                   f"TRL ({len(rows)}, {longest}) (projection at every position)")
             report(f"SFT ({ours['params'] / 1e6:.1f}M params), {fp32}, {a.sft_data} rows: batch {a.batch}, "
-                   f"{tokens} tokens", ours, trl, tokens, 6 * ours["params"], a.peak_flops)
+                   f"{tokens} tokens", ours, trl, tokens,
+                   {"jaxrl_llm": 3 * tokens * forward_flops_per_token(cfg, batch["input_ids"].shape[1]),
+                    "TRL": 3 * tokens * forward_flops_per_token(cfg, longest)}, peak)
         if a.algo in ("dpo", "both"):
             pairs, eos_id, pad_id = dpo_pairs(a.pairs, a.max_len)
             batch = dpo_batch(pairs, pad_id)
             ours_batch = batch if a.shared_prefix == "off" else dpo_shared_batch(pairs, pad_id,
                                                                                  a.shared_prefix == "prompt")
             assert preference.pair_tokens(ours_batch) == preference.pair_tokens(batch)
-            ours = time_jax_dpo(folder, ours_batch, a.steps, a.warmup, a.remat, a.beta, a.dpo_loss)
+            ours = time_jax_dpo(folder, ours_batch, a.steps, a.warmup, a.remat, a.beta, a.dpo_loss,
+                                a.compute_dtype)
+            cfg = ours.pop("cfg")
             trl = None if a.no_trl else time_trl_dpo(folder, pairs, eos_id, pad_id, a.max_len, a.steps, a.warmup,
                                                      OPT, a.remat, a.beta, a.dpo_loss, a.trl_defaults)
             tokens, T = int(batch["attention_mask"].sum()), batch["input_ids"].shape[-1]
@@ -360,11 +384,13 @@ def main(argv: list[str] | None = None) -> None:
                           "model_tokens": {"jaxrl_llm": model_tokens(ours_batch), "trl": model_tokens(batch)}}
             print(f"\nDPO tokens run through the model per forward (pads included): jaxrl_llm "
                   f"{model_tokens(ours_batch)} (--shared-prefix {a.shared_prefix}), TRL {model_tokens(batch)}")
-            # policy forward + backward (6N per token) and reference forward (2N)
+            # policy forward + backward (3 forwards' FLOPs) and the reference forward, over the real tokens each
+            # runs through the model (with the shared prefix jaxrl_llm runs fewer)
             report(f"DPO {a.dpo_loss} beta {a.beta} ({ours['params'] / 1e6:.1f}M params), {fp32}, {a.pairs} "
                    f"GSM8K pairs padded to {T} ({tokens} real tokens of chosen + rejected per step, "
                    f"{out['dpo']['loss_tokens_per_step']} of them completion)", ours, trl, tokens,
-                   8 * ours["params"], a.peak_flops)
+                   {"jaxrl_llm": 4 * real_tokens(ours_batch) * forward_flops_per_token(cfg, T),
+                    "TRL": 4 * tokens * forward_flops_per_token(cfg, T)}, peak)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)
