@@ -12,12 +12,36 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as cm
 
 from jaxrl_llm.models.safetensors_io import CheckpointError
 
 log = logging.getLogger(__name__)
+
+
+@jax.jit
+def _finite_flags(tree: Any) -> list[jax.Array]:
+    return [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+def non_finite(items: dict[str, Any]) -> list[str]:
+    """Names ("params/layers/wq", ...) of the floating arrays in `items` holding a NaN or Inf (one jitted pass; every
+    process of a multi-process job gets the same answer)."""
+    leaves = [(jax.tree_util.keystr(path, simple=True, separator="/"), x)
+              for path, x in jax.tree_util.tree_flatten_with_path(items)[0] if jnp.issubdtype(x.dtype, jnp.inexact)]
+    flags = np.asarray(jax.device_get(_finite_flags(items)), bool) if leaves else np.ones(0, bool)
+    return [name for (name, _), ok in zip(leaves, flags, strict=True) if not ok]
+
+
+def require_finite(items: dict[str, Any], what: str) -> None:
+    """FloatingPointError naming the arrays of `items` that hold a NaN or Inf; `what` says what was refused."""
+    bad = non_finite(items)
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise FloatingPointError(f"{what}: {', '.join(bad[:5])}{more} hold NaN or Inf")
 
 
 class Checkpointer:
@@ -57,6 +81,7 @@ class Checkpointer:
             return False
         if step in self._mngr.all_steps():
             return False
+        require_finite(items, f"step {step}: not saved (the last good checkpoint, step {self.latest_step()}, is kept)")
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
         self._mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), metrics=metrics)
         return True

@@ -37,6 +37,7 @@ from jaxrl_llm import distributed, models, multiturn, parallel, sampling
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
 from jaxrl_llm.algorithms.pg_losses import kl_penalty
+from jaxrl_llm.checkpoint import require_finite
 from jaxrl_llm.data.chat import DataError
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.metrics import MetricsWriter
@@ -335,6 +336,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         build_model,
         check_best_metric,
         check_env_scores_tasks,
+        check_step_finite,
         load_tokenizer,
         opt_state_shardings,
         prepare_workdir,
@@ -409,9 +411,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     try:
         for step in range(start, config.max_steps):
             state, m = runner.step(state, ref_params, step)
-            if not np.isfinite(m["loss"]):
-                raise FloatingPointError(f"step {step + 1}: loss is {m['loss']} (not finite); stopping. The last "
-                                         f"good checkpoint (step {ckpt.latest_step()}) is kept")
+            check_step_finite(step + 1, m, ckpt)
             done = step + 1
             val = evaluator(state["params"], done) if evaluator else {}
             last = {**m, **val, "lr": float(schedule(step * updates_per_step))}
@@ -429,6 +429,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         if close:
             close()
     if config.export_hf:  # every process takes part in the gather; process 0 writes
+        require_finite({"params": state["params"]}, "the HF export is not written")
         out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
         if out:
             log.info("exported the trained model to %s", out)

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from jaxrl_llm import distributed, models, parallel
 from jaxrl_llm.algorithms import REGISTRY, batch_indices
 from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
-from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.checkpoint import Checkpointer, require_finite
 from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
@@ -228,6 +228,19 @@ def check_best_metric(config: ml_collections.ConfigDict, val: dict[str, float]) 
     best = config.checkpoint.get("best_metric", "")
     if best and val and best not in val:
         raise ConfigError(f"checkpoint.best_metric={best!r} is not among the validation metrics {sorted(val)}")
+
+
+def check_step_finite(step: int, m: dict[str, Any], ckpt: Checkpointer) -> None:
+    """Stop at the first step whose loss or gradient norm is not finite. Its update has already gone into the
+    parameters (a non-finite gradient makes the clipped, Adam-scaled update NaN), so that state is never saved: the
+    run stops before its checkpoint, and the message names the last one written."""
+    for name in ("loss", "grad_norm"):
+        if name in m and not np.isfinite(m[name]):
+            kept = ckpt.latest_step()
+            raise FloatingPointError(
+                f"step {step}: {name} is {m[name]} (not finite); stopping without saving this step's parameters. "
+                + (f"The last good checkpoint (step {kept}) is kept" if kept is not None else
+                   "No checkpoint was written before it"))
 
 
 def set_aside(path: str) -> str:
@@ -456,10 +469,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 global_batch = distributed.put_local_batch(batch, rows, batch_shardings(batch), B)
                 state, m = train_step(state, global_batch, ref_params)
             m = jax.device_get(m)
-            if not np.isfinite(m["loss"]):
-                raise FloatingPointError(
-                    f"step {step + 1}: loss is {m['loss']} (not finite); stopping. The last good checkpoint "
-                    f"(step {ckpt.latest_step()}) is kept")
+            check_step_finite(step + 1, m, ckpt)
             done = step + 1
             t_train = time.time() - t_last
             val = validate_now(state["params"]) if val_every and (done % val_every == 0 or
@@ -479,6 +489,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ckpt.close()
         writer.close()
     if config.export_hf:  # every process takes part in the gather; process 0 writes
+        require_finite({"params": state["params"]}, "the HF export is not written")
         out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
         if out:
             log.info("exported the trained model to %s", out)

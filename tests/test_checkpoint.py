@@ -110,17 +110,48 @@ def test_keep_last_k_and_export_any_kept_step(reference, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_step_stops_before_its_update_is_saved_or_exported(tmp_path):
+    """lr 1e30 without clipping: the first steps' losses stay finite while a gradient turns Inf, and the update of
+    that step makes the parameters NaN. The run must stop at that step (its grad_norm), before saving or exporting
+    what it produced: every checkpoint left holds finite arrays, and the message names the last of them."""
+    import orbax.checkpoint as ocp
+
     wd = tmp_path / "nan"
     r = _train(wd, "--config.max_steps=6", "--config.checkpoint.every_steps=1", "--config.optimizer.lr=1e30",
-               "--config.optimizer.grad_clip=0", "--config.optimizer.warmup_steps=0", check=False)
+               "--config.optimizer.grad_clip=0", "--config.optimizer.warmup_steps=0", "--config.export_hf=True",
+               check=False)
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
-    assert "loss is nan" in last or "loss is inf" in last, last
+    assert "(not finite); stopping without saving" in last, last
     bad_step = int(last.split("step ")[1].split(":")[0])
     assert bad_step >= 2
-    kept = sorted(int(x) for x in os.listdir(wd / "checkpoints"))
-    assert kept[-1] == bad_step - 1  # the last good step is on disk; the non-finite state was never saved
+    kept = sorted(int(x) for x in os.listdir(wd / "checkpoints") if x.isdigit())
+    assert kept and kept[-1] == bad_step - 1 and f"The last good checkpoint (step {kept[-1]}) is kept" in last
+    for step in kept:
+        params = ocp.StandardCheckpointer().restore(str(wd / "checkpoints" / str(step) / "params"))
+        leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(params)]
+        assert all(np.isfinite(x).all() for x in leaves), step
+    assert not (wd / "hf").exists()  # nothing exported from the bad state
+
+
+def test_a_non_finite_state_is_never_saved(tmp_path):
+    import jax.numpy as jnp
+
+    from jaxrl_llm.checkpoint import Checkpointer, non_finite
+
+    ck = Checkpointer(str(tmp_path / "ck"), every_steps=1, keep=3)
+    good = {"params": {"w": jnp.ones((2,)), "n": {"b": jnp.zeros((3,))}}, "opt_state": (jnp.int32(3),)}
+    assert non_finite(good) == []
+    assert ck.maybe_save(1, good, {"step": 1})
+    bad = {"params": {"w": jnp.array([1.0, jnp.nan]), "n": {"b": jnp.zeros((3,))}},
+           "opt_state": (jnp.int32(3), jnp.array([jnp.inf]))}
+    assert sorted(non_finite(bad)) == ["opt_state/1", "params/w"]
+    with pytest.raises(FloatingPointError, match=r"step 2: not saved \(the last good checkpoint, step 1, is kept\)"
+                                                 r": opt_state/1, params/w hold NaN or Inf"):
+        ck.maybe_save(2, bad, {"step": 2})
+    ck.wait()
+    assert ck.all_steps() == [1]
+    ck.close()
 
 
 def test_keeps_the_last_k_and_the_best_by_metric(tmp_path):
