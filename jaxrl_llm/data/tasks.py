@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxrl_llm.data.ascii_math import ascii_math_to_latex
 from jaxrl_llm.data.chat import DataError, present_fields
 from jaxrl_llm.data.sources import _package_file, load_rows, read_jsonl
 from jaxrl_llm.environments.base import Task
@@ -76,20 +77,34 @@ def _aime2025() -> list[tuple[str, str, dict[str, Any]]]:
 
 _CHAMP_EQUIV = re.compile(r",\s*or (?:equivalently|an equivalent form such as)\s+")
 _CHAMP_APPROX = re.compile(r",\s*or approximately\b.*$")
-_CHAMP_ASIDE = re.compile(r"\s*\((?:i\.e\.,[^)]*|none of the values)\)\s*$")
+_CHAMP_ASIDE = re.compile(r"\s*\((?:i\.e\.,.*|none of the values)\)\s*$")  # greedy: asides hold brackets too
+_CHAMP_MATH = re.compile(r"@@(.*?)@@")
+_CHAMP_COUNT = re.compile(r"(-?\d+)(?: is the only possible value| (?:values|pairs|roots|inequalities))|"
+                          r"At most (0) [A-Za-z -]+")
+_CHAMP_LEAD_IN = re.compile(r"(?:The limit exists and is equal to|The only possible value for the limit is)\s+")
 
 
 def champ_answer(raw: str) -> str:
-    """The gold answer of a CHAMP problem in the form easiest to verify: markers ('@@') dropped, of
-    "A, or equivalently B" the simplified B, of "A, or approximately x" the exact A, and "(i.e., ...)" asides
-    removed. Free-text answers ("No integer solutions") stay as they are."""
+    """The gold answer of a CHAMP problem in the form easiest to verify: of "A, or equivalently B" the simplified
+    B, of "A, or approximately x" the exact A, "(i.e., ...)" asides removed; the math between '@@' markers, written
+    in plain text ("sum_(k=1)^n 1/k", "C(n, 4)"), rewritten as LaTeX (`ascii_math_to_latex`), and alone when the
+    rest is words ("@@n@@ times" -> n); a count stated in words ("3 is the only possible value", "98 values", "At
+    most 0 roots") is the number, and "The limit exists and is equal to X" is X. Other free-text answers ("No
+    integer solutions") stay as they are."""
     text = raw
     parts = _CHAMP_EQUIV.split(text)
     if len(parts) > 1:
         text = parts[-1]
     text = _CHAMP_APPROX.sub("", text)
-    text = _CHAMP_ASIDE.sub("", text)
-    return text.replace("@@", "").strip()
+    text = _CHAMP_ASIDE.sub("", text).strip()
+    if m := _CHAMP_COUNT.fullmatch(text):
+        return m.group(1) or m.group(2)
+    if m := _CHAMP_LEAD_IN.match(text):  # "The limit exists and is equal to @@2/3@@": the value
+        text = text[m.end():]
+    segments = _CHAMP_MATH.findall(text)
+    if len(segments) == 1 and re.fullmatch(r"@@.*?@@[A-Za-z ]*", text):
+        return ascii_math_to_latex(segments[0].strip())
+    return _CHAMP_MATH.sub(lambda m: ascii_math_to_latex(m.group(1)), text).replace("@@", "").strip()
 
 
 def _champ() -> list[tuple[str, str, dict[str, Any]]]:
