@@ -85,6 +85,10 @@ def test_other_formats_and_no_answer():
     assert extract_answer("<answer> <answer>x</answer>", "answer_tag") == "x"
     assert extract_answer("So the answer is 3.5. Done.", "answer_is") == "3.5"
     assert extract_answer("The final answer is: $\\frac{1}{2}$.", "answer_is") == "$\\frac{1}{2}$"
+    # a reason after the answer is not part of it; a list or tuple is
+    assert extract_answer("So the answer is 18, since 9 + 9 = 18.", "answer_is") == "18"
+    assert extract_answer("The answer is 7, because 3 + 4 = 7", "auto") == "7"
+    assert extract_answer("The answer is (1, 2), (3, 4).", "answer_is") == "(1, 2), (3, 4)"
     assert extract_answer("work\n\n  17  \n", "last_line") == "17"
     assert extract_answer("Result: 12 then Result: 13", r"Result: (\d+)") == "13"
     # auto: boxed wins over a tag, a tag over ####
@@ -99,10 +103,12 @@ def test_other_formats_and_no_answer():
 
 
 @pytest.mark.parametrize("raw, number", [
-    ("1,000", "1000"), ("$1,000.50", "1000.50"), ("\\$18", "18"), ("42.", "42"), ("3.5.", "3.5"),
+    ("1,000", "1000"), ("$1,000.50", "1000.5"), ("\\$18", "18"), ("42.", "42"), ("3.5.", "3.5"),
     ("-1,234,567", "-1234567"), ("1{,}000", "1000"), ("1\\,000", "1000"), (".5", "0.5"), ("+7", "7"),
     ("$12$", "12"), ("1,00", None), ("1,2,3", None), ("12,34", None), ("5 cm", None), ("10%", None),
     ("1/2", None), ("x", None),
+    # one number, one text: trailing zeros of a decimal and leading zeros go
+    ("18.00", "18"), ("18.0", "18"), ("0.50", "0.5"), ("007", "7"), ("-0.0", "0"), ("+4.10", "4.1"), ("100", "100"),
 ])
 def test_normalize_number(raw, number):
     assert normalize_number(raw) == number
@@ -113,6 +119,10 @@ def test_normalize_answer_keeps_units_and_lists():
     assert normalize_answer("1,2,3") == "1,2,3"
     assert normalize_answer(" $\\frac{1}{2}$ ") == "\\frac{1}{2}"
     assert normalize_answer("Paris.") == "Paris"
+    # markdown emphasis, as chat models write their final answer
+    assert normalize_answer("**18**") == "18" and normalize_answer("__x+1__") == "x+1"
+    assert normalize_answer("**$18**") == "18" and normalize_answer("*7*") == "7"
+    assert normalize_answer("2*3*4") == "2*3*4" and normalize_answer("a * b *") == "a * b *"
 
 
 @pytest.mark.parametrize("gold, pred, same", [
@@ -128,6 +138,10 @@ def test_normalize_answer_keeps_units_and_lists():
     ("1", "1 million", False), ("1", "1 dozen", False), ("1", "1 half", False), ("3", "3 thousand", False),
     ("3", "3 at most", False), ("5", "5 squared", False), ("5", "5 billion dollars", False),
     ("4", "4 factorial", False), ("10", "10 km squared", False), ("2", "2 arcsin", False),
+    ("5", "5 tens", False), ("5", "5 lakhs", False), ("5", "5 crores", False), ("5", "5 grand", False),
+    ("5", "5 twelfths", False), ("5", "5 millionths", False), ("5", "5 through seven", False),
+    # markdown bold around the answer (what "The final answer is **18**." extracts)
+    ("18", "**18**", True), ("18", "**$18**", True), ("19", "**18**", False),
 ])
 def test_answers_match_math_verify(gold, pred, same):
     assert answers_match(gold, pred, timeout_s=5) is same

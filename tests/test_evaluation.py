@@ -63,6 +63,8 @@ def test_majority_vote_groups_normalised_answers_and_breaks_ties_by_order():
     assert majority_correct(["7", "8", "8", "7"], [True, False, False, True])  # a tie: "7" came first
     assert not majority_correct(["8", "7", "7", "8"], [False, True, True, False])
     assert not majority_correct([None, None], [False, False])
+    # "18.00" and "18.0" are the number 18 (3 votes against 2)
+    assert majority_correct(["20", "18", "18.00", "20", "18.0"], [False, True, True, False, True])
 
 
 def test_pass_at_k_edge_cases_and_bad_arguments():

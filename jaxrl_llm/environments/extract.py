@@ -25,6 +25,7 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _HASH = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _ANSWER_IS = re.compile(r"(?:final answer|answer) is\s*:?\s*(.+?)\s*(?:\.(?=\s|$)|\n|$)", re.IGNORECASE)
+_REASON_CLAUSE = re.compile(r",\s+(?:since|because|as|which|so|given|from|by|due)\b", re.IGNORECASE)
 
 
 def _balanced_group(text: str, start: int) -> tuple[str, int] | None:
@@ -93,8 +94,9 @@ def extract_answer_tag(text: str) -> str | None:
 
 
 def extract_answer_is(text: str) -> str | None:
-    """X of the last "The answer is X" / "the final answer is: X", up to the end of its sentence or line."""
-    return _last_nonempty(m.group(1) for m in _ANSWER_IS.finditer(text))
+    """X of the last "The answer is X" / "the final answer is: X", up to the end of its sentence or line, or up to
+    a clause that gives the reason ("18, since 9 + 9 = 18" -> 18)."""
+    return _last_nonempty(_REASON_CLAUSE.split(m.group(1), maxsplit=1)[0] for m in _ANSWER_IS.finditer(text))
 
 
 def extract_last_line(text: str) -> str | None:
@@ -156,14 +158,18 @@ def extract_answer(text: str, answer_format: str = "auto") -> str | None:
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _GROUPED = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _THOUSANDS_SEPARATORS = ("{,}", "\\,", "\\!", "\\ ", "\u202f", "\u2009")
+_EMPHASIS = re.compile(r"(\*\*|__|\*)(?=\S)(.+?)(?<=\S)\1", re.DOTALL)
 
 
 def _unwrap(s: str) -> str:
-    """Strip whitespace and enclosing $...$, \\(...\\), \\[...\\] (repeatedly)."""
+    """Strip whitespace and enclosing $...$, \\(...\\), \\[...\\] and markdown emphasis (**18**, __18__, *18*),
+    repeatedly."""
     while True:
         s = s.strip()
         if len(s) >= 2 and s[0] == "$" and s[-1] == "$" and s.count("$") in (2, 4):
             s = s.strip("$")
+        elif m := _EMPHASIS.fullmatch(s):
+            s = m.group(2)
         elif s.startswith(("\\(", "\\[")) and s.endswith(("\\)", "\\]")):
             s = s[2:-2]
         else:
@@ -174,7 +180,9 @@ def normalize_number(s: str) -> str | None:
     """The plain decimal form of a string that is one number, or None if it is anything else.
 
     Undoes only formatting: whitespace, enclosing $...$, a currency sign ($ or \\$) before the number, a sentence's
-    final period ("42."), well-formed thousands separators ("1,000", "1{,}000", "1\\,000"), a leading '+'.
+    final period ("42."), well-formed thousands separators ("1,000", "1{,}000", "1\\,000"), a leading '+', and
+    leading and trailing zeros ("18.00" and "018" are "18", "0.50" is "0.5"), so that equal numbers compare equal
+    as text (majority votes, exact matches).
     "1,00" or "1,2,3" (not thousands groups), "5 cm", "10%", "1/2" are not plain numbers: None.
     """
     s = _unwrap(s)
@@ -196,11 +204,10 @@ def normalize_number(s: str) -> str | None:
         s = s.replace(",", "")
     if not _NUMBER.fullmatch(s):
         return None
-    if s.endswith("."):
-        s = s[:-1]
-    if s.startswith("."):
-        s = "0" + s
-    return sign + s if s.strip("0.") else s  # no "-0"
+    whole, _, frac = s.partition(".")
+    whole, frac = whole.lstrip("0") or "0", frac.rstrip("0")
+    s = f"{whole}.{frac}" if frac else whole
+    return sign + s if s != "0" else s  # no "-0"
 
 
 # A number, a space, then only words: "18 dollars", "18 \\text{ cookies}", "$18 per hour". After a space ("2xy" is
@@ -211,8 +218,10 @@ _NUMBER_THEN_WORDS = re.compile(r"(.*?\d\.?)(?:\s*\\(?:text|mbox|mathrm)\s*\{\s*
                                 r"|\s+([A-Za-z][A-Za-z \-']*?))\s*\.?", re.DOTALL)
 _NOT_UNITS = set("""
     hundred hundreds thousand thousands million millions billion billions trillion trillions dozen dozens score
-    k m b bn mn lakh crore half halves third thirds quarter quarters fourth fourths fifth fifths sixth sixths
-    seventh sevenths eighth eighths ninth ninths tenth tenths hundredth hundredths thousandth thousandths
+    k m b bn mn lakh lakhs crore crores grand ten tens half halves third thirds quarter quarters fourth fourths
+    fifth fifths sixth sixths
+    seventh sevenths eighth eighths ninth ninths tenth tenths eleventh elevenths twelfth twelfths hundredth
+    hundredths thousandth thousandths millionth millionths billionth billionths through thru
     squared cubed square cube root roots power powers factorial choose over times plus minus divided by
     multiplied and or to of at most least more less than under above below about approximately around nearly
     almost exactly only not no than fewer greater smaller pi sqrt mod log ln exp sin cos tan sec csc cot arcsin
