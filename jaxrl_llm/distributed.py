@@ -500,14 +500,6 @@ def _feed(h: Any, obj: Any) -> None:
         h.update(f"o{type(obj).__qualname__}".encode())
 
 
-def hash_seed_hint(source: Any) -> str:
-    """For `check_same_everywhere`'s error: reasoning-gym sources vary with Python's hash seed."""
-    if "rg:" not in str(source):
-        return ""
-    return ("; reasoning-gym ('rg:') generators draw some tasks in an order set by Python's hash randomisation: "
-            "give every process the same PYTHONHASHSEED")
-
-
 def digest(obj: Any) -> str:
     """A content hash of nested lists/tuples/dicts/dataclasses of arrays, strings and numbers: equal on every
     process exactly when each one's copy holds the same values in the same order."""

@@ -109,8 +109,7 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
                        instruction=dc.instruction, shuffle=dc.shuffle, **dc.options.to_dict())
     try:  # each process takes its rows from its own copy of the tasks
         distributed.check_same_everywhere(f"data.source={dc.source!r} (prompts)",
-                                          [t.messages for t in tasks], len(tasks),
-                                          distributed.hash_seed_hint(dc.source))
+                                          [t.messages for t in tasks], len(tasks))
     except ValueError as e:
         raise train.DataError(str(e)) from None
     env = make_env(config.env)

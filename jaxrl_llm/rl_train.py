@@ -376,8 +376,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     runner = GRPORunner(config, cfg, mesh, rules, tokenizer, tasks, env, optimizer, opt_sh)
     try:  # each process picks a step's prompts from its own copy of the tasks
         distributed.check_same_everywhere(
-            f"data.source={dc.source!r} (prompts as tokenized)", runner.prompt_ids,
-            len(runner.kept), distributed.hash_seed_hint(dc.source))
+            f"data.source={dc.source!r} (prompts as tokenized)", runner.prompt_ids, len(runner.kept))
     except ValueError as e:
         raise DataError(str(e)) from None
     ro = config.rollout

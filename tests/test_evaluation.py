@@ -144,6 +144,27 @@ def test_reasoning_gym_tasks_are_deterministic_and_take_options():
         load_tasks("rg:basic_arithmetic")
 
 
+def test_reasoning_gym_tasks_do_not_depend_on_the_hash_seed_or_global_random():
+    """word_ladder and knight_swap draw from sets of strings (their order follows Python's hash randomisation),
+    list_functions from the global `random` module: the same arguments give the same tasks in runs with different
+    PYTHONHASHSEEDs, and in this process."""
+    pytest.importorskip("reasoning_gym")
+    names = ["word_ladder", "knight_swap", "list_functions"]
+    code = ("import json, random, sys; random.seed(int(sys.argv[1])); from jaxrl_llm.data.tasks import load_tasks; "
+            f"print(json.dumps([[t.messages, t.metadata] for n in {names!r} for t in load_tasks('rg:' + n, 3)]))")
+    runs = []
+    for hash_seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed,
+               "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+        r = subprocess.run([sys.executable, "-c", code, hash_seed], env=env, capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        runs.append(r.stdout.strip().splitlines()[-1])
+    assert runs[0] == runs[1]
+    here = json.dumps([[t.messages, t.metadata] for n in names for t in load_tasks("rg:" + n, 3)])
+    assert json.loads(here) == json.loads(runs[0])
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

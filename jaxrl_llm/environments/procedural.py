@@ -14,13 +14,24 @@ Scorers are built once per dataset and worker (the first use of a dataset may ta
 counts against that sample's timeout). Datasets whose entries have no single gold answer (e.g. boxnet,
 rubiks_cube: "answer" is None) are scored by their own checker all the same. An unknown "rg_dataset" is that
 sample's error (counted in "errors"; the trainer process never imports reasoning_gym to check names).
+
+Some generators (word_ladder, knight_swap, ransom_note, ...) draw from sets of strings, whose order Python's hash
+randomisation changes from run to run, and a few draw from the global `random` module: unless this process runs
+with PYTHONHASHSEED=0, reasoning_gym_tasks generates the entries in a child process that does, with `random` seeded
+from the dataset and seed, so that the same (dataset, size, seed, options) give the same tasks in every run and on
+every process of a job.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
+import random
+import subprocess
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -124,27 +135,67 @@ def reasoning_gym_tasks(dataset: str, size: int, seed: int, system_prompt: str |
     if not isinstance(size, int) or size < 1:
         raise ValueError(f"reasoning_gym_tasks: size must be an int >= 1, got {size!r}")
     _check_dataset(dataset)
-    rg, registry = _reasoning_gym()
+    _, registry = _reasoning_gym()
     config_cls = registry[dataset][1]
     fields = sorted(f.name for f in dataclasses.fields(config_cls))
     unknown = sorted(set(dataset_kwargs) - set(fields))
     if unknown:
         raise ValueError(f"reasoning-gym dataset {dataset!r}: unknown option(s) {unknown}; valid: "
                          f"{[f for f in fields if f not in ('size', 'seed')]}")
-    try:
-        data = rg.create_dataset(dataset, size=size, seed=seed, **dataset_kwargs)
-    except AssertionError as e:  # reasoning-gym configs validate with assert
-        raise ValueError(f"reasoning-gym dataset {dataset!r}: invalid options {dataset_kwargs}: {e}") from e
     tasks = []
-    for i in range(size):
-        entry = data[i]
-        user = f"{entry['question']}\n\n{answer_instruction}" if answer_instruction else entry["question"]
+    for question, entry, answer in _entries(dataset, size, seed, dataset_kwargs):
+        user = f"{question}\n\n{answer_instruction}" if answer_instruction else question
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + \
             [{"role": "user", "content": user}]
-        meta = {"rg_dataset": dataset, "rg_entry": encode_entry(entry, f"{dataset}[{i}]"),
-                "answer": encode_entry(entry.get("answer")), "env": "reasoning_gym"}
+        meta = {"rg_dataset": dataset, "rg_entry": entry, "answer": answer, "env": "reasoning_gym"}
         tasks.append(Task(messages=tuple(messages), metadata=meta))
     return tasks
+
+
+_MARK = "--reasoning-gym entries--"
+
+
+def _entries(dataset: str, size: int, seed: int, dataset_kwargs: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(question, encoded entry, encoded answer) of each generated entry, generated under PYTHONHASHSEED=0 (in a
+    child process unless this one runs with it)."""
+    if os.environ.get("PYTHONHASHSEED") == "0":
+        return generate_entries(dataset, size, seed, dataset_kwargs)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONHASHSEED": "0",
+           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    code = ("import json, sys; from jaxrl_llm.environments.procedural import generate_entries; "
+            "a = json.load(sys.stdin); out = generate_entries(*a); sys.stdout.write('\\n' + MARK + json.dumps(out))"
+            ).replace("MARK", repr(_MARK))
+    r = subprocess.run([sys.executable, "-c", code], input=json.dumps([dataset, size, seed, dataset_kwargs]),
+                       env=env, capture_output=True, text=True)
+    if r.returncode:
+        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if last.startswith("ValueError: "):  # invalid options: the same error as in-process generation
+            raise ValueError(last.removeprefix("ValueError: "))
+        raise RuntimeError(f"reasoning-gym dataset {dataset!r}: generating {size} entries failed: {last}")
+    return [tuple(x) for x in json.loads(r.stdout.rpartition(_MARK)[2])]  # after anything a generator printed
+
+
+def generate_entries(dataset: str, size: int, seed: int, dataset_kwargs: dict[str, Any]) -> list[list[Any]]:
+    """[question, encode_entry(entry), encode_entry(answer)] of `size` entries of a reasoning-gym dataset. A few
+    generators also draw from the global `random` module (list_functions): it is seeded from (dataset, seed) for
+    the call, and its state restored after."""
+    rg, _ = _reasoning_gym()
+    state = random.getstate()
+    random.seed(f"{dataset}:{seed}")
+    try:
+        try:
+            data = rg.create_dataset(dataset, size=size, seed=seed, **dataset_kwargs)
+        except AssertionError as e:  # reasoning-gym configs validate with assert
+            raise ValueError(f"reasoning-gym dataset {dataset!r}: invalid options {dataset_kwargs}: {e}") from e
+        out = []
+        for i in range(size):
+            entry = data[i]
+            out.append([entry["question"], encode_entry(entry, f"{dataset}[{i}]"),
+                        encode_entry(entry.get("answer"))])
+        return out
+    finally:
+        random.setstate(state)
 
 
 class ReasoningGymEnvironment:
