@@ -224,13 +224,13 @@ def multi_turn_rollout(generate_fn: GenerateFn, tokenizer: Any, env: MultiTurnEn
 class SamplerGenerate:
     """The generate function of GRPO's multi-turn rollouts: `sampling.generate` on the trainer's arrays with
     `sampling_params` (max_new_tokens replaced per prompt by the turn's limit) and the key fold_in(key, turn);
-    generate_kw go to `sampling.generate` (mesh, rules, max_batch_size). Sums seconds, generated tokens and
-    sampler compiles over its calls."""
+    generate_kw go to `sampling.generate` (mesh, rules, max_batch_size, sampling_rules). Sums seconds, generated
+    tokens, sampler compiles and parameter reshard seconds over its calls."""
 
     def __init__(self, cfg: Any, params: Any, sampling_params: sampling.SamplingParams, key: jax.Array,
                  **generate_kw: Any):
         self.cfg, self.params, self.sp, self.key, self.kw = cfg, params, sampling_params, key, generate_kw
-        self.seconds, self.generated_tokens, self.compiles = 0.0, 0, 0
+        self.seconds, self.generated_tokens, self.compiles, self.reshard_seconds = 0.0, 0, 0, 0.0
 
     def __call__(self, prompt_ids: list[list[int]], max_new_tokens: list[int], turn: int) -> Generation:
         sps = [dataclasses.replace(self.sp, max_new_tokens=int(m)) for m in max_new_tokens]
@@ -240,4 +240,5 @@ class SamplerGenerate:
         self.seconds += time.perf_counter() - t0
         self.generated_tokens += int(out.stats["generated_tokens"])
         self.compiles += int(out.stats["compiles"])
+        self.reshard_seconds += float(out.stats["reshard_seconds"])
         return Generation(out.tokens, out.logprobs, out.finish_reasons)

@@ -132,6 +132,7 @@ class GRPORunner:
         self.sp = sampling.SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                                           top_p=ro.top_p, top_k=ro.top_k, stop_token_ids=stops)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.sampling_rules = parallel.sampling_rules(ro.get("sampling_layout", ""))
         self.batch_sh = {k: rules.sharding(mesh, grpo.BATCH_AXES[k],
                                            (self.mb_size,) + ((self.T,) if len(grpo.BATCH_AXES[k]) == 2 else ()))
                          for k in grpo.BATCH_AXES}
@@ -179,7 +180,7 @@ class GRPORunner:
             return self._multi_turn_round(params, idx, prompts, key)
         t0 = time.perf_counter()
         out = sampling.generate(self.cfg, params, prompts, self.sp, key, mesh=self.mesh, rules=self.rules,
-                                max_batch_size=ro.max_batch_size or None)
+                                max_batch_size=ro.max_batch_size or None, sampling_rules=self.sampling_rules)
         t1 = time.perf_counter()
         texts_p = [self.tok.decode(p, skip_special_tokens=False) for p in prompts]
         texts_c = [self.tok.decode(c, skip_special_tokens=True) for c in out.tokens]
@@ -189,6 +190,7 @@ class GRPORunner:
         rewards = np.asarray(res.rewards, np.float32)
         task_idx = [self.kept[i] for i in idx for _ in range(self.G)]
         times = {"time_generate_s": t1 - t0, "time_score_s": t2 - t1,
+                 "time_reshard_s": float(out.stats["reshard_seconds"]),
                  "generated_tokens": float(out.stats["generated_tokens"]),
                  "sampler_compiles": float(out.stats["compiles"])}
         return Rollouts(task_idx, prompts, out.tokens, out.logprobs, out.finish_reasons, rewards,
@@ -200,7 +202,8 @@ class GRPORunner:
         (the sampler returns every completion everywhere; the environment steps run on every process)."""
         ro = self.config.rollout
         gen = multiturn.SamplerGenerate(self.cfg, params, self.sp, key, mesh=self.mesh, rules=self.rules,
-                                        max_batch_size=ro.max_batch_size or None)
+                                        max_batch_size=ro.max_batch_size or None,
+                                        sampling_rules=self.sampling_rules)
         tasks = [self.tasks[self.kept[i]] for i in idx for _ in range(self.G)]
         t0 = time.perf_counter()
         out = multiturn.multi_turn_rollout(
@@ -209,6 +212,7 @@ class GRPORunner:
             chat_template=self.config.data.chat_template or None)
         elapsed = time.perf_counter() - t0
         times = {"time_generate_s": gen.seconds, "time_score_s": elapsed - gen.seconds,
+                 "time_reshard_s": gen.reshard_seconds,
                  "generated_tokens": float(gen.generated_tokens), "sampler_compiles": float(gen.compiles)}
         return Rollouts([self.kept[i] for i in idx for _ in range(self.G)], prompts, out.tokens, out.logprobs,
                         out.finish_reasons, out.rewards, sample_accuracy(out.info, out.rewards), out.counts,
@@ -245,7 +249,7 @@ class GRPORunner:
             if have >= self.P or rounds >= g.dynamic_sampling_max_rounds:
                 break
             roll, more = self.generate_round(params, step, rounds)
-            for k in ("time_generate_s", "time_score_s", "generated_tokens", "sampler_compiles"):
+            for k in ("time_generate_s", "time_score_s", "time_reshard_s", "generated_tokens", "sampler_compiles"):
                 info[k] += more[k]
         good = Rollouts.concat(kept)
         short = max(0, self.P - have)

@@ -221,3 +221,30 @@ def test_check_metadata_of_combined_and_routed_environments():
     with pytest.raises(ValueError, match=r"math: metadata\[1\] has no 'answer'"):
         check_metadata(combined, [{"answer": "1"}, {"question": "?"}])
     check_metadata(make_environment({"name": "format", "pattern": "x"}), [{}])  # nothing to check
+
+
+def test_sampling_with_the_tensor_layout_gives_the_same_step_and_logs_the_reshard(tmp_path):
+    """rollout.sampling_layout='tensor' on a (fsdp=4, tensor=2) mesh: the sampler runs on weights resharded to
+    the tensor-only layout (timed as time_reshard_s), and the step's rollouts, rewards and loss are the ones the
+    trainer's own layout gives."""
+    import jax
+
+    from jaxrl_llm.rl_train import run_grpo
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (fake) devices")
+    runs = {}
+    for layout in ("", "tensor"):
+        over = {"max_steps": 1, "mesh.fsdp": 4, "mesh.tensor": 2, "rollout.sampling_layout": layout,
+                "checkpoint.every_steps": 0}
+        runs[layout] = run_grpo(recipe("grpo_tiny", over), str(tmp_path / (layout or "train")))
+    assert runs[""]["time_reshard_s"] == 0.0 and runs["tensor"]["time_reshard_s"] > 0.0
+    for key in ("reward_mean", "gen_length_mean", "loss", "kl", "entropy"):
+        assert runs["tensor"][key] == pytest.approx(runs[""][key], rel=1e-4, abs=1e-6), key
+
+
+def test_an_unknown_sampling_layout_is_named():
+    from jaxrl_llm.train import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=r"rollout\.sampling_layout='tp': expected one of \('', 'tensor'\)"):
+        validate(recipe("grpo_tiny", {"rollout.sampling_layout": "tp"}))

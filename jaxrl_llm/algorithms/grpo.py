@@ -36,7 +36,7 @@ from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.shared_prefix import continuation_predictors, shared_prefix_hidden_states
 from jaxrl_llm.models.transformer import hidden_states, lm_logits
-from jaxrl_llm.parallel.rules import ShardingRules
+from jaxrl_llm.parallel.rules import SAMPLING_LAYOUTS, ShardingRules
 from jaxrl_llm.sampling.strategies import filter_top_k_top_p
 
 LOGP_FLOOR = -1e4
@@ -112,6 +112,9 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"rollout.top_p={ro.top_p}: must be in (0, 1]")
     if ro.top_k < 0:
         raise ValueError(f"rollout.top_k={ro.top_k}: must be >= 0 (0 = off)")
+    if ro.get("sampling_layout", "") not in SAMPLING_LAYOUTS:
+        raise ValueError(f"rollout.sampling_layout={ro.sampling_layout!r}: expected one of {SAMPLING_LAYOUTS} ('': "
+                         "the trainer's layout; 'tensor': weights whole on every fsdp device while sampling)")
     tc = config.train
     if not _is_int(tc.batch_size) or tc.batch_size < 0:
         raise ValueError(f"train.batch_size={tc.batch_size!r}: must be an integer >= 0 (rollouts per optimizer update; "

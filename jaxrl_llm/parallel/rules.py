@@ -87,6 +87,21 @@ class ShardingRules:
         return NamedSharding(mesh, self.spec(logical_axes, shape, dict(mesh.shape)))
 
 
+def sampling_rules(layout: str) -> ShardingRules | None:
+    """The rules table the sampler uses for a named layout (a config's rollout.sampling_layout), None for the
+    trainer's own. "tensor": weights sharded over the tensor axis only (heads, MLP width, vocabulary) and whole on
+    every fsdp device, so that a decode step gathers no weights; the batch still splits over data and fsdp. The
+    parameters are resharded once per generate call, which sampling.generate times (stats['reshard_seconds'])."""
+    if layout == "":
+        return None
+    if layout == "tensor":
+        return ShardingRules(tuple((name, None if name == "embed" else axes) for name, axes in DEFAULT_RULES))
+    raise ValueError(f"sampling layout {layout!r}; expected one of {SAMPLING_LAYOUTS}")
+
+
+SAMPLING_LAYOUTS = ("", "tensor")
+
+
 def batch_split_warning(rules: ShardingRules, mesh: jax.sharding.Mesh, rows: dict[str, int]) -> str | None:
     """A warning when a batch does not split over the mesh axes its `batch` rule names, else None.
 
