@@ -170,3 +170,35 @@ def test_loading_reads_only_each_devices_slice_of_a_tensor(folder):
     _, ref = models.load_pretrained(folder)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_the_embedding_lookup_needs_no_full_rematerialization(capfd, shared_prefix):
+    """On a (data=2, fsdp=2, tensor=2) mesh the table is sharded [vocab/tensor, width/fsdp]: looked up as it
+    is, XLA could not keep the rows sharded like the batch and replicated the whole lookup (it says so on
+    stderr). The width is gathered first, as FSDP gathers every weight; the gradient is unchanged."""
+    import jax.numpy as jnp
+
+    from jaxrl_llm.models.shared_prefix import shared_prefix_hidden_states
+
+    cfg = models.ModelConfig(family="llama", vocab_size=1000, hidden_size=64, intermediate_size=96, num_layers=1,
+                             num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=True)
+    rules, mesh = parallel.ShardingRules(), parallel.make_mesh(2, 2, 2)
+    params = models.init_params(cfg, jax.random.key(0), mesh=mesh, rules=rules)
+    ids = np.random.default_rng(0).integers(0, 1000, (8, 152)).astype(np.int32)
+
+    def loss(p, ids, rules):
+        if shared_prefix:
+            h_prompt, h_cont = shared_prefix_hidden_states(cfg, p, ids[:, :100], jnp.ones((8, 100), jnp.int32),
+                                                           ids[:, None, 100:], jnp.ones((8, 1, 52), jnp.int32),
+                                                           rules=rules)
+            return (h_prompt.sum() + h_cont.sum()) / 1e3
+        return models.forward(cfg, p, ids, rules=rules).mean()
+
+    with jax.set_mesh(mesh):
+        placed = jax.device_put(ids, rules.sharding(mesh, ("batch", "length"), ids.shape))
+        grads = jax.jit(jax.grad(loss), static_argnums=2)(params, placed, rules)
+        jax.block_until_ready(grads)
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+    single = jax.grad(loss)(jax.device_get(params), ids, None)
+    np.testing.assert_allclose(np.asarray(grads["embed"]), np.asarray(single["embed"]), atol=1e-5, rtol=1e-4)

@@ -23,6 +23,7 @@ from jaxrl_llm.models.transformer import (
     _qkv,
     attention,
     attention_mask_BTS,
+    embed_tokens,
     positions_from_mask,
     rms_norm,
     rope_tables,
@@ -75,7 +76,7 @@ def shared_prefix_hidden_states(
     positions = jnp.concatenate([prompt_pos, cont_pos.reshape(N, G * C)], axis=1)
     ids = jnp.concatenate([prompt_ids_NP, cont_ids_NGC.reshape(N, G * C)], axis=1)
 
-    x = jnp.take(params["embed"], ids, axis=0).astype(cfg.dtype)
+    x = embed_tokens(params["embed"], ids, rules).astype(cfg.dtype)
     x = constrain(x, ("batch", "length", "embed"), rules)
     mask_prompt = attention_mask_BTS(cfg, prompt_mask_NP)
     mask_cont = _continuation_mask(cfg, prompt_mask_NP, cont_mask_NGC, prompt_pos, cont_pos)

@@ -244,6 +244,13 @@ def _layer(cfg: ModelConfig, p: dict, x_BTD: jax.Array, rope: tuple[jax.Array, j
     return _out_and_mlp(cfg, w, x_BTD, attention(cfg, q, k, v, mask_BTS), rules)
 
 
+def embed_tokens(embed_VD: jax.Array, ids: jax.Array, rules: ShardingRules | None) -> jax.Array:
+    """Rows of the embedding table for token ids. The table's model-width axis is gathered first (what FSDP
+    does before using any weight): looked up from a table sharded along it, the rows could not follow the
+    batch's sharding, and XLA replicated the whole lookup on every device and then repartitioned it."""
+    return jnp.take(constrain(embed_VD, ("vocab", None), rules), ids, axis=0)
+
+
 def hidden_states(
     cfg: ModelConfig,
     params: dict,
@@ -264,7 +271,7 @@ def hidden_states(
     if positions is None:
         positions = positions_from_mask(attention_mask)
     dt = cfg.dtype
-    x = jnp.take(params["embed"], input_ids, axis=0).astype(dt)
+    x = embed_tokens(params["embed"], input_ids, rules).astype(dt)
     x = constrain(x, ("batch", "length", "embed"), rules)
     mask = attention_mask_BTS(cfg, attention_mask, segment_ids)
     rope = rope_tables(cfg, positions)
@@ -318,6 +325,7 @@ def forward_with_cache(
     cache comes back in the form it came in. On XLA:CPU every slice of a stacked array is a copy, so a decode
     loop that reads per-layer arrays avoids copying all weights and the whole cache every step.
     """
+    # A decode step looks up B rows: they are cheaper to replicate than the table to gather (see embed_tokens).
     x = jnp.take(params["embed"], input_ids_BT, axis=0).astype(cfg.dtype)
     x = constrain(x, ("batch", "length", "embed"), rules)
     rope = rope_tables(cfg, positions_BT) if rope is None else rope
