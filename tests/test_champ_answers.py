@@ -22,6 +22,7 @@ needs_math_verify = pytest.mark.skipif(importlib.util.find_spec("math_verify") i
     ("x=±1", r"x=\pm 1"),
     ("x^3−x^2+1", r"x^{3}-x^{2}+1"),
     ("n≥3", r"n\geq 3"),
+    ("x^1.5+2^n", r"x^{1.5}+2^{n}"),
     ("aC(1, 2)", "aC(1, 2)"),  # part of a longer name: not a binomial
 ])
 def test_ascii_math_to_latex(text, latex):
@@ -43,6 +44,8 @@ def test_ascii_math_to_latex(text, latex):
     ("@@n@@ times", "n"), ("@@k-2@@ (i.e., all of them)", "k-2"),
     ("No integer solutions", "No integer solutions"), ("Yes", "Yes"), ("376 and 625", "376 and 625"),
     ("@@x=16@@ and @@x=81@@", "x=16 and x=81"),
+    ("Yes, and the sequence is @@1/2^3@@, @@1/2^6@@, ...", "Yes"),  # the question's answer, not the sequence
+    ("@@f(x@@", "f(x"),  # unbalanced: kept as written
 ])
 def test_champ_answer(raw, gold):
     assert champ_answer(raw) == gold
@@ -62,6 +65,8 @@ def test_champ_golds_reward_right_answers_and_not_wrong_ones():
              "P_Combinatorics_16": r"\binom{n+1}{2m+1}",
              "P_Sequence_29": r"\frac{2}{3}", "P_Number-Theory_25": "3", "P_Inequality_33": "98",
              "P_Sequence_16": r"\sqrt{a}", "P_Combinatorics_29": r"\binom{n}{4}"}
-    wrong = {"P_Inequality_12": "1", "P_Polynomial_28": "1", "P_Combinatorics_16": "n+1", "P_Sequence_29": "3"}
+    right["P_Sequence_43"] = r"\text{Yes}"
+    wrong = {"P_Inequality_12": "1", "P_Polynomial_28": "1", "P_Combinatorics_16": "n+1", "P_Sequence_29": "3",
+             "P_Sequence_43": "1"}
     assert [k for k, v in right.items() if not answers_match(gold[k], v, timeout_s=None)] == []
     assert [k for k, v in wrong.items() if answers_match(gold[k], v, timeout_s=None)] == []

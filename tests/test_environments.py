@@ -89,6 +89,12 @@ def test_other_formats_and_no_answer():
     assert extract_answer("So the answer is 18, since 9 + 9 = 18.", "answer_is") == "18"
     assert extract_answer("The answer is 7, because 3 + 4 = 7", "auto") == "7"
     assert extract_answer("The answer is (1, 2), (3, 4).", "answer_is") == "(1, 2), (3, 4)"
+    # ... but words after a comma are an answer of their own (reasoning-gym's word_sorting golds)
+    words = "Above, Australia, From, cannot, equipment, vital"
+    assert extract_answer(f"The answer is: {words}", "answer_is") == words
+    assert extract_answer("The answer is: about, as, by, from, so, which", "auto") == "about, as, by, from, so, which"
+    assert extract_answer("The answer is Paris, since it is the capital.", "answer_is") == \
+        "Paris, since it is the capital"
     assert extract_answer("work\n\n  17  \n", "last_line") == "17"
     assert extract_answer("Result: 12 then Result: 13", r"Result: (\d+)") == "13"
     # auto: boxed wins over a tag, a tag over ####

@@ -165,6 +165,25 @@ def test_reasoning_gym_tasks_do_not_depend_on_the_hash_seed_or_global_random():
     assert json.loads(here) == json.loads(runs[0])
 
 
+def test_reasoning_gym_generation_in_a_child_keeps_errors_and_argument_types(monkeypatch):
+    """Generated in a child process (this one without PYTHONHASHSEED=0): a wrong option type is the same DataError
+    as in-process generation gives, and numpy numbers and reasoning-gym's own DatasetSpec reach the child."""
+    pytest.importorskip("reasoning_gym")
+    from reasoning_gym.composite import DatasetSpec
+
+    monkeypatch.setenv("PYTHONHASHSEED", "1")
+    with pytest.raises(DataError, match=r"rg:basic_arithmetic: '>=' not supported"):
+        load_tasks("rg:basic_arithmetic", num=2, max_terms="4")
+    with pytest.raises(DataError, match="max_terms must be >= min_terms"):
+        load_tasks("rg:basic_arithmetic", num=2, min_terms=5, max_terms=2)
+    child = load_tasks("rg:basic_arithmetic", num=2, max_terms=np.int64(3))
+    spec = [DatasetSpec(name="basic_arithmetic", weight=1.0, config={})]
+    composite = load_tasks("rg:composite", num=2, datasets=spec)
+    monkeypatch.setenv("PYTHONHASHSEED", "0")  # in this process
+    assert child == load_tasks("rg:basic_arithmetic", num=2, max_terms=np.int64(3))
+    assert composite == load_tasks("rg:composite", num=2, datasets=spec)
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

@@ -100,8 +100,8 @@ def _runner_for_collect(num_prompts, G, max_rounds, rounds_rewards):
         rw = np.asarray(rounds_rewards[round_], np.float32)
         roll = _rollouts(rw, [2] * len(rw), ["stop"] * len(rw))
         roll.task_idx = [100 * round_ + i for i in range(len(rw))]
-        return roll, {"time_generate_s": 1.0, "time_score_s": 0.5, "generated_tokens": 2.0 * len(rw),
-                      "sampler_compiles": 0.0}
+        return roll, {"time_generate_s": 1.0, "time_score_s": 0.5, "time_reshard_s": 0.0,
+                      "generated_tokens": 2.0 * len(rw), "sampler_compiles": 0.0}
 
     r.generate_round = generate_round
     return r, calls

@@ -25,7 +25,8 @@ def _runner(P, G, max_rounds, rounds_rewards, counts_per_round):
         n = len(rw)
         roll = Rollouts(list(range(100 * round_, 100 * round_ + n)), [[1]] * n, [[2]] * n, [[0.0]] * n,
                         ["stop"] * n, rw, rw.copy(), counts_per_round(n))
-        return roll, {"time_generate_s": 0.0, "time_score_s": 0.0, "generated_tokens": 0.0, "sampler_compiles": 0.0}
+        return roll, {"time_generate_s": 0.0, "time_score_s": 0.0, "time_reshard_s": 0.0, "generated_tokens": 0.0,
+                      "sampler_compiles": 0.0}
 
     r.generate_round = generate_round
     return r

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 _FUNCTION = re.compile(r"(sqrt|floor|C)\(")
-_TOKEN = re.compile(r"[A-Za-z0-9]+")
+_TOKEN = re.compile(r"\d+(?:\.\d+)?|[A-Za-z0-9]+")  # an exponent written without brackets: x^1.5, 2^n
 _SYMBOLS = {"±": "\\pm ", "≥": "\\geq ", "≤": "\\leq ", "−": "-", "*": " \\cdot "}
 
 

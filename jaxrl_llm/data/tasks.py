@@ -82,6 +82,7 @@ _CHAMP_MATH = re.compile(r"@@(.*?)@@")
 _CHAMP_COUNT = re.compile(r"(-?\d+)(?: is the only possible value| (?:values|pairs|roots|inequalities))|"
                           r"At most (0) [A-Za-z -]+")
 _CHAMP_LEAD_IN = re.compile(r"(?:The limit exists and is equal to|The only possible value for the limit is)\s+")
+_CHAMP_YES_NO = re.compile(r"(Yes|No), and .*")  # "Yes, and the sequence is ...": the question's answer is Yes
 
 
 def champ_answer(raw: str) -> str:
@@ -99,12 +100,21 @@ def champ_answer(raw: str) -> str:
     text = _CHAMP_ASIDE.sub("", text).strip()
     if m := _CHAMP_COUNT.fullmatch(text):
         return m.group(1) or m.group(2)
+    if m := _CHAMP_YES_NO.fullmatch(text):
+        return m.group(1)
     if m := _CHAMP_LEAD_IN.match(text):  # "The limit exists and is equal to @@2/3@@": the value
         text = text[m.end():]
     segments = _CHAMP_MATH.findall(text)
     if len(segments) == 1 and re.fullmatch(r"@@.*?@@[A-Za-z ]*", text):
-        return ascii_math_to_latex(segments[0].strip())
-    return _CHAMP_MATH.sub(lambda m: ascii_math_to_latex(m.group(1)), text).replace("@@", "").strip()
+        return _latex_or_as_written(segments[0].strip())
+    return _CHAMP_MATH.sub(lambda m: _latex_or_as_written(m.group(1)), text).replace("@@", "").strip()
+
+
+def _latex_or_as_written(math: str) -> str:
+    try:
+        return ascii_math_to_latex(math)
+    except ValueError:  # unbalanced brackets: not a formula this rewriting understands
+        return math
 
 
 def _champ() -> list[tuple[str, str, dict[str, Any]]]:

@@ -25,7 +25,10 @@ _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _HASH = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 _ANSWER_IS = re.compile(r"(?:final answer|answer) is\s*:?\s*(.+?)\s*(?:\.(?=\s|$)|\n|$)", re.IGNORECASE)
-_REASON_CLAUSE = re.compile(r",\s+(?:since|because|as|which|so|given|from|by|due)\b", re.IGNORECASE)
+# ", since 9 + 9 = 18" after a one-piece answer that has a digit or a math sign (a number, an expression, an
+# equation); lowercase words only, and never after a list (comma-separated words are an answer of their own).
+_REASON_CLAUSE = re.compile(r",\s+(?:since|because|as|which|so|given|from|by|due)\b")
+_MATHY = re.compile(r"[\d$\\^=+*/()<>-]")
 
 
 def _balanced_group(text: str, start: int) -> tuple[str, int] | None:
@@ -96,7 +99,15 @@ def extract_answer_tag(text: str) -> str | None:
 def extract_answer_is(text: str) -> str | None:
     """X of the last "The answer is X" / "the final answer is: X", up to the end of its sentence or line, or up to
     a clause that gives the reason ("18, since 9 + 9 = 18" -> 18)."""
-    return _last_nonempty(_REASON_CLAUSE.split(m.group(1), maxsplit=1)[0] for m in _ANSWER_IS.finditer(text))
+    return _last_nonempty(_without_reason(m.group(1)) for m in _ANSWER_IS.finditer(text))
+
+
+def _without_reason(answer: str) -> str:
+    m = _REASON_CLAUSE.search(answer)
+    if m is None:
+        return answer
+    head = answer[:m.start()]
+    return head if "," not in head and _MATHY.search(head) else answer
 
 
 def extract_last_line(text: str) -> str | None:

@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import os
+import pickle
 import random
 import subprocess
 import sys
@@ -152,28 +153,42 @@ def reasoning_gym_tasks(dataset: str, size: int, seed: int, system_prompt: str |
     return tasks
 
 
-_MARK = "--reasoning-gym entries--"
-
-
 def _entries(dataset: str, size: int, seed: int, dataset_kwargs: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(question, encoded entry, encoded answer) of each generated entry, generated under PYTHONHASHSEED=0 (in a
-    child process unless this one runs with it)."""
+    child process unless this one runs with it). The child gets the arguments pickled (this process's own values:
+    numpy numbers, reasoning-gym's DatasetSpec) and answers in JSON; its TypeError, ValueError or KeyError is
+    raised here as the same type, as in-process generation would raise it."""
     if os.environ.get("PYTHONHASHSEED") == "0":
         return generate_entries(dataset, size, seed, dataset_kwargs)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {**os.environ, "PYTHONHASHSEED": "0",
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
-    code = ("import json, sys; from jaxrl_llm.environments.procedural import generate_entries; "
-            "a = json.load(sys.stdin); out = generate_entries(*a); sys.stdout.write('\\n' + MARK + json.dumps(out))"
-            ).replace("MARK", repr(_MARK))
-    r = subprocess.run([sys.executable, "-c", code], input=json.dumps([dataset, size, seed, dataset_kwargs]),
-                       env=env, capture_output=True, text=True)
-    if r.returncode:
-        last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-        if last.startswith("ValueError: "):  # invalid options: the same error as in-process generation
-            raise ValueError(last.removeprefix("ValueError: "))
+    r = subprocess.run([sys.executable, "-c", _CHILD], input=pickle.dumps((dataset, size, seed, dataset_kwargs)),
+                       env=env, capture_output=True)
+    out = r.stdout.decode("utf-8", "replace").rpartition(_MARK)
+    if r.returncode or not out[1]:
+        last = (r.stderr.decode("utf-8", "replace").strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"reasoning-gym dataset {dataset!r}: generating {size} entries failed: {last}")
-    return [tuple(x) for x in json.loads(r.stdout.rpartition(_MARK)[2])]  # after anything a generator printed
+    answer = json.loads(out[2])  # after anything a generator printed
+    if "error" in answer:
+        kind = {"TypeError": TypeError, "ValueError": ValueError, "KeyError": KeyError}.get(answer["error"])
+        if kind is None:
+            raise RuntimeError(f"reasoning-gym dataset {dataset!r}: generating {size} entries failed: "
+                               f"{answer['error']}: {answer['message']}")
+        raise kind(answer["message"])
+    return [tuple(x) for x in answer["entries"]]
+
+
+_MARK = "--reasoning-gym entries--"
+_CHILD = f"""
+import json, pickle, sys
+from jaxrl_llm.environments.procedural import generate_entries
+try:
+    answer = {{"entries": generate_entries(*pickle.load(sys.stdin.buffer))}}
+except Exception as e:
+    answer = {{"error": type(e).__name__, "message": str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)}}
+sys.stdout.write("\\n" + {_MARK!r} + json.dumps(answer))
+"""
 
 
 def generate_entries(dataset: str, size: int, seed: int, dataset_kwargs: dict[str, Any]) -> list[list[Any]]:
