@@ -10,7 +10,8 @@
 # Output lines are prefixed "[i] ". If any process fails, the others are stopped (TERM, then KILL after
 # JAXRL_KILL_GRACE_S, default 5 s; each process runs in its own session, so its children are stopped too) and the exit status is that of the first failure; 0 when all succeed.
 # JAXRL_INIT_TIMEOUT_S (start-up timeout, default 300 s) and other variables pass through. PYTHONHASHSEED is
-# the same for every process (default 0): some reasoning-gym generators draw tasks in hash order.
+# the same for every process (default 0), so set iteration orders agree (reasoning-gym tasks are generated under
+# hash seed 0 in any case; with 0 set here, in-process rather than in a child process).
 set -u -o pipefail
 
 usage() { echo "usage: $0 N -- command [args...]" >&2; exit 2; }

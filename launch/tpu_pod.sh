@@ -49,4 +49,4 @@ fi
 #    lets JAX detect them from the TPU metadata (coordinator = worker 0, port 8476; rendezvous on 8477).
 ARGS=$(printf '%q ' "$@")
 on_all "cd ~/$REMOTE_DIR && JAXRL_INIT_TIMEOUT_S=${JAXRL_INIT_TIMEOUT_S:-600} PYTHONHASHSEED=${PYTHONHASHSEED:-0} \
-  python3 -m $ENTRY $ARGS"  # one hash seed everywhere: some reasoning-gym generators draw tasks in hash order
+  python3 -m $ENTRY $ARGS"  # one hash seed everywhere (set orders agree)

@@ -427,8 +427,8 @@ def test_processes_that_load_different_data_stop_before_training(tmp_path, recip
 
 
 def test_launcher_gives_every_process_one_hash_seed():
-    """Some reasoning-gym generators draw tasks in hash order: processes with their own random hash seeds would
-    build different prompts (and stop at the data check)."""
+    """Processes with their own random hash seeds iterate sets in different orders (reasoning-gym tasks no longer
+    depend on it, but any set-ordered data would differ between processes and stop at the data check)."""
     r = _launch(2, "python", "-c", "print('HASH', hash('jaxrl_llm'))", timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     hashes = {line.split("HASH")[1].strip() for line in r.stdout.splitlines() if "HASH" in line}
