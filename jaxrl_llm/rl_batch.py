@@ -152,7 +152,8 @@ def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, pad_id: int
         shaped_reward_mean=float(shaped.mean()), accuracy=float(roll.accuracy.mean()),
         gen_length_mean=float(lengths.mean()), gen_length_max=float(lengths.max()),
         truncation_rate=float(truncated.mean()), masked_samples=float(g.overlong_filtering * truncated.sum()),
-        groups_all_equal=float((~grpo.dynamic_sampling_keep(roll.rewards, G)).mean()),
+        # as dynamic sampling and the advantages see them: rewards equal after scaling's clamp give no spread
+        groups_all_equal=float((~grpo.dynamic_sampling_keep(scaled_rewards(roll.rewards, config), G)).mean()),
         advantage_abs_mean=float(np.abs(batch["advantages"][valid]).mean()) if valid.any() else 0.0,
         **{f"reward/{k}": float(v.mean()) for k, v in roll.components.items()})
     if roll.turns is not None:

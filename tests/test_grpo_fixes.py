@@ -64,10 +64,33 @@ def test_dynamic_sampling_filters_on_the_scaled_rewards():
     roll, info = r.collect(None, step=0)
     assert roll.task_idx == [2, 3, 100, 101]  # round 0's second group, then round 1's first
     assert info["dynamic_sampling_rounds"] == 2 and info["dynamic_sampling_discarded_groups"] == 2
+    # every sample generated this step, discarded rounds included: (3.5 + 3) / 8
+    assert info["reward_mean_all"] == pytest.approx(6.5 / 8)
     # Without scaling, 1.0 and 1.5 are a spread: round 0 fills the batch.
     r.config.grpo.reward_scaling.enabled = False
     roll, info = r.collect(None, step=0)
     assert roll.task_idx == [0, 1, 2, 3] and info["dynamic_sampling_rounds"] == 1
+    assert info["reward_mean_all"] == pytest.approx(3.5 / 4)
+
+
+def test_groups_all_equal_counts_groups_equal_after_scaling():
+    """groups_all_equal says how many groups carry no advantage: as the advantages see the rewards, after
+    reward scaling's clamp (1.0 and 1.5 both clamp to 1)."""
+    from jaxrl_llm.rl_batch import prepare_batch
+
+    config = recipe("grpo_tiny", {"rollout.num_prompts": 2, "rollout.group_size": 2})
+    rw = np.asarray([1.0, 1.5, 0.0, 1.0], np.float32)
+    roll = Rollouts(list(range(4)), [[5] * 3] * 4, [[7] * 2] * 4, [[-0.5] * 2] * 4, ["stop"] * 4, rw, rw >= 1, {})
+    assert prepare_batch(roll, config, 0)[1]["groups_all_equal"] == 0.0
+    config.grpo.reward_scaling.enabled = True
+    batch, metrics = prepare_batch(roll, config, 0)
+    assert metrics["groups_all_equal"] == 0.5 and np.all(batch["advantages"][:2] == 0)
+
+
+def test_dynamic_sampling_default_rounds_are_nemo_rls():
+    from jaxrl_llm.algorithms.grpo import grpo_config
+
+    assert grpo_config().dynamic_sampling_max_rounds == 10  # NeMo RL's dynamic_sampling_max_gen_batches
 
 
 def test_dynamic_sampling_excess_groups_with_spread():

@@ -87,7 +87,7 @@ def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
         importance_correction=False, tis_cap=0.0, tis_type="tis", tis_min=config_dict.placeholder(float),
         recompute_old_logprobs=False, logprob_error_threshold=config_dict.placeholder(float),
         positive_nll_weight=0.0, epochs=1, shared_prompt=True,
-        dynamic_sampling=False, dynamic_sampling_max_rounds=4, batch_multiplier=1.0,
+        dynamic_sampling=False, dynamic_sampling_max_rounds=10, batch_multiplier=1.0,
         overlong_filtering=False, overlong_buffer=0, overlong_penalty=1.0,
         stop_properly_penalty=config_dict.placeholder(float)))
     for k, v in overrides.items():
