@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 from jaxrl_llm.data.preference import preference_sources
 
@@ -35,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--format", choices=("strings", "messages"), default="strings",
                     help="prompt/chosen/rejected as plain strings or as {role, content} message lists")
     args = ap.parse_args(argv)
+    if args.num_examples == 0 or args.num_examples < -1:
+        ap.error(f"--num-examples {args.num_examples}: a number >= 1, or -1 for all")
+    if not args.out or os.path.isdir(args.out):
+        ap.error(f"--out {args.out!r}: a file path to write (not a folder)")
     names = [s.strip() for s in args.source.split(",") if s.strip()]
     unknown = [n for n in names if n not in sources]
     if unknown or not names:
@@ -43,12 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         got = sources[name]()
         rows += got[: args.num_examples] if args.num_examples > 0 else got
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(_as_messages(row) if args.format == "messages" else row, ensure_ascii=False) + "\n")
-    os.replace(tmp, args.out)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(folder, exist_ok=True)
+    # Written beside the target under a name of its own and renamed when complete: an interrupted run leaves the
+    # old file as it was, and no temporary file behind.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(args.out) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row in rows:
+                f.write(json.dumps(_as_messages(row) if args.format == "messages" else row,
+                                   ensure_ascii=False) + "\n")
+        os.replace(tmp, args.out)
+    except BaseException:
+        os.unlink(tmp)
+        raise
     print(f"wrote {len(rows)} pairs from {', '.join(names)} to {args.out}")
     return 0
 

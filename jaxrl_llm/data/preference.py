@@ -59,7 +59,11 @@ def _nemo_layout(row: dict[str, Any], index: int) -> tuple[Any, Any, Any]:
     for j, c in enumerate(comps):
         if not isinstance(c, dict) or "rank" not in c or "completion" not in c:
             raise DataError(f"row {index}: completions[{j}] needs 'rank' and 'completion'")
+        if isinstance(c["rank"], bool) or not isinstance(c["rank"], int | float):
+            raise DataError(f"row {index}: completions[{j}].rank must be a number, got {c['rank']!r}")
     ranked = sorted(comps, key=lambda c: c["rank"])
+    if ranked[0]["rank"] == ranked[-1]["rank"]:
+        raise DataError(f"row {index}: every completion has rank {ranked[0]['rank']!r}: no preferred one")
     return row["context"], ranked[0]["completion"], ranked[-1]["completion"]
 
 
@@ -130,20 +134,24 @@ CHAMP_PROMPT = "Solve the following problem. Make sure to show your work before 
 
 def champ_pairs() -> list[dict[str, Any]]:
     """CHAMP (competition math): the reference step-by-step solution vs a model's solution that annotators
-    marked as wrong (a first wrong step was found), one pair per such annotation, in a fixed order."""
+    marked as wrong (a first wrong step was found), one pair per such annotation, in a fixed order. The chosen
+    side boxes the gold as evaluation scores it (`tasks.champ_answer`)."""
+    from jaxrl_llm.data.tasks import champ_answer
+
     with open(_package_file("champ_dataset", "dataset_files", "v0.json")) as f:
         problems = json.load(f)["problems"]
     rows = []
     for pid in sorted(problems):
         p = problems[pid]
         solution = "\n".join(s["_text"] for s in p["solution"]["steps"])
-        chosen = f"{solution}\nThe answer is \\boxed{{{p['_answer']}}}."
+        answer = champ_answer(p["_raw_answer"])  # the gold as evaluation scores it ("5/14", not "5/14, or ...")
+        chosen = f"{solution}\nThe answer is \\boxed{{{answer}}}."
         for key in sorted(p.get("fws_annotations", {})):
             a = p["fws_annotations"][key]
             if a.get("start_idx") is None or not a.get("text"):
                 continue  # no mistake found in this response: not a negative
             rows.append({"prompt": CHAMP_PROMPT.format(p["_text"]), "chosen": chosen, "rejected": a["text"],
-                         "answer": p["_answer"], "id": f"{pid}|{key}"})
+                         "answer": answer, "id": f"{pid}|{key}"})
     return rows
 
 

