@@ -237,7 +237,7 @@ class GRPORunner:
         info["reward_mean_all"] = float(roll.rewards.mean())
         if not g.dynamic_sampling:
             return roll, info
-        kept, spare, rounds, all_rewards = [], [], 0, [roll.rewards]
+        kept, spare, rounds = [], [], 0
         while True:
             # On the scaled, unshaped rewards (NeMo RL): rewards that differ only where the scaling clamps them
             # give the group no spread to learn from.
@@ -249,7 +249,6 @@ class GRPORunner:
             if have >= self.P or rounds >= g.dynamic_sampling_max_rounds:
                 break
             roll, more = self.generate_round(params, step, rounds)
-            all_rewards.append(roll.rewards)
             for k in ("time_generate_s", "time_score_s", "time_reshard_s", "generated_tokens", "sampler_compiles"):
                 info[k] += more[k]
         good = Rollouts.concat(kept)
@@ -259,7 +258,8 @@ class GRPORunner:
                         "spread-less groups fill the batch", step + 1, have, self.P, rounds, short)
             good = Rollouts.concat([good, Rollouts.concat(spare).take_groups(np.arange(short), self.G)])
         spreadless = sum(len(s.tokens) for s in spare) // self.G
-        info["reward_mean_all"] = float(np.concatenate(all_rewards).mean())  # every sample generated, every round
+        # every sample generated, in every round (each round's kept and spare groups together)
+        info["reward_mean_all"] = float(np.concatenate([r.rewards for r in kept + spare]).mean())
         info.update(dynamic_sampling_rounds=float(rounds), dynamic_sampling_short_groups=float(short),
                     dynamic_sampling_discarded_groups=float(spreadless - short),
                     dynamic_sampling_excess_groups=float(max(0, have - self.P)))

@@ -20,8 +20,7 @@ from jaxrl_llm.sampling import loop
 CFG = models.ModelConfig(family="qwen2", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
                          num_heads=4, num_kv_heads=2, head_dim=16, qkv_bias=True, max_position_embeddings=256)
 # Decode-time table: parameters replicated over fsdp (tensor parallel only); batch still over data x fsdp.
-TP_RULES = parallel.ShardingRules(tuple((name, None if name == "embed" else axes)
-                                        for name, axes in parallel.DEFAULT_RULES))
+TP_RULES = parallel.sampling_rules("tensor")  # the layout a recipe selects with rollout.sampling_layout
 
 
 def check_sharded_equals_single_device() -> None:

@@ -230,9 +230,8 @@ _NUMBER_THEN_WORDS = re.compile(r"(.*?\d\.?)(?:\s*\\(?:text|mbox|mathrm)\s*\{\s*
 _NOT_UNITS = set("""
     hundred hundreds thousand thousands million millions billion billions trillion trillions dozen dozens score
     k m b bn mn lakh lakhs crore crores grand ten tens half halves third thirds quarter quarters fourth fourths
-    fifth fifths sixth sixths
-    seventh sevenths eighth eighths ninth ninths tenth tenths eleventh elevenths twelfth twelfths hundredth
-    hundredths thousandth thousandths millionth millionths billionth billionths through thru
+    fifth fifths sixth sixths seventh sevenths eighth eighths ninth ninths tenth tenths eleventh elevenths twelfth
+    twelfths hundredth hundredths thousandth thousandths millionth millionths billionth billionths through thru
     squared cubed square cube root roots power powers factorial choose over times plus minus divided by
     multiplied and or to of at most least more less than under above below about approximately around nearly
     almost exactly only not no than fewer greater smaller pi sqrt mod log ln exp sin cos tan sec csc cot arcsin
