@@ -30,6 +30,7 @@ from jaxrl_llm.evaluation import evaluate_tasks, scalar_metrics
 from jaxrl_llm.metrics import quiet_libraries
 from jaxrl_llm.sampling.generate import PromptLengthError
 from jaxrl_llm.sampling.request import SamplingParams
+from jaxrl_llm.workdir import MODEL_CONFIG_FILE, set_aside
 
 log = logging.getLogger("jaxrl_llm.evaluate")
 ConfigError = train.ConfigError
@@ -37,12 +38,12 @@ RESULTS_FILE = "eval_results.json"
 
 
 def is_workdir(path: str) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, train.MODEL_CONFIG_FILE))
+    return bool(path) and os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
 
 
 def restore_workdir(workdir: str, step: int | None, mesh, rules) -> tuple[models.ModelConfig, dict, int]:
     """(cfg, params, step) of checkpoint `step` (latest when None) of a training run, laid out on `mesh`."""
-    path = os.path.join(workdir, train.MODEL_CONFIG_FILE)
+    path = os.path.join(workdir, MODEL_CONFIG_FILE)
     with open(path) as f:
         saved = json.load(f)
     cfg = models.config_from_hf(saved["hf_config"], where=path)
@@ -66,7 +67,7 @@ def validate(config: ml_collections.ConfigDict) -> SamplingParams:
     if mc.path and mc.path != "smollm2" and not os.path.exists(mc.path):
         raise ConfigError(f"model.path={mc.path!r}: no such file or folder")
     if mc.step != -1 and not is_workdir(mc.path):
-        raise ConfigError(f"model.step={mc.step}: only a training workdir (with {train.MODEL_CONFIG_FILE}) has steps")
+        raise ConfigError(f"model.step={mc.step}: only a training workdir (with {MODEL_CONFIG_FILE}) has steps")
     train.check_model_settings(mc)
     ec = config.eval
     if ec.n_samples < 1:
@@ -146,7 +147,7 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
                os.path.join("runs", f"eval_{name}", RESULTS_FILE))
     if jax.process_index() == 0:
         if os.path.exists(out):
-            log.warning("%s held earlier results: moved to %s", out, train.set_aside(out))
+            log.warning("%s held earlier results: moved to %s", out, set_aside(out))
         print(format_table(name, result))
         doc = {"name": name, "model": model_info, "source": dc.source, "metrics": scalar_metrics(result),
                "env_counts": result["env_counts"], "config": config.to_dict(), "problems": result["problems"]}

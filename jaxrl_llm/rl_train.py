@@ -53,6 +53,7 @@ from jaxrl_llm.rl_batch import (
     scaled_rewards,
     shuffled_rows,
 )
+from jaxrl_llm.workdir import record_run_config, truncate_metrics
 
 log = logging.getLogger("jaxrl_llm.rl_train")
 CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean", "turns_mean",
@@ -338,7 +339,6 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     from jaxrl_llm.data.tasks import load_tasks
     from jaxrl_llm.train import (
         ConfigError,
-        _truncate_metrics,
         build_model,
         check_best_metric,
         check_env_scores_tasks,
@@ -406,7 +406,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if items is not None:
         state = {**items, "step": counter(start * updates_per_step)}
     if is_main:
-        _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+        truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+        record_run_config(workdir, config.to_dict(), start)
     mc = config.get("metrics", ml_collections.ConfigDict())
     writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
                            tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),

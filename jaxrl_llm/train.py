@@ -29,9 +29,9 @@ from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
+from jaxrl_llm.workdir import MODEL_CONFIG_FILE, record_run_config, truncate_metrics
 
 log = logging.getLogger("jaxrl_llm.train")
-MODEL_CONFIG_FILE = "model_config.json"  # the run's ModelConfig, for export and evaluation
 
 
 # Algorithms that generate their own data (rollouts) run their own loop; the value validates their config.
@@ -243,47 +243,6 @@ def check_step_finite(step: int, m: dict[str, Any], ckpt: Checkpointer) -> None:
                    "No checkpoint was written before it"))
 
 
-def set_aside(path: str) -> str:
-    """Renames an existing file to <path>.<k>.old (the first k free) and returns the new name."""
-    k = 1
-    while os.path.exists(f"{path}.{k}.old"):
-        k += 1
-    os.replace(path, f"{path}.{k}.old")
-    return f"{path}.{k}.old"
-
-
-def _truncate_metrics(path: str, last_step: int) -> None:
-    """On resume, drop rows logged after the restored step (they are logged again), atomically. A run that
-    starts from step 0 in a folder whose metrics.jsonl has rows (an earlier run without checkpoints) moves that
-    file aside to metrics.jsonl.<k>.old instead of appending to it or deleting it."""
-    if not os.path.exists(path):
-        return
-    if last_step == 0:
-        if os.path.getsize(path):
-            log.warning("%s held an earlier run's rows (no checkpoint to resume from): moved to %s", path,
-                        set_aside(path))
-        return
-    rows, bad = [], []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                step = json.loads(line)["step"]
-            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill, or not ours
-                bad.append(n)
-                continue
-            if step <= last_step:
-                rows.append(line if line.endswith("\n") else line + "\n")
-    if bad:
-        log.warning("%s: line(s) %s are not metrics rows (cut short when the run was killed?): left out; the file "
-                    "as it was is kept as %s", path, bad[:10], set_aside(path))
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(rows)
-    os.replace(tmp, path)
-
-
 def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
     """Hold out round(fraction * n) examples (a seeded choice, the same on every restart)."""
     if fraction <= 0:
@@ -452,7 +411,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if items is not None:
         state = {**items, "step": jnp.int32(start)}
     if is_main:
-        _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+        truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+        record_run_config(workdir, config.to_dict(), start)
 
     mc = config.get("metrics", ml_collections.ConfigDict())
     writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,

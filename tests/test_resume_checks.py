@@ -20,6 +20,11 @@ GRPO = {"data.num_examples": 16, "rollout.num_prompts": 2, "rollout.group_size":
         "export_hf": False, "metrics.tensorboard": False, "checkpoint.every_steps": 1, "max_steps": 1}
 
 
+def _run_config(workdir) -> dict:
+    with open(os.path.join(workdir, "run_config.json")) as f:
+        return json.load(f)
+
+
 def _steps(workdir) -> list[int]:
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line)["step"] for line in f]
@@ -42,15 +47,26 @@ def test_sft_resume_with_other_settings_is_refused(sft_run, over, needle):
     with pytest.raises(train.ConfigError, match=needle):
         train.run(recipe("sft_tiny", {**SFT, "max_steps": 2, **over}), sft_run)
     assert _steps(sft_run) == [1]  # nothing trained, nothing logged
+    assert _run_config(sft_run)["max_steps"] == 1 and not os.path.exists(os.path.join(sft_run, "run_config.json.1.old"))
 
 
-def test_sft_resume_with_the_same_settings_continues(sft_run, tmp_path):
+def test_sft_resume_with_the_same_settings_continues(sft_run, tmp_path, caplog):
+    """Settings an exact resume does not depend on may change; each is logged, and run_config.json (the whole
+    recipe of the latest start) keeps the earlier start's file beside it."""
     import shutil
 
     wd = str(tmp_path / "copy")
     shutil.copytree(sft_run, wd)
-    train.run(recipe("sft_tiny", {**SFT, "max_steps": 2, "train.microbatches": 2}), wd)  # microbatches may change
+    first = _run_config(wd)
+    assert first["train"]["batch_size"] == 4 and first["max_steps"] == 1 and first["algorithm"] == "sft"
+    with caplog.at_level("WARNING", logger="jaxrl_llm.train"):  # microbatches may change
+        train.run(recipe("sft_tiny", {**SFT, "max_steps": 2, "train.microbatches": 2}), wd)
     assert _steps(wd) == [1, 2]
+    assert "resuming at step 1 with 2 setting(s) changed" in caplog.text
+    assert "max_steps: 1 -> 2" in caplog.text and "train.microbatches: 1 -> 2" in caplog.text
+    assert _run_config(wd)["max_steps"] == 2 and _run_config(wd)["train"]["microbatches"] == 2
+    with open(os.path.join(wd, "run_config.json.1.old")) as f:
+        assert json.load(f) == first
 
 
 def test_a_workdir_of_another_algorithm_is_refused(sft_run):
@@ -72,3 +88,4 @@ def test_grpo_resume_with_other_rollout_settings_is_refused(tmp_path):
         with pytest.raises(train.ConfigError, match=needle):
             train.run(recipe("grpo_tiny", {**GRPO, "max_steps": 2, **over}), wd)
     assert _steps(wd) == [1]
+    assert _run_config(wd)["rollout"]["num_prompts"] == 2 and _run_config(wd)["algorithm"] == "grpo"

@@ -10,7 +10,7 @@ import json
 import pytest
 from recipes import ROOT, recipe
 
-from jaxrl_llm import train
+from jaxrl_llm import train, workdir
 
 
 @pytest.mark.parametrize("over,message", [
@@ -105,13 +105,13 @@ def test_resume_leaves_out_a_metrics_line_cut_by_a_kill_and_keeps_the_file(tmp_p
     text = '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo'
     path.write_text(text)
     with caplog.at_level("WARNING", logger="jaxrl_llm.train"):
-        train._truncate_metrics(str(path), 2)
+        workdir.truncate_metrics(str(path), 2)
     assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2]
     assert (tmp_path / "metrics.jsonl.1.old").read_text() == text  # nothing lost
     assert "line(s) [4] are not metrics rows" in caplog.text
     # a file of whole rows: rows after the restored step dropped (logged again), nothing set aside
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
-    train._truncate_metrics(str(path), 1)
+    workdir.truncate_metrics(str(path), 1)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n' and not (tmp_path / "metrics.jsonl.2.old").exists()
 
 
@@ -143,3 +143,26 @@ def test_every_training_recipe_validates_and_builds_its_environment():
 def test_unknown_attention_impl_is_a_config_error():
     with pytest.raises(train.ConfigError, match=r"model.attention_impl='cudnn'; expected one of \('xla', 'fused'\)"):
         train.validate(recipe("sft_tiny", {"model.attention_impl": "cudnn"}))
+
+
+def test_run_config_records_each_start_and_keeps_what_it_replaces(tmp_path, caplog):
+    cfg = {"algorithm": "sft", "optimizer": {"lr": 1e-4, "betas": (0.9, 0.95)}, "max_steps": 4}
+    assert workdir.record_run_config(str(tmp_path), cfg, 0) == []
+    saved = json.loads((tmp_path / "run_config.json").read_text())
+    assert saved == {"algorithm": "sft", "optimizer": {"lr": 1e-4, "betas": [0.9, 0.95]}, "max_steps": 4}
+    assert workdir.record_run_config(str(tmp_path), cfg, 2) == []  # a tuple reads back as a list: unchanged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_config.json"]
+    changed = {**cfg, "optimizer": {"lr": 3e-4, "betas": (0.9, 0.95)}, "seed": 1}
+    with caplog.at_level("WARNING", logger="jaxrl_llm.train"):
+        assert workdir.record_run_config(str(tmp_path), changed, 2) == ["optimizer.lr: 0.0001 -> 0.0003",
+                                                                          "seed: unset -> 1"]
+    assert "resuming at step 2 with 2 setting(s) changed" in caplog.text
+    assert json.loads((tmp_path / "run_config.json.1.old").read_text()) == saved
+    assert json.loads((tmp_path / "run_config.json").read_text())["optimizer"]["lr"] == 3e-4
+    # a new run (step 0) over another run's file, and an unreadable file: both moved aside, never lost
+    workdir.record_run_config(str(tmp_path), cfg, 0)
+    assert json.loads((tmp_path / "run_config.json.2.old").read_text())["seed"] == 1
+    (tmp_path / "run_config.json").write_text('{"algorithm": "sf')
+    assert workdir.record_run_config(str(tmp_path), cfg, 3) == []
+    assert (tmp_path / "run_config.json.3.old").read_text() == '{"algorithm": "sf'
+    assert json.loads((tmp_path / "run_config.json").read_text())["max_steps"] == 4
