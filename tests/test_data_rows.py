@@ -254,3 +254,23 @@ def test_templates_that_end_turns_with_no_special_token_get_eos(tokenizer, tmp_p
                                 "data.add_eos": add_eos, "data.num_examples": -1})
         (ex_ids, ex_mask), = sft.prepare(c, tokenizer)[0]
         assert int((ex_ids[ex_mask == 1] == eos).sum()) == n_eos
+
+
+def test_a_row_cut_and_then_dropped_counts_as_dropped_only(tokenizer, tmp_path):
+    """`truncated` counts the rows trained on in cut form: a row whose prompt fills data.max_len is cut, has no
+    reply token left and is dropped, and was counted in both (truncated + dropped exceeded the rows)."""
+    from recipes import recipe
+
+    from jaxrl_llm.algorithms import sft
+
+    def turn(user, reply):
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [turn("word " * 100, "ok"), turn("hi", "hello " * 100),
+                                                             turn("hi", "short")]))
+    c = recipe("sft_tiny", {"data.source": str(path), "data.num_examples": -1, "data.max_len": 64,
+                            "data.overlong": "truncate"})
+    out, stats = sft.prepare(c, tokenizer)
+    assert stats == {"rows": 3, "truncated": 1, "dropped": 1} and len(out) == 2
+    assert [len(ids) for ids, _ in out] == [64, len(out[1][0])] and len(out[1][0]) < 64

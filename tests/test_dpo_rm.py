@@ -242,13 +242,14 @@ def test_overlong_pairs_truncated_or_dropped_and_counted(tokenizer, tmp_path):
     cfg = ml_collections.ConfigDict(dict(data=dict(source=str(path), num_examples=-1, max_len=64,
                                                    overlong="truncate", chat_template="", shared_prefix=False)))
     ex, stats = pref.prepare(cfg, tokenizer)
-    assert stats == {"rows": 3, "truncated": 2, "dropped": 1, "pairs": 2, "shared_prefix": 0}  # identical once cut
+    # the third pair is cut and then dropped (identical once cut): counted once, as dropped
+    assert stats == {"rows": 3, "truncated": 1, "dropped": 1, "pairs": 2, "shared_prefix": 0}
     assert max(len(x) for e in ex for x in e) == 64
     batch = pref.collate(ex, cfg, 0)
     assert batch["input_ids"].shape == (2, 2, 64) and batch["attention_mask"][1].sum() == 128
     cfg.data.shared_prefix = True  # the cut pairs as shared prefixes: the same tokens, fewer columns
     shared, stats = pref.prepare(cfg, tokenizer)
-    assert stats["shared_prefix"] == 1 and stats["truncated"] == 2
+    assert stats["shared_prefix"] == 1 and stats["truncated"] == 1
     n_tokens = 128 + batch["attention_mask"][0].sum()
     assert pref.pair_tokens(pref.collate(shared, cfg, 0)) == pref.pair_tokens(batch) == n_tokens
     cfg.data.overlong = "drop"

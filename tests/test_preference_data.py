@@ -31,6 +31,19 @@ def test_nemo_layout_needs_numeric_ranks_and_a_preferred_completion():
         to_preference(_ranked("0", 1), 5)
 
 
+def test_nemo_layout_errors_name_the_fields_the_row_has():
+    """They named 'prompt', 'chosen' and 'rejected', fields a row in this layout does not have."""
+    row = _ranked(1, 0, 2)
+    with pytest.raises(DataError, match=r"row 0: field 'context' must be a string or a non-empty list"):
+        to_preference({**row, "context": []}, 0)
+    row["completions"][2]["completion"] = 5  # the worst-ranked: rejected
+    with pytest.raises(DataError, match=r"row 1: field 'completions\[2\]\.completion' must be .*; got int"):
+        to_preference(row, 1)
+    row["completions"][1]["completion"] = [{"role": "user", "content": "x"}]  # the best-ranked: chosen
+    with pytest.raises(DataError, match=r"row 2: field 'completions\[1\]\.completion' has no assistant message"):
+        to_preference(row, 2)
+
+
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("champ_dataset", "math_verify")),
                     reason="needs champ-dataset and math-verify")
 def test_champ_pairs_chosen_answers_score_as_correct():

@@ -144,19 +144,20 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[tuple[np.ndarray, np.ndar
         ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=dc.chat_template or None,
                                           last_assistant_only=dc.last_assistant_only, index=i,
                                           context_turns=context_turns, tools=row_tools(row, i), eos_id=eos_id)
-        if len(ids) > dc.max_len:
+        cut = len(ids) > dc.max_len
+        if cut:
             if dc.overlong == "drop":
                 stats["dropped"] += 1
                 continue
-            stats["truncated"] += 1
             ids, mask = ids[: dc.max_len], mask[: dc.max_len]
         if mask[1:].sum() == 0:
             stats["dropped"] += 1
             continue
+        stats["truncated"] += cut  # rows trained on in cut form; one dropped after the cut counts as dropped
         out.append((ids, mask))
     if stats["truncated"] or stats["dropped"]:
-        log.warning("data: of %d rows, %d cut to data.max_len=%d tokens and %d dropped (longer than that with "
-                    "data.overlong=drop, or no assistant token left to learn)", len(rows), stats["truncated"],
+        log.warning("data: of %d rows, %d kept cut to data.max_len=%d tokens and %d dropped (longer than that "
+                    "with data.overlong=drop, or no assistant token left to learn)", len(rows), stats["truncated"],
                     dc.max_len, stats["dropped"])
     if not out:
         raise DataError(f"data.source={dc.source!r}: no usable rows after tokenization")

@@ -51,8 +51,9 @@ class SharedPair(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------- row formats
-def _nemo_layout(row: dict[str, Any], index: int) -> tuple[Any, Any, Any]:
-    """NeMo RL's {"context": [msgs], "completions": [{"rank": r, "completion": [msgs]}, ...]}."""
+def _nemo_layout(row: dict[str, Any], index: int) -> tuple[tuple[Any, Any, Any], tuple[str, str, str]]:
+    """NeMo RL's {"context": [msgs], "completions": [{"rank": r, "completion": [msgs]}, ...]}: (prompt, chosen,
+    rejected) and the names of the fields they came from, for error messages."""
     comps = row["completions"]
     if not isinstance(comps, list) or len(comps) < 2:
         raise DataError(f"row {index}: field 'completions' must list at least two {{rank, completion}}")
@@ -61,10 +62,12 @@ def _nemo_layout(row: dict[str, Any], index: int) -> tuple[Any, Any, Any]:
             raise DataError(f"row {index}: completions[{j}] needs 'rank' and 'completion'")
         if isinstance(c["rank"], bool) or not isinstance(c["rank"], int | float):
             raise DataError(f"row {index}: completions[{j}].rank must be a number, got {c['rank']!r}")
-    ranked = sorted(comps, key=lambda c: c["rank"])
-    if ranked[0]["rank"] == ranked[-1]["rank"]:
-        raise DataError(f"row {index}: every completion has rank {ranked[0]['rank']!r}: no preferred one")
-    return row["context"], ranked[0]["completion"], ranked[-1]["completion"]
+    ranked = sorted(range(len(comps)), key=lambda j: comps[j]["rank"])
+    best, worst = ranked[0], ranked[-1]
+    if comps[best]["rank"] == comps[worst]["rank"]:
+        raise DataError(f"row {index}: every completion has rank {comps[best]['rank']!r}: no preferred one")
+    return ((row["context"], comps[best]["completion"], comps[worst]["completion"]),
+            ("context", f"completions[{best}].completion", f"completions[{worst}].completion"))
 
 
 def to_preference(row: dict[str, Any], index: int) -> tuple[Messages, Messages, Messages]:
@@ -72,14 +75,15 @@ def to_preference(row: dict[str, Any], index: int) -> tuple[Messages, Messages, 
     if not isinstance(row, dict):
         raise DataError(f"row {index}: expected an object with 'prompt', 'chosen', 'rejected'")
     if "context" in row and "completions" in row:
-        prompt, chosen, rejected = _nemo_layout(row, index)
+        (prompt, chosen, rejected), names = _nemo_layout(row, index)
     else:
-        for field in ("prompt", "chosen", "rejected"):
+        names = ("prompt", "chosen", "rejected")
+        for field in names:
             if row.get(field) is None:
                 raise DataError(f"row {index}: missing field {field!r}; has {present_fields(row)}")
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
-    out = [as_messages(prompt, index, "prompt", "user")]
-    for field, value in (("chosen", chosen), ("rejected", rejected)):
+    out = [as_messages(prompt, index, names[0], "user")]
+    for field, value in ((names[1], chosen), (names[2], rejected)):
         msgs = as_messages(value, index, field, "assistant")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"row {index}: field {field!r} has no assistant message")
@@ -238,21 +242,22 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
     for i, row in enumerate(rows):
         pair = tokenize_pair(tokenizer, *to_preference(row, i), chat_template=dc.chat_template or None, index=i,
                              eos_id=eos_id)
-        if max(len(pair.chosen_ids), len(pair.rejected_ids)) > dc.max_len:
+        cut = max(len(pair.chosen_ids), len(pair.rejected_ids)) > dc.max_len
+        if cut:
             if dc.overlong == "drop":
                 stats["dropped"] += 1
                 continue
-            stats["truncated"] += 1
             pair = PreferencePair(*(x[: dc.max_len] for x in pair))
         if (pair.chosen_mask[1:].sum() == 0 or pair.rejected_mask[1:].sum() == 0
                 or np.array_equal(pair.chosen_ids, pair.rejected_ids)):
             stats["dropped"] += 1  # no response tokens left on a side, or no difference left between them
             continue
+        stats["truncated"] += cut  # pairs trained on in cut form; one dropped after the cut counts as dropped
         out.append(pair)
     if stats["truncated"] or stats["dropped"]:
-        log.warning("data: of %d pairs, %d cut to data.max_len=%d tokens and %d dropped (longer than that with "
-                    "data.overlong=drop, or a side without response tokens, or both sides alike, after the cut)",
-                    len(rows), stats["truncated"], dc.max_len, stats["dropped"])
+        log.warning("data: of %d pairs, %d kept cut to data.max_len=%d tokens and %d dropped (longer than that "
+                    "with data.overlong=drop, or a side without response tokens, or both sides alike, after the "
+                    "cut)", len(rows), stats["truncated"], dc.max_len, stats["dropped"])
     if not out:
         raise DataError(f"data.source={dc.source!r}: no usable preference pairs after tokenization "
                         f"(data.max_len={dc.max_len})")
