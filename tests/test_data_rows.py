@@ -216,9 +216,66 @@ def test_templates_with_generation_blocks_mark_the_assistant_tokens(tokenizer):
     assert _learned(tokenizer, ids, last) == "6<|im_end|>"
     _, ctx = tokenize_conversation(tokenizer, msgs, chat_template=MARKED_TEMPLATE, context_turns=1)
     assert _learned(tokenizer, ids, ctx) == "6<|im_end|>"
+    # a template that marks only the last reply: with every turn learned its one block is the loss; with only
+    # some turns learned there is no telling whose the block is
     only_last = MARKED_TEMPLATE.replace("m.role == 'assistant'", "m.role == 'assistant' and loop.last")
-    with pytest.raises(DataError, match="row 0: .* mark 1 spans for 2 assistant turns"):
-        tokenize_conversation(tokenizer, msgs, chat_template=only_last)
+    ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=only_last)
+    assert _learned(tokenizer, ids, mask) == "6<|im_end|>"
+    with pytest.raises(DataError, match="row 0: .* mark 1 spans for 2 assistant turns, and only some"):
+        tokenize_conversation(tokenizer, msgs, chat_template=only_last, context_turns=1)
+
+
+def test_generation_blocks_are_tokenized_apart_from_the_prompt(tokenizer):
+    """The conversation was tokenized whole and the blocks mapped onto its tokens: a reply that starts with a
+    newline merged with the header's into one token, learned, and the tokens before the reply were not those
+    of the sampler's prompt. Each piece is tokenized on its own now, as on the prefix path."""
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\n\nFirst, 2+2=4."}]
+    for template in (MARKED_TEMPLATE, None):  # the prefix path (the tokenizer's ChatML) agrees
+        prompt = tokenizer(tokenizer.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True,
+                                                         chat_template=template), add_special_tokens=False)
+        ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=template)
+        first = int(np.flatnonzero(mask)[0])
+        assert list(ids[:first]) == prompt["input_ids"] and tokenizer.decode(ids[first:first + 1]) == "\n"
+    with pytest.raises(DataError, match="row 3: holds the character U\\+E000"):
+        tokenize_conversation(tokenizer, [msgs[0], {"role": "assistant", "content": "a\ue000b"}],
+                              chat_template=MARKED_TEMPLATE, index=3)
+
+
+def _trl_training_templates() -> list[str]:
+    if importlib.util.find_spec("trl") is None:
+        return []
+    import glob
+    import os
+
+    import trl
+
+    return sorted(glob.glob(os.path.join(os.path.dirname(trl.__file__), "chat_templates", "*_training.jinja")))
+
+
+@pytest.mark.parametrize("path", _trl_training_templates(), ids=lambda p: p.rsplit("/", 1)[-1])
+def test_trl_training_templates_mark_each_reply(tokenizer, path):
+    """TRL's training templates (Qwen, Llama 3, Phi-3, Gemma, DeepSeek, gpt-oss, ...): the tokens spell HF's
+    render, and the loss covers each reply (with what the template puts in its block), nothing of the prompts.
+    Some put one turn in several blocks (Phi-3: the final EOS in its own) or need another message layout."""
+    import jinja2
+
+    template = open(path).read()
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "It is 4."},
+            {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "Six."}]
+    try:
+        full = tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template)
+    except (jinja2.TemplateError, TypeError, ValueError) as e:  # e.g. content as a list of parts (VLM templates)
+        pytest.skip(f"the template does not render plain text messages: {e}")
+    if "It is 4." not in full:  # VLM templates that render only a list of content parts
+        pytest.skip("the template does not render string content")
+    ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=template)
+    assert tokenizer.decode(ids) == full
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask, [0]])))
+    spans = [tokenizer.decode(ids[a:b]) for a, b in zip(edges[0::2], edges[1::2], strict=True)]
+    assert len(spans) == 2 and "It is 4." in spans[0] and "Six." in spans[1]
+    assert not any(q in x for q in ("2+2?", "3+3?") for x in spans)
+    _, last = tokenize_conversation(tokenizer, msgs, chat_template=template, last_assistant_only=True)
+    assert _learned(tokenizer, ids, last) == spans[1]
 
 
 PLAIN_TEMPLATE = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n\n{% endfor %}"

@@ -99,30 +99,86 @@ _GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 
 def _has_generation_blocks(tokenizer: Any, chat_template: str | None) -> bool:
     """Whether the template in use marks the assistant's tokens with {% generation %} ... {% endgeneration %}."""
+    template = _template_source(tokenizer, chat_template)
+    return template is not None and bool(_GENERATION_BLOCK.search(template))
+
+
+# {% generation %} / {% endgeneration %} tags -> characters that mark the blocks' edges in the rendered text: two
+# private-use code points no tokenizer's text should hold.
+_GENERATION_TAG = re.compile(r"{%([-+]?)\s*(end)?generation\s*([-+]?)%}")
+_OPEN, _CLOSE = "\ue000", "\ue001"
+
+
+def _marker_tags(m: re.Match) -> str:
+    """A generation tag as two always-true block tags with the marker between them: the first takes the tag's
+    left whitespace control (and lstrip_blocks), the second its right one (and trim_blocks, which drops a newline
+    after a block tag), so the text renders exactly as with the original tag, plus the marker."""
+    if m[2]:
+        return "{%" + m[1] + " endif %}{{ '" + _CLOSE + "' }}{% endif " + m[3] + "%}"
+    return "{%" + m[1] + " if true %}{{ '" + _OPEN + "' }}{% if true " + m[3] + "%}"
+
+
+def _template_source(tokenizer: Any, chat_template: str | None) -> str | None:
     template = chat_template if chat_template is not None else getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):  # named templates: the default one is used
         template = template.get("default")
-    return isinstance(template, str) and bool(_GENERATION_BLOCK.search(template))
+    return template if isinstance(template, str) else None
+
+
+def _holds_marker(tree: Any) -> bool:
+    if isinstance(tree, str):
+        return _OPEN in tree or _CLOSE in tree
+    if isinstance(tree, dict):
+        return any(_holds_marker(k) or _holds_marker(v) for k, v in tree.items())
+    return isinstance(tree, list | tuple) and any(_holds_marker(v) for v in tree)
 
 
 def _marked_tokens(tokenizer, messages, chat_template, tools, assistant_turns, learned, index):
-    """The conversation rendered and tokenized once; the mask from the template's {% generation %} blocks (one per
-    assistant turn, in order), kept for the learned turns. For templates that do not render prefixes as prefixes
-    (those that rewrite earlier turns, or close the conversation with an end-of-text token)."""
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True,
-                                        chat_template=chat_template, tools=tools)
-    ids = np.asarray(out["input_ids"], np.int32)
-    marked = np.asarray(out["assistant_masks"], np.int32)
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], marked, [0]])))
-    spans = list(zip(edges[0::2], edges[1::2], strict=True))
-    if len(spans) != len(assistant_turns):
-        raise DataError(f"row {index}: the chat template's {{% generation %}} blocks mark {len(spans)} spans for "
-                        f"{len(assistant_turns)} assistant turns; cannot tell which tokens are whose")
-    mask = np.zeros_like(ids)
-    for turn, (a, b) in zip(assistant_turns, spans, strict=True):
-        if turn in learned:
-            mask[a:b] = 1
-    return ids, mask
+    """The conversation rendered once, with each {% generation %} block's edges marked; the text between the
+    edges tokenized piece by piece as on the prefix path (a reply starts a new token, and the tokens before it are
+    those the sampler's prompt has; HF's assistant mask, over the whole render's tokens, can take in a token that
+    straddles an edge), the learned turns' blocks in the mask. Blocks are matched to assistant turns in order,
+    one each, after joining a block to the one right before it; with another count every block is learned when
+    every turn is, else it is an error. For templates that do not render prefixes as prefixes (those that
+    rewrite earlier turns, or close the conversation with an end-of-text token)."""
+    source = _template_source(tokenizer, chat_template)
+    marked = _GENERATION_TAG.sub(_marker_tags, source)
+    if _holds_marker((messages, tools)):
+        raise DataError(f"row {index}: holds the character U+E000 or U+E001, which mark the chat template's "
+                        "{% generation %} blocks here")
+    text = _render(tokenizer, messages, marked, tools=tools)
+    pieces = re.split(f"([{_OPEN}{_CLOSE}])", text)
+    edges = pieces[1::2]
+    if edges != [_OPEN, _CLOSE] * (len(edges) // 2):
+        raise DataError(f"row {index}: the chat template's {{% generation %}} blocks are nested or unclosed")
+    # (text, block number or -1 outside the blocks); a block that directly follows another continues it (Phi-3's
+    # template puts the final EOS in a block of its own right after the last reply's)
+    segments: list[tuple[str, int]] = [(pieces[0], -1)]
+    for inside, after in zip(pieces[2::4], pieces[4::4], strict=True):
+        if len(segments) > 1 and segments[-1] == ("", -1):
+            segments.pop()
+            segments[-1] = (segments[-1][0] + inside, segments[-1][1])
+        else:
+            segments.append((inside, 1 + max(b for _, b in segments)))
+        segments.append((after, -1))
+    n_blocks = 1 + max(b for _, b in segments)
+    if n_blocks == len(assistant_turns):
+        learned_blocks = {b for b, turn in enumerate(assistant_turns) if turn in learned}
+    elif set(learned) == set(assistant_turns):  # every turn learned: no need to tell whose each block is
+        learned_blocks = set(range(n_blocks))
+    else:
+        raise DataError(f"row {index}: the chat template's {{% generation %}} blocks mark {n_blocks} spans for "
+                        f"{len(assistant_turns)} assistant turns, and only some turns are learned "
+                        "(context turns, data.last_assistant_only): cannot tell which tokens are whose")
+    ids: list[int] = []
+    mask: list[int] = []
+    for piece, block in segments:
+        if not piece:
+            continue
+        toks = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        ids.extend(toks)
+        mask.extend([int(block in learned_blocks)] * len(toks))
+    return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
 def turn_end_token(tokenizer: Any, chat_template: str | None = None, *, enabled: bool = True) -> int | None:
@@ -168,7 +224,7 @@ def tokenize_conversation(
     Assistant turns that are context get no loss: the first `context_turns` (a prompt's own assistant turns) and
     those that open the conversation (no user or tool message before them, only a system message or none).
     A template with {% generation %} blocks (TRL's training templates) is rendered once instead, and the blocks
-    mark the assistant tokens: it need not render prefixes as prefixes.
+    mark the assistant tokens (`_marked_tokens`): it need not render prefixes as prefixes.
     eos_id: appended (with loss) after each learned turn (`turn_end_token`: templates that end turns with no
     special token).
     Each piece is tokenized on its own, as NeMo RL tokenizes each message: the prompt's tokens are exactly those
