@@ -1,8 +1,9 @@
 """The jitted sampler: one prefill call per batch, then the whole decode loop in one `lax.while_loop`.
 
-Static (a change recompiles): cfg, rules, the batch/prompt/new-token buckets, the stop-id width.
-Dynamic (arrays; a change never recompiles): prompts, temperature/top-k/top-p per row, stop ids per row,
-max_new_tokens per row, the RNG key.
+Static (a change recompiles): cfg, rules, the batch/prompt/new-token buckets, the stop-id width, and with a
+shared prefill the batch bucket of the distinct prompts (`generate`: repeated prompts are prefilled once).
+Dynamic (arrays; a change never recompiles): the prompts' tokens, temperature/top-k/top-p per row, stop ids per
+row, max_new_tokens per row, the RNG key.
 
 Compile counter: `_TRACES` is incremented in the Python bodies of the jitted functions, i.e. only while
 JAX traces them (once per new static signature), never inside the computation, so the jitted functions stay
