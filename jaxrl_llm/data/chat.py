@@ -170,14 +170,22 @@ def _marked_tokens(tokenizer, messages, chat_template, tools, assistant_turns, l
         raise DataError(f"row {index}: the chat template's {{% generation %}} blocks mark {n_blocks} spans for "
                         f"{len(assistant_turns)} assistant turns, and only some turns are learned "
                         "(context turns, data.last_assistant_only): cannot tell which tokens are whose")
+    return _tokenize_pieces(tokenizer, [(piece, int(block in learned_blocks)) for piece, block in segments])
+
+
+def _tokenize_pieces(tokenizer, pieces: list[tuple[str, int]], eos_id: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) of (text, learned) pieces, each tokenized on its own; eos_id closes each learned piece."""
     ids: list[int] = []
     mask: list[int] = []
-    for piece, block in segments:
-        if not piece:
+    for text, learn in pieces:
+        if not text:
             continue
-        toks = tokenizer(piece, add_special_tokens=False)["input_ids"]
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if learn and eos_id is not None:
+            toks = [*toks, eos_id]
         ids.extend(toks)
-        mask.extend([int(block in learned_blocks)] * len(toks))
+        mask.extend([learn] * len(toks))
     return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
 
 
@@ -257,14 +265,4 @@ def tokenize_conversation(
             raise DataError(f"row {index}: {_NOT_PREFIX}")
         pieces.append((full[len(done):], int(i in learned)))
         done = full
-    ids: list[int] = []
-    mask: list[int] = []
-    for text, learn in pieces:
-        if not text:
-            continue
-        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if learn and eos_id is not None:
-            toks = [*toks, eos_id]
-        ids.extend(toks)
-        mask.extend([learn] * len(toks))
-    return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+    return _tokenize_pieces(tokenizer, pieces, eos_id)
