@@ -10,13 +10,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.max_steps = 16
     c.log_every = 1
+    c.val_every = 0  # validation (loss, reward accuracy, margin) every N steps on data.val_fraction of the pairs
     c.export_hf = True
     c.tokenizer = ""  # from the model file
     c.model = ml_collections.ConfigDict(dict(
         path="smollm2", init=ml_collections.ConfigDict(), dtype="float32", compute_dtype="float32",
         attention_impl="xla", remat=True))
     c.data = ml_collections.ConfigDict(dict(  # rows: prompt, chosen, rejected (strings or message lists)
-        source="gsm8k_pairs", num_examples=512, max_len=320, overlong="drop", chat_template="",
+        source="gsm8k_pairs", num_examples=512, val_fraction=0.0, max_len=320, overlong="drop", chat_template="",
         add_eos=True,  # close learned turns with EOS when the template ends them with no special token
         shared_prefix=True,  # the tokens both sides start with run once per pair (data.preference)
         length_buckets=4))  # each batch padded to a rung (4 per doubling) over its longest pair
@@ -29,5 +30,6 @@ def get_config() -> ml_collections.ConfigDict:
         lr=2e-6, warmup_steps=2, schedule="cosine", weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,
         final_lr_fraction=0.1))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2))
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2, best_metric="", best_mode="min"))
+    c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, wandb_project=""))
     return c

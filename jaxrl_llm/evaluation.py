@@ -182,6 +182,18 @@ def evaluate_tasks(
     return result
 
 
+# The scalar metrics evaluate_tasks always returns, besides pass@<k> (and maj@<k>, when the environment extracts
+# answers; a non-finite value is left out by scalar_metrics).
+SCALAR_NAMES = ("num_problems", "n_samples", "reward_mean", "mean_length", "truncation_rate", "timeouts", "errors",
+                "truncated_prompts", "generate_seconds", "score_seconds", "tokens_per_second")
+
+
+def metric_names(k_values: tuple[int, ...]) -> tuple[set[str], set[str]]:
+    """(names evaluate_tasks returns with these k_values, names it returns when the environment extracts
+    answers): for checking a metric's name before any evaluation runs."""
+    return ({f"pass@{k}" for k in {1, *k_values}} | set(SCALAR_NAMES), {f"maj@{k}" for k in k_values if k > 1})
+
+
 def scalar_metrics(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric entries of an evaluate_tasks result (for metric loggers), optionally prefixed."""
     return {f"{prefix}{k}": float(v) for k, v in result.items()

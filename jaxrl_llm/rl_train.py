@@ -349,6 +349,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         restore_run,
     )
 
+    check_best_metric_name(config)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()
     tokenizer = load_tokenizer(config.tokenizer or config.model.path)
@@ -401,8 +402,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     is_main = jax.process_index() == 0
     cc = config.checkpoint
-    ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="max")
-    items, start = restore_run(ckpt, workdir, run_meta, state)
+    ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="max", run_meta=run_meta)
+    items, start = restore_run(ckpt, state)
     if items is not None:
         state = {**items, "step": counter(start * updates_per_step)}
     if is_main:
@@ -431,15 +432,35 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     finally:
         ckpt.close()
         writer.close()
-        close = getattr(env, "close", None)
-        if close:
-            close()
+        for owner in (env, evaluator):  # the validation's environment has worker processes of its own
+            close = getattr(owner, "close", None)
+            if close:
+                close()
     if config.export_hf:  # every process takes part in the gather; process 0 writes
         require_finite({"params": state["params"]}, "the HF export is not written")
         out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
         if out:
             log.info("exported the trained model to %s", out)
     return {**last, **{f"data_{k}": v for k, v in runner.prompt_stats.items()}}
+
+
+def val_k_values(n_samples: int) -> tuple[int, ...]:
+    return tuple(k for k in (1, n_samples) if k <= n_samples)
+
+
+def check_best_metric_name(config: ml_collections.ConfigDict) -> None:
+    """checkpoint.best_metric must name a metric the validation returns (checked before any work; the first
+    validation checks maj@<k>, which only environments that extract answers give)."""
+    from jaxrl_llm.evaluation import metric_names
+    from jaxrl_llm.train import ConfigError
+
+    best = config.checkpoint.get("best_metric", "")
+    if not best or not config.get("val_every", 0):
+        return
+    always, maybe = metric_names(val_k_values(config.eval.n_samples))
+    names = sorted(f"val_{k}" for k in always | maybe)
+    if best not in names:
+        raise ConfigError(f"checkpoint.best_metric={best!r} is not among the validation metrics {names}")
 
 
 def _make_evaluator(config, cfg, tokenizer, mesh, rules):
@@ -459,7 +480,7 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
     stops = tuple(dict.fromkeys([*config.rollout.stop_token_ids, tokenizer.eos_token_id]))
     sp = sampling.SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=ec.temperature,
                                  top_p=1.0, top_k=0, stop_token_ids=stops)
-    k_values = tuple(k for k in (1, ec.n_samples) if k <= ec.n_samples)
+    k_values = val_k_values(ec.n_samples)
 
     def evaluate(params, done: int) -> dict[str, float]:
         if done % every and done != config.max_steps:
@@ -471,4 +492,5 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
                              keep_completions=False)
         return scalar_metrics(res, prefix="val_")
 
+    evaluate.close = getattr(env, "close", None)
     return evaluate

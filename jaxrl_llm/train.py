@@ -101,15 +101,13 @@ def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any]) -> No
                           "export)")
 
 
-def restore_run(ckpt: Checkpointer, workdir: str, run_meta: dict[str, Any], state: dict[str, Any]
-                ) -> tuple[dict[str, Any] | None, int]:
-    """(params and opt_state of the latest checkpoint, its step), or (None, 0) with none; the checkpoint's meta
-    checked against `run_meta` first (`check_resume`). On an error the checkpointer is closed (its background
-    threads would otherwise fail at exit)."""
+def restore_run(ckpt: Checkpointer, state: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:
+    """(params and opt_state of the latest checkpoint, its step), or (None, 0) with none (`prepare_workdir` has
+    checked the checkpoint's settings). On an error the checkpointer is closed (its background threads would
+    otherwise fail at exit)."""
     if ckpt.latest_step() is None:
         return None, 0
     try:
-        check_resume(workdir, ckpt.read_meta(), run_meta)
         items, _, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
     except BaseException:
         ckpt.close()
@@ -224,7 +222,9 @@ def validate_schedule(config: ml_collections.ConfigDict) -> None:
 
 
 def check_best_metric(config: ml_collections.ConfigDict, val: dict[str, float]) -> None:
-    """The first validation's metrics must hold checkpoint.best_metric (checked before any checkpoint is saved)."""
+    """The validation's metrics must hold checkpoint.best_metric: checked before the first step with the metric
+    names (for SFT, DPO and RM from the shapes of the validation step; GRPO: rl_train.check_best_metric_name),
+    and again at each validation."""
     best = config.checkpoint.get("best_metric", "")
     if best and val and best not in val:
         raise ConfigError(f"checkpoint.best_metric={best!r} is not among the validation metrics {sorted(val)}")
@@ -295,9 +295,11 @@ _SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "
 
 
 def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collections.ConfigDict, tokenizer,
-                    default_best_mode: str) -> Checkpointer:
+                    default_best_mode: str, run_meta: dict[str, Any]) -> Checkpointer:
     """The run folder every algorithm shares: model_config.json and tokenizer/ (process 0, for export and
-    evaluation; with data.chat_template's override as its template) and the checkpointer over checkpoints/."""
+    evaluation; with data.chat_template's override as its template) and the checkpointer over checkpoints/.
+    A folder that holds another run's checkpoints (another model or dtype, or `run_meta` settings other than
+    its latest checkpoint's: `check_resume`) is a ConfigError raised before anything in it is written."""
     os.makedirs(workdir, exist_ok=True)
     if config.get("export_hf", False):  # the end-of-run export would refuse it: say so before training
         from jaxrl_llm.models.hf_io import check_replaceable
@@ -307,6 +309,12 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
                         best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", default_best_mode))
     saved = os.path.join(workdir, MODEL_CONFIG_FILE)
+    if ckpt.latest_step() is not None:
+        try:
+            check_resume(workdir, ckpt.read_meta(), run_meta)
+        except BaseException:
+            ckpt.close()
+            raise
     if ckpt.latest_step() is not None and os.path.exists(saved):
         with open(saved) as f:
             saved_doc = json.load(f)
@@ -390,6 +398,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         eval_step = None
         if val_every:
             eval_step = jax.jit(algo.make_eval(cfg, config, rules), in_shardings=(p_sh, None, None))
+            if config.checkpoint.get("best_metric", ""):  # its metric names, before any step (no computation)
+                vb = next(validation_batches(algo, val_examples, config, pad))
+                sums, _ = jax.eval_shape(algo.make_eval(cfg, config, rules), params, vb, ref_params)
+                check_best_metric(config, {f"val_{k}": 0.0 for k in sums})
 
     def validate_now(params) -> dict[str, float]:
         sums: dict[str, float] = {}
@@ -404,10 +416,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     is_main = jax.process_index() == 0
     cc = config.checkpoint
-    ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min")
     run_meta = {"algorithm": config.algorithm, "seed": config.seed, "batch_size": B,
                 "data_rows": len(examples) + len(val_examples)}
-    items, start = restore_run(ckpt, workdir, run_meta, state)
+    ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min", run_meta=run_meta)
+    items, start = restore_run(ckpt, state)
     if items is not None:
         state = {**items, "step": jnp.int32(start)}
     if is_main:

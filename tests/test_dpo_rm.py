@@ -330,3 +330,49 @@ def test_rm_tiny_recipe_through_the_cli_and_hf_scores(tmp_path, tokenizer):
 def test_registry_has_dpo_and_rm():
     assert REGISTRY["dpo"].needs_reference(None) and not REGISTRY["rm"].needs_reference(None)
     assert REGISTRY["rm"].num_labels == 1 and REGISTRY["dpo"].num_labels == 0
+
+
+def test_pair_validation_weighs_filler_pairs_zero():
+    """DPO and RM validation (val_loss, val_accuracy, ...): the weighted sums of batches padded with filler pairs
+    equal the plain loss over exactly the validation pairs."""
+    from jaxrl_llm.algorithms.dpo import make_dpo_eval
+    from jaxrl_llm.algorithms.rm import make_rm_eval, make_rm_loss
+
+    params = models.init_params(TINY, jax.random.key(0), std=0.1)
+    rng = np.random.default_rng(1)
+    ref = jax.tree.map(lambda p: p + 0.05 * rng.standard_normal(p.shape).astype(np.float32), params)
+    batch = _pairs_batch(P=5)
+    padded = {k: np.concatenate([v, np.repeat(v[:1], 3, 0)]) for k, v in batch.items()}  # 3 filler pairs
+    padded["example_weight"] = np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32)
+    config = ml_collections.ConfigDict(dict(dpo=_dpo_config(sft_weight=0.5)))
+    sums, n = make_dpo_eval(TINY, config)(params, padded, ref)
+    l_sum, (pairs, m) = make_dpo_loss(TINY, config.dpo)(params, ref, batch)
+    assert float(n) == float(pairs) == 5.0
+    np.testing.assert_allclose(float(sums["loss"]), float(l_sum), rtol=1e-5)
+    for k in ("accuracy", "margin", "rewards_chosen", "sft_loss", "logps_rejected"):
+        np.testing.assert_allclose(float(sums[k]), float(m[k]), rtol=1e-5, atol=1e-6, err_msg=k)
+    rm_cfg = models.with_score_head(TINY, params, 1, jax.random.key(2))
+    s_rm, n_rm = make_rm_eval(rm_cfg[0], config)(rm_cfg[1], padded)
+    l_rm, (p_rm, m_rm) = make_rm_loss(rm_cfg[0])(rm_cfg[1], batch)
+    assert float(n_rm) == float(p_rm) == 5.0
+    np.testing.assert_allclose(float(s_rm["loss"]), float(l_rm), rtol=1e-5)
+    np.testing.assert_allclose(float(s_rm["accuracy"]), float(m_rm["accuracy"]), rtol=1e-6)
+
+
+@needs_smollm2
+def test_dpo_validation_ranks_checkpoints_and_a_wrong_metric_is_refused_first(tmp_path):
+    from recipes import recipe
+
+    from jaxrl_llm import train
+
+    over = {"max_steps": 4, "val_every": 2, "data.val_fraction": 0.25, "checkpoint.every_steps": 1,
+            "checkpoint.best_metric": "val_acc", "checkpoint.best_mode": "max", "export_hf": False,
+            "metrics.tensorboard": False, "data.max_len": 192, "optimizer.warmup_steps": 0}
+    with pytest.raises(train.ConfigError, match=r"'val_acc' is not among the validation metrics .*'val_accuracy'"):
+        train.run(recipe("dpo_tiny", over), str(tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before the first step, not after it
+    train.run(recipe("dpo_tiny", {**over, "checkpoint.best_metric": "val_accuracy"}), str(tmp_path / "ok"))
+    rows = _rows(tmp_path / "ok")
+    val = [r for r in rows if "val_loss" in r]
+    assert [r["step"] for r in val] == [2, 4] and all(0 <= r["val_accuracy"] <= 1 for r in val)
+    assert abs(val[0]["val_loss"] - LOG2) < 0.5 and "val_margin" in val[0]

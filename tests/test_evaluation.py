@@ -22,7 +22,7 @@ from jaxrl_llm.data import DataError
 from jaxrl_llm.data.sources import _package_file
 from jaxrl_llm.data.tasks import MATH_INSTRUCTION, load_tasks
 from jaxrl_llm.environments.base import Task
-from jaxrl_llm.evaluation import evaluate_tasks, pass_at_k
+from jaxrl_llm.evaluation import evaluate_tasks, metric_names, pass_at_k, scalar_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -324,6 +324,8 @@ def _check_evaluate_tasks(cfg, params, tokenizer, tasks, golds, env):
     assert res["reward_mean"] == pytest.approx(np.mean(all_rewards))
     assert res["mean_length"] == pytest.approx(np.mean(all_lengths)) and set(all_lengths) == {7}  # 6 + eos
     assert res["truncation_rate"] == 0.0 and res["timeouts"] == 0 and res["errors"] == 0
+    always, maybe = metric_names((2, 6))  # what checkpoint.best_metric is checked against before a run
+    assert always <= set(scalar_metrics(res)) <= always | maybe and set(scalar_metrics(res)) & maybe
 
     # the same completions as a direct generate() call on the repeated prompts (row i * n + j)
     conv = [[dict(m) for m in t.messages] for t in tasks]

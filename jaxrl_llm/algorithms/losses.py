@@ -39,11 +39,13 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 def dpo_loss_sum(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, ref_chosen_logps: jax.Array,
                  ref_rejected_logps: jax.Array, beta: float = 0.1, label_smoothing: float = 0.0,
-                 loss_type: str = "sigmoid") -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+                 loss_type: str = "sigmoid", weight_P: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """The (sum, count) form of `dpo_loss`: (loss summed over pairs, number of pairs, metric sums).
 
     Summing the three over microbatches and dividing by the summed count gives exactly `dpo_loss` of the
-    whole batch, whatever the split.
+    whole batch, whatever the split. weight_P: each pair's weight in the sums and the count (validation's
+    filler pairs weigh 0); default 1.
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo loss_type={loss_type!r}; expected one of {DPO_LOSS_TYPES}")
@@ -60,13 +62,14 @@ def dpo_loss_sum(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Arra
         loss_P = (h_P - 1.0 / (2.0 * beta)) ** 2
     chosen_reward_P = jax.lax.stop_gradient(beta * chosen_ratio_P)
     rejected_reward_P = jax.lax.stop_gradient(beta * rejected_ratio_P)
+    w_P = jnp.ones_like(h_P) if weight_P is None else weight_P.astype(f32)
     metric_sums = {
-        "accuracy": (chosen_reward_P > rejected_reward_P).astype(f32).sum(),  # ties count as wrong
-        "rewards_chosen": chosen_reward_P.sum(),
-        "rewards_rejected": rejected_reward_P.sum(),
-        "margin": (chosen_reward_P - rejected_reward_P).sum(),
+        "accuracy": ((chosen_reward_P > rejected_reward_P) * w_P).sum(),  # ties count as wrong
+        "rewards_chosen": (chosen_reward_P * w_P).sum(),
+        "rewards_rejected": (rejected_reward_P * w_P).sum(),
+        "margin": ((chosen_reward_P - rejected_reward_P) * w_P).sum(),
     }
-    return loss_P.sum(), jnp.asarray(h_P.shape[0], f32), metric_sums
+    return (loss_P * w_P).sum(), w_P.sum(), metric_sums
 
 
 def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, ref_chosen_logps: jax.Array,
@@ -88,16 +91,18 @@ def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, r
     return s / n, {k: v / n for k, v in sums.items()}
 
 
-def bradley_terry_loss_sum(chosen_scores_P: jax.Array, rejected_scores_P: jax.Array
-                           ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """The (sum, count) form of `bradley_terry_loss`: (loss summed over pairs, number of pairs, metric sums)."""
+def bradley_terry_loss_sum(chosen_scores_P: jax.Array, rejected_scores_P: jax.Array,
+                           weight_P: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """The (sum, count) form of `bradley_terry_loss`: (loss summed over pairs, number of pairs, metric sums).
+    weight_P: each pair's weight in the sums and the count (default 1)."""
     c = chosen_scores_P.astype(jnp.float32)
     r = rejected_scores_P.astype(jnp.float32)
     loss_P = -jax.nn.log_sigmoid(c - r)
     c, r = jax.lax.stop_gradient(c), jax.lax.stop_gradient(r)
-    metric_sums = {"accuracy": (c > r).astype(jnp.float32).sum(), "rewards_chosen": c.sum(),
-                   "rewards_rejected": r.sum(), "margin": (c - r).sum()}
-    return loss_P.sum(), jnp.asarray(c.shape[0], jnp.float32), metric_sums
+    w_P = jnp.ones_like(c) if weight_P is None else weight_P.astype(jnp.float32)
+    metric_sums = {"accuracy": ((c > r) * w_P).sum(), "rewards_chosen": (c * w_P).sum(),
+                   "rewards_rejected": (r * w_P).sum(), "margin": ((c - r) * w_P).sum()}
+    return (loss_P * w_P).sum(), w_P.sum(), metric_sums
 
 
 def bradley_terry_loss(chosen_scores_P: jax.Array, rejected_scores_P: jax.Array

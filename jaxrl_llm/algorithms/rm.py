@@ -24,10 +24,23 @@ def make_rm_loss(cfg: ModelConfig, rules: ShardingRules | None = None) -> Callab
 
     def loss_fn(params, mb):
         scores_P2 = pair_scores(cfg, params, mb, rules)
-        loss_sum, pairs, sums = bradley_terry_loss_sum(scores_P2[:, 0], scores_P2[:, 1])
+        loss_sum, pairs, sums = bradley_terry_loss_sum(scores_P2[:, 0], scores_P2[:, 1], mb.get("example_weight"))
         return loss_sum, (pairs, sums)
 
     return loss_fn
+
+
+def make_rm_eval(cfg: ModelConfig, config: Any, rules: ShardingRules | None = None) -> Callable:
+    """eval(params, batch, ref_params=None) -> ({"loss", "accuracy", "margin", ...: sums over pairs}, pairs), the
+    batch's filler pairs (example_weight 0) left out."""
+    loss_fn = make_rm_loss(cfg, rules)
+
+    def evaluate(params, batch, ref_params=None):
+        del ref_params
+        loss_sum, (pairs, sums) = loss_fn(params, batch)
+        return {"loss": loss_sum, **sums}, pairs
+
+    return evaluate
 
 
 def make_rm_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, config: Any,
@@ -53,4 +66,5 @@ ALGORITHM = Algorithm(
     batch_axes=preference.BATCH_AXES,
     make_step=make_rm_step,
     num_labels=1,
+    make_eval=make_rm_eval,
 )
