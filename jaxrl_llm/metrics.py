@@ -35,7 +35,17 @@ class MetricsWriter:
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"), flush_secs=10)
+            from jaxrl_llm.workdir import set_aside
+
+            logdir = os.path.join(workdir, "tensorboard")
+            if start_step == 0 and os.path.isdir(logdir) and os.listdir(logdir):  # as metrics.jsonl: kept aside
+                log.warning("%s held an earlier run's events (no checkpoint to resume from): moved to %s", logdir,
+                            set_aside(logdir))
+            # a resumed run logs its steps after the checkpoint again: TensorBoard drops the earlier run's events
+            # from purge_step on instead of drawing both
+            # (files are named by the second they open in: the suffix keeps a restart within it from overwriting)
+            self._tb = SummaryWriter(logdir=logdir, flush_secs=10, purge_step=start_step + 1 if start_step else None,
+                                     filename_suffix=f".{os.getpid()}.{start_step}")
         if wandb_project:
             try:
                 import wandb

@@ -343,7 +343,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         check_best_metric,
         check_env_scores_tasks,
         check_step_finite,
-        load_tokenizer,
+        load_run_tokenizer,
         opt_state_shardings,
         prepare_workdir,
         restore_run,
@@ -352,7 +352,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     check_best_metric_name(config)
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()
-    tokenizer = load_tokenizer(config.tokenizer or config.model.path)
+    tokenizer = load_run_tokenizer(config)
     dc = config.data
     tasks = load_tasks(dc.source, dc.num_examples, config.seed, system_prompt=dc.system_prompt or None,
                        instruction=dc.instruction, **dict(dc.get("options", {})))

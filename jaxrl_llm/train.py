@@ -51,6 +51,20 @@ def resolve_path(path: str) -> str:
     return path
 
 
+def load_run_tokenizer(config: ml_collections.ConfigDict):
+    """The run's tokenizer (config.tokenizer, else model.path's), its chat template (data.chat_template's
+    override, else its own) checked to parse: a ConfigError naming the line otherwise."""
+    from jaxrl_llm.data.chat import check_template
+
+    tokenizer = load_tokenizer(config.tokenizer or config.model.path)
+    override = config.data.get("chat_template") or None
+    try:
+        check_template(tokenizer, override)
+    except ValueError as e:
+        raise ConfigError(f"{'data.chat_template' if override else 'the tokenizer'}: {e}") from None
+    return tokenizer
+
+
 def load_tokenizer(path: str):
     if not path:
         raise ConfigError("tokenizer is empty and model.path is empty: name a tokenizer folder, .gguf or 'smollm2'")
@@ -158,15 +172,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.max_steps < 1:
         raise ConfigError(f"max_steps={config.max_steps}: must be >= 1")
     tc = config.train
-    if config.algorithm not in ONLINE and (tc.batch_size < 1 or tc.microbatches < 1
-                                           or tc.batch_size % tc.microbatches):
-        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by train.microbatches={tc.microbatches}")
+    if config.algorithm not in ONLINE:
+        if not _int(tc.batch_size) or tc.batch_size < 1 or not _int(tc.microbatches) or tc.microbatches < 1:
+            raise ConfigError(f"train.batch_size={tc.batch_size!r} and train.microbatches={tc.microbatches!r}: each "
+                              "must be an integer >= 1")
+        if tc.batch_size % tc.microbatches:
+            raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by train.microbatches="
+                              f"{tc.microbatches}")
     rungs = config.data.get("length_buckets", 4)
     if isinstance(rungs, bool) or rungs not in RUNGS:
         raise ConfigError(f"data.length_buckets={config.data.length_buckets!r}: expected one of {RUNGS} (rungs per "
                           "doubling of a batch's padded width; 0 pads every batch to data.max_len)")
     if config.data.overlong not in ("truncate", "drop"):
         raise ConfigError(f"data.overlong={config.data.overlong!r}; expected truncate | drop")
+    for key in ("max_len", "max_prompt_len"):
+        if key in config.data and (not _int(config.data[key]) or config.data[key] < 2):
+            raise ConfigError(f"data.{key}={config.data[key]!r}: must be an integer >= 2 (tokens)")
     if not config.model.path and not config.model.init:
         raise ConfigError("model.path is empty and model.init is not set: name a model folder/.gguf or a tiny init")
     if config.model.path and config.model.path != "smollm2" and not os.path.exists(config.model.path):
@@ -355,7 +376,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     algo = REGISTRY[config.algorithm]
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()
-    tokenizer = load_tokenizer(config.tokenizer or config.model.path)
+    tokenizer = load_run_tokenizer(config)
     examples, data_stats = algo.prepare(config, tokenizer)
     examples, val_examples = split_validation(examples, config.data.get("val_fraction", 0.0), config.seed)
     try:
@@ -507,18 +528,34 @@ def unknown_override(config_file: str, args: list[str]) -> str | None:
     return None
 
 
+def _config_file(argv: list[str]) -> str | None:
+    """The --config file named on the command line, or None."""
+    cfg_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if cfg_file is None and "--config" in argv[:-1]:
+        cfg_file = argv[argv.index("--config") + 1]
+    return cfg_file
+
+
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with user errors (unknown key, bad value) as one line instead of a traceback."""
+    """absl flag parsing with user errors (unknown key, bad value, a recipe file that is missing or does not
+    load) as one line instead of a traceback."""
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
     except flags.Error as e:
         sys.exit(f"error: {e}")
     except (AttributeError, KeyError) as e:
-        cfg_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-        if cfg_file is None and "--config" in argv:
-            cfg_file = argv[argv.index("--config") + 1]
+        cfg_file = _config_file(argv)
         msg = unknown_override(cfg_file, argv) if cfg_file else None
         sys.exit(f"error: {msg or e}")
+    cfg_file = _config_file(argv)
+    if cfg_file and not os.path.isfile(cfg_file.split(":", 1)[0]):
+        sys.exit(f"error: --config={cfg_file}: no such file")
+    try:
+        FLAGS.config  # noqa: B018 (ml_collections loads the recipe here, or raises what its load raised)
+    except OSError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        sys.exit(f"error: --config={cfg_file}: the recipe does not load: {lines[-1] if lines else e}")
+    return rest
 
 
 def main(argv) -> None:
@@ -552,4 +589,5 @@ if __name__ == "__main__":
     from jaxrl_llm import train as _train
 
     _train.define_flags()
+    flags.adopt_module_key_flags(_train)  # --help lists --config and --workdir (defined in that module)
     app.run(_train.main, flags_parser=_train.parse_flags)

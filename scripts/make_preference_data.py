@@ -19,6 +19,7 @@ import sys
 import tempfile
 
 from jaxrl_llm.data.preference import preference_sources
+from jaxrl_llm.models.hf_io import current_umask
 
 
 def _as_messages(row: dict) -> dict:
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 f.write(json.dumps(_as_messages(row) if args.format == "messages" else row,
                                    ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from everyone else
         os.replace(tmp, args.out)
     except BaseException:
         os.unlink(tmp)

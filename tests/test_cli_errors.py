@@ -58,3 +58,41 @@ def test_eval_prompt_too_long_names_the_settings(tmp_path):
                                                    r"eval.truncate_prompts=True"):
         evaluate.run(eval_tiny(**{"eval.max_prompt_len": 5}), out=str(tmp_path / "r.json"))
     assert not (tmp_path / "r.json").exists()
+
+
+def _events(folder):
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for name in sorted(os.listdir(folder)):
+        data = (folder / name).read_bytes()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            out.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
+            i += 12 + n + 4
+    return out
+
+
+def test_tensorboard_events_of_a_resume_purge_the_steps_logged_again(tmp_path):
+    """A resumed run logs the steps after its checkpoint again: TensorBoard drew both; a run that starts over (no
+    checkpoint) added its events to the earlier run's. Now: a purge from the first step logged again, and a fresh
+    start sets the earlier events aside."""
+    from tensorboardX.proto import event_pb2
+
+    w = MetricsWriter(str(tmp_path), 4)
+    for step in (1, 2, 3):
+        w.write(step, {"loss": 1.0 / step})
+    w.close()
+    w = MetricsWriter(str(tmp_path), 4, start_step=2)  # resumed from the step-2 checkpoint
+    w.write(3, {"loss": 0.3})
+    w.close()
+    start = event_pb2.SessionLog.START
+    purges = [ev.step for ev in _events(tmp_path / "tensorboard") if ev.session_log.status == start]
+    assert purges == [3]
+    w = MetricsWriter(str(tmp_path), 4)  # a run from step 0 in the same folder
+    w.close()
+    assert len([e for e in _events(tmp_path / "tensorboard.1.old") if e.summary.value]) == 4
+    assert not [e for e in _events(tmp_path / "tensorboard") if e.summary.value]

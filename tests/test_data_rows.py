@@ -331,3 +331,25 @@ def test_a_row_cut_and_then_dropped_counts_as_dropped_only(tokenizer, tmp_path):
     out, stats = sft.prepare(c, tokenizer)
     assert stats == {"rows": 3, "truncated": 1, "dropped": 1} and len(out) == 2
     assert [len(ids) for ids, _ in out] == [64, len(out[1][0])] and len(out[1][0]) < 64
+
+
+def test_rows_left_out_by_num_examples_are_logged(tmp_path, caplog):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": "a"}) + "\n" for i in range(40)))
+    with caplog.at_level("INFO", logger="jaxrl_llm.data.sources"):
+        assert len(load_rows(str(path), 16)) == 16
+        assert len(load_rows(str(path), -1)) == len(load_rows(str(path), 40)) == 40
+    assert caplog.text.count("the first 16 of the 40 rows of") == 1 and "data.num_examples=16" in caplog.text
+    assert "of the 40 rows" in caplog.text and caplog.text.count("rows of") == 1  # all taken: nothing said
+
+
+def test_a_row_the_template_refuses_is_a_data_error_naming_it(tokenizer):
+    """Gemma's template raises on a system turn: a jinja traceback, not a row number, was what a user saw."""
+    refusing = ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}"
+                "{% endif %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    with pytest.raises(DataError, match="row 7: the chat template fails on it .*System role not supported"):
+        tokenize_conversation(tokenizer, msgs, chat_template=refusing, index=7)
+    ids, mask = tokenize_conversation(tokenizer, msgs[1:], chat_template=refusing)
+    assert _learned(tokenizer, ids, mask) == "a<|im_end|>\n"

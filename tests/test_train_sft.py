@@ -88,6 +88,23 @@ def test_bad_config_is_a_one_line_error(tmp_path):
     assert r.returncode != 0 and "--config.max_steps=abc" in r.stderr and "int" in r.stderr
     r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.mesh.tensor=3", timeout=120)
     assert r.returncode != 0 and "mesh" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+    # each of these printed a traceback (a recipe path typo, a negative length, a template that does not parse)
+    for args, needle in ((["--config", "configs/sft_tin.py"], "--config=configs/sft_tin.py: no such file"),
+                         (["--config", "configs/sft_tiny.py", "--config.data.max_len=-5"],
+                          "data.max_len=-5: must be an integer >= 2"),
+                         (["--config", "configs/sft_tiny.py", "--config.data.chat_template={{ bogus"],
+                          "data.chat_template: the chat template does not parse"),
+                         (["--config", "configs/sft_tiny.py", "--config.train.batch_size=0"],
+                          "train.batch_size=0 and train.microbatches=1: each must be an integer >= 1")):
+        r = _cli(*args, "--workdir", str(tmp_path), timeout=120)
+        assert r.returncode != 0 and needle in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_help_lists_the_flags():
+    r = _cli("--help", timeout=120)
+    assert "--config:" in r.stdout and "--workdir:" in r.stdout, r.stdout[-2000:]  # (absl exits 1 after --help)
 
 
 def test_microbatch_accumulation_equals_full_batch():

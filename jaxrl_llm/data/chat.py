@@ -84,9 +84,30 @@ def row_tools(row: dict[str, Any], index: int) -> list[dict[str, Any]] | None:
     return tools or None
 
 
-def _render(tokenizer, messages, chat_template, add_generation_prompt=False, tools=None) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         chat_template=chat_template, tools=tools)
+def _render(tokenizer, messages, chat_template, add_generation_prompt=False, tools=None, index: int | None = None
+            ) -> str:
+    """The template's text; with `index`, an error the template raises on this row is a DataError naming it."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             chat_template=chat_template, tools=tools)
+    except jinja2.TemplateError as e:
+        if index is None or isinstance(e, jinja2.TemplateSyntaxError):
+            raise
+        raise DataError(f"row {index}: the chat template fails on it ({type(e).__name__}: {e})") from None
+
+
+def check_template(tokenizer: Any, chat_template: str | None) -> None:
+    """ValueError naming the line when the template (data.chat_template, or the tokenizer's) does not parse."""
+    import jinja2
+
+    try:
+        _render(tokenizer, [{"role": "user", "content": "Hi"}], chat_template, add_generation_prompt=True)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"the chat template does not parse: {e.message} (line {e.lineno})") from None
+    except jinja2.TemplateError:
+        pass  # it parses; what it refuses (a system turn, say) is said for each row that has it
 
 
 _NOT_PREFIX = ("the chat template does not render conversation prefixes as prefixes (some templates drop earlier "
@@ -146,7 +167,7 @@ def _marked_tokens(tokenizer, messages, chat_template, tools, assistant_turns, l
     if _holds_marker((messages, tools)):
         raise DataError(f"row {index}: holds the character U+E000 or U+E001, which mark the chat template's "
                         "{% generation %} blocks here")
-    text = _render(tokenizer, messages, marked, tools=tools)
+    text = _render(tokenizer, messages, marked, tools=tools, index=index)
     pieces = re.split(f"([{_OPEN}{_CLOSE}])", text)
     edges = pieces[1::2]
     if edges != [_OPEN, _CLOSE] * (len(edges) // 2):
@@ -255,12 +276,13 @@ def tokenize_conversation(
     done = ""
     for i in range(len(messages)):
         if i in learned:
-            before = _render(tokenizer, messages[:i], chat_template, add_generation_prompt=True, tools=tools)
+            before = _render(tokenizer, messages[:i], chat_template, add_generation_prompt=True, tools=tools,
+                             index=index)
             if not before.startswith(done):
                 raise DataError(f"row {index}: {_NOT_PREFIX}")
             pieces.append((before[len(done):], 0))
             done = before
-        full = _render(tokenizer, messages[: i + 1], chat_template, tools=tools)
+        full = _render(tokenizer, messages[: i + 1], chat_template, tools=tools, index=index)
         if not full.startswith(done):
             raise DataError(f"row {index}: {_NOT_PREFIX}")
         pieces.append((full[len(done):], int(i in learned)))

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxrl_llm.data.buckets import bucket_width
 from jaxrl_llm.data.chat import DataError, as_messages, present_fields, tokenize_conversation, turn_end_token
-from jaxrl_llm.data.sources import _package_file, load_rows, strip_calculator_annotations
+from jaxrl_llm.data.sources import _package_file, first_rows, load_rows, strip_calculator_annotations
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,7 @@ def load_preference_rows(source: Any, num_examples: int = -1) -> list[dict[str, 
             raise DataError(f"data.source={source!r}: not a builtin preference source {sorted(builtins)} nor a "
                             ".json/.jsonl/.parquet/.csv file")
         return load_rows(source, num_examples)
-    rows = builtins[source]()
-    return rows[:num_examples] if num_examples > 0 else rows
+    return first_rows(builtins[source](), num_examples, source)
 
 
 # ---------------------------------------------------------------------------------------------- shared prefixes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import re
 from collections.abc import Callable
@@ -12,6 +13,8 @@ from typing import Any
 from jaxrl_llm.data.chat import DataError
 
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+log = logging.getLogger(__name__)
 
 
 def _package_file(package: str, *parts: str) -> str:
@@ -97,6 +100,15 @@ def _read_csv(path: str) -> list[dict[str, Any]]:
             for r in df.to_dict("records")]
 
 
+def first_rows(rows: list, num_examples: int, source: Any) -> list:
+    """rows[:num_examples] (all with num_examples <= 0), the rows left out logged."""
+    if 0 < num_examples < len(rows):
+        log.info("data: the first %d of the %d rows of %s (data.num_examples=%d; -1 takes all)", num_examples,
+                 len(rows), source, num_examples)
+        return rows[:num_examples]
+    return rows
+
+
 def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
     """`source`: a builtin name (see builtin_sources), a local .json/.jsonl/.parquet/.csv file, or a
     `datasets.Dataset` (from a notebook). CSV cells are read as text, an empty cell as missing."""
@@ -139,8 +151,7 @@ def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise DataError(f"data.source={source!r}: row {i} is a {type(row).__name__}, not an object")
-    if num_examples > 0:
-        rows = rows[:num_examples]
+    rows = first_rows(rows, num_examples, source)
     if not rows:
         raise DataError(f"data.source={source!r}: no rows")
     return rows

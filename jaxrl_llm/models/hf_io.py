@@ -262,6 +262,13 @@ def _fetch(arr: jax.Array, i: int | None) -> np.ndarray:
     return to_host(x) if isinstance(x, jax.Array) else np.asarray(x)
 
 
+def current_umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 # What an HF export folder holds besides its tokenizer's own files: an existing `out_dir` is replaced only when
 # everything in it is one of these (or a name the new export writes too); anything else is refused, never deleted.
 _EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
@@ -352,6 +359,7 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the export from everyone else
         total = 0
         weight_map: dict[str, str] = {}
         for k, shard in enumerate(shards):
