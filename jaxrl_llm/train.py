@@ -29,7 +29,14 @@ from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
-from jaxrl_llm.workdir import MODEL_CONFIG_FILE, record_run_config, truncate_metrics
+from jaxrl_llm.workdir import (
+    MODEL_CONFIG_FILE,
+    record_run_config,
+    replace_folder,
+    set_aside,
+    truncate_metrics,
+    write_atomically,
+)
 
 log = logging.getLogger("jaxrl_llm.train")
 
@@ -336,9 +343,18 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
         except BaseException:
             ckpt.close()
             raise
+    saved_doc = None
     if ckpt.latest_step() is not None and os.path.exists(saved):
-        with open(saved) as f:
-            saved_doc = json.load(f)
+        try:
+            with open(saved) as f:
+                saved_doc = json.load(f)
+            if not isinstance(saved_doc, dict):
+                raise ValueError(f"a JSON {type(saved_doc).__name__}, not an object")
+        except (OSError, ValueError) as e:  # cut short by a kill (before it was written atomically)
+            saved_doc = None
+            log.warning("%s: unreadable (%s): set aside as %s; the model is not compared with the checkpoint's "
+                        "before it is restored", saved, e, set_aside(saved) if jax.process_index() == 0 else "-")
+    if saved_doc is not None:
         before = saved_doc.get("param_dtype")
         old_hf, new_hf = saved_doc.get("hf_config", {}), models.config_to_hf(cfg)
         changed = [f"{k}: {old_hf[k]!r} there, {new_hf.get(k)!r} now" for k in _SHAPE_KEYS
@@ -354,11 +370,11 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
                               "its checkpoints) to the new dtype; use a fresh workdir to change it")
     if config.data.get("chat_template"):  # the run's template goes with its tokenizer (and the HF export)
         tokenizer.chat_template = config.data.chat_template
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, MODEL_CONFIG_FILE), "w") as f:
-            json.dump({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
-                       "attention_impl": cfg.attention_impl, "param_dtype": config.model.dtype}, f, indent=2)
-        tokenizer.save_pretrained(os.path.join(workdir, "tokenizer"))
+    if jax.process_index() == 0:  # each written whole or not at all: a kill here must not break the restart
+        write_atomically(saved, json.dumps({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
+                                            "attention_impl": cfg.attention_impl,
+                                            "param_dtype": config.model.dtype}, indent=2))
+        replace_folder(os.path.join(workdir, "tokenizer"), tokenizer.save_pretrained)
     return ckpt
 
 

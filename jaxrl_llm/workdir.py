@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from typing import Any
 
 log = logging.getLogger("jaxrl_llm.train")
@@ -22,11 +23,25 @@ def set_aside(path: str) -> str:
     return f"{path}.{k}.old"
 
 
-def _write_atomically(path: str, text: str) -> None:
+def write_atomically(path: str, text: str) -> None:
+    """path's new text, whole or not at all: a kill mid-write leaves the old file."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def replace_folder(path: str, fill) -> None:
+    """Build a folder with fill(tmp_path) next to `path`, then swap it in: a kill leaves the old folder (or the
+    new one) whole, and at worst a stray <path>.tmp-<pid> / <path>.old-<pid> beside it."""
+    tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    fill(tmp)
+    if os.path.lexists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
@@ -55,7 +70,7 @@ def truncate_metrics(path: str, last_step: int) -> None:
     if bad:
         log.warning("%s: line(s) %s are not metrics rows (cut short when the run was killed?): left out; the file "
                     "as it was is kept as %s", path, bad[:10], set_aside(path))
-    _write_atomically(path, "".join(rows))
+    write_atomically(path, "".join(rows))
 
 
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -108,5 +123,5 @@ def record_run_config(workdir: str, config: dict[str, Any], start_step: int) -> 
             elif changes:
                 log.warning("%s held an earlier run's settings (no checkpoint to resume from): moved to %s", path,
                             set_aside(path))
-    _write_atomically(path, text)
+    write_atomically(path, text)
     return changes

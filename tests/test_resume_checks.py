@@ -105,3 +105,21 @@ def test_grpo_resume_with_other_rollout_settings_is_refused(tmp_path):
             train.run(recipe("grpo_tiny", {**GRPO, "max_steps": 2, **over}), wd)
     assert _steps(wd) == [1]
     assert _run_config(wd)["rollout"]["num_prompts"] == 2 and _run_config(wd)["algorithm"] == "grpo"
+
+
+def test_a_model_config_cut_short_by_a_kill_does_not_stop_the_resume(sft_run, tmp_path):
+    """model_config.json was rewritten in place at every start: a kill in between left it empty, and every later
+    start (and export) died on it with a JSON traceback though the checkpoints were whole. It is now written
+    atomically, and an unreadable one is set aside."""
+    import shutil
+
+    wd = str(tmp_path / "copy")
+    shutil.copytree(sft_run, wd)
+    open(os.path.join(wd, "model_config.json"), "w").close()
+    train.run(recipe("sft_tiny", {**SFT, "max_steps": 2}), wd)
+    assert _steps(wd) == [1, 2]
+    with open(os.path.join(wd, "model_config.json")) as f:
+        assert json.load(f)["hf_config"]["num_hidden_layers"] == 2
+    assert os.path.getsize(os.path.join(wd, "model_config.json.1.old")) == 0
+    assert sorted(os.listdir(os.path.join(wd, "tokenizer"))) == sorted(os.listdir(os.path.join(sft_run, "tokenizer")))
+    assert not [f for f in os.listdir(wd) if ".tmp" in f or ".old-" in f]
