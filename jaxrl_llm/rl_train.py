@@ -371,6 +371,10 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise ConfigError(f"data.max_prompt_len={dc.max_prompt_len} + {what}={budget} is more than the model's "
                           f"max_position_embeddings={cfg.max_position_embeddings}: a row could outgrow the model's "
                           "context mid-run; lower them")
+    outside = [t for t in config.rollout.stop_token_ids if t >= cfg.vocab_size]
+    if outside:
+        raise ConfigError(f"rollout.stop_token_ids={tuple(config.rollout.stop_token_ids)}: {outside} outside the "
+                          f"model's vocabulary [0, {cfg.vocab_size})")
     if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
         cfg = dataclasses.replace(cfg, pad_token_id=tokenizer.pad_token_id)
     updates_per_step = config.grpo.epochs * (config.rollout.num_prompts * config.rollout.group_size

