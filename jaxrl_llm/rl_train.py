@@ -111,7 +111,13 @@ def reference_logprobs(fn, ref_params: Any, ids_RT: jax.Array, attn_RT: jax.Arra
 
 
 class GRPORunner:
-    """Holds the compiled functions and frozen pieces of a GRPO run; `step` does one RL step."""
+    """Holds the compiled functions and frozen pieces of a GRPO run; `step` does one RL step.
+
+    position: the prompt batches generated from so far (the data position; one per generation round, so with
+    dynamic sampling a step moves it by the rounds it ran, and the prompts are read in order as NeMo RL's
+    dataloader reads them); saved in each checkpoint's meta as prompt_batches."""
+
+    position: int = 0
 
     def __init__(self, config: ml_collections.ConfigDict, cfg: models.ModelConfig, mesh, rules, tokenizer,
                  tasks: list, env, optimizer, opt_sh: Any = None):
@@ -166,11 +172,12 @@ class GRPORunner:
     # -- rollouts -------------------------------------------------------------------------------------------
 
     def _prompts_for(self, step: int, round_: int) -> list[int]:
-        """Indices into the kept prompts for generation round `round_` of `step` (pure of seed, step, round)."""
+        """Indices into the kept prompts for generation round `round_` of `step`: prompt batch position + round_
+        of the seeded epoch order (a pure function of the seed and that batch number)."""
+        del step
         g = self.config.grpo
-        rounds = g.dynamic_sampling_max_rounds if g.dynamic_sampling else 1
         per_round = int(np.ceil(self.P * g.batch_multiplier)) if g.dynamic_sampling else self.P
-        return batch_indices(len(self.kept), per_round, self.config.seed, step * rounds + round_)
+        return batch_indices(len(self.kept), per_round, self.config.seed, self.position + round_)
 
     def generate_round(self, params, step: int, round_: int) -> tuple[Rollouts, dict[str, float]]:
         idx = self._prompts_for(step, round_)
@@ -237,6 +244,7 @@ class GRPORunner:
         roll, info = self.generate_round(params, step, 0)
         info["reward_mean_all"] = float(roll.rewards.mean())
         if not g.dynamic_sampling:
+            self.position += 1
             return roll, info
         kept, spare, rounds = [], [], 0
         while True:
@@ -252,6 +260,7 @@ class GRPORunner:
             roll, more = self.generate_round(params, step, rounds)
             for k in ("time_generate_s", "time_score_s", "time_reshard_s", "generated_tokens", "sampler_compiles"):
                 info[k] += more[k]
+        self.position += rounds
         good = Rollouts.concat(kept)
         short = max(0, self.P - have)
         if short:
@@ -410,6 +419,9 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     items, start = restore_run(ckpt, state)
     if items is not None:
         state = {**items, "step": counter(start * updates_per_step)}
+        # (a checkpoint from before prompt_batches was recorded: each step had max_rounds batches to itself)
+        rounds = config.grpo.dynamic_sampling_max_rounds if config.grpo.dynamic_sampling else 1
+        runner.position = int(ckpt.read_meta(start).get("prompt_batches", start * rounds))
     if is_main:
         truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
         record_run_config(workdir, config.to_dict(), start)
@@ -429,7 +441,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             if val or done % config.log_every == 0 or done == config.max_steps:
                 writer.write(done, last)
             check_best_metric(config, val)
-            meta = {"step": done, **run_meta, "data_position": done, **val}
+            meta = {"step": done, **run_meta, "data_position": done, "prompt_batches": runner.position, **val}
             ckpt.maybe_save(done, {"params": state["params"], "opt_state": state["opt_state"]}, meta,
                             force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),
                             metrics=val or None)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from recipes import recipe
 
-from jaxrl_llm.algorithms import grpo
+from jaxrl_llm.algorithms import batch_indices, grpo
 from jaxrl_llm.rl_batch import Rollouts, prepare_batch
 from jaxrl_llm.rl_train import GRPORunner
 
@@ -117,6 +117,22 @@ def test_dynamic_sampling_generates_more_rounds_until_enough_groups():
     assert info["dynamic_sampling_rounds"] == 2 and info["dynamic_sampling_discarded_groups"] == 2
     assert info["dynamic_sampling_short_groups"] == 0
     assert info["time_generate_s"] == 2.0 and info["generated_tokens"] == 16.0
+
+
+def test_prompt_batches_are_read_in_order_whatever_the_rounds_a_step_runs():
+    """Step s read prompt batch s x dynamic_sampling_max_rounds + round: with the default 10 rounds and most steps
+    needing one, 9 of every 10 batches were never generated from. The data position now moves by the rounds run,
+    as NeMo RL's dataloader does."""
+    r, calls = _runner_for_collect(2, 2, 5, [[1, 0, 1, 1], [0, 0, 0, 1], [1, 0, 1, 0]])
+    r.position = 7
+    r.collect(None, step=3)
+    assert calls == [0, 1] and r.position == 9
+    r.kept = list(range(12))
+    assert r._prompts_for(50, 1) == batch_indices(12, 2, r.config.seed, 10)  # position 9 + round 1
+    plain, _ = _runner_for_collect(2, 2, 5, [[1, 0, 1, 1]])
+    plain.config.grpo.dynamic_sampling = False
+    plain.collect(None, step=0)
+    assert plain.position == 1
 
 
 def test_dynamic_sampling_fills_with_spreadless_groups_after_max_rounds():
@@ -288,10 +304,21 @@ def test_grpo_dapo_gspo_gdpo_options_end_to_end(tmp_path):
                    "grpo.reward_weights": (1.0, 0.5)})
     c.env = {"name": "combined", "components": [{"name": "format", "pattern": "k", "label": "has_k"},
                                                 {"name": "format", "pattern": "e", "label": "has_e"}]}
-    train.run(c, str(tmp_path))
-    rows = _rows(tmp_path)
+    c.checkpoint.every_steps = 1
+    train.run(c, str(tmp_path / "run"))
+    rows = _rows(tmp_path / "run")
     assert len(rows) == 2
     assert "val_pass@1" in rows[1] and "val_pass@2" in rows[1] and "val_pass@1" not in rows[0]
+    # resumed from step 1, it generates from the prompt batches the uninterrupted run did (the data position is
+    # the rounds run, saved as prompt_batches) and logs the same step 2
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "2")
+    train.run(c, str(tmp_path / "resumed"))
+    varies = ("time_", "gen_tokens_per_s", "sampler_compiles", "val_generate_seconds", "val_score_seconds",
+              "val_tokens_per_second")
+    again = _rows(tmp_path / "resumed")
+    assert {k: v for k, v in again[1].items() if not k.startswith(varies)} == \
+        {k: v for k, v in rows[1].items() if not k.startswith(varies)}
     for r in rows:
         assert np.isfinite(r["loss"]) and r["optimizer_updates"] == 4  # 2 epochs x 2 minibatches of 8
         assert 1 <= r["dynamic_sampling_rounds"] <= 2
@@ -305,15 +332,15 @@ def test_grpo_dapo_gspo_gdpo_options_end_to_end(tmp_path):
 
 
 def test_grpo_reinforce_pp_cispo_and_other_variants_end_to_end(tmp_path):
-    """REINFORCE++ with the KL in the reward, CISPO, ICE-POP importance weights, the on-policy KL approximation,
-    VAPO's positive-example NLL, log-prob-error masking, reward scaling, the stop-properly penalty, advantage
-    clipping, and dynamic sampling with a batch multiplier, through `train.run`: each is wired and visible."""
+    """REINFORCE++ with the KL in the reward, CISPO, ICE-POP importance weights, VAPO's positive-example NLL,
+    log-prob-error masking, reward scaling, the stop-properly penalty, advantage clipping, and dynamic sampling with
+    a batch multiplier, through `train.run`: each is wired and visible."""
     from jaxrl_llm import train
 
     c = _config(**{"max_steps": 2, "metrics.tensorboard": False, "grpo.adv_estimator": "reinforce_plus_plus",
                    "grpo.kl_in_reward": True, "grpo.kl_coef": 0.05, "grpo.cispo": True,
                    "grpo.importance_correction": True, "grpo.tis_cap": 2.0, "grpo.tis_type": "icepop",
-                   "grpo.tis_min": 0.5, "grpo.on_policy_kl": True, "grpo.positive_nll_weight": 0.1,
+                   "grpo.tis_min": 0.5, "grpo.positive_nll_weight": 0.1,
                    "grpo.recompute_old_logprobs": True, "grpo.logprob_error_threshold": 1.5,
                    "grpo.reward_scaling.enabled": True, "grpo.reward_scaling.target_min": -1.0,
                    "grpo.stop_properly_penalty": 0.5, "grpo.advantage_clip_low": -1.5,
