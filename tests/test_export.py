@@ -177,3 +177,21 @@ def test_export_folder_follows_the_umask(source, tmp_path, umask):
     finally:
         os.umask(old)
     assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_reward_model_scores_where_hf_does_when_eos_is_pad(tmp_path):
+    """HF *ForSequenceClassification reads the score at the last token that is not the pad token; with pad = eos
+    (many reward models) a row ending in eos is scored at the token before it. score_sequences read the last
+    token the attention mask keeps (the eos): an imported reward model scored other positions than in HF."""
+    hcfg = tiny_hf_config("llama", pad_token_id=2, eos_token_id=2)
+    hcfg.num_labels = 1
+    hf = build_hf_model(hcfg, cls=transformers.AutoModelForSequenceClassification)
+    hf.save_pretrained(tmp_path / "rm")
+    cfg, params = models.load_pretrained(str(tmp_path / "rm"))
+    ids = np.array([[5, 6, 7, 2, 2, 2], [5, 9, 11, 12, 13, 2], [5, 9, 11, 12, 13, 14]])
+    mask = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    ours = np.asarray(models.score_sequences(cfg, params, ids, mask))
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert abs(ours[1, 0] - ours[2, 0]) > 1e-4  # the eos row is read at 13, the other at 14

@@ -134,10 +134,21 @@ def test_pair_logprobs_and_dpo_grads_equal_separate_rows(family, extra):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=2e-6)
 
 
-def test_rm_scores_and_grads_equal_separate_rows():
-    cfg, params = models.with_score_head(_cfg(), models.init_params(_cfg(), jax.random.key(2), std=0.2), 1,
+@pytest.mark.parametrize("eos_is_pad", [False, True])
+def test_rm_scores_and_grads_equal_separate_rows(eos_is_pad):
+    """With eos_is_pad every side ends in an EOS that is the config's pad token, scored (as HF scores it) at the
+    token before; pair 0's chosen side is the shared part plus that EOS alone, so its score comes from the prefix."""
+    EOS = 7
+    base = _cfg(pad_token_id=EOS) if eos_is_pad else _cfg()
+    cfg, params = models.with_score_head(base, models.init_params(base, jax.random.key(2), std=0.2), 1,
                                          jax.random.key(3))
     pairs = _pairs(seed=3)
+    if eos_is_pad:
+        pairs = [pref.PreferencePair(*(np.append(x, EOS if k % 2 == 0 else 1) for k, x in enumerate(p)))
+                 for p in pairs]
+        p0 = pairs[0]
+        pairs[0] = pref.PreferencePair(np.append(p0.rejected_ids[:-2], EOS), np.append(p0.rejected_mask[:-2], 1),
+                                       p0.rejected_ids, p0.rejected_mask)
     plain, shared = _plain(pairs), pref.collate(pref.share_prefixes(pairs, 24), None, PAD)
     s_a = np.asarray(jax.jit(lambda p, b: pair_scores(cfg, p, b))(params, plain))
     s_b = np.asarray(jax.jit(lambda p, b: pair_scores(cfg, p, b))(params, shared))

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxrl_llm.algorithms.losses import sequence_logprobs, token_logprobs
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.shared_prefix import continuation_predictors, shared_prefix_hidden_states
-from jaxrl_llm.models.transformer import forward, lm_logits, score_sequences
+from jaxrl_llm.models.transformer import forward, lm_logits, score_positions, score_sequences
 from jaxrl_llm.parallel.rules import ShardingRules
 
 _F32 = jnp.float32
@@ -59,7 +59,14 @@ def pair_scores(cfg: ModelConfig, params: dict, mb: dict, rules: ShardingRules |
         return score_sequences(cfg, params, ids, attn, rules=rules)[:, 0].reshape(P, 2)
     if "score" not in params:
         raise ValueError("these params have no score head (build the config with num_labels > 0)")
-    _, h_P2CD = _shared_hidden(cfg, params, mb, rules)
-    last_P2 = mb["suffix_mask"].astype(jnp.int32).sum(-1) - 1  # every suffix has a token of its own
-    h_P2D = jnp.take_along_axis(h_P2CD, last_P2[:, :, None, None], axis=2)[:, :, 0]
+    h_PWD, h_P2CD = _shared_hidden(cfg, params, mb, rules)
+    # read where the separate rows are read (`score_positions`): in the suffix, or in the prefix when every suffix
+    # token is the pad token (pad = eos and the side ends in eos)
+    suf_P2 = score_positions(cfg, mb["suffix_ids"], mb["suffix_mask"])
+    in_suffix_P2 = (mb["suffix_mask"].astype(bool) & (mb["suffix_ids"] != cfg.pad_token_id)).any(-1) \
+        if cfg.pad_token_id is not None else jnp.ones(suf_P2.shape, bool)
+    pre_P = score_positions(cfg, mb["prefix_ids"], mb["prefix_mask"])
+    h_suf = jnp.take_along_axis(h_P2CD, suf_P2[:, :, None, None], axis=2)[:, :, 0]
+    h_pre = jnp.take_along_axis(h_PWD, pre_P[:, None, None], axis=1)  # [P, 1, D]
+    h_P2D = jnp.where(in_suffix_P2[:, :, None], h_suf, h_pre)
     return jnp.einsum("psd,dc->psc", h_P2D, params["score"].astype(h_P2D.dtype), preferred_element_type=_F32)[..., 0]

@@ -436,12 +436,21 @@ def score_tokens(cfg: ModelConfig, params: dict, input_ids: jax.Array, attention
     return jnp.einsum("btd,dc->btc", h, params["score"].astype(h.dtype), preferred_element_type=_F32)
 
 
+def score_positions(cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """[..., T] -> [...]: where a sequence's score is read, as HF *ForSequenceClassification reads it: the last
+    position that is not the pad token (cfg.pad_token_id; when pad = eos, a row ending in eos is scored at the
+    token before it) among those the attention mask keeps; 0 when there is none."""
+    valid = attention_mask.astype(bool)
+    if cfg.pad_token_id is not None:
+        valid = valid & (input_ids != cfg.pad_token_id)
+    return jnp.argmax(jnp.arange(input_ids.shape[-1]) * valid.astype(jnp.int32), axis=-1)
+
+
 def score_sequences(cfg: ModelConfig, params: dict, input_ids: jax.Array,
                     attention_mask: jax.Array | None = None, **kw) -> jax.Array:
-    """Score-head outputs at the last valid token of each row [B, C] (HF *ForSequenceClassification)."""
+    """Score-head outputs at each row's `score_positions` [B, C] (HF *ForSequenceClassification)."""
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     scores_BTC = score_tokens(cfg, params, input_ids, attention_mask, **kw)
-    T = input_ids.shape[1]
-    last_B = jnp.argmax(jnp.arange(T)[None] * attention_mask.astype(jnp.int32), axis=-1)
+    last_B = score_positions(cfg, input_ids, attention_mask)
     return jnp.take_along_axis(scores_BTC, last_B[:, None, None], axis=1)[:, 0]
