@@ -135,3 +135,47 @@ def test_export_with_wrong_params_writes_nothing(good, tmp_path):
     with pytest.raises(ValueError, match="final_norm"):
         models.save_pretrained(cfg, params, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d.update(num_attention_heads=0), "num_attention_heads=0: must be a positive integer"),
+    (lambda d: d.update(num_key_value_heads=0), "num_key_value_heads=0: must be a positive integer"),
+    (lambda d: d.update(num_hidden_layers=None), "num_hidden_layers=None: must be a positive integer"),
+    (lambda d: d.update(head_dim=0), "head_dim=0: must be a positive integer"),
+    (lambda d: d.update(vocab_size=-1), "vocab_size=-1: must be a positive integer"),
+    (lambda d: d.update(rope_scaling="linear"), "rope_scaling='linear': must be an object"),
+])
+def test_malformed_config_values_name_the_key(good, tmp_path, edit, needle):
+    """Each was a bare ZeroDivisionError / TypeError / AttributeError, or (head_dim 0, vocab -1) accepted."""
+    d = _copy(good, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(models.UnsupportedModelError, match=f"config.json: {needle}".replace("(", r"\(")):
+        models.load_pretrained(str(d))
+    (d / "config.json").write_text("[1, 2]")
+    with pytest.raises(models.CheckpointError, match="config.json: a JSON list, not an object"):
+        models.load_pretrained(str(d))
+
+
+def test_null_kv_heads_means_one_per_query_head_as_in_transformers():
+    from jaxrl_llm.models.config import config_from_hf
+
+    base = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=64, hidden_size=32,
+                intermediate_size=48, num_hidden_layers=1, num_attention_heads=4)
+    assert config_from_hf({**base, "num_key_value_heads": None}).num_kv_heads == 4  # was the family default, 32
+
+
+@pytest.mark.parametrize("header", [
+    [1, 2], "x", {"w": {"dtype": "F32", "shape": [2], "data_offsets": 8}},
+    {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4, 8]}},
+    {"w": {"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]}},
+    {"w": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}},
+])
+def test_safetensors_headers_of_the_wrong_shape_name_the_file(tmp_path, header):
+    """Valid JSON of the wrong structure raised bare TypeError / AttributeError / ValueError."""
+    raw = json.dumps(header).encode()
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    with pytest.raises(models.CheckpointError, match="model.safetensors: corrupted"):
+        SafetensorsFile(str(path))

@@ -234,6 +234,13 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
     missing = [k for k in required if k not in d]
     if missing:
         raise UnsupportedModelError(f"{where}: missing required keys {missing}")
+    for k in [*required, "head_dim", "num_key_value_heads"]:
+        v = d.get(k)
+        if (k in required or v is not None) and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise UnsupportedModelError(f"{where}: {k}={v!r}: must be a positive integer")
+    for k in ("rope_scaling", "rope_parameters"):
+        if d.get(k) is not None and not isinstance(d[k], dict):
+            raise UnsupportedModelError(f"{where}: {k}={d[k]!r}: must be an object (or null)")
     num_heads = int(d["num_attention_heads"])
     fam = _FAMILY_DEFAULTS[family]
     head_dim = _first(d, "head_dim", default=fam["head_dim"] or int(d["hidden_size"]) // num_heads)
@@ -261,7 +268,9 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
         intermediate_size=int(d["intermediate_size"]),
         num_layers=int(d["num_hidden_layers"]),
         num_heads=num_heads,
-        num_kv_heads=int(_first(d, "num_key_value_heads", default=fam["num_key_value_heads"] or num_heads)),
+        # an explicit null means one kv head per query head, as transformers reads it; an absent key the family's
+        num_kv_heads=int(num_heads if "num_key_value_heads" in d and d["num_key_value_heads"] is None else
+                         _first(d, "num_key_value_heads", default=fam["num_key_value_heads"] or num_heads)),
         head_dim=int(head_dim),
         rms_norm_eps=float(_first(d, "rms_norm_eps", default=1e-6)),
         rope_theta=float(rope_theta),

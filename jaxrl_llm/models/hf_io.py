@@ -215,9 +215,12 @@ def read_hf_config(folder: str) -> dict:
         raise CheckpointError(f"{folder}: missing config.json")
     try:
         with open(path) as f:
-            return json.load(f)
+            d = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: a JSON {type(d).__name__}, not an object of model settings")
+    return d
 
 
 def load_hf_folder(folder: str, dtype: Any = jnp.float32, mesh: Mesh | None = None,

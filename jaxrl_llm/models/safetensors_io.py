@@ -31,6 +31,11 @@ _NP_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
+
+def _int_list(x) -> bool:
+    """A list of non-negative ints (a safetensors shape or offsets pair)."""
+    return isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupted or does not match the model."""
 
@@ -56,12 +61,17 @@ class SafetensorsFile:
             raise CheckpointError(f"{path}: corrupted safetensors header: {e}") from e
         except FileNotFoundError as e:
             raise CheckpointError(f"{path}: file not found") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{path}: corrupted safetensors header (a JSON {type(header).__name__}, not an "
+                                  "object)")
         self.metadata = header.pop("__metadata__", None) or {}
         self._data_start = 8 + n
         self._entries = header
         data_len = size - self._data_start
         for name, e in header.items():
-            if not isinstance(e, dict) or {"dtype", "shape", "data_offsets"} - set(e):
+            if (not isinstance(e, dict) or {"dtype", "shape", "data_offsets"} - set(e)
+                    or not isinstance(e["dtype"], str) or not _int_list(e["shape"])
+                    or not _int_list(e["data_offsets"]) or len(e["data_offsets"]) != 2):
                 raise CheckpointError(f"{path}: corrupted header entry for tensor {name!r}")
             if e["dtype"] not in ST_DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']!r}")
