@@ -144,6 +144,7 @@ def test_export_with_wrong_params_writes_nothing(good, tmp_path):
     (lambda d: d.update(head_dim=0), "head_dim=0: must be a positive integer"),
     (lambda d: d.update(vocab_size=-1), "vocab_size=-1: must be a positive integer"),
     (lambda d: d.update(rope_scaling="linear"), "rope_scaling='linear': must be an object"),
+    (lambda d: d.update(rope_scaling={"rope_type": "linear"}), "rope_scaling type 'linear' needs a factor > 0"),
 ])
 def test_malformed_config_values_name_the_key(good, tmp_path, edit, needle):
     """Each was a bare ZeroDivisionError / TypeError / AttributeError, or (head_dim 0, vocab -1) accepted."""

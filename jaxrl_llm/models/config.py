@@ -201,9 +201,13 @@ def _rope_scaling_from_hf(rs: dict | None, where: str, d: dict, max_pos: int) ->
         raise UnsupportedModelError(
             f"{where}: rope_scaling type {rope_type!r} is not supported (supported: llama3, linear, dynamic)"
         )
+    factor = rs.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 0:
+        raise UnsupportedModelError(f"{where}: rope_scaling type {rope_type!r} needs a factor > 0 (got {factor!r}); "
+                                    "transformers refuses it too")
     return RopeScaling(
         rope_type=rope_type,
-        factor=float(rs.get("factor", 1.0)),
+        factor=float(factor),
         low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
         high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(_first(d, "original_max_position_embeddings", default=_first(
