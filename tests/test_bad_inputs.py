@@ -180,3 +180,23 @@ def test_safetensors_headers_of_the_wrong_shape_name_the_file(tmp_path, header):
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
     with pytest.raises(models.CheckpointError, match="model.safetensors: corrupted"):
         SafetensorsFile(str(path))
+
+
+def test_checkpoint_tensors_the_config_leaves_out_are_logged(good, tmp_path, caplog):
+    """A q_proj.bias beside attention_bias=false was dropped without a word (transformers warns)."""
+    d = _copy(good, tmp_path)
+    src = SafetensorsFile(str(good / "model.safetensors"))
+    names = src.keys()
+    extra = "model.layers.0.self_attn.q_proj.bias"
+    shape = (src.shape("model.layers.0.self_attn.q_proj.weight")[0],)
+    write_safetensors(str(d / "model.safetensors"), [(k, src.shape(k), src.dtype(k)) for k in names]
+                      + [(extra, shape, np.dtype(np.float32))],
+                      lambda k: np.ones(shape, np.float32) if k == extra else src.get(k))
+    with caplog.at_level("WARNING", logger="jaxrl_llm.models.hf_io"):
+        models.load_pretrained(str(d))
+    assert f"1 tensor(s) of the checkpoint are not used by this model's config and were left out: ['{extra}']" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jaxrl_llm.models.hf_io"):
+        models.load_pretrained(str(good))
+    assert "not used" not in caplog.text

@@ -204,6 +204,12 @@ def load_params_from_source(
                               layer_shape, hn.n_in)
             stacked = _set_layer(stacked, _host_to_device(host, layer_sharding, np_dt), i, sharding)
         out[path] = stacked
+    used = {HF_NAMES[p].template.format(i=i) for p in param_specs(cfg) for i in range(cfg.num_layers)}
+    unused = sorted(k for k in keys - used if not k.endswith("rotary_emb.inv_freq")  # a buffer, not a weight
+                    and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
+    if unused:  # as transformers warns: a config that leaves weights out (attention_bias=false beside q_proj.bias)
+        log.warning("%d tensor(s) of the checkpoint are not used by this model's config and were left out: %s%s",
+                    len(unused), unused[:5], " ..." if len(unused) > 5 else "")
     return unflatten(out)
 
 
