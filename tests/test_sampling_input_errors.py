@@ -123,3 +123,14 @@ def test_generate_text_per_prompt_params(params, monkeypatch):
     assert passed[1].stop_token_ids == (2,) and passed[2].stop_token_ids == (7,)
     with pytest.raises(ValueError, match="one per prompt"):
         sampling.generate_text(CFG, params, tok, inputs, sps[:1])
+
+
+def test_a_message_without_role_names_the_input_and_message():
+    """It surfaced as jinja's UndefinedError from inside the chat template."""
+    from jaxrl_llm.sampling.text import encode_inputs
+
+    tok = word_tokenizer()
+    with pytest.raises(ValueError, match=r"input 1: message 0 needs a string 'role' and a 'content'"):
+        encode_inputs(tok, ["w10", [{"content": "w11"}]])
+    with pytest.raises(ValueError, match=r"input 0: message 1 needs"):
+        encode_inputs(tok, [[{"role": "user", "content": "w1"}, "w2"]])

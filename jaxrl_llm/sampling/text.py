@@ -32,6 +32,10 @@ def encode_inputs(tokenizer: Any, inputs: Sequence[str | Conversation], chat_tem
     for i, x in enumerate(inputs):
         if chat_template:
             conv = [{"role": "user", "content": x}] if isinstance(x, str) else list(x)
+            for j, m in enumerate(conv):
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
+                    raise ValueError(f"input {i}: message {j} needs a string 'role' and a 'content' "
+                                     f"(got {m!r:.80})")
             text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
             out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
         elif isinstance(x, str):
