@@ -168,10 +168,11 @@ def generate(
 ) -> GenerateOutput:
     """Sample completions of token-id prompts with the model's own (trainer's) parameter arrays.
 
-    sampling_params: one SamplingParams for all prompts, or one per prompt. rng: a PRNG key (or an int seed);
-    prompt i samples from the stream fold_in(rng, i), so results do not depend on batching or chunking (one
-    exception, as in transformers: dynamic-NTK RoPE past max_position_embeddings takes its base from the batch's
-    longest position; GRPO keeps rows within max_position_embeddings, where it does not apply).
+    sampling_params: one SamplingParams for all prompts, or one per prompt. rng: a PRNG key (or an int seed; None
+    is seed 0, so two calls without one sample alike); prompt i samples from the stream fold_in(rng, i), so results
+    do not depend on batching or chunking (one exception, as in transformers: dynamic-NTK RoPE past
+    max_position_embeddings takes its base from the batch's longest position; GRPO keeps rows within
+    max_position_embeddings, where it does not apply).
     mesh/rules: the trainer's mesh and rules table; params are used where they are, with no copy. In a
     multi-process job every process calls this with the same prompts: each places the rows its devices own and
     every process gets every completion back.
