@@ -545,10 +545,13 @@ def unknown_override(config_file: str, args: list[str]) -> str | None:
 
 
 def _config_file(argv: list[str]) -> str | None:
-    """The --config file named on the command line, or None."""
-    cfg_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-    if cfg_file is None and "--config" in argv[:-1]:
-        cfg_file = argv[argv.index("--config") + 1]
+    """The last --config file named on the command line (absl's last flag wins), or None."""
+    cfg_file = None
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            cfg_file = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            cfg_file = argv[i + 1]
     return cfg_file
 
 
@@ -559,19 +562,28 @@ def parse_flags(argv: list[str]) -> list[str]:
         rest = FLAGS(argv)
     except flags.Error as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # an override of a --config that did not load (ml_collections loads it to apply it)
+        sys.exit(f"error: --config: the recipe does not load: {_last_line(e)}")
     except (AttributeError, KeyError) as e:
         cfg_file = _config_file(argv)
         msg = unknown_override(cfg_file, argv) if cfg_file else None
         sys.exit(f"error: {msg or e}")
-    cfg_file = _config_file(argv)
+    try:  # the file absl settled on (the last --config given)
+        cfg_file = config_flags.get_config_filename(FLAGS["config"]) if FLAGS["config"].present else None
+    except Exception:  # noqa: BLE001 (no file name to check: main() reports a missing --config)
+        cfg_file = None
     if cfg_file and not os.path.isfile(cfg_file.split(":", 1)[0]):
         sys.exit(f"error: --config={cfg_file}: no such file")
     try:
         FLAGS.config  # noqa: B018 (ml_collections loads the recipe here, or raises what its load raised)
     except OSError as e:
-        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-        sys.exit(f"error: --config={cfg_file}: the recipe does not load: {lines[-1] if lines else e}")
+        sys.exit(f"error: --config={cfg_file}: the recipe does not load: {_last_line(e)}")
     return rest
+
+
+def _last_line(e: Exception) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[-1] if lines else repr(e)
 
 
 def main(argv) -> None:

@@ -95,7 +95,10 @@ def test_bad_config_is_a_one_line_error(tmp_path):
                          (["--config", "configs/sft_tiny.py", "--config.data.chat_template={{ bogus"],
                           "data.chat_template: the chat template does not parse"),
                          (["--config", "configs/sft_tiny.py", "--config.train.batch_size=0"],
-                          "train.batch_size=0 and train.microbatches=1: each must be an integer >= 1")):
+                          "train.batch_size=0 and train.microbatches=1: each must be an integer >= 1"),
+                         # an override of a recipe that does not load (ml_collections loads it to apply it)
+                         (["--config=configs/nope.py", "--config", "configs/sft_tiny.py", "--config.data.max_len=-5"],
+                          "the recipe does not load: [Errno 2] No such file or directory: 'configs/nope.py'")):
         r = _cli(*args, "--workdir", str(tmp_path), timeout=120)
         assert r.returncode != 0 and needle in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
         assert "Traceback" not in r.stderr
@@ -310,3 +313,13 @@ def test_prompt_completion_rows_as_message_lists(tokenizer):
         to_messages({"prompt": "p", "completion": [{"text": "c"}]}, 3)
     with pytest.raises(DataError, match="row 5: field 'prompt' must be a string or a non-empty list"):
         to_messages({"prompt": 7, "completion": "c"}, 5)
+
+
+def test_the_last_of_two_config_flags_is_the_one_checked_and_run():
+    """absl keeps the last --config; the new file check looked at the first and refused a run absl would start."""
+    code = ("import sys; from absl import flags; from jaxrl_llm import train; train.define_flags(); "
+            "train.parse_flags(['train', '--config=/nonexistent/old.py', '--config=configs/sft_tiny.py']); "
+            "print('algorithm', flags.FLAGS.config.algorithm)")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "algorithm sft" in r.stdout, r.stderr[-2000:]
