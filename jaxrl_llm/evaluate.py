@@ -24,6 +24,7 @@ from ml_collections import config_flags
 
 from jaxrl_llm import distributed, models, parallel, train
 from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.cli import parse_flags
 from jaxrl_llm.data.tasks import load_tasks
 from jaxrl_llm.environments import is_multi_turn, make_environment
 from jaxrl_llm.evaluation import evaluate_tasks, scalar_metrics
@@ -218,4 +219,4 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main, flags_parser=train.parse_flags)
+    app.run(main, flags_parser=parse_flags)

@@ -317,8 +317,8 @@ def test_prompt_completion_rows_as_message_lists(tokenizer):
 
 def test_the_last_of_two_config_flags_is_the_one_checked_and_run():
     """absl keeps the last --config; the new file check looked at the first and refused a run absl would start."""
-    code = ("import sys; from absl import flags; from jaxrl_llm import train; train.define_flags(); "
-            "train.parse_flags(['train', '--config=/nonexistent/old.py', '--config=configs/sft_tiny.py']); "
+    code = ("import sys; from absl import flags; from jaxrl_llm import cli, train; train.define_flags(); "
+            "cli.parse_flags(['train', '--config=/nonexistent/old.py', '--config=configs/sft_tiny.py']); "
             "print('algorithm', flags.FLAGS.config.algorithm)")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

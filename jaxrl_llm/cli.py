@@ -1,0 +1,81 @@
+"""Command-line parsing shared by `python -m jaxrl_llm.train` and `python -m jaxrl_llm.evaluate`: absl flags with
+an ml_collections --config, where a user's mistake (an unknown key, a bad value, a recipe file that is missing or
+does not load) is one line instead of a traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+
+def unknown_override(config_file: str, args: list[str]) -> str | None:
+    """A one-line message for the first `--config.a.b=v` whose key the recipe does not have, or None."""
+    import difflib
+    import runpy
+
+    try:
+        base = runpy.run_path(config_file)["get_config"]()
+    except Exception:  # noqa: BLE001 (the recipe itself is broken; let the flags error speak)
+        return None
+    for arg in args:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        node, seen = base, []
+        for part in path:
+            keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict | dict) else []
+            if part not in keys:
+                where = ".".join(["config", *seen])
+                close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
+                hint = f"did you mean {', '.join(close)}? " if close else ""
+                return f"unknown config key {'.'.join(seen + [part])!r}: {hint}valid keys under {where}: {sorted(keys)}"
+            node, seen = node[part], seen + [part]
+    return None
+
+
+def _config_file(argv: list[str]) -> str | None:
+    """The last --config file named on the command line (absl's last flag wins), or None."""
+    cfg_file = None
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            cfg_file = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            cfg_file = argv[i + 1]
+    return cfg_file
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with user errors (unknown key, bad value, a recipe file that is missing or does not
+    load) as one line instead of a traceback."""
+    try:
+        rest = FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:  # an override of a --config that did not load (ml_collections loads it to apply it)
+        sys.exit(f"error: --config: the recipe does not load: {_last_line(e)}")
+    except (AttributeError, KeyError) as e:
+        cfg_file = _config_file(argv)
+        msg = unknown_override(cfg_file, argv) if cfg_file else None
+        sys.exit(f"error: {msg or e}")
+    try:  # the file absl settled on (the last --config given)
+        cfg_file = config_flags.get_config_filename(FLAGS["config"]) if FLAGS["config"].present else None
+    except Exception:  # noqa: BLE001 (no file name to check: main() reports a missing --config)
+        cfg_file = None
+    if cfg_file and not os.path.isfile(cfg_file.split(":", 1)[0]):
+        sys.exit(f"error: --config={cfg_file}: no such file")
+    try:
+        FLAGS.config  # noqa: B018 (ml_collections loads the recipe here, or raises what its load raised)
+    except OSError as e:
+        sys.exit(f"error: --config={cfg_file}: the recipe does not load: {_last_line(e)}")
+    return rest
+
+
+def _last_line(e: Exception) -> str:
+    lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+    return lines[-1] if lines else repr(e)
