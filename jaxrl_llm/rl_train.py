@@ -171,16 +171,15 @@ class GRPORunner:
 
     # -- rollouts -------------------------------------------------------------------------------------------
 
-    def _prompts_for(self, step: int, round_: int) -> list[int]:
-        """Indices into the kept prompts for generation round `round_` of `step`: prompt batch position + round_
-        of the seeded epoch order (a pure function of the seed and that batch number)."""
-        del step
+    def _prompts_for(self, round_: int) -> list[int]:
+        """Indices into the kept prompts for generation round `round_` of the current step: prompt batch
+        position + round_ of the seeded epoch order (a pure function of the seed and that batch number)."""
         g = self.config.grpo
         per_round = int(np.ceil(self.P * g.batch_multiplier)) if g.dynamic_sampling else self.P
         return batch_indices(len(self.kept), per_round, self.config.seed, self.position + round_)
 
     def generate_round(self, params, step: int, round_: int) -> tuple[Rollouts, dict[str, float]]:
-        idx = self._prompts_for(step, round_)
+        idx = self._prompts_for(round_)
         prompts = [self.prompt_ids[i] for i in idx for _ in range(self.G)]
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), step), round_)
         ro = self.config.rollout

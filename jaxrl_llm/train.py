@@ -434,10 +434,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                              out_shardings=({"params": p_sh, "opt_state": opt_sh, "step": None}, None))
         eval_step = None
         if val_every:
-            eval_step = jax.jit(algo.make_eval(cfg, config, rules), in_shardings=(p_sh, None, None))
+            eval_fn = algo.make_eval(cfg, config, rules)
+            eval_step = jax.jit(eval_fn, in_shardings=(p_sh, None, None))
             if config.checkpoint.get("best_metric", ""):  # its metric names, before any step (no computation)
                 vb = next(validation_batches(algo, val_examples, config, pad))
-                sums, _ = jax.eval_shape(algo.make_eval(cfg, config, rules), params, vb, ref_params)
+                sums, _ = jax.eval_shape(eval_fn, params, vb, ref_params)
                 check_best_metric(config, {f"val_{k}": 0.0 for k in sums})
 
     def validate_now(params) -> dict[str, float]:

@@ -128,7 +128,7 @@ def test_prompt_batches_are_read_in_order_whatever_the_rounds_a_step_runs():
     r.collect(None, step=3)
     assert calls == [0, 1] and r.position == 9
     r.kept = list(range(12))
-    assert r._prompts_for(50, 1) == batch_indices(12, 2, r.config.seed, 10)  # position 9 + round 1
+    assert r._prompts_for(1) == batch_indices(12, 2, r.config.seed, 10)  # position 9 + round 1
     plain, _ = _runner_for_collect(2, 2, 5, [[1, 0, 1, 1]])
     plain.config.grpo.dynamic_sampling = False
     plain.collect(None, step=0)
