@@ -25,6 +25,7 @@ from ml_collections import config_flags
 from jaxrl_llm import distributed, models, parallel, train
 from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.cli import parse_flags
+from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.tasks import load_tasks
 from jaxrl_llm.environments import is_multi_turn, make_environment
 from jaxrl_llm.evaluation import evaluate_tasks, scalar_metrics
@@ -96,8 +97,11 @@ def make_env(spec: ml_collections.ConfigDict):
         raise ConfigError(f"env: {e}") from e
 
 
-def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "eval") -> dict[str, Any]:
-    """Evaluate per the recipe; writes the results JSON (on process 0) and returns the result dict."""
+def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "eval", *,
+        data: Any = None) -> dict[str, Any]:
+    """Evaluate per the recipe; writes the results JSON (on process 0) and returns the result dict.
+    data: a `datasets.Dataset` of tasks (from a notebook) instead of data.source."""
+    config = train.with_datasets(config, data=data)
     distributed.initialize()
     sp = validate(config)
     check_out(out)
@@ -110,7 +114,7 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
     tasks = load_tasks(dc.source, dc.num, dc.seed, system_prompt=dc.system_prompt or None,
                        instruction=dc.instruction, shuffle=dc.shuffle, **dc.options.to_dict())
     try:  # each process takes its rows from its own copy of the tasks
-        distributed.check_same_everywhere(f"data.source={dc.source!r} (prompts)",
+        distributed.check_same_everywhere(f"data.source={describe_source(dc.source)!r} (prompts)",
                                           [t.messages for t in tasks], len(tasks))
     except ValueError as e:
         raise train.DataError(str(e)) from None
@@ -127,7 +131,7 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
         log.info("evaluating step %d of %s", step, workdir)
     else:
         cfg, params = train.build_model(config, len(tokenizer), mesh, rules)
-    log.info("%d tasks from %s, %d sample(s) each", len(tasks), dc.source, ec.n_samples)
+    log.info("%d tasks from %s, %d sample(s) each", len(tasks), describe_source(dc.source), ec.n_samples)
 
     try:
         result = evaluate_tasks(
@@ -150,8 +154,9 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
         if os.path.exists(out):
             log.warning("%s held earlier results: moved to %s", out, set_aside(out))
         print(format_table(name, result))
-        doc = {"name": name, "model": model_info, "source": dc.source, "metrics": scalar_metrics(result),
-               "env_counts": result["env_counts"], "config": config.to_dict(), "problems": result["problems"]}
+        doc = {"name": name, "model": model_info, "source": describe_source(dc.source),
+               "metrics": scalar_metrics(result),
+               "env_counts": result["env_counts"], "config": recorded_config(config), "problems": result["problems"]}
         write_json_atomic(out, doc)
         log.info("wrote %s", out)
     return result
@@ -168,6 +173,13 @@ def format_table(name: str, result: dict[str, Any]) -> str:
         v = result[k]
         lines.append(f"{k:<{width}}  {v:>12.4f}" if isinstance(v, float) else f"{k:<{width}}  {v:>12}")
     return "\n".join(lines)
+
+
+def recorded_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The recipe as the results JSON records it (a Dataset passed in as data.source: by rows and fingerprint)."""
+    doc = config.to_dict()
+    doc["data"]["source"] = describe_source(config.data.source)
+    return doc
 
 
 def write_json_atomic(path: str, doc: dict[str, Any]) -> None:

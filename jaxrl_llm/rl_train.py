@@ -39,6 +39,7 @@ from jaxrl_llm.algorithms.base import batch_indices
 from jaxrl_llm.algorithms.pg_losses import kl_penalty
 from jaxrl_llm.checkpoint import require_finite
 from jaxrl_llm.data.chat import DataError
+from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.optim import make_optimizer
@@ -395,7 +396,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     runner = GRPORunner(config, cfg, mesh, rules, tokenizer, tasks, env, optimizer, opt_sh)
     try:  # each process picks a step's prompts from its own copy of the tasks
         distributed.check_same_everywhere(
-            f"data.source={dc.source!r} (prompts as tokenized)", runner.prompt_ids, len(runner.kept))
+            f"data.source={describe_source(dc.source)!r} (prompts as tokenized)", runner.prompt_ids, len(runner.kept))
     except ValueError as e:
         raise DataError(str(e)) from None
     ro = config.rollout

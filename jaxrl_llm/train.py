@@ -6,6 +6,7 @@ step and data position, so the resumed run logs exactly the losses an uninterrup
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -27,6 +28,7 @@ from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
 from jaxrl_llm.checkpoint import Checkpointer, require_finite
 from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
+from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
 from jaxrl_llm.workdir import (
@@ -47,6 +49,31 @@ ONLINE = {"grpo": validate_grpo}
 
 class ConfigError(ValueError):
     """A recipe or command-line override is invalid; the message names the key."""
+
+
+def with_datasets(config: ml_collections.ConfigDict, **datasets_by_block: Any) -> ml_collections.ConfigDict:
+    """`config`, or a copy whose `<block>.source` is the `datasets.Dataset` given for that block (e.g. data=ds, built
+    in a notebook; None leaves the block as it is). The recipes' source fields hold names and paths (strings) and
+    ml_collections refuses to assign another type to them, so the Python entry points take Datasets as arguments
+    and place them here."""
+    import datasets
+
+    given = {b: d for b, d in datasets_by_block.items() if d is not None}
+    for block, dataset in given.items():
+        if not isinstance(dataset, datasets.Dataset):
+            hint = f" (pass one split, e.g. [{next(iter(dataset), 'train')!r}])" \
+                if isinstance(dataset, datasets.DatasetDict) else ""
+            raise ConfigError(f"{block}.source: a dataset passed in must be a datasets.Dataset, got "
+                              f"{type(dataset).__name__}{hint}")
+        if not isinstance(config.get(block), ml_collections.ConfigDict) or "source" not in config[block]:
+            raise ConfigError(f"a dataset was passed for {block}.source, but the recipe has no {block}.source")
+    if not given:
+        return config
+    config = copy.deepcopy(config)  # before any Dataset is in it
+    with config.unlocked():
+        for block, dataset in given.items():
+            config[block] = ml_collections.ConfigDict({**config[block].to_dict(), "source": dataset})
+    return config
 
 
 def resolve_path(path: str) -> str:
@@ -147,7 +174,8 @@ def check_env_scores_tasks(env: Any, env_name: str, source: Any, tasks: list) ->
     except ValueError as e:
         if hasattr(env, "close"):
             env.close()
-        raise ConfigError(f"env.name={env_name!r} cannot score the tasks of data.source={source!r}: {e}") from None
+        raise ConfigError(f"env.name={env_name!r} cannot score the tasks of data.source="
+                          f"{describe_source(source)!r}: {e}") from None
 
 
 def check_model_settings(mc: ml_collections.ConfigDict) -> None:
@@ -378,11 +406,15 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
     return ckpt
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, eval_data: Any = None) -> dict[str, Any]:
     """Train per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics.
+
+    data / eval_data: a `datasets.Dataset` (from a notebook) to use instead of data.source / eval.source (GRPO's
+    validation prompts); run_config.json records it by row count and fingerprint.
 
     In a multi-process job (see jaxrl_llm.distributed) every process runs this with the same arguments; each
     builds only its rows of every global batch; process 0 writes metrics, model config and the HF export."""
+    config = with_datasets(config, data=data, eval=eval_data)
     distributed.initialize()
     validate(config)
     if config.algorithm in ONLINE:
@@ -396,7 +428,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     examples, data_stats = algo.prepare(config, tokenizer)
     examples, val_examples = split_validation(examples, config.data.get("val_fraction", 0.0), config.seed)
     try:
-        distributed.check_same_everywhere(f"data.source={config.data.source!r} (as tokenized)",
+        distributed.check_same_everywhere(f"data.source={describe_source(config.data.source)!r} (as tokenized)",
                                           (examples, val_examples), len(examples) + len(val_examples))
     except ValueError as e:
         raise DataError(str(e)) from None

@@ -9,6 +9,8 @@ import os
 import shutil
 from typing import Any
 
+from jaxrl_llm.data.sources import describe_source
+
 log = logging.getLogger("jaxrl_llm.train")
 MODEL_CONFIG_FILE = "model_config.json"  # the run's ModelConfig, for export and evaluation
 RUN_CONFIG_FILE = "run_config.json"  # the whole recipe as the latest start ran it
@@ -105,7 +107,7 @@ def record_run_config(workdir: str, config: dict[str, Any], start_step: int) -> 
     run_config.json.<k>.old, so the folder records every configuration that wrote its checkpoints. A run that
     starts from step 0 over an earlier run's file (which left no checkpoint) moves that file aside as well."""
     path = os.path.join(workdir, RUN_CONFIG_FILE)
-    text = json.dumps(config, indent=2, sort_keys=True, default=repr) + "\n"
+    text = json.dumps(config, indent=2, sort_keys=True, default=describe_source) + "\n"
     now = json.loads(text)  # tuples become lists, as they read back from the file
     changes: list[str] = []
     if os.path.exists(path):

@@ -16,7 +16,7 @@ from jaxrl_llm.algorithms.base import Algorithm
 from jaxrl_llm.algorithms.losses import token_logprobs
 from jaxrl_llm.data.buckets import bucket_width
 from jaxrl_llm.data.chat import DataError, row_tools, to_conversation, tokenize_conversation, turn_end_token
-from jaxrl_llm.data.sources import load_rows
+from jaxrl_llm.data.sources import describe_source, load_rows
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import hidden_states, lm_logits
 from jaxrl_llm.optim import apply_updates
@@ -160,7 +160,7 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[tuple[np.ndarray, np.ndar
                     "with data.overlong=drop, or no assistant token left to learn)", len(rows), stats["truncated"],
                     dc.max_len, stats["dropped"])
     if not out:
-        raise DataError(f"data.source={dc.source!r}: no usable rows after tokenization")
+        raise DataError(f"data.source={describe_source(dc.source)!r}: no usable rows after tokenization")
     if dc.packing:
         packed = pack(out, dc.max_len)
         stats["packed_rows"] = len(packed)

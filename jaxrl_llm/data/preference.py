@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxrl_llm.data.buckets import bucket_width
 from jaxrl_llm.data.chat import DataError, as_messages, present_fields, tokenize_conversation, turn_end_token
-from jaxrl_llm.data.sources import _package_file, first_rows, load_rows, strip_calculator_annotations
+from jaxrl_llm.data.sources import _package_file, describe_source, first_rows, load_rows, strip_calculator_annotations
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
                     "with data.overlong=drop, or a side without response tokens, or both sides alike, after the "
                     "cut)", len(rows), stats["truncated"], dc.max_len, stats["dropped"])
     if not out:
-        raise DataError(f"data.source={dc.source!r}: no usable preference pairs after tokenization "
+        raise DataError(f"data.source={describe_source(dc.source)!r}: no usable preference pairs after tokenization "
                         f"(data.max_len={dc.max_len})")
     stats["pairs"] = len(out)
     shared = share_prefixes(out, dc.max_len) if dc.get("shared_prefix", True) else None

@@ -109,6 +109,14 @@ def first_rows(rows: list, num_examples: int, source: Any) -> list:
     return rows
 
 
+def describe_source(source: Any) -> Any:
+    """`source` for logs and JSON records: names and paths as they are; a datasets.Dataset as its row count and
+    content fingerprint (two different datasets of the same columns and length read differently)."""
+    if hasattr(source, "num_rows") and hasattr(source, "_fingerprint"):
+        return f"<datasets.Dataset of {source.num_rows} rows, fingerprint {source._fingerprint}>"
+    return source if isinstance(source, str | int | float | bool | type(None)) else repr(source)
+
+
 def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
     """`source`: a builtin name (see builtin_sources), a local .json/.jsonl/.parquet/.csv file, or a
     `datasets.Dataset` (from a notebook). CSV cells are read as text, an empty cell as missing."""
