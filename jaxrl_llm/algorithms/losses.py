@@ -37,6 +37,16 @@ def sequence_logprobs(logits_BTV: jax.Array, input_ids_BT: jax.Array, loss_mask_
 DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
+def _same_shape_pairs(**per_pair: jax.Array) -> list[jax.Array]:
+    """The arrays (lists accepted) if all have one shape [P]; a ValueError naming the shapes otherwise (they would
+    broadcast into a loss over pairs that do not exist)."""
+    arrs = [jnp.asarray(a) for a in per_pair.values()]
+    shapes = {k: tuple(a.shape) for k, a in zip(per_pair, arrs, strict=True)}
+    if len(set(shapes.values())) != 1 or arrs[0].ndim != 1:
+        raise ValueError(f"expected one log-prob or score per pair, arrays of one shape [P]; got shapes {shapes}")
+    return arrs
+
+
 def dpo_loss_sum(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, ref_chosen_logps: jax.Array,
                  ref_rejected_logps: jax.Array, beta: float = 0.1, label_smoothing: float = 0.0,
                  loss_type: str = "sigmoid", weight_P: jax.Array | None = None
@@ -51,6 +61,9 @@ def dpo_loss_sum(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Arra
         raise ValueError(f"dpo loss_type={loss_type!r}; expected one of {DPO_LOSS_TYPES}")
     if loss_type == "ipo" and label_smoothing:
         raise ValueError("label_smoothing applies to loss_type='sigmoid' only (conservative DPO), not to 'ipo'")
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = _same_shape_pairs(
+        policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
+        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     f32 = jnp.float32
     chosen_ratio_P = policy_chosen_logps.astype(f32) - ref_chosen_logps.astype(f32)
     rejected_ratio_P = policy_rejected_logps.astype(f32) - ref_rejected_logps.astype(f32)
@@ -95,8 +108,8 @@ def bradley_terry_loss_sum(chosen_scores_P: jax.Array, rejected_scores_P: jax.Ar
                            weight_P: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """The (sum, count) form of `bradley_terry_loss`: (loss summed over pairs, number of pairs, metric sums).
     weight_P: each pair's weight in the sums and the count (default 1)."""
-    c = chosen_scores_P.astype(jnp.float32)
-    r = rejected_scores_P.astype(jnp.float32)
+    c, r = (a.astype(jnp.float32) for a in _same_shape_pairs(chosen_scores_P=chosen_scores_P,
+                                                             rejected_scores_P=rejected_scores_P))
     loss_P = -jax.nn.log_sigmoid(c - r)
     c, r = jax.lax.stop_gradient(c), jax.lax.stop_gradient(r)
     w_P = jnp.ones_like(c) if weight_P is None else weight_P.astype(jnp.float32)

@@ -330,16 +330,10 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
     this: each tensor is gathered in turn (all processes take part), process 0 writes it before the next is
     fetched, so no host holds more than one tensor; returns `out_dir` on process 0 and None elsewhere.
     """
-    from jaxrl_llm.models.params import flatten
+    from jaxrl_llm.models.params import check_params, flatten
 
+    check_params(cfg, params)
     flat = flatten(params)
-    specs = param_specs(cfg)
-    missing = sorted(set(specs) - set(flat))
-    if missing:
-        raise ValueError(f"params lack {missing} required by the config")
-    for path, spec in specs.items():
-        if tuple(flat[path].shape) != spec.shape:
-            raise ValueError(f"param {path!r} has shape {tuple(flat[path].shape)}, config needs {spec.shape}")
     leaf_dt = np.dtype(ml_dtypes.bfloat16) if flat["embed"].dtype == jnp.bfloat16 else np.dtype(flat["embed"].dtype)
     out_dt = leaf_dt if dtype is None else (
         np.dtype(ml_dtypes.bfloat16) if resolve_dtype(dtype) == jnp.bfloat16 else np.dtype(resolve_dtype(dtype)))

@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from jaxrl_llm.models.config import ModelConfig, resolve_dtype
@@ -100,6 +101,28 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def check_params(cfg: ModelConfig, params: dict) -> None:
+    """ValueError unless `params` holds every parameter `cfg` needs, each of the shape it needs (extra entries are
+    allowed): params built for another config would otherwise run as whatever model their arrays make, and the
+    sampler, which sizes its cache from cfg, would compute yet another one."""
+    if not isinstance(params, dict):
+        raise ValueError(f"params: expected the nested dict of arrays of models.init_params / load_pretrained, got "
+                         f"{type(params).__name__}")
+    flat = flatten(params)
+    specs = param_specs(cfg)
+    missing = [k for k in specs if k not in flat]
+    if missing:
+        raise ValueError(f"params lack {missing} required by the config (params of another model family or "
+                         f"config?)")
+    for path, spec in specs.items():
+        shape = tuple(getattr(flat[path], "shape", ()))
+        if shape != spec.shape:
+            raise ValueError(f"param {path!r} has shape {shape}, the config needs {spec.shape} (params from "
+                             f"another config? num_layers={cfg.num_layers}, hidden_size={cfg.hidden_size}, "
+                             f"num_heads={cfg.num_heads}, num_kv_heads={cfg.num_kv_heads}, head_dim={cfg.head_dim}, "
+                             f"vocab_size={cfg.vocab_size})")
+
+
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = None) -> dict:
     """NamedSharding per parameter (same nesting as params), from the rules table."""
     rules = rules or ShardingRules()
@@ -111,7 +134,26 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
     return unflatten({k: jax.ShapeDtypeStruct(s.shape, dt) for k, s in param_specs(cfg).items()})
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, mesh: Mesh | None = None,
+def as_prng_key(rng, name: str = "rng") -> jax.Array:
+    """A PRNG key from `rng`: a key (jax.random.key, or a raw uint32[2] PRNGKey) as it is, an integer seed (a
+    Python, numpy or concrete 0-d JAX integer) as jax.random.key(seed), None as seed 0; a ValueError otherwise."""
+    if rng is None:
+        return jax.random.key(0)
+    if isinstance(rng, int | np.integer) and not isinstance(rng, bool):
+        return jax.random.key(int(rng))
+    if isinstance(rng, jax.Array | np.ndarray):
+        if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            return rng
+        if rng.ndim == 0 and jnp.issubdtype(rng.dtype, jnp.integer) and not isinstance(rng, jax.core.Tracer):
+            return jax.random.key(int(rng))
+        if rng.shape == (2,) and rng.dtype == jnp.uint32:  # jax.random.PRNGKey(seed)
+            return rng
+    desc = f"{type(rng).__name__} of shape {tuple(rng.shape)} and dtype {rng.dtype}" if hasattr(rng, "dtype") \
+        else type(rng).__name__
+    raise ValueError(f"{name}: expected a PRNG key (jax.random.key(seed)) or an integer seed, got {desc}")
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array | int, dtype=jnp.float32, mesh: Mesh | None = None,
                 rules: ShardingRules | None = None, std: float = 0.02) -> dict:
     """Random parameters (normal(0, std) matrices, unit norms, zero biases), created directly sharded."""
     dt = resolve_dtype(dtype)
@@ -131,7 +173,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array, dtype=jnp.float32, mesh: Mesh 
 
     fn: Callable = jax.jit(make) if mesh is None else jax.jit(
         make, out_shardings=param_shardings(cfg, mesh, rules))
-    return fn(rng)
+    return fn(as_prng_key(rng))
 
 
 def with_score_head(cfg: ModelConfig, params: dict, num_labels: int, rng: jax.Array, mesh: Mesh | None = None,

@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.params import check_params
 from jaxrl_llm.models.transformer import (
     _out_and_mlp,
     _qkv,
     attention,
     attention_mask_BTS,
+    checked_token_ids,
     embed_tokens,
     positions_from_mask,
     rms_norm,
@@ -66,6 +68,9 @@ def shared_prefix_hidden_states(
     columns), with the prompt computed once per group. Continuation token j of a group sits at position
     (valid prompt tokens of its group) + j, as in those rows.
     """
+    check_params(cfg, params)
+    prompt_ids_NP = checked_token_ids(cfg, prompt_ids_NP, "prompt_ids")
+    cont_ids_NGC = checked_token_ids(cfg, cont_ids_NGC, "continuation_ids", ndim=3)
     N, P = prompt_ids_NP.shape
     _, G, C = cont_ids_NGC.shape
     if cont_ids_NGC.shape[0] != N:

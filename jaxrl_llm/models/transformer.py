@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.decode_layout import INPUT_AXES, SUFFIX, is_decode_params, project
+from jaxrl_llm.models.params import check_params
 from jaxrl_llm.models.sdpa import gqa_attention
 from jaxrl_llm.models.swiglu import swiglu
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
@@ -251,6 +252,23 @@ def embed_tokens(embed_VD: jax.Array, ids: jax.Array, rules: ShardingRules | Non
     return jnp.take(constrain(embed_VD, ("vocab", None), rules), ids, axis=0)
 
 
+def checked_token_ids(cfg: ModelConfig, ids: jax.Array, name: str = "input_ids", ndim: int = 2) -> jax.Array:
+    """`ids` as an integer array of `ndim` axes; a ValueError for another shape or dtype, and,
+    when the values are known here (not traced under jit), for an id outside [0, vocab_size): the embedding
+    lookup would read NaN there."""
+    ids = ids if isinstance(ids, jax.Array) else jnp.asarray(ids)
+    if ids.ndim != ndim or not jnp.issubdtype(ids.dtype, jnp.integer):
+        axes = " ([batch, length])" if ndim == 2 else ""
+        raise ValueError(f"{name}: expected integer token ids of {ndim} axes{axes}, got shape {tuple(ids.shape)} "
+                         f"of {ids.dtype}")
+    if not isinstance(ids, jax.core.Tracer) and ids.size:
+        lo, hi = (int(v) for v in jax.device_get((ids.min(), ids.max())))
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"{name}: token id {lo if lo < 0 else hi} is outside the vocabulary "
+                             f"[0, {cfg.vocab_size})")
+    return ids
+
+
 def hidden_states(
     cfg: ModelConfig,
     params: dict,
@@ -266,6 +284,8 @@ def hidden_states(
     positions default to `positions_from_mask(attention_mask)`; with packing, pass per-example positions
     and `segment_ids` (attention never crosses segments).
     """
+    check_params(cfg, params)
+    input_ids = checked_token_ids(cfg, input_ids)
     if attention_mask is None:
         attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if positions is None:

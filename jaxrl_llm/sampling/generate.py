@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from jaxrl_llm.distributed import put_global, to_host
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.params import param_shardings
+from jaxrl_llm.models.params import as_prng_key, check_params, param_shardings
 from jaxrl_llm.parallel.rules import ShardingRules
 from jaxrl_llm.sampling import loop
 from jaxrl_llm.sampling.request import (
@@ -56,12 +56,17 @@ class GenerateOutput:
     stats: dict[str, Any]
 
 
-def _as_key(rng: jax.Array | int | None) -> jax.Array:
-    if rng is None:
-        return jax.random.key(0)
-    if isinstance(rng, int | np.integer):
-        return jax.random.key(int(rng))
-    return rng
+def _check_placement(params: dict, mesh: Mesh) -> None:
+    """A ValueError naming the fix when a parameter is committed to devices other than the mesh's (jit would
+    refuse it with 'incompatible devices')."""
+    mesh_devices = set(mesh.devices.flat)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        if isinstance(leaf, jax.Array) and leaf.committed and leaf.sharding.device_set != mesh_devices:
+            ids = sorted(d.id for d in leaf.sharding.device_set)
+            raise ValueError(
+                f"params{jax.tree_util.keystr(path)} lives on devices {ids}, not on the mesh's "
+                f"{sorted(d.id for d in mesh_devices)}: load the model with models.load_pretrained(path, mesh=mesh), "
+                f"or place the params with jax.device_put(params, models.param_shardings(cfg, mesh, rules))")
 
 
 class PromptLengthError(ValueError):
@@ -193,6 +198,7 @@ def generate(
     once and its cache copied to its rows, whenever that makes the prefill batch smaller (stats['prefill_rows']
     counts the rows prefilled).
     """
+    check_params(cfg, params)
     arrs = validate_prompts(prompts, cfg.vocab_size)
     sps = as_param_list(sampling_params, len(arrs))
     validate_stop_ids(sps, cfg.vocab_size)
@@ -201,7 +207,7 @@ def generate(
             raise ValueError(f"max_batch_size={max_batch_size!r}: must be an integer >= 1 (or None: one chunk)")
         max_batch_size = int(max_batch_size)
     arrs, n_truncated = _fit_prompts(arrs, _prompt_limits(cfg, sps, max_prompt_len), truncate_prompts)
-    key = _as_key(rng)
+    key = as_prng_key(rng)
     traces_before = loop.compile_count()
     stats: dict[str, Any] = {"truncated_prompts": n_truncated, "reshard_seconds": 0.0, "prefill_seconds": 0.0,
                              "decode_seconds": 0.0, "decode_layout_seconds": 0.0, "chunks": 0, "decode_steps": 0,
@@ -211,7 +217,9 @@ def generate(
     if mesh is not None:
         rules = rules or ShardingRules()
         model_rules = sampling_rules or rules
-        if sampling_rules is not None:
+        if sampling_rules is None:
+            _check_placement(params, mesh)
+        else:
             t0 = time.perf_counter()
             params = jax.block_until_ready(jax.device_put(params, param_shardings(cfg, mesh, sampling_rules)))
             stats["reshard_seconds"] = time.perf_counter() - t0
