@@ -1,12 +1,14 @@
 """Command-line parsing shared by `python -m jaxrl_llm.train` and `python -m jaxrl_llm.evaluate`: absl flags with
 an ml_collections --config, where a user's mistake (an unknown key, a bad value, a recipe file that is missing or
-does not load) is one line instead of a traceback."""
+does not load) is one line instead of a traceback; and how such a process ends in a multi-process job."""
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 
+import jax
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
@@ -79,3 +81,24 @@ def parse_flags(argv: list[str]) -> list[str]:
 def _last_line(e: Exception) -> str:
     lines = [x.strip() for x in str(e).splitlines() if x.strip()]
     return lines[-1] if lines else repr(e)
+
+
+def exit_with_error(message: str) -> None:
+    """Print `message` and exit with status 1. In a multi-process job, at once (os._exit): a normal exit waits in
+    jax.distributed's shutdown barrier for processes that are stuck in a collective this one left, so the job
+    would hang for minutes and then abort, instead of the launcher stopping the others right away."""
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        print(message, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    sys.exit(message)
+
+
+def exit_if_job_crashed(e: BaseException) -> None:
+    """In a multi-process job, an unexpected exception (a bug, a full disk, Ctrl-C): print its traceback and end the
+    process at once, as exit_with_error does, so that the launcher stops the others; otherwise return."""
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
+        traceback.print_exc()
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)

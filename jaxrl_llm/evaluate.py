@@ -24,7 +24,7 @@ from ml_collections import config_flags
 
 from jaxrl_llm import distributed, models, parallel, train
 from jaxrl_llm.checkpoint import Checkpointer
-from jaxrl_llm.cli import parse_flags
+from jaxrl_llm.cli import exit_if_job_crashed, exit_with_error, parse_flags
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.tasks import load_tasks
 from jaxrl_llm.environments import is_multi_turn, make_environment
@@ -226,7 +226,10 @@ def main(argv) -> None:
         distributed.initialize_from_flags()
         run(FLAGS.config, FLAGS.out, name)
     except train.USER_ERRORS as e:
-        train.exit_with_error(f"error: {e}")
+        exit_with_error(f"error: {e}")
+    except BaseException as e:
+        exit_if_job_crashed(e)
+        raise
 
 
 if __name__ == "__main__":

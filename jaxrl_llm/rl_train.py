@@ -43,6 +43,7 @@ from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.optim import make_optimizer
+from jaxrl_llm.preemption import StopOnSigterm, stop_with_checkpoint
 from jaxrl_llm.rl_batch import (
     Rollouts,
     check_shared_prompts,
@@ -431,6 +432,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                            run_config=config.to_dict(), console_keys=CONSOLE_KEYS)
     evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules)
     last: dict[str, Any] = {}
+    stop = StopOnSigterm().start()
     try:
         for step in range(start, config.max_steps):
             state, m = runner.step(state, ref_params, step)
@@ -442,10 +444,13 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 writer.write(done, last)
             check_best_metric(config, val)
             meta = {"step": done, **run_meta, "data_position": done, "prompt_batches": runner.position, **val}
-            ckpt.maybe_save(done, {"params": state["params"], "opt_state": state["opt_state"]}, meta,
-                            force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),
+            items = {"params": state["params"], "opt_state": state["opt_state"]}
+            ckpt.maybe_save(done, items, meta, force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),
                             metrics=val or None)
+            if stop.requested(done) and done < config.max_steps:
+                raise stop_with_checkpoint(ckpt, done, items, meta)
     finally:
+        stop.close()
         ckpt.close()
         writer.close()
         for owner in (env, evaluator):  # the validation's environment has worker processes of its own

@@ -26,11 +26,14 @@ from jaxrl_llm import distributed, models, parallel
 from jaxrl_llm.algorithms import REGISTRY, batch_indices
 from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
 from jaxrl_llm.checkpoint import Checkpointer, require_finite
+from jaxrl_llm.cli import exit_if_job_crashed, exit_with_error
 from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
+from jaxrl_llm.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
+from jaxrl_llm.preemption import Preempted, StopOnSigterm, stop_with_checkpoint
 from jaxrl_llm.workdir import (
     MODEL_CONFIG_FILE,
     record_run_config,
@@ -502,6 +505,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, ev
                            run_config=config.to_dict())
     last: dict[str, Any] = {}
     t_last = time.time()
+    stop = StopOnSigterm().start()
     try:
         for step in range(start, config.max_steps):
             idx = batch_indices(len(examples), B, config.seed, step)
@@ -523,11 +527,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, ev
                 writer.write(done, last)
             check_best_metric(config, val)
             meta = {"step": done, **run_meta, "data_position": done * B, **val}
-            ckpt.maybe_save(done, {"params": state["params"], "opt_state": state["opt_state"]}, meta,
-                            force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),
+            items = {"params": state["params"], "opt_state": state["opt_state"]}
+            ckpt.maybe_save(done, items, meta, force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),
                             metrics=val or None)
+            if stop.requested(done) and done < config.max_steps:
+                raise stop_with_checkpoint(ckpt, done, items, meta)
             t_last = time.time()
     finally:
+        stop.close()
         ckpt.close()
         writer.close()
     if config.export_hf:  # every process takes part in the gather; process 0 writes
@@ -564,17 +571,12 @@ def main(argv) -> None:
         run(FLAGS.config, FLAGS.workdir or os.path.join("runs", recipe))
     except USER_ERRORS as e:
         exit_with_error(f"error: {e}")
-
-
-def exit_with_error(message: str) -> None:
-    """Print `message` and exit with status 1. In a multi-process job, at once (os._exit): a normal exit waits in
-    jax.distributed's shutdown barrier for processes that are stuck in a collective this one left, so the job
-    would hang for minutes and then abort, instead of the launcher stopping the others right away."""
-    if jax.distributed.is_initialized() and jax.process_count() > 1:
-        print(message, file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)
-    sys.exit(message)
+    except Preempted as e:
+        log.warning("%s", e)
+        sys.exit(PREEMPTED_EXIT_STATUS)
+    except BaseException as e:
+        exit_if_job_crashed(e)
+        raise
 
 
 if __name__ == "__main__":

@@ -8,11 +8,19 @@
 # where D = JAXRL_LOCAL_DEVICES (default 8): N processes x D/N devices form one mesh of D devices.
 # Cross-process CPU collectives use gloo (JAX's default jax_cpu_collectives_implementation).
 # Output lines are prefixed "[i] ". If any process fails, the others are stopped (TERM, then KILL after
-# JAXRL_KILL_GRACE_S, default 5 s; each process runs in its own session, so its children are stopped too) and the exit status is that of the first failure; 0 when all succeed.
+# JAXRL_KILL_GRACE_S, default 5 s; each process runs in its own session, so its children are stopped too) and the
+# exit status is that of the first failure; 0 when all succeed. SIGTERM to this script is passed on to every
+# process, which finishes its step, saves a checkpoint and exits (jaxrl_llm.train; KILL after JAXRL_STOP_GRACE_S,
+# default 300 s); SIGINT and SIGHUP stop the processes as a failure does; if this script is killed outright, a
+# watchdog stops them within a second or so. Needs bash 5.1 or later (wait -n -p).
 # JAXRL_INIT_TIMEOUT_S (start-up timeout, default 300 s) and other variables pass through. PYTHONHASHSEED is
 # the same for every process (default 0), so set iteration orders agree (reasoning-gym tasks are generated under
 # hash seed 0 in any case; with 0 set here, in-process rather than in a child process).
 set -u -o pipefail
+if (( BASH_VERSINFO[0] < 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] < 1) )); then
+  echo "error: $0 needs bash 5.1 or later (wait -n -p); this is bash $BASH_VERSION" >&2
+  exit 2
+fi
 
 usage() { echo "usage: $0 N -- command [args...]" >&2; exit 2; }
 [[ $# -ge 3 && "$1" =~ ^[1-9][0-9]*$ && "$2" == "--" ]] || usage
@@ -59,13 +67,17 @@ alive() {
   for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done
   return 1
 }
+# cleanup SIGNAL GRACE_S: send SIGNAL, wait up to GRACE_S for the processes to end, then KILL what is left
 cleanup() {
-  stop_all TERM
-  local t=0 grace=$(( ${JAXRL_KILL_GRACE_S:-5} * 10 ))
+  stop_all "$1"
+  local t=0 grace=$(( $2 * 10 ))
   while alive && (( t < grace )); do sleep 0.1; t=$(( t + 1 )); done
   stop_all KILL
 }
-trap 'cleanup; exit 130' INT TERM
+KILL_GRACE=${JAXRL_KILL_GRACE_S:-5}
+trap 'cleanup INT "$KILL_GRACE"; exit 130' INT
+trap 'cleanup TERM "$KILL_GRACE"; exit 129' HUP
+trap 'cleanup TERM "${JAXRL_STOP_GRACE_S:-300}"; exit 143' TERM
 
 for (( i = 0; i < N; i++ )); do
   JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} \
@@ -75,6 +87,23 @@ for (( i = 0; i < N; i++ )); do
     setsid "$@" > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
   pids+=($!)
 done
+
+# A watchdog in a session of its own (a kill of this script's process group spares it): if this script dies
+# without cleaning up (SIGKILL), it stops the processes this script started.
+# shellcheck disable=SC2016  # the script's $ expand in the watchdog's shell
+setsid bash -c '
+  parent=$1 grace=$2
+  shift 2
+  alive() {  # a zombie (killed, not yet reaped) counts as gone
+    if [ -r "/proc/$parent/status" ]; then ! grep -q "^State:[[:space:]]*Z" "/proc/$parent/status"
+    else kill -0 "$parent" 2>/dev/null; fi
+  }
+  while alive; do sleep 1; done
+  for p in "$@"; do kill -TERM -- "-$p" 2>/dev/null; done
+  sleep "$grace"
+  for p in "$@"; do kill -KILL -- "-$p" 2>/dev/null; done
+' watchdog $$ "$KILL_GRACE" "${pids[@]}" </dev/null >/dev/null 2>&1 &
+watchdog=$!
 
 status=0
 live=("${pids[@]}")
@@ -92,9 +121,10 @@ while (( ${#live[@]} > 0 )); do
       [[ "${pids[$i]}" == "$finished" ]] && who=$i
     done
     echo "local_multiprocess: process ${who:-?} exited with status $rc; stopping the others" >&2
-    (( ${#live[@]} > 0 )) && cleanup
+    (( ${#live[@]} > 0 )) && cleanup TERM "$KILL_GRACE"
     break
   fi
 done
+kill "$watchdog" 2>/dev/null
 wait  # let the output prefixers finish
 exit "$status"

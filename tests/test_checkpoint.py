@@ -1,4 +1,5 @@
-"""Checkpoints: exact resume after a real SIGKILL, restore on another mesh, keep-K, NaN stop, export CLI."""
+"""Checkpoints: exact resume after a real SIGKILL, a clean stop on SIGTERM, restore on another mesh, keep-K, NaN
+stop, export CLI."""
 
 from __future__ import annotations
 
@@ -77,6 +78,39 @@ def test_resume_after_sigkill_is_exact(reference, tmp_path):
     assert _losses(wd) == _losses(reference)  # identical floats at every step
     lines = (wd / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_to_resume_from(tmp_path):
+    """SIGTERM (a scheduler's time limit or preemption, kill, timeout) ends the run after the step in progress with a
+    checkpoint of that step, even between periodic saves, and exit status 143; the same command resumes exactly."""
+    const = ["--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=0",
+             "--config.checkpoint.every_steps=1000"]  # losses independent of max_steps; no periodic save
+    wd = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "jaxrl_llm.train", *TINY, *const, "--workdir", str(wd), "--config.max_steps=1000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if (wd / "metrics.jsonl").exists() and max(_losses(wd), default=0) >= 2:
+                break
+            if proc.poll() is not None:
+                pytest.fail("the run ended before SIGTERM: " + proc.stderr.read()[-2000:])
+            time.sleep(0.05)
+        else:
+            pytest.fail("no step logged in time")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    stopped = max(_losses(wd))
+    assert f"stopped after step {stopped} on SIGTERM; a checkpoint of step {stopped} was saved" in err
+    assert sorted(int(p.name) for p in (wd / "checkpoints").iterdir() if p.name.isdigit()) == [stopped]
+    _train(wd, *const, f"--config.max_steps={stopped + 2}")
+    ref = tmp_path / "ref"
+    _train(ref, *const, f"--config.max_steps={stopped + 2}")
+    assert _losses(wd) == _losses(ref)
 
 
 def test_restore_onto_a_different_mesh(reference, tmp_path):

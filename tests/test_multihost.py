@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -162,7 +163,7 @@ def test_rendezvous_port_stays_a_tcp_port():
 def test_a_failing_process_of_a_job_exits_at_once(monkeypatch, capsys):
     """sys.exit would wait in jax.distributed's shutdown barrier for processes stuck in a collective this one
     left (minutes, then an abort); the error goes out and the process ends with status 1 right away."""
-    from jaxrl_llm import train
+    from jaxrl_llm import cli
 
     class Exited(Exception):
         pass
@@ -174,11 +175,11 @@ def test_a_failing_process_of_a_job_exits_at_once(monkeypatch, capsys):
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     monkeypatch.setattr(os, "_exit", fake_exit)
     with pytest.raises(Exited) as e:
-        train.exit_with_error("error: data.source='x.jsonl': file not found")
+        cli.exit_with_error("error: data.source='x.jsonl': file not found")
     assert e.value.args == (1,) and "file not found" in capsys.readouterr().err
     monkeypatch.setattr(jax, "process_count", lambda: 1)
     with pytest.raises(SystemExit, match="file not found"):
-        train.exit_with_error("error: data.source='x.jsonl': file not found")
+        cli.exit_with_error("error: data.source='x.jsonl': file not found")
 
 
 @pytest.mark.parametrize("spec, one", [("1(x4)", True), ("1", True), ("2(x2)", False), ("1,2", False)])
@@ -315,6 +316,62 @@ def test_one_process_checkpoint_resumes_in_two(one_process_run, tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     assert "[0] [step 4/5" in r.stderr and "[step 1/5" not in r.stderr  # resumed after step 3
     _assert_same(_metrics(one_process_run), _metrics(wd), [1, 2, 3, 4, 5])
+
+
+CRASH_AT_STEP_2_IN_PROCESS_1 = """
+import os, runpy, sys
+from jaxrl_llm import train
+checked = train.check_step_finite
+def check(step, m, ckpt):
+    if os.environ["JAXRL_PROCESS_ID"] == "1" and step == 2:
+        raise OSError(28, "No space left on device (injected)")
+    return checked(step, m, ckpt)
+train.check_step_finite = check
+sys.argv[0] = "jaxrl_llm.train"
+runpy.run_module("jaxrl_llm.train", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_sigterm_stops_the_job_with_a_checkpoint_and_a_crash_stops_it_at_once(tmp_path):
+    """SIGTERM to the launcher reaches every process (JAX's preemption service catches it there and they agree on
+    the step): all stop after the same step, a checkpoint of it saved, exit 143. It used to be swallowed: the job
+    trained on. And an unexpected exception in one process (not a user error) used to leave it in JAX's shutdown
+    barrier for minutes while the others hung in a collective; now it prints its traceback and exits at once."""
+    wd = tmp_path / "w"
+    full = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    full.update(JAX_PLATFORMS="cpu")
+    args = _cli_args(max_steps=1000, export_hf=False, **{"checkpoint.every_steps": 1000}) + ["--workdir", str(wd)]
+    proc = subprocess.Popen([LAUNCH, "2", "--", *args], cwd=ROOT, env=full, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (os.path.exists(wd / "metrics.jsonl") and max(_metrics(wd), default=0) >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=200)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err[-4000:]
+    stopped = max(_metrics(wd))
+    for i in (0, 1):
+        assert f"[{i}] " in err and f"stopped after step {stopped} on SIGTERM; a checkpoint of step {stopped} was " \
+            "saved" in err, err[-4000:]
+    assert sorted(int(p) for p in os.listdir(wd / "checkpoints") if p.isdigit()) == [stopped]
+
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_AT_STEP_2_IN_PROCESS_1)
+    t0 = time.monotonic()
+    r = _launch(2, "python", str(script), *_cli_args(max_steps=3, export_hf=False)[3:], "--workdir",
+                str(tmp_path / "crash"), timeout=400)
+    secs = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr[-4000:]
+    assert "[1] OSError: [Errno 28] No space left on device (injected)" in r.stderr
+    assert "process 1 exited with status 1; stopping the others" in r.stderr
+    assert secs < 150, secs  # start-up and one step, not the 300 s shutdown barrier
 
 
 @pytest.mark.slow
