@@ -98,7 +98,13 @@ def exit_if_job_crashed(e: BaseException) -> None:
     """In a multi-process job, an unexpected exception (a bug, a full disk, Ctrl-C): print its traceback and end the
     process at once, as exit_with_error does, so that the launcher stops the others; otherwise return."""
     if jax.distributed.is_initialized() and jax.process_count() > 1:
-        traceback.print_exc()
+        if isinstance(e, SystemExit):  # its message, as sys.exit would print it
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        else:
+            traceback.print_exc()
+            code = 130 if isinstance(e, KeyboardInterrupt) else 1
         sys.stderr.flush()
         sys.stdout.flush()
-        os._exit(130 if isinstance(e, KeyboardInterrupt) else 1)
+        os._exit(code)

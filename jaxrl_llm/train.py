@@ -494,7 +494,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, ev
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min", run_meta=run_meta)
     items, start = restore_run(ckpt, state)
     if items is not None:
-        state = {**items, "step": jnp.int32(start)}
+        with jax.set_mesh(mesh):  # placed as a fresh run's counter: another placement compiles the step again
+            state = {**items, "step": jnp.int32(start)}
     if is_main:
         truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
         record_run_config(workdir, config.to_dict(), start)

@@ -123,3 +123,33 @@ def test_a_model_config_cut_short_by_a_kill_does_not_stop_the_resume(sft_run, tm
     assert os.path.getsize(os.path.join(wd, "model_config.json.1.old")) == 0
     assert sorted(os.listdir(os.path.join(wd, "tokenizer"))) == sorted(os.listdir(os.path.join(sft_run, "tokenizer")))
     assert not [f for f in os.listdir(wd) if ".tmp" in f or ".old-" in f]
+
+
+def test_a_resumed_run_compiles_its_step_once(tmp_path):
+    """The resumed step counter was placed off the mesh, so the step compiled again after its first call (a second
+    full compile of the train step on every resume; minutes for a large model)."""
+    import logging
+
+    import jax
+
+    class Compiles(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def emit(self, record):
+            self.n += record.getMessage().startswith("Compiling jit(step)")
+
+    over = {**SFT, "data.length_buckets": 0}  # every batch one shape: one compile
+    counter = Compiles()
+    logging.getLogger("jax").addHandler(counter)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        train.run(recipe("sft_tiny", {**over, "max_steps": 2}), str(tmp_path))
+        fresh, counter.n = counter.n, 0
+        train.run(recipe("sft_tiny", {**over, "max_steps": 4}), str(tmp_path))
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        logging.getLogger("jax").removeHandler(counter)
+    assert _steps(tmp_path) == [1, 2, 3, 4]
+    assert (fresh, counter.n) == (1, 1)
