@@ -27,6 +27,7 @@ class MetricsWriter:
         self.start_step = start_step
         self.path = os.path.join(workdir, "metrics.jsonl")
         self._t0 = time.time()
+        self._first: tuple[float, int] | None = None  # (time, step) of this start's first row: the ETA's origin
         self._tb = None
         self._wandb = None
         if not enabled:
@@ -67,9 +68,16 @@ class MetricsWriter:
                 self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
-        elapsed = time.time() - self._t0
-        done = max(step - self.start_step, 1)
-        eta = elapsed / done * max(self.max_steps - step, 0)
+        now = time.time()
+        elapsed = now - self._t0
+        # The rate since this start's first row: start-up and the first compiles (often most of a short run's
+        # elapsed time) would otherwise inflate every ETA of the run.
+        if self._first is None or step <= self._first[1]:
+            self._first = self._first or (now, step)
+            rate = elapsed / max(step - self.start_step, 1)
+        else:
+            rate = (now - self._first[0]) / (step - self._first[1])
+        eta = rate * max(self.max_steps - step, 0)
         keys = [k for k in row if k != "step"] if self.console_keys is None else \
             [k for k in self.console_keys if k in row] + [k for k in row if k.startswith("val_")]
         shown = " ".join(f"{k}={_fmt(row[k])}" for k in dict.fromkeys(keys))

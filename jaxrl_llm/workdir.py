@@ -119,9 +119,12 @@ def record_run_config(workdir: str, config: dict[str, Any], start_step: int) -> 
         else:
             changes = config_changes(before, now) if isinstance(before, dict) else ["(not a JSON object)"]
             if changes and start_step > 0:
+                note = ("; the learning-rate schedule now spans the new max_steps, so from this step on the rate is "
+                        "that of a run of the new length (it changes at once)"
+                        if any(c.startswith("max_steps:") for c in changes) else "")
                 log.warning("resuming at step %d with %d setting(s) changed since the last start (the earlier "
-                            "settings are kept as %s): %s", start_step, len(changes), set_aside(path),
-                            "; ".join(changes))
+                            "settings are kept as %s): %s%s", start_step, len(changes), set_aside(path),
+                            "; ".join(changes), note)
             elif changes:
                 log.warning("%s held an earlier run's settings (no checkpoint to resume from): moved to %s", path,
                             set_aside(path))

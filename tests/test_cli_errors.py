@@ -39,6 +39,20 @@ def test_non_finite_metrics_are_written_as_null(tmp_path):
     assert row == {"step": 1, "loss": 0.5, "grad_norm": None, "kl": None, "n": 3}
 
 
+def test_eta_leaves_out_start_up_and_first_compiles(tmp_path, monkeypatch, capsys):
+    """The ETA divided the whole elapsed time (start-up and compiles included) by the steps done: 30 s of start-up
+    and 1 s steps showed 1500 s left at step 2 of 100 instead of about 100 s."""
+    from jaxrl_llm import metrics
+
+    clock = iter([0.0, 30.0, 31.0, 41.0])  # writer created; steps 1, 2 and 12 written
+    monkeypatch.setattr(metrics.time, "time", lambda: next(clock))
+    w = MetricsWriter(str(tmp_path), 100, tensorboard=False)
+    for step in (1, 2, 12):
+        w.write(step, {"loss": 1.0})
+    etas = [line.rsplit("eta ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert etas == ["2970s", "98s", "88s"]  # step 1: all it knows; then 1 s a step since the first row
+
+
 def test_a_tokenizer_that_cannot_be_loaded_is_a_config_error(tmp_path):
     (tmp_path / "tokenizer.json").write_text("{not json")
     (tmp_path / "tokenizer_config.json").write_text("{}")

@@ -37,6 +37,7 @@ def test_sft_trains_on_a_dataset_passed_in_and_records_it(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="jaxrl_llm.train"):
         train.run(recipe("sft_tiny", {**over, "max_steps": 3}), str(tmp_path), data=other)
     assert "resuming at step 2 with 2 setting(s) changed" in caplog.text
+    assert "the learning-rate schedule now spans the new max_steps" in caplog.text  # max_steps 2 -> 3
     assert f"fingerprint {ds._fingerprint}" in caplog.text and f"fingerprint {other._fingerprint}" in caplog.text
 
 
