@@ -117,8 +117,15 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise DistributedError(f"{num_processes} processes configured (coordinator {coordinator_address}), but a "
                                "JAX backend is already running in this process: start-up must come before "
                                "jax.devices() or any computation")
+    origin = "given explicitly" if source == "explicit" else f"detected from the {source} environment" + (
+        " (SLURM_NTASKS, SLURM_PROCID)" if source == "slurm" else "")
+    log.info("process %d of %d: waiting up to %.0f s for the job's other processes at %s (the job's size was %s)",
+             process_id, num_processes, timeout_s, coordinator_address, origin)
     if use_rendezvous:
-        rendezvous(host, rdv_port, num_processes, process_id, timeout_s, coordinator_address)
+        try:
+            rendezvous(host, rdv_port, num_processes, process_id, timeout_s, coordinator_address)
+        except DistributedError as e:
+            raise DistributedError(f"{e}; the job's size was {origin}") from None
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id, local_device_ids=local_device_ids,

@@ -490,3 +490,19 @@ def test_launcher_gives_every_process_one_hash_seed():
     assert r.returncode == 0, r.stderr[-2000:]
     hashes = {line.split("HASH")[1].strip() for line in r.stdout.splitlines() if "HASH" in line}
     assert len(hashes) == 1 and r.stdout.count("HASH") == 2, r.stdout
+
+
+def test_a_slurm_job_missing_a_process_says_where_its_size_came_from(tmp_path):
+    """`python -m jaxrl_llm.train` inside an allocation of 2 tasks, started once (not under srun -n 2): the job's size
+    comes from SLURM's variables, which the error now names (it said only '1 of 2 processes started')."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV and not k.startswith("SLURM_")}
+    env.update(JAX_PLATFORMS="cpu", JAXRL_INIT_TIMEOUT_S="2", SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_PROCID="0",
+               SLURM_LOCALID="0", SLURM_STEP_NODELIST="localhost", SLURM_JOB_NODELIST="localhost",
+               SLURM_NODELIST="localhost", SLURM_STEP_NUM_NODES="1", SLURM_NNODES="1",
+               SLURM_STEP_TASKS_PER_NODE="2", SLURM_TASKS_PER_NODE="2")
+    code = "from jaxrl_llm import distributed; distributed.initialize()"
+    r = subprocess.run(["python", "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode != 0
+    assert "1 of 2 processes started within 2s; 1 missing (process ids 1); the job's size was detected from the " \
+        "slurm environment (SLURM_NTASKS, SLURM_PROCID)" in r.stderr, r.stderr[-2000:]
