@@ -60,8 +60,12 @@ class DistributedInfo:
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, timeout_s: float | None = None,
-               local_device_ids: Sequence[int] | None = None) -> DistributedInfo:
+               local_device_ids: Sequence[int] | None = None, graceful_sigterm: bool = True) -> DistributedInfo:
     """Join (or start) the multi-process job, or do nothing for a single process. Idempotent.
+
+    graceful_sigterm: JAX's preemption service catches SIGTERM, and the training loops stop at a step all processes
+    agree on, with a checkpoint (jaxrl_llm.preemption); False (evaluation, which has nothing to save): SIGTERM ends
+    the process at once, as it does a single process.
 
     Must run before anything initialises a JAX backend (jax.devices(), a computation) when more than one
     process is configured. Raises DistributedError (one line) on bad settings or a missing peer, within
@@ -126,6 +130,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             rendezvous(host, rdv_port, num_processes, process_id, timeout_s, coordinator_address)
         except DistributedError as e:
             raise DistributedError(f"{e}; the job's size was {origin}") from None
+    jax.config.update("jax_enable_preemption_service", graceful_sigterm)
     try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id, local_device_ids=local_device_ids,
@@ -150,13 +155,13 @@ def define_flags() -> None:
                                                f"{DEFAULT_TIMEOUT_S:g}).")
 
 
-def initialize_from_flags() -> DistributedInfo:
+def initialize_from_flags(graceful_sigterm: bool = True) -> DistributedInfo:
     """`initialize` with the values of the flags from `define_flags` (unset flags fall back to the environment)."""
     from absl import flags
 
     F = flags.FLAGS
     return initialize(coordinator_address=F.coordinator_address, num_processes=F.num_processes,
-                      process_id=F.process_id, timeout_s=F.init_timeout_s)
+                      process_id=F.process_id, timeout_s=F.init_timeout_s, graceful_sigterm=graceful_sigterm)
 
 
 def current() -> DistributedInfo:

@@ -102,7 +102,7 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
     """Evaluate per the recipe; writes the results JSON (on process 0) and returns the result dict.
     data: a `datasets.Dataset` of tasks (from a notebook) instead of data.source."""
     config = train.with_datasets(config, data=data)
-    distributed.initialize()
+    distributed.initialize(graceful_sigterm=False)  # nothing to save: TERM ends it
     sp = validate(config)
     check_out(out)
     mc, dc, ec = config.model, config.data, config.eval
@@ -223,7 +223,7 @@ def main(argv) -> None:
     recipe = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
     name = FLAGS.config.get("name") or recipe.removeprefix("eval_")
     try:
-        distributed.initialize_from_flags()
+        distributed.initialize_from_flags(graceful_sigterm=False)
         run(FLAGS.config, FLAGS.out, name)
     except train.USER_ERRORS as e:
         exit_with_error(f"error: {e}")

@@ -506,3 +506,28 @@ def test_a_slurm_job_missing_a_process_says_where_its_size_came_from(tmp_path):
     assert r.returncode != 0
     assert "1 of 2 processes started within 2s; 1 missing (process ids 1); the job's size was detected from the " \
         "slurm environment (SLURM_NTASKS, SLURM_PROCID)" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("graceful", [False, True])
+def test_sigterm_ends_a_job_at_once_unless_it_stops_gracefully(graceful):
+    """Evaluation (graceful_sigterm=False) has nothing to save: SIGTERM ends its processes at once. JAX's preemption
+    service, on by default, catches SIGTERM instead (training then stops at an agreed step), so a job that never
+    looks at it, like this one, goes on until the launcher's JAXRL_STOP_GRACE_S runs out and it KILLs it."""
+    code = ("import time; from jaxrl_llm import distributed; "
+            f"distributed.initialize(graceful_sigterm={graceful}); print('joined', flush=True); time.sleep(120)")
+    full = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    full.update(JAX_PLATFORMS="cpu", JAXRL_STOP_GRACE_S="20")
+    proc = subprocess.Popen([LAUNCH, "2", "--", "python", "-c", code], cwd=ROOT, env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        joined = [proc.stdout.readline() for _ in range(2)]
+        assert all("joined" in line for line in joined), joined
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        secs = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143
+    assert secs >= 19 if graceful else secs < 10, secs
