@@ -153,3 +153,19 @@ def test_a_resumed_run_compiles_its_step_once(tmp_path):
         logging.getLogger("jax").removeHandler(counter)
     assert _steps(tmp_path) == [1, 2, 3, 4]
     assert (fresh, counter.n) == (1, 1)
+
+
+def test_grpo_stops_on_request_with_a_checkpoint_and_resumes(tmp_path, monkeypatch):
+    """The GRPO loop honours a stop request (SIGTERM; here the request itself is simulated at step 2): a
+    checkpoint of that step, whose data position a resume continues from."""
+    from jaxrl_llm import preemption
+
+    over = {**GRPO, "max_steps": 4, "checkpoint.every_steps": 100}
+    monkeypatch.setattr(preemption.StopOnSigterm, "requested", lambda self, step: step == 2)
+    with pytest.raises(preemption.Preempted, match="stopped after step 2 on SIGTERM; a checkpoint of step 2 was saved"):
+        train.run(recipe("grpo_tiny", over), str(tmp_path))
+    assert _steps(tmp_path) == [1, 2]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    monkeypatch.setattr(preemption.StopOnSigterm, "requested", lambda self, step: False)
+    train.run(recipe("grpo_tiny", over), str(tmp_path))
+    assert _steps(tmp_path) == [1, 2, 3, 4]
