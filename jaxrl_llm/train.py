@@ -75,7 +75,12 @@ def with_datasets(config: ml_collections.ConfigDict, **datasets_by_block: Any) -
     config = copy.deepcopy(config)  # before any Dataset is in it
     with config.unlocked():
         for block, dataset in given.items():
-            config[block] = ml_collections.ConfigDict({**config[block].to_dict(), "source": dataset})
+            fields = {**config[block].to_dict(), "source": dataset}
+            if fields.get("options"):  # a recipe's reasoning-gym ('rg:') task options say nothing about a Dataset
+                log.info("%s.options %s left out: they apply to reasoning-gym sources, not to the Dataset passed in",
+                         block, sorted(fields["options"]))
+                fields["options"] = {}
+            config[block] = ml_collections.ConfigDict(fields)
     return config
 
 

@@ -70,6 +70,12 @@ def test_other_rngs(params):
     b = models.init_params(CFG, jax.random.key(3))
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     sampling.generate(CFG, params, [[1, 2]], SP, jax.random.PRNGKey(1))  # a raw uint32[2] key
+    default_impl = jax.config.jax_default_prng_impl
+    jax.config.update("jax_default_prng_impl", "rbg")
+    try:  # a raw key of another implementation: uint32[4]
+        models.init_params(CFG, jax.random.PRNGKey(1))
+    finally:
+        jax.config.update("jax_default_prng_impl", default_impl)
     for bad in (0.5, jnp.float32(0.0), "seed", jnp.zeros(3, jnp.int32)):
         with pytest.raises(ValueError, match="rng: expected a PRNG key .* or an integer seed, got"):
             sampling.generate(CFG, params, [[1, 2]], SP, bad)
@@ -92,10 +98,12 @@ def test_params_on_devices_outside_the_mesh_name_the_fix(params):
 
 def test_pair_losses_refuse_arrays_of_other_shapes():
     z2, z1 = jnp.zeros(2), jnp.zeros(1)
-    with pytest.raises(ValueError, match=r"one shape \[P\]; got shapes .*'policy_rejected_logps': \(1,\)"):
+    with pytest.raises(ValueError, match=r"arrays of one shape; got shapes .*'policy_rejected_logps': \(1,\)"):
         losses.dpo_loss(z2, z1, z2, z2)
-    with pytest.raises(ValueError, match=r"'chosen_scores_P': \(2, 1\)"):
-        losses.bradley_terry_loss(jnp.zeros((2, 1)), jnp.zeros((2, 1)))
+    with pytest.raises(ValueError, match=r"'chosen_scores_P': \(2, 1\), 'rejected_scores_P': \(2,\)"):
+        losses.bradley_terry_loss(jnp.zeros((2, 1)), jnp.zeros(2))
+    c, r = jnp.array([[0.5], [-1.0]]), jnp.array([[0.0], [0.3]])  # score_sequences' [P, 1] with one label
+    np.testing.assert_allclose(losses.bradley_terry_loss(c, r)[0], losses.bradley_terry_loss(c[:, 0], r[:, 0])[0])
     loss, _ = losses.dpo_loss([0.0, -1.0], [-2.0, -1.0], [0.0, 0.0], [0.0, 0.0], beta=1.0)
     expected = -np.mean(np.log(1 / (1 + np.exp(-np.array([2.0, 0.0])))))
     np.testing.assert_allclose(float(loss), expected, rtol=1e-6)

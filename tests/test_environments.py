@@ -392,3 +392,22 @@ def test_import_is_light():
             "print(sorted(m for m in ('jax', 'math_verify', 'reasoning_gym', 'sympy', 'torch') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_scoring_workers_outlive_a_sigterm_to_the_process_group(tmp_path):
+    """SIGTERM to the whole process group (timeout, SLURM, the launcher) killed the scoring workers mid-sample: the
+    trainer, which finishes its step on SIGTERM, got 'worker died' errors scored as reward 0 and saved the update
+    made from them."""
+    script = tmp_path / "group_term.py"
+    script.write_text(
+        "import os, signal, threading, time\n"
+        "from jaxrl_llm.environments.pool import ScoringPool\n"
+        "signal.signal(signal.SIGTERM, lambda *a: print('TERM', flush=True))  # the trainer carries on\n"
+        "with ScoringPool(num_workers=2, timeout_s=20.0) as pool:\n"
+        "    pool.map(abs, [(-1,), (-2,)])\n"
+        "    threading.Timer(0.5, lambda: os.killpg(0, signal.SIGTERM)).start()\n"
+        "    print([o.status for o in pool.map(time.sleep, [(2,), (2,)])], flush=True)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                       start_new_session=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["TERM", "['ok',", "'ok']"], r.stdout

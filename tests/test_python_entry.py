@@ -53,12 +53,20 @@ def test_datasets_passed_in_are_checked(tmp_path):
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
-def test_grpo_validation_prompts_can_be_passed_in():
-    config = recipe("grpo_tiny", unlock=False)
-    tasks = datasets.Dataset.from_list([{"prompt": "1 + 1 = ?", "answer": "2"}])
-    placed = train.with_datasets(config, data=None, eval=tasks)
-    assert placed.eval.source is tasks and placed.data.source == config.data.source
-    assert config.eval.source != tasks  # a copy
+def test_grpo_trains_and_validates_on_datasets_passed_in(tmp_path):
+    """The shipped GRPO recipe's reasoning-gym task options (data.options, eval.options) refused a Dataset; they are
+    left out for it."""
+    config = recipe("grpo_tiny", {"max_steps": 1, "val_every": 1, "export_hf": False, "metrics.tensorboard": False,
+                                  "eval.num_examples": 2}, unlock=False)
+    assert config.data.options and config.eval.options
+    tasks = datasets.Dataset.from_list([{"prompt": f"{i} + {i} = ?", "answer": str(2 * i)} for i in range(16)])
+    held_out = datasets.Dataset.from_list([{"prompt": f"{i} + 1 = ?", "answer": str(i + 1)} for i in range(3)])
+    result = train.run(config, str(tmp_path), data=tasks, eval_data=held_out)
+    assert result["val_num_problems"] == 2  # eval.num_examples of the 3 held-out tasks
+    recorded = json.loads((tmp_path / "run_config.json").read_text())
+    assert recorded["data"]["source"] == f"<datasets.Dataset of 16 rows, fingerprint {tasks._fingerprint}>"
+    assert recorded["eval"]["source"] == f"<datasets.Dataset of 3 rows, fingerprint {held_out._fingerprint}>"
+    assert recorded["data"]["options"] == {} and config.data.options  # the caller's config keeps them
     assert train.with_datasets(config, data=None) is config
 
 

@@ -38,12 +38,12 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 
 def _same_shape_pairs(**per_pair: jax.Array) -> list[jax.Array]:
-    """The arrays (lists accepted) if all have one shape [P]; a ValueError naming the shapes otherwise (they would
-    broadcast into a loss over pairs that do not exist)."""
+    """The arrays (lists accepted) if all have one shape (one entry per pair: [P], or [P, 1] as score_sequences gives
+    with one label); a ValueError naming the shapes otherwise (they would broadcast into pairs that do not exist)."""
     arrs = [jnp.asarray(a) for a in per_pair.values()]
     shapes = {k: tuple(a.shape) for k, a in zip(per_pair, arrs, strict=True)}
-    if len(set(shapes.values())) != 1 or arrs[0].ndim != 1:
-        raise ValueError(f"expected one log-prob or score per pair, arrays of one shape [P]; got shapes {shapes}")
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"expected one log-prob or score per pair, arrays of one shape; got shapes {shapes}")
     return arrs
 
 

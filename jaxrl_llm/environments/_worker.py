@@ -158,6 +158,9 @@ def _kill(pid: int) -> None:
 
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business
+    # SIGTERM too: `timeout`, SLURM and the launcher signal the whole process group, and the trainer finishes its
+    # step, scoring included, before it stops. The pool ends workers with SIGKILL; they also exit with the parent.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     read_fd, write_fd = int(sys.argv[1]), int(sys.argv[2])
     inbox = Connection(read_fd, writable=False)
     outbox = Connection(write_fd, readable=False)

@@ -135,7 +135,7 @@ def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
 
 
 def as_prng_key(rng, name: str = "rng") -> jax.Array:
-    """A PRNG key from `rng`: a key (jax.random.key, or a raw uint32[2] PRNGKey) as it is, an integer seed (a
+    """A PRNG key from `rng`: a key (jax.random.key, or a raw uint32 PRNGKey) as it is, an integer seed (a
     Python, numpy or concrete 0-d JAX integer) as jax.random.key(seed), None as seed 0; a ValueError otherwise."""
     if rng is None:
         return jax.random.key(0)
@@ -146,7 +146,7 @@ def as_prng_key(rng, name: str = "rng") -> jax.Array:
             return rng
         if rng.ndim == 0 and jnp.issubdtype(rng.dtype, jnp.integer) and not isinstance(rng, jax.core.Tracer):
             return jax.random.key(int(rng))
-        if rng.shape == (2,) and rng.dtype == jnp.uint32:  # jax.random.PRNGKey(seed)
+        if rng.ndim == 1 and rng.dtype == jnp.uint32:  # jax.random.PRNGKey(seed): uint32[2] threefry, [4] rbg
             return rng
     desc = f"{type(rng).__name__} of shape {tuple(rng.shape)} and dtype {rng.dtype}" if hasattr(rng, "dtype") \
         else type(rng).__name__
