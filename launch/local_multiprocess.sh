@@ -75,9 +75,11 @@ cleanup() {
   stop_all KILL
 }
 KILL_GRACE=${JAXRL_KILL_GRACE_S:-5}
-trap 'cleanup INT "$KILL_GRACE"; exit 130' INT
-trap 'cleanup TERM "$KILL_GRACE"; exit 129' HUP
-trap 'cleanup TERM "${JAXRL_STOP_GRACE_S:-300}"; exit 143' TERM
+watchdog=""
+stop_watchdog() { [[ -n "$watchdog" ]] && kill "$watchdog" 2>/dev/null; }
+trap 'cleanup INT "$KILL_GRACE"; stop_watchdog; exit 130' INT
+trap 'cleanup TERM "$KILL_GRACE"; stop_watchdog; exit 129' HUP
+trap 'cleanup TERM "${JAXRL_STOP_GRACE_S:-300}"; stop_watchdog; exit 143' TERM
 
 for (( i = 0; i < N; i++ )); do
   JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} \
@@ -125,6 +127,6 @@ while (( ${#live[@]} > 0 )); do
     break
   fi
 done
-kill "$watchdog" 2>/dev/null
+stop_watchdog
 wait  # let the output prefixers finish
 exit "$status"
