@@ -72,11 +72,9 @@ class MetricsWriter:
         elapsed = now - self._t0
         # The rate since this start's first row: start-up and the first compiles (often most of a short run's
         # elapsed time) would otherwise inflate every ETA of the run.
-        if self._first is None or step <= self._first[1]:
-            self._first = self._first or (now, step)
-            rate = elapsed / max(step - self.start_step, 1)
-        else:
-            rate = (now - self._first[0]) / (step - self._first[1])
+        self._first = self._first or (now, step)
+        t1, s1 = self._first
+        rate = (now - t1) / (step - s1) if step > s1 else elapsed / max(step - self.start_step, 1)
         eta = rate * max(self.max_steps - step, 0)
         keys = [k for k in row if k != "step"] if self.console_keys is None else \
             [k for k in self.console_keys if k in row] + [k for k in row if k.startswith("val_")]

@@ -80,10 +80,17 @@ class StopOnSigterm:
         return self._flag.is_set()
 
 
-def stop_with_checkpoint(ckpt: Any, step: int, items: dict[str, Any], meta: dict[str, Any]) -> Preempted:
-    """Save `items` as checkpoint `step` (unless it is saved already, or checkpoints are off: every_steps 0), wait
-    for it to be on disk, and return the Preempted to raise."""
-    if ckpt.every_steps > 0:
-        ckpt.maybe_save(step, items, meta, force=True)
-    ckpt.wait()
-    return Preempted(step, step in ckpt.all_steps())
+def checkpoint_step(ckpt: Any, stop: StopOnSigterm, step: int, state: dict[str, Any], meta: dict[str, Any],
+                    val: dict[str, float], max_steps: int) -> None:
+    """The end of a training loop's step `step` (steps done): save its checkpoint when one is due (every
+    checkpoint.every_steps, at the last step and at each validation; `val` ranks it for the best-checkpoint policy),
+    then, if SIGTERM asked to stop, save it in any case (unless checkpoints are off), wait for it to be on disk and
+    raise Preempted."""
+    items = {"params": state["params"], "opt_state": state["opt_state"]}
+    on = ckpt.every_steps > 0
+    ckpt.maybe_save(step, items, meta, force=on and (step == max_steps or bool(val)), metrics=val or None)
+    if stop.requested(step) and step < max_steps:
+        if on:
+            ckpt.maybe_save(step, items, meta, force=True)  # a no-op when saved just above
+        ckpt.wait()
+        raise Preempted(step, step in ckpt.all_steps())

@@ -43,7 +43,7 @@ from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.optim import make_optimizer
-from jaxrl_llm.preemption import StopOnSigterm, stop_with_checkpoint
+from jaxrl_llm.preemption import StopOnSigterm, checkpoint_step
 from jaxrl_llm.rl_batch import (
     Rollouts,
     check_shared_prompts,
@@ -415,7 +415,6 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     state = {"params": params, "opt_state": opt_state, "step": counter(0)}
 
     is_main = jax.process_index() == 0
-    cc = config.checkpoint
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="max", run_meta=run_meta)
     items, start = restore_run(ckpt, state)
     if items is not None:
@@ -444,11 +443,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 writer.write(done, last)
             check_best_metric(config, val)
             meta = {"step": done, **run_meta, "data_position": done, "prompt_batches": runner.position, **val}
-            items = {"params": state["params"], "opt_state": state["opt_state"]}
-            ckpt.maybe_save(done, items, meta, force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),
-                            metrics=val or None)
-            if stop.requested(done) and done < config.max_steps:
-                raise stop_with_checkpoint(ckpt, done, items, meta)
+            checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
     finally:
         stop.close()
         ckpt.close()

@@ -33,7 +33,7 @@ from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
 from jaxrl_llm.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
-from jaxrl_llm.preemption import Preempted, StopOnSigterm, stop_with_checkpoint
+from jaxrl_llm.preemption import Preempted, StopOnSigterm, checkpoint_step
 from jaxrl_llm.workdir import (
     MODEL_CONFIG_FILE,
     record_run_config,
@@ -493,7 +493,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, ev
         return {f"val_{k}": v / max(count, 1.0) for k, v in sums.items()}
 
     is_main = jax.process_index() == 0
-    cc = config.checkpoint
     run_meta = {"algorithm": config.algorithm, "seed": config.seed, "batch_size": B,
                 "data_rows": len(examples) + len(val_examples)}
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min", run_meta=run_meta)
@@ -533,11 +532,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, ev
                 writer.write(done, last)
             check_best_metric(config, val)
             meta = {"step": done, **run_meta, "data_position": done * B, **val}
-            items = {"params": state["params"], "opt_state": state["opt_state"]}
-            ckpt.maybe_save(done, items, meta, force=cc.every_steps > 0 and (done == config.max_steps or bool(val)),
-                            metrics=val or None)
-            if stop.requested(done) and done < config.max_steps:
-                raise stop_with_checkpoint(ckpt, done, items, meta)
+            checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
             t_last = time.time()
     finally:
         stop.close()
