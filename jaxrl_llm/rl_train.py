@@ -55,11 +55,16 @@ from jaxrl_llm.rl_batch import (
     scaled_rewards,
     shuffled_rows,
 )
+from jaxrl_llm.sampling.text import render_prompt
 from jaxrl_llm.workdir import record_run_config, truncate_metrics
 
 log = logging.getLogger("jaxrl_llm.rl_train")
 CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean", "turns_mean",
                 "truncation_rate", "gen_tokens_per_s", "time_generate_s", "time_train_s", "time_step_s")
+
+
+_SYSTEM_HINT = (" (the task has a system message, from the data or data.system_prompt; a template with no system "
+                "role refuses it: leave data.system_prompt empty, or set data.chat_template)")
 
 
 def prompt_ids(tokenizer: Any, tasks: list, chat_template: str | None, max_prompt_len: int, overlong: str
@@ -68,11 +73,12 @@ def prompt_ids(tokenizer: Any, tasks: list, chat_template: str | None, max_promp
     kept: prompts longer than max_prompt_len are dropped or left-truncated per `data.overlong` (counted)."""
     out, keep, stats = [], [], {"prompts": len(tasks), "truncated": 0, "dropped": 0}
     for i, t in enumerate(tasks):
-        ids = tokenizer.apply_chat_template(list(t.messages), tokenize=True, add_generation_prompt=True,
-                                            chat_template=chat_template)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 returns a BatchEncoding
-            ids = ids["input_ids"]
-        ids = [int(x) for x in ids]
+        try:
+            text = render_prompt(tokenizer, list(t.messages), f"task {i}", chat_template)
+        except ValueError as e:
+            raise DataError(f"{e}{_SYSTEM_HINT if any(m['role'] == 'system' for m in t.messages) else ''}"
+                            ) from None
+        ids = [int(x) for x in tokenizer(text, add_special_tokens=False)["input_ids"]]
         if len(ids) > max_prompt_len:
             if overlong == "drop":
                 stats["dropped"] += 1
@@ -88,6 +94,16 @@ def prompt_ids(tokenizer: Any, tasks: list, chat_template: str | None, max_promp
     if not out:
         raise DataError(f"no prompt fits data.max_prompt_len={max_prompt_len}")
     return out, keep, stats
+
+
+def rollout_stop_ids(config: ml_collections.ConfigDict, cfg: models.ModelConfig, tokenizer: Any) -> tuple[int, ...]:
+    """rollout.stop_token_ids, then the model's end ids (config.json's and generation_config.json's eos_token_id)
+    and the tokenizer's EOS: the ids `evaluate` stops at, so that training rollouts, validation and evaluation
+    of one model end where transformers' generate does."""
+    stops = tuple(dict.fromkeys([*config.rollout.stop_token_ids, *sampling.default_stop_ids(cfg, tokenizer)]))
+    if not stops:
+        raise DataError("the model and the tokenizer name no eos token and rollout.stop_token_ids is empty")
+    return stops
 
 
 def offload_to_host(params: Any) -> Any:
@@ -134,10 +150,7 @@ class GRPORunner:
         self.tasks = tasks
         self.prompt_ids, self.kept, self.prompt_stats = prompt_ids(
             tokenizer, tasks, config.data.chat_template or None, config.data.max_prompt_len, config.data.overlong)
-        stops = tuple(dict.fromkeys([*ro.stop_token_ids, *([tokenizer.eos_token_id]
-                                                           if tokenizer.eos_token_id is not None else [])]))
-        if not stops:
-            raise DataError("the tokenizer has no eos token and rollout.stop_token_ids is empty")
+        stops = rollout_stop_ids(config, cfg, tokenizer)
         self.sp = sampling.SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                                           top_p=ro.top_p, top_k=ro.top_k, stop_token_ids=stops)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -493,7 +506,7 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
     tasks = load_tasks(ec.source, ec.num_examples, ec.seed, system_prompt=config.data.system_prompt or None,
                        instruction=config.data.instruction, **dict(ec.get("options", {})))
     env = environments.make_environment(config.env.to_dict())
-    stops = tuple(dict.fromkeys([*config.rollout.stop_token_ids, tokenizer.eos_token_id]))
+    stops = rollout_stop_ids(config, cfg, tokenizer)
     sp = sampling.SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=ec.temperature,
                                  top_p=1.0, top_k=0, stop_token_ids=stops)
     k_values = val_k_values(ec.n_samples)

@@ -194,15 +194,38 @@ def _marked_tokens(tokenizer, messages, chat_template, tools, assistant_turns, l
     return _tokenize_pieces(tokenizer, [(piece, int(block in learned_blocks)) for piece, block in segments])
 
 
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _pieces_tokenize_alone(tokenizer) -> bool:
+    """Whether text split before a space tokenizes as the whole does: true of byte-level BPE (Llama 3, Qwen,
+    SmolLM2); false of a SentencePiece tokenizer that prepends its "▁" to every text it is given (Llama 2's and
+    Mistral v0.1's legacy tokenizers), which would start each reply with a spurious "▁" token."""
+    return _encode(tokenizer, "Hello") + _encode(tokenizer, " world") == _encode(tokenizer, "Hello world")
+
+
 def _tokenize_pieces(tokenizer, pieces: list[tuple[str, int]], eos_id: int | None = None
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask) of (text, learned) pieces, each tokenized on its own; eos_id closes each learned piece."""
+    """(ids, mask) of (text, learned) pieces; eos_id closes each learned piece.
+
+    Each piece is tokenized on its own where the tokenizer allows it (`_pieces_tokenize_alone`); else in the
+    context of the text before it (the tokens the whole text up to its end adds to those of the text before it,
+    when the latter are a prefix of the former; else on its own), as the model reads a reply after its prompt."""
     ids: list[int] = []
     mask: list[int] = []
+    alone = _pieces_tokenize_alone(tokenizer)
+    text_before, ids_before = "", []  # (not alone) the text so far, and its tokens as one text
     for text, learn in pieces:
         if not text:
             continue
-        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if alone:
+            toks = _encode(tokenizer, text)
+        else:
+            text_before += text
+            whole = _encode(tokenizer, text_before)
+            toks = whole[len(ids_before):] if whole[:len(ids_before)] == ids_before else _encode(tokenizer, text)
+            ids_before = whole
         if learn and eos_id is not None:
             toks = [*toks, eos_id]
         ids.extend(toks)
@@ -274,17 +297,12 @@ def tokenize_conversation(
         return _marked_tokens(tokenizer, messages, chat_template, tools, assistant_turns, learned, index)
     pieces: list[tuple[str, int]] = []
     done = ""
-    for i in range(len(messages)):
-        if i in learned:
-            before = _render(tokenizer, messages[:i], chat_template, add_generation_prompt=True, tools=tools,
-                             index=index)
-            if not before.startswith(done):
-                raise DataError(f"row {index}: {_NOT_PREFIX}")
-            pieces.append((before[len(done):], 0))
-            done = before
+    for i in learned:  # messages after the last learned turn would add no loss: left out
+        before = _render(tokenizer, messages[:i], chat_template, add_generation_prompt=True, tools=tools,
+                         index=index)
         full = _render(tokenizer, messages[: i + 1], chat_template, tools=tools, index=index)
-        if not full.startswith(done):
+        if not before.startswith(done) or not full.startswith(before):
             raise DataError(f"row {index}: {_NOT_PREFIX}")
-        pieces.append((full[len(done):], int(i in learned)))
+        pieces += [(before[len(done):], 0), (full[len(before):], 1)]
         done = full
     return _tokenize_pieces(tokenizer, pieces, eos_id)

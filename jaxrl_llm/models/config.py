@@ -182,10 +182,14 @@ def _first(d: dict, *keys, default=None):
 # What transformers' config classes assume for keys a config.json leaves out, where it differs by family (read
 # from their constructors): the same file must mean the same model here.
 _FAMILY_DEFAULTS = {
-    "llama": dict(max_position_embeddings=2048, num_key_value_heads=None, head_dim=None),
-    "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8, head_dim=None, sliding_window=4096),
-    "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=None),
-    "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128),
+    "llama": dict(max_position_embeddings=2048, num_key_value_heads=None, head_dim=None, bos_token_id=1,
+                  eos_token_id=2),
+    "mistral": dict(max_position_embeddings=131072, num_key_value_heads=8, head_dim=None, sliding_window=4096,
+                    bos_token_id=1, eos_token_id=2),
+    "qwen2": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=None, bos_token_id=None,
+                  eos_token_id=None),
+    "qwen3": dict(max_position_embeddings=32768, num_key_value_heads=32, head_dim=128, bos_token_id=None,
+                  eos_token_id=None),
 }
 
 
@@ -254,7 +258,7 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
     rope = d.get("rope_parameters") or {}
     rope_theta = _first(rope, "rope_theta", default=_first(d, "rope_theta", default=10000.0))
     rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else d.get("rope_scaling")
-    eos = d.get("eos_token_id")
+    eos = d.get("eos_token_id", fam["eos_token_id"])
     eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
     attention_bias = bool(d.get("attention_bias", False))
     sliding = None
@@ -287,7 +291,7 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
         qk_norm=family == "qwen3",
         sliding_window=int(sliding) if sliding else None,
         num_labels=num_labels,
-        bos_token_id=d.get("bos_token_id"),
+        bos_token_id=d.get("bos_token_id", fam["bos_token_id"]),
         eos_token_ids=eos_ids,
         pad_token_id=d.get("pad_token_id"),
     )

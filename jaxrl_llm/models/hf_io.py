@@ -226,7 +226,37 @@ def read_hf_config(folder: str) -> dict:
         raise CheckpointError(f"{path}: invalid JSON ({e})") from e
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: a JSON {type(d).__name__}, not an object of model settings")
-    return d
+    return _with_generation_eos(folder, d)
+
+
+def _eos_list(v: Any, where: str) -> list[int]:
+    items = v if isinstance(v, list) else [] if v is None else [v]
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in items):
+        raise CheckpointError(f"{where}: eos_token_id={v!r}: expected a token id or a list of them")
+    return items
+
+
+def _with_generation_eos(folder: str, d: dict) -> dict:
+    """config.json's settings, with the end ids of generation_config.json added to its eos_token_id: instruct
+    checkpoints list their turn-end tokens there (Qwen2.5's <|endoftext|> beside <|im_end|>, Gemma's
+    <end_of_turn>), and transformers' generate stops at them."""
+    path = os.path.join(folder, "generation_config.json")
+    if not os.path.exists(path):
+        return d
+    try:
+        with open(path) as f:
+            g = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    if not isinstance(g, dict):
+        raise CheckpointError(f"{path}: a JSON {type(g).__name__}, not an object of generation settings")
+    extra = _eos_list(g.get("eos_token_id"), path)
+    own = _eos_list(d.get("eos_token_id"), os.path.join(folder, "config.json"))
+    if not extra or set(extra) <= set(own):
+        return d
+    if "eos_token_id" not in d and d.get("model_type") in ("llama", "mistral"):
+        own = [2]  # transformers' default for these families
+    return {**d, "eos_token_id": list(dict.fromkeys([*own, *extra]))}
 
 
 def load_hf_folder(folder: str, dtype: Any = jnp.float32, mesh: Mesh | None = None,

@@ -16,7 +16,7 @@ from jaxrl_llm.sampling.strategies import (
     scale_by_temperature,
     token_logprobs,
 )
-from jaxrl_llm.sampling.text import TextOutput, generate_text
+from jaxrl_llm.sampling.text import TextOutput, default_stop_ids, generate_text
 
 __all__ = [
     "CACHE_AXES",
@@ -29,6 +29,7 @@ __all__ = [
     "cache_shardings",
     "compile_count",
     "compile_counts",
+    "default_stop_ids",
     "filter_top_k_top_p",
     "generate",
     "generate_text",

