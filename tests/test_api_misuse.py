@@ -57,6 +57,11 @@ def test_forward_token_ids_are_checked(params):
         models.forward(CFG, params, jnp.array([[1, 2, 305]]))
     with pytest.raises(ValueError, match=r"token id -1 is outside"):
         models.forward(CFG, params, np.array([[1, -1]]))
+    # ids closed over by a jitted function are concrete there, but their min/max are traced: no check, no error
+    # (it raised ConcretizationTypeError)
+    ids = jnp.array([[1, 2, 3]])
+    np.testing.assert_allclose(jax.jit(lambda p: models.forward(CFG, p, ids))(params), expected, atol=1e-6)
+    jax.jit(lambda p: jax.grad(lambda q: models.forward(CFG, q, ids).sum())(p))(params)
 
 
 @pytest.mark.parametrize("rng", [0, np.int64(0), jnp.int32(0), np.array(0), None])

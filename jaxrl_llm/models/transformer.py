@@ -249,7 +249,29 @@ def embed_tokens(embed_VD: jax.Array, ids: jax.Array, rules: ShardingRules | Non
     """Rows of the embedding table for token ids. The table's model-width axis is gathered first (what FSDP
     does before using any weight): looked up from a table sharded along it, the rows could not follow the
     batch's sharding, and XLA replicated the whole lookup on every device and then repartitioned it."""
-    return jnp.take(constrain(embed_VD, ("vocab", None), rules), ids, axis=0)
+    table = constrain(embed_VD, ("vocab", None), rules)
+    return jnp.take(table, ids, axis=0) if table.dtype == jnp.float32 else _take_rows_fp32_grad(table, ids)
+
+
+@jax.custom_vjp
+def _take_rows_fp32_grad(table_VD: jax.Array, ids: jax.Array) -> jax.Array:
+    """jnp.take(table, ids, axis=0) for a table stored in bf16, whose gradient is summed in fp32: differentiated
+    as it is, the lookup's gradient is a scatter-add in the table's dtype, and a bf16 row stops growing after 256
+    equal contributions (a token that occurs 4096 times in a batch got 1/16 of its gradient)."""
+    return jnp.take(table_VD, ids, axis=0)
+
+
+def _take_rows_fwd(table_VD, ids):
+    return jnp.take(table_VD, ids, axis=0), (table_VD, ids)
+
+
+def _take_rows_bwd(res, g):
+    table_VD, ids = res
+    grad = jnp.zeros(table_VD.shape, jnp.float32).at[ids].add(g.astype(jnp.float32), mode="drop")
+    return grad.astype(table_VD.dtype), None
+
+
+_take_rows_fp32_grad.defvjp(_take_rows_fwd, _take_rows_bwd)
 
 
 def checked_token_ids(cfg: ModelConfig, ids: jax.Array, name: str = "input_ids", ndim: int = 2) -> jax.Array:
@@ -262,7 +284,10 @@ def checked_token_ids(cfg: ModelConfig, ids: jax.Array, name: str = "input_ids",
         raise ValueError(f"{name}: expected integer token ids of {ndim} axes{axes}, got shape {tuple(ids.shape)} "
                          f"of {ids.dtype}")
     if not isinstance(ids, jax.core.Tracer) and ids.size:
-        lo, hi = (int(v) for v in jax.device_get((ids.min(), ids.max())))
+        try:
+            lo, hi = (int(v) for v in jax.device_get((ids.min(), ids.max())))
+        except jax.errors.ConcretizationTypeError:  # concrete ids closed over inside a jitted function
+            return ids
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"{name}: token id {lo if lo < 0 else hi} is outside the vocabulary "
                              f"[0, {cfg.vocab_size})")

@@ -193,7 +193,9 @@ def generate(
     into an output-major layout (`models.decode_layout`) whose thin decode products XLA:CPU runs about twice
     as fast (memory: a second copy of the layer weights while decoding). It is several times faster per step
     at small batch, but compiles several times slower (about 4x for a 30-layer model), so it pays off from a
-    handful of calls on.
+    handful of calls on. Not by default in bf16 compute: XLA keeps some bf16 results of the unrolled program
+    in fp32 where the trainer's layer scan rounds them (`xla_allow_excess_precision`), and the sampler's
+    log-probs would differ from the trainer's by up to ~0.1 (the scan's agree exactly).
     share_prefill: a prompt that occurs several times in a chunk (GRPO's group, pass@k's samples) is prefilled
     once and its cache copied to its rows, whenever that makes the prefill batch smaller (stats['prefill_rows']
     counts the rows prefilled).
@@ -226,7 +228,7 @@ def generate(
     shards = _batch_shards(mesh, model_rules)
     if unroll_layers is None:
         platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-        unroll_layers = platform == "cpu"
+        unroll_layers = platform == "cpu" and cfg.dtype == np.float32
     decode_weights: dict | None = None  # the params decode reads; built at the first chunk
 
     n = len(arrs)
