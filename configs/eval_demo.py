@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
         init=ml_collections.ConfigDict(), dtype="float32", compute_dtype="float32", attention_impl="xla",
         remat=False))
     c.data = ml_collections.ConfigDict(dict(
+        chat_template="",  # overrides the tokenizer's; chat_template_kwargs: JSON, e.g. {"enable_thinking": false}
+        chat_template_kwargs="",
         source="rg:chain_sum", num=200, seed=1, shuffle=False, system_prompt="",
         instruction="Reply with only the final number.",
         options=ml_collections.ConfigDict(dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1))))

@@ -15,6 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
         init=ml_collections.ConfigDict(), dtype="float32", compute_dtype="float32", attention_impl="xla",
         remat=False))
     c.data = ml_collections.ConfigDict(dict(
+        chat_template="",  # overrides the tokenizer's; chat_template_kwargs: JSON, e.g. {"enable_thinking": false}
+        chat_template_kwargs="",
         source="gsm8k", num=50, seed=0, shuffle=False, system_prompt="",
         instruction=config_dict.placeholder(str),  # None: the source's default (the \\boxed{} instruction)
         options=ml_collections.ConfigDict()))  # reasoning-gym dataset options ('rg:' sources)

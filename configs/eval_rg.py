@@ -15,6 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
         init=ml_collections.ConfigDict(), dtype="float32", compute_dtype="float32", attention_impl="xla",
         remat=False))
     c.data = ml_collections.ConfigDict(dict(
+        chat_template="",  # overrides the tokenizer's; chat_template_kwargs: JSON, e.g. {"enable_thinking": false}
+        chat_template_kwargs="",
         source="rg:basic_arithmetic", num=50, seed=0, shuffle=False, system_prompt="",
         instruction=config_dict.placeholder(str),  # None: none (the task prompt says how to answer)
         # reasoning-gym dataset options (its config fields)

@@ -29,7 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
         source="rg:chain_sum", num_examples=2048,  # procedural: 2048 seeded problems
         options=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
         system_prompt="", instruction="Reply with only the final number.",
-        chat_template="", max_prompt_len=56, overlong="drop"))  # the prompts are 56 tokens
+        chat_template="",
+        chat_template_kwargs="",  # JSON object of template variables, e.g. {"enable_thinking": false}
+        max_prompt_len=56, overlong="drop"))  # the prompts are 56 tokens
     # sandbox: scoring workers confined (seccomp, memory cap); isolate: a process forked per sample
     c.env = ml_collections.ConfigDict(dict(name="reasoning_gym", answer_format=r"(-?\d+)", num_workers=1,
                                            timeout_s=10.0, sandbox=True, isolate=True))

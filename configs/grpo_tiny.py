@@ -37,7 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
         source="rg:chain_sum",  # gsm8k | aime2025 | champ | rg:<reasoning-gym dataset> | a .jsonl file
         num_examples=64, options=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),
         system_prompt="", instruction=config_dict.placeholder(str),  # None: the source's default instruction
-        chat_template="", max_prompt_len=96, overlong="drop"))  # prompts over max_prompt_len: drop | truncate
+        chat_template="",
+        chat_template_kwargs="",  # JSON object of template variables, e.g. {"enable_thinking": false}
+        max_prompt_len=96, overlong="drop"))  # prompts over max_prompt_len: drop | truncate
     c.env = ml_collections.ConfigDict(dict(name="format", pattern="k"))
     c.rollout = ml_collections.ConfigDict(dict(
         num_prompts=8, group_size=4, max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0,

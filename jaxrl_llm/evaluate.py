@@ -110,7 +110,7 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
     rules = parallel.ShardingRules()
     workdir = mc.path if is_workdir(mc.path) else ""
     tok_path = config.tokenizer or (os.path.join(workdir, "tokenizer") if workdir else mc.path)
-    tokenizer = train.load_tokenizer(tok_path)
+    tokenizer = train.load_run_tokenizer(config, tok_path)
     tasks = load_tasks(dc.source, dc.num, dc.seed, system_prompt=dc.system_prompt or None,
                        instruction=dc.instruction, shuffle=dc.shuffle, **dc.options.to_dict())
     try:  # each process takes its rows from its own copy of the tasks

@@ -38,7 +38,7 @@ from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
 from jaxrl_llm.algorithms.pg_losses import kl_penalty
 from jaxrl_llm.checkpoint import require_finite
-from jaxrl_llm.data.chat import DataError
+from jaxrl_llm.data.chat import DataError, run_template
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.metrics import MetricsWriter
@@ -149,7 +149,7 @@ class GRPORunner:
         self.T = config.data.max_prompt_len + self.budget
         self.tasks = tasks
         self.prompt_ids, self.kept, self.prompt_stats = prompt_ids(
-            tokenizer, tasks, config.data.chat_template or None, config.data.max_prompt_len, config.data.overlong)
+            tokenizer, tasks, run_template(config.data), config.data.max_prompt_len, config.data.overlong)
         stops = rollout_stop_ids(config, cfg, tokenizer)
         self.sp = sampling.SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                                           top_p=ro.top_p, top_k=ro.top_k, stop_token_ids=stops)
@@ -231,7 +231,7 @@ class GRPORunner:
         out = multiturn.multi_turn_rollout(
             gen, self.tok, self.env, prompts, [list(t.messages) for t in tasks], [t.metadata for t in tasks],
             max_turns=self.max_turns, max_new_tokens=ro.max_new_tokens, max_total_tokens=self.budget,
-            chat_template=self.config.data.chat_template or None)
+            chat_template=run_template(self.config.data))
         elapsed = time.perf_counter() - t0
         times = {"time_generate_s": gen.seconds, "time_score_s": elapsed - gen.seconds,
                  "time_reshard_s": gen.reshard_seconds,

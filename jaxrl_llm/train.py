@@ -29,6 +29,7 @@ from jaxrl_llm.checkpoint import Checkpointer, require_finite
 from jaxrl_llm.cli import exit_if_job_crashed, exit_with_error
 from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
+from jaxrl_llm.data.chat import run_template
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
@@ -93,17 +94,23 @@ def resolve_path(path: str) -> str:
     return path
 
 
-def load_run_tokenizer(config: ml_collections.ConfigDict):
-    """The run's tokenizer (config.tokenizer, else model.path's), its chat template (data.chat_template's
-    override, else its own) checked to parse: a ConfigError naming the line otherwise."""
-    from jaxrl_llm.data.chat import check_template
+def load_run_tokenizer(config: ml_collections.ConfigDict, path: str | None = None):
+    """The run's tokenizer (`path`, else config.tokenizer, else model.path's) with its chat template:
+    data.chat_template's override, else its own, with data.chat_template_kwargs' defaults; checked to parse (a
+    ConfigError naming the line otherwise)."""
+    from jaxrl_llm.data.chat import check_template, template_kwargs, with_template_defaults
 
-    tokenizer = load_tokenizer(config.tokenizer or config.model.path)
-    override = config.data.get("chat_template") or None
+    tokenizer = load_tokenizer(path or config.tokenizer or config.model.path)
+    try:
+        override, kwargs = run_template(config.data), template_kwargs(config.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         check_template(tokenizer, override)
     except ValueError as e:
         raise ConfigError(f"{'data.chat_template' if override else 'the tokenizer'}: {e}") from None
+    # the template every step uses (SFT/DPO rows, GRPO prompts, validation, evaluation) and the export keeps
+    tokenizer.chat_template = override or with_template_defaults(tokenizer.chat_template, kwargs)
     return tokenizer
 
 
@@ -404,8 +411,6 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
             raise ConfigError(f"workdir {workdir!r} holds checkpoints of a run with model.dtype={before}, not "
                               f"{config.model.dtype}: resuming would round its parameters (and every export of "
                               "its checkpoints) to the new dtype; use a fresh workdir to change it")
-    if config.data.get("chat_template"):  # the run's template goes with its tokenizer (and the HF export)
-        tokenizer.chat_template = config.data.chat_template
     if jax.process_index() == 0:  # each written whole or not at all: a kill here must not break the restart
         write_atomically(saved, json.dumps({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
                                             "attention_impl": cfg.attention_impl,

@@ -185,3 +185,86 @@ def _with_template(tokenizer, template):
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = template
     return tok
+
+
+# As Qwen3's: with enable_thinking false the generation prompt opens and closes an empty reasoning block.
+SWITCH_TEMPLATE = (
+    "{% set off = enable_thinking is defined and enable_thinking is false %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' and off %}<think>\n\n</think>\n\n"
+    "{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% if off %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def test_template_defaults_render_as_apply_chat_template_kwargs(tokenizer):
+    from jaxrl_llm.data.chat import with_template_defaults
+
+    msgs = [{"role": "user", "content": "2+2?"}]
+    baked = with_template_defaults(SWITCH_TEMPLATE, {"enable_thinking": False, "who": 'a "b"\n', "n": 3})
+    for kw in ({}, {"enable_thinking": True}):  # the defaults, and a caller that passes the variable
+        want = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                             chat_template=SWITCH_TEMPLATE, **{"enable_thinking": False, **kw})
+        got = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, chat_template=baked,
+                                            **kw)
+        assert got == want
+    assert "<think>" in got or "<think>" not in want
+    assert "<think>\n\n</think>" in tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True,
+                                                                  chat_template=baked)
+    # a template that starts with a newline keeps it; named templates each get the defaults
+    nl = "\n" + SWITCH_TEMPLATE
+    assert tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=with_template_defaults(
+        nl, {"x": None})) == tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=nl)
+    named = with_template_defaults({"default": SWITCH_TEMPLATE, "tool_use": SWITCH_TEMPLATE}, {"x": 1.5})
+    assert set(named) == {"default", "tool_use"} and all("{% set x = 1.5 %}" in t for t in named.values())
+    assert with_template_defaults(SWITCH_TEMPLATE, {}) == SWITCH_TEMPLATE
+
+
+@pytest.mark.parametrize("value, match", [
+    ("{not json", "data.chat_template_kwargs='{not json': not a JSON object"),
+    ("[1]", "expected an object of template variables"),
+    ('{"enable-thinking": true}', "'enable-thinking' is not a template variable name"),
+    ('{"loop": true}', "'loop' is not a template variable name"),
+    ('{"a": [1]}', r"data.chat_template_kwargs.a=\[1\]: expected true, false, null, a number or a string"),
+])
+def test_bad_template_kwargs_name_the_entry(tmp_path, value, match):
+    from recipes import recipe
+
+    from jaxrl_llm import train
+
+    with pytest.raises(train.ConfigError, match=match):
+        train.load_run_tokenizer(recipe("sft_tiny", {"data.chat_template_kwargs": value}))
+
+
+def test_template_kwargs_reach_every_use_of_the_template(tokenizer, tmp_path):
+    """data.chat_template_kwargs (NeMo RL's chat_template_kwargs; Qwen3's enable_thinking): SFT rows, GRPO prompts
+    and evaluation prompts, with the tokenizer's own template or data.chat_template, and the saved tokenizer."""
+    import json
+
+    from recipes import recipe
+
+    from jaxrl_llm import train
+    from jaxrl_llm.algorithms import sft
+    from jaxrl_llm.data.chat import run_template
+    from jaxrl_llm.rl_train import prompt_ids
+    from jaxrl_llm.sampling.text import encode_inputs
+
+    path = tmp_path / "rows.jsonl"
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    path.write_text(json.dumps({"messages": msgs}) + "\n")
+    empty_think = "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    for over in ({"data.chat_template": SWITCH_TEMPLATE}, {"tokenizer": str(tmp_path / "tok")}):
+        tok_with_own = _with_template(tokenizer, SWITCH_TEMPLATE)
+        tok_with_own.save_pretrained(tmp_path / "tok")
+        for kwargs, thinks in (('{"enable_thinking": false}', True), ("", False)):
+            c = recipe("sft_tiny", {**over, "data.source": str(path), "data.num_examples": -1,
+                                    "data.chat_template_kwargs": kwargs})
+            tok = train.load_run_tokenizer(c)
+            (ids, mask), = sft.prepare(c, tok)[0]
+            assert (empty_think in tok.decode(ids[mask == 0])) == thinks
+            assert tok.decode(ids[mask == 1]) == "4<|im_end|>\n"
+            grpo_ids, _, _ = prompt_ids(tok, [_Task(tuple(msgs[:1]))], run_template(c.data), 512, "drop")
+            assert tok.decode(grpo_ids[0]).endswith(empty_think) == thinks
+            assert tok.decode(encode_inputs(tok, [msgs[:1]])[0]).endswith(empty_think) == thinks
+            tok.save_pretrained(tmp_path / "saved")
+            saved = train.load_tokenizer(str(tmp_path / "saved"))
+            assert saved.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True).endswith(
+                empty_think) == thinks

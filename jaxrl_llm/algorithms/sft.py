@@ -15,7 +15,14 @@ import optax
 from jaxrl_llm.algorithms.base import Algorithm
 from jaxrl_llm.algorithms.losses import token_logprobs
 from jaxrl_llm.data.buckets import bucket_width
-from jaxrl_llm.data.chat import DataError, row_tools, to_conversation, tokenize_conversation, turn_end_token
+from jaxrl_llm.data.chat import (
+    DataError,
+    row_tools,
+    run_template,
+    to_conversation,
+    tokenize_conversation,
+    turn_end_token,
+)
 from jaxrl_llm.data.sources import describe_source, load_rows
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.transformer import hidden_states, lm_logits
@@ -138,10 +145,11 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[tuple[np.ndarray, np.ndar
     dc = config.data
     rows = load_rows(dc.source, dc.num_examples)
     out, stats = [], {"rows": len(rows), "truncated": 0, "dropped": 0}
-    eos_id = turn_end_token(tokenizer, dc.chat_template or None, enabled=dc.get("add_eos", True))
+    template = run_template(dc)
+    eos_id = turn_end_token(tokenizer, template, enabled=dc.get("add_eos", True))
     for i, row in enumerate(rows):
         msgs, context_turns = to_conversation(row, i)
-        ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=dc.chat_template or None,
+        ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=template,
                                           last_assistant_only=dc.last_assistant_only, index=i,
                                           context_turns=context_turns, tools=row_tools(row, i), eos_id=eos_id)
         cut = len(ids) > dc.max_len

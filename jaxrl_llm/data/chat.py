@@ -306,3 +306,58 @@ def tokenize_conversation(
         pieces += [(before[len(done):], 0), (full[len(before):], 1)]
         done = full
     return _tokenize_pieces(tokenizer, pieces, eos_id)
+
+
+def template_kwargs(data_config: Any) -> dict[str, Any]:
+    """data.chat_template_kwargs (a mapping, or a JSON object as a string; absent or empty: none) checked: the
+    names of template variables (`enable_thinking` for Qwen3) to values true, false, null, a number or a string.
+    A ValueError names the bad entry."""
+    raw = data_config.get("chat_template_kwargs") if hasattr(data_config, "get") else None
+    if raw is None or raw == "":
+        return {}
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"data.chat_template_kwargs={raw!r}: not a JSON object ({e})") from None
+    if hasattr(raw, "to_dict"):
+        raw = raw.to_dict()
+    if not isinstance(raw, dict):
+        raise ValueError(f"data.chat_template_kwargs={raw!r}: expected an object of template variables, e.g. "
+                         '{"enable_thinking": false}')
+    for k, v in raw.items():
+        if not isinstance(k, str) or not k.isidentifier() or k in _JINJA_WORDS:
+            raise ValueError(f"data.chat_template_kwargs: {k!r} is not a template variable name")
+        if v is not None and not isinstance(v, bool | int | float | str):
+            raise ValueError(f"data.chat_template_kwargs.{k}={v!r}: expected true, false, null, a number or a string")
+    return raw
+
+
+_JINJA_WORDS = {"true", "false", "none", "True", "False", "None", "and", "or", "not", "in", "is", "if", "else",
+                "for", "set", "loop", "namespace"}
+
+
+def _jinja_literal(v: Any) -> str:
+    if v is None or isinstance(v, bool):
+        return {None: "none", True: "true", False: "false"}[v]
+    return json.dumps(v)  # numbers, and strings with JSON's escapes (which jinja reads the same)
+
+
+def with_template_defaults(template: Any, kwargs: dict[str, Any]) -> Any:
+    """The template (a string, or named templates) with each variable of `kwargs` defaulting to its value: what
+    apply_chat_template(..., **kwargs) renders, for every caller of the template (SFT, DPO, GRPO, evaluation,
+    the exported tokenizer), while a caller that passes the variable still decides it."""
+    if not kwargs or template is None:
+        return template
+    if isinstance(template, dict):
+        return {name: with_template_defaults(t, kwargs) for name, t in template.items()}
+    head = "".join(f"{{% if {k} is not defined %}}{{% set {k} = {_jinja_literal(v)} %}}{{% endif %}}"
+                   for k, v in kwargs.items())
+    return head + "{{ '' }}" + template  # (a newline that starts the template is not trimmed as after a block tag)
+
+
+def run_template(data_config: Any) -> str | None:
+    """The run's template override (data.chat_template) with data.chat_template_kwargs' defaults, or None (the
+    tokenizer's own template, to which `train.load_run_tokenizer` gives the same defaults)."""
+    override = data_config.get("chat_template") or None
+    return with_template_defaults(override, template_kwargs(data_config))

@@ -18,7 +18,14 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxrl_llm.data.buckets import bucket_width
-from jaxrl_llm.data.chat import DataError, as_messages, present_fields, tokenize_conversation, turn_end_token
+from jaxrl_llm.data.chat import (
+    DataError,
+    as_messages,
+    present_fields,
+    run_template,
+    tokenize_conversation,
+    turn_end_token,
+)
 from jaxrl_llm.data.sources import _package_file, describe_source, first_rows, load_rows, strip_calculator_annotations
 
 log = logging.getLogger(__name__)
@@ -237,9 +244,10 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
     rows = load_preference_rows(dc.source, dc.num_examples)
     out: list[PreferencePair] = []
     stats = {"rows": len(rows), "truncated": 0, "dropped": 0}
-    eos_id = turn_end_token(tokenizer, dc.chat_template or None, enabled=dc.get("add_eos", True))
+    template = run_template(dc)
+    eos_id = turn_end_token(tokenizer, template, enabled=dc.get("add_eos", True))
     for i, row in enumerate(rows):
-        pair = tokenize_pair(tokenizer, *to_preference(row, i), chat_template=dc.chat_template or None, index=i,
+        pair = tokenize_pair(tokenizer, *to_preference(row, i), chat_template=template, index=i,
                              eos_id=eos_id)
         cut = max(len(pair.chosen_ids), len(pair.rejected_ids)) > dc.max_len
         if cut:
