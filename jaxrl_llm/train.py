@@ -125,17 +125,19 @@ def load_tokenizer(path: str):
         raise ConfigError(f"tokenizer {path!r} could not be loaded: {str(e).splitlines()[0] if str(e) else e!r}") from e
 
 
+def init_config(mc: ml_collections.ConfigDict, vocab_size: int) -> models.ModelConfig:
+    try:
+        return models.ModelConfig(**{"vocab_size": vocab_size, **dict(mc.init)})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model.init: {e}") from None
+
+
 def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules, num_labels: int = 0):
     mc = config.model
     if mc.path:
         cfg, params = models.load_pretrained(resolve_path(mc.path), dtype=mc.dtype, mesh=mesh, rules=rules)
     else:
-        init = dict(mc.init)
-        init.setdefault("vocab_size", vocab_size)
-        try:
-            cfg = models.ModelConfig(**init)
-        except TypeError as e:
-            raise ConfigError(f"model.init: {e}") from e
+        cfg = init_config(mc, vocab_size)
         params = models.init_params(cfg, jax.random.key(config.seed), dtype=mc.dtype, mesh=mesh, rules=rules,
                                     std=mc.get("init_std", 0.02))
     cfg = dataclasses.replace(cfg, compute_dtype=mc.compute_dtype, attention_impl=mc.attention_impl,
@@ -194,10 +196,12 @@ def check_env_scores_tasks(env: Any, env_name: str, source: Any, tasks: list) ->
 
 
 def check_model_settings(mc: ml_collections.ConfigDict) -> None:
-    """model.dtype, model.compute_dtype and model.attention_impl, each a ConfigError naming the key (training and
-    evaluation)."""
+    """model.dtype, model.compute_dtype, model.attention_impl and model.init (when it is used), each a
+    ConfigError naming the key (training and evaluation)."""
     from jaxrl_llm.models.config import ATTENTION_IMPLS
 
+    if not mc.path and mc.get("init"):
+        init_config(mc, vocab_size=2)  # (the tokenizer's size comes later)
     for key in ("dtype", "compute_dtype"):
         try:
             models.resolve_dtype(mc[key])

@@ -29,6 +29,10 @@ from jaxrl_llm import train, workdir
     ({"optimizer.b2": 1.0}, "optimizer.b2=1.0"),
     ({"optimizer.eps": 0.0}, "optimizer.eps=0.0"),
     ({"model.dtype": "float16"}, "model.dtype=float16: fp16 parameters cannot take AdamW's small updates"),
+    # model.init was built only after the data were tokenized: an odd head_dim failed in the compiled step
+    ({"model.init.head_dim": 15}, r"model.init: head_dim=15: must be even \(RoPE"),
+    ({"model.init.num_kv_heads": 3}, "model.init: num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    ({"model.init.n_layers": 3}, "model.init: .*unexpected keyword argument 'n_layers'"),
 ])
 @pytest.mark.parametrize("name", ["sft_tiny", "grpo_tiny"])
 def test_bad_shared_keys_are_config_errors(name, over, message):

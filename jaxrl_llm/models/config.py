@@ -116,6 +116,8 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"num_attention_heads={self.num_heads} is not a multiple of num_key_value_heads={self.num_kv_heads}"
             )
+        if self.head_dim % 2:
+            raise UnsupportedModelError(f"head_dim={self.head_dim}: must be even (RoPE rotates pairs of dimensions)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         resolve_dtype(self.compute_dtype)
