@@ -268,3 +268,17 @@ def test_template_kwargs_reach_every_use_of_the_template(tokenizer, tmp_path):
             saved = train.load_tokenizer(str(tmp_path / "saved"))
             assert saved.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True).endswith(
                 empty_think) == thinks
+
+
+def test_generation_blocks_with_plus_whitespace_control_are_recognised(tokenizer):
+    """`{%+ generation %}` (lstrip_blocks turned off for the tag) was matched when marking blocks but not when
+    deciding whether a template has them: such a template took the prefix path."""
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                "{% if m.role == 'assistant' %}{%+ generation %}{{ m.content }}<|im_end|>{% endgeneration %}\n"
+                "{% else %}{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}<|endoftext|>{% endif %}")
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+            {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
+    ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=template)
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template)
+    assert _learned(tokenizer, ids, mask) == "4<|im_end|>6<|im_end|>"

@@ -115,7 +115,7 @@ _NOT_PREFIX = ("the chat template does not render conversation prefixes as prefi
                "to one that does, or to one that marks the assistant's tokens with {% generation %} blocks")
 
 
-_GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
+_GENERATION_BLOCK = re.compile(r"{%[-+]?\s*generation\s*[-+]?%}")
 
 
 def _has_generation_blocks(tokenizer: Any, chat_template: str | None) -> bool:
