@@ -72,3 +72,22 @@ def test_bf16_params_model_gradient_matches_fp32_on_a_mesh():
     with jax.set_mesh(mesh):
         gs = jax.jit(jax.grad(loss))(sharded)["embed"]
     np.testing.assert_allclose(np.asarray(gs[5], np.float64), g16, rtol=0.02, atol=1e-6)
+
+
+def test_bf16_lookup_takes_narrow_ids_and_forward_mode():
+    """The fp32-summing lookup first overflowed on int16 ids of a vocabulary over 32767 (its scatter's index
+    arithmetic in the ids' dtype) and refused forward-mode differentiation (a custom VJP); both work as with
+    fp32 tables."""
+    cfg = models.ModelConfig(family="llama", vocab_size=40000, hidden_size=32, intermediate_size=64, num_layers=1,
+                             num_heads=2, num_kv_heads=2, head_dim=16)
+    p16 = models.init_params(cfg, jax.random.key(0), dtype="bfloat16")
+    p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p16)
+    for dt in (np.int16, np.uint16):
+        ids = jnp.asarray(np.array([[5, 7, 30000, 7]], dt))
+        g16, g32 = (jax.grad(lambda p: models.forward(cfg, p, ids).sum())(p)["embed"] for p in (p16, p32))
+        rows = [5, 7, 30000]
+        np.testing.assert_allclose(np.asarray(g16, np.float32)[rows], np.asarray(g32)[rows], rtol=0.05, atol=0.05)
+    ids = jnp.asarray([[5, 7, 5]])
+    t = jax.tree.map(jnp.ones_like, p16)
+    _, jvp16 = jax.jvp(lambda p: embed_tokens(p["embed"], ids, None).astype(jnp.float32), (p16,), (t,))
+    np.testing.assert_array_equal(np.asarray(jvp16), 1.0)

@@ -208,12 +208,35 @@ def test_template_defaults_render_as_apply_chat_template_kwargs(tokenizer):
     assert with_template_defaults(SWITCH_TEMPLATE, {}) == SWITCH_TEMPLATE
 
 
+_BODY = "{% for m in messages %}{{ m.content }}{% endfor %}[{{ flag }}]"
+
+
+@pytest.mark.parametrize("template", [
+    "   {% if flag %}ON{% endif %}|", "\n{{ 'x' }}", "\n\n{%- if flag %}A{% endif %}", "  {%+ if flag %}B{% endif %}",
+    "  \n  {% if flag %}C{% endif %}", "\n  {# c #}\nD", "\n\n{{- 'E' }}", "\r\n{% if flag %}F{% endif %}", "  text",
+    "", "\t{#- c -#}\n G", "{% set flag = 'own' %}", "\n", " \n"])
+def test_template_defaults_keep_the_templates_own_start(tokenizer, template):
+    """The defaults go in front of the template, where apply_chat_template's trim_blocks and lstrip_blocks could
+    eat or keep its leading whitespace differently; and a value with characters outside the BMP renders as it is
+    (JSON-escaped, jinja read it as two lone surrogates and the tokenizer refused the text)."""
+    from jaxrl_llm.data.chat import with_template_defaults
+
+    msgs = [{"role": "user", "content": "hi"}]
+    for value in ("\U0001f600 \"q\" \\ \n", True, None, 3):
+        template_b = template + _BODY
+        want = tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template_b, flag=value)
+        got = tokenizer.apply_chat_template(msgs, tokenize=False,
+                                            chat_template=with_template_defaults(template_b, {"flag": value}))
+        assert got == want, (template, value)
+
+
 @pytest.mark.parametrize("value, match", [
     ("{not json", "data.chat_template_kwargs='{not json': not a JSON object"),
     ("[1]", "expected an object of template variables"),
     ('{"enable-thinking": true}', "'enable-thinking' is not a template variable name"),
     ('{"loop": true}', "'loop' is not a template variable name"),
     ('{"a": [1]}', r"data.chat_template_kwargs.a=\[1\]: expected true, false, null, a number or a string"),
+    ('{"bos_token": "<s>"}', "'bos_token' is set by the renderer"),  # a default for it would never apply
 ])
 def test_bad_template_kwargs_name_the_entry(tmp_path, value, match):
     from recipes import recipe

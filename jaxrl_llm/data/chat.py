@@ -209,23 +209,24 @@ def _tokenize_pieces(tokenizer, pieces: list[tuple[str, int]], eos_id: int | Non
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) of (text, learned) pieces; eos_id closes each learned piece.
 
-    Each piece is tokenized on its own where the tokenizer allows it (`_pieces_tokenize_alone`); else in the
-    context of the text before it (the tokens the whole text up to its end adds to those of the text before it,
-    when the latter are a prefix of the former; else on its own), as the model reads a reply after its prompt."""
+    Each piece is tokenized on its own where the tokenizer allows it (`_pieces_tokenize_alone`); else after the
+    piece before it (the tokens the two texts together add to those of the one before, when the latter are their
+    prefix; else on its own), as the model reads a reply after its prompt. One piece of context, not the whole
+    text before it, keeps long conversations linear in their length."""
     ids: list[int] = []
     mask: list[int] = []
     alone = _pieces_tokenize_alone(tokenizer)
-    text_before, ids_before = "", []  # (not alone) the text so far, and its tokens as one text
+    before, before_ids = "", []  # (not alone) the previous piece and its tokens on their own
     for text, learn in pieces:
         if not text:
             continue
-        if alone:
-            toks = _encode(tokenizer, text)
-        else:
-            text_before += text
-            whole = _encode(tokenizer, text_before)
-            toks = whole[len(ids_before):] if whole[:len(ids_before)] == ids_before else _encode(tokenizer, text)
-            ids_before = whole
+        own = _encode(tokenizer, text)
+        toks = own
+        if not alone and before:
+            both = _encode(tokenizer, before + text)
+            if both[:len(before_ids)] == before_ids:
+                toks = both[len(before_ids):]
+        before, before_ids = text, own
         if learn and eos_id is not None:
             toks = [*toks, eos_id]
         ids.extend(toks)
@@ -328,6 +329,9 @@ def template_kwargs(data_config: Any) -> dict[str, Any]:
     for k, v in raw.items():
         if not isinstance(k, str) or not k.isidentifier() or k in _JINJA_WORDS:
             raise ValueError(f"data.chat_template_kwargs: {k!r} is not a template variable name")
+        if k in _RENDER_NAMES:
+            raise ValueError(f"data.chat_template_kwargs: {k!r} is set by the renderer (the conversation, the "
+                             "tokenizer's special tokens); only the template's own variables can be given here")
         if v is not None and not isinstance(v, bool | int | float | str):
             raise ValueError(f"data.chat_template_kwargs.{k}={v!r}: expected true, false, null, a number or a string")
     return raw
@@ -337,10 +341,18 @@ _JINJA_WORDS = {"true", "false", "none", "True", "False", "None", "and", "or", "
                 "for", "set", "loop", "namespace"}
 
 
+# what apply_chat_template itself passes to every render: a default for these would never apply
+_RENDER_NAMES = {"messages", "tools", "documents", "add_generation_prompt", "continue_final_message",
+                 "raise_exception", "strftime_now", "bos_token", "eos_token", "unk_token", "sep_token", "pad_token",
+                 "cls_token", "mask_token", "additional_special_tokens"}
+
+
 def _jinja_literal(v: Any) -> str:
     if v is None or isinstance(v, bool):
         return {None: "none", True: "true", False: "false"}[v]
-    return json.dumps(v)  # numbers, and strings with JSON's escapes (which jinja reads the same)
+    # numbers, and strings with JSON's escapes (which jinja reads the same); characters outside the BMP as they
+    # are (escaped, they would be read as two lone surrogates)
+    return json.dumps(v, ensure_ascii=False)
 
 
 def with_template_defaults(template: Any, kwargs: dict[str, Any]) -> Any:
@@ -351,9 +363,17 @@ def with_template_defaults(template: Any, kwargs: dict[str, Any]) -> Any:
         return template
     if isinstance(template, dict):
         return {name: with_template_defaults(t, kwargs) for name, t in template.items()}
-    head = "".join(f"{{% if {k} is not defined %}}{{% set {k} = {_jinja_literal(v)} %}}{{% endif %}}"
-                   for k, v in kwargs.items())
-    return head + "{{ '' }}" + template  # (a newline that starts the template is not trimmed as after a block tag)
+    # Placed so that the template's own start renders as before under apply_chat_template's trim_blocks (drops a
+    # newline right after a block tag) and lstrip_blocks (drops spaces before a block or comment tag that opens
+    # a line): after the leading whitespace when a block or comment tag follows it, else before it.
+    rest = template.lstrip(" \t\r\n")
+    leading = template[:len(template) - len(rest)]
+    mark = rest[2] if rest[:3] in ("{%-", "{%+", "{#-", "{#+") else ""  # its whitespace control, on the first tag
+    head = "".join(f"{{%{mark if i == 0 else ''} if {k} is not defined %}}{{% set {k} = {_jinja_literal(v)} %}}"
+                   "{% endif %}" for i, (k, v) in enumerate(kwargs.items()))
+    if rest.startswith(("{%", "{#")):
+        return leading + head + rest
+    return head + ("\n" if leading.startswith(("\n", "\r\n")) else "") + leading + rest
 
 
 def run_template(data_config: Any) -> str | None:

@@ -229,30 +229,34 @@ def read_hf_config(folder: str) -> dict:
     return _with_generation_eos(folder, d)
 
 
-def _eos_list(v: Any, where: str) -> list[int]:
+def _eos_list(v: Any) -> list[int] | None:
     items = v if isinstance(v, list) else [] if v is None else [v]
     if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in items):
-        raise CheckpointError(f"{where}: eos_token_id={v!r}: expected a token id or a list of them")
+        return None
     return items
 
 
 def _with_generation_eos(folder: str, d: dict) -> dict:
     """config.json's settings, with the end ids of generation_config.json added to its eos_token_id: instruct
     checkpoints list their turn-end tokens there (Qwen2.5's <|endoftext|> beside <|im_end|>, Gemma's
-    <end_of_turn>), and transformers' generate stops at them."""
+    <end_of_turn>), and transformers' generate stops at them. A file that cannot be read is left out with a
+    warning, as transformers does (the model loads as before)."""
     path = os.path.join(folder, "generation_config.json")
     if not os.path.exists(path):
         return d
     try:
         with open(path) as f:
             g = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
-    if not isinstance(g, dict):
-        raise CheckpointError(f"{path}: a JSON {type(g).__name__}, not an object of generation settings")
-    extra = _eos_list(g.get("eos_token_id"), path)
-    own = _eos_list(d.get("eos_token_id"), os.path.join(folder, "config.json"))
-    if not extra or set(extra) <= set(own):
+        if not isinstance(g, dict):
+            raise ValueError(f"a JSON {type(g).__name__}, not an object of generation settings")
+        extra = _eos_list(g.get("eos_token_id"))
+        if extra is None:
+            raise ValueError(f"eos_token_id={g.get('eos_token_id')!r} is not a token id or a list of them")
+    except (OSError, ValueError) as e:  # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        log.warning("%s: left out, its end ids not used as stop ids (%s)", path, e)
+        return d
+    own = _eos_list(d.get("eos_token_id"))
+    if own is None or not extra or set(extra) <= set(own):  # (config.json's own value: config_from_hf's to read)
         return d
     if "eos_token_id" not in d and d.get("model_type") in ("llama", "mistral"):
         own = [2]  # transformers' default for these families
