@@ -16,6 +16,10 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 
 
+class ConfigError(ValueError):
+    """A recipe or command-line override is invalid; the message names the key."""
+
+
 def unknown_override(config_file: str, args: list[str]) -> str | None:
     """A one-line message for the first `--config.a.b=v` whose key the recipe does not have, or None."""
     import difflib

@@ -27,11 +27,13 @@ from jaxrl_llm.checkpoint import Checkpointer
 from jaxrl_llm.cli import exit_if_job_crashed, exit_with_error, parse_flags
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.tasks import load_tasks
+from jaxrl_llm.data.vocab import check_ids_fit
 from jaxrl_llm.environments import is_multi_turn, make_environment
 from jaxrl_llm.evaluation import evaluate_tasks, scalar_metrics
 from jaxrl_llm.metrics import quiet_libraries
 from jaxrl_llm.sampling.generate import PromptLengthError
 from jaxrl_llm.sampling.request import SamplingParams
+from jaxrl_llm.sampling.text import encode_inputs
 from jaxrl_llm.workdir import MODEL_CONFIG_FILE, set_aside
 
 log = logging.getLogger("jaxrl_llm.evaluate")
@@ -109,8 +111,9 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()
     workdir = mc.path if is_workdir(mc.path) else ""
-    tok_path = config.tokenizer or (os.path.join(workdir, "tokenizer") if workdir else mc.path)
-    tokenizer = train.load_run_tokenizer(config, tok_path)
+    own = os.path.join(workdir, "tokenizer") if workdir else mc.path
+    tok_path = config.tokenizer or own
+    tokenizer = train.load_run_tokenizer(config, own)
     tasks = load_tasks(dc.source, dc.num, dc.seed, system_prompt=dc.system_prompt or None,
                        instruction=dc.instruction, shuffle=dc.shuffle, **dc.options.to_dict())
     try:  # each process takes its rows from its own copy of the tasks
@@ -131,6 +134,9 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
         log.info("evaluating step %d of %s", step, workdir)
     else:
         cfg, params = train.build_model(config, len(tokenizer), mesh, rules)
+    if len(tokenizer) > cfg.vocab_size:
+        check_ids_fit(encode_inputs(tokenizer, [list(t.messages) for t in tasks], label="task"), cfg.vocab_size,
+                      tokenizer, "task")
     log.info("%d tasks from %s, %d sample(s) each", len(tasks), describe_source(dc.source), ec.n_samples)
 
     try:

@@ -50,7 +50,8 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: st
     tok_dir = os.path.join(workdir, "tokenizer")
     tokenizer = models.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
     logging.info("exporting step %d of %s to %s", step, workdir, out)
-    return models.save_pretrained(cfg, items["params"], out, tokenizer=tokenizer, dtype=dtype)
+    return models.save_pretrained(cfg, items["params"], out, tokenizer=tokenizer, dtype=dtype,
+                                  generation_config=saved.get("generation_config"))
 
 
 def main(argv) -> None:

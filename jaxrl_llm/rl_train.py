@@ -40,6 +40,7 @@ from jaxrl_llm.algorithms.pg_losses import kl_penalty
 from jaxrl_llm.checkpoint import require_finite
 from jaxrl_llm.data.chat import DataError, run_template
 from jaxrl_llm.data.sources import describe_source
+from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.metrics import MetricsWriter
 from jaxrl_llm.optim import make_optimizer
@@ -150,6 +151,7 @@ class GRPORunner:
         self.tasks = tasks
         self.prompt_ids, self.kept, self.prompt_stats = prompt_ids(
             tokenizer, tasks, run_template(config.data), config.data.max_prompt_len, config.data.overlong)
+        check_ids_fit(self.prompt_ids, cfg.vocab_size, tokenizer, "task", self.kept)
         stops = rollout_stop_ids(config, cfg, tokenizer)
         self.sp = sampling.SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                                           top_p=ro.top_p, top_k=ro.top_k, stop_token_ids=stops)
@@ -370,6 +372,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         opt_state_shardings,
         prepare_workdir,
         restore_run,
+        source_generation_config,
     )
 
     check_best_metric_name(config)
@@ -398,8 +401,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if outside:
         raise ConfigError(f"rollout.stop_token_ids={tuple(config.rollout.stop_token_ids)}: {outside} outside the "
                           f"model's vocabulary [0, {cfg.vocab_size})")
-    if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
-        cfg = dataclasses.replace(cfg, pad_token_id=tokenizer.pad_token_id)
+    cfg = with_tokenizer_ids(cfg, tokenizer)
     updates_per_step = config.grpo.epochs * (config.rollout.num_prompts * config.rollout.group_size
                                              // (config.train.batch_size or config.rollout.num_prompts
                                                  * config.rollout.group_size))
@@ -467,7 +469,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 close()
     if config.export_hf:  # every process takes part in the gather; process 0 writes
         require_finite({"params": state["params"]}, "the HF export is not written")
-        out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
+        out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer,
+                                     generation_config=source_generation_config(config))
         if out:
             log.info("exported the trained model to %s", out)
     return {**last, **{f"data_{k}": v for k, v in runner.prompt_stats.items()}}

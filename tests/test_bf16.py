@@ -84,7 +84,7 @@ def test_bf16_lookup_takes_narrow_ids_and_forward_mode():
     p32 = jax.tree.map(lambda a: a.astype(jnp.float32), p16)
     for dt in (np.int16, np.uint16):
         ids = jnp.asarray(np.array([[5, 7, 30000, 7]], dt))
-        g16, g32 = (jax.grad(lambda p: models.forward(cfg, p, ids).sum())(p)["embed"] for p in (p16, p32))
+        g16, g32 = (jax.grad(lambda p, ids=ids: models.forward(cfg, p, ids).sum())(p)["embed"] for p in (p16, p32))
         rows = [5, 7, 30000]
         np.testing.assert_allclose(np.asarray(g16, np.float32)[rows], np.asarray(g32)[rows], rtol=0.05, atol=0.05)
     ids = jnp.asarray([[5, 7, 5]])

@@ -43,7 +43,8 @@ def test_templates_that_rewrite_earlier_turns_train_the_last_turn(tokenizer):
     assert tokenizer.decode(ids) == full
     # every turn learned: the first reply would be trained with its reasoning, which the second turn's prompt
     # does not hold; refused, as before
-    with pytest.raises(DataError, match="row 4: the chat template does not render conversation prefixes"):
+    with pytest.raises(DataError, match=r"row 4: the chat template renders an earlier assistant turn differently .*"
+                                        r"message 3's prompt.*data.last_assistant_only=True"):
         tokenize_conversation(tokenizer, CONV, chat_template=THINKING_TEMPLATE, index=4)
     # DPO: the prompt holds the first exchange, the responses are the second reply
     row = {"prompt": CONV[:3], "chosen": [CONV[3]],
@@ -76,7 +77,7 @@ def test_templates_that_close_the_conversation_train_single_replies(tokenizer):
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(msgs, tokenize=False,
                                                                   chat_template=CLOSING_TEMPLATE)
     assert _learned(tokenizer, ids, mask) == "4<|end|>\n<|endoftext|>"
-    with pytest.raises(DataError, match="does not render conversation prefixes"):  # two learned turns
+    with pytest.raises(DataError, match="renders an earlier assistant turn differently"):  # two learned turns
         tokenize_conversation(tokenizer, msgs + [{"role": "user", "content": "3+3?"},
                                                  {"role": "assistant", "content": "6"}],
                               chat_template=CLOSING_TEMPLATE)
@@ -295,3 +296,15 @@ def test_generation_blocks_with_plus_whitespace_control_are_recognised(tokenizer
     ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=template)
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=template)
     assert _learned(tokenizer, ids, mask) == "4<|im_end|>6<|im_end|>"
+
+
+def test_a_reply_that_does_not_continue_its_prompt_says_why(tokenizer):
+    """A reply with reasoning after a generation prompt that closes the thinking block (Qwen3, enable_thinking
+    false): the error said the template did not render prefixes as prefixes, of a row with one turn."""
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content is defined %}<think>\n"
+                "{{ m.reasoning_content }}\n</think>\n\n{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n\n</think>\n\n{% endif %}")
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add"}]
+    with pytest.raises(DataError, match=r"row 2: the chat template does not render assistant message 1 as a "
+                                        r"continuation of its generation prompt .*enable_thinking=false"):
+        tokenize_conversation(tokenizer, msgs, chat_template=template, index=2)

@@ -195,7 +195,7 @@ def test_templates_with_generation_blocks_mark_the_assistant_tokens(tokenizer):
     msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
             {"role": "user", "content": "3+3?"}, {"role": "assistant", "content": "6"}]
     plain = MARKED_TEMPLATE.replace("{% generation %}", "").replace("{% endgeneration %}", "")
-    with pytest.raises(DataError, match=r"row 0: the chat template does not render .* \{% generation %\} blocks"):
+    with pytest.raises(DataError, match=r"row 0: the chat template renders an earlier .* \{% generation %\} blocks"):
         tokenize_conversation(tokenizer, msgs, chat_template=plain)
     ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=MARKED_TEMPLATE)
     full = tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=MARKED_TEMPLATE)

