@@ -12,6 +12,7 @@ from absl import app, flags
 
 from jaxrl_llm import models, parallel
 from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.data.vocab import with_tokenizer_ids
 from jaxrl_llm.metrics import quiet_libraries
 from jaxrl_llm.models.hf_io import check_replaceable
 
@@ -49,6 +50,8 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: st
         ckpt.close()
     tok_dir = os.path.join(workdir, "tokenizer")
     tokenizer = models.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
+    if tokenizer is not None:  # (a workdir written before the run's config took the tokenizer's ids)
+        cfg = with_tokenizer_ids(cfg, tokenizer)
     logging.info("exporting step %d of %s to %s", step, workdir, out)
     return models.save_pretrained(cfg, items["params"], out, tokenizer=tokenizer, dtype=dtype,
                                   generation_config=saved.get("generation_config"))

@@ -28,6 +28,10 @@ def _has_tokenizer(path: str) -> bool:
     return path.endswith(".gguf") or any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES)
 
 
+def _same(a: str, b: str) -> bool:
+    return os.path.realpath(resolve_path(a)) == os.path.realpath(resolve_path(b))
+
+
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -36,7 +40,7 @@ def load_run_tokenizer(config: ml_collections.ConfigDict, own: str | None = None
     template: data.chat_template's override, else its own, with data.chat_template_kwargs' defaults; checked to
     parse (a ConfigError naming the line otherwise). Another tokenizer than the model's own is logged."""
     own = own if own is not None else config.model.path
-    if config.tokenizer and own and _has_tokenizer(own) and resolve_path(config.tokenizer) != resolve_path(own):
+    if config.tokenizer and own and _has_tokenizer(own) and not _same(config.tokenizer, own):
         log.warning("tokenizer=%r is used, not the model's own in %s: its ids must mean the same tokens to the "
                     "model (tokenizer='' uses the model's)", config.tokenizer, own)
     tokenizer = load_tokenizer(config.tokenizer or own)

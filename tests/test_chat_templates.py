@@ -215,7 +215,7 @@ _BODY = "{% for m in messages %}{{ m.content }}{% endfor %}[{{ flag }}]"
 @pytest.mark.parametrize("template", [
     "   {% if flag %}ON{% endif %}|", "\n{{ 'x' }}", "\n\n{%- if flag %}A{% endif %}", "  {%+ if flag %}B{% endif %}",
     "  \n  {% if flag %}C{% endif %}", "\n  {# c #}\nD", "\n\n{{- 'E' }}", "\r\n{% if flag %}F{% endif %}", "  text",
-    "", "\t{#- c -#}\n G", "{% set flag = 'own' %}", "\n", " \n"])
+    "", "\t{#- c -#}\n G", "{% set flag = 'own' %}", "\n", " \n", "\rx", "\r{% if flag %}G{% endif %}"])
 def test_template_defaults_keep_the_templates_own_start(tokenizer, template):
     """The defaults go in front of the template, where apply_chat_template's trim_blocks and lstrip_blocks could
     eat or keep its leading whitespace differently; and a value with characters outside the BMP renders as it is

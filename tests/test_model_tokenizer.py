@@ -107,3 +107,32 @@ def _copy(tok):
     import copy
 
     return copy.deepcopy(tok)
+
+
+def test_packed_rows_are_checked_example_by_example(tokenizer):
+    """A packed SFT row is a list of (ids, mask) examples of different lengths: the check read the list as one
+    array and failed with numpy's 'inhomogeneous shape' error, on every packed run with a tokenizer larger than
+    the model (a few added tokens the data never uses included)."""
+    import numpy as np
+
+    from jaxrl_llm.data.vocab import check_ids_fit
+
+    def ex(*ids):
+        return (np.array(ids, np.int32), np.ones(len(ids), np.int32))
+
+    vocab = len(tokenizer) - 1  # one token of the tokenizer has no row
+    packed = [[ex(1, 2, 3), ex(4, 5)], [ex(6)], ex(7, 8)]
+    check_ids_fit(packed, vocab, tokenizer, "tokenized example")
+    with pytest.raises(DataError, match=rf"tokenized example 1: token id {vocab} "):
+        check_ids_fit([packed[0], [ex(6), ex(9, vocab)]], vocab, tokenizer, "tokenized example")
+
+
+def test_the_models_own_tokenizer_named_another_way_is_not_another(tokenizer, tmp_path, monkeypatch, caplog):
+    model = tmp_path / "model"
+    tokenizer.save_pretrained(model)
+    (tmp_path / "link").symlink_to(model)
+    monkeypatch.chdir(tmp_path)
+    for name in (str(model) + "/", "model", str(tmp_path / "link")):
+        with caplog.at_level("WARNING"):
+            train.load_run_tokenizer(recipe("sft_tiny", {"model.path": str(model), "tokenizer": name}))
+    assert "is used, not the model's own" not in caplog.text

@@ -385,7 +385,7 @@ def with_template_defaults(template: Any, kwargs: dict[str, Any]) -> Any:
                    "{% endif %}" for i, (k, v) in enumerate(kwargs.items()))
     if rest.startswith(("{%", "{#")):
         return leading + head + rest
-    return head + ("\n" if leading.startswith(("\n", "\r\n")) else "") + leading + rest
+    return head + ("\n" if leading.startswith(("\n", "\r")) else "") + leading + rest
 
 
 def run_template(data_config: Any) -> str | None:

@@ -28,11 +28,13 @@ def with_tokenizer_ids(cfg: ModelConfig, tokenizer: Any) -> ModelConfig:
 
 def _token_arrays(item: Any) -> list[Any]:
     """The token-id arrays of an example: a NamedTuple's *ids fields, a tuple's first element (SFT's (ids,
-    mask)), or the item itself (a prompt's ids)."""
+    mask)), those of each example of a list (a packed row), or the item itself (a prompt's ids)."""
     if hasattr(item, "_fields"):
         return [getattr(item, f) for f in item._fields if f.endswith("ids")]
     if isinstance(item, tuple):
         return [item[0]]
+    if isinstance(item, list) and item and isinstance(item[0], tuple):  # a packed SFT row: its examples
+        return [a for part in item for a in _token_arrays(part)]
     return [item]
 
 
