@@ -91,3 +91,31 @@ def test_gsm8k_rows_have_no_calculator_annotations_and_pairs_differ_only_in_valu
     for p in grouped:  # the rejected number is written with separators, as the gold is
         wrong = p["rejected"].rsplit("\\boxed{", 1)[1].split("}")[0]
         assert "," in wrong and wrong != p["answer"], (p["answer"], wrong)
+
+
+def _msg(role, content):
+    return {"role": role, "content": content}
+
+
+def test_responses_that_repeat_the_prompt_leave_it_out():
+    """ultrafeedback_binarized's rows hold the prompt and whole conversations as chosen/rejected: the user turn
+    was taken twice (prompt + response), a conversation no template renders as the data meant."""
+    row = {"prompt": "2+2?", "chosen": [_msg("user", "2+2?"), _msg("assistant", "4")],
+           "rejected": [_msg("user", "2+2?"), _msg("assistant", "5")]}
+    assert to_preference(row, 0) == ([_msg("user", "2+2?")], [_msg("assistant", "4")], [_msg("assistant", "5")])
+    # a response that only starts like the prompt, or is a plain string, is left as it is
+    other = {**row, "chosen": [_msg("user", "2+3?"), _msg("assistant", "5")], "rejected": "5"}
+    assert to_preference(other, 0)[1:] == ([_msg("user", "2+3?"), _msg("assistant", "5")], [_msg("assistant", "5")])
+
+
+def test_chosen_and_rejected_conversations_without_a_prompt_share_theirs():
+    """TRL's implicit prompt: the messages both sides start with (here a whole first exchange) are the prompt."""
+    first = [_msg("system", "Be brief."), _msg("user", "2+2?"), _msg("assistant", "4"), _msg("user", "and 3+3?")]
+    row = {"chosen": [*first, _msg("assistant", "6")], "rejected": [*first, _msg("assistant", "7")]}
+    assert to_preference(row, 0) == (first, [_msg("assistant", "6")], [_msg("assistant", "7")])
+    with pytest.raises(DataError, match="row 2: no field 'prompt', and 'chosen' and 'rejected' start with no common"):
+        to_preference({"chosen": [_msg("assistant", "6")], "rejected": [_msg("assistant", "7")]}, 2)
+    with pytest.raises(DataError, match="row 3: field 'rejected' has no assistant message after the prompt"):
+        to_preference({"chosen": [*first, _msg("assistant", "6")], "rejected": first}, 3)
+    with pytest.raises(DataError, match="row 4: missing field 'prompt'"):  # strings: no messages to share
+        to_preference({"chosen": "6", "rejected": "7"}, 4)

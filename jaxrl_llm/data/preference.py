@@ -78,11 +78,17 @@ def _nemo_layout(row: dict[str, Any], index: int) -> tuple[tuple[Any, Any, Any],
 
 
 def to_preference(row: dict[str, Any], index: int) -> tuple[Messages, Messages, Messages]:
-    """(prompt, chosen, rejected) messages of one row; a missing or malformed field is a DataError naming it."""
+    """(prompt, chosen, rejected) messages of one row; a missing or malformed field is a DataError naming it.
+
+    Layouts: prompt/chosen/rejected (strings or message lists; a response that repeats the prompt's messages,
+    as ultrafeedback_binarized's do, has them left out), chosen/rejected conversations with no prompt (the
+    messages both start with are the prompt, as TRL's implicit prompt), and NeMo RL's context/completions."""
     if not isinstance(row, dict):
         raise DataError(f"row {index}: expected an object with 'prompt', 'chosen', 'rejected'")
     if "context" in row and "completions" in row:
         (prompt, chosen, rejected), names = _nemo_layout(row, index)
+    elif row.get("prompt") is None and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+        return _implicit_prompt(row, index)
     else:
         names = ("prompt", "chosen", "rejected")
         for field in names:
@@ -92,10 +98,34 @@ def to_preference(row: dict[str, Any], index: int) -> tuple[Messages, Messages, 
     out = [as_messages(prompt, index, names[0], "user")]
     for field, value in ((names[1], chosen), (names[2], rejected)):
         msgs = as_messages(value, index, field, "assistant")
+        if len(msgs) > len(out[0]) and [_turn(m) for m in msgs[:len(out[0])]] == [_turn(m) for m in out[0]]:
+            msgs = msgs[len(out[0]):]  # the response repeats the prompt's messages (ultrafeedback_binarized)
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"row {index}: field {field!r} has no assistant message")
         out.append(msgs)
     return out[0], out[1], out[2]
+
+
+def _turn(m: dict[str, Any]) -> tuple[Any, Any]:
+    return m["role"], m["content"]
+
+
+def _implicit_prompt(row: dict[str, Any], index: int) -> tuple[Messages, Messages, Messages]:
+    """A row with no prompt whose chosen and rejected are whole conversations (TRL's implicit prompt): the
+    messages both start with are the prompt, the rest each side's response."""
+    chosen = as_messages(row["chosen"], index, "chosen", "assistant")
+    rejected = as_messages(row["rejected"], index, "rejected", "assistant")
+    n = 0
+    while n < min(len(chosen), len(rejected)) and _turn(chosen[n]) == _turn(rejected[n]):
+        n += 1
+    if n == 0:
+        raise DataError(f"row {index}: no field 'prompt', and 'chosen' and 'rejected' start with no common "
+                        "messages to take as the prompt (give a 'prompt' field)")
+    for field, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if not any(m["role"] == "assistant" for m in msgs[n:]):
+            raise DataError(f"row {index}: field {field!r} has no assistant message after the prompt the two "
+                            f"sides share ({n} messages)")
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 # ---------------------------------------------------------------------------------------------- tokenization
