@@ -308,3 +308,49 @@ def test_a_reply_that_does_not_continue_its_prompt_says_why(tokenizer):
     with pytest.raises(DataError, match=r"row 2: the chat template does not render assistant message 1 as a "
                                         r"continuation of its generation prompt .*enable_thinking=false"):
         tokenize_conversation(tokenizer, msgs, chat_template=template, index=2)
+
+
+def test_sft_layouts_that_would_train_on_the_wrong_text_are_refused_or_read(tokenizer, tmp_path, caplog):
+    """TRL's unpaired preference rows (prompt, completion, label) trained the completions labelled false; a
+    completion that repeats its prompt doubled the user turn; `messages` saved as JSON text were one literal
+    reply; tool calls and tools that the template leaves out (SmolLM2's ChatML renders content only) were
+    dropped without a word, the reply learned empty; reasoning_content it leaves out is counted."""
+    import json
+
+    from recipes import recipe
+
+    from jaxrl_llm.algorithms import sft
+    from jaxrl_llm.data.chat import to_conversation
+
+    with pytest.raises(DataError, match="row 3: has a true/false 'label' .*unpaired preference"):
+        to_conversation({"prompt": "2+2?", "completion": "5", "label": False}, 3)
+    msgs, _ = to_conversation({"prompt": "2+2?", "completion": [{"role": "user", "content": "2+2?"},
+                                                                {"role": "assistant", "content": "4"}]}, 0)
+    assert msgs == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    as_text = json.dumps(msgs)
+    assert to_conversation({"messages": as_text}, 0)[0] == msgs
+
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+    rows = {"calls": {"messages": [msgs[0], {"role": "assistant", "content": "", "tool_calls": [call]}]},
+            "tools": {"messages": msgs, "tools": [{"type": "function", "function": {"name": "get_weather"}}]},
+            "reasoning": {"messages": [msgs[0], {"role": "assistant", "content": "4", "reasoning_content": "add"}]}}
+    for name, row in rows.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        c = recipe("sft_tiny", {"data.source": str(path), "data.num_examples": -1})
+        if name == "reasoning":
+            with caplog.at_level("WARNING"):
+                sft.prepare(c, tokenizer)
+            assert "1 rows hold reasoning_content, which the chat template leaves out" in caplog.text
+        else:
+            with pytest.raises(DataError, match="row 0: (message 1 has tool_calls|has tools), which the chat "
+                                                "template leaves out of its text"):
+                sft.prepare(c, tokenizer)
+    # a template that renders them takes them
+    tool_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}{% if m.tool_calls %}"
+                     "{% for t in m.tool_calls %}<tool_call>{{ t.function.name }}</tool_call>{% endfor %}{% endif %}"
+                     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    c = recipe("sft_tiny", {"data.source": str(tmp_path / "calls.jsonl"), "data.num_examples": -1,
+                            "data.chat_template": tool_template})
+    (ids, mask), = sft.prepare(c, tokenizer)[0]
+    assert tokenizer.decode(ids[mask == 1]) == "<tool_call>get_weather</tool_call><|im_end|>\n"

@@ -103,9 +103,8 @@ def test_responses_that_repeat_the_prompt_leave_it_out():
     row = {"prompt": "2+2?", "chosen": [_msg("user", "2+2?"), _msg("assistant", "4")],
            "rejected": [_msg("user", "2+2?"), _msg("assistant", "5")]}
     assert to_preference(row, 0) == ([_msg("user", "2+2?")], [_msg("assistant", "4")], [_msg("assistant", "5")])
-    # a response that only starts like the prompt, or is a plain string, is left as it is
-    other = {**row, "chosen": [_msg("user", "2+3?"), _msg("assistant", "5")], "rejected": "5"}
-    assert to_preference(other, 0)[1:] == ([_msg("user", "2+3?"), _msg("assistant", "5")], [_msg("assistant", "5")])
+    # a plain string response is the assistant's reply, as it is
+    assert to_preference({**row, "rejected": "5"}, 0)[2] == [_msg("assistant", "5")]
 
 
 def test_chosen_and_rejected_conversations_without_a_prompt_share_theirs():
@@ -119,3 +118,27 @@ def test_chosen_and_rejected_conversations_without_a_prompt_share_theirs():
         to_preference({"chosen": [*first, _msg("assistant", "6")], "rejected": first}, 3)
     with pytest.raises(DataError, match="row 4: missing field 'prompt'"):  # strings: no messages to share
         to_preference({"chosen": "6", "rejected": "7"}, 4)
+
+
+def test_responses_that_repeat_the_prompt_otherwise_are_refused():
+    """A response that starts with other messages than the assistant's, right after the prompt's user turn, was
+    taken as it was: the user turn twice (a system message before it, or other whitespace)."""
+    prompt = "2+2?"
+    for lead in ([_msg("system", "Be brief."), _msg("user", "2+2?")], [_msg("user", "2+3?")]):
+        row = {"prompt": prompt, "chosen": [*lead, _msg("assistant", "4")], "rejected": "5"}
+        with pytest.raises(DataError, match=r"row 0: field 'chosen' starts with \[.*'user'\] messages right after "
+                                            r"the prompt's user turn"):
+            to_preference(row, 0)
+    spaced = {"prompt": prompt, "chosen": [_msg("user", " 2+2?\n"), _msg("assistant", "4")], "rejected": "5"}
+    assert to_preference(spaced, 0)[1] == [_msg("assistant", "4")]  # whitespace aside, a repeat
+
+
+def test_conversation_cells_saved_as_json_text_are_conversations():
+    """A conversational set saved to CSV holds each message list as JSON text: it was learned literally, the
+    JSON as the assistant's reply."""
+    import json
+
+    row = {"prompt": "2+2?", "chosen": json.dumps([_msg("user", "2+2?"), _msg("assistant", "4")]),
+           "rejected": json.dumps([_msg("user", "2+2?"), _msg("assistant", "5")])}
+    assert to_preference(row, 0) == ([_msg("user", "2+2?")], [_msg("assistant", "4")], [_msg("assistant", "5")])
+    assert to_preference({**row, "chosen": "[1, 2] is a list"}, 0)[1] == [_msg("assistant", "[1, 2] is a list")]

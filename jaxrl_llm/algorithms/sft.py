@@ -17,6 +17,8 @@ from jaxrl_llm.algorithms.losses import token_logprobs
 from jaxrl_llm.data.buckets import bucket_width
 from jaxrl_llm.data.chat import (
     DataError,
+    check_rendered,
+    dropped_fields,
     row_tools,
     run_template,
     to_conversation,
@@ -147,11 +149,14 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[tuple[np.ndarray, np.ndar
     out, stats = [], {"rows": len(rows), "truncated": 0, "dropped": 0}
     template = run_template(dc)
     eos_id = turn_end_token(tokenizer, template, enabled=dc.get("add_eos", True))
+    dropped, no_reasoning = dropped_fields(tokenizer, template), 0
     for i, row in enumerate(rows):
         msgs, context_turns = to_conversation(row, i)
+        tools = row_tools(row, i)
+        no_reasoning += check_rendered(msgs, tools, dropped, i)
         ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=template,
                                           last_assistant_only=dc.last_assistant_only, index=i,
-                                          context_turns=context_turns, tools=row_tools(row, i), eos_id=eos_id)
+                                          context_turns=context_turns, tools=tools, eos_id=eos_id)
         cut = len(ids) > dc.max_len
         if cut:
             if dc.overlong == "drop":
@@ -163,6 +168,9 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[tuple[np.ndarray, np.ndar
             continue
         stats["truncated"] += cut  # rows trained on in cut form; one dropped after the cut counts as dropped
         out.append((ids, mask))
+    if no_reasoning:
+        log.warning("data: %d rows hold reasoning_content, which the chat template leaves out of its text: trained "
+                    "without it", no_reasoning)
     if stats["truncated"] or stats["dropped"]:
         log.warning("data: of %d rows, %d kept cut to data.max_len=%d tokens and %d dropped (longer than that "
                     "with data.overlong=drop, or no assistant token left to learn)", len(rows), stats["truncated"],

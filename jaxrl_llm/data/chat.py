@@ -31,10 +31,29 @@ def check_message(m: Any, index: int, where: str) -> dict[str, Any]:
     return {k: v for k, v in m.items() if v is not None or k == "content"}
 
 
+def _json_messages(value: str) -> list | None:
+    """A string cell that holds a JSON list of {role, content} messages (a conversation column saved to CSV),
+    parsed; else None."""
+    text = value.strip()
+    if not (text.startswith("[") and text.endswith("]")):
+        return None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    ok = isinstance(parsed, list) and parsed and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                     for m in parsed)
+    return parsed if ok else None
+
+
 def as_messages(value: Any, index: int, field: str, default_role: str) -> list[dict[str, Any]]:
-    """A row's field as messages: a string is one message of `default_role`; a list must hold {role, content}."""
+    """A row's field as messages: a string is one message of `default_role` (or, holding a JSON list of
+    messages, those); a list must hold {role, content}."""
     if isinstance(value, str):
-        return [{"role": default_role, "content": value}]
+        parsed = _json_messages(value)
+        if parsed is None:
+            return [{"role": default_role, "content": value}]
+        value = parsed
     if not isinstance(value, list) or not value:
         raise DataError(f"row {index}: field {field!r} must be a string or a non-empty list of "
                         f"{{role, content}} messages; got {type(value).__name__}")
@@ -52,15 +71,80 @@ def to_conversation(row: dict[str, Any], index: int) -> tuple[list[dict[str, Any
     messages (TRL's conversational prompt-completion form, where the prompt's own assistant turns are context)."""
     if row.get("messages") is not None:
         msgs = row["messages"]
+        if isinstance(msgs, str):  # a conversation column saved as JSON text (CSV)
+            msgs = _json_messages(msgs) or msgs
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"row {index}: field 'messages' must be a non-empty list of {{role, content}}")
         return [check_message(m, index, f"messages[{j}]") for j, m in enumerate(msgs)], 0
     if row.get("prompt") is not None and row.get("completion") is not None:
+        if isinstance(row.get("label"), bool):
+            raise DataError(f"row {index}: has a true/false 'label' (TRL's unpaired preference layout, for KTO): SFT "
+                            "would learn the completions labelled false as well; keep only the rows to imitate")
         prompt = as_messages(row["prompt"], index, "prompt", "user")
-        return prompt + as_messages(row["completion"], index, "completion", "assistant"), \
-            sum(m["role"] == "assistant" for m in prompt)
+        completion = response_after(prompt, as_messages(row["completion"], index, "completion", "assistant"),
+                                    index, "completion")
+        return prompt + completion, sum(m["role"] == "assistant" for m in prompt)
     raise DataError(f"row {index}: missing field 'messages' (or 'prompt' and 'completion'); has "
                     f"{present_fields(row)}")
+
+
+def _same_turn(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    strip = (lambda c: c.strip() if isinstance(c, str) else c)
+    return a["role"] == b["role"] and strip(a["content"]) == strip(b["content"])
+
+
+def response_after(prompt: list[dict[str, Any]], response: list[dict[str, Any]], index: int, field: str
+                   ) -> list[dict[str, Any]]:
+    """A prompt/response row's response, without a repeat of the prompt's messages (ultrafeedback_binarized's
+    responses hold the whole conversation): a response that starts with other messages than the assistant's right
+    after a prompt that ends with a user (or tool) turn either repeats the prompt (whitespace aside), and the
+    repeat is left out, or is an error naming the field (the turn would be taken twice)."""
+    first = next((k for k, m in enumerate(response) if m["role"] == "assistant"), len(response))
+    lead = response[:first]
+    if not lead or first == len(response) or not prompt or prompt[-1]["role"] == "assistant":
+        return response  # (no assistant message at all: the caller says so)
+    if len(lead) == len(prompt) and all(_same_turn(a, b) for a, b in zip(lead, prompt, strict=True)):
+        return response[first:]
+    raise DataError(f"row {index}: field {field!r} starts with {[m['role'] for m in lead]} messages right after "
+                    f"the prompt's {prompt[-1]['role']} turn, and they are not the prompt's messages repeated; a "
+                    "response starts with the assistant's reply (give the shared messages in the prompt only)")
+
+
+def dropped_fields(tokenizer: Any, chat_template: str | None) -> set[str]:
+    """Which of a row's extra fields the template leaves out of its text: "tool_calls" (an assistant message's
+    calls), "tools" (the row's function schemas), "reasoning_content". A template that fails on a probe is
+    not judged (its rows say so themselves)."""
+    user = {"role": "user", "content": "Hi"}
+    call = {"type": "function", "id": "c1", "function": {"name": "probe_fn_q", "arguments": {"a": 1}}}
+    tool = {"type": "function", "function": {"name": "probe_tool_q", "description": "d",
+                                             "parameters": {"type": "object", "properties": {}}}}
+    probes = {"tool_calls": ([user, {"role": "assistant", "content": "", "tool_calls": [call]}], None, "probe_fn_q"),
+              "reasoning_content": ([user, {"role": "assistant", "content": "Ok", "reasoning_content": "probe_rs_q"}],
+                                    None, "probe_rs_q"),
+              "tools": ([user, {"role": "assistant", "content": "Ok"}], [tool], "probe_tool_q")}
+    out = set()
+    for name, (msgs, tools, mark) in probes.items():
+        try:
+            if mark not in _render(tokenizer, msgs, chat_template, tools=tools):
+                out.add(name)
+        except Exception:  # noqa: BLE001 (a template's own refusal of the probe: not judged)
+            pass
+    return out
+
+
+def check_rendered(messages: list[dict[str, Any]], tools: Any, dropped: set[str], index: int) -> bool:
+    """A DataError when the row holds tool calls or tools that the template (`dropped_fields`) leaves out of its
+    text: the reply would be learned without its calls, the model without the schemas. Returns whether the row's
+    reasoning_content is left out (counted by the caller)."""
+    for j, m in enumerate(messages):
+        if "tool_calls" in dropped and m.get("tool_calls"):
+            raise DataError(f"row {index}: message {j} has tool_calls, which the chat template leaves out of its "
+                            "text (the reply would be learned without them); set data.chat_template to one that "
+                            "renders tool calls")
+    if "tools" in dropped and tools:
+        raise DataError(f"row {index}: has tools, which the chat template leaves out of its text; set "
+                        "data.chat_template to one that lists them, or drop the column")
+    return "reasoning_content" in dropped and any(m.get("reasoning_content") for m in messages)
 
 
 def to_messages(row: dict[str, Any], index: int) -> list[dict[str, Any]]:

@@ -21,7 +21,10 @@ from jaxrl_llm.data.buckets import bucket_width
 from jaxrl_llm.data.chat import (
     DataError,
     as_messages,
+    check_rendered,
+    dropped_fields,
     present_fields,
+    response_after,
     run_template,
     tokenize_conversation,
     turn_end_token,
@@ -97,9 +100,7 @@ def to_preference(row: dict[str, Any], index: int) -> tuple[Messages, Messages, 
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
     out = [as_messages(prompt, index, names[0], "user")]
     for field, value in ((names[1], chosen), (names[2], rejected)):
-        msgs = as_messages(value, index, field, "assistant")
-        if len(msgs) > len(out[0]) and [_turn(m) for m in msgs[:len(out[0])]] == [_turn(m) for m in out[0]]:
-            msgs = msgs[len(out[0]):]  # the response repeats the prompt's messages (ultrafeedback_binarized)
+        msgs = response_after(out[0], as_messages(value, index, field, "assistant"), index, field)
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"row {index}: field {field!r} has no assistant message")
         out.append(msgs)
@@ -276,9 +277,12 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
     stats = {"rows": len(rows), "truncated": 0, "dropped": 0}
     template = run_template(dc)
     eos_id = turn_end_token(tokenizer, template, enabled=dc.get("add_eos", True))
+    dropped = dropped_fields(tokenizer, template)
     for i, row in enumerate(rows):
-        pair = tokenize_pair(tokenizer, *to_preference(row, i), chat_template=template, index=i,
-                             eos_id=eos_id)
+        prompt, chosen, rejected = to_preference(row, i)
+        if check_rendered([*prompt, *chosen, *rejected], None, dropped, i):
+            stats["reasoning_left_out"] = stats.get("reasoning_left_out", 0) + 1
+        pair = tokenize_pair(tokenizer, prompt, chosen, rejected, chat_template=template, index=i, eos_id=eos_id)
         cut = max(len(pair.chosen_ids), len(pair.rejected_ids)) > dc.max_len
         if cut:
             if dc.overlong == "drop":
@@ -291,6 +295,9 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
             continue
         stats["truncated"] += cut  # pairs trained on in cut form; one dropped after the cut counts as dropped
         out.append(pair)
+    if stats.get("reasoning_left_out"):
+        log.warning("data: %d pairs hold reasoning_content, which the chat template leaves out of its text: trained "
+                    "without it", stats["reasoning_left_out"])
     if stats["truncated"] or stats["dropped"]:
         log.warning("data: of %d pairs, %d kept cut to data.max_len=%d tokens and %d dropped (longer than that "
                     "with data.overlong=drop, or a side without response tokens, or both sides alike, after the "
