@@ -322,13 +322,18 @@ def test_sft_layouts_that_would_train_on_the_wrong_text_are_refused_or_read(toke
     from jaxrl_llm.algorithms import sft
     from jaxrl_llm.data.chat import to_conversation
 
-    with pytest.raises(DataError, match="row 3: has a true/false 'label' .*unpaired preference"):
-        to_conversation({"prompt": "2+2?", "completion": "5", "label": False}, 3)
+    for label in (False, "False", "true"):  # (a CSV file's cells are text)
+        with pytest.raises(DataError, match="row 3: has a true/false 'label' .*unpaired preference"):
+            to_conversation({"prompt": "2+2?", "completion": "5", "label": label}, 3)
     msgs, _ = to_conversation({"prompt": "2+2?", "completion": [{"role": "user", "content": "2+2?"},
                                                                 {"role": "assistant", "content": "4"}]}, 0)
     assert msgs == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
-    as_text = json.dumps(msgs)
-    assert to_conversation({"messages": as_text}, 0)[0] == msgs
+    import pandas as pd
+
+    from jaxrl_llm.data.sources import load_rows
+
+    pd.DataFrame([{"messages": msgs}]).to_csv(tmp_path / "m.csv", index=False)
+    assert to_conversation(load_rows(str(tmp_path / "m.csv"))[0], 0)[0] == msgs
 
     call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
     rows = {"calls": {"messages": [msgs[0], {"role": "assistant", "content": "", "tool_calls": [call]}]},
@@ -354,3 +359,18 @@ def test_sft_layouts_that_would_train_on_the_wrong_text_are_refused_or_read(toke
                             "data.chat_template": tool_template})
     (ids, mask), = sft.prepare(c, tokenizer)[0]
     assert tokenizer.decode(ids[mask == 1]) == "<tool_call>get_weather</tool_call><|im_end|>\n"
+
+
+def test_named_templates_with_a_tool_use_template_keep_tool_calls(tokenizer):
+    """Hermes-style tokenizers hold {"default": ..., "tool_use": ...}; rows with tools render with "tool_use".
+    The probe rendered tool calls without tools, so with "default", and refused rows the run renders fine."""
+    from jaxrl_llm.data.chat import dropped_fields
+
+    plain = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tool_use = plain.replace("{{ m.content }}", "{{ m.content }}{% for t in m.tool_calls or [] %}<tool_call>"
+                             "{{ t.function.name }}</tool_call>{% endfor %}").replace(
+        "{% for m in messages %}", "{% for t in tools %}{{ t.function.name }}{% endfor %}{% for m in messages %}")
+    tok = _with_template(tokenizer, {"default": plain, "tool_use": tool_use})
+    assert dropped_fields(tok, None) == {"reasoning_content"}
+    assert dropped_fields(_with_template(tokenizer, plain), None) == {"reasoning_content", "tool_calls", "tools"}

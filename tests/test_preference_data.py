@@ -133,12 +133,46 @@ def test_responses_that_repeat_the_prompt_otherwise_are_refused():
     assert to_preference(spaced, 0)[1] == [_msg("assistant", "4")]  # whitespace aside, a repeat
 
 
-def test_conversation_cells_saved_as_json_text_are_conversations():
-    """A conversational set saved to CSV holds each message list as JSON text: it was learned literally, the
-    JSON as the assistant's reply."""
+def test_conversation_cells_of_a_csv_file_are_conversations(tmp_path):
+    """A conversational set saved to CSV holds each message list as text (JSON, or Python's repr from pandas'
+    and datasets' to_csv): it was learned literally, the text as the assistant's reply. Only CSV cells are read
+    so: a JSON-looking reply in a JSON Lines file stays the reply it is."""
     import json
 
-    row = {"prompt": "2+2?", "chosen": json.dumps([_msg("user", "2+2?"), _msg("assistant", "4")]),
-           "rejected": json.dumps([_msg("user", "2+2?"), _msg("assistant", "5")])}
-    assert to_preference(row, 0) == ([_msg("user", "2+2?")], [_msg("assistant", "4")], [_msg("assistant", "5")])
-    assert to_preference({**row, "chosen": "[1, 2] is a list"}, 0)[1] == [_msg("assistant", "[1, 2] is a list")]
+    import pandas as pd
+
+    from jaxrl_llm.data.sources import load_rows
+
+    chosen, rejected = [_msg("user", "2+2?"), _msg("assistant", "4")], [_msg("user", "2+2?"), _msg("assistant", "5")]
+    want = ([_msg("user", "2+2?")], [_msg("assistant", "4")], [_msg("assistant", "5")])
+    pd.DataFrame([{"chosen": chosen, "rejected": rejected}]).to_csv(tmp_path / "repr.csv", index=False)
+    pd.DataFrame([{"chosen": json.dumps(chosen), "rejected": json.dumps(rejected)}]).to_csv(tmp_path / "json.csv",
+                                                                                         index=False)
+    for name in ("repr.csv", "json.csv"):  # no prompt column: the implicit prompt
+        assert to_preference(load_rows(str(tmp_path / name))[0], 0) == want
+    reply = json.dumps([_msg("assistant", "hello")])
+    (tmp_path / "r.jsonl").write_text(json.dumps({"prompt": "As chat JSON:", "chosen": reply, "rejected": "no"}))
+    assert to_preference(load_rows(str(tmp_path / "r.jsonl"))[0], 0)[1] == [_msg("assistant", reply)]
+
+
+def test_implicit_prompt_compares_whole_messages():
+    """Sides that differ only in an assistant turn's tool calls (or reasoning) differ there: that turn was taken
+    into the shared prompt from the chosen side, and the rejected side's own call replaced."""
+    call = lambda city: [{"type": "function", "function": {"name": "weather", "arguments": {"city": city}}}]  # noqa: E731
+    user = _msg("user", "Weather?")
+    row = {"chosen": [user, {"role": "assistant", "content": "", "tool_calls": call("Paris")}],
+           "rejected": [user, {"role": "assistant", "content": "", "tool_calls": call("London")}]}
+    prompt, chosen, rejected = to_preference(row, 0)
+    assert prompt == [user] and chosen[0]["tool_calls"] == call("Paris") and rejected[0]["tool_calls"] == call("London")
+
+
+def test_a_repeat_of_a_multi_turn_prompt_is_left_out():
+    """The repeat was looked for before the response's first assistant turn only: a prompt with an assistant turn
+    of its own was refused, or (ending with one) doubled."""
+    for prompt in ([_msg("user", "a"), _msg("assistant", "b"), _msg("user", "c")],
+                   [_msg("user", "a"), _msg("assistant", "b")],
+                   [_msg("user", "a"), {"role": "assistant", "content": "", "tool_calls": [{"function": {
+                       "name": "f", "arguments": {}}}]}, _msg("tool", "r")]):
+        row = {"prompt": prompt, "chosen": [*prompt, _msg("assistant", "yes")],
+               "rejected": [*prompt, _msg("assistant", "no")]}
+        assert to_preference(row, 0) == (prompt, [_msg("assistant", "yes")], [_msg("assistant", "no")])

@@ -31,29 +31,10 @@ def check_message(m: Any, index: int, where: str) -> dict[str, Any]:
     return {k: v for k, v in m.items() if v is not None or k == "content"}
 
 
-def _json_messages(value: str) -> list | None:
-    """A string cell that holds a JSON list of {role, content} messages (a conversation column saved to CSV),
-    parsed; else None."""
-    text = value.strip()
-    if not (text.startswith("[") and text.endswith("]")):
-        return None
-    try:
-        parsed = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    ok = isinstance(parsed, list) and parsed and all(isinstance(m, dict) and "role" in m and "content" in m
-                                                     for m in parsed)
-    return parsed if ok else None
-
-
 def as_messages(value: Any, index: int, field: str, default_role: str) -> list[dict[str, Any]]:
-    """A row's field as messages: a string is one message of `default_role` (or, holding a JSON list of
-    messages, those); a list must hold {role, content}."""
+    """A row's field as messages: a string is one message of `default_role`; a list must hold {role, content}."""
     if isinstance(value, str):
-        parsed = _json_messages(value)
-        if parsed is None:
-            return [{"role": default_role, "content": value}]
-        value = parsed
+        return [{"role": default_role, "content": value}]
     if not isinstance(value, list) or not value:
         raise DataError(f"row {index}: field {field!r} must be a string or a non-empty list of "
                         f"{{role, content}} messages; got {type(value).__name__}")
@@ -71,13 +52,11 @@ def to_conversation(row: dict[str, Any], index: int) -> tuple[list[dict[str, Any
     messages (TRL's conversational prompt-completion form, where the prompt's own assistant turns are context)."""
     if row.get("messages") is not None:
         msgs = row["messages"]
-        if isinstance(msgs, str):  # a conversation column saved as JSON text (CSV)
-            msgs = _json_messages(msgs) or msgs
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"row {index}: field 'messages' must be a non-empty list of {{role, content}}")
         return [check_message(m, index, f"messages[{j}]") for j, m in enumerate(msgs)], 0
     if row.get("prompt") is not None and row.get("completion") is not None:
-        if isinstance(row.get("label"), bool):
+        if isinstance(row.get("label"), bool) or str(row.get("label")).lower() in ("true", "false"):
             raise DataError(f"row {index}: has a true/false 'label' (TRL's unpaired preference layout, for KTO): SFT "
                             "would learn the completions labelled false as well; keep only the rows to imitate")
         prompt = as_messages(row["prompt"], index, "prompt", "user")
@@ -96,18 +75,19 @@ def _same_turn(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def response_after(prompt: list[dict[str, Any]], response: list[dict[str, Any]], index: int, field: str
                    ) -> list[dict[str, Any]]:
     """A prompt/response row's response, without a repeat of the prompt's messages (ultrafeedback_binarized's
-    responses hold the whole conversation): a response that starts with other messages than the assistant's right
-    after a prompt that ends with a user (or tool) turn either repeats the prompt (whitespace aside), and the
-    repeat is left out, or is an error naming the field (the turn would be taken twice)."""
+    responses hold the whole conversation): a response that starts with the prompt's messages (whitespace aside)
+    has them left out; one that otherwise starts with other messages than the assistant's right after a prompt
+    that ends with a user (or tool) turn is an error naming the field (a turn would be taken twice)."""
+    n = len(prompt)
+    if len(response) > n and all(_same_turn(a, b) for a, b in zip(response[:n], prompt, strict=True)):
+        return response[n:]
     first = next((k for k, m in enumerate(response) if m["role"] == "assistant"), len(response))
-    lead = response[:first]
-    if not lead or first == len(response) or not prompt or prompt[-1]["role"] == "assistant":
+    if first == 0 or first == len(response) or not prompt or prompt[-1]["role"] == "assistant":
         return response  # (no assistant message at all: the caller says so)
-    if len(lead) == len(prompt) and all(_same_turn(a, b) for a, b in zip(lead, prompt, strict=True)):
-        return response[first:]
-    raise DataError(f"row {index}: field {field!r} starts with {[m['role'] for m in lead]} messages right after "
-                    f"the prompt's {prompt[-1]['role']} turn, and they are not the prompt's messages repeated; a "
-                    "response starts with the assistant's reply (give the shared messages in the prompt only)")
+    raise DataError(f"row {index}: field {field!r} starts with {[m['role'] for m in response[:first]]} messages "
+                    f"right after the prompt's {prompt[-1]['role']} turn, and they are not the prompt's messages "
+                    "repeated; a response starts with the assistant's reply (give the shared messages in the prompt "
+                    "only)")
 
 
 def dropped_fields(tokenizer: Any, chat_template: str | None) -> set[str]:
@@ -124,11 +104,15 @@ def dropped_fields(tokenizer: Any, chat_template: str | None) -> set[str]:
               "tools": ([user, {"role": "assistant", "content": "Ok"}], [tool], "probe_tool_q")}
     out = set()
     for name, (msgs, tools, mark) in probes.items():
-        try:
-            if mark not in _render(tokenizer, msgs, chat_template, tools=tools):
-                out.add(name)
-        except Exception:  # noqa: BLE001 (a template's own refusal of the probe: not judged)
-            pass
+        # tool calls also with tools given: a tokenizer's named templates pick "tool_use" for those
+        shown = False
+        for t in ((tools, [probes["tools"][1][0]]) if name == "tool_calls" else (tools,)):
+            try:
+                shown = shown or mark in _render(tokenizer, msgs, chat_template, tools=t)
+            except Exception:  # noqa: BLE001 (a template's own refusal of the probe: not judged)
+                shown = True
+        if not shown:
+            out.add(name)
     return out
 
 

@@ -107,17 +107,13 @@ def to_preference(row: dict[str, Any], index: int) -> tuple[Messages, Messages, 
     return out[0], out[1], out[2]
 
 
-def _turn(m: dict[str, Any]) -> tuple[Any, Any]:
-    return m["role"], m["content"]
-
-
 def _implicit_prompt(row: dict[str, Any], index: int) -> tuple[Messages, Messages, Messages]:
     """A row with no prompt whose chosen and rejected are whole conversations (TRL's implicit prompt): the
     messages both start with are the prompt, the rest each side's response."""
     chosen = as_messages(row["chosen"], index, "chosen", "assistant")
     rejected = as_messages(row["rejected"], index, "rejected", "assistant")
     n = 0
-    while n < min(len(chosen), len(rejected)) and _turn(chosen[n]) == _turn(rejected[n]):
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:  # whole messages: tool calls too
         n += 1
     if n == 0:
         raise DataError(f"row {index}: no field 'prompt', and 'chosen' and 'rejected' start with no common "

@@ -96,8 +96,25 @@ def _read_csv(path: str) -> list[dict[str, Any]]:
         df = pd.read_csv(path, dtype=object, keep_default_na=False, na_values=[""])
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
         raise DataError(f"data.source={path!r}: not a readable CSV file ({e})") from e
-    return [{k: None if v is None or (isinstance(v, float) and v != v) else v for k, v in r.items()}
+    return [{k: None if v is None or (isinstance(v, float) and v != v) else _cell(v) for k, v in r.items()}
             for r in df.to_dict("records")]
+
+
+def _cell(text: Any) -> Any:
+    """A CSV cell that holds a list of messages (a conversation column written as JSON, or as Python's repr by
+    pandas' / datasets' to_csv) as that list; any other cell as its text. Read as literals only: nothing runs."""
+    if not isinstance(text, str) or not text.startswith("[{") or not text.endswith("}]"):
+        return text
+    import ast
+
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(text)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+            return value
+    return text
 
 
 def first_rows(rows: list, num_examples: int, source: Any) -> list:
