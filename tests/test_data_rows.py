@@ -164,6 +164,17 @@ def test_grpo_tasks_from_every_local_format(tmp_path, kind):
     assert len(load_tasks(source, 0)) == len(load_tasks(source, -1)) == 3
 
 
+def test_grpo_task_prompts_given_as_messages(tmp_path):
+    """TRL's conversational prompt-only layout ({"prompt": [messages], "answer"}): refused as 'must be a string'."""
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
+             "answer": "2"}, {"prompt": [{"role": "assistant", "content": "hi"}], "answer": "0"}]
+    tasks = load_tasks(datasets.Dataset.from_list(rows[:1]), instruction="")
+    assert [dict(m) for m in tasks[0].messages] == rows[0]["prompt"] and tasks[0].metadata["answer"] == "2"
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match="row 1: field 'prompt' ends with an assistant turn"):
+        load_tasks(str(tmp_path / "t.jsonl"), instruction="")
+
+
 def test_bad_task_rows_from_a_dataset_name_the_row():
     ds = datasets.Dataset.from_list([{"prompt": "q", "answer": "1"}, {"prompt": None, "answer": "2"}])
     with pytest.raises(DataError, match=r"<datasets.Dataset of 2 rows>: row 1: missing field 'prompt'"):

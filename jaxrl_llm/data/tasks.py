@@ -4,7 +4,7 @@
     tasks = load_tasks("aime2025")                       # AIME 2025 I and II (30 problems)
     tasks = load_tasks("champ")                          # CHAMP competition math (270 problems)
     tasks = load_tasks("rg:basic_arithmetic", num=100, seed=1, max_terms=4)  # reasoning-gym, procedural
-    tasks = load_tasks("my_problems.jsonl")              # {"prompt"|"messages", "answer"[, "metadata"]}
+    tasks = load_tasks("my_problems.jsonl")              # {"prompt" (text/messages)|"messages", "answer", ...}
     tasks = load_tasks("gsm8k+rg:chain_sum", num=64)     # mixed: at most 64 of each part, interleaved
     tasks = load_tasks("guess", num=64, seed=0)          # multi-turn number guessing, procedural
 
@@ -215,19 +215,21 @@ def _file_rows(path: str) -> list[Any]:
 def _row_messages(path: str, i: int, row: dict[str, Any], system_prompt: str | None,
                   instruction: str | None) -> tuple[dict[str, str], ...]:
     where = f"{path}: row {i}"
-    if row.get("messages") is not None:
-        msgs = row["messages"]
+    # `messages`, or a `prompt` given as messages (TRL's conversational prompt-only layout)
+    field = "messages" if row.get("messages") is not None else "prompt" if isinstance(row.get("prompt"), list) else ""
+    if field:
+        msgs = row[field]
         if not isinstance(msgs, list) or not msgs:
-            raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}}")
+            raise DataError(f"{where}: field {field!r} must be a non-empty list of {{role, content}}")
         for j, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise DataError(f"{where}: field 'messages[{j}]' needs string 'role' and 'content'")
+                raise DataError(f"{where}: field '{field}[{j}]' needs string 'role' and 'content'")
         msgs = [{"role": m["role"], "content": m["content"]} for m in msgs]
         if msgs[-1]["role"] == "assistant":
-            raise DataError(f"{where}: field 'messages' ends with an assistant turn; a task ends before it")
+            raise DataError(f"{where}: field {field!r} ends with an assistant turn; a task ends before it")
         users = [j for j, m in enumerate(msgs) if m["role"] == "user"]
         if not users:
-            raise DataError(f"{where}: field 'messages' has no user turn")
+            raise DataError(f"{where}: field {field!r} has no user turn")
         msgs[users[-1]]["content"] = _with_instruction(msgs[users[-1]]["content"], instruction)
         if system_prompt:
             msgs = [m for m in msgs if m["role"] != "system"]
