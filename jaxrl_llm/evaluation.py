@@ -27,7 +27,7 @@ from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.parallel.rules import ShardingRules
 from jaxrl_llm.sampling.generate import generate
 from jaxrl_llm.sampling.request import SamplingParams
-from jaxrl_llm.sampling.text import default_stop_ids, encode_inputs, render_prompt
+from jaxrl_llm.sampling.text import default_stop_ids, render_prompt
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -120,8 +120,8 @@ def evaluate_tasks(
         sp = dataclasses.replace(sp, stop_token_ids=default_stop_ids(cfg, tokenizer))
     n = int(n_samples)
     convs = [list(t.messages) for t in tasks]
-    prompt_ids = encode_inputs(tokenizer, convs, chat_template=True, label="task")
-    prompt_texts = [render_prompt(tokenizer, c, f"task {i}") for i, c in enumerate(convs)]
+    prompt_texts = [render_prompt(tokenizer, c, f"task {i}") for i, c in enumerate(convs)]  # rendered once
+    prompt_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompt_texts]
     rows = [i for i in range(len(tasks)) for _ in range(n)]
 
     t0 = time.perf_counter()

@@ -106,7 +106,7 @@ def dropped_fields(tokenizer: Any, chat_template: str | None) -> set[str]:
     for name, (msgs, tools, mark) in probes.items():
         # tool calls also with tools given: a tokenizer's named templates pick "tool_use" for those
         shown = False
-        for t in ((tools, [probes["tools"][1][0]]) if name == "tool_calls" else (tools,)):
+        for t in ((None, [tool]) if name == "tool_calls" else (tools,)):
             try:
                 shown = shown or mark in _render(tokenizer, msgs, chat_template, tools=t)
             except Exception:  # noqa: BLE001 (a template's own refusal of the probe: not judged)
