@@ -86,6 +86,30 @@ def test_tool_calls_reasoning_and_tools_reach_the_template(tokenizer):
         row_tools({"tools": [1]}, 2)
 
 
+def test_preference_rows_with_tools_render_them_on_both_sides(tokenizer, tmp_path):
+    """A DPO/RM row's `tools` reach the template for chosen and rejected (they were dropped without a word, so a
+    tool-use model trained on prompts it never sees at inference), and a template that leaves tools out refuses
+    the row."""
+    import ml_collections
+
+    from jaxrl_llm.data import preference as pref
+
+    tools = [{"type": "function", "function": {"name": "get_weather"}}]
+    row = {"prompt": "Weather in Paris?", "chosen": "It is 18C.", "rejected": "No idea.", "tools": json.dumps(tools)}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    cfg = ml_collections.ConfigDict(dict(data=dict(source=str(path), num_examples=-1, max_len=128, overlong="drop",
+                                                   chat_template=TOOL_TEMPLATE, shared_prefix=False)))
+    (pair,), _ = pref.prepare(cfg, tokenizer)
+    for ids, reply in ((pair.chosen_ids, "It is 18C."), (pair.rejected_ids, "No idea.")):
+        msgs = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": reply}]
+        full = tokenizer.apply_chat_template(msgs, tokenize=False, chat_template=TOOL_TEMPLATE, tools=tools)
+        assert tokenizer.decode(ids) == full and full.startswith("<|im_start|>system\nTools: get_weather")
+    cfg.data.chat_template = ""  # SmolLM2's own template renders no tools
+    with pytest.raises(DataError, match="row 0: has tools, which the chat template leaves out"):
+        pref.prepare(cfg, tokenizer)
+
+
 @pytest.mark.parametrize("content", [None, 7, [{"type": "text", "text": "hi"}]], ids=["none", "int", "parts"])
 def test_message_content_of_the_wrong_type_names_the_row_and_message(content):
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]

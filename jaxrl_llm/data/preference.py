@@ -25,6 +25,7 @@ from jaxrl_llm.data.chat import (
     dropped_fields,
     present_fields,
     response_after,
+    row_tools,
     run_template,
     tokenize_conversation,
     turn_end_token,
@@ -127,13 +128,15 @@ def _implicit_prompt(row: dict[str, Any], index: int) -> tuple[Messages, Message
 
 # ---------------------------------------------------------------------------------------------- tokenization
 def tokenize_pair(tokenizer: Any, prompt: Messages, chosen: Messages, rejected: Messages, *,
-                  chat_template: str | None = None, index: int = 0, eos_id: int | None = None) -> PreferencePair:
-    """Prompt + chosen and prompt + rejected through the chat template; masks on response assistant tokens."""
+                  chat_template: str | None = None, index: int = 0, eos_id: int | None = None,
+                  tools: list[dict[str, Any]] | None = None) -> PreferencePair:
+    """Prompt + chosen and prompt + rejected through the chat template (with the row's `tools`, function schemas
+    the template lists, on both sides); masks on response assistant tokens."""
     prompt_turns = sum(m["role"] == "assistant" for m in prompt)
     parts = []
     for response in (chosen, rejected):
         parts += tokenize_conversation(tokenizer, prompt + response, chat_template=chat_template, index=index,
-                                       context_turns=prompt_turns, eos_id=eos_id)
+                                       context_turns=prompt_turns, eos_id=eos_id, tools=tools)
     return PreferencePair(*parts)
 
 
@@ -276,9 +279,11 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
     dropped = dropped_fields(tokenizer, template)
     for i, row in enumerate(rows):
         prompt, chosen, rejected = to_preference(row, i)
-        if check_rendered([*prompt, *chosen, *rejected], None, dropped, i):
+        tools = row_tools(row, i)
+        if check_rendered([*prompt, *chosen, *rejected], tools, dropped, i):
             stats["reasoning_left_out"] = stats.get("reasoning_left_out", 0) + 1
-        pair = tokenize_pair(tokenizer, prompt, chosen, rejected, chat_template=template, index=i, eos_id=eos_id)
+        pair = tokenize_pair(tokenizer, prompt, chosen, rejected, chat_template=template, index=i, eos_id=eos_id,
+                             tools=tools)
         cut = max(len(pair.chosen_ids), len(pair.rejected_ids)) > dc.max_len
         if cut:
             if dc.overlong == "drop":
