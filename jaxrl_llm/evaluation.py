@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import time
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any
 
 import jax
@@ -44,14 +46,33 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
 
 
+_SIMPLE_FRACTION = re.compile(r"(-?)\\[dt]?frac\{(-?\d+)\}\{(-?\d+)\}|(-?\d+)\s*/\s*(-?\d+)")
+
+
+def _vote_key(answer: str) -> str:
+    """The answer a sample votes for: its normalised text (`normalize_answer`: "18", "18." and "$18" are one),
+    or its value when that is a plain number or a simple fraction ("0.5", "1/2", "\\frac{1}{2}" are one)."""
+    text = normalize_answer(str(answer))
+    try:
+        if (m := _SIMPLE_FRACTION.fullmatch(text.replace(" ", ""))) is not None:
+            sign, num, den, num2, den2 = m.groups()
+            value = Fraction(int(num or num2), int(den or den2)) * (-1 if sign else 1)
+        else:
+            value = Fraction(text)  # a plain decimal ("0.5", "-3", "1e3" too)
+    except (ValueError, ZeroDivisionError):
+        return "text:" + text
+    return f"value:{value}"
+
+
 def majority_correct(extracted: Sequence[str | None], correct: Sequence[bool]) -> bool:
-    """Whether the majority answer of some samples is correct: answers grouped by their normalised text
-    (`normalize_answer`: "18", "18." and "$18" are one answer), samples without an answer left out, a tie won by
-    the answer seen first; False when no sample has an answer."""
+    """Whether the majority answer of some samples is correct. The correct samples are one answer (each equals
+    the gold); the others are grouped by `_vote_key` (their normalised text, or their value when that is a number
+    or a simple fraction). Samples without an answer are left out, a tie is won by the answer seen first; False
+    when no sample has an answer."""
     votes: dict[str, list[int]] = {}
     for j, a in enumerate(extracted):
         if a is not None:
-            votes.setdefault(normalize_answer(str(a)), []).append(j)
+            votes.setdefault("correct" if correct[j] else _vote_key(a), []).append(j)
     if not votes:
         return False
     winner = max(votes.values(), key=lambda js: (len(js), -js[0]))

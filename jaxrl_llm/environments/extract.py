@@ -96,6 +96,15 @@ def extract_answer_tag(text: str) -> str | None:
     return _last_nonempty(m.group(1) for m in _ANSWER_TAG.finditer(text))
 
 
+def last_answer_tag_is_empty(text: str) -> bool:
+    """Whether the last complete <answer>...</answer> holds only whitespace: an empty answer given on purpose
+    (some tasks' gold is the empty string), which the extractors pass over."""
+    last = None
+    for m in _ANSWER_TAG.finditer(text):
+        last = m
+    return last is not None and not last.group(1).strip()
+
+
 def extract_answer_is(text: str) -> str | None:
     """X of the last "The answer is X" / "the final answer is: X", up to the end of its sentence or line, or up to
     a clause that gives the reason ("18, since 9 + 9 = 18" -> 18)."""
@@ -232,10 +241,12 @@ _NOT_UNITS = set("""
     k m b bn mn lakh lakhs crore crores grand ten tens half halves third thirds quarter quarters fourth fourths
     fifth fifths sixth sixths seventh sevenths eighth eighths ninth ninths tenth tenths eleventh elevenths twelfth
     twelfths hundredth hundredths thousandth thousandths millionth millionths billionth billionths through thru
-    squared cubed square cube root roots power powers factorial choose over times plus minus divided by
+    squared cubed square cube root roots power powers factorial choose over plus minus divided by
     multiplied and or to of at most least more less than under above below about approximately around nearly
     almost exactly only not no than fewer greater smaller pi sqrt mod log ln exp sin cos tan sec csc cot arcsin
     arccos arctan sinh cosh tanh inf infinity infty i e cdot div frac dx dy percent percentage
+    with remainder remainders r wrong incorrect false true if but except unless when where because since maybe
+    perhaps possibly probably either neither nor
 """.split())
 # Words of one or two letters are variables ("6 xy") unless they are one of these unit abbreviations.
 _SHORT_UNITS = set("cm mm km nm kg mg ml cl dl ft in yd mi oz lb hr ms ns am pm kb mb gb tb mw kw".split())

@@ -54,10 +54,14 @@ def answers_match(gold: str, pred: str, timeout_s: int | None = None) -> bool:
     gold_n, pred_n = normalize_answer(str(gold)), normalize_answer(pred)
     if gold_n and _plain(gold_n) == _plain(pred_n):
         return True
-    if normalize_number(gold_n) is not None:  # a plain-number gold: "18 cookies" is 18 (a unit math-verify lacks)
-        pred_n = number_before_words(pred_n) or pred_n
-        if _plain(gold_n) == _plain(pred_n):
+    # A number with a unit math-verify lacks is that number, on either side: "18 cookies" against a gold of 18,
+    # 98 against a gold of "98 values" (CHAMP writes some golds so).
+    gold_number = normalize_number(gold_n) or number_before_words(gold_n)
+    if gold_number is not None:
+        pred_number = normalize_number(pred_n) or number_before_words(pred_n)
+        if pred_number == gold_number:
             return True
+        gold_n, pred_n = gold_number, pred_number or pred_n  # math-verify reads "98 values" as no expression
     gold_p = parse(_wrap(gold_n), parsing_timeout=timeout_s)
     pred_p = parse(_wrap(pred_n), parsing_timeout=timeout_s)
     if not gold_p or not pred_p:

@@ -35,6 +35,10 @@ num_workers=0 runs `fn` in this process with the same error handling, but a runn
 interrupted there: a call that returns after `timeout_s` is *reported* as a timeout (its value is dropped, so
 rewards match the pooled mode), yet it still takes as long as it takes. Nothing confines it either, so it needs
 `sandbox=False`, an explicit statement that the completions are trusted.
+
+A sandboxed worker starts with a reduced environment (`_SANDBOX_ENV`: paths, locale, interpreter and allocator
+settings), so that no token or credential of the trainer's (HF_TOKEN, WANDB_API_KEY, ...) is there to be read by
+evaluated text and printed to the log.
 """
 
 from __future__ import annotations
@@ -107,10 +111,20 @@ class _Worker:
     tasks_done: int = 0
 
 
-def _child_env() -> dict[str, str]:
-    """The parent's environment with its sys.path as PYTHONPATH, so the worker finds the same modules
-    (the scoring function's module included, e.g. a test file's directory that pytest put on sys.path)."""
-    env = dict(os.environ)
+# What a sandboxed worker keeps of the trainer's environment: where programs, libraries and temporary files are,
+# the locale, and the interpreter's and allocator's settings. Everything else (HF_TOKEN, WANDB_API_KEY, cloud
+# credentials, ...) stays out of reach of the model-written text that scorers evaluate.
+_SANDBOX_ENV = frozenset("PATH HOME USER LOGNAME LANG LANGUAGE TZ TMPDIR TEMP TMP VIRTUAL_ENV CONDA_PREFIX "
+                         "LD_LIBRARY_PATH LD_PRELOAD GLIBC_TUNABLES MALLOC_CONF OMP_NUM_THREADS".split())
+_SANDBOX_ENV_PREFIXES = ("LC_", "PYTHON", "SYMPY_")
+
+
+def _child_env(sandbox: bool) -> dict[str, str]:
+    """The parent's environment (for a sandboxed worker: only the `_SANDBOX_ENV` names and prefixes) with its
+    sys.path as PYTHONPATH, so the worker finds the same modules (the scoring function's module included, e.g.
+    a test file's directory that pytest put on sys.path)."""
+    env = {k: v for k, v in os.environ.items()
+           if not sandbox or k in _SANDBOX_ENV or k.startswith(_SANDBOX_ENV_PREFIXES)}
     paths = [p or os.getcwd() for p in sys.path]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     return env
@@ -253,7 +267,8 @@ class ScoringPool:
         from_worker_fd, write_fd = os.pipe()
         try:
             proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(read_fd), str(write_fd)],
-                                    pass_fds=(read_fd, write_fd), stdin=subprocess.DEVNULL, env=_child_env())
+                                    pass_fds=(read_fd, write_fd), stdin=subprocess.DEVNULL,
+                                    env=_child_env(self.sandbox))
         finally:
             os.close(read_fd)
             os.close(write_fd)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from jaxrl_llm.environments.base import EnvResult, Task, check_batch
-from jaxrl_llm.environments.extract import check_answer_format, extract_answer
+from jaxrl_llm.environments.extract import check_answer_format, extract_answer, last_answer_tag_is_empty
 from jaxrl_llm.environments.pool import ScoringPool, outcome_counts
 
 RG_INSTRUCTION = "Give your final answer inside <answer></answer> tags, e.g. <answer>42</answer>."
@@ -121,6 +121,8 @@ def _scorer(dataset: str) -> Callable[[str | None, dict[str, Any]], float]:
 def score_reasoning_gym(completion: str, dataset: str, entry: Any, answer_format: str) -> tuple[float, str | None]:
     """(reward in [0, 1], extracted answer) of one completion; the function the pool runs."""
     answer = extract_answer(completion, answer_format)
+    if answer is None and answer_format in ("answer_tag", "auto") and last_answer_tag_is_empty(completion):
+        answer = ""  # an empty <answer></answer>: the gold of some tasks ("ab" programs that cancel out)
     if answer is None:
         return 0.0, None
     reward = float(_scorer(dataset)(answer, decode_entry(entry)))
