@@ -113,6 +113,9 @@ def test_bad_programs_score_zero_alone_and_print_nothing(env, capfd):
 
 
 def test_make_environment_and_metadata_errors():
+    recipe = runpy.run_path(os.path.join(ROOT, "configs", "eval_humaneval.py"))["get_config"]()
+    with make_environment(recipe.env.to_dict()) as env:  # the recipe's env block builds as it ships
+        assert isinstance(env, CodeEnvironment) and env.answer_format == "fenced"
     with pytest.raises(ValueError, match=r"answer_format must be one of \['fenced', 'raw'\], got 'boxed'"):
         make_environment({"name": "code", "answer_format": "boxed"})
     with pytest.raises(ValueError, match="num_workers must be an int >= 1"):
