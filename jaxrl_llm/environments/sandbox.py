@@ -11,8 +11,9 @@ completion can therefore run Python in the scoring worker. `confine()` is called
   writing or creating them, deleting, renaming, linking or changing files and folders, signals to any other
   process, ptrace and the process_vm_* calls, pidfd signals and descriptor grabs, io_uring (its operations
   bypass the filter), open_by_handle_at, mount (old and new API), chroot, namespace, module, reboot, syslog,
-  page migration, clock and hostname calls. Other syscalls are allowed: reading files the user may read, and
-  writing to descriptors already open (the pipes to the trainer, stdout and stderr).
+  page migration, clock and hostname calls, and memfd_create / memfd_secret (memory files, which the address-space
+  cap does not count). Other syscalls are allowed: reading files the user may read, and writing to descriptors
+  already open (the pipes to the trainer; a pool's worker points stdout and stderr at /dev/null first).
 - the address space is capped (`RLIMIT_AS`, `memory_limit_mb`), so a runaway expression fails with
   MemoryError instead of exhausting the machine; the pool's per-sample timeout bounds its time.
 
@@ -70,7 +71,8 @@ _ARCHES = {
                   pivot_root=155, chroot=161, setns=308, unshare=272, init_module=175, finit_module=313,
                   delete_module=176, kexec_load=246, reboot=169, acct=163, swapon=167, swapoff=168,
                   settimeofday=164, clock_settime=227, sethostname=170, setdomainname=171, iopl=172, ioperm=173,
-                  bpf=321, perf_event_open=298, syslog=103, migrate_pages=256, move_pages=279),
+                  bpf=321, perf_event_open=298, syslog=103, migrate_pages=256, move_pages=279, memfd_create=319,
+                  memfd_secret=447),
         clone=56, clone3=435, open=2, openat=257, kill=62, tgkill=234),
     "aarch64": dict(
         audit=0xC00000B7, seccomp=277,
@@ -83,7 +85,8 @@ _ARCHES = {
                   pivot_root=41, chroot=51, setns=268, unshare=97, init_module=105, finit_module=273,
                   delete_module=106, kexec_load=104, reboot=142, acct=89, swapon=224, swapoff=225,
                   settimeofday=170, clock_settime=112, sethostname=161, setdomainname=162, bpf=280,
-                  perf_event_open=241, syslog=116, migrate_pages=238, move_pages=239),
+                  perf_event_open=241, syslog=116, migrate_pages=238, move_pages=239, memfd_create=279,
+                  memfd_secret=447),
         clone=220, clone3=435, open=None, openat=56, kill=129, tgkill=131),
 }
 
