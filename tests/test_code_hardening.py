@@ -132,6 +132,29 @@ def test_sample_cannot_write_or_truncate_the_trainers_log(tmp_path):
     assert "TRAINER LINE" in out and "FORGED" not in out and "ALSO" not in out, out
 
 
+def test_sample_cannot_read_the_trainers_credentials(tmp_path):
+    """The trainer's /proc entries (its environment: HF_TOKEN) and the user's home folder are out of a sample's
+    reach where the kernel has Landlock; modules not imported yet still load from the interpreter's folders."""
+    from jaxrl_llm.environments.landlock import abi_version
+
+    if abi_version() == 0:
+        pytest.skip("this kernel has no Landlock")
+    home = tmp_path / "home"
+    (home / ".cache" / "huggingface").mkdir(parents=True)
+    (home / ".cache" / "huggingface" / "token").write_text("hf_file_secret")
+    prog = ("import os\np = os.getppid()\np = int(open(f'/proc/{p}/stat').read().split(')')[1].split()[1])\n"
+            "raise RuntimeError([e for e in open(f'/proc/{p}/environ','rb').read().split(b'\\0') if b'HF_TOKEN' in e])")
+    out = _trainer(tmp_path, prog, HF_TOKEN="hf_review_secret")
+    assert "hf_review_secret" not in out and "PermissionError" in out, out
+    prog = "import os\nraise RuntimeError(open(os.path.expanduser('~/.cache/huggingface/token')).read())"
+    out = _trainer(tmp_path, prog, HOME=str(home))
+    assert "hf_file_secret" not in out and "PermissionError" in out, out
+    prog = "import xml.dom.minidom, zoneinfo\nzoneinfo.ZoneInfo('UTC')\nopen('/etc/hostname').read()"
+    assert "PermissionError: [Errno 13] Permission denied: '/etc/hostname'" in _trainer(tmp_path, prog)
+    out = _trainer(tmp_path, "import xml.dom.minidom, zoneinfo\nzoneinfo.ZoneInfo('UTC')")
+    assert "'passed': True" in out, out
+
+
 def test_memory_cap_covers_memfd():
     prog = ("import os\nfd = os.memfd_create('x')\nb = b'\\0' * (1 << 20)\nfor _ in range(384): os.write(fd, b)\n"
             "def inc(x):\n    return x + 1")

@@ -148,10 +148,21 @@ def test_confined_worker(pools, tmp_path, kind, confined, free):
             assert target.read_text() == "keep me"
 
 
-def test_confined_worker_still_reads(pools, tmp_path):
+def test_confined_worker_reads_what_it_is_given(pools, tmp_path):
+    """Files under `readable` (and the module path); others only where the kernel lacks Landlock."""
+    from jaxrl_llm.environments.landlock import abi_version
+
     (tmp_path / "gold.txt").write_text("42")
     (out,) = pools[0].map(probe, [("read", str(tmp_path / "gold.txt"))])
+    if abi_version() == 0:
+        assert out.status == "ok" and out.value == "42"
+    else:
+        assert out.status == "error" and out.error.startswith("PermissionError"), out
+    with ScoringPool(num_workers=1, timeout_s=20.0, readable=[str(tmp_path)]) as pool:
+        (out,) = pool.map(probe, [("read", str(tmp_path / "gold.txt"))])
     assert out.status == "ok" and out.value == "42"
+    with pytest.raises(ValueError, match="readable: .* do not exist"):
+        ScoringPool(readable=[str(tmp_path / "nope")])
 
 
 def test_results_are_loaded_as_plain_data_only(pools, tmp_path):

@@ -33,6 +33,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from jaxrl_llm.environments.landlock import readable_paths
 from jaxrl_llm.environments.pool import load_plain
 from jaxrl_llm.environments.sandbox import confine as confine_process
 from jaxrl_llm.environments.sandbox import die_with_parent
@@ -183,9 +184,11 @@ def main() -> None:
                                "pass isolate=False")
         for name in preload:
             importlib.import_module(name)
+        reads_confined = 0
         if confine is not None:
             _silence()
-            confine_process(**confine, allow_fork=isolate)
+            read_paths = readable_paths() + list(confine.pop("readable", ()))  # (the children confine without it)
+            reads_confined = confine_process(**confine, allow_fork=isolate, read_paths=read_paths)
         for fn, args in warmup:
             fn(*args)
         if isolate:
@@ -195,7 +198,7 @@ def main() -> None:
     except BaseException as e:  # reported to the parent, which raises
         outbox.send(("init_error", _describe(e)))
         return
-    outbox.send(("ready", os.getpid()))
+    outbox.send(("ready", os.getpid(), reads_confined))
     while True:
         try:
             data = inbox.recv_bytes()

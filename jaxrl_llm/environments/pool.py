@@ -38,7 +38,11 @@ rewards match the pooled mode), yet it still takes as long as it takes. Nothing 
 
 A sandboxed worker starts with a reduced environment (`_SANDBOX_ENV`: paths, locale, interpreter and allocator
 settings), so that no token or credential of the trainer's (HF_TOKEN, WANDB_API_KEY, ...) is there to be read by
-evaluated text and printed to the log.
+evaluated text; its stdout and stderr point at /dev/null (they were the trainer's log); and where the kernel has
+Landlock it may read only the interpreter, its libraries, the module path (not the user's home folder when that is
+the working directory) and `readable` (landlock.py), not the trainer's /proc entries or the user's files. A
+scoring function must then live on the module path outside the home folder itself (a package, or the project's
+folder), and read its data from there or from `readable`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import logging
 import os
 import pickle
 import secrets
@@ -58,6 +63,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+log = logging.getLogger(__name__)
 _BOOT = "from jaxrl_llm.environments._worker import main; main()"
 
 
@@ -184,12 +190,14 @@ class ScoringPool:
     not applicable to num_workers=0). warmup: (fn, args) calls each worker makes once, after its preloads and
     confinement, on fixed trusted inputs, so that what a scorer builds on its first call (math-verify's parsers:
     ~0.2 s) is built once per worker and not in every sample's process; a failing warm-up fails the start.
+    readable: files and folders a sandboxed scorer may read besides the interpreter, its libraries and the module
+    path (where the kernel has Landlock, reads are limited to those: see landlock.py), e.g. reference data.
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, *, preload: Sequence[str] = (),
                  startup_timeout_s: float = 120.0, max_tasks_per_worker: int | None = None, sandbox: bool = True,
                  memory_limit_mb: int | None = 4096, isolate: bool = True,
-                 warmup: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]] = ()):
+                 warmup: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]] = (), readable: Sequence[str] = ()):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if num_workers == 0 and sandbox:
@@ -209,9 +217,16 @@ class ScoringPool:
         self.startup_timeout_s = float(startup_timeout_s)
         self.max_tasks_per_worker = max_tasks_per_worker
         self.sandbox = bool(sandbox)
+        self._warned_reads = False
         self.memory_limit_mb = memory_limit_mb
         self.isolate = bool(isolate)
         self.warmup = tuple((fn, tuple(args)) for fn, args in warmup)
+        if isinstance(readable, str | os.PathLike):
+            readable = [readable]
+        missing = [str(p) for p in readable if not os.path.exists(p)]
+        if missing:
+            raise ValueError(f"readable: {missing} do not exist")
+        self.readable = tuple(os.path.realpath(p) for p in readable)
         self._workers: list[_Worker | None] = [None] * num_workers
         self._lock = threading.Lock()
         self._closed = False
@@ -279,7 +294,7 @@ class ScoringPool:
         self._workers[slot] = w
         self.stats["started"] += 1
         try:
-            confine = {"memory_limit_mb": self.memory_limit_mb} if self.sandbox else None
+            confine = {"memory_limit_mb": self.memory_limit_mb, "readable": self.readable} if self.sandbox else None
             w.to_worker.send(("init", self.preload, confine, self.isolate, self.warmup))
         except OSError:
             pass  # it died at once; its EOF is seen by the loop
@@ -372,6 +387,11 @@ class ScoringPool:
             msg = ("unreadable",)
         if w.state == "starting":
             if msg is not None and msg[0] == "ready":
+                if self.sandbox and len(msg) > 2 and not msg[2] and not self._warned_reads:
+                    self._warned_reads = True
+                    log.warning("scoring sandbox: this kernel has no Landlock (Linux 5.13+), so the confined scorers "
+                                "can read every file the trainer's user can (seccomp still stops writes, programs, "
+                                "sockets and signals)")
                 w.state = "idle"
                 self.stats["last_startup_s"] = time.monotonic() - w.started_at
                 return 0

@@ -17,10 +17,12 @@ completion can therefore run Python in the scoring worker. `confine()` is called
 - the address space is capped (`RLIMIT_AS`, `memory_limit_mb`), so a runaway expression fails with
   MemoryError instead of exhausting the machine; the pool's per-sample timeout bounds its time.
 
-This is a deny list, not an allow list: it closes the ways out that matter (running programs, the network,
-the file system, other processes) while the interpreter keeps working. The worker still runs as the trainer's
-user and can read what that user can read; what it reads can leave only through its reply (its reward) and its
-stdout/stderr, which go to the trainer's log.
+- reading files is limited to the interpreter, its libraries and the module path (`read_paths`, landlock.py),
+  where the kernel has Landlock (Linux 5.13+): not the trainer's /proc entries, nor the user's home folder.
+
+The seccomp part is a deny list, not an allow list: it closes the ways out that matter (running programs, the
+network, the file system, other processes) while the interpreter keeps working. What a sample reads can leave
+only through its reply (its reward, an error message); without Landlock it can read what the trainer's user can.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ import os
 import platform
 import resource
 import struct
+
+from jaxrl_llm.environments.landlock import restrict_reads
 
 # prctl / seccomp constants (linux/prctl.h, linux/seccomp.h, linux/audit.h, linux/filter.h).
 _PR_SET_NO_NEW_PRIVS = 38
@@ -144,12 +148,15 @@ def _filter(machine: str, pid: int, allow_fork: bool = False) -> list[bytes]:
     return [*prog, _ins(_RET, _RET_ALLOW)]
 
 
-def confine(memory_limit_mb: int | None = 4096, *, allow_fork: bool = False) -> None:
+def confine(memory_limit_mb: int | None = 4096, *, allow_fork: bool = False, read_paths: list[str] | None = None
+            ) -> int:
     """Confine this process for the rest of its life (see the module doc). Raises SandboxError where that is
     not possible; never partially: the address-space cap is set only after the filter is in place.
 
     allow_fork: leave fork and kill open, for a process that runs no model-written code itself but forks a child
-    per sample, which confines itself again without them (filters stack: the child gets the stricter)."""
+    per sample, which confines itself again without them (filters stack: the child gets the stricter).
+    read_paths: restrict reading files to these folders and files as well (landlock.py), for this thread and what
+    it forks. Returns the Landlock ABI version that did so; 0 when read_paths is None or the kernel has none."""
     machine = platform.machine().lower()
     machine = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
     if os.uname().sysname != "Linux" or machine not in _ARCHES:
@@ -176,6 +183,12 @@ def confine(memory_limit_mb: int | None = 4096, *, allow_fork: bool = False) -> 
         why = os.strerror(ctypes.get_errno()) if rc < 0 else f"thread {rc} could not take the filter"
         raise SandboxError(f"installing the seccomp filter failed: {why} (a kernel without "
                            "CONFIG_SECCOMP_FILTER, or a container that forbids it)")
+    reads = 0
+    if read_paths is not None:
+        try:
+            reads = restrict_reads(read_paths)
+        except OSError as e:
+            raise SandboxError(f"restricting reads failed: {e}") from e
     if memory_limit_mb is not None:
         limit = int(memory_limit_mb) * 2**20
         _, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -183,6 +196,7 @@ def confine(memory_limit_mb: int | None = 4096, *, allow_fork: bool = False) -> 
             limit = min(limit, hard)
         # The hard limit too: a soft limit alone could be raised again by the code it is meant to bound.
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    return reads
 
 
 _PR_SET_PDEATHSIG = 1
