@@ -35,7 +35,9 @@ def top_k_threshold(sorted_desc_BV: jax.Array, top_k_B: jax.Array) -> jax.Array:
 
 def top_p_threshold(sorted_desc_BV: jax.Array, top_p_B: jax.Array) -> jax.Array:
     """The smallest logit of the nucleus per row [B]: the shortest prefix of the sorted distribution whose
-    probability reaches top_p (always at least one token). -inf where top_p >= 1 (off)."""
+    probability reaches top_p (always at least one token). -inf where top_p >= 1 (off). Filtering keeps every
+    logit >= this one, so tokens tied with the nucleus's last one are all kept (HF keeps those its sort puts first;
+    the same rule as top-k's ties)."""
     probs_BV = jax.nn.softmax(sorted_desc_BV, axis=-1)
     before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # probability mass strictly before each token
     keep_BV = before_BV < top_p_B[:, None].astype(_F32)
