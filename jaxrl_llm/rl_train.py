@@ -526,3 +526,8 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
 
     evaluate.close = getattr(env, "close", None)
     return evaluate
+
+
+if __name__ == "__main__":  # a natural guess for GRPO's command, which is train's (the recipe picks the algorithm)
+    raise SystemExit("GRPO runs through the training command: python -m jaxrl_llm.train --config configs/grpo_demo.py "
+                     "(the recipe's `algorithm` picks it)")

@@ -110,3 +110,12 @@ def test_tensorboard_events_of_a_resume_purge_the_steps_logged_again(tmp_path):
     w.close()
     assert len([e for e in _events(tmp_path / "tensorboard.1.old") if e.summary.value]) == 4
     assert not [e for e in _events(tmp_path / "tensorboard") if e.summary.value]
+
+
+def test_python_m_rl_train_names_the_command_that_runs_grpo():
+    """It exited 0 having done nothing (the module has no command of its own)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "jaxrl_llm.rl_train"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "python -m jaxrl_llm.train --config configs/grpo_demo.py" in r.stderr
