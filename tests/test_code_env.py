@@ -13,7 +13,7 @@ import pytest
 from jaxrl_llm.data import DataError
 from jaxrl_llm.data.tasks import load_tasks
 from jaxrl_llm.environments import CodeEnvironment, extract_code, make_environment
-from jaxrl_llm.environments.code import build_program, cut_raw, run_program
+from jaxrl_llm.environments.code import Program, build_program, cut_raw, run_program
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INC = {"tests": "def check(f):\n    assert f(1) == 2\n    assert f(-1) == 0\n", "entry_point": "inc"}
@@ -56,28 +56,32 @@ def test_cut_raw_ends_a_base_models_continuation_at_the_next_top_level_statement
     assert cut_raw(body) == body
 
 
+def _run(code: str, tests: str, entry_point: str | None = None, prelude: str = "", **kw):
+    return run_program(Program(prelude, code, tests), entry_point, **kw)
+
+
 def test_run_program_passes_only_programs_that_finish():
-    assert run_program("x = 1", "assert x + 1 == 2") == (True, None)
-    assert run_program("x = 1", "assert x + 1 == 3, 'math'") == (False, "AssertionError: math")
-    assert run_program("import sys\nsys.exit(0)", "assert False") == (False, "SystemExit: 0")  # exiting is no pass
-    assert run_program("exit()", "pass")[0] is False
-    assert run_program("def f(:\n  pass", "pass")[1].startswith("SyntaxError")
+    assert _run("x = 1", "assert x + 1 == 2") == (True, None)
+    assert _run("x = 1", "assert x + 1 == 3, 'math'") == (False, "AssertionError: math")
+    assert _run("import sys\nsys.exit(0)", "assert False") == (False, "SystemExit: 0")  # exiting is no pass
+    assert _run("exit()", "pass")[0] is False
+    assert _run("def f(:\n  pass", "pass")[1].startswith("SyntaxError")
     # a demo block does not run: the namespace is not __main__
-    assert run_program("if __name__ == '__main__':\n    raise SystemExit(1)", "pass") == (True, None)
-    assert run_program("def g():\n    return 1", "def check(f):\n    pass", "inc") == \
+    assert _run("if __name__ == '__main__':\n    raise SystemExit(1)", "pass") == (True, None)
+    assert _run("def g():\n    return 1", "def check(f):\n    pass", "inc") == \
         (False, "NameError: the program defines no 'inc'")
 
 
-def test_build_program_order_and_formats():
-    meta = {**INC, "prelude": "import math\n\ndef inc(x):\n    \"\"\"x + 1\"\"\"\n"}
-    solution, tests = build_program("from __future__ import annotations\ndef inc(x):\n    return x + 1\n", meta)
-    assert solution.startswith("from __future__ import annotations\nimport math")  # hoisted: legal only first
-    assert solution.index('"""x + 1"""') < solution.index("return x + 1")
-    assert tests.startswith("import math") and tests.endswith("assert f(-1) == 0\n")  # the prompt's helpers too
-    raw, _ = build_program("    return x + 1\n", meta, "raw")  # the completion continues the prompt's body
-    assert '"""x + 1"""\n    return x + 1' in raw
-    assert run_program(solution, tests, "inc") == (True, None) and run_program(raw, tests, "inc") == (True, None)
-    assert build_program("x = 1", {"tests": "assert x == 1"}) == ("x = 1\n", "assert x == 1\n")  # no entry point
+def test_run_program_prelude_code_and_tests():
+    prelude = "import math\n\ndef inc(x):\n    \"\"\"x + 1\"\"\"\n"
+    code = "from __future__ import annotations\ndef inc(x):\n    return x + 1\n"  # a __future__ import mid-program
+    assert _run(code, INC["tests"], "inc", prelude) == (True, None)
+    assert _run("def inc(x):\n    return x\n", INC["tests"], "inc", prelude)[0] is False
+    raw = Program(prelude, "    return x + 1\n", INC["tests"], raw=True)  # continues the prompt's body
+    assert run_program(raw, "inc") == (True, None)
+    assert build_program("    return x + 1\n", {**INC, "prelude": prelude}, "raw") == \
+        Program(prelude, "    return x + 1\n", INC["tests"], True)
+    assert _run("x = 1", "assert x == 1") == (True, None)  # no entry point: the tests see the program's names
 
 
 @pytest.fixture(scope="module")

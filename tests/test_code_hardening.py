@@ -95,8 +95,12 @@ def test_hacks_get_no_reward(he):
 def test_redefining_the_prompts_helper_that_the_tests_use_gets_no_reward(he, tid, code):
     r = _score([f"```python\n{code}\n```"], [he[tid]])
     assert r.rewards.tolist() == [0.0], r.info
-    patched = "import math\nmath.fabs = lambda x: 0.0\nlen = lambda x: 0\n" + code  # a module is shared, builtins not
-    assert _score([f"```python\n{patched}\n```"], [he[tid]]).rewards.tolist() == [0.0 if tid.endswith("38") else 1.0]
+    # patching a module the tests use (math.fabs: HumanEval/32 checks |poly(x)| < eps with it) or a builtin
+    patched = "import math\nmath.fabs = lambda x: 0.0\nlen = lambda x: 0\n" + code
+    r = _score([f"```python\n{patched}\n```"], [he[tid]])
+    assert r.rewards.tolist() == [0.0], r.info
+    if tid.endswith("32"):
+        assert r.info[0]["error"] == "RuntimeError: the program changed math.fabs, which its tests use"
 
 
 def test_pythonoptimize_does_not_strip_the_tests_asserts(monkeypatch):

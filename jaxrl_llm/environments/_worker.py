@@ -176,7 +176,7 @@ def main() -> None:
     read_fd, write_fd = int(sys.argv[1]), int(sys.argv[2])
     inbox = Connection(read_fd, writable=False)
     outbox = Connection(write_fd, readable=False)
-    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    parent = os.getppid()
     try:
         _, preload, confine, isolate, warmup = inbox.recv()
         if isolate and not hasattr(os, "fork"):
@@ -189,6 +189,10 @@ def main() -> None:
             _silence()
             read_paths = readable_paths() + list(confine.pop("readable", ()))  # (the children confine without it)
             reads_confined = confine_process(**confine, allow_fork=isolate, read_paths=read_paths)
+        # Started after the confinement, so that it is confined too (Landlock covers the threads a restricted one
+        # starts, not those started before; a sample could have this one run its code, through time.sleep). Until
+        # now a parent gone shows as EOF at the first recv.
+        threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
         for fn, args in warmup:
             fn(*args)
         if isolate:
@@ -213,7 +217,9 @@ def main() -> None:
         try:
             fn, args = pickle.loads(task)
         except BaseException as e:  # e.g. the scoring function's module cannot be imported here
-            outbox.send(("error", ticket, f"task could not be loaded in the worker: {_describe(e)}"))
+            hint = (" (the sandbox lets a scorer read only the interpreter, its libraries, the module path and "
+                    "ScoringPool(readable=...))" if isinstance(e, PermissionError) else "")
+            outbox.send(("error", ticket, f"task could not be loaded in the worker: {_describe(e)}{hint}"))
             continue
         outbox.send(("started", ticket))  # the sample's clock starts now, after its function's module is loaded
         if isolate:

@@ -39,11 +39,14 @@ from __future__ import annotations
 import ast
 import builtins
 import contextlib
+import functools
+import importlib
 import io
 import re
 import sys
 import threading
-from typing import Any
+import types
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -70,6 +73,10 @@ _REFUSED_ATTRIBUTES = frozenset("_getframe f_back f_locals f_globals f_builtins 
 _REFUSED_ATTRIBUTE_OWNERS = {"modules": "sys", "write": "os", "dup": "os", "dup2": "os", "fdopen": "os",
                              "pipe": "os", "kill": "os"}  # these attributes are refused only on these modules
 _REFUSED_NAMES = frozenset("__builtins__ __import__ exec compile globals breakpoint".split())
+# Names of interpreter internals no task needs as text (refused in string constants: getattr(sys, "_get" + "frame")).
+_INTERNAL_NAMES = ("_getframe", "f_back", "f_locals", "f_globals", "f_builtins", "tb_frame", "gi_frame", "cr_frame",
+                   "settrace", "setprofile", "_current_frames", "__subclasses__", "__globals__", "__builtins__",
+                   "get_objects", "get_referrers")
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined by Python code
 _CHECKED_ITEMS = 100_000  # returned container items checked per call (beyond: unchecked)
 
@@ -108,26 +115,25 @@ def _hoist_futures(code: str) -> tuple[str, str]:
     return futures, _FUTURE.sub("", code)
 
 
-def build_program(code: str, metadata: dict[str, Any], answer_format: str = "fenced") -> tuple[str, str]:
-    """(solution source, tests source) of one sample. The solution is the prelude, then the code (for "raw" the
-    code continues the prelude as written). The tests are the task's tests; with an entry point they run in a
-    namespace of their own after the prelude (so that the helpers the tests call are the prompt's, not the
-    program's), and `check(entry_point)` gets the program's function."""
-    prelude = metadata.get("prelude") or ""
-    futures, code = _hoist_futures(code)
-    if answer_format == "raw":
-        solution = futures + prelude + code
-    else:
-        solution = "\n\n".join(p.rstrip("\n") for p in (futures + prelude, code) if p.strip()) + "\n"
-    tests = metadata["tests"].rstrip("\n") + "\n"
-    if metadata.get("entry_point"):
-        tests = "\n\n".join(p.rstrip("\n") for p in (prelude, tests) if p.strip()) + "\n"
-    return solution, tests
+class Program(NamedTuple):
+    """One sample's sources: the prelude, the model's code, the tests (`build_program`); raw: the code continues
+    the prelude (a base model's function body) rather than following it."""
+
+    prelude: str
+    code: str
+    tests: str
+    raw: bool = False
+
+
+def build_program(code: str, metadata: dict[str, Any], answer_format: str = "fenced") -> Program:
+    """The sources `run_program` runs for one sample: the task's prelude, the model's code and the task's tests."""
+    return Program(metadata.get("prelude") or "", code, metadata["tests"], answer_format == "raw")
 
 
 def refused_construct(code: str) -> str | None:
-    """What `code` is refused for (see _REFUSED_*), or None; code that does not parse is not refused here (it fails
-    when it runs)."""
+    """What `code` is refused for (see _REFUSED_*), or None: an import, attribute or name of the lists, or a string
+    constant naming one of the interpreter's internals (also once folded: '_get' + 'frame'). Code that does not
+    parse is not refused here (it fails when it runs)."""
     try:
         tree = ast.parse(code)
     except (SyntaxError, ValueError, MemoryError, RecursionError):
@@ -144,6 +150,17 @@ def refused_construct(code: str) -> str | None:
                 return f"{owner}.{node.attr}" if owner else f"the attribute {node.attr}"
         elif isinstance(node, ast.Name) and node.id in _REFUSED_NAMES:
             return node.id
+    try:
+        compiled = compile(tree, "<screen>", "exec", dont_inherit=True)
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
+        return None
+    stack = [compiled]
+    while stack:
+        for const in stack.pop().co_consts:
+            if isinstance(const, types.CodeType):
+                stack.append(const)
+            elif isinstance(const, str) and (hit := next((t for t in _INTERNAL_NAMES if t in const), None)):
+                return f"the string {hit!r}"
     return None
 
 
@@ -175,17 +192,17 @@ def _stop_tracing() -> None:
     threading.setprofile(None)
 
 
-def _check_plain(value: Any, entry_point: str) -> None:
+def _check_plain(value: Any, name: str, allowed: frozenset[int]) -> None:
     """TypeError when `value` (or an item of a list, tuple, set or dict it holds) is an instance of a class defined
-    by Python code: such an object can compare equal to anything (`__eq__` returning True)."""
+    by Python code (the program's, or a library's such as Counter or Fraction), other than the prelude's classes
+    (`allowed`, by id): such an object can compare equal to anything (`__eq__` returning True)."""
     stack, seen = [value], 0
     while stack and seen < _CHECKED_ITEMS:
         x = stack.pop()
         seen += 1
-        for cls in type(x).__mro__:
-            if cls.__flags__ & _HEAP_TYPE:
-                raise TypeError(f"{entry_point} returned an instance of {type(x).__name__!r}, a class the program "
-                                "defines; return built-in values")
+        if id(type(x)) not in allowed and any(cls.__flags__ & _HEAP_TYPE for cls in type(x).__mro__):
+            raise TypeError(f"{name} returned an instance of {type(x).__name__!r}, a class defined in Python code "
+                            "(env.check_returns): return built-in values (int, float, str, list, dict, ...)")
         if isinstance(x, dict):
             stack.extend(x.keys())
             stack.extend(x.values())
@@ -193,50 +210,112 @@ def _check_plain(value: Any, entry_point: str) -> None:
             stack.extend(x)
 
 
-def _guarded(fn: Any, entry_point: str) -> Any:
-    def candidate(*args: Any, **kwargs: Any) -> Any:
+def _modules_used(tests: str) -> dict[str, dict[str, Any]]:
+    """The modules the (trusted) tests import, imported now, each with a copy of its attributes: a program must not
+    change them (math.fabs = lambda x: 0 turns a check on |f(x)| < eps into a pass)."""
+    try:
+        tree = ast.parse(tests)
+    except SyntaxError:
+        return {}
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+    out = {}
+    for name in sorted(names):
+        try:
+            out[name] = dict(vars(importlib.import_module(name)))
+        except Exception:  # the tests' own problem: they fail when they run
+            continue
+    return out
+
+
+def _check_modules(snapshots: dict[str, dict[str, Any]]) -> None:
+    for name, before in snapshots.items():
+        now = vars(sys.modules[name]) if name in sys.modules else {}
+        changed = next((k for k, v in before.items() if now.get(k, _MISSING) is not v), None)
+        if changed is not None:
+            raise RuntimeError(f"the program changed {name}.{changed}, which its tests use")
+
+
+_MISSING = object()
+
+
+def _guarded(fn: Any, name: str, allowed: frozenset[int], modules: dict[str, dict[str, Any]] | None) -> Any:
+    @functools.wraps(fn)  # its name, doc and annotations, as tests may read them
+    def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
             value = fn(*args, **kwargs)
         finally:
             _stop_tracing()  # what the call set cannot watch or steer the tests
-        _check_plain(value, entry_point)
+        if modules is not None:
+            _check_modules(modules)
+        _check_plain(value, name, allowed)
         return value
 
-    return candidate
+    return guarded
 
 
-def run_program(solution: str, tests: str, entry_point: str | None = None, check_returns: bool = True,
-                screen: str | None = None) -> tuple[bool, str | None]:
-    """(passed, error) of one sample: runs the solution in a fresh namespace (its `__name__` is not "__main__"),
-    then the tests, with stdout and stderr discarded; passed when they end without an exception. Without an entry
-    point the tests run in the solution's namespace; with one, in their own (with the builtins as they were before
-    the solution ran), and `check` gets the solution's function, whose results must be built-in values when
-    `check_returns`. `screen`: the model's code, refused (not run) when it uses a construct of `refused_construct`.
-    The function the pool runs, in a confined worker (where the model's text is also parsed)."""
-    refused = refused_construct(screen) if screen is not None else None
+def _compile(source: str, name: str) -> types.CodeType:
+    # dont_inherit: not this module's `from __future__ import annotations`; optimize=0: asserts kept even under
+    # PYTHONOPTIMIZE.
+    return compile(source, name, "exec", dont_inherit=True, optimize=0)
+
+
+def run_program(program: Program, entry_point: str | None = None, check_returns: bool = True,
+                screen: bool = False) -> tuple[bool, str | None]:
+    """(passed, error) of one sample, run in a fresh module (`__completion__`, not "__main__") with stdout and stderr
+    discarded; passed when the tests end without an exception. The prelude runs first; the tests then run in a copy
+    of its namespace (the prompt's helpers and classes, the builtins as they were before the program ran), with
+    the entry point bound to the program's function and `check(entry_point)` called; without an entry point the
+    tests run in the program's namespace. When `check_returns`, the function's (or, without an entry point, every
+    function the program defines) results must be built-in values or the prelude's classes, and the modules the
+    tests import must be as they were. `screen`: refuse the code unrun when it uses a construct of
+    `refused_construct`. The function the pool runs, in a confined worker (where the model's text is parsed too)."""
+    refused = refused_construct(program.code) if screen else None
     if refused is not None:
         return False, f"refused: the program uses {refused} (env.refuse_introspection)"
     builtins_before = dict(vars(builtins))
-    namespace: dict[str, Any] = {"__name__": "__completion__", "__builtins__": builtins}
+    module = types.ModuleType("__completion__")
+    sys.modules["__completion__"] = module  # what dataclasses and typing look up for the program's classes
+    ns = module.__dict__
+    ns["__builtins__"] = builtins
     sink = _null_stream()
     try:
-        solution_code = compile(solution, "<completion>", "exec", optimize=0)  # PYTHONOPTIMIZE would drop asserts
-        tests_code = compile(tests, "<tests>", "exec", optimize=0)
+        futures, code = _hoist_futures(program.code)
+        if program.raw:
+            units = [_compile(futures + program.prelude + code, "<completion>")]
+        else:
+            units = [_compile(futures + program.prelude, "<prelude>"), _compile(futures + code, "<completion>")]
+        tests_code = _compile(program.tests, "<tests>")
+        modules = _modules_used(program.tests) if check_returns else None
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             try:
-                exec(solution_code, namespace)  # noqa: S102 - model-written code, in a sandboxed worker
+                exec(units[0], ns)  # noqa: S102 - the prelude (raw: with the model's body), in a sandboxed worker
+                base = dict(ns)  # the prelude's names, as the tests are to see them
+                for unit in units[1:]:
+                    exec(unit, ns)  # noqa: S102 - model-written code, in a sandboxed worker
             finally:
                 _stop_tracing()
+            allowed = frozenset(id(v) for v in base.values() if isinstance(v, type))
+            if modules is not None:
+                _check_modules(modules)
             if entry_point is None:
-                namespace["__builtins__"] = builtins_before
-                exec(tests_code, namespace)  # noqa: S102
+                if check_returns:
+                    for name, value in list(ns.items()):
+                        if isinstance(value, types.FunctionType) and base.get(name) is not value:
+                            ns[name] = _guarded(value, name, allowed, modules)
+                ns["__builtins__"] = builtins_before
+                exec(tests_code, ns)  # noqa: S102 - the task's tests
             else:
-                if entry_point not in namespace:
+                if entry_point not in ns:
                     raise NameError(f"the program defines no {entry_point!r}")
-                fn = namespace[entry_point]
-                candidate = _guarded(fn, entry_point) if check_returns else fn
-                checks: dict[str, Any] = {"__name__": "__tests__", "__builtins__": builtins_before}
-                exec(tests_code, checks)  # noqa: S102
+                fn = ns[entry_point]
+                candidate = _guarded(fn, entry_point, allowed, modules) if check_returns else fn
+                checks = {**base, "__name__": "__tests__", "__builtins__": builtins_before}
+                exec(tests_code, checks)  # noqa: S102 - the task's tests
                 checks[entry_point] = candidate  # tests that call the function by its name (HumanEval/33) get it
                 if not callable(checks.get("check")):
                     raise NameError("the tests define no check(candidate) function")
@@ -293,8 +372,8 @@ class CodeEnvironment:
                  for c, m in zip(completions, metadata, strict=True)]
         jobs = [i for i, code in enumerate(codes) if code is not None]
         outcomes = self._pool.map(run_program, [
-            (*build_program(codes[i], metadata[i], self.answer_format), metadata[i].get("entry_point"),
-             self.check_returns, codes[i] if self.refuse_introspection else None) for i in jobs])
+            (build_program(codes[i], metadata[i], self.answer_format), metadata[i].get("entry_point"),
+             self.check_returns, self.refuse_introspection) for i in jobs])
         rewards_N = np.zeros(len(completions), np.float32)
         info: list[dict[str, Any]] = [{"passed": False, "code_found": False} for _ in completions]
         failed = refused = 0

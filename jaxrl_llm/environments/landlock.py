@@ -61,10 +61,38 @@ def readable_paths() -> list[str]:
                   *sysconfig.get_paths().values(), *_SYSTEM]
     for entry in sys.path:
         path = os.path.realpath(entry or os.getcwd())
-        if path == "/" or home == path or home.startswith(path.rstrip("/") + "/"):
-            continue
-        candidates.append(path)
+        if _outside_home(path, home):
+            candidates.append(path)
     return sorted({os.path.realpath(p) for p in candidates if p and os.path.exists(p)})
+
+
+def _outside_home(path: str, home: str) -> bool:
+    return not (path == "/" or home == path or home.startswith(path.rstrip("/") + "/"))
+
+
+def module_roots() -> list[str]:
+    """The folders of the top-level packages this process has imported from outside sys.path (found by an import
+    hook, as setuptools' editable installs are): a scoring function's package there must stay importable in a
+    confined worker that loads it later. The home folder and those holding it are left out."""
+    home = os.path.realpath(os.path.expanduser("~"))
+    on_path = [os.path.realpath(p or os.getcwd()) for p in sys.path]
+    roots = set()
+    for name, module in list(sys.modules.items()):
+        if "." in name or module is None:
+            continue
+        folders = list(getattr(module, "__path__", None) or [])  # a package (or a namespace package's parts)
+        file = getattr(module, "__file__", None)
+        if not folders and isinstance(file, str):
+            folders = [file]  # a single-file module
+        for folder in folders:
+            if not isinstance(folder, str) or not os.path.exists(folder):
+                continue
+            folder = os.path.realpath(folder)
+            if any(folder == p or folder.startswith(p.rstrip("/") + "/") for p in on_path):
+                continue
+            if _outside_home(folder, home):
+                roots.add(folder)
+    return sorted(roots)
 
 
 def restrict_reads(paths: list[str]) -> int:

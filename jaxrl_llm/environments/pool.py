@@ -63,7 +63,10 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from jaxrl_llm.environments.landlock import module_roots
+
 log = logging.getLogger(__name__)
+
 _BOOT = "from jaxrl_llm.environments._worker import main; main()"
 
 
@@ -294,7 +297,8 @@ class ScoringPool:
         self._workers[slot] = w
         self.stats["started"] += 1
         try:
-            confine = {"memory_limit_mb": self.memory_limit_mb, "readable": self.readable} if self.sandbox else None
+            confine = ({"memory_limit_mb": self.memory_limit_mb, "readable": self.readable + tuple(module_roots())}
+                       if self.sandbox else None)  # (packages imported here from outside sys.path stay importable)
             w.to_worker.send(("init", self.preload, confine, self.isolate, self.warmup))
         except OSError:
             pass  # it died at once; its EOF is seen by the loop
@@ -389,9 +393,9 @@ class ScoringPool:
             if msg is not None and msg[0] == "ready":
                 if self.sandbox and len(msg) > 2 and not msg[2] and not self._warned_reads:
                     self._warned_reads = True
-                    log.warning("scoring sandbox: this kernel has no Landlock (Linux 5.13+), so the confined scorers "
-                                "can read every file the trainer's user can (seccomp still stops writes, programs, "
-                                "sockets and signals)")
+                    log.warning("scoring sandbox: Landlock is not available (a kernel before 5.13, or turned off or "
+                                "blocked by a container), so the confined scorers can read every file the trainer's "
+                                "user can (seccomp still stops writes, programs, sockets and signals)")
                 w.state = "idle"
                 self.stats["last_startup_s"] = time.monotonic() - w.started_at
                 return 0
