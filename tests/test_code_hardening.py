@@ -190,3 +190,11 @@ def test_extract_code_variants_right_today():
     assert extract_code("```Python3\nx = 1\n```") == "x = 1\n"
     assert extract_code("```python title=a.py\nx = 1\n```") == "x = 1\n"
     assert extract_code("```python\nx = 1\n") is None  # truncated
+
+
+def test_names_of_internals_built_from_pieces_are_refused():
+    from jaxrl_llm.environments.code import refused_construct
+
+    assert refused_construct("import sys\nf = getattr(sys, '_get' + 'frame')()") == "the string '_getframe'"
+    assert refused_construct("def g(f):\n    return getattr(f, 'f_lo' 'cals')") == "the string 'f_locals'"
+    assert refused_construct("import math\nprint(getattr(math, 'sqrt')(4))") is None  # a plain getattr is fine
