@@ -180,3 +180,11 @@ def test_scorer_from_an_editable_install_finder_loads(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], cwd=str(run_dir), env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.stdout.strip().startswith("ok 42"), out.stdout + out.stderr
+
+
+def test_programs_that_print_warn_or_set_limits_pass_when_the_tests_import_sys():
+    """The watch on the tests' modules sees sys.stdout as redirected for the program, not as a change of it."""
+    tests = "import sys, random, warnings\nrandom.seed(1)\n\ndef check(g):\n    assert g() == 1\n"
+    program = ("import sys, warnings\nsys.setrecursionlimit(5000)\nwarnings.warn('x')\n\n"
+               "def f():\n    print('hi', file=sys.stderr)\n    return 1\n")
+    assert run_program(Program("", program, tests), "f") == (True, None)

@@ -226,9 +226,10 @@ def _modules_used(tests: str) -> dict[str, dict[str, Any]]:
     out = {}
     for name in sorted(names):
         try:
-            out[name] = dict(vars(importlib.import_module(name)))
+            attrs = vars(importlib.import_module(name))
         except Exception:  # the tests' own problem: they fail when they run
             continue
+        out[name] = {k: v for k, v in attrs.items() if not k.startswith("__")}  # (a module's own bookkeeping)
     return out
 
 
@@ -290,8 +291,8 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
         else:
             units = [_compile(futures + program.prelude, "<prelude>"), _compile(futures + code, "<completion>")]
         tests_code = _compile(program.tests, "<tests>")
-        modules = _modules_used(program.tests) if check_returns else None
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            modules = _modules_used(program.tests) if check_returns else None  # (sys.stdout as redirected)
             try:
                 exec(units[0], ns)  # noqa: S102 - the prelude (raw: with the model's body), in a sandboxed worker
                 base = dict(ns)  # the prelude's names, as the tests are to see them
