@@ -157,15 +157,35 @@ def test_a_resumed_run_compiles_its_step_once(tmp_path):
 
 def test_grpo_stops_on_request_with_a_checkpoint_and_resumes(tmp_path, monkeypatch):
     """The GRPO loop honours a stop request (SIGTERM; here the request itself is simulated at step 2): a
-    checkpoint of that step, whose data position a resume continues from."""
+    checkpoint of that step, whose data position a resume continues from (the prompt batches it generates from
+    are 2 and 3, not 0 again). A resume with another seed (prompts and sampling keys depend on it) is refused. The
+    schedule counts optimizer updates (2 per step here: 4 rollouts in minibatches of 2): warmup 1 step = 2
+    updates over 4 x 2, and each row logs the lr of its step's first update."""
     from jaxrl_llm import preemption
+    from jaxrl_llm.optim import learning_rate_schedule
+    from jaxrl_llm.rl_train import GRPORunner
 
-    over = {**GRPO, "max_steps": 4, "checkpoint.every_steps": 100}
+    over = {**GRPO, "max_steps": 4, "checkpoint.every_steps": 100, "train.batch_size": 2, "grpo.kl_coef": 0.0,
+            "optimizer.schedule": "linear", "optimizer.warmup_steps": 1, "optimizer.final_lr_fraction": 0.0}
+    positions = []
+    real = GRPORunner._prompts_for
+    monkeypatch.setattr(GRPORunner, "_prompts_for",
+                        lambda self, round_: positions.append(self.position + round_) or real(self, round_))
     monkeypatch.setattr(preemption.StopOnSigterm, "requested", lambda self, step: step == 2)
     with pytest.raises(preemption.Preempted, match="stopped after step 2 on SIGTERM; a checkpoint of step 2 was saved"):
         train.run(recipe("grpo_tiny", over), str(tmp_path))
-    assert _steps(tmp_path) == [1, 2]
+    assert _steps(tmp_path) == [1, 2] and positions == [0, 1]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
     monkeypatch.setattr(preemption.StopOnSigterm, "requested", lambda self, step: False)
+    with pytest.raises(train.ConfigError, match="seed: 0 there, 1 now"):
+        train.run(recipe("grpo_tiny", {**over, "seed": 1}), str(tmp_path))
+    positions.clear()
     train.run(recipe("grpo_tiny", over), str(tmp_path))
-    assert _steps(tmp_path) == [1, 2, 3, 4]
+    assert _steps(tmp_path) == [1, 2, 3, 4] and positions == [2, 3]
+    oc = recipe("grpo_tiny", over).optimizer
+    sched = learning_rate_schedule(oc.lr, 4 * 2, 1 * 2, oc.schedule, oc.final_lr_fraction)
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert all(r["optimizer_updates"] == 2 for r in rows)
+    for r in rows:
+        assert r["lr"] == pytest.approx(float(sched(2 * (r["step"] - 1))), rel=1e-6, abs=1e-12)
