@@ -1,8 +1,8 @@
 """Tests that kill what mutation testing of the run drivers (train, rl_train, preemption, checkpoint) left alive:
 integer schedule keys, the checkpoint of the last step and of a stop request, validation weights of the repeats
 that fill the last batch, each rollout's reward scored with its own task's metadata, and (in-process runs of the
-tiny recipes) the GRPO learning-rate schedule counted in optimizer updates, the GRPO data position and seed on
-resume, and a bf16 SFT resume that rounds as the uninterrupted run."""
+tiny recipes) SFT's logged steps, lr and tokens/s, a bf16 SFT resume that rounds as the uninterrupted run, and a
+GRPO run stopped by a non-finite loss."""
 
 from __future__ import annotations
 
