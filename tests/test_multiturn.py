@@ -277,6 +277,23 @@ def test_budget_limits_each_turn_and_truncates_an_observation_that_does_not_fit(
                            max_new_tokens=8, max_total_tokens=16)
 
 
+@pytest.mark.parametrize("room, turns", [(0, [1]), (1, [2])])
+def test_an_observation_is_appended_only_with_room_for_one_answer_token(tok, room, turns):
+    """At the budget's edge: an observation that fills the budget exactly ends the episode (a next turn could
+    generate nothing); with one token to spare the next turn runs, limited to that token."""
+    tasks = _guess_tasks([25])
+    ids, _, _ = prompt_ids(tok, tasks, None, 256, "drop")
+    reply = tok.encode("60", add_special_tokens=False) + [tok.eos_token_id]
+    conv = [*tasks[0].messages, {"role": "assistant", "content": "60"}]
+    delta = tok.encode(observation_delta(tok, conv, reply, "Too high. Guess again."), add_special_tokens=False)
+    gen = ScriptedGenerate(tok, [["60"], ["30"]])
+    out = multi_turn_rollout(gen, tok, NumberGuessEnvironment(), ids, [list(t.messages) for t in tasks],
+                             [t.metadata for t in tasks], max_turns=4, max_new_tokens=8,
+                             max_total_tokens=len(reply) + len(delta) + room)
+    assert out.turns == turns and [c["caps"] for c in gen.calls][1:] == ([[1]] if room else [])
+    assert out.info[0]["episode_end"] == "truncated" and out.finish_reasons == ["length"]
+
+
 # ------------------------------------------------------------------------------------------ batch and config
 
 
