@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import logging
@@ -53,10 +54,10 @@ def builtin_sources() -> dict[str, Callable[[], list[dict[str, Any]]]]:
 
 
 def read_jsonl(path: str) -> list[Any]:
-    """The rows of a .jsonl file as written (no schema: a row's missing fields stay missing); blank lines skipped;
-    a line that is not JSON is a DataError naming the file and the line."""
+    """The rows of a .jsonl file (or a gzipped one, .jsonl.gz) as written (no schema: a row's missing fields stay
+    missing); blank lines skipped; a line that is not JSON is a DataError naming the file and the line."""
     rows = []
-    with open(path) as f:
+    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path) as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue

