@@ -129,8 +129,11 @@ def test_bad_programs_score_zero_alone_and_print_nothing(env, capfd):
     ]
     result = env.score([""] * len(completions), completions, [INC] * len(completions))
     assert result.rewards.tolist() == [0, 0, 1, 0, 0, 0, 0, 1]
-    assert result.counts["timeouts"] == 1 and result.counts["no_code"] == 1 and result.counts["errors"] == 1
-    assert result.info[0]["error"] == "SystemExit: 0" and result.info[6] == {"passed": False, "code_found": False}
+    # os._exit ends the program's own process (the tests' process reports it): a failure, not a pool error
+    assert result.counts["timeouts"] == 1 and result.counts["no_code"] == 1 and result.counts["errors"] == 0
+    assert result.info[5]["error"] == "the program's process ended before its function was ready"
+    assert result.info[0]["error"].startswith("SystemExit: 0") and result.info[6] == {"passed": False,
+                                                                                        "code_found": False}
     assert "PermissionError" in result.info[3]["error"] and not os.path.exists("escape.txt")
     assert "LEAKED" not in capfd.readouterr().out
 

@@ -82,10 +82,15 @@ def test_hacks_get_no_reward(he):
     assert errors["forge_reply"] == "refused: the program uses the attribute _getframe (env.refuse_introspection)"
     assert errors["settrace_jump"].startswith("refused: the program uses the attribute settrace")
     assert r.counts["refused"] == 2 and r.counts["failed"] == 1
+    # With the screen off the forged reply gets nowhere either: the program runs in a process of its own, without
+    # the reply pipe (code_split.py); the tests' process decides.
     r = _score([f"```python\n{HACKS[n]}```" for n in names], [meta] * len(names), refuse_introspection=False)
-    assert r.rewards.tolist() == [0.0, 1.0, 0.0], r.info  # always_equal, forge_reply, settrace_jump
-    r = _score([f"```python\n{HACKS['always_equal']}```"], [meta], check_returns=False)
-    assert r.rewards.tolist() == [1.0]  # what check_returns stands against
+    assert r.rewards.tolist() == [0.0, 0.0, 0.0], r.info  # always_equal, forge_reply, settrace_jump
+    assert "Bad file descriptor" in r.info[1]["error"], r.info
+    # In one process with its tests (check_returns=False), the screen is all that stands in its way
+    r = _score([f"```python\n{HACKS[n]}```" for n in ("always_equal", "forge_reply")], [meta] * 2,
+               check_returns=False, refuse_introspection=False)
+    assert r.rewards.tolist() == [1.0, 1.0]  # what check_returns and the separate process stand against
 
 
 @pytest.mark.parametrize("tid, code", [
@@ -99,8 +104,21 @@ def test_redefining_the_prompts_helper_that_the_tests_use_gets_no_reward(he, tid
     patched = "import math\nmath.fabs = lambda x: 0.0\nlen = lambda x: 0\n" + code
     r = _score([f"```python\n{patched}\n```"], [he[tid]])
     assert r.rewards.tolist() == [0.0], r.info
+    assert r.info[0]["error"].startswith("AssertionError"), r.info  # the tests' process has its own math and len
+    # in one process with its tests (run_program, here: math.fabs is put back after), the change is caught
+    import math
+
+    from jaxrl_llm.environments.code import build_program, run_program
+
+    fabs = math.fabs
+    try:
+        passed, error = run_program(build_program(patched, he[tid]), he[tid]["entry_point"])
+    finally:
+        math.fabs = fabs
+    assert not passed and error in ("RuntimeError: the program changed math.fabs, which its tests use",
+                                    "AssertionError: "), error
     if tid.endswith("32"):
-        assert r.info[0]["error"] == "RuntimeError: the program changed math.fabs, which its tests use"
+        assert error == "RuntimeError: the program changed math.fabs, which its tests use"
 
 
 def test_pythonoptimize_does_not_strip_the_tests_asserts(monkeypatch):

