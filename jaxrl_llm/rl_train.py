@@ -191,9 +191,13 @@ class GRPORunner:
     def _prompts_for(self, round_: int) -> list[int]:
         """Indices into the kept prompts for generation round `round_` of the current step: prompt batch
         position + round_ of the seeded epoch order (a pure function of the seed and that batch number)."""
+        return batch_indices(len(self.kept), self.per_round, self.config.seed, self.position + round_)
+
+    @property
+    def per_round(self) -> int:
+        """Prompts per generation round: the prompt batch size that the data position (self.position) counts in."""
         g = self.config.grpo
-        per_round = int(np.ceil(self.P * g.batch_multiplier)) if g.dynamic_sampling else self.P
-        return batch_indices(len(self.kept), per_round, self.config.seed, self.position + round_)
+        return int(np.ceil(self.P * g.batch_multiplier)) if g.dynamic_sampling else self.P
 
     def generate_round(self, params, step: int, round_: int) -> tuple[Rollouts, dict[str, float]]:
         idx = self._prompts_for(round_)
@@ -418,7 +422,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ro = config.rollout
     run_meta = {"algorithm": config.algorithm, "seed": config.seed, "num_prompts": ro.num_prompts,
                 "group_size": ro.group_size, "batch_size": config.train.batch_size, "epochs": config.grpo.epochs,
-                "data_rows": len(runner.kept)}
+                "data_rows": len(runner.kept), "prompts_per_round": runner.per_round}
     with jax.set_mesh(mesh):
         opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
         ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef else None

@@ -114,7 +114,9 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules,
 # template may render today's date (Llama 3.2), and reasoning-gym tasks vary with Python's hash seed.
 _RESUME_NAMES = {"batch_size": "train.batch_size",
                  "data_rows": "the number of data rows (data.source after tokenization, truncation and drops)",
-                 "num_prompts": "rollout.num_prompts", "group_size": "rollout.group_size", "epochs": "grpo.epochs"}
+                 "num_prompts": "rollout.num_prompts", "group_size": "rollout.group_size", "epochs": "grpo.epochs",
+                 "prompts_per_round": "the prompts of each generation round (rollout.num_prompts, times "
+                                      "grpo.batch_multiplier with grpo.dynamic_sampling)"}
 
 
 def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any]) -> None:

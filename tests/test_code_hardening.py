@@ -86,7 +86,7 @@ def test_hacks_get_no_reward(he):
     # the reply pipe (code_split.py); the tests' process decides.
     r = _score([f"```python\n{HACKS[n]}```" for n in names], [meta] * len(names), refuse_introspection=False)
     assert r.rewards.tolist() == [0.0, 0.0, 0.0], r.info  # always_equal, forge_reply, settrace_jump
-    assert "Bad file descriptor" in r.info[1]["error"], r.info
+    assert r.info[1]["error"] == "AttributeError: 'NoneType' object has no attribute 'f_locals'", r.info  # no ticket
     # In one process with its tests (check_returns=False), the screen is all that stands in its way
     r = _score([f"```python\n{HACKS[n]}```" for n in ("always_equal", "forge_reply")], [meta] * 2,
                check_returns=False, refuse_introspection=False)

@@ -1,5 +1,5 @@
-"""The program in a process of its own, its tests in another (code_split.py): what a program does to its own
-process (forging the worker's reply, shadowing what the prompt's helpers use, patching modules, killing its
+"""The program in a process of its own, its tests in another (code_split.py, spawner.py): what a program does to
+its own process (forging the worker's reply, shadowing what the prompt's helpers use, patching modules, killing its
 parent) cannot pass its tests, with or without the screen; exceptions, results and arguments cross as plain data."""
 
 from __future__ import annotations
@@ -49,14 +49,15 @@ def test_hacks_that_change_the_programs_own_process_get_no_reward(unscreened):
                          [TASK] * (len(names) + 1))
     assert r.rewards.tolist() == [0.0] * len(names) + [1.0], r.info
     errors = dict(zip(names, (i.get("error", "") for i in r.info), strict=False))
-    assert "Bad file descriptor" in errors["forge_reply"]  # the worker's reply pipe is closed in the program's process
+    # the program's process comes from the spawner, which never held a task: no frame of its holds a ticket or pipe
+    assert errors["forge_reply"] == "AttributeError: 'NoneType' object has no attribute 'f_locals'"
     assert errors["kill_parent"].startswith("PermissionError")  # signals to other processes: refused by its filter
     assert errors["shadow_sum"].startswith("AssertionError")  # the tests' poly sees the tests' sum
     assert r.counts["errors"] == 0 and r.counts["timeouts"] == 0  # no worker was lost or replaced
 
 
 def test_exceptions_results_and_arguments_cross_as_plain_data(unscreened):
-    task = {"tests": "def check(f):\n    xs = [3, 1, 2]\n    assert f(xs) == [1, 2, 3] and xs == [3, 1, 2]\n"
+    task = {"tests": "def check(f):\n    xs = [3, 1, 2]\n    assert f(xs) == [1, 2, 3] and xs == [1, 2, 3]\n"
                      "    assert f((), key=len) == ('k', {1: {2.5, None}}, b'b')\n"
                      "    try:\n        f(None)\n    except ValueError as e:\n        assert 'no list' in str(e)\n"
                      "    else:\n        raise AssertionError('no ValueError')\n",
@@ -68,7 +69,7 @@ def test_exceptions_results_and_arguments_cross_as_plain_data(unscreened):
     exits = "import sys\ndef srt(xs, key=None):\n    sys.exit(0)\n"
     ends = "import os\ndef srt(xs, key=None):\n    os._exit(0)\n"
     r = unscreened.score([""] * 5, [_fenced(c) for c in (good, wrong_type, gen, exits, ends)], [task] * 5)
-    # the sort in place changed the program's copy only: the tests' list is as it was
+    # the sort in place changed the program's copy, and the tests' list was changed to match
     assert r.rewards.tolist() == [1.0, 0.0, 0.0, 0.0, 0.0], r.info
     assert r.info[1]["error"].startswith("TypeError: no list"), r.info[1]
     assert r.info[2]["error"].startswith("TypeError: srt returned an instance of") or \
@@ -88,3 +89,13 @@ def test_unsandboxed_and_screened_pools_split_too():
     with CodeEnvironment(num_workers=1, timeout_s=10) as env:  # the defaults: the screen refuses it unrun
         r = env.score([""], [_fenced(HACKS["forge_reply"])], [TASK])
         assert r.rewards.tolist() == [0.0] and r.info[0]["error"].startswith("refused: "), r.info
+
+
+def test_programs_need_an_isolating_pool():
+    from jaxrl_llm.environments.pool import ScoringPool
+
+    with pytest.raises(ValueError, match="programs=True needs isolate=True"):
+        ScoringPool(1, programs=True, isolate=False)
+    with CodeEnvironment(num_workers=1, timeout_s=10, isolate=False, refuse_introspection=False) as env:
+        r = env.score([""], [_fenced(SOLUTION)], [TASK])  # in one process with its tests (run_program)
+        assert r.rewards.tolist() == [1.0], r.info

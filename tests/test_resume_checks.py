@@ -94,12 +94,16 @@ def test_a_workdir_of_another_algorithm_is_refused(sft_run):
 
 def test_grpo_resume_with_other_rollout_settings_is_refused(tmp_path):
     """rollout.num_prompts sets where each step's prompts start (step x num_prompts), and the rollouts per update
-    the schedule's length: changing it re-trained some prompts and skipped others."""
+    the schedule's length: changing it re-trained some prompts and skipped others (as did grpo.batch_multiplier, the
+    prompts of a dynamic-sampling round)."""
     wd = str(tmp_path / "grpo")
     train.run(recipe("grpo_tiny", GRPO), wd)
     for over, needle in (({"rollout.num_prompts": 4}, "rollout.num_prompts: 2 there, 4 now"),
                          ({"rollout.group_size": 4}, "rollout.group_size: 2 there, 4 now"),
                          ({"grpo.epochs": 2}, "grpo.epochs: 1 there, 2 now"),
+                         # the data position counts prompt batches of num_prompts x batch_multiplier
+                         ({"grpo.dynamic_sampling": True, "grpo.batch_multiplier": 2.0},
+                          r"the prompts of each generation round \(.*\): 2 there, 4 now"),
                          ({"data.num_examples": 8}, r"the number of data rows \(.*\): 16 there, 8 now")):
         with pytest.raises(train.ConfigError, match=needle):
             train.run(recipe("grpo_tiny", {**GRPO, "max_steps": 2, **over}), wd)

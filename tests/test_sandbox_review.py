@@ -65,7 +65,10 @@ def test_prelude_exception_class_is_the_same_for_program_and_tests():
     assert ok, err  # the prelude's own classes may be returned
 
 
-def test_program_cannot_patch_modules_the_tests_use():
+def test_program_cannot_patch_modules_the_tests_use(monkeypatch):
+    import math
+
+    monkeypatch.setattr(math, "fabs", math.fabs)  # put back after: the programs below patch it in this process
     prelude = "import math\n\n\ndef poly(xs, x):\n    return sum(c * math.pow(x, i) for i, c in enumerate(xs))\n"
     solution = "import math\nmath.fabs = lambda x: 0.0\n\ndef find_zero(xs):\n    return 12345.0\n"
     tests = "import math\n\ndef check(f):\n    assert math.fabs(poly([1, 2], f([1, 2]))) < 1e-4\n"

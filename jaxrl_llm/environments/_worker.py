@@ -2,19 +2,19 @@
 `python -c "from jaxrl_llm.environments._worker import main; main()" READ_FD WRITE_FD`.
 
 Protocol over two pipes (multiprocessing.connection framing, pickled messages):
-  parent -> worker: ("init", preload_modules, confine, isolate, warmup), then (ticket, pickled (fn, args)) per
-                    task, None to exit. confine: None, or the keyword arguments of `sandbox.confine`, applied
-                    after the imports. isolate: run each task in a child forked for it. warmup: (fn, args) calls
-                    made once after confining, before "ready". ticket: a random string, new per task.
+  parent -> worker: ("init", preload_modules, confine, isolate, warmup, programs), then (ticket, pickled (fn,
+                    args)) per task, None to exit. confine: None, or the keyword arguments of `sandbox.confine`,
+                    applied after the imports. isolate: run each task in a child forked for it. warmup: (fn, args)
+                    calls made once after confining, before "ready". programs: None, or the packages that the
+                    processes of a program spawner (spawner.py, forked after the imports, before confining) may
+                    read. ticket: a random string, new per task.
   worker -> parent: ("ready", pid) | ("init_error", message), then per task ("started", ticket) once the
                     task is loaded, and ("ok", ticket, value) | ("error", ticket, message).
 The worker runs one task at a time on its main thread (so signal-based timeouts inside scorers work). It exits
 when the parent closes the pipe or dies; the parent kills it when a task runs past its deadline.
 
 isolate: the worker loads each task itself, then forks a child that closes the worker's pipes, confines itself
-(without fork, unless the task's function is marked `sandbox_forks`: code_split.run_split runs no model-written code
-itself, and forks the one process that does, which confines itself without fork), runs the task and writes one
-reply to a pipe of its own. The worker checks that reply (plain
+(without fork), runs the task and writes one reply to a pipe of its own. The worker checks that reply (plain
 data, this task's ticket, a result kind) and passes it on, or reports what went wrong; then it kills and reaps
 the child. So no sample's code runs in the worker, none sees another sample's state or the worker's pipes, and
 a sample that dies takes only itself. The child dies with the worker (PR_SET_PDEATHSIG), so the parent's kill
@@ -35,6 +35,7 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from jaxrl_llm.environments import spawner
 from jaxrl_llm.environments.landlock import readable_paths
 from jaxrl_llm.environments.pool import load_plain
 from jaxrl_llm.environments.sandbox import confine as confine_process
@@ -87,8 +88,8 @@ def _child(ticket: str, fn: Any, args: tuple, confine: dict | None, reply_fd: in
             die_with_parent()
             if os.getppid() != zygote_pid:  # the worker was gone before the line above took effect
                 os._exit(1)
-            if confine is not None:  # a task function marked sandbox_forks forks a process of its own (code_split)
-                confine_process(**confine, allow_fork=bool(getattr(fn, "sandbox_forks", False)))
+            if confine is not None:
+                confine_process(**confine)
         except BaseException as e:
             out.send(("error", ticket, f"the sample's process could not be confined: {_describe(e)}"))
         else:
@@ -180,12 +181,15 @@ def main() -> None:
     outbox = Connection(write_fd, readable=False)
     parent = os.getppid()
     try:
-        _, preload, confine, isolate, warmup = inbox.recv()
+        _, preload, confine, isolate, warmup, programs = inbox.recv()
         if isolate and not hasattr(os, "fork"):
             raise RuntimeError("isolate=True runs each sample in a forked process, and this platform has no fork; "
                                "pass isolate=False")
         for name in preload:
             importlib.import_module(name)
+        if programs is not None and isolate:  # before confining (its socket) and before any task (its memory)
+            spawner.start(None if confine is None else {"memory_limit_mb": confine.get("memory_limit_mb")},
+                          list(programs))
         reads_confined = 0
         if confine is not None:
             _silence()

