@@ -217,3 +217,12 @@ def test_vote_keys_keep_signs_and_spaces():
     assert not majority_correct(["3", "1 / 2", "1/2", "0.5"], [True, False, False, False])
     # "$18$" and "18" are one answer, "\(18\)" too
     assert not majority_correct(["20", "$18$", "18", r"\(18\)"], [True, False, False, False])
+
+
+@pytest.mark.parametrize("gold, pred, same", [
+    ("listen", "silent", False), ("Paris", "Sirap", False), ("New York", "York New", False),  # math-verify: equal
+    ("Paris", "paris", True), ("yes", "Yes.", True), ("x y", "x y", True),
+    ("ab", "ba", True), ("2x", "x*2", True),  # products of variables stay with math-verify
+])
+def test_words_are_text_not_products_of_letters(gold, pred, same):
+    assert answers_match(gold, pred) is same

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 from typing import Any
 
@@ -37,6 +38,13 @@ def _wrap(answer: str) -> str:
     return answer if "\\boxed" in answer else f"\\boxed{{{answer}}}"
 
 
+_WORDS = re.compile(r"[A-Za-z]+(?: [A-Za-z]+)*")
+
+
+def _is_words(s: str) -> bool:
+    return _WORDS.fullmatch(s.strip()) is not None
+
+
 def _plain(s: str) -> str:
     return " ".join(s.split()).lower()
 
@@ -54,6 +62,11 @@ def answers_match(gold: str, pred: str, timeout_s: int | None = None) -> bool:
     gold_n, pred_n = normalize_answer(str(gold)), normalize_answer(pred)
     if gold_n and _plain(gold_n) == _plain(pred_n):
         return True
+    if _is_words(gold_n) and _is_words(pred_n):
+        # math-verify reads a bare word as a product of one-letter variables, in which the order of the letters
+        # does not count ("listen" = "silent", "no" = "on"): words of three letters or more are text, and differ.
+        if max(len(w) for w in (gold_n + " " + pred_n).split()) >= 3:
+            return False
     # A number with a unit math-verify lacks is that number, on either side: "18 cookies" against a gold of 18,
     # 98 against a gold of "98 values" (CHAMP writes some golds so).
     gold_number = normalize_number(gold_n) or number_before_words(gold_n)
