@@ -39,7 +39,7 @@ from jaxrl_llm.environments import spawner
 from jaxrl_llm.environments.landlock import readable_paths
 from jaxrl_llm.environments.pool import load_plain
 from jaxrl_llm.environments.sandbox import confine as confine_process
-from jaxrl_llm.environments.sandbox import die_with_parent
+from jaxrl_llm.environments.sandbox import die_with_parent, not_dumpable
 
 _PARENT_POLL_S = 1.0
 _MAX_CHILD_REPLY = 64 * 2**20  # bytes; a scoring result is far smaller
@@ -192,6 +192,9 @@ def main() -> None:
                           list(programs))
         reads_confined = 0
         if confine is not None:
+            # Where Landlock does not close /proc, a program's process could otherwise read this worker's and its
+            # samples' memory (the tasks' tests) through /proc/<pid>/mem (the forks inherit it).
+            not_dumpable()
             _silence()
             read_paths = readable_paths() + list(confine.pop("readable", ()))  # (the children confine without it)
             reads_confined = confine_process(**confine, allow_fork=isolate, read_paths=read_paths)

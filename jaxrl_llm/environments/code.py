@@ -36,9 +36,10 @@ each call of its function, the modules the tests use must be as they were, and t
 built-in values (`check_returns`). In both, programs that reach into the interpreter (frames, gc, tracing, threads,
 builtins, raw file descriptors; `refuse_introspection`) are refused unrun and counted as "refused". In one process
 these raise the bar without making it impossible: a program built to find the path to the reply can still set its
-own reward there. In two, the program's process is still a fork of the one that holds the task, so a program that
-gets past the screen could read its tests' source and answer from it. Watch `env_refused` and the rewards of runs
-that train on code.
+own reward there. In two, the program's process comes from a spawner that never held a task (spawner.py), so its
+memory holds no tests; where the kernel lacks Landlock (the pool warns) it can still read the files the trainer's
+user can and, where ptrace rules allow (no Yama), the trainer's own memory. Watch `env_refused` and the rewards of
+runs that train on code.
 """
 
 from __future__ import annotations
@@ -297,6 +298,9 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
     function the program defines) results must be built-in values or the prelude's classes, and the modules the
     tests import must be as they were. `screen`: refuse the code unrun when it uses a construct of
     `refused_construct`. The function the pool runs, in a confined worker (where the model's text is parsed too)."""
+    from jaxrl_llm.environments import spawner
+
+    spawner.forget()  # the model's code runs here: it must not ask the worker's spawner for processes
     refused = refused_construct(program.code) if screen else None
     if refused is not None:
         return False, f"refused: the program uses {refused} (env.refuse_introspection)"
@@ -420,8 +424,7 @@ class CodeEnvironment:
             if use_split:
                 from jaxrl_llm.environments.code_split import run_split  # (it imports this module)
 
-                got = self._pool.map(run_split, [(p, e, self.refuse_introspection, self._pool.sandbox)
-                                                 for p, e in programs])
+                got = self._pool.map(run_split, [(p, e, self.refuse_introspection) for p, e in programs])
             else:
                 got = self._pool.map(run_program, [(p, e, self.check_returns, self.refuse_introspection)
                                                    for p, e in programs])

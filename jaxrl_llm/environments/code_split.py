@@ -218,13 +218,12 @@ def _prelude_alone(prelude: str) -> types.CodeType:
             raise e from None
 
 
-def run_split(program: Program, entry_point: str, screen: bool = True, confined: bool = True
-              ) -> tuple[bool, str | None]:
+def run_split(program: Program, entry_point: str, screen: bool = True) -> tuple[bool, str | None]:
     """(passed, error) of one sample whose tests call `entry_point` (see the module doc), in an isolating pool's
     worker with a program spawner (`ScoringPool(programs=True)`). `screen`: refuse the code unrun when it uses a
-    construct of `refused_construct` (counted as refused). `confined`: the program's process stacks a no-fork
-    seccomp filter on the spawner's (the pool's sandbox; False when the pool runs unsandboxed)."""
-    pid, calls_w, replies_r = spawner.spawn(confined, secrets.token_hex(8))
+    construct of `refused_construct` (counted as refused). The program's process is confined when the pool is
+    sandboxed (the spawner's own setting, not the caller's)."""
+    pid, calls_w, replies_r = spawner.spawn(secrets.token_hex(8))
     calls, replies = Connection(calls_w, readable=False), Connection(replies_r, writable=False)
     sink = _null_stream()
     try:

@@ -404,7 +404,9 @@ class ScoringPool:
                     self._warned_reads = True
                     log.warning("scoring sandbox: Landlock is not available (a kernel before 5.13, or turned off or "
                                 "blocked by a container), so the confined scorers can read every file the trainer's "
-                                "user can (seccomp still stops writes, programs, sockets and signals)")
+                                "user can, and where ptrace rules allow (no Yama), a program's process can read the "
+                                "trainer's memory, its tasks' tests included, through /proc (seccomp still stops "
+                                "writes, programs, sockets and signals)")
                 w.state = "idle"
                 self.stats["last_startup_s"] = time.monotonic() - w.started_at
                 return 0

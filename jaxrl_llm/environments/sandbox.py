@@ -16,6 +16,9 @@ completion can therefore run Python in the scoring worker. `confine()` is called
   already open (the pipes to the trainer; a pool's worker points stdout and stderr at /dev/null first).
 - the address space is capped (`RLIMIT_AS`, `memory_limit_mb`), so a runaway expression fails with
   MemoryError instead of exhausting the machine; the pool's per-sample timeout bounds its time.
+- every capability is dropped (a trainer run as root: CAP_SYS_PTRACE would open other processes' memory through
+  /proc, CAP_DAC_OVERRIDE other users' files); the pool's workers are also made not dumpable (`not_dumpable`), so
+  that no process of the user can read their memory through /proc/<pid>/mem.
 
 - reading files is limited to the interpreter, its libraries and the module path (`read_paths`, landlock.py),
   where the kernel has Landlock (Linux 5.13+): not the trainer's /proc entries, nor the user's home folder.
@@ -183,6 +186,12 @@ def confine(memory_limit_mb: int | None = 4096, *, allow_fork: bool = False, rea
         why = os.strerror(ctypes.get_errno()) if rc < 0 else f"thread {rc} could not take the filter"
         raise SandboxError(f"installing the seccomp filter failed: {why} (a kernel without "
                            "CONFIG_SECCOMP_FILTER, or a container that forbids it)")
+    # No capabilities (a trainer run as root): CAP_SYS_PTRACE would open other processes' /proc/<pid>/mem where
+    # Landlock does not close /proc, and CAP_DAC_* would open others' files.
+    hdr = ctypes.create_string_buffer(struct.pack("Ii", 0x20080522, 0), 8)  # _LINUX_CAPABILITY_VERSION_3
+    data = ctypes.create_string_buffer(24)
+    if libc.capset(hdr, data) != 0:
+        raise SandboxError(f"capset failed: {os.strerror(ctypes.get_errno())}")
     reads = 0
     if read_paths is not None:
         try:
@@ -200,6 +209,14 @@ def confine(memory_limit_mb: int | None = 4096, *, allow_fork: bool = False, rea
 
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_DUMPABLE = 4
+
+
+def not_dumpable() -> None:
+    """Make this process (and what it forks) not dumpable: other processes of the user cannot open its
+    /proc/<pid>/mem, nor attach to it (Linux only)."""
+    if os.uname().sysname == "Linux" and _libc().prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        raise SandboxError(f"prctl(PR_SET_DUMPABLE) failed: {os.strerror(ctypes.get_errno())}")
 
 
 def die_with_parent() -> None:

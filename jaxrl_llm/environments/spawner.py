@@ -14,8 +14,13 @@ rest of site-packages or the module path, so that a program cannot read a data s
 problems, with their solutions) where the kernel has Landlock. What it imported before (numpy, through the code
 environment) stays importable: it is in memory.
 
+The spawner points its stdin, stdout and stderr at /dev/null first (they were the trainer's: its log), and decides
+itself whether a program's process is confined (when the pool is sandboxed), whatever the requester says. A sample
+that runs model-written code in its own process (code.run_program) closes its socket to the spawner first
+(`forget`), so no model-written code can ask for a process.
+
 Protocol (pickled plain tuples; one message per datagram):
-  sample -> spawner: ("spawn", nonce, confined) | ("done", pid)
+  sample -> spawner: ("spawn", nonce) | ("done", pid)
   spawner -> sample: ("spawned", nonce, pid) with the fds (calls write end, replies read end) attached.
 A "spawn" first ends the processes of earlier spawns that their samples did not end (a sample that died early).
 """
@@ -103,6 +108,10 @@ def _serve(sock: socket.socket, confine_kwargs: dict[str, Any] | None, read_path
     from jaxrl_llm.environments.sandbox import confine, die_with_parent
 
     die_with_parent()
+    null = os.open(os.devnull, os.O_RDWR)  # fds 0-2 are still the trainer's (its log): the worker silences itself later
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
     close_inherited({sock.fileno()})  # the worker's pipes to the trainer among them
     if confine_kwargs is not None:
         confine(memory_limit_mb=confine_kwargs.get("memory_limit_mb"), allow_fork=True, read_paths=read_paths)
@@ -121,7 +130,7 @@ def _serve(sock: socket.socket, confine_kwargs: dict[str, Any] | None, read_path
         if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "done" and msg[1] in live:
             _end(msg[1])
             live.discard(msg[1])
-        elif isinstance(msg, tuple) and len(msg) == 3 and msg[0] == "spawn":
+        elif isinstance(msg, tuple) and len(msg) == 2 and msg[0] == "spawn":
             for pid in live:  # left by a sample that did not say "done"
                 _end(pid)
             live.clear()
@@ -131,7 +140,7 @@ def _serve(sock: socket.socket, confine_kwargs: dict[str, Any] | None, read_path
             pid = os.fork()
             if pid == 0:
                 try:
-                    program(calls_r, replies_w, bool(msg[2]), me)
+                    program(calls_r, replies_w, confine_kwargs is not None, me)  # the pool's say, not the requester's
                 finally:
                     os._exit(0)
             os.close(calls_r)
@@ -150,13 +159,13 @@ def _end(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def spawn(confined: bool, nonce: str) -> tuple[int, int, int]:
+def spawn(nonce: str) -> tuple[int, int, int]:
     """(pid, calls write fd, replies read fd) of a new program process, from this worker's spawner."""
     sock = connection()
     if sock is None:
         raise RuntimeError("a program's process comes from an isolating ScoringPool worker's spawner "
                            "(ScoringPool(isolate=True, programs=True)); this process has none")
-    sock.send(pickle.dumps(("spawn", nonce, bool(confined))))
+    sock.send(pickle.dumps(("spawn", nonce)))
     from jaxrl_llm.environments.pool import load_plain
 
     while True:
@@ -168,6 +177,12 @@ def spawn(confined: bool, nonce: str) -> tuple[int, int, int]:
             return int(msg[2]), fds[0], fds[1]
         for fd in fds:  # the answer to an earlier sample's request, which died before reading it
             os.close(fd)
+
+
+def forget() -> None:
+    """Close this process's socket to the spawner (a sample that runs model-written code in its own process)."""
+    if _connection:
+        _connection.pop().close()
 
 
 def done(pid: int) -> None:
