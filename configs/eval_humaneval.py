@@ -22,11 +22,12 @@ def get_config() -> ml_collections.ConfigDict:
         instruction=config_dict.placeholder(str),  # None: the source's default (reply in a ```python block)
         options=ml_collections.ConfigDict()))
     # answer_format "fenced": the last ```python block (chat models); "raw": the completion continues the prompt
-    # timeout_s: the whole program, tests included; memory_limit_mb: each scoring worker's address space
+    # timeout_s: the whole program, tests included; memory_limit_mb: each scoring process's address space
     # check_returns / refuse_introspection: hardening against programs that win without solving (environments/code.py)
+    # program_packages: the packages (beyond the standard library) a program's own process may read
     c.env = ml_collections.ConfigDict(dict(name="code", answer_format="fenced", timeout_s=10.0, num_workers=2,
                                            sandbox=True, isolate=True, memory_limit_mb=4096, check_returns=True,
-                                           refuse_introspection=True))
+                                           refuse_introspection=True, program_packages=("numpy",)))
     c.eval = ml_collections.ConfigDict(dict(
         n_samples=4, k_values=(1, 4), max_batch_size=64, max_prompt_len=0, truncate_prompts=False,
         correct_threshold=1.0, keep_completions=True))

