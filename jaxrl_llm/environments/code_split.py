@@ -90,27 +90,32 @@ def serve_program(calls_fd: int, replies_fd: int, confined: bool, spawner_pid: i
             prelude, code, raw, entry_point, screen = pickle.loads(calls.recv_bytes())
             refused = refused_construct(code) if screen else None
             if refused is not None:
-                replies.send(("error", f"refused: the program uses {refused} (env.refuse_introspection)"))
+                _send(replies, ("error", f"refused: the program uses {refused} (env.refuse_introspection)"))
                 os._exit(0)
             fn, ns = _load(Program(prelude, code, "", raw), entry_point)
             classes = code_values.classes_in(ns, code_values.prelude_class_names(prelude))
         except BaseException as e:
             with contextlib.suppress(BaseException):
-                replies.send(("error", _describe(e) + _hint(e)))
+                _send(replies, ("error", _describe(e) + _hint(e)))
             os._exit(0)
         doc = getattr(fn, "__doc__", None)
-        replies.send(("ready", doc if isinstance(doc, str) else None))
+        _send(replies, ("ready", doc if isinstance(doc, str) else None))
         allowed = frozenset(id(c) for c in classes.values())
         while True:
             try:
-                args, kwargs = pickle.loads(calls.recv_bytes())  # (from the tests' process)
+                data = calls.recv_bytes()
             except (EOFError, OSError):
                 os._exit(0)
+            try:
+                (args, kwargs), received = code_values.loads(data, classes, trusted=True)  # (the tests')
+            except BaseException as e:
+                replies.send_bytes(_raise_reply(e, classes))
+                continue
             try:
                 value = fn(*args, **kwargs)
                 _stop_tracing()
                 _check_plain(value, entry_point, allowed)
-                data = _reply(value, args, kwargs, classes)
+                data = _reply(value, args, kwargs, classes, received)
             except BaseException as e:  # the function's own exception, or a result that cannot be sent
                 data = _raise_reply(e, classes)
             replies.send_bytes(data)
@@ -118,26 +123,31 @@ def serve_program(calls_fd: int, replies_fd: int, confined: bool, spawner_pid: i
         os._exit(0)
 
 
-def _reply(value: Any, args: tuple, kwargs: dict[str, Any], classes: dict[str, type]) -> bytes:
+def _send(replies: Connection, msg: tuple) -> None:
+    replies.send_bytes(code_values.dumps(msg, {})[0])
+
+
+def _reply(value: Any, args: tuple, kwargs: dict[str, Any], classes: dict[str, type], received: list[Any]) -> bytes:
     """The reply for a call that returned `value`, with the mutable arguments as the call left them (None for the
-    others, and for all when one of them cannot be sent: they are then not copied back)."""
+    others, and for all when one of them cannot be sent: they are then not copied back), and the prelude instances
+    it received first, with their attributes as the call left them."""
     np = sys.modules.get("numpy")
     mutable = (list, dict, set, bytearray) + ((np.ndarray,) if np is not None else ())
     keep = lambda a: a if isinstance(a, mutable) else None  # noqa: E731
     try:
         return code_values.dumps(("ok", value, tuple(map(keep, args)), {k: keep(v) for k, v in kwargs.items()}),
-                                 classes)
+                                 classes, received)[0]
     except Exception:
-        return code_values.dumps(("ok", value, (None,) * len(args), dict.fromkeys(kwargs)), classes)
+        return code_values.dumps(("ok", value, (None,) * len(args), dict.fromkeys(kwargs)), classes, received)[0]
 
 
 def _raise_reply(e: BaseException, classes: dict[str, type]) -> bytes:
     """("raise", the names of the exception's classes (its MRO), its text, its arguments when they can be sent)."""
     names = tuple(c.__name__ for c in type(e).__mro__)
     try:
-        return code_values.dumps(("raise", names, _describe(e) + _hint(e), tuple(e.args)), classes)
+        return code_values.dumps(("raise", names, _describe(e) + _hint(e), tuple(e.args)), classes)[0]
     except Exception:
-        return code_values.dumps(("raise", names, _describe(e) + _hint(e), None), classes)
+        return code_values.dumps(("raise", names, _describe(e) + _hint(e), None), {})[0]
 
 
 def _hint(e: BaseException) -> str:
@@ -148,16 +158,17 @@ def _hint(e: BaseException) -> str:
     return ""
 
 
-def _raised(names: tuple[str, ...], text: str, args: tuple | None, namespace: dict[str, Any]) -> BaseException:
+def _raised(names: tuple[str, ...], text: str, args: tuple | None, classes: dict[str, type]) -> BaseException:
     """The exception to raise in the tests for one the function raised (`names`: its classes, most derived first):
-    the first that is a built-in exception or one the prelude defined (`namespace`: the tests'), with the same
-    arguments, else RuntimeError. Never StopIteration: raised in the tests (inside map(), filter(), a next() loop)
+    the first that is a built-in exception or one the prelude defined at its top level (`classes`, the tests'
+    process's own; not a class the tests define, which the tests may catch), with the same arguments, else
+    RuntimeError. Never StopIteration: raised in the tests (inside map(), filter(), a next() loop)
     it would end their iteration early, as if all was checked."""
     message = text.split(": ", 1)[1] if text.startswith(names[0] + ": ") else text
     for name in names:
         cls = getattr(builtins, name, None)
         if not isinstance(cls, type):
-            cls = namespace.get(name)
+            cls = classes.get(name)
         if not (isinstance(cls, type) and issubclass(cls, Exception)):
             continue
         if issubclass(cls, StopIteration | StopAsyncIteration):
@@ -191,15 +202,14 @@ def _copy_back(before: Any, after: Any) -> None:
 class _Remote:
     """The stand-in for the program's function that the tests call."""
 
-    def __init__(self, name: str, calls: Connection, replies: Connection, namespace: dict[str, Any],
-                 classes: dict[str, type]):
+    def __init__(self, name: str, calls: Connection, replies: Connection, classes: dict[str, type]):
         self.__name__ = self.__qualname__ = name
         self.__doc__ = None
-        self._calls, self._replies, self._namespace, self._classes = calls, replies, namespace, classes
+        self._calls, self._replies, self._classes = calls, replies, classes
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         try:
-            data = code_values.dumps((args, kwargs), self._classes)
+            data, sent = code_values.dumps((args, kwargs), self._classes)
         except Exception as e:
             raise TypeError(f"the tests pass {self.__name__} an argument that cannot be sent to the program's "
                             f"process: {_describe(e)}") from None
@@ -208,7 +218,7 @@ class _Remote:
             reply = self._replies.recv_bytes(_MAX_REPLY)
         except (EOFError, OSError):
             raise RuntimeError(f"the program's process ended during a call of {self.__name__}") from None
-        msg = code_values.loads(reply, self._classes)  # nothing of the program's runs here
+        msg, _ = code_values.loads(reply, self._classes, sent)  # nothing of the program's runs here
         if (isinstance(msg, tuple) and len(msg) == 4 and msg[0] == "ok" and isinstance(msg[2], tuple)
                 and len(msg[2]) == len(args) and isinstance(msg[3], dict) and msg[3].keys() == kwargs.keys()):
             for before, after in zip(args, msg[2], strict=True):
@@ -219,7 +229,7 @@ class _Remote:
         if (isinstance(msg, tuple) and len(msg) == 4 and msg[0] == "raise" and isinstance(msg[1], tuple) and msg[1]
                 and all(isinstance(n, str) for n in msg[1]) and isinstance(msg[2], str)
                 and isinstance(msg[3], tuple | None)):
-            raise _raised(msg[1], msg[2], msg[3], self._namespace)
+            raise _raised(msg[1], msg[2], msg[3], self._classes)
         raise RuntimeError(f"the program's process sent a reply that is not a result of {self.__name__}")
 
 
@@ -252,14 +262,14 @@ def run_split(program: Program, entry_point: str, screen: bool = True) -> tuple[
             classes = code_values.classes_in(checks, code_values.prelude_class_names(program.prelude))
             exec(_compile(program.tests, "<tests>"), checks)  # noqa: S102 - the task's tests
             try:
-                first = code_values.loads(replies.recv_bytes(_MAX_REPLY), {})
+                first, _ = code_values.loads(replies.recv_bytes(_MAX_REPLY), {})
             except (EOFError, OSError):
                 return False, "the program's process ended before its function was ready"
             if not (isinstance(first, tuple) and len(first) == 2 and first[0] == "ready"
                     and isinstance(first[1], str | None)):
                 error = first[1] if isinstance(first, tuple) and len(first) == 2 and first[0] == "error" else None
                 return False, error if isinstance(error, str) else "the program's process sent a reply out of turn"
-            candidate = _Remote(entry_point, calls, replies, checks, classes)
+            candidate = _Remote(entry_point, calls, replies, classes)
             candidate.__doc__ = first[1]
             checks[entry_point] = candidate  # tests that call the function by its name (HumanEval/33) get it
             if not callable(checks.get("check")):

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import ast
 import builtins
+import collections
 import io
 import pickle
 import sys
 from collections.abc import Mapping
 from typing import Any
 
-_BUILTINS = frozenset({"complex", "bytearray", "range", "slice", "Ellipsis", "dict"})
+_BUILTINS = frozenset({"complex", "range", "slice", "Ellipsis", "dict"})  # (bytearrays: their own opcode)
 PROGRAM_MODULE = "__completion__"
 
 
@@ -38,11 +39,8 @@ def classes_in(namespace: Mapping[str, Any], names: list[str]) -> dict[str, type
 
 
 def _instance(name: str) -> Any:
-    """(In the program's process, loading the tests' arguments) a bare instance of its class `name`."""
-    cls = vars(sys.modules[PROGRAM_MODULE]).get(name)
-    if not isinstance(cls, type):
-        raise pickle.UnpicklingError(f"the program defines no class {name!r}")
-    return cls.__new__(cls)
+    """(A name for pickles to refer to: `Receiver.find_class` answers it with `Receiver._new`.)"""
+    raise pickle.UnpicklingError("instances are loaded by code_values.loads")
 
 
 def _ndarray(dtype: str, shape: tuple[int, ...], data: bytes) -> Any:
@@ -58,42 +56,103 @@ def _scalar(dtype: str, data: bytes) -> Any:
     return _ndarray(dtype, (), data)[()]
 
 
-class Sender(pickle.Pickler):
-    """Pickles a value for the other process; `classes`: the prelude's classes (by name) sent as name + state."""
+class _Builder:
+    """A function as `Receiver` hands it out: a pickle's BUILD on it fails (no attributes), where on the function
+    itself it would change this module's function for the rest of the process."""
 
-    def __init__(self, file: io.BytesIO, classes: Mapping[str, type]):
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Any):
+        object.__setattr__(self, "_fn", fn)
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+
+class Sender(pickle.Pickler):
+    """Pickles a value for the other process; instances of the prelude's classes (`names`: class -> name) go bare
+    (their states travel apart, `dumps`), so a long linked list does not nest one pickling call per node."""
+
+    def __init__(self, file: io.BytesIO, names: Mapping[type, str]):
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._names = {cls: name for name, cls in classes.items()}
+        self._names = names
 
     def reducer_override(self, obj: Any) -> Any:
         kind = type(obj)
         name = self._names.get(kind)
         if name is not None:
-            return _instance, (name,), getattr(obj, "__dict__", None)
+            return _instance, (name,)
         np = sys.modules.get("numpy")
         if np is not None and isinstance(obj, np.ndarray | np.generic) and not obj.dtype.hasobject \
                 and obj.dtype.fields is None:
             if isinstance(obj, np.generic):
                 return _scalar, (obj.dtype.str, obj.tobytes())
             return _ndarray, (obj.dtype.str, obj.shape, obj.tobytes())
-        if isinstance(obj, dict) and kind is not dict and not (kind.__flags__ & (1 << 9)):  # C-defined subclasses
+        if isinstance(obj, dict) and kind is not dict and not (kind.__flags__ & _HEAP_TYPE):  # OrderedDict & co.
             return dict, (dict(obj),)
         return NotImplemented
 
 
-def dumps(value: Any, classes: Mapping[str, type]) -> bytes:
+_HEAP_TYPE = 1 << 9
+
+
+def _state(obj: Any) -> dict[str, Any]:
+    """An instance's attributes (its __dict__ and its slots), refused for kinds a bare instance cannot stand for."""
+    kind = type(obj)
+    if any(not (c.__flags__ & _HEAP_TYPE) for c in kind.__mro__[1:-1]) or any(
+            "__new__" in vars(c) for c in kind.__mro__[:-1]):
+        raise TypeError(f"an instance of the prelude's {kind.__name__!r} cannot cross between the processes: a class "
+                        "with a built-in base (tuple, list, dict, Enum's) or a __new__ of its own")
+    state = dict(getattr(obj, "__dict__", {}))
+    for c in kind.__mro__[:-1]:
+        for slot in ([c.__slots__] if isinstance(vars(c).get("__slots__"), str) else vars(c).get("__slots__", ())):
+            if slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
+                state[slot] = getattr(obj, slot)
+    return state
+
+
+def _instances(value: Any, names: Mapping[type, str], first: list[Any]) -> list[Any]:
+    """The prelude instances reachable from `value` (through containers and their attributes), `first` first, each
+    once, in a fixed order (breadth first)."""
+    found = {id(o): o for o in first}
+    order = list(first)
+    queue = collections.deque([value, *(_state(o) for o in first)])
+    while queue:
+        x = queue.popleft()
+        kind = type(x)
+        if kind in names:
+            if id(x) not in found:
+                found[id(x)] = x
+                order.append(x)
+                queue.append(_state(x))
+        elif kind in (list, tuple, set, frozenset):
+            queue.extend(x)
+        elif isinstance(x, dict):
+            queue.extend(x.keys())
+            queue.extend(x.values())
+    return order
+
+
+def dumps(value: Any, classes: Mapping[str, type], first: list[Any] = ()) -> tuple[bytes, list[Any]]:
+    """(the pickle of `value` for the other process, the prelude instances it carries, `first` first)."""
+    names = {cls: name for name, cls in classes.items()}
+    insts = _instances(value, names, list(first))
     buf = io.BytesIO()
-    Sender(buf, classes).dump(value)
-    return buf.getvalue()
+    Sender(buf, names).dump((insts, [_state(o) for o in insts], value))
+    return buf.getvalue(), insts
 
 
 class Receiver(pickle.Unpickler):
     """Loads what `Sender` writes, and nothing that can run code: no class or function but those listed above;
-    instances only of `classes` (the receiving side's own)."""
+    instances only of `classes` (the receiving side's own); `reuse`: objects that the first instances of the pickle
+    stand for (those this side sent, whose states come back)."""
 
-    def __init__(self, data: bytes, classes: Mapping[str, type]):
+    def __init__(self, data: bytes, classes: Mapping[str, type], reuse: list[Any] = (), trusted: bool = False):
         super().__init__(io.BytesIO(data))
         self._classes = classes
+        self._reuse = list(reuse)
+        self._made = 0
+        self._trusted = trusted
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "builtins" and name in _BUILTINS:
@@ -101,7 +160,9 @@ class Receiver(pickle.Unpickler):
         if module == __name__ and name == "_instance":
             return self._new
         if module == __name__ and name in ("_ndarray", "_scalar"):
-            return globals()[name]
+            return _Builder(globals()[name])
+        if self._trusted:  # the program's process loading what the tests pass (`key=len`)
+            return super().find_class(module, name)
         raise pickle.UnpicklingError(f"the program's process sent {module}.{name}: a result must be plain data, "
                                      "numbers, numpy arrays or instances of the prelude's classes")
 
@@ -110,8 +171,35 @@ class Receiver(pickle.Unpickler):
         if cls is None:
             raise pickle.UnpicklingError(f"the program's process sent an instance of {name!r}, not a class of the "
                                          "prelude")
+        i, self._made = self._made, self._made + 1
+        if i < len(self._reuse):
+            if type(self._reuse[i]) is not cls:
+                raise pickle.UnpicklingError("the program's process sent back an instance of another class")
+            return self._reuse[i]
         return cls.__new__(cls)
 
 
-def loads(data: bytes, classes: Mapping[str, type]) -> Any:
-    return Receiver(data, classes).load()
+def loads(data: bytes, classes: Mapping[str, type], reuse: list[Any] = (), trusted: bool = False
+          ) -> tuple[Any, list[Any]]:
+    """(the value, the prelude instances it carried, `reuse` first), each instance's attributes set (replaced, for
+    those of `reuse`) as the sender had them. `trusted`: the sender is the tests' process (the program's process
+    loading its arguments), whose other functions and classes load as pickle does."""
+    try:
+        loaded = Receiver(data, classes, reuse, trusted).load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as e:  # a malformed pickle (BUILD on a function, a bad dtype, a truncated stream, ...)
+        raise pickle.UnpicklingError(f"the program's process sent a malformed reply: {type(e).__name__}: {e}"
+                                     ) from None
+    if not (isinstance(loaded, tuple) and len(loaded) == 3 and isinstance(loaded[0], list)
+            and isinstance(loaded[1], list) and len(loaded[0]) == len(loaded[1])):
+        raise pickle.UnpicklingError("the program's process sent a reply of another form")
+    insts, states, value = loaded
+    for obj, state in zip(insts, states, strict=True):
+        if not (isinstance(state, dict) and all(isinstance(k, str) and not k.startswith("__") for k in state)):
+            raise pickle.UnpicklingError("the program's process sent an instance's attributes of another form")
+        if hasattr(obj, "__dict__"):
+            vars(obj).clear()
+        for k, v in state.items():
+            object.__setattr__(obj, k, v)
+    return value, insts
