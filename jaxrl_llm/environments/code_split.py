@@ -142,12 +142,14 @@ def _reply(value: Any, args: tuple, kwargs: dict[str, Any], classes: dict[str, t
 
 
 def _raise_reply(e: BaseException, classes: dict[str, type]) -> bytes:
-    """("raise", the names of the exception's classes (its MRO), its text, its arguments when they can be sent)."""
+    """("raise", the names of the exception's classes (its MRO), its text, its arguments and attributes when they
+    can be sent)."""
     names = tuple(c.__name__ for c in type(e).__mro__)
+    attrs = {k: v for k, v in getattr(e, "__dict__", {}).items() if not k.startswith("__")}
     try:
-        return code_values.dumps(("raise", names, _describe(e) + _hint(e), tuple(e.args)), classes)[0]
+        return code_values.dumps(("raise", names, _describe(e) + _hint(e), tuple(e.args), attrs), classes)[0]
     except Exception:
-        return code_values.dumps(("raise", names, _describe(e) + _hint(e), None), {})[0]
+        return code_values.dumps(("raise", names, _describe(e) + _hint(e), None, {}), {})[0]
 
 
 def _hint(e: BaseException) -> str:
@@ -158,11 +160,12 @@ def _hint(e: BaseException) -> str:
     return ""
 
 
-def _raised(names: tuple[str, ...], text: str, args: tuple | None, classes: dict[str, type]) -> BaseException:
+def _raised(names: tuple[str, ...], text: str, args: tuple | None, attrs: dict[str, Any],
+            classes: dict[str, type]) -> BaseException:
     """The exception to raise in the tests for one the function raised (`names`: its classes, most derived first):
     the first that is a built-in exception or one the prelude defined at its top level (`classes`, the tests'
-    process's own; not a class the tests define, which the tests may catch), with the same arguments, else
-    RuntimeError. Never StopIteration: raised in the tests (inside map(), filter(), a next() loop)
+    process's own; not a class the tests define, which the tests may catch), with the same arguments and
+    attributes, else RuntimeError. Never StopIteration: raised in the tests (inside map(), filter(), a next() loop)
     it would end their iteration early, as if all was checked."""
     message = text.split(": ", 1)[1] if text.startswith(names[0] + ": ") else text
     for name in names:
@@ -174,7 +177,10 @@ def _raised(names: tuple[str, ...], text: str, args: tuple | None, classes: dict
         if issubclass(cls, StopIteration | StopAsyncIteration):
             break
         try:
-            return cls(*args) if args is not None else cls(message)
+            exc = cls(*args) if args is not None else cls(message)
+            for k, v in attrs.items():
+                setattr(exc, k, v)
+            return exc
         except Exception:  # an exception class that needs other arguments (UnicodeDecodeError)
             break
     return RuntimeError(text)
@@ -226,10 +232,11 @@ class _Remote:
             for key, before in kwargs.items():
                 _copy_back(before, msg[3][key])
             return msg[1]
-        if (isinstance(msg, tuple) and len(msg) == 4 and msg[0] == "raise" and isinstance(msg[1], tuple) and msg[1]
+        if (isinstance(msg, tuple) and len(msg) == 5 and msg[0] == "raise" and isinstance(msg[1], tuple) and msg[1]
                 and all(isinstance(n, str) for n in msg[1]) and isinstance(msg[2], str)
-                and isinstance(msg[3], tuple | None)):
-            raise _raised(msg[1], msg[2], msg[3], self._classes)
+                and isinstance(msg[3], tuple | None) and isinstance(msg[4], dict)
+                and all(isinstance(k, str) and not k.startswith("__") for k in msg[4])):
+            raise _raised(msg[1], msg[2], msg[3], msg[4], self._classes)
         raise RuntimeError(f"the program's process sent a reply that is not a result of {self.__name__}")
 
 

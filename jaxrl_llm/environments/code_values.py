@@ -18,6 +18,7 @@ import collections
 import io
 import pickle
 import sys
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,8 +106,8 @@ def _state(obj: Any) -> dict[str, Any]:
                         "with a built-in base (tuple, list, dict, Enum's) or a __new__ of its own")
     state = dict(getattr(obj, "__dict__", {}))
     for c in kind.__mro__[:-1]:
-        for slot in ([c.__slots__] if isinstance(vars(c).get("__slots__"), str) else vars(c).get("__slots__", ())):
-            if slot not in ("__dict__", "__weakref__") and hasattr(obj, slot):
+        for slot in _slots(c):
+            if hasattr(obj, slot):
                 state[slot] = getattr(obj, slot)
     return state
 
@@ -138,7 +139,11 @@ def dumps(value: Any, classes: Mapping[str, type], first: list[Any] = ()) -> tup
     names = {cls: name for name, cls in classes.items()}
     insts = _instances(value, names, list(first))
     buf = io.BytesIO()
-    Sender(buf, names).dump((insts, [_state(o) for o in insts], value))
+    sender = Sender(buf, names)  # one memo: the instances (bare), then each one's state, last first, then the value
+    sender.dump(insts)
+    for o in reversed(insts):  # (breadth first reversed: an instance's attributes are set before its holders' are
+        sender.dump(_state(o))  # loaded, so a set or dict key of them hashes them complete)
+    sender.dump(value)
     return buf.getvalue(), insts
 
 
@@ -179,27 +184,58 @@ class Receiver(pickle.Unpickler):
         return cls.__new__(cls)
 
 
+_CALLABLES = (type, _Builder, types.MethodType, types.BuiltinFunctionType, types.FunctionType)
+
+
+def _no_callables(value: Any, insts: list[Any]) -> None:
+    """Refuse a class or function among the loaded values or attributes (the few a reply may name, for its own
+    constructions): set as an attribute it would stand in for a method of the prelude's (t.contains = complex)."""
+    queue, seen = collections.deque([value, *(vars(o) for o in insts if hasattr(o, "__dict__"))]), set()
+    for o in insts:
+        queue.extend(getattr(o, a) for c in type(o).__mro__[:-1] for a in _slots(c) if hasattr(o, a))
+    while queue:
+        x = queue.popleft()
+        if id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, _CALLABLES):
+            raise pickle.UnpicklingError("the program's process sent a class or function as a value")
+        if type(x) in (list, tuple, set, frozenset):
+            queue.extend(x)
+        elif type(x) is dict:
+            queue.extend(x.keys())
+            queue.extend(x.values())
+
+
+def _slots(c: type) -> list[str]:
+    slots = vars(c).get("__slots__", ())
+    return [a for a in ([slots] if isinstance(slots, str) else slots) if a not in ("__dict__", "__weakref__")]
+
+
 def loads(data: bytes, classes: Mapping[str, type], reuse: list[Any] = (), trusted: bool = False
           ) -> tuple[Any, list[Any]]:
     """(the value, the prelude instances it carried, `reuse` first), each instance's attributes set (replaced, for
     those of `reuse`) as the sender had them. `trusted`: the sender is the tests' process (the program's process
     loading its arguments), whose other functions and classes load as pickle does."""
+    receiver = Receiver(data, classes, reuse, trusted)
     try:
-        loaded = Receiver(data, classes, reuse, trusted).load()
+        insts = receiver.load()
+        if not isinstance(insts, list):
+            raise pickle.UnpicklingError("the program's process sent a reply of another form")
+        for obj in reversed(insts):
+            state = receiver.load()
+            if not (isinstance(state, dict) and all(isinstance(k, str) and not k.startswith("__") for k in state)):
+                raise pickle.UnpicklingError("the program's process sent an instance's attributes of another form")
+            if hasattr(obj, "__dict__"):
+                vars(obj).clear()
+            for k, v in state.items():
+                object.__setattr__(obj, k, v)
+        value = receiver.load()
+        if not trusted:
+            _no_callables(value, insts)
     except pickle.UnpicklingError:
         raise
     except Exception as e:  # a malformed pickle (BUILD on a function, a bad dtype, a truncated stream, ...)
         raise pickle.UnpicklingError(f"the program's process sent a malformed reply: {type(e).__name__}: {e}"
                                      ) from None
-    if not (isinstance(loaded, tuple) and len(loaded) == 3 and isinstance(loaded[0], list)
-            and isinstance(loaded[1], list) and len(loaded[0]) == len(loaded[1])):
-        raise pickle.UnpicklingError("the program's process sent a reply of another form")
-    insts, states, value = loaded
-    for obj, state in zip(insts, states, strict=True):
-        if not (isinstance(state, dict) and all(isinstance(k, str) and not k.startswith("__") for k in state)):
-            raise pickle.UnpicklingError("the program's process sent an instance's attributes of another form")
-        if hasattr(obj, "__dict__"):
-            vars(obj).clear()
-        for k, v in state.items():
-            object.__setattr__(obj, k, v)
     return value, insts
