@@ -24,13 +24,23 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
 
 
+# The modules of the longest tests (end-to-end runs, several processes), longest first: they are collected first,
+# so that the two xdist workers start on them and end on short tests, not one waiting for the other's last long run.
+_LONG_FIRST = ("test_multihost", "test_checkpoint", "test_grpo", "test_resume_checks", "test_dpo_rm",
+               "test_train_sft", "test_grpo_fixes", "test_pair_layouts", "test_driver_mutants", "test_python_entry",
+               "test_multiturn", "test_evaluation", "test_train_config")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`-n 2 --dist loadgroup`), every test that uses the session-wide SmolLM2 models runs in
-    one worker, so they are loaded once, not once per worker."""
+    one worker, so they are loaded once, not once per worker; the modules of `_LONG_FIRST` come first (each module
+    kept whole, so module-scoped fixtures are made once)."""
     for item in items:
         if "smollm2_models" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("smollm2"))
+    rank = {name: i for i, name in enumerate(_LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1], len(rank)))
 
 
 @pytest.fixture(scope="session")

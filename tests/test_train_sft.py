@@ -71,37 +71,35 @@ def _tensorboard_tags(folder) -> set[str]:
 
 
 def test_bad_config_is_a_one_line_error(tmp_path):
-    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.model.path=/nope/model",
-             timeout=120)
-    assert r.returncode != 0
-    assert "model.path='/nope/model'" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.train.microbatches=3",
-             timeout=120)
-    assert r.returncode != 0 and "train.microbatches=3" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.optimizer.learnin_rate=1",
-             timeout=120)
-    last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode != 0 and "unknown config key 'optimizer.learnin_rate'" in last and "'lr'" in last
-    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.modle.path=x", timeout=120)
-    assert r.returncode != 0 and "did you mean model?" in r.stderr and "Traceback" not in r.stderr
-    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.max_steps=abc", timeout=120)
-    assert r.returncode != 0 and "--config.max_steps=abc" in r.stderr and "int" in r.stderr
-    r = _cli("--config", "configs/sft_tiny.py", "--workdir", str(tmp_path), "--config.mesh.tensor=3", timeout=120)
-    assert r.returncode != 0 and "mesh" in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
-    # each of these printed a traceback (a recipe path typo, a negative length, a template that does not parse)
-    for args, needle in ((["--config", "configs/sft_tin.py"], "--config=configs/sft_tin.py: no such file"),
-                         (["--config", "configs/sft_tiny.py", "--config.data.max_len=-5"],
-                          "data.max_len=-5: must be an integer >= 2"),
-                         (["--config", "configs/sft_tiny.py", "--config.data.chat_template={{ bogus"],
-                          "data.chat_template: the chat template does not parse"),
-                         (["--config", "configs/sft_tiny.py", "--config.train.batch_size=0"],
-                          "train.batch_size=0 and train.microbatches=1: each must be an integer >= 1"),
-                         # an override of a recipe that does not load (ml_collections loads it to apply it)
-                         (["--config=configs/nope.py", "--config", "configs/sft_tiny.py", "--config.data.max_len=-5"],
-                          "the recipe does not load: [Errno 2] No such file or directory: 'configs/nope.py'")):
-        r = _cli(*args, "--workdir", str(tmp_path), timeout=120)
-        assert r.returncode != 0 and needle in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
-        assert "Traceback" not in r.stderr
+    """Each user error is one line naming the setting, no traceback, before any heavy work (the runs go side by
+    side: each is an interpreter start)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sft = ["--config", "configs/sft_tiny.py"]
+    cases = [  # (arguments, what the last line (or stderr) must say)
+        ([*sft, "--config.model.path=/nope/model"], "model.path='/nope/model'"),
+        ([*sft, "--config.train.microbatches=3"], "train.microbatches=3"),
+        ([*sft, "--config.optimizer.learnin_rate=1"], "unknown config key 'optimizer.learnin_rate'"),
+        ([*sft, "--config.modle.path=x"], "did you mean model?"),
+        ([*sft, "--config.max_steps=abc"], "--config.max_steps=abc"),
+        ([*sft, "--config.mesh.tensor=3"], "mesh"),
+        # each of these printed a traceback (a recipe path typo, a negative length, a template that does not parse)
+        (["--config", "configs/sft_tin.py"], "--config=configs/sft_tin.py: no such file"),
+        ([*sft, "--config.data.max_len=-5"], "data.max_len=-5: must be an integer >= 2"),
+        ([*sft, "--config.data.chat_template={{ bogus"], "data.chat_template: the chat template does not parse"),
+        ([*sft, "--config.train.batch_size=0"],
+         "train.batch_size=0 and train.microbatches=1: each must be an integer >= 1"),
+        # an override of a recipe that does not load (ml_collections loads it to apply it)
+        (["--config=configs/nope.py", *sft, "--config.data.max_len=-5"],
+         "the recipe does not load: [Errno 2] No such file or directory: 'configs/nope.py'"),
+    ]
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda c: _cli(*c[0], "--workdir", str(tmp_path), timeout=180), cases))
+    for (args, needle), r in zip(cases, runs, strict=True):
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode != 0 and needle in last and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
+    assert "'lr'" in runs[2].stderr.strip().splitlines()[-1]  # the unknown key's neighbours
+    assert "int" in runs[4].stderr  # the expected type
     assert not (tmp_path / "checkpoints").exists()
 
 
