@@ -158,6 +158,7 @@ class Receiver(pickle.Unpickler):
         self._reuse = list(reuse)
         self._made = 0
         self._trusted = trusted
+        self.sealed = False  # set once the instance list is loaded: no instance is made after it
 
     def find_class(self, module: str, name: str) -> Any:
         if module == "builtins" and name in _BUILTINS:
@@ -172,6 +173,8 @@ class Receiver(pickle.Unpickler):
                                      "numbers, numpy arrays or instances of the prelude's classes")
 
     def _new(self, name: str) -> Any:
+        if self.sealed:
+            raise pickle.UnpicklingError("the program's process sent an instance outside its instance list")
         cls = self._classes.get(name)
         if cls is None:
             raise pickle.UnpicklingError(f"the program's process sent an instance of {name!r}, not a class of the "
@@ -220,6 +223,7 @@ def loads(data: bytes, classes: Mapping[str, type], reuse: list[Any] = (), trust
     receiver = Receiver(data, classes, reuse, trusted)
     try:
         insts = receiver.load()
+        receiver.sealed = not trusted  # (what the tests send may hold instances inside objects not walked)
         if not isinstance(insts, list):
             raise pickle.UnpicklingError("the program's process sent a reply of another form")
         for obj in reversed(insts):
@@ -231,7 +235,11 @@ def loads(data: bytes, classes: Mapping[str, type], reuse: list[Any] = (), trust
             for k, v in state.items():
                 object.__setattr__(obj, k, v)
         value = receiver.load()
-        if not trusted:
+        if not trusted:  # (a BUILD in the value's pickle may have set attributes again)
+            for obj in insts:
+                if not all(isinstance(k, str) and not k.startswith("__") for k in getattr(obj, "__dict__", {})):
+                    raise pickle.UnpicklingError("the program's process sent an instance's attributes of another "
+                                                 "form")
             _no_callables(value, insts)
     except pickle.UnpicklingError:
         raise
