@@ -411,7 +411,7 @@ class CodeEnvironment:
                  for c, m in zip(completions, metadata, strict=True)]
         jobs = [i for i, code in enumerate(codes) if code is not None]
         # With an entry point (and plain results asked for), the program runs in a process of its own and the
-        # tests call it from theirs (code_split.py); the pool must isolate, so that a sample's process may fork.
+        # tests call it from theirs (code_split.py); the program's process comes from an isolating pool's spawner.
         split = [self.check_returns and self._pool.isolate and metadata[i].get("entry_point") is not None
                  for i in jobs]
         outcomes: list[Any] = [None] * len(jobs)
