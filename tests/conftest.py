@@ -12,6 +12,11 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# XLA:CPU compiles at LLVM's -O0: the tests compile hundreds of small programs and run each a few times, so
+# compiling costs more than the slower code (about an eighth of the suite's CPU time). Numerics do not change
+# (no fast-math either way); the matmuls run in the same runtime library. Set the flag yourself to override it.
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 sys.path.insert(0, os.path.dirname(__file__))
 # One persistent XLA compilation cache for the session: the pytest-xdist workers and the training subprocesses the
 # tests start inherit it through the environment, so a program compiled once (a tiny recipe's train step, compiled

@@ -132,7 +132,7 @@ def test_train_step_with_shared_prompt_equals_separate_rows():
     for shared in (True, False):
         config = _train_config(shared, micro=3)
         assert grpo.shared_prompt_group(config) == (G if shared else 1)
-        opt = optax.adam(1e-2)
+        opt = optax.sgd(1.0)  # the new params differ by the gradients (Adam's first step is ~sign(g) x lr)
         state = {"params": params, "opt_state": opt.init(params), "step": jnp.int32(0)}
         step = jax.jit(grpo.make_train_step(cfg, opt, config))
         out[shared] = step(state, mb, jnp.bool_(False))
@@ -141,7 +141,7 @@ def test_train_step_with_shared_prompt_equals_separate_rows():
         np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, atol=1e-6, err_msg=k)
     assert float(m1["clip_fraction"]) > 0 and float(m1["kl"]) > 0
     for a, b_ in zip(jax.tree.leaves(s1["params"]), jax.tree.leaves(s0["params"]), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=2e-6, rtol=0)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b_), atol=1e-6, rtol=0)
 
 
 def test_shared_prompt_group_needs_whole_groups_per_microbatch():
