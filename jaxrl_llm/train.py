@@ -38,6 +38,7 @@ from jaxrl_llm.preemption import Preempted, StopOnSigterm, checkpoint_step
 from jaxrl_llm.run_tokenizer import load_run_tokenizer, load_tokenizer, resolve_path  # noqa: F401 (train.*)
 from jaxrl_llm.workdir import (
     MODEL_CONFIG_FILE,
+    hold_workdir,
     record_run_config,
     replace_folder,
     set_aside,
@@ -398,10 +399,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, ev
     config = with_datasets(config, data=data, eval=eval_data)
     distributed.initialize()
     validate(config)
-    if config.algorithm in ONLINE:
-        from jaxrl_llm.rl_train import run_grpo
+    with hold_workdir(workdir):  # a second run in this workdir stops here, before it writes anything
+        if config.algorithm in ONLINE:
+            from jaxrl_llm.rl_train import run_grpo
 
-        return run_grpo(config, workdir)
+            return run_grpo(config, workdir)
+        return _run_offline(config, workdir)
+
+
+def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """`run` for the algorithms that train on a fixed dataset (SFT, DPO, reward models)."""
     algo = REGISTRY[config.algorithm]
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()

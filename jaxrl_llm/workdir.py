@@ -1,19 +1,85 @@
 """The files of a run's workdir that are not checkpoints: metrics.jsonl kept in step with the checkpoint a run
-resumes from, and run_config.json, the full recipe (with overrides) of the run's latest start."""
+resumes from, run_config.json, the full recipe (with overrides) of the run's latest start, and run.lock, which
+keeps a second run out of the workdir while one trains in it."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from typing import Any
 
+import jax
+
+from jaxrl_llm import distributed
+from jaxrl_llm.cli import ConfigError
 from jaxrl_llm.data.sources import describe_source
 
 log = logging.getLogger("jaxrl_llm.train")
 MODEL_CONFIG_FILE = "model_config.json"  # the run's ModelConfig, for export and evaluation
 RUN_CONFIG_FILE = "run_config.json"  # the whole recipe as the latest start ran it
+LOCK_FILE = "run.lock"  # locked (flock) by the run training in the workdir; says which run that is
+
+
+def _lock(workdir: str) -> tuple[int | None, str | None]:
+    """Locks <workdir>/run.lock: (its fd, None), or (None, who holds it) when another run does. Where the file
+    system cannot lock, warns and returns (None, None): the run goes on unguarded."""
+    path = os.path.join(workdir, LOCK_FILE)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        log.warning("%s: cannot be opened (%s): nothing keeps a second run out of this workdir", path, e)
+        return None, None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            os.close(fd)
+            log.warning("%s: the file system cannot lock it (%s): nothing keeps a second run out of this workdir",
+                        path, e)
+            return None, None
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "it has not said which yet"
+        os.close(fd)
+        return None, holder
+    n = jax.process_count()
+    note = (f"pid {os.getpid()} on {socket.gethostname()}" + (f" (process 0 of a {n}-process job)" if n > 1 else "")
+            + f", started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode()
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, note, 0)
+    except OSError as e:  # still locked; only the note for the next run's error is missing
+        log.warning("%s: could not say which run holds it (%s)", path, e)
+    return fd, None
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str) -> Iterator[None]:
+    """Keeps a second run out of `workdir` while this one trains in it (both would write checkpoints/ and
+    metrics.jsonl: the later run's checkpoints would be taken for the first's, or the other way round). Process 0
+    locks <workdir>/run.lock (flock: released when it ends, even by SIGKILL, so a crashed run leaves no stale
+    lock); every process of the job learns whether it did, and a held lock is a ConfigError on each, naming the
+    holder, raised before anything is written. The file stays behind; it is never deleted (a run deleting it could
+    let two later ones lock two different files). Network file systems that cannot lock get a warning."""
+    os.makedirs(workdir, exist_ok=True)
+    fd, holder = _lock(workdir) if jax.process_index() == 0 else (None, None)
+    if jax.process_count() > 1:
+        holder = distributed.allgather_json(holder)[0]
+    if holder is not None:
+        raise ConfigError(f"workdir {workdir!r} is in use by another run ({holder}; {LOCK_FILE} is locked): two "
+                          "runs in one workdir would overwrite each other's checkpoints and metrics; let that run "
+                          "end (or stop it), or use another workdir")
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def set_aside(path: str) -> str:

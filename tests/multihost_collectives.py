@@ -2,6 +2,7 @@
 multi-process data movement GRPO relies on and prints one JSON line per process for the test to check."""
 
 import json
+import os
 
 import numpy as np
 
@@ -48,7 +49,22 @@ try:  # process 1's value cannot be written as JSON: both processes must learn i
     unserialisable = "no error"
 except TypeError as e:
     unserialisable = str(e)
+# A workdir the test process holds: every process of the job refuses it alike. A free one: process 0 locks it for
+# the whole job (its note says so) and lets go at the end.
+from jaxrl_llm.cli import ConfigError  # noqa: E402
+from jaxrl_llm.workdir import hold_workdir  # noqa: E402
+
+try:
+    with hold_workdir(os.environ["HELD_WORKDIR"]):
+        held = "entered"
+except ConfigError as e:
+    held = str(e)
+with hold_workdir(os.environ["FREE_WORKDIR"]):
+    with open(os.path.join(os.environ["FREE_WORKDIR"], "run.lock")) as f:
+        lock_note = f.read()
+    distributed.allgather_json(me)  # both inside
 print("RESULT " + json.dumps({
+    "held": held, "lock_note": lock_note, "pid": os.getpid(),
     "process": me, "seen": env.seen, "rewards": res.rewards.tolist(), "info": res.info, "counts": res.counts,
     "addressable": g.is_fully_addressable, "local_rows": sorted({int(s.index[0].start) for s in g.addressable_shards}),
     "gathered": distributed.to_host(g).tolist(), "offload_kind": off["g"].sharding.memory_kind,

@@ -394,8 +394,13 @@ def test_job_whose_second_process_never_starts_fails_within_the_timeout(tmp_path
 
 
 @pytest.mark.slow
-def test_two_processes_place_gather_offload_and_split_scoring():
-    r = _launch(2, "python", os.path.join(ROOT, "tests", "multihost_collectives.py"), timeout=300)
+def test_two_processes_place_gather_offload_and_split_scoring(tmp_path):
+    from jaxrl_llm.workdir import hold_workdir
+
+    held, free = tmp_path / "held", tmp_path / "free"
+    with hold_workdir(str(held)):
+        r = _launch(2, "python", os.path.join(ROOT, "tests", "multihost_collectives.py"), timeout=300,
+                    HELD_WORKDIR=str(held), FREE_WORKDIR=str(free))
     assert r.returncode == 0, r.stderr[-4000:]
     out = {}
     for line in r.stdout.splitlines():
@@ -416,6 +421,12 @@ def test_two_processes_place_gather_offload_and_split_scoring():
         assert (o["offload_kind"], o["onload_kind"]) == ("pinned_host", "device")
         assert o["objects"] == [{"p": 0, "x": [0]}, {"p": 1, "x": [1, 1]}]
         assert "process(es) [1] could not serialise" in o["unserialisable"], o["unserialisable"]
+        # The test's lock stops both processes alike; process 0 alone locks a free workdir, for the whole job.
+        assert o["held"].startswith(f"workdir {str(held)!r} is in use by another run (pid {os.getpid()} on "), o["held"]
+        assert o["lock_note"].startswith(f"pid {out[0]['pid']} on ") and "(process 0 of a 2-process job)" in \
+            o["lock_note"], o["lock_note"]
+    with hold_workdir(str(free)):  # released when the job ended
+        pass
 
 
 # GRPO tiny at a smaller learning rate: at lr 1e-2, Adam's first update is close to sign(g) and flips for gradient

@@ -94,13 +94,15 @@ def test_bad_config_is_a_one_line_error(tmp_path):
          "the recipe does not load: [Errno 2] No such file or directory: 'configs/nope.py'"),
     ]
     with ThreadPoolExecutor(3) as pool:
-        runs = list(pool.map(lambda c: _cli(*c[0], "--workdir", str(tmp_path), timeout=180), cases))
+        # a workdir each: one run in a workdir at a time (the others would be refused as it)
+        runs = list(pool.map(lambda ic: _cli(*ic[1][0], "--workdir", str(tmp_path / str(ic[0])), timeout=180),
+                             enumerate(cases)))
     for (args, needle), r in zip(cases, runs, strict=True):
         last = r.stderr.strip().splitlines()[-1]
         assert r.returncode != 0 and needle in last and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
     assert "'lr'" in runs[2].stderr.strip().splitlines()[-1]  # the unknown key's neighbours
     assert "int" in runs[4].stderr  # the expected type
-    assert not (tmp_path / "checkpoints").exists()
+    assert not list(tmp_path.glob("*/checkpoints"))
 
 
 def test_help_lists_the_flags():
