@@ -33,7 +33,7 @@ def _lock(workdir: str) -> tuple[int | None, str | None]:
     system cannot lock, warns and returns (None, None): the run goes on unguarded."""
     path = os.path.join(workdir, LOCK_FILE)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)  # never another file
     except OSError as e:
         log.warning("%s: cannot be opened (%s): nothing keeps a second run out of this workdir", path, e)
         return None, None

@@ -51,6 +51,20 @@ def test_a_held_workdir_is_refused_and_free_again_once_let_go(tmp_path):
         pass
 
 
+def test_a_lock_file_that_is_a_link_is_not_followed(tmp_path, caplog):
+    """Locking writes a note into run.lock: a link there (planted, or copied with the workdir) must not truncate
+    the file it points to."""
+    wd, precious = tmp_path / "w", tmp_path / "precious.txt"
+    wd.mkdir()
+    precious.write_text("keep me")
+    os.symlink(precious, wd / LOCK_FILE)
+    with caplog.at_level(logging.WARNING, logger="jaxrl_llm.train"):
+        with hold_workdir(str(wd)):
+            pass
+    assert precious.read_text() == "keep me"
+    assert f"{wd / LOCK_FILE}: cannot be opened" in caplog.text
+
+
 def test_a_file_system_that_cannot_lock_is_warned_about_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
     def no_locks(fd, op):
         raise OSError(errno.ENOLCK, "No locks available")
