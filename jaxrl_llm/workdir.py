@@ -29,14 +29,24 @@ LOCK_FILE = "run.lock"  # locked (flock) by the run training in the workdir; say
 
 
 def _lock(workdir: str) -> tuple[int | None, str | None]:
-    """Locks <workdir>/run.lock: (its fd, None), or (None, who holds it) when another run does. Where the file
-    system cannot lock, warns and returns (None, None): the run goes on unguarded."""
+    """Locks <workdir>/run.lock: (its fd, None), or (None, why this run may not train here) when another run holds
+    it or the workdir is not writable. Where the file system cannot lock, warns and returns (None, None): the run
+    goes on unguarded."""
     path = os.path.join(workdir, LOCK_FILE)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)  # never another file
+    writable = True
+    try:  # never through a link; mode 0o666: the umask decides, as for the run's other files
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
     except OSError as e:
-        log.warning("%s: cannot be opened (%s): nothing keeps a second run out of this workdir", path, e)
-        return None, None
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            log.warning("%s: cannot be opened (%s): nothing keeps a second run out of this workdir", path, e)
+            return None, None
+        try:  # another user's lock file (a shared project folder): flock needs no write access
+            fd, writable = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), False
+        except FileNotFoundError:
+            return None, f"workdir {workdir!r} is not writable by this run ({e})"
+        except OSError as e2:
+            log.warning("%s: cannot be opened (%s): nothing keeps a second run out of this workdir", path, e2)
+            return None, None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -47,15 +57,19 @@ def _lock(workdir: str) -> tuple[int | None, str | None]:
             return None, None
         holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "it has not said which yet"
         os.close(fd)
-        return None, holder
+        return None, (f"workdir {workdir!r} is in use by another run ({holder}; {LOCK_FILE} is locked): two runs "
+                      "in one workdir would overwrite each other's checkpoints and metrics; let that run end (or "
+                      "stop it), or use another workdir")
     n = jax.process_count()
     note = (f"pid {os.getpid()} on {socket.gethostname()}" + (f" (process 0 of a {n}-process job)" if n > 1 else "")
             + f", started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode()
     try:
+        if not writable:
+            raise PermissionError(errno.EACCES, "opened read-only: another user's file")
         os.ftruncate(fd, 0)
         os.pwrite(fd, note, 0)
-    except OSError as e:  # still locked; only the note for the next run's error is missing
-        log.warning("%s: could not say which run holds it (%s)", path, e)
+    except OSError as e:  # still locked; only the note for the next run's error is missing (or an earlier run's)
+        log.warning("%s: locked, but could not say which run holds it (%s)", path, e)
     return fd, None
 
 
@@ -65,17 +79,26 @@ def hold_workdir(workdir: str) -> Iterator[None]:
     metrics.jsonl: the later run's checkpoints would be taken for the first's, or the other way round). Process 0
     locks <workdir>/run.lock (flock: released when it ends, even by SIGKILL, so a crashed run leaves no stale
     lock); every process of the job learns whether it did, and a held lock is a ConfigError on each, naming the
-    holder, raised before anything is written. The file stays behind; it is never deleted (a run deleting it could
-    let two later ones lock two different files). Network file systems that cannot lock get a warning."""
-    os.makedirs(workdir, exist_ok=True)
-    fd, holder = _lock(workdir) if jax.process_index() == 0 else (None, None)
-    if jax.process_count() > 1:
-        holder = distributed.allgather_json(holder)[0]
-    if holder is not None:
-        raise ConfigError(f"workdir {workdir!r} is in use by another run ({holder}; {LOCK_FILE} is locked): two "
-                          "runs in one workdir would overwrite each other's checkpoints and metrics; let that run "
-                          "end (or stop it), or use another workdir")
+    holder, raised before anything is written; so is a workdir that cannot be made or written. The file stays
+    behind; it is never deleted (a run deleting it could let two later ones lock two different files). File systems
+    that cannot lock get a warning; ones that lock per host only (Lustre `localflock`, NFS `local_lock=flock`)
+    keep out only runs whose process 0 is on the same host."""
+    problem, fd = None, None
     try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        problem = f"workdir {workdir!r} cannot be made ({e})"
+    else:
+        if not os.access(workdir, os.W_OK | os.X_OK):
+            problem = f"workdir {workdir!r} is not writable by this run"
+    if problem is None and jax.process_index() == 0:
+        fd, problem = _lock(workdir)
+    try:
+        if jax.process_count() > 1:  # every process learns every process's problem (a collective: none waits)
+            said = [(p, why) for p, why in enumerate(distributed.allgather_json(problem)) if why]
+            problem = f"process {said[0][0]}: {said[0][1]}" if said and said[0][0] else (said[0][1] if said else None)
+        if problem is not None:
+            raise ConfigError(problem)
         yield
     finally:
         if fd is not None:
