@@ -7,8 +7,10 @@ run has built, so a checkpoint restores onto a different mesh shape.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from typing import Any
 
 import jax
@@ -20,6 +22,7 @@ from orbax.checkpoint import checkpoint_managers as cm
 from jaxrl_llm.models.safetensors_io import CheckpointError
 
 log = logging.getLogger(__name__)
+GONE_WAIT_S = 2.0  # how long a reader waits for a step folder that failed to read to finish being deleted
 
 
 @jax.jit
@@ -44,11 +47,32 @@ def require_finite(items: dict[str, Any], what: str) -> None:
         raise FloatingPointError(f"{what}: {', '.join(bad[:5])}{more} hold NaN or Inf")
 
 
+class _Gone(Exception):
+    """The step being read was deleted meanwhile (by the run writing the folder, keeping its last K)."""
+
+
+@contextlib.contextmanager
+def _absl_quiet():
+    """Orbax warns through absl on every read-only open ("Given directory is read only"): nothing to act on."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class Checkpointer:
     def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True,
-                 best_metric: str = "", best_mode: str = "min"):
-        """Keep the last `keep` checkpoints, plus the best one by `best_metric` (saved with `metrics=`)."""
+                 best_metric: str = "", best_mode: str = "min", read_only: bool = False):
+        """Keep the last `keep` checkpoints, plus the best one by `best_metric` (saved with `metrics=`).
+
+        read_only: for readers (export, evaluate) of a folder a training run may be writing as they read: the
+        manager never creates, saves or deletes anything, and a step the run deletes (keeping its last K) while
+        it is read is said as such; a read of the latest step then moves on to the new latest."""
         self.every_steps = every_steps
+        self.read_only = read_only
         self.directory = os.path.abspath(directory)
         if best_mode not in ("min", "max"):
             raise ValueError(f"checkpoint.best_mode={best_mode!r}; expected min | max")
@@ -63,9 +87,20 @@ class Checkpointer:
             # best_fn makes Orbax write each step's metrics beside it, so that a resumed run (a new manager on
             # the same folder) still knows which old checkpoint is the best and keeps it.
             best = dict(best_fn=metric, best_mode=best_mode)
-        opts = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
-                                            preservation_policy=cm.AnyPreservationPolicy(policies), **best)
-        self._mngr = ocp.CheckpointManager(self.directory, options=opts)
+        with _absl_quiet():
+            if read_only:
+                opts = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+            else:
+                opts = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
+                                                    preservation_policy=cm.AnyPreservationPolicy(policies), **best)
+            for attempt in range(5):
+                try:
+                    self._mngr = ocp.CheckpointManager(self.directory, options=opts)
+                    break
+                except FileNotFoundError:  # a step deleted between Orbax listing the folder and reading its time
+                    if attempt == 4 or not read_only:
+                        raise
+                    time.sleep(0.05)
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -89,6 +124,27 @@ class Checkpointer:
     def restore(self, targets: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict[str, Any], int]:
         """(items laid out like `targets` — shapes, dtypes, shardings —, meta, step). `targets` may name a
         subset of the saved items (e.g. only params, for export)."""
+        for attempt in range(4):
+            try:
+                return self._restore(targets, step)
+            except _Gone as e:
+                if step is not None or attempt == 3:  # a step asked for by number is not replaced by another
+                    raise FileNotFoundError(str(e)) from None
+                log.warning("%s; reading the latest step again", e)
+        raise AssertionError("unreachable")
+
+    def _gone(self, step: int) -> bool:
+        """Whether checkpoint `step` is being deleted (read-only managers: the writing run keeps its last K).
+        Orbax deletes a folder in place: a read can meet it half deleted, so wait a moment for it to go."""
+        folder = os.path.join(self.directory, str(step))
+        deadline = time.monotonic() + GONE_WAIT_S
+        while os.path.isdir(folder) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with _absl_quiet():
+            self._mngr.reload()
+        return not os.path.isdir(folder) or step not in self._mngr.all_steps()
+
+    def _restore(self, targets: dict[str, Any], step: int | None) -> tuple[dict[str, Any], dict[str, Any], int]:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
@@ -99,6 +155,9 @@ class Checkpointer:
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
         except Exception as e:  # noqa: BLE001 (Orbax/tensorstore raise many kinds for a damaged folder)
+            if self.read_only and self._gone(step):
+                raise _Gone(f"{self.directory}/{step}: deleted while it was being read (the training run writing "
+                            f"this folder keeps its last checkpoint.keep steps); have {self.all_steps()}") from None
             detail = " ".join(f"{type(e).__name__}: {e}".split())[:400]
             if "requested shape" in detail.lower():  # intact, written for another model
                 raise CheckpointError(f"{self.directory}/{step}: cannot restore {sorted(targets)} ({detail}): it "

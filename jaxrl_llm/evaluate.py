@@ -54,7 +54,7 @@ def restore_workdir(workdir: str, step: int | None, mesh, rules) -> tuple[models
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           models.abstract_params(cfg, saved.get("param_dtype", "float32")),
                           models.param_shardings(cfg, mesh, rules))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1, read_only=True)
     try:
         items, _, step = ckpt.restore({"params": target}, step)
     finally:

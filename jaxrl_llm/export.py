@@ -43,7 +43,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: st
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           models.abstract_params(cfg, saved.get("param_dtype", "float32")),
                           models.param_shardings(cfg, mesh))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1, read_only=True)
     try:
         items, _, step = ckpt.restore({"params": target}, step)
     finally:
