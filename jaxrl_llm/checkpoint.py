@@ -155,13 +155,13 @@ class Checkpointer:
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))
         except Exception as e:  # noqa: BLE001 (Orbax/tensorstore raise many kinds for a damaged folder)
-            if self.read_only and self._gone(step):
-                raise _Gone(f"{self.directory}/{step}: deleted while it was being read (the training run writing "
-                            f"this folder keeps its last checkpoint.keep steps); have {self.all_steps()}") from None
             detail = " ".join(f"{type(e).__name__}: {e}".split())[:400]
             if "requested shape" in detail.lower():  # intact, written for another model
                 raise CheckpointError(f"{self.directory}/{step}: cannot restore {sorted(targets)} ({detail}): it "
                                       "holds arrays of other shapes than this model's") from None
+            if self.read_only and self._gone(step):
+                raise _Gone(f"{self.directory}/{step}: deleted while it was being read (the training run writing "
+                            f"this folder keeps its last checkpoint.keep steps); have {self.all_steps()}") from None
             earlier = [s for s in self.all_steps() if s < step]
             hint = (f"; move that folder aside to use step {max(earlier)}" if earlier else "")
             raise CheckpointError(f"{self.directory}/{step}: cannot restore {sorted(targets)} ({detail}): the "
