@@ -47,7 +47,7 @@ def require_finite(items: dict[str, Any], what: str) -> None:
         raise FloatingPointError(f"{what}: {', '.join(bad[:5])}{more} hold NaN or Inf")
 
 
-class _Gone(Exception):
+class _Gone(FileNotFoundError):
     """The step being read was deleted meanwhile (by the run writing the folder, keeping its last K)."""
 
 
@@ -124,14 +124,12 @@ class Checkpointer:
     def restore(self, targets: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict[str, Any], int]:
         """(items laid out like `targets` — shapes, dtypes, shardings —, meta, step). `targets` may name a
         subset of the saved items (e.g. only params, for export)."""
-        for attempt in range(4):
+        for _ in range(3 if step is None else 0):  # a step asked for by number is not replaced by another
             try:
                 return self._restore(targets, step)
             except _Gone as e:
-                if step is not None or attempt == 3:  # a step asked for by number is not replaced by another
-                    raise FileNotFoundError(str(e)) from None
                 log.warning("%s; reading the latest step again", e)
-        raise AssertionError("unreachable")
+        return self._restore(targets, step)
 
     def _gone(self, step: int) -> bool:
         """Whether checkpoint `step` is being deleted (read-only managers: the writing run keeps its last K).

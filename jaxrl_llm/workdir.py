@@ -33,20 +33,22 @@ def _lock(workdir: str) -> tuple[int | None, str | None]:
     it or the workdir is not writable. Where the file system cannot lock, warns and returns (None, None): the run
     goes on unguarded."""
     path = os.path.join(workdir, LOCK_FILE)
-    writable = True
-    try:  # never through a link; mode 0o666: the umask decides, as for the run's other files
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+    flags = os.O_CLOEXEC | os.O_NOFOLLOW  # never through a link
+    fd, writable, why = None, True, None
+    try:  # mode 0o666: the umask decides, as for the run's other files
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666)
     except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-            log.warning("%s: cannot be opened (%s): nothing keeps a second run out of this workdir", path, e)
-            return None, None
-        try:  # another user's lock file (a shared project folder): flock needs no write access
-            fd, writable = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW), False
-        except FileNotFoundError:
-            return None, f"workdir {workdir!r} is not writable by this run ({e})"
-        except OSError as e2:
-            log.warning("%s: cannot be opened (%s): nothing keeps a second run out of this workdir", path, e2)
-            return None, None
+        why = e
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            try:  # another user's lock file (a shared project folder): flock needs no write access
+                fd, writable = os.open(path, os.O_RDONLY | flags), False
+            except FileNotFoundError:
+                return None, f"workdir {workdir!r} is not writable by this run ({e})"
+            except OSError as e2:
+                why = e2
+    if fd is None:
+        log.warning("%s: cannot be opened (%s): nothing keeps a second run out of this workdir", path, why)
+        return None, None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -63,12 +65,13 @@ def _lock(workdir: str) -> tuple[int | None, str | None]:
     n = jax.process_count()
     note = (f"pid {os.getpid()} on {socket.gethostname()}" + (f" (process 0 of a {n}-process job)" if n > 1 else "")
             + f", started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n").encode()
+    if not writable:
+        log.warning("%s: locked, but read-only to this run (another user's file): it still names an earlier run", path)
+        return fd, None
     try:
-        if not writable:
-            raise PermissionError(errno.EACCES, "opened read-only: another user's file")
         os.ftruncate(fd, 0)
         os.pwrite(fd, note, 0)
-    except OSError as e:  # still locked; only the note for the next run's error is missing (or an earlier run's)
+    except OSError as e:  # still locked; only the note for the next run's error is missing
         log.warning("%s: locked, but could not say which run holds it (%s)", path, e)
     return fd, None
 
@@ -95,8 +98,8 @@ def hold_workdir(workdir: str) -> Iterator[None]:
         fd, problem = _lock(workdir)
     try:
         if jax.process_count() > 1:  # every process learns every process's problem (a collective: none waits)
-            said = [(p, why) for p, why in enumerate(distributed.allgather_json(problem)) if why]
-            problem = f"process {said[0][0]}: {said[0][1]}" if said and said[0][0] else (said[0][1] if said else None)
+            p, why = next(((p, why) for p, why in enumerate(distributed.allgather_json(problem)) if why), (0, None))
+            problem = f"process {p}: {why}" if p else why
         if problem is not None:
             raise ConfigError(problem)
         yield

@@ -9,6 +9,11 @@ from typing import Any
 import ml_collections
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One-step runs of the tiny SFT and GRPO recipes that checkpoint every step (no export, no TensorBoard).
+SFT_ONE_STEP = {"data.num_examples": 16, "train.batch_size": 4, "data.max_len": 96, "export_hf": False,
+                "metrics.tensorboard": False, "checkpoint.every_steps": 1, "max_steps": 1, "optimizer.warmup_steps": 0}
+GRPO_ONE_STEP = {"data.num_examples": 16, "rollout.num_prompts": 2, "rollout.group_size": 2, "train.batch_size": 0,
+                 "export_hf": False, "metrics.tensorboard": False, "checkpoint.every_steps": 1, "max_steps": 1}
 
 
 def recipe(name: str, over: dict[str, Any] | None = None, unlock: bool = True) -> ml_collections.ConfigDict:

@@ -9,8 +9,6 @@ import shutil
 
 import pytest
 
-pytest.importorskip("orbax.checkpoint")
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):

