@@ -16,6 +16,9 @@ class DataError(ValueError):
     """A data row or file is malformed; the message names the row and the field."""
 
 
+Pieces = list[tuple[str, int]]  # a conversation's text in (text, learned) pieces: 1 where the loss counts
+
+
 def check_message(m: Any, index: int, where: str) -> dict[str, Any]:
     """One message of a row, validated: `role` a string, `content` a string (or None beside `tool_calls`). Its
     other fields (tool_calls, reasoning_content, name, ...) go to the chat template too; fields that are None are
@@ -234,14 +237,15 @@ def _holds_marker(tree: Any) -> bool:
     return isinstance(tree, list | tuple) and any(_holds_marker(v) for v in tree)
 
 
-def _marked_tokens(tokenizer, messages, chat_template, tools, assistant_turns, learned, index):
+def _marked_pieces(tokenizer, messages, chat_template, tools, assistant_turns, learned, index) -> Pieces:
     """The conversation rendered once, with each {% generation %} block's edges marked; the text between the
-    edges tokenized piece by piece as on the prefix path (a reply starts a new token, and the tokens before it are
-    those the sampler's prompt has; HF's assistant mask, over the whole render's tokens, can take in a token that
-    straddles an edge), the learned turns' blocks in the mask. Blocks are matched to assistant turns in order,
-    one each, after joining a block to the one right before it; with another count every block is learned when
-    every turn is, else it is an error. For templates that do not render prefixes as prefixes (those that
-    rewrite earlier turns, or close the conversation with an end-of-text token)."""
+    edges as (text, learned) pieces, to be tokenized piece by piece as on the prefix path (a reply starts a new
+    token, and the tokens before it are those the sampler's prompt has; HF's assistant mask, over the whole
+    render's tokens, can take in a token that straddles an edge), the learned turns' blocks learned. Blocks
+    are matched to assistant turns in order, one each, after joining a block to the one right before it; with
+    another count every block is learned when every turn is, else it is an error. For templates that do not
+    render prefixes as prefixes (those that rewrite earlier turns, or close the conversation with an end-of-text
+    token)."""
     source = _template_source(tokenizer, chat_template)
     marked = _GENERATION_TAG.sub(_marker_tags, source)
     if _holds_marker((messages, tools)):
@@ -271,47 +275,54 @@ def _marked_tokens(tokenizer, messages, chat_template, tools, assistant_turns, l
         raise DataError(f"row {index}: the chat template's {{% generation %}} blocks mark {n_blocks} spans for "
                         f"{len(assistant_turns)} assistant turns, and only some turns are learned "
                         "(context turns, data.last_assistant_only): cannot tell which tokens are whose")
-    return _tokenize_pieces(tokenizer, [(piece, int(block in learned_blocks)) for piece, block in segments])
+    return [(piece, int(block in learned_blocks)) for piece, block in segments]
 
 
 def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _pieces_tokenize_alone(tokenizer) -> bool:
+def pieces_tokenize_alone(tokenizer) -> bool:
     """Whether text split before a space tokenizes as the whole does: true of byte-level BPE (Llama 3, Qwen,
     SmolLM2); false of a SentencePiece tokenizer that prepends its "▁" to every text it is given (Llama 2's and
     Mistral v0.1's legacy tokenizers), which would start each reply with a spurious "▁" token."""
     return _encode(tokenizer, "Hello") + _encode(tokenizer, " world") == _encode(tokenizer, "Hello world")
 
 
-def _tokenize_pieces(tokenizer, pieces: list[tuple[str, int]], eos_id: int | None = None
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask) of (text, learned) pieces; eos_id closes each learned piece.
+def tokenize_pieces(tokenizer, rows: list[tuple[Pieces, int | None]], alone: bool | None = None
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids, mask) of each row's (text, learned) pieces; a row's eos_id (or None) closes each of its learned pieces.
 
-    Each piece is tokenized on its own where the tokenizer allows it (`_pieces_tokenize_alone`); else after the
-    piece before it (the tokens the two texts together add to those of the one before, when the latter are their
-    prefix; else on its own), as the model reads a reply after its prompt. One piece of context, not the whole
-    text before it, keeps long conversations linear in their length."""
-    ids: list[int] = []
-    mask: list[int] = []
-    alone = _pieces_tokenize_alone(tokenizer)
-    before, before_ids = "", []  # (not alone) the previous piece and its tokens on their own
-    for text, learn in pieces:
-        if not text:
-            continue
-        own = _encode(tokenizer, text)
-        toks = own
-        if not alone and before:
-            both = _encode(tokenizer, before + text)
-            if both[:len(before_ids)] == before_ids:
-                toks = both[len(before_ids):]
-        before, before_ids = text, own
-        if learn and eos_id is not None:
-            toks = [*toks, eos_id]
-        ids.extend(toks)
-        mask.extend([learn] * len(toks))
-    return np.asarray(ids, np.int32), np.asarray(mask, np.int32)
+    Each piece is tokenized on its own where the tokenizer allows it (`alone`: `pieces_tokenize_alone`, worked
+    out here when not given); else after the piece before it (the tokens the two texts together add to those of
+    the one before, when the latter are their prefix; else on its own), as the model reads a reply after its
+    prompt. One piece of context, not the whole text before it, keeps long conversations linear in their length.
+    Every text of all the rows goes to the tokenizer in one call: a fast tokenizer encodes a batch on all cores,
+    and a call per piece cost more in Python than the encoding itself."""
+    if alone is None:
+        alone = pieces_tokenize_alone(tokenizer)
+    rows = [([(t, learn) for t, learn in pieces if t], eos_id) for pieces, eos_id in rows]
+    texts = [t for pieces, _ in rows for t, _ in pieces]
+    if not alone:  # each piece also after the one before it
+        texts += [a + b for pieces, _ in rows for (a, _), (b, _) in zip(pieces, pieces[1:], strict=False)]
+    encoded = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    owns = [[list(next(encoded)) for _ in pieces] for pieces, _ in rows]
+    out = []
+    for (pieces, eos_id), own in zip(rows, owns, strict=True):
+        ids: list[int] = []
+        mask: list[int] = []
+        for j, (_, learn) in enumerate(pieces):
+            toks = own[j]
+            if not alone and j:
+                both = list(next(encoded))
+                if both[:len(own[j - 1])] == own[j - 1]:
+                    toks = both[len(own[j - 1]):]
+            if learn and eos_id is not None:
+                toks = [*toks, eos_id]
+            ids.extend(toks)
+            mask.extend([learn] * len(toks))
+        out.append((np.asarray(ids, np.int32), np.asarray(mask, np.int32)))
+    return out
 
 
 def turn_end_token(tokenizer: Any, chat_template: str | None = None, *, enabled: bool = True) -> int | None:
@@ -338,7 +349,15 @@ def turn_end_token(tokenizer: Any, chat_template: str | None = None, *, enabled:
     return int(tokenizer.eos_token_id)
 
 
-def tokenize_conversation(
+def tokenize_conversation(tokenizer: Any, messages: list[dict[str, Any]], **kwargs: Any
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [T] int32, loss_mask [T] int32): the templated conversation; mask 1 on assistant tokens only. Keyword
+    arguments as `conversation_pieces` takes them; many rows: `conversation_pieces` of each, then one
+    `tokenize_pieces` call for all of them (what data preparation does)."""
+    return tokenize_pieces(tokenizer, [conversation_pieces(tokenizer, messages, **kwargs)])[0]
+
+
+def conversation_pieces(
     tokenizer: Any,
     messages: list[dict[str, Any]],
     *,
@@ -348,8 +367,9 @@ def tokenize_conversation(
     context_turns: int = 0,
     tools: list[dict[str, Any]] | None = None,
     eos_id: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [T] int32, loss_mask [T] int32): the templated conversation; mask 1 on assistant tokens only.
+) -> tuple[Pieces, int | None]:
+    """The templated conversation as (text, learned) pieces, and the EOS id `tokenize_pieces` closes each learned
+    piece with (None: none); learned (1) on assistant tokens only.
 
     The conversation is rendered prefix by prefix; each assistant turn's tokens run from the end of the
     generation prompt (`<|im_start|>assistant\\n` for ChatML) to the end of its turn, end marker included.
@@ -357,7 +377,7 @@ def tokenize_conversation(
     Assistant turns that are context get no loss: the first `context_turns` (a prompt's own assistant turns) and
     those that open the conversation (no user or tool message before them, only a system message or none).
     A template with {% generation %} blocks (TRL's training templates) is rendered once instead, and the blocks
-    mark the assistant tokens (`_marked_tokens`): it need not render prefixes as prefixes.
+    mark the assistant tokens (`_marked_pieces`): it need not render prefixes as prefixes.
     eos_id: appended (with loss) after each learned turn (`turn_end_token`: templates that end turns with no
     special token).
     Each piece is tokenized on its own, as NeMo RL tokenizes each message: the prompt's tokens are exactly those
@@ -375,7 +395,7 @@ def tokenize_conversation(
             " (the assistant turns are all context: the prompt's own, or one that opens the conversation)"
             if assistant_turns else ""))
     if _has_generation_blocks(tokenizer, chat_template):
-        return _marked_tokens(tokenizer, messages, chat_template, tools, assistant_turns, learned, index)
+        return _marked_pieces(tokenizer, messages, chat_template, tools, assistant_turns, learned, index), None
     pieces: list[tuple[str, int]] = []
     done = ""
     for i in learned:  # messages after the last learned turn would add no loss: left out
@@ -386,7 +406,7 @@ def tokenize_conversation(
             raise DataError(_not_prefix(index, i, rewritten=not before.startswith(done)))
         pieces += [(before[len(done):], 0), (full[len(before):], 1)]
         done = full
-    return _tokenize_pieces(tokenizer, pieces, eos_id)
+    return pieces, eos_id
 
 
 def template_kwargs(data_config: Any) -> dict[str, Any]:

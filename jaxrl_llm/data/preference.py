@@ -18,16 +18,19 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxrl_llm.data.buckets import bucket_width
+from jaxrl_llm.data.bulk import from_source, tokenize_rows
 from jaxrl_llm.data.chat import (
     DataError,
+    Pieces,
     as_messages,
     check_rendered,
+    conversation_pieces,
     dropped_fields,
     present_fields,
     response_after,
     row_tools,
     run_template,
-    tokenize_conversation,
+    tokenize_pieces,
     turn_end_token,
 )
 from jaxrl_llm.data.sources import _package_file, describe_source, first_rows, load_rows, strip_calculator_annotations
@@ -132,12 +135,19 @@ def tokenize_pair(tokenizer: Any, prompt: Messages, chosen: Messages, rejected: 
                   tools: list[dict[str, Any]] | None = None) -> PreferencePair:
     """Prompt + chosen and prompt + rejected through the chat template (with the row's `tools`, function schemas
     the template lists, on both sides); masks on response assistant tokens."""
+    pieces = pair_pieces(tokenizer, prompt, chosen, rejected, chat_template=chat_template, index=index,
+                         eos_id=eos_id, tools=tools)
+    return PreferencePair(*(x for side in tokenize_pieces(tokenizer, pieces) for x in side))
+
+
+def pair_pieces(tokenizer: Any, prompt: Messages, chosen: Messages, rejected: Messages, *,
+                chat_template: str | None = None, index: int = 0, eos_id: int | None = None,
+                tools: list[dict[str, Any]] | None = None) -> list[tuple[Pieces, int | None]]:
+    """The two sides' `conversation_pieces` (chosen, rejected), for one `tokenize_pieces` call over many pairs."""
     prompt_turns = sum(m["role"] == "assistant" for m in prompt)
-    parts = []
-    for response in (chosen, rejected):
-        parts += tokenize_conversation(tokenizer, prompt + response, chat_template=chat_template, index=index,
-                                       context_turns=prompt_turns, eos_id=eos_id, tools=tools)
-    return PreferencePair(*parts)
+    return [conversation_pieces(tokenizer, prompt + response, chat_template=chat_template, index=index,
+                                context_turns=prompt_turns, eos_id=eos_id, tools=tools)
+            for response in (chosen, rejected)]
 
 
 # ---------------------------------------------------------------------------------------------- builtin sources
@@ -277,13 +287,17 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
     template = run_template(dc)
     eos_id = turn_end_token(tokenizer, template, enabled=dc.get("add_eos", True))
     dropped = dropped_fields(tokenizer, template)
-    for i, row in enumerate(rows):
-        prompt, chosen, rejected = to_preference(row, i)
-        tools = row_tools(row, i)
-        if check_rendered([*prompt, *chosen, *rejected], tools, dropped, i):
-            stats["reasoning_left_out"] = stats.get("reasoning_left_out", 0) + 1
-        pair = tokenize_pair(tokenizer, prompt, chosen, rejected, chat_template=template, index=i, eos_id=eos_id,
-                             tools=tools)
+    with from_source(describe_source(dc.source)):
+        # every row's fields first: a bad row anywhere is said before minutes of tokenizing the rows ahead of it
+        parsed = [(*to_preference(row, i), row_tools(row, i)) for i, row in enumerate(rows)]
+        left_out = sum(check_rendered([*p, *c, *r], tools, dropped, i) for i, (p, c, r, tools) in enumerate(parsed))
+        if left_out:
+            stats["reasoning_left_out"] = left_out
+        del rows
+        sides = tokenize_rows(tokenizer, len(parsed), lambda i: pair_pieces(
+            tokenizer, *parsed[i][:3], chat_template=template, index=i, eos_id=eos_id, tools=parsed[i][3]), "pairs")
+    for chosen, rejected in sides:
+        pair = PreferencePair(*chosen, *rejected)
         cut = max(len(pair.chosen_ids), len(pair.rejected_ids)) > dc.max_len
         if cut:
             if dc.overlong == "drop":
@@ -302,7 +316,7 @@ def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[Sh
     if stats["truncated"] or stats["dropped"]:
         log.warning("data: of %d pairs, %d kept cut to data.max_len=%d tokens and %d dropped (longer than that "
                     "with data.overlong=drop, or a side without response tokens, or both sides alike, after the "
-                    "cut)", len(rows), stats["truncated"], dc.max_len, stats["dropped"])
+                    "cut)", stats["rows"], stats["truncated"], dc.max_len, stats["dropped"])
     if not out:
         raise DataError(f"data.source={describe_source(dc.source)!r}: no usable preference pairs after tokenization "
                         f"(data.max_len={dc.max_len})")

@@ -53,25 +53,43 @@ def builtin_sources() -> dict[str, Callable[[], list[dict[str, Any]]]]:
     return {"gsm8k": _gsm8k_sft}
 
 
-def read_jsonl(path: str) -> list[Any]:
+def read_jsonl(path: str, limit: int = -1) -> list[Any]:
     """The rows of a .jsonl file (or a gzipped one, .jsonl.gz) as written (no schema: a row's missing fields stay
-    missing); blank lines skipped; a line that is not JSON is a DataError naming the file and the line."""
-    rows = []
-    with gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path) as f:
-        for i, line in enumerate(f):
-            if not line.strip():
+    missing); blank lines skipped; a line that is not UTF-8 or not JSON is a DataError naming the file and the
+    line. limit > 0: the first `limit` rows only; the lines after them are not read (`_jsonl_rows`)."""
+    return _jsonl_rows(path, limit)[0]
+
+
+def _jsonl_rows(path: str, limit: int = -1) -> tuple[list[Any], bool]:
+    """(rows, whether a row was left unread after `limit` of them)."""
+    rows: list[Any] = []
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            if not raw.strip():
                 continue
+            if 0 < limit <= len(rows):
+                return rows, True
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {i + 1} is not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1})") from None
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from e
-    return rows
+    return rows, False
 
 
 def _read_json_rows(path: str) -> list[Any]:
     """A .json file's rows: a list of objects, an object of equal-length columns, or JSON Lines."""
-    with open(path) as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}: line {line} is not UTF-8 text (byte {raw[e.start]:#04x})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -150,8 +168,14 @@ def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
         if not isinstance(source, datasets.Dataset):
             raise DataError(f"data.source: expected a builtin name, a file path or a datasets.Dataset, "
                             f"got {type(source).__name__}")
+        total = source.num_rows
+        if 0 < num_examples < total:  # only the rows asked for are read out of the table
+            source = source.select(range(num_examples))
         rows = [dict(r) for r in source]
-        source = f"<datasets.Dataset of {len(rows)} rows>"
+        source = f"<datasets.Dataset of {total} rows>"
+        if len(rows) < total:
+            log.info("data: the first %d of the %d rows of %s (data.num_examples=%d; -1 takes all)", len(rows),
+                     total, source, num_examples)
     elif source in builtins:
         rows = builtins[source]()
     else:
@@ -164,7 +188,13 @@ def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
         if ext == ".csv":  # pandas would guess types: "007" -> 7, "None"/"NA" -> missing, digits -> int
             rows = _read_csv(source)
         elif ext in (".json", ".jsonl"):  # read as written: a table would cast a column to one type
-            rows = _read_json_rows(source) if ext == ".json" else read_jsonl(source)
+            if ext == ".json":
+                rows = _read_json_rows(source)
+            else:
+                rows, more = _jsonl_rows(source, num_examples)
+                if more:
+                    log.info("data: the first %d rows of %s (data.num_examples=%d; -1 takes all); the lines after "
+                             "them were not read", num_examples, source, num_examples)
         else:
             import datasets
 
