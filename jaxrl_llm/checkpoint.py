@@ -73,6 +73,7 @@ class Checkpointer:
         it is read is said as such; a read of the latest step then moves on to the new latest."""
         self.every_steps = every_steps
         self.read_only = read_only
+        self._pending: int | None = None  # the step of an asynchronous save that may still be running
         self.directory = os.path.abspath(directory)
         if best_mode not in ("min", "max"):
             raise ValueError(f"checkpoint.best_mode={best_mode!r}; expected min | max")
@@ -118,8 +119,28 @@ class Checkpointer:
             return False
         require_finite(items, f"step {step}: not saved (the last good checkpoint, step {self.latest_step()}, is kept)")
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
-        self._mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), metrics=metrics)
+        self.wait()  # an earlier asynchronous save's failure is said as that step's (Orbax waits for it anyway)
+        self._pending = step
+        with self._saving():
+            self._mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), metrics=metrics)
         return True
+
+    @contextlib.contextmanager
+    def _saving(self):
+        """A failed save (a full disk, a quota, a read-only or vanished folder; Orbax and tensorstore raise many
+        kinds, some from its save threads) as one CheckpointError naming the step and the last complete
+        checkpoint, which Orbax's write-then-rename leaves restorable."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001
+            failed, self._pending = self._pending, None
+            done = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(
+                self.directory) else []
+            detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+            last = (f"the last complete checkpoint is step {done[-1]}: the same command resumes from it"
+                    if done else "no complete checkpoint is on disk")
+            raise CheckpointError(f"{self.directory}/{failed}: the checkpoint could not be saved ({detail}); {last} "
+                                  "(once the cause is fixed: free space if the disk is full)") from None
 
     def restore(self, targets: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict[str, Any], int]:
         """(items laid out like `targets` — shapes, dtypes, shardings —, meta, step). `targets` may name a
@@ -171,8 +192,16 @@ class Checkpointer:
         return self.restore({}, step)[1]
 
     def wait(self) -> None:
-        self._mngr.wait_until_finished()
+        with self._saving():
+            self._mngr.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
-        self._mngr.close()
+        try:
+            self.wait()
+        finally:
+            try:
+                with _absl_quiet():
+                    self._mngr.close()
+            except Exception as e:  # noqa: BLE001 (a failed save's error, said by wait(), is the one that matters)
+                log.warning("closing the checkpoint manager of %s: %s: %s", self.directory, type(e).__name__, e)

@@ -4,6 +4,7 @@ does not load) is one line instead of a traceback; and how such a process ends i
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -87,15 +88,41 @@ def _last_line(e: Exception) -> str:
     return lines[-1] if lines else repr(e)
 
 
-def exit_with_error(message: str) -> None:
-    """Print `message` and exit with status 1. In a multi-process job, at once (os._exit): a normal exit waits in
-    jax.distributed's shutdown barrier for processes that are stuck in a collective this one left, so the job
-    would hang for minutes and then abort, instead of the launcher stopping the others right away."""
-    if jax.distributed.is_initialized() and jax.process_count() > 1:
+def exit_with_error(message: str, status: int = 1, at_once: bool = False) -> None:
+    """Print `message` and exit with `status`. In a multi-process job (or `at_once`), at once (os._exit): a normal
+    exit waits in jax.distributed's shutdown barrier for processes that are stuck in a collective this one left,
+    so the job would hang for minutes and then abort, instead of the launcher stopping the others right away."""
+    if at_once or (jax.distributed.is_initialized() and jax.process_count() > 1):
         print(message, file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(1)
-    sys.exit(message)
+        os._exit(status)
+    if status == 1:
+        sys.exit(message)  # (prints it)
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+# a write the file system refused: a full disk, a quota, a read-only mount
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
+
+
+def resume_note(workdir: str) -> str:
+    """What a stopped run leaves to resume from: its last complete checkpoint, or none."""
+    folder = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+    if not steps:
+        return f"{folder} holds no complete checkpoint"
+    return f"the same command resumes from step {steps[-1]}, the last complete checkpoint in {folder}"
+
+
+def where_interrupted(tb) -> str:
+    """file:line in function of the innermost frame of this library in traceback `tb` (where a Ctrl-C landed),
+    below the frame that caught it."""
+    frames = [f for f in traceback.extract_tb(tb)[1:] if f"{os.sep}jaxrl_llm{os.sep}" in f.filename]  # [0]: main
+    if not frames:
+        return "during start-up"
+    f = frames[-1]
+    return f"in {f.name} ({os.path.relpath(f.filename, os.path.dirname(os.path.dirname(__file__)))}:{f.lineno})"
 
 
 def exit_if_job_crashed(e: BaseException) -> None:

@@ -12,6 +12,7 @@ from absl import app, flags
 
 from jaxrl_llm import models, parallel
 from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.cli import WRITE_ERRNOS
 from jaxrl_llm.data.vocab import with_tokenizer_ids
 from jaxrl_llm.metrics import quiet_libraries
 from jaxrl_llm.models.hf_io import check_replaceable
@@ -35,6 +36,11 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: st
     if real_out == real_wd or real_wd.startswith(real_out.rstrip(os.sep) + os.sep):
         raise FileExistsError(f"--out {out} is (or holds) the workdir {workdir}: the export would replace it; "
                               "name a folder of its own (e.g. WORKDIR/hf_export)")
+    for own in ("checkpoints", "tokenizer", "tensorboard"):  # the run's own folders: an export there breaks it
+        inside = os.path.join(real_wd, own)
+        if real_out == inside or real_out.startswith(inside + os.sep):
+            raise FileExistsError(f"--out {out} is inside the workdir's {own}/, which the run reads and writes; "
+                                  "name a folder of its own (e.g. WORKDIR/hf_export)")
     check_replaceable(os.path.abspath(out))  # before the restore; save_pretrained checks again before replacing
     with open(path) as f:
         saved = json.load(f)
@@ -67,6 +73,11 @@ def main(argv) -> None:
         export_checkpoint(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.dtype)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        sys.exit(f"error: writing the export to {FLAGS.out}: {e} (nothing was written there; an earlier export "
+                 "there is left as it was)")
 
 
 if __name__ == "__main__":

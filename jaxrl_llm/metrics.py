@@ -34,19 +34,14 @@ class MetricsWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
             from jaxrl_llm.workdir import set_aside
 
             logdir = os.path.join(workdir, "tensorboard")
             if start_step == 0 and os.path.isdir(logdir) and os.listdir(logdir):  # as metrics.jsonl: kept aside
                 log.warning("%s held an earlier run's events (no checkpoint to resume from): moved to %s", logdir,
                             set_aside(logdir))
-            # a resumed run logs its steps after the checkpoint again: TensorBoard drops the earlier run's events
-            # from purge_step on instead of drawing both
-            # (files are named by the second they open in: the suffix keeps a restart within it from overwriting)
-            self._tb = SummaryWriter(logdir=logdir, flush_secs=10, purge_step=start_step + 1 if start_step else None,
-                                     filename_suffix=f".{os.getpid()}.{start_step}")
+            self._tb = EventFile(logdir, purge_step=start_step + 1 if start_step else None,
+                                 filename_suffix=f".{os.getpid()}.{start_step}")
         if wandb_project:
             try:
                 import wandb
@@ -60,12 +55,14 @@ class MetricsWriter:
             return
         row = {"step": int(step)}
         row.update({k: _plain(v) for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, allow_nan=False) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, allow_nan=False) + "\n")
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror} (writing step {step}'s metrics)", self.path) from None
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
         if self._tb is not None:
-            for k, v in scalars.items():
-                self._tb.add_scalar(k, v, step)
+            self._tb.add_scalars(step, scalars)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
         now = time.time()
@@ -87,6 +84,60 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class EventFile:
+    """TensorBoard scalars written by the caller's thread into one event file (tensorboardX's record format),
+    flushed at most every `flush_s` seconds and at close. tensorboardX's own SummaryWriter writes from a thread of
+    its own: when a write fails there (a full disk) that thread dies, its bounded queue fills, and the next
+    add_scalar blocks forever, a run hung with no error that a scheduler's SIGTERM cannot stop at a step. Here
+    the error reaches the run: an OSError naming the file.
+
+    purge_step: a resumed run logs its steps after the checkpoint again, and TensorBoard drops the earlier run's
+    events from that step on instead of drawing both (a SessionLog START at it, as SummaryWriter(purge_step=)
+    writes). Files are named by the second they open in; `filename_suffix` keeps a restart within it from
+    overwriting."""
+
+    def __init__(self, logdir: str, purge_step: int | None = None, filename_suffix: str = "",
+                 flush_s: float = 10.0) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        self.flush_s, self._last_flush = flush_s, time.monotonic()
+        self._events = self._guard(lambda: EventsWriter(os.path.join(logdir, "events"), filename_suffix), logdir)
+        self.path = self._events._file_name
+        if purge_step is not None:
+            from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+            self._write(Event(step=purge_step, file_version="brain.Event:2"))
+            self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+
+    @staticmethod
+    def _guard(fn, path):
+        try:
+            return fn()
+        except OSError as e:
+            raise OSError(e.errno, f"{e.strerror} (writing TensorBoard events)", path) from None
+
+    def _write(self, event) -> None:
+        event.wall_time = event.wall_time or time.time()
+        self._guard(lambda: self._events.write_event(event), self.path)
+
+    def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+
+        for k, v in scalars.items():
+            self._write(Event(summary=scalar(k, float(v)), step=int(step)))
+        if time.monotonic() - self._last_flush >= self.flush_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self._guard(self._events.flush, self.path)
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self._guard(self._events.close, self.path)
 
 
 def _bar(step: int, total: int, width: int = 20) -> str:

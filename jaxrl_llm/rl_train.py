@@ -57,7 +57,7 @@ from jaxrl_llm.rl_batch import (
     shuffled_rows,
 )
 from jaxrl_llm.sampling.text import render_prompt
-from jaxrl_llm.workdir import record_run_config, truncate_metrics
+from jaxrl_llm.workdir import close_all, record_run_config, truncate_metrics
 
 log = logging.getLogger("jaxrl_llm.rl_train")
 CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean", "turns_mean",
@@ -463,14 +463,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             check_best_metric(config, val)
             meta = {"step": done, **run_meta, "data_position": done, "prompt_batches": runner.position, **val}
             checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
-    finally:
-        stop.close()
-        ckpt.close()
-        writer.close()
-        for owner in (env, evaluator):  # the validation's environment has worker processes of its own
-            close = getattr(owner, "close", None)
-            if close:
-                close()
+    finally:  # (the validation's environment has worker processes of its own)
+        close_all(stop.close, ckpt.close, writer.close, *(getattr(o, "close", None) for o in (env, evaluator)))
     if config.export_hf:  # every process takes part in the gather; process 0 writes
         require_finite({"params": state["params"]}, "the HF export is not written")
         out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer,

@@ -26,7 +26,14 @@ from jaxrl_llm import distributed, models, parallel
 from jaxrl_llm.algorithms import REGISTRY, batch_indices
 from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
 from jaxrl_llm.checkpoint import Checkpointer, require_finite
-from jaxrl_llm.cli import ConfigError, exit_if_job_crashed, exit_with_error
+from jaxrl_llm.cli import (
+    WRITE_ERRNOS,
+    ConfigError,
+    exit_if_job_crashed,
+    exit_with_error,
+    resume_note,
+    where_interrupted,
+)
 from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.data.sources import describe_source
@@ -38,6 +45,7 @@ from jaxrl_llm.preemption import Preempted, StopOnSigterm, checkpoint_step
 from jaxrl_llm.run_tokenizer import load_run_tokenizer, load_tokenizer, resolve_path  # noqa: F401 (train.*)
 from jaxrl_llm.workdir import (
     MODEL_CONFIG_FILE,
+    close_all,
     hold_workdir,
     record_run_config,
     replace_folder,
@@ -519,9 +527,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
             t_last = time.time()
     finally:
-        stop.close()
-        ckpt.close()
-        writer.close()
+        close_all(stop.close, ckpt.close, writer.close)
     if config.export_hf:  # every process takes part in the gather; process 0 writes
         require_finite({"params": state["params"]}, "the HF export is not written")
         out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer,
@@ -552,11 +558,20 @@ def main(argv) -> None:
     if FLAGS.config is None:
         sys.exit("error: --config is required (e.g. --config configs/sft_tiny.py)")
     recipe = os.path.splitext(os.path.basename(config_flags.get_config_filename(FLAGS["config"])))[0]
+    workdir = FLAGS.workdir or os.path.join("runs", recipe)
     try:
         distributed.initialize_from_flags()
-        run(FLAGS.config, FLAGS.workdir or os.path.join("runs", recipe))
+        run(FLAGS.config, workdir)
     except USER_ERRORS as e:
         exit_with_error(f"error: {e}")
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            exit_if_job_crashed(e)
+            raise
+        exit_with_error(f"error: {e}; {resume_note(workdir)}")
+    except KeyboardInterrupt as e:  # (at once: a normal exit can crash in XLA's teardown after an interrupt)
+        exit_with_error(f"interrupted {where_interrupted(e.__traceback__)}; {resume_note(workdir)}", 130,
+                        at_once=True)
     except Preempted as e:
         log.warning("%s", e)
         sys.exit(PREEMPTED_EXIT_STATUS)

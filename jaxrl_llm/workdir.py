@@ -10,6 +10,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -127,11 +128,19 @@ def write_atomically(path: str, text: str) -> None:
 
 def replace_folder(path: str, fill) -> None:
     """Build a folder with fill(tmp_path) next to `path`, then swap it in: a kill leaves the old folder (or the
-    new one) whole, and at worst a stray <path>.tmp-<pid> / <path>.old-<pid> beside it."""
+    new one) whole, and at worst a stray <path>.tmp-<pid> / <path>.old-<pid> beside it, which the next call
+    removes (the caller holds the workdir: no other run writes beside it). A fill that fails (a full disk,
+    Ctrl-C) leaves nothing behind."""
     tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    fill(tmp)
+    parent, name = os.path.split(path)
+    for stale in os.listdir(parent or "."):
+        if re.fullmatch(re.escape(name) + r"\.(tmp|old)-\d+", stale):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if os.path.lexists(path):
         os.replace(path, old)
     os.replace(tmp, path)
@@ -222,3 +231,21 @@ def record_run_config(workdir: str, config: dict[str, Any], start_step: int) -> 
                             set_aside(path))
     write_atomically(path, text)
     return changes
+
+
+def close_all(*closers) -> None:
+    """Call every closer (None: skipped), each even when one before it raised; then raise the first error. A run's
+    end (a final save failing on a full disk, say) must still stop its reward workers and close its files."""
+    first: BaseException | None = None
+    for close in closers:
+        if close is None:
+            continue
+        try:
+            close()
+        except BaseException as e:  # noqa: BLE001 (raised below, after the others are closed)
+            if first is None:
+                first = e
+            else:
+                log.warning("while closing after an error: %s: %s", type(e).__name__, e)
+    if first is not None:
+        raise first

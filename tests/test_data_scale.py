@@ -12,13 +12,13 @@ import logging
 import ml_collections
 import numpy as np
 import pytest
+from test_chat_templates import LLAMA2_TEMPLATE, _sentencepiece_tokenizer
 
 from jaxrl_llm.algorithms import sft
 from jaxrl_llm.data import DataError, load_rows
 from jaxrl_llm.data import preference as pref
 from jaxrl_llm.data.bulk import Progress, tokenize_rows
 from jaxrl_llm.data.chat import conversation_pieces, tokenize_conversation
-from test_chat_templates import LLAMA2_TEMPLATE, _sentencepiece_tokenizer
 
 ROW = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]}
 

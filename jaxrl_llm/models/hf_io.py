@@ -14,7 +14,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from functools import partial
 from typing import Any, Protocol
@@ -28,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxrl_llm.models.config import ModelConfig, config_from_hf, config_to_hf, resolve_dtype
 from jaxrl_llm.models.params import param_specs, unflatten
 from jaxrl_llm.models.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from jaxrl_llm.models.staging import remove_leftovers, staging_folder
 from jaxrl_llm.parallel.mesh import single_device_mesh
 from jaxrl_llm.parallel.rules import ShardingRules
 
@@ -401,48 +401,49 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
         for _, path, i, _ in entries:  # the writer's gathers, in its order
             _fetch(flat[path], i)
         return None
-    parent = os.path.dirname(out_dir)
+    parent, base = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the export from everyone else
-        total = 0
-        weight_map: dict[str, str] = {}
-        for k, shard in enumerate(shards):
-            fname = ("model.safetensors" if len(shards) == 1
-                     else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
-            lookup = {e[0]: e for e in shard}
+    remove_leftovers(parent, base)  # of an export to the same place that was killed
+    with staging_folder(parent, base) as tmp:
+        try:
+            os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the export from everyone else
+            total = 0
+            weight_map: dict[str, str] = {}
+            for k, shard in enumerate(shards):
+                fname = ("model.safetensors" if len(shards) == 1
+                         else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+                lookup = {e[0]: e for e in shard}
 
-            def produce(name, lookup=lookup):
-                _, path, i, _ = lookup[name]
-                return ours_to_hf(_fetch(flat[path], i), HF_NAMES[path].n_in, HF_NAMES[path].flat).astype(out_dt)
+                def produce(name, lookup=lookup):
+                    _, path, i, _ = lookup[name]
+                    return ours_to_hf(_fetch(flat[path], i), HF_NAMES[path].n_in, HF_NAMES[path].flat).astype(out_dt)
 
-            total += write_safetensors(os.path.join(tmp, fname), [(e[0], e[3], out_dt) for e in shard],
-                                       produce, metadata={"format": "pt"})
-            weight_map.update({e[0]: fname for e in shard})
-        if len(shards) > 1:
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(hf_config, f, indent=2)
-        if generation_config is not None:
-            ids = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                   if hf_config[k] is not None}
-            with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-                json.dump({**generation_config, **ids}, f, indent=2)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        check_replaceable(out_dir, set(os.listdir(tmp)))
-        if os.path.lexists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "x"))
-            os.rename(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                total += write_safetensors(os.path.join(tmp, fname), [(e[0], e[3], out_dt) for e in shard],
+                                           produce, metadata={"format": "pt"})
+                weight_map.update({e[0]: fname for e in shard})
+            if len(shards) > 1:
+                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config, f, indent=2)
+            if generation_config is not None:
+                ids = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                       if hf_config[k] is not None}
+                with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+                    json.dump({**generation_config, **ids}, f, indent=2)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            check_replaceable(out_dir, set(os.listdir(tmp)))
+            if os.path.lexists(out_dir):
+                with staging_folder(parent, base, "old") as old:
+                    os.rename(out_dir, os.path.join(old, "x"))
+                    os.rename(tmp, out_dir)
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info("exported %s (%d tensors, %d shard(s), %.1f MB)", out_dir, len(entries), len(shards), total / 1e6)
     return out_dir
 
