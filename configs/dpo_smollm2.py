@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
         source="gsm8k_pairs", num_examples=512, val_fraction=0.0, max_len=320, overlong="drop", chat_template="",
         chat_template_kwargs="",  # JSON object of template variables, e.g. {"enable_thinking": false}
         add_eos=True,  # close learned turns with EOS when the template ends them with no special token
+        cache=True,  # keep the tokenized rows in WORKDIR/data_cache/: a resumed run does not tokenize them again
         shared_prefix=True,  # the tokens both sides start with run once per pair (data.preference)
         length_buckets=4))  # each batch padded to a rung (4 per doubling) over its longest pair
     c.dpo = ml_collections.ConfigDict(dict(

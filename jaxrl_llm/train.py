@@ -36,6 +36,7 @@ from jaxrl_llm.cli import (
 )
 from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
+from jaxrl_llm.data.cache import DataCache
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
@@ -421,7 +422,8 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()
     tokenizer = load_run_tokenizer(config)
-    examples, data_stats = algo.prepare(config, tokenizer)
+    data_cache = DataCache(os.path.join(workdir, "data_cache"), writer=jax.process_index() == 0)
+    examples, data_stats = algo.prepare(config, tokenizer, cache=data_cache)
     examples, val_examples = split_validation(examples, config.data.get("val_fraction", 0.0), config.seed)
     try:
         distributed.check_same_everywhere(f"data.source={describe_source(config.data.source)!r} (as tokenized)",
@@ -488,6 +490,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     run_meta = {"algorithm": config.algorithm, "seed": config.seed, "batch_size": B,
                 "data_rows": len(examples) + len(val_examples)}
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min", run_meta=run_meta)
+    data_cache.flush()  # the workdir is this run's now
     items, start = restore_run(ckpt, state)
     if items is not None:
         with jax.set_mesh(mesh):  # placed as a fresh run's counter: another placement compiles the step again

@@ -16,6 +16,7 @@ from jaxrl_llm.algorithms.base import Algorithm
 from jaxrl_llm.algorithms.losses import token_logprobs
 from jaxrl_llm.data.buckets import bucket_width
 from jaxrl_llm.data.bulk import from_source, tokenize_rows
+from jaxrl_llm.data.cache import DataCache, cached
 from jaxrl_llm.data.chat import (
     DataError,
     check_rendered,
@@ -23,6 +24,7 @@ from jaxrl_llm.data.chat import (
     dropped_fields,
     row_tools,
     run_template,
+    template_kwargs,
     to_conversation,
     turn_end_token,
 )
@@ -143,23 +145,35 @@ def make_sft_eval(cfg: ModelConfig, config: Any, rules: ShardingRules | None = N
     return evaluate
 
 
-def prepare(config: Any, tokenizer: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
-    """Rows -> (ids, loss_mask) per example; over-long ones truncated or dropped (counted and logged)."""
+def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
+            ) -> tuple[list[tuple[np.ndarray, np.ndarray]], dict[str, int]]:
+    """Rows -> (ids, loss_mask) per example; over-long ones truncated or dropped (counted and logged).
+    cache (the run's: its workdir's data_cache/; used unless data.cache is False): the tokens are kept there, and
+    a later start with the same data, tokenizer and settings reads them instead of tokenizing again."""
     dc = config.data
-    rows = load_rows(dc.source, dc.num_examples)
-    out, stats = [], {"rows": len(rows), "truncated": 0, "dropped": 0}
     template = run_template(dc)
     eos_id = turn_end_token(tokenizer, template, enabled=dc.get("add_eos", True))
-    dropped = dropped_fields(tokenizer, template)
-    with from_source(describe_source(dc.source)):
-        # every row's fields first (a few seconds for a million rows): a bad row anywhere in the file is said
-        # before minutes of tokenizing the rows ahead of it
-        parsed = [(*to_conversation(row, i), row_tools(row, i)) for i, row in enumerate(rows)]
-        no_reasoning = sum(check_rendered(msgs, tools, dropped, i) for i, (msgs, _, tools) in enumerate(parsed))
-        del rows
-        tokenized = tokenize_rows(tokenizer, len(parsed), lambda i: [conversation_pieces(
-            tokenizer, parsed[i][0], chat_template=template, last_assistant_only=dc.last_assistant_only, index=i,
-            context_turns=parsed[i][1], tools=parsed[i][2], eos_id=eos_id)])
+
+    def tokenize() -> tuple[list, dict[str, int]]:
+        rows = load_rows(dc.source, dc.num_examples)
+        dropped = dropped_fields(tokenizer, template)
+        with from_source(describe_source(dc.source)):
+            # every row's fields first (a few seconds for a million rows): a bad row anywhere in the file is said
+            # before minutes of tokenizing the rows ahead of it
+            parsed = [(*to_conversation(row, i), row_tools(row, i)) for i, row in enumerate(rows)]
+            no_reasoning = sum(check_rendered(msgs, tools, dropped, i) for i, (msgs, _, tools) in enumerate(parsed))
+            del rows
+            return tokenize_rows(tokenizer, len(parsed), lambda i: [conversation_pieces(
+                tokenizer, parsed[i][0], chat_template=template, last_assistant_only=dc.last_assistant_only,
+                index=i, context_turns=parsed[i][1], tools=parsed[i][2], eos_id=eos_id)]), {
+                    "rows": len(parsed), "no_reasoning": no_reasoning}
+
+    settings = {"num_examples": dc.num_examples, "template": template, "template_kwargs": template_kwargs(dc),
+                "eos_id": eos_id, "last_assistant_only": dc.last_assistant_only}
+    tokenized, info = cached(cache, dc.get("cache", True), "sft", dc.source, settings, tokenizer,
+                             tokenize)
+    no_reasoning = info["no_reasoning"]
+    out, stats = [], {"rows": info["rows"], "truncated": 0, "dropped": 0}
     for ((ids, mask),) in tokenized:
         cut = len(ids) > dc.max_len
         if cut:

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxrl_llm.data.buckets import bucket_width
 from jaxrl_llm.data.bulk import from_source, tokenize_rows
+from jaxrl_llm.data.cache import DataCache, cached
 from jaxrl_llm.data.chat import (
     DataError,
     Pieces,
@@ -30,6 +31,7 @@ from jaxrl_llm.data.chat import (
     response_after,
     row_tools,
     run_template,
+    template_kwargs,
     tokenize_pieces,
     turn_end_token,
 )
@@ -274,28 +276,39 @@ def share_prefixes(pairs: list[PreferencePair], max_len: int, multiple: int = 8)
 
 
 # ---------------------------------------------------------------------------------------------- prepare/collate
-def prepare(config: Any, tokenizer: Any) -> tuple[list[PreferencePair] | list[SharedPair], dict[str, int]]:
+def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
+            ) -> tuple[list[PreferencePair] | list[SharedPair], dict[str, int]]:
     """Rows -> tokenized pairs. A pair longer than data.max_len on either side is cut to it
     (data.overlong='truncate') or dropped ('drop'). A cut pair is dropped too when a side has no response
     token left or when chosen and rejected became identical (their difference was cut off).
     With data.shared_prefix (default on) the pairs come as `SharedPair`s when that runs fewer tokens
-    (`share_prefixes`): the tokens both sides start with then run through the model once per pair."""
+    (`share_prefixes`): the tokens both sides start with then run through the model once per pair.
+    cache: as `sft.prepare`'s (the tokens kept for a later start, `data.cache`)."""
     dc = config.data
-    rows = load_preference_rows(dc.source, dc.num_examples)
-    out: list[PreferencePair] = []
-    stats = {"rows": len(rows), "truncated": 0, "dropped": 0}
     template = run_template(dc)
     eos_id = turn_end_token(tokenizer, template, enabled=dc.get("add_eos", True))
-    dropped = dropped_fields(tokenizer, template)
-    with from_source(describe_source(dc.source)):
-        # every row's fields first: a bad row anywhere is said before minutes of tokenizing the rows ahead of it
-        parsed = [(*to_preference(row, i), row_tools(row, i)) for i, row in enumerate(rows)]
-        left_out = sum(check_rendered([*p, *c, *r], tools, dropped, i) for i, (p, c, r, tools) in enumerate(parsed))
-        if left_out:
-            stats["reasoning_left_out"] = left_out
-        del rows
-        sides = tokenize_rows(tokenizer, len(parsed), lambda i: pair_pieces(
-            tokenizer, *parsed[i][:3], chat_template=template, index=i, eos_id=eos_id, tools=parsed[i][3]), "pairs")
+
+    def tokenize() -> tuple[list, dict[str, int]]:
+        rows = load_preference_rows(dc.source, dc.num_examples)
+        dropped = dropped_fields(tokenizer, template)
+        with from_source(describe_source(dc.source)):
+            # every row's fields first: a bad row anywhere is said before minutes of tokenizing the rows ahead of it
+            parsed = [(*to_preference(row, i), row_tools(row, i)) for i, row in enumerate(rows)]
+            left_out = sum(check_rendered([*p, *c, *r], tools, dropped, i)
+                           for i, (p, c, r, tools) in enumerate(parsed))
+            del rows
+            return tokenize_rows(tokenizer, len(parsed), lambda i: pair_pieces(
+                tokenizer, *parsed[i][:3], chat_template=template, index=i, eos_id=eos_id, tools=parsed[i][3]),
+                "pairs"), {"rows": len(parsed), "reasoning_left_out": left_out}
+
+    settings = {"num_examples": dc.num_examples, "template": template, "template_kwargs": template_kwargs(dc),
+                "eos_id": eos_id}
+    sides, info = cached(cache, dc.get("cache", True), "pairs", dc.source, settings, tokenizer,
+                         tokenize)
+    out: list[PreferencePair] = []
+    stats = {"rows": info["rows"], "truncated": 0, "dropped": 0}
+    if info["reasoning_left_out"]:
+        stats["reasoning_left_out"] = info["reasoning_left_out"]
     for chosen, rejected in sides:
         pair = PreferencePair(*chosen, *rejected)
         cut = max(len(pair.chosen_ids), len(pair.rejected_ids)) > dc.max_len
