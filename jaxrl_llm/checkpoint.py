@@ -132,15 +132,16 @@ class Checkpointer:
         checkpoint, which Orbax's write-then-rename leaves restorable."""
         try:
             yield
-        except Exception as e:  # noqa: BLE001
-            failed, self._pending = self._pending, None
+        except (OSError, ValueError, RuntimeError) as e:  # (what Orbax and tensorstore raise for a failed write;
+            failed, self._pending = self._pending, None    # a bug's TypeError or KeyError keeps its traceback)
             done = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(
                 self.directory) else []
             detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             last = (f"the last complete checkpoint is step {done[-1]}: the same command resumes from it"
                     if done else "no complete checkpoint is on disk")
-            raise CheckpointError(f"{self.directory}/{failed}: the checkpoint could not be saved ({detail}); {last} "
-                                  "(once the cause is fixed: free space if the disk is full)") from None
+            full = any(m in detail for m in ("No space left", "RESOURCE_EXHAUSTED", "Disk quota", "os_error_code='28'"))
+            raise CheckpointError(f"{self.directory}/{failed}: the checkpoint could not be saved ({detail}); {last}"
+                                  + (" once there is room on the disk" if full else "")) from None
 
     def restore(self, targets: dict[str, Any], step: int | None = None) -> tuple[dict[str, Any], dict[str, Any], int]:
         """(items laid out like `targets` — shapes, dtypes, shardings —, meta, step). `targets` may name a

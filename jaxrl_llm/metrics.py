@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import struct
 import sys
 import time
 from typing import Any
@@ -80,48 +81,54 @@ class MetricsWriter:
               f"eta {eta:.0f}s", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        from jaxrl_llm.workdir import close_all
+
+        close_all(self._tb and self._tb.close, self._wandb and self._wandb.finish)
 
 
 class EventFile:
-    """TensorBoard scalars written by the caller's thread into one event file (tensorboardX's record format),
-    flushed at most every `flush_s` seconds and at close. tensorboardX's own SummaryWriter writes from a thread of
-    its own: when a write fails there (a full disk) that thread dies, its bounded queue fills, and the next
-    add_scalar blocks forever, a run hung with no error that a scheduler's SIGTERM cannot stop at a step. Here
-    the error reaches the run: an OSError naming the file.
+    """TensorBoard scalars written by the caller's thread into one event file (TFRecord framing of `Event` protos,
+    as tensorboardX writes them): handed to the OS at every write (TensorBoard reads them at once, and a killed
+    run keeps them), fsynced at most every `flush_s` seconds and at close. tensorboardX's own SummaryWriter
+    writes from a thread of its own: when a write fails there (a full disk) that thread dies, its bounded queue
+    fills, and the next add_scalar blocks forever, a run hung with no error that a scheduler's SIGTERM cannot
+    stop at a step. Here the error reaches the run: an OSError naming the file.
 
     purge_step: a resumed run logs its steps after the checkpoint again, and TensorBoard drops the earlier run's
     events from that step on instead of drawing both (a SessionLog START at it, as SummaryWriter(purge_step=)
-    writes). Files are named by the second they open in; `filename_suffix` keeps a restart within it from
-    overwriting."""
+    writes). Files are named as tensorboardX names them, by the second they open in; `filename_suffix` keeps a
+    restart within it from overwriting."""
 
     def __init__(self, logdir: str, purge_step: int | None = None, filename_suffix: str = "",
                  flush_s: float = 10.0) -> None:
-        from tensorboardX.event_file_writer import EventsWriter
+        import socket
 
-        os.makedirs(logdir, exist_ok=True)
-        self.flush_s, self._last_flush = flush_s, time.monotonic()
-        self._events = self._guard(lambda: EventsWriter(os.path.join(logdir, "events"), filename_suffix), logdir)
-        self.path = self._events._file_name
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        self.path = os.path.join(logdir, f"events.out.tfevents.{str(time.time())[:10]}.{socket.gethostname()}"
+                                         f"{filename_suffix}")
+        self.flush_s, self._last_sync = flush_s, time.monotonic()
+        self._f = self._guard(lambda: (os.makedirs(logdir, exist_ok=True), open(self.path, "ab"))[1])
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
         if purge_step is not None:
-            from tensorboardX.proto.event_pb2 import Event, SessionLog
-
             self._write(Event(step=purge_step, file_version="brain.Event:2"))
             self._write(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+        self._guard(self._f.flush)
 
-    @staticmethod
-    def _guard(fn, path):
+    def _guard(self, fn):
         try:
             return fn()
         except OSError as e:
-            raise OSError(e.errno, f"{e.strerror} (writing TensorBoard events)", path) from None
+            raise OSError(e.errno, f"{e.strerror} (writing TensorBoard events)", self.path) from None
 
     def _write(self, event) -> None:
+        from tensorboardX.record_writer import masked_crc32c
+
         event.wall_time = event.wall_time or time.time()
-        self._guard(lambda: self._events.write_event(event), self.path)
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        record = header + struct.pack("<I", masked_crc32c(header)) + data + struct.pack("<I", masked_crc32c(data))
+        self._guard(lambda: self._f.write(record))
 
     def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
         from tensorboardX.proto.event_pb2 import Event
@@ -129,15 +136,24 @@ class EventFile:
 
         for k, v in scalars.items():
             self._write(Event(summary=scalar(k, float(v)), step=int(step)))
-        if time.monotonic() - self._last_flush >= self.flush_s:
-            self.flush()
+        self._guard(self._f.flush)
+        if time.monotonic() - self._last_sync >= self.flush_s:
+            self.sync()
 
-    def flush(self) -> None:
-        self._guard(self._events.flush, self.path)
-        self._last_flush = time.monotonic()
+    def sync(self) -> None:
+        self._guard(lambda: os.fsync(self._f.fileno()))
+        self._last_sync = time.monotonic()
 
     def close(self) -> None:
-        self._guard(self._events.close, self.path)
+        if not self._f.closed:
+            try:
+                self._guard(self._f.flush)
+                self.sync()
+            finally:
+                try:
+                    self._f.close()
+                except OSError:  # (what the flush above could not write; it raised already)
+                    pass
 
 
 def _bar(step: int, total: int, width: int = 20) -> str:

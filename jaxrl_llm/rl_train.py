@@ -451,6 +451,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules)
     last: dict[str, Any] = {}
     stop = StopOnSigterm().start()
+    # (the validation's environment has worker processes of its own)
+    closers = (stop.close, ckpt.close, writer.close, *(getattr(o, "close", None) for o in (env, evaluator)))
     try:
         for step in range(start, config.max_steps):
             state, m = runner.step(state, ref_params, step)
@@ -463,8 +465,10 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             check_best_metric(config, val)
             meta = {"step": done, **run_meta, "data_position": done, "prompt_batches": runner.position, **val}
             checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
-    finally:  # (the validation's environment has worker processes of its own)
-        close_all(stop.close, ckpt.close, writer.close, *(getattr(o, "close", None) for o in (env, evaluator)))
+    except BaseException:  # the error that stopped the run is the one to say, not one from closing after it
+        close_all(*closers, after_error=True)
+        raise
+    close_all(*closers)
     if config.export_hf:  # every process takes part in the gather; process 0 writes
         require_finite({"params": state["params"]}, "the HF export is not written")
         out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer,

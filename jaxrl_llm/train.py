@@ -529,8 +529,10 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             meta = {"step": done, **run_meta, "data_position": done * B, **val}
             checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
             t_last = time.time()
-    finally:
-        close_all(stop.close, ckpt.close, writer.close)
+    except BaseException:  # the error that stopped the run is the one to say, not one from closing after it
+        close_all(stop.close, ckpt.close, writer.close, after_error=True)
+        raise
+    close_all(stop.close, ckpt.close, writer.close)
     if config.export_hf:  # every process takes part in the gather; process 0 writes
         require_finite({"params": state["params"]}, "the HF export is not written")
         out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer,

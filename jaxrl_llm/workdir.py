@@ -233,9 +233,10 @@ def record_run_config(workdir: str, config: dict[str, Any], start_step: int) -> 
     return changes
 
 
-def close_all(*closers) -> None:
+def close_all(*closers, after_error: bool = False) -> None:
     """Call every closer (None: skipped), each even when one before it raised; then raise the first error. A run's
-    end (a final save failing on a full disk, say) must still stop its reward workers and close its files."""
+    end (a final save failing on a full disk, say) must still stop its reward workers and close its files.
+    after_error: the run is already stopping on an error (the one to say): the closers' errors are logged only."""
     first: BaseException | None = None
     for close in closers:
         if close is None:
@@ -243,7 +244,7 @@ def close_all(*closers) -> None:
         try:
             close()
         except BaseException as e:  # noqa: BLE001 (raised below, after the others are closed)
-            if first is None:
+            if first is None and not after_error:
                 first = e
             else:
                 log.warning("while closing after an error: %s: %s", type(e).__name__, e)

@@ -72,9 +72,8 @@ def test_a_full_disk_under_tensorboard_is_an_error_naming_the_file_not_a_hang(tm
     at a step."""
     w = MetricsWriter(str(tmp_path), 100, console_keys=())
     w.write(1, {"loss": 1.0})
-    records = w._tb._events._py_recordio_writer
-    records._writer.close()
-    records._writer = open("/dev/full", "wb", buffering=0)  # every write from now on: ENOSPC
+    w._tb._f.close()
+    w._tb._f = open("/dev/full", "wb")  # every write from now on: ENOSPC
 
     def log_steps():
         for step in range(2, 40):
@@ -83,7 +82,7 @@ def test_a_full_disk_under_tensorboard_is_an_error_naming_the_file_not_a_hang(tm
     kind, e = _in_thread(log_steps)
     assert kind == "raised" and isinstance(e, OSError) and e.errno == errno.ENOSPC, e
     assert e.filename == w._tb.path and "TensorBoard" in str(e)
-    records._writer = open(tmp_path / "sink", "wb")  # room again, for close()
+    w._tb._f = open(tmp_path / "sink", "wb")  # room again, for close()
     w.close()
 
 
@@ -257,10 +256,10 @@ def test_export_refuses_the_runs_own_folders_and_says_a_full_disk(tmp_path, monk
 
 def test_a_killed_exports_hidden_folders_are_removed_and_a_live_ones_kept(tmp_path):
     parent = str(tmp_path)
-    os.makedirs(tmp_path / ".hf.tmp-dead1" / "sub")
-    (tmp_path / ".hf.tmp-dead1" / "sub" / "model.safetensors").write_bytes(b"x" * 1000)
-    os.makedirs(tmp_path / ".hf.old-dead2")
-    os.makedirs(tmp_path / ".hf2.tmp-other")  # another export's name: not ours
+    os.makedirs(tmp_path / ".hf.tmp-dead1234" / "sub")
+    (tmp_path / ".hf.tmp-dead1234" / "sub" / "model.safetensors").write_bytes(b"x" * 1000)
+    os.makedirs(tmp_path / ".hf.old-dead5678")
+    os.makedirs(tmp_path / ".hf2.tmp-other123")  # another export's name: not ours
     os.makedirs(tmp_path / "hf")
     with staging_folder(parent, "hf") as live:  # an export writing now (its lock held)
         assert os.path.basename(live).startswith(".hf.tmp-")
@@ -269,6 +268,111 @@ def test_a_killed_exports_hidden_folders_are_removed_and_a_live_ones_kept(tmp_pa
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.close(fd)
         removed = remove_leftovers(parent, "hf")
-        assert sorted(os.path.basename(p) for p in removed) == [".hf.old-dead2", ".hf.tmp-dead1"]
-        assert sorted(os.listdir(parent)) == sorted([".hf2.tmp-other", "hf", os.path.basename(live)])
+        assert sorted(os.path.basename(p) for p in removed) == [".hf.old-dead5678", ".hf.tmp-dead1234"]
+        assert sorted(os.listdir(parent)) == sorted([".hf2.tmp-other123", "hf", os.path.basename(live)])
     assert remove_leftovers(parent, "hf") == [live]  # once its writer is gone
+
+
+# ------------------------------------------------------------------------------ found by a review of the above
+def _steps_on_disk(workdir) -> list[int]:
+    (name,) = os.listdir(os.path.join(workdir, "tensorboard"))
+    return sorted({e.step for e in _events(os.path.join(workdir, "tensorboard", name)) for _ in e.summary.value})
+
+
+def test_tensorboard_scalars_reach_the_file_when_written(tmp_path):
+    """Handed to the OS at each write (fsync only every 10 s): TensorBoard shows them at once and a SIGKILL keeps
+    them, as tensorboardX's thread, which flushed within 10 s whatever the run did next."""
+    w = MetricsWriter(str(tmp_path), 100, console_keys=())
+    w.write(10, {"loss": 1.0})
+    w.write(20, {"loss": 0.5})
+    try:
+        assert _steps_on_disk(tmp_path) == [10, 20]
+    finally:
+        w.close()
+
+
+def test_a_tensorboard_close_that_fails_still_finishes_the_wandb_run(tmp_path):
+    finished = []
+
+    class Run:
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            finished.append(True)
+
+    w = MetricsWriter(str(tmp_path), 100, console_keys=())
+    w._wandb = Run()
+    w.write(1, {"loss": 1.0})
+    w._tb._f.close()
+    w._tb._f = open("/dev/full", "wb")
+    with pytest.raises(OSError):
+        w.write(2, {"loss": 1.0})
+    with pytest.raises(OSError):
+        w.close()
+    assert finished == [True]
+
+
+def test_an_error_while_closing_does_not_replace_the_one_that_stopped_the_run(tmp_path, monkeypatch, caplog):
+    """A run stopped by a NaN whose checkpoint close then fails (a full disk): the NaN is what the user is told;
+    the close error is logged."""
+    from recipes import SFT_ONE_STEP, recipe
+
+    def nan(step, m, ckpt):
+        raise FloatingPointError(f"step {step}: loss is nan (not finite)")
+
+    def full(self):
+        raise CheckpointError("checkpoints/1: the checkpoint could not be saved (No space left on device)")
+
+    monkeypatch.setattr(train, "check_step_finite", nan)
+    monkeypatch.setattr(Checkpointer, "close", full)
+    with caplog.at_level("WARNING"), pytest.raises(FloatingPointError, match="step 1: loss is nan"):
+        train.run(recipe("sft_tiny", SFT_ONE_STEP), str(tmp_path / "run"))
+    assert "while closing after an error: CheckpointError: checkpoints/1: the checkpoint could not" in caplog.text
+    with pytest.raises(OSError, match="disk full"):  # with no error before it, a closer's error is raised
+        close_all(lambda: (_ for _ in ()).throw(OSError("disk full")))
+
+
+def test_a_staging_folder_cannot_be_removed_before_its_writer_locks_it(tmp_path, monkeypatch):
+    """Another export to the same --out running remove_leftovers between the folder's creation and its lock."""
+    from jaxrl_llm.models import staging
+
+    parent = str(tmp_path)
+    real_lock, other = staging._try_lock, []
+
+    def another_export_cleans_up_first(path):
+        if not other:
+            other.append(staging.remove_leftovers(parent, "hf"))
+        return real_lock(path)
+
+    monkeypatch.setattr(staging, "_try_lock", another_export_cleans_up_first)
+    with staging.staging_folder(parent, "hf") as tmp:
+        assert os.path.isdir(tmp) and other == [[]]
+    os.makedirs(tmp_path / ".hf.old-backup")  # a user's own folder: not one mkdtemp names
+    monkeypatch.setattr(staging, "_try_lock", real_lock)
+    assert staging.remove_leftovers(parent, "hf") == [tmp]
+    assert os.path.isdir(tmp_path / ".hf.old-backup")
+
+
+def test_a_jsonl_file_with_cr_line_endings_reads_as_before(tmp_path):
+    from jaxrl_llm.data.sources import read_jsonl
+
+    path = tmp_path / "cr.jsonl"
+    path.write_bytes(b'{"a": 1}\r{"a": 2}\r\n\r\n{"a": 3}\n')
+    assert read_jsonl(str(path)) == [{"a": 1}, {"a": 2}, {"a": 3}]
+    path.write_bytes(b'{"a": 1}\r{"a": \r')
+    with pytest.raises(Exception, match="line 2 is not valid JSON"):
+        read_jsonl(str(path))
+
+
+def test_a_bug_in_a_save_keeps_its_traceback(tmp_path, monkeypatch):
+    ckpt = _ckpt(tmp_path)
+
+    def bug(*a, **k):
+        raise TypeError("Object of type set is not JSON serializable")
+
+    monkeypatch.setattr(ckpt._mngr, "save", bug)
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        ckpt.maybe_save(1, ITEMS, {"step": 1})
+    monkeypatch.undo()
+    ckpt.close()

@@ -64,7 +64,7 @@ def _jsonl_rows(path: str, limit: int = -1) -> tuple[list[Any], bool]:
     """(rows, whether a row was left unread after `limit` of them)."""
     rows: list[Any] = []
     with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
-        for i, raw in enumerate(f):
+        for i, raw in enumerate(piece for line in f for piece in line.splitlines()):  # \n, \r\n or a lone \r
             if not raw.strip():
                 continue
             if 0 < limit <= len(rows):

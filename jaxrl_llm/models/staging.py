@@ -41,7 +41,7 @@ def _size(path: str) -> int:
 
 def remove_leftovers(parent: str, name: str) -> list[str]:
     """Remove `.name.tmp-*` / `.name.old-*` folders in `parent` that no live export holds; returns their paths."""
-    pattern = re.compile(rf"\.{re.escape(name)}\.(tmp|old)-[A-Za-z0-9_]+")
+    pattern = re.compile(rf"\.{re.escape(name)}\.(tmp|old)-[a-z0-9_]{{8}}")  # mkdtemp's names only
     removed = []
     for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
         path = os.path.join(parent, entry)
@@ -63,8 +63,10 @@ def remove_leftovers(parent: str, name: str) -> list[str]:
 @contextlib.contextmanager
 def staging_folder(parent: str, name: str, kind: str = "tmp") -> Iterator[str]:
     """A new hidden folder `.name.kind-XXXX` in `parent`, locked while the block runs (see the module doc)."""
-    path = tempfile.mkdtemp(prefix=f".{name}.{kind}-", dir=parent)
-    fd = _try_lock(path)
+    new = tempfile.mkdtemp(prefix=f".{name}.new-", dir=parent)  # a name remove_leftovers leaves alone
+    fd = _try_lock(new)
+    path = os.path.join(parent, f".{name}.{kind}-{os.path.basename(new)[len(name) + 6:]}")
+    os.rename(new, path)  # seen by remove_leftovers only once locked (the lock goes with the folder)
     try:
         yield path
     finally:
