@@ -10,6 +10,7 @@ import runpy
 
 import numpy as np
 import pytest
+from tb_events import read_events
 
 from jaxrl_llm import evaluate, train
 from jaxrl_llm.metrics import MetricsWriter
@@ -74,22 +75,6 @@ def test_eval_prompt_too_long_names_the_settings(tmp_path):
     assert not (tmp_path / "r.json").exists()
 
 
-def _events(folder):
-    import struct
-
-    from tensorboardX.proto import event_pb2
-
-    out = []
-    for name in sorted(os.listdir(folder)):
-        data = (folder / name).read_bytes()
-        i = 0
-        while i < len(data):
-            (n,) = struct.unpack("<Q", data[i:i + 8])
-            out.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
-            i += 12 + n + 4
-    return out
-
-
 def test_tensorboard_events_of_a_resume_purge_the_steps_logged_again(tmp_path):
     """A resumed run logs the steps after its checkpoint again: TensorBoard drew both; a run that starts over (no
     checkpoint) added its events to the earlier run's. Now: a purge from the first step logged again, and a fresh
@@ -104,12 +89,12 @@ def test_tensorboard_events_of_a_resume_purge_the_steps_logged_again(tmp_path):
     w.write(3, {"loss": 0.3})
     w.close()
     start = event_pb2.SessionLog.START
-    purges = [ev.step for ev in _events(tmp_path / "tensorboard") if ev.session_log.status == start]
+    purges = [ev.step for ev in read_events(tmp_path / "tensorboard") if ev.session_log.status == start]
     assert purges == [3]
     w = MetricsWriter(str(tmp_path), 4)  # a run from step 0 in the same folder
     w.close()
-    assert len([e for e in _events(tmp_path / "tensorboard.1.old") if e.summary.value]) == 4
-    assert not [e for e in _events(tmp_path / "tensorboard") if e.summary.value]
+    assert len([e for e in read_events(tmp_path / "tensorboard.1.old") if e.summary.value]) == 4
+    assert not [e for e in read_events(tmp_path / "tensorboard") if e.summary.value]
 
 
 def test_python_m_rl_train_names_the_command_that_runs_grpo():

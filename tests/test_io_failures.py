@@ -9,11 +9,11 @@ import errno
 import fcntl
 import json
 import os
-import struct
 import threading
 
 import jax.numpy as jnp
 import pytest
+from tb_events import read_events
 
 from jaxrl_llm import cli, export, train
 from jaxrl_llm.checkpoint import Checkpointer
@@ -23,25 +23,13 @@ from jaxrl_llm.models.staging import remove_leftovers, staging_folder
 from jaxrl_llm.workdir import close_all, replace_folder
 
 
-def _events(path) -> list:
-    """The Event protos of a TensorBoard file, read with the record format written out (length, crc, data, crc)."""
-    from tensorboardX.proto import event_pb2
-
-    data, out, i = open(path, "rb").read(), [], 0
-    while i < len(data):
-        (n,) = struct.unpack("<Q", data[i:i + 8])
-        out.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
-        i += 12 + n + 4
-    return out
-
-
 def test_tensorboard_events_are_written_and_a_resume_purges_later_steps(tmp_path):
     w = MetricsWriter(str(tmp_path), 10, start_step=4, console_keys=())
     w.write(5, {"loss": 1.5, "lr": 0.1, "note": "text"})
     w.write(6, {"loss": 1.25})
     w.close()
     (name,) = os.listdir(tmp_path / "tensorboard")
-    events = _events(tmp_path / "tensorboard" / name)
+    events = read_events(tmp_path / "tensorboard" / name)
     assert events[0].file_version == "brain.Event:2"
     assert [(e.step, e.session_log.status) for e in events if e.HasField("session_log")] == [(5, 1)]  # START at 5
     scalars = [(e.step, v.tag, v.simple_value) for e in events for v in e.summary.value]
@@ -276,7 +264,7 @@ def test_a_killed_exports_hidden_folders_are_removed_and_a_live_ones_kept(tmp_pa
 # ------------------------------------------------------------------------------ found by a review of the above
 def _steps_on_disk(workdir) -> list[int]:
     (name,) = os.listdir(os.path.join(workdir, "tensorboard"))
-    return sorted({e.step for e in _events(os.path.join(workdir, "tensorboard", name)) for _ in e.summary.value})
+    return sorted({e.step for e in read_events(os.path.join(workdir, "tensorboard", name)) for _ in e.summary.value})
 
 
 def test_tensorboard_scalars_reach_the_file_when_written(tmp_path):
