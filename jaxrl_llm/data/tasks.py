@@ -42,7 +42,7 @@ import numpy as np
 
 from jaxrl_llm.data.ascii_math import ascii_math_to_latex
 from jaxrl_llm.data.chat import DataError, present_fields
-from jaxrl_llm.data.sources import _package_file, load_rows, read_jsonl
+from jaxrl_llm.data.sources import _package_file, _read_json_rows, load_rows, read_jsonl
 from jaxrl_llm.environments.base import Task
 from jaxrl_llm.environments.procedural import reasoning_gym_tasks
 
@@ -223,20 +223,14 @@ def _guess_tasks(num: int, seed: int, system_prompt: str | None, instruction: st
             for i, s in enumerate(secrets)]
 
 
-def _file_rows(path: str) -> list[Any]:
+def _file_rows(path: str, limit: int = -1) -> list[Any]:
+    """A .jsonl's first `limit` rows (all when <= 0; the lines after them not read), or a .json's rows in any
+    layout `load_rows` reads (a list, an object of columns, JSON Lines); not UTF-8: a DataError naming the file."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
     if path.lower().endswith(".jsonl"):
-        return read_jsonl(path)
-    with open(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); use .jsonl for one row a line") \
-                from e
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    return data
+        return read_jsonl(path, limit)
+    return _read_json_rows(path)
 
 
 def _row_messages(path: str, i: int, row: dict[str, Any], system_prompt: str | None,
@@ -288,7 +282,7 @@ def _local_tasks(source: Any, num: int, seed: int, shuffle: bool, system_prompt:
                  instruction: str | None) -> list[Task]:
     """Tasks from a .json/.jsonl file (read as written), a .parquet/.csv file or a datasets.Dataset."""
     if isinstance(source, str) and source.lower().endswith((".json", ".jsonl")):
-        path, rows = source, _file_rows(source)
+        path, rows = source, _file_rows(source, -1 if shuffle else num)
     else:
         rows = load_rows(source)
         path = source if isinstance(source, str) else f"<datasets.Dataset of {len(rows)} rows>"
