@@ -176,6 +176,24 @@ def test_chunks_equal_one_batch(llama):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
 
+def test_a_long_generate_says_how_far_it_is(llama, monkeypatch, caplog):
+    """A line per chunk once chunks take longer than the progress interval (30 s; 0 here): a large evaluation
+    said nothing between its task count and its table."""
+    import sys
+
+    from jaxrl_llm.data import bulk
+
+    _, cfg, params = llama
+    module = sys.modules["jaxrl_llm.sampling.generate"]
+    monkeypatch.setattr(module, "Progress", lambda n, what, verb: bulk.Progress(n, what, every_s=0.0, verb=verb))
+    sp = sampling.SamplingParams(max_new_tokens=4)
+    with caplog.at_level("INFO", logger="jaxrl_llm.data.bulk"):
+        sampling.generate(cfg, params, make_prompts((5, 11, 3, 8, 6), seed=5), sp, jax.random.key(1), max_batch_size=2)
+    lines = [r.getMessage().split(" (")[0] for r in caplog.records]
+    assert lines[:3] == [f"sampling: generated for {k} of 5 prompts" for k in (2, 4, 5)], lines
+    assert len(lines) == 4 and lines[3].startswith("sampling: generated for 5 prompts in "), lines
+
+
 def test_phase_timings_are_disjoint(llama, monkeypatch):
     """stats: prefill, decode-layout and decode seconds time disjoint parts of the call (the decode layout is not
     also counted as prefill), so their sum stays within the call's wall time and tokens_per_second is right."""

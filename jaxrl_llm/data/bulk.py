@@ -22,13 +22,13 @@ log = logging.getLogger(__name__)
 
 
 class Progress:
-    """`tick(done)` after each item: every `every_s` seconds a line "data: tokenized 12000 of 100000 rows (1650
-    rows/s, about 53 s left)"; `finish()` a last one when anything was said before it (so a short run says
-    nothing)."""
+    """`tick(done)` after each item: every `every_s` seconds a line "<verb> 12000 of 100000 rows (1650 rows/s, about
+    53 s left)" (verb "data: tokenized"; the sampler's "sampling: generated for"); `finish()` a last one when
+    anything was said before it (so a short run says nothing)."""
 
     def __init__(self, total: int, what: str = "rows", every_s: float = 30.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.total, self.what, self.every_s, self.clock = total, what, every_s, clock
+                 clock: Callable[[], float] = time.monotonic, verb: str = "data: tokenized") -> None:
+        self.total, self.what, self.every_s, self.clock, self.verb = total, what, every_s, clock, verb
         self.start = self.last = clock()
         self.said = False
 
@@ -38,13 +38,13 @@ class Progress:
             return
         self.last, self.said = now, True
         rate = done / max(now - self.start, 1e-9)
-        log.info("data: tokenized %d of %d %s (%.0f %s/s, about %.0f s left)", done, self.total, self.what, rate,
+        log.info("%s %d of %d %s (%.0f %s/s, about %.0f s left)", self.verb, done, self.total, self.what, rate,
                  self.what, (self.total - done) / max(rate, 1e-9))
 
     def finish(self) -> None:
         if self.said:
             took = self.clock() - self.start
-            log.info("data: tokenized %d %s in %.0f s (%.0f %s/s)", self.total, self.what, took,
+            log.info("%s %d %s in %.0f s (%.0f %s/s)", self.verb, self.total, self.what, took,
                      self.total / max(took, 1e-9), self.what)
 
 

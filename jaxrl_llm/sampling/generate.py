@@ -19,6 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxrl_llm.data.bulk import Progress
 from jaxrl_llm.distributed import put_global, to_host
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.params import as_prng_key, check_params, param_shardings
@@ -238,6 +239,7 @@ def generate(
     logprobs: list[list[float]] = [[] for _ in range(n)]
     reasons = [""] * n
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+    progress = Progress(n, "prompts", verb="sampling: generated for")  # a line every 30 s when chunks take that long
     with ctx:
         for c0 in range(0, n, chunk):
             idx = order[c0:c0 + chunk]
@@ -282,6 +284,8 @@ def generate(
                 tokens[i] = tok_BN[r, :k].tolist()
                 logprobs[i] = lp_BN[r, :k].tolist()
                 reasons[i] = "stop" if stopped_B[r] else "length"
+            progress.tick(c0 + len(idx))
+    progress.finish()
     n_gen = sum(len(t) for t in tokens)
     stats["compiles"] = loop.compile_count() - traces_before
     stats["generated_tokens"] = n_gen
