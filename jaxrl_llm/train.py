@@ -36,7 +36,7 @@ from jaxrl_llm.cli import (
 )
 from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
-from jaxrl_llm.data.cache import DataCache
+from jaxrl_llm.data.cache import DataCache, source_digest
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
@@ -124,6 +124,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules,
 # template may render today's date (Llama 3.2), and reasoning-gym tasks vary with Python's hash seed.
 _RESUME_NAMES = {"batch_size": "train.batch_size",
                  "data_rows": "the number of data rows (data.source after tokenization, truncation and drops)",
+                 "data_digest": "the data (data.source's content: its file's SHA-256, or a Dataset's fingerprint)",
                  "num_prompts": "rollout.num_prompts", "group_size": "rollout.group_size", "epochs": "grpo.epochs",
                  "prompts_per_round": "the prompts of each generation round (rollout.num_prompts, times "
                                       "grpo.batch_multiplier with grpo.dynamic_sampling)"}
@@ -487,8 +488,9 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         return {f"val_{k}": v / max(count, 1.0) for k, v in sums.items()}
 
     is_main = jax.process_index() == 0
+    digest = source_digest(config.data.source)  # (the rows' content: a row edited between starts is refused too)
     run_meta = {"algorithm": config.algorithm, "seed": config.seed, "batch_size": B,
-                "data_rows": len(examples) + len(val_examples)}
+                "data_rows": len(examples) + len(val_examples), "data_digest": digest and digest[:21]}
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min", run_meta=run_meta)
     data_cache.flush()  # the workdir is this run's now
     items, start = restore_run(ckpt, state)

@@ -76,6 +76,22 @@ def _run_files(workdir) -> dict[str, bytes]:
     return out
 
 
+def test_a_data_file_edited_between_starts_is_refused(tmp_path):
+    """The same number of rows with other content: the row count alone let it resume on other data."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                          {"role": "assistant", "content": f"It is {2 * i}."}]} for i in range(16)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    over = {**SFT, "data.source": str(path), "data.num_examples": -1}
+    wd = str(tmp_path / "run")
+    train.run(recipe("sft_tiny", over), wd)
+    path.write_text(path.read_text().replace("What is 3+3?", "What is 3+4?"))
+    with pytest.raises(train.ConfigError, match=r"the data \(data.source's content.*\): 'file:[0-9a-f]{16}' there, "
+                                                r"'file:[0-9a-f]{16}' now"):
+        train.run(recipe("sft_tiny", {**over, "max_steps": 2}), wd)
+    assert _steps(wd) == [1]
+
+
 def test_a_workdir_of_another_algorithm_is_refused(sft_run):
     """An SFT workdir resumed by GRPO loaded the SFT weights as its policy with a freshly built reference. A
     refused run leaves the folder as it was: the reward model's run wrote its model_config.json (a score head)

@@ -49,15 +49,22 @@ def _tokenizer_digest(tokenizer: Any) -> str | None:
     return h.hexdigest()
 
 
-def cache_key(kind: str, source: Any, settings: dict[str, Any], tokenizer: Any) -> str | None:
-    """The key of `kind`'s tokens of `source` under `settings` and `tokenizer`, or None when they are not cached."""
+def source_digest(source: Any) -> str | None:
+    """What a data source holds, as a string that changes when any of it does: "file:<SHA-256 of its bytes>" or
+    "dataset:<fingerprint>" (a datasets.Dataset); None for a builtin name."""
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     if isinstance(source, str) and os.path.isfile(source):
-        data = "file:" + _file_digest(source)
-    elif hasattr(source, "_fingerprint") and hasattr(source, "num_rows"):
-        data = f"dataset:{source._fingerprint}"
-    else:
+        return "file:" + _file_digest(source)
+    if hasattr(source, "_fingerprint") and hasattr(source, "num_rows"):
+        return f"dataset:{source._fingerprint}"
+    return None
+
+
+def cache_key(kind: str, source: Any, settings: dict[str, Any], tokenizer: Any) -> str | None:
+    """The key of `kind`'s tokens of `source` under `settings` and `tokenizer`, or None when they are not cached."""
+    data = source_digest(source)
+    if data is None:
         return None
     tok = _tokenizer_digest(tokenizer)
     if tok is None:
