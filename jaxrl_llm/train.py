@@ -132,9 +132,16 @@ _RESUME_NAMES = {"batch_size": "train.batch_size",
 
 def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
     """ConfigError naming every setting in `now` that differs from the checkpoint's meta `saved` (settings that
-    an older checkpoint did not record are not compared)."""
+    an older checkpoint did not record are not compared). Other rows of the same count (an edited file, another
+    Dataset) are allowed, as a changed data.source path is, and logged: the run goes on from its data position
+    over the new rows."""
+    digest = now.get("data_digest")
+    if saved.get("data_digest") not in (None, digest):
+        log.warning("resuming on other data than the checkpoint's (%s: %r there, %r now): the same number of rows, "
+                    "so the run goes on from its data position over the new rows", _RESUME_NAMES["data_digest"],
+                    saved["data_digest"], digest)
     changed = [f"{_RESUME_NAMES.get(k, k)}: {saved[k]!r} there, {v!r} now" for k, v in now.items()
-               if k in saved and saved[k] != v]
+               if k in saved and saved[k] != v and k != "data_digest"]
     if changed:
         raise ConfigError(f"workdir {workdir!r} holds a run with other settings ({'; '.join(changed)}); resume it "
                           "with its own settings, or start a fresh workdir (model.path can start from this run's "
