@@ -63,6 +63,21 @@ def _absl_quiet():
         logger.setLevel(level)
 
 
+def complete_steps(folder: str) -> list[int]:
+    """The steps whose checkpoint is complete in `folder` (Orbax renames a step's temporary folder to the bare
+    number once every file is written), in order; [] for a folder that is not there."""
+    return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
+
+
+def resume_note(workdir: str) -> str:
+    """What a stopped run leaves to resume from: its last complete checkpoint, or none."""
+    folder = os.path.join(workdir, "checkpoints")
+    steps = complete_steps(folder)
+    if not steps:
+        return f"{folder} holds no complete checkpoint"
+    return f"the same command resumes from step {steps[-1]}, the last complete checkpoint in {folder}"
+
+
 class Checkpointer:
     def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True,
                  best_metric: str = "", best_mode: str = "min", read_only: bool = False):
@@ -134,8 +149,7 @@ class Checkpointer:
             yield
         except (OSError, ValueError, RuntimeError) as e:  # (what Orbax and tensorstore raise for a failed write;
             failed, self._pending = self._pending, None    # a bug's TypeError or KeyError keeps its traceback)
-            done = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit()) if os.path.isdir(
-                self.directory) else []
+            done = complete_steps(self.directory)
             detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             last = (f"the last complete checkpoint is step {done[-1]}: the same command resumes from it"
                     if done else "no complete checkpoint is on disk")

@@ -106,15 +106,6 @@ def exit_with_error(message: str, status: int = 1, at_once: bool = False) -> Non
 WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG})
 
 
-def resume_note(workdir: str) -> str:
-    """What a stopped run leaves to resume from: its last complete checkpoint, or none."""
-    folder = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if os.path.isdir(folder) else []
-    if not steps:
-        return f"{folder} holds no complete checkpoint"
-    return f"the same command resumes from step {steps[-1]}, the last complete checkpoint in {folder}"
-
-
 def where_interrupted(tb) -> str:
     """file:line in function of the innermost frame of this library in traceback `tb` (where a Ctrl-C landed),
     below the frame that caught it."""

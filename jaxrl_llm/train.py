@@ -25,13 +25,12 @@ from ml_collections import config_flags
 from jaxrl_llm import distributed, models, parallel
 from jaxrl_llm.algorithms import REGISTRY, batch_indices
 from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
-from jaxrl_llm.checkpoint import Checkpointer, require_finite
+from jaxrl_llm.checkpoint import Checkpointer, require_finite, resume_note
 from jaxrl_llm.cli import (
     WRITE_ERRNOS,
     ConfigError,
     exit_if_job_crashed,
     exit_with_error,
-    resume_note,
     where_interrupted,
 )
 from jaxrl_llm.data import DataError, preference
