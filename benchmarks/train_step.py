@@ -93,10 +93,10 @@ class JaxRun:
     """Model, optimizer and state placed as `jaxrl_llm.train.run` places them (mesh over the local devices,
     sharded params, jit with the same in/out shardings), so the step compiles once, as in training."""
 
-    def __init__(self, folder: str, steps: int, remat: bool, compute_dtype: str = "float32"):
+    def __init__(self, folder: str, steps: int, remat: bool, compute_dtype: str = "float32", logits_chunk: int = 0):
         self.mesh, self.rules = parallel.make_mesh(1, -1, 1), parallel.ShardingRules()
         cfg, params = models.load_pretrained(folder, mesh=self.mesh, rules=self.rules)  # fp32 master weights
-        self.cfg = dataclasses.replace(cfg, remat=remat, compute_dtype=compute_dtype)
+        self.cfg = dataclasses.replace(cfg, remat=remat, compute_dtype=compute_dtype, logits_chunk=logits_chunk)
         self.opt, _ = make_optimizer(OPT["lr"], steps, schedule="constant", grad_clip=OPT["grad_clip"],
                                      b1=OPT["b1"], b2=OPT["b2"], eps=OPT["eps"], weight_decay=OPT["weight_decay"])
         with jax.set_mesh(self.mesh):
@@ -114,6 +114,8 @@ class JaxRun:
             batch = jax.device_put(batch, batch_sh)
             state, losses, times = self.state, [], []
             t0 = time.perf_counter()
+            step = step.lower(state, batch, ref_params).compile()
+            memory = step.memory_analysis()  # XLA's compiled temporaries: activations, logits, gradients
             state, m = step(state, batch, ref_params)
             jax.block_until_ready(m)
             compile_s = time.perf_counter() - t0
@@ -126,6 +128,7 @@ class JaxRun:
                     times.append(time.perf_counter() - t0)
                 losses.append(float(m["loss"]))
         return {"step_s": statistics.median(times), "times": times, "compile_s": compile_s, "losses": losses,
+                "temp_bytes": getattr(memory, "temp_size_in_bytes", None),
                 "params": models.num_params(self.cfg), "cfg": self.cfg}
 
 
@@ -134,8 +137,8 @@ def sft_config(length: int, length_buckets: int) -> ml_collections.ConfigDict:
 
 
 def time_jax_sft(folder: str, batch: dict[str, np.ndarray], steps: int, warmup: int, remat: bool,
-                 compute_dtype: str = "float32") -> dict[str, Any]:
-    r = JaxRun(folder, steps + warmup, remat, compute_dtype)
+                 compute_dtype: str = "float32", logits_chunk: int = 0) -> dict[str, Any]:
+    r = JaxRun(folder, steps + warmup, remat, compute_dtype, logits_chunk)
     return r.run(make_sft_step(r.cfg, r.opt, 1, r.rules), batch, sft.ALGORITHM.batch_axes, None, steps, warmup)
 
 
@@ -171,8 +174,8 @@ def dpo_config(beta: float, loss_type: str) -> ml_collections.ConfigDict:
 
 
 def time_jax_dpo(folder: str, batch: dict[str, np.ndarray], steps: int, warmup: int, remat: bool, beta: float,
-                 loss_type: str, compute_dtype: str = "float32") -> dict[str, Any]:
-    r = JaxRun(folder, steps + warmup, remat, compute_dtype)
+                 loss_type: str, compute_dtype: str = "float32", logits_chunk: int = 0) -> dict[str, Any]:
+    r = JaxRun(folder, steps + warmup, remat, compute_dtype, logits_chunk)
     step_fn = make_dpo_step(r.cfg, r.opt, dpo_config(beta, loss_type), r.rules)
     return r.run(step_fn, batch, preference.BATCH_AXES, r.ref_params, steps, warmup)
 
@@ -273,7 +276,9 @@ def environment(weights: str, load_before: float) -> dict[str, Any]:
 
 def report(title: str, ours: dict, trl: dict | None, tokens: int, flops: dict[str, float], peak: float) -> None:
     """flops: each trainer's model FLOPs a step (of the tokens it runs through the model), for MFU."""
-    print(f"\n{title}, median of {len(ours['times'])} steps (jax compile + first step {ours['compile_s']:.1f}s)\n")
+    temp = f", compiled temporaries {ours['temp_bytes'] / 2**30:.2f} GiB" if ours.get("temp_bytes") else ""
+    print(f"\n{title}, median of {len(ours['times'])} steps (jax compile + first step {ours['compile_s']:.1f}s"
+          f"{temp})\n")
     head = "| trainer | s/step | tokens/s |" + (" MFU |" if peak else "")
     print(head + "\n|" + "---|" * (head.count("|") - 1))
     for name, r in (("jaxrl_llm", ours), ("TRL", trl)):
@@ -296,6 +301,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the model's shape (random weights; llama1b: Llama-3.2-1B's, a GPU size)")
     ap.add_argument("--gguf", action="store_true", help="real SmolLM2 weights from the GGUF")
     ap.add_argument("--remat", action="store_true", help="jaxrl_llm remat and TRL gradient checkpointing")
+    ap.add_argument("--logits-chunk", type=int, default=0,
+                    help="jaxrl_llm's model.logits_chunk: positions projected onto the vocabulary at a time (0: all)")
     for name, (full, tiny, what) in SIZES.items():
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                         help=f"{what} (default {full}; {tiny} with --tiny)")
@@ -345,13 +352,14 @@ def main(argv: list[str] | None = None) -> None:
         weights = build_weights(folder, a.tiny, a.gguf, shape)
         out["environment"] = env = environment(weights, load_before)
         print(", ".join(f"{k} {v}" for k, v in env.items()))
-        fp32 = f"{'fp32' if a.compute_dtype == 'float32' else 'bf16 compute'}{', remat' if a.remat else ''}"
+        fp32 = (f"{'fp32' if a.compute_dtype == 'float32' else 'bf16 compute'}{', remat' if a.remat else ''}"
+                f"{f', logits_chunk {a.logits_chunk}' if a.logits_chunk else ''}")
         peak = a.peak_flops or (peak_flops(jax.devices()[0].device_kind, a.compute_dtype) or 0.0
                                 if jax.default_backend() == "gpu" else 0.0)
         if a.algo in ("sft", "both"):
             rows = sft_rows(a.sft_data, a.batch, a.length, (TINY if a.tiny else shape)["vocab_size"])
             batch = sft.collate(rows, sft_config(a.length, a.length_buckets), 0)
-            ours = time_jax_sft(folder, batch, a.steps, a.warmup, a.remat, a.compute_dtype)
+            ours = time_jax_sft(folder, batch, a.steps, a.warmup, a.remat, a.compute_dtype, a.logits_chunk)
             cfg = ours.pop("cfg")
             trl = None if a.no_trl else time_trl_sft(folder, rows, a.steps, a.warmup, OPT, a.remat, a.trl_defaults)
             tokens, longest = sum(len(ids) for ids, _ in rows), max(len(ids) for ids, _ in rows)
@@ -374,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                                  a.shared_prefix == "prompt")
             assert preference.pair_tokens(ours_batch) == preference.pair_tokens(batch)
             ours = time_jax_dpo(folder, ours_batch, a.steps, a.warmup, a.remat, a.beta, a.dpo_loss,
-                                a.compute_dtype)
+                                a.compute_dtype, a.logits_chunk)
             cfg = ours.pop("cfg")
             trl = None if a.no_trl else time_trl_dpo(folder, pairs, eos_id, pad_id, a.max_len, a.steps, a.warmup,
                                                      OPT, a.remat, a.beta, a.dpo_loss, a.trl_defaults)

@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
         path="",  # HF folder, .gguf file or 'smollm2'; empty: build `init`
         init=dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, tie_word_embeddings=True, rms_norm_eps=1e-5),
-        dtype="float32", compute_dtype="float32", attention_impl="xla", remat=False))
+        dtype="float32", compute_dtype="float32", attention_impl="xla", remat=False,
+        logits_chunk=0))  # > 0: project onto the vocabulary this many positions at a time (less memory)
     # A handful of pairs seen for many epochs: a smoke test that the whole path learns, not a benchmark.
     c.data = ml_collections.ConfigDict(dict(  # rows: prompt, chosen, rejected (strings or message lists)
         source="gsm8k_pairs", num_examples=16, val_fraction=0.0, max_len=256, overlong="drop", chat_template="",

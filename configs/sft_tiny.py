@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
         path="",  # HF folder, .gguf file or 'smollm2'; empty: build `init`
         init=dict(family="llama", hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                   num_kv_heads=2, head_dim=16, tie_word_embeddings=True, rms_norm_eps=1e-5),
-        dtype="float32", compute_dtype="float32", attention_impl="xla", remat=False))
+        dtype="float32", compute_dtype="float32", attention_impl="xla", remat=False,
+        logits_chunk=0))  # > 0: project onto the vocabulary this many positions at a time (less memory)
     c.data = ml_collections.ConfigDict(dict(
         source="gsm8k", num_examples=256, max_len=160, overlong="truncate", chat_template="",
         chat_template_kwargs="",  # JSON object of template variables, e.g. {"enable_thinking": false}

@@ -112,7 +112,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules,
         params = models.init_params(cfg, jax.random.key(config.seed), dtype=mc.dtype, mesh=mesh, rules=rules,
                                     std=mc.get("init_std", 0.02))
     cfg = dataclasses.replace(cfg, compute_dtype=mc.compute_dtype, attention_impl=mc.attention_impl,
-                              remat=mc.remat)
+                              remat=mc.remat, logits_chunk=mc.get("logits_chunk", 0))
     if num_labels and cfg.num_labels != num_labels:
         cfg, params = models.with_score_head(cfg, params, num_labels, jax.random.key(config.seed + 1), mesh, rules)
     return cfg, params
@@ -177,8 +177,8 @@ def check_env_scores_tasks(env: Any, env_name: str, source: Any, tasks: list) ->
 
 
 def check_model_settings(mc: ml_collections.ConfigDict) -> None:
-    """model.dtype, model.compute_dtype, model.attention_impl and model.init (when it is used), each a
-    ConfigError naming the key (training and evaluation)."""
+    """model.dtype, model.compute_dtype, model.attention_impl, model.logits_chunk and model.init (when it is
+    used), each a ConfigError naming the key (training and evaluation)."""
     from jaxrl_llm.models.config import ATTENTION_IMPLS
 
     if not mc.path and mc.get("init"):
@@ -191,6 +191,10 @@ def check_model_settings(mc: ml_collections.ConfigDict) -> None:
     if mc.get("attention_impl", "xla") not in ATTENTION_IMPLS:
         raise ConfigError(f"model.attention_impl={mc.attention_impl!r}; expected one of {ATTENTION_IMPLS} "
                           "(fused: jax.nn.dot_product_attention, cuDNN on a GPU)")
+    chunk = mc.get("logits_chunk", 0)
+    if not _int(chunk) or chunk < 0:
+        raise ConfigError(f"model.logits_chunk={chunk!r}: must be an integer >= 0 (positions projected onto the "
+                          "vocabulary at a time in the losses; 0: all at once)")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

@@ -34,6 +34,7 @@ from jaxrl_llm.algorithms.losses import token_logprobs
 from jaxrl_llm.algorithms.pg_losses import KL_TYPES, TIS_TYPES, grpo_advantages, policy_gradient_loss_sum
 from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
 from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.logit_chunks import over_positions
 from jaxrl_llm.models.shared_prefix import continuation_predictors, shared_prefix_hidden_states
 from jaxrl_llm.models.transformer import hidden_states, lm_logits
 from jaxrl_llm.parallel.rules import SAMPLING_LAYOUTS, ShardingRules
@@ -393,23 +394,27 @@ def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: 
     `first_target` on are scored (the vocabulary projection runs on those positions alone); earlier columns are 0.
     group > 1: rows share their prompt in groups of that many (`_target_hidden`)."""
     h = _target_hidden(cfg, params, ids_BT, attn_BT, rules, first_target, group)
-    logits = lm_logits(cfg, params, h, rules).astype(jnp.float32) / temperature
-    targets = ids_BT[:, first_target:]
-    lp_raw = token_logprobs(logits, targets)
-    lp = lp_raw
-    if top_k > 0 or top_p < 1.0:  # the sampler's filter, row by row; removed tokens get -inf
-        B, T1, V = logits.shape
-        rows = logits.reshape(B * T1, V)
-        filt = filter_top_k_top_p(rows, jnp.full((B * T1,), top_k, jnp.int32), jnp.full((B * T1,), top_p))
-        lp = token_logprobs(filt.reshape(B, T1, V), targets)
-        # Tokens outside the nucleus (padding, or a borderline token round-off put on the other side) get a finite
-        # floor instead of -inf, so masked sums stay finite; their gradient is zero either way.
-        lp = jnp.where(jnp.isfinite(lp), lp, LOGP_FLOOR)
-    ent = None
-    if with_entropy:
+
+    def per_chunk(h_BCD, targets_BC):  # `cfg.logits_chunk` positions at a time (`over_positions`)
+        logits = lm_logits(cfg, params, h_BCD, rules).astype(jnp.float32) / temperature
+        lp_raw = token_logprobs(logits, targets_BC)
+        lp = lp_raw
+        if top_k > 0 or top_p < 1.0:  # the sampler's filter, row by row; removed tokens get -inf
+            B, C, V = logits.shape
+            rows = logits.reshape(B * C, V)
+            filt = filter_top_k_top_p(rows, jnp.full((B * C,), top_k, jnp.int32), jnp.full((B * C,), top_p))
+            lp = token_logprobs(filt.reshape(B, C, V), targets_BC)
+            # Tokens outside the nucleus (padding, or a borderline token round-off put on the other side) get a
+            # finite floor instead of -inf, so masked sums stay finite; their gradient is zero either way.
+            lp = jnp.where(jnp.isfinite(lp), lp, LOGP_FLOOR)
+        if not with_entropy:
+            return lp, lp_raw
         logp = jax.nn.log_softmax(logits, axis=-1)
-        ent = -(jnp.exp(logp) * logp).sum(-1)
-        ent = jnp.pad(ent, ((0, 0), (first_target, 0)))
+        return lp, lp_raw, -(jnp.exp(logp) * logp).sum(-1)
+
+    out = over_positions(per_chunk, cfg.logits_chunk, h, ids_BT[:, first_target:])
+    lp, lp_raw = out[0], out[1]
+    ent = jnp.pad(out[2], ((0, 0), (first_target, 0))) if with_entropy else None
     pad = lambda x: jnp.pad(x, ((0, 0), (first_target, 0)))
     return pad(lp), pad(lp_raw), ent
 

@@ -3,8 +3,15 @@ by the global count, equals the full-batch loss exactly."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
+
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.models.logit_chunks import over_positions
+from jaxrl_llm.models.transformer import lm_logits
+from jaxrl_llm.parallel.rules import ShardingRules
 
 
 def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
@@ -16,6 +23,14 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     logits = logits_BTV.astype(jnp.float32)
     picked = jnp.take_along_axis(logits, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return picked - jax.nn.logsumexp(logits, axis=-1)
+
+
+def target_logprobs(cfg: ModelConfig, params: Any, h_BKD: jax.Array, targets_BK: jax.Array,
+                    rules: ShardingRules | None = None) -> jax.Array:
+    """log p(target) [B, K] in fp32 from final hidden states [B, K, D]: `token_logprobs` of `lm_logits`, projected
+    `cfg.logits_chunk` positions at a time (`logit_chunks.over_positions`; 0: all at once)."""
+    return over_positions(lambda h, t: (token_logprobs(lm_logits(cfg, params, h, rules), t),), cfg.logits_chunk,
+                          h_BKD, targets_BK)[0]
 
 
 def next_token_nll_sum(logits_BTV: jax.Array, input_ids_BT: jax.Array, loss_mask_BT: jax.Array

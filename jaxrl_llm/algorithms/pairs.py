@@ -12,10 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxrl_llm.algorithms.losses import sequence_logprobs, token_logprobs
+from jaxrl_llm.algorithms.losses import target_logprobs
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.shared_prefix import continuation_predictors, shared_prefix_hidden_states
-from jaxrl_llm.models.transformer import forward, lm_logits, score_positions, score_sequences
+from jaxrl_llm.models.transformer import hidden_states, score_positions, score_sequences
 from jaxrl_llm.parallel.rules import ShardingRules
 
 _F32 = jnp.float32
@@ -37,15 +37,17 @@ def pair_logprobs(cfg: ModelConfig, params: dict, mb: dict, rules: ShardingRules
     if "prefix_ids" not in mb:
         P, _, T = mb["input_ids"].shape
         ids, attn, mask = (mb[k].reshape(2 * P, T) for k in ("input_ids", "attention_mask", "loss_mask"))
-        lp, n = sequence_logprobs(forward(cfg, params, ids, attn, rules=rules), ids, mask)
-        return lp.reshape(P, 2), n.reshape(P, 2)
+        lp_RT = target_logprobs(cfg, params, hidden_states(cfg, params, ids, attn, rules=rules)[:, :-1], ids[:, 1:],
+                                rules)
+        m = mask[:, 1:].astype(_F32)
+        return (lp_RT * m).sum(-1).reshape(P, 2), m.sum(-1).reshape(P, 2)
     h_PWD, h_P2CD = _shared_hidden(cfg, params, mb, rules)
     P, _, C, D = h_P2CD.shape
     # Prefix column j is a target when j and j - 1 are tokens (the first token of a sequence never is).
     pre_m = (mb["prefix_loss"][:, 1:] * mb["prefix_mask"][:, :-1]).astype(_F32)
-    pre_lp = token_logprobs(lm_logits(cfg, params, h_PWD[:, :-1], rules), mb["prefix_ids"][:, 1:])
+    pre_lp = target_logprobs(cfg, params, h_PWD[:, :-1], mb["prefix_ids"][:, 1:], rules)
     h_src = continuation_predictors(h_PWD, h_P2CD).reshape(P, 2 * C, D)
-    suf_lp = token_logprobs(lm_logits(cfg, params, h_src, rules), mb["suffix_ids"].reshape(P, 2 * C))
+    suf_lp = target_logprobs(cfg, params, h_src, mb["suffix_ids"].reshape(P, 2 * C), rules)
     suf_m = mb["suffix_loss"].astype(_F32)
     lp = (pre_lp * pre_m).sum(-1)[:, None] + (suf_lp.reshape(P, 2, C) * suf_m).sum(-1)
     return lp, pre_m.sum(-1)[:, None] + suf_m.sum(-1)

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from jaxrl_llm.algorithms.base import Algorithm
-from jaxrl_llm.algorithms.losses import token_logprobs
+from jaxrl_llm.algorithms.losses import target_logprobs
 from jaxrl_llm.data.buckets import bucket_width
 from jaxrl_llm.data.bulk import from_source, tokenize_rows
 from jaxrl_llm.data.cache import DataCache, cached
@@ -30,7 +30,7 @@ from jaxrl_llm.data.chat import (
 )
 from jaxrl_llm.data.sources import describe_source, load_rows
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.transformer import hidden_states, lm_logits
+from jaxrl_llm.models.transformer import hidden_states
 from jaxrl_llm.optim import apply_updates
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
 
@@ -111,7 +111,7 @@ def sft_loss_sum(cfg: ModelConfig, params: Any, mb: dict[str, jax.Array], rules:
                           segment_ids=mb["segment_ids"], rules=rules)
     idx_BK = mb["target_index"]
     h_BKD = constrain(jnp.take_along_axis(h_BTD, idx_BK[..., None], axis=1), ("batch", None, "embed"), rules)
-    lp_BK = token_logprobs(lm_logits(cfg, params, h_BKD, rules), jnp.take_along_axis(mb["input_ids"], idx_BK + 1, 1))
+    lp_BK = target_logprobs(cfg, params, h_BKD, jnp.take_along_axis(mb["input_ids"], idx_BK + 1, 1), rules)
     w_BK = mb["target_weight"].astype(jnp.float32)
     return -(lp_BK * w_BK).sum(), w_BK.sum()
 

@@ -108,6 +108,9 @@ class ModelConfig:
     compute_dtype: str = "float32"
     attention_impl: str = "xla"  # xla: plain einsum softmax; fused: jax.nn.dot_product_attention
     remat: bool = False  # rematerialise each layer in the backward pass
+    # > 0: losses project onto the vocabulary this many positions at a time (`logit_chunks`), so the fp32 logits
+    # of a whole microbatch never exist at once; 0: all positions at once
+    logits_chunk: int = 0
 
     def __post_init__(self):
         if self.family not in MODEL_TYPES:
@@ -121,6 +124,8 @@ class ModelConfig:
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
         resolve_dtype(self.compute_dtype)
+        if isinstance(self.logits_chunk, bool) or not isinstance(self.logits_chunk, int) or self.logits_chunk < 0:
+            raise ValueError(f"logits_chunk={self.logits_chunk!r}: must be an integer >= 0 (0: no chunking)")
         for name, value in _family_defaults(self).items():
             object.__setattr__(self, name, value)
 
