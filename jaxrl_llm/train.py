@@ -149,12 +149,20 @@ def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any]) -> No
 
 def restore_run(ckpt: Checkpointer, state: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:
     """(params and opt_state of the latest checkpoint, its step), or (None, 0) with none (`prepare_workdir` has
-    checked the checkpoint's settings). On an error the checkpointer is closed (its background threads would
+    checked the checkpoint's settings). When there is one, the arrays of state["params"] and state["opt_state"]
+    are deleted before it is read. On an error the checkpointer is closed (its background threads would
     otherwise fail at exit)."""
     if ckpt.latest_step() is None:
         return None, 0
+    # The restored arrays replace these: free them first (their shapes, dtypes and shardings are the targets), or
+    # a resumed run would hold two copies of the parameters and the optimizer state for as long as it runs (the
+    # caller's own references to them outlive `state`), and twice that while restoring.
+    old = {"params": state["params"], "opt_state": state["opt_state"]}
+    targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), old)
+    for x in jax.tree.leaves(old):
+        x.delete()
     try:
-        items, _, start = ckpt.restore({"params": state["params"], "opt_state": state["opt_state"]})
+        items, _, start = ckpt.restore(targets)
     except BaseException:
         ckpt.close()
         raise
