@@ -64,9 +64,17 @@ def fp32_state(inner: optax.GradientTransformation) -> optax.GradientTransformat
 
 def _stochastic_round_bf16(x_f32: jax.Array, key: jax.Array) -> jax.Array:
     """x rounded to bf16 up or down with probabilities in proportion to its distance from each (unbiased, so
-    updates far below a bf16 step still move the weights on average); non-finite values round to nearest."""
+    updates far below a bf16 step still move the weights on average); non-finite values round to nearest.
+
+    The 16 noise bits of each element are an integer hash (lowbias32) of its index and a seed drawn from `key`:
+    elementwise, so the rounding fuses into the update. jax.random.bits over the whole leaf materialised its
+    threefry counters and output, 16 bytes of temporaries per parameter."""
+    seed = jax.random.bits(key, (), jnp.uint32)
+    h = jax.lax.iota(jnp.uint32, x_f32.size).reshape(x_f32.shape) ^ seed
+    for m in (0x7FEB352D, 0x846CA68B):
+        h = (h ^ (h >> 16)) * jnp.uint32(m)
+    noise = (h ^ (h >> 16)) & jnp.uint32(0xFFFF)
     bits = jax.lax.bitcast_convert_type(x_f32, jnp.uint32)
-    noise = jax.random.bits(key, x_f32.shape, jnp.uint32) & jnp.uint32(0xFFFF)
     up = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), _F32)
     return jnp.where(jnp.isfinite(x_f32), up, x_f32).astype(jnp.bfloat16)
 
