@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -63,6 +64,21 @@ def _absl_quiet():
         logger.setLevel(level)
 
 
+_UNRANKED = "Requested `tracked_metric`; did not provide metrics"  # Orbax, at each save without validation
+
+
+@contextlib.contextmanager
+def _without_absl_message(text: str):
+    """Drop absl log records containing `text` while the block runs (other warnings still show)."""
+    logger = logging.getLogger("absl")
+    drop = lambda record: text not in record.getMessage()  # noqa: E731
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 def complete_steps(folder: str) -> list[int]:
     """The steps whose checkpoint is complete in `folder` (Orbax renames a step's temporary folder to the bare
     number once every file is written), in order; [] for a folder that is not there."""
@@ -78,6 +94,13 @@ def resume_note(workdir: str) -> str:
     return f"the same command resumes from step {steps[-1]}, the last complete checkpoint in {folder}"
 
 
+def _finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
 class Checkpointer:
     def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True,
                  best_metric: str = "", best_mode: str = "min", read_only: bool = False):
@@ -87,6 +110,7 @@ class Checkpointer:
         manager never creates, saves or deletes anything, and a step the run deletes (keeping its last K) while
         it is read is said as such; a read of the latest step then moves on to the new latest."""
         self.every_steps = every_steps
+        self.best_metric = best_metric
         self.read_only = read_only
         self._pending: int | None = None  # the step of an asynchronous save that may still be running
         self.directory = os.path.abspath(directory)
@@ -133,10 +157,17 @@ class Checkpointer:
         if step in self._mngr.all_steps():
             return False
         require_finite(items, f"step {step}: not saved (the last good checkpoint, step {self.latest_step()}, is kept)")
+        if metrics is not None and self.best_metric and not _finite(metrics.get(self.best_metric)):
+            # Orbax would rank a NaN above every number (and then delete the real best): not ranked, only the
+            # last `keep` hold it
+            log.warning("step %d: checkpoint.best_metric %s=%s is not a finite number: this checkpoint is not a "
+                        "candidate for the best one (the best so far is kept)", step, self.best_metric,
+                        metrics.get(self.best_metric))
+            metrics = None
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
         self.wait()  # an earlier asynchronous save's failure is said as that step's (Orbax waits for it anyway)
         self._pending = step
-        with self._saving():
+        with self._saving(), _without_absl_message(_UNRANKED):  # (a step without validation: not for the best)
             self._mngr.save(step, args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args), metrics=metrics)
         return True
 
@@ -181,7 +212,10 @@ class Checkpointer:
     def _restore(self, targets: dict[str, Any], step: int | None) -> tuple[dict[str, Any], dict[str, Any], int]:
         step = self.latest_step() if step is None else step
         if step is None:
-            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore")
+            hf = os.path.join(os.path.dirname(self.directory), "hf")
+            hint = (f" (the run saved none, as with checkpoint.every_steps=0; its trained model is the HF folder {hf})"
+                    if os.path.isfile(os.path.join(hf, "config.json")) else "")
+            raise FileNotFoundError(f"{self.directory}: no checkpoint to restore{hint}")
         if step not in self._mngr.all_steps():
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step}; have {self.all_steps()}")
         args = {k: ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, v))
@@ -201,6 +235,19 @@ class Checkpointer:
             raise CheckpointError(f"{self.directory}/{step}: cannot restore {sorted(targets)} ({detail}): the "
                                   f"checkpoint is damaged{hint}") from None
         return {k: out[k] for k in targets}, dict(out["meta"]), step
+
+    def best_step(self) -> int | None:
+        """The step of the best checkpoint by `best_metric` (None without one, or before any ranked save)."""
+        return self._mngr.best_step() if self.best_metric else None
+
+    def summary(self) -> str:
+        """Where this run's checkpoints are, for the closing line: the steps kept and the best one."""
+        steps = self.all_steps()
+        if not steps:
+            return "no checkpoints (checkpoint.every_steps=0)" if self.every_steps <= 0 else "no checkpoints yet"
+        best = self.best_step()
+        best = f", best by {self.best_metric}: step {best}" if best is not None else ""
+        return f"checkpoints of steps {steps} in {self.directory}{best}"
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         """The JSON meta of checkpoint `step` (latest when None) alone, without its arrays."""
