@@ -34,6 +34,14 @@ class MetricsWriter:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
+        # W&B first: a failed login stops the run before anything is written
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                log.warning("metrics.wandb_project=%r but wandb is not installed; skipping W&B", wandb_project)
+            else:
+                self._wandb = _wandb_run(wandb, workdir, wandb_project, run_config, start_step)
         if tensorboard:
             from jaxrl_llm.workdir import set_aside
 
@@ -43,13 +51,6 @@ class MetricsWriter:
                             set_aside(logdir))
             self._tb = EventFile(logdir, purge_step=start_step + 1 if start_step else None,
                                  filename_suffix=f".{os.getpid()}.{start_step}")
-        if wandb_project:
-            try:
-                import wandb
-            except ImportError:
-                log.warning("metrics.wandb_project=%r but wandb is not installed; skipping W&B", wandb_project)
-            else:
-                self._wandb = wandb.init(project=wandb_project, dir=workdir, config=run_config, resume="allow")
 
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -84,6 +85,34 @@ class MetricsWriter:
         from jaxrl_llm.workdir import close_all
 
         close_all(self._tb and self._tb.close, self._wandb and self._wandb.finish)
+
+
+WANDB_ID_FILE = "wandb_run_id"  # in the workdir: the W&B run a restart of this run logs to
+
+
+def _wandb_run(wandb: Any, workdir: str, project: str, run_config: dict | None, start_step: int) -> Any:
+    """wandb.init for this run: a fresh start (start_step 0) opens a new W&B run and records its id in
+    WORKDIR/wandb_run_id; a resumed one continues the recorded run (steps it already has are dropped by W&B: a
+    resume recomputes them identically). A failed init (not logged in, no network) is a ConfigError naming
+    metrics.wandb_project, before any training."""
+    from jaxrl_llm.cli import ConfigError
+    from jaxrl_llm.workdir import write_atomically
+
+    id_path = os.path.join(workdir, WANDB_ID_FILE)
+    run_id = None
+    if start_step and os.path.isfile(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip() or None
+    try:
+        run = wandb.init(project=project, dir=workdir, config=run_config, id=run_id, resume="allow")
+    except Exception as e:  # noqa: BLE001 (wandb raises its own kinds: UsageError, CommError, ...)
+        detail = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        raise ConfigError(f"metrics.wandb_project={project!r}: W&B could not start a run ({detail}); log in with "
+                          "`wandb login` (or set WANDB_API_KEY / WANDB_MODE=offline), or set "
+                          "--config.metrics.wandb_project='' to train without W&B") from None
+    if run_id is None and getattr(run, "id", None):
+        write_atomically(id_path, str(run.id))
+    return run
 
 
 class EventFile:
