@@ -41,9 +41,22 @@ def unknown_override(config_file: str, args: list[str]) -> str | None:
                 where = ".".join(["config", *seen])
                 close = difflib.get_close_matches(part, keys, n=3, cutoff=0.5)
                 hint = f"did you mean {', '.join(close)}? " if close else ""
-                return f"unknown config key {'.'.join(seen + [part])!r}: {hint}valid keys under {where}: {sorted(keys)}"
+                msg = f"unknown config key {'.'.join(seen + [part])!r}: {hint}valid keys under {where}: {sorted(keys)}"
+                if seen and isinstance(node, ml_collections.ConfigDict | dict) and not keys:  # an open dict
+                    msg += (f" (it is empty in the recipe: set it whole, e.g. --config.{'.'.join(seen)}="
+                            f"'{{\"{part}\": ...}}')")
+                return msg
             node, seen = node[part], seen + [part]
     return None
+
+
+def expand_home(arg: str) -> str:
+    """`--name=~/x` -> `--name=/home/me/x` (the shell expands `~` only at the start of a word)."""
+    if arg.startswith("--") and "=" in arg:
+        name, value = arg.split("=", 1)
+        if value.startswith("~"):
+            return f"{name}={os.path.expanduser(value)}"
+    return arg
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -59,17 +72,35 @@ def _config_file(argv: list[str]) -> str | None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with user errors (unknown key, bad value, a recipe file that is missing or does not
-    load) as one line instead of a traceback."""
+    load) as one line instead of a traceback. A value written `--flag=~/path` (which the shell leaves as it is)
+    names the path in the home folder, as `--flag ~/path` does."""
+    argv = [expand_home(a) for a in argv]
     try:
         rest = FLAGS(argv)
+    except SystemExit as e:  # absl's --help prints the usage and exits 1: asking for help is not an error
+        if e.code == 1 and any(a in ("--help", "-h", "-?", "--helpshort", "--helpfull") for a in argv[1:]):
+            sys.exit(0)
+        raise
     except flags.Error as e:
+        if "Error whilst parsing config file" in str(e):  # get_config() raised: its error, not the traceback
+            sys.exit(f"error: --config={_config_file(argv)}: get_config() failed: {_last_line(e)}")
         sys.exit(f"error: {e}")
     except OSError as e:  # an override of a --config that did not load (ml_collections loads it to apply it)
         sys.exit(f"error: --config: the recipe does not load: {_last_line(e)}")
+    except SyntaxError as e:
+        sys.exit(f"error: --config={e.filename}: the recipe does not parse: {e.msg} (line {e.lineno})")
+    except ImportError as e:
+        sys.exit(f"error: --config={_config_file(argv)}: the recipe does not load: {e}")
     except (AttributeError, KeyError) as e:
         cfg_file = _config_file(argv)
+        if "has no attribute 'get_config'" in str(e):
+            sys.exit(f"error: --config={cfg_file}: the recipe defines no get_config() (it must return an "
+                     "ml_collections.ConfigDict)")
         msg = unknown_override(cfg_file, argv) if cfg_file else None
         sys.exit(f"error: {msg or e}")
+    if rest[1:]:  # main() takes no positional arguments: a word here is a mistyped flag, not one to drop
+        sys.exit(f"error: unexpected argument(s) {rest[1:]}: overrides are --config.a.b=value (a boolean too: "
+                 "--config.export_hf=False, not --config.export_hf False)")
     try:  # the file absl settled on (the last --config given)
         cfg_file = config_flags.get_config_filename(FLAGS["config"]) if FLAGS["config"].present else None
     except Exception:  # noqa: BLE001 (no file name to check: main() reports a missing --config)
@@ -77,10 +108,36 @@ def parse_flags(argv: list[str]) -> list[str]:
     if cfg_file and not os.path.isfile(cfg_file.split(":", 1)[0]):
         sys.exit(f"error: --config={cfg_file}: no such file")
     try:
-        FLAGS.config  # noqa: B018 (ml_collections loads the recipe here, or raises what its load raised)
+        loaded = FLAGS.config  # (ml_collections loads the recipe here, or raises what its load raised)
     except OSError as e:
         sys.exit(f"error: --config={cfg_file}: the recipe does not load: {_last_line(e)}")
+    if loaded is not None and not isinstance(loaded, ml_collections.ConfigDict):
+        sys.exit(f"error: --config={cfg_file}: get_config() returned a {type(loaded).__name__}, not an "
+                 "ml_collections.ConfigDict")
+    if loaded is not None:
+        none_overrides(loaded, argv)
     return rest
+
+
+def none_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+    """`--config.a.b=None` for a field that may be None (a `config_dict.placeholder`, whose comment says what None
+    means): None, not the text 'None' that ml_collections reads for a string field."""
+    for arg in argv:
+        if not arg.startswith("--config.") or "=" not in arg:
+            continue
+        key, value = arg[len("--config."):].split("=", 1)
+        if value != "None":
+            continue
+        *path, last = key.split(".")
+        node = config
+        try:
+            for part in path:
+                node = node[part]
+        except (KeyError, AttributeError, TypeError):
+            continue
+        field = getattr(node, "_fields", {}).get(last) if isinstance(node, ml_collections.ConfigDict) else None
+        if isinstance(field, ml_collections.FieldReference) and node[last] == "None":
+            node[last] = None
 
 
 def _last_line(e: Exception) -> str:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from typing import Any
 
 import jax
@@ -106,11 +107,12 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
     config = train.with_datasets(config, data=data)
     distributed.initialize(graceful_sigterm=False)  # nothing to save: TERM ends it
     sp = validate(config)
-    check_out(out)
     mc, dc, ec = config.model, config.data, config.eval
+    workdir = mc.path if is_workdir(mc.path) else ""
+    if jax.process_index() == 0:  # (the one that writes)
+        check_out(out, os.path.join(workdir, "eval") if workdir else os.path.join("runs", f"eval_{name}"))
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()
-    workdir = mc.path if is_workdir(mc.path) else ""
     own = os.path.join(workdir, "tokenizer") if workdir else mc.path
     tok_path = config.tokenizer or own
     tokenizer = train.load_run_tokenizer(config, own)
@@ -201,10 +203,19 @@ def write_json_atomic(path: str, doc: dict[str, Any]) -> None:
         raise
 
 
-def check_out(out: str | None) -> None:
-    """--out must name a file (its folder is created): checked before any work, so results are never lost to it."""
+def check_out(out: str | None, default_folder: str = "") -> None:
+    """--out must name a file in a folder this process can write (the folder is created): checked before any work,
+    so results are never lost to it. out None: the results go to `default_folder`, checked alike."""
     if out is not None and os.path.isdir(out):
         raise ConfigError(f"--out {out!r} is a folder; name the results file, e.g. {os.path.join(out, RESULTS_FILE)}")
+    folder = os.path.dirname(os.path.abspath(out)) if out is not None else os.path.abspath(default_folder)
+    what = f"--out {out!r}" if out is not None else f"the results folder {folder!r} (--out names another place)"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} cannot be written: {e.strerror or e} ({e.filename or folder})") from None
 
 
 FLAGS = flags.FLAGS

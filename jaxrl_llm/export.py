@@ -18,13 +18,15 @@ from jaxrl_llm.metrics import quiet_libraries
 from jaxrl_llm.models.hf_io import check_replaceable
 
 FLAGS = flags.FLAGS
+log = logging.getLogger("jaxrl_llm.export")
 
 
 def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "A training run's workdir (holds checkpoints/ and model_config.json).")
     flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the latest).")
     flags.DEFINE_string("out", None, "Output HF folder: new, empty or an earlier export (which it replaces).")
-    flags.DEFINE_string("dtype", None, "Export dtype (float32 | bfloat16); default: the run's parameter dtype.")
+    flags.DEFINE_string("dtype", None, "Export dtype (float32 | bfloat16 | float16); default: the run's parameter "
+                                       "dtype.")
 
 
 def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: str | None = None) -> str:
@@ -58,19 +60,21 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: st
     tokenizer = models.load_tokenizer(tok_dir) if os.path.isdir(tok_dir) else None
     if tokenizer is not None:  # (a workdir written before the run's config took the tokenizer's ids)
         cfg = with_tokenizer_ids(cfg, tokenizer)
-    logging.info("exporting step %d of %s to %s", step, workdir, out)
+    log.info("exporting step %d of %s to %s", step, workdir, out)
     return models.save_pretrained(cfg, items["params"], out, tokenizer=tokenizer, dtype=dtype,
                                   generation_config=saved.get("generation_config"))
 
 
 def main(argv) -> None:
-    del argv
+    if argv[1:]:  # a mistyped flag is not dropped without a word
+        sys.exit(f"error: unexpected argument(s) {argv[1:]}: flags are --workdir=DIR --out=DIR [--step=N] [--dtype=D]")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     if not FLAGS.workdir or not FLAGS.out:
         sys.exit("error: --workdir and --out are required")
     try:
-        export_checkpoint(FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.dtype)
+        # (`--out=~/x`: the shell leaves a `~` after `=` as it is)
+        export_checkpoint(os.path.expanduser(FLAGS.workdir), os.path.expanduser(FLAGS.out), FLAGS.step, FLAGS.dtype)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:

@@ -1,14 +1,13 @@
 """The command line as a user types it (review of `jaxrl_llm.cli.parse_flags` and the entry points' user errors),
 in-process and fast: parse_flags runs on a FlagValues of its own (monkeypatched for the module's FLAGS), so no
 interpreter is started and no global flag is defined.
-
-The tests marked `xfail(strict=True)` demonstrate defects (each reason says what a user sees); they pass once fixed.
 """
 
 from __future__ import annotations
 
 import os
 import runpy
+import sys
 
 import pytest
 from absl import flags
@@ -70,9 +69,6 @@ def test_user_errors_are_one_line(parse, args, needle):
     assert needle in str(e.value.code) and "\n" not in str(e.value.code)
 
 
-@pytest.mark.xfail(strict=True, reason="a word after the flags is dropped without a word: `--config.export_hf False` "
-                                       "trains with export_hf=True (absl's boolean flags take no separate value), "
-                                       "`config.max_steps=5` (no dashes) keeps max_steps=20")
 @pytest.mark.parametrize("args", [["--config.export_hf", "False"], ["config.max_steps=5"]])
 def test_a_stray_argument_is_an_error(parse, args):
     with pytest.raises(SystemExit) as e:
@@ -80,18 +76,31 @@ def test_a_stray_argument_is_an_error(parse, args):
     assert args[-1] in str(e.value.code)
 
 
-@pytest.mark.xfail(strict=True, reason="a recipe with a syntax error (or an import that fails) prints a 40-line "
-                                       "traceback through absl and ml_collections, not one line naming the file")
-def test_a_recipe_that_does_not_parse_is_one_line(parse, tmp_path):
-    recipe = tmp_path / "broken.py"
-    recipe.write_text("import ml_collections\ndef get_config(:\n    pass\n")
+@pytest.mark.parametrize(("text", "needle"), [
+    ("import ml_collections\ndef get_config(:\n    pass\n", "the recipe does not parse: invalid syntax (line 2)"),
+    ("import no_such_module_here\n", "the recipe does not load: No module named 'no_such_module_here'"),
+    ("def get_config():\n    raise ValueError('lr must be set')\n", "get_config() failed: ValueError: lr must be set"),
+    ("def get_config():\n    return {'algorithm': 'sft'}\n", "get_config() returned a dict, not an ml_collections"),
+    ("X = 1\n", "the recipe defines no get_config()"),
+], ids=["syntax", "import", "raises", "dict", "missing"])
+def test_a_recipe_that_does_not_load_is_one_line_naming_it(parse, tmp_path, monkeypatch, text, needle):
+    monkeypatch.delitem(sys.modules, "config_config", raising=False)  # (ml_collections' module of the last recipe)
+    recipe = tmp_path / f"broken_{abs(hash(text))}.py"
+    recipe.write_text(text)
     with pytest.raises(SystemExit) as e:
         parse("--config", str(recipe))
-    assert str(recipe) in str(e.value.code) and "line 2" in str(e.value.code)
+    msg = str(e.value.code)
+    assert f"--config={recipe}: " in msg and needle in msg and "\n" not in msg and "Traceback" not in msg
 
 
-@pytest.mark.xfail(strict=True, reason="seed=-1 passes validation and fails with numpy's 'expected non-negative "
-                                       "integer' traceback after the data is loaded")
+def test_a_tilde_after_the_equals_sign_is_the_home_folder(parse, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "r.py").write_text(open(SFT).read())
+    config, _ = parse("--config=~/r.py", "--workdir=~/runs/x", "--config.data.source=~/d.jsonl")
+    assert config.data.source == str(tmp_path / "d.jsonl") and cli.FLAGS.workdir == str(tmp_path / "runs" / "x")
+    assert cli.expand_home("--config.data.chat_template=x~y") == "--config.data.chat_template=x~y"
+
+
 def test_a_negative_seed_is_a_config_error():
     config = runpy.run_path(SFT)["get_config"]()
     config.seed = -1
@@ -99,10 +108,48 @@ def test_a_negative_seed_is_a_config_error():
         train.validate(config)
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate writes --out only after the whole evaluation: an --out it cannot "
-                                       "write (a file in its path, a read-only folder) ends in a traceback and the "
-                                       "results JSON is lost")
 def test_eval_out_that_cannot_be_written_fails_before_any_work(tmp_path):
     (tmp_path / "afile").write_text("")
-    with pytest.raises(evaluate.ConfigError):
+    with pytest.raises(evaluate.ConfigError, match=r"--out '.*afile/results.json' cannot be written"):
         evaluate.check_out(str(tmp_path / "afile" / "results.json"))
+    with pytest.raises(evaluate.ConfigError, match=r"the results folder '.*afile/eval' \(--out names another place\) "
+                                                   r"cannot be written"):
+        evaluate.check_out(None, str(tmp_path / "afile" / "eval"))
+    evaluate.check_out(None, str(tmp_path / "w" / "eval"))  # created, and left without the probe file
+    assert os.listdir(tmp_path / "w" / "eval") == []
+
+
+def test_a_seed_beyond_numpy_s_range_is_a_config_error():
+    config = runpy.run_path(SFT)["get_config"]()
+    config.seed = 2**32
+    with pytest.raises(train.ConfigError, match=r"seed=4294967296: must be an integer in \[0, 2\*\*32\)"):
+        train.validate(config)
+
+
+def test_none_for_a_placeholder_field_is_none_not_the_text(parse):
+    tiny = os.path.join(ROOT, "configs", "eval_tiny.py")
+    config, _ = parse("--config", tiny, "--config.data.instruction=None")
+    assert config.data.instruction is None  # the source's default instruction, as the recipe's comment says
+    config, _ = parse("--config", tiny, "--config.data.instruction=Answer briefly.")
+    assert config.data.instruction == "Answer briefly."
+    config, _ = parse("--config", SFT, "--config.data.chat_template=None")
+    assert config.data.chat_template == "None"  # a plain string field keeps what was typed
+
+
+def test_help_exits_0_and_an_open_dict_key_says_how_to_set_it(monkeypatch, capsys):
+    from absl import app
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "recipe", lock_config=True, flag_values=fv,
+                                    sys_argv=["train", "--help"])
+    flags.DEFINE_flag(app.HelpFlag(), fv)  # (absl's own --help, which prints the usage and exits 1)
+    monkeypatch.setattr(cli, "FLAGS", fv)
+    with pytest.raises(SystemExit) as e:
+        cli.parse_flags(["train", "--help"])
+    assert e.value.code == 0 and "--helpfull" in capsys.readouterr().out  # (the usage was printed)
+
+
+def test_an_open_dict_key_says_how_to_set_it(parse):
+    with pytest.raises(SystemExit) as e:
+        parse("--config", os.path.join(ROOT, "configs", "eval_tiny.py"), "--config.data.options.min_terms=2")
+    assert "set it whole, e.g. --config.data.options='{\"min_terms\": ...}'" in str(e.value.code)
