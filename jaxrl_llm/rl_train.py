@@ -57,7 +57,7 @@ from jaxrl_llm.rl_batch import (
     shuffled_rows,
 )
 from jaxrl_llm.sampling.text import render_prompt
-from jaxrl_llm.workdir import close_all, record_run_config, truncate_metrics
+from jaxrl_llm.workdir import close_all, keep_earlier_export, record_run_config, truncate_metrics
 
 log = logging.getLogger("jaxrl_llm.rl_train")
 CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean", "turns_mean",
@@ -443,6 +443,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         runner.position = int(ckpt.read_meta(start).get("prompt_batches", start * rounds))
     if is_main:
         truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+        keep_earlier_export(workdir, start)
         record_run_config(workdir, config.to_dict(), start)
     mc = config.get("metrics", ml_collections.ConfigDict())
     writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
@@ -468,6 +469,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     except BaseException:  # the error that stopped the run is the one to say, not one from closing after it
         close_all(*closers, after_error=True)
         raise
+    saved = ckpt.summary()
     close_all(*closers)
     if config.export_hf:  # every process takes part in the gather; process 0 writes
         require_finite({"params": state["params"]}, "the HF export is not written")
@@ -475,6 +477,10 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                      generation_config=source_generation_config(config))
         if out:
             log.info("exported the trained model to %s", out)
+    if jax.process_index() == 0:
+        log.info("done: %d steps; metrics in %s; %s%s", config.max_steps, os.path.join(workdir, "metrics.jsonl"),
+                 saved,
+                 f"; the trained model in {os.path.join(workdir, 'hf')}" if config.export_hf else "")
     return {**last, **{f"data_{k}": v for k, v in runner.prompt_stats.items()}}
 
 

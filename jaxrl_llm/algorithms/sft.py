@@ -190,9 +190,9 @@ def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
         log.warning("data: %d rows hold reasoning_content, which the chat template leaves out of its text: trained "
                     "without it", no_reasoning)
     if stats["truncated"] or stats["dropped"]:
-        log.warning("data: of %d rows, %d kept cut to data.max_len=%d tokens and %d dropped (longer than that "
-                    "with data.overlong=drop, or no assistant token left to learn)", stats["rows"], stats["truncated"],
-                    dc.max_len, stats["dropped"])
+        log.warning("data: of %d rows, %d were longer than data.max_len=%d tokens and cut to it, and %d dropped "
+                    "(longer than that with data.overlong=drop, or no assistant token left to learn)", stats["rows"],
+                    stats["truncated"], dc.max_len, stats["dropped"])
     if not out:
         raise DataError(f"data.source={describe_source(dc.source)!r}: no usable rows after tokenization")
     if dc.packing:

@@ -327,9 +327,9 @@ def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
         log.warning("data: %d pairs hold reasoning_content, which the chat template leaves out of its text: trained "
                     "without it", stats["reasoning_left_out"])
     if stats["truncated"] or stats["dropped"]:
-        log.warning("data: of %d pairs, %d kept cut to data.max_len=%d tokens and %d dropped (longer than that "
-                    "with data.overlong=drop, or a side without response tokens, or both sides alike, after the "
-                    "cut)", stats["rows"], stats["truncated"], dc.max_len, stats["dropped"])
+        log.warning("data: of %d pairs, %d were longer than data.max_len=%d tokens and cut to it, and %d dropped "
+                    "(longer than that with data.overlong=drop, or a side without response tokens, or both sides "
+                    "alike, after the cut)", stats["rows"], stats["truncated"], dc.max_len, stats["dropped"])
     if not out:
         raise DataError(f"data.source={describe_source(dc.source)!r}: no usable preference pairs after tokenization "
                         f"(data.max_len={dc.max_len})")
