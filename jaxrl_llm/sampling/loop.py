@@ -59,13 +59,19 @@ def prefill(cfg: ModelConfig, params: dict, ids_BT: jax.Array, start_B: jax.Arra
     rows_R[r]: the cache and logits come back with R rows (each prompt prefilled once, then copied)."""
     _TRACES["prefill"] += 1
     B, P = ids_BT.shape
-    cache = init_cache(cfg, B, cache_len, rules)
-    mask_BTS = prefill_mask_BTS(cfg, start_B, P, cache_len)
+    # With rows_R the distinct prompts' cache holds only their P slots: it is copied to the R rows and only then
+    # given its empty generation slots (a full-length cache of the distinct prompts beside the rows' one doubled
+    # the prefill's peak).
+    length = cache_len if rows_R is None else P
+    cache = init_cache(cfg, B, length, rules)
+    mask_BTS = prefill_mask_BTS(cfg, start_B, P, length)
     logits_B1V, cache = forward_with_cache(cfg, params, ids_BT, prompt_positions_BT(start_B, P), mask_BTS, cache,
                                            jnp.int32(0), rules=rules, last_only=True, empty_cache=True)
     logits_BV = logits_B1V[:, 0]
     if rows_R is not None:
-        cache = {n: jnp.take(c, rows_R, axis=CACHE_AXES.index("batch")) for n, c in cache.items()}
+        pad = [(0, 0)] * len(CACHE_AXES)
+        pad[CACHE_AXES.index("length")] = (0, cache_len - P)
+        cache = {n: jnp.pad(jnp.take(c, rows_R, axis=CACHE_AXES.index("batch")), pad) for n, c in cache.items()}
         logits_BV = jnp.take(logits_BV, rows_R, axis=0)
     cache = {n: constrain(c, CACHE_AXES, rules) for n, c in cache.items()}
     return cache, logits_BV
