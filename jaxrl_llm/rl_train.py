@@ -503,6 +503,12 @@ def check_best_metric_name(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"checkpoint.best_metric={best!r} is not among the validation metrics {names}")
 
 
+def val_batch_size(config: ml_collections.ConfigDict) -> int:
+    """The rows GRPO validation samples at a time: rollout.max_batch_size, or a rollout's num_prompts x group_size."""
+    ro = config.rollout
+    return ro.max_batch_size or ro.num_prompts * ro.group_size
+
+
 def _make_evaluator(config, cfg, tokenizer, mesh, rules):
     """val_every > 0: evaluate_tasks on config.eval's tasks every val_every steps (and at the last step);
     metrics come back as val_<name>."""
@@ -521,14 +527,16 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
     sp = sampling.SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=ec.temperature,
                                  top_p=1.0, top_k=0, stop_token_ids=stops)
     k_values = val_k_values(ec.n_samples)
+    # At most a rollout's rows at a time (rollout.max_batch_size, or one rollout batch when that is 0): what the
+    # run's memory is known to hold; one batch of every eval task x sample could need many times the KV cache.
+    val_batch = val_batch_size(config)
 
     def evaluate(params, done: int) -> dict[str, float]:
         if done % every and done != config.max_steps:
             return {}
         res = evaluate_tasks(cfg, params, tokenizer, tasks, env, n_samples=ec.n_samples, k_values=k_values,
                              sampling_params=sp, rng=jax.random.key(ec.seed), mesh=mesh, rules=rules,
-                             max_batch_size=config.rollout.max_batch_size or None,
-                             max_prompt_len=config.data.max_prompt_len, truncate_prompts=True,
+                             max_batch_size=val_batch, max_prompt_len=config.data.max_prompt_len, truncate_prompts=True,
                              keep_completions=False)
         return scalar_metrics(res, prefix="val_")
 
