@@ -147,9 +147,13 @@ def evaluate_tasks(
 
     t0 = time.perf_counter()
     out = generate(cfg, params, [prompt_ids[i] for i in rows], sp, rng, mesh=mesh, rules=rules,
-                   max_batch_size=max_batch_size, max_prompt_len=max_prompt_len, truncate_prompts=truncate_prompts)
+                   max_batch_size=max_batch_size, max_prompt_len=max_prompt_len, truncate_prompts=truncate_prompts,
+                   keep_logprobs=False)
     t1 = time.perf_counter()
     completions = [tokenizer.decode(toks, skip_special_tokens=True) for toks in out.tokens]
+    lengths_N = np.array([len(t) for t in out.tokens])
+    finish_reasons, gen_stats = out.finish_reasons, out.stats
+    del out  # the token lists (about 35 bytes a token): only the text, lengths and finish reasons are used
     scored = score_across_processes(env, [prompt_texts[i] for i in rows], completions,
                                     [dict(tasks[i].metadata) for i in rows])
     t2 = time.perf_counter()
@@ -160,8 +164,7 @@ def evaluate_tasks(
 
     rewards_PS = rewards_N.reshape(len(tasks), n)
     correct_PS = rewards_PS >= correct_threshold
-    lengths_N = np.array([len(t) for t in out.tokens])
-    truncated_N = np.array([r == "length" for r in out.finish_reasons])
+    truncated_N = np.array([r == "length" for r in finish_reasons])
     num_correct_P = correct_PS.sum(axis=1)
     counts = {k: int(v) for k, v in (scored.counts or {}).items()}
     elapsed = t1 - t0
@@ -182,7 +185,7 @@ def evaluate_tasks(
         "truncation_rate": float(truncated_N.mean()),
         "timeouts": counts.get("timeouts", 0),
         "errors": counts.get("errors", 0),
-        "truncated_prompts": int(out.stats.get("truncated_prompts", 0)),
+        "truncated_prompts": int(gen_stats.get("truncated_prompts", 0)),
         "generate_seconds": elapsed,
         "score_seconds": t2 - t1,
         "tokens_per_second": float(lengths_N.sum()) / elapsed if elapsed > 0 else 0.0,
@@ -193,7 +196,7 @@ def evaluate_tasks(
         sl = slice(i * n, (i + 1) * n)
         rec = {"index": i, "question": _last_user_text(task), "answer": task.metadata.get("answer"),
                "num_correct": int(num_correct_P[i]), "rewards": rewards_PS[i].tolist(),
-               "lengths": lengths_N[sl].tolist(), "finish_reasons": out.finish_reasons[sl], "info": info[sl]}
+               "lengths": lengths_N[sl].tolist(), "finish_reasons": finish_reasons[sl], "info": info[sl]}
         if "id" in task.metadata:
             rec["id"] = task.metadata["id"]
         if keep_completions:

@@ -267,8 +267,18 @@ def _boxed_bigram_model(tokenizer, branch=True, seed=0):
     return cfg, jax.tree.map(jnp.asarray, params)
 
 
-def test_evaluate_tasks_on_the_math_environment(tokenizer):
+def test_evaluate_tasks_on_the_math_environment(tokenizer, monkeypatch):
+    from jaxrl_llm import evaluation
     from jaxrl_llm.environments import make_environment
+
+    outs = []
+
+    def spy(*args, **kw):  # evaluation scores text: it asks for no per-token log-probs (a Python float each)
+        outs.append(real(*args, **kw))
+        return outs[-1]
+
+    real = evaluation.generate
+    monkeypatch.setattr(evaluation, "generate", spy)
 
     cfg, params = _boxed_bigram_model(tokenizer)
     golds = ["7", "8", "7", "12"]
@@ -279,6 +289,7 @@ def test_evaluate_tasks_on_the_math_environment(tokenizer):
         _check_evaluate_tasks(cfg, params, tokenizer, tasks, golds, env)
     finally:
         env.close()
+    assert outs and all(lp == [] for o in outs for lp in o.logprobs) and any(o.tokens[0] for o in outs)
 
 
 def _check_evaluate_tasks(cfg, params, tokenizer, tasks, golds, env):

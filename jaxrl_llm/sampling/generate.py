@@ -171,6 +171,7 @@ def generate(
     truncate_prompts: bool = False,
     unroll_layers: bool | None = None,
     share_prefill: bool = True,
+    keep_logprobs: bool = True,
 ) -> GenerateOutput:
     """Sample completions of token-id prompts with the model's own (trainer's) parameter arrays.
 
@@ -200,6 +201,8 @@ def generate(
     share_prefill: a prompt that occurs several times in a chunk (GRPO's group, pass@k's samples) is prefilled
     once and its cache copied to its rows, whenever that makes the prefill batch smaller (stats['prefill_rows']
     counts the rows prefilled).
+    keep_logprobs: False leaves every `logprobs[i]` empty (a caller that scores text, as evaluation does, keeps
+    no Python float per generated token: about 32 bytes each).
     """
     check_params(cfg, params)
     arrs = validate_prompts(prompts, cfg.vocab_size)
@@ -282,7 +285,8 @@ def generate(
             for r, i in enumerate(idx):
                 k = int(num_B[r])
                 tokens[i] = tok_BN[r, :k].tolist()
-                logprobs[i] = lp_BN[r, :k].tolist()
+                if keep_logprobs:
+                    logprobs[i] = lp_BN[r, :k].tolist()
                 reasons[i] = "stop" if stopped_B[r] else "length"
             progress.tick(c0 + len(idx))
     progress.finish()
