@@ -57,7 +57,13 @@ from jaxrl_llm.rl_batch import (
     shuffled_rows,
 )
 from jaxrl_llm.sampling.text import render_prompt
-from jaxrl_llm.workdir import close_all, keep_earlier_export, record_run_config, truncate_metrics
+from jaxrl_llm.workdir import (
+    close_all,
+    export_is_current,
+    keep_earlier_export,
+    record_run_config,
+    truncate_metrics,
+)
 
 log = logging.getLogger("jaxrl_llm.rl_train")
 CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean", "turns_mean",
@@ -471,7 +477,13 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise
     saved = ckpt.summary()
     close_all(*closers)
-    if config.export_hf:  # every process takes part in the gather; process 0 writes
+    # a finished run started again; process 0's view, so that every process takes the same branch (the export
+    # gathers across processes)
+    exported = distributed.allgather_json(export_is_current(workdir, start, config.max_steps))[0]
+    if exported:
+        log.info("nothing to train: the checkpoint is at max_steps=%d, and its export in %s is kept",
+                 config.max_steps, os.path.join(workdir, "hf"))
+    if config.export_hf and not exported:  # every process takes part in the gather; process 0 writes
         require_finite({"params": state["params"]}, "the HF export is not written")
         out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer,
                                      generation_config=source_generation_config(config))

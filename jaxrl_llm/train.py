@@ -46,6 +46,7 @@ from jaxrl_llm.run_tokenizer import load_run_tokenizer, load_tokenizer, resolve_
 from jaxrl_llm.workdir import (
     MODEL_CONFIG_FILE,
     close_all,
+    export_is_current,
     hold_workdir,
     keep_earlier_export,
     record_run_config,
@@ -562,7 +563,13 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         raise
     saved = ckpt.summary()
     close_all(stop.close, ckpt.close, writer.close)
-    if config.export_hf:  # every process takes part in the gather; process 0 writes
+    # a finished run started again; process 0's view, so that every process takes the same branch (the export
+    # gathers across processes)
+    exported = distributed.allgather_json(export_is_current(workdir, start, config.max_steps))[0]
+    if exported:
+        log.info("nothing to train: the checkpoint is at max_steps=%d, and its export in %s is kept",
+                 config.max_steps, os.path.join(workdir, "hf"))
+    if config.export_hf and not exported:  # every process takes part in the gather; process 0 writes
         require_finite({"params": state["params"]}, "the HF export is not written")
         out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer,
                                      generation_config=source_generation_config(config))

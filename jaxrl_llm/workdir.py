@@ -157,6 +157,12 @@ def keep_earlier_export(workdir: str, start_step: int) -> None:
                     set_aside(path))
 
 
+def export_is_current(workdir: str, start_step: int, max_steps: int) -> bool:
+    """Whether a run resumed at its last step (nothing left to train) finds its export already written: hf/ is
+    written whole or not at all (staged, then swapped in) and only after the last step, so it is this model's."""
+    return start_step >= max_steps and os.path.isfile(os.path.join(workdir, "hf", "config.json"))
+
+
 def truncate_metrics(path: str, last_step: int) -> None:
     """On resume, drop rows logged after the restored step (they are logged again), atomically. A run that
     starts from step 0 in a folder whose metrics.jsonl has rows (an earlier run without checkpoints) moves that
