@@ -35,7 +35,7 @@ from jaxrl_llm.cli import (
 )
 from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
-from jaxrl_llm.data.cache import DataCache, source_digest
+from jaxrl_llm.data.cache import DataCache
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
 from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
@@ -514,7 +514,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         return {f"val_{k}": v / max(count, 1.0) for k, v in sums.items()}
 
     is_main = jax.process_index() == 0
-    digest = source_digest(config.data.source)  # (the rows' content: a row edited between starts is refused too)
+    digest = data_cache.source_digest(config.data.source)  # (the rows' content; hashed once per start)
     run_meta = {"algorithm": config.algorithm, "seed": config.seed, "batch_size": B,
                 "data_rows": len(examples) + len(val_examples), "data_digest": digest and digest[:21]}
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min", run_meta=run_meta)

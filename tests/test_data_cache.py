@@ -137,3 +137,22 @@ def test_preference_pairs_are_cached_too(tmp_path, tokenizer):
     assert again_stats == want_stats == stats and len(again) == len(want) == 12
     for a, w in zip(again, want, strict=True):
         assert type(a) is type(w) and all(np.array_equal(x, y) for x, y in zip(a, w, strict=True))
+
+
+def test_a_data_file_is_hashed_once_per_start_and_again_when_it_changes(tmp_path, monkeypatch):
+    """The cache key and the checkpoint's data digest both hash the file: once per start (a file of many GB), again
+    after it changed on disk."""
+    from jaxrl_llm.data import cache as cache_mod
+
+    calls = []
+    real = cache_mod._file_digest
+    monkeypatch.setattr(cache_mod, "_file_digest", lambda p: calls.append(p) or real(p))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    c = DataCache(str(tmp_path / "cache"))
+    first = c.source_digest(str(data))
+    assert c.source_digest(os.fspath(data)) == first and c.source_digest(data) == first and len(calls) == 1
+    data.write_text('{"prompt": "a", "completion": "c"}\n')
+    os.utime(data, ns=(1, 10**18))
+    assert c.source_digest(str(data)) != first and len(calls) == 2
+    assert c.source_digest("gsm8k") is None

@@ -61,9 +61,10 @@ def source_digest(source: Any) -> str | None:
     return None
 
 
-def cache_key(kind: str, source: Any, settings: dict[str, Any], tokenizer: Any) -> str | None:
+def cache_key(kind: str, source: Any, settings: dict[str, Any], tokenizer: Any, digest: Callable[[Any], str | None]
+              = source_digest) -> str | None:
     """The key of `kind`'s tokens of `source` under `settings` and `tokenizer`, or None when they are not cached."""
-    data = source_digest(source)
+    data = digest(source)
     if data is None:
         return None
     tok = _tokenizer_digest(tokenizer)
@@ -137,11 +138,24 @@ class DataCache:
     def __init__(self, folder: str, writer: bool = True) -> None:
         self.folder, self.writer = folder, writer
         self._pending: list[tuple[str, str, list[Sides], dict[str, Any]]] = []
+        self._digests: dict[tuple, str | None] = {}
+
+    def source_digest(self, source: Any) -> str | None:
+        """`source_digest`, each file read once per run (the cache key and the checkpoint's data digest both need
+        it: a file of many GB is hashed once), again if it changed on disk since (size, mtime, inode)."""
+        path = os.fspath(source) if isinstance(source, os.PathLike) else source
+        if not (isinstance(path, str) and os.path.isfile(path)):
+            return source_digest(source)
+        st = os.stat(path)
+        stamp = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        if stamp not in self._digests:
+            self._digests[stamp] = source_digest(path)
+        return self._digests[stamp]
 
     def cached(self, kind: str, source: Any, settings: dict[str, Any], tokenizer: Any,
                compute: Callable[[], tuple[list[Sides], dict[str, Any]]]) -> tuple[list[Sides], dict[str, Any]]:
         """compute()'s (rows, info), from the folder when it holds them for this key."""
-        key = cache_key(kind, source, settings, tokenizer)
+        key = cache_key(kind, source, settings, tokenizer, self.source_digest)
         if key is not None:
             hit = load(self.folder, kind, key)
             if hit is not None:
