@@ -133,9 +133,9 @@ def roofline(cfg, params, B: int, prompt_len: int, new_tokens: int, decode_s: fl
     import jax
 
     from jaxrl_llm.sampling.cache import cache_bytes
-    from jaxrl_llm.sampling.request import bucket_length
+    from jaxrl_llm.sampling.request import bucket_length, bucket_new_tokens
 
-    S = bucket_length(prompt_len) + bucket_length(new_tokens)
+    S = bucket_length(prompt_len) + bucket_new_tokens(new_tokens)
     step_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) + cache_bytes(cfg, B, S)
     step_ms, roofline_ms = 1e3 * decode_s / max(new_tokens - 1, 1), 1e3 * step_bytes / bw
     return dict(step_ms=step_ms, roofline_ms=roofline_ms, of_roofline=roofline_ms / step_ms,

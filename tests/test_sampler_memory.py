@@ -68,3 +68,20 @@ def test_decode_keeps_one_step_of_logits():
                            ).compile().memory_analysis()
     assert ma.alias_size_in_bytes == cache_bytes(cfg, B, P + N)
     assert ma.temp_size_in_bytes < B * N * cfg.vocab_size * 4 / 8, ma.temp_size_in_bytes
+
+
+def test_the_cache_holds_new_tokens_in_rungs_of_256_past_256():
+    """Decode reads every cache slot at each step: 1100 new tokens get 1280 slots, not 2048 (powers of two stay up
+    to 256, so small requests keep their few shapes)."""
+    import numpy as np
+
+    from jaxrl_llm import sampling
+    from jaxrl_llm.sampling.request import bucket_new_tokens
+
+    assert [bucket_new_tokens(n) for n in (1, 16, 17, 200, 256, 257, 600, 1100, 4096)] == \
+        [16, 16, 32, 256, 256, 512, 768, 1280, 4096]
+    cfg = dataclasses.replace(_CFG, vocab_size=4)
+    params = models.init_params(cfg, jax.random.key(0))
+    sp = sampling.SamplingParams(max_new_tokens=600, temperature=0.0, stop_token_ids=(0, 1, 2, 3))  # stops at once
+    out = sampling.generate(cfg, params, [np.array([1, 2, 3])], sp)
+    assert out.stats["shapes"] == [(1, 16, 768)] and len(out.tokens[0]) == 1

@@ -30,6 +30,7 @@ from jaxrl_llm.sampling.request import (
     as_param_list,
     bucket_batch,
     bucket_length,
+    bucket_new_tokens,
     bucket_stop_width,
     round_up,
     validate_prompts,
@@ -249,7 +250,7 @@ def generate(
             B = bucket_batch(min(n, chunk), shards)  # the last, smaller chunk reuses the same shape
             if max_batch_size is not None:
                 B = min(B, round_up(max_batch_size, shards))
-            N = bucket_length(max(sps[i].max_new_tokens for i in idx))
+            N = bucket_new_tokens(max(sps[i].max_new_tokens for i in idx))
             ids_BP, inp, P = _chunk_arrays(idx, arrs, sps, B)
             distinct = _distinct_prompts(ids_BP, inp.start_B, len(idx), shards) if share_prefill else None
             pre_ids, pre_start, rows = (ids_BP, inp.start_B, None) if distinct is None else distinct

@@ -129,6 +129,13 @@ def bucket_length(n: int, minimum: int = 16) -> int:
     return 1 << (n - 1).bit_length() if n <= 1024 else round_up(n, 1024)
 
 
+def bucket_new_tokens(n: int) -> int:
+    """The generation slots of a cache for `n` new tokens: powers of two up to 256, then multiples of 256. Decode
+    reads every slot of the cache at each step, so a coarser rung (2048 slots for 1100 tokens) would cost memory and
+    time at every token; a run's max_new_tokens seldom changes, so finer rungs add few compiles."""
+    return bucket_length(n) if n <= 256 else round_up(n, 256)
+
+
 def bucket_batch(n: int, multiple: int = 1) -> int:
     """A power of two >= n, rounded up to a multiple of the mesh's batch shards."""
     return round_up(1 << (n - 1).bit_length(), multiple)
