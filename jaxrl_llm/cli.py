@@ -50,11 +50,18 @@ def unknown_override(config_file: str, args: list[str]) -> str | None:
     return None
 
 
+# Flags and config keys (by their last part) that name files or folders: `~/` in them is the home folder
+PATH_FLAGS = ("--workdir", "--out", "--config")
+PATH_KEYS = ("path", "source", "tokenizer")
+
+
 def expand_home(arg: str) -> str:
-    """`--name=~/x` -> `--name=/home/me/x` (the shell expands `~` only at the start of a word)."""
+    """`--workdir=~/x` -> `--workdir=/home/me/x` (the shell expands `~` only at the start of a word), for the flags
+    and config keys that name paths (PATH_FLAGS, PATH_KEYS); another value (a prompt of "~") is left as typed."""
     if arg.startswith("--") and "=" in arg:
         name, value = arg.split("=", 1)
-        if value.startswith("~"):
+        pathlike = name in PATH_FLAGS or (name.startswith("--config.") and name.rsplit(".", 1)[1] in PATH_KEYS)
+        if pathlike and (value == "~" or value.startswith("~/")):
             return f"{name}={os.path.expanduser(value)}"
     return arg
 
@@ -72,9 +79,9 @@ def _config_file(argv: list[str]) -> str | None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing with user errors (unknown key, bad value, a recipe file that is missing or does not
-    load) as one line instead of a traceback. A value written `--flag=~/path` (which the shell leaves as it is)
-    names the path in the home folder, as `--flag ~/path` does."""
-    argv = [expand_home(a) for a in argv]
+    load) as one line instead of a traceback. A path written `--workdir=~/x` (which the shell leaves as it is) is
+    in the home folder, as `--workdir ~/x` is; `--config.k=None` for a placeholder field is None."""
+    argv, none_keys = _split_none_overrides([expand_home(a) for a in argv])
     try:
         rest = FLAGS(argv)
     except SystemExit as e:  # absl's --help prints the usage and exits 1: asking for help is not an error
@@ -115,29 +122,60 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"error: --config={cfg_file}: get_config() returned a {type(loaded).__name__}, not an "
                  "ml_collections.ConfigDict")
     if loaded is not None:
-        none_overrides(loaded, argv)
+        set_none(loaded, none_keys)
     return rest
 
 
-def none_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
-    """`--config.a.b=None` for a field that may be None (a `config_dict.placeholder`, whose comment says what None
-    means): None, not the text 'None' that ml_collections reads for a string field."""
-    for arg in argv:
-        if not arg.startswith("--config.") or "=" not in arg:
-            continue
-        key, value = arg[len("--config."):].split("=", 1)
-        if value != "None":
-            continue
-        *path, last = key.split(".")
-        node = config
+def _split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without the `--config.k=None` / `--config.k None` overrides of keys whose recipe field may be None (a
+    `config_dict.placeholder`, whose comment says what None means), the keys whose last override is None).
+    ml_collections would read the text 'None' into a text field and refuse it for a number; `set_none` sets them
+    after the parse."""
+    import runpy
+
+    cfg_file = _config_file(argv)
+    if not cfg_file:
+        return argv, []
+    nones: dict[str, list[int]] = {}  # key -> the argv positions of its `None` overrides (1 or 2 words each)
+    last_none: dict[str, bool] = {}  # key -> whether its last override is None (the last given wins)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config."):
+            key, eq, value = arg[len("--config."):].partition("=")
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            last_none[key] = value == "None"
+            if value == "None":
+                nones.setdefault(key, []).extend([i] if eq else [i, i + 1])
+    if not nones:
+        return argv, []
+    try:
+        path, _, arg = cfg_file.partition(":")
+        recipe = runpy.run_path(path)["get_config"](*([arg] if arg else []))
+    except Exception:  # noqa: BLE001 (a recipe that does not load: the parse says why)
+        return argv, []
+    keys, drop = [], set()
+    for key, positions in nones.items():
+        *parents, name = key.split(".")
+        node = recipe
         try:
-            for part in path:
+            for part in parents:
                 node = node[part]
         except (KeyError, AttributeError, TypeError):
             continue
-        field = getattr(node, "_fields", {}).get(last) if isinstance(node, ml_collections.ConfigDict) else None
-        if isinstance(field, ml_collections.FieldReference) and node[last] == "None":
-            node[last] = None
+        field = node._fields.get(name) if isinstance(node, ml_collections.ConfigDict) else None
+        if isinstance(field, ml_collections.FieldReference):
+            drop.update(positions)
+            if last_none[key]:
+                keys.append(key)
+    return [a for j, a in enumerate(argv) if j not in drop], keys
+
+
+def set_none(config: ml_collections.ConfigDict, keys: list[str]) -> None:
+    for key in keys:
+        *parents, name = key.split(".")
+        node = config
+        for part in parents:
+            node = node[part]
+        node[name] = None
 
 
 def _last_line(e: Exception) -> str:

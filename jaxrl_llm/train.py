@@ -207,6 +207,19 @@ def check_model_settings(mc: ml_collections.ConfigDict) -> None:
                           "vocabulary at a time in the losses; 0: all at once)")
 
 
+def check_model_outside_export(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """model.path (or tokenizer) inside WORKDIR/hf: this run's export replaces the folder it reads (a next stage, DPO
+    after SFT, started in the first stage's workdir): refused before any work."""
+    export = os.path.realpath(os.path.join(workdir, "hf"))
+    for key, value in (("model.path", config.model.get("path", "")), ("tokenizer", config.get("tokenizer", ""))):
+        if isinstance(value, str) and value and value != "smollm2":
+            real = os.path.realpath(value)
+            if real == export or real.startswith(export + os.sep):
+                raise ConfigError(f"{key}={value!r} is inside this run's export folder {export}, which the run "
+                                  "replaces when it exports (and sets aside when it starts afresh): give this stage a "
+                                  "workdir of its own")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """User errors before any heavy work, each naming the config key."""
     if config.algorithm not in REGISTRY and config.algorithm not in ONLINE:
@@ -435,6 +448,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, ev
     config = with_datasets(config, data=data, eval=eval_data)
     distributed.initialize()
     validate(config)
+    check_model_outside_export(config, workdir)
     with hold_workdir(workdir):  # a second run in this workdir stops here, before it writes anything
         if config.algorithm in ONLINE:
             from jaxrl_llm.rl_train import run_grpo

@@ -153,3 +153,22 @@ def test_an_open_dict_key_says_how_to_set_it(parse):
     with pytest.raises(SystemExit) as e:
         parse("--config", os.path.join(ROOT, "configs", "eval_tiny.py"), "--config.data.options.min_terms=2")
     assert "set it whole, e.g. --config.data.options='{\"min_terms\": ...}'" in str(e.value.code)
+
+
+def test_a_model_inside_this_run_s_export_folder_is_refused(tmp_path):
+    """A next stage (DPO after SFT) started in the first stage's workdir with model.path=WORKDIR/hf: its start set
+    that folder aside and its export replaced it. Refused before any work, naming the key."""
+    config = runpy.run_path(SFT)["get_config"]()
+    config.model.path = str(tmp_path / "hf")
+    with pytest.raises(train.ConfigError, match=r"model.path='.*hf' is inside this run's export folder"):
+        train.check_model_outside_export(config, str(tmp_path))
+    config.model.path = str(tmp_path / "other" / "hf")
+    train.check_model_outside_export(config, str(tmp_path))  # another run's export is fine
+    config.model.path, config.tokenizer = "", str(tmp_path / "hf" / "")
+    with pytest.raises(train.ConfigError, match=r"tokenizer="):
+        train.check_model_outside_export(config, str(tmp_path))
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(train.ConfigError, match=r"tokenizer=.* is inside this run's export folder"):
+        train.run(config, str(tmp_path))  # checked by run, before the workdir is touched
+    assert sorted(os.listdir(tmp_path)) == ["hf"]

@@ -1,6 +1,6 @@
 """Review of 3ad828d..HEAD (rev27): model.logits_chunk on a tensor-parallel mesh and in bf16, the hashed bf16
-stochastic rounding on sharded arrays, and `--config.x=None` / `~` on the command line (xfail(strict): defects
-reported with this file)."""
+stochastic rounding on sharded arrays, and `--config.x=None` (either form, a number field too) / `~` (paths only)
+on the command line."""
 
 from __future__ import annotations
 
@@ -117,16 +117,19 @@ def parse(monkeypatch):
     return run
 
 
-@pytest.mark.xfail(strict=True, reason="rev27: the space form of --config.x None keeps the text 'None'")
 def test_none_for_a_placeholder_in_the_space_form(parse):
     assert parse("--config", GRPO, "--config.data.instruction", "None").data.instruction is None
 
 
-@pytest.mark.xfail(strict=True, reason="rev27: a float placeholder cannot be set to None: float('None') fails")
 def test_none_for_a_float_placeholder(parse):
     assert parse("--config", GRPO, "--config.grpo.tis_min=None").grpo.tis_min is None
 
 
-@pytest.mark.xfail(strict=True, reason="rev27: a text value that is '~' becomes the home folder")
 def test_tilde_in_a_text_value_is_kept(parse):
     assert parse("--config", GRPO, "--config.data.system_prompt=~").data.system_prompt == "~"
+    assert parse("--config", GRPO, "--config.data.system_prompt=~/x").data.system_prompt == "~/x"
+
+
+def test_none_given_twice_the_last_wins(parse):
+    assert parse("--config", GRPO, "--config.grpo.tis_min=0.5", "--config.grpo.tis_min=None").grpo.tis_min is None
+    assert parse("--config", GRPO, "--config.grpo.tis_min=None", "--config.grpo.tis_min=0.5").grpo.tis_min == 0.5

