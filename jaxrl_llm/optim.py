@@ -5,6 +5,7 @@ low-precision parameters with stochastic rounding."""
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -62,18 +63,35 @@ def fp32_state(inner: optax.GradientTransformation) -> optax.GradientTransformat
     return optax.GradientTransformation(init, update)
 
 
+def _mix32(h: jax.Array) -> jax.Array:
+    """lowbias32: an integer hash whose output bits each depend on every input bit."""
+    for m in (0x7FEB352D, 0x846CA68B):
+        h = (h ^ (h >> 16)) * jnp.uint32(m)
+    return h ^ (h >> 16)
+
+
+def _noise16(shape: tuple[int, ...], seed: jax.Array, flat_limit: int = 2**32) -> jax.Array:
+    """16 noise bits per element [shape] (uint32 < 2**16): a hash of the element's index and `seed`. A leaf of
+    `flat_limit` (2**32) elements or more (a stacked 70B MLP weight) hashes its leading index apart, as a uint32 flat
+    index would repeat every 2**32 elements (the same noise, step after step, for elements that far apart)."""
+    size = math.prod(shape)
+    if size < flat_limit or len(shape) < 2:
+        h = jax.lax.iota(jnp.uint32, size).reshape(shape) ^ seed
+    else:
+        lead = jax.lax.broadcasted_iota(jnp.uint32, shape, 0)
+        rest = jnp.broadcast_to(jax.lax.iota(jnp.uint32, math.prod(shape[1:])).reshape(shape[1:]), shape)
+        h = rest ^ _mix32(lead ^ seed)
+    return _mix32(h) & jnp.uint32(0xFFFF)
+
+
 def _stochastic_round_bf16(x_f32: jax.Array, key: jax.Array) -> jax.Array:
     """x rounded to bf16 up or down with probabilities in proportion to its distance from each (unbiased, so
     updates far below a bf16 step still move the weights on average); non-finite values round to nearest.
 
-    The 16 noise bits of each element are an integer hash (lowbias32) of its index and a seed drawn from `key`:
-    elementwise, so the rounding fuses into the update. jax.random.bits over the whole leaf materialised its
-    threefry counters and output, 16 bytes of temporaries per parameter."""
-    seed = jax.random.bits(key, (), jnp.uint32)
-    h = jax.lax.iota(jnp.uint32, x_f32.size).reshape(x_f32.shape) ^ seed
-    for m in (0x7FEB352D, 0x846CA68B):
-        h = (h ^ (h >> 16)) * jnp.uint32(m)
-    noise = (h ^ (h >> 16)) & jnp.uint32(0xFFFF)
+    The 16 noise bits of each element are an integer hash (lowbias32) of its index and a seed drawn from `key`
+    (`_noise16`): elementwise, so the rounding fuses into the update. jax.random.bits over the whole leaf
+    materialised its threefry counters and output, 16 bytes of temporaries per parameter."""
+    noise = _noise16(x_f32.shape, jax.random.bits(key, (), jnp.uint32))
     bits = jax.lax.bitcast_convert_type(x_f32, jnp.uint32)
     up = jax.lax.bitcast_convert_type((bits + noise) & jnp.uint32(0xFFFF0000), _F32)
     return jnp.where(jnp.isfinite(x_f32), up, x_f32).astype(jnp.bfloat16)

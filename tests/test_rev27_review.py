@@ -133,3 +133,19 @@ def test_tilde_in_a_text_value_is_kept(parse):
 def test_none_given_twice_the_last_wins(parse):
     assert parse("--config", GRPO, "--config.grpo.tis_min=0.5", "--config.grpo.tis_min=None").grpo.tis_min is None
     assert parse("--config", GRPO, "--config.grpo.tis_min=None", "--config.grpo.tis_min=0.5").grpo.tis_min == 0.5
+
+
+def test_rounding_noise_of_a_leaf_past_2_to_the_32_does_not_repeat():
+    """A flat uint32 index repeats every 2**32 elements (a stacked 70B MLP weight has ~1.9e10): elements that far
+    apart drew the same noise at every step. Past the limit (here lowered to 64) the leading index is hashed apart;
+    below it the noise is the flat-index stream."""
+    from jaxrl_llm.optim import _noise16
+
+    seed = jnp.uint32(12345)
+    flat = np.asarray(_noise16((4, 64), seed))
+    split = np.asarray(_noise16((4, 64), seed, flat_limit=64))
+    assert (flat < 2**16).all() and (split < 2**16).all()
+    assert len({tuple(r) for r in split}) == 4  # each leading slice its own draws
+    wrapped = np.asarray(_noise16((4, 64), seed, flat_limit=2**40))  # (the same as `flat`: below the limit)
+    np.testing.assert_array_equal(flat, wrapped)
+    assert abs(split.mean() / 2**16 - 0.5) < 0.05
