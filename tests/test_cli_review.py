@@ -172,3 +172,21 @@ def test_a_model_inside_this_run_s_export_folder_is_refused(tmp_path):
     with pytest.raises(train.ConfigError, match=r"tokenizer=.* is inside this run's export folder"):
         train.run(config, str(tmp_path))  # checked by run, before the workdir is touched
     assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_none_for_a_placeholder_in_the_space_form(parse):
+    assert parse("--config", GRPO, "--config.data.instruction", "None")[0].data.instruction is None
+
+
+def test_none_for_a_float_placeholder(parse):
+    assert parse("--config", GRPO, "--config.grpo.tis_min=None")[0].grpo.tis_min is None
+
+
+def test_tilde_in_a_text_value_is_kept(parse):
+    assert parse("--config", GRPO, "--config.data.system_prompt=~")[0].data.system_prompt == "~"
+    assert parse("--config", GRPO, "--config.data.system_prompt=~/x")[0].data.system_prompt == "~/x"
+
+
+def test_none_given_twice_the_last_wins(parse):
+    assert parse("--config", GRPO, "--config.grpo.tis_min=0.5", "--config.grpo.tis_min=None")[0].grpo.tis_min is None
+    assert parse("--config", GRPO, "--config.grpo.tis_min=None", "--config.grpo.tis_min=0.5")[0].grpo.tis_min == 0.5
