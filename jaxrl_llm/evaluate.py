@@ -73,6 +73,7 @@ def validate(config: ml_collections.ConfigDict) -> SamplingParams:
         raise ConfigError(f"model.path={mc.path!r}: no such file or folder")
     if mc.step != -1 and not is_workdir(mc.path):
         raise ConfigError(f"model.step={mc.step}: only a training workdir (with {MODEL_CONFIG_FILE}) has steps")
+    train.check_model_head(mc.path, needs_scores=False)
     train.check_model_settings(mc)
     ec = config.eval
     if ec.n_samples < 1:

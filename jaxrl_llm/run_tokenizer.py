@@ -40,14 +40,21 @@ def load_run_tokenizer(config: ml_collections.ConfigDict, own: str | None = None
     template: data.chat_template's override, else its own, with data.chat_template_kwargs' defaults; checked to
     parse (a ConfigError naming the line otherwise). Another tokenizer than the model's own is logged."""
     own = own if own is not None else config.model.path
-    if config.tokenizer and own and _has_tokenizer(own) and not _same(config.tokenizer, own):
-        log.warning("tokenizer=%r is used, not the model's own in %s: its ids must mean the same tokens to the "
-                    "model (tokenizer='' uses the model's)", config.tokenizer, own)
     tokenizer = load_tokenizer(config.tokenizer or own)
     try:
         override, kwargs = run_template(config.data), template_kwargs(config.data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if config.tokenizer and own and _has_tokenizer(own) and not _same(config.tokenizer, own):
+        # (a model folder from an earlier stage keeps that stage's data.chat_template: say when it is not used)
+        try:
+            own_template = getattr(load_tokenizer(own), "chat_template", None)
+        except (ConfigError, OSError, ValueError):  # (the model's own does not load: nothing to compare)
+            own_template = None
+        lost = (f"; its chat template differs from the model's (saved in {own} by the run that trained it), which "
+                "is not used" if own_template and own_template != tokenizer.chat_template and not override else "")
+        log.warning("tokenizer=%r is used, not the model's own in %s: its ids must mean the same tokens to the "
+                    "model%s (tokenizer='' uses the model's)", config.tokenizer, own, lost)
     try:
         check_template(tokenizer, override)
     except ValueError as e:

@@ -207,6 +207,33 @@ def check_model_settings(mc: ml_collections.ConfigDict) -> None:
                           "vocabulary at a time in the losses; 0: all at once)")
 
 
+def model_architectures(path: str) -> list[str]:
+    """The `architectures` a model folder's config.json (or a training workdir's model_config.json) names; [] for
+    a .gguf file, 'smollm2' or a folder without them."""
+    for name, inner in (("config.json", None), (MODEL_CONFIG_FILE, "hf_config")):
+        file = os.path.join(path, name) if path and os.path.isdir(path) else ""
+        if file and os.path.isfile(file):
+            try:
+                with open(file) as f:
+                    doc = json.load(f)
+            except (OSError, ValueError):
+                return []  # (loading the model says what is wrong with it)
+            doc = doc.get(inner, {}) if inner else doc
+            return [a for a in doc.get("architectures") or [] if isinstance(a, str)] if isinstance(doc, dict) else []
+    return []
+
+
+def check_model_head(path: str, needs_scores: bool, key: str = "model.path") -> None:
+    """A stage that generates or scores tokens (SFT, DPO, GRPO, evaluation) needs a causal LM: a reward model's
+    export (*ForSequenceClassification) is refused naming the key, before any work (it failed inside the first
+    jitted step). A reward-model run may start from either (a causal LM gets a new score head)."""
+    scores = [a for a in model_architectures(path) if a.endswith("ForSequenceClassification")]
+    if scores and not needs_scores:
+        raise ConfigError(f"{key}={path!r} is a reward model ({scores[0]}: a score head, no language-model head); "
+                          "this stage needs a causal LM: start from the export the reward model was trained from "
+                          "(e.g. the SFT stage's hf/)")
+
+
 def check_model_outside_export(config: ml_collections.ConfigDict, workdir: str) -> None:
     """model.path (or tokenizer) inside WORKDIR/hf: this run's export replaces the folder it reads (a next stage, DPO
     after SFT, started in the first stage's workdir): refused before any work."""
@@ -254,6 +281,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError("model.path is empty and model.init is not set: name a model folder/.gguf or a tiny init")
     if config.model.path and config.model.path != "smollm2" and not os.path.exists(config.model.path):
         raise ConfigError(f"model.path={config.model.path!r}: no such file or folder")
+    if config.model.path and os.path.isfile(os.path.join(config.model.path, MODEL_CONFIG_FILE)):
+        hf = os.path.join(config.model.path, "hf")
+        start = (f"start from its export, model.path={hf!r}" if os.path.isfile(os.path.join(hf, "config.json"))
+                 else f"export a checkpoint first (python -m jaxrl_llm.export --workdir {config.model.path} --out DIR)"
+                 " and start from that")
+        raise ConfigError(f"model.path={config.model.path!r} is a training workdir, not a model folder: {start}")
+    check_model_head(config.model.path, needs_scores=config.algorithm == "rm")
     check_model_settings(config.model)
     if models.resolve_dtype(config.model.dtype) == jnp.float16:
         raise ConfigError("model.dtype=float16: fp16 parameters cannot take AdamW's small updates (most round away "

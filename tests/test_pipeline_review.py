@@ -1,6 +1,8 @@
 """Chaining stages (SFT -> DPO/RM -> GRPO -> evaluation): what a user gives the next stage as model.path.
 
-Review tests (pipe): the xfail(strict) ones show defects found by running the tiny recipes through the CLI."""
+A reward model's export as a causal stage's model, a training workdir as train's model.path, and a tokenizer override
+that drops the previous stage's chat template: each said before any work (found running the tiny recipes through the
+CLI)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import os
 import jax
 import pytest
 
-from jaxrl_llm import models, parallel, train
+from jaxrl_llm import models, train
 from jaxrl_llm.cli import ConfigError
 from jaxrl_llm.run_tokenizer import load_run_tokenizer
 from tests.recipes import recipe
@@ -41,27 +43,28 @@ def test_export_chain_keeps_ids_and_weights(exports):
     assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2), strict=True))
 
 
-@pytest.mark.xfail(strict=True, reason="defect: a causal stage (SFT/DPO/GRPO/evaluation) started from a reward "
-                   "model's export fails inside the first jitted step with a ValueError traceback "
-                   "(lm_logits: score-head model), after tokenizing and compiling, leaving a half-made workdir")
 def test_causal_stage_from_reward_model_export_is_a_config_error(exports):
-    config = recipe("dpo_tiny", {"model.path": exports["rm"], "tokenizer": ""})
-    mesh = parallel.make_mesh(1, -1, 1)
-    with pytest.raises(ConfigError, match="model.path"):
-        train.validate(config)
-        train.build_model(config, TINY["vocab_size"], mesh, parallel.ShardingRules(), num_labels=0)
+    from jaxrl_llm import evaluate
+
+    for name in ("dpo_tiny", "sft_tiny", "grpo_tiny"):
+        with pytest.raises(ConfigError, match=r"model.path=.* is a reward model \(LlamaForSequenceClassification"):
+            train.validate(recipe(name, {"model.path": exports["rm"], "tokenizer": ""}))
+    with pytest.raises(ConfigError, match=r"is a reward model"):
+        evaluate.validate(recipe("eval_tiny", {"model.path": exports["rm"], "tokenizer": ""}))
+    train.validate(recipe("rm_tiny", {"model.path": exports["rm"], "tokenizer": ""}))  # an RM stage may go on
 
 
-@pytest.mark.xfail(strict=True, reason="defect: train accepts a training workdir as model.path in validate, then "
-                   "fails with '<workdir>: missing config.json' (or a tokenizer error with tokenizer='') after "
-                   "tokenizing the data; evaluate accepts workdirs, so users try it; the message should name "
-                   "<workdir>/hf")
 def test_train_model_path_that_is_a_workdir_names_its_export(exports, tmp_path):
     wd = tmp_path / "sft_run"
     (wd / "checkpoints").mkdir(parents=True)
     (wd / "model_config.json").write_text(json.dumps({"hf_config": {}}))
     config = recipe("dpo_tiny", {"model.path": str(wd), "tokenizer": ""})
-    with pytest.raises(ConfigError, match="hf"):
+    with pytest.raises(ConfigError, match=r"is a training workdir, not a model folder: export a checkpoint first"):
+        train.validate(config)
+    (wd / "hf").mkdir()
+    (wd / "hf" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"is a training workdir, not a model folder: start from its export, "
+                                          r"model.path='.*sft_run/hf'"):
         train.validate(config)
 
 
@@ -79,9 +82,6 @@ def _tiny_tokenizer(folder, template):
     return str(folder)
 
 
-@pytest.mark.xfail(strict=True, reason="defect: the tiny recipes' tokenizer='smollm2' replaces the previous stage's "
-                   "tokenizer and chat template (a data.chat_template override of stage 1 is lost); the warning "
-                   "speaks only of token ids")
 def test_other_tokenizer_warning_names_the_lost_chat_template(tmp_path, caplog):
     stage1 = "{% for m in messages %}STAGE1 {{ m['content'] }}{% endfor %}"  # stage 1's data.chat_template
     model_dir = _tiny_tokenizer(tmp_path / "sft_hf", stage1)
