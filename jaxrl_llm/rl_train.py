@@ -37,7 +37,7 @@ from jaxrl_llm import distributed, models, multiturn, parallel, sampling
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
 from jaxrl_llm.algorithms.pg_losses import kl_penalty
-from jaxrl_llm.checkpoint import require_finite
+from jaxrl_llm.checkpoint import require_finite, weights_checksum
 from jaxrl_llm.data.chat import DataError, run_template
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
@@ -432,6 +432,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with jax.set_mesh(mesh):
         opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
         ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef else None
+    if ref_params is not None:  # a resume takes model.path's weights again as its reference: the same ones
+        run_meta["reference"] = weights_checksum(ref_params)
     if ref_params is not None and config.grpo.get("ref_offload", False):
         ref_params = offload_to_host(ref_params)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

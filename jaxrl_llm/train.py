@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from jaxrl_llm import distributed, models, parallel
 from jaxrl_llm.algorithms import REGISTRY, batch_indices
 from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
-from jaxrl_llm.checkpoint import Checkpointer, require_finite, resume_note
+from jaxrl_llm.checkpoint import Checkpointer, require_finite, resume_note, weights_checksum
 from jaxrl_llm.cli import (
     WRITE_ERRNOS,
     ConfigError,
@@ -124,6 +124,7 @@ def build_model(config: ml_collections.ConfigDict, vocab_size: int, mesh, rules,
 # the learning-rate schedule depend on them. The data is compared by its number of rows, not its tokens: a
 # template may render today's date (Llama 3.2), and reasoning-gym tasks vary with Python's hash seed.
 _RESUME_NAMES = {"batch_size": "train.batch_size",
+                 "reference": "the reference model's weights (model.path's, as this start loaded them: a checksum)",
                  "data_rows": "the number of data rows (data.source after tokenization, truncation and drops)",
                  "data_digest": "the data (data.source's content: its file's SHA-256, or a Dataset's fingerprint)",
                  "num_prompts": "rollout.num_prompts", "group_size": "rollout.group_size", "epochs": "grpo.epochs",
@@ -565,6 +566,8 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     digest = data_cache.source_digest(config.data.source)  # (the rows' content; hashed once per start)
     run_meta = {"algorithm": config.algorithm, "seed": config.seed, "batch_size": B,
                 "data_rows": len(examples) + len(val_examples), "data_digest": digest and digest[:21]}
+    if algo.needs_reference(config):  # a resume takes these weights again as its reference: the same ones
+        run_meta["reference"] = weights_checksum(params)
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min", run_meta=run_meta)
     data_cache.flush()  # the workdir is this run's now
     items, start = restore_run(ckpt, state)

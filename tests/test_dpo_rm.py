@@ -367,3 +367,9 @@ def test_dpo_validation_ranks_checkpoints_and_a_wrong_metric_is_refused_first(tm
     val = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in val] == [2, 4] and all(0 <= r["val_accuracy"] <= 1 for r in val)
     assert abs(val[0]["val_loss"] - LOG2) < 0.5 and "val_margin" in val[0]
+    # A resume rebuilds the frozen reference from the starting weights: other ones (model.path re-exported since, or
+    # here another init) are refused, not trained against
+    with pytest.raises(train.ConfigError, match=r"the reference model's weights"):
+        train.run(recipe("dpo_tiny", {**over, "checkpoint.best_metric": "val_accuracy", "max_steps": 5,
+                                      "model.init_std": 0.03}), str(tmp_path / "ok"))
+    assert [r["step"] for r in _rows(tmp_path / "ok")][-1] == 4

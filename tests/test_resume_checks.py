@@ -123,7 +123,9 @@ def test_grpo_resume_with_other_rollout_settings_is_refused(tmp_path):
                          # the data position counts prompt batches of num_prompts x batch_multiplier
                          ({"grpo.dynamic_sampling": True, "grpo.batch_multiplier": 2.0},
                           r"the prompts of each generation round \(.*\): 2 there, 4 now"),
-                         ({"data.num_examples": 8}, r"the number of data rows \(.*\): 16 there, 8 now")):
+                         ({"data.num_examples": 8}, r"the number of data rows \(.*\): 16 there, 8 now"),
+                         # other starting weights (model.path re-exported): the rebuilt KL reference would differ
+                         ({"model.init_std": 0.03}, r"the reference model's weights \(.*\): '[0-9a-f]+' there")):
         with pytest.raises(train.ConfigError, match=needle):
             train.run(recipe("grpo_tiny", {**GRPO, "max_steps": 2, **over}), wd)
     assert _steps(wd) == [1]
