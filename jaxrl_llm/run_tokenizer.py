@@ -49,10 +49,11 @@ def load_run_tokenizer(config: ml_collections.ConfigDict, own: str | None = None
         # (a model folder from an earlier stage keeps that stage's data.chat_template: say when it is not used)
         try:
             own_template = getattr(load_tokenizer(own), "chat_template", None)
-        except (ConfigError, OSError, ValueError):  # (the model's own does not load: nothing to compare)
+        except Exception:  # noqa: BLE001 (only for this warning: the model's own does not load, nothing to compare)
             own_template = None
+        ours = with_template_defaults(tokenizer.chat_template, kwargs)  # (what the run renders without override)
         lost = (f"; its chat template differs from the model's (saved in {own} by the run that trained it), which "
-                "is not used" if own_template and own_template != tokenizer.chat_template and not override else "")
+                "is not used" if own_template and own_template != ours and not override else "")
         log.warning("tokenizer=%r is used, not the model's own in %s: its ids must mean the same tokens to the "
                     "model%s (tokenizer='' uses the model's)", config.tokenizer, own, lost)
     try:

@@ -433,12 +433,6 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
                         best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", default_best_mode))
     saved = os.path.join(workdir, MODEL_CONFIG_FILE)
-    if ckpt.latest_step() is not None:
-        try:
-            check_resume(workdir, ckpt.read_meta(), run_meta)
-        except BaseException:
-            ckpt.close()
-            raise
     saved_doc = None
     if ckpt.latest_step() is not None and os.path.exists(saved):
         try:
@@ -464,6 +458,13 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
             raise ConfigError(f"workdir {workdir!r} holds checkpoints of a run with model.dtype={before}, not "
                               f"{config.model.dtype}: resuming would round its parameters (and every export of "
                               "its checkpoints) to the new dtype; use a fresh workdir to change it")
+    # (after the model and dtype: another dtype or model also changes the reference's checksum)
+    if ckpt.latest_step() is not None:
+        try:
+            check_resume(workdir, ckpt.read_meta(), run_meta)
+        except BaseException:
+            ckpt.close()
+            raise
     if jax.process_index() == 0:  # each written whole or not at all: a kill here must not break the restart
         write_atomically(saved, json.dumps({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
                                             "attention_impl": cfg.attention_impl, "param_dtype": config.model.dtype,

@@ -1,7 +1,7 @@
 """Review of 66b4e7d..HEAD (rev27b): the tokenizer-override warning about the model's own chat template, and the
-reference-weights checksum on resume (check_resume runs before the model/dtype comparison of prepare_workdir).
-
-The xfail(strict) tests show defects of the current code; each passes once its fix is in (then drop the marker)."""
+reference-weights checksum on resume: a model's own tokenizer that does not load only loses the warning, a template
+rendered alike with the same kwargs is not called lost, and another model.dtype is named as such, not as other
+reference weights (check_resume runs after the model/dtype comparison)."""
 
 from __future__ import annotations
 
@@ -48,8 +48,6 @@ def toks(tmp_path_factory):
     return {"other": other, "stage1": str(root / "stage1_hf"), "broken": str(broken), "tok": tok}
 
 
-@pytest.mark.xfail(strict=True, reason="the model's template is compared with the override tokenizer's raw template, "
-                                       "not with the run's (chat_template_kwargs' defaults written in)")
 def test_same_template_and_kwargs_as_the_previous_stage_is_not_called_a_lost_template(toks, caplog):
     config = recipe("dpo_tiny", {"model.path": toks["stage1"], "tokenizer": toks["other"],
                                  "data.chat_template_kwargs": KWARGS})
@@ -67,8 +65,6 @@ def test_other_kwargs_than_the_previous_stage_is_said(toks, caplog):
     assert "chat template differs" in caplog.text
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason="the model's own tokenizer is loaded for the warning and only "
-                                                        "ConfigError/OSError/ValueError are caught")
 def test_an_override_for_a_model_whose_own_tokenizer_does_not_load_still_runs(toks, caplog):
     config = recipe("dpo_tiny", {"model.path": toks["broken"], "tokenizer": toks["other"]})
     with caplog.at_level(logging.WARNING):
@@ -92,8 +88,6 @@ def test_model_head_accepts_causal_folders_without_architectures_and_gguf(tmp_pa
     train.check_model_head(str(rm_wd), needs_scores=True)
 
 
-@pytest.mark.xfail(strict=True, reason="check_resume (the reference checksum, which a dtype change alters) runs "
-                                       "before prepare_workdir's model.dtype comparison")
 def test_a_dpo_resume_with_another_dtype_names_model_dtype(toks, tmp_path):
     cfg = models.ModelConfig(family="llama", vocab_size=8, hidden_size=16, intermediate_size=32, num_layers=1,
                              num_heads=2, num_kv_heads=1, head_dim=8, tie_word_embeddings=True)
