@@ -10,6 +10,7 @@ import logging
 import jax.numpy as jnp
 import pytest
 from recipes import recipe
+from test_pipeline_review import _tiny_tokenizer
 
 from jaxrl_llm import models, train
 from jaxrl_llm.cli import ConfigError
@@ -17,20 +18,6 @@ from jaxrl_llm.run_tokenizer import load_run_tokenizer
 
 TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 KWARGS = '{"enable_thinking": false}'
-
-
-def _tiny_tokenizer(folder, template):
-    import tokenizers
-    import transformers
-
-    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", "a", "b"])}
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                               pad_token="</s>", unk_token="<unk>")
-    tok.chat_template = template
-    tok.save_pretrained(str(folder))
-    return str(folder)
 
 
 @pytest.fixture(scope="module")

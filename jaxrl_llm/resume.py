@@ -1,0 +1,138 @@
+"""Resuming a run folder: what its checkpoints must share with this start (`check_resume`, `prepare_workdir`),
+and restoring the latest one (`restore_run`). Shared by the offline algorithms (train.py) and GRPO (rl_train.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxrl_llm import models
+from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.cli import ConfigError
+from jaxrl_llm.run_tokenizer import resolve_path
+from jaxrl_llm.workdir import MODEL_CONFIG_FILE, replace_folder, set_aside, write_atomically
+
+log = logging.getLogger("jaxrl_llm.train")
+
+
+def source_generation_config(config: ml_collections.ConfigDict) -> dict | None:
+    """model.path's generation_config.json (its sampling defaults go with the run's exports), or None."""
+    return models.read_generation_config(resolve_path(config.model.path)) if config.model.path else None
+
+
+# What a resumed run must share with the run that wrote the checkpoint, as meta names them: the data position and
+# the learning-rate schedule depend on them. The data is compared by its number of rows, not its tokens: a
+# template may render today's date (Llama 3.2), and reasoning-gym tasks vary with Python's hash seed.
+_RESUME_NAMES = {"batch_size": "train.batch_size",
+                 "reference": "the reference model's weights (model.path's, as this start loaded them: a checksum)",
+                 "data_rows": "the number of data rows (data.source after tokenization, truncation and drops)",
+                 "data_digest": "the data (data.source's content: its file's SHA-256, or a Dataset's fingerprint)",
+                 "num_prompts": "rollout.num_prompts", "group_size": "rollout.group_size", "epochs": "grpo.epochs",
+                 "prompts_per_round": "the prompts of each generation round (rollout.num_prompts, times "
+                                      "grpo.batch_multiplier with grpo.dynamic_sampling)"}
+
+
+def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """ConfigError naming every setting in `now` that differs from the checkpoint's meta `saved` (settings that
+    an older checkpoint did not record are not compared). Other rows of the same count (an edited file, another
+    Dataset) are allowed, as a changed data.source path is, and logged: the run goes on from its data position
+    over the new rows."""
+    digest = now.get("data_digest")
+    if saved.get("data_digest") not in (None, digest):
+        log.warning("resuming on other data than the checkpoint's (%s: %r there, %r now): the same number of rows, "
+                    "so the run goes on from its data position over the new rows", _RESUME_NAMES["data_digest"],
+                    saved["data_digest"], digest)
+    changed = [f"{_RESUME_NAMES.get(k, k)}: {saved[k]!r} there, {v!r} now" for k, v in now.items()
+               if k in saved and saved[k] != v and k != "data_digest"]
+    if changed:
+        raise ConfigError(f"workdir {workdir!r} holds a run with other settings ({'; '.join(changed)}); resume it "
+                          "with its own settings, or start a fresh workdir (model.path can start from this run's "
+                          "export)")
+
+
+def restore_run(ckpt: Checkpointer, state: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:
+    """(params and opt_state of the latest checkpoint, its step), or (None, 0) with none (`prepare_workdir` has
+    checked the checkpoint's settings). When there is one, the arrays of state["params"] and state["opt_state"]
+    are deleted before it is read. On an error the checkpointer is closed (its background threads would
+    otherwise fail at exit)."""
+    if ckpt.latest_step() is None:
+        return None, 0
+    # The restored arrays replace these: free them first (their shapes, dtypes and shardings are the targets), or
+    # a resumed run would hold two copies of the parameters and the optimizer state for as long as it runs (the
+    # caller's own references to them outlive `state`), and twice that while restoring.
+    old = {"params": state["params"], "opt_state": state["opt_state"]}
+    targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), old)
+    for x in jax.tree.leaves(old):
+        x.delete()
+    try:
+        items, _, start = ckpt.restore(targets)
+    except BaseException:
+        ckpt.close()
+        raise
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+    return items, start
+
+
+_SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_labels")
+
+
+def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collections.ConfigDict, tokenizer,
+                    default_best_mode: str, run_meta: dict[str, Any]) -> Checkpointer:
+    """The run folder every algorithm shares: model_config.json and tokenizer/ (process 0, for export and
+    evaluation; with data.chat_template's override as its template) and the checkpointer over checkpoints/.
+    A folder that holds another run's checkpoints (another model or dtype, or `run_meta` settings other than
+    its latest checkpoint's: `check_resume`) is a ConfigError raised before anything in it is written."""
+    os.makedirs(workdir, exist_ok=True)
+    if config.get("export_hf", False):  # the end-of-run export would refuse it: say so before training
+        from jaxrl_llm.models.hf_io import check_replaceable
+
+        check_replaceable(os.path.abspath(os.path.join(workdir, "hf")))
+    cc = config.checkpoint
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
+                        best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", default_best_mode))
+    saved = os.path.join(workdir, MODEL_CONFIG_FILE)
+    saved_doc = None
+    if ckpt.latest_step() is not None and os.path.exists(saved):
+        try:
+            with open(saved) as f:
+                saved_doc = json.load(f)
+            if not isinstance(saved_doc, dict):
+                raise ValueError(f"a JSON {type(saved_doc).__name__}, not an object")
+        except (OSError, ValueError) as e:  # cut short by a kill (before it was written atomically)
+            saved_doc = None
+            log.warning("%s: unreadable (%s): set aside as %s; the model is not compared with the checkpoint's "
+                        "before it is restored", saved, e, set_aside(saved) if jax.process_index() == 0 else "-")
+    if saved_doc is not None:
+        before = saved_doc.get("param_dtype")
+        old_hf, new_hf = saved_doc.get("hf_config", {}), models.config_to_hf(cfg)
+        changed = [f"{k}: {old_hf[k]!r} there, {new_hf.get(k)!r} now" for k in _SHAPE_KEYS
+                   if k in old_hf and old_hf[k] != new_hf.get(k)]
+        if changed:
+            ckpt.close()
+            raise ConfigError(f"workdir {workdir!r} holds checkpoints of another model ({'; '.join(changed)}): its "
+                              "parameters do not fit this one; use a fresh workdir, or the run's own model settings")
+        if before is not None and models.resolve_dtype(before) != models.resolve_dtype(config.model.dtype):
+            ckpt.close()
+            raise ConfigError(f"workdir {workdir!r} holds checkpoints of a run with model.dtype={before}, not "
+                              f"{config.model.dtype}: resuming would round its parameters (and every export of "
+                              "its checkpoints) to the new dtype; use a fresh workdir to change it")
+    # (after the model and dtype: another dtype or model also changes the reference's checksum)
+    if ckpt.latest_step() is not None:
+        try:
+            check_resume(workdir, ckpt.read_meta(), run_meta)
+        except BaseException:
+            ckpt.close()
+            raise
+    if jax.process_index() == 0:  # each written whole or not at all: a kill here must not break the restart
+        write_atomically(saved, json.dumps({"hf_config": models.config_to_hf(cfg), "compute_dtype": cfg.compute_dtype,
+                                            "attention_impl": cfg.attention_impl, "param_dtype": config.model.dtype,
+                                            "generation_config": source_generation_config(config)}, indent=2))
+        replace_folder(os.path.join(workdir, "tokenizer"), tokenizer.save_pretrained)
+    return ckpt
