@@ -259,7 +259,9 @@ def test_grpo_stops_at_a_non_finite_loss_and_ranks_checkpoints_by_max_by_default
             modes.append(kw.get("best_mode"))
             super().__init__(*a, **kw)
 
-    monkeypatch.setattr(train, "Checkpointer", Spy)
+    from jaxrl_llm import resume
+
+    monkeypatch.setattr(resume, "Checkpointer", Spy)  # (prepare_workdir's, which every algorithm's run calls)
     monkeypatch.setattr(GRPORunner, "step", lambda self, state, ref, step: (state, {"loss": float("nan")}))
     c = recipe("grpo_tiny", {**GRPO, "max_steps": 3})
     del c.checkpoint["best_mode"]
