@@ -8,6 +8,7 @@ import errno
 import os
 import sys
 import traceback
+from typing import Any
 
 import jax
 import ml_collections
@@ -21,14 +22,24 @@ class ConfigError(ValueError):
     """A recipe or command-line override is invalid; the message names the key."""
 
 
+def _recipe(config_file: str) -> Any:
+    """`config_file`'s get_config() (`path:arg` passes arg), or None when the recipe does not load (the flags'
+    own parse then says why)."""
+    import runpy
+
+    path, _, arg = config_file.partition(":")
+    try:
+        return runpy.run_path(path)["get_config"](*([arg] if arg else []))
+    except Exception:  # noqa: BLE001 (a broken recipe: let the flags error speak)
+        return None
+
+
 def unknown_override(config_file: str, args: list[str]) -> str | None:
     """A one-line message for the first `--config.a.b=v` whose key the recipe does not have, or None."""
     import difflib
-    import runpy
 
-    try:
-        base = runpy.run_path(config_file)["get_config"]()
-    except Exception:  # noqa: BLE001 (the recipe itself is broken; let the flags error speak)
+    base = _recipe(config_file)
+    if base is None:
         return None
     for arg in args:
         if not arg.startswith("--config."):
@@ -131,8 +142,6 @@ def _split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     `config_dict.placeholder`, whose comment says what None means), the keys whose last override is None).
     ml_collections would read the text 'None' into a text field and refuse it for a number; `set_none` sets them
     after the parse."""
-    import runpy
-
     cfg_file = _config_file(argv)
     if not cfg_file:
         return argv, []
@@ -147,10 +156,8 @@ def _split_none_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
                 nones.setdefault(key, []).extend([i] if eq else [i, i + 1])
     if not nones:
         return argv, []
-    try:
-        path, _, arg = cfg_file.partition(":")
-        recipe = runpy.run_path(path)["get_config"](*([arg] if arg else []))
-    except Exception:  # noqa: BLE001 (a recipe that does not load: the parse says why)
+    recipe = _recipe(cfg_file)
+    if recipe is None:
         return argv, []
     keys, drop = [], set()
     for key, positions in nones.items():

@@ -1,5 +1,6 @@
-"""Resuming a run folder: what its checkpoints must share with this start (`check_resume`, `prepare_workdir`),
-and restoring the latest one (`restore_run`). Shared by the offline algorithms (train.py) and GRPO (rl_train.py).
+"""A run folder from start to end: what its checkpoints must share with this start (`check_resume`,
+`prepare_workdir`), restoring the latest one (`restore_run`), and the export and closing line (`finish_run`).
+Shared by the offline algorithms (train.py) and GRPO (rl_train.py).
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxrl_llm import models
-from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm import distributed, models
+from jaxrl_llm.checkpoint import Checkpointer, require_finite
 from jaxrl_llm.cli import ConfigError
 from jaxrl_llm.run_tokenizer import resolve_path
-from jaxrl_llm.workdir import MODEL_CONFIG_FILE, replace_folder, set_aside, write_atomically
+from jaxrl_llm.workdir import MODEL_CONFIG_FILE, export_is_current, replace_folder, set_aside, write_atomically
 
 log = logging.getLogger("jaxrl_llm.train")
 
@@ -136,3 +137,24 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
                                             "generation_config": source_generation_config(config)}, indent=2))
         replace_folder(os.path.join(workdir, "tokenizer"), tokenizer.save_pretrained)
     return ckpt
+
+
+def finish_run(config: ml_collections.ConfigDict, cfg: models.ModelConfig, params: Any, tokenizer: Any, workdir: str,
+               start: int, checkpoints: str) -> None:
+    """After the last step: the HF export (every process takes part in the gather; process 0 writes), unless a
+    finished run was started again and its export is already there (process 0's view, so that every process takes
+    the same branch), then one line saying where the metrics, `checkpoints` (Checkpointer.summary) and export are."""
+    hf = os.path.join(workdir, "hf")
+    exported = distributed.allgather_json(export_is_current(workdir, start, config.max_steps))[0]
+    if exported:
+        log.info("nothing to train: the checkpoint is at max_steps=%d, and its export in %s is kept",
+                 config.max_steps, hf)
+    elif config.export_hf:
+        require_finite({"params": params}, "the HF export is not written")
+        out = models.save_pretrained(cfg, params, hf, tokenizer=tokenizer,
+                                     generation_config=source_generation_config(config))
+        if out:
+            log.info("exported the trained model to %s", out)
+    if jax.process_index() == 0:
+        log.info("done: %d steps; metrics in %s; %s%s", config.max_steps, os.path.join(workdir, "metrics.jsonl"),
+                 checkpoints, f"; the trained model in {hf}" if config.export_hf else "")

@@ -37,7 +37,7 @@ from jaxrl_llm import distributed, models, multiturn, parallel, sampling
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
 from jaxrl_llm.algorithms.pg_losses import kl_penalty
-from jaxrl_llm.checkpoint import require_finite, weights_checksum
+from jaxrl_llm.checkpoint import weights_checksum
 from jaxrl_llm.data.chat import DataError, run_template
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
@@ -57,13 +57,7 @@ from jaxrl_llm.rl_batch import (
     shuffled_rows,
 )
 from jaxrl_llm.sampling.text import render_prompt
-from jaxrl_llm.workdir import (
-    close_all,
-    export_is_current,
-    keep_earlier_export,
-    record_run_config,
-    truncate_metrics,
-)
+from jaxrl_llm.workdir import close_all, keep_earlier_export, record_run_config, truncate_metrics
 
 log = logging.getLogger("jaxrl_llm.rl_train")
 CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean", "turns_mean",
@@ -372,6 +366,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """GRPO per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
     from jaxrl_llm import environments
     from jaxrl_llm.data.tasks import load_tasks
+    from jaxrl_llm.resume import finish_run, prepare_workdir, restore_run
     from jaxrl_llm.train import (
         ConfigError,
         build_model,
@@ -380,9 +375,6 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         check_step_finite,
         load_run_tokenizer,
         opt_state_shardings,
-        prepare_workdir,
-        restore_run,
-        source_generation_config,
     )
 
     check_best_metric_name(config)
@@ -479,22 +471,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise
     saved = ckpt.summary()
     close_all(*closers)
-    # a finished run started again; process 0's view, so that every process takes the same branch (the export
-    # gathers across processes)
-    exported = distributed.allgather_json(export_is_current(workdir, start, config.max_steps))[0]
-    if exported:
-        log.info("nothing to train: the checkpoint is at max_steps=%d, and its export in %s is kept",
-                 config.max_steps, os.path.join(workdir, "hf"))
-    if config.export_hf and not exported:  # every process takes part in the gather; process 0 writes
-        require_finite({"params": state["params"]}, "the HF export is not written")
-        out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer,
-                                     generation_config=source_generation_config(config))
-        if out:
-            log.info("exported the trained model to %s", out)
-    if jax.process_index() == 0:
-        log.info("done: %d steps; metrics in %s; %s%s", config.max_steps, os.path.join(workdir, "metrics.jsonl"),
-                 saved,
-                 f"; the trained model in {os.path.join(workdir, 'hf')}" if config.export_hf else "")
+    finish_run(config, cfg, state["params"], tokenizer, workdir, start, saved)
     return {**last, **{f"data_{k}": v for k, v in runner.prompt_stats.items()}}
 
 

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from jaxrl_llm import distributed, models, parallel
 from jaxrl_llm.algorithms import REGISTRY, batch_indices
 from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
-from jaxrl_llm.checkpoint import Checkpointer, require_finite, resume_note, weights_checksum
+from jaxrl_llm.checkpoint import Checkpointer, resume_note, weights_checksum
 from jaxrl_llm.cli import (
     WRITE_ERRNOS,
     ConfigError,
@@ -44,6 +44,7 @@ from jaxrl_llm.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
 from jaxrl_llm.preemption import Preempted, StopOnSigterm, checkpoint_step
 from jaxrl_llm.resume import (  # noqa: F401 (train.check_resume ...)
     check_resume,
+    finish_run,
     prepare_workdir,
     restore_run,
     source_generation_config,
@@ -52,7 +53,6 @@ from jaxrl_llm.run_tokenizer import load_run_tokenizer, load_tokenizer, resolve_
 from jaxrl_llm.workdir import (
     MODEL_CONFIG_FILE,
     close_all,
-    export_is_current,
     hold_workdir,
     keep_earlier_export,
     record_run_config,
@@ -501,22 +501,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         raise
     saved = ckpt.summary()
     close_all(stop.close, ckpt.close, writer.close)
-    # a finished run started again; process 0's view, so that every process takes the same branch (the export
-    # gathers across processes)
-    exported = distributed.allgather_json(export_is_current(workdir, start, config.max_steps))[0]
-    if exported:
-        log.info("nothing to train: the checkpoint is at max_steps=%d, and its export in %s is kept",
-                 config.max_steps, os.path.join(workdir, "hf"))
-    if config.export_hf and not exported:  # every process takes part in the gather; process 0 writes
-        require_finite({"params": state["params"]}, "the HF export is not written")
-        out = models.save_pretrained(cfg, state["params"], os.path.join(workdir, "hf"), tokenizer=tokenizer,
-                                     generation_config=source_generation_config(config))
-        if out:
-            log.info("exported the trained model to %s", out)
-    if jax.process_index() == 0:
-        log.info("done: %d steps; metrics in %s; %s%s", config.max_steps, os.path.join(workdir, "metrics.jsonl"),
-                 saved,
-                 f"; the trained model in {os.path.join(workdir, 'hf')}" if config.export_hf else "")
+    finish_run(config, cfg, state["params"], tokenizer, workdir, start, saved)
     return {**last, **{f"data_{k}": v for k, v in data_stats.items()}}
 
 

@@ -130,9 +130,9 @@ def bucket_length(n: int, minimum: int = 16) -> int:
 
 
 def bucket_new_tokens(n: int) -> int:
-    """The generation slots of a cache for `n` new tokens: powers of two up to 256, then multiples of 256. Decode
-    reads every slot of the cache at each step, so a coarser rung (2048 slots for 1100 tokens) would cost memory and
-    time at every token; a run's max_new_tokens seldom changes, so finer rungs add few compiles."""
+    """The generation slots of a cache for `n` new tokens: powers of two up to 256, then multiples of 256. A coarser
+    rung (2048 slots for 1100 tokens) holds memory no row uses, and decode attends over every slot at each step; a
+    run's max_new_tokens seldom changes, so finer rungs add few compiles."""
     return bucket_length(n) if n <= 256 else round_up(n, 256)
 
 
