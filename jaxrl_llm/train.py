@@ -254,6 +254,11 @@ def validate_schedule(config: ml_collections.ConfigDict) -> None:
     val_every = config.get("val_every", 0)
     if not _int(val_every) or val_every < 0:
         raise ConfigError(f"val_every={val_every!r}: must be an integer >= 0 (0: no validation)")
+    fraction = config.data.get("val_fraction", 0.0)
+    if fraction and (not val_every or config.algorithm in ONLINE):
+        why = ("GRPO validates on eval's tasks" if config.algorithm in ONLINE else
+               "val_every=0 never validates on them: set val_every > 0, or data.val_fraction=0 to train on every row")
+        raise ConfigError(f"data.val_fraction={fraction} holds rows out of training, but {why}")
     cc = config.checkpoint
     if not _int(cc.every_steps) or cc.every_steps < 0:
         raise ConfigError(f"checkpoint.every_steps={cc.every_steps!r}: must be an integer >= 0 (0: no checkpoints)")

@@ -35,6 +35,11 @@ def validate_config(dpo: Any) -> None:
         raise ValueError(f"dpo.label_smoothing={dpo.label_smoothing}: must be in [0, 0.5)")
     if dpo.loss_type == "ipo" and dpo.label_smoothing:
         raise ValueError("dpo.label_smoothing applies to dpo.loss_type='sigmoid' only")
+    if dpo.preference_weight < 0 or dpo.sft_weight < 0 or not (dpo.preference_weight or dpo.sft_weight):
+        raise ValueError(f"dpo.preference_weight={dpo.preference_weight}, dpo.sft_weight={dpo.sft_weight}: each must "
+                         "be >= 0 and one > 0 (a negative weight ascends its loss; both 0 leave nothing to learn)")
+    if dpo.sft_average_log_probs and not dpo.sft_weight:
+        raise ValueError("dpo.sft_average_log_probs=True would have no effect: dpo.sft_weight=0 (no SFT term)")
 
 
 def make_dpo_loss(cfg: ModelConfig, dpo: Any, rules: ShardingRules | None = None) -> Callable:

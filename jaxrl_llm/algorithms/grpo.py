@@ -115,6 +115,10 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"rollout.top_p={ro.top_p}: must be in (0, 1]")
     if ro.top_k < 0:
         raise ValueError(f"rollout.top_k={ro.top_k}: must be >= 0 (0 = off)")
+    rows = ro.get("max_batch_size", 0)
+    if not _is_int(rows) or rows < 0:
+        raise ValueError(f"rollout.max_batch_size={rows!r}: must be an integer >= 0 (rows sampled at a time; 0 = all "
+                         "of a generation round at once)")
     stops = ro.get("stop_token_ids", ())
     if not isinstance(stops, list | tuple) or not all(_is_int(t) and t >= 0 for t in stops):
         raise ValueError(f"rollout.stop_token_ids={stops!r}: must be a tuple of token ids (integers >= 0)")
@@ -192,6 +196,9 @@ def _validate_eval(config: Any) -> None:
     if not _is_int(n) or n < 1:
         raise ValueError(f"eval.n_samples={n!r}: must be an integer >= 1 (completions per validation task; "
                          "val_every > 0 runs validation)")
+    temperature = config.eval.get("temperature", 1.0)
+    if not 0 <= temperature < float("inf"):
+        raise ValueError(f"eval.temperature={temperature!r}: must be >= 0 (0 = greedy; val_every > 0 runs validation)")
 
 
 def _validate_turns(config: Any) -> None:
