@@ -46,14 +46,16 @@ def is_workdir(path: str) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, MODEL_CONFIG_FILE))
 
 
-def restore_workdir(workdir: str, step: int | None, mesh, rules) -> tuple[models.ModelConfig, dict, int]:
-    """(cfg, params, step) of checkpoint `step` (latest when None) of a training run, laid out on `mesh`."""
+def restore_workdir(workdir: str, step: int | None, mesh, rules, dtype: Any = None
+                    ) -> tuple[models.ModelConfig, dict, int]:
+    """(cfg, params, step) of checkpoint `step` (latest when None) of a training run, laid out on `mesh`, its
+    parameters in `dtype` (model.dtype; None: as the run kept them)."""
     path = os.path.join(workdir, MODEL_CONFIG_FILE)
     with open(path) as f:
         saved = json.load(f)
     cfg = models.config_from_hf(saved["hf_config"], where=path)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          models.abstract_params(cfg, saved.get("param_dtype", "float32")),
+                          models.abstract_params(cfg, dtype or saved.get("param_dtype", "float32")),
                           models.param_shardings(cfg, mesh, rules))
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1, read_only=True)
     try:
@@ -90,6 +92,13 @@ def validate(config: ml_collections.ConfigDict) -> SamplingParams:
         raise ConfigError(f"sampling: {e}") from e
     if config.data.num == 0 or config.data.num < -1:
         raise ConfigError(f"data.num={config.data.num}: must be >= 1, or -1 for all")
+    for key, seed in (("seed", config.get("seed", 0)), ("data.seed", config.data.get("seed", 0))):
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise ConfigError(f"{key}={seed!r}: must be an integer in [0, 2**32)")
+    if sp.temperature == 0 and ec.n_samples > 1:
+        log.warning("sampling.temperature=0 samples greedily: the eval.n_samples=%d samples of a problem are the same "
+                    "(pass@k and maj@k are pass@1); eval.n_samples=1 gives that in 1/%d of the time", ec.n_samples,
+                    ec.n_samples)
     parallel.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     return sp
 
@@ -101,10 +110,12 @@ def make_env(spec: ml_collections.ConfigDict):
         raise ConfigError(f"env: {e}") from e
 
 
-def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "eval", *,
+def run(config: ml_collections.ConfigDict, out: str | None = None, name: str | None = None, *,
         data: Any = None) -> dict[str, Any]:
     """Evaluate per the recipe; writes the results JSON (on process 0) and returns the result dict.
+    name: of the results (their file, when `out` is None); default the recipe's `name`, else "eval".
     data: a `datasets.Dataset` of tasks (from a notebook) instead of data.source."""
+    name = name or config.get("name") or "eval"
     config = train.with_datasets(config, data=data)
     distributed.initialize(graceful_sigterm=False)  # nothing to save: TERM ends it
     sp = validate(config)
@@ -131,7 +142,7 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str = "
                     "only (its score(); multi-turn episodes are played in GRPO training)", config.env.name)
     model_info: dict[str, Any] = {"path": mc.path or "init", "tokenizer": tok_path}
     if workdir:
-        cfg, params, step = restore_workdir(workdir, None if mc.step == -1 else mc.step, mesh, rules)
+        cfg, params, step = restore_workdir(workdir, None if mc.step == -1 else mc.step, mesh, rules, mc.dtype)
         cfg = dataclasses.replace(cfg, compute_dtype=mc.compute_dtype, attention_impl=mc.attention_impl)
         model_info["step"] = step
         log.info("evaluating step %d of %s", step, workdir)

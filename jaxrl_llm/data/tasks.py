@@ -317,12 +317,23 @@ def _mixed_tasks(source: str, num: int, seed: int, shuffle: bool, system_prompt:
                         f"e.g. 'gsm8k{MIX_SEP}rg:chain_sum'")
     if kwargs and not any(p.startswith(RG_PREFIX) for p in parts):
         raise DataError(f"{source}: options {sorted(kwargs)} apply only to reasoning-gym ('rg:') sources")
+    if shuffle and all(_procedural(p) for p in parts):
+        _no_shuffle(source)
     tasks: list[Task] = []
     for part in parts:
-        tasks += load_tasks(part, num, seed, system_prompt=system_prompt, instruction=instruction, shuffle=shuffle,
-                            **(kwargs if part.startswith(RG_PREFIX) else {}))
+        tasks += load_tasks(part, num, seed, system_prompt=system_prompt, instruction=instruction,
+                            shuffle=shuffle and not _procedural(part), **(kwargs if part.startswith(RG_PREFIX) else {}))
     order = np.random.default_rng([seed, 0x313C]).permutation(len(tasks))
     return [tasks[i] for i in order]
+
+
+def _procedural(source: str) -> bool:
+    return source.startswith(RG_PREFIX) or source == GUESS_SOURCE
+
+
+def _no_shuffle(source: str) -> None:
+    raise DataError(f"{source}: shuffle=True (data.shuffle) applies to fixed datasets; procedural tasks are generated "
+                    "from the seed (data.seed): change that for other tasks")
 
 
 def load_tasks(source: Any, num: int = -1, seed: int = 0, *, system_prompt: str | None = None,
@@ -341,7 +352,8 @@ def load_tasks(source: Any, num: int = -1, seed: int = 0, *, system_prompt: str 
     math benchmarks, reasoning-gym's <answer>-tag instruction (after a blank line) for "rg:" sources,
     GUESS_INSTRUCTION for "guess", CODE_INSTRUCTION for "humaneval", nothing for local files (their prompts are
     used as written). "": the bare question everywhere.
-    shuffle: fixed datasets only; take a `seed`-determined permutation before cutting to `num`.
+    shuffle: fixed datasets only (an error for procedural ones, whose tasks `seed` picks); take a `seed`-determined
+    permutation before cutting to `num`.
     """
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
@@ -351,6 +363,8 @@ def load_tasks(source: Any, num: int = -1, seed: int = 0, *, system_prompt: str 
         return _local_tasks(source, num, seed, shuffle, system_prompt, instruction)
     if MIX_SEP in source and not os.path.exists(source):  # a local file may have "+" in its name
         return _mixed_tasks(source, num, seed, shuffle, system_prompt, instruction, **kwargs)
+    if shuffle and _procedural(source):
+        _no_shuffle(source)
     if source.startswith(RG_PREFIX):
         return _rg_tasks(source, num, seed, system_prompt, instruction, **kwargs)
     if kwargs:
