@@ -27,7 +27,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: replies after a newline tokenized after their prompt for tokenizers that prefix each text
 Sides = list[tuple[np.ndarray, np.ndarray]]
 
 

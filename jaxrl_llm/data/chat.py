@@ -283,10 +283,13 @@ def _encode(tokenizer, text: str) -> list[int]:
 
 
 def pieces_tokenize_alone(tokenizer) -> bool:
-    """Whether text split before a space tokenizes as the whole does: true of byte-level BPE (Llama 3, Qwen,
-    SmolLM2); false of a SentencePiece tokenizer that prepends its "▁" to every text it is given (Llama 2's and
-    Mistral v0.1's legacy tokenizers), which would start each reply with a spurious "▁" token."""
-    return _encode(tokenizer, "Hello") + _encode(tokenizer, " world") == _encode(tokenizer, "Hello world")
+    """Whether text split before a space or after a newline tokenizes as the whole does: true of byte-level BPE
+    (Llama 3, Qwen, SmolLM2); false of a tokenizer that puts a space before every text it is given, which would
+    start each reply that follows a newline (ChatML's "assistant\n") with a spurious "▁" token: SentencePiece
+    that prepends "▁" to every text (Llama 2's and Mistral v0.1's legacy tokenizers) or to its first word
+    (Metaspace prepend_scheme "first": Mistral v0.3's), byte-level BPE with add_prefix_space."""
+    return all(_encode(tokenizer, a) + _encode(tokenizer, b) == _encode(tokenizer, a + b)
+               for a, b in (("Hello", " world"), ("Hi\n", "Hello")))
 
 
 def tokenize_pieces(tokenizer, rows: list[tuple[Pieces, int | None]], alone: bool | None = None
