@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(
         num_prompts=8, group_size=4, max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0,
         stop_token_ids=(), max_batch_size=0, sampling_layout="",
+        stop_strings=(),  # e.g. ("</answer>",): a completion ends with the first token that completes one
         # multi-turn (env with step(), e.g. number_guess): up to max_turns generations per episode; max_total_tokens
         # bounds all tokens after the prompt (0: max_new_tokens x max_turns + 32 per observation)
         max_turns=1, max_total_tokens=0))

@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout = ml_collections.ConfigDict(dict(
         num_prompts=8, group_size=4, max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0,
         stop_token_ids=(), max_batch_size=0,  # stop ids beyond the model's and tokenizer's eos; 0 = one batch
+        stop_strings=(),  # e.g. ("</answer>",): a completion ends with the first token that completes one
         sampling_layout="",  # "" = the trainer's; "tensor": weights whole on each fsdp device while sampling
         # multi-turn (env with step(), e.g. number_guess): up to max_turns generations per episode; max_total_tokens
         # bounds all tokens after the prompt (0: max_new_tokens x max_turns + 32 per observation)

@@ -148,7 +148,7 @@ def evaluate_tasks(
     t0 = time.perf_counter()
     out = generate(cfg, params, [prompt_ids[i] for i in rows], sp, rng, mesh=mesh, rules=rules,
                    max_batch_size=max_batch_size, max_prompt_len=max_prompt_len, truncate_prompts=truncate_prompts,
-                   keep_logprobs=False)
+                   keep_logprobs=False, tokenizer=tokenizer)
     t1 = time.perf_counter()
     completions = [tokenizer.decode(toks, skip_special_tokens=True) for toks in out.tokens]
     lengths_N = np.array([len(t) for t in out.tokens])

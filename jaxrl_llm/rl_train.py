@@ -154,7 +154,10 @@ class GRPORunner:
         check_ids_fit(self.prompt_ids, cfg.vocab_size, tokenizer, "task", self.kept)
         stops = rollout_stop_ids(config, cfg, tokenizer)
         self.sp = sampling.SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                                          top_p=ro.top_p, top_k=ro.top_k, stop_token_ids=stops)
+                                          top_p=ro.top_p, top_k=ro.top_k, stop_token_ids=stops,
+                                          stop_strings=tuple(ro.get("stop_strings", ())))
+        # stop strings are matched on token ids: each token's bytes, computed once (None: no stop strings)
+        self.tok_bytes = sampling.token_bytes(tokenizer) if self.sp.stop_strings else None
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.sampling_rules = parallel.sampling_rules(ro.get("sampling_layout", ""))
         self.batch_sh = {k: rules.sharding(mesh, grpo.BATCH_AXES[k],
@@ -208,7 +211,8 @@ class GRPORunner:
             return self._multi_turn_round(params, idx, prompts, key)
         t0 = time.perf_counter()
         out = sampling.generate(self.cfg, params, prompts, self.sp, key, mesh=self.mesh, rules=self.rules,
-                                max_batch_size=ro.max_batch_size or None, sampling_rules=self.sampling_rules)
+                                max_batch_size=ro.max_batch_size or None, sampling_rules=self.sampling_rules,
+                                tokenizer=self.tok_bytes)
         t1 = time.perf_counter()
         texts_p = [self.tok.decode(p, skip_special_tokens=False) for p in prompts]
         texts_c = [self.tok.decode(c, skip_special_tokens=True) for c in out.tokens]
@@ -231,7 +235,7 @@ class GRPORunner:
         ro = self.config.rollout
         gen = multiturn.SamplerGenerate(self.cfg, params, self.sp, key, mesh=self.mesh, rules=self.rules,
                                         max_batch_size=ro.max_batch_size or None,
-                                        sampling_rules=self.sampling_rules)
+                                        sampling_rules=self.sampling_rules, tokenizer=self.tok_bytes)
         tasks = [self.tasks[self.kept[i]] for i in idx for _ in range(self.G)]
         t0 = time.perf_counter()
         out = multiturn.multi_turn_rollout(
@@ -516,7 +520,8 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
     env = environments.make_environment(config.env.to_dict())
     stops = rollout_stop_ids(config, cfg, tokenizer)
     sp = sampling.SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=ec.temperature,
-                                 top_p=1.0, top_k=0, stop_token_ids=stops)
+                                 top_p=1.0, top_k=0, stop_token_ids=stops,
+                                 stop_strings=tuple(config.rollout.get("stop_strings", ())))
     k_values = val_k_values(ec.n_samples)
     # At most a rollout's rows at a time (rollout.max_batch_size, or one rollout batch when that is 0): what the
     # run's memory is known to hold; one batch of every eval task x sample could need many times the KV cache.

@@ -38,6 +38,7 @@ from jaxrl_llm.models.logit_chunks import over_positions
 from jaxrl_llm.models.shared_prefix import continuation_predictors, shared_prefix_hidden_states
 from jaxrl_llm.models.transformer import hidden_states, lm_logits
 from jaxrl_llm.parallel.rules import SAMPLING_LAYOUTS, ShardingRules
+from jaxrl_llm.sampling.stop_strings import check_stop_strings
 from jaxrl_llm.sampling.strategies import filter_top_k_top_p
 
 LOGP_FLOOR = -1e4
@@ -119,6 +120,10 @@ def validate_config(config: Any) -> None:
     if not _is_int(rows) or rows < 0:
         raise ValueError(f"rollout.max_batch_size={rows!r}: must be an integer >= 0 (rows sampled at a time; 0 = all "
                          "of a generation round at once)")
+    try:
+        check_stop_strings(ro.get("stop_strings", ()))
+    except ValueError as e:
+        raise ValueError(f"rollout.{e}") from None
     stops = ro.get("stop_token_ids", ())
     if not isinstance(stops, list | tuple) or not all(_is_int(t) and t >= 0 for t in stops):
         raise ValueError(f"rollout.stop_token_ids={stops!r}: must be a tuple of token ids (integers >= 0)")

@@ -9,6 +9,7 @@ from jaxrl_llm.sampling.cache import CACHE_AXES, cache_bytes, cache_shardings, i
 from jaxrl_llm.sampling.generate import GenerateOutput, PromptLengthError, generate
 from jaxrl_llm.sampling.loop import compile_count, compile_counts
 from jaxrl_llm.sampling.request import SamplingParams
+from jaxrl_llm.sampling.stop_strings import TokenBytes, token_bytes
 from jaxrl_llm.sampling.strategies import (
     RowSampler,
     filter_top_k_top_p,
@@ -25,6 +26,7 @@ __all__ = [
     "RowSampler",
     "SamplingParams",
     "TextOutput",
+    "TokenBytes",
     "cache_bytes",
     "cache_shardings",
     "compile_count",
@@ -36,5 +38,6 @@ __all__ = [
     "init_cache",
     "process_logits",
     "scale_by_temperature",
+    "token_bytes",
     "token_logprobs",
 ]

@@ -36,6 +36,7 @@ from jaxrl_llm.sampling.request import (
     validate_prompts,
     validate_stop_ids,
 )
+from jaxrl_llm.sampling.stop_strings import StopTable, stop_width, token_bytes
 from jaxrl_llm.sampling.strategies import RowSampler
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,8 @@ def _batch_shards(mesh: Mesh | None, rules: ShardingRules | None) -> int:
     return math.prod(mesh.shape[a] for a in rules.mesh_axes("batch") if a in mesh.shape)
 
 
-def _chunk_arrays(idx: list[int], arrs: list[np.ndarray], sps: list[SamplingParams], B: int
-                  ) -> tuple[np.ndarray, loop.DecodeInputs, int]:
+def _chunk_arrays(idx: list[int], arrs: list[np.ndarray], sps: list[SamplingParams], B: int,
+                  strings: tuple[str, ...] = ()) -> tuple[np.ndarray, loop.DecodeInputs, int]:
     """Host arrays for one chunk of prompts (rows beyond len(idx) are inert padding: max_new 0)."""
     P = bucket_length(max(len(arrs[i]) for i in idx))
     W = bucket_stop_width(max(len(sps[i].stop_token_ids) for i in idx))
@@ -132,10 +133,28 @@ def _chunk_arrays(idx: list[int], arrs: list[np.ndarray], sps: list[SamplingPara
         temp_B[r], top_p_B[r], top_k_B[r] = sp.temperature, sp.top_p, sp.top_k
         max_new_B[r], row_ids_B[r], raw_B[r] = sp.max_new_tokens, i, sp.return_raw_logprobs
         stop_BK[r, :len(sp.stop_token_ids)] = sp.stop_token_ids
+    use_BS = None
+    if strings:
+        use_BS = np.zeros((B, stop_width(len(strings))), bool)
+        for r, i in enumerate(idx):
+            use_BS[r, [strings.index(t) for t in sps[i].stop_strings]] = True
     inp = loop.DecodeInputs(
         start_B=start_B, sampler=RowSampler(temperature_B=temp_B, top_k_B=top_k_B, top_p_B=top_p_B),
-        raw_logprobs_B=raw_B, stop_ids_BK=stop_BK, max_new_B=max_new_B, row_ids_B=row_ids_B, rng=None)
+        raw_logprobs_B=raw_B, stop_ids_BK=stop_BK, max_new_B=max_new_B, row_ids_B=row_ids_B, rng=None,
+        stop_use_BS=use_BS)
     return ids_BP, inp, P
+
+
+def _stop_table(cfg: ModelConfig, sps: list[SamplingParams], tokenizer: Any
+                ) -> tuple[tuple[str, ...], StopTable | None]:
+    """The distinct stop strings of the request (first-seen order) and their (numpy) table."""
+    strings = tuple(dict.fromkeys(t for p in sps for t in p.stop_strings))
+    if not strings:
+        return strings, None
+    if tokenizer is None:
+        raise ValueError(f"stop_strings {list(strings)[:3]}: matching them needs the tokenizer; pass "
+                         "generate(..., tokenizer=tok) (or sampling.token_bytes(tok), built once)")
+    return strings, token_bytes(tokenizer).table(strings, cfg.vocab_size)
 
 
 def _distinct_prompts(ids_BP: np.ndarray, start_B: np.ndarray, n_rows: int, shards: int
@@ -173,6 +192,7 @@ def generate(
     unroll_layers: bool | None = None,
     share_prefill: bool = True,
     keep_logprobs: bool = True,
+    tokenizer: Any = None,
 ) -> GenerateOutput:
     """Sample completions of token-id prompts with the model's own (trainer's) parameter arrays.
 
@@ -204,11 +224,14 @@ def generate(
     counts the rows prefilled).
     keep_logprobs: False leaves every `logprobs[i]` empty (a caller that scores text, as evaluation does, keeps
     no Python float per generated token: about 32 bytes each).
+    tokenizer: the model's tokenizer (or `sampling.token_bytes(tokenizer)`, computed once), needed only when a
+    SamplingParams has stop_strings.
     """
     check_params(cfg, params)
     arrs = validate_prompts(prompts, cfg.vocab_size)
     sps = as_param_list(sampling_params, len(arrs))
     validate_stop_ids(sps, cfg.vocab_size)
+    strings, table = _stop_table(cfg, sps, tokenizer)
     if max_batch_size is not None:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int | np.integer) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r}: must be an integer >= 1 (or None: one chunk)")
@@ -231,6 +254,9 @@ def generate(
             params = jax.block_until_ready(jax.device_put(params, param_shardings(cfg, mesh, sampling_rules)))
             stats["reshard_seconds"] = time.perf_counter() - t0
     shards = _batch_shards(mesh, model_rules)
+    if table is not None:  # replicated: every row looks up every token id
+        table = jax.tree.map(jax.numpy.asarray, table) if mesh is None else jax.tree.map(
+            lambda x: put_global(x, model_rules.sharding(mesh, (None,) * x.ndim, x.shape)), table)
     if unroll_layers is None:
         platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
         unroll_layers = platform == "cpu" and cfg.dtype == np.float32
@@ -251,16 +277,16 @@ def generate(
             if max_batch_size is not None:
                 B = min(B, round_up(max_batch_size, shards))
             N = bucket_new_tokens(max(sps[i].max_new_tokens for i in idx))
-            ids_BP, inp, P = _chunk_arrays(idx, arrs, sps, B)
+            ids_BP, inp, P = _chunk_arrays(idx, arrs, sps, B, strings)
             distinct = _distinct_prompts(ids_BP, inp.start_B, len(idx), shards) if share_prefill else None
             pre_ids, pre_start, rows = (ids_BP, inp.start_B, None) if distinct is None else distinct
-            inp = dataclasses.replace(inp, rng=key)
             if mesh is not None:
                 put = lambda x: put_global(x, model_rules.sharding(mesh, ("batch",) + (None,) * (x.ndim - 1),
                                                                    x.shape))
                 pre_ids, pre_start = put(pre_ids), put(pre_start)
                 rows = None if rows is None else put_global(rows, model_rules.sharding(mesh, (None,), rows.shape))
-                inp = dataclasses.replace(jax.tree.map(put, dataclasses.replace(inp, rng=None)), rng=key)
+                inp = jax.tree.map(put, dataclasses.replace(inp, rng=None))
+            inp = dataclasses.replace(inp, rng=key, stop_table=table)
             t0 = time.perf_counter()
             cache, logits_BV = loop.prefill(cfg, params, pre_ids, pre_start, cache_len=P + N, rules=model_rules,
                                             rows_R=rows)

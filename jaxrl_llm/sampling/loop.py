@@ -3,7 +3,7 @@
 Static (a change recompiles): cfg, rules, the batch/prompt/new-token buckets, the stop-id width, and with a
 shared prefill the batch bucket of the distinct prompts (`generate`: repeated prompts are prefilled once).
 Dynamic (arrays; a change never recompiles): the prompts' tokens, temperature/top-k/top-p per row, stop ids per
-row, max_new_tokens per row, the RNG key.
+row, stop strings (within a bucket of their count), max_new_tokens per row, the RNG key.
 
 Compile counter: `_TRACES` is incremented in the Python bodies of the jitted functions, i.e. only while
 JAX traces them (once per new static signature), never inside the computation, so the jitted functions stay
@@ -23,6 +23,7 @@ from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.decode_layout import decode_params, output_major_head, output_major_layers
 from jaxrl_llm.models.transformer import forward_with_cache, rope_tables
 from jaxrl_llm.parallel.rules import ShardingRules, constrain
+from jaxrl_llm.sampling import stop_strings
 from jaxrl_llm.sampling.cache import (
     CACHE_AXES,
     cache_length,
@@ -33,6 +34,7 @@ from jaxrl_llm.sampling.cache import (
     stack_cache,
     unstack_cache,
 )
+from jaxrl_llm.sampling.stop_strings import StopTable
 from jaxrl_llm.sampling.strategies import RowSampler
 
 _TRACES: collections.Counter[str] = collections.Counter()
@@ -107,6 +109,8 @@ class DecodeInputs:
     max_new_B: jax.Array  # int32 >= 1 (0 for batch-padding rows)
     row_ids_B: jax.Array  # int32: index of the prompt in the whole request (its RNG stream)
     rng: jax.Array  # one PRNG key for the request
+    stop_use_BS: jax.Array | None = None  # bool: the stop strings of each row (None: no row has any)
+    stop_table: StopTable | None = None  # replicated
 
 
 def _record(state: DecodeState, logits_BV: jax.Array, inp: DecodeInputs) -> DecodeState:
@@ -121,6 +125,8 @@ def _record(state: DecodeState, logits_BV: jax.Array, inp: DecodeInputs) -> Deco
     logprobs_BN = jax.lax.dynamic_update_index_in_dim(state.logprobs_BN, jnp.where(active_B, lp_B, 0.0),
                                                       state.step, axis=1)
     hit_B = active_B & jnp.any(tok_B[:, None] == inp.stop_ids_BK, axis=-1)
+    if inp.stop_table is not None:
+        hit_B = hit_B | (active_B & stop_strings.hits(inp.stop_table, inp.stop_use_BS, tokens_BN, state.step))
     num_B = state.num_tokens_B + active_B.astype(jnp.int32)
     return dataclasses.replace(
         state, step=state.step + 1, last_token_B=jnp.where(active_B, res.tokens_B, 0),

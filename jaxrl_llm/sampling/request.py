@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 import jax
 import numpy as np
 
+from jaxrl_llm.sampling.stop_strings import check_stop_strings
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -18,6 +20,9 @@ class SamplingParams:
     temperature: 0 = greedy. top_k: 0 = off. top_p: 1 = off (must lie in (0, 1]).
     stop_token_ids: generation of a row ends at the first of these (the stop token is returned). A single id is
     taken as a one-id tuple; None is the same as () (no stop ids; `generate_text` then uses the eos ids).
+    stop_strings: generation of a row ends at the first token with which its completion's text contains one of
+    these (each at most 31 bytes in UTF-8; the token is returned, so the text ends with the string and any bytes of
+    that token after it). `generate` then needs the tokenizer (`sampling/stop_strings.py`).
     return_raw_logprobs: log-probs of the raw model distribution (temperature 1, no top-k/top-p) instead of
     the processed distribution actually sampled from.
     """
@@ -27,10 +32,12 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = ()
     return_raw_logprobs: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", _as_stop_ids(self.stop_token_ids))
+        object.__setattr__(self, "stop_strings", check_stop_strings(self.stop_strings))
         if not isinstance(self.max_new_tokens, int | np.integer) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
         if not math.isfinite(self.temperature) or self.temperature < 0:

@@ -93,6 +93,6 @@ def generate_text(
         sp = with_stops(sampling_params or SamplingParams())
     else:
         sp = [with_stops(p) for p in as_param_list(sampling_params, len(prompt_ids))]
-    out = generate(cfg, params, prompt_ids, sp, rng, **generate_kwargs)
+    out = generate(cfg, params, prompt_ids, sp, rng, **{"tokenizer": tokenizer, **generate_kwargs})
     texts = [tokenizer.decode(t, skip_special_tokens=skip_special_tokens) for t in out.tokens]
     return TextOutput(texts=texts, prompt_ids=prompt_ids, output=out)
