@@ -1,6 +1,6 @@
 """GGUF (llama.cpp) import: model config, weights and tokenizer, read from the file's metadata and tensors.
 
-The file is memory-mapped with `gguf.GGUFReader`; `GGUFSource` presents its tensors under HF names in HF
+The file is memory-mapped (`gguf_file.read_gguf`); `GGUFSource` presents its tensors under HF names in HF
 layout ([out, in]) and dequantizes one tensor at a time, when `hf_io.load_params_from_source` asks for it.
 Nothing in the file is executed or unpickled.
 
@@ -22,12 +22,12 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrl_llm.models.config import ModelConfig, UnsupportedModelError, config_from_hf
+from jaxrl_llm.models.gguf_file import GGUFFile, read_gguf
 from jaxrl_llm.models.hf_io import load_params_from_source
 from jaxrl_llm.models.safetensors_io import CheckpointError
 from jaxrl_llm.parallel.rules import ShardingRules
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 log = logging.getLogger(__name__)
@@ -86,32 +86,27 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def open_gguf(path: str) -> GGUFReader:
-    """A memory-mapped `gguf.GGUFReader`; a missing, truncated or non-GGUF file is a CheckpointError naming it."""
-    from gguf import GGUFReader
-
+def open_gguf(path: str) -> GGUFFile:
+    """The file's metadata and (memory-mapped) tensors; a missing, truncated or non-GGUF file is a CheckpointError
+    naming it."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such .gguf file")
     try:
-        return GGUFReader(path)
-    except Exception as e:  # the reader raises ValueError/KeyError/struct errors on malformed files
+        return read_gguf(path)
+    except Exception as e:  # ValueError/KeyError/struct/Unicode errors on malformed files
         raise CheckpointError(f"{path}: not a readable GGUF file: truncated, corrupted or not GGUF "
                               f"({type(e).__name__}: {e})") from e
 
 
-def _meta(reader: GGUFReader, key: str, path: str, default: Any = _REQUIRED) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
+def _meta(reader: GGUFFile, key: str, path: str, default: Any = _REQUIRED) -> Any:
+    if key not in reader.fields:
         if default is _REQUIRED:
             raise CheckpointError(f"{path}: GGUF metadata lacks {key!r}")
         return default
-    try:
-        return field.contents()
-    except Exception as e:
-        raise CheckpointError(f"{path}: cannot read GGUF metadata {key!r} ({e})") from e
+    return reader.fields[key]
 
 
-def _architecture(reader: GGUFReader, path: str) -> str:
+def _architecture(reader: GGUFFile, path: str) -> str:
     arch = _meta(reader, "general.architecture", path)
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
@@ -133,7 +128,7 @@ def _dequantize(tensor: Any, path: str) -> np.ndarray:
 class GGUFSource:
     """The tensors of a .gguf file as a `hf_io.TensorSource`: HF names, HF layout, dequantized lazily in `get`."""
 
-    def __init__(self, path: str, reader: GGUFReader | None = None):
+    def __init__(self, path: str, reader: GGUFFile | None = None):
         self.path = path
         self.reader = reader if reader is not None else open_gguf(path)
         self.arch = _architecture(self.reader, path)
@@ -180,7 +175,7 @@ def _f32(x: float) -> float:
     return float(str(np.float32(x)))
 
 
-def _llama3_rope_scaling(reader: GGUFReader, path: str, theta: float, head_dim: int) -> dict | None:
+def _llama3_rope_scaling(reader: GGUFFile, path: str, theta: float, head_dim: int) -> dict | None:
     """Llama 3 rope scaling, which llama.cpp stores only as per-frequency factors (`rope_freqs.weight`).
 
     The factors fix `factor` (their maximum); the other parameters are matched against Llama 3.x's
@@ -205,7 +200,7 @@ def _llama3_rope_scaling(reader: GGUFReader, path: str, theta: float, head_dim: 
             "original_max_position_embeddings": 8192}
 
 
-def gguf_config(reader: GGUFReader, path: str) -> ModelConfig:
+def gguf_config(reader: GGUFFile, path: str) -> ModelConfig:
     """ModelConfig from GGUF metadata (llama.cpp key names) via an HF-style config dict."""
     arch = _architecture(reader, path)
 
