@@ -155,7 +155,7 @@ class GRPORunner:
         stops = rollout_stop_ids(config, cfg, tokenizer)
         self.sp = sampling.SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                                           top_p=ro.top_p, top_k=ro.top_k, stop_token_ids=stops,
-                                          stop_strings=tuple(ro.get("stop_strings", ())))
+                                          stop_strings=ro.get("stop_strings", ()))  # str/None/list as validated
         # stop strings are matched on token ids: each token's bytes, computed once (None: no stop strings)
         self.tok_bytes = sampling.token_bytes(tokenizer) if self.sp.stop_strings else None
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -521,7 +521,7 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
     stops = rollout_stop_ids(config, cfg, tokenizer)
     sp = sampling.SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=ec.temperature,
                                  top_p=1.0, top_k=0, stop_token_ids=stops,
-                                 stop_strings=tuple(config.rollout.get("stop_strings", ())))
+                                 stop_strings=config.rollout.get("stop_strings", ()))
     k_values = val_k_values(ec.n_samples)
     # At most a rollout's rows at a time (rollout.max_batch_size, or one rollout batch when that is 0): what the
     # run's memory is known to hold; one batch of every eval task x sample could need many times the KV cache.
