@@ -29,6 +29,7 @@ from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.parallel.rules import ShardingRules
 from jaxrl_llm.sampling.generate import generate
 from jaxrl_llm.sampling.request import SamplingParams
+from jaxrl_llm.sampling.stop_strings import TokenBytes
 from jaxrl_llm.sampling.text import default_stop_ids, render_prompt
 
 
@@ -117,6 +118,7 @@ def evaluate_tasks(
     truncate_prompts: bool = False,
     correct_threshold: float = 1.0,
     keep_completions: bool = True,
+    token_bytes: TokenBytes | None = None,
 ) -> dict[str, Any]:
     """Sample `n_samples` completions per task (chat template with the generation prompt), score them with
     `env` and aggregate.
@@ -125,6 +127,7 @@ def evaluate_tasks(
     <= n_samples) is the unbiased estimator averaged over problems. When `sampling_params` names no stop
     ids, generation stops at the model's and the tokenizer's eos ids. Sample j of problem i is row
     i * n_samples + j of one `generate` call, so results do not depend on max_batch_size.
+    token_bytes: `sampling.token_bytes(tokenizer)` for stop strings, when the caller keeps one (else built here).
 
     maj@k (for every k > 1 in k_values, when the environment reports each sample's "extracted" answer): the
     fraction of problems whose majority answer among their first k samples is correct (`majority_correct`).
@@ -148,7 +151,7 @@ def evaluate_tasks(
     t0 = time.perf_counter()
     out = generate(cfg, params, [prompt_ids[i] for i in rows], sp, rng, mesh=mesh, rules=rules,
                    max_batch_size=max_batch_size, max_prompt_len=max_prompt_len, truncate_prompts=truncate_prompts,
-                   keep_logprobs=False, tokenizer=tokenizer)
+                   keep_logprobs=False, tokenizer=token_bytes or tokenizer)
     t1 = time.perf_counter()
     completions = [tokenizer.decode(toks, skip_special_tokens=True) for toks in out.tokens]
     lengths_N = np.array([len(t) for t in out.tokens])

@@ -522,6 +522,7 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
     sp = sampling.SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=ec.temperature,
                                  top_p=1.0, top_k=0, stop_token_ids=stops,
                                  stop_strings=config.rollout.get("stop_strings", ()))
+    tok_bytes = sampling.token_bytes(tokenizer) if sp.stop_strings else None  # built once, not per validation
     k_values = val_k_values(ec.n_samples)
     # At most a rollout's rows at a time (rollout.max_batch_size, or one rollout batch when that is 0): what the
     # run's memory is known to hold; one batch of every eval task x sample could need many times the KV cache.
@@ -533,7 +534,7 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
         res = evaluate_tasks(cfg, params, tokenizer, tasks, env, n_samples=ec.n_samples, k_values=k_values,
                              sampling_params=sp, rng=jax.random.key(ec.seed), mesh=mesh, rules=rules,
                              max_batch_size=val_batch, max_prompt_len=config.data.max_prompt_len, truncate_prompts=True,
-                             keep_completions=False)
+                             keep_completions=False, token_bytes=tok_bytes)
         return scalar_metrics(res, prefix="val_")
 
     evaluate.close = getattr(env, "close", None)

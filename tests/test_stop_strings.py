@@ -232,7 +232,8 @@ def test_grpo_rollouts_and_validation_stop_at_the_recipes_strings(tmp_path, monk
                              "rollout.max_new_tokens": 16, "val_every": 1, "eval.num_examples": 2})
     train.run(c, str(tmp_path / "run"))
     assert len(seen) == 2  # the step's rollouts, then validation
-    tb = sampling.token_bytes(seen[0][1])
+    assert all(isinstance(tok, sampling.TokenBytes) for _, tok, _ in seen)  # built once, not at each call
+    tb = seen[0][1]
     stopped = 0
     for sp, _, out in seen:
         assert sp.stop_strings == ("e",)
@@ -241,3 +242,14 @@ def test_grpo_rollouts_and_validation_stop_at_the_recipes_strings(tmp_path, monk
             assert (reason, len(toks)) == (("stop", cut + 1) if cut is not None else (reason, len(toks)))
             stopped += cut is not None
     assert stopped >= 4
+
+
+def test_a_special_tokens_text_as_a_stop_string_is_warned_about(tokenizer, caplog):
+    """"<|im_end|>" is SmolLM2's special token 2: it decodes to nothing, so as a stop string it never matches that
+    token (transformers' stop_strings would): the warning names the stop id to use."""
+    tb = sampling.token_bytes(tokenizer)
+    with caplog.at_level("WARNING", logger="jaxrl_llm.sampling.stop_strings"):
+        tb.table(("</answer>",), len(tokenizer))
+        assert not caplog.text
+        tb.table(("<|im_end|>",), len(tokenizer))
+    assert "special token 2 ('<|im_end|>')" in caplog.text and "stop_token_ids=(2,)" in caplog.text

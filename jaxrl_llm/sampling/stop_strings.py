@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 MAX_STOP_BYTES = 31  # bits 1..30 of a uint32 name the bytes still to match
 _ALL = (1 << MAX_STOP_BYTES) - 1
@@ -95,12 +98,19 @@ class TokenBytes:
     tables it has built (a GRPO run asks for the same one at every step)."""
 
     pieces: tuple[bytes, ...]
+    specials: dict[str, int] = dataclasses.field(default_factory=dict)  # a special token's text -> its id
     tables: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def table(self, strings: tuple[str, ...], vocab_size: int) -> StopTable:
         key = (strings, vocab_size)
         if key not in self.tables:
             self.tables.clear()  # one at a time: a run seldom changes its strings
+            for s in strings:
+                for text, i in self.specials.items():
+                    if text in s:
+                        log.warning("stop string %r holds the text of special token %d (%r), which is no text in a "
+                                    "completion (special tokens decode to nothing): the token itself never matches "
+                                    "it; stop_token_ids=(%d,) stops at it", s, i, text, i)
             self.tables[key] = build_table(self, strings, vocab_size, stop_width(len(strings)))
         return self.tables[key]
 
@@ -116,15 +126,17 @@ def token_bytes(tokenizer: Any) -> TokenBytes:
     added = dict(getattr(tokenizer, "added_tokens_decoder", {}))  # id -> AddedToken
     special = set(getattr(tokenizer, "all_special_ids", ())) | {i for i, t in added.items()
                                                                 if getattr(t, "special", False)}
-    out = []
+    out, texts = [], {}
     for i, piece in enumerate(pieces):
+        if piece is not None and i in special:
+            texts.setdefault(piece, i)
         if piece is None or i in special:
             out.append(b"")
         elif i in added:
             out.append(piece.encode())
         else:
             out.append(_piece_bytes(piece, byte_level, table))
-    return TokenBytes(tuple(out))
+    return TokenBytes(tuple(out), texts)
 
 
 @jax.tree_util.register_dataclass
