@@ -339,6 +339,12 @@ def test_bad_prompts(llama, prompts, match):
     (dict(temperature=-0.1), "temperature=-0.1"),
     (dict(top_k=-1), "top_k=-1"),
     (dict(temperature=float("nan")), "temperature=nan"),
+    # a None (a recipe's placeholder) or a bool was a TypeError from math / a silent top_k of 1
+    (dict(temperature=None), "temperature=None: must be >= 0"),
+    (dict(top_p=None), r"top_p=None: must lie in \(0, 1\]"),
+    (dict(top_k=True), "top_k=True: must be an integer"),
+    (dict(top_k=2**31), "top_k=2147483648"),
+    (dict(max_new_tokens=True), "max_new_tokens=True"),
 ])
 def test_bad_sampling_params(kw, match):
     with pytest.raises(ValueError, match=match):

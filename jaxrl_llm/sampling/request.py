@@ -38,18 +38,22 @@ class SamplingParams:
     def __post_init__(self):
         object.__setattr__(self, "stop_token_ids", _as_stop_ids(self.stop_token_ids))
         object.__setattr__(self, "stop_strings", check_stop_strings(self.stop_strings))
-        if not isinstance(self.max_new_tokens, int | np.integer) or self.max_new_tokens < 1:
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens!r}: must be an integer >= 1")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature={self.temperature!r}: must be >= 0 (0 = greedy)")
-        if not isinstance(self.top_k, int | np.integer) or self.top_k < 0:
+        if not _is_int(self.top_k) or self.top_k < 0 or self.top_k >= 2**31:
             raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
-        if not (0.0 < self.top_p <= 1.0):
+        if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p={self.top_p!r}: must lie in (0, 1] (1 = off)")
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int | np.integer) and not isinstance(x, bool | np.bool_)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool | np.bool_)
 
 
 def _as_stop_ids(ids) -> tuple[int, ...]:
