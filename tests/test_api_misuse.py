@@ -84,6 +84,8 @@ def test_other_rngs(params):
     for bad in (0.5, jnp.float32(0.0), "seed", jnp.zeros(3, jnp.int32)):
         with pytest.raises(ValueError, match="rng: expected a PRNG key .* or an integer seed, got"):
             sampling.generate(CFG, params, [[1, 2]], SP, bad)
+    with pytest.raises(ValueError, match=r"rng: expected one PRNG key, got a batch of shape \(2,\)"):
+        sampling.generate(CFG, params, [[1, 2]], SP, jax.random.split(jax.random.key(0)))  # failed in fold_in
 
 
 def test_params_on_devices_outside_the_mesh_name_the_fix(params):

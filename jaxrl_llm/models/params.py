@@ -143,6 +143,9 @@ def as_prng_key(rng, name: str = "rng") -> jax.Array:
         return jax.random.key(int(rng))
     if isinstance(rng, jax.Array | np.ndarray):
         if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            if rng.ndim:  # a batch of keys (jax.random.split(key, n)) is not one key
+                raise ValueError(f"{name}: expected one PRNG key, got a batch of shape {tuple(rng.shape)} "
+                                 "(pick one: keys[0])")
             return rng
         if rng.ndim == 0 and jnp.issubdtype(rng.dtype, jnp.integer) and not isinstance(rng, jax.core.Tracer):
             return jax.random.key(int(rng))
