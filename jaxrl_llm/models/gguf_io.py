@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
@@ -98,16 +99,40 @@ def open_gguf(path: str) -> GGUFFile:
                               f"({type(e).__name__}: {e})") from e
 
 
-def _meta(reader: GGUFFile, key: str, path: str, default: Any = _REQUIRED) -> Any:
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# What a metadata value must be (checked, so that a malformed file is a CheckpointError naming the key, not a
+# TypeError from deep inside the tokenizer or config code)
+_KINDS: dict[str, Callable[[Any], bool]] = {
+    "a string": lambda v: isinstance(v, str),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "a boolean": lambda v: isinstance(v, bool | int),
+    "a number or a per-layer list of numbers": lambda v: _is_number(v) or (
+        isinstance(v, list) and bool(v) and all(_is_number(x) for x in v)),
+    "a list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "a list of integers": lambda v: isinstance(v, list) and all(isinstance(x, int) for x in v),
+}
+_NUMBER = "a number or a per-layer list of numbers"
+
+
+def _meta(reader: GGUFFile, key: str, path: str, default: Any = _REQUIRED, kind: str = _NUMBER) -> Any:
+    """The value of metadata `key` (`default` when absent), which must be `kind` (a key of _KINDS)."""
     if key not in reader.fields:
         if default is _REQUIRED:
             raise CheckpointError(f"{path}: GGUF metadata lacks {key!r}")
         return default
-    return reader.fields[key]
+    value = reader.fields[key]
+    if not _KINDS[kind](value):
+        shown = (f"a list of {'/'.join(sorted({type(x).__name__ for x in value})) or 'nothing'}"
+                 if isinstance(value, list) else repr(value)[:80])
+        raise CheckpointError(f"{path}: GGUF metadata {key!r} is {shown}; expected {kind}")
+    return value
 
 
 def _architecture(reader: GGUFFile, path: str) -> str:
-    arch = _meta(reader, "general.architecture", path)
+    arch = _meta(reader, "general.architecture", path, kind="a string")
     if arch not in GGUF_ARCHITECTURES:
         raise UnsupportedModelError(
             f"{path}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}")
@@ -132,8 +157,9 @@ class GGUFSource:
         self.path = path
         self.reader = reader if reader is not None else open_gguf(path)
         self.arch = _architecture(self.reader, path)
-        self.n_head = int(_meta(self.reader, f"{self.arch}.attention.head_count", path))
-        self.n_kv_head = int(_meta(self.reader, f"{self.arch}.attention.head_count_kv", path, self.n_head))
+        key = f"{self.arch}.attention.head_count"
+        self.n_head = int(_scalar(_meta(self.reader, key, path), key, path))
+        self.n_kv_head = int(_scalar(_meta(self.reader, f"{key}_kv", path, self.n_head), f"{key}_kv", path))
         self._tensors: dict[str, Any] = {}
         for t in self.reader.tensors:
             name = hf_tensor_name(t.name)
@@ -204,8 +230,8 @@ def gguf_config(reader: GGUFFile, path: str) -> ModelConfig:
     """ModelConfig from GGUF metadata (llama.cpp key names) via an HF-style config dict."""
     arch = _architecture(reader, path)
 
-    def m(key: str, default: Any = _REQUIRED) -> Any:
-        return _scalar(_meta(reader, f"{arch}.{key}", path, default), f"{arch}.{key}", path)
+    def m(key: str, default: Any = _REQUIRED, kind: str = _NUMBER) -> Any:
+        return _scalar(_meta(reader, f"{arch}.{key}", path, default, kind), f"{arch}.{key}", path)
 
     names = {t.name for t in reader.tensors}
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
@@ -220,14 +246,14 @@ def gguf_config(reader: GGUFFile, path: str) -> ModelConfig:
                                     f"head_dim={head_dim}) are not supported")
     theta = _f32(m("rope.freq_base", 10000.0))
     rope_scaling = None
-    scaling_type = m("rope.scaling.type", "none")
+    scaling_type = m("rope.scaling.type", "none", "a string")
     if scaling_type == "linear":
         rope_scaling = {"rope_type": "linear", "factor": _f32(m("rope.scaling.factor"))}
     elif scaling_type != "none":
         raise UnsupportedModelError(f"{path}: rope scaling type {scaling_type!r} is not supported (linear, llama3)")
     if arch == "llama":
         rope_scaling = rope_scaling or _llama3_rope_scaling(reader, path, theta, head_dim)
-    eos = [_meta(reader, f"tokenizer.ggml.{k}_token_id", path, None) for k in ("eos", "eot")]
+    eos = [_meta(reader, f"tokenizer.ggml.{k}_token_id", path, None, "an integer") for k in ("eos", "eot")]
     eos = list(dict.fromkeys(int(i) for i in eos if i is not None))
     d = {
         "architectures": [GGUF_ARCHITECTURES[arch]],
@@ -247,9 +273,9 @@ def gguf_config(reader: GGUFFile, path: str) -> ModelConfig:
         "tie_word_embeddings": "output.weight" not in names,
         "attention_bias": "blk.0.attn_output.bias" in names,
         "mlp_bias": "blk.0.ffn_up.bias" in names,
-        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id", path, None),
+        "bos_token_id": _meta(reader, "tokenizer.ggml.bos_token_id", path, None, "an integer"),
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-        "pad_token_id": _meta(reader, "tokenizer.ggml.padding_token_id", path, None),
+        "pad_token_id": _meta(reader, "tokenizer.ggml.padding_token_id", path, None, "an integer"),
     }
     return config_from_hf(d, where=path)
 
@@ -304,25 +330,32 @@ def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
 
     path = os.fspath(path)
     reader = open_gguf(path)
-    kind = _meta(reader, "tokenizer.ggml.model", path, None)
+    kind = _meta(reader, "tokenizer.ggml.model", path, None, "a string")
     if kind != "gpt2":
         raise UnsupportedModelError(
             f"{path}: GGUF tokenizer model {kind!r} is not supported (supported: 'gpt2', byte-level BPE); "
             "load the tokenizer from the model's HF folder with load_tokenizer(folder) instead")
-    pre = _meta(reader, "tokenizer.ggml.pre", path, "default")
+    pre = _meta(reader, "tokenizer.ggml.pre", path, "default", "a string")
     if pre not in _PRE_TOKENIZERS:
         raise UnsupportedModelError(
             f"{path}: GGUF pre-tokenizer {pre!r} is not supported; supported: {', '.join(sorted(_PRE_TOKENIZERS))}. "
             "Load the tokenizer from the model's HF folder with load_tokenizer(folder) instead")
     pre_kind, ignore_merges = _PRE_TOKENIZERS[pre]
-    tokens = _meta(reader, "tokenizer.ggml.tokens", path)
-    types = _meta(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens))
+    tokens = _meta(reader, "tokenizer.ggml.tokens", path, kind="a list of strings")
+    types = _meta(reader, "tokenizer.ggml.token_type", path, [1] * len(tokens), "a list of integers")
     if len(types) != len(tokens):
         raise CheckpointError(f"{path}: {len(types)} token types for {len(tokens)} tokens")
-    merges = [tuple(mg.split(" ", 1)) for mg in _meta(reader, "tokenizer.ggml.merges", path, [])]
+    merges = [tuple(mg.split(" ", 1)) for mg in _meta(reader, "tokenizer.ggml.merges", path, [], "a list of strings")]
+    bad = next((" ".join(mg) for mg in merges if len(mg) != 2), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: GGUF tokenizer.ggml.merges holds {bad!r}, not two tokens and a space")
 
     vocab = {tok: i for i, tok in reversed(list(enumerate(tokens)))}  # first id wins on duplicates
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=ignore_merges))
+    try:
+        tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, ignore_merges=ignore_merges))
+    except Exception as e:  # a merge that names a token the vocabulary lacks
+        raise CheckpointError(f"{path}: GGUF tokenizer.ggml.merges rejected ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0]})") from e
     tk.pre_tokenizer = _pre_tokenizer(pre_kind)
     tk.decoder = decoders.ByteLevel()
     typed = list(zip(tokens, types, strict=True))
@@ -330,12 +363,13 @@ def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
     tk.add_tokens([AddedToken(t, normalized=False, special=False) for t, ty in typed if ty == 4])
 
     def token(key: str) -> str | None:
-        i = _meta(reader, f"tokenizer.ggml.{key}_token_id", path, None)
+        i = _meta(reader, f"tokenizer.ggml.{key}_token_id", path, None, "an integer")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
     bos, eos = token("bos"), token("eos")
-    add_bos = bool(_meta(reader, "tokenizer.ggml.add_bos_token", path, pre_kind == "llama3")) and bos is not None
-    add_eos = bool(_meta(reader, "tokenizer.ggml.add_eos_token", path, False)) and eos is not None
+    add_bos = bool(_meta(reader, "tokenizer.ggml.add_bos_token", path, pre_kind == "llama3", "a boolean")
+                   ) and bos is not None
+    add_eos = bool(_meta(reader, "tokenizer.ggml.add_eos_token", path, False, "a boolean")) and eos is not None
     # Set here as well as through the flags below: transformers 4.x's PreTrainedTokenizerFast ignores those.
     single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
     pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
@@ -349,7 +383,7 @@ def load_gguf_tokenizer(path: str) -> PreTrainedTokenizerFast:
         pad_token=token("padding"),
         add_bos_token=add_bos,
         add_eos_token=add_eos,
-        chat_template=_meta(reader, "tokenizer.chat_template", path, None),
+        chat_template=_meta(reader, "tokenizer.chat_template", path, None, "a string"),
     )
 
 
