@@ -25,6 +25,7 @@ from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.params import as_prng_key, check_params, param_shardings
 from jaxrl_llm.parallel.rules import ShardingRules
 from jaxrl_llm.sampling import loop
+from jaxrl_llm.sampling.budget import auto_batch_size, row_bytes
 from jaxrl_llm.sampling.request import (
     SamplingParams,
     as_param_list,
@@ -207,7 +208,8 @@ def generate(
     sampling_rules: a different table for sampling (e.g. tensor-parallel decode); params are then resharded
     once per call with `jax.device_put` and the cost is reported as stats['reshard_seconds'].
     max_batch_size: prompts are processed in chunks of at most this many rows (sorted by length); an integer
-    >= 1, or None for one chunk.
+    >= 1, or None: as many rows as fit a share of the memory free on a device now (`sampling/budget.py`: KV
+    cache, logits and prefill per row; one chunk when all fit; logged when it splits; stats['auto_batch_size']).
     max_prompt_len: longest prompt allowed (default: max_position_embeddings - max_new_tokens); longer prompts
     raise, or are left-truncated with truncate_prompts=True (counted in stats['truncated_prompts']).
     unroll_layers: decode with per-layer weight and cache arrays and a Python loop over the layers instead of
@@ -254,6 +256,16 @@ def generate(
             params = jax.block_until_ready(jax.device_put(params, param_shardings(cfg, mesh, sampling_rules)))
             stats["reshard_seconds"] = time.perf_counter() - t0
     shards = _batch_shards(mesh, model_rules)
+    stats["auto_batch_size"] = None
+    if max_batch_size is None:
+        P_max = bucket_length(max(len(a) for a in arrs))
+        N_max = bucket_new_tokens(max(p.max_new_tokens for p in sps))
+        rows = stats["auto_batch_size"] = auto_batch_size(cfg, mesh, shards, P_max, N_max)
+        if rows is not None and rows < len(arrs):
+            log.info("sampling %d prompts in chunks of %d rows: the KV cache, logits and prefill of all of them "
+                     "(about %.2f GiB a device) would not fit the memory free (max_batch_size sets the chunk)",
+                     len(arrs), rows, len(arrs) / shards * row_bytes(cfg, P_max, N_max) / 2**30)
+            max_batch_size = rows
     if table is not None:  # replicated: every row looks up every token id
         table = jax.tree.map(jax.numpy.asarray, table) if mesh is None else jax.tree.map(
             lambda x: put_global(x, model_rules.sharding(mesh, (None,) * x.ndim, x.shape)), table)

@@ -1,0 +1,68 @@
+"""How many rows one `generate` chunk may hold when the caller sets no `max_batch_size`.
+
+A row's device memory is dominated by its KV cache (prompt bucket + new-token bucket slots, every layer) and,
+at a large vocabulary, by the sampler's fp32 copies of its logits (top-k / top-p sort); prefill activations
+of its prompt come on top. `auto_batch_size` fits that estimate into a share of the memory a device has free now:
+`memory_stats()` on GPU and TPU (which counts the trainer's parameters and optimizer state already there), the
+host's available memory shared by its devices on a CPU. Every process of a job takes the smallest of their
+figures, so they all cut the same chunks (each chunk is a collective).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from jax.sharding import Mesh
+
+from jaxrl_llm.distributed import allgather_json
+from jaxrl_llm.models.config import ModelConfig
+from jaxrl_llm.sampling.cache import cache_bytes
+
+FREE_SHARE = 0.7  # of a device's free memory the rows of a chunk may take (XLA's temporaries need the rest)
+_LOGIT_COPIES = 8  # fp32 [V] per row: logits, scaled, sorted, cumulative, filtered, log-softmax, ...
+
+
+def row_bytes(cfg: ModelConfig, prompt_len: int, new_tokens: int, cache_shards: int = 1) -> int:
+    """Device bytes one row needs (an estimate that errs high): its KV cache over `cache_shards` devices, its
+    logits' working copies, its prompt's prefill activations (a layer at a time) and its output buffers."""
+    cache = cache_bytes(cfg, 1, prompt_len + new_tokens) // cache_shards
+    logits = _LOGIT_COPIES * cfg.vocab_size * 4
+    width = cfg.num_heads * cfg.head_dim + 2 * cfg.num_kv_heads * cfg.head_dim + 2 * cfg.intermediate_size
+    prefill = prompt_len * (4 * cfg.hidden_size + width) * 4 + cfg.num_heads * prompt_len * prompt_len * 4
+    return cache + logits + prefill + 8 * new_tokens
+
+
+def free_bytes(device: jax.Device) -> int | None:
+    """Bytes free on `device` now: memory_stats (GPU, TPU), else for a CPU device the host's available memory
+    over the process's CPU devices; None when unknown."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    if device.platform == "cpu":
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+        return available // max(1, len(jax.local_devices(backend="cpu")))
+    return None
+
+
+def auto_batch_size(cfg: ModelConfig, mesh: Mesh | None, batch_shards: int, prompt_len: int, new_tokens: int
+                    ) -> int | None:
+    """Rows per chunk (a power of two times `batch_shards`, at least `batch_shards`) whose estimated memory fits
+    FREE_SHARE of the least free device of the mesh (of every process), or None when no device reports it."""
+    devices = [d for d in (mesh.devices.flat if mesh is not None else jax.local_devices()[:1])
+               if d.process_index == jax.process_index()]
+    known = [f for f in map(free_bytes, devices) if f is not None]
+    free = min(known) if known else None
+    if mesh is not None and jax.process_count() > 1:
+        known = [f for f in allgather_json(free) if f is not None]
+        free = min(known) if known else None
+    if free is None:
+        return None
+    tensor = mesh.shape.get("tensor", 1) if mesh is not None else 1  # kv heads split over it, when they divide
+    cache_shards = tensor if cfg.num_kv_heads % tensor == 0 else 1
+    per_device = int(free * FREE_SHARE) // row_bytes(cfg, prompt_len, new_tokens, cache_shards)
+    rows = max(1, per_device)
+    return batch_shards * (1 << (rows.bit_length() - 1))
