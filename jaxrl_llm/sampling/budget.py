@@ -4,8 +4,8 @@ A row's device memory is dominated by its KV cache (prompt bucket + new-token bu
 at a large vocabulary, by the sampler's fp32 copies of its logits (top-k / top-p sort); prefill activations
 of its prompt come on top. `auto_batch_size` fits that estimate into a share of the memory a device has free now:
 `memory_stats()` on GPU and TPU (which counts the trainer's parameters and optimizer state already there), the
-host's available memory shared by its devices on a CPU. Every process of a job takes the smallest of their
-figures, so they all cut the same chunks (each chunk is a collective).
+host's available memory (MemAvailable, within a cgroup's limit) shared by its devices on a CPU. Every process of
+a job takes the smallest of their figures, so they all cut the same chunks (each chunk is a collective).
 """
 
 from __future__ import annotations
@@ -40,18 +40,48 @@ def free_bytes(device: jax.Device) -> int | None:
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
     if device.platform == "cpu":
+        available = host_available_bytes()
+        return None if available is None else available // max(1, len(jax.local_devices(backend="cpu")))
+    return None
+
+
+def host_available_bytes(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
+    """Memory the host can give this process now: Linux's MemAvailable (free pages plus the page cache it can
+    drop; MemFree alone leaves out the cache that reading a checkpoint or data set just filled), at most what a
+    cgroup v2 memory.max leaves; elsewhere sysconf's free pages; None when unknown."""
+    try:
+        with open(meminfo) as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, ValueError, IndexError, StopIteration):
         try:
             available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError, AttributeError):
             return None
-        return available // max(1, len(jax.local_devices(backend="cpu")))
-    return None
+    try:
+        with open(os.path.join(cgroup, "memory.max")) as f:
+            limit = f.read().strip()
+        with open(os.path.join(cgroup, "memory.current")) as f:
+            used = int(f.read().strip())
+        if limit != "max":
+            available = min(available, max(0, int(limit) - used))
+    except (OSError, ValueError):
+        pass
+    return available
 
 
-def auto_batch_size(cfg: ModelConfig, mesh: Mesh | None, batch_shards: int, prompt_len: int, new_tokens: int
-                    ) -> int | None:
+def layout_copy_bytes(params: dict) -> int:
+    """Bytes a device holds of the layer weights (and an untied head): the copy `generate(unroll_layers=True)`
+    makes for decode (`loop.prepare_decode_params`) after the chunk size is chosen."""
+    leaves = jax.tree.leaves({"layers": params["layers"], "lm_head": params.get("lm_head")})
+    return sum(x.addressable_shards[0].data.nbytes if hasattr(x, "addressable_shards") else x.nbytes
+               for x in leaves)
+
+
+def auto_batch_size(cfg: ModelConfig, mesh: Mesh | None, batch_shards: int, prompt_len: int, new_tokens: int,
+                    reserve_bytes: int = 0) -> int | None:
     """Rows per chunk (a power of two times `batch_shards`, at least `batch_shards`) whose estimated memory fits
-    FREE_SHARE of the least free device of the mesh (of every process), or None when no device reports it."""
+    FREE_SHARE of the least free device of the mesh (of every process) less `reserve_bytes` a device (memory the
+    call takes besides its rows), or None when no device reports it."""
     devices = [d for d in (mesh.devices.flat if mesh is not None else jax.local_devices()[:1])
                if d.process_index == jax.process_index()]
     known = [f for f in map(free_bytes, devices) if f is not None]
@@ -63,6 +93,6 @@ def auto_batch_size(cfg: ModelConfig, mesh: Mesh | None, batch_shards: int, prom
         return None
     tensor = mesh.shape.get("tensor", 1) if mesh is not None else 1  # kv heads split over it, when they divide
     cache_shards = tensor if cfg.num_kv_heads % tensor == 0 else 1
-    per_device = int(free * FREE_SHARE) // row_bytes(cfg, prompt_len, new_tokens, cache_shards)
+    per_device = int(max(0, free - reserve_bytes) * FREE_SHARE) // row_bytes(cfg, prompt_len, new_tokens, cache_shards)
     rows = max(1, per_device)
     return batch_shards * (1 << (rows.bit_length() - 1))

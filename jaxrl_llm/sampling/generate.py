@@ -25,7 +25,7 @@ from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.params import as_prng_key, check_params, param_shardings
 from jaxrl_llm.parallel.rules import ShardingRules
 from jaxrl_llm.sampling import loop
-from jaxrl_llm.sampling.budget import auto_batch_size, row_bytes
+from jaxrl_llm.sampling.budget import auto_batch_size, layout_copy_bytes, row_bytes
 from jaxrl_llm.sampling.request import (
     SamplingParams,
     as_param_list,
@@ -256,11 +256,15 @@ def generate(
             params = jax.block_until_ready(jax.device_put(params, param_shardings(cfg, mesh, sampling_rules)))
             stats["reshard_seconds"] = time.perf_counter() - t0
     shards = _batch_shards(mesh, model_rules)
+    if unroll_layers is None:
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        unroll_layers = platform == "cpu" and cfg.dtype == np.float32
     stats["auto_batch_size"] = None
     if max_batch_size is None:
         P_max = bucket_length(max(len(a) for a in arrs))
         N_max = bucket_new_tokens(max(p.max_new_tokens for p in sps))
-        rows = stats["auto_batch_size"] = auto_batch_size(cfg, mesh, shards, P_max, N_max)
+        reserve = layout_copy_bytes(params) if unroll_layers and not cfg.num_labels else 0
+        rows = stats["auto_batch_size"] = auto_batch_size(cfg, mesh, shards, P_max, N_max, reserve)
         if rows is not None and rows < len(arrs):
             log.info("sampling %d prompts in chunks of %d rows: the KV cache, logits and prefill of all of them "
                      "(about %.2f GiB a device) would not fit the memory free (max_batch_size sets the chunk)",
@@ -269,9 +273,6 @@ def generate(
     if table is not None:  # replicated: every row looks up every token id
         table = jax.tree.map(jax.numpy.asarray, table) if mesh is None else jax.tree.map(
             lambda x: put_global(x, model_rules.sharding(mesh, (None,) * x.ndim, x.shape)), table)
-    if unroll_layers is None:
-        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
-        unroll_layers = platform == "cpu" and cfg.dtype == np.float32
     decode_weights: dict | None = None  # the params decode reads; built at the first chunk
 
     n = len(arrs)
