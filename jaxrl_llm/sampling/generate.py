@@ -210,6 +210,7 @@ def generate(
     max_batch_size: prompts are processed in chunks of at most this many rows (sorted by length); an integer
     >= 1, or None: as many rows as fit a share of the memory free on a device now (`sampling/budget.py`: KV
     cache, logits and prefill per row; one chunk when all fit; logged when it splits; stats['auto_batch_size']).
+    The free memory changes between calls, so the chunk (a compiled shape) may too: set it for steady shapes.
     max_prompt_len: longest prompt allowed (default: max_position_embeddings - max_new_tokens); longer prompts
     raise, or are left-truncated with truncate_prompts=True (counted in stats['truncated_prompts']).
     unroll_layers: decode with per-layer weight and cache arrays and a Python loop over the layers instead of
