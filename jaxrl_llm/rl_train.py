@@ -453,7 +453,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
                            tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
                            run_config=config.to_dict(), console_keys=CONSOLE_KEYS)
-    evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules)
+    evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules, runner.tok_bytes)
     last: dict[str, Any] = {}
     stop = StopOnSigterm().start()
     # (the validation's environment has worker processes of its own)
@@ -504,9 +504,9 @@ def val_batch_size(config: ml_collections.ConfigDict) -> int:
     return ro.max_batch_size or ro.num_prompts * ro.group_size
 
 
-def _make_evaluator(config, cfg, tokenizer, mesh, rules):
+def _make_evaluator(config, cfg, tokenizer, mesh, rules, tok_bytes=None):
     """val_every > 0: evaluate_tasks on config.eval's tasks every val_every steps (and at the last step);
-    metrics come back as val_<name>."""
+    metrics come back as val_<name>. tok_bytes: the rollouts' token-byte table (rollout.stop_strings), shared."""
     every = config.get("val_every", 0)
     if not every:
         return None
@@ -522,7 +522,6 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
     sp = sampling.SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=ec.temperature,
                                  top_p=1.0, top_k=0, stop_token_ids=stops,
                                  stop_strings=config.rollout.get("stop_strings", ()))
-    tok_bytes = sampling.token_bytes(tokenizer) if sp.stop_strings else None  # built once, not per validation
     k_values = val_k_values(ec.n_samples)
     # At most a rollout's rows at a time (rollout.max_batch_size, or one rollout batch when that is 0): what the
     # run's memory is known to hold; one batch of every eval task x sample could need many times the KV cache.
@@ -534,7 +533,7 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules):
         res = evaluate_tasks(cfg, params, tokenizer, tasks, env, n_samples=ec.n_samples, k_values=k_values,
                              sampling_params=sp, rng=jax.random.key(ec.seed), mesh=mesh, rules=rules,
                              max_batch_size=val_batch, max_prompt_len=config.data.max_prompt_len, truncate_prompts=True,
-                             keep_completions=False, token_bytes=tok_bytes)
+                             keep_completions=False, token_bytes=tok_bytes)  # the rollouts' (same strings)
         return scalar_metrics(res, prefix="val_")
 
     evaluate.close = getattr(env, "close", None)

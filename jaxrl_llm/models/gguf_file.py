@@ -22,7 +22,6 @@ import numpy as np
 
 _MAGIC = b"GGUF"
 _STRING, _ARRAY = 8, 9
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NUMPY = {0: "u1", 1: "i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
           12: "<f8"}
 _PLAIN = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I8": np.int8, "I16": np.int16,
@@ -69,8 +68,10 @@ class _Cursor:
     def value(self, vtype: int) -> Any:
         if vtype == _STRING:
             return self.string()
-        if vtype in _SCALAR:
-            return self.unpack(_SCALAR[vtype])
+        if vtype in _NUMPY:
+            item = np.frombuffer(self.buf, _NUMPY[vtype], 1, self.pos)
+            self.pos += item.nbytes
+            return item[0].item()
         if vtype != _ARRAY:
             raise ValueError(f"unknown metadata value type {vtype} at offset {self.pos - 4}")
         itype, count = self.unpack("<I"), self.unpack("<Q")
