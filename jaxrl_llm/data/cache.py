@@ -89,7 +89,9 @@ def load(cache_dir: str, kind: str, key: str) -> tuple[list[Sides], dict[str, An
             meta = json.loads(str(z["meta"]))
             if meta.get("key") != key or meta.get("format") != FORMAT:
                 return None
-            ids, mask, lengths = z["ids"].astype(np.int32), z["mask"].astype(np.int32), z["lengths"]
+            ids, mask, lengths = z["ids"], z["mask"].astype(np.uint8, copy=False), z["lengths"]
+            if ids.dtype not in (np.uint16, np.int32):
+                ids = ids.astype(np.int32)  # (as written: the narrow ids `bulk.compact` keeps, one buffer for all)
     except Exception as e:  # noqa: BLE001 (a truncated or foreign file: tokenized again, and written again)
         log.warning("data: %s does not read (%s: %s); tokenizing again", path, type(e).__name__, e)
         return None
