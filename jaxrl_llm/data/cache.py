@@ -27,7 +27,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: replies after a newline tokenized after their prompt for tokenizers that prefix each text
+FORMAT = 3  # 2: replies after a newline tokenized after their prompt for tokenizers that prefix each text;
+# 3: assistant messages with weight 0 out of the loss
 Sides = list[tuple[np.ndarray, np.ndarray]]
 
 

@@ -20,9 +20,10 @@ Pieces = list[tuple[str, int]]  # a conversation's text in (text, learned) piece
 
 
 def check_message(m: Any, index: int, where: str) -> dict[str, Any]:
-    """One message of a row, validated: `role` a string, `content` a string (or None beside `tool_calls`). Its
-    other fields (tool_calls, reasoning_content, name, ...) go to the chat template too; fields that are None are
-    left out (a datasets table gives every message every column of the file, None where a message lacks it)."""
+    """One message of a row, validated: `role` a string, `content` a string (or None beside `tool_calls`), `weight`
+    (OpenAI's fine-tuning format: 0 keeps an assistant message out of the loss) 0 or 1. Its other fields
+    (tool_calls, reasoning_content, name, ...) go to the chat template too; fields that are None are left out (a
+    datasets table gives every message every column of the file, None where a message lacks it)."""
     if not isinstance(m, dict) or "role" not in m or "content" not in m:
         raise DataError(f"row {index}: {where} needs 'role' and 'content'")
     if not isinstance(m["role"], str):
@@ -31,6 +32,9 @@ def check_message(m: Any, index: int, where: str) -> dict[str, Any]:
     if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
         raise DataError(f"row {index}: {where}.content must be a string (or null beside tool_calls); got "
                         f"{type(content).__name__}")
+    weight = m.get("weight")
+    if weight is not None and (weight not in (0, 1) or not isinstance(weight, int | float)):
+        raise DataError(f"row {index}: {where}.weight must be 0 (no loss on the message) or 1; got {weight!r}")
     return {k: v for k, v in m.items() if v is not None or k == "content"}
 
 
@@ -377,8 +381,9 @@ def conversation_pieces(
     The conversation is rendered prefix by prefix; each assistant turn's tokens run from the end of the
     generation prompt (`<|im_start|>assistant\\n` for ChatML) to the end of its turn, end marker included.
     The template must render prefixes as string prefixes (true of ChatML, Llama 3, Qwen templates).
-    Assistant turns that are context get no loss: the first `context_turns` (a prompt's own assistant turns) and
-    those that open the conversation (no user or tool message before them, only a system message or none).
+    Assistant turns that are context get no loss: the first `context_turns` (a prompt's own assistant turns),
+    those that open the conversation (no user or tool message before them, only a system message or none), and
+    those with `weight` 0 (OpenAI's fine-tuning format).
     A template with {% generation %} blocks (TRL's training templates) is rendered once instead, and the blocks
     mark the assistant tokens (`_marked_pieces`): it need not render prefixes as prefixes.
     eos_id: appended (with loss) after each learned turn (`turn_end_token`: templates that end turns with no
@@ -390,12 +395,12 @@ def conversation_pieces(
     """
     assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     prompted = [any(m["role"] not in ("system", "assistant") for m in messages[:i]) for i in range(len(messages))]
-    learned = [i for i in assistant_turns[context_turns:] if prompted[i]]
+    learned = [i for i in assistant_turns[context_turns:] if prompted[i] and messages[i].get("weight", 1) != 0]
     if last_assistant_only:
         learned = learned[-1:]
     if not learned:
         raise DataError(f"row {index}: no assistant message to learn from" + (
-            " (the assistant turns are all context: the prompt's own, or one that opens the conversation)"
+            " (the assistant turns are all context: the prompt's own, one that opens the conversation, or weight 0)"
             if assistant_turns else ""))
     if _has_generation_blocks(tokenizer, chat_template):
         return _marked_pieces(tokenizer, messages, chat_template, tools, assistant_turns, learned, index), None

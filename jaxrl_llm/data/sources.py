@@ -70,7 +70,7 @@ def _jsonl_rows(path: str, limit: int = -1) -> tuple[list[Any], bool]:
             if 0 < limit <= len(rows):
                 return rows, True
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if i == 0 else "utf-8")  # a BOM (Windows editors) before line 1
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}: line {i + 1} is not UTF-8 text (byte {raw[e.start]:#04x} at column "
                                 f"{e.start + 1})") from None
@@ -86,7 +86,7 @@ def _read_json_rows(path: str) -> list[Any]:
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a BOM (Windows editors) before the text is left out, as datasets does
     except UnicodeDecodeError as e:
         line = raw.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}: line {line} is not UTF-8 text (byte {raw[e.start]:#04x})") from None
@@ -136,6 +136,29 @@ def _cell(text: Any) -> Any:
     return text
 
 
+# the fields that hold messages or tool schemas, whose nested objects go to the chat template
+_CHAT_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected", "context", "completions", "tools")
+
+
+def _without_table_nulls(value: Any) -> Any:
+    """`value` with the None entries of its objects left out, except a message's "content" (null beside
+    tool_calls). An Arrow table (parquet, a datasets.Dataset) gives every object of a list column every key any
+    of them has, None where one lacks it: a tool call's arguments would read {"city": "Paris", "n": null} (the
+    other rows' argument names) and a tool's schema every other tool's properties, rendered into the text."""
+    if isinstance(value, dict):
+        return {k: _without_table_nulls(v) for k, v in value.items() if v is not None or k == "content"}
+    if isinstance(value, list):
+        return [_without_table_nulls(v) for v in value]
+    return value
+
+
+def _table_rows(table: Any) -> list[dict[str, Any]]:
+    """A datasets.Dataset's rows as Python objects (whatever format it was set to: numpy or pandas would give
+    arrays of messages), their chat fields' nested objects without the nulls the table filled in."""
+    return [{k: _without_table_nulls(v) if k in _CHAT_FIELDS and isinstance(v, list) else v for k, v in r.items()}
+            for r in table.with_format(None)]
+
+
 def first_rows(rows: list, num_examples: int, source: Any) -> list:
     """rows[:num_examples] (all with num_examples <= 0), the rows left out logged."""
     if 0 < num_examples < len(rows):
@@ -171,7 +194,7 @@ def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
         total = source.num_rows
         if 0 < num_examples < total:  # only the rows asked for are read out of the table
             source = source.select(range(num_examples))
-        rows = [dict(r) for r in source]
+        rows = _table_rows(source)
         source = f"<datasets.Dataset of {total} rows>"
         if len(rows) < total:
             log.info("data: the first %d of the %d rows of %s (data.num_examples=%d; -1 takes all)", len(rows),
@@ -203,7 +226,7 @@ def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
             except Exception as e:  # noqa: BLE001 (datasets/pyarrow raise many kinds; all mean "cannot read this")
                 raise DataError(f"data.source={source!r}: cannot read it as {_FORMATS[ext]} "
                                 f"({type(e).__name__}: {str(e)[:300] or 'empty file?'})") from None
-            rows = [dict(r) for r in ds]
+            rows = _table_rows(ds)
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise DataError(f"data.source={source!r}: row {i} is a {type(row).__name__}, not an object")
