@@ -95,3 +95,52 @@ def test_a_tables_filled_in_nulls_stay_out_of_tool_calls_and_schemas(tmp_path):
     (tmp_path / "t.jsonl").write_text(json.dumps(row) + "\n")
     got = load_rows(str(tmp_path / "t.jsonl"))[0]
     assert got["messages"][1]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris", "unit": None}
+
+
+# Qwen2.5's chat template's dispatch on roles (tools left out): a "developer" message matches no branch.
+QWEN25_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if (message.role == 'user') or (message.role == 'system' and not loop.first) or "
+    "(message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
+    "{%- elif message.role == 'tool' %}{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + "
+    "'\\n</tool_response><|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def test_a_role_the_template_leaves_out_is_refused(tokenizer, tmp_path):
+    """OpenAI's "developer" role (its system role since o1): Qwen2.5's template renders no such message, so SFT and
+    DPO trained without the instruction, silently. The row is refused naming the role; roles the template renders
+    (system, tool; any role under SmolLM2's ChatML) pass."""
+    from recipes import recipe
+
+    from jaxrl_llm.algorithms import sft
+    from jaxrl_llm.data import preference as pref
+
+    dev = {"role": "developer", "content": "Answer in French."}
+    rows = [{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+                          {"role": "tool", "content": "t"}, {"role": "assistant", "content": "Yo"}]},
+            {"messages": [dev, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Salut"}]}]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = recipe("sft_tiny", {"data.source": str(path), "data.num_examples": -1, "data.chat_template": QWEN25_TEMPLATE,
+                            "data.cache": False})
+    with pytest.raises(DataError, match="row 1: has a 'developer' message, which the chat template leaves out"):
+        sft.prepare(c, tokenizer)
+    path.write_text(json.dumps(rows[0]) + "\n")
+    (ids, mask), = sft.prepare(c, tokenizer)[0]
+    assert _learned(tokenizer, ids, mask) == "Yo<|im_end|>\n"
+    c.data.chat_template = ""  # SmolLM2's ChatML renders every role
+    path.write_text(json.dumps(rows[1]) + "\n")
+    (ids, _), = sft.prepare(c, tokenizer)[0]
+    assert "<|im_start|>developer\nAnswer in French." in tokenizer.decode(ids)
+    # DPO/RM rows: the same
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": [dev, {"role": "user", "content": "Hi"}], "chosen": "Salut",
+                                "rejected": "Hello"}) + "\n")
+    c = recipe("dpo_tiny", {"data.source": str(path), "data.num_examples": -1, "data.chat_template": QWEN25_TEMPLATE,
+                            "data.cache": False})
+    with pytest.raises(DataError, match="row 0: has a 'developer' message"):
+        pref.prepare(c, tokenizer)

@@ -156,11 +156,11 @@ def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
 
     def tokenize() -> tuple[list, dict[str, int]]:
         rows = load_rows(dc.source, dc.num_examples)
-        dropped = dropped_fields(tokenizer, template)
         with from_source(describe_source(dc.source)):
             # every row's fields first (a few seconds for a million rows): a bad row anywhere in the file is said
             # before minutes of tokenizing the rows ahead of it
             parsed = [(*to_conversation(row, i), row_tools(row, i)) for i, row in enumerate(rows)]
+            dropped = dropped_fields(tokenizer, template, {m["role"] for msgs, _, _ in parsed for m in msgs})
             no_reasoning = sum(check_rendered(msgs, tools, dropped, i) for i, (msgs, _, tools) in enumerate(parsed))
             del rows
             return tokenize_rows(tokenizer, len(parsed), lambda i: [conversation_pieces(

@@ -97,10 +97,12 @@ def response_after(prompt: list[dict[str, Any]], response: list[dict[str, Any]],
                     "only)")
 
 
-def dropped_fields(tokenizer: Any, chat_template: str | None) -> set[str]:
+def dropped_fields(tokenizer: Any, chat_template: str | None, roles: Any = ()) -> set[str]:
     """Which of a row's extra fields the template leaves out of its text: "tool_calls" (an assistant message's
-    calls), "tools" (the row's function schemas), "reasoning_content". A template that fails on a probe is
-    not judged (its rows say so themselves)."""
+    calls), "tools" (the row's function schemas), "reasoning_content"; and "role:<name>" for each of `roles` (the
+    data's, other than user and assistant) whose messages it leaves out wherever they stand (Qwen2.5's template
+    renders no "developer" message: the instruction would be dropped). A template that fails on a probe is not
+    judged (its rows say so themselves)."""
     user = {"role": "user", "content": "Hi"}
     call = {"type": "function", "id": "c1", "function": {"name": "probe_fn_q", "arguments": {"a": 1}}}
     tool = {"type": "function", "function": {"name": "probe_tool_q", "description": "d",
@@ -120,13 +122,29 @@ def dropped_fields(tokenizer: Any, chat_template: str | None) -> set[str]:
                 shown = True
         if not shown:
             out.add(name)
+    for role in sorted(set(roles) - {"user", "assistant"}):
+        probe = {"role": role, "content": "probe_role_q"}
+        shown = False
+        for msgs in ([probe, user], [user, probe], [user, {"role": "assistant", "content": "Ok"}, probe]):
+            try:
+                shown = shown or "probe_role_q" in _render(tokenizer, msgs, chat_template)
+            except Exception:  # noqa: BLE001 (as above)
+                shown = True
+        if not shown:
+            out.add(f"role:{role}")
     return out
 
 
 def check_rendered(messages: list[dict[str, Any]], tools: Any, dropped: set[str], index: int) -> bool:
     """A DataError when the row holds tool calls or tools that the template (`dropped_fields`) leaves out of its
     text: the reply would be learned without its calls, the model without the schemas. Returns whether the row's
-    reasoning_content is left out (counted by the caller)."""
+    reasoning_content is left out (counted by the caller). A message of a role the template leaves out is a
+    DataError too."""
+    for m in messages:
+        if f"role:{m['role']}" in dropped:
+            raise DataError(f"row {index}: has a {m['role']!r} message, which the chat template leaves out of its "
+                            "text (the turn would be dropped); give it a role the template renders (e.g. 'system' "
+                            "for 'developer') or set data.chat_template to one that renders it")
     for j, m in enumerate(messages):
         if "tool_calls" in dropped and m.get("tool_calls"):
             raise DataError(f"row {index}: message {j} has tool_calls, which the chat template leaves out of its "

@@ -290,10 +290,11 @@ def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
 
     def tokenize() -> tuple[list, dict[str, int]]:
         rows = load_preference_rows(dc.source, dc.num_examples)
-        dropped = dropped_fields(tokenizer, template)
         with from_source(describe_source(dc.source)):
             # every row's fields first: a bad row anywhere is said before minutes of tokenizing the rows ahead of it
             parsed = [(*to_preference(row, i), row_tools(row, i)) for i, row in enumerate(rows)]
+            dropped = dropped_fields(tokenizer, template, {m["role"] for row in parsed for msgs in row[:3]
+                                                           for m in msgs})
             left_out = sum(check_rendered([*p, *c, *r], tools, dropped, i)
                            for i, (p, c, r, tools) in enumerate(parsed))
             del rows
