@@ -144,3 +144,20 @@ def test_a_role_the_template_leaves_out_is_refused(tokenizer, tmp_path):
                             "data.cache": False})
     with pytest.raises(DataError, match="row 0: has a 'developer' message"):
         pref.prepare(c, tokenizer)
+
+
+def test_a_tool_calling_reply_without_content_reads_as_openai_writes_it(tokenizer):
+    """OpenAI's fine-tuning files give an assistant message with tool_calls and no `content` key; it was refused
+    as "needs 'role' and 'content'". It reads as content null; without tool_calls a missing content still errs."""
+    from test_data_rows import TOOL_TEMPLATE
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    row = {"messages": [{"role": "user", "content": "Weather?"}, {"role": "assistant", "tool_calls": [call]},
+                        {"role": "tool", "tool_call_id": "call_1", "content": "18C"},
+                        {"role": "assistant", "content": "18C."}], "parallel_tool_calls": False}
+    msgs, _ = to_conversation(row, 0)
+    assert msgs[1] == {"role": "assistant", "content": None, "tool_calls": [call]}
+    ids, mask = tokenize_conversation(tokenizer, msgs, chat_template=TOOL_TEMPLATE)
+    assert _learned(tokenizer, ids, mask) == "<call>get_weather</call><|im_end|>\n18C.<|im_end|>\n"
+    with pytest.raises(DataError, match=r"row 3: messages\[1\] needs 'role' and 'content'"):
+        to_conversation({"messages": [row["messages"][0], {"role": "assistant"}]}, 3)

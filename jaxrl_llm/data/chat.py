@@ -24,6 +24,8 @@ def check_message(m: Any, index: int, where: str) -> dict[str, Any]:
     (OpenAI's fine-tuning format: 0 keeps an assistant message out of the loss) 0 or 1. Its other fields
     (tool_calls, reasoning_content, name, ...) go to the chat template too; fields that are None are left out (a
     datasets table gives every message every column of the file, None where a message lacks it)."""
+    if isinstance(m, dict) and "content" not in m and m.get("tool_calls"):
+        m = {**m, "content": None}  # OpenAI's fine-tuning files leave a tool-calling reply's content out
     if not isinstance(m, dict) or "role" not in m or "content" not in m:
         raise DataError(f"row {index}: {where} needs 'role' and 'content'")
     if not isinstance(m["role"], str):
