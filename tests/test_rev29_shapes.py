@@ -161,3 +161,19 @@ def test_a_tool_calling_reply_without_content_reads_as_openai_writes_it(tokenize
     assert _learned(tokenizer, ids, mask) == "<call>get_weather</call><|im_end|>\n18C.<|im_end|>\n"
     with pytest.raises(DataError, match=r"row 3: messages\[1\] needs 'role' and 'content'"):
         to_conversation({"messages": [row["messages"][0], {"role": "assistant"}]}, 3)
+
+
+def test_a_lone_surrogate_escape_names_its_line(tmp_path):
+    """JSON's "\\ud83d" without its pair (an emoji cut in half by a scraper) parses to a string no tokenizer takes:
+    SFT stopped with the tokenizer's "TypeError: TextEncodeInput must be Union[...]", naming no row. Whole emoji
+    escaped as pairs (json.dumps' default) read as before."""
+    good = {"prompt": "smile \U0001F600 \u4f60\u597d \u05e9\u05dc\u05d5\u05dd", "completion": "ok"}
+    bad = '{"prompt": "broken \\ud83d emoji", "completion": "x"}'
+    (tmp_path / "r.jsonl").write_text(json.dumps(good) + "\n" + bad + "\n")
+    with pytest.raises(DataError, match=r"r.jsonl: line 2 holds a lone UTF-16 surrogate"):
+        load_rows(str(tmp_path / "r.jsonl"))
+    (tmp_path / "r.json").write_text("[" + json.dumps(good) + ", " + bad + "]")
+    with pytest.raises(DataError, match=r"r.json: row 1 holds a lone UTF-16 surrogate"):
+        load_rows(str(tmp_path / "r.json"))
+    (tmp_path / "ok.jsonl").write_text(json.dumps(good) + "\n")  # ensure_ascii: "\ud83d\ude00"
+    assert "\\ud83d\\ude00" in (tmp_path / "ok.jsonl").read_text() and load_rows(str(tmp_path / "ok.jsonl")) == [good]

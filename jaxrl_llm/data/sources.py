@@ -78,7 +78,26 @@ def _jsonl_rows(path: str, limit: int = -1) -> tuple[list[Any], bool]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}: line {i + 1} is not valid JSON ({e.msg})") from e
+            if ("\\ud" in line or "\\uD" in line) and _lone_surrogate(rows[-1]):
+                raise DataError(f"{path}: line {i + 1} {_SURROGATE}")
     return rows, False
+
+
+_SURROGATE = ("holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair: an emoji cut in half?), "
+              "which is no text a tokenizer takes")
+
+
+def _lone_surrogate(value: Any) -> bool:
+    """Whether a JSON value holds a string with a lone surrogate (JSON's \\udXXX escapes parse to one)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_lone_surrogate(k) or _lone_surrogate(v) for k, v in value.items())
+    return isinstance(value, list) and any(_lone_surrogate(v) for v in value)
 
 
 def _read_json_rows(path: str) -> list[Any]:
@@ -100,9 +119,13 @@ def _read_json_rows(path: str) -> list[Any]:
         lengths = {len(v) for v in data.values()}
         if len(lengths) != 1:
             raise DataError(f"{path}: an object of columns of different lengths {sorted(lengths)}")
-        return [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
+        data = [dict(zip(data, values, strict=True)) for values in zip(*data.values(), strict=True)]
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of rows (or an object of columns), got {type(data).__name__}")
+    if "\\ud" in text or "\\uD" in text:
+        bad = next((i for i, row in enumerate(data) if _lone_surrogate(row)), None)
+        if bad is not None:
+            raise DataError(f"{path}: row {bad} {_SURROGATE}")
     return data
 
 
