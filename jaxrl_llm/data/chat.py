@@ -127,11 +127,13 @@ def dropped_fields(tokenizer: Any, chat_template: str | None, roles: Any = ()) -
     for role in sorted(set(roles) - {"user", "assistant"}):
         probe = {"role": role, "content": "probe_role_q"}
         shown = False
-        for msgs in ([probe, user], [user, probe], [user, {"role": "assistant", "content": "Ok"}, probe]):
-            try:
-                shown = shown or "probe_role_q" in _render(tokenizer, msgs, chat_template)
-            except Exception:  # noqa: BLE001 (as above)
-                shown = True
+        for msgs in ([probe, user], [user, probe], [user, {"role": "assistant", "content": "Ok"}, probe],
+                     [user, {"role": "assistant", "content": "", "tool_calls": [call]}, probe]):  # (a tool's reply)
+            for t in (None, [tool]):  # (a "tool_use" named template for rows with tools)
+                try:
+                    shown = shown or "probe_role_q" in _render(tokenizer, msgs, chat_template, tools=t)
+                except Exception:  # noqa: BLE001 (as above)
+                    shown = True
         if not shown:
             out.add(f"role:{role}")
     return out
