@@ -160,11 +160,13 @@ class EventFile:
         self._guard(lambda: self._f.write(record))
 
     def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """Each scalar under its own name, as metrics.jsonl and W&B have it (tensorboardX's `scalar` would rename
+        `val_pass@1` to `val_pass_1`, a tag TensorBoard itself does not need)."""
         from tensorboardX.proto.event_pb2 import Event
-        from tensorboardX.summary import scalar
+        from tensorboardX.proto.summary_pb2 import Summary
 
         for k, v in scalars.items():
-            self._write(Event(summary=scalar(k, float(v)), step=int(step)))
+            self._write(Event(summary=Summary(value=[Summary.Value(tag=k, simple_value=float(v))]), step=int(step)))
         self._guard(self._f.flush)
         if time.monotonic() - self._last_sync >= self.flush_s:
             self.sync()
