@@ -74,12 +74,15 @@ class MetricsWriter:
         self._first = self._first or (now, step)
         t1, s1 = self._first
         rate = (now - t1) / (step - s1) if step > s1 else elapsed / max(step - self.start_step, 1)
-        eta = rate * max(self.max_steps - step, 0)
+        # A first row of one step has only start-up and compiles to go by (30 s of them before 1 s steps made
+        # "eta 2970s" of 100 s): unknown until the next row.
+        eta = "?" if step == s1 and step - self.start_step <= 1 and step < self.max_steps else \
+            f"{rate * max(self.max_steps - step, 0):.0f}s"
         keys = [k for k in row if k != "step"] if self.console_keys is None else \
             [k for k in self.console_keys if k in row] + [k for k in row if k.startswith("val_")]
         shown = " ".join(f"{k}={_fmt(row[k])}" for k in dict.fromkeys(keys))
         print(f"[step {step}/{self.max_steps} {_bar(step, self.max_steps)}] {shown} | elapsed {elapsed:.0f}s "
-              f"eta {eta:.0f}s", file=sys.stderr, flush=True)
+              f"eta {eta}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         from jaxrl_llm.workdir import close_all

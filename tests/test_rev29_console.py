@@ -18,3 +18,18 @@ def test_tensorboard_tags_are_the_metric_names(tmp_path):
     tags = [v.tag for e in read_events(tmp_path / "tensorboard") for v in e.summary.value]
     assert tags == [k for k in json.loads((tmp_path / "metrics.jsonl").read_text()) if k != "step"]
     assert tags == ["loss", "val_pass@1", "val_maj@4", "reward/format"]
+
+
+def test_eta_unknown_at_a_resumed_starts_first_step_but_not_with_several_steps(tmp_path, monkeypatch, capsys):
+    """A resume's first row of one step showed its start-up (restore, compiles) times the steps left as the ETA."""
+    from jaxrl_llm import metrics
+
+    clock = iter([0.0, 20.0, 21.0, 100.0, 140.0])
+    monkeypatch.setattr(metrics.time, "time", lambda: next(clock))
+    w = MetricsWriter(str(tmp_path / "a"), 50, start_step=10, tensorboard=False)
+    w.write(11, {"loss": 1.0})
+    w.write(12, {"loss": 1.0})
+    w2 = MetricsWriter(str(tmp_path / "b"), 50, tensorboard=False)  # log_every=10: a rate over 10 steps
+    w2.write(10, {"loss": 1.0})
+    etas = [line.rsplit("eta ", 1)[1] for line in capsys.readouterr().err.splitlines()]
+    assert etas == ["?", "38s", "160s"]
