@@ -57,17 +57,22 @@ class Rollouts:
                         opt("loss_masks"), opt("turns"))
 
 
-def reward_components(info: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def reward_components(info: list[dict[str, Any]], said: set[str] | None = None) -> dict[str, np.ndarray]:
     """{name: rewards [R]} from the "reward/<name>" entries of per-sample info (sorted by name); {} if none.
     A component that only some samples carry (e.g. a routed environment with a combined route) is left out, with
-    a warning naming it: it is neither a per-sample metric nor a GDPO component of the whole batch."""
+    a warning naming it: it is neither a per-sample metric nor a GDPO component of the whole batch. `said`: the
+    names warned about already, which are not warned about again (a run's set: such a routing leaves the component
+    out of every step)."""
     names = sorted({k[len("reward/"):] for inf in info for k in inf if k.startswith("reward/")})
     out = {}
     for n in names:
         missing = [i for i, inf in enumerate(info) if f"reward/{n}" not in inf]
         if missing:
-            log.warning("reward component %r is missing from %d of %d samples (the first: sample %d); left out",
-                        n, len(missing), len(info), missing[0])
+            if said is None or n not in said:
+                if said is not None:
+                    said.add(n)
+                log.warning("reward component %r is missing from %d of %d samples (the first: sample %d); left out "
+                            "of the metrics and advantages", n, len(missing), len(info), missing[0])
             continue
         out[n] = np.array([float(inf[f"reward/{n}"]) for inf in info], np.float32)
     return out

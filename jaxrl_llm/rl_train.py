@@ -149,6 +149,7 @@ class GRPORunner:
         self.budget = multiturn.total_token_budget(ro)  # tokens after the prompt: max_new_tokens for one turn
         self.T = config.data.max_prompt_len + self.budget
         self.tasks = tasks
+        self.missing_said: set[str] = set()  # reward components said to be missing from some samples (said once)
         self.prompt_ids, self.kept, self.prompt_stats = prompt_ids(
             tokenizer, tasks, run_template(config.data), config.data.max_prompt_len, config.data.overlong)
         check_ids_fit(self.prompt_ids, cfg.vocab_size, tokenizer, "task", self.kept)
@@ -226,7 +227,8 @@ class GRPORunner:
                  "generated_tokens": float(out.stats["generated_tokens"]),
                  "sampler_compiles": float(out.stats["compiles"])}
         return Rollouts(task_idx, prompts, out.tokens, out.logprobs, out.finish_reasons, rewards,
-                        sample_accuracy(res.info, rewards), dict(res.counts), reward_components(res.info)), times
+                        sample_accuracy(res.info, rewards), dict(res.counts),
+                        reward_components(res.info, self.missing_said)), times
 
     def _multi_turn_round(self, params, idx: list[int], prompts: list[list[int]], key: jax.Array
                           ) -> tuple[Rollouts, dict[str, float]]:
@@ -248,7 +250,7 @@ class GRPORunner:
                  "generated_tokens": float(gen.generated_tokens), "sampler_compiles": float(gen.compiles)}
         return Rollouts([self.kept[i] for i in idx for _ in range(self.G)], prompts, out.tokens, out.logprobs,
                         out.finish_reasons, out.rewards, sample_accuracy(out.info, out.rewards), out.counts,
-                        reward_components(out.info), out.loss_masks, out.turns), times
+                        reward_components(out.info, self.missing_said), out.loss_masks, out.turns), times
 
     def collect(self, params, step: int) -> tuple[Rollouts, dict[str, float]]:
         """One step's rollouts; with dynamic sampling, rounds of generation until num_prompts groups with

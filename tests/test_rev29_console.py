@@ -33,3 +33,19 @@ def test_eta_unknown_at_a_resumed_starts_first_step_but_not_with_several_steps(t
     w2.write(10, {"loss": 1.0})
     etas = [line.rsplit("eta ", 1)[1] for line in capsys.readouterr().err.splitlines()]
     assert etas == ["?", "38s", "160s"]
+
+
+def test_a_reward_component_missing_every_step_is_said_once(caplog):
+    """A routed environment with one combined route leaves that route's components out of every batch that mixes
+    routes: the same warning came every step."""
+    from jaxrl_llm.rl_batch import reward_components
+
+    info = [{"reward/bonus": 1.0, "reward/both": 0.5}, {"reward/both": 0.25}]
+    said: set[str] = set()  # the GRPO runner's, kept for the run
+    with caplog.at_level("WARNING", logger="jaxrl_llm.rl_train"):
+        for _ in range(3):
+            out = reward_components(info, said)
+            assert list(out) == ["both"]
+    warned = [r.getMessage() for r in caplog.records if "'bonus'" in r.getMessage()]
+    assert len(warned) == 1 and "missing from 1 of 2 samples" in warned[0]
+    assert said == {"bonus"}
