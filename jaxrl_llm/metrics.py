@@ -31,6 +31,7 @@ class MetricsWriter:
         self._first: tuple[float, int] | None = None  # (time, step) of this start's first row: the ETA's origin
         self._tb = None
         self._wandb = None
+        self._wandb_from = 0  # W&B's next step: a resumed run's earlier steps are not sent (W&B warns and drops them)
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -42,6 +43,13 @@ class MetricsWriter:
                 log.warning("metrics.wandb_project=%r but wandb is not installed; skipping W&B", wandb_project)
             else:
                 self._wandb = _wandb_run(wandb, workdir, wandb_project, run_config, start_step)
+                # A resume from an earlier checkpoint than the W&B run's last step recomputes the steps between (the
+                # same numbers); W&B would print a warning for each ("Tried to log to step ..."), and drop it.
+                next_step = getattr(self._wandb, "step", 0)  # (not a number in old wandb's disabled mode)
+                self._wandb_from = next_step if start_step and isinstance(next_step, int) else 0
+                if self._wandb_from > start_step + 1:
+                    log.info("the W&B run already has steps to %d: this resume sends it the steps after that",
+                             self._wandb_from - 1)
         if tensorboard:
             from jaxrl_llm.workdir import set_aside
 
@@ -65,7 +73,7 @@ class MetricsWriter:
         scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
         if self._tb is not None:
             self._tb.add_scalars(step, scalars)
-        if self._wandb is not None:
+        if self._wandb is not None and step >= self._wandb_from:
             self._wandb.log(scalars, step=step)
         now = time.time()
         elapsed = now - self._t0
@@ -95,7 +103,7 @@ WANDB_ID_FILE = "wandb_run_id"  # in the workdir: the W&B run a restart of this 
 
 def _wandb_run(wandb: Any, workdir: str, project: str, run_config: dict | None, start_step: int) -> Any:
     """wandb.init for this run: a fresh start (start_step 0) opens a new W&B run and records its id in
-    WORKDIR/wandb_run_id; a resumed one continues the recorded run (steps it already has are dropped by W&B: a
+    WORKDIR/wandb_run_id; a resumed one continues the recorded run (the writer does not send it steps it already has: a
     resume recomputes them identically). A failed init (not logged in, no network) is a ConfigError naming
     metrics.wandb_project, before any training."""
     from jaxrl_llm.cli import ConfigError

@@ -49,3 +49,32 @@ def test_a_reward_component_missing_every_step_is_said_once(caplog):
     warned = [r.getMessage() for r in caplog.records if "'bonus'" in r.getMessage()]
     assert len(warned) == 1 and "missing from 1 of 2 samples" in warned[0]
     assert said == {"bonus"}
+
+
+def test_a_resume_does_not_send_wandb_the_steps_it_already_has(tmp_path, monkeypatch):
+    """Resumed from the checkpoint of step 3 after W&B got steps to 5, the run sent steps 4 and 5 again: W&B drops
+    them, printing "Tried to log to step 4 that is less than the current step 6" for each (up to
+    checkpoint.every_steps - 1 lines per resume)."""
+    import sys
+    import types
+
+    logged: list[int] = []
+
+    class Run:
+        id, step = "r1", 6  # W&B's step after a resume: its last logged step + 1
+
+        def log(self, data, step=None):
+            logged.append(step)
+
+        def finish(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: Run()))
+    (tmp_path / "wandb_run_id").write_text("r1")
+    w = MetricsWriter(str(tmp_path), 8, start_step=3, tensorboard=False, wandb_project="p")
+    for step in range(4, 9):
+        w.write(step, {"loss": 1.0})
+    w.close()
+    assert logged == [6, 7, 8]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [4, 5, 6, 7, 8]  # the run's own record keeps every step
