@@ -173,7 +173,7 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str | N
     if jax.process_index() == 0:
         if os.path.exists(out):
             log.warning("%s held earlier results: moved to %s", out, set_aside(out))
-        print(format_table(name, result))
+        print(format_table(name, result), flush=True)  # before the log line naming the file, when piped
         doc = {"name": name, "model": model_info, "source": describe_source(dc.source),
                "metrics": scalar_metrics(result),
                "env_counts": result["env_counts"], "config": recorded_config(config), "problems": result["problems"]}
