@@ -151,6 +151,8 @@ def define_flags() -> None:
     flags.DEFINE_string("coordinator_address", None, f"host:port of process 0 (or {ENV_COORDINATOR}).")
     flags.DEFINE_integer("num_processes", None, f"Processes in the job (or {ENV_NUM_PROCESSES}).")
     flags.DEFINE_integer("process_id", None, f"This process's id in [0, num_processes) (or {ENV_PROCESS_ID}).")
+    flags.DEFINE_bool("log_all_processes", False, "In a job of several processes, every process logs its INFO "
+                                                  "lines (default: process 0 only; the others log warnings/errors).")
     flags.DEFINE_float("init_timeout_s", None, f"Start-up timeout in seconds (or {ENV_TIMEOUT}; default "
                                                f"{DEFAULT_TIMEOUT_S:g}).")
 
@@ -160,8 +162,21 @@ def initialize_from_flags(graceful_sigterm: bool = True) -> DistributedInfo:
     from absl import flags
 
     F = flags.FLAGS
-    return initialize(coordinator_address=F.coordinator_address, num_processes=F.num_processes,
+    info = initialize(coordinator_address=F.coordinator_address, num_processes=F.num_processes,
                       process_id=F.process_id, timeout_s=F.init_timeout_s, graceful_sigterm=graceful_sigterm)
+    quiet_other_processes(info, F.log_all_processes)
+    return info
+
+
+def quiet_other_processes(info: DistributedInfo, log_all: bool = False) -> None:
+    """In a job of several processes, only process 0 logs our INFO lines (data statistics, "wrote ...", "done:");
+    the others log warnings and errors: a 64-host job's log would hold every line 64 times. log_all: all log."""
+    if info.num_processes > 1 and not log_all:
+        if info.process_id:
+            logging.getLogger("jaxrl_llm").setLevel(logging.WARNING)
+        else:
+            log.info("processes 1-%d of this job log warnings and errors only (--log_all_processes: all lines)",
+                     info.num_processes - 1)
 
 
 def current() -> DistributedInfo:

@@ -1,0 +1,32 @@
+"""In a job of several processes only process 0 logs our INFO lines; the others keep warnings and errors."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from jaxrl_llm import distributed
+
+
+@pytest.fixture
+def ours():
+    logger = logging.getLogger("jaxrl_llm")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield logger
+    logger.setLevel(level)
+
+
+@pytest.mark.parametrize("pid,n,log_all,info_shown", [(0, 1, False, True), (0, 4, False, True),
+                                                      (3, 4, False, False), (3, 4, True, True)])
+def test_only_process_0_logs_info_lines(ours, caplog, pid, n, log_all, info_shown):
+    distributed.quiet_other_processes(distributed.DistributedInfo(pid, n, "h:1" if n > 1 else None, "explicit"),
+                                      log_all)
+    child = logging.getLogger("jaxrl_llm.data.sft")
+    with caplog.at_level(logging.NOTSET):
+        caplog.clear()
+        child.info("data: 10 rows")
+        child.warning("a warning")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert ("data: 10 rows" in msgs) == info_shown and "a warning" in msgs
