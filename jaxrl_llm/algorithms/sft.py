@@ -97,7 +97,14 @@ def apply_mean_grads(optimizer: optax.GradientTransformation, state: dict, g_sum
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new = {**state, "params": apply_updates(params, updates, state["step"]), "opt_state": opt_state,
            "step": state["step"] + 1}
-    return new, optax.global_norm(grads)
+    return new, global_norm(grads)
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all leaves together (what `optax.clip_by_global_norm` clips). Not `optax.global_norm`:
+    deprecated (a DeprecationWarning at every trace in optax 0.2.8); its replacement `optax.tree.norm` is newer
+    than the optax>=0.2.4 we allow."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def sft_loss_sum(cfg: ModelConfig, params: Any, mb: dict[str, jax.Array], rules: ShardingRules | None = None
