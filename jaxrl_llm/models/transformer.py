@@ -380,7 +380,14 @@ def forward_with_cache(
         k_cache, k_layer = write_k(k_cache, k_BKTH)
         v_cache, v_BKSH = write_v(v_cache, v_BKTH)
         if empty_cache:  # nothing but the new tokens to attend to
-            o = attention_kv_major(cfg, q, k_BKTH, v_BKTH, mask_BTS[:, :, :q.shape[1]])
+            T = q.shape[1]
+            if jnp.dtype(dt) != jnp.float32:
+                # read back as stored: XLA may leave k/v unrounded (in fp32) inside a fusion (excess precision),
+                # and the scores then differ from models.forward's by bf16 rounding (log-probs by up to 0.06 with
+                # jax 0.12's CPU backend); the cache holds them rounded, as every decode step reads them
+                k_BKTH = k_layer[..., :T].transpose(0, 1, 3, 2) if keys_t else k_layer[:, :, :T]
+                v_BKTH = v_BKSH[:, :, :T]
+            o = attention_kv_major(cfg, q, k_BKTH, v_BKTH, mask_BTS[:, :, :T])
         elif keys_t:
             o = attention_kt(cfg, q, k_layer.astype(dt), v_BKSH.astype(dt), mask_BTS)
         else:
