@@ -35,7 +35,7 @@ from jaxrl_llm.metrics import quiet_libraries
 from jaxrl_llm.sampling.generate import PromptLengthError
 from jaxrl_llm.sampling.request import SamplingParams
 from jaxrl_llm.sampling.text import encode_inputs
-from jaxrl_llm.workdir import MODEL_CONFIG_FILE, set_aside
+from jaxrl_llm.workdir import MODEL_CONFIG_FILE, read_model_config, set_aside
 
 log = logging.getLogger("jaxrl_llm.evaluate")
 ConfigError = train.ConfigError
@@ -51,8 +51,7 @@ def restore_workdir(workdir: str, step: int | None, mesh, rules, dtype: Any = No
     """(cfg, params, step) of checkpoint `step` (latest when None) of a training run, laid out on `mesh`, its
     parameters in `dtype` (model.dtype; None: as the run kept them)."""
     path = os.path.join(workdir, MODEL_CONFIG_FILE)
-    with open(path) as f:
-        saved = json.load(f)
+    saved = read_model_config(workdir)
     cfg = models.config_from_hf(saved["hf_config"], where=path)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           models.abstract_params(cfg, dtype or saved.get("param_dtype", "float32")),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -16,6 +15,7 @@ from jaxrl_llm.cli import WRITE_ERRNOS
 from jaxrl_llm.data.vocab import with_tokenizer_ids
 from jaxrl_llm.metrics import quiet_libraries
 from jaxrl_llm.models.hf_io import check_replaceable
+from jaxrl_llm.workdir import read_model_config
 
 FLAGS = flags.FLAGS
 log = logging.getLogger("jaxrl_llm.export")
@@ -44,8 +44,7 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: st
             raise FileExistsError(f"--out {out} is inside the workdir's {own}/, which the run reads and writes; "
                                   "name a folder of its own (e.g. WORKDIR/hf_export)")
     check_replaceable(os.path.abspath(out))  # before the restore; save_pretrained checks again before replacing
-    with open(path) as f:
-        saved = json.load(f)
+    saved = read_model_config(workdir)
     cfg = models.config_from_hf(saved["hf_config"], where=path)
     mesh = parallel.make_mesh(1, -1, 1)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -22,6 +22,7 @@ import jax
 from jaxrl_llm import distributed
 from jaxrl_llm.cli import ConfigError
 from jaxrl_llm.data.sources import describe_source
+from jaxrl_llm.models.safetensors_io import CheckpointError
 
 log = logging.getLogger("jaxrl_llm.train")
 MODEL_CONFIG_FILE = "model_config.json"  # the run's ModelConfig, for export and evaluation
@@ -107,6 +108,22 @@ def hold_workdir(workdir: str) -> Iterator[None]:
     finally:
         if fd is not None:
             os.close(fd)
+
+
+def read_model_config(workdir: str) -> dict[str, Any]:
+    """<workdir>/model_config.json (export and evaluation build the run's model from its hf_config). One that does not
+    read as such (empty: what a kill while versions before 2026-12-05 rewrote it left; edited by hand) is a
+    CheckpointError naming it and saying how to get it back."""
+    path = os.path.join(workdir, MODEL_CONFIG_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict) or not isinstance(doc.get("hf_config"), dict):
+            raise ValueError("it holds no hf_config object")
+    except ValueError as e:  # (json's and UTF-8's decode errors too)
+        raise CheckpointError(f"{path}: unreadable ({e}); the run's training command, started again, writes it anew "
+                              "before it trains (and trains nothing when its checkpoint is at max_steps)") from None
+    return doc
 
 
 def set_aside(path: str) -> str:
