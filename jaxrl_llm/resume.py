@@ -52,9 +52,15 @@ def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any]) -> No
     changed = [f"{_RESUME_NAMES.get(k, k)}: {saved[k]!r} there, {v!r} now" for k, v in now.items()
                if k in saved and saved[k] != v and k != "data_digest"]
     if changed:
+        # (what the code makes of the settings: another version of jaxrl_llm can change it with the same settings)
+        derived = [what for k, what in (("data_rows", "number of data rows"), ("reference", "reference checksum"))
+                   if k in now and k in saved and saved[k] != now[k]]
+        why = (f"; the same settings give another {' and '.join(derived)} where another version of jaxrl_llm (one "
+               "that tokenized, dropped or loaded otherwise) wrote the checkpoint: start a fresh workdir then"
+               if derived else "")
         raise ConfigError(f"workdir {workdir!r} holds a run with other settings ({'; '.join(changed)}); resume it "
                           "with its own settings, or start a fresh workdir (model.path can start from this run's "
-                          "export)")
+                          f"export){why}")
 
 
 def restore_run(ckpt: Checkpointer, state: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:

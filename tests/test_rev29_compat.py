@@ -34,3 +34,33 @@ def test_an_intact_checkpoint_of_another_optimizer_layout_is_not_called_damaged(
     items, _, step = ck.restore({"params": target["params"]})  # its parameters alone still read (export)
     assert step == 2 and float(items["params"]["w"][0, 0]) == 1.0
     ck.close()
+
+
+@pytest.mark.parametrize("text", ["", '{"hf_con', '{"param_dtype": "float32"}', "[]"])
+def test_export_and_evaluate_say_which_model_config_does_not_read(tmp_path, text):
+    """An empty model_config.json (what a kill while versions before 2026-12-05 rewrote it left) stopped export with
+    'error: Expecting value: line 1 column 1 (char 0)' and evaluate with a JSONDecodeError traceback."""
+    from jaxrl_llm.evaluate import restore_workdir
+    from jaxrl_llm.export import export_checkpoint
+
+    (tmp_path / "model_config.json").write_text(text)
+    for read in (lambda: export_checkpoint(str(tmp_path), str(tmp_path / "out")),
+                 lambda: restore_workdir(str(tmp_path), None, None, None)):
+        with pytest.raises(CheckpointError, match=rf"^{tmp_path}/model_config.json: unreadable \(.+\); the run's "
+                                                  "training command, started again, writes it anew"):
+            read()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_resume_refused_for_a_derived_count_says_another_version_may_have_made_it():
+    """A DPO run of a version that dropped 8 of 16 pairs, resumed by one that drops 2: the same settings, but 'resume
+    it with its own settings' was all the error said."""
+    from jaxrl_llm.cli import ConfigError
+    from jaxrl_llm.resume import check_resume
+
+    with pytest.raises(ConfigError, match=r"8 there, 14 now\); .* the same settings give another number of data rows "
+                                          "where another version of jaxrl_llm .* start a fresh workdir then$"):
+        check_resume("wd", {"data_rows": 8, "batch_size": 4}, {"data_rows": 14, "batch_size": 4})
+    with pytest.raises(ConfigError) as e:  # a setting the user changed: no such note
+        check_resume("wd", {"data_rows": 8, "batch_size": 4}, {"data_rows": 8, "batch_size": 2})
+    assert "version" not in str(e.value)
