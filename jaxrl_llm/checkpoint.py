@@ -244,12 +244,13 @@ class Checkpointer:
                                       "holds arrays of other shapes than this model's") from None
             if "tree structures do not match" in detail:  # intact, its state laid out by other settings or code
                 detail = detail.split(" If this mismatch is intentional")[0]  # (Orbax's advice to its API's users)
-                raise CheckpointError(
-                    f"{self.directory}/{step}: cannot restore {sorted(targets)} ({detail}): the checkpoint is intact "
-                    "but holds another set of arrays than this run builds (written with other optimizer or model "
-                    "settings, e.g. optimizer.grad_clip turned on or off, or by another version of jaxrl_llm); resume "
-                    "with the settings that wrote it (the workdir's run_config.json), or export its parameters "
-                    "(python -m jaxrl_llm.export) and start a fresh workdir from them") from None
+                todo = ("written with other optimizer or model settings, e.g. optimizer.grad_clip turned on or off, or "
+                        "by another version of jaxrl_llm; resume with the settings that wrote it (the workdir's "
+                        "run_config.json), or export its parameters (python -m jaxrl_llm.export) and start a fresh "
+                        "workdir from them" if "opt_state" in targets else
+                        "the model the workdir's model_config.json describes has other parameters than it holds")
+                raise CheckpointError(f"{self.directory}/{step}: cannot restore {sorted(targets)} ({detail}): the "
+                                      f"checkpoint is intact but holds another set of arrays ({todo})") from None
             if self.read_only and self._gone(step):
                 raise _Gone(f"{self.directory}/{step}: deleted while it was being read (the training run writing "
                             f"this folder keeps its last checkpoint.keep steps); have {self.all_steps()}") from None

@@ -33,6 +33,9 @@ def test_an_intact_checkpoint_of_another_optimizer_layout_is_not_called_damaged(
     assert "damaged" not in msg and "move that folder aside" not in msg and "partial_restore" not in msg
     items, _, step = ck.restore({"params": target["params"]})  # its parameters alone still read (export)
     assert step == 2 and float(items["params"]["w"][0, 0]) == 1.0
+    with pytest.raises(CheckpointError, match=r"intact but holds another set of arrays \(the model the workdir's "
+                                              r"model_config.json describes has other parameters than it holds\)$"):
+        ck.restore({"params": {**target["params"], "b": target["params"]["w"]}})  # export/evaluate: params only
     ck.close()
 
 
