@@ -8,6 +8,7 @@ run has built, so a checkpoint restores onto a different mesh shape.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -116,6 +117,35 @@ def _finite(x: Any) -> bool:
         return False
 
 
+def rank_earlier_steps(directory: str, best_metric: str) -> list[int]:
+    """Write `best_metric` where Orbax ranks a step (<step>/metrics/metrics) for the complete steps whose meta holds a
+    finite value of it but that have none there: checkpoints written before 2026-12-04 (or by a run without
+    best_metric). Orbax keeps only ranked steps for the best, so a resumed run's first save deleted the run's best
+    checkpoint and named a later one the best. Returns the steps ranked."""
+    ranked = []
+    for step in complete_steps(directory):
+        folder = os.path.join(directory, str(step))
+        if os.path.exists(os.path.join(folder, "metrics")):
+            continue
+        try:
+            with open(os.path.join(folder, "meta", "metadata")) as f:
+                value = json.load(f).get(best_metric)
+        except (OSError, ValueError, AttributeError):  # (no meta, or not an object: left unranked)
+            continue
+        if not _finite(value):
+            continue
+        tmp = os.path.join(folder, f"metrics.tmp-{os.getpid()}")
+        os.makedirs(tmp, exist_ok=True)
+        with open(os.path.join(tmp, "metrics"), "w") as f:
+            json.dump({best_metric: value}, f)
+        os.replace(tmp, os.path.join(folder, "metrics"))
+        ranked.append(step)
+    if ranked:
+        log.info("%s: checkpoints of steps %s ranked by their recorded %s (written by an earlier version)", directory,
+                 ranked, best_metric)
+    return ranked
+
+
 class Checkpointer:
     def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True,
                  best_metric: str = "", best_mode: str = "min", read_only: bool = False):
@@ -142,6 +172,8 @@ class Checkpointer:
             # best_fn makes Orbax write each step's metrics beside it, so that a resumed run (a new manager on
             # the same folder) still knows which old checkpoint is the best and keeps it.
             best = dict(best_fn=metric, best_mode=best_mode)
+        if best_metric and not read_only and jax.process_index() == 0:
+            rank_earlier_steps(self.directory, best_metric)
         with _absl_quiet():
             if read_only:
                 opts = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)

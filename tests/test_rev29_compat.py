@@ -67,3 +67,23 @@ def test_a_resume_refused_for_a_derived_count_says_another_version_may_have_made
     with pytest.raises(ConfigError) as e:  # a setting the user changed: no such note
         check_resume("wd", {"data_rows": 8, "batch_size": 4}, {"data_rows": 8, "batch_size": 2})
     assert "version" not in str(e.value)
+
+
+def test_the_best_checkpoint_of_an_earlier_version_survives_a_resume(tmp_path):
+    """Checkpoints written before 2026-12-04 hold their validation metrics in their meta only (Orbax was not told
+    best_fn, so it wrote none of its own): the resumed run's first save deleted the run's best checkpoint and the
+    closing line named a later, worse step the best."""
+    import math
+
+    d = str(tmp_path / "checkpoints")
+    old = Checkpointer(d, every_steps=1, keep=3, async_save=False)  # as the earlier version saved: no ranking
+    for step, val in ((1, 1.0), (2, 3.0), (3, math.nan)):
+        old.maybe_save(step, {"params": {"w": jnp.full((2,), float(step))}}, {"step": step, "val_loss": val})
+    old.close()
+    ck = Checkpointer(d, every_steps=1, keep=1, async_save=False, best_metric="val_loss", best_mode="min")
+    ck.maybe_save(4, {"params": {"w": jnp.full((2,), 4.0)}}, {"step": 4, "val_loss": 4.0}, metrics={"val_loss": 4.0})
+    assert ck.all_steps() == [1, 4] and ck.best_step() == 1
+    assert ck.summary().endswith("best by val_loss: step 1")
+    ck.maybe_save(5, {"params": {"w": jnp.full((2,), 5.0)}}, {"step": 5, "val_loss": 0.5}, metrics={"val_loss": 0.5})
+    assert ck.all_steps() == [5] and ck.best_step() == 5  # a better step still takes over, the rest go
+    ck.close()
