@@ -61,8 +61,9 @@ def from_source(source: Any) -> Iterator[None]:
 
 def compact(ids: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A side as a dataset holds it for the whole run: ids as uint16 when they all fit (every id of a vocabulary of
-    up to 65,536 tokens), else int32, and the loss mask as uint8: 3 bytes a token instead of 8 (a million rows of
-    500 tokens: 1.5 GB of host memory instead of 4). Batches are built as int32 from them (`collate`)."""
+    up to 65,536 tokens), else int32 (`tokenize_rows` then widens every side's), and the loss mask as uint8: 3
+    bytes a token instead of 8 (a million rows of 500 tokens: 1.5 GB of host memory instead of 4). Batches are
+    built as int32 from them (`collate`)."""
     narrow = np.uint16 if ids.size == 0 or (int(ids.min()) >= 0 and int(ids.max()) < 2**16) else np.int32
     return ids.astype(narrow), mask.astype(np.uint8)
 
@@ -81,4 +82,8 @@ def tokenize_rows(tokenizer: Any, n: int, pieces_of: Callable[[int], list[tuple[
         out += [[compact(*next(flat)) for _ in row] for row in rows]
         progress.tick(len(out))
     progress.finish()
+    if any(ids.dtype != np.uint16 for row in out for ids, _ in row):
+        # one dtype for the whole data set, as the data cache writes and reads it back (`cache.save`): a process
+        # that tokenized and one that read the cache hold the same arrays (`distributed.check_same_everywhere`)
+        out = [[(ids.astype(np.int32, copy=False), mask) for ids, mask in row] for row in out]
     return out
