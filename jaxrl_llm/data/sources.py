@@ -167,9 +167,13 @@ def _without_table_nulls(value: Any) -> Any:
     """`value` with the None entries of its objects left out, except a message's "content" (null beside
     tool_calls). An Arrow table (parquet, a datasets.Dataset) gives every object of a list column every key any
     of them has, None where one lacks it: a tool call's arguments would read {"city": "Paris", "n": null} (the
-    other rows' argument names) and a tool's schema every other tool's properties, rendered into the text."""
+    other rows' argument names) and a tool's schema every other tool's properties, rendered into the text. Only a
+    message (an object with a "role") keeps a null "content": a tool's argument or parameter named "content" is
+    another row's, filled in like the rest."""
     if isinstance(value, dict):
-        return {k: _without_table_nulls(v) for k, v in value.items() if v is not None or k == "content"}
+        message = "role" in value
+        return {k: _without_table_nulls(v) for k, v in value.items()
+                if v is not None or (k == "content" and message)}
     if isinstance(value, list):
         return [_without_table_nulls(v) for v in value]
     return value
