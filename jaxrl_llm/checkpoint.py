@@ -118,10 +118,12 @@ def _finite(x: Any) -> bool:
 
 
 def rank_earlier_steps(directory: str, best_metric: str) -> list[int]:
-    """Write `best_metric` where Orbax ranks a step (<step>/metrics/metrics) for the complete steps whose meta holds a
-    finite value of it but that have none there: checkpoints written before 2026-12-04 (or by a run without
-    best_metric). Orbax keeps only ranked steps for the best, so a resumed run's first save deleted the run's best
-    checkpoint and named a later one the best. Returns the steps ranked."""
+    """Write the validation metrics where Orbax ranks a step (<step>/metrics/metrics) for the complete steps whose
+    meta holds a finite `best_metric` but that have none there: checkpoints written before 2026-12-04 (or by a run
+    without best_metric). Orbax keeps only ranked steps for the best, so a resumed run's first save deleted the
+    run's best checkpoint and named a later one the best. Every finite validation metric of the meta is written, as
+    Orbax writes a step's (a later resume may rank by another of them). Returns the steps ranked; a folder that
+    cannot be written is left as it is, with a warning."""
     ranked = []
     for step in complete_steps(directory):
         folder = os.path.join(directory, str(step))
@@ -129,16 +131,24 @@ def rank_earlier_steps(directory: str, best_metric: str) -> list[int]:
             continue
         try:
             with open(os.path.join(folder, "meta", "metadata")) as f:
-                value = json.load(f).get(best_metric)
+                meta = json.load(f)
+            value = meta.get(best_metric)
         except (OSError, ValueError, AttributeError):  # (no meta, or not an object: left unranked)
             continue
         if not _finite(value):
             continue
+        metrics = {k: v for k, v in meta.items() if (k.startswith("val_") or k == best_metric)
+                   and isinstance(v, int | float) and not isinstance(v, bool) and _finite(v)}
         tmp = os.path.join(folder, f"metrics.tmp-{os.getpid()}")
-        os.makedirs(tmp, exist_ok=True)
-        with open(os.path.join(tmp, "metrics"), "w") as f:
-            json.dump({best_metric: value}, f)
-        os.replace(tmp, os.path.join(folder, "metrics"))
+        try:
+            os.makedirs(tmp, exist_ok=True)
+            with open(os.path.join(tmp, "metrics"), "w") as f:
+                json.dump(metrics, f)
+            os.replace(tmp, os.path.join(folder, "metrics"))
+        except OSError as e:
+            log.warning("%s: checkpoints from step %d on left unranked by %s (%s): a later save may delete the "
+                        "best of them", directory, step, best_metric, e)
+            break
         ranked.append(step)
     if ranked:
         log.info("%s: checkpoints of steps %s ranked by their recorded %s (written by an earlier version)", directory,
