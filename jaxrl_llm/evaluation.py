@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxrl_llm.data.chat import check_prompt_roles
 from jaxrl_llm.environments.base import Environment, Task
 from jaxrl_llm.environments.extract import normalize_answer
 from jaxrl_llm.environments.split import score_across_processes
@@ -144,6 +145,7 @@ def evaluate_tasks(
         sp = dataclasses.replace(sp, stop_token_ids=default_stop_ids(cfg, tokenizer))
     n = int(n_samples)
     convs = [list(t.messages) for t in tasks]
+    check_prompt_roles(tokenizer, convs, None)
     prompt_texts = [render_prompt(tokenizer, c, f"task {i}") for i, c in enumerate(convs)]  # rendered once
     prompt_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompt_texts]
     rows = [i for i in range(len(tasks)) for _ in range(n)]

@@ -38,7 +38,7 @@ from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
 from jaxrl_llm.algorithms.pg_losses import kl_penalty
 from jaxrl_llm.checkpoint import weights_checksum
-from jaxrl_llm.data.chat import DataError, run_template
+from jaxrl_llm.data.chat import DataError, check_prompt_roles, run_template
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
 from jaxrl_llm.environments.split import score_across_processes
@@ -73,6 +73,7 @@ def prompt_ids(tokenizer: Any, tasks: list, chat_template: str | None, max_promp
     """Token ids of each task's templated prompt (generation prompt appended), and the indices of the tasks
     kept: prompts longer than max_prompt_len are dropped or left-truncated per `data.overlong` (counted)."""
     out, keep, stats = [], [], {"prompts": len(tasks), "truncated": 0, "dropped": 0}
+    check_prompt_roles(tokenizer, [t.messages for t in tasks], chat_template)
     for i, t in enumerate(tasks):
         try:
             text = render_prompt(tokenizer, list(t.messages), f"task {i}", chat_template)

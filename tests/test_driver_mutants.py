@@ -144,6 +144,7 @@ def test_each_rollout_is_scored_with_its_own_tasks_metadata(monkeypatch):
     r.tasks = [types.SimpleNamespace(metadata={"answer": str(100 + t)}) for t in range(8)]
     r.prompt_ids = [[100 + t] for t in r.kept]  # kept prompt i is task kept[i]'s
     r.cfg = r.mesh = r.rules = r.sampling_rules = None
+    r.missing_said = set()  # (reward components warned about once per run)
     r.sp, r.tok_bytes = None, None  # (no stop strings)
     r.tok = types.SimpleNamespace(decode=lambda ids, skip_special_tokens=False: " ".join(str(i) for i in ids))
 

@@ -139,6 +139,21 @@ def dropped_fields(tokenizer: Any, chat_template: str | None, roles: Any = ()) -
     return out
 
 
+def check_prompt_roles(tokenizer: Any, conversations: list, chat_template: str | None, what: str = "task") -> None:
+    """A DataError naming the first prompt (GRPO's and evaluation's tasks) with a message of a role the chat
+    template leaves out of its text (`dropped_fields`): the model would be asked without that instruction."""
+    roles = {m["role"] for conv in conversations for m in conv} - {"user", "assistant"}
+    if not roles:
+        return
+    dropped = dropped_fields(tokenizer, chat_template, roles)
+    for i, conv in enumerate(conversations):
+        for m in conv:
+            if f"role:{m['role']}" in dropped:
+                raise DataError(f"{what} {i}: has a {m['role']!r} message, which the chat template leaves out of its "
+                                "text (the model would never see it); give it a role the template renders (e.g. "
+                                "'system' for 'developer') or set data.chat_template to one that renders it")
+
+
 def check_rendered(messages: list[dict[str, Any]], tools: Any, dropped: set[str], index: int) -> bool:
     """A DataError when the row holds tool calls or tools that the template (`dropped_fields`) leaves out of its
     text: the reply would be learned without its calls, the model without the schemas. Returns whether the row's
