@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import collections
 import contextlib
 import functools
 import importlib
@@ -87,7 +88,9 @@ _STAR_REFUSED = frozenset(_REFUSED_ATTRIBUTE_OWNERS.values())  # `from os import
 _INTERNAL_NAMES = ("_getframe", "f_back", "f_locals", "f_globals", "f_builtins", "tb_frame", "gi_frame", "cr_frame",
                    "settrace", "setprofile", "_current_frames", "__subclasses__", "__globals__", "__builtins__",
                    "__code__", "__defaults__", "__kwdefaults__", "get_objects", "get_referrers")
-_HEAP_TYPE = 1 << 9  # Py_TPFLAGS_HEAPTYPE: a class defined by Python code
+# A class defined by Python code is a heap type (Py_TPFLAGS_HEAPTYPE) that is not immutable (Py_TPFLAGS_IMMUTABLETYPE);
+# classes written in C are immutable: the static ones and the heap types Python 3.12+ makes of some (defaultdict).
+_HEAP_TYPE, _IMMUTABLE_TYPE = 1 << 9, 1 << 8
 _CHECKED_ITEMS = 100_000  # returned container items checked per call (beyond: unchecked)
 
 
@@ -210,20 +213,21 @@ def _stop_tracing() -> None:
 
 
 def _check_plain(value: Any, name: str, allowed: frozenset[int]) -> None:
-    """TypeError when `value` (or an item of a list, tuple, set or dict it holds) is an instance of a class defined
-    by Python code (the program's, or a library's such as Counter or Fraction), other than the prelude's classes
-    (`allowed`, by id): such an object can compare equal to anything (`__eq__` returning True)."""
+    """TypeError when `value` (or an item of a list, tuple, set, deque or dict it holds) is an instance of a class
+    defined by Python code (the program's, or a library's such as Counter or Fraction), other than the prelude's
+    classes (`allowed`, by id): such an object can compare equal to anything (`__eq__` returning True)."""
     stack, seen = [value], 0
     while stack and seen < _CHECKED_ITEMS:
         x = stack.pop()
         seen += 1
-        if id(type(x)) not in allowed and any(cls.__flags__ & _HEAP_TYPE for cls in type(x).__mro__):
+        if id(type(x)) not in allowed and any((cls.__flags__ & (_HEAP_TYPE | _IMMUTABLE_TYPE)) == _HEAP_TYPE
+                                              for cls in type(x).__mro__):
             raise TypeError(f"{name} returned an instance of {type(x).__name__!r}, a class defined in Python code "
                             "(env.check_returns): return built-in values (int, float, str, list, dict, ...)")
         if isinstance(x, dict):
             stack.extend(x.keys())
             stack.extend(x.values())
-        elif isinstance(x, list | tuple | set | frozenset):
+        elif isinstance(x, list | tuple | set | frozenset | collections.deque):
             stack.extend(x)
 
 
