@@ -30,3 +30,20 @@ def test_only_process_0_logs_info_lines(ours, caplog, pid, n, log_all, info_show
         child.warning("a warning")
     msgs = [r.getMessage() for r in caplog.records]
     assert ("data: 10 rows" in msgs) == info_shown and "a warning" in msgs
+
+
+def test_the_command_lines_start_up_quiets_the_other_processes(ours, monkeypatch):
+    """`initialize_from_flags` (train's and evaluate's start-up) applies it, with --log_all_processes."""
+    import types
+
+    from absl import flags
+
+    info = distributed.DistributedInfo(1, 2, "h:1", "explicit")
+    monkeypatch.setattr(distributed, "initialize", lambda **kw: info)
+    for log_all, level in ((True, logging.INFO), (False, logging.WARNING)):
+        ours.setLevel(logging.INFO)
+        monkeypatch.setattr(flags, "FLAGS", types.SimpleNamespace(
+            coordinator_address=None, num_processes=None, process_id=None, init_timeout_s=None,
+            log_all_processes=log_all))
+        assert distributed.initialize_from_flags() is info
+        assert ours.level == level
