@@ -214,7 +214,7 @@ def preference_sources() -> dict[str, Callable[[], list[dict[str, Any]]]]:
 
 
 def load_preference_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
-    """`source`: a builtin pair source (see preference_sources), a local .json/.jsonl/.parquet/.csv file, or
+    """`source`: a builtin pair source (see preference_sources), a local .json/.jsonl(.gz)/.parquet/.csv file, or
     rows in memory (a `datasets.Dataset`, as `data.sources.load_rows` takes them)."""
     if not isinstance(source, str):
         return load_rows(source, num_examples)
@@ -222,7 +222,7 @@ def load_preference_rows(source: Any, num_examples: int = -1) -> list[dict[str, 
     if source not in builtins:
         if not os.path.splitext(source)[1]:
             raise DataError(f"data.source={source!r}: not a builtin preference source {sorted(builtins)} nor a "
-                            ".json/.jsonl/.parquet/.csv file")
+                            ".json/.jsonl(.gz)/.parquet/.csv file")
         return load_rows(source, num_examples)
     return first_rows(builtins[source](), num_examples, source)
 

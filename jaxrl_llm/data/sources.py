@@ -8,12 +8,19 @@ import json
 import logging
 import os
 import re
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 from jaxrl_llm.data.chat import DataError
 
-_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+_FORMATS = {".json": "json", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def file_format(path: str) -> str:
+    """A data file's extension as `_FORMATS` names it ('.jsonl.gz' for gzipped JSON Lines), lower-cased."""
+    low = path.lower()
+    return ".jsonl.gz" if low.endswith(".jsonl.gz") else os.path.splitext(low)[1]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +70,14 @@ def read_jsonl(path: str, limit: int = -1) -> list[Any]:
 def _jsonl_rows(path: str, limit: int = -1) -> tuple[list[Any], bool]:
     """(rows, whether a row was left unread after `limit` of them)."""
     rows: list[Any] = []
-    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
+    try:
+        return _read_jsonl_lines(path, limit, rows)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a damaged or cut .gz
+        raise DataError(f"{path}: not a readable gzip file after {len(rows)} rows ({type(e).__name__}: {e})") from None
+
+
+def _read_jsonl_lines(path: str, limit: int, rows: list[Any]) -> tuple[list[Any], bool]:
+    with gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb") as f:
         for i, raw in enumerate(piece for line in f for piece in line.splitlines()):  # \n, \r\n or a lone \r
             if not raw.strip():
                 continue
@@ -204,7 +218,7 @@ def describe_source(source: Any) -> Any:
 
 
 def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
-    """`source`: a builtin name (see builtin_sources), a local .json/.jsonl/.parquet/.csv file, or a
+    """`source`: a builtin name (see builtin_sources), a local .json/.jsonl(.gz)/.parquet/.csv file, or a
     `datasets.Dataset` (from a notebook). CSV cells are read as text, an empty cell as missing."""
     builtins = builtin_sources()
     if isinstance(source, os.PathLike):
@@ -229,7 +243,7 @@ def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
     elif source in builtins:
         rows = builtins[source]()
     else:
-        ext = os.path.splitext(source)[1].lower()
+        ext = file_format(source)
         if ext not in _FORMATS:
             raise DataError(f"data.source={source!r}: not a builtin dataset {sorted(builtins)} "
                             f"nor a file with extension {sorted(_FORMATS)}")
@@ -237,7 +251,7 @@ def load_rows(source: Any, num_examples: int = -1) -> list[dict[str, Any]]:
             raise DataError(f"data.source={source!r}: file not found")
         if ext == ".csv":  # pandas would guess types: "007" -> 7, "None"/"NA" -> missing, digits -> int
             rows = _read_csv(source)
-        elif ext in (".json", ".jsonl"):  # read as written: a table would cast a column to one type
+        elif ext in (".json", ".jsonl", ".jsonl.gz"):  # read as written: a table would cast a column to one type
             if ext == ".json":
                 rows = _read_json_rows(source)
             else:

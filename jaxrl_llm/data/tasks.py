@@ -42,7 +42,7 @@ import numpy as np
 
 from jaxrl_llm.data.ascii_math import ascii_math_to_latex
 from jaxrl_llm.data.chat import DataError, present_fields
-from jaxrl_llm.data.sources import _package_file, _read_json_rows, load_rows, read_jsonl
+from jaxrl_llm.data.sources import _package_file, _read_json_rows, file_format, load_rows, read_jsonl
 from jaxrl_llm.environments.base import Task
 from jaxrl_llm.environments.procedural import reasoning_gym_tasks
 
@@ -56,7 +56,7 @@ HUMANEVAL_SOURCE = "humaneval"
 CODE_INSTRUCTION = "Reply with the whole function, and the imports it needs, in one ```python code block."
 RG_PREFIX = "rg:"
 MIX_SEP = "+"
-_LOCAL_EXTS = (".json", ".jsonl", ".parquet", ".csv")
+_LOCAL_EXTS = (".json", ".jsonl", ".jsonl.gz", ".parquet", ".csv")
 
 
 def _gsm8k() -> list[tuple[str, str, dict[str, Any]]]:
@@ -228,7 +228,7 @@ def _file_rows(path: str, limit: int = -1) -> list[Any]:
     layout `load_rows` reads (a list, an object of columns, JSON Lines); not UTF-8: a DataError naming the file."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
-    if path.lower().endswith(".jsonl"):
+    if path.lower().endswith((".jsonl", ".jsonl.gz")):
         return read_jsonl(path, limit)
     return _read_json_rows(path)
 
@@ -281,7 +281,7 @@ def _code_fields(path: str, i: int, row: dict[str, Any]) -> dict[str, str]:
 def _local_tasks(source: Any, num: int, seed: int, shuffle: bool, system_prompt: str | None,
                  instruction: str | None) -> list[Task]:
     """Tasks from a .json/.jsonl file (read as written), a .parquet/.csv file or a datasets.Dataset."""
-    if isinstance(source, str) and source.lower().endswith((".json", ".jsonl")):
+    if isinstance(source, str) and source.lower().endswith((".json", ".jsonl", ".jsonl.gz")):
         path, rows = source, _file_rows(source, -1 if shuffle else num)
     else:
         rows = load_rows(source)
@@ -375,7 +375,7 @@ def load_tasks(source: Any, num: int = -1, seed: int = 0, *, system_prompt: str 
         return _humaneval_tasks(num, seed, shuffle, system_prompt, instruction)
     if source in builtin_task_sources():
         return _builtin_tasks(source, num, seed, shuffle, system_prompt, instruction)
-    if os.path.splitext(source)[1].lower() in _LOCAL_EXTS:
+    if file_format(source) in _LOCAL_EXTS:
         return _local_tasks(source, num, seed, shuffle, system_prompt, instruction)
     raise DataError(f"task source {source!r}: not a builtin {sorted(builtin_task_sources())}, an 'rg:<dataset>' "
                     f"reasoning-gym name, {GUESS_SOURCE!r}, {HUMANEVAL_SOURCE!r}, nor a {'/'.join(_LOCAL_EXTS)} file")
