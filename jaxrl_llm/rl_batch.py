@@ -64,13 +64,13 @@ def reward_components(info: list[dict[str, Any]], said: set[str] | None = None) 
     names warned about already, which are not warned about again (a run's set: such a routing leaves the component
     out of every step)."""
     names = sorted({k[len("reward/"):] for inf in info for k in inf if k.startswith("reward/")})
+    said = set() if said is None else said
     out = {}
     for n in names:
         missing = [i for i, inf in enumerate(info) if f"reward/{n}" not in inf]
         if missing:
-            if said is None or n not in said:
-                if said is not None:
-                    said.add(n)
+            if n not in said:
+                said.add(n)
                 log.warning("reward component %r is missing from %d of %d samples (the first: sample %d); left out "
                             "of the metrics and advantages", n, len(missing), len(info), missing[0])
             continue

@@ -147,11 +147,15 @@ def check_prompt_roles(tokenizer: Any, conversations: list, chat_template: str |
         return
     dropped = dropped_fields(tokenizer, chat_template, roles)
     for i, conv in enumerate(conversations):
-        for m in conv:
-            if f"role:{m['role']}" in dropped:
-                raise DataError(f"{what} {i}: has a {m['role']!r} message, which the chat template leaves out of its "
-                                "text (the model would never see it); give it a role the template renders (e.g. "
-                                "'system' for 'developer') or set data.chat_template to one that renders it")
+        _refuse_dropped_roles(conv, dropped, f"{what} {i}")
+
+
+def _refuse_dropped_roles(messages: list[dict[str, Any]], dropped: set[str], where: str) -> None:
+    for m in messages:
+        if f"role:{m['role']}" in dropped:
+            raise DataError(f"{where}: has a {m['role']!r} message, which the chat template leaves out of its text "
+                            "(the model would never see it); give it a role the template renders (e.g. 'system' for "
+                            "'developer') or set data.chat_template to one that renders it")
 
 
 def check_rendered(messages: list[dict[str, Any]], tools: Any, dropped: set[str], index: int) -> bool:
@@ -159,11 +163,7 @@ def check_rendered(messages: list[dict[str, Any]], tools: Any, dropped: set[str]
     text: the reply would be learned without its calls, the model without the schemas. Returns whether the row's
     reasoning_content is left out (counted by the caller). A message of a role the template leaves out is a
     DataError too."""
-    for m in messages:
-        if f"role:{m['role']}" in dropped:
-            raise DataError(f"row {index}: has a {m['role']!r} message, which the chat template leaves out of its "
-                            "text (the turn would be dropped); give it a role the template renders (e.g. 'system' "
-                            "for 'developer') or set data.chat_template to one that renders it")
+    _refuse_dropped_roles(messages, dropped, f"row {index}")
     for j, m in enumerate(messages):
         if "tool_calls" in dropped and m.get("tool_calls"):
             raise DataError(f"row {index}: message {j} has tool_calls, which the chat template leaves out of its "

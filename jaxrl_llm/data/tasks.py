@@ -228,7 +228,7 @@ def _file_rows(path: str, limit: int = -1) -> list[Any]:
     layout `load_rows` reads (a list, an object of columns, JSON Lines); not UTF-8: a DataError naming the file."""
     if not os.path.exists(path):
         raise DataError(f"{path}: file not found")
-    if path.lower().endswith((".jsonl", ".jsonl.gz")):
+    if file_format(path) in (".jsonl", ".jsonl.gz"):
         return read_jsonl(path, limit)
     return _read_json_rows(path)
 
@@ -281,7 +281,7 @@ def _code_fields(path: str, i: int, row: dict[str, Any]) -> dict[str, str]:
 def _local_tasks(source: Any, num: int, seed: int, shuffle: bool, system_prompt: str | None,
                  instruction: str | None) -> list[Task]:
     """Tasks from a .json/.jsonl file (read as written), a .parquet/.csv file or a datasets.Dataset."""
-    if isinstance(source, str) and source.lower().endswith((".json", ".jsonl", ".jsonl.gz")):
+    if isinstance(source, str) and file_format(source) in (".json", ".jsonl", ".jsonl.gz"):
         path, rows = source, _file_rows(source, -1 if shuffle else num)
     else:
         rows = load_rows(source)

@@ -61,6 +61,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxrl_llm.environments.base import EnvResult, check_batch
+from jaxrl_llm.environments.code_values import in_c
 from jaxrl_llm.environments.pool import ScoringPool, outcome_counts
 
 ANSWER_FORMATS = ("fenced", "raw")
@@ -88,9 +89,6 @@ _STAR_REFUSED = frozenset(_REFUSED_ATTRIBUTE_OWNERS.values())  # `from os import
 _INTERNAL_NAMES = ("_getframe", "f_back", "f_locals", "f_globals", "f_builtins", "tb_frame", "gi_frame", "cr_frame",
                    "settrace", "setprofile", "_current_frames", "__subclasses__", "__globals__", "__builtins__",
                    "__code__", "__defaults__", "__kwdefaults__", "get_objects", "get_referrers")
-# A class defined by Python code is a heap type (Py_TPFLAGS_HEAPTYPE) that is not immutable (Py_TPFLAGS_IMMUTABLETYPE);
-# classes written in C are immutable: the static ones and the heap types Python 3.12+ makes of some (defaultdict).
-_HEAP_TYPE, _IMMUTABLE_TYPE = 1 << 9, 1 << 8
 _CHECKED_ITEMS = 100_000  # returned container items checked per call (beyond: unchecked)
 
 
@@ -220,8 +218,7 @@ def _check_plain(value: Any, name: str, allowed: frozenset[int]) -> None:
     while stack and seen < _CHECKED_ITEMS:
         x = stack.pop()
         seen += 1
-        if id(type(x)) not in allowed and any((cls.__flags__ & (_HEAP_TYPE | _IMMUTABLE_TYPE)) == _HEAP_TYPE
-                                              for cls in type(x).__mro__):
+        if id(type(x)) not in allowed and not all(in_c(cls) for cls in type(x).__mro__):
             raise TypeError(f"{name} returned an instance of {type(x).__name__!r}, a class defined in Python code "
                             "(env.check_returns): return built-in values (int, float, str, list, dict, ...)")
         if isinstance(x, dict):

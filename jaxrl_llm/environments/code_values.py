@@ -89,21 +89,21 @@ class Sender(pickle.Pickler):
             if isinstance(obj, np.generic):
                 return _scalar, (obj.dtype.str, obj.tobytes())
             return _ndarray, (obj.dtype.str, obj.shape, obj.tobytes())
-        if isinstance(obj, dict) and kind is not dict and _in_c(kind):  # OrderedDict, defaultdict
+        if isinstance(obj, dict) and kind is not dict and in_c(kind):  # OrderedDict, defaultdict
             return dict, (dict(obj),)
         return NotImplemented
 
 
-def _in_c(kind: type) -> bool:
-    """Whether a class is written in C (Py_TPFLAGS_IMMUTABLETYPE; not Py_TPFLAGS_HEAPTYPE's absence: Python 3.12+
-    makes heap types of some, such as defaultdict and deque)."""
+def in_c(kind: type) -> bool:
+    """Whether a class is written in C (Py_TPFLAGS_IMMUTABLETYPE, which no class defined by Python code has; not
+    Py_TPFLAGS_HEAPTYPE's absence: Python 3.12+ makes heap types of some, such as defaultdict and deque)."""
     return bool(kind.__flags__ & (1 << 8))
 
 
 def _state(obj: Any) -> dict[str, Any]:
     """An instance's attributes (its __dict__ and its slots), refused for kinds a bare instance cannot stand for."""
     kind = type(obj)
-    if any(_in_c(c) for c in kind.__mro__[1:-1]) or any(
+    if any(in_c(c) for c in kind.__mro__[1:-1]) or any(
             "__new__" in vars(c) for c in kind.__mro__[:-1]):
         raise TypeError(f"an instance of the prelude's {kind.__name__!r} cannot cross between the processes: a class "
                         "with a built-in base (tuple, list, dict, Enum's) or a __new__ of its own")
