@@ -10,9 +10,36 @@ import os
 import struct
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+def reduce_steps(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """One row of several steps' (or updates') scalar metrics: the least of a `*_min`, the most of a `*_max`, the
+    mean of every other, each over the rows that have it."""
+    out: dict[str, float] = {}
+    for k in dict.fromkeys(k for r in rows for k in r):
+        vals = [float(r[k]) for r in rows if k in r]
+        out[k] = min(vals) if k.endswith("_min") else max(vals) if k.endswith("_max") else math.fsum(vals) / len(vals)
+    return out
+
+
+class StepWindow:
+    """The steps since the last logged row. With log_every = k a row holds what `reduce_steps` makes of the k steps
+    (the window's mean loss, as HF's Trainer and TRL log it), not a sample of the k-th step alone."""
+
+    def __init__(self) -> None:
+        self._rows: list[dict[str, float]] = []
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        self._rows.append({k: float(v) for k, v in metrics.items()})
+
+    def take(self) -> dict[str, float]:
+        """The window's row; the next window starts empty."""
+        rows, self._rows = self._rows, []
+        return reduce_steps(rows)
 
 
 class MetricsWriter:

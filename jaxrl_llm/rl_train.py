@@ -42,7 +42,7 @@ from jaxrl_llm.data.chat import DataError, check_prompt_roles, run_template
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
 from jaxrl_llm.environments.split import score_across_processes
-from jaxrl_llm.metrics import MetricsWriter
+from jaxrl_llm.metrics import MetricsWriter, StepWindow, reduce_steps
 from jaxrl_llm.optim import make_optimizer
 from jaxrl_llm.preemption import StopOnSigterm, checkpoint_step
 from jaxrl_llm.rl_batch import (
@@ -353,10 +353,7 @@ class GRPORunner:
                     state, m_ = self.train_step(state, mb, jnp.bool_(epoch == 0 and j == 0))
                     train_m.append(jax.tree.map(distributed.to_host, m_))
             t3 = time.perf_counter()
-        for k in train_m[0]:
-            vals = np.array([float(m_[k]) for m_ in train_m])
-            metrics[k] = float(vals.min() if k.endswith("_min") else vals.max() if k.endswith("_max")
-                               else vals.mean())
+        metrics.update(reduce_steps(train_m))
         gen_time = info.pop("time_generate_s")
         metrics.update(
             **host, gen_tokens_per_s=info["generated_tokens"] / max(gen_time, 1e-9), time_generate_s=gen_time,
@@ -458,6 +455,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                            run_config=config.to_dict(), console_keys=CONSOLE_KEYS)
     evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules, runner.tok_bytes)
     last: dict[str, Any] = {}
+    window = StepWindow()
     stop = StopOnSigterm().start()
     # (the validation's environment has worker processes of its own)
     closers = (stop.close, ckpt.close, writer.close, *(getattr(o, "close", None) for o in (env, evaluator)))
@@ -467,8 +465,9 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             check_step_finite(step + 1, m, ckpt)
             done = step + 1
             val = evaluator(state["params"], done) if evaluator else {}
-            last = {**m, **val, "lr": float(schedule(step * updates_per_step))}
+            window.add(m)
             if val or done % config.log_every == 0 or done == config.max_steps:
+                last = {**window.take(), **val, "lr": float(schedule(step * updates_per_step))}
                 writer.write(done, last)
             check_best_metric(config, val)
             meta = {"step": done, **run_meta, "data_position": done, "prompt_batches": runner.position, **val}

