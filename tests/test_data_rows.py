@@ -110,7 +110,7 @@ def test_preference_rows_with_tools_render_them_on_both_sides(tokenizer, tmp_pat
         pref.prepare(cfg, tokenizer)
 
 
-@pytest.mark.parametrize("content", [None, 7, [{"type": "text", "text": "hi"}]], ids=["none", "int", "parts"])
+@pytest.mark.parametrize("content", [None, 7, {"type": "text", "text": "hi"}], ids=["none", "int", "part"])
 def test_message_content_of_the_wrong_type_names_the_row_and_message(content):
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": content}]
     with pytest.raises(DataError, match=r"row 3: messages\[1\]\.content must be a string"):

@@ -20,7 +20,8 @@ Pieces = list[tuple[str, int]]  # a conversation's text in (text, learned) piece
 
 
 def check_message(m: Any, index: int, where: str) -> dict[str, Any]:
-    """One message of a row, validated: `role` a string, `content` a string (or None beside `tool_calls`), `weight`
+    """One message of a row, validated: `role` a string, `content` a string (or None beside `tool_calls`, or a list of
+    text parts: `text_of_parts`), `weight`
     (OpenAI's fine-tuning format: 0 keeps an assistant message out of the loss) 0 or 1. Its other fields
     (tool_calls, reasoning_content, name, ...) go to the chat template too; fields that are None are left out (a
     datasets table gives every message every column of the file, None where a message lacks it)."""
@@ -31,6 +32,9 @@ def check_message(m: Any, index: int, where: str) -> dict[str, Any]:
     if not isinstance(m["role"], str):
         raise DataError(f"row {index}: {where}.role must be a string; got {type(m['role']).__name__}")
     content = m["content"]
+    if isinstance(content, list):  # OpenAI's content parts: text-only models take their text
+        content = text_of_parts(content, f"row {index}: {where}.content")
+        m = {**m, "content": content}
     if not isinstance(content, str) and not (content is None and m.get("tool_calls")):
         raise DataError(f"row {index}: {where}.content must be a string (or null beside tool_calls); got "
                         f"{type(content).__name__}")
@@ -38,6 +42,26 @@ def check_message(m: Any, index: int, where: str) -> dict[str, Any]:
     if weight is not None and (weight not in (0, 1) or not isinstance(weight, int | float)):
         raise DataError(f"row {index}: {where}.weight must be 0 (no loss on the message) or 1; got {weight!r}")
     return {k: v for k, v in m.items() if v is not None or k == "content"}
+
+
+def text_of_parts(parts: list, where: str) -> str:
+    """OpenAI's content parts ([{"type": "text", "text": ...}, ...]) as one string, the parts' texts joined by newlines
+    (as vLLM's OpenAI server joins them). A part of another type (image_url, input_audio, ...) is refused: the models
+    are text-only, and a chat template given the list would render it or leave it out as it pleases (Qwen3's renders
+    a list as nothing)."""
+    texts = []
+    for j, part in enumerate(parts):
+        kind = part.get("type") if isinstance(part, dict) else None
+        extra = sorted(k for k, v in part.items() if k not in ("type", "text") and v is not None) \
+            if isinstance(part, dict) else []
+        if kind != "text" or not isinstance(part.get("text"), str) or extra:
+            what = (f"a part of type {kind!r}" if isinstance(kind, str) and kind != "text" else
+                    f"a part with {', '.join(map(repr, extra))}" if extra and kind == "text" else
+                    f"{type(part).__name__} {part!r}"[:120])
+            raise DataError(f"{where}[{j}] is {what}: content parts must be "
+                            '{"type": "text", "text": <string>} (text-only models)')
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def as_messages(value: Any, index: int, field: str, default_role: str) -> list[dict[str, Any]]:

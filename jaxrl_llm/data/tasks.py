@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from jaxrl_llm.data.ascii_math import ascii_math_to_latex
-from jaxrl_llm.data.chat import DataError, present_fields
+from jaxrl_llm.data.chat import DataError, present_fields, text_of_parts
 from jaxrl_llm.data.sources import _package_file, _read_json_rows, file_format, load_rows, read_jsonl
 from jaxrl_llm.environments.base import Task
 from jaxrl_llm.environments.procedural import reasoning_gym_tasks
@@ -242,6 +242,8 @@ def _row_messages(path: str, i: int, row: dict[str, Any], system_prompt: str | N
         msgs = row[field]
         if not isinstance(msgs, list) or not msgs:
             raise DataError(f"{where}: field {field!r} must be a non-empty list of {{role, content}}")
+        msgs = [{**m, "content": text_of_parts(m["content"], f"{where}: field '{field}[{j}]'.content")}
+                if isinstance(m, dict) and isinstance(m.get("content"), list) else m for j, m in enumerate(msgs)]
         for j, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise DataError(f"{where}: field '{field}[{j}]' needs string 'role' and 'content'")
