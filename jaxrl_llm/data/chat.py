@@ -235,9 +235,14 @@ def _render(tokenizer, messages, chat_template, add_generation_prompt=False, too
 
 
 def check_template(tokenizer: Any, chat_template: str | None) -> None:
-    """ValueError naming the line when the template (data.chat_template, or the tokenizer's) does not parse."""
+    """ValueError naming the line when the template (data.chat_template, or the tokenizer's) does not parse, or
+    naming data.chat_template when there is none (a base model's tokenizer)."""
     import jinja2
 
+    if chat_template is None and not getattr(tokenizer, "chat_template", None):
+        raise ValueError("has no chat template (a base model's?): set data.chat_template to one; every row (plain-"
+                         "string prompt/completion/chosen/rejected too) and every GRPO or evaluation prompt is "
+                         "rendered with it")
     try:
         _render(tokenizer, [{"role": "user", "content": "Hi"}], chat_template, add_generation_prompt=True)
     except jinja2.TemplateSyntaxError as e:
