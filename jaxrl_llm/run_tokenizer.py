@@ -35,10 +35,11 @@ def _same(a: str, b: str) -> bool:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def load_run_tokenizer(config: ml_collections.ConfigDict, own: str | None = None):
+def load_run_tokenizer(config: ml_collections.ConfigDict, own: str | None = None, *, needs_template: bool = True):
     """The run's tokenizer (config.tokenizer, else the model's own: `own`, by default model.path) with its chat
     template: data.chat_template's override, else its own, with data.chat_template_kwargs' defaults; checked to
-    parse (a ConfigError naming the line otherwise). Another tokenizer than the model's own is logged."""
+    parse (a ConfigError naming the line otherwise; with `needs_template`, also when there is none). Another
+    tokenizer than the model's own is logged."""
     own = own if own is not None else config.model.path
     tokenizer = load_tokenizer(config.tokenizer or own)
     try:
@@ -57,7 +58,8 @@ def load_run_tokenizer(config: ml_collections.ConfigDict, own: str | None = None
         log.warning("tokenizer=%r is used, not the model's own in %s: its ids must mean the same tokens to the "
                     "model%s (tokenizer='' uses the model's)", config.tokenizer, own, lost)
     try:
-        check_template(tokenizer, override)
+        if needs_template or override or getattr(tokenizer, "chat_template", None):
+            check_template(tokenizer, override)
     except ValueError as e:
         raise ConfigError(f"{'data.chat_template' if override else 'the tokenizer'}: {e}") from None
     # the template every step uses (SFT/DPO rows, GRPO prompts, validation, evaluation) and the export keeps

@@ -389,7 +389,8 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     algo = REGISTRY[config.algorithm]
     mesh = parallel.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     rules = parallel.ShardingRules()
-    tokenizer = load_run_tokenizer(config)
+    # (SFT on plain 'text' rows needs no chat template: its rows say whether they do)
+    tokenizer = load_run_tokenizer(config, needs_template=config.algorithm != "sft")
     data_cache = DataCache(os.path.join(workdir, "data_cache"), writer=jax.process_index() == 0)
     examples, data_stats = algo.prepare(config, tokenizer, cache=data_cache)
     examples, val_examples = split_validation(examples, config.data.get("val_fraction", 0.0), config.seed)

@@ -9,9 +9,9 @@ import os
 
 import numpy as np
 import pytest
+from recipes import recipe
 
 from jaxrl_llm import metrics
-from recipes import recipe
 
 
 def test_reduce_steps_means_mins_maxes_and_keys_some_rows_lack():

@@ -15,13 +15,14 @@ import optax
 from jaxrl_llm.algorithms.base import Algorithm
 from jaxrl_llm.algorithms.losses import target_logprobs
 from jaxrl_llm.data.buckets import bucket_width
-from jaxrl_llm.data.bulk import from_source, tokenize_rows
+from jaxrl_llm.data.bulk import from_source, one_dtype, tokenize_rows, tokenize_texts
 from jaxrl_llm.data.cache import DataCache, cached
 from jaxrl_llm.data.chat import (
     DataError,
     check_rendered,
     conversation_pieces,
     dropped_fields,
+    lm_text,
     row_tools,
     run_template,
     template_kwargs,
@@ -159,21 +160,31 @@ def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
     a later start with the same data, tokenizer and settings reads them instead of tokenizing again."""
     dc = config.data
     template = run_template(dc)
-    eos_id = turn_end_token(tokenizer, template, enabled=dc.get("add_eos", True))
+    has_template = bool(template or getattr(tokenizer, "chat_template", None))  # (none: a base model's tokenizer)
+    eos_id = turn_end_token(tokenizer, template, enabled=dc.get("add_eos", True)) if has_template else None
 
     def tokenize() -> tuple[list, dict[str, int]]:
         rows = load_rows(dc.source, dc.num_examples)
         with from_source(describe_source(dc.source)):
             # every row's fields first (a few seconds for a million rows): a bad row anywhere in the file is said
             # before minutes of tokenizing the rows ahead of it
-            parsed = [(*to_conversation(row, i), row_tools(row, i)) for i, row in enumerate(rows)]
-            dropped = dropped_fields(tokenizer, template, {m["role"] for msgs, _, _ in parsed for m in msgs})
-            no_reasoning = sum(check_rendered(msgs, tools, dropped, i) for i, (msgs, _, tools) in enumerate(parsed))
+            texts = {i: t for i, row in enumerate(rows) if (t := lm_text(row, i)) is not None}
+            parsed = {i: (*to_conversation(row, i), row_tools(row, i)) for i, row in enumerate(rows)
+                      if i not in texts}
+            n = len(rows)
             del rows
-            return tokenize_rows(tokenizer, len(parsed), lambda i: [conversation_pieces(
-                tokenizer, parsed[i][0], chat_template=template, last_assistant_only=dc.last_assistant_only,
-                index=i, context_turns=parsed[i][1], tools=parsed[i][2], eos_id=eos_id)]), {
-                    "rows": len(parsed), "no_reasoning": no_reasoning}
+            if parsed and not has_template:
+                raise DataError(f"row {min(parsed)} is a conversation and the tokenizer has no chat template (a base "
+                                "model's?): set data.chat_template to one (rows of plain 'text' need none)")
+            dropped = dropped_fields(tokenizer, template, {m["role"] for msgs, _, _ in parsed.values() for m in msgs})
+            no_reasoning = sum(check_rendered(msgs, tools, dropped, i) for i, (msgs, _, tools) in parsed.items())
+            order = list(parsed)
+            conv = iter(tokenize_rows(tokenizer, len(order), lambda j: [conversation_pieces(
+                tokenizer, parsed[order[j]][0], chat_template=template, last_assistant_only=dc.last_assistant_only,
+                index=order[j], context_turns=parsed[order[j]][1], tools=parsed[order[j]][2], eos_id=eos_id)]))
+            lm = iter(tokenize_texts(tokenizer, list(texts.values())))
+            return one_dtype([next(lm) if i in texts else next(conv) for i in range(n)]), {
+                "rows": n, "no_reasoning": no_reasoning}
 
     settings = {"num_examples": dc.num_examples, "template": template, "template_kwargs": template_kwargs(dc),
                 "eos_id": eos_id, "last_assistant_only": dc.last_assistant_only}
@@ -198,7 +209,8 @@ def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
                     "without it", no_reasoning)
     if stats["truncated"] or stats["dropped"]:
         log.warning("data: of %d rows, %d were longer than data.max_len=%d tokens and cut to it, and %d dropped "
-                    "(longer than that with data.overlong=drop, or no assistant token left to learn)", stats["rows"],
+                    "(longer than that with data.overlong=drop, or no assistant token left to learn, or an empty "
+                    "text)", stats["rows"],
                     stats["truncated"], dc.max_len, stats["dropped"])
     if not out:
         raise DataError(f"data.source={describe_source(dc.source)!r}: no usable rows after tokenization")

@@ -82,8 +82,35 @@ def tokenize_rows(tokenizer: Any, n: int, pieces_of: Callable[[int], list[tuple[
         out += [[compact(*next(flat)) for _ in row] for row in rows]
         progress.tick(len(out))
     progress.finish()
-    if any(ids.dtype != np.uint16 for row in out for ids, _ in row):
-        # one dtype for the whole data set, as the data cache writes and reads it back (`cache.save`): a process
-        # that tokenized and one that read the cache hold the same arrays (`distributed.check_same_everywhere`)
-        out = [[(ids.astype(np.int32, copy=False), mask) for ids, mask in row] for row in out]
-    return out
+    return one_dtype(out)
+
+
+def one_dtype(rows: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """One ids dtype for the whole data set, as the data cache writes and reads it back (`cache.save`): a process
+    that tokenized and one that read the cache hold the same arrays (`distributed.check_same_everywhere`)."""
+    if any(ids.dtype != np.uint16 for row in rows for ids, _ in row):
+        rows = [[(ids.astype(np.int32, copy=False), mask) for ids, mask in row] for row in rows]
+    return rows
+
+
+def tokenize_texts(tokenizer: Any, texts: list[str], chunk: int = 256) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """[(ids, mask)] of each plain text (SFT's language-modeling rows, TRL's "text" layout): the tokenizer's own
+    encoding with its special tokens (Llama's BOS), then EOS when the text does not end with it, so that the model
+    learns to stop; every token learned but the special ones the tokenizer put first. A text of only whitespace
+    gets no EOS: nothing to learn (the caller drops it, counted). `compact`ed; `chunk` texts per call."""
+    eos = tokenizer.eos_token_id
+    special = set(getattr(tokenizer, "all_special_ids", ()))
+    progress = Progress(len(texts), "texts")
+    out: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    for start in range(0, len(texts), chunk):
+        part = texts[start:start + chunk]
+        for text, ids in zip(part, tokenizer(part)["input_ids"], strict=True):
+            ids = list(ids)
+            lead = next((k for k, t in enumerate(ids) if t not in special), len(ids))
+            if text.strip() and eos is not None and ids[-1] != eos:
+                ids.append(eos)
+            mask = [0] * lead + [1] * (len(ids) - lead) if text.strip() else [0] * len(ids)
+            out.append([compact(np.asarray(ids, np.int64), np.asarray(mask, np.int32))])
+        progress.tick(len(out))
+    progress.finish()
+    return one_dtype(out)

@@ -96,8 +96,18 @@ def to_conversation(row: dict[str, Any], index: int) -> tuple[list[dict[str, Any
         completion = response_after(prompt, as_messages(row["completion"], index, "completion", "assistant"),
                                     index, "completion")
         return prompt + completion, sum(m["role"] == "assistant" for m in prompt)
-    raise DataError(f"row {index}: missing field 'messages' (or 'prompt' and 'completion'); has "
+    raise DataError(f"row {index}: missing field 'messages' (or 'prompt' and 'completion', or 'text'); has "
                     f"{present_fields(row)}")
+
+
+def lm_text(row: dict[str, Any], index: int) -> str | None:
+    """A language-modeling row's `text` (TRL's "text" layout: plain text, learned whole, no chat template), or None
+    for a row with `messages` or `prompt` (a conversation) or without `text`."""
+    if row.get("messages") is not None or row.get("prompt") is not None or row.get("text") is None:
+        return None
+    if not isinstance(row["text"], str):
+        raise DataError(f"row {index}: field 'text' must be a string; got {type(row['text']).__name__}")
+    return row["text"]
 
 
 def _same_turn(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -241,8 +251,8 @@ def check_template(tokenizer: Any, chat_template: str | None) -> None:
 
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise ValueError("has no chat template (a base model's?): set data.chat_template to one; every row (plain-"
-                         "string prompt/completion/chosen/rejected too) and every GRPO or evaluation prompt is "
-                         "rendered with it")
+                         "string prompt/completion/chosen/rejected too; SFT rows of plain 'text' need none) and every "
+                         "GRPO or evaluation prompt is rendered with it")
     try:
         _render(tokenizer, [{"role": "user", "content": "Hi"}], chat_template, add_generation_prompt=True)
     except jinja2.TemplateSyntaxError as e:
