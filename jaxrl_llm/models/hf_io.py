@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jaxrl_llm.models.config import ModelConfig, config_from_hf, config_to_hf, resolve_dtype
-from jaxrl_llm.models.params import param_specs, unflatten
+from jaxrl_llm.models.params import param_specs, unflatten, warn_replicated
 from jaxrl_llm.models.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
 from jaxrl_llm.models.staging import remove_leftovers, staging_folder
 from jaxrl_llm.parallel.mesh import single_device_mesh
@@ -181,6 +181,8 @@ def load_params_from_source(
     dt = resolve_dtype(dtype)
     np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
     rules = rules or ShardingRules()
+    if mesh is not None:
+        warn_replicated(cfg, mesh, rules)
     mesh = mesh or single_device_mesh()
     keys = set(src.keys())
     out: dict[str, jax.Array] = {}

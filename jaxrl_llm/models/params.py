@@ -18,6 +18,7 @@ the forward pass is one `lax.scan` (compile time independent of depth):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 
@@ -28,6 +29,8 @@ from jax.sharding import Mesh
 
 from jaxrl_llm.models.config import ModelConfig, resolve_dtype
 from jaxrl_llm.parallel.rules import ShardingRules
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +132,53 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = 
     return unflatten({k: rules.sharding(mesh, s.axes, s.shape) for k, s in param_specs(cfg).items()})
 
 
+# The config field behind each logical axis of a parameter (for messages).
+_AXIS_FIELDS = {"vocab": "vocab_size", "embed": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads",
+                "mlp": "intermediate_size", "head_dim": "head_dim", "labels": "num_labels", "layers": "num_layers"}
+
+
+def replication_warning(cfg: ModelConfig, mesh_shape: dict[str, int], rules: ShardingRules | None = None
+                        ) -> str | None:
+    """A warning when a model dimension does not divide a mesh axis its rule names, else None.
+
+    `rules.spec` drops such an axis for that dimension, so those parameters (and their optimizer moments) are
+    whole on every device along it: more memory per device than the mesh suggests (and, along tensor, their matmuls
+    are not split either).
+    """
+    rules = rules or ShardingRules()
+    lost: dict[str, dict[tuple[str, int], list[str]]] = {}
+    actual = even = 0.0
+    for name, s in param_specs(cfg).items():
+        spec = rules.spec(s.axes, s.shape, mesh_shape)
+        got = {a for e in spec if e for a in ((e,) if isinstance(e, str) else e)}
+        wanted: dict[str, tuple[str, int]] = {}  # mesh axis -> the first (logical axis, size) asking for it
+        for logical, n in zip(s.axes, s.shape, strict=True):
+            for ax in rules.mesh_axes(logical):
+                if mesh_shape.get(ax, 1) > 1:
+                    wanted.setdefault(ax, (logical, n))
+        size = math.prod(s.shape)
+        actual += size / math.prod(mesh_shape[a] for a in got)
+        even += size / math.prod(mesh_shape[a] for a in wanted)
+        for ax, dim in wanted.items():
+            if ax not in got:
+                lost.setdefault(ax, {}).setdefault(dim, []).append(name)
+    if not lost:
+        return None
+    parts = [f"mesh.{ax}={mesh_shape[ax]} does not divide " + " or ".join(
+        f"{_AXIS_FIELDS.get(logical, logical)}={n} ({', '.join(names)})" for (logical, n), names in dims.items())
+        for ax, dims in lost.items()]
+    return (f"{'; '.join(parts)}: those parameters are replicated along {', '.join(lost)} (each device there holds "
+            f"them whole): about {actual / even:.2f}x the parameter and optimizer memory "
+            "a device would hold with an even split; choose mesh sizes that divide these dimensions")
+
+
+def warn_replicated(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = None) -> None:
+    """Log `replication_warning` for parameters about to be placed on `mesh`."""
+    warning = replication_warning(cfg, dict(mesh.shape), rules)
+    if warning:
+        log.warning(warning)
+
+
 def abstract_params(cfg: ModelConfig, dtype=jnp.float32) -> dict:
     dt = resolve_dtype(dtype)
     return unflatten({k: jax.ShapeDtypeStruct(s.shape, dt) for k, s in param_specs(cfg).items()})
@@ -174,6 +224,8 @@ def init_params(cfg: ModelConfig, rng: jax.Array | int, dtype=jnp.float32, mesh:
                 out[name] = (std * jax.random.normal(k_i, s.shape, jnp.float32)).astype(dt)
         return unflatten(out)
 
+    if mesh is not None:
+        warn_replicated(cfg, mesh, rules)
     fn: Callable = jax.jit(make) if mesh is None else jax.jit(
         make, out_shardings=param_shardings(cfg, mesh, rules))
     return fn(as_prng_key(rng))

@@ -107,21 +107,26 @@ def batch_split_warning(rules: ShardingRules, mesh: jax.sharding.Mesh, rows: dic
 
     `rules.spec` drops every such axis whose size does not divide the rows, so the rows are replicated along
     it: each of those devices computes the same rows and data parallelism is lost there, silently.
-    `rows` maps a name a user knows (a config key, "a microbatch") to its number of rows.
+    `rows` maps a name a user knows (a config key, "a microbatch") to its number of rows; the one that loses the
+    most devices is said (a microbatch of a batch that splits may still not split).
     """
     shape = dict(mesh.shape)
     wanted = [ax for ax in rules.mesh_axes("batch") if shape.get(ax, 1) > 1]
+    worst: tuple[int, str, int, list[str]] | None = None
     for name, n in rows.items():
         spec = rules.spec(("batch",), (n,), shape)
         got = spec[0] if len(spec) else None
         got = (got,) if isinstance(got, str) else tuple(got or ())
         lost = [ax for ax in wanted if ax not in got]
-        if lost:
-            size = math.prod(shape[ax] for ax in wanted)
-            return (f"{name}={n} rows do not split over the mesh's batch axes "
-                    f"{', '.join(f'{ax}={shape[ax]}' for ax in wanted)}: the rows are replicated along "
-                    f"{', '.join(lost)} (those devices all compute the same rows); use a multiple of {size}")
-    return None
+        if lost and (worst is None or math.prod(shape[ax] for ax in lost) > worst[0]):
+            worst = (math.prod(shape[ax] for ax in lost), name, n, lost)
+    if worst is None:
+        return None
+    _, name, n, lost = worst
+    return (f"{name}={n} rows do not split over the mesh's batch axes "
+            f"{', '.join(f'{ax}={shape[ax]}' for ax in wanted)}: the rows are replicated along "
+            f"{', '.join(lost)} (those devices all compute the same rows); use a multiple of "
+            f"{math.prod(shape[ax] for ax in wanted)}")
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules: ShardingRules | None) -> jax.Array:
