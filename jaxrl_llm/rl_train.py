@@ -455,7 +455,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                            run_config=config.to_dict(), console_keys=CONSOLE_KEYS)
     evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules, runner.tok_bytes)
     last: dict[str, Any] = {}
-    window = StepWindow()
+    window = StepWindow(rates={"gen_tokens_per_s": "time_generate_s"})  # generated tokens over generation time
     stop = StopOnSigterm().start()
     # (the validation's environment has worker processes of its own)
     closers = (stop.close, ckpt.close, writer.close, *(getattr(o, "close", None) for o in (env, evaluator)))

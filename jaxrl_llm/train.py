@@ -477,7 +477,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                            tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
                            run_config=config.to_dict())
     last: dict[str, Any] = {}
-    window = StepWindow()
+    window = StepWindow(rates={"tokens_per_s": "step_time_s"})
     t_last = time.time()
     stop = StopOnSigterm().start()
     try:
@@ -495,11 +495,10 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             val = validate_now(state["params"]) if val_every and (done % val_every == 0 or
                                                                    done == config.max_steps) else {}
             n_tok = float(batch_tokens(batch)) if len(rows) == B else float(jax.jit(batch_tokens)(global_batch))
-            window.add({**m, "step_time_s": t_train, "batch_tokens": n_tok})
+            window.add({**m, "step_time_s": t_train, "tokens_per_s": n_tok / max(t_train, 1e-9)})
             if val or done % config.log_every == 0 or done == config.max_steps:
-                w = window.take()  # the steps since the last row: their mean (tokens/s: all tokens / all time)
-                last = {**w, **val, "lr": float(schedule(step)),
-                        "tokens_per_s": w.pop("batch_tokens") / max(w["step_time_s"], 1e-9)}
+                # the steps since the last row: their mean (tokens/s: all their tokens over all their time)
+                last = {**window.take(), **val, "lr": float(schedule(step))}
                 writer.write(done, last)
             check_best_metric(config, val)
             meta = {"step": done, **run_meta, "data_position": done * B, **val}
