@@ -48,9 +48,9 @@ class GenerateOutput:
     """Completions in prompt order. tokens[i] excludes the prompt and includes the stop token when one was hit;
     logprobs[i][j] is the log-prob of tokens[i][j]; finish_reasons[i] is 'stop' or 'length'.
 
-    stats: compiles (sampler traces during this call), prefill_seconds, decode_seconds, decode_steps (loop
-    iterations run, summed over chunks), generated_tokens, tokens_per_second, chunks, shapes (the
-    (batch, prompt, new-token) bucket of each chunk), truncated_prompts, reshard_seconds,
+    stats: compiles (XLA compilations of the sampler's functions during this call), prefill_seconds,
+    decode_seconds, decode_steps (loop iterations run, summed over chunks), generated_tokens, tokens_per_second,
+    chunks, shapes (the (batch, prompt, new-token) bucket of each chunk), truncated_prompts, reshard_seconds,
     decode_layout_seconds (building the unrolled decode loop's output-major weights, once per call).
     """
 
@@ -241,7 +241,7 @@ def generate(
         max_batch_size = int(max_batch_size)
     arrs, n_truncated = _fit_prompts(arrs, _prompt_limits(cfg, sps, max_prompt_len), truncate_prompts)
     key = as_prng_key(rng)
-    traces_before = loop.compile_count()
+    compiles_before = loop.compile_count()
     stats: dict[str, Any] = {"truncated_prompts": n_truncated, "reshard_seconds": 0.0, "prefill_seconds": 0.0,
                              "decode_seconds": 0.0, "decode_layout_seconds": 0.0, "chunks": 0, "decode_steps": 0,
                              "shapes": [], "prefill_rows": 0}
@@ -284,7 +284,7 @@ def generate(
     reasons = [""] * n
     ctx = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
     progress = Progress(n, "prompts", verb="sampling: generated for")  # a line every 30 s when chunks take that long
-    with ctx:
+    with ctx, loop.counting_compiles():
         for c0 in range(0, n, chunk):
             idx = order[c0:c0 + chunk]
             B = bucket_batch(min(n, chunk), shards)  # the last, smaller chunk reuses the same shape
@@ -332,7 +332,7 @@ def generate(
             progress.tick(c0 + len(idx))
     progress.finish()
     n_gen = sum(len(t) for t in tokens)
-    stats["compiles"] = loop.compile_count() - traces_before
+    stats["compiles"] = loop.compile_count() - compiles_before
     stats["generated_tokens"] = n_gen
     elapsed = stats["prefill_seconds"] + stats["decode_layout_seconds"] + stats["decode_seconds"]
     stats["tokens_per_second"] = n_gen / elapsed if elapsed > 0 else 0.0

@@ -5,16 +5,21 @@ shared prefill the batch bucket of the distinct prompts (`generate`: repeated pr
 Dynamic (arrays; a change never recompiles): the prompts' tokens, temperature/top-k/top-p per row, stop ids per
 row, stop strings (within a bucket of their count), max_new_tokens per row, the RNG key.
 
-Compile counter: `_TRACES` is incremented in the Python bodies of the jitted functions, i.e. only while
-JAX traces them (once per new static signature), never inside the computation, so the jitted functions stay
-pure. `compile_count()` reads it (tests and metrics).
+Compile counter: jax's own compile event (one per XLA compilation, as `jax_log_compiles` logs them) for these
+functions, counted while `generate` runs (`counting_compiles`). Not their traces: jax also compiles a function
+again without tracing it when only the placement of its arguments changes (parameters committed to a device, or
+sharded otherwise, with the same shapes). `compile_count()` reads it (tests and GRPO's sampler_compiles).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import threading
+from collections.abc import Iterator
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,17 +42,42 @@ from jaxrl_llm.sampling.cache import (
 from jaxrl_llm.sampling.stop_strings import StopTable
 from jaxrl_llm.sampling.strategies import RowSampler
 
-_TRACES: collections.Counter[str] = collections.Counter()
+_COMPILES: collections.Counter[str] = collections.Counter()
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # (also a load from the persistent compile cache)
+_NAMES = {"prefill": "prefill", "decode": "decode", "_output_major": "decode_params"}
+_counting = threading.local()
 PAD_TOKEN = -1  # in returned token buffers, after a row has finished
 
 
+def _on_compile(event: str, duration: float, **kw: Any) -> None:
+    if event != _COMPILE_EVENT or not getattr(_counting, "depth", 0):
+        return
+    name = str(kw.get("fun_name", ""))
+    name = name[4:-1] if name.startswith("jit(") and name.endswith(")") else name
+    if name in _NAMES:
+        _COMPILES[_NAMES[name]] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_compile)
+
+
+@contextlib.contextmanager
+def counting_compiles() -> Iterator[None]:
+    """Count the compilations of the sampler's functions that this thread makes inside the block."""
+    _counting.depth = getattr(_counting, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _counting.depth -= 1
+
+
 def compile_count() -> int:
-    """How many times the sampler's jitted functions have been traced in this process (each trace compiles)."""
-    return sum(_TRACES.values())
+    """How many times `generate` has compiled the sampler's jitted functions in this process."""
+    return sum(_COMPILES.values())
 
 
 def compile_counts() -> dict[str, int]:
-    return dict(_TRACES)
+    return dict(_COMPILES)
 
 
 @partial(jax.jit, static_argnames=("cfg", "cache_len", "rules"))
@@ -59,7 +89,6 @@ def prefill(cfg: ModelConfig, params: dict, ids_BT: jax.Array, start_B: jax.Arra
     vocabulary (`last_only`), and attention reads only the P prompt slots, not the empty cache (`empty_cache`).
     rows_R: the B prompts are the distinct ones of a batch of R rows, and row r is prompt
     rows_R[r]: the cache and logits come back with R rows (each prompt prefilled once, then copied)."""
-    _TRACES["prefill"] += 1
     B, P = ids_BT.shape
     # With rows_R the distinct prompts' cache holds only their P slots: it is copied to the R rows and only then
     # given its empty generation slots (a full-length cache of the distinct prompts beside the rows' one doubled
@@ -137,7 +166,6 @@ def _record(state: DecodeState, logits_BV: jax.Array, inp: DecodeInputs) -> Deco
 @partial(jax.jit, static_argnames=("cfg", "rules"))
 def _output_major(cfg: ModelConfig, layers: dict, lm_head: jax.Array | None, rules: ShardingRules | None
                   ) -> tuple[list[dict], jax.Array | None]:
-    _TRACES["decode_params"] += 1
     head = None if lm_head is None else output_major_head(cfg, {"lm_head": lm_head}, rules)
     return output_major_layers(cfg, layers, rules), head
 
@@ -166,7 +194,6 @@ def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, in
     dicts, such as `prepare_decode_params(cfg, params, rules)` gives (per-layer output-major weights): the layers
     then run as a Python loop over per-layer weight and cache arrays (see `generate(unroll_layers=...)`).
     """
-    _TRACES["decode"] += 1
     B = logits_BV.shape[0]
     S = cache_length(cache)
     P = S - max_new_bucket  # first generated slot
