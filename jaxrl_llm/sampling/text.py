@@ -11,6 +11,7 @@ import jax
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.sampling.generate import GenerateOutput, generate
 from jaxrl_llm.sampling.request import SamplingParams, as_param_list
+from jaxrl_llm.sampling.stop_strings import TokenBytes
 
 Conversation = list[dict[str, str]]
 
@@ -79,14 +80,15 @@ def generate_text(
     *,
     chat_template: bool = True,
     skip_special_tokens: bool = True,
+    token_bytes: TokenBytes | None = None,
     **generate_kwargs: Any,
 ) -> TextOutput:
     """Strings or chat conversations in, decoded completions out (an HF tokenizer or anything with its API).
 
     sampling_params: one SamplingParams for all inputs, or one per input (as in `generate`). Where a
     SamplingParams names no stop ids, generation stops at the model's and the tokenizer's eos ids. Stop strings
-    are matched with a table of the tokenizer's token bytes, built at each call (0.3 s for a 49k vocabulary):
-    calls in a loop may build it once and pass it, `tokenizer=sampling.token_bytes(tok)` among generate_kwargs.
+    are matched with a table of the tokenizer's token bytes, built from `tokenizer` at each call (0.3 s for a 49k
+    vocabulary) unless given: calls in a loop may build it once, token_bytes=sampling.token_bytes(tok).
     """
     prompt_ids = encode_inputs(tokenizer, inputs, chat_template)
     stops = default_stop_ids(cfg, tokenizer)
@@ -95,6 +97,7 @@ def generate_text(
         sp = with_stops(sampling_params or SamplingParams())
     else:
         sp = [with_stops(p) for p in as_param_list(sampling_params, len(prompt_ids))]
-    out = generate(cfg, params, prompt_ids, sp, rng, **{"tokenizer": tokenizer, **generate_kwargs})
+    out = generate(cfg, params, prompt_ids, sp, rng, tokenizer=tokenizer if token_bytes is None else token_bytes,
+                   **generate_kwargs)
     texts = [tokenizer.decode(t, skip_special_tokens=skip_special_tokens) for t in out.tokens]
     return TextOutput(texts=texts, prompt_ids=prompt_ids, output=out)
