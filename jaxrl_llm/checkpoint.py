@@ -71,13 +71,20 @@ def weights_checksum(params: Any) -> str:
     SHA-256 of those sums. One pass over the weights on their devices; a resume compares the reference model's."""
     import hashlib
 
+    sums = jax.device_get(_bit_sums(params))
+    return hashlib.sha256(np.asarray(sums, np.uint32).tobytes()).hexdigest()[:20]
+
+
+@jax.jit
+def _bit_sums(params: Any) -> list[jax.Array]:
+    """Per leaf, the wrapping uint32 sum of its elements' bit patterns (module-level: compiled once per layout)."""
+
     def leaf(x):
         width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
         bits = jax.lax.bitcast_convert_type(x, width)  # (an 8-byte leaf splits into two uint32 words)
         return jnp.sum(bits.astype(jnp.uint32), dtype=jnp.uint32)
 
-    sums = jax.device_get(jax.jit(lambda p: [leaf(x) for x in jax.tree.leaves(p)])(params))
-    return hashlib.sha256(np.asarray(sums, np.uint32).tobytes()).hexdigest()[:20]
+    return [leaf(x) for x in jax.tree.leaves(params)]
 
 
 _UNRANKED = "Requested `tracked_metric`; did not provide metrics"  # Orbax, at each save without validation

@@ -1,5 +1,5 @@
-"""Review 30 (wasted work in the loops): the sampler's compile counter against jax's own compile events, and
-generate_text's prebuilt stop-string table."""
+"""Review 30 (wasted work in the loops): the sampler's compile counter against jax's own compile events,
+generate_text's prebuilt stop-string table, and init_params compiled once per setting."""
 
 from __future__ import annotations
 
@@ -72,3 +72,15 @@ def test_generate_text_takes_a_prebuilt_token_bytes_table():
     assert out.output.finish_reasons == ["stop", "stop"] and all(len(t) == 1 for t in out.output.tokens)
     assert out.texts == [f"w{t[0]} " for t in out.output.tokens]
     assert np.all([len(t) for t in out.prompt_ids] == np.array([2, 1]))
+
+
+def test_init_params_compiles_once_per_setting(jax_compiles):
+    """Its random normals take XLA:CPU ~3 s to compile for any model: a second call with the same settings (a
+    resumed or second run in one process) reuses them, and gives the same parameters for the same key."""
+    first = models.init_params(CFG, jax.random.key(3))
+    jax_compiles.clear()
+    again = models.init_params(CFG, jax.random.key(3))
+    wide = models.init_params(CFG, jax.random.key(3), std=0.5)  # (an argument of the compiled function)
+    assert "make" not in jax_compiles
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(again), strict=True))
+    assert np.allclose(wide["embed"], first["embed"] * 25, rtol=1e-6) and np.all(wide["final_norm"] == 1)

@@ -18,9 +18,11 @@ the forward pass is one `lax.scan` (compile time independent of depth):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -209,10 +211,19 @@ def as_prng_key(rng, name: str = "rng") -> jax.Array:
 def init_params(cfg: ModelConfig, rng: jax.Array | int, dtype=jnp.float32, mesh: Mesh | None = None,
                 rules: ShardingRules | None = None, std: float = 0.02) -> dict:
     """Random parameters (normal(0, std) matrices, unit norms, zero biases), created directly sharded."""
-    dt = resolve_dtype(dtype)
+    if mesh is not None:
+        warn_replicated(cfg, mesh, rules)
+    return _initializer(cfg, resolve_dtype(dtype), mesh, rules)(as_prng_key(rng), np.float32(std))
+
+
+@functools.lru_cache(maxsize=8)
+def _initializer(cfg: ModelConfig, dt: Any, mesh: Mesh | None, rules: ShardingRules | None) -> Callable:
+    """`init_params`' jitted function for these settings, kept: XLA:CPU takes about 3 s to compile the random
+    normals of any model, which another call with the same settings (a resumed or second run in one process, a
+    test) would otherwise pay again."""
     specs = param_specs(cfg)
 
-    def make(key):
+    def make(key, std):
         keys = jax.random.split(key, len(specs))
         out = {}
         for k_i, (name, s) in zip(keys, sorted(specs.items()), strict=True):
@@ -224,11 +235,7 @@ def init_params(cfg: ModelConfig, rng: jax.Array | int, dtype=jnp.float32, mesh:
                 out[name] = (std * jax.random.normal(k_i, s.shape, jnp.float32)).astype(dt)
         return unflatten(out)
 
-    if mesh is not None:
-        warn_replicated(cfg, mesh, rules)
-    fn: Callable = jax.jit(make) if mesh is None else jax.jit(
-        make, out_shardings=param_shardings(cfg, mesh, rules))
-    return fn(as_prng_key(rng))
+    return jax.jit(make) if mesh is None else jax.jit(make, out_shardings=param_shardings(cfg, mesh, rules))
 
 
 def with_score_head(cfg: ModelConfig, params: dict, num_labels: int, rng: jax.Array, mesh: Mesh | None = None,
