@@ -481,13 +481,19 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     t_last = time.time()
     stop = StopOnSigterm().start()
     try:
-        for step in range(start, config.max_steps):
+        def host_batch(step: int) -> dict[str, np.ndarray]:
             idx = batch_indices(len(examples), B, config.seed, step)
-            batch = algo.collate([examples[idx[r]] for r in rows], config, pad,
-                                 algo.widths([examples[i] for i in idx], config))
+            return algo.collate([examples[idx[r]] for r in rows], config, pad,
+                                algo.widths([examples[i] for i in idx], config))
+
+        upcoming = host_batch(start) if start < config.max_steps else None
+        for step in range(start, config.max_steps):
+            batch = upcoming
             with jax.set_mesh(mesh):
                 global_batch = distributed.put_local_batch(batch, rows, batch_shardings(batch), B)
                 state, m = train_step(state, global_batch, ref_params)
+            # the next batch is built while the device runs this step (its metrics wait for the step's end)
+            upcoming = host_batch(step + 1) if step + 1 < config.max_steps else None
             m = jax.device_get(m)
             check_step_finite(step + 1, m, ckpt)
             done = step + 1
