@@ -45,6 +45,10 @@ class StepWindow:
                 row[rate] *= row[time_key]  # (the amount: a rate of amount / max(time, 1e-9))
         self._rows.append(row)
 
+    def __len__(self) -> int:
+        """Steps in the window (not yet in a row)."""
+        return len(self._rows)
+
     def take(self) -> dict[str, float]:
         """The window's row; the next window starts empty."""
         rows, self._rows = self._rows, []

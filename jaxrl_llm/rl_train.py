@@ -44,7 +44,7 @@ from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.metrics import MetricsWriter, StepWindow, reduce_steps
 from jaxrl_llm.optim import make_optimizer
-from jaxrl_llm.preemption import StopOnSigterm, checkpoint_step
+from jaxrl_llm.preemption import Preempted, StopOnSigterm, checkpoint_step
 from jaxrl_llm.rl_batch import (
     Rollouts,
     check_shared_prompts,
@@ -471,7 +471,12 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 writer.write(done, last)
             check_best_metric(config, val)
             meta = {"step": done, **run_meta, "data_position": done, "prompt_batches": runner.position, **val}
-            checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
+            try:
+                checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
+            except Preempted:  # stopped between two rows: the steps since the last are logged too
+                if len(window):
+                    writer.write(done, {**window.take(), "lr": float(schedule(step * updates_per_step))})
+                raise
     except BaseException:  # the error that stopped the run is the one to say, not one from closing after it
         close_all(*closers, after_error=True)
         raise

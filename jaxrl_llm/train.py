@@ -508,7 +508,12 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                 writer.write(done, last)
             check_best_metric(config, val)
             meta = {"step": done, **run_meta, "data_position": done * B, **val}
-            checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
+            try:
+                checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
+            except Preempted:  # stopped between two rows: the steps since the last are logged too
+                if len(window):
+                    writer.write(done, {**window.take(), "lr": float(schedule(step))})
+                raise
             t_last = time.time()
     except BaseException:  # the error that stopped the run is the one to say, not one from closing after it
         close_all(stop.close, ckpt.close, writer.close, after_error=True)

