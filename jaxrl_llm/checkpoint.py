@@ -195,8 +195,12 @@ class Checkpointer:
             if read_only:
                 opts = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
             else:
+                # cleanup_tmp_directories: the temp folder of a save that was killed (SIGKILL after a SIGTERM's grace,
+                # OOM, a lost node) holds up to a whole checkpoint, and no later save replaces it unless it is of the
+                # same step (a preemption's save is at an off-interval one): removed when the run starts again.
                 opts = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=async_save,
-                                                    preservation_policy=cm.AnyPreservationPolicy(policies), **best)
+                                                    preservation_policy=cm.AnyPreservationPolicy(policies),
+                                                    cleanup_tmp_directories=True, **best)
             for attempt in range(5):
                 try:
                     self._mngr = ocp.CheckpointManager(self.directory, options=opts)
