@@ -1,8 +1,8 @@
 """Orbax checkpoints of the whole train state: save every N steps (async), keep the last K, resume exactly.
 
 A save is written to a temporary folder and renamed when complete (Orbax's atomicity), so a process killed
-mid-save leaves the previous checkpoint restorable. Restoring takes the target shardings from the state the
-run has built, so a checkpoint restores onto a different mesh shape.
+mid-save leaves the previous checkpoint restorable (and the next start removes the temporary folder). Restoring
+takes the target shardings from the state the run has built, so a checkpoint restores onto a different mesh shape.
 """
 
 from __future__ import annotations
