@@ -225,7 +225,8 @@ class SamplerGenerate:
     """The generate function of GRPO's multi-turn rollouts: `sampling.generate` on the trainer's arrays with
     `sampling_params` (max_new_tokens replaced per prompt by the turn's limit) and the key fold_in(key, turn);
     generate_kw go to `sampling.generate` (mesh, rules, max_batch_size, sampling_rules). Sums seconds, generated
-    tokens, sampler compiles and parameter reshard seconds over its calls."""
+    tokens, sampler compiles and parameter reshard seconds over its calls. params may be `sampling.prepare_params`
+    of the policy's (GRPO's are): resharded and laid out for decode once for all turns, not at every turn."""
 
     def __init__(self, cfg: Any, params: Any, sampling_params: sampling.SamplingParams, key: jax.Array,
                  **generate_kw: Any):

@@ -254,9 +254,10 @@ class GRPORunner:
                         reward_components(out.info, self.missing_said), out.loss_masks, out.turns), times
 
     def collect(self, params, step: int) -> tuple[Rollouts, dict[str, float]]:
-        """One step's rollouts; with dynamic sampling, rounds of generation until num_prompts groups with
-        reward spread are found (at most grpo.dynamic_sampling_max_rounds; then the batch is completed with
-        spread-less groups, which carry zero advantage, and the shortfall is logged).
+        """One step's rollouts from params (the policy's, or `sampling.prepare_params` of them); with dynamic
+        sampling, rounds of generation until num_prompts groups with reward spread are found (at most
+        grpo.dynamic_sampling_max_rounds; then the batch is completed with spread-less groups, which carry zero
+        advantage, and the shortfall is logged).
 
         Dynamic-sampling metrics, in groups of group_size samples (generated = num_prompts + discarded + excess):
         dynamic_sampling_rounds: generation rounds run; dynamic_sampling_short_groups: spread-less groups that
@@ -307,7 +308,15 @@ class GRPORunner:
     def step(self, state: dict, ref_params, step: int) -> tuple[dict, dict[str, float]]:
         g = self.config.grpo
         t_start = time.perf_counter()
-        roll, info = self.collect(state["params"], step)
+        # Made ready for the sampler once for all of the step's calls (turns, dynamic-sampling rounds): resharded to
+        # rollout.sampling_layout, decode weights built at the first call; dropped before the log-prob and training
+        # passes, which need that memory.
+        prepared = sampling.prepare_params(self.cfg, state["params"], mesh=self.mesh, rules=self.rules,
+                                           sampling_rules=self.sampling_rules)
+        roll, info = self.collect(prepared, step)
+        info["time_reshard_s"] += prepared.reshard_seconds
+        info["time_generate_s"] += prepared.reshard_seconds
+        del prepared
         batch, host = prepare_batch(roll, self.config, self.pad)
         if self.group > 1:
             check_shared_prompts(batch, self.group, self.config.data.max_prompt_len)

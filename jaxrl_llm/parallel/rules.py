@@ -91,7 +91,8 @@ def sampling_rules(layout: str) -> ShardingRules | None:
     """The rules table the sampler uses for a named layout (a config's rollout.sampling_layout), None for the
     trainer's own. "tensor": weights sharded over the tensor axis only (heads, MLP width, vocabulary) and whole on
     every fsdp device, so that a decode step gathers no weights; the batch still splits over data and fsdp. The
-    parameters are resharded once per generate call, which sampling.generate times (stats['reshard_seconds'])."""
+    parameters are resharded once per generate call, which sampling.generate times (stats['reshard_seconds']), or
+    once for several calls with sampling.prepare_params (GRPO: once per step)."""
     if layout == "":
         return None
     if layout == "tensor":

@@ -6,7 +6,7 @@
 """
 
 from jaxrl_llm.sampling.cache import CACHE_AXES, cache_bytes, cache_shardings, init_cache
-from jaxrl_llm.sampling.generate import GenerateOutput, PromptLengthError, generate
+from jaxrl_llm.sampling.generate import GenerateOutput, PreparedParams, PromptLengthError, generate, prepare_params
 from jaxrl_llm.sampling.loop import compile_count, compile_counts
 from jaxrl_llm.sampling.request import SamplingParams
 from jaxrl_llm.sampling.stop_strings import TokenBytes, token_bytes
@@ -22,6 +22,7 @@ from jaxrl_llm.sampling.text import TextOutput, default_stop_ids, generate_text
 __all__ = [
     "CACHE_AXES",
     "GenerateOutput",
+    "PreparedParams",
     "PromptLengthError",
     "RowSampler",
     "SamplingParams",
@@ -36,6 +37,7 @@ __all__ = [
     "generate",
     "generate_text",
     "init_cache",
+    "prepare_params",
     "process_logits",
     "scale_by_temperature",
     "token_bytes",

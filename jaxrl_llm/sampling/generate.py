@@ -51,7 +51,8 @@ class GenerateOutput:
     stats: compiles (XLA compilations of the sampler's functions during this call), prefill_seconds,
     decode_seconds, decode_steps (loop iterations run, summed over chunks), generated_tokens, tokens_per_second,
     chunks, shapes (the (batch, prompt, new-token) bucket of each chunk), truncated_prompts, reshard_seconds,
-    decode_layout_seconds (building the unrolled decode loop's output-major weights, once per call).
+    decode_layout_seconds (building the unrolled decode loop's output-major weights, once per call; both 0 for
+    `PreparedParams` that already hold them).
     """
 
     tokens: list[list[int]]
@@ -71,6 +72,50 @@ def _check_placement(params: dict, mesh: Mesh) -> None:
                 f"params{jax.tree_util.keystr(path)} lives on devices {ids}, not on the mesh's "
                 f"{sorted(d.id for d in mesh_devices)}: load the model with models.load_pretrained(path, mesh=mesh), "
                 f"or place the params with jax.device_put(params, models.param_shardings(cfg, mesh, rules))")
+
+
+@dataclasses.dataclass(eq=False)
+class PreparedParams:
+    """Parameters made ready for `generate` once, for several calls on the same arrays (`prepare_params`)."""
+
+    cfg: ModelConfig
+    params: dict  # in the sampling layout (the caller's own arrays when that is the trainer's)
+    mesh: Mesh | None
+    rules: ShardingRules | None  # the table the sampler runs with: sampling_rules, else the trainer's
+    reshard_seconds: float = 0.0
+    decode_weights: dict | None = None  # the unrolled decode loop's, built by the first call that decodes with them
+
+
+def _prepare(cfg: ModelConfig, params: dict, mesh: Mesh | None, rules: ShardingRules | None,
+             sampling_rules: ShardingRules | None) -> PreparedParams:
+    if mesh is None:
+        return PreparedParams(cfg, params, None, None)
+    rules = rules or ShardingRules()
+    if sampling_rules is None:
+        _check_placement(params, mesh)
+        return PreparedParams(cfg, params, mesh, rules)
+    t0 = time.perf_counter()
+    params = jax.block_until_ready(jax.device_put(params, param_shardings(cfg, mesh, sampling_rules)))
+    return PreparedParams(cfg, params, mesh, sampling_rules, time.perf_counter() - t0)
+
+
+def prepare_params(cfg: ModelConfig, params: dict, *, mesh: Mesh | None = None, rules: ShardingRules | None = None,
+                   sampling_rules: ShardingRules | None = None) -> PreparedParams:
+    """`params` made ready once for several `generate` calls on the same arrays (GRPO's turns and dynamic-sampling
+    rounds within a step): resharded to `sampling_rules` here (timed: .reshard_seconds), and the unrolled decode
+    loop's output-major weights kept from the first call that builds them. Pass it to generate(cfg, prepared, ...)
+    in place of params, with the same mesh, rules and sampling_rules. It holds those copies (each a second copy of
+    the weights) as long as it lives: drop it when the parameters change or their memory is needed elsewhere."""
+    check_params(cfg, params)
+    return _prepare(cfg, params, mesh, rules, sampling_rules)
+
+
+def _check_prepared(prep: PreparedParams, cfg: ModelConfig, mesh: Mesh | None, rules: ShardingRules | None,
+                    sampling_rules: ShardingRules | None) -> None:
+    want = None if mesh is None else sampling_rules or rules or ShardingRules()
+    if prep.cfg != cfg or prep.mesh != mesh or prep.rules != want:
+        raise ValueError("params: prepared (sampling.prepare_params) for another cfg, mesh or rules than this "
+                         "generate call's; prepare them with the call's cfg, mesh, rules and sampling_rules")
 
 
 class PromptLengthError(ValueError):
@@ -179,7 +224,7 @@ def _distinct_prompts(ids_BP: np.ndarray, start_B: np.ndarray, n_rows: int, shar
 
 def generate(
     cfg: ModelConfig,
-    params: dict,
+    params: dict | PreparedParams,
     prompts: Sequence[Sequence[int]],
     sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
     rng: jax.Array | int | None = None,
@@ -207,6 +252,8 @@ def generate(
     every process gets every completion back.
     sampling_rules: a different table for sampling (e.g. tensor-parallel decode); params are then resharded
     once per call with `jax.device_put` and the cost is reported as stats['reshard_seconds'].
+    params may be `prepare_params(cfg, params, mesh=, rules=, sampling_rules=)` (the same as this call's): the
+    reshard and the unrolled decode weights are then made once for all the calls that share it.
     max_batch_size: prompts are processed in chunks of at most this many rows (sorted by length); an integer
     >= 1, or None: as many rows as fit a share of the memory free on a device now (`sampling/budget.py`: KV
     cache, logits and prefill per row; one chunk when all fit; logged when it splits; stats['auto_batch_size']).
@@ -230,7 +277,9 @@ def generate(
     tokenizer: the model's tokenizer (or `sampling.token_bytes(tokenizer)`, computed once), needed only when a
     SamplingParams has stop_strings.
     """
-    check_params(cfg, params)
+    prepared = isinstance(params, PreparedParams)
+    if not prepared:
+        check_params(cfg, params)
     arrs = validate_prompts(prompts, cfg.vocab_size)
     sps = as_param_list(sampling_params, len(arrs))
     validate_stop_ids(sps, cfg.vocab_size)
@@ -246,16 +295,13 @@ def generate(
                              "decode_seconds": 0.0, "decode_layout_seconds": 0.0, "chunks": 0, "decode_steps": 0,
                              "shapes": [], "prefill_rows": 0}
 
-    model_rules = None
-    if mesh is not None:
-        rules = rules or ShardingRules()
-        model_rules = sampling_rules or rules
-        if sampling_rules is None:
-            _check_placement(params, mesh)
-        else:
-            t0 = time.perf_counter()
-            params = jax.block_until_ready(jax.device_put(params, param_shardings(cfg, mesh, sampling_rules)))
-            stats["reshard_seconds"] = time.perf_counter() - t0
+    if prepared:
+        _check_prepared(params, cfg, mesh, rules, sampling_rules)
+        prep = params
+    else:  # this call's own, dropped when it returns
+        prep = _prepare(cfg, params, mesh, rules, sampling_rules)
+        stats["reshard_seconds"] = prep.reshard_seconds
+    params, model_rules = prep.params, prep.rules
     shards = _batch_shards(mesh, model_rules)
     if unroll_layers is None:
         platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
@@ -264,7 +310,8 @@ def generate(
     if max_batch_size is None:
         P_max = bucket_length(max(len(a) for a in arrs))
         N_max = bucket_new_tokens(max(p.max_new_tokens for p in sps))
-        reserve = layout_copy_bytes(params) if unroll_layers and not cfg.num_labels else 0
+        copy = unroll_layers and not cfg.num_labels and prep.decode_weights is None  # (built: in the memory used)
+        reserve = layout_copy_bytes(params) if copy else 0
         rows = stats["auto_batch_size"] = auto_batch_size(cfg, mesh, shards, P_max, N_max, reserve)
         if rows is not None and rows < len(arrs):
             log.info("sampling %d prompts in chunks of %d rows: the KV cache, logits and prefill of all of them "
@@ -308,12 +355,14 @@ def generate(
             jax.block_until_ready(logits_BV)
             t1 = time.perf_counter()
             stats["prefill_seconds"] += t1 - t0
-            if decode_weights is None:  # once per call, for all chunks
+            if decode_weights is None:  # once per call (or per PreparedParams), for all chunks
                 decode_weights = params
-                if unroll_layers:
-                    decode_weights = jax.block_until_ready(loop.prepare_decode_params(cfg, params, model_rules))
+                if unroll_layers and prep.decode_weights is None:
+                    prep.decode_weights = jax.block_until_ready(loop.prepare_decode_params(cfg, params, model_rules))
                     stats["decode_layout_seconds"] = time.perf_counter() - t1
                     t1 = time.perf_counter()
+                if unroll_layers:
+                    decode_weights = prep.decode_weights
             *out, cache = loop.decode(cfg, decode_weights, cache, logits_BV, inp, max_new_bucket=N,
                                       rules=model_rules)
             del cache
