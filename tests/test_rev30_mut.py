@@ -161,23 +161,31 @@ def test_sft_rows_count_each_steps_own_batch_and_a_stop_on_a_row_adds_none(tmp_p
         assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(r["loss"], rel=1e-4)
 
 
-def test_a_grpo_steps_metrics_reduce_all_its_optimizer_updates():
+def test_a_grpo_steps_metrics_reduce_all_its_optimizer_updates(monkeypatch):
     """Two updates a step (4 rollouts, 2 per update): the row's loss is their mean, ratio_min their least."""
+    import types
+
     from jax.sharding import NamedSharding, PartitionSpec
     from test_grpo import _config, _rollouts
 
+    from jaxrl_llm import rl_train
     from jaxrl_llm.algorithms import grpo
     from jaxrl_llm.rl_train import GRPORunner
+
+    monkeypatch.setattr(rl_train.sampling, "prepare_params",  # (the rollouts are faked: nothing to sample with)
+                        lambda cfg, params, **kw: types.SimpleNamespace(params=params, reshard_seconds=0.0))
 
     r = object.__new__(GRPORunner)
     r.config = _config(**{"rollout.num_prompts": 2, "rollout.group_size": 2, "train.batch_size": 2,
                           "grpo.kl_coef": 0.0, "grpo.recompute_old_logprobs": False})
     r.G, r.P, r.R, r.mb_size, r.pad, r.group = 2, 2, 4, 2, 0, 1
+    r.cfg, r.rules, r.sampling_rules = None, None, None
     r.mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     r.full_sh = NamedSharding(r.mesh, PartitionSpec())
     r.batch_sh = {k: r.full_sh for k in grpo.BATCH_AXES}
     r.collect = lambda params, step: (_rollouts([1, 0, 1, 0], [2] * 4, ["stop"] * 4),
-                                      {"time_generate_s": 1.0, "generated_tokens": 8.0})
+                                      {"time_generate_s": 1.0, "time_reshard_s": 0.0,
+                                       "generated_tokens": 8.0})
     updates = iter([(1.0, 0.9, 1.1), (3.0, 0.5, 1.4)])
 
     def train_step(state, mb, first):
