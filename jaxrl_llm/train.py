@@ -486,22 +486,24 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             return algo.collate([examples[idx[r]] for r in rows], config, pad,
                                 algo.widths([examples[i] for i in idx], config))
 
+        count_tokens = jax.jit(batch_tokens)
         upcoming = host_batch(start) if start < config.max_steps else None
         for step in range(start, config.max_steps):
             batch = upcoming
             with jax.set_mesh(mesh):
                 global_batch = distributed.put_local_batch(batch, rows, batch_shardings(batch), B)
                 state, m = train_step(state, global_batch, ref_params)
+                # (for tokens/s; a process holding only its rows counts the global batch's on the devices)
+                n_tok = batch_tokens(batch) if len(rows) == B else count_tokens(global_batch)
             # the next batch is built while the device runs this step (its metrics wait for the step's end)
             upcoming = host_batch(step + 1) if step + 1 < config.max_steps else None
-            m = jax.device_get(m)
+            m, n_tok = jax.device_get((m, n_tok))  # one wait for both
             check_step_finite(step + 1, m, ckpt)
             done = step + 1
             t_train = time.time() - t_last
             val = validate_now(state["params"]) if val_every and (done % val_every == 0 or
                                                                    done == config.max_steps) else {}
-            n_tok = float(batch_tokens(batch)) if len(rows) == B else float(jax.jit(batch_tokens)(global_batch))
-            window.add({**m, "step_time_s": t_train, "tokens_per_s": n_tok / max(t_train, 1e-9)})
+            window.add({**m, "step_time_s": t_train, "tokens_per_s": float(n_tok) / max(t_train, 1e-9)})
             if val or done % config.log_every == 0 or done == config.max_steps:
                 # the steps since the last row: their mean (tokens/s: all their tokens over all their time)
                 last = {**window.take(), **val, "lr": float(schedule(step))}

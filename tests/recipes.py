@@ -29,3 +29,20 @@ def recipe(name: str, over: dict[str, Any] | None = None, unlock: bool = True) -
             node = node[p]
         node[last] = v
     return c
+
+
+def text_sft_recipe(tmp_path: Any, over: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """sft_tiny on 8 plain-text rows with a small tokenizer built in `tmp_path` (no SmolLM2 package, no chat
+    template needed): one layer, batches of 2, no export, TensorBoard or data cache; `over` as `recipe` takes it."""
+    import json
+
+    from test_rev30_tok import _tokenizer
+
+    _tokenizer("qwen2.5").save_pretrained(os.path.join(tmp_path, "tok"))
+    src = os.path.join(tmp_path, "data.jsonl")
+    with open(src, "w") as f:
+        f.writelines(json.dumps({"text": f"Hello! See you. {i}"}) + "\n" for i in range(8))
+    return recipe("sft_tiny", {"tokenizer": os.path.join(tmp_path, "tok"), "data.source": src,
+                               "data.num_examples": -1, "data.max_len": 32, "export_hf": False,
+                               "metrics.tensorboard": False, "train.batch_size": 2, "data.cache": False,
+                               "model.init.num_layers": 1, **(over or {})})

@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 import pytest
-from recipes import recipe
+from recipes import recipe, text_sft_recipe
 
 from jaxrl_llm import metrics
 
@@ -103,15 +103,9 @@ def test_a_preempted_sft_run_logs_the_steps_since_its_last_row(tmp_path, monkeyp
     import dataclasses
 
     import jax.numpy as jnp
-    from test_rev30_tok import _tokenizer
 
     from jaxrl_llm import train
     from jaxrl_llm.preemption import Preempted
-
-    tok = _tokenizer("qwen2.5")
-    tok.save_pretrained(tmp_path / "tok")
-    src = tmp_path / "data.jsonl"
-    src.write_text("".join(json.dumps({"text": f"Hello! See you. {i}"}) + "\n" for i in range(8)))
 
     def make_step(cfg, optimizer, config, rules):
         return lambda state, batch, ref_params: (state, {"loss": state["step"].astype(jnp.float32),
@@ -119,10 +113,7 @@ def test_a_preempted_sft_run_logs_the_steps_since_its_last_row(tmp_path, monkeyp
 
     monkeypatch.setitem(train.REGISTRY, "sft", dataclasses.replace(train.REGISTRY["sft"], make_step=make_step))
     _stop_after(monkeypatch, 5)
-    c = recipe("sft_tiny", {"tokenizer": str(tmp_path / "tok"), "data.source": str(src), "data.num_examples": -1,
-                            "data.max_len": 32, "max_steps": 9, "log_every": 2, "export_hf": False,
-                            "metrics.tensorboard": False, "train.batch_size": 2, "data.cache": False,
-                            "model.init.num_layers": 1, "checkpoint.every_steps": 0})
+    c = text_sft_recipe(tmp_path, {"max_steps": 9, "log_every": 2, "checkpoint.every_steps": 0})
     with pytest.raises(Preempted):
         train.run(c, str(tmp_path / "run"))
     assert [r["step"] for r in _rows(tmp_path / "run")] == [2, 4, 5]

@@ -45,30 +45,39 @@ def test_compiles_count_what_jax_compiles_when_only_the_placement_changes(jax_co
     assert out.stats["compiles"] == 0  # the first placement again: nothing new
 
 
-def test_generate_text_takes_a_prebuilt_token_bytes_table():
-    """The docstring's advice (build the stop-string table once for calls in a loop) must work: the table is
-    passed as token_bytes=, and the tokenizer's pieces are then never read again."""
+class WordTok:
+    """A word-level tokenizer of "w<i> " words; `strict`: reading its pieces (building the table) fails the test."""
 
-    class Tok:  # a word-level tokenizer of "w<i>" words; reading its pieces fails the test
-        eos_token_id = 60
+    eos_token_id = 60
 
-        def __len__(self) -> int:
-            return CFG.vocab_size
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
 
-        def __call__(self, text: str) -> dict:
-            return {"input_ids": [int(w[1:]) for w in text.split()]}
+    def __len__(self) -> int:
+        return CFG.vocab_size
 
-        def decode(self, ids, skip_special_tokens: bool = True) -> str:
-            return "".join(f"w{i} " for i in ids if not (skip_special_tokens and i == self.eos_token_id))
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": [int(w[1:]) for w in text.split()]}
 
-        def convert_ids_to_tokens(self, ids):
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(f"w{i} " for i in ids if not (skip_special_tokens and i == self.eos_token_id))
+
+    def convert_ids_to_tokens(self, ids):
+        if self.strict:
             raise AssertionError("the token-bytes table was built again")
+        return [f"w{i} " for i in ids]
 
-    tb = sampling.TokenBytes(tuple(f"w{i} ".encode() for i in range(CFG.vocab_size)))
+
+@pytest.mark.parametrize("given", [True, False], ids=["table_given", "from_tokenizer"])
+def test_generate_text_takes_a_prebuilt_token_bytes_table(given):
+    """The docstring's advice (build the stop-string table once for calls in a loop) must work: the table is
+    passed as token_bytes=, and the tokenizer's pieces are then never read again; without it, the table is built
+    from the tokenizer."""
+    tb = sampling.TokenBytes(tuple(f"w{i} ".encode() for i in range(CFG.vocab_size))) if given else None
     params = models.init_params(CFG, jax.random.key(3))
     sp = sampling.SamplingParams(max_new_tokens=6, temperature=0.0, stop_strings=("w",))
-    out = sampling.generate_text(CFG, params, Tok(), ["w1 w2", "w3"], sp, 0, chat_template=False, token_bytes=tb,
-                                 unroll_layers=False)
+    out = sampling.generate_text(CFG, params, WordTok(strict=given), ["w1 w2", "w3"], sp, 0, chat_template=False,
+                                 token_bytes=tb, unroll_layers=False)
     assert out.output.finish_reasons == ["stop", "stop"] and all(len(t) == 1 for t in out.output.tokens)
     assert out.texts == [f"w{t[0]} " for t in out.output.tokens]
     assert np.all([len(t) for t in out.prompt_ids] == np.array([2, 1]))

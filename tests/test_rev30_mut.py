@@ -203,27 +203,7 @@ CFG = models.ModelConfig(family="llama", vocab_size=61, hidden_size=16, intermed
                          num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64)
 
 
-def test_generate_text_builds_the_stop_string_table_from_its_tokenizer_when_none_is_given():
-    class Tok:  # a word-level tokenizer of "w<i> " words
-        eos_token_id = 60
-
-        def __len__(self) -> int:
-            return CFG.vocab_size
-
-        def __call__(self, text: str) -> dict:
-            return {"input_ids": [int(w[1:]) for w in text.split()]}
-
-        def decode(self, ids, skip_special_tokens: bool = True) -> str:
-            return "".join(f"w{i} " for i in ids if not (skip_special_tokens and i == self.eos_token_id))
-
-        def convert_ids_to_tokens(self, ids):
-            return [f"w{i} " for i in ids]
-
-    params = models.init_params(CFG, jax.random.key(3))
-    sp = sampling.SamplingParams(max_new_tokens=6, temperature=0.0, stop_strings=("w",))
-    out = sampling.generate_text(CFG, params, Tok(), ["w1 w2", "w3"], sp, 0, chat_template=False,
-                                 unroll_layers=False)
-    assert out.output.finish_reasons == ["stop", "stop"] and all(len(t) == 1 for t in out.output.tokens)
+# (generate_text building its table from its tokenizer: test_rev30_compile, from_tokenizer)
 
 
 def test_the_unrolled_decodes_weight_layout_counts_as_a_compile():

@@ -9,8 +9,7 @@ import dataclasses
 import json
 
 import pytest
-from recipes import recipe
-from test_rev30_tok import _tokenizer
+from recipes import text_sft_recipe
 
 from jaxrl_llm import metrics
 
@@ -33,20 +32,12 @@ def test_sft_rows_hold_tokens_per_s_over_their_window_and_no_helper_key(tmp_path
 
     from jaxrl_llm import train
 
-    tok = _tokenizer("qwen2.5")
-    tok.save_pretrained(tmp_path / "tok")
-    src = tmp_path / "data.jsonl"
-    src.write_text("".join(json.dumps({"text": f"Hello! See you. {i}"}) + "\n" for i in range(8)))
-
     def make_step(cfg, optimizer, config, rules):
         return lambda state, batch, ref_params: (
             state, {"loss": jnp.sum(batch["loss_mask"]).astype(jnp.float32), "grad_norm": jnp.float32(1.0)})
 
     monkeypatch.setitem(train.REGISTRY, "sft", dataclasses.replace(train.REGISTRY["sft"], make_step=make_step))
-    c = recipe("sft_tiny", {"tokenizer": str(tmp_path / "tok"), "data.source": str(src), "data.num_examples": -1,
-                            "data.max_len": 32, "max_steps": 3, "log_every": 2, "export_hf": False,
-                            "metrics.tensorboard": False, "train.batch_size": 2, "data.cache": False,
-                            "model.init.num_layers": 1})
+    c = text_sft_recipe(tmp_path, {"max_steps": 3, "log_every": 2})
     seen = []
     real_tokens = train.batch_tokens
     monkeypatch.setattr(train, "batch_tokens", lambda b: seen.append(float(real_tokens(b))) or seen[-1])
