@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="gsm8k", num_examples=512, max_len=256, overlong="drop", chat_template="",
         chat_template_kwargs="",  # JSON object of template variables, e.g. {"enable_thinking": false}
-        add_eos=True,  # close learned turns with EOS when the template ends them with no special token
+        add_eos=True,  # close learned turns with EOS when the template ends them with no special token, and text rows
         cache=True,  # keep the tokenized rows in WORKDIR/data_cache/: a resumed run does not tokenize them again
         last_assistant_only=False, packing=False, val_fraction=0.02,
         length_buckets=4))  # each batch padded to a rung (4 per doubling) over its longest row, not max_len

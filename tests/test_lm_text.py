@@ -67,3 +67,23 @@ def test_text_rows_train_without_a_chat_template_and_conversations_say_they_need
         "metrics.tensorboard": False, "train.batch_size": 4, "data.cache": False})
     out = train.run(c, str(tmp_path / "run"))
     assert np.isfinite(out["loss"]) and out["data_rows"] == 12 and out["data_dropped"] == 4
+
+
+def test_add_eos_false_leaves_texts_open_and_keys_the_token_cache(tmp_path):
+    """data.add_eos=False: a text cut from a longer document gets no EOS (the model is not taught to stop there);
+    the token cache keeps the two apart (a cached run with EOS is not read back without)."""
+    from jaxrl_llm.data.cache import DataCache
+    from jaxrl_llm.run_tokenizer import load_run_tokenizer
+
+    tok = _tokenizer("llama3", chat_template="x")
+    tok.chat_template = None
+    tok.save_pretrained(tmp_path / "tok")
+    rows = [{"text": "What is 2+2? It is 4."}, {"text": "Hello!"}]
+    own = [tok(r["text"])["input_ids"] for r in rows]
+    cache = DataCache(str(tmp_path / "cache"))
+    for add_eos in (True, False, True):
+        c = _config(tmp_path, rows, tmp_path / "tok", **{"data.add_eos": add_eos})
+        examples, _ = sft.prepare(c, load_run_tokenizer(c, needs_template=False), cache)
+        want = [o + [tok.eos_token_id] * add_eos for o in own]
+        assert [ids.tolist() for ids, _ in examples] == want
+        assert all(m[1:].all() and not m[0] for _, m in examples)

@@ -182,12 +182,13 @@ def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
             conv = iter(tokenize_rows(tokenizer, len(order), lambda j: [conversation_pieces(
                 tokenizer, parsed[order[j]][0], chat_template=template, last_assistant_only=dc.last_assistant_only,
                 index=order[j], context_turns=parsed[order[j]][1], tools=parsed[order[j]][2], eos_id=eos_id)]))
-            lm = iter(tokenize_texts(tokenizer, list(texts.values())))
+            lm = iter(tokenize_texts(tokenizer, list(texts.values()), add_eos=bool(dc.get("add_eos", True))))
             return one_dtype([next(lm) if i in texts else next(conv) for i in range(n)]), {
                 "rows": n, "no_reasoning": no_reasoning}
 
     settings = {"num_examples": dc.num_examples, "template": template, "template_kwargs": template_kwargs(dc),
-                "eos_id": eos_id, "last_assistant_only": dc.last_assistant_only}
+                "eos_id": eos_id, "last_assistant_only": dc.last_assistant_only,
+                "text_eos": bool(dc.get("add_eos", True))}
     tokenized, info = cached(cache, dc.get("cache", True), "sft", dc.source, settings, tokenizer,
                              tokenize)
     no_reasoning = info["no_reasoning"]

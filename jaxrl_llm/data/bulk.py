@@ -93,11 +93,13 @@ def one_dtype(rows: list[list[tuple[np.ndarray, np.ndarray]]]) -> list[list[tupl
     return rows
 
 
-def tokenize_texts(tokenizer: Any, texts: list[str], chunk: int = 256) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+def tokenize_texts(tokenizer: Any, texts: list[str], chunk: int = 256, add_eos: bool = True
+                   ) -> list[list[tuple[np.ndarray, np.ndarray]]]:
     """[(ids, mask)] of each plain text (SFT's language-modeling rows, TRL's "text" layout): the tokenizer's own
     encoding with its special tokens (Llama's BOS), then EOS when the text does not end with it, so that the model
-    learns to stop; every token learned but the special ones the tokenizer put first. A text of only whitespace
-    gets no EOS: nothing to learn (the caller drops it, counted). `compact`ed; `chunk` texts per call."""
+    learns to stop (add_eos=False, data.add_eos: not, for texts that are pieces of longer documents); every token
+    learned but the special ones the tokenizer put first. A text of only whitespace gets no EOS: nothing to learn
+    (the caller drops it, counted). `compact`ed; `chunk` texts per call."""
     eos = tokenizer.eos_token_id
     special = set(getattr(tokenizer, "all_special_ids", ()))
     progress = Progress(len(texts), "texts")
@@ -107,7 +109,7 @@ def tokenize_texts(tokenizer: Any, texts: list[str], chunk: int = 256) -> list[l
         for text, ids in zip(part, tokenizer(part)["input_ids"], strict=True):
             ids = list(ids)
             lead = next((k for k, t in enumerate(ids) if t not in special), len(ids))
-            if text.strip() and eos is not None and ids[-1] != eos:
+            if add_eos and text.strip() and eos is not None and ids[-1] != eos:
                 ids.append(eos)
             mask = [0] * lead + [1] * (len(ids) - lead) if text.strip() else [0] * len(ids)
             out.append([compact(np.asarray(ids, np.int64), np.asarray(mask, np.int32))])
