@@ -15,6 +15,7 @@ from typing import Any
 from jaxrl_llm.data.chat import DataError
 
 _FORMATS = {".json": "json", ".jsonl": "json", ".jsonl.gz": "json", ".parquet": "parquet", ".csv": "csv"}
+LOCAL_EXTENSIONS = tuple(_FORMATS)  # the data files a source may name
 
 
 def file_format(path: str) -> str:

