@@ -6,7 +6,7 @@ rows are each data row's sides as (ids, mask) (one side for SFT; chosen and reje
 `<workdir>/data_cache/<kind>-<key>.npz` when one was written for the same key, else computed (and written there
 by `flush()`). The key is a SHA-256 over what the tokens depend on: the data file's bytes (or a datasets.Dataset's
 fingerprint), the settings that reach tokenization (data.num_examples, the chat template and its variables,
-the EOS added after learned turns, data.last_assistant_only), the tokenizer's whole definition (vocabulary,
+the EOS added after learned turns and texts, data.last_assistant_only), the tokenizer's whole definition (vocabulary,
 merges, normalizer, special tokens) and this format's version. What comes after tokenization (data.max_len,
 data.overlong, packing, the validation split, shared prefixes) is not in it: it is redone from the cached
 tokens. A builtin dataset name (small, from a package) and a tokenizer without a serialisable definition are
