@@ -220,6 +220,12 @@ def read_hf_config(folder: str) -> dict:
     if not os.path.isdir(folder):
         raise CheckpointError(f"{folder}: no such model folder")
     if not os.path.exists(path):
+        if any(os.path.exists(os.path.join(folder, f)) for f in _RUN_FILES):
+            hf = os.path.join(folder, "hf")
+            raise CheckpointError(f"{folder}: missing config.json; it is a training workdir, not a model folder: "
+                                  + (f"its final model is {hf}" if os.path.isfile(os.path.join(hf, "config.json"))
+                                     else "no hf/ export yet") + "; `python -m jaxrl_llm.export --workdir "
+                                  f"{folder} --out DIR` writes a checkpoint's")
         raise CheckpointError(f"{folder}: missing config.json")
     try:
         with open(path) as f:
