@@ -13,6 +13,7 @@ import numpy as np
 from jaxrl_llm import multiturn
 from jaxrl_llm.algorithms import advantages as adv_lib
 from jaxrl_llm.algorithms import grpo
+from jaxrl_llm.algorithms.pg_losses import kl_penalty
 
 log = logging.getLogger("jaxrl_llm.rl_train")  # the GRPO loop's one logger
 
@@ -167,11 +168,36 @@ def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, pad_id: int
     return batch, metrics
 
 
+def logprob_error_metrics(batch: dict[str, np.ndarray]) -> dict[str, float]:
+    """How far the sampler's log-probs are from the trainer's recomputation (old_logprobs), over the loss's tokens:
+    logprob_error_max/_mean of |sampler - old|, and logprob_outside_filter, the tokens that the trainer's top-k/top-p
+    filter leaves out (rounding put a token sampled at the set's edge outside it; their old log-prob is the -1e4
+    floor), left out of the max and mean, which they would swamp (a mean of 13 for one token in 770)."""
+    m = batch["loss_mask"] > 0
+    outside = m & (batch["old_logprobs"] <= grpo.LOGP_FLOOR)
+    err = np.abs(batch["old_logprobs"] - batch["sampler_logprobs"])[m & ~outside]
+    return {"logprob_error_max": float(err.max()) if err.size else 0.0,
+            "logprob_error_mean": float(err.mean()) if err.size else 0.0,
+            "logprob_outside_filter": float(outside.sum())}
+
+
+def reward_kl(batch: dict[str, np.ndarray], kl_type: str) -> np.ndarray:
+    """Per-token KL of the old policy to the reference [R, T] for REINFORCE++'s kl_in_reward: 0 where the old
+    log-prob is the floor (a token outside the trainer's top-k/top-p set, or padding), whose clamped log-ratio gave
+    e^20 ~ 5e8, an advantage that the batch whitening turned into the only one left."""
+    kl = np.asarray(kl_penalty(batch["ref_logprobs"] - batch["old_logprobs"], kl_type))
+    return np.where(batch["old_logprobs"] > grpo.LOGP_FLOOR, kl, 0.0).astype(np.float32)
+
+
 def mask_logprob_errors(batch: dict[str, np.ndarray], threshold: float) -> int:
     """Masks out (loss_mask row 0) the samples whose mean over their tokens of exp|sampler - old log-prob|
-    exceeds `threshold`; returns how many were masked."""
+    exceeds `threshold`; returns how many were masked. A token outside the trainer's top-k/top-p set (old log-prob at
+    the floor: probability 0 to the trainer) makes its sample's error infinite, as NeMo RL's -inf does."""
     m = batch["loss_mask"] > 0
-    err = np.exp(np.abs(batch["sampler_logprobs"] - batch["old_logprobs"])) * m
+    # Only the loss's tokens: a padding column's old log-prob may be the floor too (the pad token outside the set),
+    # and exp(1e4) x 0 was NaN, which made its row's mean NaN, never above the threshold.
+    with np.errstate(over="ignore"):
+        err = np.where(m, np.exp(np.where(m, np.abs(batch["sampler_logprobs"] - batch["old_logprobs"]), 0.0)), 0.0)
     mean = err.sum(1) / np.maximum(m.sum(1), 1)
     bad = (mean > threshold) & m.any(1)
     batch["loss_mask"] = batch["loss_mask"] * (~bad)[:, None].astype(batch["loss_mask"].dtype)

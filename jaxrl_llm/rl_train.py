@@ -36,7 +36,6 @@ import numpy as np
 from jaxrl_llm import distributed, models, multiturn, parallel, sampling
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
-from jaxrl_llm.algorithms.pg_losses import kl_penalty
 from jaxrl_llm.checkpoint import weights_checksum
 from jaxrl_llm.data.chat import DataError, check_prompt_roles, run_template
 from jaxrl_llm.data.sources import describe_source
@@ -49,9 +48,11 @@ from jaxrl_llm.rl_batch import (
     Rollouts,
     check_shared_prompts,
     compute_advantages,
+    logprob_error_metrics,
     mask_logprob_errors,
     prepare_batch,
     reward_components,
+    reward_kl,
     sample_accuracy,
     scaled_rewards,
     shuffled_rows,
@@ -334,10 +335,7 @@ class GRPORunner:
             if g.recompute_old_logprobs:
                 batch["old_logprobs"] = distributed.to_host(
                     self.policy_logprobs(state["params"], full["input_ids"], full["attention_mask"]))
-                m = batch["loss_mask"] > 0
-                err = np.abs(batch["old_logprobs"] - batch["sampler_logprobs"])[m]
-                metrics.update(logprob_error_max=float(err.max()) if err.size else 0.0,
-                               logprob_error_mean=float(err.mean()) if err.size else 0.0)
+                metrics.update(logprob_error_metrics(batch))
                 if g.logprob_error_threshold is not None:
                     metrics["logprob_error_masked"] = float(mask_logprob_errors(batch, g.logprob_error_threshold))
             else:
@@ -345,9 +343,9 @@ class GRPORunner:
             # REINFORCE++ depends on the KL (in the reward) and on the final mask (whitening): redo it when either
             # became known only now; prepare_batch's advantages stand otherwise.
             if g.adv_estimator == "reinforce_plus_plus" and (g.kl_in_reward or g.logprob_error_threshold is not None):
-                kl = kl_penalty(batch["ref_logprobs"] - batch["old_logprobs"], g.kl_type) if g.kl_in_reward else None
+                kl = reward_kl(batch, g.kl_type) if g.kl_in_reward else None
                 batch["advantages"] = compute_advantages(self.config, batch["shaped_rewards"], batch["components"],
-                                                         batch["loss_mask"], None if kl is None else np.asarray(kl))
+                                                         batch["loss_mask"], kl)
                 valid = batch["loss_mask"] > 0
                 host["advantage_abs_mean"] = float(np.abs(batch["advantages"][valid]).mean()) if valid.any() else 0.0
             t2 = time.perf_counter()

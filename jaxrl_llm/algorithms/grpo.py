@@ -31,7 +31,7 @@ from ml_collections import config_dict
 
 from jaxrl_llm.algorithms.advantages import ADV_ESTIMATORS
 from jaxrl_llm.algorithms.losses import token_logprobs
-from jaxrl_llm.algorithms.pg_losses import KL_TYPES, TIS_TYPES, grpo_advantages, policy_gradient_loss_sum
+from jaxrl_llm.algorithms.pg_losses import KL_TYPES, LOGP_FLOOR, TIS_TYPES, grpo_advantages, policy_gradient_loss_sum
 from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.logit_chunks import over_positions
@@ -41,7 +41,6 @@ from jaxrl_llm.parallel.rules import SAMPLING_LAYOUTS, ShardingRules
 from jaxrl_llm.sampling.stop_strings import check_stop_strings
 from jaxrl_llm.sampling.strategies import filter_top_k_top_p
 
-LOGP_FLOOR = -1e4
 BATCH_AXES = {
     "input_ids": ("batch", "length"), "attention_mask": ("batch", "length"), "loss_mask": ("batch", "length"),
     "advantages": ("batch", "length"), "old_logprobs": ("batch", "length"), "ref_logprobs": ("batch", "length"),
