@@ -38,7 +38,7 @@ RECIPES = {os.path.basename(p)[:-3]: _keys(runpy.run_path(p)["get_config"]())
 ALL_KEYS = set().union(*RECIPES.values())
 BLOCKS = {k for k in ALL_KEYS if "." not in k and any(x.startswith(k + ".") for x in ALL_KEYS)}
 # dotted names in the README that start like a config block but name a file or a library function
-NOT_KEYS = {"metrics.jsonl", "sampling.generate", "sampling.generate_text", "sampling.prepare_params"}
+NOT_KEYS = {"metrics.jsonl", "train.run", "sampling.generate", "sampling.generate_text", "sampling.prepare_params"}
 
 
 def _commands(text: str) -> list[str]:
