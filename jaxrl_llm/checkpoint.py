@@ -165,8 +165,11 @@ def rank_earlier_steps(directory: str, best_metric: str) -> list[int]:
 
 class Checkpointer:
     def __init__(self, directory: str, every_steps: int, keep: int, async_save: bool = True,
-                 best_metric: str = "", best_mode: str = "min", read_only: bool = False):
-        """Keep the last `keep` checkpoints, plus the best one by `best_metric` (saved with `metrics=`).
+                 best_metric: str = "", best_mode: str = "min", read_only: bool = False,
+                 kept_steps: tuple[int, ...] = ()):
+        """Keep the last `keep` checkpoints, plus the best one by `best_metric` (saved with `metrics=`), plus
+        `kept_steps` (an earlier start's best, with best_metric off now: recorded in each meta saved, so that later
+        starts keep them too).
 
         read_only: for readers (export, evaluate) of a folder a training run may be writing as they read: the
         manager never creates, saves or deletes anything, and a step the run deletes (keeping its last K) while
@@ -175,12 +178,13 @@ class Checkpointer:
         self.best_metric = best_metric
         self.read_only = read_only
         self._pending: int | None = None  # the step of an asynchronous save that may still be running
+        self.kept_steps = tuple(kept_steps)
         self.directory = os.path.abspath(directory)
         if best_mode not in ("min", "max"):
             raise ValueError(f"checkpoint.best_mode={best_mode!r}; expected min | max")
         if keep < 1:
             raise ValueError(f"checkpoint.keep={keep}; expected at least 1")
-        policies = [cm.LatestN(n=keep)]
+        policies = [cm.LatestN(n=keep), *([cm.CustomSteps(steps=self.kept_steps)] if self.kept_steps else [])]
         best: dict[str, Any] = {}
         if best_metric:
             metric = lambda m: float(m[best_metric])  # noqa: E731
@@ -232,6 +236,8 @@ class Checkpointer:
                         "candidate for the best one (the best so far is kept)", step, self.best_metric,
                         metrics.get(self.best_metric))
             metrics = None
+        if self.kept_steps:
+            meta = {**meta, "kept_steps": list(self.kept_steps)}
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
         self.wait()  # an earlier asynchronous save's failure is said as that step's (Orbax waits for it anyway)
         self._pending = step

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -14,10 +15,17 @@ import jax
 import ml_collections
 
 from jaxrl_llm import distributed, models
-from jaxrl_llm.checkpoint import Checkpointer, require_finite
+from jaxrl_llm.checkpoint import Checkpointer, complete_steps, require_finite
 from jaxrl_llm.cli import ConfigError
 from jaxrl_llm.run_tokenizer import resolve_path
-from jaxrl_llm.workdir import MODEL_CONFIG_FILE, export_is_current, replace_folder, set_aside, write_atomically
+from jaxrl_llm.workdir import (
+    MODEL_CONFIG_FILE,
+    RUN_CONFIG_FILE,
+    export_is_current,
+    replace_folder,
+    set_aside,
+    write_atomically,
+)
 
 log = logging.getLogger("jaxrl_llm.train")
 
@@ -34,6 +42,8 @@ _RESUME_NAMES = {"batch_size": "train.batch_size",
                  "reference": "the reference model's weights (model.path's, as this start loaded them: a checksum)",
                  "data_rows": "the number of data rows (data.source after tokenization, truncation and drops)",
                  "data_digest": "the data (data.source's content: its file's SHA-256, or a Dataset's fingerprint)",
+                 "val_rows": "the rows held out for validation (data.val_fraction of the rows: the others are trained "
+                             "on, so another split validates on rows the run trained on)",
                  "num_prompts": "rollout.num_prompts", "group_size": "rollout.group_size", "epochs": "grpo.epochs",
                  "prompts_per_round": "the prompts of each generation round (rollout.num_prompts, times "
                                       "grpo.batch_multiplier with grpo.dynamic_sampling)"}
@@ -63,6 +73,17 @@ def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any]) -> No
                           f"export){why}")
 
 
+def check_max_steps(workdir: str, ckpt: Checkpointer, max_steps: int) -> None:
+    """A latest checkpoint past max_steps (max_steps lowered to stop or export a run earlier) is a ConfigError: the
+    run would train nothing, and its export (and closing line) would be the later step's model as if of max_steps."""
+    latest = ckpt.latest_step()
+    if latest is not None and latest > max_steps:
+        raise ConfigError(f"max_steps={max_steps}, but workdir {workdir!r} holds a checkpoint of step {latest}: the "
+                          f"run is past it (nothing to train; its export would be step {latest}'s model); export an "
+                          f"earlier step with python -m jaxrl_llm.export --workdir {workdir} --step N --out DIR "
+                          f"(checkpoints: {ckpt.all_steps()}), or give max_steps >= {latest}")
+
+
 def restore_run(ckpt: Checkpointer, state: dict[str, Any]) -> tuple[dict[str, Any] | None, int]:
     """(params and opt_state of the latest checkpoint, its step), or (None, 0) with none (`prepare_workdir` has
     checked the checkpoint's settings). When there is one, the arrays of state["params"] and state["opt_state"]
@@ -86,6 +107,53 @@ def restore_run(ckpt: Checkpointer, state: dict[str, Any]) -> tuple[dict[str, An
     return items, start
 
 
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def earlier_best(workdir: str, default_mode: str) -> tuple[int, ...]:
+    """The checkpoints an earlier start kept as the best by its checkpoint.best_metric, for a start without one: the
+    latest checkpoint's recorded `kept_steps`, or the best of the ranked steps by the best_metric and best_mode of
+    the latest start that had one (run_config.json, then its earlier copies). Without them the first save deleted
+    the run's best checkpoint (only the last checkpoint.keep were kept), e.g. when validation was turned off to
+    extend a run; the HF Trainer keeps its best_model_checkpoint."""
+    folder = os.path.join(workdir, "checkpoints")
+    steps = complete_steps(folder)
+    if not steps:
+        return ()
+    meta = _read_json(os.path.join(folder, str(steps[-1]), "meta", "metadata"))
+    if isinstance(meta, dict) and isinstance(meta.get("kept_steps"), list):
+        return tuple(s for s in meta["kept_steps"] if s in steps)
+    path = os.path.join(workdir, RUN_CONFIG_FILE)
+    olds = sorted((int(k) for f in os.listdir(workdir) if f.startswith(RUN_CONFIG_FILE + ".") and f.endswith(".old")
+                   and (k := f[len(RUN_CONFIG_FILE) + 1:-4]).isdigit()), reverse=True)
+    for name in (path, *(f"{path}.{k}.old" for k in olds)):
+        earlier = _read_json(name)
+        cc = earlier.get("checkpoint") if isinstance(earlier, dict) else None
+        metric = cc.get("best_metric") if isinstance(cc, dict) else None
+        if metric and isinstance(metric, str):
+            break
+    else:
+        return ()
+    ranked = {}
+    for step in steps:
+        value = _read_json(os.path.join(folder, str(step), "metrics", "metrics"))
+        value = value.get(metric) if isinstance(value, dict) else None
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            ranked[step] = float(value)
+    if not ranked:
+        return ()
+    best = (max if cc.get("best_mode", default_mode) == "max" else min)(ranked, key=ranked.__getitem__)
+    log.warning("checkpoint.best_metric is off now: the earlier start's best checkpoint by %s (step %d, %s=%g) is "
+                "kept beside the last checkpoint.keep (delete it, or set best_metric again, to let it go)", metric,
+                best, metric, ranked[best])
+    return (best,)
+
+
 _SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_labels")
 
@@ -102,8 +170,10 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
 
         check_replaceable(os.path.abspath(os.path.join(workdir, "hf")))
     cc = config.checkpoint
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep,
-                        best_metric=cc.get("best_metric", ""), best_mode=cc.get("best_mode", default_best_mode))
+    best_metric = cc.get("best_metric", "")
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep, best_metric=best_metric,
+                        best_mode=cc.get("best_mode", default_best_mode),
+                        kept_steps=() if best_metric else earlier_best(workdir, default_best_mode))
     saved = os.path.join(workdir, MODEL_CONFIG_FILE)
     saved_doc = None
     if ckpt.latest_step() is not None and os.path.exists(saved):
@@ -134,6 +204,7 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
     if ckpt.latest_step() is not None:
         try:
             check_resume(workdir, ckpt.read_meta(), run_meta)
+            check_max_steps(workdir, ckpt, config.max_steps)
         except BaseException:
             ckpt.close()
             raise

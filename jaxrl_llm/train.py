@@ -458,7 +458,8 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     is_main = jax.process_index() == 0
     digest = data_cache.source_digest(config.data.source)  # (the rows' content; hashed once per start)
     run_meta = {"algorithm": config.algorithm, "seed": config.seed, "batch_size": B,
-                "data_rows": len(examples) + len(val_examples), "data_digest": digest and digest[:21]}
+                "data_rows": len(examples) + len(val_examples), "val_rows": len(val_examples),
+                "data_digest": digest and digest[:21]}
     if algo.needs_reference(config):  # a resume takes these weights again as its reference: the same ones
         run_meta["reference"] = weights_checksum(params)
     ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="min", run_meta=run_meta)
