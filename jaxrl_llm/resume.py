@@ -17,10 +17,12 @@ import ml_collections
 from jaxrl_llm import distributed, models
 from jaxrl_llm.checkpoint import Checkpointer, complete_steps, require_finite
 from jaxrl_llm.cli import ConfigError
+from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.run_tokenizer import resolve_path
 from jaxrl_llm.workdir import (
     MODEL_CONFIG_FILE,
     RUN_CONFIG_FILE,
+    config_changes,
     export_is_current,
     replace_folder,
     set_aside,
@@ -49,11 +51,12 @@ _RESUME_NAMES = {"batch_size": "train.batch_size",
                                       "grpo.batch_multiplier with grpo.dynamic_sampling)"}
 
 
-def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any]) -> None:
+def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any], edits: list[str] | None = None) -> None:
     """ConfigError naming every setting in `now` that differs from the checkpoint's meta `saved` (settings that
     an older checkpoint did not record are not compared). Other rows of the same count (an edited file, another
     Dataset) are allowed, as a changed data.source path is, and logged: the run goes on from its data position
-    over the new rows."""
+    over the new rows. `edits`: the data, tokenizer and model keys changed since the last start ('key: old -> new'),
+    named as the cause of another row count or reference."""
     digest = now.get("data_digest")
     if saved.get("data_digest") not in (None, digest):
         log.warning("resuming on other data than the checkpoint's (%s: %r there, %r now): the same number of rows, "
@@ -65,9 +68,9 @@ def check_resume(workdir: str, saved: dict[str, Any], now: dict[str, Any]) -> No
         # (what the code makes of the settings: another version of jaxrl_llm can change it with the same settings)
         derived = [what for k, what in (("data_rows", "number of data rows"), ("reference", "reference checksum"))
                    if k in now and k in saved and saved[k] != now[k]]
-        why = (f"; the same settings give another {' and '.join(derived)} where another version of jaxrl_llm (one "
-               "that tokenized, dropped or loaded otherwise) wrote the checkpoint: start a fresh workdir then"
-               if derived else "")
+        why = ("" if not derived else f" (changed since the last start: {'; '.join(edits)})" if edits else
+               f"; the same settings give another {' and '.join(derived)} where another version of jaxrl_llm (one "
+               "that tokenized, dropped or loaded otherwise) wrote the checkpoint: start a fresh workdir then")
         raise ConfigError(f"workdir {workdir!r} holds a run with other settings ({'; '.join(changed)}); resume it "
                           "with its own settings, or start a fresh workdir (model.path can start from this run's "
                           f"export){why}")
@@ -154,6 +157,16 @@ def earlier_best(workdir: str, default_mode: str) -> tuple[int, ...]:
     return (best,)
 
 
+def edits_since_last_start(workdir: str, config: ml_collections.ConfigDict) -> list[str]:
+    """The data, tokenizer and model settings of `config` other than run_config.json's (the last start's), as
+    'key: old -> new'; [] without a readable file."""
+    earlier = _read_json(os.path.join(workdir, RUN_CONFIG_FILE))
+    if not isinstance(earlier, dict):
+        return []
+    now = json.loads(json.dumps(config.to_dict(), default=describe_source))
+    return [c for c in config_changes(earlier, now) if c.startswith(("data.", "tokenizer:", "model."))]
+
+
 _SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings", "num_labels")
 
@@ -203,7 +216,7 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
     # (after the model and dtype: another dtype or model also changes the reference's checksum)
     if ckpt.latest_step() is not None:
         try:
-            check_resume(workdir, ckpt.read_meta(), run_meta)
+            check_resume(workdir, ckpt.read_meta(), run_meta, edits_since_last_start(workdir, config))
             check_max_steps(workdir, ckpt, config.max_steps)
         except BaseException:
             ckpt.close()

@@ -58,6 +58,17 @@ def test_another_validation_split_is_refused(val_run, over):
     assert _steps(wd) == [1, 2]
 
 
+def test_a_row_count_changed_by_a_data_setting_names_it(val_run):
+    """data.packing turned on gives another row count: the refusal said that another version of jaxrl_llm must have
+    written the checkpoint (for the same settings) and to start a fresh workdir; it names the data setting changed
+    since the last start instead."""
+    tmp, wd = val_run
+    with pytest.raises(train.ConfigError, match=r"number of data rows .* \(changed since the last start: "
+                                                r"data.packing: false -> true\)$"):
+        train.run(text_sft_recipe(tmp, {**VAL, "max_steps": 3, "data.packing": True}), wd)
+    assert _steps(wd) == [1, 2]
+
+
 def _save(ck: Checkpointer, step: int, val_loss: float | None) -> None:
     items = {"params": {"w": jnp.full((2,), float(step))}}
     metrics = None if val_loss is None else {"val_loss": val_loss}
