@@ -3,7 +3,7 @@
     extract_answer(text, "boxed")        # last complete \\boxed{...} / \\fbox{...} / \\boxed 5
     extract_answer(text, "hash")         # GSM8K style: the rest of the line after the last '####'
     extract_answer(text, "answer_tag")   # last <answer>...</answer>
-    extract_answer(text, "answer_is")    # last "The (final) answer is X"
+    extract_answer(text, "answer_is")    # last "The (final) answer is X" / "Final answer: X"
     extract_answer(text, "last_line")    # last non-empty line
     extract_answer(text, "auto")         # boxed, then answer_tag, then hash, then answer_is
     extract_answer(text, r"Result: (\\d+)")  # any other string: a regex, group 1 of its last match
@@ -24,7 +24,14 @@ from collections.abc import Callable, Iterable
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _HASH = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
-_ANSWER_IS = re.compile(r"(?:final answer|answer) is\s*:?\s*(.+?)\s*(?:\.(?=\s|$)|\n|$)", re.IGNORECASE)
+# A lookahead, so that matches overlap: in "Answer: I think the answer is 18." the last one is "the answer is 18".
+_ANSWER_IS = re.compile(r"(?=(?:final answer|answer)(?: is\s*:?|\s*:)\s*(.+?)\s*(?:\.(?=\s|$)|\n|$))",
+                        re.IGNORECASE)
+# Markdown emphasis around the statement ("**The answer is 18.**", "**Final Answer:** 18"): a run of '*' or '__' that
+# opens (at a line's start or after a space, before a non-space) or closes (after a non-space, before a space,
+# punctuation or the end). "2**10", "2 * 3" and "z^*" keep theirs.
+_EMPHASIS_DELIMITER = re.compile(r"(?<![^\s(])(?:\*{1,3}|_{2,3})(?=[^\s*_])"
+                                 r"|(?<=[^\s*_^\\])(?:\*{1,3}|_{2,3})(?=[\s.,;:!?)]|$)")
 # ", since 9 + 9 = 18" after a one-piece answer that has a digit or a math sign (a number, an expression, an
 # equation); lowercase words only, and never after a list (comma-separated words are an answer of their own).
 _REASON_CLAUSE = re.compile(r",\s+(?:since|because|as|which|so|given|from|by|due)\b")
@@ -106,8 +113,10 @@ def last_answer_tag_is_empty(text: str) -> bool:
 
 
 def extract_answer_is(text: str) -> str | None:
-    """X of the last "The answer is X" / "the final answer is: X", up to the end of its sentence or line, or up to
-    a clause that gives the reason ("18, since 9 + 9 = 18" -> 18)."""
+    """X of the last "The answer is X" / "the final answer is: X" / "Final answer: X", up to the end of its sentence
+    or line, or up to a clause that gives the reason ("18, since 9 + 9 = 18" -> 18). Markdown emphasis is read
+    through ("**The answer is 18.**" -> 18)."""
+    text = _EMPHASIS_DELIMITER.sub("", text)
     return _last_nonempty(_without_reason(m.group(1)) for m in _ANSWER_IS.finditer(text))
 
 

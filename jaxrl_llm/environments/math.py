@@ -27,6 +27,7 @@ from jaxrl_llm.environments.base import EnvResult, check_batch
 from jaxrl_llm.environments.extract import (
     check_answer_format,
     extract_answer,
+    extract_answer_is,
     normalize_answer,
     normalize_number,
     number_before_words,
@@ -87,6 +88,9 @@ def score_math(completion: str, gold: str, answer_format: str, timeout_s: int | 
     extracted = extract_answer(completion, answer_format)
     if extracted is None:
         return 0.0, None
+    # An answer that is itself a statement of the answer ("<answer>The answer is 72</answer>", a last line "Final
+    # answer: 72"): the value it states.
+    extracted = extract_answer_is(extracted) or extracted
     return (1.0 if answers_match(gold, extracted, timeout_s) else 0.0), extracted
 
 
