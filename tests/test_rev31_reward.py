@@ -43,6 +43,15 @@ def test_an_answer_tag_or_last_line_holding_a_sentence_is_the_value_it_states():
     assert score_math("<answer>The answer is 71</answer>", "72", "answer_tag", None)[0] == 0.0
 
 
+def test_space_as_thousands_separator():
+    """math-verify reads "1 234" as 1 + 234: \\boxed{1 234} scored 0 against 1234 and 1 against 235."""
+    assert normalize_number("1 234") == "1234" and normalize_number("1\u00a0234\u00a0567") == "1234567"
+    assert normalize_number("1 23") is None and normalize_number("12 3456") is None
+    assert score_math("\\boxed{1 234}", "1234", "boxed", None)[0] == 1.0
+    assert score_math("The answer is 1\u00a0234.", "1234", "auto", None)[0] == 1.0
+    assert score_math("\\boxed{1 234}", "235", "boxed", None)[0] == 0.0
+
+
 def test_many_boxes_or_a_chain_score_as_one_answer():
     """Listing answers gains nothing: the last box is the answer, a list or an 'or' is wrong, an empty box none."""
     every = " ".join(f"\\boxed{{{k}}}" for k in range(1, 101))

@@ -186,7 +186,7 @@ def extract_answer(text: str, answer_format: str = "auto") -> str | None:
 
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _GROUPED = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-_THOUSANDS_SEPARATORS = ("{,}", "\\,", "\\!", "\\ ", "\u202f", "\u2009")
+_THOUSANDS_SEPARATORS = ("{,}", "\\,", "\\!", "\\ ", "~", " ", "\u00a0", "\u202f", "\u2009")
 _EMPHASIS = re.compile(r"(\*\*|__|\*)(?=\S)(.+?)(?<=\S)\1", re.DOTALL)
 
 
@@ -209,7 +209,7 @@ def normalize_number(s: str) -> str | None:
     """The plain decimal form of a string that is one number, or None if it is anything else.
 
     Undoes only formatting: whitespace, enclosing $...$, a currency sign ($ or \\$) before the number, a sentence's
-    final period ("42."), well-formed thousands separators ("1,000", "1{,}000", "1\\,000"), a leading '+', and
+    final period ("42."), well-formed thousands separators ("1,000", "1{,}000", "1\\,000", "1 000"), a leading '+', and
     leading and trailing zeros ("18.00" and "018" are "18", "0.50" is "0.5"), so that equal numbers compare equal
     as text (majority votes, exact matches).
     "1,00" or "1,2,3" (not thousands groups), "5 cm", "10%", "1/2" are not plain numbers: None.
