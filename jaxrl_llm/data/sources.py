@@ -196,9 +196,13 @@ def _without_table_nulls(value: Any) -> Any:
 
 def _table_rows(table: Any) -> list[dict[str, Any]]:
     """A datasets.Dataset's rows as Python objects (whatever format it was set to: numpy or pandas would give
-    arrays of messages), their chat fields' nested objects without the nulls the table filled in."""
+    arrays of messages), their chat fields' nested objects without the nulls the table filled in. A transform
+    (`set_transform`, `with_transform`) is applied, as `ds[i]` shows the rows: without it the run would train on
+    the table as stored, not the rows the notebook printed."""
+    if table.format["type"] != "custom":
+        table = table.with_format(None)
     return [{k: _without_table_nulls(v) if k in _CHAT_FIELDS and isinstance(v, list) else v for k, v in r.items()}
-            for r in table.with_format(None)]
+            for r in table]
 
 
 def first_rows(rows: list, num_examples: int, source: Any) -> list:
