@@ -87,6 +87,20 @@ def _bit_sums(params: Any) -> list[jax.Array]:
     return [leaf(x) for x in jax.tree.leaves(params)]
 
 
+@contextlib.contextmanager
+def orbax_info_quiet():
+    """Orbax logs every phase of each save and restore at INFO through absl (about 60 lines a checkpoint): its INFO
+    records are dropped while the block runs (a training run called from Python; the programs quiet absl for good,
+    metrics.quiet_libraries), so a notebook logging at INFO sees the run's own lines; its warnings still show."""
+    logger, where = logging.getLogger("absl"), os.path.dirname(ocp.__file__) + os.sep
+    drop = lambda record: record.levelno > logging.INFO or not record.pathname.startswith(where)  # noqa: E731
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
 _UNRANKED = "Requested `tracked_metric`; did not provide metrics"  # Orbax, at each save without validation
 
 

@@ -24,7 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from jaxrl_llm import distributed, models, parallel, train
-from jaxrl_llm.checkpoint import Checkpointer
+from jaxrl_llm.checkpoint import Checkpointer, orbax_info_quiet
 from jaxrl_llm.cli import exit_if_job_crashed, exit_with_error, parse_flags
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.tasks import load_tasks
@@ -56,11 +56,12 @@ def restore_workdir(workdir: str, step: int | None, mesh, rules, dtype: Any = No
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           models.abstract_params(cfg, dtype or saved.get("param_dtype", "float32")),
                           models.param_shardings(cfg, mesh, rules))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1, read_only=True)
-    try:
-        items, _, step = ckpt.restore({"params": target}, step)
-    finally:
-        ckpt.close()
+    with orbax_info_quiet():  # (evaluate.run from a notebook logging at INFO)
+        ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, keep=1, read_only=True)
+        try:
+            items, _, step = ckpt.restore({"params": target}, step)
+        finally:
+            ckpt.close()
     return cfg, items["params"], step
 
 

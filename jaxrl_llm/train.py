@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from jaxrl_llm import distributed, models, parallel
 from jaxrl_llm.algorithms import REGISTRY, batch_indices
 from jaxrl_llm.algorithms.grpo import validate_config as validate_grpo
-from jaxrl_llm.checkpoint import Checkpointer, resume_note, weights_checksum
+from jaxrl_llm.checkpoint import Checkpointer, orbax_info_quiet, resume_note, weights_checksum
 from jaxrl_llm.cli import (
     WRITE_ERRNOS,
     ConfigError,
@@ -376,7 +376,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, data: Any = None, ev
     distributed.initialize()
     validate(config)
     check_model_outside_export(config, workdir)
-    with hold_workdir(workdir):  # a second run in this workdir stops here, before it writes anything
+    # (a second run in this workdir stops at hold_workdir, before it writes anything)
+    with hold_workdir(workdir), orbax_info_quiet():
         if config.algorithm in ONLINE:
             from jaxrl_llm.rl_train import run_grpo
 
