@@ -14,6 +14,9 @@ turn, see multiturn.py).
 
 Every environment takes an optional "label" key: the name it reports (info "reward/<label>", count prefixes);
 two components of one kind in a combined environment need different labels.
+Reasoning models: math, reasoning_gym, code and format read the text after the completion's last </think>
+(extract.after_thinking; a completion cut off inside its think block has no answer); "strip_thinking": False reads
+the whole completion (format's default None: the whole completion when its pattern mentions "think").
 Importing this package is cheap: math_verify and reasoning_gym are imported only where they are used.
 """
 

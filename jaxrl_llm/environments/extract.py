@@ -7,6 +7,7 @@
     extract_answer(text, "last_line")    # last non-empty line
     extract_answer(text, "auto")         # boxed, then answer_tag, then hash, then answer_is
     extract_answer(text, r"Result: (\\d+)")  # any other string: a regex, group 1 of its last match
+    after_thinking(text, prompt)         # a reasoning model's final answer: the text after its last </think>
 
 Every extractor returns the stripped answer of the last non-empty match, or None when there is none: an empty
 `\\boxed{}` (often the prompt's instruction repeated) or `<answer></answer>` is passed over.
@@ -14,6 +15,8 @@ Every extractor returns the stripped answer of the last non-empty match, or None
 currency sign, enclosing $...$); units and words are left for math-verify, which knows more about them, except
 that against a gold that is a plain number, a number followed only by words ("18 cookies") is that number
 (`number_before_words`).
+The environments extract from `after_thinking`'s text (their `strip_thinking` option), so that an answer written
+while reasoning is not taken for the final one, and a completion cut off mid-reasoning has none.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import re
 from collections.abc import Callable, Iterable
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _HASH = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 # A lookahead, so that matches overlap: in "Answer: I think the answer is 18." the last one is "the answer is 18".
@@ -36,6 +40,28 @@ _EMPHASIS_DELIMITER = re.compile(r"(?<![^\s(])(?:\*{1,3}|_{2,3})(?=[^\s*_])"
 # equation); lowercase words only, and never after a list (comma-separated words are an answer of their own).
 _REASON_CLAUSE = re.compile(r",\s+(?:since|because|as|which|so|given|from|by|due)\b")
 _MATHY = re.compile(r"[\d$\\^=+*/()<>-]")
+
+
+def after_thinking(completion: str, prompt: str = "") -> str | None:
+    """The part of a reasoning model's completion that holds its final answer (Qwen3, DeepSeek-R1 and its
+    distills write `<think>reasoning</think>answer`): the text after the last </think>; None when the completion
+    ends inside a think block, which it opened (or its prompt opened: a generation prompt ending in "<think>\\n")
+    and never closed, i.e. it was cut off mid-reasoning and has no final answer yet; the completion unchanged
+    when it has no think tags and its prompt does not open one."""
+    opened, closed = completion.rfind(THINK_OPEN), completion.rfind(THINK_CLOSE)
+    if opened > closed:
+        return None
+    if closed >= 0:
+        return completion[closed + len(THINK_CLOSE):]
+    return None if prompt.rstrip().endswith(THINK_OPEN) else completion
+
+
+def final_texts(prompts: list[str], completions: list[str], strip_thinking: bool) -> list[str]:
+    """Each completion's text to extract the answer from: `after_thinking`'s ("" for one cut off mid-reasoning, in
+    which no extractor finds anything) when `strip_thinking`, else the completion."""
+    if not strip_thinking:
+        return list(completions)
+    return [after_thinking(c, p) or "" for p, c in zip(prompts, completions, strict=True)]
 
 
 def _balanced_group(text: str, start: int) -> tuple[str, int] | None:

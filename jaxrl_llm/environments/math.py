@@ -11,6 +11,11 @@ math-verify's parse() (gold first, then `verify(gold, pred)`). Unlike it, the pr
 `answer_format` extracts (see extract.py), not whatever math-verify finds anywhere in the text: a completion
 without an answer in the requested format scores 0 and counts as "no_answer". Extraction and verification run
 in the worker pool; a sample whose check times out or fails scores 0 (counted as "timeouts" / "errors").
+
+Reasoning models (`strip_thinking`, default on): the answer is extracted from the text after the completion's last
+</think> (extract.after_thinking), so a \\boxed{} written while thinking does not count when a final answer
+follows, and a completion still inside its <think> block (opened by it, or by a generation prompt that ends in
+"<think>\\n") was cut off mid-reasoning: it has no answer. A completion without think tags is read whole.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from jaxrl_llm.environments.extract import (
     check_answer_format,
     extract_answer,
     extract_answer_is,
+    final_texts,
     normalize_answer,
     normalize_number,
     number_before_words,
@@ -111,14 +117,16 @@ class MathEnvironment:
     own signal-based timeouts apply, rounded up to whole seconds, and only on the main thread). sandbox: confine
     the scoring processes (math-verify evaluates answers with sympy's parse_expr; see environments/pool.py);
     num_workers=0 needs sandbox=False. isolate: score each sample in a process of its own (pool.py), so that no
-    sample's evaluated text can change how another is scored.
+    sample's evaluated text can change how another is scored. strip_thinking: extract from the text after the
+    last </think>; a completion cut off inside its think block has no answer (False: the whole completion).
     """
 
     def __init__(self, answer_format: str = "boxed", timeout_s: float = 5.0, num_workers: int = 2,
-                 name: str = "math", sandbox: bool = True, isolate: bool = True):
+                 name: str = "math", sandbox: bool = True, isolate: bool = True, strip_thinking: bool = True):
         check_answer_format(answer_format)
         self.name = name
         self.answer_format = answer_format
+        self.strip_thinking = bool(strip_thinking)
         self.timeout_s = float(timeout_s)
         self._pool = ScoringPool(num_workers, self.timeout_s, preload=("math_verify",), sandbox=sandbox,
                                  isolate=isolate, warmup=_WARMUP)
@@ -135,8 +143,9 @@ class MathEnvironment:
         golds = [str(m["answer"]) for m in metadata]
         in_process = self._pool.num_workers == 0 and threading.current_thread() is threading.main_thread()
         mv_timeout = max(1, math.ceil(self.timeout_s)) if in_process else None
+        texts = final_texts(prompts, completions, self.strip_thinking)
         outcomes = self._pool.map(score_math, [(c, g, self.answer_format, mv_timeout)
-                                               for c, g in zip(completions, golds, strict=True)])
+                                               for c, g in zip(texts, golds, strict=True)])
         rewards_N = np.zeros(len(outcomes), np.float32)
         info: list[dict[str, Any]] = []
         no_answer = 0

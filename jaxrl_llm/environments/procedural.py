@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from jaxrl_llm.environments.base import EnvResult, Task, check_batch
-from jaxrl_llm.environments.extract import check_answer_format, extract_answer, last_answer_tag_is_empty
+from jaxrl_llm.environments.extract import check_answer_format, extract_answer, final_texts, last_answer_tag_is_empty
 from jaxrl_llm.environments.pool import ScoringPool, outcome_counts
 
 RG_INSTRUCTION = "Give your final answer inside <answer></answer> tags, e.g. <answer>42</answer>."
@@ -223,14 +223,16 @@ class ReasoningGymEnvironment:
     num_workers: scoring processes (0: in this process, timeouts reported but not enforced). sandbox: confine the
     scoring processes (several checkers `eval` the answer; see environments/pool.py); num_workers=0 needs
     sandbox=False. isolate: score each sample in a process of its own (pool.py), so that no sample's evaluated
-    text can change how another is scored.
+    text can change how another is scored. strip_thinking: extract from the text after the last </think>; a
+    completion cut off inside its think block has no answer (extract.after_thinking; False: the whole completion).
     """
 
     def __init__(self, answer_format: str = "answer_tag", timeout_s: float = 10.0, num_workers: int = 2,
-                 name: str = "reasoning_gym", sandbox: bool = True, isolate: bool = True):
+                 name: str = "reasoning_gym", sandbox: bool = True, isolate: bool = True, strip_thinking: bool = True):
         check_answer_format(answer_format)
         self.name = name
         self.answer_format = answer_format
+        self.strip_thinking = bool(strip_thinking)
         self._pool = ScoringPool(num_workers, timeout_s, preload=("reasoning_gym",), sandbox=sandbox,
                                  isolate=isolate)
 
@@ -244,8 +246,9 @@ class ReasoningGymEnvironment:
     def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
         check_batch(prompts, completions, metadata)
         self.check_metadata(metadata)
+        texts = final_texts(prompts, completions, self.strip_thinking)
         outcomes = self._pool.map(score_reasoning_gym, [(c, m["rg_dataset"], m["rg_entry"], self.answer_format)
-                                                        for c, m in zip(completions, metadata, strict=True)])
+                                                        for c, m in zip(texts, metadata, strict=True)])
         rewards_N = np.zeros(len(outcomes), np.float32)
         info: list[dict[str, Any]] = []
         no_answer = 0
