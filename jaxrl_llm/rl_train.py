@@ -58,7 +58,7 @@ from jaxrl_llm.rl_batch import (
     shuffled_rows,
 )
 from jaxrl_llm.sampling.text import render_prompt
-from jaxrl_llm.workdir import close_all, keep_earlier_export, record_run_config, truncate_metrics
+from jaxrl_llm.workdir import close_all, keep_earlier_export, logged_metrics, record_run_config, truncate_metrics
 
 log = logging.getLogger("jaxrl_llm.rl_train")
 CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean", "turns_mean",
@@ -461,7 +461,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                            tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
                            run_config=config.to_dict(), console_keys=CONSOLE_KEYS)
     evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules, runner.tok_bytes)
-    last: dict[str, Any] = {}
+    # (a finished run started again trains nothing: it returns its last step's logged metrics)
+    last: dict[str, Any] = logged_metrics(workdir, start) if start >= config.max_steps else {}
     window = StepWindow(rates={"gen_tokens_per_s": "time_generate_s"})  # generated tokens over generation time
     stop = StopOnSigterm().start()
     # (the validation's environment has worker processes of its own)

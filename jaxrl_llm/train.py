@@ -55,6 +55,7 @@ from jaxrl_llm.workdir import (
     close_all,
     hold_workdir,
     keep_earlier_export,
+    logged_metrics,
     record_run_config,
     truncate_metrics,
 )
@@ -478,7 +479,8 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
                            tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
                            run_config=config.to_dict())
-    last: dict[str, Any] = {}
+    # (a finished run started again trains nothing: it returns its last step's logged metrics)
+    last: dict[str, Any] = logged_metrics(workdir, start) if start >= config.max_steps else {}
     window = StepWindow(rates={"tokens_per_s": "step_time_s"})
     t_last = time.time()
     stop = StopOnSigterm().start()

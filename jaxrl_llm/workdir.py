@@ -180,6 +180,24 @@ def export_is_current(workdir: str, start_step: int, max_steps: int) -> bool:
     return start_step >= max_steps and os.path.isfile(os.path.join(workdir, "hf", "config.json"))
 
 
+def logged_metrics(workdir: str, step: int) -> dict[str, Any]:
+    """metrics.jsonl's row of `step` (without "step"), or {} when it has none or does not read: what `train.run`
+    returns when started again on a finished run (it trains nothing, and returned no "loss")."""
+    found: dict[str, Any] = {}
+    try:
+        with open(os.path.join(workdir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and row.get("step") == step:
+                    found = {k: v for k, v in row.items() if k != "step"}
+    except OSError:
+        return {}
+    return found
+
+
 def truncate_metrics(path: str, last_step: int) -> None:
     """On resume, drop rows logged after the restored step (they are logged again), atomically. A run that
     starts from step 0 in a folder whose metrics.jsonl has rows (an earlier run without checkpoints) moves that

@@ -230,6 +230,11 @@ def test_a_finished_run_started_again_keeps_its_export(sft_run, tmp_path, caplog
         f.write('{"written": "after the last step"}')
     os.utime(marker, (1, 1))
     with caplog.at_level(logging.INFO, logger="jaxrl_llm"):
-        train.run(recipe("sft_tiny", {**SFT, "export_hf": True}), wd)
+        again = train.run(recipe("sft_tiny", {**SFT, "export_hf": True}), wd)
     assert "nothing to train: the checkpoint is at max_steps=1, and its export in" in caplog.text
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+        (row,) = [json.loads(line) for line in f]
+    # it returns the last step's metrics as logged (it returned only data_* counts: again["loss"] was a KeyError)
+    assert again["loss"] == row["loss"] and {k: again[k] for k in row if k != "step"} == {
+        k: v for k, v in row.items() if k != "step"}
     assert os.path.getmtime(marker) == 1 and _steps(wd) == [1]
