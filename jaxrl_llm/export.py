@@ -43,6 +43,11 @@ def export_checkpoint(workdir: str, out: str, step: int | None = None, dtype: st
         if real_out == inside or real_out.startswith(inside + os.sep):
             raise FileExistsError(f"--out {out} is inside the workdir's {own}/, which the run reads and writes; "
                                   "name a folder of its own (e.g. WORKDIR/hf_export)")
+    if dtype is not None:  # before the restore (minutes for a large model)
+        try:
+            models.resolve_dtype(dtype)
+        except ValueError as e:
+            raise ValueError(f"--dtype={dtype}: {e}") from None
     check_replaceable(os.path.abspath(out))  # before the restore; save_pretrained checks again before replacing
     saved = read_model_config(workdir)
     cfg = models.config_from_hf(saved["hf_config"], where=path)

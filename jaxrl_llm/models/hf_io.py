@@ -366,6 +366,22 @@ def check_replaceable(out_dir: str, new_names: set[str] = frozenset()) -> None:
                               "Export to a new or empty folder, or remove that one yourself")
 
 
+def portable_tokenizer_class(folder: str) -> None:
+    """transformers 5 saves a generic fast tokenizer (a GGUF file's, or one built on a `tokenizers.Tokenizer`) with
+    tokenizer_class "TokenizersBackend", which transformers 4.x (vLLM's, mlx-lm's, llama.cpp's converter's) refuses
+    ("Tokenizer class TokenizersBackend does not exist"); "PreTrainedTokenizerFast" names the same class in both."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    if isinstance(doc, dict) and doc.get("tokenizer_class") == "TokenizersBackend":
+        doc["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2, ensure_ascii=False)
+            f.write("\n")
+
+
 def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any = None,
                     max_shard_size: int | str = "5GB", dtype: Any = None,
                     generation_config: dict | None = None) -> str | None:
@@ -441,6 +457,7 @@ def save_pretrained(cfg: ModelConfig, params: dict, out_dir: str, tokenizer: Any
                     json.dump({**generation_config, **ids}, f, indent=2)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+                portable_tokenizer_class(tmp)
             check_replaceable(out_dir, set(os.listdir(tmp)))
             if os.path.lexists(out_dir):
                 with staging_folder(parent, base, "old") as old:
