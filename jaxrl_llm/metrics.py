@@ -104,6 +104,12 @@ class MetricsWriter:
             self._tb = EventFile(logdir, purge_step=start_step + 1 if start_step else None,
                                  filename_suffix=f".{os.getpid()}.{start_step}")
 
+    def step_done(self, step: int) -> None:
+        """The end of a training step (called before its row is written): the ETA's rate counts from the end of this
+        start's first step, so that a first row of several steps (log_every > 1) does not count the start-up and
+        the first compiles as steps (log_every=5: "eta 25s" with 2 s left)."""
+        self._first = self._first or (time.time(), int(step))
+
     def write(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return

@@ -472,6 +472,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             state, m = runner.step(state, ref_params, step)
             check_step_finite(step + 1, m, ckpt)
             done = step + 1
+            writer.step_done(done)
             val = evaluator(state["params"], done) if evaluator else {}
             window.add(m)
             if val or done % config.log_every == 0 or done == config.max_steps:

@@ -504,6 +504,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
             m, n_tok = jax.device_get((m, n_tok))  # one wait for both
             check_step_finite(step + 1, m, ckpt)
             done = step + 1
+            writer.step_done(done)
             t_train = time.time() - t_last
             val = validate_now(state["params"]) if val_every and (done % val_every == 0 or
                                                                    done == config.max_steps) else {}
