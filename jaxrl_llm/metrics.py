@@ -127,8 +127,8 @@ class MetricsWriter:
             self._wandb.log(scalars, step=step)
         now = time.time()
         elapsed = now - self._t0
-        # The rate since this start's first row: start-up and the first compiles (often most of a short run's
-        # elapsed time) would otherwise inflate every ETA of the run.
+        # The rate since the end of this start's first step (step_done; else its first row): start-up and the first
+        # compiles (often most of a short run's elapsed time) would otherwise inflate every ETA of the run.
         self._first = self._first or (now, step)
         t1, s1 = self._first
         rate = (now - t1) / (step - s1) if step > s1 else elapsed / max(step - self.start_step, 1)
@@ -138,7 +138,8 @@ class MetricsWriter:
             f"{rate * max(self.max_steps - step, 0):.0f}s"
         keys = [k for k in row if k != "step"] if self.console_keys is None else \
             [k for k in self.console_keys if k in row] + [k for k in row if k.startswith("val_")]
-        shown = " ".join(f"{k}={_fmt(row[k])}" for k in dict.fromkeys(keys))
+        # (from the values as given: metrics.jsonl's null for a NaN showed as "loss=None")
+        shown = " ".join(f"{k}={_fmt(_scalar(metrics[k]))}" for k in dict.fromkeys(keys))
         print(f"[step {step}/{self.max_steps} {_bar(step, self.max_steps)}] {shown} | elapsed {elapsed:.0f}s "
               f"eta {eta}", file=sys.stderr, flush=True)
 
@@ -253,16 +254,21 @@ def _bar(step: int, total: int, width: int = 20) -> str:
     return "#" * filled + "." * (width - filled)
 
 
+def _scalar(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
 def _plain(v: Any) -> Any:
     """Device/numpy scalars to plain Python numbers for JSON; NaN and infinities (which JSON cannot hold) to
     None, so metrics.jsonl stays strict JSON."""
-    v = v.item() if hasattr(v, "item") else v
+    v = _scalar(v)
     return None if isinstance(v, float) and not math.isfinite(v) else v
 
 
 def _fmt(v: Any) -> str:
+    """4 significant digits; 10^4 to 10^9 whole ("tokens_per_s=27660", not "2.766e+04")."""
     if isinstance(v, float):
-        return f"{v:.4g}" if math.isfinite(v) else str(v)
+        return (f"{v:.0f}" if 1e4 <= abs(v) < 1e9 else f"{v:.4g}") if math.isfinite(v) else str(v)
     return str(v)
 
 

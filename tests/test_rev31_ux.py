@@ -40,3 +40,22 @@ def test_first_row_of_one_step_still_unknown(tmp_path, monkeypatch, capsys):
         w.step_done(step)
         w.write(step, {"loss": 1.0})
     assert _etas(capsys) == ["?", "98s"]
+
+
+def test_a_nan_metric_reads_nan_on_the_console_not_none(tmp_path, capsys):
+    """metrics.jsonl holds null for a NaN (strict JSON); the console showed that null too: "val_loss=None"."""
+    import numpy as np
+
+    w = MetricsWriter(str(tmp_path), 2, tensorboard=False)
+    w.write(1, {"loss": float("nan"), "kl": np.float32("inf"), "n": 3})
+    line = capsys.readouterr().err
+    assert "loss=nan kl=inf n=3 " in line and "None" not in line
+    assert '"loss": null' in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_large_rates_are_shown_whole(tmp_path, capsys):
+    """tokens_per_s=2.766e+04 on every line of a GPU run: 27660."""
+    w = MetricsWriter(str(tmp_path), 2, tensorboard=False)
+    w.write(1, {"tokens_per_s": 27662.4, "loss": 0.012345, "lr": 3e-5, "tokens": 468.0, "big": 2.5e12})
+    line = capsys.readouterr().err
+    assert "tokens_per_s=27662 loss=0.01235 lr=3e-05 tokens=468 big=2.5e+12 " in line
