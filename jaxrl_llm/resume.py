@@ -242,10 +242,10 @@ def finish_run(config: ml_collections.ConfigDict, cfg: models.ModelConfig, param
                  config.max_steps, hf)
     elif config.export_hf:
         require_finite({"params": params}, "the HF export is not written")
-        out = models.save_pretrained(cfg, params, hf, tokenizer=tokenizer,
-                                     generation_config=source_generation_config(config))
-        if out:
-            log.info("exported the trained model to %s", out)
+        # (save_pretrained says "exported DIR (N tensors, ...)"; the line below names the folder again)
+        models.save_pretrained(cfg, params, hf, tokenizer=tokenizer, generation_config=source_generation_config(config))
     if jax.process_index() == 0:
-        log.info("done: %d steps; metrics in %s; %s%s", config.max_steps, os.path.join(workdir, "metrics.jsonl"),
-                 checkpoints, f"; the trained model in {hf}" if config.export_hf else "")
+        tensorboard = config.get("metrics", {}).get("tensorboard", True)
+        log.info("done: %d steps; metrics in %s%s; %s%s", config.max_steps, os.path.join(workdir, "metrics.jsonl"),
+                 f" and {os.path.join(workdir, 'tensorboard')}" if tensorboard else "", checkpoints,
+                 f"; the trained model in {hf}" if config.export_hf else "")

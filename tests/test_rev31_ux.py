@@ -59,3 +59,28 @@ def test_large_rates_are_shown_whole(tmp_path, capsys):
     w.write(1, {"tokens_per_s": 27662.4, "loss": 0.012345, "lr": 3e-5, "tokens": 468.0, "big": 2.5e12})
     line = capsys.readouterr().err
     assert "tokens_per_s=27662 loss=0.01235 lr=3e-05 tokens=468 big=2.5e+12 " in line
+
+
+def test_closing_line_names_the_tensorboard_folder_and_the_export_once(tmp_path, caplog, monkeypatch):
+    """The closing line named metrics.jsonl, checkpoints and hf/ but not tensorboard/, and the export's folder was
+    said three times in a row ("exported DIR (...)", "exported the trained model to DIR", "done: ... in DIR")."""
+    from jaxrl_llm import models, resume
+
+    monkeypatch.setattr(resume, "export_is_current", lambda *a: False)
+    monkeypatch.setattr(resume, "require_finite", lambda *a: None)
+    monkeypatch.setattr(models, "save_pretrained", lambda cfg, params, out, **kw: logging.getLogger(
+        "jaxrl_llm.models.hf_io").info("exported %s (2 tensors)", out) or out)
+    monkeypatch.setattr(resume, "source_generation_config", lambda config: None)
+    config = ml_collections.ConfigDict(dict(max_steps=3, export_hf=True, metrics=dict(tensorboard=True)))
+    wd = str(tmp_path)
+    with caplog.at_level(logging.INFO, logger="jaxrl_llm"):
+        resume.finish_run(config, None, None, None, wd, 0, "no checkpoints (checkpoint.every_steps=0)")
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum(f"{wd}/hf" in line for line in lines) == 2, lines
+    assert lines[-1] == (f"done: 3 steps; metrics in {wd}/metrics.jsonl and {wd}/tensorboard; no checkpoints "
+                         f"(checkpoint.every_steps=0); the trained model in {wd}/hf")
+    caplog.clear()
+    config.metrics.tensorboard, config.export_hf = False, False
+    with caplog.at_level(logging.INFO, logger="jaxrl_llm"):
+        resume.finish_run(config, None, None, None, wd, 0, "no checkpoints yet")
+    assert caplog.records[-1].getMessage() == f"done: 3 steps; metrics in {wd}/metrics.jsonl; no checkpoints yet"
