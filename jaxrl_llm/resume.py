@@ -246,6 +246,7 @@ def finish_run(config: ml_collections.ConfigDict, cfg: models.ModelConfig, param
         models.save_pretrained(cfg, params, hf, tokenizer=tokenizer, generation_config=source_generation_config(config))
     if jax.process_index() == 0:
         tensorboard = config.get("metrics", {}).get("tensorboard", True)
-        log.info("done: %d steps; metrics in %s%s; %s%s", config.max_steps, os.path.join(workdir, "metrics.jsonl"),
+        log.info("done: %d step%s; metrics in %s%s; %s%s", config.max_steps, "s" * (config.max_steps != 1),
+                 os.path.join(workdir, "metrics.jsonl"),
                  f" and {os.path.join(workdir, 'tensorboard')}" if tensorboard else "", checkpoints,
                  f"; the trained model in {hf}" if config.export_hf else "")

@@ -84,3 +84,8 @@ def test_closing_line_names_the_tensorboard_folder_and_the_export_once(tmp_path,
     with caplog.at_level(logging.INFO, logger="jaxrl_llm"):
         resume.finish_run(config, None, None, None, wd, 0, "no checkpoints yet")
     assert caplog.records[-1].getMessage() == f"done: 3 steps; metrics in {wd}/metrics.jsonl; no checkpoints yet"
+    caplog.clear()
+    config.max_steps = 1
+    with caplog.at_level(logging.INFO, logger="jaxrl_llm"):
+        resume.finish_run(config, None, None, None, wd, 0, "no checkpoints yet")
+    assert caplog.records[-1].getMessage().startswith("done: 1 step; ")  # (not "1 steps")
