@@ -468,6 +468,9 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # (the validation's environment has worker processes of its own)
     closers = (stop.close, ckpt.close, writer.close, *(getattr(o, "close", None) for o in (env, evaluator)))
     try:
+        if start < config.max_steps and jax.process_index() == 0:  # (the first row comes after the compiles)
+            log.info("step %d of %d: compiling the sampler and the train step first (the first step takes "
+                     "longest)", start + 1, config.max_steps)
         for step in range(start, config.max_steps):
             state, m = runner.step(state, ref_params, step)
             check_step_finite(step + 1, m, ckpt)

@@ -492,6 +492,9 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
         count_tokens = jax.jit(batch_tokens)
         upcoming = host_batch(start) if start < config.max_steps else None
+        if start < config.max_steps and jax.process_index() == 0:  # (the first row comes after the compiles)
+            log.info("step %d of %d: compiling the train step first (the first step takes longest)", start + 1,
+                     config.max_steps)
         for step in range(start, config.max_steps):
             batch = upcoming
             with jax.set_mesh(mesh):

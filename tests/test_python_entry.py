@@ -34,9 +34,11 @@ def test_sft_trains_on_a_dataset_passed_in_and_records_it(tmp_path, caplog):
     # Resuming on other rows of the same count is allowed (as a changed file path is) and logged by fingerprint.
     other = _sft_rows(12, offset=100)
     assert other._fingerprint != ds._fingerprint
-    with caplog.at_level(logging.WARNING, logger="jaxrl_llm.train"):
+    with caplog.at_level(logging.INFO, logger="jaxrl_llm.train"):
         train.run(recipe("sft_tiny", {**over, "max_steps": 3}), str(tmp_path), data=other)
     assert "resuming at step 2 with 2 setting(s) changed" in caplog.text
+    # said before the compile's silence (the first row comes after it)
+    assert "step 3 of 3: compiling the train step first (the first step takes longest)" in caplog.text
     assert "the learning-rate schedule now spans the new max_steps" in caplog.text  # max_steps 2 -> 3
     assert f"fingerprint {ds._fingerprint}" in caplog.text and f"fingerprint {other._fingerprint}" in caplog.text
 
