@@ -13,7 +13,7 @@ import numpy as np
 from jaxrl_llm import multiturn
 from jaxrl_llm.algorithms import advantages as adv_lib
 from jaxrl_llm.algorithms import grpo
-from jaxrl_llm.algorithms.pg_losses import kl_penalty
+from jaxrl_llm.algorithms.pg_losses import KL_OUTPUT_CLAMP, kl_penalty
 
 log = logging.getLogger("jaxrl_llm.rl_train")  # the GRPO loop's one logger
 
@@ -184,8 +184,10 @@ def logprob_error_metrics(batch: dict[str, np.ndarray]) -> dict[str, float]:
 def reward_kl(batch: dict[str, np.ndarray], kl_type: str) -> np.ndarray:
     """Per-token KL of the old policy to the reference [R, T] for REINFORCE++'s kl_in_reward: 0 where the old
     log-prob is the floor (a token outside the trainer's top-k/top-p set, or padding), whose clamped log-ratio gave
-    e^20 ~ 5e8, an advantage that the batch whitening turned into the only one left."""
-    kl = np.asarray(kl_penalty(batch["ref_logprobs"] - batch["old_logprobs"], kl_type))
+    e^20 ~ 5e8, an advantage that the batch whitening turned into the only one left. Each term is clamped to +-10 as
+    NeMo RL's calculate_kl does (k3 of a log-ratio of 10 is 2e4: one token would otherwise swamp the whitening)."""
+    kl = np.clip(np.asarray(kl_penalty(batch["ref_logprobs"] - batch["old_logprobs"], kl_type)), -KL_OUTPUT_CLAMP,
+                 KL_OUTPUT_CLAMP)
     return np.where(batch["old_logprobs"] > grpo.LOGP_FLOOR, kl, 0.0).astype(np.float32)
 
 

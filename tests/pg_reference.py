@@ -139,7 +139,7 @@ def ref_loss(lp, old, ref, adv, mask, *, clip_low=0.2, clip_high=0.2, dual_clip=
                 v = _exp(kla[i, t] - gen[i, t])
                 if not math.isfinite(v):
                     v = 0.0
-            kl_term = min(max(kl_coef * v * k, -10.0), 10.0) if kl_coef else 0.0
+            kl_term = kl_coef * min(max(v * k, -10.0), 10.0) if kl_coef else 0.0  # NeMo: beta x clamp(v k)
             ent = -lp[i, t] * (math.exp(lp[i, t] - gen[i, t]) if gen is not None else 1.0)
             ratios[i, t] = r
             for name, v in zip(names, [w * ell, kl_term, k, float(clipped), r, w, ent, a], strict=True):

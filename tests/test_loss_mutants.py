@@ -164,7 +164,7 @@ def test_kl_in_the_train_step_uses_unfiltered_logprobs_under_top_k(params):
     x = np.clip(mb["ref_logprobs"] - raw, -20, 20)[mask]
     k3 = np.exp(x) - 1 - x
     assert m["kl"] == pytest.approx(k3.mean(), rel=1e-4)
-    assert m["kl_loss"] == pytest.approx(np.clip(0.02 * k3, -10, 10).mean(), rel=1e-4)
+    assert m["kl_loss"] == pytest.approx((0.02 * np.clip(k3, -10, 10)).mean(), rel=1e-4)  # NeMo: beta x clamp(k)
     # on-policy first update: ratio 1, so the clipped surrogate is -A, averaged over all the step's tokens (both
     # microbatches divided by the global token count)
     assert m["actor_loss"] == pytest.approx(-mb["advantages"][mask].mean(), rel=1e-4)

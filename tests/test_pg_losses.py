@@ -97,18 +97,19 @@ def test_kl_term_values(kl_type):
 
 
 def test_kl_clamps():
-    # input clamp |log r| <= 20: logr = ref - lp = -25 -> k1 = 20 (not 25); kl_coef 0.1 -> 2.0 per token
+    # NeMo RL's calculate_kl: |log r| <= 20, then the estimator clamped to +-10, then times kl_coef
+    # input clamp: logr = ref - lp = -25 -> k1 = 20 (not 25) -> output clamp 10; kl_coef 0.1 -> 1.0 per token
     lp, ref = np.array([[-0.5]]), np.array([[-25.5]])
     one = np.ones((1, 1))
     loss, m = pgl(f32(lp), f32(lp), f32(ref), f32([0.0]), f32(one), kl_coef=0.1, kl_type="k1")
-    close(loss, 2.0)
+    close(loss, 1.0)
     close(m["kl"], 20.0)
-    # output clamp |kl_coef * k| <= 10: logr = -15 -> k2 = 112.5, kl_coef 0.2 -> 22.5 -> 10
+    # output clamp |k| <= 10 before the coefficient: logr = -15 -> k2 = 112.5 -> 10, kl_coef 0.2 -> 2.0
     ref2 = np.array([[-15.5]])
     loss, m = pgl(f32(lp), f32(lp), f32(ref2), f32([0.0]), f32(one), kl_coef=0.2, kl_type="k2")
-    close(loss, 10.0)
+    close(loss, 2.0)
     close(m["kl"], 112.5)
-    # k1 can be negative: logr = +15 -> k1 = -15, kl_coef 1 -> clamped at -10
+    # k1 can be negative: logr = +15 -> k1 = -15 -> clamped at -10, kl_coef 1 -> -10
     ref3 = np.array([[14.5]])
     loss, _ = pgl(f32(lp), f32(lp), f32(ref3), f32([0.0]), f32(one), kl_coef=1.0, kl_type="k1")
     close(loss, -10.0)

@@ -142,14 +142,15 @@ def test_on_policy_kl_hand_values(kl_type):
 
 
 def test_on_policy_kl_clamp_nonfinite_and_kl_logprobs():
-    # the output clamp applies after the sampler weight: 0.25 * k2(-8) = 8 < 10, times e^0.5 -> 13.2 -> 10
-    lp, ref, one = np.array([[-0.5, -1.0]]), np.array([[-8.5, -1.0]]), np.ones((1, 2))
+    # the output clamp applies after the sampler weight, before the coefficient (NeMo RL's calculate_kl):
+    # k2(-4) = 8 < 10, times e^0.5 -> 13.2 -> 10, times 0.25 -> 2.5
+    lp, ref, one = np.array([[-0.5, -1.0]]), np.array([[-4.5, -1.0]]), np.ones((1, 2))
     sampler = np.array([[-1.0, -np.inf]])  # second token: v = exp(inf) is not finite -> 0 (its KL is 0 anyway)
     kw = dict(kl_coef=0.25, kl_type="k2", sampler_logprobs=f32(sampler))
     loss, m = pgl(f32(lp), f32(lp), f32(ref), f32([0.0]), f32(one), on_policy_kl=True, **kw)
-    close(loss, 10.0 / 2)
+    close(loss, 0.25 * 10.0 / 2)
     loss_off, _ = pgl(f32(lp), f32(lp), f32(ref), f32([0.0]), f32(one), **kw)
-    close(loss_off, 8.0 / 2)
+    close(loss_off, 0.25 * 8.0 / 2)
     # a non-finite weight on a token with a nonzero KL term
     ref2 = np.array([[-0.5, -2.0]])
     loss, m = pgl(f32(lp), f32(lp), f32(ref2), f32([0.0]), f32(one), on_policy_kl=True, **{**kw, "kl_coef": 0.1})

@@ -200,7 +200,10 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
             v = _exp_or_zero(jnp.where(m > 0, lpk - jax.lax.stop_gradient(sampler_logprobs.astype(_F32)), 0.0))
         else:
             v = jnp.exp(lpk - jax.lax.stop_gradient(lpk))
-        kl_tok = jnp.clip(kl_coef * v * kl_penalty(ref - lpk, kl_type), -KL_OUTPUT_CLAMP, KL_OUTPUT_CLAMP)
+        # NeMo RL's calculate_kl: the weight has no gradient where the input clamp binds, and the output clamp
+        # bounds the weighted estimator v * k, before the coefficient: kl_coef * clip(v * k, +-10).
+        v = jnp.where(jnp.abs(ref - lpk) <= KL_INPUT_CLAMP, v, jax.lax.stop_gradient(v))
+        kl_tok = kl_coef * jnp.clip(v * kl_penalty(ref - lpk, kl_type), -KL_OUTPUT_CLAMP, KL_OUTPUT_CLAMP)
 
     actor_tok = weight * per_tok
     kl_raw = (jax.lax.stop_gradient(kl_penalty(ref_logprobs.astype(_F32) - lpk, kl_type))
@@ -249,7 +252,8 @@ def policy_gradient_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask,
     Per token: ratio r = exp(logp - old_logp) (GSPO, sequence_level_ratio: exp of its mean over the sequence),
     clipped r_c = clip(r, 1 - clip_low, 1 + clip_high), loss l = max(-A r, -A r_c); dual_clip c (> 1) caps the
     loss of negative-advantage tokens at -A c; reinforce=True uses l = -A logp (no ratio). KL to the reference
-    (if kl_coef): kl_coef * k(log ref - logp) with kl_type k1 | k2 | k3. With sampler_logprobs, each
+    (if kl_coef): kl_coef * clip(k(log ref - logp), +-10) with kl_type k1 | k2 | k3 (|log ref - logp| clamped to
+    20 first; NeMo RL's clamps). With sampler_logprobs, each
     token's loss is weighted by w = exp(old_logp - sampler_logp) (the correction between the sampler and the
     trainer; per sequence, exp of the summed difference, under GSPO), truncated to [0, tis_cap] when tis_cap
     is given (TIS; tis_type "icepop" zeroes the weights outside [tis_min, tis_cap] instead, "seq-mask-tis" zeroes
