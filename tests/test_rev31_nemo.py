@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxrl_llm.algorithms.pg_losses import policy_gradient_loss
+from jaxrl_llm.algorithms.pg_losses import LOGP_FLOOR, policy_gradient_loss
 from jaxrl_llm.rl_batch import reward_kl
 
 
@@ -50,3 +50,27 @@ def test_reinforce_pp_reward_kl_is_clamped_like_nemo():
     ref = np.array([[-0.5, -1.5, -2.0]], np.float32)
     kl = reward_kl({"old_logprobs": old, "ref_logprobs": ref}, "k3")
     np.testing.assert_allclose(kl[0], [10.0, _k3(-0.5), 0.0], rtol=1e-5)
+
+
+def test_gspo_ratio_leaves_tokens_outside_the_trainers_filter_out_of_the_mean():
+    # NeMo RL's GSPO ratio averages the log-ratio over actor_token_mask, which drops tokens whose current log-prob
+    # the top-k/top-p filter removed; here the floor token's bounded log-ratio (-20) made the ratio 0.0068.
+    lp = jnp.array([[-1.0, -0.5, -0.7, LOGP_FLOOR], [-0.2, -0.3, -0.4, -0.5]])
+    old = jnp.array([[-1.01, -0.5, -0.7, -2.0], [-0.2, -0.3, -0.4, -0.5]])
+    kw = dict(token_level=False, sequence_level_ratio=True, clip_low=3e-4, clip_high=4e-4)
+
+    def loss(x):
+        return policy_gradient_loss(x, old, None, jnp.array([1.0, 0.0]), jnp.ones((2, 4)), **kw)
+
+    _, m = loss(lp)
+    s0 = math.exp(0.01 / 3)  # the other three tokens' mean log-ratio
+    np.testing.assert_allclose(float(m["ratio_max"]), s0, rtol=1e-5)
+    np.testing.assert_allclose(float(m["ratio_min"]), 1.0, rtol=1e-6)
+    # row 0 (A = 1, ratio above 1 + 4e-4): clipped, so no gradient anywhere; the floor token never gets one
+    g = np.asarray(jax.grad(lambda x: loss(x)[0])(lp))
+    assert np.all(g == 0.0)
+    # inside the clip range the three kept tokens share -A s / |kept| / N_seq and the floor token gets nothing
+    old2 = lp.at[0, :3].add(-1e-4).at[0, 3].set(-2.0)
+    g = np.asarray(jax.grad(lambda x: policy_gradient_loss(x, old2, None, jnp.array([1.0, 0.0]), jnp.ones((2, 4)),
+                                                           **kw)[0])(lp))
+    np.testing.assert_allclose(g[0], [-math.exp(1e-4) / 3 / 2] * 3 + [0.0], rtol=1e-4)

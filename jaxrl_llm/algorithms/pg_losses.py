@@ -168,7 +168,10 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
         clipped = (ratio_c != ratio).astype(_F32)
     else:
         if sequence_level_ratio:  # GSPO: exp of the mean per-token log-ratio over each sequence
-            ratio = jnp.broadcast_to(jnp.exp(_masked_seq_mean(log_ratio, m))[:, None], lp.shape)
+            # Tokens outside the trainer's top-k/top-p set (the LOGP_FLOOR) are left out of the mean, as NeMo RL's
+            # actor_token_mask does: their log-ratio (the -20 bound) would drag the whole sequence's ratio down.
+            keep = m * (lp > LOGP_FLOOR)
+            ratio = jnp.broadcast_to(jnp.exp(_masked_seq_mean(log_ratio, keep))[:, None], lp.shape)
         else:
             ratio = jnp.exp(log_ratio)
         ratio_c = jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
