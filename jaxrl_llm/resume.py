@@ -184,8 +184,9 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
         check_replaceable(os.path.abspath(os.path.join(workdir, "hf")))
     cc = config.checkpoint
     best_metric = cc.get("best_metric", "")
-    # process 0's reading on every process: the others may read run_config.json after process 0 wrote this start's
-    kept = tuple(distributed.allgather_json([] if best_metric else list(earlier_best(workdir, default_best_mode)))[0])
+    # process 0's reading on every process (read there only: each process said its warning, once per host)
+    mine = list(earlier_best(workdir, default_best_mode)) if not best_metric and jax.process_index() == 0 else []
+    kept = tuple(distributed.allgather_json(mine)[0])
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), cc.every_steps, cc.keep, best_metric=best_metric,
                         best_mode=cc.get("best_mode", default_best_mode), kept_steps=kept)
     saved = os.path.join(workdir, MODEL_CONFIG_FILE)
