@@ -57,19 +57,21 @@ def test_the_tokenizers_special_ids_fill_the_models_missing_ones():
     assert with_tokenizer_ids(cfg, _Tok(None, None, None)) == cfg
 
 
-def test_reward_model_from_init_exports_the_tokenizers_ids_and_warns_without_pad(tokenizer, tmp_path, caplog):
+def test_reward_model_from_init_exports_the_tokenizers_ids_and_pad_eos_without_pad(tokenizer, tmp_path, caplog):
     """A model.init run's export had bos/eos null: transformers' generate on it never stopped at EOS, where the
-    run's own sampler stops at the tokenizer's. A reward model trained with a pad-less tokenizer exports one
-    that transformers scores only row by row: said at the start."""
+    run's own sampler stops at the tokenizer's. A reward model trained with a pad-less tokenizer exported
+    pad_token_id null, which transformers scores only row by row: it takes pad = EOS, as TRL and NeMo RL
+    (test_rev31_rmpad checks the scores)."""
     tok = _copy(tokenizer)
     tok.pad_token = None
     tok.save_pretrained(tmp_path / "tok")
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO"):
         train.run(recipe("rm_tiny", {**SHORT, "tokenizer": str(tmp_path / "tok")}), str(tmp_path / "w"))
     hf = json.loads((tmp_path / "w" / "hf" / "config.json").read_text())
     assert (hf["eos_token_id"], hf["bos_token_id"], hf["pad_token_id"]) == (
-        tok.eos_token_id, tok.bos_token_id, None)
-    assert "the tokenizer has no pad token: the exported *ForSequenceClassification model scores" in caplog.text
+        tok.eos_token_id, tok.bos_token_id, tok.eos_token_id)
+    assert models.load_tokenizer(str(tmp_path / "w" / "hf")).pad_token_id == tok.eos_token_id
+    assert "the tokenizer has no pad token: pad = EOS '<|im_end|>' (id 2) for the score head" in caplog.text
 
 
 def test_source_generation_settings_go_with_every_export_and_another_tokenizer_is_said(tokenizer, tmp_path,

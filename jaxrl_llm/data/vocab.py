@@ -26,6 +26,18 @@ def with_tokenizer_ids(cfg: ModelConfig, tokenizer: Any) -> ModelConfig:
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
+def with_score_pad(cfg: ModelConfig, tokenizer: Any) -> ModelConfig:
+    """A score-head model's pad id where neither its config nor the tokenizer has one (Llama 3's tokenizer): the
+    tokenizer's EOS, as TRL's RewardTrainer and NeMo RL's get_tokenizer set it; the tokenizer gets it as its pad token
+    too (the run pads with it and the export saves it). HF *ForSequenceClassification finds each row's last token by
+    `config.pad_token_id` and refuses batches of more than one row without it; training reads the score at the same
+    token (`models.score_positions`), so a row ending in EOS is scored at the token before it, here and there."""
+    if cfg.pad_token_id is not None or tokenizer.pad_token_id is not None or tokenizer.eos_token_id is None:
+        return cfg
+    tokenizer.pad_token = tokenizer.eos_token
+    return dataclasses.replace(cfg, pad_token_id=int(tokenizer.eos_token_id))
+
+
 def _token_arrays(item: Any) -> list[Any]:
     """The token-id arrays of an example: a NamedTuple's *ids fields, a tuple's first element (SFT's (ids,
     mask)), those of each example of a list (a packed row), or the item itself (a prompt's ids)."""
