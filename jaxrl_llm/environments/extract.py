@@ -3,7 +3,7 @@
     extract_answer(text, "boxed")        # last complete \\boxed{...} / \\fbox{...} / \\boxed 5
     extract_answer(text, "hash")         # GSM8K style: the rest of the line after the last '####'
     extract_answer(text, "answer_tag")   # last <answer>...</answer>
-    extract_answer(text, "answer_is")    # last "The (final) answer is X" / "Final answer: X"
+    extract_answer(text, "answer_is")    # last "The (final) answer is X" / "Final answer: X" / "X is the answer"
     extract_answer(text, "last_line")    # last non-empty line
     extract_answer(text, "auto")         # boxed, then answer_tag, then hash, then answer_is
     extract_answer(text, r"Result: (\\d+)")  # any other string: a regex, group 1 of its last match
@@ -31,6 +31,16 @@ _ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 # A lookahead, so that matches overlap: in "Answer: I think the answer is 18." the last one is "the answer is 18".
 _ANSWER_IS = re.compile(r"(?=(?:final answer|answer)(?: is\s*:?|\s*:)\s*(.+?)\s*(?:\.(?=\s|$)|\n|$))",
                         re.IGNORECASE)
+# The statement the other way round, as small instruct models write it: "So, 18 is the answer." / "2475 is the final
+# answer" / "to get 2, which is the answer"; a number only ("This is the answer to the question." states none).
+_NUMBER_IS_ANSWER = re.compile(r"(?<![\w.,$])(\$?[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?:,?\s+which)?\s+is\s+"
+                               r"(?:the|my|our)\s+(?:final\s+|correct\s+)?answer(?![\w'])", re.IGNORECASE)
+# "The final answer to the arithmetic problem is 9.": "answer to <words> is X" (no digit or sentence end between).
+_ANSWER_TO_IS = re.compile(r"(?=(?:final answer|answer) to [^\d\n.]{1,60}? is\s*:?\s*(.+?)\s*(?:\.(?=\s|$)|\n|$))",
+                           re.IGNORECASE)
+# The \boxed{} instruction repeated ("The answer is within \boxed{}.", "Your final answer is within the specified
+# ... explanation"): where the answer goes, not an answer.
+_ECHOED_INSTRUCTION = re.compile(r"within\b|.*\\boxed\s*\{\s*\}", re.IGNORECASE | re.DOTALL)
 # Markdown emphasis around the statement ("**The answer is 18.**", "**Final Answer:** 18"): a run of '*' or '__' that
 # opens (at a line's start or after a space, before a non-space) or closes (after a non-space, before a space,
 # punctuation or the end). "2**10", "2 * 3" and "z^*" keep theirs.
@@ -139,11 +149,14 @@ def last_answer_tag_is_empty(text: str) -> bool:
 
 
 def extract_answer_is(text: str) -> str | None:
-    """X of the last "The answer is X" / "the final answer is: X" / "Final answer: X", up to the end of its sentence
-    or line, or up to a clause that gives the reason ("18, since 9 + 9 = 18" -> 18). Markdown emphasis is read
-    through ("**The answer is 18.**" -> 18)."""
+    """X of the last "The answer is X" / "the final answer is: X" / "Final answer: X" / "The answer to the problem is
+    X" / "X is the answer" (X a number), up to the end of its sentence or line, or up to a clause that gives the
+    reason ("18, since 9 + 9 = 18" -> 18). Markdown emphasis is read through ("**The answer is 18.**" -> 18). The
+    \\boxed{} instruction repeated ("The answer is within \\boxed{}.") is passed over."""
     text = _EMPHASIS_DELIMITER.sub("", text)
-    return _last_nonempty(_without_reason(m.group(1)) for m in _ANSWER_IS.finditer(text))
+    found = sorted((m.start(), m.group(1)) for rx in (_ANSWER_IS, _ANSWER_TO_IS, _NUMBER_IS_ANSWER)
+                   for m in rx.finditer(text))
+    return _last_nonempty(None if _ECHOED_INSTRUCTION.match(v) else _without_reason(v) for _, v in found)
 
 
 def _without_reason(answer: str) -> str:
