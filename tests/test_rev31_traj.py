@@ -109,25 +109,35 @@ def test_sft_run_follows_a_torch_adamw_loop(tmp_path):
 
     examples, _ = sft.prepare(config, transformers.AutoTokenizer.from_pretrained(tmp_path / "init"))
     hf.double().train()  # the reference in fp64: ours (fp32) is compared with the exact trajectory
-    opt, sched = _torch_optimizer(hf)
-    losses, norms, rates = [], [], []
-    for step in range(STEPS):
+
+    def microbatch_losses(step):
         idx = batch_indices(len(examples), BATCH, config.seed, step)
         micro = [[examples[i] for i in idx[:2]], [examples[i] for i in idx[2:]]]
         count = sum(int(m[1:].sum()) for ex in micro for _, m in ex)
-        opt.zero_grad()
-        total = 0.0
         for ex in micro:  # accumulation as the Trainer does it
             lp, _ = _seq_logps(hf, ex, tok.pad_token_id)
-            loss = -lp.sum() / count
+            yield -lp.sum() / count
+
+    _compare(tmp_path, hf, logged, *_torch_trajectory(hf, microbatch_losses, CLIP))
+
+
+def _torch_trajectory(hf, microbatch_losses, clip):
+    """(losses, grad norms, rates) of STEPS torch AdamW steps: each step's microbatch losses backpropagated (the
+    accumulated gradient), clipped to `clip`, then the optimizer's and the schedule's step."""
+    opt, sched = _torch_optimizer(hf)
+    losses, norms, rates = [], [], []
+    for step in range(STEPS):
+        opt.zero_grad()
+        total = 0.0
+        for loss in microbatch_losses(step):
             loss.backward()
             total += float(loss.detach())
         losses.append(total)
         rates.append(opt.param_groups[0]["lr"])
-        norms.append(float(torch.nn.utils.clip_grad_norm_(hf.parameters(), CLIP)))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(hf.parameters(), clip)))
         opt.step()
         sched.step()
-    _compare(tmp_path, hf, logged, losses, norms, rates)
+    return losses, norms, rates
 
 
 def test_dpo_run_follows_a_torch_adamw_loop(tmp_path):
@@ -152,12 +162,9 @@ def test_dpo_run_follows_a_torch_adamw_loop(tmp_path):
     assert isinstance(examples[0], preference.PreferencePair)
     hf.double().train()  # the reference in fp64: ours (fp32) is compared with the exact trajectory
     ref = copy.deepcopy(hf).eval()
-    opt, sched = _torch_optimizer(hf)
-    losses, norms, rates = [], [], []
-    for step in range(STEPS):
+
+    def microbatch_losses(step):
         idx = batch_indices(len(examples), BATCH, config.seed, step)
-        opt.zero_grad()
-        total = 0.0
         for half in (idx[:2], idx[2:]):
             pairs = [examples[i] for i in half]
             seqs = [(p.chosen_ids, p.chosen_mask) for p in pairs] + [(p.rejected_ids, p.rejected_mask) for p in pairs]
@@ -165,12 +172,6 @@ def test_dpo_run_follows_a_torch_adamw_loop(tmp_path):
             with torch.no_grad():
                 ref_lp, _ = _seq_logps(ref, seqs, tok.pad_token_id)
             margin = (lp[:2] - ref_lp[:2]) - (lp[2:] - ref_lp[2:])
-            loss = -torch.nn.functional.logsigmoid(beta * margin).sum() / BATCH
-            loss.backward()
-            total += float(loss.detach())
-        losses.append(total)
-        rates.append(opt.param_groups[0]["lr"])
-        norms.append(float(torch.nn.utils.clip_grad_norm_(hf.parameters(), clip)))
-        opt.step()
-        sched.step()
-    _compare(tmp_path, hf, logged, losses, norms, rates, clip)
+            yield -torch.nn.functional.logsigmoid(beta * margin).sum() / BATCH
+
+    _compare(tmp_path, hf, logged, *_torch_trajectory(hf, microbatch_losses, clip), clip)
