@@ -5,7 +5,8 @@ global mesh. Start-up settings, first found wins:
   1. arguments / command-line flags (--coordinator_address, --num_processes, --process_id, --init_timeout_s);
   2. environment: JAXRL_COORDINATOR (host:port of process 0), JAXRL_NUM_PROCESSES, JAXRL_PROCESS_ID,
      JAXRL_INIT_TIMEOUT_S (default 300), JAXRL_LOCAL_DEVICE_IDS ("0,1,..."; default: all local devices);
-  3. JAX's own cluster detection (SLURM under srun, Cloud TPU pod metadata, Open MPI under mpirun);
+  3. JAX's own cluster detection (SLURM under srun, Cloud TPU pod metadata, Open MPI under mpirun); several
+     processes per host take one GPU each (by SLURM_LOCALID), or all they see when srun bound GPUs per task;
   4. none of these: a single process, and `initialize` does nothing. JAXRL_DISTRIBUTED=off skips 2-3.
 
 Bounded start-up: before JAX's own handshake (which aborts the process with an opaque message when a peer is
@@ -99,7 +100,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         coordinator_address, num_processes, process_id, detected_ids = _from_cluster(
             cluster, coordinator_address, num_processes, process_id, timeout_s)
         if local_device_ids is None and detected_ids is not None and _one_process_per_host() is False:
-            local_device_ids = detected_ids  # several processes per host: one device each (JAX's default)
+            if _devices_bound_per_process():  # e.g. srun --gpus-per-task=1: the devices it sees are its own
+                log.info("process %d sees %s only (the launcher's per-task binding): it uses all of them",
+                         process_id, _visible_devices_env())
+            else:
+                local_device_ids = detected_ids  # several processes per host: one device each (JAX's default)
     missing = [name for name, v in ((f"coordinator ({ENV_COORDINATOR})", coordinator_address),
                                     (f"num_processes ({ENV_NUM_PROCESSES})", num_processes),
                                     (f"process_id ({ENV_PROCESS_ID})", process_id)) if v is None]
@@ -236,16 +241,38 @@ def _backend_started() -> bool:
         return False
 
 
+def _slurm_task_counts() -> list[int]:
+    """SLURM's tasks per node of this step, one per node: "2(x3),1" -> [2, 2, 2, 1]; [] outside SLURM."""
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE") or ""
+    return [int(n) for n, rep in re.findall(r"(\d+)(?:\(x(\d+)\))?", spec) for _ in range(int(rep or 1))]
+
+
 def _one_process_per_host() -> bool | None:
     """From the launcher's per-node task counts: True / False, or None when unknown."""
-    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
-    if spec:  # e.g. "1(x4)" or "2,1"
-        counts = [int(m) for m in re.findall(r"(\d+)(?:\(x\d+\))?", spec)]
-        return bool(counts) and max(counts) == 1
+    if counts := _slurm_task_counts():
+        return max(counts) == 1
     local = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE")
-    if local:
-        return int(local) == 1
-    return None
+    return int(local) == 1 if local else None
+
+
+def _visible_devices_env() -> str | None:
+    """'CUDA_VISIBLE_DEVICES=...' (or ROCm's) as the launcher set it, or None."""
+    return next((f"{k}={os.environ[k]}" for k in ("CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES",
+                                                  "HIP_VISIBLE_DEVICES") if k in os.environ), None)
+
+
+def _devices_bound_per_process() -> bool:
+    """Whether the launcher gave each process of this host its own GPUs (SLURM's --gpus-per-task, --gpu-bind): it
+    sees fewer GPUs than the host runs processes (SLURM's count at SLURM_NODEID, Open MPI's local size), so JAX's
+    default, the GPU numbered SLURM_LOCALID among those it sees, would name one it lacks or idle the others."""
+    counts, node = _slurm_task_counts(), os.environ.get("SLURM_NODEID", "")
+    if counts:
+        procs = counts[int(node)] if node.isdigit() and int(node) < len(counts) else max(counts)
+    else:
+        local = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "")
+        procs = int(local) if local.isdigit() else 0
+    visible = _visible_devices_env()
+    return visible is not None and len([x for x in visible.split("=", 1)[1].split(",") if x.strip()]) < procs
 
 
 # ----------------------------------------------------------------------------------------------- rendezvous
@@ -264,7 +291,7 @@ def rendezvous(host: str, port: int, num_processes: int, process_id: int, timeou
 
 def _serve(port: int, n: int, deadline: float, timeout_s: float, coordinator: str) -> None:
     try:
-        srv = socket.create_server(("", port))
+        srv = _listen(port)
     except OSError as e:
         raise DistributedError(f"process 0 cannot listen on the rendezvous port {port} (coordinator {coordinator} "
                                f"port + 1; set {ENV_RENDEZVOUS_PORT}): {e}") from e
@@ -311,6 +338,17 @@ def _serve(port: int, n: int, deadline: float, timeout_s: float, coordinator: st
         for conn in peers.values():
             conn.close()
         srv.close()
+
+
+def _listen(port: int) -> socket.socket:
+    """A server socket on every address of this host, IPv6 and IPv4 where the host has both (as JAX's coordinator
+    binds [::]:port): a coordinator given as [v6]:port or a host name that resolves to IPv6 only reaches it too."""
+    if socket.has_dualstack_ipv6():
+        try:
+            return socket.create_server(("", port), family=socket.AF_INET6, dualstack_ipv6=True)
+        except OSError:  # IPv6 turned off on this host: IPv4 only
+            pass
+    return socket.create_server(("", port))
 
 
 def _join(host: str, port: int, n: int, pid: int, deadline: float, timeout_s: float, coordinator: str) -> None:
