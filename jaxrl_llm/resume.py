@@ -18,6 +18,7 @@ from jaxrl_llm import distributed, models
 from jaxrl_llm.checkpoint import Checkpointer, complete_steps, require_finite
 from jaxrl_llm.cli import ConfigError
 from jaxrl_llm.data.sources import describe_source
+from jaxrl_llm.data.vocab import with_score_pad
 from jaxrl_llm.run_tokenizer import resolve_path
 from jaxrl_llm.workdir import (
     MODEL_CONFIG_FILE,
@@ -229,6 +230,35 @@ def prepare_workdir(workdir: str, cfg: models.ModelConfig, config: ml_collection
                                             "generation_config": source_generation_config(config)}, indent=2))
         replace_folder(os.path.join(workdir, "tokenizer"), tokenizer.save_pretrained)
     return ckpt
+
+
+def score_pad(workdir: str, cfg: models.ModelConfig, tokenizer: Any) -> models.ModelConfig:
+    """A score-head model's pad id where neither its config nor the tokenizer has one: the tokenizer's EOS
+    (`with_score_pad`), unless the workdir's checkpoints were trained without one (model_config.json's pad_token_id
+    null: a run started before pad = EOS, which read each row's score at its last token, EOS included); a resume keeps
+    that, or the score would be read at the token before a closing EOS from the resumed step on (process 0's reading
+    on every process)."""
+    if cfg.pad_token_id is not None:
+        return cfg
+    saved = _read_json(os.path.join(workdir, MODEL_CONFIG_FILE)) if jax.process_index() == 0 else None
+    hf = saved.get("hf_config") if isinstance(saved, dict) else None
+    trained_without = bool(complete_steps(os.path.join(workdir, "checkpoints"))) and isinstance(hf, dict) \
+        and "pad_token_id" in hf and hf["pad_token_id"] is None
+    if distributed.allgather_json(trained_without)[0]:
+        log.warning("the tokenizer has no pad token, and %s's checkpoints were trained without one (each row scored "
+                    "at its last token): kept so, rather than pad = EOS; the exported *ForSequenceClassification "
+                    "model scores one row at a time in transformers (start a fresh workdir for pad = EOS)", workdir)
+        return cfg
+    cfg = with_score_pad(cfg, tokenizer)
+    if cfg.pad_token_id is not None:
+        log.info("the tokenizer has no pad token: pad = EOS %r (id %d) for the score head, as TRL and NeMo RL; a row "
+                 "ending in it is scored at the token before it (here and in transformers)", tokenizer.pad_token,
+                 cfg.pad_token_id)
+    else:
+        log.warning("the tokenizer has no pad token and no EOS: the exported *ForSequenceClassification model scores "
+                    "only one row at a time in transformers (it finds each row's last token by the pad id); give the "
+                    "tokenizer one (tokenizer folder) to score batches there")
+    return cfg
 
 
 def finish_run(config: ml_collections.ConfigDict, cfg: models.ModelConfig, params: Any, tokenizer: Any, workdir: str,

@@ -37,7 +37,7 @@ from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.data.cache import DataCache
 from jaxrl_llm.data.sources import describe_source
-from jaxrl_llm.data.vocab import check_ids_fit, with_score_pad, with_tokenizer_ids
+from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
 from jaxrl_llm.metrics import MetricsWriter, StepWindow, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
 from jaxrl_llm.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
@@ -47,6 +47,7 @@ from jaxrl_llm.resume import (  # noqa: F401 (train.check_resume ...)
     finish_run,
     prepare_workdir,
     restore_run,
+    score_pad,
     source_generation_config,
 )
 from jaxrl_llm.run_tokenizer import load_run_tokenizer, load_tokenizer, resolve_path  # noqa: F401 (train.*)
@@ -406,16 +407,8 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         raise ConfigError(f"val_every={val_every} needs data.val_fraction > 0 and an algorithm with validation")
     cfg, params = build_model(config, len(tokenizer), mesh, rules, algo.num_labels)
     cfg = with_tokenizer_ids(cfg, tokenizer)
-    if algo.num_labels and cfg.pad_token_id is None:
-        cfg = with_score_pad(cfg, tokenizer)
-        if cfg.pad_token_id is not None:
-            log.info("the tokenizer has no pad token: pad = EOS %r (id %d) for the score head, as TRL and NeMo RL; a "
-                     "row ending in it is scored at the token before it (here and in transformers)",
-                     tokenizer.pad_token, cfg.pad_token_id)
-        else:
-            log.warning("the tokenizer has no pad token and no EOS: the exported *ForSequenceClassification model "
-                        "scores only one row at a time in transformers (it finds each row's last token by the pad "
-                        "id); give the tokenizer one (tokenizer folder) to score batches there")
+    if algo.num_labels:
+        cfg = score_pad(workdir, cfg, tokenizer)
     check_ids_fit([*examples, *val_examples], cfg.vocab_size, tokenizer, "tokenized example")
     optimizer, schedule = make_optimizer(max_steps=config.max_steps, **config.optimizer)
     step_fn = algo.make_step(cfg, optimizer, config, rules)
