@@ -169,8 +169,11 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
     else:
         if sequence_level_ratio:  # GSPO: exp of the mean per-token log-ratio over each sequence
             # Tokens outside the trainer's top-k/top-p set (the LOGP_FLOOR) are left out of the mean, as NeMo RL's
-            # actor_token_mask does: their log-ratio (the -20 bound) would drag the whole sequence's ratio down.
-            keep = m * (lp > LOGP_FLOOR)
+            # actor_token_mask does: their log-ratio (the -20 bound) would drag the whole sequence's ratio down; and
+            # so are those outside the old policy's set (a recomputed old log-prob at the floor, the token back in the
+            # set after an update), whose +20 bound pushed it up (e^5 for 4 tokens: a negative advantage's gradient
+            # on every other token of the sequence x148).
+            keep = m * (lp > LOGP_FLOOR) * (old > LOGP_FLOOR)
             ratio = jnp.broadcast_to(jnp.exp(_masked_seq_mean(log_ratio, keep))[:, None], lp.shape)
         else:
             ratio = jnp.exp(log_ratio)
