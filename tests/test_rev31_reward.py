@@ -61,3 +61,15 @@ def test_many_boxes_or_a_chain_score_as_one_answer():
     assert score_math("\\boxed{x = " + " = ".join(map(str, range(1, 21))) + "}", "7", "auto", None)[0] == 0.0
     assert score_math("The answer is 72 or 73.", "72", "auto", None)[0] == 0.0
     assert score_math("I think it's 72. \\boxed{}", "72", "auto", None) == (0.0, None)
+
+
+def test_answer_colon_is_a_heading_not_any_remark():
+    """"answer: X" counts at a line's start or after the/my/our/final; "Check answer: yes" after the statement was
+    taken for the last answer ("yes"), which scored a right answer 0."""
+    from jaxrl_llm.environments.extract import extract_answer_is
+
+    assert extract_answer_is("The answer is 18.\nCheck answer: yes") == "18"
+    assert extract_answer_is("Check answer: yes") is None
+    for text in ("Answer: 9", "  - Answer: 9", "So the final answer: 9.", "My answer: 9", "Hence, final answer: 9"):
+        assert extract_answer_is(text) == "9", text
+    assert score_math("The answer is 18.\nCheck answer: yes", "18", "auto", None)[0] == 1.0

@@ -29,8 +29,11 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _HASH = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 # A lookahead, so that matches overlap: in "Answer: I think the answer is 18." the last one is "the answer is 18".
-_ANSWER_IS = re.compile(r"(?=(?:final answer|answer)(?: is\s*:?|\s*:)\s*(.+?)\s*(?:\.(?=\s|$)|\n|$))",
-                        re.IGNORECASE)
+_ANSWER_IS = re.compile(r"(?=(?:final answer|answer) is\s*:?\s*(.+?)\s*(?:\.(?=\s|$)|\n|$))", re.IGNORECASE)
+# "answer: X" as a heading (at a line's start: "Answer: 18", "**Final Answer:** 18") or "the/my/our (final) answer:",
+# "final answer:"; not any "... answer:" ("The answer is 18.\nCheck answer: yes" states 18, not "yes").
+_ANSWER_COLON = re.compile(r"(?=(?:^[ \t#>*_-]*(?:final\s+)?|\b(?:the|my|our)\s+(?:final\s+)?|\bfinal\s+)"
+                           r"answer\s*:\s*(.+?)\s*(?:\.(?=\s|$)|\n|$))", re.IGNORECASE | re.MULTILINE)
 # The statement the other way round, as small instruct models write it: "So, 18 is the answer." / "2475 is the final
 # answer" / "to get 2, which is the answer"; a number only ("This is the answer to the question." states none).
 _NUMBER_IS_ANSWER = re.compile(r"(?<![\w.,$])(\$?[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?:,?\s+which)?\s+is\s+"
@@ -154,7 +157,7 @@ def extract_answer_is(text: str) -> str | None:
     reason ("18, since 9 + 9 = 18" -> 18). Markdown emphasis is read through ("**The answer is 18.**" -> 18). The
     \\boxed{} instruction repeated ("The answer is within \\boxed{}.") is passed over."""
     text = _EMPHASIS_DELIMITER.sub("", text)
-    found = sorted((m.start(), m.group(1)) for rx in (_ANSWER_IS, _ANSWER_TO_IS, _NUMBER_IS_ANSWER)
+    found = sorted((m.start(), m.group(1)) for rx in (_ANSWER_IS, _ANSWER_COLON, _ANSWER_TO_IS, _NUMBER_IS_ANSWER)
                    for m in rx.finditer(text))
     return _last_nonempty(None if _ECHOED_INSTRUCTION.match(v) else _without_reason(v) for _, v in found)
 
