@@ -46,6 +46,9 @@ class SamplingParams:
             raise ValueError(f"top_k={self.top_k!r}: must be an integer >= 0 (0 = off)")
         if not _is_real(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p={self.top_p!r}: must lie in (0, 1] (1 = off)")
+        # numpy scalars (budgets read from an array) as Python numbers: the shape buckets use int methods
+        for name, kind in (("max_new_tokens", int), ("top_k", int), ("temperature", float), ("top_p", float)):
+            object.__setattr__(self, name, kind(getattr(self, name)))
 
 
 def _is_int(x) -> bool:
