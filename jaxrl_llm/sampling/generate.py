@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class GenerateOutput:
     """Completions in prompt order. tokens[i] excludes the prompt and includes the stop token when one was hit;
-    logprobs[i][j] is the log-prob of tokens[i][j]; finish_reasons[i] is 'stop' or 'length'.
+    logprobs[i][j] is the log-prob of tokens[i][j]; finish_reasons[i] is 'stop' or 'length'; prompt_lengths[i]
+    is the number of prompt tokens row i was generated from (its last ones, when truncate_prompts cut it).
 
     stats: compiles (XLA compilations of the sampler's functions during this call), prefill_seconds,
     decode_seconds, decode_steps (loop iterations run, summed over chunks), generated_tokens, tokens_per_second,
@@ -59,6 +60,7 @@ class GenerateOutput:
     logprobs: list[list[float]]
     finish_reasons: list[str]
     stats: dict[str, Any]
+    prompt_lengths: list[int] = dataclasses.field(default_factory=list)
 
 
 def _check_placement(params: dict, mesh: Mesh) -> None:
@@ -385,4 +387,5 @@ def generate(
     stats["generated_tokens"] = n_gen
     elapsed = stats["prefill_seconds"] + stats["decode_layout_seconds"] + stats["decode_seconds"]
     stats["tokens_per_second"] = n_gen / elapsed if elapsed > 0 else 0.0
-    return GenerateOutput(tokens=tokens, logprobs=logprobs, finish_reasons=reasons, stats=stats)
+    return GenerateOutput(tokens=tokens, logprobs=logprobs, finish_reasons=reasons, stats=stats,
+                          prompt_lengths=[len(a) for a in arrs])

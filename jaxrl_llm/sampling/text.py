@@ -18,6 +18,9 @@ Conversation = list[dict[str, str]]
 
 @dataclasses.dataclass
 class TextOutput:
+    """texts[i]: the decoded completion; prompt_ids[i]: the prompt tokens it was generated from (left-truncated
+    as generate's truncate_prompts cut them); output: generate's."""
+
     texts: list[str]
     prompt_ids: list[list[int]]
     output: GenerateOutput
@@ -46,6 +49,9 @@ def encode_inputs(tokenizer: Any, inputs: Sequence[str | Conversation], chat_tem
         raise ValueError("inputs: expected a non-empty list of strings or conversations")
     out = []
     for i, x in enumerate(inputs):
+        if isinstance(x, dict):
+            raise ValueError(f"{label} {i} is a message ({x!r:.60}), not a conversation: inputs is a list of "
+                             "strings or conversations; wrap one conversation in a list: [[{...}, ...]]")
         if chat_template:
             conv = [{"role": "user", "content": x}] if isinstance(x, str) else list(x)
             for j, m in enumerate(conv):
@@ -100,4 +106,5 @@ def generate_text(
     out = generate(cfg, params, prompt_ids, sp, rng, tokenizer=tokenizer if token_bytes is None else token_bytes,
                    **generate_kwargs)
     texts = [tokenizer.decode(t, skip_special_tokens=skip_special_tokens) for t in out.tokens]
+    prompt_ids = [p[len(p) - n:] for p, n in zip(prompt_ids, out.prompt_lengths, strict=True)]
     return TextOutput(texts=texts, prompt_ids=prompt_ids, output=out)
