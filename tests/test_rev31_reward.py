@@ -73,3 +73,9 @@ def test_answer_colon_is_a_heading_not_any_remark():
     for text in ("Answer: 9", "  - Answer: 9", "So the final answer: 9.", "My answer: 9", "Hence, final answer: 9"):
         assert extract_answer_is(text) == "9", text
     assert score_math("The answer is 18.\nCheck answer: yes", "18", "auto", None)[0] == 1.0
+
+
+def test_a_box_stating_the_answer_in_text_is_the_value_it_states():
+    """\\boxed{\\text{The answer is } 5} was re-read as "} 5" (a right answer, but a vote of its own in maj@k)."""
+    assert score_math("So \\boxed{\\text{The answer is } 5}", "5", "auto", None) == (1.0, "5")
+    assert score_math("\\boxed{5 \\text{ cm}}", "5", "auto", None)[1] == "5 \\text{ cm}"  # not a statement: kept
