@@ -30,10 +30,15 @@ _HASH = re.compile(r"####[ \t]*([^\n]*)")
 _ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 # A lookahead, so that matches overlap: in "Answer: I think the answer is 18." the last one is "the answer is 18".
 _ANSWER_IS = re.compile(r"(?=(?:final answer|answer) is\s*:?\s*(.+?)\s*(?:\.(?=\s|$)|\n|$))", re.IGNORECASE)
-# "answer: X" as a heading (at a line's start: "Answer: 18", "**Final Answer:** 18") or "the/my/our (final) answer:",
-# "final answer:"; not any "... answer:" ("The answer is 18.\nCheck answer: yes" states 18, not "yes").
-_ANSWER_COLON = re.compile(r"(?=(?:^[ \t#>*_-]*(?:final\s+)?|\b(?:the|my|our)\s+(?:final\s+)?|\bfinal\s+)"
-                           r"answer\s*:\s*(.+?)\s*(?:\.(?=\s|$)|\n|$))", re.IGNORECASE | re.MULTILINE)
+# "answer: X" as a heading (at a line's start, after a list marker: "Answer: 18", "**Final Answer:** 18", "2. Answer:
+# 7", "Step 3: Answer: 7") or "the/my/our/so/thus/hence/therefore (the) (final/correct) answer:", "final/correct
+# answer:"; not any "... answer:" ("The answer is 18.\nCheck answer: yes" states 18, not "yes").
+_ANSWER_COLON = re.compile(r"(?=(?:^[ \t#>*_-]*(?:(?:\d+|[a-z])[.)][ \t]+|\(\w+\)[ \t]*"
+                           r"|step[ \t]*\d+[ \t]*[:.)-][ \t]*)?"
+                           r"|\b(?:the|my|our|so|thus|hence|therefore)\b[ \t,]+(?:the[ \t]+)?"
+                           r"|\b(?=(?:final|correct)\s))"
+                           r"(?:(?:final|correct)\s+)?answer\s*:\s*(.+?)\s*(?:\.(?=\s|$)|\n|$))",
+                           re.IGNORECASE | re.MULTILINE)
 # The statement the other way round, as small instruct models write it: "So, 18 is the answer." / "2475 is the final
 # answer" / "to get 2, which is the answer"; a number only ("This is the answer to the question." states none).
 _NUMBER_IS_ANSWER = re.compile(r"(?<![\w.,$])(\$?[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?:,?\s+which)?\s+is\s+"
