@@ -61,3 +61,20 @@ def test_gspo_ratio_leaves_out_tokens_outside_the_old_policys_set():
                                 sequence_level_ratio=True)
     np.testing.assert_allclose(float(m["ratio_max"]), math.exp(0.01 / 3), rtol=1e-5)
     np.testing.assert_allclose(float(m["actor_loss"]), math.exp(0.01 / 3), rtol=1e-5)
+
+
+def test_sequence_importance_weights_leave_out_tokens_outside_the_trainers_set():
+    """GSPO's importance weight exp(sum old - sampler) and seq-mask-tis's geometric mean took a token outside the
+    trainer's top-k/top-p set (old at the -1e4 floor) into the sum: the sequence's weight was 0 (GSPO) or it was
+    masked out whole (seq-mask-tis); NeMo RL masks such a token out of both."""
+    lp = jnp.array([[-1.0, -0.5, -0.7, -2.0]])
+    old = jnp.array([[-1.0, -0.5, -0.7, LOGP_FLOOR]])
+    gen = jnp.array([[-1.1, -0.5, -0.7, -2.0]])
+    adv, mask = jnp.array([1.0]), jnp.ones((1, 4))
+    _, m = policy_gradient_loss(lp, old, None, adv, mask, token_level=False, sequence_level_ratio=True,
+                                sampler_logprobs=gen)
+    np.testing.assert_allclose(float(m["is_weight_mean"]), math.exp(0.1), rtol=1e-5)
+    _, m = policy_gradient_loss(lp, old, None, adv, mask, sampler_logprobs=gen, tis_cap=1.2, tis_min=0.9,
+                                tis_type="seq-mask-tis")
+    # the three tokens in the set: geometric mean e^(0.1 / 3), inside [0.9, 1.2]: their raw weights kept
+    np.testing.assert_allclose(float(m["is_weight_mean"]), (math.exp(0.1) + 1 + 1 + 0) / 4, rtol=1e-5)

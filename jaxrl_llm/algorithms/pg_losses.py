@@ -190,9 +190,12 @@ def policy_gradient_loss_sum(logprobs, old_logprobs, ref_logprobs, advantages, m
     if sampler_logprobs is not None:  # importance weight between the trainer's old policy and the sampler's
         gen = jax.lax.stop_gradient(sampler_logprobs.astype(_F32))
         log_w = jnp.where(m > 0, old - gen, 0.0)
-        w = _exp_or_zero((log_w * m).sum(-1))[:, None] if sequence_level_ratio else _exp_or_zero(log_w)
+        # A sequence's weight leaves out the tokens outside the trainer's top-k/top-p set (old at the floor: NeMo RL
+        # masks its -inf out): their -1e4 zeroed the whole sequence's weight (GSPO) or its geometric mean.
+        m_in = m * (old > LOGP_FLOOR)
+        w = _exp_or_zero((log_w * m_in).sum(-1))[:, None] if sequence_level_ratio else _exp_or_zero(log_w)
         if tis_cap is not None:
-            w = _truncate_is_weight(w, log_w, m, tis_type, tis_min, tis_cap)
+            w = _truncate_is_weight(w, log_w, m_in, tis_type, tis_min, tis_cap)
         weight = jnp.broadcast_to(w, lp.shape)
 
     kl_tok = jnp.zeros_like(lp)
