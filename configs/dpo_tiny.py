@@ -28,7 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
         length_buckets=4))  # each batch padded to a rung (4 per doubling) over its longest pair
     c.dpo = ml_collections.ConfigDict(dict(
         beta=0.1, loss_type="sigmoid", label_smoothing=0.0,  # sigmoid | ipo; smoothing: conservative DPO
-        average_log_probs=False,  # True: length-averaged sequence log-probs (NeMo preference_average_log_probs)
+        average_log_probs=False,  # True: length-averaged log-probs (NeMo preference_average_log_probs; TRL ipo)
         preference_weight=1.0, sft_weight=0.0, sft_average_log_probs=False))
     c.train = ml_collections.ConfigDict(dict(batch_size=4, microbatches=1))  # batch_size counts pairs
     c.optimizer = ml_collections.ConfigDict(dict(

@@ -18,8 +18,8 @@ What is compared and why:
   its `_compute_loss`), which is ours with `average_log_probs=True` (we average policy and reference
   log-probs by the same count, so the averaged log-ratio is the same number). TRL counts the unshifted
   completion mask, we count target positions (mask[1:]); they agree whenever the prompt is non-empty, as here.
-- Not compared: our `label_smoothing` (conservative DPO). TRL 1.16's "sigmoid" ignores label_smoothing and
-  its "robust" loss is a different formula ((clean - flipped) / (1 - 2ε)), so TRL has no equivalent.
+- Conservative DPO (`label_smoothing`; TRL 1.16's "sigmoid" ignores it, "sigmoid" + "robust" weighted to it),
+  length-averaged sigmoid (TRL's "sigmoid_norm") and the SFT term (TRL's "sft"): `tests/test_rev31_dpov.py`.
 """
 
 from __future__ import annotations

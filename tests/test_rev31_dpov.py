@@ -1,0 +1,132 @@
+"""The DPO variants `tests/test_dpo_trl.py` leaves out, pinned against TRL 1.16's own `DPOTrainer.compute_loss` on
+the same tiny Llama, pairs and batch (its fixtures and word-level tokenizer), fp32.
+
+One TRL trainer is built; its loss is switched between calls through the attributes `_compute_loss` reads
+(`loss_types`, `loss_weights`, `label_smoothing`), so each variant is TRL's formula on TRL's log-probs.
+- conservative DPO (our `label_smoothing` ε on "sigmoid"): TRL 1.16's "sigmoid" ignores `label_smoothing`; its
+  "robust" loss is ((1-ε) A - ε B) / (1-2ε) with A = -log σ(βh), B = -log σ(-βh), so "sigmoid" weighted 2(1-ε) plus
+  "robust" weighted -(1-2ε) is (1-ε) A + ε B, the cDPO loss (TRL < 1.0's "sigmoid" with label_smoothing).
+- length-averaged sigmoid (our `average_log_probs=True`): TRL's "sigmoid_norm".
+- SFT term: TRL's "sft" (its former `rpo_alpha`) is the chosen tokens' NLL averaged over all chosen tokens of the
+  batch; ours (`sft_average_log_probs=False`) is each chosen response's summed NLL averaged over pairs, so TRL's =
+  ours x pairs / chosen tokens (the README says so); with `sft_average_log_probs=True` each response is averaged
+  over its own tokens first, which equals TRL's only when every chosen response has one length.
+- metrics: rewards/margins (and the rest) on summed log-probs.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+trl = pytest.importorskip("trl")
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from test_dpo_trl import SHAPES, _rows, _word_tokenizer, folders  # noqa: E402,F401  (folders: a fixture)
+
+from jaxrl_llm import models  # noqa: E402
+from jaxrl_llm.algorithms.dpo import make_dpo_loss  # noqa: E402
+
+BETA, EPS, ALPHA = 0.1, 0.2, 0.7
+# name -> (TRL loss types, TRL loss weights, TRL label_smoothing, our dpo overrides)
+VARIANTS = {
+    "cdpo": (["sigmoid", "robust"], [2 * (1 - EPS), -(1 - 2 * EPS)], EPS, dict(label_smoothing=EPS)),
+    "sigmoid_avg": (["sigmoid_norm"], [1.0], 0.0, dict(average_log_probs=True)),
+    "sft_only": (["sft"], [1.0], 0.0, dict(preference_weight=0.0, sft_weight=1.0)),
+}
+
+
+@pytest.fixture(scope="module")
+def trl_runs(folders, tmp_path_factory):  # noqa: F811
+    import datasets
+
+    policy = transformers.AutoModelForCausalLM.from_pretrained(folders[0], dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folders[1], dtype=torch.float32)
+    args = trl.DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), beta=BETA, loss_type=["sigmoid"],
+                         per_device_train_batch_size=len(SHAPES), max_length=None, precompute_ref_log_probs=False,
+                         gradient_checkpointing=False, bf16=False, use_cpu=True, report_to=[], seed=0,
+                         dataloader_num_workers=0)
+    trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=_word_tokenizer(),
+                             train_dataset=datasets.Dataset.from_dict(_rows()))
+    batch = next(iter(trainer.get_train_dataloader()))
+    out = {}
+    for name, (types, weights, smoothing, _) in VARIANTS.items():
+        trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = types, weights, smoothing
+        trainer.model.zero_grad()
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+        gnorm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in trainer.model.parameters()
+                               if p.grad is not None))
+        metrics = {k: v[-1] for k, v in trainer._metrics["train" if trainer.model.training else "eval"].items()}
+        out[name] = (float(loss.detach()), float(gnorm), metrics)
+    return out, {k: v.numpy() for k, v in batch.items()}
+
+
+@pytest.fixture(scope="module")
+def ours(folders, trl_runs):  # noqa: F811
+    batch = trl_runs[1]
+    _, params = models.load_pretrained(folders[0])
+    cfg, ref_params = models.load_pretrained(folders[1])
+    P = len(SHAPES)
+
+    def to_pairs(x):  # TRL rows: chosen 0..P-1, then rejected 0..P-1 -> [P, 2, T]
+        return np.stack([x[:P], x[P:]], axis=1).astype(np.int32)
+
+    mb = {"input_ids": to_pairs(batch["input_ids"]), "attention_mask": to_pairs(batch["attention_mask"]),
+          "loss_mask": to_pairs(batch["completion_mask"])}
+
+    def mean_loss_fn(overrides):
+        base = dict(beta=BETA, loss_type="sigmoid", label_smoothing=0.0, average_log_probs=False,
+                    preference_weight=1.0, sft_weight=0.0, sft_average_log_probs=False)
+        loss_fn = make_dpo_loss(cfg, ml_collections.ConfigDict({**base, **overrides}))
+
+        def mean_loss(p):
+            total, (pairs, sums) = loss_fn(p, ref_params, mb)
+            return total / pairs, {k: v / pairs for k, v in sums.items()}
+
+        return mean_loss
+
+    def all_losses(p):
+        out = {}
+        for name, (*_, overrides) in VARIANTS.items():
+            (loss, metrics), grads = jax.value_and_grad(mean_loss_fn(overrides), has_aux=True)(p)
+            out[name] = (loss, optax.global_norm(grads), metrics)
+        return out
+
+    out = jax.jit(all_losses)(params)
+    return {n: (float(l), float(g), {k: float(v) for k, v in m.items()}) for n, (l, g, m) in out.items()}
+
+
+def test_conservative_dpo_matches_trl(trl_runs, ours):
+    t_loss, t_gnorm, t_metrics = trl_runs[0]["cdpo"]
+    loss, gnorm, metrics = ours["cdpo"]
+    np.testing.assert_allclose(loss, t_loss, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(gnorm, t_gnorm, rtol=1e-4)
+    for ours_key, trl_key in (("rewards_chosen", "rewards/chosen"), ("rewards_rejected", "rewards/rejected"),
+                              ("margin", "rewards/margins"), ("accuracy", "rewards/accuracies")):
+        np.testing.assert_allclose(metrics[ours_key], t_metrics[trl_key], atol=1e-5, rtol=1e-5, err_msg=ours_key)
+
+
+def test_length_averaged_sigmoid_is_trl_sigmoid_norm(trl_runs, ours):
+    t_loss, t_gnorm, _ = trl_runs[0]["sigmoid_avg"]
+    loss, gnorm, _ = ours["sigmoid_avg"]
+    assert abs(t_loss - np.log(2.0)) > 1e-4  # not the trivial value
+    np.testing.assert_allclose(loss, t_loss, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(gnorm, t_gnorm, rtol=1e-4)
+
+
+def test_sft_term_is_trl_sft_up_to_its_token_normalisation(trl_runs, ours):
+    """TRL's "sft" averages the NLL over the batch's chosen tokens, ours sums each response and averages over
+    pairs: the same per-token log-probs, scaled by pairs / chosen tokens (loss and gradients alike)."""
+    t_loss, t_gnorm, _ = trl_runs[0]["sft_only"]
+    loss, gnorm, metrics = ours["sft_only"]
+    P = len(SHAPES)
+    scale = P / sum(c for _, c, _ in SHAPES)  # chosen tokens: the completion masks' counts
+    assert scale != 1.0
+    np.testing.assert_allclose(metrics["sft_loss"], loss, rtol=1e-6)
+    np.testing.assert_allclose(loss * scale, t_loss, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(gnorm * scale, t_gnorm, rtol=1e-4)
