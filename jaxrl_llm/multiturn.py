@@ -12,7 +12,12 @@ again, up to rollout.max_turns turns.
 Token bookkeeping: generated tokens are appended exactly as sampled (never decoded and re-tokenised), so the
 sampler's log-probs stay aligned with them and the training row [pad..., prompt | out.tokens[i], pad...] is exactly
 the context each turn was generated from. The assistant message the environment sees is the generated text
-without special tokens. Between turns the row gets the chat template's delta (`observation_delta`): what closes
+without special tokens, a reasoning model's <think> block included (the environment reads its action after it;
+an environment whose step takes `prompts` also gets the decoded end of the row each reply continues, where a
+generation prompt may have opened the block). Earlier turns' reasoning therefore stays in the row as sampled and
+the policy sees it at later turns (as in NeMo RL's message log); a template that renders earlier turns otherwise
+(Qwen3's drops their reasoning and gives the last reply an empty think block) is refused by `observation_delta`.
+Between turns the row gets the chat template's delta (`observation_delta`): what closes
 the assistant turn (e.g. ChatML's "<|im_end|>\\n"; only the part the generation did not already end with, so a
 reply cut by the token limit is closed too), the user message and the next generation prompt, tokenised on its
 own with add_special_tokens=False.
@@ -42,9 +47,11 @@ import jax
 import numpy as np
 
 from jaxrl_llm import sampling
+from jaxrl_llm.environments.extract import THINK_CLOSE, THINK_OPEN
 from jaxrl_llm.environments.multiturn import MultiTurnEnvironment, check_turn_result, is_multi_turn
 
 OBSERVATION_TOKENS = 32  # default room per observation when rollout.max_total_tokens is 0
+PROMPT_TAIL_TOKENS = 16  # the end of each turn's row decoded for an environment's step(prompts=...)
 
 
 class Generation(NamedTuple):
@@ -111,19 +118,24 @@ def observation_delta(tokenizer: Any, conversation: Sequence[dict[str, str]], ge
     head = render(tokenizer, conversation[:-1], True, chat_template)
     with_reply = render(tokenizer, conversation, False, chat_template)
     nxt = render(tokenizer, [*conversation, {"role": "user", "content": observation}], True, chat_template)
+    # Qwen3's template drops the reasoning of earlier replies and gives the last an empty think block; DeepSeek-R1's
+    # opens one in the generation prompt and renders replies without it: both rewrite what was sampled.
+    thinks = any(t in head + with_reply + nxt for t in (THINK_OPEN, THINK_CLOSE))
+    hint = (" (this one rewrites the reply's <think> block, as Qwen3's and DeepSeek-R1's templates do; the rollout "
+            "keeps the reasoning as sampled)") if thinks else ""
     if not with_reply.startswith(head):
         raise ValueError("the chat template renders the conversation with the assistant's reply differently from "
                          "the prompt it was generated from (it does not start with it); multi-turn rollouts need a "
-                         "template that keeps earlier turns unchanged (data.chat_template)")
+                         f"template that keeps earlier turns unchanged (data.chat_template){hint}")
     tail = with_reply[len(head):]
     close = next((tail[len(c):] for c in (content, content.strip()) if tail.startswith(c)), None)
     if close is None:
         raise ValueError(f"the chat template does not render the assistant's reply {content[:60]!r} verbatim after "
-                         "the generation prompt; multi-turn rollouts need it to (data.chat_template)")
+                         f"the generation prompt; multi-turn rollouts need it to (data.chat_template){hint}")
     if not nxt.startswith(with_reply):
         raise ValueError("the chat template renders the conversation plus the environment's message differently "
                          "from the conversation alone (it is not a prefix); multi-turn rollouts need a template that "
-                         "keeps earlier turns unchanged (data.chat_template)")
+                         f"keeps earlier turns unchanged (data.chat_template){hint}")
     close_ids = [int(t) for t in tokenizer.encode(close, add_special_tokens=False)]
     generated_ids = [int(t) for t in generated_ids]
     done = 0
@@ -167,6 +179,7 @@ def multi_turn_rollout(generate_fn: GenerateFn, tokenizer: Any, env: MultiTurnEn
     if max_turns < 1 or max_new_tokens < 1 or max_total_tokens < max_new_tokens:
         raise ValueError(f"multi_turn_rollout: need max_turns >= 1, max_new_tokens >= 1 and max_total_tokens >= "
                          f"max_new_tokens, got {max_turns}, {max_new_tokens}, {max_total_tokens}")
+    takes_prompts = "prompts" in inspect.signature(env.step).parameters
     after: list[list[int]] = [[] for _ in range(n)]
     masks: list[list[int]] = [[] for _ in range(n)]
     lps: list[list[float]] = [[] for _ in range(n)]
@@ -180,7 +193,8 @@ def multi_turn_rollout(generate_fn: GenerateFn, tokenizer: Any, env: MultiTurnEn
         if not active:
             break
         caps = [min(max_new_tokens, max_total_tokens - len(after[i])) for i in active]
-        gen = generate_fn([[*prompt_ids[i], *after[i]] for i in active], caps, turn)
+        rows = [[*prompt_ids[i], *after[i]] for i in active]
+        gen = generate_fn(rows, caps, turn)
         _check_generation(gen, caps, turn)
         for j, i in enumerate(active):
             toks = [int(t) for t in gen.tokens[j]]
@@ -189,7 +203,12 @@ def multi_turn_rollout(generate_fn: GenerateFn, tokenizer: Any, env: MultiTurnEn
             lps[i] += [float(x) for x in gen.logprobs[j]]
             turns[i] += 1
             convs[i].append({"role": "assistant", "content": tokenizer.decode(toks, skip_special_tokens=True)})
-        res = env.step([convs[i] for i in active], [metadata[i] for i in active], [turns[i] for i in active])
+        step_kw = {}
+        if takes_prompts:  # the end of the text each reply continues: a generation prompt may open <think>
+            step_kw["prompts"] = [tokenizer.decode(row[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
+                                  for row in rows]
+        res = env.step([convs[i] for i in active], [metadata[i] for i in active], [turns[i] for i in active],
+                       **step_kw)
         check_turn_result(res, len(active), env.name)
         for k, v in res.counts.items():
             counts[k] = counts.get(k, 0) + int(v)

@@ -17,6 +17,11 @@ observation "Too low. Guess again." / "Too high. Guess again.". No integer: rewa
 and an observation asking for one (counted as "no_number"). The rollout loop sums the turns' rewards and ends
 episodes that reach rollout.max_turns. The environment also scores single-turn completions (`score`: the first
 answer is right), so it works with rollout.max_turns=1 and in evaluation.
+
+Reasoning models (`strip_thinking`, default on, as the single-turn environments): the guess is read from the reply's
+text after its last </think> (extract.after_thinking), so a number tried while thinking is not the guess, and a
+reply cut off inside its think block (opened by it, or by a generation prompt ending in "<think>\\n": `step`'s
+`prompts`, which the rollout passes) has no guess ("no_number").
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from jaxrl_llm.environments.base import EnvResult, check_batch
+from jaxrl_llm.environments.extract import after_thinking
 
 _INT = re.compile(r"-?\d+")
 _MAX_DIGITS = 18  # longer integers are clamped (int() of thousands of digits raises in Python 3.11)
@@ -56,7 +62,8 @@ class MultiTurnEnvironment(Protocol):
     def step(self, conversations: list[list[dict[str, str]]], metadata: list[dict[str, Any]],
              turns: list[int] | None = None) -> TurnResult:
         """turns[i]: the 1-based turn of conversation i's last message (its episode's count of generated replies;
-        the task's own messages, few-shot examples included, do not count). The rollout always passes it."""
+        the task's own messages, few-shot examples included, do not count). The rollout always passes it, and
+        passes `prompts` (the decoded end of the row each reply continues) to a step that takes that keyword."""
         ...
 
 
@@ -94,11 +101,13 @@ def last_integer(text: str) -> int | None:
 class NumberGuessEnvironment:
     """Guess the task's secret integer. metadata[i]: {"secret": int, "lo": int, "hi": int} ("lo"/"hi" default to
     the constructor's). turn_discount in (0, 1]: the reward of a right answer at turn t is turn_discount ** (t-1).
-    invalid_penalty >= 0: a reply without an integer gets reward -invalid_penalty.
+    invalid_penalty >= 0: a reply without an integer gets reward -invalid_penalty. strip_thinking: read the guess
+    from the text after the reply's last </think>; one cut off inside its think block has none (False: the whole
+    reply).
     info[i]: {"guess": int | None, "correct": bool, "turn": t}; counts: correct, too_low, too_high, no_number."""
 
     def __init__(self, lo: int = 1, hi: int = 100, turn_discount: float = 1.0, invalid_penalty: float = 0.0,
-                 name: str = "number_guess"):
+                 name: str = "number_guess", strip_thinking: bool = True):
         if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int) \
                 or lo > hi:
             raise ValueError(f"number_guess: 'lo' and 'hi' must be integers with lo <= hi, got lo={lo!r}, hi={hi!r}")
@@ -111,6 +120,7 @@ class NumberGuessEnvironment:
         self.name = name
         self.lo, self.hi = lo, hi
         self.turn_discount = float(turn_discount)
+        self.strip_thinking = bool(strip_thinking)
 
     def check_metadata(self, metadata: list[dict[str, Any]]) -> None:
         """ValueError naming the first task without a secret to guess."""
@@ -127,8 +137,10 @@ class NumberGuessEnvironment:
                              f"given), got secret={vals[0]!r}, lo={vals[1]!r}, hi={vals[2]!r}")
         return vals
 
-    def _judge(self, text: str, secret: int, lo: int, hi: int, turn: int, counts: dict[str, int]
+    def _judge(self, text: str, prompt: str, secret: int, lo: int, hi: int, turn: int, counts: dict[str, int]
                ) -> tuple[float, bool, str | None, dict[str, Any]]:
+        if self.strip_thinking:
+            text = after_thinking(text, prompt) or ""
         guess = last_integer(text)
         info = {"guess": guess, "correct": guess == secret, "turn": turn}
         if guess is None:
@@ -142,12 +154,15 @@ class NumberGuessEnvironment:
         return 0.0, False, f"Too {'low' if low else 'high'}. Guess again.", info
 
     def step(self, conversations: list[list[dict[str, str]]], metadata: list[dict[str, Any]],
-             turns: list[int] | None = None) -> TurnResult:
+             turns: list[int] | None = None, prompts: list[str] | None = None) -> TurnResult:
         """turns: see MultiTurnEnvironment.step; None counts the conversation's assistant messages (right when the
-        task's prompt has none)."""
-        if len(conversations) != len(metadata) or (turns is not None and len(turns) != len(conversations)):
+        task's prompt has none). prompts[i]: the text reply i continues (at least its generation prompt's end),
+        which may open its think block; None: no prompt opens one."""
+        if len(conversations) != len(metadata) or (turns is not None and len(turns) != len(conversations)) \
+                or (prompts is not None and len(prompts) != len(conversations)):
             raise ValueError(f"{self.name}: step() got {len(conversations)} conversations, {len(metadata)} "
-                             f"metadata entries and {'no' if turns is None else len(turns)} turns")
+                             f"metadata entries, {'no' if turns is None else len(turns)} turns and "
+                             f"{'no' if prompts is None else len(prompts)} prompts")
         counts = {"correct": 0, "too_low": 0, "too_high": 0, "no_number": 0}
         rewards, done, obs, info = [], [], [], []
         for i, (conv, meta) in enumerate(zip(conversations, metadata, strict=True)):
@@ -155,7 +170,8 @@ class NumberGuessEnvironment:
                 raise ValueError(f"{self.name}: conversation {i} must end with the assistant message to answer")
             secret, lo, hi = self._task(i, meta)
             turn = sum(m.get("role") == "assistant" for m in conv) if turns is None else int(turns[i])
-            r, d, o, inf = self._judge(conv[-1]["content"], secret, lo, hi, turn, counts)
+            prompt = "" if prompts is None else prompts[i]
+            r, d, o, inf = self._judge(conv[-1]["content"], prompt, secret, lo, hi, turn, counts)
             rewards.append(r)
             done.append(d)
             obs.append(o)
@@ -163,12 +179,12 @@ class NumberGuessEnvironment:
         return TurnResult(np.asarray(rewards, np.float32), np.asarray(done, bool), obs, info, counts)
 
     def score(self, prompts: list[str], completions: list[str], metadata: list[dict[str, Any]]) -> EnvResult:
-        """Single-turn scoring: reward 1 when the completion's last integer is the secret."""
+        """Single-turn scoring: reward 1 when the completion's last integer (after its thinking) is the secret."""
         check_batch(prompts, completions, metadata)
         counts = {"correct": 0, "too_low": 0, "too_high": 0, "no_number": 0}
         rewards, info = [], []
-        for i, (c, meta) in enumerate(zip(completions, metadata, strict=True)):
-            r, _, _, inf = self._judge(c, *self._task(i, meta), 1, counts)
+        for i, (p, c, meta) in enumerate(zip(prompts, completions, metadata, strict=True)):
+            r, _, _, inf = self._judge(c, p, *self._task(i, meta), 1, counts)
             rewards.append(r)
             info.append(inf)
         return EnvResult(np.asarray(rewards, np.float32), info, counts)
