@@ -261,13 +261,14 @@ def policy_gradient_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask,
     Per token: ratio r = exp(logp - old_logp) (GSPO, sequence_level_ratio: exp of its mean over the sequence),
     clipped r_c = clip(r, 1 - clip_low, 1 + clip_high), loss l = max(-A r, -A r_c); dual_clip c (> 1) caps the
     loss of negative-advantage tokens at -A c; reinforce=True uses l = -A logp (no ratio). KL to the reference
-    (if kl_coef): kl_coef * clip(k(log ref - logp), +-10) with kl_type k1 | k2 | k3 (|log ref - logp| clamped to
-    20 first; NeMo RL's clamps). With sampler_logprobs, each
+    (if kl_coef): kl_coef * clip(v k(log ref - logp), +-10) with kl_type k1 | k2 | k3 (|log ref - logp| clamped to
+    20 first; NeMo RL's clamps), v = 1 in value (see on_policy_kl). With sampler_logprobs, each
     token's loss is weighted by w = exp(old_logp - sampler_logp) (the correction between the sampler and the
-    trainer; per sequence, exp of the summed difference, under GSPO), truncated to [0, tis_cap] when tis_cap
-    is given (TIS; tis_type "icepop" zeroes the weights outside [tis_min, tis_cap] instead, "seq-mask-tis" zeroes
-    whole sequences whose geometric-mean weight lies outside it). Aggregation: token_level divides the sum over
-    valid tokens by their count; otherwise each sequence's token mean is averaged over valid sequences.
+    trainer; per sequence, exp of the summed difference, under GSPO, over the tokens inside the trainer's top-k/top-p
+    set), truncated to [0, tis_cap] when tis_cap is given (TIS; tis_type "icepop" zeroes the weights outside
+    [tis_min, tis_cap] instead, "seq-mask-tis" zeroes whole sequences whose geometric-mean weight lies outside it).
+    Aggregation: token_level divides the sum over valid tokens by their count; otherwise each sequence's token mean
+    is averaged over valid sequences.
     normalizer: the global count (tokens or sequences) over all microbatches of the step; None uses this
     batch's own count.
     cispo: l = -A sg(r_c) logp (CISPO: tokens outside the clip range keep a bounded-weight gradient).
