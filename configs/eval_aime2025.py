@@ -22,8 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
         options=ml_collections.ConfigDict()))  # reasoning-gym dataset options ('rg:' sources)
     # answer_format "auto": the last \boxed{}, else <answer>, ####, "the answer is" (lenient for small models)
     # sandbox: scoring workers confined (seccomp, memory cap); isolate: a process forked per sample
+    # strip_thinking: answers are read after a reasoning model's last </think> (False: the whole completion)
     c.env = ml_collections.ConfigDict(dict(name="math", answer_format="auto", timeout_s=5.0, num_workers=2,
-                                           sandbox=True, isolate=True))
+                                           sandbox=True, isolate=True, strip_thinking=True))
     c.eval = ml_collections.ConfigDict(dict(
         n_samples=4, k_values=(1, 4), max_batch_size=64, max_prompt_len=0, truncate_prompts=False,
         correct_threshold=1.0, keep_completions=True))

@@ -25,8 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
         instruction="Reply with only the final number.",
         options=ml_collections.ConfigDict(dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1))))
     # sandbox: scoring workers confined (seccomp, memory cap); isolate: a process forked per sample
+    # strip_thinking: answers are read after a reasoning model's last </think> (False: the whole completion)
     c.env = ml_collections.ConfigDict(dict(name="reasoning_gym", answer_format=r"(-?\d+)", num_workers=1,
-                                           timeout_s=10.0, sandbox=True, isolate=True))
+                                           timeout_s=10.0, sandbox=True, isolate=True, strip_thinking=True))
     c.eval = ml_collections.ConfigDict(dict(
         n_samples=1, k_values=(1,), max_batch_size=64, max_prompt_len=0, truncate_prompts=False,
         correct_threshold=1.0, keep_completions=True))

@@ -25,9 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
     # timeout_s: the whole program, tests included; memory_limit_mb: each scoring process's address space
     # check_returns / refuse_introspection: hardening against programs that win without solving (environments/code.py)
     # program_packages: the packages (beyond the standard library) a program's own process may read
+    # strip_thinking: answers are read after a reasoning model's last </think> (False: the whole completion)
     c.env = ml_collections.ConfigDict(dict(name="code", answer_format="fenced", timeout_s=10.0, num_workers=2,
                                            sandbox=True, isolate=True, memory_limit_mb=4096, check_returns=True,
-                                           refuse_introspection=True, program_packages=("numpy",)))
+                                           refuse_introspection=True, program_packages=("numpy",), strip_thinking=True))
     c.eval = ml_collections.ConfigDict(dict(
         n_samples=4, k_values=(1, 4), max_batch_size=64, max_prompt_len=0, truncate_prompts=False,
         correct_threshold=1.0, keep_completions=True))

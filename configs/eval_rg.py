@@ -22,8 +22,10 @@ def get_config() -> ml_collections.ConfigDict:
         # reasoning-gym dataset options (its config fields)
         options=ml_collections.ConfigDict(dict(min_terms=2, max_terms=4, min_digits=1, max_digits=2))))
     # sandbox: scoring workers confined (seccomp, memory cap); isolate: a process forked per sample
+    # strip_thinking: answers are read after a reasoning model's last </think> (False: the whole completion)
     c.env = ml_collections.ConfigDict(dict(name="reasoning_gym", answer_format="answer_tag",
-                                           timeout_s=10.0, num_workers=2, sandbox=True, isolate=True))
+                                           timeout_s=10.0, num_workers=2, sandbox=True, isolate=True,
+                                           strip_thinking=True))
     c.eval = ml_collections.ConfigDict(dict(
         n_samples=1, k_values=(1,), max_batch_size=64, max_prompt_len=0, truncate_prompts=False,
         correct_threshold=1.0, keep_completions=True))

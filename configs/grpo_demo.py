@@ -34,8 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
         chat_template_kwargs="",  # JSON object of template variables, e.g. {"enable_thinking": false}
         max_prompt_len=56, overlong="drop"))  # the prompts are 56 tokens
     # sandbox: scoring workers confined (seccomp, memory cap); isolate: a process forked per sample
+    # strip_thinking: answers are read after a reasoning model's last </think> (False: the whole completion)
     c.env = ml_collections.ConfigDict(dict(name="reasoning_gym", answer_format=r"(-?\d+)", num_workers=1,
-                                           timeout_s=10.0, sandbox=True, isolate=True))
+                                           timeout_s=10.0, sandbox=True, isolate=True, strip_thinking=True))
     c.rollout = ml_collections.ConfigDict(dict(
         num_prompts=8, group_size=4, max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0,
         stop_token_ids=(), max_batch_size=0, sampling_layout="",

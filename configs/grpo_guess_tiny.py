@@ -14,7 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_steps = 4
     c.data.source = "guess"  # seeded secrets; the task's metadata holds "secret", "lo" and "hi"
     c.data.options = ml_collections.ConfigDict()
-    c.env = ml_collections.ConfigDict(dict(name="number_guess"))
+    # strip_thinking: answers are read after a reasoning model's last </think> (False: the whole completion)
+    c.env = ml_collections.ConfigDict(dict(name="number_guess", strip_thinking=True))
     c.rollout.max_turns = 4
     c.rollout.max_new_tokens = 8
     c.rollout.max_total_tokens = 0  # all tokens after the prompt; 0: 8 x 4 answers + 32 per observation

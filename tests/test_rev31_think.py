@@ -87,3 +87,19 @@ def test_code_from_thinking_is_not_run_as_the_answer() -> None:
         res = env.score([""] * 4, completions, meta)
     np.testing.assert_array_equal(res.rewards, [0, 0, 0, 1])
     assert res.counts["no_code"] == 2 and [i["code_found"] for i in res.info] == [True, False, False, True]
+
+
+@pytest.mark.parametrize("name", ["eval_gsm8k", "eval_rg", "eval_humaneval", "grpo_demo", "grpo_guess_tiny"])
+def test_recipes_carry_strip_thinking_so_the_command_line_can_turn_it_off(name):
+    """The eval and GRPO recipes name env.strip_thinking, so --config.env.strip_thinking=False reaches the
+    environment (no recipe had the key: the override was refused as an unknown key)."""
+    from recipes import recipe
+
+    from jaxrl_llm.environments import make_environment
+
+    for value in (True, False):
+        env = make_environment(recipe(name, {"env.strip_thinking": value}).env.to_dict())
+        try:
+            assert env.strip_thinking is value
+        finally:
+            getattr(env, "close", lambda: None)()
