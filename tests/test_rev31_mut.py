@@ -4,6 +4,7 @@ the environments' strip_thinking switches, ...)."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from jaxrl_llm.environments import (
@@ -14,6 +15,7 @@ from jaxrl_llm.environments import (
     reasoning_gym_tasks,
 )
 from jaxrl_llm.environments.extract import after_thinking, extract_answer, normalize_number
+from jaxrl_llm.rl_batch import reward_kl
 
 OPENS = "<|im_start|>assistant\n<think>\n"  # a generation prompt that opens the think block
 
@@ -74,3 +76,10 @@ def test_code_environment_after_thinking_keeps_its_other_rules():
     with CodeEnvironment(answer_format="raw", num_workers=1, timeout_s=10) as env:
         raw = [{**meta[0], "prelude": "def inc(x):\n"}]
         assert env.score(["def inc(x):\n"], ["<think>easy</think>    return x + 1\n"], raw).rewards[0] == 1.0
+
+
+def test_reward_kl_k1_is_clamped_on_both_sides():
+    """k1 (log pi - log ref) is negative where the reference likes a token more: kept, and bounded at -10 as at +10."""
+    old = np.array([[-16.0, -1.0, -4.0]], np.float32)
+    ref = np.array([[-1.0, -4.0, -1.0]], np.float32)
+    np.testing.assert_allclose(reward_kl({"old_logprobs": old, "ref_logprobs": ref}, "k1")[0], [-10.0, 3.0, -3.0])
