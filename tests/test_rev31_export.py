@@ -42,7 +42,8 @@ def test_exported_tokenizer_names_a_class_transformers_4_has(tmp_path):
     refused the export ("Tokenizer class TokenizersBackend does not exist or is not currently imported")."""
     cfg = _tiny()
     tok = _fast_tokenizer(cfg.vocab_size)
-    out = models.save_pretrained(cfg, jax.tree.map(lambda a: jnp.full(a.shape, 0.1, a.dtype), models.abstract_params(cfg)), str(tmp_path / "hf"), tokenizer=tok)
+    params = jax.tree.map(lambda a: jnp.full(a.shape, 0.1, a.dtype), models.abstract_params(cfg))
+    out = models.save_pretrained(cfg, params, str(tmp_path / "hf"), tokenizer=tok)
     with open(os.path.join(out, "tokenizer_config.json")) as f:
         assert json.load(f)["tokenizer_class"] == "PreTrainedTokenizerFast"
     back = transformers.AutoTokenizer.from_pretrained(out)
