@@ -129,21 +129,26 @@ def ours(folders, trl_runs):
     batch = trl_runs["sigmoid"][3]
     for k, v in trl_runs["ipo"][3].items():
         np.testing.assert_array_equal(v, batch[k], err_msg=f"TRL batches differ between runs: {k}")
+    dpo = {lt: dict(beta=beta, loss_type=lt, label_smoothing=0.0, average_log_probs=lt == "ipo",
+                    preference_weight=1.0, sft_weight=0.0, sft_average_log_probs=False) for lt, beta in LOSSES.items()}
+    return our_losses(folders, batch, dpo)
+
+
+def our_losses(folders, batch, variants: dict[str, dict]) -> dict[str, tuple[float, float, dict[str, float]]]:
+    """Our DPO loss on TRL's batch (its rows: chosen 0..P-1, then rejected 0..P-1) for each variant's `dpo`
+    settings, all in one jitted function (one compile): {name: (loss, grad norm, metric means)}."""
     _, params = models.load_pretrained(folders[0])
     cfg, ref_params = models.load_pretrained(folders[1])
     P = len(SHAPES)
 
-    def to_pairs(x):  # TRL rows: chosen 0..P-1, then rejected 0..P-1 -> [P, 2, T]
+    def to_pairs(x):  # -> [P, 2, T]
         return np.stack([x[:P], x[P:]], axis=1).astype(np.int32)
 
     mb = {"input_ids": to_pairs(batch["input_ids"]), "attention_mask": to_pairs(batch["attention_mask"]),
           "loss_mask": to_pairs(batch["completion_mask"])}
 
-    def mean_loss_fn(loss_type, beta):
-        dpo = ml_collections.ConfigDict(dict(beta=beta, loss_type=loss_type, label_smoothing=0.0,
-                                             average_log_probs=loss_type == "ipo", preference_weight=1.0,
-                                             sft_weight=0.0, sft_average_log_probs=False))
-        loss_fn = make_dpo_loss(cfg, dpo)
+    def mean_loss_fn(dpo):
+        loss_fn = make_dpo_loss(cfg, ml_collections.ConfigDict(dpo))
 
         def mean_loss(p):
             total, (pairs, sums) = loss_fn(p, ref_params, mb)
@@ -153,13 +158,13 @@ def ours(folders, trl_runs):
 
     def all_losses(p):
         out = {}
-        for lt, beta in LOSSES.items():
-            (loss, metrics), grads = jax.value_and_grad(mean_loss_fn(lt, beta), has_aux=True)(p)
-            out[lt] = (loss, optax.global_norm(grads), metrics)
+        for name, dpo in variants.items():
+            (loss, metrics), grads = jax.value_and_grad(mean_loss_fn(dpo), has_aux=True)(p)
+            out[name] = (loss, optax.global_norm(grads), metrics)
         return out
 
     out = jax.jit(all_losses)(params)
-    return {lt: (float(l), float(g), {k: float(v) for k, v in m.items()}) for lt, (l, g, m) in out.items()}
+    return {n: (float(l), float(g), {k: float(v) for k, v in m.items()}) for n, (l, g, m) in out.items()}
 
 
 def test_trl_batch_is_the_text_rows(trl_runs):

@@ -20,16 +20,10 @@ import pytest
 
 trl = pytest.importorskip("trl")
 
-import jax  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from test_dpo_trl import SHAPES, _rows, _word_tokenizer, folders  # noqa: E402,F401  (folders: a fixture)
-
-from jaxrl_llm import models  # noqa: E402
-from jaxrl_llm.algorithms.dpo import make_dpo_loss  # noqa: E402
+from test_dpo_trl import SHAPES, _rows, _word_tokenizer, folders, our_losses  # noqa: E402,F401  (folders: a fixture)
 
 BETA, EPS, ALPHA = 0.1, 0.2, 0.7
 # name -> (TRL loss types, TRL loss weights, TRL label_smoothing, our dpo overrides)
@@ -68,37 +62,10 @@ def trl_runs(folders, tmp_path_factory):  # noqa: F811
 
 @pytest.fixture(scope="module")
 def ours(folders, trl_runs):  # noqa: F811
-    batch = trl_runs[1]
-    _, params = models.load_pretrained(folders[0])
-    cfg, ref_params = models.load_pretrained(folders[1])
-    P = len(SHAPES)
-
-    def to_pairs(x):  # TRL rows: chosen 0..P-1, then rejected 0..P-1 -> [P, 2, T]
-        return np.stack([x[:P], x[P:]], axis=1).astype(np.int32)
-
-    mb = {"input_ids": to_pairs(batch["input_ids"]), "attention_mask": to_pairs(batch["attention_mask"]),
-          "loss_mask": to_pairs(batch["completion_mask"])}
-
-    def mean_loss_fn(overrides):
-        base = dict(beta=BETA, loss_type="sigmoid", label_smoothing=0.0, average_log_probs=False,
-                    preference_weight=1.0, sft_weight=0.0, sft_average_log_probs=False)
-        loss_fn = make_dpo_loss(cfg, ml_collections.ConfigDict({**base, **overrides}))
-
-        def mean_loss(p):
-            total, (pairs, sums) = loss_fn(p, ref_params, mb)
-            return total / pairs, {k: v / pairs for k, v in sums.items()}
-
-        return mean_loss
-
-    def all_losses(p):
-        out = {}
-        for name, (*_, overrides) in VARIANTS.items():
-            (loss, metrics), grads = jax.value_and_grad(mean_loss_fn(overrides), has_aux=True)(p)
-            out[name] = (loss, optax.global_norm(grads), metrics)
-        return out
-
-    out = jax.jit(all_losses)(params)
-    return {n: (float(l), float(g), {k: float(v) for k, v in m.items()}) for n, (l, g, m) in out.items()}
+    base = dict(beta=BETA, loss_type="sigmoid", label_smoothing=0.0, average_log_probs=False,
+                preference_weight=1.0, sft_weight=0.0, sft_average_log_probs=False)
+    return our_losses(folders, trl_runs[1], {name: {**base, **overrides}
+                                             for name, (*_, overrides) in VARIANTS.items()})
 
 
 def test_conservative_dpo_matches_trl(trl_runs, ours):
