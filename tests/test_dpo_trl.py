@@ -93,26 +93,35 @@ def folders(tmp_path_factory):
     return str(root / "policy"), str(root / "ref")
 
 
-def _trl_loss(folders, tmp_path, loss_type: str, beta: float):
+def trl_trainer(folders, out_dir, loss_type: str, beta: float):
+    """TRL's DPOTrainer on the policy and reference folders and `_rows()`, and its first batch."""
     import datasets
 
     policy_dir, ref_dir = folders
     policy = transformers.AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
     ref = transformers.AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32)
-    args = trl.DPOConfig(output_dir=str(tmp_path), beta=beta, loss_type=[loss_type],
+    args = trl.DPOConfig(output_dir=str(out_dir), beta=beta, loss_type=[loss_type],
                          per_device_train_batch_size=len(SHAPES), max_length=None, precompute_ref_log_probs=False,
                          gradient_checkpointing=False, bf16=False, use_cpu=True, report_to=[], seed=0,
                          dataloader_num_workers=0)
     trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=_word_tokenizer(),
                              train_dataset=datasets.Dataset.from_dict(_rows()))
-    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer, next(iter(trainer.get_train_dataloader()))
+
+
+def trl_step(trainer, batch) -> tuple[float, float, dict[str, float]]:
+    """TRL's loss on `batch`, its gradient norm and the metrics it logged for it."""
     trainer.model.zero_grad()
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
     gnorm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in trainer.model.parameters() if p.grad is not None))
     mode = "train" if trainer.model.training else "eval"
-    metrics = {k: v[-1] for k, v in trainer._metrics[mode].items()}
-    return float(loss.detach()), float(gnorm), metrics, {k: v.numpy() for k, v in batch.items()}
+    return float(loss.detach()), float(gnorm), {k: v[-1] for k, v in trainer._metrics[mode].items()}
+
+
+def _trl_loss(folders, tmp_path, loss_type: str, beta: float):
+    trainer, batch = trl_trainer(folders, tmp_path, loss_type, beta)
+    return (*trl_step(trainer, batch), {k: v.numpy() for k, v in batch.items()})
 
 
 LOSSES = {"sigmoid": 0.1, "ipo": 0.5}  # loss type -> beta

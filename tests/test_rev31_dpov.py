@@ -21,9 +21,7 @@ import pytest
 trl = pytest.importorskip("trl")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from test_dpo_trl import SHAPES, _rows, _word_tokenizer, folders, our_losses  # noqa: E402,F401  (folders: a fixture)
+from test_dpo_trl import SHAPES, folders, our_losses, trl_step, trl_trainer  # noqa: E402,F401  (folders: a fixture)
 
 BETA, EPS, ALPHA = 0.1, 0.2, 0.7
 # name -> (TRL loss types, TRL loss weights, TRL label_smoothing, our dpo overrides)
@@ -36,27 +34,11 @@ VARIANTS = {
 
 @pytest.fixture(scope="module")
 def trl_runs(folders, tmp_path_factory):  # noqa: F811
-    import datasets
-
-    policy = transformers.AutoModelForCausalLM.from_pretrained(folders[0], dtype=torch.float32)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(folders[1], dtype=torch.float32)
-    args = trl.DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), beta=BETA, loss_type=["sigmoid"],
-                         per_device_train_batch_size=len(SHAPES), max_length=None, precompute_ref_log_probs=False,
-                         gradient_checkpointing=False, bf16=False, use_cpu=True, report_to=[], seed=0,
-                         dataloader_num_workers=0)
-    trainer = trl.DPOTrainer(model=policy, ref_model=ref, args=args, processing_class=_word_tokenizer(),
-                             train_dataset=datasets.Dataset.from_dict(_rows()))
-    batch = next(iter(trainer.get_train_dataloader()))
+    trainer, batch = trl_trainer(folders, tmp_path_factory.mktemp("trl"), "sigmoid", BETA)
     out = {}
     for name, (types, weights, smoothing, _) in VARIANTS.items():
         trainer.loss_types, trainer.loss_weights, trainer.label_smoothing = types, weights, smoothing
-        trainer.model.zero_grad()
-        loss = trainer.compute_loss(trainer.model, batch)
-        loss.backward()
-        gnorm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in trainer.model.parameters()
-                               if p.grad is not None))
-        metrics = {k: v[-1] for k, v in trainer._metrics["train" if trainer.model.training else "eval"].items()}
-        out[name] = (float(loss.detach()), float(gnorm), metrics)
+        out[name] = trl_step(trainer, batch)
     return out, {k: v.numpy() for k, v in batch.items()}
 
 
