@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
         attention_impl="xla", remat=True,
         logits_chunk=0))  # > 0: project onto the vocabulary this many positions at a time (less memory)
     c.data = ml_collections.ConfigDict(dict(  # rows: prompt, chosen, rejected (strings or message lists)
-        source="gsm8k_pairs", num_examples=512, val_fraction=0.0, max_len=320, overlong="drop", chat_template="",
+        source="gsm8k_pairs", num_examples=512, val_fraction=0.0, max_len=448, overlong="drop", chat_template="",
         chat_template_kwargs="",  # JSON object of template variables, e.g. {"enable_thinking": false}
         add_eos=True,  # close learned turns with EOS when the template ends them with no special token
         cache=True,  # keep the tokenized rows in WORKDIR/data_cache/: a resumed run does not tokenize them again

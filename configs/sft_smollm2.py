@@ -17,7 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
         attention_impl="xla", remat=True,
         logits_chunk=0))  # > 0: project onto the vocabulary this many positions at a time (less memory)
     c.data = ml_collections.ConfigDict(dict(
-        source="gsm8k", num_examples=512, max_len=256, overlong="drop", chat_template="",
+        source="gsm8k", num_examples=512, max_len=448, overlong="drop", chat_template="",
         chat_template_kwargs="",  # JSON object of template variables, e.g. {"enable_thinking": false}
         add_eos=True,  # close learned turns with EOS when the template ends them with no special token, and text rows
         cache=True,  # keep the tokenized rows in WORKDIR/data_cache/: a resumed run does not tokenize them again
