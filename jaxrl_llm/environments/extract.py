@@ -31,10 +31,12 @@ _ANSWER_TAG = re.compile(r"<answer>((?:(?!<answer>).)*?)</answer>", re.DOTALL)
 # A lookahead, so that matches overlap: in "Answer: I think the answer is 18." the last one is "the answer is 18".
 _ANSWER_IS = re.compile(r"(?=(?:final answer|answer) is\s*:?\s*(.+?)\s*(?:\.(?=\s|$)|\n|$))", re.IGNORECASE)
 # "answer: X" as a heading (at a line's start, after a list marker: "Answer: 18", "**Final Answer:** 18", "2. Answer:
-# 7", "Step 3: Answer: 7") or "the/my/our/so/thus/hence/therefore (the) (final/correct) answer:", "final/correct
-# answer:"; not any "... answer:" ("The answer is 18.\nCheck answer: yes" states 18, not "yes").
+# 7", "Step 3: Answer: 7"), a sentence's start ("9 * 2 = 18. Answer: 18", on one line) or "the/my/our/so/thus/hence/
+# therefore (the) (final/correct) answer:", "final/correct answer:"; not any "... answer:" ("The answer is 18.\nCheck
+# answer: yes" states 18, not "yes").
 _ANSWER_COLON = re.compile(r"(?=(?:^[ \t#>*_-]*(?:(?:\d+|[a-z])[.)][ \t]+|\(\w+\)[ \t]*"
                            r"|step[ \t]*\d+[ \t]*[:.)-][ \t]*)?"
+                           r"|(?<=[.!?])[ \t]+[*_]*"
                            r"|\b(?:the|my|our|so|thus|hence|therefore)\b[ \t,]+(?:the[ \t]+)?"
                            r"|\b(?=(?:final|correct)\s))"
                            r"(?:(?:final|correct)\s+)?answer\s*:\s*(.+?)\s*(?:\.(?=\s|$)|\n|$))",
