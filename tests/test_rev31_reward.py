@@ -78,4 +78,6 @@ def test_answer_colon_is_a_heading_not_any_remark():
 def test_a_box_stating_the_answer_in_text_is_the_value_it_states():
     """\\boxed{\\text{The answer is } 5} was re-read as "} 5" (a right answer, but a vote of its own in maj@k)."""
     assert score_math("So \\boxed{\\text{The answer is } 5}", "5", "auto", None) == (1.0, "5")
+    assert score_math("\\boxed{\\textbf{The answer is } 5}", "5", "auto", None) == (1.0, "5")
+    assert score_math("\\boxed{\\mathrm{The\\ answer\\ is\\ } 5}", "5", "auto", None) == (1.0, "5")
     assert score_math("\\boxed{5 \\text{ cm}}", "5", "auto", None)[1] == "5 \\text{ cm}"  # not a statement: kept

@@ -89,7 +89,8 @@ def answers_match(gold: str, pred: str, timeout_s: int | None = None) -> bool:
     return bool(verify(gold_p, pred_p, timeout_seconds=timeout_s))
 
 
-_TEXT_COMMAND = re.compile(r"\\text\s*\{([^{}]*)\}")  # \text{words}: the words
+# \text{words} (\textbf, \textit, \textrm, \mathrm, \mbox): the words, "\ " a space
+_TEXT_COMMAND = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mbox)\s*\{([^{}]*)\}")
 
 
 def score_math(completion: str, gold: str, answer_format: str, timeout_s: int | None) -> tuple[float, str | None]:
@@ -99,7 +100,7 @@ def score_math(completion: str, gold: str, answer_format: str, timeout_s: int | 
         return 0.0, None
     # An answer that is itself a statement of the answer ("<answer>The answer is 72</answer>", a last line "Final
     # answer: 72", a box holding "\\text{The answer is } 72"): the value it states.
-    extracted = extract_answer_is(_TEXT_COMMAND.sub(r"\1", extracted)) or extracted
+    extracted = extract_answer_is(_TEXT_COMMAND.sub(r"\1", extracted).replace("\\ ", " ")) or extracted
     return (1.0 if answers_match(gold, extracted, timeout_s) else 0.0), extracted
 
 
