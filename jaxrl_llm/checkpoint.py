@@ -138,6 +138,18 @@ def _finite(x: Any) -> bool:
         return False
 
 
+def step_record(directory: str, step: int, item: str) -> dict[str, Any] | None:
+    """Checkpoint `step`'s JSON item read from its file, without a manager: "meta" (the run's meta) or "metrics"
+    (what Orbax ranks the step by); None when absent, unreadable or not an object."""
+    name = {"meta": "metadata", "metrics": "metrics"}[item]
+    try:
+        with open(os.path.join(directory, str(step), item, name)) as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def rank_earlier_steps(directory: str, best_metric: str) -> list[int]:
     """Write the validation metrics where Orbax ranks a step (<step>/metrics/metrics) for the complete steps whose
     meta holds a finite `best_metric` but that have none there: checkpoints written before 2026-12-04 (or by a run
@@ -150,13 +162,8 @@ def rank_earlier_steps(directory: str, best_metric: str) -> list[int]:
         folder = os.path.join(directory, str(step))
         if os.path.exists(os.path.join(folder, "metrics")):
             continue
-        try:
-            with open(os.path.join(folder, "meta", "metadata")) as f:
-                meta = json.load(f)
-            value = meta.get(best_metric)
-        except (OSError, ValueError, AttributeError):  # (no meta, or not an object: left unranked)
-            continue
-        if not _finite(value):
+        meta = step_record(directory, step, "meta")
+        if meta is None or not _finite(meta.get(best_metric)):  # (no meta, or no value: left unranked)
             continue
         metrics = {k: v for k, v in meta.items() if (k.startswith("val_") or k == best_metric)
                    and isinstance(v, int | float) and not isinstance(v, bool) and _finite(v)}

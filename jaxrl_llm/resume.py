@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from jaxrl_llm import distributed, models
-from jaxrl_llm.checkpoint import Checkpointer, complete_steps, require_finite
+from jaxrl_llm.checkpoint import Checkpointer, complete_steps, require_finite, step_record
 from jaxrl_llm.cli import ConfigError
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import with_score_pad
@@ -129,8 +129,8 @@ def earlier_best(workdir: str, default_mode: str) -> tuple[int, ...]:
     steps = complete_steps(folder)
     if not steps:
         return ()
-    meta = _read_json(os.path.join(folder, str(steps[-1]), "meta", "metadata"))
-    if isinstance(meta, dict) and isinstance(meta.get("kept_steps"), list):
+    meta = step_record(folder, steps[-1], "meta")
+    if meta is not None and isinstance(meta.get("kept_steps"), list):
         return tuple(s for s in meta["kept_steps"] if s in steps)
     path = os.path.join(workdir, RUN_CONFIG_FILE)
     olds = sorted((int(k) for f in os.listdir(workdir) if f.startswith(RUN_CONFIG_FILE + ".") and f.endswith(".old")
@@ -145,8 +145,7 @@ def earlier_best(workdir: str, default_mode: str) -> tuple[int, ...]:
         return ()
     ranked = {}
     for step in steps:
-        value = _read_json(os.path.join(folder, str(step), "metrics", "metrics"))
-        value = value.get(metric) if isinstance(value, dict) else None
+        value = (step_record(folder, step, "metrics") or {}).get(metric)
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             ranked[step] = float(value)
     if not ranked:

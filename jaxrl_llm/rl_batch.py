@@ -198,8 +198,8 @@ def mask_logprob_errors(batch: dict[str, np.ndarray], threshold: float) -> int:
     m = batch["loss_mask"] > 0
     # Only the loss's tokens: a padding column's old log-prob may be the floor too (the pad token outside the set),
     # and exp(1e4) x 0 was NaN, which made its row's mean NaN, never above the threshold.
-    with np.errstate(over="ignore"):
-        err = np.where(m, np.exp(np.where(m, np.abs(batch["sampler_logprobs"] - batch["old_logprobs"]), 0.0)), 0.0)
+    with np.errstate(over="ignore"):  # (exp(1e4): inf, kept only where it is a loss token's)
+        err = np.where(m, np.exp(np.abs(batch["sampler_logprobs"] - batch["old_logprobs"])), 0.0)
     mean = err.sum(1) / np.maximum(m.sum(1), 1)
     bad = (mean > threshold) & m.any(1)
     batch["loss_mask"] = batch["loss_mask"] * (~bad)[:, None].astype(batch["loss_mask"].dtype)
