@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
         cache=True,  # keep the tokenized rows in WORKDIR/data_cache/: a resumed run does not tokenize them again
         shared_prefix=True,  # the tokens both sides start with run once per pair (data.preference)
         length_buckets=4))  # each batch padded to a rung (4 per doubling) over its longest pair
+    # Rows may carry a numeric `margin` (loss -log σ(r_c - r_r - margin), as TRL's RewardTrainer and Llama 2).
+    c.rm = ml_collections.ConfigDict(dict(
+        center_rewards_coefficient=0.0))  # > 0 adds that x mean (r_c + r_r)^2: scores centred on 0 (TRL suggests 0.01)
     c.train = ml_collections.ConfigDict(dict(batch_size=8, microbatches=1))  # batch_size counts pairs
     c.optimizer = ml_collections.ConfigDict(dict(
         lr=3e-3, warmup_steps=2, schedule="cosine", weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8, grad_clip=1.0,

@@ -130,7 +130,7 @@ def test_a_cut_preference_pair_keeps_its_start(tokenizer, tmp_path):
     (pair,), stats = pref.prepare(cfg, tokenizer)
     assert stats["truncated"] == 1
     full = pref.tokenize_pair(tokenizer, *pref.to_preference(row, 0))
-    for cut, whole in zip(pair, full, strict=True):
+    for cut, whole in zip(pair[:4], full[:4], strict=True):
         assert len(cut) == 64
         np.testing.assert_array_equal(cut, whole[:64])
 

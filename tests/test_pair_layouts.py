@@ -144,7 +144,7 @@ def test_rm_scores_and_grads_equal_separate_rows(eos_is_pad):
                                          jax.random.key(3))
     pairs = _pairs(seed=3)
     if eos_is_pad:
-        pairs = [pref.PreferencePair(*(np.append(x, EOS if k % 2 == 0 else 1) for k, x in enumerate(p)))
+        pairs = [pref.PreferencePair(*(np.append(x, EOS if k % 2 == 0 else 1) for k, x in enumerate(p[:4])))
                  for p in pairs]
         p0 = pairs[0]
         pairs[0] = pref.PreferencePair(np.append(p0.rejected_ids[:-2], EOS), np.append(p0.rejected_mask[:-2], 1),

@@ -120,16 +120,28 @@ def dpo_loss(policy_chosen_logps: jax.Array, policy_rejected_logps: jax.Array, r
 
 
 def bradley_terry_loss_sum(chosen_scores_P: jax.Array, rejected_scores_P: jax.Array,
-                           weight_P: jax.Array | None = None) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+                           weight_P: jax.Array | None = None, margin_P: jax.Array | None = None,
+                           center_coef: float = 0.0) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """The (sum, count) form of `bradley_terry_loss`: (loss summed over pairs, number of pairs, metric sums).
-    weight_P: each pair's weight in the sums and the count (default 1)."""
-    c, r = (a.astype(jnp.float32) for a in _same_shape_pairs(chosen_scores_P=chosen_scores_P,
-                                                             rejected_scores_P=rejected_scores_P))
-    loss_P = -jax.nn.log_sigmoid(c - r)
-    c, r = jax.lax.stop_gradient(c), jax.lax.stop_gradient(r)
+    weight_P: each pair's weight in the sums and the count (default 1).
+    margin_P: how far the chosen score should lead (Llama 2's margin loss, TRL's `margin` column): the pair's loss
+    is -log σ(r_c - r_r - margin). center_coef: adds center_coef * (r_c + r_r)^2 per pair (TRL's
+    center_rewards_coefficient), which keeps the scores centred on 0; reported as `center_loss`."""
+    given = {"chosen_scores_P": chosen_scores_P, "rejected_scores_P": rejected_scores_P}
+    if margin_P is not None:
+        given["margin_P"] = margin_P
+    c, r, *m = (a.astype(jnp.float32) for a in _same_shape_pairs(**given))
+    diff = c - r - m[0] if m else c - r
+    loss_P = -jax.nn.log_sigmoid(diff)
     w_P = jnp.ones_like(c) if weight_P is None else weight_P.astype(jnp.float32)
-    metric_sums = {"accuracy": ((c > r) * w_P).sum(), "rewards_chosen": (c * w_P).sum(),
-                   "rewards_rejected": (r * w_P).sum(), "margin": ((c - r) * w_P).sum()}
+    metric_sums = {}
+    if center_coef:
+        center_P = (c + r) ** 2
+        loss_P = loss_P + center_coef * center_P
+        metric_sums["center_loss"] = jax.lax.stop_gradient(center_P * w_P).sum()
+    c, r = jax.lax.stop_gradient(c), jax.lax.stop_gradient(r)
+    metric_sums.update({"accuracy": ((c > r) * w_P).sum(), "rewards_chosen": (c * w_P).sum(),
+                        "rewards_rejected": (r * w_P).sum(), "margin": ((c - r) * w_P).sum()})
     return (loss_P * w_P).sum(), w_P.sum(), metric_sums
 
 

@@ -43,12 +43,14 @@ Messages = list[dict[str, str]]
 
 
 class PreferencePair(NamedTuple):
-    """One tokenized pair: ids [T_c], loss mask [T_c] of prompt + chosen; the same for prompt + rejected."""
+    """One tokenized pair: ids [T_c], loss mask [T_c] of prompt + chosen; the same for prompt + rejected; the row's
+    `margin` (reward models: how far the chosen score should lead), None when the rows have none."""
 
     chosen_ids: np.ndarray
     chosen_mask: np.ndarray
     rejected_ids: np.ndarray
     rejected_mask: np.ndarray
+    margin: float | None = None
 
 
 class SharedPair(NamedTuple):
@@ -64,6 +66,7 @@ class SharedPair(NamedTuple):
     rejected_ids: np.ndarray
     rejected_mask: np.ndarray
     widths: tuple[int, int]
+    margin: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------- row formats
@@ -247,7 +250,7 @@ def split_pairs(pairs: list[PreferencePair], lens: list[int], multiple: int = 8)
     C = _round_up(max(max(len(p.chosen_ids), len(p.rejected_ids)) - n for p, n in zip(pairs, lens, strict=True)),
                   multiple)
     return [SharedPair(p.chosen_ids[:n], p.chosen_mask[:n], p.chosen_ids[n:], p.chosen_mask[n:], p.rejected_ids[n:],
-                       p.rejected_mask[n:], (W, C)) for p, n in zip(pairs, lens, strict=True)]
+                       p.rejected_mask[n:], (W, C), p.margin) for p, n in zip(pairs, lens, strict=True)]
 
 
 def share_prefixes(pairs: list[PreferencePair], max_len: int, multiple: int = 8) -> list[SharedPair] | None:
@@ -276,6 +279,25 @@ def share_prefixes(pairs: list[PreferencePair], max_len: int, multiple: int = 8)
 
 
 # ---------------------------------------------------------------------------------------------- prepare/collate
+def row_margins(rows: list[Any]) -> list[float] | None:
+    """Each row's `margin` (a finite number) when the rows have that field, None when none has it; a DataError
+    naming the row when only some have it or one is not a finite number."""
+    has = [isinstance(row, dict) and row.get("margin") is not None for row in rows]
+    if not any(has):
+        return None
+    if not all(has):
+        i = has.index(False)
+        raise DataError(f"row {i}: no field 'margin', which other rows have (row {has.index(True)}): give every row "
+                        "a margin, or none")
+    out = []
+    for i, row in enumerate(rows):
+        m = row["margin"]
+        if isinstance(m, bool) or not isinstance(m, int | float | np.integer | np.floating) or not np.isfinite(m):
+            raise DataError(f"row {i}: field 'margin' must be a finite number, got {m!r}")
+        out.append(float(m))
+    return out
+
+
 def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
             ) -> tuple[list[PreferencePair] | list[SharedPair], dict[str, int]]:
     """Rows -> tokenized pairs. A pair longer than data.max_len on either side is cut to it
@@ -293,6 +315,7 @@ def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
         with from_source(describe_source(dc.source)):
             # every row's fields first: a bad row anywhere is said before minutes of tokenizing the rows ahead of it
             parsed = [(*to_preference(row, i), row_tools(row, i)) for i, row in enumerate(rows)]
+            margins = row_margins(rows)
             dropped = dropped_fields(tokenizer, template, {m["role"] for row in parsed for msgs in row[:3]
                                                            for m in msgs})
             left_out = sum(check_rendered([*p, *c, *r], tools, dropped, i)
@@ -300,24 +323,28 @@ def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
             del rows
             return tokenize_rows(tokenizer, len(parsed), lambda i: pair_pieces(
                 tokenizer, *parsed[i][:3], chat_template=template, index=i, eos_id=eos_id, tools=parsed[i][3]),
-                "pairs"), {"rows": len(parsed), "reasoning_left_out": left_out}
+                "pairs"), {"rows": len(parsed), "reasoning_left_out": left_out, "margins": margins}
 
     settings = {"num_examples": dc.num_examples, "template": template, "template_kwargs": template_kwargs(dc),
-                "eos_id": eos_id}
+                "eos_id": eos_id, "fields": "margin"}  # (tokens kept before margins were read are tokenized again)
     sides, info = cached(cache, dc.get("cache", True), "pairs", dc.source, settings, tokenizer,
                          tokenize)
     out: list[PreferencePair] = []
     stats = {"rows": info["rows"], "truncated": 0, "dropped": 0}
     if info["reasoning_left_out"]:
         stats["reasoning_left_out"] = info["reasoning_left_out"]
-    for chosen, rejected in sides:
-        pair = PreferencePair(*chosen, *rejected)
+    margins = info.get("margins")
+    if margins is not None and config.get("algorithm") != "rm":
+        log.warning("data: the rows' 'margin' field is used by reward models (algorithm='rm') only; %s leaves it "
+                    "aside", config.get("algorithm"))
+    for i, (chosen, rejected) in enumerate(sides):
+        pair = PreferencePair(*chosen, *rejected, None if margins is None else margins[i])
         cut = max(len(pair.chosen_ids), len(pair.rejected_ids)) > dc.max_len
         if cut:
             if dc.overlong == "drop":
                 stats["dropped"] += 1
                 continue
-            pair = PreferencePair(*(x[: dc.max_len] for x in pair))
+            pair = PreferencePair(*(x[: dc.max_len] for x in pair[:4]), pair.margin)
         if (pair.chosen_mask[1:].sum() == 0 or pair.rejected_mask[1:].sum() == 0
                 or np.array_equal(pair.chosen_ids, pair.rejected_ids)):
             stats["dropped"] += 1  # no response tokens left on a side, or no difference left between them
@@ -369,7 +396,14 @@ def collate(examples: list[PreferencePair] | list[SharedPair], config: Any, pad_
     for p, ex in enumerate(examples):
         for side, (t, m) in enumerate(((ex.chosen_ids, ex.chosen_mask), (ex.rejected_ids, ex.rejected_mask))):
             ids[p, side, : len(t)], attn[p, side, : len(t)], loss[p, side, : len(t)] = t, 1, m
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, **margin_column(examples)}
+
+
+def margin_column(examples: list[PreferencePair] | list[SharedPair]) -> dict[str, np.ndarray]:
+    """{"margin": [P] float32} when the pairs carry margins, else {}."""
+    if examples[0].margin is None:
+        return {}
+    return {"margin": np.array([ex.margin for ex in examples], np.float32)}
 
 
 def collate_shared(examples: list[SharedPair], pad_id: int, widths: tuple[int, int] | None = None
@@ -389,6 +423,7 @@ def collate_shared(examples: list[SharedPair], pad_id: int, widths: tuple[int, i
         for side, (t, m) in enumerate(((ex.chosen_ids, ex.chosen_mask), (ex.rejected_ids, ex.rejected_mask))):
             out["suffix_ids"][p, side, :len(t)], out["suffix_mask"][p, side, :len(t)] = t, 1
             out["suffix_loss"][p, side, :len(t)] = m
+    out.update(margin_column(examples))
     return out
 
 
@@ -401,7 +436,7 @@ def pair_tokens(batch: dict[str, Any]) -> Any:
     return batch["attention_mask"].sum()
 
 
-BATCH_AXES = {"input_ids": ("batch", None, "length"), "attention_mask": ("batch", None, "length"),
+BATCH_AXES = {"margin": ("batch",), "input_ids": ("batch", None, "length"), "attention_mask": ("batch", None, "length"),
               "loss_mask": ("batch", None, "length"),
               **{f"prefix_{k}": ("batch", "length") for k in ("ids", "mask", "loss")},
               **{f"suffix_{k}": ("batch", None, "length") for k in ("ids", "mask", "loss")}}
