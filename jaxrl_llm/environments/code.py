@@ -33,16 +33,20 @@ whether the tests passed (code_split.py): what the program does to its own proce
 redefining a helper the tests call, patching `math` or `len`) does not reach the tests, and an object whose
 `__eq__` says yes to anything cannot come back at all. Without an entry point (tests that are plain asserts on the
 program's names), or with `check_returns=False` or `isolate=False`, the program runs in the process of its tests:
-there the tests run in a namespace of their own (the prompt's helpers, rebuilt to look names up in it, and the
-builtins as they were before the program ran), tracing set by the program is cleared before the tests and after
-each call of its function, the modules the tests use must be as they were, and the function's results must be
-built-in values (`check_returns`). In both, programs that reach into the interpreter (frames, gc, tracing, threads,
-builtins, raw file descriptors; `refuse_introspection`) are refused unrun and counted as "refused". In one process
-these raise the bar without making it impossible: a program built to find the path to the reply can still set its
-own reward there. In two, the program's process comes from a spawner that never held a task (spawner.py), so its
-memory holds no tests; where the kernel lacks Landlock (the pool warns) it can still read the files the trainer's
-user can and, where ptrace rules allow (no Yama), the trainer's own memory. Watch `env_refused` and the rewards of
-runs that train on code.
+there the tests run in a namespace of their own (the prompt's helpers, rebuilt to look names up in it, the
+builtins as they were before the program ran, and without an entry point the program's names, but none that would
+hide a builtin or a standard module the tests use: `def len(x)`, `math = Fake()`), tracing set by the program is
+cleared before the tests and after each call of its function, the modules the tests use must be as they were (the
+same objects, attributes and class), and (`check_returns`) the function's results must be built-in values, and so
+must every operand of the tests' comparisons and arithmetic, up to the classes of the prelude, of the tests and of
+the modules they use (no instance of a class of the program's whose `__eq__` or `__sub__` says yes, whichever
+function, class or attribute it came from). In both, programs that reach into the interpreter (frames, gc, tracing,
+audit hooks, threads, builtins, raw file descriptors; `refuse_introspection`) are refused unrun and counted as
+"refused". In one process these raise the bar without making it impossible: a program built to find the path to the
+reply can still set its own reward there. In two, the program's process comes from a spawner that never held a task
+(spawner.py), so its memory holds no tests; where the kernel lacks Landlock (the pool warns) it can still read the files
+the trainer's user can and, where ptrace rules allow (no Yama), the trainer's own memory. Watch `env_refused` and the
+rewards of runs that train on code.
 """
 
 from __future__ import annotations
@@ -77,14 +81,15 @@ RAW_STOPS = ("\nclass ", "\ndef ", "\n#", "\n@", "\nprint", "\nif ", "\n```")
 _FUTURE = re.compile(r"^from __future__ import [^\n]*\n?", re.MULTILINE)
 _ERROR_CHARS = 300
 # What a program is refused for (`refuse_introspection`): reaching into the running interpreter (frames, the
-# garbage collector, tracing, other threads, the builtins, raw file descriptors), the ways a program can reach the
-# tests that check it or the reply that carries its reward, rather than ways to solve a task.
+# garbage collector, tracing, audit hooks (handed the tests' code when it runs), other threads, the builtins, raw file
+# descriptors), the ways a program can reach the tests that check it or the reply that carries its reward, rather
+# than ways to solve a task.
 _REFUSED_MODULES = frozenset("gc ctypes _ctypes _thread threading multiprocessing inspect importlib builtins signal "
                              "atexit faulthandler sys.monitoring _signal _io".split())
 _REFUSED_ATTRIBUTES = frozenset("_getframe f_back f_locals f_globals f_builtins f_trace f_code tb_frame gi_frame "
                                 "cr_frame ag_frame settrace setprofile monitoring _current_frames __subclasses__ "
                                 "__globals__ __code__ __closure__ __defaults__ __kwdefaults__ __builtins__ modules "
-                                "write dup dup2 fdopen pipe kill get_objects get_referrers".split())
+                                "write dup dup2 fdopen pipe kill get_objects get_referrers addaudithook".split())
 _REFUSED_ATTRIBUTE_OWNERS = {"modules": "sys", "write": "os", "dup": "os", "dup2": "os", "fdopen": "os",
                              "pipe": "os", "kill": "os"}  # these attributes are refused only on these modules
 _REFUSED_NAMES = frozenset("__builtins__ __import__ exec compile globals breakpoint".split())
@@ -92,7 +97,7 @@ _STAR_REFUSED = frozenset(_REFUSED_ATTRIBUTE_OWNERS.values())  # `from os import
 # Names of interpreter internals no task needs as text (refused in string constants: getattr(sys, "_get" + "frame")).
 _INTERNAL_NAMES = ("_getframe", "f_back", "f_locals", "f_globals", "f_builtins", "tb_frame", "gi_frame", "cr_frame",
                    "settrace", "setprofile", "_current_frames", "__subclasses__", "__globals__", "__builtins__",
-                   "__code__", "__defaults__", "__kwdefaults__", "get_objects", "get_referrers")
+                   "__code__", "__defaults__", "__kwdefaults__", "get_objects", "get_referrers", "addaudithook")
 _CHECKED_ITEMS = 100_000  # returned container items checked per call (beyond: unchecked)
 
 
@@ -232,41 +237,114 @@ def _check_plain(value: Any, name: str, allowed: frozenset[int]) -> None:
             stack.extend(x)
 
 
-def _modules_used(tests: str) -> dict[str, dict[str, Any]]:
-    """The modules the (trusted) tests import, imported now, each with a copy of its attributes: a program must not
-    change them (math.fabs = lambda x: 0 turns a check on |f(x)| < eps into a pass)."""
+class _Snapshot(NamedTuple):
+    module: types.ModuleType
+    kind: type
+    attrs: dict[str, Any]
+
+
+def _modules_used(tests: str) -> tuple[dict[str, _Snapshot], set[str]]:
+    """(the modules the (trusted) tests use, imported now, each with a copy of its attributes; the names of those the
+    tests use without importing them): the modules they import, and the standard library's modules they name
+    without importing them (`math.isclose` after the program's `import math`). A program must not change them
+    (math.fabs = lambda x: 0 turns a check on |f(x)| < eps into a pass)."""
     try:
         tree = ast.parse(tests)
     except SyntaxError:
-        return {}
-    names = set()
+        return {}, set()
+    names, bound = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
+            bound.update((a.asname or a.name).split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
+    free = {node.value.id for node in ast.walk(tree) if isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name) and node.value.id in sys.stdlib_module_names} - bound
     out = {}
-    for name in sorted(names):
+    for name in sorted(names | free):
         try:
-            attrs = vars(importlib.import_module(name))
+            module = importlib.import_module(name)
         except Exception:  # the tests' own problem: they fail when they run
+            free.discard(name)
             continue
-        out[name] = {k: v for k, v in attrs.items() if not k.startswith("__")}  # (a module's own bookkeeping)
-    return out
+        attrs = {k: v for k, v in vars(module).items() if not k.startswith("__")}  # (a module's own bookkeeping)
+        out[name] = _Snapshot(module, type(module), attrs)
+    return out, free
 
 
-def _check_modules(snapshots: dict[str, dict[str, Any]]) -> None:
-    for name, before in snapshots.items():
-        now = vars(sys.modules[name]) if name in sys.modules else {}
+def _check_modules(snapshots: dict[str, _Snapshot]) -> None:
+    for name, (module, kind, before) in snapshots.items():
+        if sys.modules.get(name) is not module or type(module) is not kind:
+            raise RuntimeError(f"the program replaced the module {name}, which its tests use")
+        now = vars(module)
         changed = next((k for k, v in before.items() if now.get(k, _MISSING) is not v), None)
         if changed is not None:
             raise RuntimeError(f"the program changed {name}.{changed}, which its tests use")
 
 
 _MISSING = object()
+# The methods that an operator hands the other operand to (in a test, the expected value): an object whose class
+# defines one in Python code can equal anything or make any difference zero.
+_OPERATOR_METHODS = frozenset([f"__{n}__" for n in "eq ne lt le gt ge contains neg pos abs invert round trunc floor "
+                               "ceil".split()] +
+                              [f"__{p}{n}__" for n in "add sub mul matmul truediv floordiv mod divmod pow lshift "
+                               "rshift and xor or".split() for p in ("", "r", "i")])
+_OPERAND = "__operand_check__"  # the name the tests' checked operators call
 
 
-def _guarded(fn: Any, name: str, allowed: frozenset[int] | None, modules: dict[str, dict[str, Any]] | None) -> Any:
+class _CheckOperands(ast.NodeTransformer):
+    """The tests' comparisons and arithmetic with each operand passed through `_OPERAND` first."""
+
+    def _wrap(self, node: ast.expr) -> ast.expr:
+        return ast.copy_location(ast.Call(ast.Name(_OPERAND, ast.Load()), [node], []), node)
+
+    def visit_Compare(self, node: ast.Compare) -> ast.Compare:
+        self.generic_visit(node)
+        node.left, node.comparators = self._wrap(node.left), [self._wrap(c) for c in node.comparators]
+        return node
+
+    def visit_BinOp(self, node: ast.BinOp) -> ast.BinOp:
+        self.generic_visit(node)
+        node.left, node.right = self._wrap(node.left), self._wrap(node.right)
+        return node
+
+
+def _operand_check(trusted: frozenset[int]) -> Any:
+    """What the tests' operators pass each operand through (check_returns, in one process): TypeError for an object
+    (or an item of a list, tuple, set, deque or dict it holds) whose class takes an operator (`_OPERATOR_METHODS`)
+    from Python code other than the tests' own, the prelude's classes or those of the modules the tests use
+    (`trusted`, by id): a class of the program's, or an object of a library's that says yes to anything."""
+    cleared: dict[int, type] = {}  # classes found harmless (held, so that their ids are not reused)
+
+    def check(value: Any) -> Any:
+        stack, seen = [value], 0
+        while stack and seen < _CHECKED_ITEMS:
+            x = stack.pop()
+            seen += 1
+            kind = type(x)
+            if cleared.get(id(kind)) is not kind:
+                for cls in kind.__mro__:
+                    if in_c(cls) or id(cls) in trusted:
+                        continue
+                    hook = next((k for k, v in vars(cls).items() if k in _OPERATOR_METHODS and v is not None and not (
+                        isinstance(v, types.FunctionType) and v.__code__.co_filename == "<tests>")), None)
+                    if hook is not None:
+                        raise TypeError(f"the tests compare or compute with an instance of {kind.__name__!r}, whose "
+                                        f"{hook} is Python code of the program's or a library's (env.check_returns): "
+                                        "return built-in values (int, float, str, list, dict, ...)")
+                cleared[id(kind)] = kind
+            if isinstance(x, dict):
+                stack.extend(x.keys())
+                stack.extend(x.values())
+            elif isinstance(x, list | tuple | set | frozenset | collections.deque):
+                stack.extend(x)
+        return value
+
+    return check
+
+
+def _guarded(fn: Any, name: str, allowed: frozenset[int] | None, modules: dict[str, _Snapshot] | None) -> Any:
     """`fn` as the tests call it: StopIteration turned into RuntimeError, tracing cleared after each call, and with
     `allowed` (check_returns) its results and the tests' modules checked."""
 
@@ -299,10 +377,12 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
     discarded; passed when the tests end without an exception. The prelude runs first; the tests then run in a copy
     of its namespace (the prompt's helpers and classes, the builtins as they were before the program ran), with
     the entry point bound to the program's function and `check(entry_point)` called; without an entry point the
-    tests run in the program's namespace. When `check_returns`, the function's (or, without an entry point, every
-    function the program defines) results must be built-in values or the prelude's classes, and the modules the
-    tests import must be as they were. `screen`: refuse the code unrun when it uses a construct of
-    `refused_construct`. The function the pool runs, in a confined worker (where the model's text is parsed too)."""
+    tests see the program's names too, but not over a builtin or a standard module they use. When `check_returns`,
+    the results of the function (without an entry point, of each function the program defines, as the tests call
+    it) must be built-in values or the prelude's classes, so must each operand of the tests' comparisons and
+    arithmetic (`_operand_check`), and the modules the tests use must be as they were. `screen`: refuse the code
+    unrun when it uses a construct of `refused_construct`. The function the pool runs, in a confined worker (where
+    the model's text is parsed too)."""
     from jaxrl_llm.environments import spawner
 
     spawner.forget()  # the model's code runs here: it must not ask the worker's spawner for processes
@@ -321,9 +401,14 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
             units = [_compile(futures + program.prelude + code, "<completion>")]
         else:
             units = [_compile(futures + program.prelude, "<prelude>"), _compile(futures + code, "<completion>")]
-        tests_code = _compile(program.tests, "<tests>")
+        if check_returns:  # each operand of the tests' comparisons and arithmetic checked (_operand_check)
+            tree = ast.fix_missing_locations(_CheckOperands().visit(ast.parse(program.tests)))
+            tests_code = compile(tree, "<tests>", "exec", dont_inherit=True, optimize=0)
+        else:
+            tests_code = _compile(program.tests, "<tests>")
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            modules = _modules_used(program.tests) if check_returns else None  # (sys.stdout as redirected)
+            snapshots, free_modules = _modules_used(program.tests)  # (sys.stdout as redirected)
+            modules = snapshots if check_returns else None
             try:
                 exec(units[0], ns)  # noqa: S102 - the prelude (raw: with the model's body), in a sandboxed worker
                 base = dict(ns)  # the prelude's names, as the tests are to see them
@@ -336,23 +421,31 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
             allowed = frozenset(id(v) for v in base.values() if isinstance(v, type))
             if modules is not None:
                 _check_modules(modules)
+            checks = {**base, "__name__": "__tests__", "__builtins__": builtins_before}
+            for k, (code_, fname, defaults, closure, kwdefaults) in helpers.items():
+                # the prelude's helpers as they were, looking up names in the tests' namespace, not the program's
+                checks[k] = types.FunctionType(code_, checks, fname, defaults, closure)
+                checks[k].__kwdefaults__ = kwdefaults
+            if check_returns:
+                kinds = [v for v in base.values() if isinstance(v, type)]
+                kinds += [v for s in snapshots.values() for v in s.attrs.values() if isinstance(v, type)]
+                checks[_OPERAND] = _operand_check(frozenset(id(c) for k in kinds for c in k.__mro__))
             if entry_point is None:
-                if check_returns:
-                    for name, value in list(ns.items()):
-                        if isinstance(value, types.FunctionType) and base.get(name) is not value:
-                            ns[name] = _guarded(value, name, allowed, modules)
-                ns["__builtins__"] = builtins_before
-                exec(tests_code, ns)  # noqa: S102 - the task's tests
+                # The program's names, but not over a builtin or a module the tests use (`def len(x): return 3`,
+                # `math = Fake()`: the tests get the real ones); its functions checked, but only as the tests call them.
+                for name, value in ns.items():
+                    if name.startswith("__") or base.get(name, _MISSING) is value or name in free_modules \
+                            or (name in builtins_before and name not in base):
+                        continue
+                    guard = check_returns and isinstance(value, types.FunctionType)
+                    checks[name] = _guarded(value, name, allowed, modules) if guard else value
+                checks.update({name: snapshots[name].module for name in free_modules})
+                exec(tests_code, checks)  # noqa: S102 - the task's tests
             else:
                 if entry_point not in ns:
                     raise NameError(f"the program defines no {entry_point!r}")
                 fn = ns[entry_point]
                 candidate = _guarded(fn, entry_point, allowed if check_returns else None, modules)
-                checks = {**base, "__name__": "__tests__", "__builtins__": builtins_before}
-                for k, (code_, fname, defaults, closure, kwdefaults) in helpers.items():
-                    # the prelude's helpers as they were, looking up names in the tests' namespace, not the program's
-                    checks[k] = types.FunctionType(code_, checks, fname, defaults, closure)
-                    checks[k].__kwdefaults__ = kwdefaults
                 exec(tests_code, checks)  # noqa: S102 - the task's tests
                 checks[entry_point] = candidate  # tests that call the function by its name (HumanEval/33) get it
                 if not callable(checks.get("check")):
