@@ -1,7 +1,11 @@
 """Reward hacks a policy finds without solving its task: code tasks without an entry point (the program runs in its
-tests' process) and an audit hook that reads the tests; with the correct programs that must still pass."""
+tests' process), an audit hook that reads the tests, and reasoning-gym datasets whose scorer pays one answer for every
+task; with the correct programs and answers that must still pass."""
 
 from __future__ import annotations
+
+import contextlib
+import io
 
 import pytest
 
@@ -108,3 +112,46 @@ def test_one_process_entry_point_mode_catches_a_swapped_module_class():
 def test_audit_hooks_are_refused_also_by_a_built_name():
     assert refused_construct("import sys\nsys.addaudithook(print)") == "the attribute addaudithook"
     assert refused_construct("import sys\ngetattr(sys, 'addaudit' + 'hook')(print)") == "the string 'addaudithook'"
+
+
+# --- reasoning-gym -----------------------------------------------------------------------------------------------
+
+def _rg(name, n, seed=3):
+    rg = pytest.importorskip("reasoning_gym")
+    from jaxrl_llm.environments.procedural import _scorer, decode_entry, encode_entry
+
+    ds = rg.create_dataset(name, size=n, seed=seed)
+    return _scorer(name), [decode_entry(encode_entry(ds[i])) for i in range(n)]
+
+
+def _quiet(score, answer, entry):
+    with contextlib.redirect_stdout(io.StringIO()):  # puzzle24's scorer prints
+        return score(answer, entry)
+
+
+def test_puzzle24_needs_the_puzzles_own_numbers():
+    score, entries = _rg("puzzle24", 3)
+    for e in entries:
+        assert _quiet(score, "1*2*3*4", e) == 0.01  # any four numbers that make 24 were 1.0 for every puzzle
+        assert _quiet(score, e["answer"], e) == 1.0
+    e = {"answer": "", "metadata": {"numbers": [3, 3, 8, 8]}}
+    assert _quiet(score, "8 / (3 - 8 / 3)", e) == 1.0  # exact fractions
+    assert _quiet(score, "8 * 3 + 3 / 8", e) == 0.01  # 24.375: int() made it 24
+
+
+def test_coin_flip_zero_is_not_every_probability():
+    score, entries = _rg("coin_flip", 6)
+    for e in entries:
+        if float(e["answer"]) < 1:
+            assert score("0", e) < 0.2, e["answer"]  # 1.0 before: "0" matched the gold's first digit, of one
+        assert score(e["answer"], e) == 1.0
+    tiny = {"answer": "3.0517578125e-05"}
+    assert score("0", tiny) == 0.0 and score("0.0000305", tiny) == 1.0  # 0 was within its absolute 1e-4
+
+
+def test_game_of_life_halting_needs_the_right_word():
+    score, entries = _rg("game_of_life_halting", 4)
+    for e in entries:
+        wrong = "False" if e["answer"] == "True" else "True"
+        assert score(wrong, e) == 0.0 and score("anything", e) == 0.0  # any non-empty answer was 1.0
+        assert score(e["answer"], e) == 1.0 and score(e["answer"].lower(), e) == 1.0

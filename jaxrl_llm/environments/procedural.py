@@ -24,16 +24,20 @@ every process of a job.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import json
 import math
+import operator
 import os
 import pickle
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -115,7 +119,71 @@ def _check_dataset(name: str) -> None:
 @functools.cache
 def _scorer(dataset: str) -> Callable[[str | None, dict[str, Any]], float]:
     rg, _ = _reasoning_gym()
-    return rg.get_score_answer_fn(dataset)
+    score = rg.get_score_answer_fn(dataset)
+    fix = _SCORER_FIXES.get(dataset)
+    return score if fix is None else functools.partial(fix, score)
+
+
+# Datasets whose reasoning-gym scorer (0.1.25) gives full reward to one answer for every task, which a policy finds in
+# a few steps; each is scored by the dataset's own scorer with the check it lacks.
+
+def _arithmetic(text: str) -> Fraction | None:
+    """The exact value of integers joined by + - * / and parentheses; None for anything else (or a division by 0)."""
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+    def value(node: ast.expr) -> Fraction:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return Fraction(node.value)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+            return -value(node.operand) if isinstance(node.op, ast.USub) else value(node.operand)
+        if isinstance(node, ast.BinOp) and type(node.op) in ops:
+            return ops[type(node.op)](value(node.left), value(node.right))
+        raise ValueError("not arithmetic")
+
+    try:
+        return value(ast.parse(text.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError, MemoryError):
+        return None
+
+
+def _puzzle24(score: Callable[..., float], answer: str | None, entry: dict[str, Any]) -> float:
+    """puzzle24's scorer takes any four numbers in range that make 24 ("1*2*3*4" solves every puzzle) and any value
+    that truncates to 24: full reward only for the puzzle's own numbers, each once, with + - * / and parentheses,
+    making 24 exactly (else the scorer's 0.01 for an answer)."""
+    reward = float(score(answer, entry))
+    if reward < 1.0 or answer is None:
+        return reward
+    numbers = sorted(int(n) for n in re.findall(r"\d+", answer))
+    ok = numbers == sorted(entry["metadata"]["numbers"]) and _arithmetic(answer) == 24
+    return 1.0 if ok else 0.01
+
+
+def _coin_flip(score: Callable[..., float], answer: str | None, entry: dict[str, Any]) -> float:
+    """coin_flip's scorer gives the share of the gold's leading digits that the answer matches, out of the shorter of
+    the two ("0" gets 1.0 for every probability below 1), and 1.0 within 1e-4 (0 for any probability under 1e-4):
+    full reward within 1e-4 and 1% of the gold, the matched share out of the longer of the two otherwise."""
+    reward = float(score(answer, entry))
+    try:
+        a = float(Fraction(str(answer).replace(",", "").strip()))
+        gold = float(Fraction(str(entry["answer"]).replace(",", "").strip()))
+    except (ValueError, ZeroDivisionError, TypeError):
+        return reward
+    if abs(a - gold) <= min(1e-4, 1e-2 * abs(gold)):
+        return 1.0
+    a_text, gold_text = f"{a:.10g}", f"{gold:.10g}"
+    matched = next((i for i, (x, y) in enumerate(zip(a_text, gold_text, strict=False)) if x != y),
+                   min(len(a_text), len(gold_text)))
+    return min(reward, matched / max(len(a_text), len(gold_text)))
+
+
+def _halting(score: Callable[..., float], answer: str | None, entry: dict[str, Any]) -> float:
+    """game_of_life_halting's scorer compares bool(answer) with bool(gold), both non-empty strings: any answer got
+    1.0. The answer must be the gold, 'True' or 'False' (any case)."""
+    return float(answer is not None and answer.strip().lower() == str(entry["answer"]).strip().lower())
+
+
+_SCORER_FIXES: dict[str, Callable[..., float]] = {"puzzle24": _puzzle24, "coin_flip": _coin_flip,
+                                                   "game_of_life_halting": _halting}
 
 
 def score_reasoning_gym(completion: str, dataset: str, entry: Any, answer_format: str) -> tuple[float, str | None]:
