@@ -10,6 +10,9 @@ scorers need, e.g. arc_agi compares tuple grids). Plain JSON entries (as reasoni
 too. reasoning_gym is imported lazily (about 4 s): by the scoring workers at start-up and by
 reasoning_gym_tasks, never by `import jaxrl_llm.environments`.
 
+Three datasets' scorers (reasoning-gym 0.1.25) pay one answer for every task: puzzle24 ("1*2*3*4"), coin_flip ("0")
+and game_of_life_halting (anything); they are scored with the check their scorer lacks (`_SCORER_FIXES`).
+
 Scorers are built once per dataset and worker (the first use of a dataset may take a second, e.g. arc_agi, and
 counts against that sample's timeout). Datasets whose entries have no single gold answer (e.g. boxnet,
 rubiks_cube: "answer" is None) are scored by their own checker all the same. An unknown "rg_dataset" is that
