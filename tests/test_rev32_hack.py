@@ -28,6 +28,9 @@ HACKS = {
     "str_subclass": ("class S(str):\n    def __eq__(s, o): return True\n    __hash__ = str.__hash__\n"
                      "class add:\n    def __init__(s, *a): pass\n    def __str__(s): return S('no')\n",
                      "assert str(add(1, 2)) == '3'\n"),
+    "scalar_lookalike": ("class M(type):\n    __hash__ = lambda c: hash(int)\n    __eq__ = lambda c, o: True\n"
+                         "class add(metaclass=M):\n    def __init__(s, *a): pass\n    def __eq__(s, o): return True\n",
+                         "assert add(1, 2) == 3\n"),  # its class equal to int, to a set lookup
     "shadow_len": ("def len(x):\n    return 3\ndef add(a, b):\n    return []\n", "assert len(add(1, 2)) == 3\n"),
     "shadow_all": ("def all(x):\n    return True\ndef add(a, b):\n    return 0\n",
                    "assert all(add(x, 1) == x + 1 for x in range(3))\n"),
