@@ -80,9 +80,10 @@ def validate(config: ml_collections.ConfigDict) -> SamplingParams:
     ec = config.eval
     if ec.n_samples < 1:
         raise ConfigError(f"eval.n_samples={ec.n_samples}: must be >= 1")
-    bad = [k for k in ec.k_values if not 1 <= k <= ec.n_samples]
+    bad = [k for k in ec.k_values if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= ec.n_samples]
     if bad:
-        raise ConfigError(f"eval.k_values={tuple(ec.k_values)}: each k must lie in [1, eval.n_samples={ec.n_samples}]")
+        raise ConfigError(f"eval.k_values={tuple(ec.k_values)}: each k must be an integer in [1, eval.n_samples="
+                          f"{ec.n_samples}]")
     for key in ("max_batch_size", "max_prompt_len"):
         if ec[key] < 0:
             raise ConfigError(f"eval.{key}={ec[key]}: must be >= 0 (0 = no limit / the default)")
@@ -97,8 +98,7 @@ def validate(config: ml_collections.ConfigDict) -> SamplingParams:
             raise ConfigError(f"{key}={seed!r}: must be an integer in [0, 2**32)")
     if sp.temperature == 0 and ec.n_samples > 1:
         log.warning("sampling.temperature=0 samples greedily: the eval.n_samples=%d samples of a problem are the same "
-                    "(pass@k and maj@k are pass@1); eval.n_samples=1 gives that in 1/%d of the time", ec.n_samples,
-                    ec.n_samples)
+                    "(pass@k and maj@k are pass@1; each problem is sampled once)", ec.n_samples)
     parallel.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     return sp
 
@@ -176,7 +176,9 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str | N
         print(format_table(name, result), flush=True)  # before the log line naming the file, when piped
         doc = {"name": name, "model": model_info, "source": describe_source(dc.source),
                "metrics": scalar_metrics(result),
-               "env_counts": result["env_counts"], "config": recorded_config(config), "problems": result["problems"]}
+               "env_counts": result["env_counts"], "config": recorded_config(config),
+               **({"per_source": result["per_source"]} if "per_source" in result else {}),
+               "problems": result["problems"]}
         write_json_atomic(out, doc)
         log.info("wrote %s", out)
     return result
@@ -192,6 +194,9 @@ def format_table(name: str, result: dict[str, Any]) -> str:
     for k in keys:
         v = result[k]
         lines.append(f"{k:<{width}}  {v:>12.4f}" if isinstance(v, float) else f"{k:<{width}}  {v:>12}")
+    for src, m in result.get("per_source", {}).items():  # a mixed source: each part's own
+        lines.append(f"{src} ({m['num_problems']} problems): " + ", ".join(
+            f"{k} {m[k]:.4f}" for k in at_k("pass@") + at_k("maj@")))
     return "\n".join(lines)
 
 

@@ -28,7 +28,7 @@ from jaxrl_llm.environments.extract import normalize_answer
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.parallel.rules import ShardingRules
-from jaxrl_llm.sampling.generate import generate
+from jaxrl_llm.sampling.generate import _fit_prompts, _prompt_limits, generate
 from jaxrl_llm.sampling.request import SamplingParams
 from jaxrl_llm.sampling.stop_strings import TokenBytes
 from jaxrl_llm.sampling.text import default_stop_ids, render_prompt
@@ -86,6 +86,13 @@ def _last_user_text(task: Task) -> str:
     return users[-1] if users else ""
 
 
+def task_source(task: Task) -> str:
+    """The source a task came from, as `load_tasks` names it: "gsm8k", "rg:chain_sum", a file's path (or a file
+    row's own metadata "source"); "" when its metadata names none."""
+    m = task.metadata
+    return f"rg:{m['rg_dataset']}" if "rg_dataset" in m else str(m.get("source", ""))
+
+
 def _validate(tasks: Sequence[Task], n_samples: int, k_values: Sequence[int]) -> list[int]:
     if not tasks:
         raise ValueError("tasks is empty: nothing to evaluate")
@@ -94,11 +101,12 @@ def _validate(tasks: Sequence[Task], n_samples: int, k_values: Sequence[int]) ->
             raise ValueError(f"tasks[{i}]: expected a Task, got {type(t).__name__}")
     if not isinstance(n_samples, int | np.integer) or n_samples < 1:
         raise ValueError(f"n_samples={n_samples!r}: must be an integer >= 1")
-    ks = sorted({1, *(int(k) for k in k_values)})
-    bad = [k for k in ks if not 1 <= k <= n_samples]
+    bad = [k for k in k_values
+           if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_samples]
     if bad:
-        raise ValueError(f"k_values={list(k_values)}: each k must lie in [1, n_samples={n_samples}]; bad: {bad}")
-    return ks
+        raise ValueError(f"k_values={list(k_values)}: each k must be an integer in [1, n_samples={n_samples}]; "
+                         f"bad: {bad}")
+    return sorted({1, *(int(k) for k in k_values)})
 
 
 def evaluate_tasks(
@@ -127,7 +135,10 @@ def evaluate_tasks(
     A sample is correct when its reward >= correct_threshold. pass@k (for 1 and every k in k_values, each
     <= n_samples) is the unbiased estimator averaged over problems. When `sampling_params` names no stop
     ids, generation stops at the model's and the tokenizer's eos ids. Sample j of problem i is row
-    i * n_samples + j of one `generate` call, so results do not depend on max_batch_size.
+    i * n_samples + j of one `generate` call, so results do not depend on max_batch_size; greedy
+    (temperature 0) samples each problem once and copies its completion to its n_samples samples. A prompt
+    longer than max_prompt_len (default max_position_embeddings - max_new_tokens) raises PromptLengthError
+    naming its task, or with truncate_prompts keeps its last tokens (counted per problem).
     token_bytes: `sampling.token_bytes(tokenizer)` for stop strings, when the caller keeps one (else built here).
 
     maj@k (for every k > 1 in k_values, when the environment reports each sample's "extracted" answer): the
@@ -136,8 +147,11 @@ def evaluate_tasks(
     Returns the scalar metrics: "pass@<k>", "maj@<k>", "num_problems", "n_samples", "reward_mean", "mean_length"
     (completion tokens), "truncation_rate" (fraction stopped by max_new_tokens), "timeouts", "errors" (scorer
     events), "truncated_prompts", "generate_seconds", "score_seconds", "tokens_per_second"; plus "env_counts"
-    (all of the environment's counts) and "problems": one record per task (index, question, answer,
-    num_correct, rewards, lengths, finish_reasons, info, and completions when keep_completions).
+    (all of the environment's counts), "per_source" when the tasks come from several sources (`task_source`:
+    each one's num_problems, pass@k, maj@k and reward_mean) and "problems": one record per task (index,
+    source, source_index (its row there) or id, question (the last user message), answer, num_correct,
+    rewards, lengths, finish_reasons, info (the environment's: e.g. the extracted answer), prompt_tokens,
+    prompt_truncated, and, when keep_completions, prompt (the rendered text) and completions).
     """
     ks = _validate(tasks, n_samples, k_values)
     sp = sampling_params or SamplingParams()
@@ -147,18 +161,26 @@ def evaluate_tasks(
     convs = [list(t.messages) for t in tasks]
     check_prompt_roles(tokenizer, convs, None)
     prompt_texts = [render_prompt(tokenizer, c, f"task {i}") for i, c in enumerate(convs)]  # rendered once
-    prompt_ids = [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in prompt_texts]
+    encoded = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], np.int64) for t in prompt_texts]
+    # fitted per problem, not per sample: an error names the task, truncated_prompts counts problems
+    prompt_ids, _ = _fit_prompts(encoded, _prompt_limits(cfg, [sp] * len(tasks), max_prompt_len), truncate_prompts)
+    prompt_truncated = [len(a) < len(b) for a, b in zip(prompt_ids, encoded, strict=True)]
     rows = [i for i in range(len(tasks)) for _ in range(n)]
+    # greedy: the samples of a problem are the same, so each problem is sampled once and its completion copied
+    sampled = list(range(len(tasks))) if sp.temperature == 0 else rows
+    copy = list(rows) if sp.temperature == 0 else list(range(len(rows)))
 
     t0 = time.perf_counter()
-    out = generate(cfg, params, [prompt_ids[i] for i in rows], sp, rng, mesh=mesh, rules=rules,
-                   max_batch_size=max_batch_size, max_prompt_len=max_prompt_len, truncate_prompts=truncate_prompts,
-                   keep_logprobs=False, tokenizer=token_bytes or tokenizer)
+    out = generate(cfg, params, [prompt_ids[i] for i in sampled], sp, rng, mesh=mesh, rules=rules,
+                   max_batch_size=max_batch_size, max_prompt_len=max_prompt_len, keep_logprobs=False,
+                   tokenizer=token_bytes or tokenizer)
     t1 = time.perf_counter()
-    completions = [tokenizer.decode(toks, skip_special_tokens=True) for toks in out.tokens]
-    lengths_N = np.array([len(t) for t in out.tokens])
-    finish_reasons, gen_stats = out.finish_reasons, out.stats
-    del out  # the token lists (about 35 bytes a token): only the text, lengths and finish reasons are used
+    texts = [tokenizer.decode(toks, skip_special_tokens=True) for toks in out.tokens]
+    completions = [texts[j] for j in copy]
+    lengths_N = np.array([len(out.tokens[j]) for j in copy])
+    finish_reasons = [out.finish_reasons[j] for j in copy]
+    generated = sum(len(t) for t in out.tokens)
+    del out, texts  # the token lists (about 35 bytes a token): only the text, lengths and finish reasons are used
     scored = score_across_processes(env, [prompt_texts[i] for i in rows], completions,
                                     [dict(tasks[i].metadata) for i in rows])
     t2 = time.perf_counter()
@@ -174,14 +196,19 @@ def evaluate_tasks(
     counts = {k: int(v) for k, v in (scored.counts or {}).items()}
     elapsed = t1 - t0
 
-    result: dict[str, Any] = {f"pass@{k}": float(np.mean([pass_at_k(n, int(c), k) for c in num_correct_P]))
-                              for k in ks}
     info = list(scored.info) if scored.info else [{} for _ in rows]
-    if any(isinstance(x, dict) and "extracted" in x for x in info):  # the environment extracts answers: maj@k
-        answers = [x.get("extracted") if isinstance(x, dict) else None for x in info]
-        for k in (k for k in ks if k > 1):
-            result[f"maj@{k}"] = float(np.mean([majority_correct(answers[i * n:i * n + k], correct_PS[i, :k])
-                                                for i in range(len(tasks))]))
+    answers = ([x.get("extracted") if isinstance(x, dict) else None for x in info]
+               if any(isinstance(x, dict) and "extracted" in x for x in info) else None)  # maj@k when extracted
+
+    def at_k(problems: Sequence[int]) -> dict[str, float]:
+        """pass@k (and maj@k) averaged over these problems."""
+        out = {f"pass@{k}": float(np.mean([pass_at_k(n, int(num_correct_P[i]), k) for i in problems])) for k in ks}
+        for k in (k for k in ks if k > 1 and answers is not None):
+            out[f"maj@{k}"] = float(np.mean([majority_correct(answers[i * n:i * n + k], correct_PS[i, :k])
+                                             for i in problems]))
+        return out
+
+    result: dict[str, Any] = at_k(range(len(tasks)))
     result.update({
         "num_problems": len(tasks),
         "n_samples": n,
@@ -190,21 +217,32 @@ def evaluate_tasks(
         "truncation_rate": float(truncated_N.mean()),
         "timeouts": counts.get("timeouts", 0),
         "errors": counts.get("errors", 0),
-        "truncated_prompts": int(gen_stats.get("truncated_prompts", 0)),
+        "truncated_prompts": int(sum(prompt_truncated)),
         "generate_seconds": elapsed,
         "score_seconds": t2 - t1,
-        "tokens_per_second": float(lengths_N.sum()) / elapsed if elapsed > 0 else 0.0,
+        "tokens_per_second": generated / elapsed if elapsed > 0 else 0.0,
         "env_counts": counts,
     })
+    sources = [task_source(t) for t in tasks]
+    if len(set(sources)) > 1:  # a mixed source: each part's own metrics beside the whole's
+        by_source: dict[str, list[int]] = {}
+        for i, src in enumerate(sources):
+            by_source.setdefault(src, []).append(i)
+        result["per_source"] = {src: {"num_problems": len(ps), **at_k(ps),
+                                      "reward_mean": float(rewards_PS[ps].mean())} for src, ps in by_source.items()}
     problems = []
     for i, task in enumerate(tasks):
         sl = slice(i * n, (i + 1) * n)
-        rec = {"index": i, "question": _last_user_text(task), "answer": task.metadata.get("answer"),
-               "num_correct": int(num_correct_P[i]), "rewards": rewards_PS[i].tolist(),
-               "lengths": lengths_N[sl].tolist(), "finish_reasons": finish_reasons[sl], "info": info[sl]}
-        if "id" in task.metadata:
-            rec["id"] = task.metadata["id"]
+        rec = {"index": i, "source": sources[i], "question": _last_user_text(task),
+               "answer": task.metadata.get("answer"), "num_correct": int(num_correct_P[i]),
+               "rewards": rewards_PS[i].tolist(), "lengths": lengths_N[sl].tolist(),
+               "finish_reasons": finish_reasons[sl], "info": info[sl], "prompt_tokens": len(prompt_ids[i]),
+               "prompt_truncated": prompt_truncated[i]}
+        for key, field in (("id", "id"), ("index", "source_index")):  # the row of its source
+            if key in task.metadata:
+                rec[field] = task.metadata[key]
         if keep_completions:
+            rec["prompt"] = prompt_texts[i]  # as the model saw it (chat template, system prompt), before truncation
             rec["completions"] = completions[sl]
         problems.append(rec)
     result["problems"] = problems
