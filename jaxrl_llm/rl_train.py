@@ -428,6 +428,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             f"data.source={describe_source(dc.source)!r} (prompts as tokenized)", runner.prompt_ids, len(runner.kept))
     except ValueError as e:
         raise DataError(str(e)) from None
+    evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules, runner.tok_bytes)  # (checked before any step)
     ro = config.rollout
     run_meta = {"algorithm": config.algorithm, "seed": config.seed, "num_prompts": ro.num_prompts,
                 "group_size": ro.group_size, "batch_size": config.train.batch_size, "epochs": config.grpo.epochs,
@@ -460,7 +461,6 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
                            tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
                            run_config=config.to_dict(), console_keys=CONSOLE_KEYS)
-    evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules, runner.tok_bytes)
     # (a finished run started again trains nothing: it returns its last step's logged metrics)
     last: dict[str, Any] = logged_metrics(workdir, start) if start >= config.max_steps else {}
     window = StepWindow(rates={"gen_tokens_per_s": "time_generate_s"})  # generated tokens over generation time
@@ -537,6 +537,15 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules, tok_bytes=None):
     tasks = load_tasks(ec.source, ec.num_examples, ec.seed, system_prompt=config.data.system_prompt or None,
                        instruction=config.data.instruction, **dict(ec.get("options", {})))
     env = environments.make_environment(config.env.to_dict())
+    try:  # now, not at the first validation (val_every steps in, that step's checkpoint not yet saved)
+        environments.check_metadata(env, [t.metadata for t in tasks])
+    except ValueError as e:
+        from jaxrl_llm.train import ConfigError
+
+        if hasattr(env, "close"):
+            env.close()
+        raise ConfigError(f"env.name={config.env.get('name')!r} cannot score the validation tasks of eval.source="
+                          f"{describe_source(ec.source)!r}: {e}") from None
     stops = rollout_stop_ids(config, cfg, tokenizer)
     sp = sampling.SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=ec.temperature,
                                  top_p=1.0, top_k=0, stop_token_ids=stops,

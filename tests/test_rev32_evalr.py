@@ -142,3 +142,23 @@ def test_task_source_names_reasoning_gym_datasets():
     assert task_source(rg) == "rg:chain_sum"
     assert task_source(Task(messages=(), metadata={"source": "gsm8k"})) == "gsm8k"
     assert task_source(Task(messages=(), metadata={})) == ""
+
+
+def test_grpo_validation_tasks_the_environment_cannot_score_are_refused_before_any_step(tokenizer, tmp_path,
+                                                                                        monkeypatch):
+    """GRPO on number_guess with eval.source='gsm8k': the run trained val_every steps, then the first validation
+    died with a traceback (that step's checkpoint not yet saved)."""
+    from recipes import recipe
+
+    from jaxrl_llm import rl_train, train
+
+    def no_step(*a, **kw):
+        raise AssertionError("a training step ran")
+
+    monkeypatch.setattr(rl_train.GRPORunner, "step", no_step)
+    config = recipe("grpo_guess_tiny", {"max_steps": 2, "val_every": 2, "eval.source": "gsm8k",
+                                        "eval.num_examples": 2})
+    with pytest.raises(train.ConfigError, match=r"env.name='number_guess' cannot score the validation tasks of "
+                                                r"eval.source='gsm8k': number_guess: metadata\[0\] needs"):
+        train.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
