@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
         lr=2e-5, warmup_steps=0, schedule="constant", weight_decay=0.0, b1=0.9, b2=0.99, eps=1e-8, grad_clip=1.0,
         final_lr_fraction=1.0))
     c.eval = ml_collections.ConfigDict(dict(source="rg:chain_sum", num_examples=64, seed=1, n_samples=1,
-                                            temperature=1.0,
+                                            temperature=1.0, top_p=1.0, top_k=0,  # validation's own sampling
                                             options=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, wandb_project=""))

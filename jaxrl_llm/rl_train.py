@@ -548,7 +548,7 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules, tok_bytes=None):
                           f"{describe_source(ec.source)!r}: {e}") from None
     stops = rollout_stop_ids(config, cfg, tokenizer)
     sp = sampling.SamplingParams(max_new_tokens=config.rollout.max_new_tokens, temperature=ec.temperature,
-                                 top_p=1.0, top_k=0, stop_token_ids=stops,
+                                 top_p=ec.get("top_p", 1.0), top_k=ec.get("top_k", 0), stop_token_ids=stops,
                                  stop_strings=config.rollout.get("stop_strings", ()))
     k_values = val_k_values(ec.n_samples)
     # At most a rollout's rows at a time (rollout.max_batch_size, or one rollout batch when that is 0): what the

@@ -203,6 +203,11 @@ def _validate_eval(config: Any) -> None:
     temperature = config.eval.get("temperature", 1.0)
     if not 0 <= temperature < float("inf"):
         raise ValueError(f"eval.temperature={temperature!r}: must be >= 0 (0 = greedy; val_every > 0 runs validation)")
+    top_p, top_k = config.eval.get("top_p", 1.0), config.eval.get("top_k", 0)
+    if isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1:
+        raise ValueError(f"eval.top_p={top_p!r}: must be in (0, 1] (1 = off; val_every > 0 runs validation)")
+    if not _is_int(top_k) or top_k < 0:
+        raise ValueError(f"eval.top_k={top_k!r}: must be an integer >= 0 (0 = off; val_every > 0 runs validation)")
 
 
 def _validate_turns(config: Any) -> None:
