@@ -56,7 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
         lr=3e-3, warmup_steps=0, schedule="constant", weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-4, grad_clip=1.0,
         final_lr_fraction=1.0))
     c.eval = ml_collections.ConfigDict(dict(source="rg:chain_sum", num_examples=8, seed=1, n_samples=2,
-                                            temperature=1.0, top_p=1.0, top_k=0, options=dict(min_terms=2, max_terms=2)))
+                                            temperature=1.0, top_p=1.0, top_k=0,
+                                            options=dict(min_terms=2, max_terms=2)))
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.metrics = ml_collections.ConfigDict(dict(tensorboard=True, wandb_project=""))
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=0, keep=2, best_metric="", best_mode="max"))
