@@ -562,7 +562,7 @@ def _make_evaluator(config, cfg, tokenizer, mesh, rules, tok_bytes=None):
                              sampling_params=sp, rng=jax.random.key(ec.seed), mesh=mesh, rules=rules,
                              max_batch_size=val_batch, max_prompt_len=config.data.max_prompt_len, truncate_prompts=True,
                              keep_completions=False, token_bytes=tok_bytes)  # the rollouts' (same strings)
-        return scalar_metrics(res, prefix="val_")
+        return scalar_metrics(res, prefix="val_", per_source=True)  # mixed sources: val_pass@1/<source> too
 
     evaluate.close = getattr(env, "close", None)
     return evaluate

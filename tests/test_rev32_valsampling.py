@@ -23,7 +23,7 @@ def test_validation_samples_with_the_eval_filters(monkeypatch, tokenizer):
 
     seen = []
     monkeypatch.setattr(evaluation, "evaluate_tasks", lambda *a, **k: seen.append(k["sampling_params"]) or {})
-    monkeypatch.setattr(evaluation, "scalar_metrics", lambda res, prefix: {})
+    monkeypatch.setattr(evaluation, "scalar_metrics", lambda res, prefix, per_source: {})
     for over, want in (({}, (1.0, 0)), ({"eval.top_p": 0.9, "eval.top_k": 20}, (0.9, 20))):
         c = recipe("grpo_tiny", {"val_every": 1, **over})
         from jaxrl_llm import models
@@ -36,3 +36,15 @@ def test_validation_samples_with_the_eval_filters(monkeypatch, tokenizer):
             evaluate.close()
         sp = seen[-1]
         assert (float(sp.top_p), int(sp.top_k)) == want
+
+
+def test_mixed_source_validation_logs_each_source():
+    from jaxrl_llm.evaluation import scalar_metrics
+
+    res = {"pass@1": 0.5, "num_problems": 4, "problems": [], "per_source": {
+        "gsm8k": {"num_problems": 2, "pass@1": 1.0, "reward_mean": 0.75},
+        "rg:chain_sum": {"num_problems": 2, "pass@1": 0.0, "maj@2": float("nan"), "reward_mean": 0.25}}}
+    assert scalar_metrics(res, "val_", per_source=True) == {
+        "val_pass@1": 0.5, "val_num_problems": 4.0, "val_pass@1/gsm8k": 1.0, "val_reward_mean/gsm8k": 0.75,
+        "val_pass@1/rg:chain_sum": 0.0, "val_reward_mean/rg:chain_sum": 0.25}
+    assert scalar_metrics(res) == {"pass@1": 0.5, "num_problems": 4.0}  # the evaluate CLI keeps per_source apart
