@@ -67,6 +67,14 @@ def restore_workdir(workdir: str, step: int | None, mesh, rules, dtype: Any = No
 
 def validate(config: ml_collections.ConfigDict) -> SamplingParams:
     """User errors before any heavy work, each naming the config key; returns the sampling parameters."""
+    if "algorithm" in config:
+        raise ConfigError(f"this is a training recipe (algorithm={config.algorithm!r}): python -m jaxrl_llm.evaluate "
+                          "takes an evaluation recipe (configs/eval_*.py; its model.path may be the training workdir, "
+                          "model.step a checkpoint); GRPO validates during training with val_every > 0")
+    missing = [k for k in ("model", "data", "eval", "sampling") if k not in config]
+    if missing:
+        raise ConfigError(f"the config has no {', '.join(repr(k) for k in missing)} block: an evaluation recipe has "
+                          "model, data, env, eval and sampling (see configs/eval_tiny.py)")
     mc = config.model
     if not mc.path and not mc.init:
         raise ConfigError("model.path is empty and model.init is not set: name a model folder/.gguf/workdir, "

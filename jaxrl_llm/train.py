@@ -197,6 +197,11 @@ def check_model_outside_export(config: ml_collections.ConfigDict, workdir: str) 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """User errors before any heavy work, each naming the config key."""
+    if "algorithm" not in config:
+        what = ("an evaluation recipe: run it with python -m jaxrl_llm.evaluate --config ... --out FILE"
+                if "eval" in config and "sampling" in config else
+                f"a training recipe names one: {sorted([*REGISTRY, *ONLINE])} (see configs/*_tiny.py)")
+        raise ConfigError(f"the config has no 'algorithm' key: {what}")
     if config.algorithm not in REGISTRY and config.algorithm not in ONLINE:
         raise ConfigError(f"algorithm={config.algorithm!r}; implemented: {sorted([*REGISTRY, *ONLINE])}")
     try:
