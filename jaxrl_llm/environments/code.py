@@ -30,30 +30,31 @@ Hardening against a policy that learns to win its reward without solving the tas
 `check_returns`, in an isolating pool: the defaults), the program runs in a process of its own and the tests in
 another, which calls the program's function through a pipe, receives its results as plain data and alone decides
 whether the tests passed (code_split.py): what the program does to its own process (forging the worker's reply,
-redefining a helper the tests call, patching `math` or `len`) does not reach the tests, and an object whose
-`__eq__` says yes to anything cannot come back at all. Without an entry point (tests that are plain asserts on the
-program's names), or with `check_returns=False` or `isolate=False`, the program runs in the process of its tests:
-there the tests run in a namespace of their own (the prompt's helpers, rebuilt to look names up in it, the
-builtins as they were before the program ran, and without an entry point the program's names, but none that would
-hide a builtin or a standard module the tests use: `def len(x)`, `math = Fake()`), tracing set by the program is
-cleared before the tests and after each call of its function, the modules the tests use must be as they were (the
-same objects, attributes and class), and (`check_returns`) the function's results must be built-in values, and so
-must every operand of the tests' comparisons and arithmetic, up to the classes of the prelude, of the tests and of
-the modules they use (no instance of a class of the program's whose `__eq__` or `__sub__` says yes, whichever
-function, class or attribute it came from). In both, programs that reach into the interpreter (frames, gc, tracing,
-audit hooks, threads, builtins, raw file descriptors; `refuse_introspection`) are refused unrun and counted as
-"refused". In one process these raise the bar without making it impossible: a program built to find the path to the
-reply can still set its own reward there. In two, the program's process comes from a spawner that never held a task
-(spawner.py), so its memory holds no tests; where the kernel lacks Landlock (the pool warns) it can still read the files
-the trainer's user can and, where ptrace rules allow (no Yama), the trainer's own memory. Watch `env_refused` and the
-rewards of runs that train on code.
+redefining a helper the tests call, patching `math` or `len`) does not reach the tests, and an object whose `__eq__`
+says yes to anything cannot come back at all. Without an entry point (tests that are plain asserts on the program's
+names), or with `check_returns=False` or `isolate=False`, the program runs in the process of its tests: there the
+tests run in a namespace of their own (the prompt's helpers, rebuilt to look names up in it, the builtins as they
+were before the program ran, and without an entry point the program's names, but none that would hide a builtin or a
+standard module the tests use: `def len(x)`, `math = Fake()`), tracing set by the program is cleared before the
+tests and after each call of its function, the modules the tests use must be as they were (the same objects,
+attributes and class), and (`check_returns`) the function's results must be built-in values, and so must every
+operand of the tests' comparisons and arithmetic, up to the classes of the prelude, of the tests and of the modules
+they use (code_operands.py: no instance of a class of the program's whose `__eq__` or `__sub__` says yes, whichever
+function, class or attribute it came from; so a task whose tests compare or add instances of the program's own class
+with such methods, `Vector(1, 2) + Vector(3, 4)`, needs tests on their attributes or `check_returns=False`). In
+both, programs that reach into the interpreter (frames, gc, tracing, audit hooks, threads, builtins, raw file
+descriptors; `refuse_introspection`) are refused unrun and counted as "refused". In one process these raise the bar
+without making it impossible: a program built to find the path to the reply can still set its own reward there. In
+two, the program's process comes from a spawner that never held a task (spawner.py), so its memory holds no tests;
+where the kernel lacks Landlock (the pool warns) it can still read the files the trainer's user can and, where
+ptrace rules allow (no Yama), the trainer's own memory. Watch `env_refused` and the rewards of runs that train on
+code.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
-import collections
 import contextlib
 import functools
 import importlib
@@ -68,6 +69,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from jaxrl_llm.environments.base import EnvResult, check_batch
+from jaxrl_llm.environments.code_operands import (
+    CHECKED_ITEMS,
+    OPERAND,
+    TESTS_CLASS,
+    check_operands,
+    items,
+    operand_check,
+    operator_methods,
+    trust,
+)
 from jaxrl_llm.environments.code_values import in_c
 from jaxrl_llm.environments.extract import after_thinking
 from jaxrl_llm.environments.pool import ScoringPool, outcome_counts
@@ -98,7 +109,6 @@ _STAR_REFUSED = frozenset(_REFUSED_ATTRIBUTE_OWNERS.values())  # `from os import
 _INTERNAL_NAMES = ("_getframe", "f_back", "f_locals", "f_globals", "f_builtins", "tb_frame", "gi_frame", "cr_frame",
                    "settrace", "setprofile", "_current_frames", "__subclasses__", "__globals__", "__builtins__",
                    "__code__", "__defaults__", "__kwdefaults__", "get_objects", "get_referrers", "addaudithook")
-_CHECKED_ITEMS = 100_000  # returned container items checked per call (beyond: unchecked)
 
 
 def extract_code(completion: str, entry_point: str | None = None) -> str | None:
@@ -219,22 +229,19 @@ def _stop_tracing() -> None:
     threading.setprofile(None)
 
 
-def _check_plain(value: Any, name: str, allowed: frozenset[int]) -> None:
+def _check_plain(value: Any, name: str, allowed: set[int] | frozenset[int]) -> None:
     """TypeError when `value` (or an item of a list, tuple, set, deque or dict it holds) is an instance of a class
     defined by Python code (the program's, or a library's such as Counter or Fraction), other than the prelude's
-    classes (`allowed`, by id): such an object can compare equal to anything (`__eq__` returning True)."""
+    and the tests' classes (`allowed`, by id): such an object can compare equal to anything (`__eq__` returning
+    True)."""
     stack, seen = [value], 0
-    while stack and seen < _CHECKED_ITEMS:
+    while stack and seen < CHECKED_ITEMS:
         x = stack.pop()
         seen += 1
         if id(type(x)) not in allowed and not all(in_c(cls) for cls in type(x).__mro__):
             raise TypeError(f"{name} returned an instance of {type(x).__name__!r}, a class defined in Python code "
                             "(env.check_returns): return built-in values (int, float, str, list, dict, ...)")
-        if isinstance(x, dict):
-            stack.extend(x.keys())
-            stack.extend(x.values())
-        elif isinstance(x, list | tuple | set | frozenset | collections.deque):
-            stack.extend(x)
+        stack.extend(items(x))
 
 
 class _Snapshot(NamedTuple):
@@ -243,24 +250,26 @@ class _Snapshot(NamedTuple):
     attrs: dict[str, Any]
 
 
-def _modules_used(tests: str) -> tuple[dict[str, _Snapshot], set[str]]:
+def _modules_used(tests: str | ast.AST) -> tuple[dict[str, _Snapshot], set[str]]:
     """(the modules the (trusted) tests use, imported now, each with a copy of its attributes; the names of those the
     tests use without importing them): the modules they import, and the standard library's modules they name
     without importing them (`math.isclose` after the program's `import math`). A program must not change them
-    (math.fabs = lambda x: 0 turns a check on |f(x)| < eps into a pass)."""
+    (math.fabs = lambda x: 0 turns a check on |f(x)| < eps into a pass). `tests`: their source or its tree."""
     try:
-        tree = ast.parse(tests)
+        tree = ast.parse(tests) if isinstance(tests, str) else tests
     except SyntaxError:
         return {}, set()
-    names, bound = set(), set()
+    names, bound, free = set(), set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
             bound.update((a.asname or a.name).split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             names.add(node.module)
-    free = {node.value.id for node in ast.walk(tree) if isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Name) and node.value.id in sys.stdlib_module_names} - bound
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id in sys.stdlib_module_names:
+            free.add(node.value.id)
+    free -= bound
     out = {}
     for name in sorted(names | free):
         try:
@@ -284,70 +293,7 @@ def _check_modules(snapshots: dict[str, _Snapshot]) -> None:
 
 
 _MISSING = object()
-# The methods that an operator hands the other operand to (in a test, the expected value): an object whose class
-# defines one in Python code can equal anything or make any difference zero.
-_OPERATOR_METHODS = frozenset([f"__{n}__" for n in "eq ne lt le gt ge contains neg pos abs invert round trunc floor "
-                               "ceil".split()] +
-                              [f"__{p}{n}__" for n in "add sub mul matmul truediv floordiv mod divmod pow lshift "
-                               "rshift and xor or".split() for p in ("", "r", "i")])
-_OPERAND = "__operand_check__"  # the name the tests' checked operators call
-_SCALARS = frozenset(id(t) for t in (int, float, str, bool, bytes, complex, type(None)))  # (ids: no class's __eq__)
-
-
-class _CheckOperands(ast.NodeTransformer):
-    """The tests' comparisons and arithmetic with each operand passed through `_OPERAND` first."""
-
-    def _wrap(self, node: ast.expr) -> ast.expr:
-        return ast.copy_location(ast.Call(ast.Name(_OPERAND, ast.Load()), [node], []), node)
-
-    def visit_Compare(self, node: ast.Compare) -> ast.Compare:
-        self.generic_visit(node)
-        node.left, node.comparators = self._wrap(node.left), [self._wrap(c) for c in node.comparators]
-        return node
-
-    def visit_BinOp(self, node: ast.BinOp) -> ast.BinOp:
-        self.generic_visit(node)
-        node.left, node.right = self._wrap(node.left), self._wrap(node.right)
-        return node
-
-
-def _operand_check(trusted: frozenset[int]) -> Any:
-    """What the tests' operators pass each operand through (check_returns, in one process): TypeError for an object
-    (or an item of a list, tuple, set, deque or dict it holds) whose class takes an operator (`_OPERATOR_METHODS`)
-    from Python code other than the tests' own, the prelude's classes or those of the modules the tests use
-    (`trusted`, by id): a class of the program's, or an object of a library's that says yes to anything."""
-    cleared: dict[int, type] = {}  # classes found harmless (held, so that their ids are not reused)
-
-    def check(value: Any) -> Any:
-        if id(type(value)) in _SCALARS:  # (the tests' own arithmetic, at speed)
-            return value
-        stack, seen = [value], 0
-        while stack and seen < _CHECKED_ITEMS:
-            x = stack.pop()
-            seen += 1
-            kind = type(x)
-            if cleared.get(id(kind)) is not kind:
-                for cls in kind.__mro__:
-                    if in_c(cls) or id(cls) in trusted:
-                        continue
-                    hook = next((k for k, v in vars(cls).items() if k in _OPERATOR_METHODS and v is not None and not (
-                        isinstance(v, types.FunctionType) and v.__code__.co_filename == "<tests>")), None)
-                    if hook is not None:
-                        raise TypeError(f"the tests compare or compute with an instance of {kind.__name__!r}, whose "
-                                        f"{hook} is Python code of the program's or a library's (env.check_returns): "
-                                        "return built-in values (int, float, str, list, dict, ...)")
-                cleared[id(kind)] = kind
-            if isinstance(x, dict):
-                stack.extend(x.keys())
-                stack.extend(x.values())
-            elif isinstance(x, list | tuple | set | frozenset | collections.deque):
-                stack.extend(x)
-        return value
-
-    return check
-
-
-def _guarded(fn: Any, name: str, allowed: frozenset[int] | None, modules: dict[str, _Snapshot] | None) -> Any:
+def _guarded(fn: Any, name: str, allowed: set[int] | None, modules: dict[str, _Snapshot] | None) -> Any:
     """`fn` as the tests call it: StopIteration turned into RuntimeError, tracing cleared after each call, and with
     `allowed` (check_returns) its results and the tests' modules checked."""
 
@@ -376,14 +322,14 @@ def _compile(source: str, name: str) -> types.CodeType:
 
 def run_program(program: Program, entry_point: str | None = None, check_returns: bool = True,
                 screen: bool = False) -> tuple[bool, str | None]:
-    """(passed, error) of one sample, run in a fresh module (`__completion__`, not "__main__") with stdout and stderr
-    discarded; passed when the tests end without an exception. The prelude runs first; the tests then run in a copy
-    of its namespace (the prompt's helpers and classes, the builtins as they were before the program ran), with
-    the entry point bound to the program's function and `check(entry_point)` called; without an entry point the
+    """(passed, error) of one sample, run in a fresh module (`__completion__`, not "__main__") with stdout and
+    stderr discarded; passed when the tests end without an exception. The prelude runs first; the tests then run in
+    a copy of its namespace (the prompt's helpers and classes, the builtins as they were before the program ran),
+    with the entry point bound to the program's function and `check(entry_point)` called; without an entry point the
     tests see the program's names too, but not over a builtin or a standard module they use. When `check_returns`,
-    the results of the function (without an entry point, of each function the program defines, as the tests call
-    it) must be built-in values or the prelude's classes, so must each operand of the tests' comparisons and
-    arithmetic (`_operand_check`), and the modules the tests use must be as they were. `screen`: refuse the code
+    the results of the function (without an entry point, of each function the program defines, as the tests call it)
+    must be built-in values or the prelude's (or tests') classes, so must each operand of the tests' comparisons and
+    arithmetic (code_operands.py), and the modules the tests use must be as they were. `screen`: refuse the code
     unrun when it uses a construct of `refused_construct`. The function the pool runs, in a confined worker (where
     the model's text is parsed too)."""
     from jaxrl_llm.environments import spawner
@@ -404,24 +350,25 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
             units = [_compile(futures + program.prelude + code, "<completion>")]
         else:
             units = [_compile(futures + program.prelude, "<prelude>"), _compile(futures + code, "<completion>")]
-        if check_returns:  # each operand of the tests' comparisons and arithmetic checked (_operand_check)
-            tree = ast.fix_missing_locations(_CheckOperands().visit(ast.parse(program.tests)))
-            tests_code = compile(tree, "<tests>", "exec", dont_inherit=True, optimize=0)
-        else:
-            tests_code = _compile(program.tests, "<tests>")
+        tree = ast.parse(program.tests)  # (with check_returns, each operand of the tests' comparisons and
+        # arithmetic checked: code_operands.py; optimize=0: asserts kept)
+        tests_code = compile(check_operands(tree) if check_returns else tree, "<tests>", "exec", dont_inherit=True,
+                             optimize=0)
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-            snapshots, free_modules = _modules_used(program.tests)  # (sys.stdout as redirected)
+            snapshots, free_modules = _modules_used(tree)  # (sys.stdout as redirected)
             modules = snapshots if check_returns else None
+            trusted = operator_methods(v for s in snapshots.values() for v in s.attrs.values() if isinstance(v, type))
             try:
                 exec(units[0], ns)  # noqa: S102 - the prelude (raw: with the model's body), in a sandboxed worker
                 base = dict(ns)  # the prelude's names, as the tests are to see them
+                trusted.update(operator_methods(v for v in base.values() if isinstance(v, type)))
                 helpers = {k: (v.__code__, v.__name__, v.__defaults__, v.__closure__, v.__kwdefaults__)
                            for k, v in base.items() if isinstance(v, types.FunctionType)}
                 for unit in units[1:]:
                     exec(unit, ns)  # noqa: S102 - model-written code, in a sandboxed worker
             finally:
                 _stop_tracing()
-            allowed = frozenset(id(v) for v in base.values() if isinstance(v, type))
+            allowed = {id(v) for v in base.values() if isinstance(v, type)}  # (and the tests' classes)
             if modules is not None:
                 _check_modules(modules)
             checks = {**base, "__name__": "__tests__", "__builtins__": builtins_before}
@@ -430,9 +377,8 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
                 checks[k] = types.FunctionType(code_, checks, fname, defaults, closure)
                 checks[k].__kwdefaults__ = kwdefaults
             if check_returns:
-                kinds = [v for v in base.values() if isinstance(v, type)]
-                kinds += [v for s in snapshots.values() for v in s.attrs.values() if isinstance(v, type)]
-                checks[_OPERAND] = _operand_check(frozenset(id(c) for k in kinds for c in k.__mro__))
+                checks[OPERAND] = operand_check(trusted)
+                checks[TESTS_CLASS] = functools.partial(trust, trusted, allowed)
             if entry_point is None:
                 # The program's names, but not over a builtin or a module the tests use (`def len(x): return 3`,
                 # `math = Fake()`: the tests get the real ones); its functions checked, but only as the tests call them.
