@@ -1,6 +1,7 @@
 """Correct programs of assert-style code tasks (no entry point) that the operand check of test_rev32_hack refused
-(the tests' own dataclasses), the holes its trust left (a trusted class patched or hiding an object in its
-attributes, a container subclass hiding its items), and its cost on long lists."""
+(the tests' own dataclasses, a prelude or program global named like a standard module), the holes its trust left
+(a trusted class patched or hiding an object in its attributes, a container subclass hiding its items), and its
+cost on long lists."""
 
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ GOOD = {
                              "assert V(top([1, 9])) >= V(9)\n", ""),
     "returns_tests_instance": ("def oldest(ps):\n    return max(ps, key=lambda p: p.age)\n",
                                DC + "ps = [P('a', 3), P('b', 5)]\nassert oldest(ps) == P('b', 5)\n", ""),
+    "prelude_list_named_numbers": ("def add_number(x):\n    numbers.append(x)\n",
+                                   "add_number(4)\nassert numbers.count(4) == 1\n", "numbers = [1, 2, 3]\n"),
+    "program_list_named_queue": ("queue = []\ndef push(x):\n    queue.append(x)\n",
+                                 "push(2)\nassert queue.count(2) == 1\n", ""),
     "linked_list_eq": ("def build(xs):\n    head = None\n    for x in reversed(xs):\n        head = ListNode(x, head)\n"
                        "    return head\n", "assert build([1, 2]) == ListNode(1, ListNode(2))\n", NODE),
 }
@@ -69,7 +74,7 @@ def _score(env, rows, entry_point=None):
     return {n: (float(rw), i.get("error")) for n, rw, i in zip(names, r.rewards, r.info, strict=True)}
 
 
-def test_correct_programs_pass_with_the_tests_own_classes(env):
+def test_correct_programs_pass_with_the_tests_own_classes_and_stdlib_named_data(env):
     got = _score(env, GOOD)
     assert got == dict.fromkeys(GOOD, (1.0, None)), got
 
@@ -80,6 +85,18 @@ def test_trusted_classes_patched_or_hiding_an_object_get_no_reward(env):
     assert got["prelude_class_patched"][1].startswith(
         "TypeError: the tests compare or compute with an instance of 'ListNode', whose __eq__ is Python code")
     assert got["dict_hides_values"][1].startswith("TypeError: the tests compare or compute with an instance of 'A'")
+
+
+def test_entry_point_tests_see_the_standard_modules_they_name_without_importing(env):
+    rows = {"isclose": ("import math\ndef r(x):\n    return math.sqrt(x)\n",
+                        "def check(candidate):\n    assert math.isclose(candidate(2), 2 ** 0.5)\n", "")}
+    assert _score(env, rows, entry_point="r") == {"isclose": (1.0, None)}
+
+
+def test_a_program_name_shadowing_a_builtin_the_tests_call_is_named_in_the_error(env):
+    got = _score(env, {"sum": ("def sum(a, b):\n    return a + b\n", "assert sum(2, 3) == 5\n", "")})
+    assert got["sum"] == (0.0, "TypeError: 'int' object is not iterable (the tests called the builtin sum: a "
+                                "program's name does not hide a builtin)")
 
 
 def test_operands_skip_literals_and_scalar_items():

@@ -35,20 +35,21 @@ says yes to anything cannot come back at all. Without an entry point (tests that
 names), or with `check_returns=False` or `isolate=False`, the program runs in the process of its tests: there the
 tests run in a namespace of their own (the prompt's helpers, rebuilt to look names up in it, the builtins as they
 were before the program ran, and without an entry point the program's names, but none that would hide a builtin or a
-standard module the tests use: `def len(x)`, `math = Fake()`), tracing set by the program is cleared before the
-tests and after each call of its function, the modules the tests use must be as they were (the same objects,
-attributes and class), and (`check_returns`) the function's results must be built-in values, and so must every
-operand of the tests' comparisons and arithmetic, up to the classes of the prelude, of the tests and of the modules
-they use (code_operands.py: no instance of a class of the program's whose `__eq__` or `__sub__` says yes, whichever
-function, class or attribute it came from; so a task whose tests compare or add instances of the program's own class
-with such methods, `Vector(1, 2) + Vector(3, 4)`, needs tests on their attributes or `check_returns=False`). In
-both, programs that reach into the interpreter (frames, gc, tracing, audit hooks, threads, builtins, raw file
-descriptors; `refuse_introspection`) are refused unrun and counted as "refused". In one process these raise the bar
-without making it impossible: a program built to find the path to the reply can still set its own reward there. In
-two, the program's process comes from a spawner that never held a task (spawner.py), so its memory holds no tests;
-where the kernel lacks Landlock (the pool warns) it can still read the files the trainer's user can and, where
-ptrace rules allow (no Yama), the trainer's own memory. Watch `env_refused` and the rewards of runs that train on
-code.
+standard module the tests use: `def len(x)`, `math = Fake()`, though `numbers = [1, 2]` stays; the standard modules
+the tests name without importing them), tracing set by the program is cleared before the tests and after each call
+of its function, the modules the tests use must be as they were (the same objects, attributes and class), and
+(`check_returns`) the function's results must be built-in values, and so must every operand of the tests'
+comparisons and arithmetic, up to the classes of the prelude, of the tests and of the modules they use
+(code_operands.py: no instance of a class of the program's whose `__eq__` or `__sub__` says yes, whichever function,
+class or attribute it came from; so a task whose tests compare or add instances of the program's own class with such
+methods, `Vector(1, 2) + Vector(3, 4)`, needs tests on their attributes or `check_returns=False`, and a program's
+`def sum(a, b)` is not what its tests call as `sum`). In both, programs that reach into the interpreter (frames, gc,
+tracing, audit hooks, threads, builtins, raw file descriptors; `refuse_introspection`) are refused unrun and counted
+as "refused". In one process these raise the bar without making it impossible: a program built to find the path to
+the reply can still set its own reward there. In two, the program's process comes from a spawner that never held a
+task (spawner.py), so its memory holds no tests; where the kernel lacks Landlock (the pool warns) it can still read
+the files the trainer's user can and, where ptrace rules allow (no Yama), the trainer's own memory. Watch
+`env_refused` and the rewards of runs that train on code.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ from jaxrl_llm.environments.base import EnvResult, check_batch
 from jaxrl_llm.environments.code_operands import (
     CHECKED_ITEMS,
     OPERAND,
+    PLAIN_DATA,
     TESTS_CLASS,
     check_operands,
     items,
@@ -282,6 +284,14 @@ def _modules_used(tests: str | ast.AST) -> tuple[dict[str, _Snapshot], set[str]]
     return out, free
 
 
+def _names(source: str) -> set[str]:
+    """The names `source` uses (none when it does not parse)."""
+    try:
+        return {node.id for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Name)}
+    except SyntaxError:
+        return set()
+
+
 def _check_modules(snapshots: dict[str, _Snapshot]) -> None:
     for name, (module, kind, before) in snapshots.items():
         if sys.modules.get(name) is not module or type(module) is not kind:
@@ -343,7 +353,7 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
     sys.modules["__completion__"] = module  # what dataclasses and typing look up for the program's classes
     ns = module.__dict__
     ns["__builtins__"] = builtins
-    sink = _null_stream()
+    sink, hidden = _null_stream(), set()
     try:
         futures, code = _hoist_futures(program.code)
         if program.raw:
@@ -381,14 +391,20 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
                 checks[TESTS_CLASS] = functools.partial(trust, trusted, allowed)
             if entry_point is None:
                 # The program's names, but not over a builtin or a module the tests use (`def len(x): return 3`,
-                # `math = Fake()`: the tests get the real ones); its functions checked, but only as the tests call them.
+                # `math = Fake()`: the tests get the real ones; `numbers = [1, 2]`, plain data, stays); its
+                # functions checked, but only as the tests call them.
                 for name, value in ns.items():
-                    if name.startswith("__") or base.get(name, _MISSING) is value or name in free_modules \
+                    if name in builtins_before and name not in base and value is not builtins_before[name]:
+                        hidden.add(name)
+                    if name.startswith("__") or base.get(name, _MISSING) is value \
+                            or (name in free_modules and type(value) not in PLAIN_DATA) \
                             or (name in builtins_before and name not in base):
                         continue
                     guard = check_returns and isinstance(value, types.FunctionType)
                     checks[name] = _guarded(value, name, allowed, modules) if guard else value
-                checks.update({name: snapshots[name].module for name in free_modules})
+            for name in free_modules:  # the standard modules the tests name without importing them
+                checks.setdefault(name, snapshots[name].module)
+            if entry_point is None:
                 exec(tests_code, checks)  # noqa: S102 - the task's tests
             else:
                 if entry_point not in ns:
@@ -401,7 +417,9 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
                     raise NameError("the tests define no check(candidate) function")
                 checks["check"](candidate)
     except BaseException as e:  # SystemExit too: a program that exits before its tests has not passed them
-        return False, _describe(e)
+        used = sorted(hidden & _names(program.tests)) if hidden else []  # the builtins the program's names shadow
+        hint = f" (the tests called the builtin {used[0]}: a program's name does not hide a builtin)" if used else ""
+        return False, _describe(e) + hint
     return True, None
 
 

@@ -12,13 +12,14 @@ cannot be sandboxed from itself. `run_split` takes the program out of that proce
   sends back its result (or the exception it raised) and the arguments as the call left them, pickled. It dies
   with the spawner, and, when sandboxed, stacks a no-fork seccomp filter on the spawner's (which reads only the
   standard library and the packages named for programs, where the kernel has Landlock).
-- this process (the tests') runs the prelude on its own, then the tests, with `check` given a stand-in that
-  forwards each call. What comes back is loaded by code_values.py, which runs no code of the program's: plain data,
-  numpy arrays and scalars, and the prelude's classes rebuilt from their attributes as this process's own. An
-  exception the function raised is raised here as the first of its classes that is a built-in exception or the
-  prelude's, with its arguments (StopIteration as RuntimeError: inside the tests' map() or next() it would end
-  their loop early, as if all was checked); arguments the call changed (lists, dicts, sets, bytearrays, numpy
-  arrays) are changed here to match. So the only way to pass is to return the right values.
+- this process (the tests') runs the prelude on its own, then the tests (with the standard modules they name without
+  importing them: `math.isclose` after the program's `import math`, as in one namespace), with `check` given a
+  stand-in that forwards each call. What comes back is loaded by code_values.py, which runs no code of the
+  program's: plain data, numpy arrays and scalars, and the prelude's classes rebuilt from their attributes as this
+  process's own. An exception the function raised is raised here as the first of its classes that is a built-in
+  exception or the prelude's, with its arguments (StopIteration as RuntimeError: inside the tests' map() or next()
+  it would end their loop early, as if all was checked); arguments the call changed (lists, dicts, sets, bytearrays,
+  numpy arrays) are changed here to match. So the only way to pass is to return the right values.
 
 Differences from `run_program`: results and arguments must be what code_values.py carries (not generators, deques,
 functions, or classes the tests or the program define; dict subclasses arrive as dicts), each call gets a copy of
@@ -47,6 +48,7 @@ from jaxrl_llm.environments.code import (
     _compile,
     _describe,
     _hoist_futures,
+    _modules_used,
     _null_stream,
     _stop_tracing,
     refused_construct,
@@ -266,6 +268,9 @@ def run_split(program: Program, entry_point: str, screen: bool = True) -> tuple[
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             checks: dict[str, Any] = {"__name__": "__tests__", "__builtins__": builtins}
             exec(_prelude_alone(program.prelude), checks)  # noqa: S102 - the task's prelude
+            snapshots, free_modules = _modules_used(program.tests)  # `math.isclose` without `import math`
+            for name in free_modules:
+                checks.setdefault(name, snapshots[name].module)
             classes = code_values.classes_in(checks, code_values.prelude_class_names(program.prelude))
             exec(_compile(program.tests, "<tests>"), checks)  # noqa: S102 - the task's tests
             try:
