@@ -204,12 +204,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"the config has no 'algorithm' key: {what}")
     if config.algorithm not in REGISTRY and config.algorithm not in ONLINE:
         raise ConfigError(f"algorithm={config.algorithm!r}; implemented: {sorted([*REGISTRY, *ONLINE])}")
+    missing = [k for k in (*REQUIRED_KEYS, *REQUIRED_BY_ALGORITHM.get(config.algorithm, ())) if not _has_key(config, k)]
+    if missing:
+        raise ConfigError(f"the config lacks {', '.join(missing)}: every training run needs "
+                          f"{'it' if len(missing) == 1 else 'them'} (configs/{config.algorithm}_tiny.py sets every key "
+                          "with its default)")
     try:
         if config.algorithm in ONLINE:
             ONLINE[config.algorithm](config)
         else:
             REGISTRY[config.algorithm].validate(config)
-    except (ValueError, AttributeError, KeyError) as e:
+    except (AttributeError, KeyError) as e:  # a key the algorithm reads is not in the config
+        raise ConfigError(f"the config lacks a key algorithm={config.algorithm!r} needs: {e} (configs/"
+                          f"{config.algorithm}_tiny.py sets every key with its default)") from e
+    except ValueError as e:
         raise ConfigError(str(e)) from e
     if config.max_steps < 1:
         raise ConfigError(f"max_steps={config.max_steps}: must be >= 1")
@@ -248,6 +256,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           "model.compute_dtype=float16")
     parallel.resolve_mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     validate_schedule(config)
+
+
+# The keys a training recipe must set (the rest have defaults), by algorithm; validate names the missing ones.
+REQUIRED_KEYS = ("max_steps", "log_every", "seed", "tokenizer", "export_hf", "model.path", "model.init", "model.dtype",
+                 "model.compute_dtype", "model.attention_impl", "model.remat", "data.source", "data.num_examples",
+                 "data.overlong", "train.batch_size", "train.microbatches", "optimizer.lr", "mesh.data", "mesh.fsdp",
+                 "mesh.tensor", "checkpoint.every_steps", "checkpoint.keep")
+REQUIRED_BY_ALGORITHM = {
+    "sft": ("data.max_len", "data.packing", "data.last_assistant_only"),
+    "dpo": ("data.max_len", "dpo.average_log_probs"),
+    "rm": ("data.max_len",),
+    "grpo": ("data.max_prompt_len", "data.system_prompt", "data.instruction", "env", "rollout.max_batch_size",
+             "rollout.stop_token_ids", "grpo.token_level", "grpo.overlong_filtering", "grpo.recompute_old_logprobs"),
+}
+
+
+def _has_key(config: ml_collections.ConfigDict, dotted: str) -> bool:
+    node: Any = config
+    for part in dotted.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _int(x: Any) -> bool:
