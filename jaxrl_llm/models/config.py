@@ -226,6 +226,41 @@ def _rope_scaling_from_hf(rs: dict | None, where: str, d: dict, max_pos: int) ->
     )
 
 
+def _sliding_window(d: dict, family: str, num_layers: int, max_pos: int, where: str) -> int | None:
+    """The window every layer slides over (None: full attention) as transformers reads config.json: Mistral's
+    sliding_window (absent: its 4096; an explicit null: none), on every layer unless `layer_types` names each
+    layer's (transformers then builds it as Ministral); Qwen's only with use_sliding_window=true, on the layers
+    from max_window_layers on unless layer_types says. A window that binds on some layers only (or on Qwen's) is
+    refused; one of max_position_embeddings or more never binds and is left out."""
+    if family == "mistral":  # an absent key is transformers' default window; an explicit null is none
+        window = d.get("sliding_window", _FAMILY_DEFAULTS["mistral"]["sliding_window"])
+    elif family in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
+        window = d.get("sliding_window", 4096)
+    else:
+        return None
+    types = d.get("layer_types")
+    if types is None and family != "mistral":
+        first = _first(d, "max_window_layers", default=28)
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if types is not None and (not isinstance(types, list) or len(types) != num_layers
+                              or not set(types) <= {"full_attention", "sliding_attention"}):
+        raise UnsupportedModelError(f"{where}: layer_types={types!r}: expected {num_layers} entries, each "
+                                    "'full_attention' or 'sliding_attention'")
+    mixed = types is not None and "full_attention" in types
+    if not window or (types is not None and "sliding_attention" not in types):
+        return None
+    if window >= max_pos and (mixed or family != "mistral"):  # (Mistral's own window: kept, as config.json says)
+        return None
+    if family != "mistral":
+        raise UnsupportedModelError(f"{where}: use_sliding_window=true (sliding_window={window} on "
+                                    f"{types.count('sliding_attention')} of {num_layers} layers) is not supported for "
+                                    f"{family}")
+    if mixed:
+        raise UnsupportedModelError(f"{where}: layer_types mixes sliding_attention (sliding_window={window}) and "
+                                    "full_attention layers (Ministral's interleaved attention): not supported")
+    return window
+
+
 def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """Build a ModelConfig from an HF config dict. `where` names the source in error messages."""
     archs = d.get("architectures") or []
@@ -242,6 +277,11 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
             f"{where}: model_type {d.get('model_type')!r} is not supported; "
             f"supported architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    quant = d.get("quantization_config")
+    if quant:  # its weights are packed integers / fp8 with scales beside them: read as floats they are garbage
+        method = quant.get("quant_method") if isinstance(quant, dict) else None
+        raise UnsupportedModelError(f"{where}: quantization_config (quant_method={method!r}): quantized checkpoints "
+                                    "are not supported; use the unquantized (bf16/fp16/fp32) model")
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"{where}: hidden_act {act!r} is not supported (only silu/SwiGLU)")
@@ -268,40 +308,42 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
     eos = d.get("eos_token_id", fam["eos_token_id"])
     eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
     attention_bias = bool(d.get("attention_bias", False))
-    sliding = None
-    if family == "mistral":  # an absent key is transformers' default window; an explicit null is none
-        sliding = d.get("sliding_window", fam["sliding_window"])
-    elif family in ("qwen2", "qwen3") and d.get("use_sliding_window", False):
-        raise UnsupportedModelError(f"{where}: use_sliding_window=true is not supported for {family}")
+    sliding = _sliding_window(d, family, int(d["num_hidden_layers"]), max_pos, where)
     num_labels = 0
     if arch in SEQ_CLS_ARCHITECTURES:
         num_labels = int(d.get("num_labels", len(d.get("id2label", {})) or 2))
-    return ModelConfig(
-        family=family,
-        vocab_size=int(d["vocab_size"]),
-        hidden_size=int(d["hidden_size"]),
-        intermediate_size=int(d["intermediate_size"]),
-        num_layers=int(d["num_hidden_layers"]),
-        num_heads=num_heads,
-        # an explicit null means one kv head per query head, as transformers reads it; an absent key the family's
-        num_kv_heads=int(num_heads if "num_key_value_heads" in d and d["num_key_value_heads"] is None else
-                         _first(d, "num_key_value_heads", default=fam["num_key_value_heads"] or num_heads)),
-        head_dim=int(head_dim),
-        rms_norm_eps=float(_first(d, "rms_norm_eps", default=1e-6)),
-        rope_theta=float(rope_theta),
-        rope_scaling=_rope_scaling_from_hf(rope_scaling, where, d, max_pos),
-        max_position_embeddings=max_pos,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        qkv_bias=family == "qwen2" or (attention_bias and family in ("llama", "qwen3")),  # as transformers reads it
-        o_bias=attention_bias and family in ("llama", "qwen3"),
-        mlp_bias=bool(d.get("mlp_bias", False)) and family == "llama",
-        qk_norm=family == "qwen3",
-        sliding_window=int(sliding) if sliding else None,
-        num_labels=num_labels,
-        bos_token_id=d.get("bos_token_id", fam["bos_token_id"]),
-        eos_token_ids=eos_ids,
-        pad_token_id=d.get("pad_token_id"),
-    )
+    scaling = _rope_scaling_from_hf(rope_scaling, where, d, max_pos)
+    try:
+        return ModelConfig(
+            family=family,
+            vocab_size=int(d["vocab_size"]),
+            hidden_size=int(d["hidden_size"]),
+            intermediate_size=int(d["intermediate_size"]),
+            num_layers=int(d["num_hidden_layers"]),
+            num_heads=num_heads,
+            # an explicit null means one kv head per query head, as transformers reads it; an absent key the family's
+            num_kv_heads=int(num_heads if "num_key_value_heads" in d and d["num_key_value_heads"] is None else
+                             _first(d, "num_key_value_heads", default=fam["num_key_value_heads"] or num_heads)),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(_first(d, "rms_norm_eps", default=1e-6)),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            max_position_embeddings=max_pos,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            qkv_bias=family == "qwen2" or (attention_bias and family in ("llama", "qwen3")),  # as transformers reads it
+            o_bias=attention_bias and family in ("llama", "qwen3"),
+            mlp_bias=bool(d.get("mlp_bias", False)) and family == "llama",
+            qk_norm=family == "qwen3",
+            sliding_window=int(sliding) if sliding else None,
+            num_labels=num_labels,
+            bos_token_id=d.get("bos_token_id", fam["bos_token_id"]),
+            eos_token_ids=eos_ids,
+            pad_token_id=d.get("pad_token_id"),
+        )
+    except UnsupportedModelError as e:  # (num_key_value_heads that do not divide the heads, an odd head_dim)
+        absent = [k for k in ("num_key_value_heads", "head_dim") if k not in d and k in str(e)]
+        raise UnsupportedModelError(f"{where}: {e}" + (f" ({', '.join(absent)} absent: transformers' {family} "
+                                                       "default)" if absent else "")) from None
 
 
 _HF_ARCH = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}

@@ -103,7 +103,8 @@ def ours_to_hf(x: np.ndarray, n_in: int, flat: bool = False) -> np.ndarray:
 
 
 class HFFolderSource:
-    """Tensors of an HF folder: model.safetensors or a sharded index (model.safetensors.index.json)."""
+    """Tensors of an HF folder: model.safetensors or a sharded index (model.safetensors.index.json); names without
+    the `model.` prefix (a base model's) get it, as transformers reads them."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -111,6 +112,7 @@ class HFFolderSource:
         single = os.path.join(folder, "model.safetensors")
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}
+        self._stored: dict[str, str] = {}  # our name -> the name in the file, where they differ
         if os.path.exists(index):
             try:
                 with open(index) as f:
@@ -130,23 +132,34 @@ class HFFolderSource:
                     f"{folder}: only pickle checkpoints (*.bin/*.pt) found; they are never loaded (unsafe). "
                     "Convert them to safetensors first")
             raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json (found {found})")
+        if self._where and not any(k.startswith("model.") for k in self._where):
+            # a base model's names (saved from LlamaModel, or by a tool that drops the prefix): transformers adds
+            # the `model.` prefix to every name but the heads', and so do we
+            self._stored = {k if k.startswith(("lm_head.", "score.")) else "model." + k: k for k in self._where}
+            self._where = {k: self._where[v] for k, v in self._stored.items()}
 
     def _file(self, name: str) -> SafetensorsFile:
         fname = self._where[name]
         if fname not in self._files:
             self._files[fname] = SafetensorsFile(os.path.join(self.folder, fname))
-        if name not in self._files[fname].keys():  # every tensor: a shard is opened for its first tensor only
-            raise CheckpointError(f"{self.folder}/{fname}: index lists tensor {name!r}, the file lacks it")
+        stored = self._stored.get(name, name)
+        if stored not in self._files[fname].keys():  # every tensor: a shard is opened for its first tensor only
+            raise CheckpointError(f"{self.folder}/{fname}: index lists tensor {stored!r}, the file lacks it")
         return self._files[fname]
+
+    def alias(self, name: str, stored: str) -> None:
+        """Read tensor `name` from the checkpoint's tensor `stored` (one of `keys()`)."""
+        self._where[name] = self._where[stored]
+        self._stored[name] = self._stored.get(stored, stored)
 
     def keys(self) -> list[str]:
         return list(self._where)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._file(name).shape(name)
+        return self._file(name).shape(self._stored.get(name, name))
 
     def get(self, name: str) -> np.ndarray:
-        return self._file(name).get(name)
+        return self._file(name).get(self._stored.get(name, name))
 
 
 def _hf_tensor(src: TensorSource, keys: set[str], name: str, want: tuple[int, ...]) -> np.ndarray:
@@ -155,7 +168,11 @@ def _hf_tensor(src: TensorSource, keys: set[str], name: str, want: tuple[int, ..
     got = tuple(src.shape(name))
     if got != tuple(want):
         raise CheckpointError(f"tensor {name!r} has shape {list(got)} in the checkpoint, the config needs {list(want)}")
-    return src.get(name)
+    x = src.get(name)
+    if x.dtype.kind in "biu":  # (a quantized checkpoint's packed weights: as floats they would be garbage)
+        raise CheckpointError(f"tensor {name!r} is {x.dtype} in the checkpoint, not floating point (a quantized "
+                              "checkpoint?); use the unquantized model")
+    return x
 
 
 @partial(jax.jit, donate_argnums=0, static_argnums=3)
@@ -277,11 +294,38 @@ def _with_generation_eos(folder: str, d: dict) -> dict:
     return {**d, "eos_token_id": list(dict.fromkeys([*own, *extra]))}
 
 
+def _same_rows(a: np.ndarray, b: np.ndarray, rows: int = 4096) -> bool:
+    return a.shape == b.shape and all(np.array_equal(a[i:i + rows], b[i:i + rows]) for i in range(0, len(a), rows))
+
+
+def _untie_distinct_head(cfg: ModelConfig, src: TensorSource, where: str) -> ModelConfig:
+    """cfg untied when it says tie_word_embeddings=true but `src` holds an lm_head.weight that differs from the
+    embedding (a config that does not describe its checkpoint), as transformers (>= 5) loads it: the output
+    projection is the checkpoint's own, and exports write it untied."""
+    keys = set(src.keys())
+    head, embed = HF_NAMES["lm_head"].template, HF_NAMES["embed"].template
+    if not cfg.tie_word_embeddings or cfg.num_labels or head not in keys or embed not in keys:
+        return cfg
+    if tuple(src.shape(head)) != tuple(src.shape(embed)) or _same_rows(src.get(head), src.get(embed)):
+        return cfg  # (a copy of the embedding: tied is the same model)
+    log.warning("%s: tie_word_embeddings=true, but the checkpoint's lm_head.weight differs from its "
+                "model.embed_tokens.weight: loaded untied, with that lm_head, as transformers >= 5 loads it "
+                "(transformers 4.x and vLLM tie and leave it out); exports write tie_word_embeddings=false", where)
+    return dataclasses.replace(cfg, tie_word_embeddings=False)
+
+
 def load_hf_folder(folder: str, dtype: Any = jnp.float32, mesh: Mesh | None = None,
                    rules: ShardingRules | None = None) -> tuple[ModelConfig, dict]:
-    cfg = config_from_hf(read_hf_config(folder), where=os.path.join(folder, "config.json"))
+    where = os.path.join(folder, "config.json")
+    cfg = config_from_hf(read_hf_config(folder), where=where)
     src = HFFolderSource(folder)
-    # Tied checkpoints may or may not carry lm_head.weight; we never need it then (param_specs omits it).
+    # A tied checkpoint may carry lm_head.weight: a copy of the embedding is not needed (param_specs omits it), a
+    # different tensor means the config is wrong (_untie_distinct_head); or only lm_head.weight, the embedding kept
+    # under the head's name (safetensors.torch.save_model keeps that one of the two)
+    cfg = _untie_distinct_head(cfg, src, where)
+    head, embed = HF_NAMES["lm_head"].template, HF_NAMES["embed"].template
+    if cfg.tie_word_embeddings and embed not in src.keys() and head in src.keys():
+        src.alias(embed, head)
     return cfg, load_params_from_source(cfg, src, dtype, mesh, rules)
 
 
