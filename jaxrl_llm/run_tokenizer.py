@@ -33,6 +33,8 @@ def _same(a: str, b: str) -> bool:
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# the files a tokenizer's vocabulary comes from (tokenizer_config.json alone holds none)
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tekken.json")
 
 
 def load_run_tokenizer(config: ml_collections.ConfigDict, own: str | None = None, *, needs_template: bool = True):
@@ -75,4 +77,20 @@ def load_tokenizer(path: str):
     except (OSError, ValueError) as e:
         if isinstance(e, models.CheckpointError | ConfigError):
             raise
+        real = resolve_path(path)
+        if not os.path.exists(real) and (os.path.isabs(real) or real.startswith(".") or real.count("/") > 1):
+            raise ConfigError(f"tokenizer {path!r}: no such folder or .gguf file") from None
+        if os.path.isdir(real) and not any(os.path.isfile(os.path.join(real, f)) for f in _VOCAB_FILES):
+            found = sorted(os.listdir(real))
+            raise ConfigError(f"tokenizer {path!r}: the folder holds no tokenizer (none of {', '.join(_VOCAB_FILES)}; "
+                              f"found {found[:8]}{' ...' if len(found) > 8 else ''}): set tokenizer to a folder "
+                              "that has one (the base model's)") from None
         raise ConfigError(f"tokenizer {path!r} could not be loaded: {str(e).splitlines()[0] if str(e) else e!r}") from e
+    except Exception as e:  # noqa: BLE001 (the `tokenizers` library's own errors are plain Exceptions)
+        if type(e) is not Exception or resolve_path(path).endswith(".gguf"):
+            raise
+        import tokenizers
+
+        raise ConfigError(f"tokenizer {path!r}: its tokenizer.json could not be read by tokenizers "
+                          f"{tokenizers.__version__} ({str(e).splitlines()[0]}); a newer tokenizers may have written "
+                          "it: upgrade tokenizers (and transformers)") from e

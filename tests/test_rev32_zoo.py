@@ -2,7 +2,8 @@
 loads them, or are refused with one line naming the file and key: quantized checkpoints (never read as floats),
 a tie_word_embeddings=true config beside a distinct lm_head.weight (untied, as transformers >= 5), tensor names
 without the `model.` prefix and tied checkpoints that kept only lm_head.weight (safetensors' save_model), Mistral
-configs with `layer_types` (built as Ministral by transformers) and Qwen's use_sliding_window."""
+configs with `layer_types` (built as Ministral by transformers) and Qwen's use_sliding_window; tokenizer folders
+with no tokenizer in them, or one the installed `tokenizers` cannot read."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from jaxrl_llm import models
+from jaxrl_llm.cli import ConfigError
 from jaxrl_llm.models.params import unflatten
+from jaxrl_llm.run_tokenizer import load_tokenizer
 
 SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
              head_dim=8)
@@ -138,3 +141,21 @@ def test_an_absent_key_whose_default_does_not_fit_is_named_as_absent():
                                                            r"of num_key_value_heads=32 \(num_key_value_heads absent"):
         models.config_from_hf({**d, "model_type": "qwen2"})
 
+
+def test_a_tokenizer_folder_without_a_tokenizer_or_unreadable_is_one_clear_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with pytest.raises(ConfigError, match=r"the folder holds no tokenizer \(none of tokenizer.json, tokenizer.model"
+                                          r".*found \['config.json', 'tokenizer_config.json'\]"):
+        load_tokenizer(str(tmp_path))
+    with pytest.raises(ConfigError, match="no such folder or .gguf file"):
+        load_tokenizer(str(tmp_path / "missing"))
+    # valid JSON that the installed tokenizers cannot read (a newer tokenizers wrote it): a plain Exception before
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    doc = json.loads(Tokenizer(WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>")).to_str())
+    doc["model"]["type"] = "FutureModel"
+    (tmp_path / "tokenizer.json").write_text(json.dumps(doc))
+    with pytest.raises(ConfigError, match="its tokenizer.json could not be read by tokenizers .*upgrade tokenizers"):
+        load_tokenizer(str(tmp_path))
