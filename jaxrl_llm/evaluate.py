@@ -169,9 +169,10 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str | N
             truncate_prompts=ec.truncate_prompts, correct_threshold=ec.correct_threshold,
             keep_completions=ec.keep_completions)
     except PromptLengthError as e:
+        hint = ("lower sampling.max_new_tokens" if "leaves no room for a prompt" in str(e) else
+                "--config.eval.truncate_prompts=True keeps each prompt's last tokens")
         raise ConfigError(f"{e} (settings: eval.max_prompt_len={ec.max_prompt_len}, eval.truncate_prompts="
-                          f"{ec.truncate_prompts}, sampling.max_new_tokens={sp.max_new_tokens}; "
-                          "--config.eval.truncate_prompts=True keeps each prompt's last tokens)") from e
+                          f"{ec.truncate_prompts}, sampling.max_new_tokens={sp.max_new_tokens}; {hint})") from e
     finally:
         if hasattr(env, "close"):
             env.close()

@@ -261,12 +261,12 @@ def metric_names(k_values: tuple[int, ...]) -> tuple[set[str], set[str]]:
     return ({f"pass@{k}" for k in {1, *k_values}} | set(SCALAR_NAMES), {f"maj@{k}" for k in k_values if k > 1})
 
 
-def scalar_metrics(result: dict[str, Any], prefix: str = "", per_source: bool = False) -> dict[str, float]:
+def scalar_metrics(result: dict[str, Any], prefix: str = "", per_source: bool = False) -> dict[str, float | int]:
     """The numeric entries of an evaluate_tasks result (for metric loggers), optionally prefixed; with `per_source`
     and tasks from several sources also each source's pass@k / maj@k / reward_mean as `<prefix><metric>/<source>`."""
 
     def numbers(d: dict[str, Any], suffix: str = "") -> dict[str, float]:
-        return {f"{prefix}{k}{suffix}": float(v) for k, v in d.items()
+        return {f"{prefix}{k}{suffix}": int(v) if isinstance(v, int | np.integer) else float(v) for k, v in d.items()
                 if isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(float(v))}
 
     out = numbers(result)

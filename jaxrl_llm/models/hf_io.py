@@ -117,8 +117,11 @@ class HFFolderSource:
             try:
                 with open(index) as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: not a valid safetensors index (weight_map must map tensor names to "
+                                      f"file names; got {type(weight_map).__name__})")
             for name, fname in weight_map.items():
                 self._where[name] = fname
         elif os.path.exists(single):

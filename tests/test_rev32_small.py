@@ -1,0 +1,34 @@
+"""Small one-line errors and output types: a safetensors index whose weight_map is not an object, an evaluation whose
+max_new_tokens alone leaves no room for a prompt (the hint said truncate_prompts, which cannot help), whole-number
+metrics of an evaluation written as integers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from recipes import recipe
+
+from jaxrl_llm import evaluate
+from jaxrl_llm.cli import ConfigError
+from jaxrl_llm.evaluation import scalar_metrics
+from jaxrl_llm.models.hf_io import CheckpointError, HFFolderSource
+
+
+@pytest.mark.parametrize("weight_map", [["model.embed_tokens.weight"], {"model.norm.weight": 3}, "x"])
+def test_an_index_whose_weight_map_is_not_names_to_files_is_named(tmp_path, weight_map):
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json: not a valid safetensors index"):
+        HFFolderSource(str(tmp_path))
+
+
+def test_max_new_tokens_past_the_context_hints_at_max_new_tokens(tmp_path):
+    c = recipe("eval_tiny", {"sampling.max_new_tokens": 100_000, "data.num": 2})
+    with pytest.raises(ConfigError, match=r"leaves no room for a prompt .*; lower sampling.max_new_tokens\)$"):
+        evaluate.run(c, str(tmp_path / "r.json"))
+
+
+def test_counts_stay_integers():
+    m = scalar_metrics({"num_problems": 4, "pass@1": 0.5, "timeouts": 0, "ok": True})
+    assert m == {"num_problems": 4, "pass@1": 0.5, "timeouts": 0}
+    assert isinstance(m["num_problems"], int) and isinstance(m["pass@1"], float)
