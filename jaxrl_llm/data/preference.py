@@ -280,8 +280,8 @@ def share_prefixes(pairs: list[PreferencePair], max_len: int, multiple: int = 8)
 
 # ---------------------------------------------------------------------------------------------- prepare/collate
 def row_margins(rows: list[Any]) -> list[float] | None:
-    """Each row's `margin` (a finite number) when the rows have that field, None when none has it; a DataError
-    naming the row when only some have it or one is not a finite number."""
+    """Each row's `margin` (a finite number, or its text as a CSV file's cells are read) when the rows have that
+    field, None when none has it; a DataError naming the row when only some have it or one is not a finite number."""
     has = [isinstance(row, dict) and row.get("margin") is not None for row in rows]
     if not any(has):
         return None
@@ -291,10 +291,16 @@ def row_margins(rows: list[Any]) -> list[float] | None:
                         "a margin, or none")
     out = []
     for i, row in enumerate(rows):
-        m = row["margin"]
-        if isinstance(m, bool) or not isinstance(m, int | float | np.integer | np.floating) or not np.isfinite(m):
+        m = value = row["margin"]
+        if isinstance(m, str):  # a CSV file's cells are read as their text ("0.5")
+            try:
+                value = float(m)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+                or not np.isfinite(value):
             raise DataError(f"row {i}: field 'margin' must be a finite number, got {m!r}")
-        out.append(float(m))
+        out.append(float(value))
     return out
 
 
