@@ -29,3 +29,56 @@ def test_csv_margin_text_that_is_no_finite_number_is_named(tokenizer, tmp_path, 
     path.write_text(f"prompt,chosen,rejected,margin\nWhat is 1+1?,It is 2.,It is 3.,{cell}\n")
     with pytest.raises(pref.DataError, match=f"row 0: field 'margin' must be a finite number, {match}"):
         pref.prepare(_config(path), tokenizer)
+
+
+# (program, tests): assert-style tests (no entry point) on globals the program's functions bind; each passed when
+# the tests ran in the program's namespace (before 184e2bb), and failed in a namespace of their own (a stale copy).
+SHARED_GLOBALS = {
+    "function_rebinds_a_counter": ("calls = 0\ndef f():\n    global calls\n    calls += 1\n    return calls\n",
+                                   "f()\nf()\nassert calls == 2\n"),
+    "function_creates_a_global": ("def setup(n):\n    global CONFIG\n    CONFIG = {'n': n}\n",
+                                  "setup(3)\nassert CONFIG == {'n': 3}\n"),
+    "rebound_twice": ("total = []\ndef add(x):\n    global total\n    total = total + [x]\n",
+                      "add(1)\nassert total == [1]\nadd(2)\nassert total == [1, 2]\n"),
+    "rebound_after_an_exception": ("state = 'idle'\ndef run(x):\n    global state\n    state = 'failed'\n"
+                                   "    raise ValueError(x)\n",
+                                   "try:\n    run(1)\nexcept ValueError:\n    pass\nassert state == 'failed'\n"),
+}
+
+
+@pytest.mark.parametrize("check_returns", [True, False])
+@pytest.mark.parametrize("name", sorted(SHARED_GLOBALS))
+def test_assert_style_tests_see_the_globals_the_program_rebinds(name, check_returns):
+    from jaxrl_llm.environments.code import Program, run_program
+
+    code, tests = SHARED_GLOBALS[name]
+    assert run_program(Program("", code, tests), check_returns=check_returns) == (True, None)
+
+
+@pytest.mark.parametrize("code,tests,prelude", [
+    # the tests' own names stay theirs: a call cannot rebind them, nor read them
+    ("def f(x):\n    global expected\n    expected = 0\n    return 0\n", "expected = 4\nassert f(2) == expected\n",
+     ""),
+    ("expected = None\ndef f(x):\n    return expected\n", "expected = 4\nassert f(2) == expected\n", ""),
+    ("def f(x):\n    global close\n    close = lambda a, b: True\n    return 0.0\n",
+     "def close(a, b):\n    return abs(a - b) < 1e-9\nr = [f(1), f(2)]\n"
+     "assert close(r[0], 1.0) and close(r[1], 2.0)\n", ""),
+    # nor the prelude's
+    ("def f():\n    global TARGET\n    TARGET = 0\n    return 0\n", "assert f() == TARGET\n", "TARGET = 10\n"),
+])
+def test_a_call_cannot_reach_the_tests_names(code, tests, prelude):
+    from jaxrl_llm.environments.code import Program, run_program
+
+    assert run_program(Program(prelude, code, tests))[0] is False
+
+
+@pytest.mark.parametrize("code,tests", [
+    # a call that binds a builtin's or a module's name does not hand the tests a fake one
+    ("def f():\n    global len\n    len = lambda x: 3\n    return 1\n", "f()\nassert len([1]) == 1\n"),
+    ("class Fake:\n    def isclose(self, *a):\n        return True\ndef f():\n    global math\n    math = Fake()\n"
+     "    return 0.0\n", "f()\nassert not math.isclose(f(), 1.0)\n"),
+])
+def test_a_call_cannot_rebind_what_the_tests_keep_apart(code, tests):
+    from jaxrl_llm.environments.code import Program, run_program
+
+    assert run_program(Program("", code, tests)) == (True, None)

@@ -35,7 +35,8 @@ says yes to anything cannot come back at all. Without an entry point (tests that
 names), or with `check_returns=False` or `isolate=False`, the program runs in the process of its tests: there the
 tests run in a namespace of their own (the prompt's helpers, rebuilt to look names up in it, the builtins as they
 were before the program ran, and without an entry point the program's names, but none that would hide a builtin or a
-standard module the tests use: `def len(x)`, `math = Fake()`, though `numbers = [1, 2]` stays; the standard modules
+standard module the tests use: `def len(x)`, `math = Fake()`, though `numbers = [1, 2]` stays, nor over the tests'
+own names, with what a call of its functions binds to a `global` shown as the call returns; the standard modules
 the tests name without importing them), tracing set by the program is cleared before the tests and after each call
 of its function, the modules the tests use must be as they were (the same objects, attributes and class), and
 (`check_returns`) the function's results must be built-in values, and so must every operand of the tests'
@@ -64,7 +65,7 @@ import re
 import sys
 import threading
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -292,6 +293,14 @@ def _names(source: str) -> set[str]:
         return set()
 
 
+def _global_names(source: str) -> set[str]:
+    """The names of `source`'s `global` statements (none when it does not parse)."""
+    try:
+        return {name for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Global) for name in node.names}
+    except SyntaxError:
+        return set()
+
+
 def _check_modules(snapshots: dict[str, _Snapshot]) -> None:
     for name, (module, kind, before) in snapshots.items():
         if sys.modules.get(name) is not module or type(module) is not kind:
@@ -303,9 +312,51 @@ def _check_modules(snapshots: dict[str, _Snapshot]) -> None:
 
 
 _MISSING = object()
-def _guarded(fn: Any, name: str, allowed: set[int] | None, modules: dict[str, _Snapshot] | None) -> Any:
-    """`fn` as the tests call it: StopIteration turned into RuntimeError, tracing cleared after each call, and with
-    `allowed` (check_returns) its results and the tests' modules checked."""
+
+
+class _SharedGlobals:
+    """The program's globals as assert-style tests (no entry point) see them from their own namespace `checks`:
+    each name of the program's (its functions as `guard` makes them), but none over a builtin or a standard module
+    the tests use, nor a prelude name the program left as it was (`show(initial=True)`); and after each call of the
+    program's functions from the tests, what the call bound to the names of its `global` statements (`watch`;
+    `show()`: `global calls; calls += 1`, then `assert calls == 2`, as in one namespace), but not over a name of
+    the prelude's or one the tests bound themselves (the tests' `expected = 4` stays theirs). Nothing goes the
+    other way: the tests' values never reach the program. `hidden` collects the program's names that would hide a
+    builtin (named in the error)."""
+
+    def __init__(self, ns: dict[str, Any], checks: dict[str, Any], base: dict[str, Any],
+                 builtins_before: dict[str, Any], free_modules: set[str], guard: Callable[[str, Any], Any],
+                 hidden: set[str], watch: set[str]) -> None:
+        self.ns, self.checks, self.base, self.builtins, self.free = ns, checks, base, builtins_before, free_modules
+        self.guard, self.hidden, self.watch = guard, hidden, watch
+        self.given: dict[str, tuple[Any, Any]] = {}  # name -> (the program's value, what the tests got for it)
+
+    def _shown(self, name: str, value: Any) -> bool:
+        if name in self.builtins and name not in self.base:
+            if value is not self.builtins[name]:
+                self.hidden.add(name)
+            return False
+        return not (name.startswith("__") or self.base.get(name, _MISSING) is value
+                    or (name in self.free and type(value) not in PLAIN_DATA))
+
+    def show(self, initial: bool = False) -> None:
+        for name, value in list(self.ns.items()) if initial else [(k, self.ns[k]) for k in self.watch if k in self.ns]:
+            before = self.given.get(name)
+            if (before is not None and before[0] is value) or not self._shown(name, value):
+                continue
+            if not initial and (name in self.base or self.checks.get(name, _MISSING) is not (
+                    _MISSING if before is None else before[1])):
+                continue  # (the prelude's, or bound by the tests)
+            copy = self.guard(name, value) if isinstance(value, types.FunctionType) else value
+            self.checks[name] = copy
+            self.given[name] = (value, copy)
+
+
+def _guarded(fn: Any, name: str, allowed: set[int] | None, modules: dict[str, _Snapshot] | None,
+             shared: _SharedGlobals | None = None) -> Any:
+    """`fn` as the tests call it: StopIteration turned into RuntimeError, tracing cleared after each call, with
+    `allowed` (check_returns) its results and the tests' modules checked, and with `shared` the globals the call
+    bound shown to the tests."""
 
     @functools.wraps(fn)  # its name, doc and annotations, as tests may read them
     def guarded(*args: Any, **kwargs: Any) -> Any:
@@ -315,6 +366,8 @@ def _guarded(fn: Any, name: str, allowed: set[int] | None, modules: dict[str, _S
             raise RuntimeError(f"{name} raised {type(e).__name__}") from None
         finally:
             _stop_tracing()  # what the call set cannot watch or steer the tests
+            if shared is not None:
+                shared.show()
         if modules is not None:
             _check_modules(modules)
         if allowed is not None:
@@ -392,16 +445,16 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
             if entry_point is None:
                 # The program's names, but not over a builtin or a module the tests use (`def len(x): return 3`,
                 # `math = Fake()`: the tests get the real ones; `numbers = [1, 2]`, plain data, stays); its
-                # functions checked, but only as the tests call them.
-                for name, value in ns.items():
-                    if name in builtins_before and name not in base and value is not builtins_before[name]:
-                        hidden.add(name)
-                    if name.startswith("__") or base.get(name, _MISSING) is value \
-                            or (name in free_modules and type(value) not in PLAIN_DATA) \
-                            or (name in builtins_before and name not in base):
-                        continue
-                    guard = check_returns and isinstance(value, types.FunctionType)
-                    checks[name] = _guarded(value, name, allowed, modules) if guard else value
+                # functions checked, but only as the tests call them, and the globals their calls bind shown.
+                watch = _global_names(program.prelude + code if program.raw else code)
+
+                def guard(name: str, fn: Any) -> Any:
+                    if not (check_returns or watch):
+                        return fn
+                    return _guarded(fn, name, allowed if check_returns else None, modules, shared if watch else None)
+
+                shared = _SharedGlobals(ns, checks, base, builtins_before, free_modules, guard, hidden, watch)
+                shared.show(initial=True)
             for name in free_modules:  # the standard modules the tests name without importing them
                 checks.setdefault(name, snapshots[name].module)
             if entry_point is None:
