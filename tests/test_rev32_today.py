@@ -82,3 +82,38 @@ def test_a_call_cannot_rebind_what_the_tests_keep_apart(code, tests):
     from jaxrl_llm.environments.code import Program, run_program
 
     assert run_program(Program("", code, tests)) == (True, None)
+
+
+ALWAYS = "class A:\n    def __eq__(s, o):\n        return True\n    __hash__ = object.__hash__\n"
+
+
+# (program, tests): an always-equal object inside a built-in holder the checks did not open (each got reward 1)
+@pytest.mark.parametrize("code,tests", [
+    (ALWAYS + "import types\ndef f():\n    return types.MappingProxyType({'a': A()})\n", "assert f() == {'a': 1}\n"),
+    (ALWAYS + "import types\nclass D(dict):\n    __eq__ = lambda s, o: True\nclass R:\n    def __init__(s):\n"
+     "        s.out = types.MappingProxyType(D())\n", "assert R().out == {'a': 1}\n"),
+    (ALWAYS + "import types\ndef f():\n    return types.SimpleNamespace(x=A())\n",
+     "import types\nassert f() == types.SimpleNamespace(x=1)\n"),
+    (ALWAYS + "def f():\n    return slice(A(), None)\n", "assert f() == slice(1, None)\n"),
+    (ALWAYS + "import numpy as np\nclass R:\n    def __init__(s):\n"
+     "        s.out = np.array([A(), A()], dtype=object)\n",
+     "import numpy as np\nassert (R().out == np.array([1, 2])).all()\n"),
+])
+def test_an_always_equal_object_in_a_builtin_holder_is_refused(code, tests):
+    from jaxrl_llm.environments.code import Program, run_program
+
+    passed, error = run_program(Program("", code, tests))
+    assert not passed and ("'A'" in error or "'D'" in error), error
+
+
+@pytest.mark.parametrize("code,tests", [
+    ("import types\ndef f():\n    return types.MappingProxyType({'a': [1]})\n", "assert f() == {'a': [1]}\n"),
+    ("import types\ndef f():\n    return types.SimpleNamespace(x=[1])\n",
+     "import types\nassert f() == types.SimpleNamespace(x=[1])\n"),
+    ("import numpy as np\ndef f():\n    return np.array([[1], 'a'], dtype=object)\n",
+     "import numpy as np\nassert (f() == np.array([[1], 'a'], dtype=object)).all()\n"),
+])
+def test_plain_values_in_those_holders_pass(code, tests):
+    from jaxrl_llm.environments.code import Program, run_program
+
+    assert run_program(Program("", code, tests)) == (True, None)

@@ -10,15 +10,20 @@ tests define is handed to `trust` as it is made, after its decorators: a datacla
 tests'). A trusted class's operator methods are taken as they were before the program ran (a program that patches
 `ListNode.__eq__` or `Fraction.__eq__` is seen to), the attributes of a trusted instance whose operators may
 compare them are checked too, and a class of the program's built on a trusted one that has operators is refused.
-Containers are read by their built-in methods: a subclass's own `__iter__` or `values()` cannot hide an item.
+Containers are read by their built-in methods: a subclass's own `__iter__` or `values()` cannot hide an item; so are
+the built-in holders that compare by what they hold (a mappingproxy, a SimpleNamespace, a slice, a dict view) and
+numpy's object arrays.
 """
 
 from __future__ import annotations
 
 import ast
 import collections
+import gc
 import types
 from typing import Any
+
+import numpy as np
 
 from jaxrl_llm.environments.code_values import in_c
 
@@ -36,14 +41,22 @@ _SCALAR_TYPES = frozenset((int, float, str, bool, bytes, complex, type(None)))  
 _SCALARS = frozenset(id(t) for t in _SCALAR_TYPES)
 _ITERATE = ((list, list.__iter__), (tuple, tuple.__iter__), (set, set.__iter__), (frozenset, frozenset.__iter__),
             (collections.deque, collections.deque.__iter__))
+# built-in classes whose comparisons compare what they hold, which they do not show as a container's items
+_HOLDERS = (types.MappingProxyType, types.SimpleNamespace, slice, type({}.keys()), type({}.values()), type({}.items()))
 Trusted = dict[int, tuple[type, dict[str, Any]]]  # class id -> (the class, its operator methods)
 
 
 def items(x: Any) -> list[Any]:
     """The items of a list, tuple, set, frozenset or deque, or a dict's keys and values, that are not scalars
-    (int, float, str, ...: skipped by their types at C speed), read by the built-in classes' own methods."""
+    (int, float, str, ...: skipped by their types at C speed), read by the built-in classes' own methods; what a
+    built-in holder that compares by its contents holds (a mappingproxy's mapping, a SimpleNamespace's or a slice's
+    values, a dict view's dict), and an object array's items."""
     if isinstance(x, dict):
         out = [*dict.keys(x), *dict.values(x)]
+    elif isinstance(x, _HOLDERS):
+        out = gc.get_referents(x)  # (what the C type holds, as its comparison reads it)
+    elif isinstance(x, np.ndarray) and x.dtype.hasobject:
+        out = x.ravel()[:CHECKED_ITEMS].tolist()
     else:
         out = next(([*it(x)] for kind, it in _ITERATE if isinstance(x, kind)), [])
     return [] if set(map(type, out)) <= _SCALAR_TYPES else [v for v in out if type(v) not in _SCALAR_TYPES]
