@@ -117,3 +117,32 @@ def test_plain_values_in_those_holders_pass(code, tests):
     from jaxrl_llm.environments.code import Program, run_program
 
     assert run_program(Program("", code, tests)) == (True, None)
+
+
+def test_margins_are_read_past_a_cache_written_before_they_were(tokenizer, tmp_path, monkeypatch):
+    # a workdir's data cache from before margins were read: the same file and settings, its info without margins
+    import json
+
+    from jaxrl_llm.data import cache as data_cache
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?", "chosen": f"It is {2 * i + 2}.",
+                                        "rejected": f"It is {i}.", "margin": 1.5 + i}) + "\n" for i in range(3)))
+    config = _config(path)
+    config.data.cache = True
+    seen = {}
+
+    def capture(cache, enabled, kind, source, settings, tok, compute):
+        seen.update(settings=settings, out=compute())
+        return seen["out"]
+
+    monkeypatch.setattr(pref, "cached", capture)
+    pref.prepare(config, tokenizer)
+    monkeypatch.undo()
+    before = {k: v for k, v in seen["settings"].items() if k != "fields"}  # the settings as they were
+    sides, info = seen["out"]
+    folder = str(tmp_path / "data_cache")
+    data_cache.save(folder, "pairs", data_cache.cache_key("pairs", str(path), before, tokenizer), sides,
+                    {k: v for k, v in info.items() if k != "margins"})
+    pairs, _ = pref.prepare(config, tokenizer, cache=data_cache.DataCache(folder))
+    assert [p.margin for p in pairs] == [1.5, 2.5, 3.5]
