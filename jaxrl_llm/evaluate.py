@@ -71,10 +71,10 @@ def validate(config: ml_collections.ConfigDict) -> SamplingParams:
         raise ConfigError(f"this is a training recipe (algorithm={config.algorithm!r}): python -m jaxrl_llm.evaluate "
                           "takes an evaluation recipe (configs/eval_*.py; its model.path may be the training workdir, "
                           "model.step a checkpoint); GRPO validates during training with val_every > 0")
-    missing = [k for k in ("model", "data", "eval", "sampling") if k not in config]
+    missing = [k for k in ("model", "data", "env", "eval", "sampling", "mesh") if k not in config]
     if missing:
         raise ConfigError(f"the config has no {', '.join(repr(k) for k in missing)} block: an evaluation recipe has "
-                          "model, data, env, eval and sampling (see configs/eval_tiny.py)")
+                          "model, data, env, eval, sampling and mesh (see configs/eval_tiny.py)")
     mc = config.model
     if not mc.path and not mc.init:
         raise ConfigError("model.path is empty and model.init is not set: name a model folder/.gguf/workdir, "

@@ -146,3 +146,18 @@ def test_margins_are_read_past_a_cache_written_before_they_were(tokenizer, tmp_p
                     {k: v for k, v in info.items() if k != "margins"})
     pairs, _ = pref.prepare(config, tokenizer, cache=data_cache.DataCache(folder))
     assert [p.margin for p in pairs] == [1.5, 2.5, 3.5]
+
+
+@pytest.mark.parametrize("block", ["env", "mesh"])
+def test_evaluate_names_a_missing_env_or_mesh_block(block):
+    # (env was read after the model loaded, mesh by validate itself: AttributeError tracebacks)
+    from recipes import recipe
+
+    from jaxrl_llm import evaluate
+    from jaxrl_llm.cli import ConfigError
+
+    c = recipe("eval_tiny")
+    del c[block]
+    with pytest.raises(ConfigError, match=f"the config has no '{block}' block"):
+        evaluate.validate(c)
+
