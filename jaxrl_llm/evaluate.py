@@ -75,6 +75,8 @@ def validate(config: ml_collections.ConfigDict) -> SamplingParams:
     if missing:
         raise ConfigError(f"the config has no {', '.join(repr(k) for k in missing)} block: an evaluation recipe has "
                           "model, data, env, eval, sampling and mesh (see configs/eval_tiny.py)")
+    if "seed" not in config:  # (the run reads it: the sampling key, and a model.init's parameters)
+        raise ConfigError("the config has no 'seed' key: an evaluation recipe sets one (see configs/eval_tiny.py)")
     mc = config.model
     if not mc.path and not mc.init:
         raise ConfigError("model.path is empty and model.init is not set: name a model folder/.gguf/workdir, "

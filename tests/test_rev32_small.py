@@ -32,3 +32,10 @@ def test_counts_stay_integers():
     m = scalar_metrics({"num_problems": 4, "pass@1": 0.5, "timeouts": 0, "ok": True})
     assert m == {"num_problems": 4, "pass@1": 0.5, "timeouts": 0}
     assert isinstance(m["num_problems"], int) and isinstance(m["pass@1"], float)
+
+
+def test_an_eval_recipe_without_a_seed_is_named(tmp_path):
+    c = recipe("eval_tiny")
+    del c["seed"]
+    with pytest.raises(ConfigError, match="the config has no 'seed' key"):
+        evaluate.validate(c)
