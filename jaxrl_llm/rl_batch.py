@@ -14,6 +14,7 @@ from jaxrl_llm import multiturn
 from jaxrl_llm.algorithms import advantages as adv_lib
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.pg_losses import KL_OUTPUT_CLAMP, kl_penalty
+from jaxrl_llm.metrics import reduce_steps
 
 log = logging.getLogger("jaxrl_llm.rl_train")  # the GRPO loop's one logger
 
@@ -166,6 +167,26 @@ def prepare_batch(roll: Rollouts, config: ml_collections.ConfigDict, pad_id: int
         metrics.update(turns_mean=float(np.mean(roll.turns)),
                        episode_length_mean=float(np.mean([len(t) for t in roll.tokens])))
     return batch, metrics
+
+
+# What an update that trained on no token says of itself: the rest of its metrics are means over nothing.
+UPDATE_TOTALS = ("loss", "grad_norm", "count")
+
+
+def reduce_updates(updates: list[dict[str, Any]]) -> dict[str, float]:
+    """One step's metrics from its optimizer updates' (`reduce_steps`: the mean, the least of a `*_min`, the most of a
+    `*_max`), plus `first_update_ratio_min`/`_max`. An update whose minibatch had no token in the loss (`count` 0:
+    every sample masked out by overlong filtering or the log-prob error threshold) gives only its loss, gradient norm
+    and count: its per-token means (entropy, kl, clip_fraction, ratio_mean, ...) were 0 and its ratio_min/_max the
+    float32 extremes (+-3.4e38 in the row), which pulled the step's means towards 0; a step with no token at all logs
+    none of them."""
+    kept = [m if float(m.get("count", 1.0)) > 0 else {k: v for k, v in m.items() if k in UPDATE_TOTALS}
+            for m in updates]
+    out = reduce_steps(kept)
+    if "ratio_min" in kept[0]:
+        out.update(first_update_ratio_min=float(kept[0]["ratio_min"]),
+                   first_update_ratio_max=float(kept[0]["ratio_max"]))
+    return out
 
 
 def logprob_error_metrics(batch: dict[str, np.ndarray]) -> dict[str, float]:

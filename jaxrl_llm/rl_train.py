@@ -41,7 +41,7 @@ from jaxrl_llm.data.chat import DataError, check_prompt_roles, run_template
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
 from jaxrl_llm.environments.split import score_across_processes
-from jaxrl_llm.metrics import MetricsWriter, StepWindow, reduce_steps
+from jaxrl_llm.metrics import MetricsWriter, StepWindow
 from jaxrl_llm.optim import make_optimizer
 from jaxrl_llm.preemption import Preempted, StopOnSigterm, checkpoint_step
 from jaxrl_llm.rl_batch import (
@@ -51,6 +51,7 @@ from jaxrl_llm.rl_batch import (
     logprob_error_metrics,
     mask_logprob_errors,
     prepare_batch,
+    reduce_updates,
     reward_components,
     reward_kl,
     sample_accuracy,
@@ -360,14 +361,12 @@ class GRPORunner:
                     state, m_ = self.train_step(state, mb, jnp.bool_(epoch == 0 and j == 0))
                     train_m.append(jax.tree.map(distributed.to_host, m_))
             t3 = time.perf_counter()
-        metrics.update(reduce_steps(train_m))
+        metrics.update(reduce_updates(train_m))
         gen_time = info.pop("time_generate_s")
         metrics.update(
             **host, gen_tokens_per_s=info["generated_tokens"] / max(gen_time, 1e-9), time_generate_s=gen_time,
             time_reference_s=t1 - t0, time_old_logprobs_s=t2 - t1, time_train_s=t3 - t2,
             time_step_s=time.perf_counter() - t_start, optimizer_updates=float(len(train_m)),
-            first_update_ratio_min=float(train_m[0]["ratio_min"]),
-            first_update_ratio_max=float(train_m[0]["ratio_max"]),
             **{k: v for k, v in info.items() if k != "generated_tokens"},
             **{f"env_{k}": float(v) for k, v in roll.counts.items()})  # every sample scored this step (collect)
         return state, metrics

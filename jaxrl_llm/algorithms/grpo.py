@@ -498,9 +498,10 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, c
         nll_scale = n_all / jnp.maximum((m * mb["positive"].astype(jnp.float32)[:, None]).sum(), 1.0)
         grads, loss, count, sums = microbatch_sums(lambda p, x: loss_fn(p, x, on_policy, nll_scale),
                                                    state["params"], mb, config.train.microbatches)
-        count = jnp.maximum(count, 1.0)
-        state, gnorm = apply_mean_grads(optimizer, state, grads, count)
-        metrics = {k: (v if k in ("ratio_min", "ratio_max") else v / count) for k, v in sums.items()}
-        return state, {"loss": loss / count, "grad_norm": gnorm, "count": count, **metrics}
+        norm = jnp.maximum(count, 1.0)
+        state, gnorm = apply_mean_grads(optimizer, state, grads, norm)
+        metrics = {k: (v if k in ("ratio_min", "ratio_max") else v / norm) for k, v in sums.items()}
+        # count: the tokens (or sequences) in the loss, 0 when all were masked out (`rl_batch.reduce_updates`)
+        return state, {"loss": loss / norm, "grad_norm": gnorm, "count": count, **metrics}
 
     return step
