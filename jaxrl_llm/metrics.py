@@ -49,6 +49,17 @@ class StepWindow:
         """Steps in the window (not yet in a row)."""
         return len(self._rows)
 
+    def pending(self) -> list[dict[str, float]]:
+        """The window's steps as a checkpoint keeps them in its meta (JSON: finite values only), so that a run
+        resumed from it logs them in its first row (`restore`) as the uninterrupted run does: a row covers the same
+        steps and no step goes unlogged (log_every=3, a checkpoint at step 4, a crash in step 6: step 4 was in no
+        row, and row 6 held steps 5-6)."""
+        return [{k: v for k, v in r.items() if math.isfinite(v)} for r in self._rows]
+
+    def restore(self, rows: Sequence[Mapping[str, float]]) -> None:
+        """The steps `pending` gave, ahead of those added from now on."""
+        self._rows = [{k: float(v) for k, v in r.items()} for r in rows] + self._rows
+
     def take(self) -> dict[str, float]:
         """The window's row; the next window starts empty."""
         rows, self._rows = self._rows, []

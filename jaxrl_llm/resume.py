@@ -25,6 +25,7 @@ from jaxrl_llm.workdir import (
     RUN_CONFIG_FILE,
     config_changes,
     export_is_current,
+    logged_metrics,
     replace_folder,
     set_aside,
     write_atomically,
@@ -109,6 +110,13 @@ def restore_run(ckpt: Checkpointer, state: dict[str, Any]) -> tuple[dict[str, An
         raise
     log.info("resumed from %s at step %d", ckpt.directory, start)
     return items, start
+
+
+def resume_window(window: Any, ckpt: Checkpointer, workdir: str, start: int) -> None:
+    """A resumed run's first row covers the steps since the last row before its checkpoint (the meta's log_window,
+    `metrics.StepWindow.pending`), unless metrics.jsonl has a row at the checkpoint's step (a SIGTERM stop logs one)."""
+    if start and jax.process_index() == 0 and not logged_metrics(workdir, start):
+        window.restore(ckpt.read_meta(start).get("log_window", []))
 
 
 def _read_json(path: str) -> Any:

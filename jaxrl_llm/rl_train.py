@@ -376,7 +376,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """GRPO per the recipe in `workdir` (resuming from its latest checkpoint); returns the last metrics."""
     from jaxrl_llm import environments
     from jaxrl_llm.data.tasks import load_tasks
-    from jaxrl_llm.resume import finish_run, prepare_workdir, restore_run
+    from jaxrl_llm.resume import finish_run, prepare_workdir, restore_run, resume_window
     from jaxrl_llm.train import (
         ConfigError,
         build_model,
@@ -463,6 +463,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # (a finished run started again trains nothing: it returns its last step's logged metrics)
     last: dict[str, Any] = logged_metrics(workdir, start) if start >= config.max_steps else {}
     window = StepWindow(rates={"gen_tokens_per_s": "time_generate_s"})  # generated tokens over generation time
+    resume_window(window, ckpt, workdir, start)
     stop = StopOnSigterm().start()
     # (the validation's environment has worker processes of its own)
     closers = (stop.close, ckpt.close, writer.close, *(getattr(o, "close", None) for o in (env, evaluator)))
@@ -481,7 +482,8 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 last = {**window.take(), **val, "lr": float(schedule(step * updates_per_step))}
                 writer.write(done, last)
             check_best_metric(config, val)
-            meta = {"step": done, **run_meta, "data_position": done, "prompt_batches": runner.position, **val}
+            meta = {"step": done, **run_meta, "data_position": done, "prompt_batches": runner.position, **val,
+                    "log_window": window.pending()}
             try:
                 checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
             except Preempted:  # stopped between two rows: the steps since the last are logged too

@@ -47,6 +47,7 @@ from jaxrl_llm.resume import (  # noqa: F401 (train.check_resume ...)
     finish_run,
     prepare_workdir,
     restore_run,
+    resume_window,
     score_pad,
     source_generation_config,
 )
@@ -517,6 +518,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     # (a finished run started again trains nothing: it returns its last step's logged metrics)
     last: dict[str, Any] = logged_metrics(workdir, start) if start >= config.max_steps else {}
     window = StepWindow(rates={"tokens_per_s": "step_time_s"})
+    resume_window(window, ckpt, workdir, start)
     t_last = time.time()
     stop = StopOnSigterm().start()
     try:
@@ -552,7 +554,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
                 last = {**window.take(), **val, "lr": float(schedule(step))}
                 writer.write(done, last)
             check_best_metric(config, val)
-            meta = {"step": done, **run_meta, "data_position": done * B, **val}
+            meta = {"step": done, **run_meta, "data_position": done * B, **val, "log_window": window.pending()}
             try:
                 checkpoint_step(ckpt, stop, done, state, meta, val, config.max_steps)
             except Preempted:  # stopped between two rows: the steps since the last are logged too

@@ -3,15 +3,19 @@ optimizer updates trained on no token."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
+
 import jax
-import numpy as np
-import pytest
 import jax.numpy as jnp
+import numpy as np
 import optax
-from recipes import recipe
+import pytest
+from recipes import recipe, text_sft_recipe
 from test_loss_mutants import C, G, N, P, _batch, _cfg
 
-from jaxrl_llm import models
+from jaxrl_llm import metrics, models, train
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.rl_batch import reduce_updates
 
@@ -49,3 +53,33 @@ def test_an_update_with_every_sample_masked_out_logs_count_0_and_no_per_token_me
     # a step with no token at all: no per-token metric (nothing to average), not 0 and not +-3.4e38
     row = reduce_updates([m_empty, m_empty])
     assert row == {"loss": 0.0, "grad_norm": 0.0, "count": 0.0}
+
+
+def test_a_run_resumed_after_a_crash_logs_the_rows_of_the_uninterrupted_run(tmp_path, monkeypatch):
+    """log_every=2, a checkpoint at step 3, killed during step 4: the resume from step 3 logged row 4 as step 4 alone,
+    and step 3 was in no row of metrics.jsonl; the checkpoint keeps the steps since the last row (its meta's
+    log_window) and the resumed run's row 4 is steps 3-4, as the uninterrupted run's."""
+    def make_step(cfg, optimizer, config, rules):  # step k (from 0) logs loss k
+        return lambda state, batch, ref: ({**state, "step": state["step"] + 1},
+                                          {"loss": state["step"].astype(jnp.float32), "grad_norm": jnp.float32(1.0)})
+
+    monkeypatch.setitem(train.REGISTRY, "sft", dataclasses.replace(train.REGISTRY["sft"], make_step=make_step))
+    c = text_sft_recipe(tmp_path, {"max_steps": 4, "log_every": 2, "checkpoint.every_steps": 3,
+                                   "checkpoint.keep": 1, "model.init.hidden_size": 16, "model.init.head_dim": 8,
+                                   "model.init.intermediate_size": 16})
+    run = str(tmp_path / "run")
+    done = metrics.MetricsWriter.step_done
+
+    def crash_in_step_4(self, step):
+        if step == 4:
+            raise KeyboardInterrupt
+        done(self, step)
+
+    monkeypatch.setattr(metrics.MetricsWriter, "step_done", crash_in_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(c, run)
+    monkeypatch.setattr(metrics.MetricsWriter, "step_done", done)
+    train.run(c, run)  # resumed from the checkpoint of step 3
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [(r["step"], r["loss"]) for r in rows] == [(2, 0.5), (4, 2.5)]
