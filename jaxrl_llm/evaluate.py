@@ -65,6 +65,14 @@ def restore_workdir(workdir: str, step: int | None, mesh, rules, dtype: Any = No
     return cfg, items["params"], step
 
 
+# The keys an evaluation recipe must set (the rest have defaults): found by running eval_tiny without each key.
+REQUIRED_KEYS = ("seed", "tokenizer", "model.path", "model.init", "model.step", "model.dtype", "model.compute_dtype",
+                 "model.attention_impl", "model.remat", "data.source", "data.num", "data.seed", "data.shuffle",
+                 "data.options", "data.system_prompt", "data.instruction", "eval.n_samples", "eval.k_values",
+                 "eval.max_batch_size", "eval.max_prompt_len", "eval.truncate_prompts", "eval.correct_threshold",
+                 "eval.keep_completions", "mesh.data", "mesh.fsdp", "mesh.tensor")
+
+
 def validate(config: ml_collections.ConfigDict) -> SamplingParams:
     """User errors before any heavy work, each naming the config key; returns the sampling parameters."""
     if "algorithm" in config:
@@ -75,8 +83,11 @@ def validate(config: ml_collections.ConfigDict) -> SamplingParams:
     if missing:
         raise ConfigError(f"the config has no {', '.join(repr(k) for k in missing)} block: an evaluation recipe has "
                           "model, data, env, eval, sampling and mesh (see configs/eval_tiny.py)")
-    if "seed" not in config:  # (the run reads it: the sampling key, and a model.init's parameters)
-        raise ConfigError("the config has no 'seed' key: an evaluation recipe sets one (see configs/eval_tiny.py)")
+    missing = [k for k in REQUIRED_KEYS if not train._has_key(config, k)]
+    if missing:
+        raise ConfigError(f"the config lacks {', '.join(missing)}: every evaluation needs "
+                          f"{'it' if len(missing) == 1 else 'them'} (configs/eval_tiny.py sets every key with its "
+                          "default)")
     mc = config.model
     if not mc.path and not mc.init:
         raise ConfigError("model.path is empty and model.init is not set: name a model folder/.gguf/workdir, "

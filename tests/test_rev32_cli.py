@@ -74,3 +74,28 @@ def test_a_recipe_missing_any_key_is_named_or_runs_on_its_default(name):
                 assert f"the config lacks {key}" in str(e), (key, str(e))
         else:
             assert key not in required and not any(r.startswith(key + ".") for r in required), key
+
+
+def test_an_eval_recipe_missing_any_key_is_named_or_runs_on_its_default():
+    """As for training recipes: the keys without which evaluating eval_tiny stopped with an AttributeError traceback
+    are named by validate; deleting any other key validates (and runs on its default)."""
+    crashed = {"seed", "tokenizer", "model.path", "model.init", "model.step", "model.compute_dtype",
+               "model.attention_impl", "model.remat", "data.source", "data.num", "data.seed", "data.shuffle",
+               "data.options", "data.system_prompt", "data.instruction", "eval.n_samples", "eval.k_values",
+               "eval.max_batch_size", "eval.max_prompt_len", "eval.truncate_prompts", "eval.correct_threshold",
+               "eval.keep_completions", "mesh.data", "mesh.fsdp", "mesh.tensor"}
+    assert crashed <= set(evaluate.REQUIRED_KEYS)
+    for key in _keys(recipe("eval_tiny")):
+        c = recipe("eval_tiny")
+        *path, last = key.split(".")
+        node = c
+        for p in path:
+            node = node[p]
+        del node[last]
+        try:
+            evaluate.validate(c)
+        except ConfigError as e:
+            if key in evaluate.REQUIRED_KEYS:
+                assert f"the config lacks {key}" in str(e), (key, str(e))
+        else:
+            assert key not in evaluate.REQUIRED_KEYS and not any(r.startswith(key + ".") for r in crashed), key

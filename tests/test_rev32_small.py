@@ -37,5 +37,5 @@ def test_counts_stay_integers():
 def test_an_eval_recipe_without_a_seed_is_named(tmp_path):
     c = recipe("eval_tiny")
     del c["seed"]
-    with pytest.raises(ConfigError, match="the config has no 'seed' key"):
+    with pytest.raises(ConfigError, match="the config lacks seed: every evaluation needs it"):
         evaluate.validate(c)
