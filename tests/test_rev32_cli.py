@@ -60,20 +60,7 @@ def test_a_recipe_missing_any_key_is_named_or_runs_on_its_default(name):
     running one step of each recipe without each key."""
     required = {*train.REQUIRED_KEYS, *train.REQUIRED_BY_ALGORITHM[recipe(name).algorithm]}
     assert CRASHED_WITHOUT[name] | CRASHED_WITHOUT["all"] <= required
-    for key in _keys(recipe(name)):
-        c = recipe(name)
-        *path, last = key.split(".")
-        node = c
-        for p in path:
-            node = node[p]
-        del node[last]
-        try:
-            train.validate(c)
-        except ConfigError as e:
-            if key in required:
-                assert f"the config lacks {key}" in str(e), (key, str(e))
-        else:
-            assert key not in required and not any(r.startswith(key + ".") for r in required), key
+    _each_key_deleted(name, train.validate, required)
 
 
 def test_an_eval_recipe_missing_any_key_is_named_or_runs_on_its_default():
@@ -85,17 +72,23 @@ def test_an_eval_recipe_missing_any_key_is_named_or_runs_on_its_default():
                "eval.max_batch_size", "eval.max_prompt_len", "eval.truncate_prompts", "eval.correct_threshold",
                "eval.keep_completions", "mesh.data", "mesh.fsdp", "mesh.tensor"}
     assert crashed <= set(evaluate.REQUIRED_KEYS)
-    for key in _keys(recipe("eval_tiny")):
-        c = recipe("eval_tiny")
+    _each_key_deleted("eval_tiny", evaluate.validate, set(evaluate.REQUIRED_KEYS))
+
+
+def _each_key_deleted(name, validate, required):
+    """validate(recipe without the key), for each key of the recipe: a ConfigError naming a required key; no error
+    for any other key (not a block holding one)."""
+    for key in _keys(recipe(name)):
+        c = recipe(name)
         *path, last = key.split(".")
         node = c
         for p in path:
             node = node[p]
         del node[last]
         try:
-            evaluate.validate(c)
+            validate(c)
         except ConfigError as e:
-            if key in evaluate.REQUIRED_KEYS:
+            if key in required:
                 assert f"the config lacks {key}" in str(e), (key, str(e))
         else:
-            assert key not in evaluate.REQUIRED_KEYS and not any(r.startswith(key + ".") for r in crashed), key
+            assert key not in required and not any(r.startswith(key + ".") for r in required), key
