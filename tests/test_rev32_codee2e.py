@@ -27,4 +27,10 @@ def test_a_programs_subclass_or_patch_of_a_trusted_class_is_still_refused():
     assert not passed and "'F'" in error
     patch = ("from fractions import Fraction\nFraction.__eq__ = lambda self, o: True\n"
              "def add_frac(a, b):\n    return Fraction(0)\n")
-    assert _run(patch, FRAC_TESTS)[0] is False
+    from fractions import Fraction
+
+    eq = Fraction.__dict__["__eq__"]
+    try:  # (run_program here runs in the test's process: the patch must not outlive the call)
+        assert _run(patch, FRAC_TESTS)[0] is False
+    finally:
+        Fraction.__eq__ = eq
