@@ -114,9 +114,12 @@ def restore_run(ckpt: Checkpointer, state: dict[str, Any]) -> tuple[dict[str, An
 
 def resume_window(window: Any, ckpt: Checkpointer, workdir: str, start: int) -> None:
     """A resumed run's first row covers the steps since the last row before its checkpoint (the meta's log_window,
-    `metrics.StepWindow.pending`), unless metrics.jsonl has a row at the checkpoint's step (a SIGTERM stop logs one)."""
+    `metrics.StepWindow.pending`), unless metrics.jsonl has a row at the checkpoint's step (a SIGTERM stop logs one).
+    The meta is read from its file: Orbax's restore (`ckpt.read_meta`) ends in a barrier of every process, which
+    process 0 alone would meet in the others' first train step (a 2-process resume failed: Gloo errors, "the
+    checkpoint is damaged")."""
     if start and jax.process_index() == 0 and not logged_metrics(workdir, start):
-        window.restore(ckpt.read_meta(start).get("log_window", []))
+        window.restore((step_record(ckpt.directory, start, "meta") or {}).get("log_window", []))
 
 
 def _read_json(path: str) -> Any:
