@@ -35,3 +35,31 @@ def test_the_resumed_window_is_read_without_orbax_restore_a_barrier_of_every_pro
     assert w.take() == pytest.approx({"loss": 3.5, "tokens_per_s": 25.0, "step_time_s": 2.0})
     ck.close()
     assert os.path.isdir(tmp_path / "checkpoints" / "3")
+
+
+# (program, tests): a correct program whose `global` is bound by a call that no guard sees return (it scored 0)
+GLOBALS_BOUND_UNSEEN = {
+    "a_method": ("n = 0\nclass Counter:\n    def inc(self):\n        global n\n        n += 1\n        return n\n",
+                 "c = Counter()\nc.inc()\nc.inc()\nassert n == 2\n"),
+    "a_generator": ("seen = 0\ndef gen(k):\n    global seen\n    for i in range(k):\n        seen += 1\n"
+                    "        yield i\n",
+                    "assert list(gen(3)) == [0, 1, 2]\nassert seen == 3\n"),
+    "a_decorated_function": ("import functools\ncalls = 0\n@functools.lru_cache(None)\ndef f(x):\n    global calls\n"
+                             "    calls += 1\n    return x\n", "f(1)\nf(1)\nf(2)\nassert calls == 2\n"),
+}
+
+
+@pytest.mark.parametrize("check_returns", [True, False])
+@pytest.mark.parametrize("name", sorted(GLOBALS_BOUND_UNSEEN))
+def test_assert_style_tests_see_a_global_bound_by_a_method_a_generator_or_a_decorated_function(name, check_returns):
+    from jaxrl_llm.environments.code import Program, run_program
+
+    code, tests = GLOBALS_BOUND_UNSEEN[name]
+    assert run_program(Program("", code, tests), check_returns=check_returns) == (True, None)
+
+
+def test_a_global_bound_by_a_method_does_not_replace_the_tests_own_name():
+    from jaxrl_llm.environments.code import Program, run_program
+
+    code = "class C:\n    def go(self):\n        global expected\n        expected = 0\n        return 0\n"
+    assert run_program(Program("", code, "expected = 4\nC().go()\nassert C().go() == expected\n"))[0] is False

@@ -36,7 +36,8 @@ names), or with `check_returns=False` or `isolate=False`, the program runs in th
 tests run in a namespace of their own (the prompt's helpers, rebuilt to look names up in it, the builtins as they
 were before the program ran, and without an entry point the program's names, but none that would hide a builtin or a
 standard module the tests use: `def len(x)`, `math = Fake()`, though `numbers = [1, 2]` stays, nor over the tests'
-own names, with what a call of its functions binds to a `global` shown as the call returns; the standard modules
+own names, with what a call of its functions binds to a `global` shown as the call returns and before each
+statement of the tests (a method, a generator, a decorated function bind them too); the standard modules
 the tests name without importing them), tracing set by the program is cleared before the tests and after each call
 of its function, the modules the tests use must be as they were (the same objects, attributes and class), and
 (`check_returns`) the function's results must be built-in values, and so must every operand of the tests'
@@ -415,8 +416,8 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
             units = [_compile(futures + program.prelude, "<prelude>"), _compile(futures + code, "<completion>")]
         tree = ast.parse(program.tests)  # (with check_returns, each operand of the tests' comparisons and
         # arithmetic checked: code_operands.py; optimize=0: asserts kept)
-        tests_code = compile(check_operands(tree) if check_returns else tree, "<tests>", "exec", dont_inherit=True,
-                             optimize=0)
+        tests_tree = check_operands(tree) if check_returns else tree
+        tests_code = compile(tests_tree, "<tests>", "exec", dont_inherit=True, optimize=0)
         with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             snapshots, free_modules = _modules_used(tree)  # (sys.stdout as redirected)
             modules = snapshots if check_returns else None
@@ -461,7 +462,13 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
             for name in free_modules:  # the standard modules the tests name without importing them
                 checks.setdefault(name, snapshots[name].module)
             if entry_point is None:
-                exec(tests_code, checks)  # noqa: S102 - the task's tests
+                # with `global` statements, their names shown again before each of the tests' statements too: a
+                # call whose return no guard sees (a method's, a generator's, a decorated function's) binds them
+                for part in [compile(ast.Module([s], []), "<tests>", "exec", dont_inherit=True, optimize=0)
+                             for s in tests_tree.body] if watch else [tests_code]:
+                    if watch:
+                        shared.show()
+                    exec(part, checks)  # noqa: S102 - the task's tests
             else:
                 if entry_point not in ns:
                     raise NameError(f"the program defines no {entry_point!r}")
