@@ -399,71 +399,78 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         env = environments.make_environment(env_spec)
     except ValueError as e:
         raise ConfigError(f"env: {e}") from e
-    check_env_scores_tasks(env, env_spec.get("name"), dc.source, tasks)
-    cfg, params = build_model(config, len(tokenizer), mesh, rules)
-    budget = multiturn.total_token_budget(config.rollout)
-    if dc.max_prompt_len + budget > cfg.max_position_embeddings:
-        what = ("rollout.max_new_tokens" if config.rollout.get("max_turns", 1) == 1 else
-                "the multi-turn budget (rollout.max_total_tokens, or when 0 max_new_tokens x max_turns + the "
-                "observations' allowance)")
-        raise ConfigError(f"data.max_prompt_len={dc.max_prompt_len} + {what}={budget} is more than the model's "
-                          f"max_position_embeddings={cfg.max_position_embeddings}: a row could outgrow the model's "
-                          "context mid-run; lower them")
-    outside = [t for t in config.rollout.stop_token_ids if t >= cfg.vocab_size]
-    if outside:
-        raise ConfigError(f"rollout.stop_token_ids={tuple(config.rollout.stop_token_ids)}: {outside} outside the "
-                          f"model's vocabulary [0, {cfg.vocab_size})")
-    cfg = with_tokenizer_ids(cfg, tokenizer)
-    updates_per_step = config.grpo.epochs * (config.rollout.num_prompts * config.rollout.group_size
-                                             // (config.train.batch_size or config.rollout.num_prompts
-                                                 * config.rollout.group_size))
-    opt_kw = dict(config.optimizer)
-    opt_kw["warmup_steps"] = opt_kw.get("warmup_steps", 0) * updates_per_step  # warmup counts RL steps
-    optimizer, schedule = make_optimizer(max_steps=config.max_steps * updates_per_step, **opt_kw)
-    opt_sh = opt_state_shardings(optimizer, params, models.param_shardings(cfg, mesh, rules), mesh)
-    runner = GRPORunner(config, cfg, mesh, rules, tokenizer, tasks, env, optimizer, opt_sh)
-    try:  # each process picks a step's prompts from its own copy of the tasks
-        distributed.check_same_everywhere(
-            f"data.source={describe_source(dc.source)!r} (prompts as tokenized)", runner.prompt_ids, len(runner.kept))
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules, runner.tok_bytes)  # (checked before any step)
-    ro = config.rollout
-    run_meta = {"algorithm": config.algorithm, "seed": config.seed, "num_prompts": ro.num_prompts,
-                "group_size": ro.group_size, "batch_size": config.train.batch_size, "epochs": config.grpo.epochs,
-                "data_rows": len(runner.kept), "prompts_per_round": runner.per_round}
-    with jax.set_mesh(mesh):
-        opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
-        ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef else None
-    if ref_params is not None:  # a resume takes model.path's weights again as its reference: the same ones
-        run_meta["reference"] = weights_checksum(ref_params)
-    if ref_params is not None and config.grpo.get("ref_offload", False):
-        ref_params = offload_to_host(ref_params)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    # The step counter placed as the jitted step returns it, so the step compiles once, not again at step 2.
-    counter = lambda n: distributed.put_global(np.int32(n), replicated)
-    state = {"params": params, "opt_state": opt_state, "step": counter(0)}
+    evaluator = ckpt = writer = None
+    try:  # up to the loop's own try, an error closes the environments' worker processes (in a notebook, whose
+        # interpreter goes on, they outlived a ConfigError)
+        check_env_scores_tasks(env, env_spec.get("name"), dc.source, tasks)
+        cfg, params = build_model(config, len(tokenizer), mesh, rules)
+        budget = multiturn.total_token_budget(config.rollout)
+        if dc.max_prompt_len + budget > cfg.max_position_embeddings:
+            what = ("rollout.max_new_tokens" if config.rollout.get("max_turns", 1) == 1 else
+                    "the multi-turn budget (rollout.max_total_tokens, or when 0 max_new_tokens x max_turns + the "
+                    "observations' allowance)")
+            raise ConfigError(f"data.max_prompt_len={dc.max_prompt_len} + {what}={budget} is more than the model's "
+                              f"max_position_embeddings={cfg.max_position_embeddings}: a row could outgrow the model's "
+                              "context mid-run; lower them")
+        outside = [t for t in config.rollout.stop_token_ids if t >= cfg.vocab_size]
+        if outside:
+            raise ConfigError(f"rollout.stop_token_ids={tuple(config.rollout.stop_token_ids)}: {outside} outside the "
+                              f"model's vocabulary [0, {cfg.vocab_size})")
+        cfg = with_tokenizer_ids(cfg, tokenizer)
+        updates_per_step = config.grpo.epochs * (config.rollout.num_prompts * config.rollout.group_size
+                                                 // (config.train.batch_size or config.rollout.num_prompts
+                                                     * config.rollout.group_size))
+        opt_kw = dict(config.optimizer)
+        opt_kw["warmup_steps"] = opt_kw.get("warmup_steps", 0) * updates_per_step  # warmup counts RL steps
+        optimizer, schedule = make_optimizer(max_steps=config.max_steps * updates_per_step, **opt_kw)
+        opt_sh = opt_state_shardings(optimizer, params, models.param_shardings(cfg, mesh, rules), mesh)
+        runner = GRPORunner(config, cfg, mesh, rules, tokenizer, tasks, env, optimizer, opt_sh)
+        try:  # each process picks a step's prompts from its own copy of the tasks
+            distributed.check_same_everywhere(
+                f"data.source={describe_source(dc.source)!r} (prompts as tokenized)", runner.prompt_ids,
+                len(runner.kept))
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        evaluator = _make_evaluator(config, cfg, tokenizer, mesh, rules, runner.tok_bytes)  # (checked before any step)
+        ro = config.rollout
+        run_meta = {"algorithm": config.algorithm, "seed": config.seed, "num_prompts": ro.num_prompts,
+                    "group_size": ro.group_size, "batch_size": config.train.batch_size, "epochs": config.grpo.epochs,
+                    "data_rows": len(runner.kept), "prompts_per_round": runner.per_round}
+        with jax.set_mesh(mesh):
+            opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+            ref_params = jax.tree.map(jnp.copy, params) if config.grpo.kl_coef else None
+        if ref_params is not None:  # a resume takes model.path's weights again as its reference: the same ones
+            run_meta["reference"] = weights_checksum(ref_params)
+        if ref_params is not None and config.grpo.get("ref_offload", False):
+            ref_params = offload_to_host(ref_params)
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        # The step counter placed as the jitted step returns it, so the step compiles once, not again at step 2.
+        counter = lambda n: distributed.put_global(np.int32(n), replicated)
+        state = {"params": params, "opt_state": opt_state, "step": counter(0)}
 
-    is_main = jax.process_index() == 0
-    ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="max", run_meta=run_meta)
-    items, start = restore_run(ckpt, state)
-    if items is not None:
-        state = {**items, "step": counter(start * updates_per_step)}
-        # (a checkpoint from before prompt_batches was recorded: each step had max_rounds batches to itself)
-        rounds = config.grpo.dynamic_sampling_max_rounds if config.grpo.dynamic_sampling else 1
-        runner.position = int(ckpt.read_meta(start).get("prompt_batches", start * rounds))
-    if is_main:
-        truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
-        keep_earlier_export(workdir, start)
-        record_run_config(workdir, config.to_dict(), start)
-    mc = config.get("metrics", ml_collections.ConfigDict())
-    writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
-                           tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
-                           run_config=config.to_dict(), console_keys=CONSOLE_KEYS)
-    # (a finished run started again trains nothing: it returns its last step's logged metrics)
-    last: dict[str, Any] = logged_metrics(workdir, start) if start >= config.max_steps else {}
-    window = StepWindow(rates={"gen_tokens_per_s": "time_generate_s"})  # generated tokens over generation time
-    resume_window(window, ckpt, workdir, start)
+        is_main = jax.process_index() == 0
+        ckpt = prepare_workdir(workdir, cfg, config, tokenizer, default_best_mode="max", run_meta=run_meta)
+        items, start = restore_run(ckpt, state)
+        if items is not None:
+            state = {**items, "step": counter(start * updates_per_step)}
+            # (a checkpoint from before prompt_batches was recorded: each step had max_rounds batches to itself)
+            rounds = config.grpo.dynamic_sampling_max_rounds if config.grpo.dynamic_sampling else 1
+            runner.position = int(ckpt.read_meta(start).get("prompt_batches", start * rounds))
+        if is_main:
+            truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+            keep_earlier_export(workdir, start)
+            record_run_config(workdir, config.to_dict(), start)
+        mc = config.get("metrics", ml_collections.ConfigDict())
+        writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
+                               tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
+                               run_config=config.to_dict(), console_keys=CONSOLE_KEYS)
+        # (a finished run started again trains nothing: it returns its last step's logged metrics)
+        last: dict[str, Any] = logged_metrics(workdir, start) if start >= config.max_steps else {}
+        window = StepWindow(rates={"gen_tokens_per_s": "time_generate_s"})  # generated tokens over generation time
+        resume_window(window, ckpt, workdir, start)
+    except BaseException:
+        close_all(*(getattr(o, "close", None) for o in (writer, ckpt, env, evaluator)), after_error=True)
+        raise
     stop = StopOnSigterm().start()
     # (the validation's environment has worker processes of its own)
     closers = (stop.close, ckpt.close, writer.close, *(getattr(o, "close", None) for o in (env, evaluator)))

@@ -39,3 +39,29 @@ def test_an_eval_recipe_without_a_seed_is_named(tmp_path):
     del c["seed"]
     with pytest.raises(ConfigError, match="the config lacks seed: every evaluation needs it"):
         evaluate.validate(c)
+
+
+def test_a_grpo_setup_error_after_the_environment_is_made_closes_it(monkeypatch, tmp_path):
+    """An error between making GRPO's environment and the training loop (here the context check) closes the
+    environment: its worker processes outlived a ConfigError in a notebook."""
+    from jaxrl_llm import environments, train
+
+    made = environments.make_environment
+    closed = []
+
+    class Watched:
+        def __init__(self, env):
+            self._env = env
+
+        def __getattr__(self, name):
+            return getattr(self._env, name)
+
+        def close(self):
+            closed.append(True)
+            getattr(self._env, "close", lambda: None)()
+
+    monkeypatch.setattr(environments, "make_environment", lambda spec: Watched(made(spec)))
+    c = recipe("grpo_tiny", {"data.max_prompt_len": 2047, "data.num_examples": 4})
+    with pytest.raises(ConfigError, match="data.max_prompt_len=2047"):
+        train.run(c, str(tmp_path / "w"))
+    assert closed == [True]
