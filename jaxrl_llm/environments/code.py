@@ -236,7 +236,7 @@ def _stop_tracing() -> None:
 def _check_plain(value: Any, name: str, allowed: set[int] | frozenset[int]) -> None:
     """TypeError when `value` (or an item of a list, tuple, set, deque or dict it holds) is an instance of a class
     defined by Python code (the program's, or a library's such as Counter or Fraction), other than the prelude's,
-    the tests' and their modules' classes (`allowed`, by id): such an object can compare equal to anything
+    the tests' and their modules' public classes (`allowed`, by id): such an object can compare equal to anything
     (`__eq__` returning True)."""
     stack, seen = [value], 0
     while stack and seen < CHECKED_ITEMS:
@@ -392,7 +392,7 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
     with the entry point bound to the program's function and `check(entry_point)` called; without an entry point the
     tests see the program's names too, but not over a builtin or a standard module they use. When `check_returns`,
     the results of the function (without an entry point, of each function the program defines, as the tests call it)
-    must be built-in values or the prelude's, the tests' or their modules' classes, so must each operand of the
+    must be built-in values or the prelude's, the tests' or their modules' public classes, so must each operand of the
     tests' comparisons and arithmetic (code_operands.py), and the modules the tests use must be as they were.
     `screen`: refuse the code unrun when it uses a construct of `refused_construct`. The function the pool runs, in
     a confined worker (where the model's text is parsed too)."""
@@ -432,10 +432,12 @@ def run_program(program: Program, entry_point: str | None = None, check_returns:
                     exec(unit, ns)  # noqa: S102 - model-written code, in a sandboxed worker
             finally:
                 _stop_tracing()
-            # the prelude's classes and those of the modules the tests use (`from fractions import Fraction`;
-            # their operators checked as the operand check takes them), and the tests' own
-            allowed = {id(v) for v in [*base.values(), *(v for s in snapshots.values() for v in s.attrs.values())]
-                       if isinstance(v, type)}
+            # the prelude's classes and the public ones of the modules the tests use (`from fractions import
+            # Fraction`; their operators checked as the operand check takes them), and the tests' own; not a
+            # module's private class (unittest.mock's _ANY, equal to anything, with the tests' `from unittest.mock
+            # import patch`)
+            allowed = {id(v) for v in [*base.values(), *(v for s in snapshots.values() for k, v in s.attrs.items()
+                                                         if not k.startswith("_"))] if isinstance(v, type)}
             if modules is not None:
                 _check_modules(modules)
             checks = {**base, "__name__": "__tests__", "__builtins__": builtins_before}
