@@ -15,6 +15,7 @@ section, which starts at the next multiple of `general.alignment` (default 32).
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 from typing import Any
 
@@ -113,12 +114,14 @@ def read_gguf(path: str) -> GGUFFile:
     if not isinstance(align, int) or align <= 0 or align & (align - 1):
         raise ValueError(f"general.alignment={align!r}: must be a power of two")
     start = -(-cur.pos // align) * align
-    tensors, names = [], set()
+    tensors, names, spans = [], set(), []
     for name, dims, qtype, offset in infos:
         if name in names:
             raise ValueError(f"tensor {name!r} appears twice")
         names.add(name)
-        n = int(np.prod(dims))
+        if offset % align:  # (as llama.cpp refuses it)
+            raise ValueError(f"tensor {name!r} has offset {offset}, not a multiple of general.alignment={align}")
+        n = math.prod(dims)  # (exact: np.prod wraps at 2**63)
         np_dims = tuple(reversed(dims))
         if qtype.name in _PLAIN:
             dtype, count = np.dtype(_PLAIN[qtype.name]).newbyteorder("<"), n
@@ -130,6 +133,11 @@ def read_gguf(path: str) -> GGUFFile:
             raise ValueError(f"tensor {name!r} runs past the end of the file")
         tensors.append(GGUFTensor(name, qtype, dims, mapped[at:at + count * dtype.itemsize].view(dtype)
                                   .reshape(np_dims)))
+        spans.append((offset, offset + count * dtype.itemsize, name))
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:], strict=False):
+        if begin < end:  # (two tensors reading the same bytes: a corrupted directory, never written so)
+            raise ValueError(f"tensors {a!r} and {b!r} overlap in the data section")
     return GGUFFile(fields, tensors)
 
 

@@ -239,7 +239,7 @@ def gguf_config(reader: GGUFFile, path: str) -> ModelConfig:
         raise CheckpointError(f"{path}: GGUF file has no token_embd.weight tensor")
     hidden = int(m("embedding_length"))
     n_head = int(m("attention.head_count"))
-    head_dim = int(m("attention.key_length", m("rope.dimension_count", hidden // n_head)))
+    head_dim = int(m("attention.key_length", m("rope.dimension_count", hidden // max(n_head, 1))))  # (0: named below)
     rot_dim = int(m("rope.dimension_count", head_dim))
     if rot_dim != head_dim:
         raise UnsupportedModelError(f"{path}: partial rotary embeddings (rope.dimension_count={rot_dim}, "

@@ -115,10 +115,10 @@ class HFFolderSource:
         self._stored: dict[str, str] = {}  # our name -> the name in the file, where they differ
         if os.path.exists(index):
             try:
-                with open(index) as f:
+                with open(index, encoding="utf-8") as f:
                     weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+            except (ValueError, RecursionError, KeyError, TypeError) as e:  # (ValueError: JSON, UTF-8)
+                raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from e
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index}: not a valid safetensors index (weight_map must map tensor names to "
                                       f"file names; got {type(weight_map).__name__})")
@@ -165,12 +165,30 @@ class HFFolderSource:
         return self._file(name).get(self._stored.get(name, name))
 
 
-def _hf_tensor(src: TensorSource, keys: set[str], name: str, want: tuple[int, ...]) -> np.ndarray:
+def _check_tensor(src: TensorSource, keys: set[str], name: str, want: tuple[int, ...]) -> None:
     if name not in keys:
         raise CheckpointError(f"checkpoint is missing tensor {name!r}")
     got = tuple(src.shape(name))
     if got != tuple(want):
         raise CheckpointError(f"tensor {name!r} has shape {list(got)} in the checkpoint, the config needs {list(want)}")
+
+
+def _check_source(cfg: ModelConfig, src: TensorSource, keys: set[str], missing_ok: tuple[str, ...]) -> None:
+    """Every tensor `cfg` needs is in `src` with its shape, checked before anything is allocated: a config whose
+    num_hidden_layers or intermediate_size is far beyond the checkpoint's (a corrupted header, a typo) is named, not
+    a [num_layers, ...] buffer of many GB allocated for it first. (Stops at the first missing tensor.)"""
+    for path, spec in param_specs(cfg).items():
+        hn = HF_NAMES[path]
+        if path in missing_ok and hn.template not in keys:
+            continue
+        layered = path.startswith("layers/")
+        want = hf_shape(spec.shape[1:] if layered else spec.shape, hn.n_in, hn.flat)
+        for i in range(cfg.num_layers if layered else 1):
+            _check_tensor(src, keys, hn.template.format(i=i), want)
+
+
+def _hf_tensor(src: TensorSource, keys: set[str], name: str, want: tuple[int, ...]) -> np.ndarray:
+    _check_tensor(src, keys, name, want)
     x = src.get(name)
     if x.dtype.kind in "biu":  # (a quantized checkpoint's packed weights: as floats they would be garbage)
         raise CheckpointError(f"tensor {name!r} is {x.dtype} in the checkpoint, not floating point (a quantized "
@@ -205,6 +223,7 @@ def load_params_from_source(
         warn_replicated(cfg, mesh, rules)
     mesh = mesh or single_device_mesh()
     keys = set(src.keys())
+    _check_source(cfg, src, keys, missing_ok)
     out: dict[str, jax.Array] = {}
     for path, spec in param_specs(cfg).items():
         hn = HF_NAMES[path]
@@ -248,10 +267,10 @@ def read_hf_config(folder: str) -> dict:
                                   f"{folder} --out DIR` writes a checkpoint's")
         raise CheckpointError(f"{folder}: missing config.json")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # (JSON, UTF-8, a 5000-digit number, [[[[... nested too deep)
+        raise CheckpointError(f"{path}: invalid JSON ({type(e).__name__}: {e})") from e
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: a JSON {type(d).__name__}, not an object of model settings")
     return _with_generation_eos(folder, d)

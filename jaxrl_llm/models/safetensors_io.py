@@ -8,6 +8,7 @@ header order, so exporting never holds more than one tensor in host memory.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Callable, Iterable
@@ -30,6 +31,15 @@ ST_DTYPES: dict[str, np.dtype] = {
 _NP_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
 
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object's pairs as a dict; a key given twice is an error (json.loads would keep the last silently)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        raise ValueError(f"key {next(k for k, _ in pairs if k in seen or seen.add(k))!r} appears twice")
+    return out
 
 
 def _int_list(x) -> bool:
@@ -56,11 +66,15 @@ class SafetensorsFile:
                     raise CheckpointError(
                         f"{path}: corrupted or truncated safetensors header (declares {n} header bytes, "
                         f"file has {size})")
-                header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupted safetensors header: {e}") from e
+                header = json.loads(f.read(n), object_pairs_hook=_unique_keys)
+        except CheckpointError:
+            raise
+        except (ValueError, RecursionError) as e:  # (JSON, UTF-8, a 5000-digit number, [[[[... nested too deep)
+            raise CheckpointError(f"{path}: corrupted safetensors header: {type(e).__name__}: {e}") from e
         except FileNotFoundError as e:
             raise CheckpointError(f"{path}: file not found") from e
+        except OSError as e:  # (a folder, no permission)
+            raise CheckpointError(f"{path}: cannot read the safetensors file ({e.strerror or e})") from e
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: corrupted safetensors header (a JSON {type(header).__name__}, not an "
                                   "object)")
@@ -76,7 +90,7 @@ class SafetensorsFile:
             if e["dtype"] not in ST_DTYPES:
                 raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {e['dtype']!r}")
             start, end = e["data_offsets"]
-            want = int(np.prod(e["shape"], dtype=np.int64)) * ST_DTYPES[e["dtype"]].itemsize
+            want = math.prod(e["shape"]) * ST_DTYPES[e["dtype"]].itemsize  # (exact: np.prod wraps at 2**63)
             if end - start != want or start < 0:
                 raise CheckpointError(
                     f"{path}: tensor {name!r} header is inconsistent (shape {e['shape']} {e['dtype']} needs "
@@ -85,6 +99,11 @@ class SafetensorsFile:
                 raise CheckpointError(
                     f"{path}: truncated file: tensor {name!r} ends at byte {self._data_start + end}, "
                     f"file has {size} bytes")
+        spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name) for name, e in header.items()
+                       if e["data_offsets"][1] > e["data_offsets"][0])
+        for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+            if start < end:  # (two tensors reading the same bytes: a corrupted header, never written so)
+                raise CheckpointError(f"{path}: corrupted safetensors header: tensors {a!r} and {b!r} overlap")
         self._mm: np.memmap | None = None
 
     def keys(self) -> list[str]:
