@@ -65,3 +65,15 @@ def test_a_grpo_setup_error_after_the_environment_is_made_closes_it(monkeypatch,
     with pytest.raises(ConfigError, match="data.max_prompt_len=2047"):
         train.run(c, str(tmp_path / "w"))
     assert closed == [True]
+
+
+@pytest.mark.parametrize("key,value", [("rope_theta", float("nan")), ("rope_theta", -1.0), ("rms_norm_eps", 0.0),
+                                       ("rms_norm_eps", "1e-6")])
+def test_a_config_with_a_rope_theta_or_norm_eps_that_is_no_positive_number_is_named(key, value):
+    from jaxrl_llm import models
+
+    d = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 16,
+         "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, key: value}
+    models.config_from_hf({k: v for k, v in d.items() if k != key})  # (the same config builds without it)
+    with pytest.raises(models.UnsupportedModelError, match=f"{key}=.*: must be a finite number > 0"):
+        models.config_from_hf(d)

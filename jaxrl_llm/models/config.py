@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -305,6 +306,9 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
     rope = d.get("rope_parameters") or {}
     rope_theta = _first(rope, "rope_theta", default=_first(d, "rope_theta", default=10000.0))
     rope_scaling = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else d.get("rope_scaling")
+    for k, v in (("rope_theta", rope_theta), ("rms_norm_eps", _first(d, "rms_norm_eps", default=1e-6))):
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
+            raise UnsupportedModelError(f"{where}: {k}={v!r}: must be a finite number > 0")
     eos = d.get("eos_token_id", fam["eos_token_id"])
     eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (int(eos),))
     attention_bias = bool(d.get("attention_bias", False))
