@@ -24,7 +24,7 @@ def test_validation_generates_a_rollout_s_rows_at_a_time(monkeypatch, max_batch_
 
     monkeypatch.setattr(evaluation, "evaluate_tasks", fake_evaluate_tasks)
     monkeypatch.setattr(evaluation, "scalar_metrics",
-                        lambda res, prefix="": {f"{prefix}{k}": v for k, v in res.items()})
+                        lambda res, prefix="", per_source=False: {f"{prefix}{k}": v for k, v in res.items()})
     tokenizer = types.SimpleNamespace(eos_token_id=2)
     cfg = types.SimpleNamespace(eos_token_ids=(2,))
     monkeypatch.setattr(rl_train.sampling, "default_stop_ids", lambda cfg, tok: (2,))
