@@ -83,7 +83,7 @@ def validate(config: ml_collections.ConfigDict) -> SamplingParams:
     if missing:
         raise ConfigError(f"the config has no {', '.join(repr(k) for k in missing)} block: an evaluation recipe has "
                           "model, data, env, eval, sampling and mesh (see configs/eval_tiny.py)")
-    missing = [k for k in REQUIRED_KEYS if not train._has_key(config, k)]
+    missing = [k for k in REQUIRED_KEYS if not train.has_key(config, k)]
     if missing:
         raise ConfigError(f"the config lacks {', '.join(missing)}: every evaluation needs "
                           f"{'it' if len(missing) == 1 else 'them'} (configs/eval_tiny.py sets every key with its "

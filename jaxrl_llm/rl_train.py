@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any
 
@@ -41,7 +40,7 @@ from jaxrl_llm.data.chat import DataError, check_prompt_roles, run_template
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
 from jaxrl_llm.environments.split import score_across_processes
-from jaxrl_llm.metrics import MetricsWriter, StepWindow
+from jaxrl_llm.metrics import StepWindow
 from jaxrl_llm.optim import make_optimizer
 from jaxrl_llm.preemption import Preempted, StopOnSigterm, checkpoint_step
 from jaxrl_llm.rl_batch import (
@@ -59,7 +58,7 @@ from jaxrl_llm.rl_batch import (
     shuffled_rows,
 )
 from jaxrl_llm.sampling.text import render_prompt
-from jaxrl_llm.workdir import close_all, keep_earlier_export, logged_metrics, record_run_config, truncate_metrics
+from jaxrl_llm.workdir import close_all, open_run_records
 
 log = logging.getLogger("jaxrl_llm.rl_train")
 CONSOLE_KEYS = ("reward_mean", "accuracy", "loss", "kl", "clip_fraction", "entropy", "gen_length_mean", "turns_mean",
@@ -456,16 +455,7 @@ def run_grpo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             # (a checkpoint from before prompt_batches was recorded: each step had max_rounds batches to itself)
             rounds = config.grpo.dynamic_sampling_max_rounds if config.grpo.dynamic_sampling else 1
             runner.position = int(ckpt.read_meta(start).get("prompt_batches", start * rounds))
-        if is_main:
-            truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
-            keep_earlier_export(workdir, start)
-            record_run_config(workdir, config.to_dict(), start)
-        mc = config.get("metrics", ml_collections.ConfigDict())
-        writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
-                               tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
-                               run_config=config.to_dict(), console_keys=CONSOLE_KEYS)
-        # (a finished run started again trains nothing: it returns its last step's logged metrics)
-        last: dict[str, Any] = logged_metrics(workdir, start) if start >= config.max_steps else {}
+        writer, last = open_run_records(workdir, config, start, is_main, CONSOLE_KEYS)
         window = StepWindow(rates={"gen_tokens_per_s": "time_generate_s"})  # generated tokens over generation time
         resume_window(window, ckpt, workdir, start)
     except BaseException:

@@ -38,7 +38,7 @@ from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.data.cache import DataCache
 from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
-from jaxrl_llm.metrics import MetricsWriter, StepWindow, quiet_libraries
+from jaxrl_llm.metrics import StepWindow, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
 from jaxrl_llm.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
 from jaxrl_llm.preemption import Preempted, StopOnSigterm, checkpoint_step
@@ -56,10 +56,7 @@ from jaxrl_llm.workdir import (
     MODEL_CONFIG_FILE,
     close_all,
     hold_workdir,
-    keep_earlier_export,
-    logged_metrics,
-    record_run_config,
-    truncate_metrics,
+    open_run_records,
 )
 
 log = logging.getLogger("jaxrl_llm.train")
@@ -205,7 +202,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"the config has no 'algorithm' key: {what}")
     if config.algorithm not in REGISTRY and config.algorithm not in ONLINE:
         raise ConfigError(f"algorithm={config.algorithm!r}; implemented: {sorted([*REGISTRY, *ONLINE])}")
-    missing = [k for k in (*REQUIRED_KEYS, *REQUIRED_BY_ALGORITHM.get(config.algorithm, ())) if not _has_key(config, k)]
+    missing = [k for k in (*REQUIRED_KEYS, *REQUIRED_BY_ALGORITHM.get(config.algorithm, ())) if not has_key(config, k)]
     if missing:
         raise ConfigError(f"the config lacks {', '.join(missing)}: every training run needs "
                           f"{'it' if len(missing) == 1 else 'them'} (configs/{config.algorithm}_tiny.py sets every key "
@@ -273,7 +270,8 @@ REQUIRED_BY_ALGORITHM = {
 }
 
 
-def _has_key(config: ml_collections.ConfigDict, dotted: str) -> bool:
+def has_key(config: ml_collections.ConfigDict, dotted: str) -> bool:
+    """Whether the config holds the dotted key ("data.max_len"), whatever its value (None included)."""
     node: Any = config
     for part in dotted.split("."):
         if not hasattr(node, "keys") or part not in node:
@@ -506,17 +504,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     if items is not None:
         with jax.set_mesh(mesh):  # placed as a fresh run's counter: another placement compiles the step again
             state = {**items, "step": jnp.int32(start)}
-    if is_main:
-        truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
-        keep_earlier_export(workdir, start)
-        record_run_config(workdir, config.to_dict(), start)
-
-    mc = config.get("metrics", ml_collections.ConfigDict())
-    writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
-                           tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
-                           run_config=config.to_dict())
-    # (a finished run started again trains nothing: it returns its last step's logged metrics)
-    last: dict[str, Any] = logged_metrics(workdir, start) if start >= config.max_steps else {}
+    writer, last = open_run_records(workdir, config, start, is_main)
     window = StepWindow(rates={"tokens_per_s": "step_time_s"})
     resume_window(window, ckpt, workdir, start)
     t_last = time.time()

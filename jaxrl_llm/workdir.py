@@ -250,6 +250,25 @@ def config_changes(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return lines
 
 
+def open_run_records(workdir: str, config: Any, start: int, is_main: bool,
+                     console_keys: tuple[str, ...] | None = None) -> tuple[Any, dict[str, Any]]:
+    """A run's records as it starts at step `start` (0, or the restored checkpoint's): process 0 cuts metrics.jsonl
+    back to `start`, sets aside an export of a later step and records the config; every process opens its
+    MetricsWriter (which writes on process 0). Returns (writer, last): `last` is a finished run's last logged
+    metrics when it is started again (it trains nothing), else {}."""
+    from jaxrl_llm.metrics import MetricsWriter
+
+    if is_main:
+        truncate_metrics(os.path.join(workdir, "metrics.jsonl"), start)
+        keep_earlier_export(workdir, start)
+        record_run_config(workdir, config.to_dict(), start)
+    mc = config.get("metrics") or {}
+    writer = MetricsWriter(workdir, config.max_steps, enabled=is_main, start_step=start,
+                           tensorboard=mc.get("tensorboard", True), wandb_project=mc.get("wandb_project", ""),
+                           run_config=config.to_dict(), console_keys=console_keys)
+    return writer, (logged_metrics(workdir, start) if start >= config.max_steps else {})
+
+
 def record_run_config(workdir: str, config: dict[str, Any], start_step: int) -> list[str]:
     """Write `config` (the run's whole recipe as a plain dict) to <workdir>/run_config.json, atomically, and
     return the settings that changed since the file was written (empty for a new run or an unchanged one).
