@@ -28,7 +28,7 @@ from jaxrl_llm.environments.extract import normalize_answer
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.parallel.rules import ShardingRules
-from jaxrl_llm.sampling.generate import _fit_prompts, _prompt_limits, generate
+from jaxrl_llm.sampling.generate import fit_prompts, generate
 from jaxrl_llm.sampling.request import SamplingParams
 from jaxrl_llm.sampling.stop_strings import TokenBytes
 from jaxrl_llm.sampling.text import default_stop_ids, render_prompt
@@ -163,7 +163,7 @@ def evaluate_tasks(
     prompt_texts = [render_prompt(tokenizer, c, f"task {i}") for i, c in enumerate(convs)]  # rendered once
     encoded = [np.asarray(tokenizer(t, add_special_tokens=False)["input_ids"], np.int64) for t in prompt_texts]
     # fitted per problem, not per sample: an error names the task, truncated_prompts counts problems
-    prompt_ids, _ = _fit_prompts(encoded, _prompt_limits(cfg, [sp] * len(tasks), max_prompt_len), truncate_prompts)
+    prompt_ids, _ = fit_prompts(cfg, encoded, [sp] * len(tasks), max_prompt_len, truncate_prompts)
     prompt_truncated = [len(a) < len(b) for a, b in zip(prompt_ids, encoded, strict=True)]
     rows = [i for i in range(len(tasks)) for _ in range(n)]
     # greedy: the samples of a problem are the same, so each problem is sampled once and its completion copied

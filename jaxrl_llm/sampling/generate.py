@@ -157,6 +157,14 @@ def _fit_prompts(arrs: list[np.ndarray], limits: np.ndarray, truncate: bool) -> 
     return out, len(too_long)
 
 
+def fit_prompts(cfg: ModelConfig, prompts: list[np.ndarray], sps: list[SamplingParams], max_prompt_len: int | None,
+                truncate: bool) -> tuple[list[np.ndarray], int]:
+    """The prompts as `generate` will run them: each within its limit (max_prompt_len, or max_position_embeddings
+    less its max_new_tokens), left-truncated when `truncate` (with the count) or a PromptLengthError naming the
+    first that does not fit."""
+    return _fit_prompts(prompts, _prompt_limits(cfg, sps, max_prompt_len), truncate)
+
+
 def _batch_shards(mesh: Mesh | None, rules: ShardingRules | None) -> int:
     if mesh is None or rules is None:
         return 1
@@ -290,7 +298,7 @@ def generate(
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int | np.integer) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r}: must be an integer >= 1 (or None: one chunk)")
         max_batch_size = int(max_batch_size)
-    arrs, n_truncated = _fit_prompts(arrs, _prompt_limits(cfg, sps, max_prompt_len), truncate_prompts)
+    arrs, n_truncated = fit_prompts(cfg, arrs, sps, max_prompt_len, truncate_prompts)
     key = as_prng_key(rng)
     compiles_before = loop.compile_count()
     stats: dict[str, Any] = {"truncated_prompts": n_truncated, "reshard_seconds": 0.0, "prefill_seconds": 0.0,
