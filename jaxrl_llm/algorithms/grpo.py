@@ -34,7 +34,7 @@ from jaxrl_llm.algorithms.losses import token_logprobs
 from jaxrl_llm.algorithms.pg_losses import KL_TYPES, LOGP_FLOOR, TIS_TYPES, grpo_advantages, policy_gradient_loss_sum
 from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.logit_chunks import over_positions
+from jaxrl_llm.models.logit_chunks import fp32_head, over_positions
 from jaxrl_llm.models.shared_prefix import continuation_predictors, shared_prefix_hidden_states
 from jaxrl_llm.models.transformer import hidden_states, lm_logits
 from jaxrl_llm.parallel.rules import SAMPLING_LAYOUTS, ShardingRules
@@ -410,9 +410,10 @@ def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: 
     `first_target` on are scored (the vocabulary projection runs on those positions alone); earlier columns are 0.
     group > 1: rows share their prompt in groups of that many (`_target_hidden`)."""
     h = _target_hidden(cfg, params, ids_BT, attn_BT, rules, first_target, group)
+    head = fp32_head(params, cfg.logits_chunk)
 
     def per_chunk(h_BCD, targets_BC):  # `cfg.logits_chunk` positions at a time (`over_positions`)
-        logits = lm_logits(cfg, params, h_BCD, rules).astype(jnp.float32) / temperature
+        logits = lm_logits(cfg, head, h_BCD, rules).astype(jnp.float32) / temperature
         lp_raw = token_logprobs(logits, targets_BC)
         lp = lp_raw
         if top_k > 0 or top_p < 1.0:  # the sampler's filter, row by row; removed tokens get -inf

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxrl_llm.models.config import ModelConfig
-from jaxrl_llm.models.logit_chunks import over_positions
+from jaxrl_llm.models.logit_chunks import fp32_head, over_positions
 from jaxrl_llm.models.transformer import lm_logits
 from jaxrl_llm.parallel.rules import ShardingRules
 
@@ -29,7 +29,8 @@ def target_logprobs(cfg: ModelConfig, params: Any, h_BKD: jax.Array, targets_BK:
                     rules: ShardingRules | None = None) -> jax.Array:
     """log p(target) [B, K] in fp32 from final hidden states [B, K, D]: `token_logprobs` of `lm_logits`, projected
     `cfg.logits_chunk` positions at a time (`logit_chunks.over_positions`; 0: all at once)."""
-    return over_positions(lambda h, t: (token_logprobs(lm_logits(cfg, params, h, rules), t),), cfg.logits_chunk,
+    head = fp32_head(params, cfg.logits_chunk)
+    return over_positions(lambda h, t: (token_logprobs(lm_logits(cfg, head, h, rules), t),), cfg.logits_chunk,
                           h_BKD, targets_BK)[0]
 
 
