@@ -23,7 +23,7 @@ def resolve_mesh_shape(data: int = 1, fsdp: int = -1, tensor: int = 1, num_devic
     sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
     free = [k for k, v in sizes.items() if v == -1]
     for k, v in sizes.items():
-        if v != -1 and (not isinstance(v, int) or v < 1):
+        if v != -1 and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
             raise MeshError(f"mesh.{k}={v!r}: each mesh axis must be a positive integer or -1")
     if len(free) > 1:
         raise MeshError(f"mesh: only one axis may be -1, got {free}")
@@ -39,6 +39,8 @@ def resolve_mesh_shape(data: int = 1, fsdp: int = -1, tensor: int = 1, num_devic
         raise MeshError(
             f"mesh: data*fsdp*tensor = {data}*{fsdp}*{tensor} = {fixed}, but there are {n} devices; "
             "set one axis to -1 to take the remaining devices"
+            + ("" if fixed > n else "; to run on fewer devices, make only those visible to the process "
+               "(CUDA_VISIBLE_DEVICES on GPUs, TPU_VISIBLE_CHIPS on TPUs)")
         )
     return sizes["data"], sizes["fsdp"], sizes["tensor"]
 
