@@ -147,6 +147,11 @@ def check_model_settings(mc: ml_collections.ConfigDict) -> None:
     if mc.get("attention_impl", "xla") not in ATTENTION_IMPLS:
         raise ConfigError(f"model.attention_impl={mc.attention_impl!r}; expected one of {ATTENTION_IMPLS} "
                           "(fused: jax.nn.dot_product_attention, cuDNN on a GPU)")
+    if (mc.get("attention_impl") == "fused" and models.resolve_dtype(mc.compute_dtype) == jnp.float16
+            and jax.default_backend() == "cpu"):  # XLA:CPU has no float16 dot with fp32 accumulation
+        raise ConfigError("model.attention_impl='fused' with model.compute_dtype='float16' does not run on a CPU "
+                          "(jax.nn.dot_product_attention's float16 products with fp32 accumulation): use "
+                          "attention_impl='xla' or compute_dtype='bfloat16'")
     chunk = mc.get("logits_chunk", 0)
     if not _int(chunk) or chunk < 0:
         raise ConfigError(f"model.logits_chunk={chunk!r}: must be an integer >= 0 (positions projected onto the "

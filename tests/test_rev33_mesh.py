@@ -18,3 +18,18 @@ def test_fewer_axes_than_devices_names_visible_devices():
     with pytest.raises(MeshError, match=r"= 16, but there are 8 devices; set one axis to -1[^;]*$"):
         resolve_mesh_shape(2, 4, 2, num_devices=8)
     assert resolve_mesh_shape(1, -1, 2, num_devices=8) == (1, 4, 2)
+
+
+def test_fused_attention_in_float16_refused_on_cpu():
+    """XLA:CPU has no float16 product with fp32 accumulation: the run stopped inside the first jitted step."""
+    from configs import sft_tiny
+    from jaxrl_llm import train
+    from jaxrl_llm.cli import ConfigError
+
+    config = sft_tiny.get_config()
+    config.model.attention_impl = "fused"
+    config.model.compute_dtype = "float16"
+    with pytest.raises(ConfigError, match=r"model.attention_impl='fused' with model.compute_dtype='float16'"):
+        train.validate(config)
+    config.model.compute_dtype = "bfloat16"
+    train.validate(config)
