@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jaxrl_llm.distributed import allgather_json
@@ -75,6 +76,19 @@ def layout_copy_bytes(params: dict) -> int:
     leaves = jax.tree.leaves({"layers": params["layers"], "lm_head": params.get("lm_head")})
     return sum(x.addressable_shards[0].data.nbytes if hasattr(x, "addressable_shards") else x.nbytes
                for x in leaves)
+
+
+def cast_copy_bytes(cfg: ModelConfig, params: dict) -> int:
+    """Bytes a device holds of the compute-dtype copy that `loop.decode(cast_weights=True)` makes of the weights
+    stored in another float dtype (`loop.step_weights_in_compute_dtype`): 0 when they are in the compute dtype."""
+    keep = () if cfg.tie_word_embeddings else ("embed",)
+    leaves = jax.tree.leaves({k: v for k, v in params.items() if k not in keep})
+    out = 0
+    for x in leaves:
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != cfg.dtype:
+            nbytes = x.addressable_shards[0].data.nbytes if hasattr(x, "addressable_shards") else x.nbytes
+            out += nbytes * jnp.dtype(cfg.dtype).itemsize // jnp.dtype(x.dtype).itemsize
+    return out
 
 
 def auto_batch_size(cfg: ModelConfig, mesh: Mesh | None, batch_shards: int, prompt_len: int, new_tokens: int,

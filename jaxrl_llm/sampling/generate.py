@@ -25,7 +25,7 @@ from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.params import as_prng_key, check_params, param_shardings
 from jaxrl_llm.parallel.rules import ShardingRules
 from jaxrl_llm.sampling import loop
-from jaxrl_llm.sampling.budget import auto_batch_size, layout_copy_bytes, row_bytes
+from jaxrl_llm.sampling.budget import auto_batch_size, cast_copy_bytes, layout_copy_bytes, row_bytes
 from jaxrl_llm.sampling.request import (
     SamplingParams,
     as_param_list,
@@ -278,7 +278,10 @@ def generate(
     at small batch, but compiles several times slower (about 4x for a 30-layer model), so it pays off from a
     handful of calls on. Not by default in bf16 compute: XLA keeps some bf16 results of the unrolled program
     in fp32 where the trainer's layer scan rounds them (`xla_allow_excess_precision`), and the sampler's
-    log-probs would differ from the trainer's by up to ~0.1 (the scan's agree exactly).
+    log-probs would differ from the trainer's by up to ~0.1 (the scan's agree exactly). Off a CPU, the layer scan
+    reads weights stored in another float dtype than the compute dtype (fp32 with bf16 compute) from a copy cast
+    once per chunk (`loop.decode(cast_weights=True)`; memory: that copy while decoding, budgeted), not cast in
+    every step.
     share_prefill: a prompt that occurs several times in a chunk (GRPO's group, pass@k's samples) is prefilled
     once and its cache copied to its rows, whenever that makes the prefill batch smaller (stats['prefill_rows']
     counts the rows prefilled).
@@ -313,15 +316,16 @@ def generate(
         stats["reshard_seconds"] = prep.reshard_seconds
     params, model_rules = prep.params, prep.rules
     shards = _batch_shards(mesh, model_rules)
+    platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
     if unroll_layers is None:
-        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
         unroll_layers = platform == "cpu" and cfg.dtype == np.float32
+    cast_weights = platform != "cpu" and not unroll_layers  # (a no-op when the weights are in the compute dtype)
     stats["auto_batch_size"] = None
     if max_batch_size is None:
         P_max = bucket_length(max(len(a) for a in arrs))
         N_max = bucket_new_tokens(max(p.max_new_tokens for p in sps))
         copy = unroll_layers and not cfg.num_labels and prep.decode_weights is None  # (built: in the memory used)
-        reserve = layout_copy_bytes(params) if copy else 0
+        reserve = layout_copy_bytes(params) if copy else cast_copy_bytes(cfg, params) if cast_weights else 0
         rows = stats["auto_batch_size"] = auto_batch_size(cfg, mesh, shards, P_max, N_max, reserve)
         if rows is not None and rows < len(arrs):
             log.info("sampling %d prompts in chunks of %d rows: the KV cache, logits and prefill of all of them "
@@ -374,7 +378,7 @@ def generate(
                 if unroll_layers:
                     decode_weights = prep.decode_weights
             *out, cache = loop.decode(cfg, decode_weights, cache, logits_BV, inp, max_new_bucket=N,
-                                      rules=model_rules)
+                                      rules=model_rules, cast_weights=cast_weights)
             del cache
             tok_BN, lp_BN, num_B, stopped_B, steps = (to_host(x) for x in out)  # gathered across processes
             t2 = time.perf_counter()

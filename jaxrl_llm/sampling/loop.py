@@ -182,9 +182,19 @@ def prepare_decode_params(cfg: ModelConfig, params: dict, rules: ShardingRules |
     return {**out, "layers": layers, "lm_head_t": params["embed"] if head is None else head}
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_bucket", "rules"), donate_argnames=("cache",))
+def step_weights_in_compute_dtype(cfg: ModelConfig, params: dict) -> dict:
+    """`params` with the arrays every decode step reads in full (all but an untied embedding table, of which a step
+    looks up B rows) cast to the compute dtype where they are stored in another float dtype. Exact: the layers, the
+    final norm and the head cast their weights to the compute dtype anyway, as the trainer does."""
+    dt = cfg.dtype
+    cast = lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dt else a
+    keep = () if cfg.tie_word_embeddings and "lm_head_t" not in params else ("embed",)
+    return {k: v if k in keep else jax.tree.map(cast, v) for k, v in params.items()}
+
+
+@partial(jax.jit, static_argnames=("cfg", "max_new_bucket", "rules", "cast_weights"), donate_argnames=("cache",))
 def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, inp: DecodeInputs, *,
-           max_new_bucket: int, rules: ShardingRules | None = None
+           max_new_bucket: int, rules: ShardingRules | None = None, cast_weights: bool = False
            ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, dict]:
     """Sample up to `max_new_bucket` tokens per row after `prefill`, stopping as soon as every row is done.
 
@@ -193,7 +203,15 @@ def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, in
     params: the model's (stacked layers: a layer scan inside each step), or with `layers` a list of per-layer
     dicts, such as `prepare_decode_params(cfg, params, rules)` gives (per-layer output-major weights): the layers
     then run as a Python loop over per-layer weight and cache arrays (see `generate(unroll_layers=...)`).
+    cast_weights: cast the layer weights and the head to the compute dtype once, before the loop
+    (`step_weights_in_compute_dtype`; memory: that copy while decoding), instead of in every step. With fp32
+    parameters and bf16 compute each step then reads 2 bytes a weight instead of 4 (inside the layer scan the
+    cast applies to each layer's slice, which XLA cannot move out of the loop). `generate` sets it off a CPU: XLA:CPU
+    computes bf16 products in fp32 and would keep an fp32 copy of the bf16 weights besides, for no fewer bytes a
+    step.
     """
+    if cast_weights:
+        params = step_weights_in_compute_dtype(cfg, params)
     B = logits_BV.shape[0]
     S = cache_length(cache)
     P = S - max_new_bucket  # first generated slot
