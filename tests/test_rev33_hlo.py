@@ -1,8 +1,8 @@
-"""What a decode step reads: with fp32 parameters and bf16 compute the layer weights are cast to bf16 once per
-decode call, not inside every step (the layer scan casts each layer's slice, which XLA cannot hoist out of the
-loop: a step read 4 bytes a weight, plus a bf16 copy written and read again unless the cast fused into the
-product, instead of 2). Checked on the jaxpr of the decode loop (backend-independent), and the completions and
-log-probs are the uncast loop's."""
+"""What a decode step reads and writes. With fp32 parameters and bf16 compute off a CPU the layer weights are cast
+to bf16 once per decode call, not inside every step (the layer scan casts each layer's slice, which XLA cannot hoist
+out of the loop: a step read 4 bytes a weight, plus a bf16 copy written and read again unless the cast fused into
+the product, instead of 2): checked on the jaxpr of the decode loop (backend-independent). On a CPU a bf16 cache is
+carried as its bits, so that XLA:CPU updates it in place. Both give the plain loop's completions bit for bit."""
 
 from __future__ import annotations
 
@@ -67,16 +67,36 @@ def test_fp32_weights_are_cast_before_the_decode_loop(params, tied):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_cast_weights_sample_what_the_uncast_loop_samples(params, temperature):
+@pytest.mark.parametrize("flag", ["cast_weights", "cache_bits"])
+def test_the_options_sample_what_the_plain_loop_samples(params, temperature, flag):
+    """Each option gives the plain prefill's cache and logits and the plain loop's tokens and log-probs, bit for
+    bit."""
     ids = np.random.default_rng(0).integers(3, CFG.vocab_size, size=(B, P)).astype(np.int32)
     inp = _inputs(temperature)
     out = {}
-    for cast in (False, True):
-        cache, logits = loop.prefill(CFG, params, jnp.asarray(ids), inp.start_B, cache_len=P + N)
-        out[cast] = [np.asarray(x) for x in loop.decode(CFG, params, cache, logits, inp, max_new_bucket=N,
-                                                         cast_weights=cast)[:5]]
+    for on in (False, True):
+        pre = loop.prefill(CFG, params, jnp.asarray(ids), inp.start_B, cache_len=P + N,
+                           cache_bits=on and flag == "cache_bits")
+        *dec, cache = loop.decode(CFG, params, *jax.tree.map(jnp.copy, pre), inp, max_new_bucket=N, **{flag: on})
+        out[on] = [np.asarray(x) for x in jax.tree.leaves((pre, dec, cache))]
     for got, want in zip(out[True], out[False], strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_a_bf16_cache_is_updated_in_place_on_a_cpu(params):
+    """XLA:CPU updates a bf16 array through fp32: every layer of the layer scan converted the whole stacked cache to
+    fp32 and back (per step, O(layers^2 x cache); SmolLM2's shapes at batch 64: 39 GB a step where the weights and
+    cache are 0.8 GB). With the cache carried as its bits (`cache_bits`, generate's choice on a CPU) no fp32 array
+    of the stacked cache's shape is left in the compiled loop."""
+    cache = sampling.init_cache(CFG, B, P + N)
+    full_f32 = "f32[" + ",".join(map(str, cache["k"].shape)) + "]"
+
+    def hlo(bits: bool) -> str:
+        return loop.decode.lower(CFG, params, cache, jnp.zeros((B, CFG.vocab_size)), _inputs(1.0), max_new_bucket=N,
+                                 cache_bits=bits).compile().as_text()
+
+    assert full_f32 in hlo(False)
+    assert full_f32 not in hlo(True)
 
 
 def test_generate_casts_off_a_cpu_and_reserves_the_copy(params, monkeypatch):

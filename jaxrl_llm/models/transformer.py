@@ -364,12 +364,28 @@ def forward_with_cache(
     [B, K, S, H], as `sampling.cache.unstack_cache` gives; the layers then run in a Python loop and the
     cache comes back in the form it came in. On XLA:CPU every slice of a stacked array is a copy, so a decode
     loop that reads per-layer arrays avoids copying all weights and the whole cache every step.
+
+    The cache arrays may instead hold the bits of the compute dtype as unsigned integers of its width
+    (`sampling.cache.as_bits`: uint16 for bf16), read and written as that dtype: XLA:CPU updates a bf16 array
+    through fp32, converting all of it (inside the layer scan, every layer's cache once per layer).
     """
     # A decode step looks up B rows: they are cheaper to replicate than the table to gather (see embed_tokens).
     x = jnp.take(params["embed"], input_ids_BT, axis=0).astype(cfg.dtype)
     x = constrain(x, ("batch", "length", "embed"), rules)
     rope = rope_tables(cfg, positions_BT) if rope is None else rope
     dt = cfg.dtype
+
+    cache_dtype = jnp.dtype(jax.tree.leaves(cache)[0].dtype)
+    bits = jnp.issubdtype(cache_dtype, jnp.unsignedinteger)  # the compute dtype's bits (`sampling.cache.as_bits`)
+    if bits and cache_dtype.itemsize != jnp.dtype(dt).itemsize:
+        raise ValueError(f"forward_with_cache: a {cache_dtype} cache holds the bits of a {cache_dtype.itemsize}-byte "
+                         f"compute dtype, not of compute_dtype={cfg.compute_dtype}")
+
+    def stored(new, c):
+        return jax.lax.bitcast_convert_type(new.astype(dt), c.dtype) if bits else new.astype(c.dtype)
+
+    def read(c):
+        return jax.lax.bitcast_convert_type(c, dt) if bits else c
 
     def attend(p, x, k_cache, v_cache, write_k, write_v, keys_t):
         """One layer. `write_*(cache, new_BKTH)` stores the new keys/values: (cache, this layer's keys or
@@ -405,15 +421,15 @@ def forward_with_cache(
                              f"cache k/v; the config has {cfg.num_layers}")
 
         def write_v(c_BKSH, new_BKTH):
-            c = jax.lax.dynamic_update_slice(c_BKSH, new_BKTH.astype(c_BKSH.dtype), (0, 0, cache_index, 0))
+            c = jax.lax.dynamic_update_slice(c_BKSH, stored(new_BKTH, c_BKSH), (0, 0, cache_index, 0))
             c = constrain(c, CACHE_AXES[1:], rules)
-            return c, c
+            return c, read(c)
 
         def write_k(c_BKHS, new_BKTH):
-            new_BKHT = new_BKTH.transpose(0, 1, 3, 2).astype(c_BKHS.dtype)
+            new_BKHT = stored(new_BKTH.transpose(0, 1, 3, 2), c_BKHS)
             c = jax.lax.dynamic_update_slice(c_BKHS, new_BKHT, (0, 0, 0, cache_index))
             c = constrain(c, KEYS_T_AXES, rules)
-            return c, c
+            return c, read(c)
 
         ks, vs = [], []
         for p, k_BKHS, v_BKSH in zip(layers, k_all, v_all, strict=True):
@@ -426,10 +442,9 @@ def forward_with_cache(
             x, k_all, v_all, i = carry
 
             def write(c_LBKSH, new_BKTH):
-                c = jax.lax.dynamic_update_slice(c_LBKSH, new_BKTH[None].astype(c_LBKSH.dtype),
-                                                 (i, 0, 0, cache_index, 0))
+                c = jax.lax.dynamic_update_slice(c_LBKSH, stored(new_BKTH[None], c_LBKSH), (i, 0, 0, cache_index, 0))
                 c = constrain(c, CACHE_AXES, rules)
-                return c, c[i]
+                return c, read(c[i])
 
             x, k_all, v_all = attend(p, x, k_all, v_all, write, write, False)
             return (x, k_all, v_all, i + 1), None

@@ -364,7 +364,7 @@ def generate(
             inp = dataclasses.replace(inp, rng=key, stop_table=table)
             t0 = time.perf_counter()
             cache, logits_BV = loop.prefill(cfg, params, pre_ids, pre_start, cache_len=P + N, rules=model_rules,
-                                            rows_R=rows)
+                                            rows_R=rows, cache_bits=platform == "cpu")
             stats["prefill_rows"] += len(pre_ids)
             jax.block_until_ready(logits_BV)
             t1 = time.perf_counter()
@@ -378,7 +378,7 @@ def generate(
                 if unroll_layers:
                     decode_weights = prep.decode_weights
             *out, cache = loop.decode(cfg, decode_weights, cache, logits_BV, inp, max_new_bucket=N,
-                                      rules=model_rules, cast_weights=cast_weights)
+                                      rules=model_rules, cast_weights=cast_weights, cache_bits=platform == "cpu")
             del cache
             tok_BN, lp_BN, num_B, stopped_B, steps = (to_host(x) for x in out)  # gathered across processes
             t2 = time.perf_counter()

@@ -31,8 +31,10 @@ from jaxrl_llm.parallel.rules import ShardingRules, constrain
 from jaxrl_llm.sampling import stop_strings
 from jaxrl_llm.sampling.cache import (
     CACHE_AXES,
+    as_bits,
     cache_length,
     decode_mask_B1S,
+    from_bits,
     init_cache,
     prefill_mask_BTS,
     prompt_positions_BT,
@@ -80,15 +82,18 @@ def compile_counts() -> dict[str, int]:
     return dict(_COMPILES)
 
 
-@partial(jax.jit, static_argnames=("cfg", "cache_len", "rules"))
+@partial(jax.jit, static_argnames=("cfg", "cache_len", "rules", "cache_bits"))
 def prefill(cfg: ModelConfig, params: dict, ids_BT: jax.Array, start_B: jax.Array, *, cache_len: int,
-            rules: ShardingRules | None = None, rows_R: jax.Array | None = None) -> tuple[dict, jax.Array]:
+            rules: ShardingRules | None = None, rows_R: jax.Array | None = None, cache_bits: bool = False
+            ) -> tuple[dict, jax.Array]:
     """Left-padded prompts [B, P] (row b valid from slot start_b) -> (cache, logits [B, V] of slot P - 1).
 
     Every row's last prompt token sits in slot P - 1 (left padding), so only that slot is projected onto the
     vocabulary (`last_only`), and attention reads only the P prompt slots, not the empty cache (`empty_cache`).
     rows_R: the B prompts are the distinct ones of a batch of R rows, and row r is prompt
-    rows_R[r]: the cache and logits come back with R rows (each prompt prefilled once, then copied)."""
+    rows_R[r]: the cache and logits come back with R rows (each prompt prefilled once, then copied).
+    cache_bits: write a 16-bit float cache as its bits (`cache.as_bits`; the same values), as `generate` does on a
+    CPU, where XLA would convert the whole cache to fp32 and back at every layer's update."""
     B, P = ids_BT.shape
     # With rows_R the distinct prompts' cache holds only their P slots: it is copied to the R rows and only then
     # given its empty generation slots (a full-length cache of the distinct prompts beside the rows' one doubled
@@ -96,8 +101,10 @@ def prefill(cfg: ModelConfig, params: dict, ids_BT: jax.Array, start_B: jax.Arra
     length = cache_len if rows_R is None else P
     cache = init_cache(cfg, B, length, rules)
     mask_BTS = prefill_mask_BTS(cfg, start_B, P, length)
-    logits_B1V, cache = forward_with_cache(cfg, params, ids_BT, prompt_positions_BT(start_B, P), mask_BTS, cache,
-                                           jnp.int32(0), rules=rules, last_only=True, empty_cache=True)
+    logits_B1V, cache = forward_with_cache(cfg, params, ids_BT, prompt_positions_BT(start_B, P), mask_BTS,
+                                           as_bits(cache) if cache_bits else cache, jnp.int32(0), rules=rules,
+                                           last_only=True, empty_cache=True)
+    cache = from_bits(cache, cfg.dtype)
     logits_BV = logits_B1V[:, 0]
     if rows_R is not None:
         pad = [(0, 0)] * len(CACHE_AXES)
@@ -192,10 +199,11 @@ def step_weights_in_compute_dtype(cfg: ModelConfig, params: dict) -> dict:
     return {k: v if k in keep else jax.tree.map(cast, v) for k, v in params.items()}
 
 
-@partial(jax.jit, static_argnames=("cfg", "max_new_bucket", "rules", "cast_weights"), donate_argnames=("cache",))
+@partial(jax.jit, static_argnames=("cfg", "max_new_bucket", "rules", "cast_weights", "cache_bits"),
+         donate_argnames=("cache",))
 def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, inp: DecodeInputs, *,
-           max_new_bucket: int, rules: ShardingRules | None = None, cast_weights: bool = False
-           ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, dict]:
+           max_new_bucket: int, rules: ShardingRules | None = None, cast_weights: bool = False,
+           cache_bits: bool = False) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, dict]:
     """Sample up to `max_new_bucket` tokens per row after `prefill`, stopping as soon as every row is done.
 
     Returns (tokens [B, N] int32, logprobs [B, N] fp32, num_tokens [B] int32, stopped [B] bool, steps [] int32,
@@ -208,10 +216,12 @@ def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, in
     parameters and bf16 compute each step then reads 2 bytes a weight instead of 4 (inside the layer scan the
     cast applies to each layer's slice, which XLA cannot move out of the loop). `generate` sets it off a CPU: XLA:CPU
     computes bf16 products in fp32 and would keep an fp32 copy of the bf16 weights besides, for no fewer bytes a
-    step.
+    step. cache_bits: the loop carries a 16-bit float cache as its bits (see `prefill`; `generate` sets it on a CPU).
     """
     if cast_weights:
         params = step_weights_in_compute_dtype(cfg, params)
+    if cache_bits:  # (before unstacking: one conversion, free, per call)
+        cache = as_bits(cache)
     B = logits_BV.shape[0]
     S = cache_length(cache)
     P = S - max_new_bucket  # first generated slot
@@ -244,5 +254,5 @@ def decode(cfg: ModelConfig, params: dict, cache: dict, logits_BV: jax.Array, in
         return _record(dataclasses.replace(s, cache=new_cache), logits_B1V[:, 0], inp)
 
     state = jax.lax.while_loop(cond, body, state)
-    cache = stack_cache(state.cache, rules) if unroll else state.cache
+    cache = from_bits(stack_cache(state.cache, rules) if unroll else state.cache, cfg.dtype)
     return state.tokens_BN, state.logprobs_BN, state.num_tokens_B, state.stopped_B, state.step, cache
