@@ -2,6 +2,9 @@
 # The GPU figures of the sampler and training-step benchmarks, in one prepared run:
 #   1. sampler.py, bf16: SmolLM2-135M and a Llama-3.2-1B-shaped model at batch 1, 8 and 64, HF generate on CUDA in
 #      the same run; the decode step against the HBM roofline (bytes of weights + KV cache / copy bandwidth).
+#   1b. decode_bytes.py (compile only): the bytes one decode step of the 1B shape moves at batch 64 (bf16 and fp32
+#      parameters, bf16 compute), read off XLA:GPU's compiled loop, against the minimum, with its dearest
+#      instructions: whether the layer scan reads its weight and cache slices in place.
 #   2. train_step.py, SFT, bf16 compute with fp32 master weights: MFU of the jitted step (random rows, every
 #      token in the loss) for both models.
 #   3. forward.py, bf16: MFU of the forward pass beside torch's.
@@ -46,6 +49,8 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,clo
 if [ -n "${SMOKE:-}" ]; then
   part sampler 600 $py benchmarks/sampler.py --models tiny --batch-sizes 1,4 --prompt-len 16 --new-tokens 8 \
     --repeats 1 --dtype bfloat16 --json "$out/sampler.json"
+  part decode_bytes 600 $py benchmarks/decode_bytes.py --models tiny --batch-sizes 1,4 --prompt-len 16 --new-tokens 8 \
+    --param-dtype bfloat16,float32 --top 5
   part train_step 600 $py benchmarks/train_step.py --tiny --algo sft --no-trl --steps 1 --compute-dtype bfloat16 \
     --peak-flops 1e12 --json "$out/train_step.json"
   part forward 600 $py benchmarks/forward.py --batches 1 --lengths 32 --repeats 1 --dtype bfloat16 \
@@ -53,6 +58,8 @@ if [ -n "${SMOKE:-}" ]; then
 else
   part sampler 300 $py benchmarks/sampler.py --models smollm2,llama1b --batch-sizes 1,8,64 --prompt-len 128 \
     --new-tokens 256 --repeats 3 --dtype bfloat16 --json "$out/sampler.json"
+  part decode_bytes 90 $py benchmarks/decode_bytes.py --models llama1b --batch-sizes 64 --prompt-len 128 \
+    --new-tokens 256 --param-dtype bfloat16,float32 --top 12
   part train_step_llama1b 150 $py benchmarks/train_step.py --model llama1b --algo sft --no-trl --batch 8 \
     --length 2048 --steps 5 --compute-dtype bfloat16 --json "$out/train_step_llama1b.json"
   part train_step_smollm2 100 $py benchmarks/train_step.py --model smollm2 --algo sft --no-trl --batch 16 \
