@@ -6,6 +6,7 @@ G = N // K (query heads per kv head), H head dim, F MLP width, V vocab, C score-
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -465,12 +466,41 @@ def lm_logits(cfg: ModelConfig, params: dict, h_BTD: jax.Array, rules: ShardingR
     if is_decode_params(params):
         logits = project(h_BTD, params["lm_head_t"].astype(h_BTD.dtype), 1, preferred_element_type=_F32)
     elif cfg.tie_word_embeddings:
-        logits = jnp.einsum("btd,vd->btv", h_BTD, params["embed"].astype(h_BTD.dtype),
-                            preferred_element_type=_F32)
+        logits = vocab_product("btd,vd->btv", h_BTD, params["embed"].astype(h_BTD.dtype))
     else:
-        logits = jnp.einsum("btd,dv->btv", h_BTD, params["lm_head"].astype(h_BTD.dtype),
-                            preferred_element_type=_F32)
+        logits = vocab_product("btd,dv->btv", h_BTD, params["lm_head"].astype(h_BTD.dtype))
     return constrain(logits, ("batch", "length", "vocab"), rules)
+
+
+def vocab_product(spec: str, h_BTD: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum(spec, h, w) accumulated and returned in fp32 (the logits), h and w in the compute dtype; in a
+    low-precision compute dtype the backward products take the logits' cotangent in that dtype, as the forward
+    product takes its operands. Differentiated as a plain einsum with an fp32 result, the fp32 cotangent promoted
+    both backward products (the head's weight and input gradients, 2/3 of its FLOPs) to fp32 x fp32 matmuls, with
+    the head upcast to fp32 for them: half the bf16 rate or less on a GPU. Rounding the cotangent to bf16 is what
+    PyTorch autocast / HF do (bf16 logits, upcast for the loss); the weight gradient is still accumulated in fp32."""
+    if h_BTD.dtype == _F32:
+        return jnp.einsum(spec, h_BTD, w, preferred_element_type=_F32)
+    return _low_precision_vocab_product(spec, h_BTD, w)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _low_precision_vocab_product(spec: str, h_BTD: jax.Array, w: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, h_BTD, w, preferred_element_type=_F32)
+
+
+def _vocab_product_fwd(spec, h_BTD, w):
+    return _low_precision_vocab_product(spec, h_BTD, w), (h_BTD, w)
+
+
+def _vocab_product_bwd(spec, res, ct_BTV):
+    h_BTD, w = res
+    # the transpose of the same einsum with a compute-dtype result: products in that dtype (fp32 accumulation)
+    _, vjp = jax.vjp(lambda h, w: jnp.einsum(spec, h, w, preferred_element_type=h_BTD.dtype), h_BTD, w)
+    return vjp(ct_BTV.astype(h_BTD.dtype))
+
+
+_low_precision_vocab_product.defvjp(_vocab_product_fwd, _vocab_product_bwd)
 
 
 def forward(
