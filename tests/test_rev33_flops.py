@@ -10,17 +10,13 @@ import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from jaxrl_llm import models
-from jaxrl_llm.algorithms import REGISTRY, grpo
 from jaxrl_llm.algorithms.losses import target_logprobs
-from jaxrl_llm.algorithms.pairs import pair_logprobs
 from jaxrl_llm.data import preference as pref
 from jaxrl_llm.models.logit_chunks import over_positions
-from jaxrl_llm.optim import make_optimizer
 
 V = 4096
 CFG = models.ModelConfig(family="llama", vocab_size=V, hidden_size=64, intermediate_size=128, num_layers=1,
@@ -57,3 +53,18 @@ def test_bf16_head_backward_runs_no_fp32_matmul(tied, chunk):
     dots = _DOT.findall(jax.jit(jax.grad(loss)).lower(params, ids).as_text())
     assert dots and ("f32", "f32") not in dots, dots
 
+
+@pytest.mark.parametrize("K,chunk,size", [(9, 8, 5), (17, 8, 6), (16, 8, 8), (5, 8, 5)])
+def test_chunks_are_balanced_not_padded_to_the_chunk_size(K, chunk, size):
+    """over_positions runs ceil(K / chunk) chunks of equal size (<= chunk). FAILS before the fix: K = 9 positions in
+    chunks of 8 projected 16 (the second chunk almost all padding), 1.8x the head's FLOPs."""
+    seen = []
+
+    def fn(h, t):
+        seen.append(h.shape[1])
+        return (h.sum(-1) * t,)
+
+    h, t = jnp.ones((2, K, 3)), jnp.ones((2, K))
+    out = over_positions(fn, chunk, h, t)[0]
+    assert seen == [size] and out.shape == (2, K)
+    np.testing.assert_allclose(out, 3.0)

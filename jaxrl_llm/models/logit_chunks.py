@@ -40,14 +40,16 @@ def over_positions(fn: Callable[..., tuple[jax.Array, ...]], chunk: int, h_BKD: 
     """fn(h [B, c, D], *xs [B, c, ...]) -> tuple of [B, c, ...] arrays, applied to `chunk` positions at a time.
 
     Returns what fn(h_BKD, *per_position) returns (same values: each position's outputs depend on that position's
-    inputs alone). chunk <= 0, or K <= chunk: one call. Otherwise K is padded with zeros to a multiple of `chunk`
-    (the padding's outputs are dropped), the chunks run under lax.scan and each is recomputed in the backward pass
-    (jax.checkpoint), so neither pass keeps more than one chunk's logits.
+    inputs alone). chunk <= 0, or K <= chunk: one call. Otherwise the K positions run as n = ceil(K / chunk) equal
+    chunks of ceil(K / n) <= chunk positions (K padded with fewer than n zero positions, whose outputs are dropped;
+    padded to a multiple of `chunk` instead, K = 1.1 x chunk would project 1.8 x K positions) under lax.scan, each
+    chunk recomputed in the backward pass (jax.checkpoint), so neither pass keeps more than one chunk's logits.
     """
     K = h_BKD.shape[1]
     if chunk <= 0 or K <= chunk:
         return fn(h_BKD, *per_position)
     n = -(-K // chunk)
+    chunk = -(-K // n)
     pad = n * chunk - K
 
     def split(x):  # [B, K, ...] -> [n, B, chunk, ...]
