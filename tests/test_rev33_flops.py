@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from jaxrl_llm import models
+from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.losses import target_logprobs
 from jaxrl_llm.data import preference as pref
 from jaxrl_llm.models.logit_chunks import over_positions
@@ -52,6 +53,20 @@ def test_bf16_head_backward_runs_no_fp32_matmul(tied, chunk):
 
     dots = _DOT.findall(jax.jit(jax.grad(loss)).lower(params, ids).as_text())
     assert dots and ("f32", "f32") not in dots, dots
+
+def test_grpo_chunked_backward_does_not_sort_the_vocabulary_again():
+    """GRPO's loss with the sampler's top-k/top-p filter and model.logits_chunk sorts each position's logits once.
+    FAILS before the fix: a chunk's backward recomputation sorted them again (a [positions, V] sort, dearer than
+    the head's matmul on a GPU); the threshold it needs is now kept from the forward pass (one float a position)."""
+    cfg = dataclasses.replace(CFG, logits_chunk=4)
+    params = jax.eval_shape(lambda: models.init_params(cfg, jax.random.key(0)))
+    ids = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+
+    def loss(p, ids):
+        return grpo._policy_logprobs(cfg, p, ids, jnp.ones_like(ids), 0.7, 5, 0.9, None, first_target=6)[0].sum()
+
+    hlo = jax.jit(jax.value_and_grad(loss)).lower(params, ids).compile().as_text()  # (the loss is reported)
+    assert len(re.findall(r"= \S+ sort\(", hlo)) == 1
 
 
 @pytest.mark.parametrize("K,chunk,size", [(9, 8, 5), (17, 8, 6), (16, 8, 8), (5, 8, 5)])

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.ad_checkpoint import checkpoint_name
 from ml_collections import config_dict
 
 from jaxrl_llm.algorithms.advantages import ADV_ESTIMATORS
@@ -39,13 +40,15 @@ from jaxrl_llm.models.shared_prefix import continuation_predictors, shared_prefi
 from jaxrl_llm.models.transformer import hidden_states, lm_logits
 from jaxrl_llm.parallel.rules import SAMPLING_LAYOUTS, ShardingRules
 from jaxrl_llm.sampling.stop_strings import check_stop_strings
-from jaxrl_llm.sampling.strategies import filter_top_k_top_p
+from jaxrl_llm.sampling.strategies import filter_threshold, filter_top_k_top_p
 
 BATCH_AXES = {
     "input_ids": ("batch", "length"), "attention_mask": ("batch", "length"), "loss_mask": ("batch", "length"),
     "advantages": ("batch", "length"), "old_logprobs": ("batch", "length"), "ref_logprobs": ("batch", "length"),
     "sampler_logprobs": ("batch", "length"), "positive": ("batch",),
 }
+
+_FILTER_THRESHOLD = "grpo_filter_threshold"  # (`checkpoint_name` of the top-k/top-p threshold, see _policy_logprobs)
 
 __all__ = ["BATCH_AXES", "build_batch", "dynamic_sampling_keep", "grpo_advantages", "grpo_config", "make_logprobs_fn",
            "make_train_step", "shape_overlong", "shared_prompt_group", "validate_config"]
@@ -419,7 +422,10 @@ def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: 
         if top_k > 0 or top_p < 1.0:  # the sampler's filter, row by row; removed tokens get -inf
             B, C, V = logits.shape
             rows = logits.reshape(B * C, V)
-            filt = filter_top_k_top_p(rows, jnp.full((B * C,), top_k, jnp.int32), jnp.full((B * C,), top_p))
+            k_R, p_R = jnp.full((B * C,), top_k, jnp.int32), jnp.full((B * C,), top_p)
+            # kept from the forward pass (a float per position): a chunk's backward recomputation would sort again
+            thr_R = checkpoint_name(jax.lax.stop_gradient(filter_threshold(rows, k_R, p_R)), _FILTER_THRESHOLD)
+            filt = filter_top_k_top_p(rows, k_R, p_R, thr_R)
             lp = token_logprobs(filt.reshape(B, C, V), targets_BC)
             # Tokens outside the nucleus (padding, or a borderline token round-off put on the other side) get a
             # finite floor instead of -inf, so masked sums stay finite; their gradient is zero either way.
@@ -429,7 +435,7 @@ def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: 
         logp = jax.nn.log_softmax(logits, axis=-1)
         return lp, lp_raw, -(jnp.exp(logp) * logp).sum(-1)
 
-    out = over_positions(per_chunk, cfg.logits_chunk, h, ids_BT[:, first_target:])
+    out = over_positions(per_chunk, cfg.logits_chunk, h, ids_BT[:, first_target:], save=(_FILTER_THRESHOLD,))
     lp, lp_raw = out[0], out[1]
     ent = jnp.pad(out[2], ((0, 0), (first_target, 0))) if with_entropy else None
     pad = lambda x: jnp.pad(x, ((0, 0), (first_target, 0)))

@@ -35,8 +35,8 @@ def fp32_head(params: dict[str, Any], chunk: int) -> dict[str, Any]:
     return {k: v.astype(jnp.float32) if k in _HEAD and v.dtype != jnp.float32 else v for k, v in params.items()}
 
 
-def over_positions(fn: Callable[..., tuple[jax.Array, ...]], chunk: int, h_BKD: jax.Array, *per_position: jax.Array
-                   ) -> tuple[jax.Array, ...]:
+def over_positions(fn: Callable[..., tuple[jax.Array, ...]], chunk: int, h_BKD: jax.Array, *per_position: jax.Array,
+                   save: tuple[str, ...] = ()) -> tuple[jax.Array, ...]:
     """fn(h [B, c, D], *xs [B, c, ...]) -> tuple of [B, c, ...] arrays, applied to `chunk` positions at a time.
 
     Returns what fn(h_BKD, *per_position) returns (same values: each position's outputs depend on that position's
@@ -44,6 +44,8 @@ def over_positions(fn: Callable[..., tuple[jax.Array, ...]], chunk: int, h_BKD: 
     chunks of ceil(K / n) <= chunk positions (K padded with fewer than n zero positions, whose outputs are dropped;
     padded to a multiple of `chunk` instead, K = 1.1 x chunk would project 1.8 x K positions) under lax.scan, each
     chunk recomputed in the backward pass (jax.checkpoint), so neither pass keeps more than one chunk's logits.
+    save: names (`jax.ad_checkpoint.checkpoint_name`) of values inside fn kept from the forward pass instead of
+    recomputed (small per-position values whose computation is costly, as the sort behind a top-k/top-p threshold).
     """
     K = h_BKD.shape[1]
     if chunk <= 0 or K <= chunk:
@@ -60,7 +62,8 @@ def over_positions(fn: Callable[..., tuple[jax.Array, ...]], chunk: int, h_BKD: 
     def body(_, xs):
         return None, fn(*xs)
 
-    _, out = jax.lax.scan(jax.checkpoint(body, prevent_cse=False), None, tuple(split(x) for x in (h_BKD,
-                                                                                                 *per_position)))
+    policy = jax.checkpoint_policies.save_only_these_names(*save) if save else None
+    _, out = jax.lax.scan(jax.checkpoint(body, prevent_cse=False, policy=policy), None,
+                          tuple(split(x) for x in (h_BKD, *per_position)))
     # [n, B, chunk, ...] -> [B, K, ...]
     return tuple(jnp.moveaxis(o, 0, 1).reshape(o.shape[1], n * chunk, *o.shape[3:])[:, :K] for o in out)

@@ -47,12 +47,19 @@ def top_p_threshold(sorted_desc_BV: jax.Array, top_p_B: jax.Array) -> jax.Array:
     return jnp.where(top_p_B < 1.0, thr_B, NEG_INF)
 
 
-def filter_top_k_top_p(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
-    """Top-k then top-p (on the top-k-renormalised distribution); removed tokens get -inf. One sort."""
+def filter_threshold(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+    """[B]: the smallest logit `filter_top_k_top_p` keeps in each row. One sort."""
     sorted_BV = -jnp.sort(-logits_BV, axis=-1)
     thr_k_B = top_k_threshold(sorted_BV, top_k_B)
     sorted_k_BV = jnp.where(sorted_BV >= thr_k_B[:, None], sorted_BV, NEG_INF)
-    thr_B = jnp.maximum(thr_k_B, top_p_threshold(sorted_k_BV, top_p_B))
+    return jnp.maximum(thr_k_B, top_p_threshold(sorted_k_BV, top_p_B))
+
+
+def filter_top_k_top_p(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
+                       threshold_B: jax.Array | None = None) -> jax.Array:
+    """Top-k then top-p (on the top-k-renormalised distribution); removed tokens get -inf. One sort, none when
+    the rows' `filter_threshold` is given."""
+    thr_B = filter_threshold(logits_BV, top_k_B, top_p_B) if threshold_B is None else threshold_B
     return jnp.where(logits_BV >= thr_B[:, None], logits_BV, NEG_INF)
 
 
