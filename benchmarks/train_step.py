@@ -24,7 +24,8 @@ The first `--warmup` steps of each are not timed; the median of `--steps` timed 
   reference forward over them. jaxrl_llm runs each pair's shared prefix once (`--shared-prefix full`, its
   default `data.shared_prefix`: the prompt and, in these pairs, the worked solution both sides share),
   `prompt` (only the prompt shared: what pairs whose responses differ from their first token get) or `off`
-  (two separate rows per pair, as TRL). Tokens run through the model are printed for each.
+  (two separate rows per pair, as TRL); in every layout it projects only the completion tokens' predictors onto
+  the vocabulary (TRL: every position). Tokens run through the model are printed for each.
 
     python benchmarks/train_step.py                                # sft and dpo, SmolLM2-135M (minutes a step)
     python benchmarks/train_step.py --algo dpo --pairs 4 --max-len 320 --steps 3 --json /tmp/dpo.json
@@ -380,6 +381,9 @@ def main(argv: list[str] | None = None) -> None:
             batch = dpo_batch(pairs, pad_id)
             ours_batch = batch if a.shared_prefix == "off" else dpo_shared_batch(pairs, pad_id,
                                                                                  a.shared_prefix == "prompt")
+            # the loss-target lists DPO's collate adds: only the positions predicting a completion token are
+            # projected onto the vocabulary (`preference.pair_targets`)
+            ours_batch = {**ours_batch, **preference.pair_targets(ours_batch)}
             assert preference.pair_tokens(ours_batch) == preference.pair_tokens(batch)
             ours = time_jax_dpo(folder, ours_batch, a.steps, a.warmup, a.remat, a.beta, a.dpo_loss,
                                 a.compute_dtype, a.logits_chunk)

@@ -9,6 +9,7 @@ divided by the global number of pairs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -104,8 +105,8 @@ def make_dpo_eval(cfg: ModelConfig, config: Any, rules: ShardingRules | None = N
 ALGORITHM = Algorithm(
     name="dpo",
     prepare=preference.prepare,
-    widths=preference.batch_widths,
-    collate=preference.collate,
+    widths=functools.partial(preference.batch_widths, targets=True),  # and the loss-target lists (`pair_targets`)
+    collate=functools.partial(preference.collate, targets=True),
     batch_axes=preference.BATCH_AXES,
     make_step=make_dpo_step,
     needs_reference=lambda config: True,

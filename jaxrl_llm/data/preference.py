@@ -373,36 +373,97 @@ def prepare(config: Any, tokenizer: Any, cache: DataCache | None = None
     return shared or out, stats
 
 
-def batch_widths(examples: list[PreferencePair] | list[SharedPair], config: Any) -> dict[str, int]:
+def batch_widths(examples: list[PreferencePair] | list[SharedPair], config: Any, targets: bool = False
+                 ) -> dict[str, int]:
     """The padded widths of one global batch of pairs: "length" (columns of a side) for `PreferencePair`s,
     "prefix" and "suffix" for `SharedPair`s: the `bucket_width` rungs (data.length_buckets per doubling, default
     4) of the batch's longest, capped at the data set's width (data.max_len, or the `SharedPair` widths);
-    length_buckets 0 (or no config, for `SharedPair`s): those caps, one compiled shape."""
+    length_buckets 0 (or no config, for `SharedPair`s): those caps, one compiled shape.
+
+    targets (DPO): also the widths of the loss-target lists `pair_targets` makes, "targets" (per side), or
+    "prefix_targets" and "suffix_targets": 1/4, 2/4, 3/4 or all of the columns they list from, whichever first
+    holds the most any side (prefix) has, or 0 for a batch whose prefixes hold no loss token (prompt-only
+    prefixes); with length_buckets 0, all of the columns."""
     rungs = config.data.get("length_buckets", 4) if config is not None else 0
     if isinstance(examples[0], SharedPair):
         W, C = examples[0].widths
-        return {"prefix": bucket_width(max(len(ex.prefix_ids) for ex in examples), W, rungs),
-                "suffix": bucket_width(max(len(t) for ex in examples for t in (ex.chosen_ids, ex.rejected_ids)), C,
-                                       rungs)}
-    return {"length": bucket_width(max(len(t) for ex in examples for t in (ex.chosen_ids, ex.rejected_ids)),
-                                   config.data.max_len, rungs)}
+        out = {"prefix": bucket_width(max(len(ex.prefix_ids) for ex in examples), W, rungs),
+               "suffix": bucket_width(max(len(t) for ex in examples for t in (ex.chosen_ids, ex.rejected_ids)), C,
+                                      rungs)}
+        if targets:
+            out["prefix_targets"] = _targets_width(max(int(ex.prefix_mask[1:].sum()) for ex in examples),
+                                                   out["prefix"], rungs, zero=True)
+            most = max(int(m.sum()) for ex in examples for m in (ex.chosen_mask, ex.rejected_mask))
+            out["suffix_targets"] = _targets_width(most, out["suffix"], rungs)
+        return out
+    out = {"length": bucket_width(max(len(t) for ex in examples for t in (ex.chosen_ids, ex.rejected_ids)),
+                                  config.data.max_len, rungs)}
+    if targets:
+        out["targets"] = _targets_width(max(int(m[1:].sum()) for ex in examples
+                                            for m in (ex.chosen_mask, ex.rejected_mask)), out["length"], rungs)
+    return out
+
+
+def _targets_width(most: int, columns: int, rungs: int, zero: bool = False) -> int:
+    """The narrowest of (0 when `zero`,) 1/4, 2/4, 3/4 and all of `columns` that holds `most`; rungs 0: `columns`."""
+    if rungs == 0:
+        return columns
+    return next(k for k in ((0,) if zero else ()) + tuple(-(-columns * q // 4) for q in (1, 2, 3, 4)) if k >= most)
 
 
 def collate(examples: list[PreferencePair] | list[SharedPair], config: Any, pad_id: int,
-            widths: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+            widths: dict[str, int] | None = None, targets: bool = False) -> dict[str, np.ndarray]:
     """[P, 2, T] arrays (index 0 chosen, 1 rejected), right-padded to widths["length"] (default: `batch_widths`
-    of these examples); for `SharedPair`s, `collate_shared`."""
-    widths = widths or batch_widths(examples, config)
+    of these examples); for `SharedPair`s, `collate_shared`. targets (DPO), or widths with target widths: the
+    loss-target lists of `pair_targets` too."""
+    widths = widths or batch_widths(examples, config, targets)
     if isinstance(examples[0], SharedPair):
-        return collate_shared(examples, pad_id, (widths["prefix"], widths["suffix"]))
-    P, T = len(examples), widths["length"]
-    ids = np.full((P, 2, T), pad_id, np.int32)
-    attn = np.zeros((P, 2, T), np.int32)
-    loss = np.zeros((P, 2, T), np.int32)
-    for p, ex in enumerate(examples):
-        for side, (t, m) in enumerate(((ex.chosen_ids, ex.chosen_mask), (ex.rejected_ids, ex.rejected_mask))):
-            ids[p, side, : len(t)], attn[p, side, : len(t)], loss[p, side, : len(t)] = t, 1, m
-    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, **margin_column(examples)}
+        out = collate_shared(examples, pad_id, (widths["prefix"], widths["suffix"]))
+    else:
+        P, T = len(examples), widths["length"]
+        ids = np.full((P, 2, T), pad_id, np.int32)
+        attn = np.zeros((P, 2, T), np.int32)
+        loss = np.zeros((P, 2, T), np.int32)
+        for p, ex in enumerate(examples):
+            for side, (t, m) in enumerate(((ex.chosen_ids, ex.chosen_mask), (ex.rejected_ids, ex.rejected_mask))):
+                ids[p, side, : len(t)], attn[p, side, : len(t)], loss[p, side, : len(t)] = t, 1, m
+        out = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, **margin_column(examples)}
+    if targets or "targets" in widths or "suffix_targets" in widths:
+        out.update(pair_targets(out, widths))
+    return out
+
+
+def _target_lists(weight: np.ndarray, width: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """weight [..., S] (0/1) -> (index [..., K], 1/0 [..., K]): the columns holding a 1, in order, then zeros; K =
+    width (default: the most any row holds)."""
+    flat = weight.reshape(-1, weight.shape[-1]).astype(bool)
+    most = int(flat.sum(-1).max(initial=0))
+    K = most if width is None else width
+    if most > K:
+        raise ValueError(f"pair_targets: a side holds {most} loss targets; the batch allows {K}")
+    index, on = np.zeros((len(flat), K), np.int32), np.zeros((len(flat), K), np.int32)
+    for r, row in enumerate(flat):
+        cols = np.flatnonzero(row)
+        index[r, :len(cols)], on[r, :len(cols)] = cols, 1
+    return index.reshape(*weight.shape[:-1], K), on.reshape(*weight.shape[:-1], K)
+
+
+def pair_targets(batch: dict[str, np.ndarray], widths: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """The positions a pair batch projects onto the vocabulary (`algorithms.pairs.pair_logprobs`): those whose next
+    token is in the loss, listed per side, so that prompt and padding positions are not projected. Separate rows:
+    target_index / target_weight [P, 2, K], column t predicting token t + 1. Shared prefix: prefix_target_index /
+    _weight [P, K_p], column j of the prefix predicting its token j + 1 (K_p is 0 for prompt-only prefixes), and
+    suffix_target_index / _weight [P, 2, K_s], suffix token c (predicted by the prefix's last column for c = 0).
+    widths: their K ("targets", "prefix_targets", "suffix_targets"; default: the most of this batch)."""
+    widths = widths or {}
+    if "prefix_ids" in batch:
+        pre_idx, pre_w = _target_lists(batch["prefix_loss"][:, 1:] * batch["prefix_mask"][:, :-1],
+                                       widths.get("prefix_targets"))
+        suf_idx, suf_w = _target_lists(batch["suffix_loss"], widths.get("suffix_targets"))
+        return {"prefix_target_index": pre_idx, "prefix_target_weight": pre_w, "suffix_target_index": suf_idx,
+                "suffix_target_weight": suf_w}
+    idx, w = _target_lists(batch["loss_mask"][..., 1:], widths.get("targets"))
+    return {"target_index": idx, "target_weight": w}
 
 
 def margin_column(examples: list[PreferencePair] | list[SharedPair]) -> dict[str, np.ndarray]:
@@ -445,4 +506,6 @@ def pair_tokens(batch: dict[str, Any]) -> Any:
 BATCH_AXES = {"margin": ("batch",), "input_ids": ("batch", None, "length"), "attention_mask": ("batch", None, "length"),
               "loss_mask": ("batch", None, "length"),
               **{f"prefix_{k}": ("batch", "length") for k in ("ids", "mask", "loss")},
-              **{f"suffix_{k}": ("batch", None, "length") for k in ("ids", "mask", "loss")}}
+              **{f"suffix_{k}": ("batch", None, "length") for k in ("ids", "mask", "loss")},
+              **{f"{k}_{v}": ("batch", None, None) for k in ("target", "suffix_target") for v in ("index", "weight")},
+              "prefix_target_index": ("batch", None), "prefix_target_weight": ("batch", None)}
