@@ -478,8 +478,10 @@ def vocab_product(spec: str, h_BTD: jax.Array, w: jax.Array) -> jax.Array:
     product takes its operands. Differentiated as a plain einsum with an fp32 result, the fp32 cotangent promoted
     both backward products (the head's weight and input gradients, 2/3 of its FLOPs) to fp32 x fp32 matmuls, with
     the head upcast to fp32 for them: half the bf16 rate or less on a GPU. Rounding the cotangent to bf16 is what
-    PyTorch autocast / HF do (bf16 logits, upcast for the loss); the weight gradient is still accumulated in fp32."""
-    if h_BTD.dtype == _F32:
+    PyTorch autocast / HF do (bf16 logits, upcast for the loss); the weight gradient is still accumulated in fp32.
+    bf16 only: float16 has 5 exponent bits, and a mean loss's logit cotangents (a token's probability over the
+    batch's tokens, ~1e-8 and less) flush to zero in it (no loss scaling here): its products keep the fp32 one."""
+    if h_BTD.dtype != jnp.bfloat16:
         return jnp.einsum(spec, h_BTD, w, preferred_element_type=_F32)
     return _low_precision_vocab_product(spec, h_BTD, w)
 
