@@ -33,3 +33,29 @@ def test_fused_attention_in_float16_refused_on_cpu():
         train.validate(config)
     config.model.compute_dtype = "bfloat16"
     train.validate(config)
+
+
+def test_decode_casts_only_weights_wider_than_the_compute_dtype():
+    """fp32 weights with bf16 compute are cast once per decode call (2 bytes a weight a step instead of 4); bf16
+    weights with fp32 compute are not widened into an fp32 copy (twice the memory and the bytes a step reads)."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxrl_llm import models
+    from jaxrl_llm.sampling import budget, loop
+
+    cfg = models.ModelConfig(family="llama", vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=2,
+                             num_heads=2, num_kv_heads=1, head_dim=8, max_position_embeddings=64,
+                             tie_word_embeddings=True)
+    params = models.init_params(cfg, jax.random.key(0))
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    narrow = dataclasses.replace(cfg, compute_dtype="bfloat16")
+    out = loop.step_weights_in_compute_dtype(narrow, params)
+    assert {a.dtype for a in jax.tree.leaves(out)} == {jnp.dtype(jnp.bfloat16)}
+    assert budget.cast_copy_bytes(narrow, params) > 0
+    out = loop.step_weights_in_compute_dtype(cfg, bf16)  # fp32 compute, bf16 weights: left as stored
+    assert all(a is b for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(bf16), strict=True))
+    assert budget.cast_copy_bytes(cfg, bf16) == 0
+    assert not loop.narrows(jnp.float16, jnp.bfloat16) and loop.narrows(jnp.float32, jnp.float16)

@@ -279,7 +279,7 @@ def generate(
     handful of calls on. Not by default in bf16 compute: XLA keeps some bf16 results of the unrolled program
     in fp32 where the trainer's layer scan rounds them (`xla_allow_excess_precision`), and the sampler's
     log-probs would differ from the trainer's by up to ~0.1 (the scan's agree exactly). Off a CPU, the layer scan
-    reads weights stored in another float dtype than the compute dtype (fp32 with bf16 compute) from a copy cast
+    reads weights stored in a wider float dtype than the compute dtype (fp32 with bf16 compute) from a copy cast
     once per chunk (`loop.decode(cast_weights=True)`; memory: that copy while decoding, budgeted), not cast in
     every step.
     share_prefill: a prompt that occurs several times in a chunk (GRPO's group, pass@k's samples) is prefilled

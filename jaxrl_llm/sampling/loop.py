@@ -189,12 +189,19 @@ def prepare_decode_params(cfg: ModelConfig, params: dict, rules: ShardingRules |
     return {**out, "layers": layers, "lm_head_t": params["embed"] if head is None else head}
 
 
+def narrows(stored: Any, compute: Any) -> bool:
+    """Whether casting a weight stored in `stored` to the compute dtype `compute` makes it smaller (a float dtype
+    of more bytes than the compute dtype)."""
+    return bool(jnp.issubdtype(stored, jnp.floating)) and jnp.dtype(stored).itemsize > jnp.dtype(compute).itemsize
+
+
 def step_weights_in_compute_dtype(cfg: ModelConfig, params: dict) -> dict:
     """`params` with the arrays every decode step reads in full (all but an untied embedding table, of which a step
-    looks up B rows) cast to the compute dtype where they are stored in another float dtype. Exact: the layers, the
-    final norm and the head cast their weights to the compute dtype anyway, as the trainer does."""
-    dt = cfg.dtype
-    cast = lambda a: a.astype(dt) if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype != dt else a
+    looks up B rows) cast to the compute dtype where they are stored in a wider float dtype (fp32 weights, bf16
+    compute). Exact: the layers, the final norm and the head cast their weights to the compute dtype anyway, as the
+    trainer does. Narrower weights (bf16 weights, fp32 compute) stay as they are: a widened copy would double the
+    bytes each step reads and the memory held."""
+    cast = lambda a: a.astype(cfg.dtype) if narrows(a.dtype, cfg.dtype) else a
     keep = () if cfg.tie_word_embeddings and "lm_head_t" not in params else ("embed",)
     return {k: v if k in keep else jax.tree.map(cast, v) for k, v in params.items()}
 
