@@ -47,12 +47,51 @@ def top_p_threshold(sorted_desc_BV: jax.Array, top_p_B: jax.Array) -> jax.Array:
     return jnp.where(top_p_B < 1.0, thr_B, NEG_INF)
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+    """float32 -> uint32 keys in the same order as the floats (-inf lowest, +inf highest; -0 just below +0)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(_F32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _from_order_keys(key: jax.Array) -> jax.Array:
+    bits = jnp.where(key >> 31 == 1, key & jnp.uint32((1 << 31) - 1), ~key)
+    return jax.lax.bitcast_convert_type(bits, _F32)
+
+
+def kth_largest(x_BV: jax.Array, k_B: jax.Array) -> jax.Array:
+    """The k-th largest value of each row [B], ties counted (`-sort(-x)[k - 1]`; k clipped to [1, V]), without a
+    sort: the largest t with count(x >= t) >= k, found by bisection on the floats' order-preserving bit patterns
+    (32 counting passes over the row). Exact. On XLA:CPU about 30x faster than the sort at [32, 49152]."""
+    V = x_BV.shape[-1]
+    k_B = jnp.clip(k_B, 1, V).astype(jnp.int32)
+    key_BV = _order_keys(x_BV)
+    lo_B, hi_B = jnp.min(key_BV, axis=-1), jnp.max(key_BV, axis=-1)  # the answer lies in [lo, hi]
+
+    def halve(_, bounds):
+        lo_B, hi_B = bounds
+        span_B = hi_B - lo_B
+        mid_B = lo_B + (span_B >> 1) + (span_B & 1)  # the upper middle, no overflow
+        ok_B = jnp.sum(key_BV >= mid_B[:, None], axis=-1, dtype=jnp.int32) >= k_B
+        return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B, hi_B, mid_B - 1)
+
+    lo_B, _ = jax.lax.fori_loop(0, 32, halve, (lo_B, hi_B))
+    return _from_order_keys(lo_B)
+
+
 def filter_threshold(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
-    """[B]: the smallest logit `filter_top_k_top_p` keeps in each row. One sort."""
-    sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-    thr_k_B = top_k_threshold(sorted_BV, top_k_B)
-    sorted_k_BV = jnp.where(sorted_BV >= thr_k_B[:, None], sorted_BV, NEG_INF)
-    return jnp.maximum(thr_k_B, top_p_threshold(sorted_k_BV, top_p_B))
+    """[B]: the smallest logit `filter_top_k_top_p` keeps in each row. One sort when a row asks for top-p; with
+    top-k alone, none (`kth_largest`: the same threshold)."""
+
+    def with_top_p(logits_BV):
+        sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+        thr_k_B = top_k_threshold(sorted_BV, top_k_B)
+        sorted_k_BV = jnp.where(sorted_BV >= thr_k_B[:, None], sorted_BV, NEG_INF)
+        return jnp.maximum(thr_k_B, top_p_threshold(sorted_k_BV, top_p_B))
+
+    def top_k_only(logits_BV):
+        return jnp.where(top_k_B > 0, kth_largest(logits_BV, top_k_B), NEG_INF)
+
+    return jax.lax.cond(jnp.all(top_p_B >= 1.0), top_k_only, with_top_p, logits_BV)
 
 
 def filter_top_k_top_p(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
