@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 from jaxrl_llm.distributed import allgather_json
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.sampling.cache import cache_bytes
-from jaxrl_llm.sampling.loop import narrows
+from jaxrl_llm.sampling.loop import narrows, read_in_full
 
 FREE_SHARE = 0.7  # of a device's free memory the rows of a chunk may take (XLA's temporaries need the rest)
 _LOGIT_COPIES = 8  # fp32 [V] per row: logits, scaled, sorted, cumulative, filtered, log-softmax, ...
@@ -82,10 +82,8 @@ def layout_copy_bytes(params: dict) -> int:
 def cast_copy_bytes(cfg: ModelConfig, params: dict) -> int:
     """Bytes a device holds of the compute-dtype copy that `loop.decode(cast_weights=True)` makes of the weights
     stored in a wider float dtype (`loop.step_weights_in_compute_dtype`): 0 when none is wider than compute."""
-    keep = () if cfg.tie_word_embeddings else ("embed",)
-    leaves = jax.tree.leaves({k: v for k, v in params.items() if k not in keep})
     out = 0
-    for x in leaves:
+    for x in jax.tree.leaves(read_in_full(cfg, params)):
         if narrows(x.dtype, cfg.dtype):
             nbytes = x.addressable_shards[0].data.nbytes if hasattr(x, "addressable_shards") else x.nbytes
             out += nbytes * jnp.dtype(cfg.dtype).itemsize // jnp.dtype(x.dtype).itemsize

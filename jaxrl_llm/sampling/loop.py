@@ -202,8 +202,14 @@ def step_weights_in_compute_dtype(cfg: ModelConfig, params: dict) -> dict:
     trainer does. Narrower weights (bf16 weights, fp32 compute) stay as they are: a widened copy would double the
     bytes each step reads and the memory held."""
     cast = lambda a: a.astype(cfg.dtype) if narrows(a.dtype, cfg.dtype) else a
+    return {**params, **jax.tree.map(cast, read_in_full(cfg, params))}
+
+
+def read_in_full(cfg: ModelConfig, params: dict) -> dict:
+    """The entries of `params` every decode step reads whole: all but an untied embedding table (of which a step
+    looks up B rows; a tied one is also the head)."""
     keep = () if cfg.tie_word_embeddings and "lm_head_t" not in params else ("embed",)
-    return {k: v if k in keep else jax.tree.map(cast, v) for k, v in params.items()}
+    return {k: v for k, v in params.items() if k not in keep}
 
 
 @partial(jax.jit, static_argnames=("cfg", "max_new_bucket", "rules", "cast_weights", "cache_bits"),

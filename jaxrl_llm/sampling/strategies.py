@@ -96,8 +96,8 @@ def filter_threshold(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Arra
 
 def filter_top_k_top_p(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
                        threshold_B: jax.Array | None = None) -> jax.Array:
-    """Top-k then top-p (on the top-k-renormalised distribution); removed tokens get -inf. One sort, none when
-    the rows' `filter_threshold` is given."""
+    """Top-k then top-p (on the top-k-renormalised distribution); removed tokens get -inf. One sort when a row asks
+    for top-p (`filter_threshold`), none with top-k alone or when the rows' threshold is given."""
     thr_B = filter_threshold(logits_BV, top_k_B, top_p_B) if threshold_B is None else threshold_B
     return jnp.where(logits_BV >= thr_B[:, None], logits_BV, NEG_INF)
 
@@ -119,7 +119,7 @@ def point_mass(logits_BV: jax.Array) -> jax.Array:
 
 def _scale_and_filter(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
                       top_p_B: jax.Array) -> jax.Array:
-    """Temperature, then top-k/top-p; the sort runs only when some row asks for it (a `lax.cond`)."""
+    """Temperature, then top-k/top-p; the filter runs only when some row asks for it (a `lax.cond`)."""
     x_BV = scale_by_temperature(logits_BV, temperature_B)
     needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
     return jax.lax.cond(needs_filter, filter_top_k_top_p, lambda x, k, p: x, x_BV, top_k_B, top_p_B)
@@ -129,7 +129,7 @@ def process_logits(logits_BV: jax.Array, temperature_B: jax.Array, top_k_B: jax.
                    top_p_B: jax.Array) -> jax.Array:
     """The processed logits [B, V] fp32 whose softmax is the distribution actually sampled from.
 
-    The sort for top-k/top-p runs only when some row asks for it (a `lax.cond`, not a recompile).
+    The top-k/top-p filter runs only when some row asks for it (a `lax.cond`, not a recompile).
     """
     x_BV = _scale_and_filter(logits_BV, temperature_B, top_k_B, top_p_B)
     return jnp.where((temperature_B > 0)[:, None], x_BV, point_mass(logits_BV))
