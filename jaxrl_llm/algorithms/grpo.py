@@ -423,7 +423,7 @@ def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: 
             B, C, V = logits.shape
             rows = logits.reshape(B * C, V)
             k_R, p_R = jnp.full((B * C,), top_k, jnp.int32), jnp.full((B * C,), top_p)
-            # kept from the forward pass (a float per position): a chunk's backward recomputation would sort again
+            # kept from the forward pass (a float per position): a chunk's backward recomputation would search again
             thr_R = checkpoint_name(jax.lax.stop_gradient(filter_threshold(rows, k_R, p_R)), _FILTER_THRESHOLD)
             filt = filter_top_k_top_p(rows, k_R, p_R, thr_R)
             lp = token_logprobs(filt.reshape(B, C, V), targets_BC)

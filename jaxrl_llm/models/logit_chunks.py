@@ -45,7 +45,7 @@ def over_positions(fn: Callable[..., tuple[jax.Array, ...]], chunk: int, h_BKD: 
     padded to a multiple of `chunk` instead, K = 1.1 x chunk would project 1.8 x K positions) under lax.scan, each
     chunk recomputed in the backward pass (jax.checkpoint), so neither pass keeps more than one chunk's logits.
     save: names (`jax.ad_checkpoint.checkpoint_name`) of values inside fn kept from the forward pass instead of
-    recomputed (small per-position values whose computation is costly, as the sort behind a top-k/top-p threshold).
+    recomputed (small per-position values whose computation is costly, as the bisection behind a top-k/top-p threshold).
     """
     K = h_BKD.shape[1]
     if chunk <= 0 or K <= chunk:

@@ -1,7 +1,7 @@
 """How many rows one `generate` chunk may hold when the caller sets no `max_batch_size`.
 
 A row's device memory is dominated by its KV cache (prompt bucket + new-token bucket slots, every layer) and,
-at a large vocabulary, by the sampler's fp32 copies of its logits (top-k / top-p sort); prefill activations
+at a large vocabulary, by the sampler's fp32 copies of its logits (top-k / top-p filter); prefill activations
 of its prompt come on top. `auto_batch_size` fits that estimate into a share of the memory a device has free now:
 `memory_stats()` on GPU and TPU (which counts the trainer's parameters and optimizer state already there), the
 host's available memory (MemAvailable, within a cgroup's limit) shared by its devices on a CPU. Every process of
@@ -22,7 +22,7 @@ from jaxrl_llm.sampling.cache import cache_bytes
 from jaxrl_llm.sampling.loop import narrows, read_in_full
 
 FREE_SHARE = 0.7  # of a device's free memory the rows of a chunk may take (XLA's temporaries need the rest)
-_LOGIT_COPIES = 8  # fp32 [V] per row: logits, scaled, sorted, cumulative, filtered, log-softmax, ...
+_LOGIT_COPIES = 8  # fp32 [V] per row: logits, scaled, probabilities, order keys, filtered, log-softmax, ...
 
 
 def row_bytes(cfg: ModelConfig, prompt_len: int, new_tokens: int, cache_shards: int = 1) -> int:

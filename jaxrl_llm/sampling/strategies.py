@@ -25,28 +25,6 @@ def scale_by_temperature(logits_BV: jax.Array, temperature_B: jax.Array) -> jax.
     return logits_BV.astype(_F32) / t_B[:, None]
 
 
-def top_k_threshold(sorted_desc_BV: jax.Array, top_k_B: jax.Array) -> jax.Array:
-    """The k-th largest logit per row [B] (ties with it are kept, as in HF); -inf where top_k == 0 (off)."""
-    V = sorted_desc_BV.shape[-1]
-    k_B = jnp.clip(top_k_B, 1, V).astype(jnp.int32)
-    kth_B = jnp.take_along_axis(sorted_desc_BV, (k_B - 1)[:, None], axis=-1)[:, 0]
-    return jnp.where(top_k_B > 0, kth_B, NEG_INF)
-
-
-def top_p_threshold(sorted_desc_BV: jax.Array, top_p_B: jax.Array) -> jax.Array:
-    """The smallest logit of the nucleus per row [B]: the shortest prefix of the sorted distribution whose
-    probability reaches top_p (always at least one token). -inf where top_p >= 1 (off). Filtering keeps every
-    logit >= this one, so tokens tied with the nucleus's last one are all kept (HF keeps those its sort puts first;
-    the same rule as top-k's ties)."""
-    probs_BV = jax.nn.softmax(sorted_desc_BV, axis=-1)
-    before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # probability mass strictly before each token
-    keep_BV = before_BV < top_p_B[:, None].astype(_F32)
-    keep_BV = keep_BV.at[:, 0].set(True)
-    last_B = jnp.sum(keep_BV, axis=-1) - 1
-    thr_B = jnp.take_along_axis(sorted_desc_BV, last_B[:, None], axis=-1)[:, 0]
-    return jnp.where(top_p_B < 1.0, thr_B, NEG_INF)
-
-
 def _order_keys(x: jax.Array) -> jax.Array:
     """float32 -> uint32 keys in the same order as the floats (-inf lowest, +inf highest; -0 just below +0)."""
     bits = jax.lax.bitcast_convert_type(x.astype(_F32), jnp.uint32)
@@ -71,33 +49,57 @@ def kth_largest(x_BV: jax.Array, k_B: jax.Array) -> jax.Array:
         lo_B, hi_B = bounds
         span_B = hi_B - lo_B
         mid_B = lo_B + (span_B >> 1) + (span_B & 1)  # the upper middle, no overflow
-        ok_B = jnp.sum(key_BV >= mid_B[:, None], axis=-1, dtype=jnp.int32) >= k_B
+        ok_B = jnp.sum(key_BV > mid_B[:, None], axis=-1, dtype=jnp.int32) >= k_B
         return jnp.where(ok_B, mid_B, lo_B), jnp.where(ok_B, hi_B, mid_B - 1)
 
     lo_B, _ = jax.lax.fori_loop(0, 32, halve, (lo_B, hi_B))
     return _from_order_keys(lo_B)
 
 
+def nucleus_threshold(x_BV: jax.Array, top_p_B: jax.Array) -> jax.Array:
+    """The smallest logit of each row's nucleus [B]: the smallest present value v whose strictly larger values hold
+    less than top_p of the row's probability (so the tokens down to v reach top_p; the largest is always kept).
+    Tokens tied with v are all kept, as top-k keeps its ties (HF keeps those its sort puts first). -inf where
+    top_p >= 1 (off). No sort: the probability above a candidate is non-increasing in it, so bisection on the
+    floats' order-preserving bit patterns finds the smallest candidate that passes (32 masked sums over the row);
+    the step function only changes at present values, so that candidate is one. The sums round in another order
+    than a sorted cumulative sum: the two differ only where a prefix's mass is within rounding of top_p."""
+    x_BV = x_BV.astype(_F32)
+    probs_BV = jax.nn.softmax(x_BV, axis=-1)
+    p_B = top_p_B.astype(_F32)
+    key_BV = _order_keys(x_BV)
+    lo_B, hi_B = jnp.min(key_BV, axis=-1), jnp.max(key_BV, axis=-1)  # the row's largest value always passes
+
+    def halve(_, bounds):
+        lo_B, hi_B = bounds
+        mid_B = lo_B + ((hi_B - lo_B) >> 1)  # the lower middle: mid < hi while lo < hi, so hi is never tested
+        above_B = jnp.sum(jnp.where(key_BV > mid_B[:, None], probs_BV, 0.0), axis=-1)
+        ok_B = above_B < p_B
+        return jnp.where(ok_B, lo_B, mid_B + 1), jnp.where(ok_B, mid_B, hi_B)
+
+    _, hi_B = jax.lax.fori_loop(0, 32, halve, (lo_B, hi_B))
+    return jnp.where(top_p_B < 1.0, _from_order_keys(hi_B), NEG_INF)
+
+
 def filter_threshold(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
-    """[B]: the smallest logit `filter_top_k_top_p` keeps in each row. One sort when a row asks for top-p; with
-    top-k alone, none (`kth_largest`: the same threshold)."""
+    """[B]: the smallest logit `filter_top_k_top_p` keeps in each row: the larger of the top-k threshold
+    (`kth_largest`) and the nucleus threshold of the top-k-renormalised row (`nucleus_threshold`). Nothing is
+    sorted; each part runs only when some row asks for it (`lax.cond`s)."""
+    logits_BV = logits_BV.astype(_F32)
+    thr_k_B = jax.lax.cond(jnp.any(top_k_B > 0), lambda x: jnp.where(top_k_B > 0, kth_largest(x, top_k_B), NEG_INF),
+                           lambda x: jnp.full(x.shape[:-1], NEG_INF, _F32), logits_BV)
 
     def with_top_p(logits_BV):
-        sorted_BV = -jnp.sort(-logits_BV, axis=-1)
-        thr_k_B = top_k_threshold(sorted_BV, top_k_B)
-        sorted_k_BV = jnp.where(sorted_BV >= thr_k_B[:, None], sorted_BV, NEG_INF)
-        return jnp.maximum(thr_k_B, top_p_threshold(sorted_k_BV, top_p_B))
+        kept_BV = jnp.where(logits_BV >= thr_k_B[:, None], logits_BV, NEG_INF)
+        return jnp.maximum(thr_k_B, nucleus_threshold(kept_BV, top_p_B))
 
-    def top_k_only(logits_BV):
-        return jnp.where(top_k_B > 0, kth_largest(logits_BV, top_k_B), NEG_INF)
-
-    return jax.lax.cond(jnp.all(top_p_B >= 1.0), top_k_only, with_top_p, logits_BV)
+    return jax.lax.cond(jnp.all(top_p_B >= 1.0), lambda x: thr_k_B, with_top_p, logits_BV)
 
 
 def filter_top_k_top_p(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Array,
                        threshold_B: jax.Array | None = None) -> jax.Array:
-    """Top-k then top-p (on the top-k-renormalised distribution); removed tokens get -inf. One sort when a row asks
-    for top-p (`filter_threshold`), none with top-k alone or when the rows' threshold is given."""
+    """Top-k then top-p (on the top-k-renormalised distribution); removed tokens get -inf. The rows' threshold is
+    `filter_threshold`'s unless given."""
     thr_B = filter_threshold(logits_BV, top_k_B, top_p_B) if threshold_B is None else threshold_B
     return jnp.where(logits_BV >= thr_B[:, None], logits_BV, NEG_INF)
 
