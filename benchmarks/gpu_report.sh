@@ -8,10 +8,12 @@
 #   2. train_step.py, SFT, bf16 compute with fp32 master weights: MFU of the jitted step (random rows, every
 #      token in the loss) for both models.
 #   3. forward.py, bf16: MFU of the forward pass beside torch's.
+#   4. filter.py: the top-k/top-p filter of a decode step at [64, 128256]: lax.top_k candidates, bisection, a sort
+#      and HF's warpers on CUDA (which path `strategies.filter_threshold` should take on a GPU).
 # Each part runs under its own time limit and writes its table and JSON to OUT_DIR, so a part that runs out of
 # time still leaves the others' figures.
 #
-#   bash benchmarks/gpu_report.sh [OUT_DIR]        # about 8 minutes on one H100/H200 (default OUT_DIR /tmp/gpu_report)
+#   bash benchmarks/gpu_report.sh [OUT_DIR]        # about 9 minutes on one H100/H200 (default OUT_DIR /tmp/gpu_report)
 #   SMOKE=1 bash benchmarks/gpu_report.sh /tmp/x   # the same commands at toy sizes, on any machine (checks the script)
 #
 # Needs the package's dependencies (jax with CUDA, flax, optax, transformers, torch, ml_collections). Without
@@ -55,6 +57,7 @@ if [ -n "${SMOKE:-}" ]; then
     --peak-flops 1e12 --json "$out/train_step.json"
   part forward 600 $py benchmarks/forward.py --batches 1 --lengths 32 --repeats 1 --dtype bfloat16 \
     --json "$out/forward.json"
+  part filter 600 $py benchmarks/filter.py --shapes 2x512 --repeats 1 --json "$out/filter.json"
 else
   part sampler 300 $py benchmarks/sampler.py --models smollm2,llama1b --batch-sizes 1,8,64 --prompt-len 128 \
     --new-tokens 256 --repeats 3 --dtype bfloat16 --json "$out/sampler.json"
@@ -66,5 +69,6 @@ else
     --length 2048 --steps 5 --compute-dtype bfloat16 --json "$out/train_step_smollm2.json"
   part forward 90 $py benchmarks/forward.py --batches 8,32 --lengths 1024 --repeats 5 --dtype bfloat16 \
     --json "$out/forward.json"
+  part filter 60 $py benchmarks/filter.py --shapes 1x128256,64x128256 --repeats 10 --json "$out/filter.json"
 fi
 exit $status

@@ -54,15 +54,19 @@ def _margin_ok(x: np.ndarray, k: int, p: float) -> bool:
     return bool(np.min(np.abs(before - p)) > 1e-5)
 
 
+@pytest.mark.parametrize("candidates", [0, 3, 40, 1000])
 @pytest.mark.parametrize("which", range(6))
-def test_threshold_equals_the_sorted_rule(which):
+def test_threshold_equals_the_sorted_rule(which, candidates):
+    """candidates 0: bisection alone; 3 and 40: the K largest when every row's top_k is at most K (the last
+    setting), else bisection; 1000 (> V): lax.top_k of the whole row when every row has a top-k."""
     rng = np.random.default_rng(which)
-    fn = jax.jit(st.filter_threshold)
+    fn = jax.jit(lambda x, k, p: st.filter_threshold(x, k, p, candidates))
     for x in _rows(which)[which:which + 1]:
         for k, p in [(np.zeros(B, np.int32), rng.uniform(0.05, 0.99, B)),
                      (rng.integers(1, V + 1, B), rng.uniform(0.05, 0.99, B)),
                      (np.array([0, 1, 2, 5, 50, V, V + 3, 0]), np.array([0.5, 0.9, 1e-6, 0.999, 0.3, 0.95, 0.7, 1.0])),
-                     (np.zeros(B, np.int32), np.full(B, 1.0 - 1e-7))]:
+                     (np.zeros(B, np.int32), np.full(B, 1.0 - 1e-7)),
+                     (rng.integers(1, max(candidates, 1) + 1, B), rng.uniform(0.05, 0.99, B))]:
             p = p.astype(np.float32)
             got = np.asarray(fn(jnp.asarray(x), jnp.asarray(k, jnp.int32), jnp.asarray(p)))
             want = sorted_threshold(x, k, p)
@@ -83,11 +87,25 @@ def test_ties_at_the_nucleus_edge_are_all_kept_and_the_top_token_always():
     assert float(st.nucleus_threshold(x, jnp.asarray([1.0]))[0]) == -np.inf
 
 
+def test_ties_past_the_candidates():
+    """Top-2 keeps 5 and four tied 4s; 3 candidates hold 5, 4, 4: the nucleus, if it does not close among them,
+    ends at the same 4."""
+    x = jnp.asarray([[5.0, 4.0, 4.0, 4.0, 4.0, 1.0], [5.0, 4.0, 3.0, 2.0, 1.0, 0.0]], jnp.float32)
+    k = jnp.asarray([2, 2], jnp.int32)
+    for p, want in [(0.99, [4.0, 4.0]), (0.2, [5.0, 5.0]), (1.0, [4.0, 4.0])]:
+        p = jnp.full(2, p, jnp.float32)
+        np.testing.assert_array_equal(np.asarray(st.candidate_threshold(x, jax.lax.top_k(x, 3)[0], k, p)), want)
+        np.testing.assert_array_equal(np.asarray(st.filter_threshold(x, k, p, 3)), want)
+
+
 def test_filter_sorts_nothing():
     x = jnp.zeros((B, V))
     k, p = jnp.full(B, 5, jnp.int32), jnp.full(B, 0.9)
-    text = jax.jit(st.filter_top_k_top_p).lower(x, k, p).as_text()
-    assert "sort" not in text and "cumsum" not in text
+    bisect = jax.jit(st.filter_threshold, static_argnums=3).lower(x, k, p, 0).as_text()
+    assert "sort" not in bisect and "cumsum" not in bisect and "top_k" not in bisect
+    # with candidates (a CPU's default): XLA:CPU's TopK, no sort, and a cumulative sum over K only
+    compiled = jax.jit(st.filter_threshold, static_argnums=3).lower(x, k, p, 16).compile().as_text()
+    assert "TopK" in compiled and " sort(" not in compiled
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (0, 0.5), (40, 0.95), (0, 0.999)])
