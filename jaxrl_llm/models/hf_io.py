@@ -26,7 +26,12 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxrl_llm.models.config import ModelConfig, config_from_hf, config_to_hf, resolve_dtype
 from jaxrl_llm.models.params import param_specs, unflatten, warn_replicated
-from jaxrl_llm.models.safetensors_io import CheckpointError, SafetensorsFile, write_safetensors
+from jaxrl_llm.models.safetensors_io import (
+    CheckpointError,
+    SafetensorsFile,
+    _unique_keys,
+    write_safetensors,
+)
 from jaxrl_llm.models.staging import remove_leftovers, staging_folder
 from jaxrl_llm.parallel.mesh import single_device_mesh
 from jaxrl_llm.parallel.rules import ShardingRules
@@ -102,9 +107,25 @@ def ours_to_hf(x: np.ndarray, n_in: int, flat: bool = False) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- loading
 
 
+def _read_index(index: str) -> dict[str, str]:
+    """model.safetensors.index.json's weight_map (tensor name -> shard file name); a tensor listed twice (json.load
+    would keep the last silently) or a malformed file is a CheckpointError naming the file."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f, object_pairs_hook=_unique_keys)["weight_map"]
+    except (ValueError, RecursionError, KeyError, TypeError) as e:  # (ValueError: JSON, UTF-8, a key twice)
+        raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: not a valid safetensors index (weight_map must map tensor names to "
+                              f"file names; got {type(weight_map).__name__})")
+    return weight_map
+
+
 class HFFolderSource:
     """Tensors of an HF folder: model.safetensors or a sharded index (model.safetensors.index.json); names without
-    the `model.` prefix (a base model's) get it, as transformers reads them."""
+    the `model.` prefix (a base model's) get it, as transformers reads them. A folder with both reads
+    model.safetensors, as transformers does (transformers' save_pretrained of an unsharded model into a folder
+    that held a sharded one removes the old shards and leaves the index), with a warning."""
 
     def __init__(self, folder: str):
         self.folder = folder
@@ -113,17 +134,22 @@ class HFFolderSource:
         self._files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, str] = {}
         self._stored: dict[str, str] = {}  # our name -> the name in the file, where they differ
-        if os.path.exists(index):
-            try:
-                with open(index, encoding="utf-8") as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (ValueError, RecursionError, KeyError, TypeError) as e:  # (ValueError: JSON, UTF-8)
-                raise CheckpointError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from e
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise CheckpointError(f"{index}: not a valid safetensors index (weight_map must map tensor names to "
-                                      f"file names; got {type(weight_map).__name__})")
-            for name, fname in weight_map.items():
-                self._where[name] = fname
+        weight_map = _read_index(index) if os.path.exists(index) else None
+        if weight_map is not None and os.path.exists(single) and "model.safetensors" not in weight_map.values():
+            shards = sorted(set(weight_map.values()))
+            present = sum(os.path.isfile(os.path.join(folder, f)) for f in shards)
+            log.warning("%s holds both model.safetensors and model.safetensors.index.json (%d shard file(s), %d of "
+                        "them present): model.safetensors is loaded, as transformers loads it, and the index is "
+                        "ignored; remove whichever of the two is stale", folder, len(shards), present)
+            weight_map = None
+        if weight_map is not None:
+            lost = sorted({f for f in weight_map.values() if not os.path.isfile(os.path.join(folder, f))})
+            if lost:
+                name = next(k for k, f in weight_map.items() if f == lost[0])
+                raise CheckpointError(f"{index}: lists tensor {name!r} in {lost[0]}, which the folder lacks "
+                                      f"({len(lost)} of {len(set(weight_map.values()))} shard files missing: "
+                                      f"{lost[:3]}{' ...' if len(lost) > 3 else ''}); an incomplete download?")
+            self._where = dict(weight_map)
         elif os.path.exists(single):
             self._files["model.safetensors"] = SafetensorsFile(single)
             for name in self._files["model.safetensors"].keys():
