@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +14,8 @@ from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.sampling.generate import GenerateOutput, generate
 from jaxrl_llm.sampling.request import SamplingParams, as_param_list
 from jaxrl_llm.sampling.stop_strings import TokenBytes
+
+log = logging.getLogger(__name__)
 
 Conversation = list[dict[str, str]]
 
@@ -68,12 +72,24 @@ def encode_inputs(tokenizer: Any, inputs: Sequence[str | Conversation], chat_tem
 
 
 def default_stop_ids(cfg: ModelConfig, tokenizer: Any) -> tuple[int, ...]:
-    """The model's eos ids (config.json's and generation_config.json's eos_token_id) and the tokenizer's eos id."""
+    """The model's eos ids (config.json's and generation_config.json's eos_token_id) and the tokenizer's eos id,
+    less those outside the model's vocabulary (logged): no token is sampled there, and transformers' generate runs
+    with them (the sampler refuses a stop id it can never sample)."""
     ids = list(cfg.eos_token_ids)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None and eos not in ids:
         ids.append(int(eos))
-    return tuple(ids)
+    outside = tuple(i for i in ids if not 0 <= i < cfg.vocab_size)
+    if outside:
+        _warn_outside_vocab(outside, cfg.vocab_size)
+    return tuple(i for i in ids if 0 <= i < cfg.vocab_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _warn_outside_vocab(ids: tuple[int, ...], vocab_size: int) -> None:
+    log.warning("eos id(s) %s of the model's config (or generation_config.json, or the tokenizer) are outside its "
+                "vocabulary [0, %d): no token is ever sampled there, so generation does not stop at them", list(ids),
+                vocab_size)
 
 
 def generate_text(
