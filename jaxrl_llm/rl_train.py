@@ -38,7 +38,7 @@ from jaxrl_llm.algorithms.base import batch_indices
 from jaxrl_llm.checkpoint import weights_checksum
 from jaxrl_llm.data.chat import DataError, check_prompt_roles, run_template
 from jaxrl_llm.data.sources import describe_source
-from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
+from jaxrl_llm.data.vocab import check_ids_fit, check_pad_fits, with_tokenizer_ids
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.metrics import StepWindow
 from jaxrl_llm.optim import make_optimizer
@@ -155,6 +155,7 @@ class GRPORunner:
         self.prompt_ids, self.kept, self.prompt_stats = prompt_ids(
             tokenizer, tasks, run_template(config.data), config.data.max_prompt_len, config.data.overlong)
         check_ids_fit(self.prompt_ids, cfg.vocab_size, tokenizer, "task", self.kept)
+        check_pad_fits(cfg.vocab_size, tokenizer)
         stops = rollout_stop_ids(config, cfg, tokenizer)
         self.sp = sampling.SamplingParams(max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
                                           top_p=ro.top_p, top_k=ro.top_k, stop_token_ids=stops,

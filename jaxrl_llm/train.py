@@ -37,7 +37,7 @@ from jaxrl_llm.data import DataError, preference
 from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.data.cache import DataCache
 from jaxrl_llm.data.sources import describe_source
-from jaxrl_llm.data.vocab import check_ids_fit, with_tokenizer_ids
+from jaxrl_llm.data.vocab import check_ids_fit, check_pad_fits, with_tokenizer_ids
 from jaxrl_llm.metrics import StepWindow, quiet_libraries
 from jaxrl_llm.optim import make_optimizer
 from jaxrl_llm.preemption import EXIT_STATUS as PREEMPTED_EXIT_STATUS
@@ -450,6 +450,7 @@ def _run_offline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     if algo.num_labels:
         cfg = score_pad(workdir, cfg, tokenizer)
     check_ids_fit([*examples, *val_examples], cfg.vocab_size, tokenizer, "tokenized example")
+    check_pad_fits(cfg.vocab_size, tokenizer)
     optimizer, schedule = make_optimizer(max_steps=config.max_steps, **config.optimizer)
     step_fn = algo.make_step(cfg, optimizer, config, rules)
 

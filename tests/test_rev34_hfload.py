@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxrl_llm import models
+from jaxrl_llm import models, sampling
 
 SIZES = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
              head_dim=8, eos_token_ids=(2,))
@@ -76,3 +76,46 @@ def test_index_listing_a_tensor_twice_is_refused(tiny, tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(text)
     with pytest.raises(models.CheckpointError, match=f"not a valid safetensors index .*'{name}' appears twice"):
         models.load_pretrained(str(tmp_path))
+
+
+def test_a_pad_token_past_the_models_rows_is_refused_before_training(tmp_path):
+    """A tokenizer given a pad token of its own (`add_special_tokens({"pad_token": "<pad>"})`, the embedding not
+    resized) passed the data check (no row holds the pad id) and stopped after the first step: 'loss is nan'."""
+    from recipes import text_sft_recipe
+
+    from jaxrl_llm import train
+    from jaxrl_llm.data.chat import DataError
+
+    c = text_sft_recipe(tmp_path)
+    tok = models.load_tokenizer(c.tokenizer)
+    vocab = len(tok)
+    cfg = models.ModelConfig(family="qwen2", **{**SIZES, "vocab_size": vocab, "num_layers": 1})
+    models.save_pretrained(cfg, models.init_params(cfg, jax.random.key(0)), str(tmp_path / "model"))
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.save_pretrained(c.tokenizer)
+    c.model.path = str(tmp_path / "model")
+    with pytest.raises(DataError, match=rf"the tokenizer's pad token '<pad>' \(id {vocab}\) is outside the model's "
+                                        rf"vocabulary of {vocab} \(the tokenizer has {vocab + 1} tokens\)"):
+        train.run(c, str(tmp_path / "w"))
+
+
+def test_end_ids_past_the_vocabulary_are_not_stop_ids(tiny, tmp_path, caplog):
+    """generation_config.json's eos_token_id list (Llama 3's three ids) with an id past the embedding's rows:
+    transformers' generate runs (it never samples it); generate_text, evaluation and GRPO rollouts refused every
+    call ('stop token id 120 is outside the vocabulary', naming sampling params the user never gave)."""
+    from jaxrl_llm.sampling.request import validate_stop_ids
+
+    cfg, params = tiny
+    models.save_pretrained(cfg, params, str(tmp_path), generation_config={"do_sample": True})
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": [2, 5, 120]}))
+    cfg, _ = models.load_pretrained(str(tmp_path))
+    assert cfg.eos_token_ids == (2, 5, 120)
+
+    class Tok:
+        eos_token_id = 130
+
+    with caplog.at_level(logging.WARNING, logger="jaxrl_llm.sampling.text"):
+        stops = sampling.default_stop_ids(cfg, Tok())
+    assert stops == (2, 5) and "eos id(s) [120, 130]" in caplog.text
+    validate_stop_ids([sampling.SamplingParams(stop_token_ids=stops)], cfg.vocab_size)

@@ -50,6 +50,19 @@ def _token_arrays(item: Any) -> list[Any]:
     return [item]
 
 
+def check_pad_fits(vocab_size: int, tokenizer: Any) -> None:
+    """A DataError when the tokenizer's pad id (what batches are padded with) has no embedding row: a pad token
+    added to the tokenizer past the model's rows (`add_special_tokens({"pad_token": "<pad>"})` without resizing the
+    embedding). Padding positions are masked, but the NaN the lookup reads there reaches every position through
+    attention (0 * NaN), and the first step's loss is NaN."""
+    pad = tokenizer.pad_token_id
+    if pad is not None and not 0 <= pad < vocab_size:
+        raise DataError(f"the tokenizer's pad token {tokenizer.pad_token!r} (id {pad}) is outside the model's "
+                        f"vocabulary of {vocab_size} (the tokenizer has {len(tokenizer)} tokens): batches padded with "
+                        "it would read NaN; give the tokenizer a pad token the model has (e.g. its EOS: \"pad_token\" "
+                        "in tokenizer_config.json), or use the model's own tokenizer")
+
+
 def check_ids_fit(items: Sequence[Any], vocab_size: int, tokenizer: Any, what: str,
                   indices: Sequence[int] | None = None) -> None:
     """A DataError naming the first item (`what` i: "example 3", "task 3"; i from `indices` if given) that holds a
