@@ -119,3 +119,36 @@ def test_end_ids_past_the_vocabulary_are_not_stop_ids(tiny, tmp_path, caplog):
         stops = sampling.default_stop_ids(cfg, Tok())
     assert stops == (2, 5) and "eos id(s) [120, 130]" in caplog.text
     validate_stop_ids([sampling.SamplingParams(stop_token_ids=stops)], cfg.vocab_size)
+
+
+def _word_tokenizer(folder, template: str):
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tm
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "hi", "\n"]
+    tk = Tokenizer(tm.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", unk_token="<unk>")
+    tok.chat_template = template
+    tok.save_pretrained(folder)
+    return tok
+
+
+def test_a_chat_template_kept_in_chat_template_json_is_read(tmp_path, caplog):
+    """transformers 5 saves the template as chat_template.jinja (read); transformers 4.4x's processors kept it in
+    chat_template.json, which its tokenizers never read: the run said 'has no chat template (a base model's?)'."""
+    template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    _word_tokenizer(tmp_path, template)
+    assert "chat_template.jinja" in os.listdir(tmp_path)  # where the installed transformers writes it
+    assert models.load_tokenizer(str(tmp_path)).chat_template == template
+    os.remove(tmp_path / "chat_template.jinja")
+    assert models.load_tokenizer(str(tmp_path)).chat_template is None  # (no template: the run's error says so)
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    with caplog.at_level(logging.INFO, logger="jaxrl_llm.models.gguf_io"):
+        tok = models.load_tokenizer(str(tmp_path))
+    assert tok.chat_template == template and "chat_template.json: the chat template" in caplog.text
+    (tmp_path / "chat_template.json").write_text("[1]")
+    with caplog.at_level(logging.WARNING, logger="jaxrl_llm.models.gguf_io"):
+        assert models.load_tokenizer(str(tmp_path)).chat_template is None
+    assert "chat_template.json: not read" in caplog.text

@@ -394,7 +394,34 @@ def load_tokenizer(path_or_folder: str) -> PreTrainedTokenizerBase:
         return load_gguf_tokenizer(path_or_folder)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path_or_folder, trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(path_or_folder, trust_remote_code=False)
+    if not getattr(tok, "chat_template", None):
+        template = _processor_chat_template(path_or_folder)
+        if template is not None:
+            tok.chat_template = template
+    return tok
+
+
+def _processor_chat_template(folder: str) -> str | None:
+    """The template of a folder's chat_template.json ({"chat_template": "..."}, where transformers 4.4x's processors
+    save it; its tokenizers read tokenizer_config.json and chat_template.jinja only), logged; None when there is
+    none or it is unreadable (with a warning)."""
+    import json
+
+    path = os.path.join(folder, "chat_template.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+        template = doc.get("chat_template") if isinstance(doc, dict) else None
+        if not isinstance(template, str) or not template:
+            raise ValueError('expected an object {"chat_template": "<template>"}')
+    except (OSError, ValueError, RecursionError) as e:  # (JSON, UTF-8)
+        log.warning("%s: not read, the tokenizer has no chat template (%s)", path, e)
+        return None
+    log.info("%s: the chat template (the tokenizer's files have none)", path)
+    return template
 
 
 def smollm2_gguf_path() -> str:
