@@ -152,3 +152,16 @@ def test_a_chat_template_kept_in_chat_template_json_is_read(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="jaxrl_llm.models.gguf_io"):
         assert models.load_tokenizer(str(tmp_path)).chat_template is None
     assert "chat_template.json: not read" in caplog.text
+
+
+@pytest.mark.parametrize("drop", [("low_freq_factor",), ("low_freq_factor", "high_freq_factor")])
+def test_llama3_rope_scaling_without_its_band_factors_is_refused(drop):
+    """transformers refuses it (a KeyError naming the keys); it was read with Llama 3.1's 1 and 4 made up."""
+    rs = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+    d = dict(architectures=["LlamaForCausalLM"], vocab_size=97, hidden_size=32, intermediate_size=48,
+             num_hidden_layers=1, num_attention_heads=4, rope_scaling={k: v for k, v in rs.items() if k not in drop})
+    with pytest.raises(models.UnsupportedModelError, match=rf"config.json: rope_scaling type 'llama3' needs "
+                                                           rf"{' and '.join(drop)} > 0 \(got {drop[0]}=None"):
+        models.config_from_hf(d)
+    assert models.config_from_hf({**d, "rope_scaling": rs}).rope_scaling.low_freq_factor == 1.0

@@ -217,10 +217,16 @@ def _rope_scaling_from_hf(rs: dict | None, where: str, d: dict, max_pos: int) ->
     if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 0:
         raise UnsupportedModelError(f"{where}: rope_scaling type {rope_type!r} needs a factor > 0 (got {factor!r}); "
                                     "transformers refuses it too")
+    if rope_type == "llama3":  # (transformers 4.x and 5.x refuse a llama3 scaling without them too)
+        bad = [k for k in ("low_freq_factor", "high_freq_factor") if isinstance(rs.get(k), bool)
+               or not isinstance(rs.get(k), int | float) or not rs[k] > 0]
+        if bad:
+            raise UnsupportedModelError(f"{where}: rope_scaling type 'llama3' needs {' and '.join(bad)} > 0 (got "
+                                        f"{', '.join(f'{k}={rs.get(k)!r}' for k in bad)})")
     return RopeScaling(
         rope_type=rope_type,
         factor=float(factor),
-        low_freq_factor=float(rs.get("low_freq_factor", 1.0)),
+        low_freq_factor=float(rs.get("low_freq_factor", 1.0)),  # (given, for llama3: the only type that reads them)
         high_freq_factor=float(rs.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(_first(d, "original_max_position_embeddings", default=_first(
             rs, "original_max_position_embeddings", default=max_pos))),
