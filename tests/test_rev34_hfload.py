@@ -165,3 +165,24 @@ def test_llama3_rope_scaling_without_its_band_factors_is_refused(drop):
                                                            rf"{' and '.join(drop)} > 0 \(got {drop[0]}=None"):
         models.config_from_hf(d)
     assert models.config_from_hf({**d, "rope_scaling": rs}).rope_scaling.low_freq_factor == 1.0
+
+
+_LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=97, hidden_size=32, intermediate_size=48,
+              num_hidden_layers=1, num_attention_heads=4)
+
+
+@pytest.mark.parametrize("rope_parameters", [
+    {"rope_type": "default", "rope_theta": 500000.0},  # transformers: theta 10000 (rope_parameters left out)
+    {"rope_type": "linear", "factor": 3.0, "rope_theta": 10000.0},  # transformers: factor 2
+])
+def test_rope_parameters_and_a_disagreeing_rope_scaling_are_refused(rope_parameters):
+    """A transformers-5 config.json (rope_parameters) given a rope_scaling by hand, as model cards say to extend the
+    context: transformers reads rope_scaling alone, this read rope_parameters' theta (or scaling): another model."""
+    d = {**_LLAMA, "rope_parameters": rope_parameters, "rope_scaling": {"type": "linear", "factor": 2.0}}
+    with pytest.raises(models.UnsupportedModelError, match="rope_parameters and rope_scaling are both set and "
+                                                           "disagree: rope_theta="):
+        models.config_from_hf(d)
+    agree = {**d, "rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}}
+    got = models.config_from_hf(agree)
+    assert (got.rope_theta, got.rope_scaling.rope_type, got.rope_scaling.factor) == (10000.0, "linear", 2.0)
+    assert models.config_from_hf({**d, "rope_scaling": None}).rope_theta == rope_parameters["rope_theta"]

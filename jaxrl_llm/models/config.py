@@ -323,6 +323,16 @@ def config_from_hf(d: dict[str, Any], where: str = "config.json") -> ModelConfig
     if arch in SEQ_CLS_ARCHITECTURES:
         num_labels = int(d.get("num_labels", len(d.get("id2label", {})) or 2))
     scaling = _rope_scaling_from_hf(rope_scaling, where, d, max_pos)
+    legacy = d.get("rope_scaling")
+    if rope and legacy:  # transformers (>= 5) then reads rope_scaling alone: rope_theta from it or beside it, or 10000
+        theirs = (_first(legacy, "rope_theta", default=_first(d, "rope_theta", default=10000.0)),
+                  _rope_scaling_from_hf(legacy, where, d, max_pos))
+        if theirs != (rope_theta, scaling):
+            raise UnsupportedModelError(
+                f"{where}: rope_parameters and rope_scaling are both set and disagree: rope_theta={rope_theta} with "
+                f"scaling {scaling and scaling.to_hf()} here; transformers reads rope_scaling alone (theta from it or "
+                f"rope_theta, else 10000): rope_theta={theirs[0]} with scaling {theirs[1] and theirs[1].to_hf()}; "
+                "keep one of the two")
     try:
         return ModelConfig(
             family=family,
