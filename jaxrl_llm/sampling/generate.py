@@ -172,7 +172,8 @@ def _batch_shards(mesh: Mesh | None, rules: ShardingRules | None) -> int:
 
 
 def _chunk_arrays(idx: list[int], arrs: list[np.ndarray], sps: list[SamplingParams], B: int,
-                  strings: tuple[str, ...] = ()) -> tuple[np.ndarray, loop.DecodeInputs, int]:
+                  strings: tuple[str, ...] = (), row_ids: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, loop.DecodeInputs, int]:
     """Host arrays for one chunk of prompts (rows beyond len(idx) are inert padding: max_new 0)."""
     P = bucket_length(max(len(arrs[i]) for i in idx))
     W = bucket_stop_width(max(len(sps[i].stop_token_ids) for i in idx))
@@ -187,7 +188,8 @@ def _chunk_arrays(idx: list[int], arrs: list[np.ndarray], sps: list[SamplingPara
         ids_BP[r, P - len(a):] = a
         start_B[r] = P - len(a)
         temp_B[r], top_p_B[r], top_k_B[r] = sp.temperature, sp.top_p, sp.top_k
-        max_new_B[r], row_ids_B[r], raw_B[r] = sp.max_new_tokens, i, sp.return_raw_logprobs
+        max_new_B[r], raw_B[r] = sp.max_new_tokens, sp.return_raw_logprobs
+        row_ids_B[r] = i if row_ids is None else row_ids[i]
         stop_BK[r, :len(sp.stop_token_ids)] = sp.stop_token_ids
     use_BS = None
     if strings:
@@ -249,11 +251,13 @@ def generate(
     share_prefill: bool = True,
     keep_logprobs: bool = True,
     tokenizer: Any = None,
+    row_ids: Sequence[int] | None = None,
 ) -> GenerateOutput:
     """Sample completions of token-id prompts with the model's own (trainer's) parameter arrays.
 
     sampling_params: one SamplingParams for all prompts, or one per prompt. rng: a PRNG key (or an int seed; None
-    is seed 0, so two calls without one sample alike); prompt i samples from the stream fold_in(rng, i), so results
+    is seed 0, so two calls without one sample alike); prompt i samples from the stream fold_in(rng, i) (or
+    row_ids[i]), so results
     do not depend on batching or chunking (one exception, as in transformers: dynamic-NTK RoPE past
     max_position_embeddings takes its base from the batch's longest position; GRPO keeps rows within
     max_position_embeddings, where it does not apply).
@@ -289,6 +293,9 @@ def generate(
     no Python float per generated token: about 32 bytes each).
     tokenizer: the model's tokenizer (or `sampling.token_bytes(tokenizer)`, computed once), needed only when a
     SamplingParams has stop_strings.
+    row_ids: prompt i's stream is fold_in(rng, row_ids[i]) instead (integers in [0, 2**31)): a caller that splits
+    one request into several calls (evaluation's chunks) passes each prompt's index in the whole request and gets
+    the samples of one call.
     """
     prepared = isinstance(params, PreparedParams)
     if not prepared:
@@ -301,6 +308,12 @@ def generate(
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int | np.integer) or max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size!r}: must be an integer >= 1 (or None: one chunk)")
         max_batch_size = int(max_batch_size)
+    if row_ids is not None:
+        row_ids = np.asarray(row_ids)
+        if row_ids.shape != (len(arrs),) or (row_ids.size and (row_ids.dtype.kind not in "iu" or row_ids.min() < 0
+                                                                or row_ids.max() >= 2**31)):
+            raise ValueError(f"row_ids: expected {len(arrs)} integers in [0, 2**31) (one per prompt), got "
+                             f"{row_ids.tolist() if row_ids.size <= 8 else row_ids.shape}")
     arrs, n_truncated = fit_prompts(cfg, arrs, sps, max_prompt_len, truncate_prompts)
     key = as_prng_key(rng)
     compiles_before = loop.compile_count()
@@ -352,7 +365,7 @@ def generate(
             if max_batch_size is not None:
                 B = min(B, round_up(max_batch_size, shards))
             N = bucket_new_tokens(max(sps[i].max_new_tokens for i in idx))
-            ids_BP, inp, P = _chunk_arrays(idx, arrs, sps, B, strings)
+            ids_BP, inp, P = _chunk_arrays(idx, arrs, sps, B, strings, row_ids)
             distinct = _distinct_prompts(ids_BP, inp.start_B, len(idx), shards) if share_prefill else None
             pre_ids, pre_start, rows = (ids_BP, inp.start_B, None) if distinct is None else distinct
             if mesh is not None:
