@@ -69,12 +69,14 @@ def _vote_key(answer: str) -> str:
 def majority_correct(extracted: Sequence[str | None], correct: Sequence[bool]) -> bool:
     """Whether the majority answer of some samples is correct. The correct samples are one answer (each equals
     the gold); the others are grouped by `_vote_key` (their normalised text, or their value when that is a number
-    or a simple fraction). Samples without an answer are left out, a tie is won by the answer seen first; False
-    when no sample has an answer."""
+    or a simple fraction). Samples without an answer (None, or empty once normalised: "", "$ $") are left out, a
+    tie is won by the answer seen first; False when no sample has an answer."""
     votes: dict[str, list[int]] = {}
     for j, a in enumerate(extracted):
         if a is not None:
-            votes.setdefault("correct" if correct[j] else _vote_key(a), []).append(j)
+            key = "correct" if correct[j] else _vote_key(a)
+            if key != "text:":  # an empty answer does not outvote a real one
+                votes.setdefault(key, []).append(j)
     if not votes:
         return False
     winner = max(votes.values(), key=lambda js: (len(js), -js[0]))
