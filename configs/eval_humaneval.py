@@ -31,7 +31,7 @@ def get_config() -> ml_collections.ConfigDict:
                                            refuse_introspection=True, program_packages=("numpy",), strip_thinking=True))
     c.eval = ml_collections.ConfigDict(dict(
         n_samples=4, k_values=(1, 4), max_batch_size=64, max_prompt_len=0, truncate_prompts=False,
-        correct_threshold=1.0, keep_completions=True))
+        correct_threshold=1.0, keep_completions=True, chunk_size=0, resume=True))
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=512, temperature=0.6, top_p=0.95, top_k=0,
                                                 stop_strings=()))  # e.g. ('</answer>',): ends a completion
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

@@ -27,9 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
     # strip_thinking: answers are read after a reasoning model's last </think> (False: the whole completion)
     c.env = ml_collections.ConfigDict(dict(name="math", answer_format="auto", timeout_s=5.0, num_workers=1,
                                            sandbox=True, isolate=True, strip_thinking=True))
+    # chunk_size: problems sampled and scored at a time, each chunk's rows written to <results>.rows.jsonl as it is
+    # scored (0: a few batches' worth); resume: a run stopped part way goes on from that file's rows
     c.eval = ml_collections.ConfigDict(dict(
         n_samples=2, k_values=(1, 2), max_batch_size=8, max_prompt_len=0, truncate_prompts=False,
-        correct_threshold=1.0, keep_completions=True))
+        correct_threshold=1.0, keep_completions=True, chunk_size=0, resume=True))
     c.sampling = ml_collections.ConfigDict(dict(max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=0,
                                                 stop_strings=()))  # e.g. ('</answer>',): ends a completion
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))

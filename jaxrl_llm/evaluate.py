@@ -5,6 +5,12 @@ workdir (config.model.step picks its checkpoint, -1 = latest); empty with config
 model (tests, demos). Prints a table and writes the results JSON atomically to --out (default
 <workdir>/eval/<name>_step<N>.json for a workdir, else runs/eval_<name>/eval_results.json; name: config.name or
 the recipe's file name without "eval_"); a file already there is kept as <file>.<k>.old.
+
+Problems are sampled and scored eval.chunk_size at a time (0: a few batches' worth), each chunk's rows appended
+to <results>.rows.jsonl as it is scored, and a line logged; the file goes once the results JSON is written. A run
+stopped part way (Ctrl-C, preemption, a crash) is resumed by the same command from the chunks written there (with
+eval.resume, the default; other settings are refused, naming them; eval.k_values, max_batch_size, chunk_size and
+the mesh may change); eval.resume=False sets the file aside and starts over.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from jaxrl_llm.data.sources import describe_source
 from jaxrl_llm.data.tasks import load_tasks
 from jaxrl_llm.data.vocab import check_ids_fit
 from jaxrl_llm.environments import is_multi_turn, make_environment
-from jaxrl_llm.evaluation import evaluate_tasks, scalar_metrics
+from jaxrl_llm.evaluation import Chunk, evaluate_tasks, scalar_metrics
 from jaxrl_llm.metrics import quiet_libraries
 from jaxrl_llm.sampling.generate import PromptLengthError
 from jaxrl_llm.sampling.request import SamplingParams
@@ -108,6 +114,11 @@ def validate(config: ml_collections.ConfigDict) -> SamplingParams:
     for key in ("max_batch_size", "max_prompt_len"):
         if ec[key] < 0:
             raise ConfigError(f"eval.{key}={ec[key]}: must be >= 0 (0 = no limit / the default)")
+    chunk = ec.get("chunk_size", 0)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+        raise ConfigError(f"eval.chunk_size={chunk!r}: must be an integer >= 0 (problems per chunk; 0 = auto)")
+    if not isinstance(ec.get("resume", True), bool):
+        raise ConfigError(f"eval.resume={ec.resume!r}: must be True or False")
     try:
         sp = SamplingParams(**config.sampling.to_dict())
     except (TypeError, ValueError) as e:
@@ -173,25 +184,33 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str | N
         check_ids_fit(encode_inputs(tokenizer, [list(t.messages) for t in tasks], label="task"), cfg.vocab_size,
                       tokenizer, "task")
     log.info("%d tasks from %s, %d sample(s) each", len(tasks), describe_source(dc.source), ec.n_samples)
-
+    if out is None:
+        out = (os.path.join(workdir, "eval", f"{name}_step{model_info['step']}.json") if workdir else
+               os.path.join("runs", f"eval_{name}", RESULTS_FILE))
+    journal = Journal(journal_path(out), resumed_settings(config, model_info, tasks))
     try:
+        done = resume_chunks(journal, ec.get("resume", True))
         result = evaluate_tasks(
             cfg, params, tokenizer, tasks, env, n_samples=ec.n_samples, k_values=tuple(ec.k_values),
             sampling_params=sp, rng=jax.random.key(config.seed), mesh=mesh, rules=rules,
             max_batch_size=ec.max_batch_size or None, max_prompt_len=ec.max_prompt_len or None,
             truncate_prompts=ec.truncate_prompts, correct_threshold=ec.correct_threshold,
-            keep_completions=ec.keep_completions)
+            keep_completions=ec.keep_completions, chunk_size=chunk_problems(ec, sp), done=done,
+            on_chunk=journal.append if jax.process_index() == 0 else None)
     except PromptLengthError as e:
         hint = ("lower sampling.max_new_tokens" if "leaves no room for a prompt" in str(e) else
                 "--config.eval.truncate_prompts=True keeps each prompt's last tokens")
         raise ConfigError(f"{e} (settings: eval.max_prompt_len={ec.max_prompt_len}, eval.truncate_prompts="
                           f"{ec.truncate_prompts}, sampling.max_new_tokens={sp.max_new_tokens}; {hint})") from e
+    except BaseException:
+        if journal.problems:
+            log.warning("evaluation stopped: the %d problems done are kept in %s; the same command resumes from "
+                        "them", journal.problems, journal.path)
+        raise
     finally:
+        journal.close()
         if hasattr(env, "close"):
             env.close()
-    if out is None:
-        out = (os.path.join(workdir, "eval", f"{name}_step{model_info['step']}.json") if workdir else
-               os.path.join("runs", f"eval_{name}", RESULTS_FILE))
     if jax.process_index() == 0:
         if os.path.exists(out):
             log.warning("%s held earlier results: moved to %s", out, set_aside(out))
@@ -202,8 +221,164 @@ def run(config: ml_collections.ConfigDict, out: str | None = None, name: str | N
                **({"per_source": result["per_source"]} if "per_source" in result else {}),
                "problems": result["problems"]}
         write_json_atomic(out, doc)
+        journal.remove()  # every row is in the results file now
         log.info("wrote %s", out)
     return result
+
+
+def chunk_problems(ec: ml_collections.ConfigDict, sp: SamplingParams) -> int:
+    """Problems sampled and scored per chunk (each chunk's rows are written down before the next): eval.chunk_size,
+    or 0 (auto): the problems whose rows make 256 rows rounded down to whole eval.max_batch_size chunks (at least
+    one chunk), or 1024 rows when max_batch_size is 0. Greedy sampling takes one row per problem."""
+    if ec.get("chunk_size", 0):
+        return ec.chunk_size
+    mbs = ec.max_batch_size
+    rows = max(mbs, 256) // mbs * mbs if mbs else 1024
+    return max(1, rows // (1 if sp.temperature == 0 else ec.n_samples))
+
+
+# Keys that change how rows are batched, or what is computed from them, and not the rows: an interrupted run resumed
+# with other values of them goes on from its rows (eval.max_batch_size: lowered after running out of memory).
+RESUME_FREE_KEYS = ("name", "eval.k_values", "eval.max_batch_size", "eval.chunk_size", "eval.resume", "mesh")
+
+
+def resumed_settings(config: ml_collections.ConfigDict, model_info: dict[str, Any], tasks: list) -> dict[str, Any]:
+    """What an interrupted run's rows depend on, flat ("sampling.temperature": 0.7; JSON values): its rows are
+    resumed only when every one is the same."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if any(key == f or key.startswith(f + ".") for f in RESUME_FREE_KEYS):
+                continue
+            if isinstance(v, dict):
+                walk(v, key + ".")
+            else:
+                flat[key] = v
+
+    walk(recorded_config(config), "")
+    walk({"model": model_info}, "resolved.")
+    flat["tasks"] = distributed.digest([[t.messages, t.metadata] for t in tasks])
+    return json.loads(json.dumps(flat, default=functools.partial(distributed.json_default, strict=False)))
+
+
+def resume_chunks(journal: Journal, resume: bool) -> list[Chunk]:
+    """The chunks of an unfinished run with the same settings, read by process 0 and handed to every process (each
+    skips the same problems); a ConfigError on every process when they cannot be resumed."""
+    if jax.process_count() == 1:
+        return journal.open(resume)
+    mine: Any = None
+    if jax.process_index() == 0:
+        try:
+            mine = [[c.problems, c.counts] for c in journal.open(resume)]
+        except ConfigError as e:
+            mine = str(e)
+    shared = distributed.allgather_json(mine)[0]
+    if isinstance(shared, str):
+        raise ConfigError(shared)
+    return [Chunk(p, c) for p, c in shared]
+
+
+class Journal:
+    """An evaluation's rows as they are scored, so that an interrupted run loses at most the chunk in progress:
+    <results>.rows.jsonl holds a header line (the settings), then per chunk one line per problem (its record) and
+    a line {"chunk_end": <problems>, "env_counts": {...}}, flushed and synced. Removed once the results file is
+    written; a run that finds one with the same settings resumes from its whole chunks."""
+
+    def __init__(self, path: str, settings: dict[str, Any]) -> None:
+        self.path, self.settings, self.problems = path, settings, 0
+        self._f: Any = None
+
+    def open(self, resume: bool) -> list[Chunk]:
+        """The chunks done before (none when there is no file; with resume=False it is set aside). ConfigError when
+        it was written with other settings."""
+        if not os.path.exists(self.path):
+            return []
+        if not resume:
+            log.warning("eval.resume=False: the rows of an earlier, unfinished run in %s were moved to %s",
+                        self.path, set_aside(self.path))
+            return []
+        theirs, done, end = self._read()
+        if not done:  # stopped before its first chunk was scored: nothing to resume
+            os.remove(self.path)
+            return []
+        if theirs != self.settings:
+            diff = sorted(k for k in {*theirs, *self.settings} if theirs.get(k) != self.settings.get(k))
+            shown = ", ".join(f"{k}: {theirs.get(k)!r} there, {self.settings.get(k)!r} now" for k in diff[:3])
+            raise ConfigError(f"{self.path} holds the rows of an unfinished evaluation with other settings ({shown}"
+                              f"{', ...' if len(diff) > 3 else ''}): rerun with its settings to finish it, or "
+                              "--config.eval.resume=False to set it aside and start over")
+        with open(self.path, "r+b") as f:  # drop a chunk cut short (its problems run again)
+            f.truncate(end)
+        self.problems = sum(len(c.problems) for c in done)
+        log.info("resuming the unfinished evaluation in %s", self.path)
+        return done
+
+    def _read(self) -> tuple[dict[str, Any], list[Chunk], int]:
+        """(its settings, its whole chunks, the offset where the last one ends)."""
+        with open(self.path, "rb") as f:
+            lines = f.read().split(b"\n")
+        try:
+            theirs = json.loads(lines[0])["settings"]
+            assert isinstance(theirs, dict)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            raise ConfigError(f"{self.path}: not an evaluation's rows file (its first line is no header); move it "
+                              "away or set --config.eval.resume=False") from None
+        done: list[Chunk] = []
+        pending: list[dict[str, Any]] = []
+        end = pos = len(lines[0]) + 1
+        for i, line in enumerate(lines[1:], 2):
+            pos += len(line) + 1
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if i >= len(lines) - (not lines[-1]):
+                    break  # the last line, cut short by the interruption
+                raise ConfigError(f"{self.path}: line {i} is not JSON; move the file away or set "
+                                  "--config.eval.resume=False") from None
+            if "chunk_end" in row:
+                if row["chunk_end"] == len(pending):
+                    done.append(Chunk(pending, {k: int(v) for k, v in row.get("env_counts", {}).items()}))
+                    end = pos
+                pending = []
+            else:
+                pending.append(row)
+        return theirs, done, end
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        if self._f is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            new = not os.path.exists(self.path)
+            self._f = open(self.path, "a")
+            if new:
+                rows = [{"eval_rows": 1, "settings": self.settings}, *rows]
+        dump = functools.partial(json.dumps, default=functools.partial(distributed.json_default, strict=False))
+        self._f.write("".join(dump(r) + "\n" for r in rows))
+        self._f.flush()
+        os.fsync(self._f.fileno())
+
+    def append(self, chunk: Chunk) -> None:
+        self._write([*chunk.problems, {"chunk_end": len(chunk.problems), "env_counts": chunk.counts}])
+        self.problems += len(chunk.problems)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+    def remove(self) -> None:
+        self.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
+
+def journal_path(out: str) -> str:
+    """Where the rows of the evaluation whose results go to `out` are written as they are scored."""
+    root, ext = os.path.splitext(out)
+    return (root if ext == ".json" else out) + ".rows.jsonl"
 
 
 def format_table(name: str, result: dict[str, Any]) -> str:

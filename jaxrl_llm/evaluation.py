@@ -11,10 +11,11 @@ the trainer's own parameter arrays and mesh. The `python -m jaxrl_llm.evaluate` 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from typing import Any
 
@@ -28,10 +29,12 @@ from jaxrl_llm.environments.extract import normalize_answer
 from jaxrl_llm.environments.split import score_across_processes
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.parallel.rules import ShardingRules
-from jaxrl_llm.sampling.generate import fit_prompts, generate
+from jaxrl_llm.sampling.generate import PreparedParams, fit_prompts, generate, prepare_params
 from jaxrl_llm.sampling.request import SamplingParams
 from jaxrl_llm.sampling.stop_strings import TokenBytes
 from jaxrl_llm.sampling.text import default_stop_ids, render_prompt
+
+log = logging.getLogger(__name__)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -130,18 +133,28 @@ def evaluate_tasks(
     correct_threshold: float = 1.0,
     keep_completions: bool = True,
     token_bytes: TokenBytes | None = None,
+    chunk_size: int | None = None,
+    done: Sequence[Chunk] = (),
+    on_chunk: Callable[[Chunk], None] | None = None,
 ) -> dict[str, Any]:
     """Sample `n_samples` completions per task (chat template with the generation prompt), score them with
     `env` and aggregate.
 
     A sample is correct when its reward >= correct_threshold. pass@k (for 1 and every k in k_values, each
     <= n_samples) is the unbiased estimator averaged over problems. When `sampling_params` names no stop
-    ids, generation stops at the model's and the tokenizer's eos ids. Sample j of problem i is row
-    i * n_samples + j of one `generate` call, so results do not depend on max_batch_size; greedy
-    (temperature 0) samples each problem once and copies its completion to its n_samples samples. A prompt
-    longer than max_prompt_len (default max_position_embeddings - max_new_tokens) raises PromptLengthError
-    naming its task, or with truncate_prompts keeps its last tokens (counted per problem).
+    ids, generation stops at the model's and the tokenizer's eos ids. Sample j of problem i samples from the
+    stream of row i * n_samples + j of one `generate` call, so results do not depend on max_batch_size or
+    chunk_size; greedy (temperature 0) samples each problem once and copies its completion to its n_samples
+    samples. A prompt longer than max_prompt_len (default max_position_embeddings - max_new_tokens) raises
+    PromptLengthError naming its task (before anything is sampled), or with truncate_prompts keeps its last
+    tokens (counted per problem, logged, and flagged in its record).
     token_bytes: `sampling.token_bytes(tokenizer)` for stop strings, when the caller keeps one (else built here).
+
+    chunk_size: problems generated and scored per chunk (None: all at once); each chunk (a `Chunk`: its problems'
+    records and the scorer's counts) goes to `on_chunk` as soon as it is scored (a caller writes it down), and a
+    line per chunk is logged. done: the Chunks of an earlier, interrupted evaluation with the same settings: their
+    problems are not sampled again, and the metrics cover them (generate_seconds, score_seconds and
+    tokens_per_second: this call's work only).
 
     maj@k (for every k > 1 in k_values, when the environment reports each sample's "extracted" answer): the
     fraction of problems whose majority answer among their first k samples is correct (`majority_correct`).
@@ -156,6 +169,9 @@ def evaluate_tasks(
     prompt_truncated, and, when keep_completions, prompt (the rendered text) and completions).
     """
     ks = _validate(tasks, n_samples, k_values)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: must be an integer >= 1 (or None: all at once)")
     sp = sampling_params or SamplingParams()
     if not sp.stop_token_ids:
         sp = dataclasses.replace(sp, stop_token_ids=default_stop_ids(cfg, tokenizer))
@@ -167,38 +183,120 @@ def evaluate_tasks(
     # fitted per problem, not per sample: an error names the task, truncated_prompts counts problems
     prompt_ids, _ = fit_prompts(cfg, encoded, [sp] * len(tasks), max_prompt_len, truncate_prompts)
     prompt_truncated = [len(a) < len(b) for a, b in zip(prompt_ids, encoded, strict=True)]
-    rows = [i for i in range(len(tasks)) for _ in range(n)]
-    # greedy: the samples of a problem are the same, so each problem is sampled once and its completion copied
-    sampled = list(range(len(tasks))) if sp.temperature == 0 else rows
-    copy = list(rows) if sp.temperature == 0 else list(range(len(rows)))
+    sources = [task_source(t) for t in tasks]
 
-    t0 = time.perf_counter()
-    out = generate(cfg, params, [prompt_ids[i] for i in sampled], sp, rng, mesh=mesh, rules=rules,
-                   max_batch_size=max_batch_size, max_prompt_len=max_prompt_len, keep_logprobs=False,
-                   tokenizer=token_bytes or tokenizer)
-    t1 = time.perf_counter()
-    texts = [tokenizer.decode(toks, skip_special_tokens=True) for toks in out.tokens]
-    completions = [texts[j] for j in copy]
-    lengths_N = np.array([len(out.tokens[j]) for j in copy])
-    finish_reasons = [out.finish_reasons[j] for j in copy]
-    generated = sum(len(t) for t in out.tokens)
-    del out, texts  # the token lists (about 35 bytes a token): only the text, lengths and finish reasons are used
-    scored = score_across_processes(env, [prompt_texts[i] for i in rows], completions,
-                                    [dict(tasks[i].metadata) for i in rows])
-    t2 = time.perf_counter()
-    rewards_N = np.asarray(scored.rewards, np.float64)
-    if rewards_N.shape != (len(rows),):
-        raise ValueError(f"environment {getattr(env, 'name', env)!r} returned rewards of shape {rewards_N.shape}; "
-                         f"expected ({len(rows)},)")
+    records: list[dict[str, Any] | None] = [None] * len(tasks)
+    counts: dict[str, int] = {}
+    for c in done:
+        for rec in c.problems:
+            i = rec.get("index")
+            if (not isinstance(i, int) or not 0 <= i < len(tasks) or records[i] is not None
+                    or len(rec.get("rewards", ())) != n):
+                raise ValueError(f"done: a record with index {i!r} and {len(rec.get('rewards', ()))} rewards does not "
+                                 f"fit {len(tasks)} tasks x {n} samples (or repeats an index)")
+            records[i] = rec
+        _add_counts(counts, c.counts)
+    todo = [i for i, r in enumerate(records) if r is None]
+    size = chunk_size or max(len(todo), 1)
+    if len(todo) > size and not isinstance(params, PreparedParams):
+        params = prepare_params(cfg, params, mesh=mesh, rules=rules)  # decode weights built once for every chunk
+    if done:
+        log.info("evaluation: %d of %d problems done before (resumed), %d to go", len(tasks) - len(todo), len(tasks),
+                 len(todo))
+    t_start = time.perf_counter()
+    gen_s = score_s = 0.0
+    generated = 0
+    for c0 in range(0, len(todo), size):
+        part = todo[c0:c0 + size]
+        t0 = time.perf_counter()
+        out = _sample(cfg, params, prompt_ids, part, n, sp, rng, mesh=mesh, rules=rules, max_batch_size=max_batch_size,
+                      max_prompt_len=max_prompt_len, tokenizer=token_bytes or tokenizer)
+        t1 = time.perf_counter()
+        texts = [tokenizer.decode(toks, skip_special_tokens=True) for toks in out.tokens]
+        copy = [j // n for j in range(len(part) * n)] if sp.temperature == 0 else list(range(len(part) * n))
+        completions = [texts[j] for j in copy]
+        lengths = [len(out.tokens[j]) for j in copy]
+        finish_reasons = [out.finish_reasons[j] for j in copy]
+        generated += sum(len(t) for t in out.tokens)
+        del out, texts  # the token lists (about 35 bytes a token): only the text, lengths and finish reasons are used
+        rows = [i for i in part for _ in range(n)]
+        scored = score_across_processes(env, [prompt_texts[i] for i in rows], completions,
+                                        [dict(tasks[i].metadata) for i in rows])
+        t2 = time.perf_counter()
+        gen_s, score_s = gen_s + t1 - t0, score_s + t2 - t1
+        rewards = np.asarray(scored.rewards, np.float64)
+        if rewards.shape != (len(rows),):
+            raise ValueError(f"environment {getattr(env, 'name', env)!r} returned rewards of shape {rewards.shape}; "
+                             f"expected ({len(rows)},)")
+        info = list(scored.info) if scored.info else [{} for _ in rows]
+        chunk = Chunk([], {k: int(v) for k, v in (scored.counts or {}).items()})
+        for p, i in enumerate(part):
+            sl = slice(p * n, (p + 1) * n)
+            rec = {"index": i, "source": sources[i], "question": _last_user_text(tasks[i]),
+                   "answer": tasks[i].metadata.get("answer"),
+                   "num_correct": int((rewards[sl] >= correct_threshold).sum()), "rewards": rewards[sl].tolist(),
+                   "lengths": lengths[sl], "finish_reasons": finish_reasons[sl], "info": info[sl],
+                   "prompt_tokens": len(prompt_ids[i]), "prompt_truncated": prompt_truncated[i]}
+            for key, field in (("id", "id"), ("index", "source_index")):  # the row of its source
+                if key in tasks[i].metadata:
+                    rec[field] = tasks[i].metadata[key]
+            if keep_completions:
+                rec["prompt"] = prompt_texts[i]  # as the model saw it (chat template, system prompt), before truncation
+                rec["completions"] = completions[sl]
+            records[i] = rec
+            chunk.problems.append(rec)
+        _add_counts(counts, chunk.counts)
+        if on_chunk is not None:
+            on_chunk(chunk)
+        if len(todo) > size:
+            done_now = min(c0 + size, len(todo))
+            took = time.perf_counter() - t_start
+            so_far = np.mean([r["num_correct"] / n for r in records if r is not None])
+            log.info("evaluation: %d of %d problems sampled and scored (pass@1 so far %.4f; %.0f s, about %.0f s left)",
+                     len(tasks) - len(todo) + done_now, len(tasks), so_far, took,
+                     took / done_now * (len(todo) - done_now))
 
-    rewards_PS = rewards_N.reshape(len(tasks), n)
+    timing = {"generate_seconds": gen_s, "score_seconds": score_s,
+              "tokens_per_second": generated / gen_s if gen_s > 0 else 0.0}
+    result = _aggregate(records, n, ks, correct_threshold, counts, timing)  # type: ignore[arg-type]  (all filled)
+    result["problems"] = records
+    return result
+
+
+@dataclasses.dataclass
+class Chunk:
+    """One chunk of `evaluate_tasks(chunk_size=...)`: its problems' records (as result["problems"] holds them) and
+    the scorer's counts for their samples (e.g. {"timeouts": 1})."""
+
+    problems: list[dict[str, Any]]
+    counts: dict[str, int]
+
+
+def _add_counts(total: dict[str, int], more: dict[str, Any]) -> None:
+    for k, v in more.items():
+        total[k] = total.get(k, 0) + int(v)
+
+
+def _sample(cfg: ModelConfig, params: Any, prompt_ids: list[np.ndarray], problems: list[int], n: int,
+            sp: SamplingParams, rng: Any, **kw: Any) -> Any:
+    """`generate` for these problems, n samples each: sample j of problem i draws from stream i * n + j (its row in
+    one call over every problem); greedy samples each problem once (its samples are the same)."""
+    if sp.temperature == 0:
+        return generate(cfg, params, [prompt_ids[i] for i in problems], sp, rng, keep_logprobs=False,
+                        row_ids=problems, **kw)
+    return generate(cfg, params, [prompt_ids[i] for i in problems for _ in range(n)], sp, rng, keep_logprobs=False,
+                    row_ids=[i * n + j for i in problems for j in range(n)], **kw)
+
+
+def _aggregate(records: Sequence[dict[str, Any]], n: int, ks: list[int], correct_threshold: float,
+               counts: dict[str, int], timing: dict[str, float]) -> dict[str, Any]:
+    """The metrics of every problem's record (made now or read back from an interrupted run's)."""
+    rewards_PS = np.asarray([r["rewards"] for r in records], np.float64).reshape(len(records), n)
     correct_PS = rewards_PS >= correct_threshold
-    truncated_N = np.array([r == "length" for r in finish_reasons])
     num_correct_P = correct_PS.sum(axis=1)
-    counts = {k: int(v) for k, v in (scored.counts or {}).items()}
-    elapsed = t1 - t0
-
-    info = list(scored.info) if scored.info else [{} for _ in rows]
+    lengths_N = np.asarray([x for r in records for x in r["lengths"]])
+    truncated_N = np.asarray([x == "length" for r in records for x in r["finish_reasons"]])
+    info = [x for r in records for x in r["info"]]
     answers = ([x.get("extracted") if isinstance(x, dict) else None for x in info]
                if any(isinstance(x, dict) and "extracted" in x for x in info) else None)  # maj@k when extracted
 
@@ -210,44 +308,26 @@ def evaluate_tasks(
                                              for i in problems]))
         return out
 
-    result: dict[str, Any] = at_k(range(len(tasks)))
+    result: dict[str, Any] = at_k(range(len(records)))
     result.update({
-        "num_problems": len(tasks),
+        "num_problems": len(records),
         "n_samples": n,
-        "reward_mean": float(rewards_N.mean()),
+        "reward_mean": float(rewards_PS.mean()),
         "mean_length": float(lengths_N.mean()),
         "truncation_rate": float(truncated_N.mean()),
         "timeouts": counts.get("timeouts", 0),
         "errors": counts.get("errors", 0),
-        "truncated_prompts": int(sum(prompt_truncated)),
-        "generate_seconds": elapsed,
-        "score_seconds": t2 - t1,
-        "tokens_per_second": generated / elapsed if elapsed > 0 else 0.0,
+        "truncated_prompts": int(sum(bool(r["prompt_truncated"]) for r in records)),
+        **timing,
         "env_counts": counts,
     })
-    sources = [task_source(t) for t in tasks]
+    sources = [r["source"] for r in records]
     if len(set(sources)) > 1:  # a mixed source: each part's own metrics beside the whole's
         by_source: dict[str, list[int]] = {}
         for i, src in enumerate(sources):
             by_source.setdefault(src, []).append(i)
         result["per_source"] = {src: {"num_problems": len(ps), **at_k(ps),
                                       "reward_mean": float(rewards_PS[ps].mean())} for src, ps in by_source.items()}
-    problems = []
-    for i, task in enumerate(tasks):
-        sl = slice(i * n, (i + 1) * n)
-        rec = {"index": i, "source": sources[i], "question": _last_user_text(task),
-               "answer": task.metadata.get("answer"), "num_correct": int(num_correct_P[i]),
-               "rewards": rewards_PS[i].tolist(), "lengths": lengths_N[sl].tolist(),
-               "finish_reasons": finish_reasons[sl], "info": info[sl], "prompt_tokens": len(prompt_ids[i]),
-               "prompt_truncated": prompt_truncated[i]}
-        for key, field in (("id", "id"), ("index", "source_index")):  # the row of its source
-            if key in task.metadata:
-                rec[field] = task.metadata[key]
-        if keep_completions:
-            rec["prompt"] = prompt_texts[i]  # as the model saw it (chat template, system prompt), before truncation
-            rec["completions"] = completions[sl]
-        problems.append(rec)
-    result["problems"] = problems
     return result
 
 
