@@ -280,6 +280,9 @@ def resume_chunks(journal: Journal, resume: bool) -> list[Chunk]:
     return [Chunk(p, c) for p, c in shared]
 
 
+_HEADER = b'{"eval_rows": 1, "settings": '  # how a rows file begins (`Journal._write`)
+
+
 class Journal:
     """An evaluation's rows as they are scored, so that an interrupted run loses at most the chunk in progress:
     <results>.rows.jsonl holds a header line (the settings), then per chunk one line per problem (its record) and
@@ -316,9 +319,14 @@ class Journal:
         return done
 
     def _read(self) -> tuple[dict[str, Any], list[Chunk], int]:
-        """(its settings, its whole chunks, the offset where the last one ends)."""
+        """(its settings, its whole chunks, the offset where the last one ends). A line is whole once its newline is
+        written: a last line without one was cut short, even where it parses (a chunk's end written but not its
+        newline: truncating after it would extend the file by a byte, and the next chunk's rows would join it)."""
         with open(self.path, "rb") as f:
             lines = f.read().split(b"\n")
+        if len(lines) == 1 and (lines[0].startswith(_HEADER) or _HEADER.startswith(lines[0])):
+            return {}, [], 0  # stopped before its header line was written whole: nothing to resume
+        lines[-1] = b""  # (what follows the last newline: nothing, or a line cut short)
         try:
             theirs = json.loads(lines[0])["settings"]
             assert isinstance(theirs, dict)
