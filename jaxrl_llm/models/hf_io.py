@@ -34,7 +34,7 @@ from jaxrl_llm.models.safetensors_io import (
 )
 from jaxrl_llm.models.staging import remove_leftovers, staging_folder
 from jaxrl_llm.parallel.mesh import single_device_mesh
-from jaxrl_llm.parallel.rules import ShardingRules
+from jaxrl_llm.parallel.rules import ShardingRules, as_rules
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ def load_params_from_source(
     """Read every parameter of `cfg` from `src` into sharded device arrays of `dtype`."""
     dt = resolve_dtype(dtype)
     np_dt = np.dtype(ml_dtypes.bfloat16) if dt == jnp.bfloat16 else np.dtype(dt)
-    rules = rules or ShardingRules()
+    rules = as_rules(rules)
     if mesh is not None:
         warn_replicated(cfg, mesh, rules)
     mesh = mesh or single_device_mesh()

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxrl_llm.models.config import ModelConfig, resolve_dtype
-from jaxrl_llm.parallel.rules import ShardingRules
+from jaxrl_llm.parallel.rules import ShardingRules, as_rules
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def check_params(cfg: ModelConfig, params: dict) -> None:
 
 def param_shardings(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = None) -> dict:
     """NamedSharding per parameter (same nesting as params), from the rules table."""
-    rules = rules or ShardingRules()
+    rules = as_rules(rules)
     return unflatten({k: rules.sharding(mesh, s.axes, s.shape) for k, s in param_specs(cfg).items()})
 
 
@@ -147,7 +147,7 @@ def replication_warning(cfg: ModelConfig, mesh_shape: dict[str, int], rules: Sha
     whole on every device along it: more memory per device than the mesh suggests (and, along tensor, their matmuls
     are not split either).
     """
-    rules = rules or ShardingRules()
+    rules = as_rules(rules)
     lost: dict[str, dict[tuple[str, int], list[str]]] = {}
     actual = even = 0.0
     for name, s in param_specs(cfg).items():
@@ -252,7 +252,7 @@ def with_score_head(cfg: ModelConfig, params: dict, num_labels: int, rng: jax.Ar
     if mesh is None:
         score = jax.jit(make)(rng)
     else:
-        score = jax.jit(make, out_shardings=(rules or ShardingRules()).sharding(mesh, spec.axes, spec.shape))(rng)
+        score = jax.jit(make, out_shardings=as_rules(rules).sharding(mesh, spec.axes, spec.shape))(rng)
     out = {k: v for k, v in params.items() if k != "lm_head"}
     out["score"] = score
     return new_cfg, out

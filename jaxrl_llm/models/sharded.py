@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.params import param_shardings
 from jaxrl_llm.models.transformer import forward
-from jaxrl_llm.parallel.rules import ShardingRules
+from jaxrl_llm.parallel.rules import ShardingRules, as_rules
 
 
 def sharded_forward(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = None) -> Callable:
@@ -21,7 +21,7 @@ def sharded_forward(cfg: ModelConfig, mesh: Mesh, rules: ShardingRules | None = 
     sharded over (batch, length, vocab). Parameters must already carry `param_shardings(cfg, mesh, rules)`
     (as `load_pretrained(..., mesh=mesh)` and `init_params(..., mesh=mesh)` produce them).
     """
-    rules = rules or ShardingRules()
+    rules = as_rules(rules)
     p_sh = param_shardings(cfg, mesh, rules)
 
     @functools.lru_cache(maxsize=16)

@@ -87,6 +87,18 @@ class ShardingRules:
         return NamedSharding(mesh, self.spec(logical_axes, shape, dict(mesh.shape)))
 
 
+def as_rules(rules: ShardingRules | None, key: str = "rules") -> ShardingRules:
+    """`rules`, or the default table for None; a TypeError naming the fix for anything else (a bare table such as
+    DEFAULT_RULES, which failed deep inside with "'tuple' object has no attribute 'spec'")."""
+    if rules is None:
+        return ShardingRules()
+    if not isinstance(rules, ShardingRules):
+        raise TypeError(f"{key}: expected a parallel.ShardingRules (or None: the default table), got "
+                        f"{type(rules).__name__}; wrap a table of (logical axis, mesh axes) pairs as "
+                        "parallel.ShardingRules(table), e.g. parallel.ShardingRules(parallel.DEFAULT_RULES)")
+    return rules
+
+
 def sampling_rules(layout: str) -> ShardingRules | None:
     """The rules table the sampler uses for a named layout (a config's rollout.sampling_layout), None for the
     trainer's own. "tensor": weights sharded over the tensor axis only (heads, MLP width, vocabulary) and whole on

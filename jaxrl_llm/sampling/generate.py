@@ -23,7 +23,7 @@ from jaxrl_llm.data.bulk import Progress
 from jaxrl_llm.distributed import put_global, to_host
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.params import as_prng_key, check_params, param_shardings
-from jaxrl_llm.parallel.rules import ShardingRules
+from jaxrl_llm.parallel.rules import ShardingRules, as_rules
 from jaxrl_llm.sampling import loop
 from jaxrl_llm.sampling.budget import auto_batch_size, cast_copy_bytes, layout_copy_bytes, row_bytes
 from jaxrl_llm.sampling.request import (
@@ -92,10 +92,11 @@ def _prepare(cfg: ModelConfig, params: dict, mesh: Mesh | None, rules: ShardingR
              sampling_rules: ShardingRules | None) -> PreparedParams:
     if mesh is None:
         return PreparedParams(cfg, params, None, None)
-    rules = rules or ShardingRules()
+    rules = as_rules(rules)
     if sampling_rules is None:
         _check_placement(params, mesh)
         return PreparedParams(cfg, params, mesh, rules)
+    sampling_rules = as_rules(sampling_rules, "sampling_rules")
     t0 = time.perf_counter()
     params = jax.block_until_ready(jax.device_put(params, param_shardings(cfg, mesh, sampling_rules)))
     return PreparedParams(cfg, params, mesh, sampling_rules, time.perf_counter() - t0)
@@ -114,7 +115,7 @@ def prepare_params(cfg: ModelConfig, params: dict, *, mesh: Mesh | None = None, 
 
 def _check_prepared(prep: PreparedParams, cfg: ModelConfig, mesh: Mesh | None, rules: ShardingRules | None,
                     sampling_rules: ShardingRules | None) -> None:
-    want = None if mesh is None else sampling_rules or rules or ShardingRules()
+    want = None if mesh is None else sampling_rules or as_rules(rules)
     if prep.cfg != cfg or prep.mesh != mesh or prep.rules != want:
         raise ValueError("params: prepared (sampling.prepare_params) for another cfg, mesh or rules than this "
                          "generate call's; prepare them with the call's cfg, mesh, rules and sampling_rules")
