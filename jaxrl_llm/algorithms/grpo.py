@@ -31,7 +31,7 @@ from jax.ad_checkpoint import checkpoint_name
 from ml_collections import config_dict
 
 from jaxrl_llm.algorithms.advantages import ADV_ESTIMATORS
-from jaxrl_llm.algorithms.losses import token_logprobs
+from jaxrl_llm.algorithms.losses import token_logprob_stats, token_logprobs
 from jaxrl_llm.algorithms.pg_losses import KL_TYPES, LOGP_FLOOR, TIS_TYPES, grpo_advantages, policy_gradient_loss_sum
 from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
 from jaxrl_llm.models.config import ModelConfig
@@ -417,7 +417,10 @@ def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: 
 
     def per_chunk(h_BCD, targets_BC):  # `cfg.logits_chunk` positions at a time (`over_positions`)
         logits = lm_logits(cfg, head, h_BCD, rules).astype(jnp.float32) / temperature
-        lp_raw = token_logprobs(logits, targets_BC)
+        if with_entropy:  # (the entropy from the log-probs' own exp: log_softmax took two more passes over [B, C, V])
+            lp_raw, ent = token_logprob_stats(logits, targets_BC)
+        else:
+            lp_raw = token_logprobs(logits, targets_BC)
         lp = lp_raw
         if top_k > 0 or top_p < 1.0:  # the sampler's filter, row by row; removed tokens get -inf
             B, C, V = logits.shape
@@ -430,10 +433,7 @@ def _policy_logprobs(cfg: ModelConfig, params: Any, ids_BT: jax.Array, attn_BT: 
             # Tokens outside the nucleus (padding, or a borderline token round-off put on the other side) get a
             # finite floor instead of -inf, so masked sums stay finite; their gradient is zero either way.
             lp = jnp.where(jnp.isfinite(lp), lp, LOGP_FLOOR)
-        if not with_entropy:
-            return lp, lp_raw
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        return lp, lp_raw, -(jnp.exp(logp) * logp).sum(-1)
+        return (lp, lp_raw, ent) if with_entropy else (lp, lp_raw)
 
     out = over_positions(per_chunk, cfg.logits_chunk, h, ids_BT[:, first_target:], save=(_FILTER_THRESHOLD,))
     lp, lp_raw = out[0], out[1]

@@ -25,6 +25,22 @@ def token_logprobs(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
+def token_logprob_stats(logits_BTV: jax.Array, targets_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(`token_logprobs(logits, targets)`, the entropy -sum p log p of softmax(logits) per position, without gradient),
+    both [B, T] fp32, from one exp over the vocabulary: p = exp(logits - max) / its sum, the logsumexp's own terms.
+    An entropy from `jax.nn.log_softmax` took two more passes of exp over [B, T, V] (its own, and p = exp(log p))."""
+    x = logits_BTV.astype(jnp.float32)
+    m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # (as jax.nn.logsumexp)
+    e = jnp.exp(x - m)
+    s = e.sum(-1)
+    lse = jnp.log(s) + m[..., 0]
+    lp = jnp.take_along_axis(x, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0] - lse
+    # (p log p with log p = x - lse, terms all <= 0; an entropy from e and x - max made XLA:CPU write x - max out)
+    ent = jax.lax.stop_gradient(-((e / s[..., None]) * (x - lse[..., None])).sum(-1))
+    return lp, ent
+
+
 def target_logprobs(cfg: ModelConfig, params: Any, h_BKD: jax.Array, targets_BK: jax.Array,
                     rules: ShardingRules | None = None) -> jax.Array:
     """log p(target) [B, K] in fp32 from final hidden states [B, K, D]: `token_logprobs` of `lm_logits`, projected
