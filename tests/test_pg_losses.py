@@ -326,8 +326,6 @@ CONFIGS = [
     dict(kl_coef=0.1, use_sampler=True, tis_type="icepop", tis_cap=1.5, tis_min=0.6),
     dict(token_level=False, use_sampler=True, tis_type="seq-mask-tis", tis_cap=1.2, tis_min=0.85),
     dict(token_level=False, sequence_level_ratio=True, use_sampler=True, tis_type="icepop", tis_cap=2.0, tis_min=0.5),
-    dict(token_level=False, sequence_level_ratio=True, use_sampler=True, tis_type="seq-mask-tis", tis_cap=1.2,
-         tis_min=0.85),
     dict(kl_coef=0.2, kl_type="k3", use_sampler=True, on_policy_kl=True, use_kl_logprobs=True, token_level=False),
     dict(cispo=True, kl_coef=0.1, use_sampler=True, on_policy_kl=True, positive_nll_weight=0.5, use_positive=True),
     dict(token_level=False, positive_nll_weight=0.3, use_positive=True, normalizer=9.0),

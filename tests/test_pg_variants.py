@@ -100,7 +100,6 @@ def test_tis_types_hand_values(kw, w_exp):
     (dict(tis_cap=1.5, tis_min=0.5), [1.5, 1.5, 0.5]),                         # per-sequence products clipped
     (dict(tis_cap=1.5, tis_min=0.5, tis_type="icepop"), [0.0, 0.0, 0.0]),      # products 1.8, 6, 0.14: all out
     (dict(tis_cap=2.0, tis_min=0.5, tis_type="icepop"), [1.8, 0.0, 0.0]),
-    (dict(tis_cap=1.5, tis_min=0.5, tis_type="seq-mask-tis"), [1.8, 0.0, 0.0]),  # geo-mean 1.216 inside: raw 1.8
 ])
 def test_tis_types_gspo_per_sequence(kw, w_exp):
     lp, old, A, mask, sampler = _tis_batch()

@@ -1,5 +1,6 @@
 """Work GRPO's compiled loss step should not do (a static audit of the lowered programs, as test_rev33_flops): the
-entropy metric's own passes of exp over [positions, vocabulary]."""
+entropy metric's own passes of exp over [positions, vocabulary]; and a loss-variant pair NeMo RL refuses (GSPO with
+seq-mask-tis)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from recipes import recipe
 
 from jaxrl_llm import models
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.losses import token_logprob_stats, token_logprobs
+from jaxrl_llm.algorithms.pg_losses import policy_gradient_loss
 
 V = 512
 CFG = models.ModelConfig(family="llama", vocab_size=V, hidden_size=32, intermediate_size=64, num_layers=1,
@@ -55,3 +58,19 @@ def test_token_logprob_stats_values():
     np.testing.assert_allclose(ent, -(np.exp(logp) * logp).sum(-1), rtol=1e-5, atol=5e-6)
     g = jax.grad(lambda x: token_logprob_stats(x, t)[1].sum())(x)
     assert not np.asarray(g).any()
+
+
+def test_gspo_with_seq_mask_tis_is_refused():
+    """seq-mask-tis keeps the raw weights of the sequences it does not mask; under GSPO each is the sequence's
+    exp(sum of log-weights), untruncated (NeMo RL refuses the pair). FAILS before the fix: 2000 tokens 0.15% apart,
+    a geometric mean inside [0.999, 1.002], gave the sequence weight e^3 = 20."""
+    lp = jnp.full((1, 2000), -1.0)
+    with pytest.raises(ValueError, match="seq-mask-tis"):
+        policy_gradient_loss(lp, lp, None, jnp.ones(1), jnp.ones_like(lp), token_level=False,
+                             sequence_level_ratio=True, sampler_logprobs=lp - 0.0015, tis_cap=1.002, tis_min=0.999,
+                             tis_type="seq-mask-tis")
+    c = recipe("grpo_tiny", {"grpo.token_level": False, "grpo.sequence_level_ratio": True,
+                             "grpo.importance_correction": True, "grpo.recompute_old_logprobs": True,
+                             "grpo.tis_cap": 1.002, "grpo.tis_min": 0.999, "grpo.tis_type": "seq-mask-tis"})
+    with pytest.raises(ValueError, match="grpo.tis_type='seq-mask-tis'"):
+        grpo.validate_config(c)

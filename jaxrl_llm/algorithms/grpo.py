@@ -70,8 +70,8 @@ def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
     Loss: clip_low/clip_high (clip-higher), dual_clip (c > 1; 0 = off), cispo, reinforce (no ratio),
     token_level or per-sequence means, sequence_level_ratio (GSPO), kl_coef/kl_type (k1 | k2 | k3),
     on_policy_kl (KL terms weighted towards the sampler; needs importance_correction), importance_correction (needs
-    recompute_old_logprobs) with tis_cap (0 = no truncation), tis_type tis | icepop | seq-mask-tis and tis_min,
-    positive_nll_weight (VAPO's NLL on samples with reward > 0).
+    recompute_old_logprobs) with tis_cap (0 = no truncation), tis_type tis | icepop | seq-mask-tis (not under GSPO)
+    and tis_min, positive_nll_weight (VAPO's NLL on samples with reward > 0).
     Samples: overlong_filtering (truncated samples masked out of the loss), logprob_error_threshold (needs
     recompute_old_logprobs: samples whose mean exp|sampler - trainer log-prob| exceeds it are masked out),
     dynamic_sampling (keep groups with reward spread; up to dynamic_sampling_max_rounds generation rounds of
@@ -266,6 +266,11 @@ def _validate_variants(g: Any, config: Any) -> None:
                          "importance weight is truncated, so it would have no effect")
     if g.tis_cap and g.tis_type != "tis" and g.tis_min is None:
         raise ValueError(f"grpo.tis_type={g.tis_type!r} needs grpo.tis_min (the lowest importance weight kept)")
+    if g.tis_cap and g.tis_type == "seq-mask-tis" and g.sequence_level_ratio:
+        raise ValueError("grpo.tis_type='seq-mask-tis' keeps the raw importance weights of the sequences it does not "
+                         "mask: under grpo.sequence_level_ratio (GSPO) each is its sequence's exp(sum of log-weights), "
+                         "untruncated (x20 for 2000 tokens 0.15% apart); use grpo.tis_type 'tis' or 'icepop' (NeMo RL "
+                         "refuses the pair too)")
     if g.tis_min is not None and not 0 <= g.tis_min <= (g.tis_cap or float("inf")):
         raise ValueError(f"grpo.tis_min={g.tis_min}: must be in [0, grpo.tis_cap={g.tis_cap}]")
     if g.on_policy_kl and not (g.importance_correction and g.kl_coef):

@@ -102,6 +102,9 @@ def _check_options(*, kl_type, dual_clip, token_level, sequence_level_ratio, sam
         raise ValueError(f"tis_min={tis_min}: must be in [0, tis_cap={tis_cap}]")
     if tis_cap is not None and tis_type != "tis" and tis_min is None:
         raise ValueError(f"tis_type={tis_type!r} needs tis_min (the lower bound of the kept weights)")
+    if tis_type == "seq-mask-tis" and sequence_level_ratio:
+        raise ValueError("tis_type='seq-mask-tis' keeps the raw weights of the sequences it does not mask: with "
+                         "sequence_level_ratio (GSPO) that is each sequence's exp(sum of log-weights), untruncated")
     if cispo and (not token_level or dual_clip is not None or reinforce or sequence_level_ratio):
         raise ValueError("cispo needs token_level=True and excludes dual_clip, reinforce and sequence_level_ratio")
     if on_policy_kl and sampler_logprobs is None:
