@@ -3,6 +3,8 @@ written out here (ties, -inf, top-k first, tiny and near-1 top_p), against HF's 
 vocabulary, and no sort in the compiled filter (a `grpo_tiny` step with top_p=0.9 took 4.2 s on a 2-core CPU
 against 0.28 s with top_k=20, the vocabulary sort at every position)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,3 +124,21 @@ def test_matches_hf_warpers_on_a_large_vocabulary(top_k, top_p):
         if _margin_ok(x[b], top_k, top_p):
             np.testing.assert_array_equal(kept_ours[b], kept_hf[b])
     assert kept_ours.sum(-1).min() > 1
+
+
+@pytest.mark.parametrize("top_p", [0.9, 1.0])
+def test_candidates_stay_xla_cpus_topk_call_with_constant_settings(top_p):
+    """GRPO's recomputation passes top_k/top_p as constants: with them folded in, a slice of lax.top_k's values
+    merged into the sort behind it and XLA:CPU sorted every row (2 s instead of 40 ms at [256, 49152])."""
+    R, V2 = 64, 4096
+    x = jnp.zeros((R, V2))
+    k, p, t = jnp.full(R, 20, jnp.int32), jnp.full(R, top_p, jnp.float32), jnp.zeros(R, jnp.int32)
+
+    def logprobs(x):
+        thr = jax.lax.stop_gradient(st.filter_threshold(x, k, p, 256))
+        return st.token_logprobs(st.filter_top_k_top_p(x, k, p, thr), t)
+
+    for fn in (logprobs, jax.grad(lambda x: logprobs(x).sum())):
+        text = jax.jit(fn).lower(x).compile().as_text()
+        assert 'custom_call_target="TopK"' in text
+        assert not re.search(rf"f32\[{R},{V2}\]\S* sort\(", text)

@@ -104,7 +104,10 @@ def candidate_threshold(logits_BV: jax.Array, top_BK: jax.Array, top_k_B: jax.Ar
     rows whose top_k is off or at most K: the rule written over a sorted row (cumulative mass; probabilities
     normalised over the whole top-k-filtered row). Exact for such rows: the top-k set's values past the K-th all
     equal the K-th (they lie between the k-th and the K-th largest), so a nucleus that does not close among the K
-    candidates ends at that same value. A row with neither filter gets -inf (keeps everything)."""
+    candidates ends at that same value. A row with neither filter gets -inf (keeps everything).
+    XLA:CPU lowers lax.top_k to a sort and a slice that it turns back into its TopK call only while the sort's
+    users are that one slice: a slice of top_BK folds into another slice of the sort (top_BK[:, :1] did: a full
+    sort of [256, 49152], 2 s instead of 40 ms), so this function reads top_BK through gathers and reductions."""
     x_BV = logits_BV.astype(_F32)
     top_BK = top_BK.astype(_F32)
     K = top_BK.shape[-1]
@@ -112,7 +115,7 @@ def candidate_threshold(logits_BV: jax.Array, top_BK: jax.Array, top_k_B: jax.Ar
     thr_k_B = jnp.where(top_k_B > 0, kth_B, NEG_INF)
 
     def nucleus(_):
-        m_B = top_BK[:, :1]
+        m_B = jnp.max(top_BK, axis=-1, keepdims=True)  # (not top_BK[:, :1]: see the docstring)
         z_B = jnp.sum(jnp.where(x_BV >= thr_k_B[:, None], jnp.exp(x_BV - m_B), 0.0), axis=-1)
         probs_BK = jnp.where(top_BK >= thr_k_B[:, None], jnp.exp(top_BK - m_B), 0.0) / z_B[:, None]
         keep_BK = (jnp.cumsum(probs_BK, axis=-1) - probs_BK < top_p_B[:, None]).at[:, 0].set(True)
