@@ -343,8 +343,8 @@ class Journal:
             try:
                 row = json.loads(line)
             except ValueError:
-                if i >= len(lines) - (not lines[-1]):
-                    break  # the last line, cut short by the interruption
+                if i >= len(lines) - 1:  # (lines[-1], after the last newline, was blanked above)
+                    break  # the last whole line, damaged by the interruption (NULs after a crash)
                 raise ConfigError(f"{self.path}: line {i} is not JSON; move the file away or set "
                                   "--config.eval.resume=False") from None
             if "chunk_end" in row:
