@@ -90,6 +90,8 @@ def grpo_config(a: argparse.Namespace, folder: str, max_prompt_len: int = 4096) 
                   importance_correction=False, tis_cap=0.0, recompute_old_logprobs=False, epochs=1,
                   dynamic_sampling=False, overlong_filtering=False, overlong_buffer=0,
                   shared_prompt=not a.no_shared_prompt)
+    if a.length_buckets is not None:
+        c.grpo.length_buckets = a.length_buckets
     c.train.update(batch_size=0, microbatches=1)  # all rollouts in one update, one forward (as TRL's batch)
     c.optimizer.update(lr=OPT["lr"], warmup_steps=0, schedule="constant", weight_decay=OPT["weight_decay"],
                        b1=OPT["b1"], b2=OPT["b2"], eps=OPT["eps"], grad_clip=OPT["grad_clip"])
@@ -167,7 +169,8 @@ def report(a: argparse.Namespace, ours: dict, trl: dict | None, prompt_len: int)
     print(f"\nOne GRPO step: {a.prompts} prompts x {a.group} generations, {a.new_tokens} new tokens "
           f"(stop: {a.stop}), longest prompt {prompt_len} tokens, kl {a.kl}; median of {len(ours['times'])} steps "
           f"(jaxrl_llm first step, with compiles: {ours['first_step_s']:.1f}s); jaxrl_llm fp32, shared prompt "
-          f"{'off' if a.no_shared_prompt else 'on'}"
+          f"{'off' if a.no_shared_prompt else 'on'}, grpo.length_buckets "
+          f"{grpo.grpo_config().length_buckets if a.length_buckets is None else a.length_buckets}"
           + (f"; TRL bf16 {trl['bf16']}, gradient checkpointing {trl['gradient_checkpointing']}" if trl else "")
           + "\n")
     print("| phase | jaxrl_llm s | TRL s | TRL/jaxrl_llm |\n|---|---|---|---|")
@@ -209,6 +212,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "checkpointing (jaxrl_llm stays fp32 without remat)")
     ap.add_argument("--no-shared-prompt", action="store_true",
                     help="jaxrl_llm runs every rollout row's own prompt copy (grpo.shared_prompt=False), as TRL does")
+    ap.add_argument("--length-buckets", type=int, default=None,
+                    help="jaxrl_llm's grpo.length_buckets (dynamic batching; 0: every row at full width; default: "
+                         "the library's)")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
     for name, (full, tiny, _) in SIZES.items():

@@ -23,6 +23,7 @@ the HF export.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxrl_llm import distributed, models, multiturn, parallel, sampling
+from jaxrl_llm import distributed, models, multiturn, parallel, rl_lengths, sampling
 from jaxrl_llm.algorithms import grpo
 from jaxrl_llm.algorithms.base import batch_indices
 from jaxrl_llm.checkpoint import weights_checksum
@@ -183,6 +184,10 @@ class GRPORunner:
                                                                  ro.top_k, ro.top_p, first_target=P,
                                                                  group=self.group),
                                            in_shardings=(p_sh, full_sh, full_sh))
+        self.n_micro_lp = n_micro_lp
+        # dynamic batching: chunks cut to their rows' widths (rl_lengths), else every row at the full T columns
+        self.chunked = (rl_lengths.ChunkedPasses(cfg, optimizer, config, mesh, rules, p_sh, opt_sh, self.group)
+                        if config.grpo.length_buckets else None)
         if config.grpo.get("shared_prompt", False) and self.group == 1:
             log.info("grpo.shared_prompt: a microbatch of %d rows does not hold whole groups of %d; every row runs "
                      "its own prompt", self.mb_size // tc.microbatches, self.G)
@@ -323,19 +328,25 @@ class GRPORunner:
         if self.group > 1:
             check_shared_prompts(batch, self.group, self.config.data.max_prompt_len)
         t0 = time.perf_counter()
-        # Every process holds the whole batch (gathered rollouts); each places the rows its devices own.
-        full = {k: distributed.put_global(batch[k], self.full_sh) for k in ("input_ids", "attention_mask")}
         metrics: dict[str, float] = {}
+        if self.chunked:
+            lengths = rl_lengths.row_lengths(batch["attention_mask"], self.config.data.max_prompt_len)
+            chunks = self.chunked.plan(np.arange(self.R), lengths, self.n_micro_lp)
+            ref_fn = functools.partial(self.chunked.logprobs, "reference", chunks)
+            policy_fn = functools.partial(self.chunked.logprobs, "policy", chunks)
+            ids, attn = batch["input_ids"], batch["attention_mask"]
+        else:
+            # Every process holds the whole batch (gathered rollouts); each places the rows its devices own.
+            ref_fn, policy_fn = self.ref_logprobs, self.policy_logprobs
+            ids, attn = (distributed.put_global(batch[k], self.full_sh) for k in ("input_ids", "attention_mask"))
         with jax.set_mesh(self.mesh):
             if g.kl_coef:
-                batch["ref_logprobs"] = reference_logprobs(self.ref_logprobs, ref_params, full["input_ids"],
-                                                           full["attention_mask"])
+                batch["ref_logprobs"] = reference_logprobs(ref_fn, ref_params, ids, attn)
             else:
                 batch["ref_logprobs"] = np.zeros_like(batch["sampler_logprobs"])
             t1 = time.perf_counter()
             if g.recompute_old_logprobs:
-                batch["old_logprobs"] = distributed.to_host(
-                    self.policy_logprobs(state["params"], full["input_ids"], full["attention_mask"]))
+                batch["old_logprobs"] = distributed.to_host(policy_fn(state["params"], ids, attn))
                 metrics.update(logprob_error_metrics(batch))
                 if g.logprob_error_threshold is not None:
                     metrics["logprob_error_masked"] = float(mask_logprob_errors(batch, g.logprob_error_threshold))
@@ -350,18 +361,28 @@ class GRPORunner:
                 valid = batch["loss_mask"] > 0
                 host["advantage_abs_mean"] = float(np.abs(batch["advantages"][valid]).mean()) if valid.any() else 0.0
             t2 = time.perf_counter()
-            train_m = []
+            train_m, cells = [], []
             n_mb = self.R // self.mb_size
             order_rng = np.random.default_rng([self.config.seed, step, 0x6A])
             for epoch in range(g.epochs):
                 order = np.arange(self.R) if epoch == 0 else shuffled_rows(order_rng, self.R, self.group)
                 for j in range(n_mb):
                     rows = order[j * self.mb_size:(j + 1) * self.mb_size]
-                    mb = {k: distributed.put_global(batch[k][rows], self.batch_sh[k]) for k in grpo.BATCH_AXES}
-                    state, m_ = self.train_step(state, mb, jnp.bool_(epoch == 0 and j == 0))
+                    on_policy = jnp.bool_(epoch == 0 and j == 0)
+                    if self.chunked:
+                        micro = self.chunked.plan(rows, lengths, self.config.train.microbatches)
+                        cells.append(rl_lengths.padding_share(micro, *lengths, self.T))
+                        state, m_ = self.chunked.update(state, batch, micro, on_policy)
+                    else:
+                        mb = {k: distributed.put_global(batch[k][rows], self.batch_sh[k]) for k in grpo.BATCH_AXES}
+                        state, m_ = self.train_step(state, mb, on_policy)
                     train_m.append(jax.tree.map(distributed.to_host, m_))
             t3 = time.perf_counter()
         metrics.update(reduce_updates(train_m))
+        if cells:  # the loss passes' share of the full-width cells run, and the padding share of those
+            metrics.update(train_cells_share=float(np.mean([c[0] for c in cells])),
+                           train_padding_share=float(np.mean([c[1] for c in cells])),
+                           shapes_compiled=float(len(self.chunked.shapes)))
         gen_time = info.pop("time_generate_s")
         metrics.update(
             **host, gen_tokens_per_s=info["generated_tokens"] / max(gen_time, 1e-9), time_generate_s=gen_time,

@@ -178,7 +178,8 @@ def test_a_grpo_steps_metrics_reduce_all_its_optimizer_updates(monkeypatch):
     r = object.__new__(GRPORunner)
     r.config = _config(**{"rollout.num_prompts": 2, "rollout.group_size": 2, "train.batch_size": 2,
                           "grpo.kl_coef": 0.0, "grpo.recompute_old_logprobs": False})
-    r.G, r.P, r.R, r.mb_size, r.pad, r.group = 2, 2, 4, 2, 0, 1
+    r.G, r.P, r.R, r.mb_size, r.pad, r.group, r.chunked = 2, 2, 4, 2, 0, 1, None
+    r.ref_logprobs = r.policy_logprobs = None  # (kl_coef 0, no recomputation: neither runs)
     r.cfg, r.rules, r.sampling_rules = None, None, None
     r.mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     r.full_sh = NamedSharding(r.mesh, PartitionSpec())

@@ -33,7 +33,8 @@ from ml_collections import config_dict
 from jaxrl_llm.algorithms.advantages import ADV_ESTIMATORS
 from jaxrl_llm.algorithms.losses import token_logprob_stats, token_logprobs
 from jaxrl_llm.algorithms.pg_losses import KL_TYPES, LOGP_FLOOR, TIS_TYPES, grpo_advantages, policy_gradient_loss_sum
-from jaxrl_llm.algorithms.sft import apply_mean_grads, microbatch_sums
+from jaxrl_llm.algorithms.sft import apply_mean_grads, combine_sum, microbatch_sums
+from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.logit_chunks import fp32_head, over_positions
 from jaxrl_llm.models.shared_prefix import continuation_predictors, shared_prefix_hidden_states
@@ -51,7 +52,8 @@ BATCH_AXES = {
 _FILTER_THRESHOLD = "grpo_filter_threshold"  # (`checkpoint_name` of the top-k/top-p threshold, see _policy_logprobs)
 
 __all__ = ["BATCH_AXES", "build_batch", "dynamic_sampling_keep", "grpo_advantages", "grpo_config", "make_logprobs_fn",
-           "make_train_step", "shape_overlong", "shared_prompt_group", "validate_config"]
+           "make_microbatch_fns", "make_train_step", "nll_scale", "shape_overlong", "shared_prompt_group",
+           "validate_config"]
 
 
 def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -80,6 +82,11 @@ def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
     shared_prompt: the log-prob and loss passes run each group's prompt through the transformer once for its
     group_size completions (`jaxrl_llm.models.shared_prefix`; the same values, fewer tokens), when every
     microbatch holds whole groups; off: every rollout row runs its own copy.
+    length_buckets: dynamic batching of the log-prob and loss passes (`jaxrl_llm.rl_lengths`): rows sorted by
+    length (whole groups with shared_prompt) and each microbatch, or log-prob chunk, cut to the widths its rows use,
+    prompt and completion each rounded up to a ladder of this many rungs per doubling (as data.length_buckets;
+    default 2: 32, 48, 64, 96, 128, 192, ..., at most 50% over a chunk's longest row); the same values, fewer
+    columns, one compile per width pair met. 0: every row at max_prompt_len + the token budget, one compiled shape.
     A setting that another one makes inert (reward_weights outside gdpo, a clip with reinforce, ...) is refused
     by `validate_config`, as an unknown key is, rather than silently ignored.
     """
@@ -92,7 +99,7 @@ def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
         token_level=True, sequence_level_ratio=False,
         importance_correction=False, tis_cap=0.0, tis_type="tis", tis_min=config_dict.placeholder(float),
         recompute_old_logprobs=False, logprob_error_threshold=config_dict.placeholder(float),
-        positive_nll_weight=0.0, epochs=1, shared_prompt=True,
+        positive_nll_weight=0.0, epochs=1, shared_prompt=True, length_buckets=2,
         dynamic_sampling=False, dynamic_sampling_max_rounds=10, batch_multiplier=1.0,
         overlong_filtering=False, overlong_buffer=0, overlong_penalty=1.0,
         stop_properly_penalty=config_dict.placeholder(float)))
@@ -147,6 +154,9 @@ def validate_config(config: Any) -> None:
         raise ValueError(f"train.batch_size={B} is not divisible by train.microbatches={config.train.microbatches}")
     if g.epochs < 1:
         raise ValueError(f"grpo.epochs={g.epochs}: must be >= 1")
+    if not _is_int(g.length_buckets) or g.length_buckets not in RUNGS:
+        raise ValueError(f"grpo.length_buckets={g.length_buckets!r}: expected one of {RUNGS} (widths per doubling "
+                         "of the length for the log-prob and loss passes; 0 = every row at full width)")
     if g.kl_type not in KL_TYPES:
         raise ValueError(f"grpo.kl_type={g.kl_type!r}; expected one of {KL_TYPES}")
     if g.kl_coef < 0:
@@ -465,15 +475,9 @@ def make_logprobs_fn(cfg: ModelConfig, temperature: float, num_micro: int, rules
     return fn
 
 
-def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, config: Any,
-                    rules: ShardingRules | None = None) -> Callable:
-    """step(state, minibatch, on_policy) -> (state, metrics): one optimizer update on a minibatch of rollouts.
-
-    minibatch: BATCH_AXES arrays. on_policy (a traced bool): the params still equal the sampling params (the
-    first update of a step), so the old policy is the current one and old log-probs are taken as
-    stop_gradient(current): the ratio is exactly 1 and the gradient is the exact on-policy gradient.
-    The loss is summed over microbatches and divided by the minibatch's global count (tokens or sequences).
-    """
+def _make_loss_fn(cfg: ModelConfig, config: Any, rules: ShardingRules | None, prompt_len: int) -> Callable:
+    """loss_fn(params, mb, on_policy, nll_scale) -> (loss sum, (count, metric sums)) of one microbatch whose
+    completions start at column `prompt_len`."""
     g, ro = config.grpo, config.rollout
     kw = dict(clip_low=g.clip_low, clip_high=g.clip_high, dual_clip=g.dual_clip or None,
               kl_coef=0.0 if g.kl_in_reward else g.kl_coef, kl_type=g.kl_type, token_level=g.token_level,
@@ -486,7 +490,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, c
     def loss_fn(params, mb, on_policy, nll_scale):
         lp, lp_raw, ent = _policy_logprobs(cfg, params, mb["input_ids"], mb["attention_mask"], ro.temperature,
                                            ro.top_k, ro.top_p, rules, with_entropy=True,
-                                           first_target=config.data.max_prompt_len, group=group)
+                                           first_target=prompt_len, group=group)
         mask = mb["loss_mask"].astype(jnp.float32)
         old = jnp.where(on_policy, jax.lax.stop_gradient(lp), mb["old_logprobs"])
         filtered = ro.top_k > 0 or ro.top_p < 1.0
@@ -502,18 +506,73 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, c
                 ((ent * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0) * valid).sum())
         return s, (n, sums)
 
+    return loss_fn
+
+
+def nll_scale(loss_mask: Any, positive: Any, token_level: bool) -> jax.Array:
+    """The factor on the positive-example NLL's sum that makes it, divided by the minibatch's count (tokens, or
+    sequences), the mean over the minibatch's positive tokens; of the whole minibatch's loss_mask [B, T] and
+    positive [B]."""
+    m = jnp.asarray(loss_mask, jnp.float32)
+    n_all = m.sum() if token_level else (m.sum(-1) > 0).sum().astype(jnp.float32)
+    return n_all / jnp.maximum((m * jnp.asarray(positive, jnp.float32)[:, None]).sum(), 1.0)
+
+
+def _apply(optimizer: optax.GradientTransformation, state: dict, grads: Any, loss: jax.Array, count: jax.Array,
+           sums: dict[str, jax.Array]) -> tuple[dict, dict[str, jax.Array]]:
+    norm = jnp.maximum(count, 1.0)
+    state, gnorm = apply_mean_grads(optimizer, state, grads, norm)
+    metrics = {k: (v if k in ("ratio_min", "ratio_max") else v / norm) for k, v in sums.items()}
+    # count: the tokens (or sequences) in the loss, 0 when all were masked out (`rl_batch.reduce_updates`)
+    return state, {"loss": loss / norm, "grad_norm": gnorm, "count": count, **metrics}
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, config: Any,
+                    rules: ShardingRules | None = None, prompt_len: int | None = None) -> Callable:
+    """step(state, minibatch, on_policy) -> (state, metrics): one optimizer update on a minibatch of rollouts.
+
+    minibatch: BATCH_AXES arrays. on_policy (a traced bool): the params still equal the sampling params (the
+    first update of a step), so the old policy is the current one and old log-probs are taken as
+    stop_gradient(current): the ratio is exactly 1 and the gradient is the exact on-policy gradient.
+    The loss is summed over microbatches and divided by the minibatch's global count (tokens or sequences).
+    prompt_len: the column where completions start (default data.max_prompt_len; less for rows cut by
+    `jaxrl_llm.rl_lengths`).
+    """
+    loss_fn = _make_loss_fn(cfg, config, rules, config.data.max_prompt_len if prompt_len is None else prompt_len)
+
     def step(state, mb, on_policy):
-        # The positive-example NLL is a mean over this minibatch's positive tokens: scale its sum so that dividing
-        # by the minibatch's count (tokens, or sequences) gives that mean.
-        m = mb["loss_mask"].astype(jnp.float32)
-        n_all = m.sum() if g.token_level else (m.sum(-1) > 0).sum().astype(jnp.float32)
-        nll_scale = n_all / jnp.maximum((m * mb["positive"].astype(jnp.float32)[:, None]).sum(), 1.0)
-        grads, loss, count, sums = microbatch_sums(lambda p, x: loss_fn(p, x, on_policy, nll_scale),
+        scale = nll_scale(mb["loss_mask"], mb["positive"], config.grpo.token_level)
+        grads, loss, count, sums = microbatch_sums(lambda p, x: loss_fn(p, x, on_policy, scale),
                                                    state["params"], mb, config.train.microbatches)
-        norm = jnp.maximum(count, 1.0)
-        state, gnorm = apply_mean_grads(optimizer, state, grads, norm)
-        metrics = {k: (v if k in ("ratio_min", "ratio_max") else v / norm) for k, v in sums.items()}
-        # count: the tokens (or sequences) in the loss, 0 when all were masked out (`rl_batch.reduce_updates`)
-        return state, {"loss": loss / norm, "grad_norm": gnorm, "count": count, **metrics}
+        return _apply(optimizer, state, grads, loss, count, sums)
 
     return step
+
+
+def make_microbatch_fns(cfg: ModelConfig, optimizer: optax.GradientTransformation, config: Any,
+                        rules: ShardingRules | None = None) -> tuple[Callable, Callable, Callable]:
+    """The same optimizer update as `make_train_step`, in pieces that the host calls once per microbatch, so that
+    each microbatch may have its own width (grpo.length_buckets, `jaxrl_llm.rl_lengths`):
+
+    - grads(prompt_len) -> fn(params, microbatch, on_policy, nll_scale) -> sums: (grad sums, loss sum, count,
+      metric sums) of one microbatch whose completions start at column prompt_len (`nll_scale` of the whole
+      minibatch);
+    - add(sums, sums) -> sums (the `*_min`/`*_max` metrics by min/max);
+    - apply(state, sums) -> (state, metrics), as `make_train_step`'s step returns them.
+    """
+    def grads(prompt_len: int) -> Callable:
+        loss_fn = _make_loss_fn(cfg, config, rules, prompt_len)
+
+        def fn(params, mb, on_policy, scale):
+            return microbatch_sums(lambda p, x: loss_fn(p, x, on_policy, scale), params, mb, 1)
+
+        return fn
+
+    def add(a, b):
+        return (jax.tree.map(jnp.add, a[0], b[0]), a[1] + b[1], a[2] + b[2],
+                {k: combine_sum(k, a[3][k], b[3][k]) for k in a[3]})
+
+    def apply(state, sums):
+        return _apply(optimizer, state, *sums)
+
+    return grads, add, apply

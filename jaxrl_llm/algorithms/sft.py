@@ -38,6 +38,13 @@ from jaxrl_llm.parallel.rules import ShardingRules, constrain
 log = logging.getLogger(__name__)
 
 
+def combine_sum(name: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """Two microbatches' values of metric `name` combined (fp32): the least for `*_min`, the most for `*_max`, else
+    the sum."""
+    b = b.astype(jnp.float32)
+    return jnp.minimum(a, b) if name.endswith("_min") else jnp.maximum(a, b) if name.endswith("_max") else a + b
+
+
 def microbatch_sums(loss_fn: Callable, params: Any, batch: dict[str, jax.Array], num_micro: int
                     ) -> tuple[Any, jax.Array, jax.Array, dict[str, jax.Array]]:
     """Microbatch accumulation with metrics: loss_fn(params, mb) -> (loss_sum, (count, metric_sums)).
@@ -52,15 +59,11 @@ def microbatch_sums(loss_fn: Callable, params: Any, batch: dict[str, jax.Array],
         return {k: jnp.full(s.shape, big if k.endswith("_min") else -big if k.endswith("_max") else 0.0, jnp.float32)
                 for k, s in sums_shape.items()}
 
-    def reduce(k, a, b):
-        b = b.astype(jnp.float32)
-        return jnp.minimum(a, b) if k.endswith("_min") else jnp.maximum(a, b) if k.endswith("_max") else a + b
-
     if num_micro == 1:  # no accumulation: no zero-filled accumulators to add the one microbatch's sums into
         (l, (n, sums)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
         g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
         init = initial(sums)
-        return g, l.astype(jnp.float32), n.astype(jnp.float32), {k: reduce(k, init[k], sums[k]) for k in init}
+        return g, l.astype(jnp.float32), n.astype(jnp.float32), {k: combine_sum(k, init[k], sums[k]) for k in init}
     micro = jax.tree.map(lambda x: x.reshape(num_micro, x.shape[0] // num_micro, *x.shape[1:]), batch)
     _, (_, sums_shape) = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro))
     init = initial(sums_shape)
@@ -70,7 +73,7 @@ def microbatch_sums(loss_fn: Callable, params: Any, batch: dict[str, jax.Array],
         (l, (n, sums)), g = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
         g_acc, l_acc, n_acc, s_acc = carry
         g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-        s_acc = {k: reduce(k, s_acc[k], sums[k]) for k in s_acc}
+        s_acc = {k: combine_sum(k, s_acc[k], sums[k]) for k in s_acc}
         return (g_acc, l_acc + l.astype(jnp.float32), n_acc + n.astype(jnp.float32), s_acc), None
 
     (g, l, n, sums), _ = jax.lax.scan(body, zeros, micro)
