@@ -92,7 +92,7 @@ def grpo_config(a: argparse.Namespace, folder: str, max_prompt_len: int = 4096) 
                   shared_prompt=not a.no_shared_prompt)
     if a.length_buckets is not None:
         c.grpo.length_buckets = a.length_buckets
-    c.train.update(batch_size=0, microbatches=1)  # all rollouts in one update, one forward (as TRL's batch)
+    c.train.update(batch_size=0, microbatches=a.microbatches)  # all rollouts in one update (1: one forward, as TRL)
     c.optimizer.update(lr=OPT["lr"], warmup_steps=0, schedule="constant", weight_decay=OPT["weight_decay"],
                        b1=OPT["b1"], b2=OPT["b2"], eps=OPT["eps"], grad_clip=OPT["grad_clip"])
     c.mesh.update(data=1, fsdp=-1, tensor=1)
@@ -156,6 +156,11 @@ class JaxGRPO:
         return {"step_s": med(lambda r: r["wall_s"]), "times": [r["wall_s"] for r in timed], "phases": phases,
                 "first_step_s": records[0]["wall_s"], "generated_tokens": med(lambda r: r["gen_length_mean"] * R),
                 "reward_mean": [r["reward_mean"] for r in records], "losses": [r["loss"] for r in records],
+                "train_s": [r["time_train_s"] for r in records],
+                # dynamic batching (grpo.length_buckets > 0): the share of full-width cells the loss pass ran, and
+                # the shapes compiled so far (a step that meets a new width compiles inside its train phase)
+                "train_cells_share": [r.get("train_cells_share", 1.0) for r in records],
+                "train_compiles": [r.get("train_compiles", 0.0) for r in records],
                 "records": records}
 
     def close(self) -> None:
@@ -169,7 +174,7 @@ def report(a: argparse.Namespace, ours: dict, trl: dict | None, prompt_len: int)
     print(f"\nOne GRPO step: {a.prompts} prompts x {a.group} generations, {a.new_tokens} new tokens "
           f"(stop: {a.stop}), longest prompt {prompt_len} tokens, kl {a.kl}; median of {len(ours['times'])} steps "
           f"(jaxrl_llm first step, with compiles: {ours['first_step_s']:.1f}s); jaxrl_llm fp32, shared prompt "
-          f"{'off' if a.no_shared_prompt else 'on'}, grpo.length_buckets "
+          f"{'off' if a.no_shared_prompt else 'on'}, {a.microbatches} microbatches, grpo.length_buckets "
           f"{grpo.grpo_config().length_buckets if a.length_buckets is None else a.length_buckets}"
           + (f"; TRL bf16 {trl['bf16']}, gradient checkpointing {trl['gradient_checkpointing']}" if trl else "")
           + "\n")
@@ -184,6 +189,9 @@ def report(a: argparse.Namespace, ours: dict, trl: dict | None, prompt_len: int)
     for label, o, t in rows:
         ratio = f"{t / o:.1f}x" if t is not None and o > 1e-3 else ""
         print(f"| {label} | {o:.3f} | {'' if t is None else f'{t:.3f}'} | {ratio} |")
+    print(f"\njaxrl_llm per step (first: compiles): train s {' '.join(f'{t:.2f}' for t in ours['train_s'])}; "
+          f"share of full-width cells trained {' '.join(f'{c:.2f}' for c in ours['train_cells_share'])}; "
+          f"train shapes compiled {' '.join(f'{c:.0f}' for c in ours['train_compiles'])}")
     print(f"\ngenerated tokens per step (of {R} x {a.new_tokens} = {R * a.new_tokens} max): jaxrl_llm "
           f"{ours['generated_tokens']:.0f}" + (f", TRL {trl['generated_tokens']:.0f}" if trl else ""))
     gen = f"generation tokens/s: jaxrl_llm {ours['generated_tokens'] / ours['phases']['generate']:,.0f}"
@@ -212,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "checkpointing (jaxrl_llm stays fp32 without remat)")
     ap.add_argument("--no-shared-prompt", action="store_true",
                     help="jaxrl_llm runs every rollout row's own prompt copy (grpo.shared_prompt=False), as TRL does")
+    ap.add_argument("--microbatches", type=int, default=1,
+                    help="jaxrl_llm's train.microbatches (1: all rollouts in one forward and backward, as TRL's side)")
     ap.add_argument("--length-buckets", type=int, default=None,
                     help="jaxrl_llm's grpo.length_buckets (dynamic batching; 0: every row at full width; default: "
                          "the library's)")

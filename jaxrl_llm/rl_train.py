@@ -380,9 +380,9 @@ class GRPORunner:
             t3 = time.perf_counter()
         metrics.update(reduce_updates(train_m))
         if cells:  # the loss passes' share of the full-width cells run, and the padding share of those
-            metrics.update(train_cells_share=float(np.mean([c[0] for c in cells])),
+            metrics.update(train_cells_share=float(np.mean([c[0] for c in cells])),  # (train_compiles: this process)
                            train_padding_share=float(np.mean([c[1] for c in cells])),
-                           shapes_compiled=float(len(self.chunked.shapes)))
+                           train_compiles=float(len(self.chunked.shapes)))
         gen_time = info.pop("time_generate_s")
         metrics.update(
             **host, gen_tokens_per_s=info["generated_tokens"] / max(gen_time, 1e-9), time_generate_s=gen_time,

@@ -286,7 +286,8 @@ def test_grpo_tiny_reward_rises_and_first_update_is_on_policy(tmp_path):
     assert "[step 15/16" in p.stderr and "[step 14/16" not in p.stderr
     again = _rows(tmp_path / "resumed")
     assert [r["step"] for r in again] == list(range(1, 17))
-    varies = ("time_", "gen_tokens_per_s", "sampler_compiles")  # wall-clock figures and compiles in this process
+    # wall-clock figures and compiles in this process
+    varies = ("time_", "gen_tokens_per_s", "sampler_compiles", "train_compiles")
     for r, ref in zip(again[14:], rows[14:], strict=True):
         assert {k: v for k, v in r.items() if not k.startswith(varies)} == \
             {k: v for k, v in ref.items() if not k.startswith(varies)}
@@ -317,8 +318,8 @@ def test_grpo_dapo_gspo_gdpo_options_end_to_end(tmp_path):
     shutil.copytree(tmp_path / "run", tmp_path / "resumed")
     shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "2")
     train.run(c, str(tmp_path / "resumed"))
-    varies = ("time_", "gen_tokens_per_s", "sampler_compiles", "val_generate_seconds", "val_score_seconds",
-              "val_tokens_per_second")
+    varies = ("time_", "gen_tokens_per_s", "sampler_compiles", "train_compiles", "val_generate_seconds",
+              "val_score_seconds", "val_tokens_per_second")
     again = _rows(tmp_path / "resumed")
     assert {k: v for k, v in again[1].items() if not k.startswith(varies)} == \
         {k: v for k, v in rows[1].items() if not k.startswith(varies)}
