@@ -135,10 +135,11 @@ def filter_threshold(logits_BV: jax.Array, top_k_B: jax.Array, top_p_B: jax.Arra
     (lax.top_k, then `candidate_threshold`, exact for such rows). Otherwise (some row with top_k > K, or top-p
     alone: a nucleus can span thousands of tokens) bisection over the whole rows (`bisect_threshold`). A
     `lax.cond`, so the choice follows the values, not the compile. None: K = CANDIDATES_CPU on a CPU, where
-    lax.top_k is a cheap partial sort (at [32, 49152] with top_k 50 on 2 cores: about 10 ms, against 32 ms for the
-    bisection and 550 ms for a sort); 0 elsewhere (XLA:GPU's top_k sorts the row for a large K: unmeasured,
-    `benchmarks/filter.py`). The two paths round the nucleus's mass in different orders: a row whose prefix mass
-    lies within rounding of top_p may keep one token more or less on one than on the other."""
+    lax.top_k is a cheap partial sort (at [32, 49152] with top_k 50 and top_p 0.9 on 2 cores: about 5 ms, against
+    22 ms for the bisection and 260 ms for a sort); 0 elsewhere (XLA:GPU's top_k sorts the row for a large K:
+    unmeasured; `benchmarks/filter.py` measures all three). The two paths round the nucleus's mass in different
+    orders: a row whose prefix mass lies within rounding of top_p may keep one token more or less on one than on
+    the other."""
     V = logits_BV.shape[-1]
     if candidates is None:
         candidates = CANDIDATES_CPU if jax.default_backend() == "cpu" else 0
