@@ -108,7 +108,9 @@ class ChunkedPasses:
         self.state_sh = {"params": param_shardings, "opt_state": opt_shardings, "step": None}
         with jax.set_mesh(mesh):
             self._add = jax.jit(add, donate_argnums=0, out_shardings=sums_sh)
-            self._apply = jax.jit(apply, donate_argnums=(0, 1), out_shardings=(self.state_sh, None))
+            # Only the state is donated: the new state aliases it; no output has the fp32 gradient sums' shapes,
+            # so donating them too saves nothing and, on one device, warns "donated buffers were not usable".
+            self._apply = jax.jit(apply, donate_argnums=0, out_shardings=(self.state_sh, None))
         self._fns: dict[tuple[str, int], Callable] = {}
         self.shapes: set[tuple[str, int, int]] = set()  # (pass, prompt width, completion width) met: a compile each
 
