@@ -83,10 +83,11 @@ def grpo_config(**overrides: Any) -> ml_collections.ConfigDict:
     group_size completions (`jaxrl_llm.models.shared_prefix`; the same values, fewer tokens), when every
     microbatch holds whole groups; off: every rollout row runs its own copy.
     length_buckets: dynamic batching of the log-prob and loss passes (`jaxrl_llm.rl_lengths`): rows sorted by
-    length (whole groups with shared_prompt) and each microbatch, or log-prob chunk, cut to the widths its rows use,
-    prompt and completion each rounded up to a ladder of this many rungs per doubling (as data.length_buckets;
-    default 2: 32, 48, 64, 96, 128, 192, ..., at most 50% over a chunk's longest row); the same values, fewer
-    columns, one compile per width pair met. 0: every row at max_prompt_len + the token budget, one compiled shape.
+    completion length (whole groups with shared_prompt) and each microbatch, or log-prob chunk, cut to the widths
+    its rows use, prompt and completion each rounded up to a ladder of this many rungs per doubling (as
+    data.length_buckets; default 2: 32, 48, 64, 96, 128, 192, ..., capped at the full width; above 32 at most 50% over
+    a chunk's longest row); the same values, fewer columns; each pass (reference and policy log-probs, the update)
+    compiles once per width pair it meets. 0: every row at max_prompt_len + the token budget, one compiled shape.
     A setting that another one makes inert (reward_weights outside gdpo, a clip with reinforce, ...) is refused
     by `validate_config`, as an unknown key is, rather than silently ignored.
     """
