@@ -510,13 +510,14 @@ def _make_loss_fn(cfg: ModelConfig, config: Any, rules: ShardingRules | None, pr
     return loss_fn
 
 
-def nll_scale(loss_mask: Any, positive: Any, token_level: bool) -> jax.Array:
+def nll_scale(loss_mask: Any, positive: Any, token_level: bool) -> Any:
     """The factor on the positive-example NLL's sum that makes it, divided by the minibatch's count (tokens, or
     sequences), the mean over the minibatch's positive tokens; of the whole minibatch's loss_mask [B, T] and
-    positive [B]."""
-    m = jnp.asarray(loss_mask, jnp.float32)
-    n_all = m.sum() if token_level else (m.sum(-1) > 0).sum().astype(jnp.float32)
-    return n_all / jnp.maximum((m * jnp.asarray(positive, jnp.float32)[:, None]).sum(), 1.0)
+    positive [B]. numpy in, numpy out (the host computes it without waiting on the device), else jnp."""
+    xp = np if isinstance(loss_mask, np.ndarray) else jnp
+    m = xp.asarray(loss_mask, xp.float32)
+    n_all = m.sum() if token_level else (m.sum(-1) > 0).sum().astype(xp.float32)
+    return n_all / xp.maximum((m * xp.asarray(positive, xp.float32)[:, None]).sum(), xp.float32(1.0))
 
 
 def _apply(optimizer: optax.GradientTransformation, state: dict, grads: Any, loss: jax.Array, count: jax.Array,
