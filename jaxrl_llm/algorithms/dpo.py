@@ -83,7 +83,7 @@ def make_dpo_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, con
 
     def step(state, batch, ref_params):
         g, l, n, sums = microbatch_sums(lambda p, mb: loss_fn(p, ref_params, mb), state["params"], batch,
-                                        num_micro)
+                                        num_micro, rules)
         state, gnorm = apply_mean_grads(optimizer, state, g, n)
         return state, {"loss": l / n, **{k: v / n for k, v in sums.items()}, "pairs": n, "grad_norm": gnorm}
 

@@ -545,7 +545,7 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, c
     def step(state, mb, on_policy):
         scale = nll_scale(mb["loss_mask"], mb["positive"], config.grpo.token_level)
         grads, loss, count, sums = microbatch_sums(lambda p, x: loss_fn(p, x, on_policy, scale),
-                                                   state["params"], mb, config.train.microbatches)
+                                                   state["params"], mb, config.train.microbatches, rules)
         return _apply(optimizer, state, grads, loss, count, sums)
 
     return step

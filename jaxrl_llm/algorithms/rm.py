@@ -70,7 +70,7 @@ def make_rm_step(cfg: ModelConfig, optimizer: optax.GradientTransformation, conf
 
     def step(state, batch, ref_params=None):
         del ref_params
-        g, l, n, sums = microbatch_sums(loss_fn, state["params"], batch, num_micro)
+        g, l, n, sums = microbatch_sums(loss_fn, state["params"], batch, num_micro, rules)
         state, gnorm = apply_mean_grads(optimizer, state, g, n)
         return state, {"loss": l / n, **{k: v / n for k, v in sums.items()}, "pairs": n, "grad_norm": gnorm}
 
