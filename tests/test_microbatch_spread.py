@@ -74,3 +74,19 @@ def test_the_train_steps_pass_their_rules_table(monkeypatch):
     jax.eval_shape(grpo.make_train_step(CFG, opt, config, mine), state, {k: gbatch[k] for k in grpo.BATCH_AXES},
                    jnp.bool_(True))
     assert got and all(r is mine for r in got)
+
+
+def test_grpo_logprob_chunks_spread_too(monkeypatch):
+    from test_dynamic_batching import CFG
+
+    from jaxrl_llm import models
+    from jaxrl_llm.algorithms import grpo
+
+    got = []
+    real = sft.spread_microbatches
+    monkeypatch.setattr(grpo, "spread_microbatches", lambda micro, rules: got.append(rules) or real(micro, rules))
+    mine = parallel.ShardingRules(parallel.DEFAULT_RULES)
+    ids = np.zeros((8, 12), np.int32)
+    out = jax.eval_shape(grpo.make_logprobs_fn(CFG, 1.0, 4, mine, first_target=5),
+                         models.init_params(CFG, jax.random.key(0)), ids, ids + 1)
+    assert out.shape == (8, 12) and len(got) == 2 and all(r is mine for r in got)

@@ -33,7 +33,7 @@ from ml_collections import config_dict
 from jaxrl_llm.algorithms.advantages import ADV_ESTIMATORS
 from jaxrl_llm.algorithms.losses import token_logprob_stats, token_logprobs
 from jaxrl_llm.algorithms.pg_losses import KL_TYPES, LOGP_FLOOR, TIS_TYPES, grpo_advantages, policy_gradient_loss_sum
-from jaxrl_llm.algorithms.sft import apply_mean_grads, combine_sum, microbatch_sums
+from jaxrl_llm.algorithms.sft import apply_mean_grads, combine_sum, microbatch_sums, spread_microbatches
 from jaxrl_llm.data.buckets import RUNGS
 from jaxrl_llm.models.config import ModelConfig
 from jaxrl_llm.models.logit_chunks import fp32_head, over_positions
@@ -468,7 +468,7 @@ def make_logprobs_fn(cfg: ModelConfig, temperature: float, num_micro: int, rules
 
     def fn(params, ids_RT, attn_RT):
         R, T = ids_RT.shape
-        chunks = (ids_RT.reshape(num_micro, R // num_micro, T), attn_RT.reshape(num_micro, R // num_micro, T))
+        chunks = tuple(spread_microbatches(x.reshape(num_micro, R // num_micro, T), rules) for x in (ids_RT, attn_RT))
         out = jax.lax.map(lambda c: _policy_logprobs(cfg, params, c[0], c[1], temperature, top_k, top_p,
                                                       rules, first_target=first_target, group=group)[0], chunks)
         return out.reshape(R, T)
