@@ -58,11 +58,11 @@ def row_lengths(attention_mask_RT: np.ndarray, prompt_len: int) -> tuple[np.ndar
 
 def plan_chunks(rows: np.ndarray, prompt_R: np.ndarray, completion_R: np.ndarray, num_chunks: int, group: int,
                 prompt_len: int, budget: int, rungs: int) -> list[Chunk]:
-    """`rows` (batch indices) in `num_chunks` chunks of equal size, longest completions first (ties in the given
+    """`rows` (batch indices) in `num_chunks` chunks of equal size, by longest completion (ties in the given
     order), each with the ladder widths (`bucket_width`, `rungs` per doubling) that hold its rows' prompts (capped
     at prompt_len) and completions (capped at budget). group > 1: consecutive runs of `group` rows stay together
     and in order, ranked by their longest completion (a chunk must hold whole groups of a shared prompt; `rows`
-    and each chunk hold whole groups)."""
+    and each chunk hold whole groups). The chunks come widest (prompt + completion columns) first."""
     rows = np.asarray(rows)
     n = len(rows)
     if num_chunks < 1 or n % num_chunks or (n // num_chunks) % group:
@@ -76,6 +76,7 @@ def plan_chunks(rows: np.ndarray, prompt_R: np.ndarray, completion_R: np.ndarray
         r = ranked[c * size:(c + 1) * size]
         out.append(Chunk(r, bucket_width(int(prompt_R[r].max()), prompt_len, rungs),
                          bucket_width(int(completion_R[r].max()), budget, rungs)))
+    out.sort(key=lambda c: -(c.prompt_width + c.completion_width))  # the widest first (a memory limit shows at once)
     return out
 
 

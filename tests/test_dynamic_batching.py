@@ -50,6 +50,11 @@ def test_plan_sorts_longest_first_keeps_groups_and_rounds_to_the_ladder():
     a = np.arange(8 * (P + BUDGET)).reshape(8, -1)
     np.testing.assert_array_equal(sub[0].take(a, P), a[[6, 2], P - 40:P + 32])
     np.testing.assert_array_equal(sub[0].take(np.arange(8), P), [6, 2])
+    # the widest chunk first: here the short completions come with the long prompts
+    wide = rl_lengths.plan_chunks(np.arange(4), np.array([5, 5, 120, 120]), np.array([72, 70, 33, 33]), 2, 1, 128,
+                                  BUDGET, 4)
+    assert [(c.rows.tolist(), c.prompt_width, c.completion_width) for c in wide] == [([2, 3], 128, 40),
+                                                                                      ([0, 1], 32, 72)]
     with pytest.raises(ValueError, match="do not split into 3 chunks"):
         rl_lengths.plan_chunks(rows, prom, comp, 3, 1, P, BUDGET, 4)
     with pytest.raises(ValueError, match="whole groups of 4"):
