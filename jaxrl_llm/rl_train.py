@@ -8,7 +8,8 @@ One step, all on the config's mesh with the trainer's own arrays (no inference e
   4. host+device: group advantages; reference log-probs (frozen copy, same mesh; in host memory between steps
      with grpo.ref_offload) when kl_coef > 0; old
      log-probs recomputed only when configured (otherwise the sampler's, which are the trainer's)
-  5. device: for each epoch and minibatch, one optimizer update (microbatch accumulation, donated state)
+  5. device: for each epoch and minibatch, one optimizer update (microbatch accumulation, donated state); the
+     log-prob and loss passes run on chunks cut to their rows' widths (`rl_lengths`, grpo.length_buckets)
   6. host: metrics (reward, accuracy, KL, clip fraction, entropy, lengths, tokens/s, time per phase), checkpoint
 A run restarted with the same workdir resumes from its latest checkpoint and logs the same numbers.
 

@@ -4,9 +4,11 @@ The step itself (prompts -> our sampler on the trainer's arrays -> environment -
 log-probs -> optimizer updates) is driven by `jaxrl_llm.rl_train`; this module holds what it composes:
 
 - `validate_config`: every `grpo`/`rollout` key checked before any heavy work;
-- `build_batch`: prompts + completions -> fixed-shape training arrays (one compiled shape per recipe);
+- `build_batch`: prompts + completions -> full-width training arrays (`jaxrl_llm.rl_lengths` cuts each chunk to
+  the columns its rows use under grpo.length_buckets);
 - `make_logprobs_fn`: jitted per-token log-probs of a batch (reference, or recomputed old log-probs);
-- `make_train_step`: one optimizer update on a minibatch (microbatch accumulation, global normalisation);
+- `make_train_step`: one optimizer update on a minibatch (microbatch accumulation, global normalisation), and
+  `make_microbatch_fns`, the same update in per-microbatch pieces for microbatches of different widths;
 - `shape_overlong`, `dynamic_sampling_keep`: DAPO's reward shaping and group filter (numpy, host).
 
 Sequence layout: row i is [pad..., prompt_i | completion_i, pad...]: prompts left-padded to the recipe's
