@@ -9,8 +9,8 @@ the recipe's file name without "eval_"); a file already there is kept as <file>.
 Problems are sampled and scored eval.chunk_size at a time (0: a few batches' worth), each chunk's rows appended
 to <results>.rows.jsonl as it is scored, and a line logged; the file goes once the results JSON is written. A run
 stopped part way (Ctrl-C, preemption, a crash) is resumed by the same command from the chunks written there (with
-eval.resume, the default; other settings are refused, naming them; eval.k_values, max_batch_size, chunk_size and
-the mesh may change); eval.resume=False sets the file aside and starts over.
+eval.resume, the default; other settings are refused, naming them; eval.k_values, max_batch_size, chunk_size,
+env.num_workers and the mesh may change); eval.resume=False sets the file aside and starts over.
 """
 
 from __future__ import annotations
@@ -239,7 +239,10 @@ def chunk_problems(ec: ml_collections.ConfigDict, sp: SamplingParams) -> int:
 
 # Keys that change how rows are batched, or what is computed from them, and not the rows: an interrupted run resumed
 # with other values of them goes on from its rows (eval.max_batch_size: lowered after running out of memory).
-RESUME_FREE_KEYS = ("name", "eval.k_values", "eval.max_batch_size", "eval.chunk_size", "eval.resume", "mesh")
+# Settings a resumed run may change: they decide how, not what, it samples and scores (env.num_workers: how many
+# scoring processes share the chunk).
+RESUME_FREE_KEYS = ("name", "eval.k_values", "eval.max_batch_size", "eval.chunk_size", "eval.resume", "mesh",
+                    "env.num_workers")
 
 
 def resumed_settings(config: ml_collections.ConfigDict, model_info: dict[str, Any], tasks: list) -> dict[str, Any]:

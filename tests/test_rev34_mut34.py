@@ -144,6 +144,11 @@ def test_resume_settings_cover_the_tasks_and_the_resolved_checkpoint():
     assert base != evaluate.resumed_settings(c, {**info, "step": 4}, tasks)
     other = [tasks[0], dataclasses.replace(tasks[1], metadata={**tasks[1].metadata, "answer": "9"})]
     assert base != evaluate.resumed_settings(c, info, other)
+    # how many scoring processes share a chunk changes no row; how long each may take does
+    c.env.num_workers = c.env.get("num_workers", 1) + 3
+    assert base == evaluate.resumed_settings(c, info, tasks)
+    c.env.timeout_s = 123.0
+    assert base != evaluate.resumed_settings(c, info, tasks)
 
 
 def test_resume_on_several_processes_hands_process_0s_chunks_or_its_error_to_all(tmp_path, monkeypatch):
