@@ -237,10 +237,9 @@ def chunk_problems(ec: ml_collections.ConfigDict, sp: SamplingParams) -> int:
     return max(1, rows // (1 if sp.temperature == 0 else ec.n_samples))
 
 
-# Keys that change how rows are batched, or what is computed from them, and not the rows: an interrupted run resumed
-# with other values of them goes on from its rows (eval.max_batch_size: lowered after running out of memory).
-# Settings a resumed run may change: they decide how, not what, it samples and scores (env.num_workers: how many
-# scoring processes share the chunk).
+# Keys that change how rows are batched or scored, or what is computed from them, and not the rows: an interrupted run
+# resumed with other values of them goes on from its rows (eval.max_batch_size: lowered after running out of memory;
+# env.num_workers: how many scoring processes share a chunk).
 RESUME_FREE_KEYS = ("name", "eval.k_values", "eval.max_batch_size", "eval.chunk_size", "eval.resume", "mesh",
                     "env.num_workers")
 

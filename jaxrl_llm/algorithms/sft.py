@@ -50,10 +50,12 @@ def combine_sum(name: str, a: jax.Array, b: jax.Array) -> jax.Array:
 def spread_microbatches(micro: jax.Array, rules: ShardingRules | None) -> jax.Array:
     """[num_micro, rows, ...] microbatches with each microbatch's rows over the batch's mesh axes, the microbatch
     axis on none. Reshaping a batch-sharded [B, ...] into [num_micro, B / num_micro, ...] lets XLA put part of the
-    batch's mesh axes on the microbatch axis, gather that axis before the scan and run every microbatch on
-    rows split over the remaining axes only: each device then computed num_micro times its share (on 8 devices
-    with 4 microbatches, 4 rows where 1 was its share). The constraint moves rows once, before the loop, instead.
-    No-op without a mesh of several devices; the axes after the rows are left to XLA."""
+    batch's mesh axes on the microbatch axis and gather that axis before the scan. Every microbatch then sits on
+    rows split over the remaining axes only: a loss with no layout of its own ran it replicated (on 8 devices with
+    4 microbatches, 4 rows a device where 1 was its share), and the model, whose activations are constrained to the
+    batch axes, resharded its rows inside every scan step (collective-permutes and all-gathers per microbatch).
+    The constraint moves rows once, before the loop, instead. No-op without a mesh of several devices; the axes
+    after the rows are left to XLA."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or math.prod(mesh.axis_sizes) == 1:
         return micro
