@@ -76,7 +76,8 @@ def test_bf16_export_loads_in_transformers(source, tmp_path):
     hf, folder = source
     cfg, params = models.load_pretrained(folder)
     models.save_pretrained(cfg, params, str(tmp_path / "bf16"), dtype="bfloat16")
-    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    written = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert written["torch_dtype"] == written["dtype"] == "bfloat16"  # the keys of transformers 4 and 5
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
     w = back.model.layers[0].self_attn.q_proj.weight.detach().numpy()
     ref = hf.model.layers[0].self_attn.q_proj.weight.detach().numpy()

@@ -396,7 +396,8 @@ def config_to_hf(cfg: ModelConfig, torch_dtype: str = "float32") -> dict[str, An
         "rope_scaling": cfg.rope_scaling.to_hf() if cfg.rope_scaling else None,
         "max_position_embeddings": cfg.max_position_embeddings,
         "tie_word_embeddings": cfg.tie_word_embeddings,
-        "torch_dtype": torch_dtype,
+        "torch_dtype": torch_dtype,  # what transformers 4.x writes and reads
+        "dtype": torch_dtype,  # what transformers 5 writes (it still reads torch_dtype); vLLM reads either
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": (list(cfg.eos_token_ids) if len(cfg.eos_token_ids) > 1
                          else (cfg.eos_token_ids[0] if cfg.eos_token_ids else None)),
