@@ -36,6 +36,13 @@ _LONG_FIRST = ("test_multihost", "test_checkpoint", "test_grpo", "test_resume_ch
                "test_multiturn", "test_evaluation", "test_train_config")
 
 
+def pytest_configure(config):
+    """The first failures' reasons are printed as they happen (failure_lines.py), not only in the final summary."""
+    import failure_lines
+
+    failure_lines.pytest_configure(config)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (`-n 2 --dist loadgroup`), every test that uses the session-wide SmolLM2 models runs in
