@@ -22,7 +22,8 @@ class FailureLines:
         crash = getattr(report.longrepr, "reprcrash", None)
         text = getattr(crash, "message", None) or str(report.longrepr)
         lines = [line for line in text.splitlines() if line.strip()]
-        return (lines[0] if crash is not None else lines[-1] if lines else "?")[:300]
+        # a crash's message leads with the exception line; a bare text ends with it
+        return (lines[0 if crash is not None else -1] if lines else "?")[:300]
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if not report.failed or self.shown >= self.limit:
