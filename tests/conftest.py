@@ -17,6 +17,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # (no fast-math either way); the matmuls run in the same runtime library. Set the flag yourself to override it.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# Not --xla_cpu_use_fusion_emitters=false, though the older emitters compile about twice as fast (backend compile
+# 47 -> 22 s over test_sampling.py and test_models.py; about 1270 -> 500 s over the suite): with jaxlib 0.10.2, two
+# full runs with it each lost a worker late in the run to glibc's "free(): invalid pointer" abort inside
+# mlir::MLIRContext's destructor (a lowering evicted from jax's weakref cache); the same day's run without it did not.
 sys.path.insert(0, os.path.dirname(__file__))
 # One persistent XLA compilation cache for the session: the pytest-xdist workers and the training subprocesses the
 # tests start inherit it through the environment, so a program compiled once (a tiny recipe's train step, compiled
