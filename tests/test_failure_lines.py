@@ -59,3 +59,28 @@ def test_the_first_failures_are_said_before_the_summary(tmp_path, workers):
     if not workers:  # one process: in the tests' order
         assert said == every[:5], r.stdout
     assert "6 failed, 1 passed, 1 error" in r.stdout
+
+
+def test_reason_of_a_crash_a_bare_text_and_an_empty_one():
+    """A report with a crash says its message's first line; a bare text (an xdist worker that died: no crash object)
+    its last line; nothing to say at all, '?' (it raised IndexError inside the report hook); at most 300 characters."""
+    from types import SimpleNamespace
+
+    from failure_lines import FailureLines
+
+    def report(longrepr):
+        return SimpleNamespace(longrepr=longrepr)
+
+    crash = SimpleNamespace(reprcrash=SimpleNamespace(message="ValueError: bad row 3\n\nmore context"))
+    assert FailureLines.reason(report(crash)) == "ValueError: bad row 3"
+    assert FailureLines.reason(report("Traceback ...\n  frame\nworker 'gw0' crashed while running 't.py::x'\n\n")) \
+        == "worker 'gw0' crashed while running 't.py::x'"
+    class EmptyCrash:  # a crash object with an empty message and no text either
+        reprcrash = SimpleNamespace(message="")
+
+        def __str__(self):
+            return " \n"
+
+    assert FailureLines.reason(report(EmptyCrash())) == "?"
+    assert FailureLines.reason(report("")) == "?"
+    assert FailureLines.reason(report("x" * 1000)) == "x" * 300
